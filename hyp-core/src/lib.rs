@@ -14,4 +14,6 @@
 
 pub mod abort;
 pub mod addr;
+pub mod ring;
 pub mod stage2;
+mod sync;
