@@ -396,7 +396,7 @@ mod tests {
     fn write_translation_fault_level3_with_valid_syndrome() {
         // ISV=1, SAS=0b11 (dword), SSE=0, SRT=5, SF=1, AR=0, WnR=1, DFSC=0b000111.
         let esr = DABT | (1 << 24) | (0b11 << 22) | (5 << 16) | (1 << 15) | (1 << 6) | 0b000111;
-        let hpfar = 0x80_1234_0u64; // FIPA (bits 47:4) = 0x80_1234 -> IPA page 0x80_1234_000
+        let hpfar = 0x0801_2340_u64; // FIPA (bits 47:4) = 0x80_1234 -> IPA page 0x8_0123_4000
         let a = Abort::decode(esr, 0xffff_0000_dead_b678, hpfar).unwrap();
         assert_eq!(a.kind, AbortKind::Data);
         assert_eq!(a.access, Access::Write);
@@ -459,7 +459,7 @@ mod tests {
     fn permission_fault_on_stage1_walk_reports_ipa() {
         // S1PTW=1, WnR=1 (hardware AF update), permission L3.
         let esr = DABT | (1 << 7) | (1 << 6) | 0b001111;
-        let a = Abort::decode(esr, 0xffff_8000_0000_0123, 0x4_0000_0).unwrap();
+        let a = Abort::decode(esr, 0xffff_8000_0000_0123, 0x0400_0000).unwrap();
         assert!(a.s1ptw);
         assert_eq!(a.ipa, FaultIpa::Valid(Ipa::new(0x4000_0123)));
     }

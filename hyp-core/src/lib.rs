@@ -14,6 +14,9 @@
 
 pub mod abort;
 pub mod addr;
+pub mod ownership;
+pub mod reject;
 pub mod ring;
 pub mod stage2;
 mod sync;
+pub mod vm;

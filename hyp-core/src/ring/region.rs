@@ -200,28 +200,24 @@ mod tests {
         let mut buf = buffer(64 + 2 * (128 + 2 * 64));
         let len = (buf.len() * 64) as u64;
         let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: `buf` outlives the regions.
+        // SAFETY: `buf` outlives every region made from it below.
+        let blank = unsafe { SharedRegion::open(base, len) };
+        assert_eq!(blank.err(), Some(HeaderError::BadMagic));
+        // SAFETY: as above.
+        let created = unsafe { SharedRegion::create(base, len, 1, 2) };
+        assert!(created.is_ok());
+        // SAFETY: as above.
+        let truncated = unsafe { SharedRegion::open(base, len - 64) };
+        assert!(matches!(truncated, Err(HeaderError::RegionTooSmall { .. })));
+        // SAFETY: as above.
+        let tiny = unsafe { SharedRegion::open(base, 8) };
         assert_eq!(
-            unsafe { SharedRegion::open(base, len) }.err(),
-            Some(HeaderError::BadMagic)
-        );
-        // SAFETY: as above.
-        unsafe { SharedRegion::create(base, len, 1, 2) }.unwrap();
-        // SAFETY: as above.
-        assert!(matches!(
-            unsafe { SharedRegion::open(base, len - 64) },
-            Err(HeaderError::RegionTooSmall { .. })
-        ));
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { SharedRegion::open(base, 8) }.err(),
+            tiny.err(),
             Some(HeaderError::RegionTooSmall { need: 64, have: 8 })
         );
         let odd = NonNull::new(base.as_ptr().wrapping_add(8)).unwrap();
         // SAFETY: as above (the call fails before touching memory).
-        assert_eq!(
-            unsafe { SharedRegion::open(odd, len - 64) }.err(),
-            Some(HeaderError::Misaligned)
-        );
+        let misaligned = unsafe { SharedRegion::open(odd, len - 64) };
+        assert_eq!(misaligned.err(), Some(HeaderError::Misaligned));
     }
 }

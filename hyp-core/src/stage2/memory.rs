@@ -86,11 +86,13 @@ unsafe impl TableMemory for LinearMap {
         if !pa.is_aligned(PAGE_SIZE) || offset.checked_add(PAGE_SIZE)? > self.len {
             return None;
         }
-        // SAFETY: offset + 4096 <= len, so the 4 KiB table lies inside the
-        // window, which `new`'s caller promised is mapped, aligned and only
-        // accessed atomically for the lifetime of `self`; AtomicU64 has the
-        // size and alignment of u64.
-        Some(unsafe { &*self.base.as_ptr().add(offset as usize).cast::<Table>() })
+        // SAFETY: offset + 4096 <= len, so the pointer stays inside the window
+        // that `new`'s caller promised is mapped.
+        let ptr = unsafe { self.base.as_ptr().add(offset as usize) };
+        // SAFETY: the 4 KiB table at `ptr` lies inside the window, which is
+        // mapped, 4 KiB aligned (as is `pa`) and only accessed atomically for
+        // the lifetime of `self`; AtomicU64 has the size and alignment of u64.
+        Some(unsafe { &*ptr.cast::<Table>() })
     }
 }
 

@@ -99,7 +99,7 @@ fn root_descriptor_bytes_are_where_the_mmu_reads_them() {
     let page = TableMemory::table(mem.map(), Pa::new(TABLE_PA + 0x1000)).unwrap();
     let raw = page[1].load(core::sync::atomic::Ordering::Relaxed);
     // Block descriptor: bits[1:0]=01, MemAttr 1111, S2AP 11, SH 11, AF, XN.
-    assert_eq!(raw, 0x0040_0000_C000_07fd);
+    assert_eq!(raw, 0x0040_0000_c000_07fd);
     assert_eq!(s2.table_pages().unwrap(), 0);
 }
 

@@ -1,0 +1,513 @@
+//! The core's fault engine for one VM: records outstanding faults, and
+//! validates and executes the daemon's commands. It trusts nothing in a
+//! command; every command gets a result record.
+
+use crate::abort::{Abort, Access, DecodeError, FaultStatus};
+use crate::addr::{Ipa, Pa, Range, PAGE_SIZE};
+use crate::ownership::{Owner, OwnershipError, PageOwnership, VmId};
+use crate::reject::Reject;
+use crate::ring::abi::{
+    action, kind, CommandRecord, FaultRecord, Record, ResultRecord, FLAG_DEVICE, MAX_VCPUS, NO_IPA,
+};
+use crate::ring::{Consumer, Producer, RingError};
+use crate::stage2::{
+    Geometry, LeafAttrs, MapOutcome, MapSize, MemType, Memcache, Perms, Stage2, TableError,
+    TableMemory, TlbMaintenance, Walk,
+};
+
+/// A fault the core forwarded and the daemon has not answered yet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Outstanding {
+    /// The fault id sent to the daemon.
+    pub fault_id: u64,
+    /// The faulting IPA, if known.
+    pub ipa: Option<Ipa>,
+    /// The decoded fault status.
+    pub status: FaultStatus,
+    /// The faulting access.
+    pub access: Access,
+}
+
+/// What the vCPU whose fault was answered does next.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Completion {
+    /// Return to the guest; it re-executes the access.
+    Resume,
+    /// Inject a synchronous external abort into the guest.
+    InjectAbort,
+    /// Exit to the VMM to emulate the access.
+    ExitToVmm,
+}
+
+/// Why a fault could not be recorded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultError {
+    /// The syndrome is not a lower-EL stage-2 abort.
+    Decode(DecodeError),
+    /// The vCPU index is out of range.
+    BadVcpu(u32),
+    /// The vCPU already has a fault outstanding.
+    AlreadyOutstanding {
+        /// The outstanding fault's id.
+        fault_id: u64,
+    },
+}
+
+/// Why a VM could not be created.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum VmError {
+    /// vCPU count zero or above the ABI maximum.
+    BadVcpuCount(u32),
+    /// The root pages are not the host's to give.
+    RootNotOwned(OwnershipError),
+    /// The root pages are misaligned or outside table memory.
+    BadRoot,
+}
+
+/// The result of one command, and the vCPU it completes (if any).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Executed {
+    /// The result record for the daemon.
+    pub result: ResultRecord,
+    /// Set when the command finished the vCPU's outstanding fault.
+    pub completion: Option<Completion>,
+}
+
+impl Executed {
+    /// The reject reason, if the command was refused.
+    pub fn rejected(&self) -> Option<Reject> {
+        Reject::from_code(self.result.status)
+    }
+}
+
+/// `ResultRecord::value` of a successful MAP.
+pub mod map_outcome {
+    /// A new leaf was written.
+    pub const INSTALLED: u64 = 0;
+    /// The same leaf was already there.
+    pub const ALREADY_PRESENT: u64 = 1;
+    /// The leaf's attributes were replaced (break-before-make).
+    pub const REPLACED: u64 = 2;
+    /// Permissions were relaxed in place (permission fault at the same granule).
+    pub const RELAXED: u64 = 3;
+}
+
+/// One VM as the core sees it.
+pub struct Vm<M: TableMemory> {
+    id: VmId,
+    stage2: Stage2<M>,
+    memcache: Memcache,
+    nr_vcpus: u32,
+    outstanding: [Option<Outstanding>; MAX_VCPUS as usize],
+    next_fault_id: u64,
+    inval_seq: u64,
+}
+
+impl<M: TableMemory> core::fmt::Debug for Vm<M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("stage2", &self.stage2)
+            .field("memcache", &self.memcache.len())
+            .field("nr_vcpus", &self.nr_vcpus)
+            .field("inval_seq", &self.inval_seq)
+            .finish()
+    }
+}
+
+type CmdResult = Result<(u64, u64, Option<Completion>), (Reject, u64)>;
+
+impl<M: TableMemory> Vm<M> {
+    /// Creates a VM whose stage-2 root is at `root`; the root pages move from
+    /// the host to the hypervisor.
+    pub fn new(
+        id: VmId,
+        geometry: Geometry,
+        root: Pa,
+        nr_vcpus: u32,
+        mem: M,
+        owners: &mut PageOwnership<'_>,
+    ) -> Result<Self, VmError> {
+        if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount(nr_vcpus));
+        }
+        let root_len = geometry.root_size();
+        owners
+            .check(root, root_len, Owner::Host)
+            .map_err(VmError::RootNotOwned)?;
+        let stage2 =
+            Stage2::new(geometry, root, id.raw() as u8, mem).map_err(|_| VmError::BadRoot)?;
+        owners
+            .transfer(root, root_len, Owner::Host, Owner::Hyp)
+            .map_err(VmError::RootNotOwned)?;
+        Ok(Self {
+            id,
+            stage2,
+            memcache: Memcache::new(),
+            nr_vcpus,
+            outstanding: [None; MAX_VCPUS as usize],
+            next_fault_id: 1,
+            inval_seq: 0,
+        })
+    }
+
+    /// The VM id.
+    pub fn id(&self) -> VmId {
+        self.id
+    }
+
+    /// The stage-2 tables (read-only).
+    pub fn stage2(&self) -> &Stage2<M> {
+        &self.stage2
+    }
+
+    /// Pages in the memcache.
+    pub fn memcache_len(&self) -> usize {
+        self.memcache.len()
+    }
+
+    /// The invalidation sequence: bumped by every unmap and write-protect.
+    pub fn inval_seq(&self) -> u64 {
+        self.inval_seq
+    }
+
+    /// vCPUs.
+    pub fn nr_vcpus(&self) -> u32 {
+        self.nr_vcpus
+    }
+
+    /// The fault outstanding on `vcpu`, if any.
+    pub fn outstanding(&self, vcpu: u32) -> Option<Outstanding> {
+        self.outstanding.get(vcpu as usize).copied().flatten()
+    }
+
+    /// Records a stage-2 abort on `vcpu` and returns the fault record to send.
+    ///
+    /// `resolve` translates FAR to an IPA when HPFAR_EL2 is not valid for the
+    /// syndrome (AT S1E1R at EL2, a software stage-1 walk in the simulator).
+    pub fn take_fault(
+        &mut self,
+        vcpu: u32,
+        esr: u64,
+        far: u64,
+        hpfar: u64,
+        now_ns: u64,
+        resolve: impl FnOnce(u64) -> Option<Ipa>,
+    ) -> Result<FaultRecord, FaultError> {
+        if vcpu >= self.nr_vcpus {
+            return Err(FaultError::BadVcpu(vcpu));
+        }
+        if let Some(o) = self.outstanding[vcpu as usize] {
+            return Err(FaultError::AlreadyOutstanding {
+                fault_id: o.fault_id,
+            });
+        }
+        let abort = Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)?;
+        let ipa = abort.reported_ipa().or_else(|| abort.far.and_then(resolve));
+        let fault_id = self.next_fault_id;
+        self.next_fault_id += 1;
+        self.outstanding[vcpu as usize] = Some(Outstanding {
+            fault_id,
+            ipa,
+            status: abort.status,
+            access: abort.access,
+        });
+        Ok(FaultRecord {
+            kind: kind::FAULT,
+            vcpu,
+            fault_id,
+            esr,
+            far,
+            hpfar,
+            ipa: ipa.map_or(NO_IPA, Ipa::raw),
+            inval_seq: self.inval_seq,
+            timestamp_ns: now_ns,
+        })
+    }
+
+    /// Validates and executes one command that arrived on `vcpu`'s command ring.
+    pub fn execute(
+        &mut self,
+        vcpu: u32,
+        record: &Record,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+    ) -> Executed {
+        let cmd = CommandRecord::decode(record);
+        let outcome = if vcpu >= self.nr_vcpus || cmd.reserved != 0 {
+            Err((Reject::Malformed, 0))
+        } else {
+            match cmd.kind {
+                kind::MAP => self.map(vcpu, &cmd, owners, tlb),
+                kind::UNMAP => self.unmap(&cmd, owners, tlb),
+                kind::WRITE_PROTECT => self.write_protect(&cmd, tlb),
+                kind::COMPLETE => self.complete(vcpu, &cmd),
+                kind::TOPUP => self.topup(&cmd, owners),
+                _ => Err((Reject::Malformed, 0)),
+            }
+        };
+        let (status, value, detail, completion) = match outcome {
+            Ok((value, detail, completion)) => (0, value, detail, completion),
+            Err((Reject::StaleSequence, detail)) => {
+                // KVM's -EAGAIN: the guest re-executes and faults afresh.
+                self.outstanding[vcpu as usize] = None;
+                (
+                    Reject::StaleSequence.code(),
+                    0,
+                    detail,
+                    Some(Completion::Resume),
+                )
+            }
+            Err((reject, detail)) => (reject.code(), 0, detail, None),
+        };
+        Executed {
+            result: ResultRecord {
+                kind: kind::RESULT,
+                status,
+                cmd_id: cmd.cmd_id,
+                fault_id: cmd.fault_id,
+                inval_seq: self.inval_seq,
+                value,
+                detail,
+                command_kind: cmd.kind,
+                reserved0: 0,
+                reserved1: 0,
+            },
+            completion,
+        }
+    }
+
+    /// Drains `vcpu`'s command ring, answering each command on its fault
+    /// ring. Returns the completion of the vCPU's fault if a command gave one.
+    pub fn serve(
+        &mut self,
+        vcpu: u32,
+        commands: &mut Consumer<'_>,
+        results: &mut Producer<'_>,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+    ) -> Result<Option<Completion>, RingError> {
+        let mut completion = None;
+        loop {
+            // Never take a command we could not answer.
+            if results.len()? == results.view().capacity() {
+                return Ok(completion);
+            }
+            let Some(record) = commands.pop()? else {
+                return Ok(completion);
+            };
+            let executed = self.execute(vcpu, &record, owners, tlb);
+            results.push(&executed.result.encode())?;
+            completion = completion.or(executed.completion);
+        }
+    }
+
+    fn take_outstanding(&self, vcpu: u32, fault_id: u64) -> Result<Outstanding, (Reject, u64)> {
+        match self.outstanding[vcpu as usize] {
+            Some(o) if o.fault_id == fault_id => Ok(o),
+            _ => Err((Reject::UnknownFault, 0)),
+        }
+    }
+
+    fn map(
+        &mut self,
+        vcpu: u32,
+        cmd: &CommandRecord,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+    ) -> CmdResult {
+        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
+        let fault = self.take_outstanding(vcpu, cmd.fault_id)?;
+        let size = MapSize::from_bytes(cmd.size).ok_or((Reject::BadSize, cmd.size))?;
+        let (ipa, pa) = (Ipa::new(cmd.ipa), Pa::new(cmd.pa));
+        if !ipa.is_aligned(cmd.size) || !pa.is_aligned(cmd.size) {
+            return Err((Reject::Misaligned, 0));
+        }
+        let geometry = *self.stage2.geometry();
+        if !geometry.ipa_range_fits(ipa, cmd.size) {
+            return Err((Reject::IpaOutOfRange, 0));
+        }
+        if !geometry.pa_range_fits(pa, cmd.size) {
+            return Err((Reject::PaOutOfRange, 0));
+        }
+        if size.level() < geometry.start_level() {
+            return Err((Reject::SizeUnsupported, 0));
+        }
+        let covers = |f: Ipa| Range::<Ipa>::new(ipa, cmd.size).is_some_and(|r| r.contains(f));
+        if !fault.ipa.is_some_and(covers) {
+            return Err((
+                Reject::FaultOutsideRange,
+                fault.ipa.map_or(NO_IPA, Ipa::raw),
+            ));
+        }
+        let mem = if cmd.flags & FLAG_DEVICE != 0 {
+            MemType::Device
+        } else {
+            MemType::Normal
+        };
+        if !legal_perms(perms, mem, fault.access) {
+            return Err((Reject::BadPermissions, perms.bits() as u64));
+        }
+        if cmd.inval_seq != self.inval_seq {
+            return Err((Reject::StaleSequence, self.inval_seq));
+        }
+        match owners.check(pa, cmd.size, Owner::Vm(self.id)) {
+            Ok(()) => {}
+            Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
+                return Err((Reject::NotOwned, pa.raw()))
+            }
+            Err(OwnershipError::BadRange) => return Err((Reject::Misaligned, 0)),
+        }
+        let attrs = LeafAttrs { perms, mem };
+        // A permission fault on a leaf of the same size and output: relax in place.
+        if let FaultStatus::Permission { .. } = fault.status {
+            if let Ok(Walk::Mapped {
+                level, descriptor, ..
+            }) = self.stage2.walk(ipa)
+            {
+                if level == size.level()
+                    && descriptor.output() == pa
+                    && descriptor.mem_type() == mem
+                {
+                    let level = self
+                        .stage2
+                        .relax(ipa, perms, tlb)
+                        .map_err(|e| (Reject::from(e), 0))?;
+                    self.outstanding[vcpu as usize] = None;
+                    return Ok((map_outcome::RELAXED, level as u64, Some(Completion::Resume)));
+                }
+            }
+        }
+        let need = self.stage2.worst_case_pages(size);
+        if self.memcache.len() < need {
+            return Err((Reject::MemcacheLow, need as u64));
+        }
+        let outcome = self
+            .stage2
+            .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
+            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+        self.outstanding[vcpu as usize] = None;
+        let value = match outcome {
+            MapOutcome::Installed => map_outcome::INSTALLED,
+            MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
+            MapOutcome::Replaced => map_outcome::REPLACED,
+        };
+        Ok((value, size.level() as u64, Some(Completion::Resume)))
+    }
+
+    fn range_of(cmd: &CommandRecord) -> Result<Range<Ipa>, (Reject, u64)> {
+        if cmd.flags != 0 || cmd.fault_id != 0 || cmd.pa != 0 || cmd.inval_seq != 0 {
+            return Err((Reject::Malformed, 0));
+        }
+        let range = Range::<Ipa>::new(Ipa::new(cmd.ipa), cmd.size).ok_or((Reject::BadRange, 0))?;
+        if !range.start().is_aligned(PAGE_SIZE) || range.len() % PAGE_SIZE != 0 {
+            return Err((Reject::BadRange, 0));
+        }
+        Ok(range)
+    }
+
+    fn unmap(
+        &mut self,
+        cmd: &CommandRecord,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+    ) -> CmdResult {
+        let range = Self::range_of(cmd)?;
+        let memcache = &mut self.memcache;
+        let stats = self
+            .stage2
+            .unmap(range, tlb, &mut |page| {
+                if memcache.push(page).is_err() {
+                    // The memcache is full: the page goes back to the host.
+                    let _ = owners.transfer(page, PAGE_SIZE, Owner::Hyp, Owner::Host);
+                }
+            })
+            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+        self.inval_seq += 1;
+        Ok((stats.leaves, stats.tables_freed, None))
+    }
+
+    fn write_protect(&mut self, cmd: &CommandRecord, tlb: &mut impl TlbMaintenance) -> CmdResult {
+        let range = Self::range_of(cmd)?;
+        let changed = self
+            .stage2
+            .write_protect(range, tlb)
+            .map_err(|e| (Reject::from(e), 0))?;
+        self.inval_seq += 1;
+        Ok((changed, 0, None))
+    }
+
+    fn complete(&mut self, vcpu: u32, cmd: &CommandRecord) -> CmdResult {
+        if cmd.ipa != 0 || cmd.pa != 0 || cmd.size != 0 || cmd.inval_seq != 0 {
+            return Err((Reject::Malformed, 0));
+        }
+        self.take_outstanding(vcpu, cmd.fault_id)?;
+        let completion = match cmd.flags {
+            action::RETRY => Completion::Resume,
+            action::INJECT_ABORT => Completion::InjectAbort,
+            action::EXIT_TO_VMM => Completion::ExitToVmm,
+            other => return Err((Reject::BadAction, other as u64)),
+        };
+        self.outstanding[vcpu as usize] = None;
+        Ok((cmd.flags as u64, 0, Some(completion)))
+    }
+
+    fn topup(&mut self, cmd: &CommandRecord, owners: &mut PageOwnership<'_>) -> CmdResult {
+        if cmd.flags != 0 || cmd.fault_id != 0 || cmd.ipa != 0 || cmd.inval_seq != 0 {
+            return Err((Reject::Malformed, 0));
+        }
+        let pa = Pa::new(cmd.pa);
+        if cmd.size == 0
+            || cmd.size % PAGE_SIZE != 0
+            || !pa.is_aligned(PAGE_SIZE)
+            || pa.checked_add(cmd.size).is_none()
+        {
+            return Err((Reject::BadRange, 0));
+        }
+        let pages = cmd.size / PAGE_SIZE;
+        if pages > self.memcache.room() as u64 {
+            return Err((Reject::MemcacheFull, self.memcache.room() as u64));
+        }
+        for i in 0..pages {
+            let page = Pa::new(pa.raw() + i * PAGE_SIZE);
+            if self.stage2.memory().table(page).is_none() {
+                return Err((Reject::NotTableMemory, page.raw()));
+            }
+        }
+        match owners.transfer(pa, cmd.size, Owner::Host, Owner::Hyp) {
+            Ok(()) => {}
+            Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
+                return Err((Reject::NotOwned, pa.raw()))
+            }
+            Err(OwnershipError::BadRange) => return Err((Reject::BadRange, 0)),
+        }
+        for i in 0..pages {
+            // Room was checked above; a failure here is impossible.
+            let _ = self.memcache.push(Pa::new(pa.raw() + i * PAGE_SIZE));
+        }
+        Ok((self.memcache.len() as u64, pages, None))
+    }
+}
+
+/// Legal stage-2 permissions for a map answering a fault with `access`:
+/// readable, exec never on device memory, and granting the faulting access.
+fn legal_perms(perms: Perms, mem: MemType, access: Access) -> bool {
+    let grants = match access {
+        Access::Read => perms.read(),
+        Access::Write => perms.write(),
+        Access::Execute => perms.exec(),
+    };
+    perms.read() && !(mem == MemType::Device && perms.exec()) && grants
+}
+
+fn table_detail(e: TableError) -> u64 {
+    match e {
+        TableError::MemcacheLow { need, .. } => need as u64,
+        TableError::Overlap { level } => level as u64,
+        TableError::PartialBlock { block } => block.raw(),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

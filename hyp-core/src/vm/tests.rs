@@ -1,0 +1,848 @@
+//! Engine tests: each validation rule meets a hostile command, which is
+//! rejected with its reason while the tables stay exactly as they were.
+
+extern crate std;
+
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::ring::{OwnedRing, OWNED_RING_ENTRIES};
+use crate::stage2::testing::{HostMemory, RecordingTlb};
+use crate::stage2::Descriptor;
+
+const OWN_BASE: u64 = 0x4000_0000;
+const VM1_MEM: u64 = 0x4000_0000; // 16 MiB donated to vm1
+const VM2_MEM: u64 = 0x4200_0000; // 2 MiB donated to vm2
+const HOST_MEM: u64 = 0x4400_0000; // never donated
+const TABLES: u64 = 0x5000_0000; // table memory: 64 pages
+const TABLE_PAGES: usize = 64;
+
+// ESR for a write translation fault at level 3 with a valid syndrome, and
+// HPFAR for IPA 0x8000_1000 (FIPA = IPA >> 12 << 4).
+const ESR_WRITE_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 6) | 0b000111;
+const ESR_READ_L2: u64 = (0x24 << 26) | (1 << 25) | 0b000110;
+const ESR_EXEC_L3: u64 = (0x20 << 26) | (1 << 25) | 0b000111;
+const ESR_WRITE_PERM_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 6) | 0b001111;
+fn hpfar(ipa: u64) -> u64 {
+    (ipa >> 12) << 4
+}
+
+struct World {
+    mem: HostMemory,
+    owners: Vec<u16>,
+}
+
+fn world() -> World {
+    World {
+        mem: HostMemory::new(Pa::new(TABLES), TABLE_PAGES),
+        owners: vec![0; ((TABLES - OWN_BASE) / 4096) as usize + TABLE_PAGES],
+    }
+}
+
+fn vm1() -> VmId {
+    VmId::new(1).unwrap()
+}
+
+/// Builds vm1 (4 vCPUs, 40-bit IPA) with its memory donated and 16 memcache pages.
+fn setup<'m>(w: &'m mut World, geometry: Geometry) -> (Vm<&'m HostMemory>, PageOwnership<'m>) {
+    let mut owners = PageOwnership::new(Pa::new(OWN_BASE), &mut w.owners);
+    owners
+        .transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1()))
+        .unwrap();
+    owners
+        .transfer(
+            Pa::new(VM2_MEM),
+            2 << 20,
+            Owner::Host,
+            Owner::Vm(VmId::new(2).unwrap()),
+        )
+        .unwrap();
+    let mut vm = Vm::new(vm1(), geometry, Pa::new(TABLES), 4, &w.mem, &mut owners).unwrap();
+    let first = TABLES + geometry.root_size();
+    let topup = CommandRecord {
+        kind: kind::TOPUP,
+        pa: first,
+        size: 16 * 4096,
+        ..Default::default()
+    };
+    let ex = vm.execute(
+        0,
+        &topup.encode(),
+        &mut owners,
+        &mut RecordingTlb::default(),
+    );
+    assert_eq!(ex.result.status, 0, "{ex:?}");
+    (vm, owners)
+}
+
+fn map_cmd(fault_id: u64, ipa: u64, pa: u64, size: u64, perms: Perms) -> CommandRecord {
+    CommandRecord {
+        kind: kind::MAP,
+        flags: perms.bits(),
+        cmd_id: 77,
+        fault_id,
+        ipa,
+        pa,
+        size,
+        inval_seq: 0,
+        reserved: 0,
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    leaves: Vec<(u64, u8, u64)>,
+    table_pages: u64,
+    memcache: usize,
+    inval_seq: u64,
+    outstanding: Vec<Option<Outstanding>>,
+    hyp_pages: usize,
+    vm1_pages: usize,
+}
+
+fn snapshot(vm: &Vm<&HostMemory>, owners: &PageOwnership<'_>) -> Snapshot {
+    let mut leaves = Vec::new();
+    vm.stage2()
+        .for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw())))
+        .unwrap();
+    Snapshot {
+        leaves,
+        table_pages: vm.stage2().table_pages().unwrap(),
+        memcache: vm.memcache_len(),
+        inval_seq: vm.inval_seq(),
+        outstanding: (0..vm.nr_vcpus()).map(|v| vm.outstanding(v)).collect(),
+        hyp_pages: owners.count(Owner::Hyp),
+        vm1_pages: owners.count(Owner::Vm(vm1())),
+    }
+}
+
+#[test]
+fn write_fault_mapped_and_completed() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm
+        .take_fault(
+            0,
+            ESR_WRITE_L3,
+            0xffff_0000_1234_5678,
+            hpfar(0x8000_1000),
+            42,
+            |_| None,
+        )
+        .unwrap();
+    assert_eq!(
+        (f.kind, f.vcpu, f.ipa, f.timestamp_ns, f.inval_seq),
+        (kind::FAULT, 0, 0x8000_1678, 42, 0)
+    );
+    assert_eq!(
+        vm.take_fault(0, ESR_WRITE_L3, 0, 0, 0, |_| None),
+        Err(FaultError::AlreadyOutstanding {
+            fault_id: f.fault_id
+        })
+    );
+    let ex = vm.execute(
+        0,
+        &map_cmd(f.fault_id, 0x8000_1000, VM1_MEM + 0x5000, 4096, Perms::RW).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(ex.result.status, 0, "{ex:?}");
+    assert_eq!(
+        (ex.result.cmd_id, ex.result.value, ex.result.detail),
+        (77, map_outcome::INSTALLED, 3)
+    );
+    assert_eq!(ex.completion, Some(Completion::Resume));
+    assert_eq!(vm.outstanding(0), None);
+    match vm.stage2().walk(Ipa::new(0x8000_1678)).unwrap() {
+        Walk::Mapped {
+            pa,
+            level: 3,
+            descriptor,
+        } => {
+            assert_eq!(pa, Pa::new(VM1_MEM + 0x5678));
+            assert_eq!(descriptor.perms(), Perms::RW);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn permission_fault_at_same_granule_relaxes_in_place() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm
+        .take_fault(1, ESR_READ_L2, 0x20_0000, hpfar(0x20_0000), 0, |_| None)
+        .unwrap();
+    let ex = vm.execute(
+        1,
+        &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::R).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(ex.result.status, 0);
+    let tables = vm.stage2().table_pages().unwrap();
+    // Permission fault: HPFAR not valid, the core resolves FAR itself.
+    let f = vm
+        .take_fault(1, ESR_WRITE_PERM_L3, 0x20_3000, 0xdead_0000, 0, |far| {
+            Some(Ipa::new(far))
+        })
+        .unwrap();
+    assert_eq!(f.ipa, 0x20_3000);
+    let ex = vm.execute(
+        1,
+        &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::RW).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(
+        (ex.result.status, ex.result.value, ex.result.detail),
+        (0, map_outcome::RELAXED, 2)
+    );
+    assert_eq!(vm.stage2().table_pages().unwrap(), tables);
+    assert!(
+        matches!(vm.stage2().walk(Ipa::new(0x20_3000)).unwrap(), Walk::Mapped { level: 2, descriptor, .. } if descriptor.perms() == Perms::RW)
+    );
+}
+
+/// One hostile command per validation rule.
+#[test]
+fn hostile_commands_are_rejected_with_their_reason_and_tables_unchanged() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    // Some state to protect: a mapped 2 MiB block at IPA 0 and an outstanding write fault.
+    let f0 = vm
+        .take_fault(2, ESR_READ_L2, 0x1000, hpfar(0x1000), 0, |_| None)
+        .unwrap();
+    assert_eq!(
+        vm.execute(
+            2,
+            &map_cmd(f0.fault_id, 0, VM1_MEM + (2 << 20), 2 << 20, Perms::R).encode(),
+            &mut owners,
+            &mut tlb
+        )
+        .result
+        .status,
+        0
+    );
+    let f = vm
+        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
+            None
+        })
+        .unwrap();
+    let good = map_cmd(f.fault_id, 0x8000_1000, VM1_MEM + 0x5000, 4096, Perms::RW);
+    let other_vm_page = VM2_MEM;
+
+    let cases: Vec<(&str, u32, CommandRecord, Reject)> = vec![
+        (
+            "unknown kind",
+            0,
+            CommandRecord { kind: 0x99, ..good },
+            Reject::Malformed,
+        ),
+        (
+            "reserved word set",
+            0,
+            CommandRecord {
+                reserved: 1,
+                ..good
+            },
+            Reject::Malformed,
+        ),
+        (
+            "unknown flag bits",
+            0,
+            CommandRecord {
+                flags: good.flags | 1 << 9,
+                ..good
+            },
+            Reject::Malformed,
+        ),
+        ("vcpu out of range", 9, good, Reject::Malformed),
+        (
+            "fault id never issued",
+            0,
+            CommandRecord {
+                fault_id: 999,
+                ..good
+            },
+            Reject::UnknownFault,
+        ),
+        (
+            "fault outstanding on another vcpu",
+            1,
+            good,
+            Reject::UnknownFault,
+        ),
+        (
+            "size not a page or block",
+            0,
+            CommandRecord {
+                size: 0x3000,
+                ..good
+            },
+            Reject::BadSize,
+        ),
+        (
+            "pa misaligned for 2 MiB",
+            0,
+            CommandRecord {
+                ipa: 0x8000_0000,
+                pa: VM1_MEM + 0x1000,
+                size: 2 << 20,
+                ..good
+            },
+            Reject::Misaligned,
+        ),
+        (
+            "ipa beyond 40 bits",
+            0,
+            CommandRecord {
+                ipa: 1 << 40,
+                ..good
+            },
+            Reject::IpaOutOfRange,
+        ),
+        (
+            "pa beyond 40 bits",
+            0,
+            CommandRecord {
+                pa: 1 << 40,
+                ..good
+            },
+            Reject::PaOutOfRange,
+        ),
+        (
+            "fault ipa outside mapped range",
+            0,
+            CommandRecord {
+                ipa: 0x8000_2000,
+                ..good
+            },
+            Reject::FaultOutsideRange,
+        ),
+        (
+            "no read permission",
+            0,
+            CommandRecord {
+                flags: Perms::W.bits(),
+                ..good
+            },
+            Reject::BadPermissions,
+        ),
+        (
+            "write fault mapped read-only",
+            0,
+            CommandRecord {
+                flags: Perms::R.bits(),
+                ..good
+            },
+            Reject::BadPermissions,
+        ),
+        (
+            "executable device memory",
+            0,
+            CommandRecord {
+                flags: Perms::RWX.bits() | FLAG_DEVICE,
+                ..good
+            },
+            Reject::BadPermissions,
+        ),
+        (
+            "page of another vm",
+            0,
+            CommandRecord {
+                pa: other_vm_page,
+                ..good
+            },
+            Reject::NotOwned,
+        ),
+        (
+            "page of the host",
+            0,
+            CommandRecord {
+                pa: HOST_MEM,
+                ..good
+            },
+            Reject::NotOwned,
+        ),
+        (
+            "table page of the core",
+            0,
+            CommandRecord { pa: TABLES, ..good },
+            Reject::NotOwned,
+        ),
+        (
+            "untracked memory",
+            0,
+            CommandRecord {
+                pa: 0x10_0000,
+                ..good
+            },
+            Reject::NotOwned,
+        ),
+        (
+            "fault already answered",
+            2,
+            map_cmd(f0.fault_id, 0, VM1_MEM, 2 << 20, Perms::R),
+            Reject::UnknownFault,
+        ),
+        (
+            "unmap with a pa",
+            0,
+            CommandRecord {
+                kind: kind::UNMAP,
+                ipa: 0,
+                size: 4096,
+                pa: 1,
+                ..Default::default()
+            },
+            Reject::Malformed,
+        ),
+        (
+            "unmap empty range",
+            0,
+            CommandRecord {
+                kind: kind::UNMAP,
+                ipa: 0,
+                size: 0,
+                ..Default::default()
+            },
+            Reject::BadRange,
+        ),
+        (
+            "unmap unaligned range",
+            0,
+            CommandRecord {
+                kind: kind::UNMAP,
+                ipa: 0x800,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::BadRange,
+        ),
+        (
+            "unmap cutting a block",
+            0,
+            CommandRecord {
+                kind: kind::UNMAP,
+                ipa: 0x1000,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::PartialBlock,
+        ),
+        (
+            "unmap beyond ipa space",
+            0,
+            CommandRecord {
+                kind: kind::UNMAP,
+                ipa: 1 << 40,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::IpaOutOfRange,
+        ),
+        (
+            "write-protect wrapping range",
+            0,
+            CommandRecord {
+                kind: kind::WRITE_PROTECT,
+                ipa: !0xfff,
+                size: 0x2000,
+                ..Default::default()
+            },
+            Reject::BadRange,
+        ),
+        (
+            "complete unknown action",
+            0,
+            CommandRecord {
+                kind: kind::COMPLETE,
+                fault_id: f.fault_id,
+                flags: 7,
+                ..Default::default()
+            },
+            Reject::BadAction,
+        ),
+        (
+            "complete unknown fault",
+            0,
+            CommandRecord {
+                kind: kind::COMPLETE,
+                fault_id: 12345,
+                ..Default::default()
+            },
+            Reject::UnknownFault,
+        ),
+        (
+            "topup of guest pages",
+            0,
+            CommandRecord {
+                kind: kind::TOPUP,
+                pa: VM1_MEM,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::NotTableMemory,
+        ),
+        (
+            "topup of core-owned pages",
+            0,
+            CommandRecord {
+                kind: kind::TOPUP,
+                pa: TABLES,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::NotOwned,
+        ),
+        (
+            "topup larger than the memcache",
+            0,
+            CommandRecord {
+                kind: kind::TOPUP,
+                pa: TABLES,
+                size: 4096 * 4096,
+                ..Default::default()
+            },
+            Reject::MemcacheFull,
+        ),
+        (
+            "topup unaligned",
+            0,
+            CommandRecord {
+                kind: kind::TOPUP,
+                pa: TABLES + 8,
+                size: 4096,
+                ..Default::default()
+            },
+            Reject::BadRange,
+        ),
+    ];
+    for (name, vcpu, cmd, want) in cases {
+        let before = snapshot(&vm, &owners);
+        let ex = vm.execute(vcpu, &cmd.encode(), &mut owners, &mut tlb);
+        assert_eq!(ex.rejected(), Some(want), "{name}: {ex:?}");
+        assert_eq!(ex.completion, None, "{name}");
+        assert_eq!(snapshot(&vm, &owners), before, "{name}: state changed");
+    }
+    // The good command still works afterwards: nothing was consumed.
+    assert_eq!(
+        vm.execute(0, &good.encode(), &mut owners, &mut tlb)
+            .result
+            .status,
+        0
+    );
+}
+
+#[test]
+fn overlapping_map_is_rejected_and_memcache_low_is_reported() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    vm.execute(
+        0,
+        &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    // A second fault on the same page answered with a different PA.
+    let f = vm
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    let before = snapshot(&vm, &owners);
+    let ex = vm.execute(
+        0,
+        &map_cmd(f.fault_id, 0, VM1_MEM + 0x1000, 4096, Perms::R).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(ex.rejected(), Some(Reject::Overlap));
+    assert_eq!(snapshot(&vm, &owners), before);
+
+    // An empty memcache: a map needing tables is refused up front.
+    let mut w2 = world();
+    let mut owners2 = PageOwnership::new(Pa::new(OWN_BASE), &mut w2.owners);
+    owners2
+        .transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1()))
+        .unwrap();
+    let mut bare = Vm::new(
+        vm1(),
+        Geometry::kvm_default(),
+        Pa::new(TABLES),
+        1,
+        &w2.mem,
+        &mut owners2,
+    )
+    .unwrap();
+    let f = bare
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    let ex = bare.execute(
+        0,
+        &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
+        &mut owners2,
+        &mut tlb,
+    );
+    assert_eq!(
+        (ex.rejected(), ex.result.detail),
+        (Some(Reject::MemcacheLow), 2)
+    );
+    assert_eq!(bare.stage2().table_pages().unwrap(), 0);
+}
+
+#[test]
+fn one_gib_block_below_a_level2_root_is_unsupported() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::new(32, 40).unwrap());
+    let f = vm
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    let ex = vm.execute(
+        0,
+        &map_cmd(f.fault_id, 0, 0, 1 << 30, Perms::R).encode(),
+        &mut owners,
+        &mut RecordingTlb::default(),
+    );
+    assert_eq!(ex.rejected(), Some(Reject::SizeUnsupported));
+}
+
+#[test]
+fn no_page_is_mapped_into_two_vms() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    assert_eq!(
+        vm.execute(
+            0,
+            &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
+            &mut owners,
+            &mut tlb
+        )
+        .result
+        .status,
+        0
+    );
+    // vm2 gets its own tables in a second table window and asks for vm1's page.
+    let mem2 = HostMemory::new(Pa::new(TABLES + (TABLE_PAGES as u64) * 4096), 8);
+    let vm2_id = VmId::new(2).unwrap();
+    let mut storage = vec![0u16; 8];
+    let mut own2 = PageOwnership::new(Pa::new(TABLES + (TABLE_PAGES as u64) * 4096), &mut storage);
+    let mut vm2 = Vm::new(
+        vm2_id,
+        Geometry::kvm_default(),
+        Pa::new(TABLES + (TABLE_PAGES as u64) * 4096),
+        1,
+        &mem2,
+        &mut own2,
+    )
+    .unwrap();
+    let f2 = vm2
+        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
+        .unwrap();
+    // Ownership is global: vm2's map is checked against the same ownership as vm1's.
+    let ex = vm2.execute(
+        0,
+        &map_cmd(f2.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(
+        (ex.rejected(), ex.result.detail),
+        (Some(Reject::NotOwned), VM1_MEM)
+    );
+}
+
+#[test]
+fn map_with_sequence_sampled_before_an_unmap_is_refused_and_the_fault_retried() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    // The daemon samples sequence 0 for a fault on vCPU 0 ...
+    let f = vm
+        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
+            None
+        })
+        .unwrap();
+    let sampled = f.inval_seq;
+    // ... meanwhile reclaim unmaps the range on vCPU 1's command ring.
+    let unmap = CommandRecord {
+        kind: kind::UNMAP,
+        ipa: 0x8000_0000,
+        size: 2 << 20,
+        ..Default::default()
+    };
+    let ex = vm.execute(1, &unmap.encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.inval_seq), (0, 1));
+    // The late map is refused, the fault completed as a retry, nothing mapped.
+    let late = CommandRecord {
+        inval_seq: sampled,
+        ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW)
+    };
+    let ex = vm.execute(0, &late.encode(), &mut owners, &mut tlb);
+    assert_eq!(
+        (ex.rejected(), ex.completion, ex.result.detail),
+        (Some(Reject::StaleSequence), Some(Completion::Resume), 1)
+    );
+    assert_eq!(vm.outstanding(0), None);
+    assert_eq!(
+        vm.stage2().walk(Ipa::new(0x8000_1000)).unwrap(),
+        Walk::Unmapped { level: 1 }
+    );
+    // The refault carries the new sequence and maps.
+    let f = vm
+        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
+            None
+        })
+        .unwrap();
+    assert_eq!(f.inval_seq, 1);
+    let ok = CommandRecord {
+        inval_seq: 1,
+        ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW)
+    };
+    assert_eq!(
+        vm.execute(0, &ok.encode(), &mut owners, &mut tlb)
+            .result
+            .status,
+        0
+    );
+}
+
+#[test]
+fn unmap_returns_tables_to_memcache_and_bumps_the_sequence() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let full = vm.memcache_len();
+    let f = vm
+        .take_fault(0, ESR_EXEC_L3, 0x1000, hpfar(0x1000), 0, |_| None)
+        .unwrap();
+    let ex = vm.execute(
+        0,
+        &map_cmd(f.fault_id, 0x1000, VM1_MEM, 4096, Perms::RX).encode(),
+        &mut owners,
+        &mut tlb,
+    );
+    assert_eq!(ex.result.status, 0);
+    assert_eq!(vm.memcache_len(), full - 2);
+    let wp = CommandRecord {
+        kind: kind::WRITE_PROTECT,
+        ipa: 0,
+        size: 1 << 30,
+        ..Default::default()
+    };
+    assert_eq!(
+        vm.execute(0, &wp.encode(), &mut owners, &mut tlb)
+            .result
+            .inval_seq,
+        1
+    );
+    let unmap = CommandRecord {
+        kind: kind::UNMAP,
+        ipa: 0,
+        size: 1 << 30,
+        ..Default::default()
+    };
+    let ex = vm.execute(0, &unmap.encode(), &mut owners, &mut tlb);
+    assert_eq!(
+        (
+            ex.result.status,
+            ex.result.value,
+            ex.result.detail,
+            ex.result.inval_seq
+        ),
+        (0, 1, 2, 2)
+    );
+    assert_eq!(vm.memcache_len(), full);
+}
+
+#[test]
+fn complete_actions_finish_the_fault() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    for (act, want) in [
+        (action::RETRY, Completion::Resume),
+        (action::INJECT_ABORT, Completion::InjectAbort),
+        (action::EXIT_TO_VMM, Completion::ExitToVmm),
+    ] {
+        let f = vm
+            .take_fault(3, ESR_WRITE_L3, 0x9000_0000, hpfar(0x9000_0000), 0, |_| {
+                None
+            })
+            .unwrap();
+        let c = CommandRecord {
+            kind: kind::COMPLETE,
+            fault_id: f.fault_id,
+            flags: act,
+            ..Default::default()
+        };
+        let ex = vm.execute(3, &c.encode(), &mut owners, &mut tlb);
+        assert_eq!((ex.result.status, ex.completion), (0, Some(want)));
+        assert_eq!(vm.outstanding(3), None);
+    }
+}
+
+#[test]
+fn serve_answers_every_command_on_the_ring_including_garbage() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let to_core = OwnedRing::new();
+    let to_daemon = OwnedRing::new();
+    let mut daemon_out = Producer::attach(to_core.view()).unwrap();
+    let mut daemon_in = Consumer::attach(to_daemon.view()).unwrap();
+    let mut core_in = Consumer::attach(to_core.view()).unwrap();
+    let mut core_out = Producer::attach(to_daemon.view()).unwrap();
+
+    let f = vm
+        .take_fault(0, ESR_READ_L2, 0x3000, hpfar(0x3000), 0, |_| None)
+        .unwrap();
+    core_out.push(&f.encode()).unwrap();
+    let got = FaultRecord::decode(&daemon_in.pop().unwrap().unwrap());
+    assert_eq!(got, f);
+    // A garbage record (a torn write), then the real answer.
+    daemon_out
+        .push(&Record([0xffff_ffff_dead_beef, 1, 2, 3, 4, 5, 6, 7]))
+        .unwrap();
+    daemon_out
+        .push(&map_cmd(got.fault_id, 0x3000, VM1_MEM, 4096, Perms::R).encode())
+        .unwrap();
+    let completion = vm
+        .serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb)
+        .unwrap();
+    assert_eq!(completion, Some(Completion::Resume));
+    let r1 = ResultRecord::decode(&daemon_in.pop().unwrap().unwrap());
+    let r2 = ResultRecord::decode(&daemon_in.pop().unwrap().unwrap());
+    assert_eq!((r1.status, r1.cmd_id), (Reject::Malformed.code(), 1));
+    assert_eq!((r2.status, r2.cmd_id, r2.command_kind), (0, 77, kind::MAP));
+    // A full result ring: the core leaves commands queued instead of dropping answers.
+    for _ in 0..OWNED_RING_ENTRIES {
+        core_out.push(&Record::default()).unwrap();
+    }
+    daemon_out
+        .push(
+            &CommandRecord {
+                kind: kind::COMPLETE,
+                fault_id: 5,
+                ..Default::default()
+            }
+            .encode(),
+        )
+        .unwrap();
+    assert_eq!(
+        vm.serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb),
+        Ok(None)
+    );
+    assert_eq!(core_in.len(), Ok(1));
+}
