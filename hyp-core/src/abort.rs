@@ -459,7 +459,7 @@ mod tests {
     fn permission_fault_on_stage1_walk_reports_ipa() {
         // S1PTW=1, WnR=1 (hardware AF update), permission L3.
         let esr = DABT | (1 << 7) | (1 << 6) | 0b001111;
-        let a = Abort::decode(esr, 0xffff_8000_0000_0123, 0x0400_0000).unwrap();
+        let a = Abort::decode(esr, 0xffff_8000_0000_0123, 0x0040_0000).unwrap();
         assert!(a.s1ptw);
         assert_eq!(a.ipa, FaultIpa::Valid(Ipa::new(0x4000_0123)));
     }
