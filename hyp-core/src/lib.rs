@@ -14,6 +14,7 @@
 
 pub mod abort;
 pub mod addr;
+pub mod arch;
 pub mod ownership;
 pub mod reject;
 pub mod ring;

@@ -29,6 +29,13 @@ pub unsafe trait TableMemory {
     fn table(&self, pa: Pa) -> Option<&Table>;
 }
 
+// SAFETY: a shared reference to a valid TableMemory upholds the same contract.
+unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
+    fn table(&self, pa: Pa) -> Option<&Table> {
+        (**self).table(pa)
+    }
+}
+
 /// A window of physical memory mapped contiguously at `base` in this address
 /// space: PA `pa` is at `base + (pa - pa_start)`. With `base == pa_start`
 /// this is EL2's identity map.

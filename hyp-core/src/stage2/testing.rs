@@ -48,7 +48,7 @@ impl HostMemory {
 }
 
 // SAFETY: delegates to the LinearMap, whose memory `self` owns.
-unsafe impl super::TableMemory for &HostMemory {
+unsafe impl super::TableMemory for HostMemory {
     fn table(&self, pa: Pa) -> Option<&super::Table> {
         super::TableMemory::table(&self.map, pa)
     }
