@@ -563,7 +563,10 @@ impl<M: TableMemory> Stage2<M> {
         free: &mut impl FnMut(Pa),
         stats: &mut UnmapStats,
     ) -> Result<bool, TableError> {
+        let mut span = None;
+        let mut kept_child = false;
         for (index, ipa) in indices_in(level, entries, base, range) {
+            span = Some((span.map_or(index, |(first, _)| first), index + 1));
             let entry = self.entry_at(table, index)?;
             match Descriptor::from_raw(entry.load(Ordering::Acquire)).kind(level) {
                 DescriptorKind::Invalid => {}
@@ -590,18 +593,43 @@ impl<M: TableMemory> Stage2<M> {
                         tlb.sync(self.vmid);
                         free(next);
                         stats.tables_freed += 1;
+                    } else {
+                        kept_child = true;
                     }
                 }
                 DescriptorKind::Reserved => return Err(TableError::Corrupt),
             }
         }
-        if level == self.geometry.start_level() {
+        if level == self.geometry.start_level() || kept_child {
             return Ok(false);
         }
+        let (first, last) = span.unwrap_or((0, 0));
         let t = self.mem.table(table).ok_or(TableError::Corrupt)?;
-        Ok(t.iter()
-            .all(|e| !Descriptor::from_raw(e.load(Ordering::Acquire)).is_valid()))
+        Ok(no_valid_entry_outside(t, first, last))
     }
+}
+
+/// True if no entry of `t` outside `[first, last)` is valid. Scans outward
+/// from the range, so the common cases (unmapping the first or last of a run
+/// of neighbours) stop at the first neighbour.
+fn no_valid_entry_outside(t: &[AtomicU64; ENTRIES_PER_TABLE], first: usize, last: usize) -> bool {
+    let valid = |i: usize| Descriptor::from_raw(t[i].load(Ordering::Acquire)).is_valid();
+    let (mut lo, mut hi) = (first, last);
+    while lo > 0 || hi < ENTRIES_PER_TABLE {
+        if hi < ENTRIES_PER_TABLE {
+            if valid(hi) {
+                return false;
+            }
+            hi += 1;
+        }
+        if lo > 0 {
+            lo -= 1;
+            if valid(lo) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The `(index, first ipa)` of each entry of a table at `level` (covering IPA

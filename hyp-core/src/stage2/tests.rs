@@ -581,6 +581,14 @@ proptest! {
         s2.for_each_leaf(&mut |ipa, level, _| leaves.push((ipa.raw(), level))).unwrap();
         let want: Vec<(u64, u8)> = model.iter().map(|(&ipa, &(s, _, _))| (ipa, s.level())).collect();
         prop_assert_eq!(leaves, want);
+        // Exactly the tables the leaves need are linked (no empty table is
+        // left behind): a level-2 table per 1 GiB holding a page or 2 MiB
+        // leaf, a level-3 table per 2 MiB holding a page.
+        let l2: std::collections::BTreeSet<u64> =
+            model.iter().filter(|(_, (s, _, _))| s.level() >= 2).map(|(&ipa, _)| ipa >> 30).collect();
+        let l3: std::collections::BTreeSet<u64> =
+            model.iter().filter(|(_, (s, _, _))| s.level() == 3).map(|(&ipa, _)| ipa >> 21).collect();
+        prop_assert_eq!(s2.table_pages().unwrap() as usize, l2.len() + l3.len());
         // No table page is leaked: pages in use plus pages cached is the pool.
         prop_assert_eq!(s2.table_pages().unwrap() as usize + cache.len(), pool - 2);
     }
