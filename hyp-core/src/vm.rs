@@ -62,6 +62,8 @@ pub enum VmError {
     RootNotOwned(OwnershipError),
     /// The root pages are misaligned or outside table memory.
     BadRoot,
+    /// The VM id does not fit the 8-bit VMID that tags its TLB entries.
+    VmidOutOfRange(VmId),
 }
 
 /// The result of one command, and the vCPU it completes (if any).
@@ -119,7 +121,8 @@ type CmdResult = Result<(u64, u64, Option<Completion>), (Reject, u64)>;
 
 impl<M: TableMemory> Vm<M> {
     /// Creates a VM whose stage-2 root is at `root`; the root pages move from
-    /// the host to the hypervisor.
+    /// the host to the hypervisor. The VM id is also its VMID (VTCR_EL2.VS = 0:
+    /// 8 bits), so ids above 255 are refused rather than aliased.
     pub fn new(
         id: VmId,
         geometry: Geometry,
@@ -131,12 +134,12 @@ impl<M: TableMemory> Vm<M> {
         if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
             return Err(VmError::BadVcpuCount(nr_vcpus));
         }
+        let vmid = u8::try_from(id.raw()).map_err(|_| VmError::VmidOutOfRange(id))?;
         let root_len = geometry.root_size();
         owners
             .check(root, root_len, Owner::Host)
             .map_err(VmError::RootNotOwned)?;
-        let stage2 =
-            Stage2::new(geometry, root, id.raw() as u8, mem).map_err(|_| VmError::BadRoot)?;
+        let stage2 = Stage2::new(geometry, root, vmid, mem).map_err(|_| VmError::BadRoot)?;
         owners
             .transfer(root, root_len, Owner::Host, Owner::Hyp)
             .map_err(VmError::RootNotOwned)?;

@@ -615,6 +615,23 @@ fn one_gib_block_below_a_level2_root_is_unsupported() {
 }
 
 #[test]
+fn vm_ids_beyond_the_8_bit_vmid_are_refused() {
+    let mut w = world();
+    let mut owners = PageOwnership::new(Pa::new(OWN_BASE), &mut w.owners);
+    let id = VmId::new(256).unwrap();
+    let r = Vm::new(
+        id,
+        Geometry::kvm_default(),
+        Pa::new(TABLES),
+        1,
+        &w.mem,
+        &mut owners,
+    );
+    assert_eq!(r.err(), Some(VmError::VmidOutOfRange(id)));
+    assert_eq!(owners.count(Owner::Hyp), 0);
+}
+
+#[test]
 fn no_page_is_mapped_into_two_vms() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
