@@ -76,6 +76,12 @@ impl<'a> RingView<'a> {
         })
     }
 
+    /// The published producer index word, for a doorbell that sleeps until
+    /// it changes (a futex in processes). Only the producer stores to it.
+    pub fn producer_word(&self) -> &'a AtomicU32 {
+        self.producer
+    }
+
     /// Records the ring holds.
     pub fn capacity(&self) -> u32 {
         self.slots.len() as u32

@@ -1,0 +1,17 @@
+//! faultline-attach: attach protocol v1 (docs/attach-protocol.md) and the
+//! ring doorbell, the host-side pieces the daemon and the machines share.
+//!
+//! A machine attaches a VM by connecting to the daemon's Unix SOCK_SEQPACKET
+//! socket and sending one [`AttachRequest`] whose memory regions travel as
+//! file descriptors (SCM_RIGHTS), like vhost-user's memory table. The daemon
+//! answers with a [`Reply`]; the connection then stays open for the life of
+//! the attachment, and a [`Detach`](MsgKind::Detach) (or closing it) ends it.
+//!
+//! Both ends use this crate, so the wire format is defined once.
+
+pub mod doorbell;
+mod socket;
+mod wire;
+
+pub use socket::{accept, connect, listen, recv_message, send_message, Received};
+pub use wire::*;

@@ -1,0 +1,114 @@
+//! SOCK_SEQPACKET Unix sockets with SCM_RIGHTS: one message, its fds,
+//! boundaries kept by the kernel, truncation reported by MSG_TRUNC/MSG_CTRUNC.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+
+use crate::wire::{MAX_MESSAGE_LEN, MAX_REGIONS};
+
+/// A received message.
+#[derive(Debug)]
+pub struct Received {
+    /// The message bytes.
+    pub bytes: Vec<u8>,
+    /// File descriptors that came with it, owned (closed on drop).
+    pub fds: Vec<OwnedFd>,
+    /// The kernel cut the message or its fds short.
+    pub truncated: bool,
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
+/// A listening socket bound at `path` (an existing file there is removed).
+pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let fd = seqpacket()?;
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    socket::listen(&fd, Backlog::new(64)?)?;
+    Ok(fd)
+}
+
+/// Accepts one connection.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Connects to the daemon's attach socket at `path`.
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+/// Sends one message with `fds` attached.
+pub fn send_message(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    let sent = socket::sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent != bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "message sent partially",
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one message; `Ok(None)` when the peer closed the connection.
+pub fn recv_message(sock: BorrowedFd<'_>) -> io::Result<Option<Received>> {
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_REGIONS]);
+    let (len, flags, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = socket::recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: SCM_RIGHTS installed these descriptors in this
+                    // process for us; nothing else owns them.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        (msg.bytes, msg.flags, fds)
+    };
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let truncated =
+        flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) || len > MAX_MESSAGE_LEN;
+    buf.truncate(len.min(MAX_MESSAGE_LEN));
+    Ok(Some(Received {
+        bytes: buf,
+        fds,
+        truncated,
+    }))
+}
