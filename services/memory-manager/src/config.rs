@@ -1,0 +1,104 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::PolicyKind;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the daemon can be told.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Path of the attach socket (Unix SOCK_SEQPACKET).
+    pub attach_socket: PathBuf,
+    /// The built-in policy in force.
+    pub policy: PolicyKind,
+    /// Ring polls before a service thread sleeps on its doorbell (0: sleep at once).
+    pub spin_polls: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            attach_socket: PathBuf::from("/run/faultline/attach.sock"),
+            policy: PolicyKind::Default,
+            spin_polls: 20_000,
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c =
+            Config::from_toml("attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\n")
+                .unwrap();
+        assert_eq!(c.attach_socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(c.policy, PolicyKind::Pages4k);
+        assert_eq!(c.spin_polls, 0);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(Config::from_toml("atach_socket = \"/x\"").is_err());
+        assert!(Config::from_toml("policy = \"largest\"").is_err());
+    }
+}

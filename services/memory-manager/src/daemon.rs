@@ -1,0 +1,108 @@
+//! The daemon: configuration, the VM table, and `run`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::vm::VmMemory;
+
+/// Shared daemon state.
+pub struct Daemon {
+    config: Config,
+    policy: Box<dyn Policy>,
+    vms: Mutex<HashMap<u16, Arc<VmMemory>>>,
+    stop: AtomicBool,
+}
+
+impl Daemon {
+    /// A daemon with `config`.
+    pub fn new(config: Config) -> Self {
+        let policy = config.policy.build();
+        Self {
+            config,
+            policy,
+            vms: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &dyn Policy {
+        &*self.policy
+    }
+
+    /// True once shutdown began.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Begins shutdown.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Adds a VM; false if its id is taken.
+    pub fn register(&self, vm: Arc<VmMemory>) -> bool {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        if vms.contains_key(&vm.id.raw()) {
+            return false;
+        }
+        vms.insert(vm.id.raw(), vm);
+        true
+    }
+
+    /// Removes a VM.
+    pub fn unregister(&self, id: hyp_core::ownership::VmId) {
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id.raw());
+    }
+
+    /// Attached VMs.
+    pub fn vms(&self) -> Vec<Arc<VmMemory>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, then stops serving, detaches
+/// every VM and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let daemon = Arc::new(Daemon::new(config));
+    info!(policy = daemon.policy().name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
+    if let Some(dir) = daemon.config().attach_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let server = {
+        let daemon = daemon.clone();
+        let path = daemon.config().attach_socket.clone();
+        tokio::task::spawn_blocking(move || crate::attach::serve(daemon, &path))
+    };
+    tokio::pin!(server);
+    tokio::select! {
+        _ = shutdown => info!("shutdown requested"),
+        res = &mut server => {
+            res??;
+            return Ok(());
+        }
+    }
+    daemon.stop();
+    server.await??;
+    info!("memory-manager stopped");
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `memory-manager`: parse flags, set up logging, run the daemon until
+//! SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use memory_manager::config::LogFormat;
+use memory_manager::policy::PolicyKind;
+use memory_manager::Config;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Faultline memory-manager daemon.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Attach socket path (overrides the file).
+    #[arg(long)]
+    attach_socket: Option<PathBuf>,
+    /// Built-in policy (overrides the file).
+    #[arg(long)]
+    policy: Option<PolicyKind>,
+    /// Ring polls before sleeping on the doorbell (overrides the file).
+    #[arg(long)]
+    spin_polls: Option<u32>,
+    /// Log format (overrides the file).
+    #[arg(long)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. "debug" (overrides the file and RUST_LOG).
+    #[arg(long)]
+    log_filter: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).context("loading configuration")?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.attach_socket {
+        config.attach_socket = v;
+    }
+    if let Some(v) = args.policy {
+        config.policy = v;
+    }
+    if let Some(v) = args.spin_polls {
+        config.spin_polls = v;
+    }
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    let filter = args
+        .log_filter
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| config.log_filter.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Text => subscriber.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        memory_manager::run(config, shutdown).await
+    })
+}

@@ -1,0 +1,192 @@
+//! Page pins: per-4 KiB-page counts, taken by an RAII guard.
+//!
+//! A fault pins the pages it is about to map before anything else can fail;
+//! every early return drops the [`PinGuard`] and releases them (KVM's leaked
+//! page references on error paths cannot happen). Only when the core reports
+//! the mapping installed does the guard become a [`MappingPin`], held until
+//! the mapping is removed.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hyp_core::addr::PAGE_SIZE;
+
+/// Pin counts of every guest region of a VM.
+#[derive(Debug)]
+pub struct Pins {
+    regions: Vec<RegionPins>,
+}
+
+#[derive(Debug)]
+struct RegionPins {
+    counts: Vec<AtomicU32>,
+    populated: Vec<AtomicU64>,
+}
+
+/// Why pages could not be pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    /// The range is outside the region.
+    #[error("range {offset:#x}+{len:#x} is outside region {region}")]
+    OutOfRange {
+        /// Region index.
+        region: usize,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl Pins {
+    /// Pin tables for regions of the given sizes (bytes).
+    pub fn new(region_sizes: &[u64]) -> Arc<Self> {
+        let regions = region_sizes
+            .iter()
+            .map(|&size| {
+                let pages = size.div_ceil(PAGE_SIZE) as usize;
+                RegionPins {
+                    counts: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+                    populated: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+                }
+            })
+            .collect();
+        Arc::new(Self { regions })
+    }
+
+    /// Pins the pages of `[offset, offset + len)` of `region`.
+    pub fn pin(
+        self: &Arc<Self>,
+        region: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<PinGuard, PinError> {
+        let err = PinError::OutOfRange {
+            region,
+            offset,
+            len,
+        };
+        let r = self.regions.get(region).ok_or(err)?;
+        let first = (offset / PAGE_SIZE) as usize;
+        let pages = len.div_ceil(PAGE_SIZE) as usize;
+        if offset % PAGE_SIZE != 0
+            || first
+                .checked_add(pages)
+                .is_none_or(|end| end > r.counts.len())
+        {
+            return Err(err);
+        }
+        for c in &r.counts[first..first + pages] {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(PinGuard {
+            pins: self.clone(),
+            region,
+            first,
+            pages,
+        })
+    }
+
+    /// Pin count of one page.
+    pub fn count(&self, region: usize, offset: u64) -> u32 {
+        self.regions[region].counts[(offset / PAGE_SIZE) as usize].load(Ordering::Acquire)
+    }
+
+    /// Sum of all pin counts (pages x pins).
+    pub fn total(&self) -> u64 {
+        self.regions
+            .iter()
+            .flat_map(|r| &r.counts)
+            .map(|c| c.load(Ordering::Acquire) as u64)
+            .sum()
+    }
+
+    /// Marks pages as populated; returns true if any of them was not.
+    pub fn mark_populated(&self, region: usize, offset: u64, len: u64) -> bool {
+        let r = &self.regions[region];
+        let mut fresh = false;
+        let first = offset / PAGE_SIZE;
+        for page in first..first + len.div_ceil(PAGE_SIZE) {
+            let bit = 1u64 << (page % 64);
+            fresh |= r.populated[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0;
+        }
+        fresh
+    }
+
+    /// True if every page of the range has been populated.
+    pub fn is_populated(&self, region: usize, offset: u64, len: u64) -> bool {
+        let r = &self.regions[region];
+        let first = offset / PAGE_SIZE;
+        (first..first + len.div_ceil(PAGE_SIZE)).all(|page| {
+            r.populated[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        })
+    }
+
+    fn release(&self, region: usize, first: usize, pages: usize) {
+        for c in &self.regions[region].counts[first..first + pages] {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Pages pinned for a fault in progress; released on drop.
+#[derive(Debug)]
+#[must_use = "dropping a PinGuard releases the pin"]
+pub struct PinGuard {
+    pins: Arc<Pins>,
+    region: usize,
+    first: usize,
+    pages: usize,
+}
+
+impl PinGuard {
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The core installed the mapping: the pin now lives as long as it.
+    pub fn into_mapping(self) -> MappingPin {
+        MappingPin(self)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.pins.release(self.region, self.first, self.pages);
+    }
+}
+
+/// The pin of an installed mapping; released when the mapping is removed.
+#[derive(Debug)]
+pub struct MappingPin(PinGuard);
+
+impl MappingPin {
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.0.pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_releases_on_drop_and_mapping_pin_keeps_pages() {
+        let pins = Pins::new(&[4 << 20]);
+        {
+            let g = pins.pin(0, 2 << 20, 2 << 20).unwrap();
+            assert_eq!(g.pages(), 512);
+            assert_eq!(pins.total(), 512);
+        }
+        assert_eq!(pins.total(), 0);
+        let m = pins.pin(0, 0, 4096).unwrap().into_mapping();
+        let _again = pins.pin(0, 0, 4096).unwrap();
+        assert_eq!(pins.count(0, 0), 2);
+        drop(m);
+        assert_eq!(pins.count(0, 0), 1);
+        assert!(pins.pin(0, 4 << 20, 4096).is_err());
+        assert!(pins.pin(1, 0, 4096).is_err());
+    }
+}

@@ -1,0 +1,387 @@
+//! The fault pipeline: KVM's `user_mem_abort()` cut into stages.
+//!
+//! ```text
+//! abort (decoded once, immutable, by reference)
+//!   -> memslot lookup (or MMIO exit / injected abort)
+//!   -> VMA snapshot (by value, taken inside the lock's scope)
+//!   -> mapping size (VMA page size, memslot congruence, logging, policy)
+//!   -> invalidation sequence sampled
+//!   -> pin (RAII: every later failure releases it)
+//!   -> permissions
+//!   -> map plan (the pin becomes a mapping only when the core confirms)
+//! ```
+//!
+//! Each stage takes what it needs and returns what the next needs; no stage
+//! sees a bag of every variable.
+
+use hyp_core::abort::{Abort, AbortKind, Access, FaultStatus};
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ring::abi::{FaultRecord, NO_IPA};
+use hyp_core::stage2::{MapSize, Perms};
+
+use crate::addr::Hva;
+use crate::memslot::{Memslot, Memslots};
+use crate::pin::{PinError, PinGuard};
+use crate::policy::{FaultContext, Policy};
+use crate::vm::VmMemory;
+use crate::vma::{Vma, Vmas};
+
+/// An access the VMM must emulate (valid syndrome).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioAccess {
+    /// Faulting IPA.
+    pub ipa: Ipa,
+    /// Bytes.
+    pub size: u8,
+    /// Transfer register (31 = XZR).
+    pub register: u8,
+    /// A write.
+    pub write: bool,
+}
+
+/// Why the fault leaves the core for the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Emulate this access.
+    Mmio(MmioAccess),
+    /// An access outside memory (or a write to a read-only slot) without a
+    /// valid syndrome: KVM_RUN fails with ENOSYS in KVM.
+    NoSyndrome {
+        /// Faulting IPA.
+        ipa: Ipa,
+        /// A write.
+        write: bool,
+    },
+    /// Cache maintenance on MMIO: the VMM skips the instruction.
+    CacheMaintenance {
+        /// Faulting IPA.
+        ipa: Ipa,
+    },
+}
+
+/// Why an abort is injected into the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectReason {
+    /// The syndrome is not a stage-2 abort.
+    Undecodable,
+    /// The core could not tell the IPA.
+    NoIpa,
+    /// A synchronous external abort or parity error.
+    External,
+    /// An instruction fetch outside memory.
+    FetchOutsideMemory,
+    /// A stage-1 table walk outside memory or into a read-only slot.
+    WalkOutsideMemory,
+    /// A fault status this pipeline does not resolve.
+    Unsupported(FaultStatus),
+}
+
+/// A map command to send, holding its pin.
+#[derive(Debug)]
+pub struct MapPlan {
+    /// The faulting IPA.
+    pub fault_ipa: Ipa,
+    /// First IPA mapped (aligned to `size`).
+    pub ipa: Ipa,
+    /// First PA mapped.
+    pub pa: Pa,
+    /// Mapping size.
+    pub size: MapSize,
+    /// Permissions.
+    pub perms: Perms,
+    /// Device memory.
+    pub device: bool,
+    /// Invalidation sequence sampled before pinning.
+    pub seq: u64,
+    /// The pages' pin.
+    pub pin: PinGuard,
+    /// Memslot whose dirty bit to set once installed (a write in a logged slot).
+    pub dirty_slot: Option<usize>,
+    /// The fault is a permission fault (the core relaxes in place).
+    pub permission_fault: bool,
+}
+
+/// What to do with a fault.
+#[derive(Debug)]
+pub enum Decision {
+    /// Map (or relax).
+    Map(MapPlan),
+    /// Exit to the VMM.
+    Exit(Exit),
+    /// Inject an abort into the guest.
+    Inject(InjectReason),
+}
+
+/// A stage after pinning, where tests inject failures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Right after the pin is taken (populating the pages).
+    Populate,
+    /// Computing permissions.
+    Permissions,
+    /// Building the command.
+    Command,
+}
+
+/// Failure injection: `Injection::NONE` in production.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Injection(pub Option<Stage>);
+
+impl Injection {
+    /// No injected failure.
+    pub const NONE: Self = Self(None);
+
+    fn check(self, stage: Stage) -> Result<(), PipelineError> {
+        if self.0 == Some(stage) {
+            return Err(PipelineError::Injected(stage));
+        }
+        Ok(())
+    }
+}
+
+/// Why the pipeline failed (the daemon's fault, not the guest's).
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// No VMA backs a memslot's address.
+    #[error("no VMA backs {0:?}")]
+    NoVma(Hva),
+    /// The mapping range falls outside the VMA's region.
+    #[error("mapping outside region {0}")]
+    OutsideRegion(usize),
+    /// Pinning failed.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// Faulting in fresh backing failed.
+    #[error("populating backing pages failed: {0}")]
+    Populate(nix::Error),
+    /// A test asked for a failure here.
+    #[error("injected failure at {0:?}")]
+    Injected(Stage),
+}
+
+/// KVM's `kvm_is_write_fault()`: stage-1 walks count as writes (hardware
+/// may update the access flag), fetches never do, data aborts per WnR.
+pub fn is_write(abort: &Abort) -> bool {
+    abort.s1ptw || (abort.kind == AbortKind::Data && abort.access == Access::Write)
+}
+
+/// Runs the pipeline for one fault record.
+pub fn handle_fault(
+    vm: &VmMemory,
+    policy: &dyn Policy,
+    rec: &FaultRecord,
+    inject: Injection,
+) -> Result<Decision, PipelineError> {
+    let Ok(abort) = Abort::decode(rec.esr, rec.far, rec.hpfar) else {
+        return Ok(Decision::Inject(InjectReason::Undecodable));
+    };
+    if rec.ipa == NO_IPA {
+        return Ok(Decision::Inject(InjectReason::NoIpa));
+    }
+    let ipa = Ipa::new(rec.ipa);
+    if let Some(reason) = unresolvable(&abort) {
+        return Ok(Decision::Inject(reason));
+    }
+    // 1. memslot
+    let slot = match lookup_memslot(&vm.memslots, &abort, ipa) {
+        Ok(slot) => slot,
+        Err(decision) => return Ok(decision),
+    };
+    // 2. VMA snapshot, by value
+    let hva = slot.hva_of(ipa);
+    let vma = vma_snapshot(&vm.vmas, hva)?;
+    let write = is_write(&abort);
+    if write && !vma.writable {
+        // KVM: a write fault on a non-writable mapping goes to the VMM.
+        return Ok(Decision::Exit(
+            outside_memory_exit(&abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write }),
+        ));
+    }
+    let ctx = |allowed| FaultContext {
+        ipa: ipa.raw(),
+        memslot: slot.id,
+        allowed,
+        write,
+    };
+    // 3. mapping size
+    let size = mapping_size(&abort, slot, &vma, hva, policy, &ctx);
+    // 4. invalidation sequence, sampled before pinning
+    let seq = vm.sample_seq();
+    // 5. pin
+    let (pin, map_ipa, pa) = pin_pages(vm, slot, &vma, ipa, size, inject)?;
+    // 6. permissions
+    inject.check(Stage::Permissions)?;
+    let perms = permissions(&abort, slot, &vma, policy, &ctx(size));
+    // 7. the plan
+    inject.check(Stage::Command)?;
+    let dirty_slot = (slot.dirty_log && perms.write()).then_some(slot.id);
+    Ok(Decision::Map(MapPlan {
+        fault_ipa: ipa,
+        ipa: map_ipa,
+        pa,
+        size,
+        perms,
+        device: vma.device,
+        seq,
+        pin,
+        dirty_slot,
+        permission_fault: matches!(abort.status, FaultStatus::Permission { .. }),
+    }))
+}
+
+/// Fault statuses that no mapping can resolve.
+fn unresolvable(abort: &Abort) -> Option<InjectReason> {
+    match abort.status {
+        FaultStatus::Translation { .. }
+        | FaultStatus::AccessFlag { .. }
+        | FaultStatus::Permission { .. } => None,
+        FaultStatus::SyncExternal
+        | FaultStatus::SyncExternalOnWalk { .. }
+        | FaultStatus::SyncParity
+        | FaultStatus::SyncParityOnWalk { .. } => Some(InjectReason::External),
+        other => Some(InjectReason::Unsupported(other)),
+    }
+}
+
+/// Stage 1: the memslot, or what to do when there is none to map from:
+/// outside every memslot, or a write to a read-only one (KVM's
+/// `kvm_handle_guest_abort()`).
+pub fn lookup_memslot<'s>(
+    slots: &'s Memslots,
+    abort: &Abort,
+    ipa: Ipa,
+) -> Result<&'s Memslot, Decision> {
+    match slots.lookup(ipa) {
+        Some(slot) if !(is_write(abort) && slot.read_only) => Ok(slot),
+        _ => {
+            if abort.kind == AbortKind::Instruction {
+                return Err(Decision::Inject(InjectReason::FetchOutsideMemory));
+            }
+            if abort.s1ptw {
+                return Err(Decision::Inject(InjectReason::WalkOutsideMemory));
+            }
+            let write = is_write(abort);
+            Err(Decision::Exit(
+                outside_memory_exit(abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write }),
+            ))
+        }
+    }
+}
+
+fn outside_memory_exit(abort: &Abort, ipa: Ipa) -> Option<Exit> {
+    if abort.cache_maintenance {
+        return Some(Exit::CacheMaintenance { ipa });
+    }
+    abort.syndrome.map(|s| {
+        Exit::Mmio(MmioAccess {
+            ipa,
+            size: s.size,
+            register: s.register,
+            write: is_write(abort),
+        })
+    })
+}
+
+/// Stage 2: a copy of the VMA backing `hva`, taken inside the lock's scope.
+pub fn vma_snapshot(vmas: &Vmas, hva: Hva) -> Result<Vma, PipelineError> {
+    vmas.snapshot(hva).ok_or(PipelineError::NoVma(hva))
+}
+
+/// KVM's `fault_supports_stage2_huge_mapping()`: GPA and HVA congruent
+/// modulo the block, and the whole block inside the memslot and the VMA.
+pub fn supports_block(slot: &Memslot, vma: &Vma, hva: Hva, size: MapSize) -> bool {
+    let b = size.bytes();
+    if slot.gpa.raw() % b != slot.hva.raw() % b {
+        return false;
+    }
+    let start = slot.hva.raw().next_multiple_of(b);
+    let end = (slot.hva.raw() + slot.size) & !(b - 1);
+    let block = hva.raw() & !(b - 1);
+    hva.raw() >= start && hva.raw() < end && vma.contains_range(Hva::new(block), b)
+}
+
+/// Stage 3: the mapping size.
+pub fn mapping_size(
+    abort: &Abort,
+    slot: &Memslot,
+    vma: &Vma,
+    hva: Hva,
+    policy: &dyn Policy,
+    ctx: &dyn Fn(MapSize) -> FaultContext,
+) -> MapSize {
+    if let FaultStatus::Permission { level } = abort.status {
+        // Relax at the granule of the leaf that faulted.
+        return u8::try_from(level)
+            .ok()
+            .and_then(MapSize::from_level)
+            .unwrap_or(MapSize::Page4K);
+    }
+    let mut allowed = MapSize::Page4K;
+    if !slot.dirty_log {
+        for size in [MapSize::Block1G, MapSize::Block2M] {
+            if size.bytes() <= vma.page_size && supports_block(slot, vma, hva, size) {
+                allowed = size;
+                break;
+            }
+        }
+    }
+    allowed.min(policy.max_mapping_size(&ctx(allowed)))
+}
+
+/// Stage 5: pin the pages the mapping will cover, faulting fresh backing in.
+fn pin_pages(
+    vm: &VmMemory,
+    slot: &Memslot,
+    vma: &Vma,
+    ipa: Ipa,
+    size: MapSize,
+    inject: Injection,
+) -> Result<(PinGuard, Ipa, Pa), PipelineError> {
+    let map_ipa = ipa.align_down(size.bytes());
+    let hva = slot.hva_of(map_ipa);
+    let region = vm
+        .regions
+        .get(vma.region)
+        .ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let offset = hva
+        .checked_offset_from(region.map.base())
+        .ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let pa = region
+        .pa_at(offset)
+        .ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let pin = vm.pins.pin(vma.region, offset, size.bytes())?;
+    inject.check(Stage::Populate)?;
+    if !region.device && !vm.pins.is_populated(vma.region, offset, size.bytes()) {
+        region
+            .map
+            .populate(offset, size.bytes())
+            .map_err(PipelineError::Populate)?;
+        vm.pins.mark_populated(vma.region, offset, size.bytes());
+    }
+    Ok((pin, map_ipa, pa))
+}
+
+/// Stage 6: permissions. Read always; write if the VMA is writable, the
+/// slot is not read-only and (a write fault, or not logging and the policy
+/// maps writable on read); exec on a fetch or if the policy says so, never
+/// on device memory.
+pub fn permissions(
+    abort: &Abort,
+    slot: &Memslot,
+    vma: &Vma,
+    policy: &dyn Policy,
+    ctx: &FaultContext,
+) -> Perms {
+    let mut perms = Perms::R;
+    let write = is_write(abort);
+    if vma.writable
+        && !slot.read_only
+        && (write || (!slot.dirty_log && policy.writable_on_read(ctx)))
+    {
+        perms = perms.union(Perms::W);
+    }
+    if !vma.device && (abort.access == Access::Execute || policy.eager_exec(ctx)) {
+        perms = perms.union(Perms::X);
+    }
+    perms
+}

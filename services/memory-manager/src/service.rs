@@ -1,0 +1,238 @@
+//! Ring service: one dedicated thread per vCPU (not the async runtime),
+//! spinning on the fault ring and then sleeping on its doorbell.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use hyp_core::addr::{Ipa, PAGE_SIZE};
+use hyp_core::reject::Reject;
+use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord, FLAG_DEVICE};
+use hyp_core::ring::{Consumer, Producer, RingError};
+use hyp_core::vm::map_outcome;
+use tracing::{debug, error, warn};
+
+use crate::pipeline::{handle_fault, Decision, Exit, Injection, MapPlan};
+use crate::policy::Policy;
+use crate::vm::{Installed, VmMemory};
+
+/// Pages handed to the core per memcache top-up.
+const TOPUP_PAGES: u64 = 64;
+
+enum Pending {
+    Map { plan: MapPlan, fault_id: u64 },
+    Other,
+}
+
+/// Serves one vCPU's rings until `stop` is set or the peer breaks the protocol.
+pub struct VcpuService<'r, 'v> {
+    vm: &'v VmMemory,
+    policy: &'v dyn Policy,
+    vcpu: u32,
+    faults: Consumer<'r>,
+    commands: Producer<'r>,
+    pending: HashMap<u64, Pending>,
+    next_cmd: u64,
+}
+
+impl<'r, 'v> VcpuService<'r, 'v> {
+    /// A service over `vcpu`'s fault ring (consumed) and command ring (produced).
+    pub fn new(
+        vm: &'v VmMemory,
+        policy: &'v dyn Policy,
+        vcpu: u32,
+        faults: Consumer<'r>,
+        commands: Producer<'r>,
+    ) -> Self {
+        Self {
+            vm,
+            policy,
+            vcpu,
+            faults,
+            commands,
+            pending: HashMap::new(),
+            next_cmd: (vcpu as u64) << 48 | 1,
+        }
+    }
+
+    /// The loop.
+    pub fn run(mut self, wait: WaitPolicy, stop: &AtomicBool) -> Result<(), RingError> {
+        while let Some(record) = wait_pop(&mut self.faults, wait, stop)? {
+            match record.kind() {
+                kind::FAULT => self.on_fault(&FaultRecord::decode(&record), stop)?,
+                kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop)?,
+                other => {
+                    warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
+                    self.vm.stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one fault and sends its command.
+    pub fn on_fault(&mut self, rec: &FaultRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        self.vm.stats.faults.fetch_add(1, Ordering::Relaxed);
+        self.vm.note_seq(rec.inval_seq);
+        let decision = match handle_fault(self.vm, self.policy, rec, Injection::NONE) {
+            Ok(d) => d,
+            Err(e) => {
+                error!(vm = %self.vm.id, vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
+                self.vm.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
+            }
+        };
+        match decision {
+            Decision::Map(plan) => self.send_map(plan, rec.fault_id, stop),
+            Decision::Exit(exit) => {
+                let counter = match exit {
+                    Exit::Mmio(_) | Exit::CacheMaintenance { .. } => &self.vm.stats.mmio_exits,
+                    Exit::NoSyndrome { .. } => &self.vm.stats.no_syndrome_exits,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                debug!(vm = %self.vm.id, vcpu = self.vcpu, ?exit, "exit to VMM");
+                self.complete(rec.fault_id, action::EXIT_TO_VMM, stop)
+            }
+            Decision::Inject(reason) => {
+                self.vm.stats.injected.fetch_add(1, Ordering::Relaxed);
+                debug!(vm = %self.vm.id, vcpu = self.vcpu, ?reason, "injecting abort");
+                self.complete(rec.fault_id, action::INJECT_ABORT, stop)
+            }
+        }
+    }
+
+    fn send_map(
+        &mut self,
+        plan: MapPlan,
+        fault_id: u64,
+        stop: &AtomicBool,
+    ) -> Result<(), RingError> {
+        let cmd = CommandRecord {
+            kind: kind::MAP,
+            flags: plan.perms.bits() | if plan.device { FLAG_DEVICE } else { 0 },
+            cmd_id: self.cmd_id(),
+            fault_id,
+            ipa: plan.ipa.raw(),
+            pa: plan.pa.raw(),
+            size: plan.size.bytes(),
+            inval_seq: plan.seq,
+            reserved: 0,
+        };
+        self.pending
+            .insert(cmd.cmd_id, Pending::Map { plan, fault_id });
+        self.send(&cmd, stop)
+    }
+
+    fn complete(&mut self, fault_id: u64, act: u32, stop: &AtomicBool) -> Result<(), RingError> {
+        let cmd = CommandRecord {
+            kind: kind::COMPLETE,
+            flags: act,
+            cmd_id: self.cmd_id(),
+            fault_id,
+            ..Default::default()
+        };
+        self.pending.insert(cmd.cmd_id, Pending::Other);
+        self.send(&cmd, stop)
+    }
+
+    fn topup(&mut self, stop: &AtomicBool) -> Result<bool, RingError> {
+        let Some((first, pages)) = self
+            .vm
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(TOPUP_PAGES)
+        else {
+            return Ok(false);
+        };
+        self.vm.stats.topups.fetch_add(1, Ordering::Relaxed);
+        let cmd = CommandRecord {
+            kind: kind::TOPUP,
+            cmd_id: self.cmd_id(),
+            pa: first.raw(),
+            size: pages * PAGE_SIZE,
+            ..Default::default()
+        };
+        self.pending.insert(cmd.cmd_id, Pending::Other);
+        self.send(&cmd, stop)?;
+        Ok(true)
+    }
+
+    fn on_result(&mut self, res: &ResultRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        self.vm.note_seq(res.inval_seq);
+        let Some(pending) = self.pending.remove(&res.cmd_id) else {
+            warn!(vm = %self.vm.id, vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
+            return Ok(());
+        };
+        let Pending::Map { plan, fault_id } = pending else {
+            if res.status != 0 {
+                warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = res.command_kind, reason = ?Reject::from_code(res.status), "core refused a command");
+            }
+            return Ok(());
+        };
+        match (res.status, Reject::from_code(res.status)) {
+            (0, _) => self.installed(plan, res),
+            (_, Some(Reject::StaleSequence)) => {
+                // The core completed the fault as a retry; the pin goes with `plan`.
+                self.vm.stats.retried_stale.fetch_add(1, Ordering::Relaxed);
+            }
+            (_, Some(Reject::MemcacheLow)) => {
+                if self.topup(stop)? {
+                    return self.send_map(plan, fault_id, stop);
+                }
+                error!(vm = %self.vm.id, "table-page pool exhausted; injecting abort");
+                self.complete(fault_id, action::INJECT_ABORT, stop)?;
+            }
+            (code, reason) => {
+                warn!(vm = %self.vm.id, vcpu = self.vcpu, code, ?reason, ipa = %plan.ipa, "core refused a map; retrying the fault");
+                self.vm.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.complete(fault_id, action::RETRY, stop)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn installed(&mut self, plan: MapPlan, res: &ResultRecord) {
+        if let Some(slot) = plan
+            .dirty_slot
+            .and_then(|id| self.vm.memslots.iter().find(|s| s.id == id))
+        {
+            slot.mark_dirty(plan.fault_ipa);
+        }
+        match res.value {
+            map_outcome::INSTALLED => {
+                let installed = Installed {
+                    size: plan.size,
+                    pa: plan.pa,
+                    seq: res.inval_seq,
+                    pin: plan.pin.into_mapping(),
+                };
+                self.vm
+                    .record_installed(Ipa::new(plan.ipa.raw()), installed);
+            }
+            map_outcome::RELAXED => {
+                self.vm.stats.relaxed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.vm
+                    .stats
+                    .already_present
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn cmd_id(&mut self) -> u64 {
+        self.next_cmd += 1;
+        self.next_cmd
+    }
+
+    fn send(&mut self, cmd: &CommandRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        loop {
+            match push_and_ring(&mut self.commands, &cmd.encode()) {
+                Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+                other => return other,
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! One attached VM as the daemon sees it: memslots, VMAs, regions, pins,
+//! installed mappings, the table-page pool and counters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
+use hyp_core::ownership::VmId;
+use hyp_core::stage2::MapSize;
+
+use crate::memslot::Memslots;
+use crate::pin::{MappingPin, Pins};
+use crate::region::GuestRegion;
+use crate::vma::Vmas;
+
+/// A mapping the core confirmed, with the pin that keeps its pages.
+#[derive(Debug)]
+pub struct Installed {
+    /// Mapping size.
+    pub size: MapSize,
+    /// Output PA.
+    pub pa: Pa,
+    /// The core's invalidation sequence when it was installed.
+    pub seq: u64,
+    /// The pages' pin.
+    pub pin: MappingPin,
+}
+
+/// Counters of one VM.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Fault records received.
+    pub faults: AtomicU64,
+    /// New 4 KiB mappings installed.
+    pub mapped_4k: AtomicU64,
+    /// New 2 MiB mappings installed.
+    pub mapped_2m: AtomicU64,
+    /// New 1 GiB mappings installed.
+    pub mapped_1g: AtomicU64,
+    /// Maps that found the same mapping present (another vCPU won).
+    pub already_present: AtomicU64,
+    /// Permission relaxations.
+    pub relaxed: AtomicU64,
+    /// MMIO exits with a syndrome.
+    pub mmio_exits: AtomicU64,
+    /// Exits without a syndrome.
+    pub no_syndrome_exits: AtomicU64,
+    /// Aborts injected into the guest.
+    pub injected: AtomicU64,
+    /// Maps refused as stale and retried.
+    pub retried_stale: AtomicU64,
+    /// Maps refused by the core for other reasons.
+    pub rejected: AtomicU64,
+    /// Memcache top-ups sent.
+    pub topups: AtomicU64,
+    /// Pipeline errors.
+    pub errors: AtomicU64,
+}
+
+/// Table pages the daemon may hand to the core (the machine's table pool).
+#[derive(Debug, Default)]
+pub struct PagePool {
+    free: Vec<(Pa, u64)>,
+}
+
+impl PagePool {
+    /// A pool over PA windows `(base, bytes)`.
+    pub fn new(windows: Vec<(Pa, u64)>) -> Self {
+        Self { free: windows }
+    }
+
+    /// Takes up to `pages` contiguous pages: `(first, count)`.
+    pub fn take(&mut self, pages: u64) -> Option<(Pa, u64)> {
+        let (base, bytes) = self.free.last_mut()?;
+        let n = pages.min(*bytes / PAGE_SIZE);
+        let first = *base;
+        *base = Pa::new(base.raw() + n * PAGE_SIZE);
+        *bytes -= n * PAGE_SIZE;
+        if *bytes == 0 {
+            self.free.pop();
+        }
+        Some((first, n))
+    }
+}
+
+/// The daemon's view of one VM.
+#[derive(Debug)]
+pub struct VmMemory {
+    /// VM id.
+    pub id: VmId,
+    /// vCPUs.
+    pub nr_vcpus: u32,
+    /// Memslots.
+    pub memslots: Memslots,
+    /// VMAs over the guest regions.
+    pub vmas: Vmas,
+    /// Guest regions (index = `Vma::region` = `Memslot::region`).
+    pub regions: Vec<GuestRegion>,
+    /// Page pins.
+    pub pins: Arc<Pins>,
+    /// Installed mappings by IPA.
+    pub mappings: Mutex<BTreeMap<u64, Installed>>,
+    /// Table-page pool.
+    pub pool: Mutex<PagePool>,
+    /// Latest invalidation sequence the core reported.
+    core_seq: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl VmMemory {
+    /// Assembles a VM; the pieces were validated at attach.
+    pub fn new(
+        id: VmId,
+        nr_vcpus: u32,
+        memslots: Memslots,
+        vmas: Vmas,
+        regions: Vec<GuestRegion>,
+        pool: PagePool,
+    ) -> Self {
+        let sizes: Vec<u64> = regions.iter().map(|r| r.size).collect();
+        Self {
+            id,
+            nr_vcpus,
+            memslots,
+            vmas,
+            regions,
+            pins: Pins::new(&sizes),
+            mappings: Mutex::new(BTreeMap::new()),
+            pool: Mutex::new(pool),
+            core_seq: AtomicU64::new(0),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The invalidation sequence to stamp on a map command now.
+    pub fn sample_seq(&self) -> u64 {
+        self.core_seq.load(Ordering::Acquire)
+    }
+
+    /// Notes a sequence the core reported (fault records and results).
+    pub fn note_seq(&self, seq: u64) {
+        self.core_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Records a mapping the core installed.
+    pub fn record_installed(&self, ipa: Ipa, installed: Installed) {
+        let counter = match installed.size {
+            MapSize::Page4K => &self.stats.mapped_4k,
+            MapSize::Block2M => &self.stats.mapped_2m,
+            MapSize::Block1G => &self.stats.mapped_1g,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ipa.raw(), installed);
+    }
+
+    /// Drops every mapping record (the VM is going away); returns the pages
+    /// whose pins were released.
+    pub fn release_all(&self) -> u64 {
+        let mut m = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        let pages = m.values().map(|i| i.pin.pages() as u64).sum();
+        m.clear();
+        pages
+    }
+}
