@@ -10,6 +10,7 @@
 //! Both ends use this crate, so the wire format is defined once.
 
 pub mod doorbell;
+pub mod shm;
 mod socket;
 mod wire;
 

@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +28,11 @@ use tracing::{info, info_span, warn};
 use crate::addr::Hva;
 use crate::daemon::Daemon;
 use crate::memslot::{Memslot, Memslots, SlotFlags};
-use crate::region::{GuestRegion, MappedRegion};
+use crate::region::GuestRegion;
 use crate::service::VcpuService;
 use crate::vm::{PagePool, VmMemory};
 use crate::vma::{Vma, Vmas};
+use faultline_attach::shm::MappedRegion;
 
 /// A refused attach: the status and reason sent back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,7 +285,7 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     }
     let rings = rings.expect("exactly one ring region checked");
     {
-        let base = NonNull::new(rings.base().raw() as *mut u8).expect("mapped");
+        let base = rings.base();
         // SAFETY: `rings` maps `rings.len()` bytes for as long as `Attached`
         // lives; the region is only opened here to validate it.
         let region = unsafe { SharedRegion::open(base, rings.len()) }
@@ -304,7 +304,7 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     let vmas = Vmas::default();
     for (gi, g) in guests.iter().enumerate() {
         vmas.insert(Vma {
-            start: g.map.base(),
+            start: g.base(),
             len: g.size,
             region: gi,
             page_size: g.page_size,
@@ -315,7 +315,7 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     let mut memslots = Memslots::default();
     for (i, m) in req.memslots.iter().enumerate() {
         let gi = guest_index[m.region as usize];
-        let hva = Hva::new(guests[gi].map.base().raw() + m.region_offset);
+        let hva = Hva::new(guests[gi].base().raw() + m.region_offset);
         let flags = m.flags;
         memslots.insert(Memslot::new(
             i,
@@ -388,7 +388,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     reply(Status::Ok, "attached".into(), [0; 3]);
 
     let stop = AtomicBool::new(false);
-    let base = NonNull::new(attached.rings.base().raw() as *mut u8).expect("mapped");
+    let base = attached.rings.base();
     // SAFETY: `attached.rings` outlives the scope below, which holds every
     // ring reference; validate() already opened it successfully.
     let region =

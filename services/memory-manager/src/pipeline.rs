@@ -344,7 +344,7 @@ fn pin_pages(
         .get(vma.region)
         .ok_or(PipelineError::OutsideRegion(vma.region))?;
     let offset = hva
-        .checked_offset_from(region.map.base())
+        .checked_offset_from(region.base())
         .ok_or(PipelineError::OutsideRegion(vma.region))?;
     let pa = region
         .pa_at(offset)
