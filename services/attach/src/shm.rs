@@ -6,6 +6,7 @@ use std::ffi::c_void;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
 
@@ -133,16 +134,50 @@ impl MappedRegion {
         unsafe { mman::madvise(ptr.cast(), len as usize, MmapAdvise::MADV_POPULATE_WRITE) }
     }
 
-    /// Reads the byte at `offset` (for tests and checks), if in range.
-    pub fn read_u8(&self, offset: u64) -> Option<u8> {
-        if offset >= self.len as u64 {
+    /// Loads `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset`,
+    /// atomically so concurrent writers are tolerated. `None` if out of
+    /// range, misaligned or an unsupported size.
+    pub fn load(&self, offset: u64, size: u8) -> Option<u64> {
+        Some(match size {
+            1 => self.cell::<AtomicU8>(offset)?.load(Relaxed) as u64,
+            2 => self.cell::<AtomicU16>(offset)?.load(Relaxed) as u64,
+            4 => self.cell::<AtomicU32>(offset)?.load(Relaxed) as u64,
+            8 => self.cell::<AtomicU64>(offset)?.load(Relaxed),
+            _ => return None,
+        })
+    }
+
+    /// Stores the low `size` bytes of `value` at `offset` (see [`Self::load`]).
+    pub fn store(&self, offset: u64, size: u8, value: u64) -> Option<()> {
+        match size {
+            1 => self.cell::<AtomicU8>(offset)?.store(value as u8, Relaxed),
+            2 => self.cell::<AtomicU16>(offset)?.store(value as u16, Relaxed),
+            4 => self.cell::<AtomicU32>(offset)?.store(value as u32, Relaxed),
+            8 => self.cell::<AtomicU64>(offset)?.store(value, Relaxed),
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// The atomic integer at `offset`, if it lies inside the mapping and is
+    /// naturally aligned.
+    fn cell<T: AtomicInt>(&self, offset: u64) -> Option<&T> {
+        let size = std::mem::size_of::<T>() as u64;
+        if offset % size != 0 || offset.checked_add(size)? > self.len as u64 {
             return None;
         }
-        // SAFETY: `offset` is inside the mapping (checked above).
-        let ptr = unsafe { self.base.as_ptr().add(offset as usize) };
-        // SAFETY: a mapped byte read as an atomic tolerates concurrent writers.
-        let cell = unsafe { &*(ptr as *const std::sync::atomic::AtomicU8) };
-        Some(cell.load(std::sync::atomic::Ordering::Relaxed))
+        // SAFETY: offset + size <= len: the pointer stays inside the mapping.
+        let ptr = unsafe { self.base.as_ptr().add(offset as usize) }.cast::<T>();
+        // SAFETY: the bytes lie inside our mapping, aligned for T (base is
+        // page aligned, offset a multiple of T's size, which is its
+        // alignment), and T is an atomic integer: valid for any bit pattern
+        // and sound to share with concurrent writers.
+        Some(unsafe { &*ptr })
+    }
+
+    /// Reads the byte at `offset` (for tests and checks), if in range.
+    pub fn read_u8(&self, offset: u64) -> Option<u8> {
+        self.load(offset, 1).map(|v| v as u8)
     }
 }
 
@@ -151,4 +186,19 @@ impl Drop for MappedRegion {
         // SAFETY: we own this mapping; no reference into it outlives self.
         let _ = unsafe { mman::munmap(self.base.cast(), self.len) };
     }
+}
+
+/// The atomic integer types [`MappedRegion`] hands out references to.
+trait AtomicInt: private::Sealed {}
+impl AtomicInt for AtomicU8 {}
+impl AtomicInt for AtomicU16 {}
+impl AtomicInt for AtomicU32 {}
+impl AtomicInt for AtomicU64 {}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for std::sync::atomic::AtomicU8 {}
+    impl Sealed for std::sync::atomic::AtomicU16 {}
+    impl Sealed for std::sync::atomic::AtomicU32 {}
+    impl Sealed for std::sync::atomic::AtomicU64 {}
 }
