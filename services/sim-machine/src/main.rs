@@ -1,0 +1,94 @@
+//! `sim-machine`: run a workload on a simulated arm64 machine served by the
+//! memory-manager daemon; prints a JSON summary on stdout.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use sim_machine::layout::Layout;
+use sim_machine::machine::{self, MachineConfig};
+use sim_machine::workload::{self, Pattern};
+
+/// Simulated arm64 machine hosting hyp-core.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The daemon's attach socket.
+    #[arg(long, default_value = "/run/faultline/attach.sock")]
+    attach_socket: PathBuf,
+    /// VM id (1..=255).
+    #[arg(long, default_value_t = 1)]
+    vm_id: u16,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// RAM in MiB (a multiple of 2).
+    #[arg(long, default_value_t = 224)]
+    ram_mib: u64,
+    /// RAM backing page size in KiB: 4 or 2048.
+    #[arg(long, default_value_t = 2048)]
+    ram_page_kib: u64,
+    /// RAM's guest physical address.
+    #[arg(long, default_value_t = 0x4000_0000, value_parser = parse_u64)]
+    ram_gpa: u64,
+    /// Read-only memslot size in MiB.
+    #[arg(long, default_value_t = 32)]
+    rom_mib: u64,
+    /// Built-in workload pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Sequential)]
+    pattern: Pattern,
+    /// Accesses per vCPU.
+    #[arg(long, default_value_t = 100_000)]
+    ops: usize,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Replay this trace file instead of a pattern.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Ring polls before sleeping on the doorbell.
+    #[arg(long, default_value_t = 20_000)]
+    spin_polls: u32,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let layout = Layout {
+        nr_vcpus: args.vcpus,
+        ram_size: args.ram_mib << 20,
+        ram_page_size: args.ram_page_kib << 10,
+        ram_gpa: args.ram_gpa,
+        rom_size: args.rom_mib << 20,
+    };
+    let workload = match &args.trace {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            workload::parse_trace(&text, args.vcpus)?
+        }
+        None => workload::generate(args.pattern, &layout, args.ops, args.seed),
+    };
+    let config = MachineConfig {
+        attach_socket: args.attach_socket,
+        vm_id: args.vm_id,
+        layout,
+        spin_polls: args.spin_polls,
+    };
+    let summary = machine::run(&config, &workload)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The machine's physical memory: PA windows, each a memfd mapping.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use faultline_attach::shm::MappedRegion;
+use memfd::{FileSeal, HugetlbSize, Memfd, MemfdOptions};
+
+/// One PA window backed by a memfd.
+#[derive(Debug)]
+pub struct Window {
+    /// Name, for errors.
+    pub name: &'static str,
+    /// First PA.
+    pub pa_base: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Backing page size as declared to the daemon.
+    pub page_size: u64,
+    /// The backing memfd (sealed against shrinking and growing).
+    pub memfd: Memfd,
+    /// The machine's own mapping.
+    pub map: MappedRegion,
+    /// True if the memfd is hugetlb-backed.
+    pub hugetlb: bool,
+}
+
+/// Why memory could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum PhysError {
+    /// memfd creation or sizing failed.
+    #[error("{name}: {source}")]
+    Memfd {
+        /// Window.
+        name: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Mapping failed.
+    #[error("{name}: {source}")]
+    Map {
+        /// Window.
+        name: &'static str,
+        /// Cause.
+        source: faultline_attach::shm::RegionError,
+    },
+}
+
+impl Window {
+    /// A zeroed window of `size` bytes at `pa_base`. With `page_size` of
+    /// 2 MiB and enough free huge pages on the host, the memfd is hugetlb;
+    /// otherwise the page size is only declared.
+    pub fn create(
+        name: &'static str,
+        pa_base: u64,
+        size: u64,
+        page_size: u64,
+    ) -> Result<Self, PhysError> {
+        let io = |source| PhysError::Memfd { name, source };
+        let want_huge = page_size == 2 << 20 && free_huge_pages_2m() * (2 << 20) >= size;
+        let mut opts = MemfdOptions::default()
+            .allow_sealing(true)
+            .close_on_exec(true);
+        if want_huge {
+            opts = opts.hugetlb(Some(HugetlbSize::Huge2MB));
+        }
+        let memfd = opts
+            .create(name)
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        memfd.as_file().set_len(size).map_err(io)?;
+        memfd
+            .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow])
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        let map = MappedRegion::map(memfd.as_file().as_fd(), 0, size, page_size)
+            .map_err(|source| PhysError::Map { name, source })?;
+        Ok(Self {
+            name,
+            pa_base,
+            size,
+            page_size,
+            memfd,
+            map,
+            hugetlb: want_huge,
+        })
+    }
+
+    /// The memfd, to pass to the daemon.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_file().as_fd()
+    }
+
+    /// True if `pa .. pa + len` lies in the window.
+    pub fn contains(&self, pa: u64, len: u64) -> bool {
+        pa >= self.pa_base
+            && pa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.pa_base + self.size)
+    }
+}
+
+fn free_huge_pages_2m() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// All windows of the machine; PA accesses are routed to the right one.
+#[derive(Debug, Default)]
+pub struct PhysMemory {
+    windows: Vec<Window>,
+}
+
+impl PhysMemory {
+    /// Adds a window.
+    pub fn add(&mut self, w: Window) -> usize {
+        self.windows.push(w);
+        self.windows.len() - 1
+    }
+
+    /// Window `i`.
+    pub fn window(&self, i: usize) -> &Window {
+        &self.windows[i]
+    }
+
+    fn find(&self, pa: u64, len: u64) -> Option<&Window> {
+        self.windows.iter().find(|w| w.contains(pa, len))
+    }
+
+    /// Loads `size` bytes at `pa`.
+    pub fn load(&self, pa: u64, size: u8) -> Option<u64> {
+        let w = self.find(pa, size as u64)?;
+        w.map.load(pa - w.pa_base, size)
+    }
+
+    /// Stores `size` bytes at `pa`.
+    pub fn store(&self, pa: u64, size: u8, value: u64) -> Option<()> {
+        let w = self.find(pa, size as u64)?;
+        w.map.store(pa - w.pa_base, size, value)
+    }
+}
