@@ -1,0 +1,135 @@
+//! Helpers for whole-system tests: build and start the real binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The workspace's target directory for this build profile (where cargo
+/// puts the binaries next to this test's `deps/`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, built first (once per test process).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let dir = bin_dir();
+        let profile_release = dir.file_name().is_some_and(|n| n == "release");
+        let target_dir = dir.parent().expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "memory-manager",
+            "-p",
+            "sim-machine",
+            "--bins",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+        if profile_release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "building the daemon and machine binaries failed"
+        );
+    });
+    bin_dir().join(name)
+}
+
+/// A running daemon, stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Child,
+    /// Its attach socket.
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `memory-manager` with `args` and waits for its socket.
+    pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("attach.sock");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let child = Command::new(binary("memory-manager"))
+            .arg("--attach-socket")
+            .arg(&socket)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting memory-manager");
+        let d = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        self.child.wait().expect("waiting for the daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// The `sim-machine` command for `daemon`, ready for more arguments.
+pub fn machine(daemon: &Daemon) -> Command {
+    let mut cmd = Command::new(binary("sim-machine"));
+    cmd.arg("--attach-socket").arg(&daemon.socket);
+    cmd
+}
+
+/// Runs a machine to completion; panics with its stderr if it fails.
+pub fn run_machine(mut cmd: Command) -> serde_json::Value {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("running sim-machine");
+    assert!(
+        status.success(),
+        "sim-machine failed: {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    serde_json::from_slice(&stdout).expect("sim-machine prints JSON")
+}

@@ -1,0 +1,155 @@
+//! The fault path across two real processes: the daemon binary and the
+//! machine binary. Guest memory and fault counts are checked against a flat
+//! replay of the same workload.
+
+use faultline_system_tests::{machine, run_machine, Daemon};
+use serde_json::Value;
+use sim_machine::layout::{Layout, ROM_GPA};
+use sim_machine::workload::{digest_bytes, generate, replay_flat, FlatReplay, Pattern, Workload};
+
+/// 224 MiB of RAM (2 MiB-paged) + a 32 MiB read-only slot = 256 MiB.
+fn layout(vcpus: u32) -> Layout {
+    Layout {
+        nr_vcpus: vcpus,
+        ..Layout::default()
+    }
+}
+
+fn check(summary: &Value, flat: &FlatReplay, ram_blocks: bool) {
+    assert_eq!(
+        summary["ram_digest"].as_u64().unwrap(),
+        digest_bytes(&flat.ram),
+        "RAM differs from the flat replay"
+    );
+    assert_eq!(
+        summary["rom_digest"].as_u64().unwrap(),
+        digest_bytes(&flat.rom),
+        "ROM changed"
+    );
+    assert_eq!(summary["injected"].as_u64().unwrap(), 0);
+    assert_eq!(
+        summary["faults"].as_u64().unwrap(),
+        flat.expected_faults(ram_blocks),
+        "fault count"
+    );
+    // Every exit, with its address and size, in each vCPU's program order.
+    let mut got: Vec<(u32, u64, u8, bool)> = summary["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["vcpu"].as_u64().unwrap() as u32,
+                e["gpa"].as_u64().unwrap(),
+                e["size"].as_u64().unwrap() as u8,
+                e["write"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    got.sort_by_key(|e| e.0);
+    let mut want = flat.exits.clone();
+    want.sort_by_key(|e| e.0);
+    assert_eq!(got, want, "exits");
+    assert!(want.iter().any(|&(_, gpa, size, write)| write
+        && size == 4
+        && (ROM_GPA..ROM_GPA + (32 << 20)).contains(&gpa)));
+    let detach = &summary["detach"];
+    assert_eq!(
+        detach["pins_remaining"].as_u64().unwrap(),
+        0,
+        "pins left after teardown"
+    );
+    assert!(detach["pages_released"].as_u64().unwrap() > 0);
+    assert_eq!(
+        detach["faults_served"].as_u64().unwrap(),
+        summary["faults"].as_u64().unwrap()
+    );
+}
+
+fn run(daemon: &Daemon, layout: &Layout, pattern: Pattern, ops: usize) -> (Value, Workload) {
+    let workload = generate(pattern, layout, ops, 42);
+    let mut cmd = machine(daemon);
+    cmd.args([
+        "--vcpus",
+        &layout.nr_vcpus.to_string(),
+        "--ops",
+        &ops.to_string(),
+        "--seed",
+        "42",
+    ]);
+    cmd.args([
+        "--pattern",
+        match pattern {
+            Pattern::Random => "random",
+            Pattern::Zipf => "zipf",
+            Pattern::ReadThenWrite => "read-then-write",
+            Pattern::Sequential => "sequential",
+            Pattern::Strided => "strided",
+            Pattern::Fetch => "fetch",
+        },
+    ]);
+    (run_machine(cmd), workload)
+}
+
+#[test]
+fn one_vcpu_4k_policy_faults_once_per_page_and_memory_matches_replay() {
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let l = layout(1);
+    let (summary, workload) = run(&daemon, &l, Pattern::Random, 12_000);
+    let flat = replay_flat(&l, &workload);
+    assert!(
+        flat.ram_pages.len() > 5000,
+        "the workload touches many pages"
+    );
+    check(&summary, &flat, false);
+}
+
+#[test]
+fn four_vcpus_default_policy_faults_once_per_2mib_block() {
+    let daemon = Daemon::start(&["--policy", "default"]);
+    let l = layout(4);
+    let (summary, workload) = run(&daemon, &l, Pattern::Zipf, 8_000);
+    let flat = replay_flat(&l, &workload);
+    assert!(flat.ram_blocks.len() >= 4);
+    check(&summary, &flat, true);
+    // The same run under the 4 KiB policy takes one fault per page instead.
+    let daemon4k = Daemon::start(&["--policy", "4k"]);
+    let (summary, _) = run(&daemon4k, &l, Pattern::Zipf, 8_000);
+    check(&summary, &flat, false);
+}
+
+#[test]
+fn every_pattern_and_a_trace_replay_match_the_flat_replay() {
+    let daemon = Daemon::start(&[]);
+    let l = layout(2);
+    for p in [
+        Pattern::Sequential,
+        Pattern::Strided,
+        Pattern::ReadThenWrite,
+        Pattern::Fetch,
+    ] {
+        let (summary, workload) = run(&daemon, &l, p, 3_000);
+        check(&summary, &replay_flat(&l, &workload), true);
+    }
+    // A trace file: both vCPUs, reads, writes, a fetch, a read-only write, MMIO.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.txt");
+    let text = "# vcpu op address size\n0 W 0x40000008 8\n0 R 0x40000008 8\n1 W 0x40200010 4\n1 X 0x40400000 4\n0 W 0x10000100 4\n1 R 0x09000000 4\n0 R 0x10001000 2\n";
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--trace"]).arg(&path);
+    let summary = run_machine(cmd);
+    let workload = sim_machine::workload::parse_trace(text, 2).unwrap();
+    let flat = replay_flat(&l, &workload);
+    assert_eq!(flat.exits.len(), 2);
+    check(&summary, &flat, true);
+}
+
+#[test]
+fn daemon_exits_cleanly_on_sigterm() {
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket.clone();
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the attach socket is removed on shutdown");
+}
