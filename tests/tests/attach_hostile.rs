@@ -1,0 +1,263 @@
+//! Hostile attach messages, one per class, each refused with its status and
+//! a closed connection while another VM keeps running on the same daemon.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::Stdio;
+use std::time::Duration;
+
+use faultline_attach::{
+    connect, decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind,
+    RegionDesc, RegionKind, Reply, Status, NO_FD, REGION_WRITABLE,
+};
+use faultline_system_tests::{machine, Daemon};
+use memfd::{FileSeal, Memfd, MemfdOptions};
+use sim_machine::layout::Layout;
+use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
+
+fn memfd(size: u64, seal: bool) -> Memfd {
+    let m = MemfdOptions::default()
+        .allow_sealing(true)
+        .create("hostile")
+        .unwrap();
+    m.as_file().set_len(size).unwrap();
+    if seal {
+        m.add_seals(&[FileSeal::SealShrink]).unwrap();
+    }
+    m
+}
+
+/// A well-formed request for VM 7: 4 MiB RAM, one ring region for 1 vCPU.
+fn good_request() -> AttachRequest {
+    AttachRequest {
+        vm_id: 7,
+        nr_vcpus: 1,
+        ipa_bits: 40,
+        flags: 0,
+        regions: vec![
+            RegionDesc {
+                kind: RegionKind::Guest,
+                flags: REGION_WRITABLE,
+                pa_base: 0x4000_0000,
+                size: 4 << 20,
+                page_size: 4096,
+                fd_index: 0,
+                fd_offset: 0,
+            },
+            RegionDesc {
+                kind: RegionKind::Rings,
+                flags: 0,
+                pa_base: 0x2100_0000,
+                size: 64 << 10,
+                page_size: 4096,
+                fd_index: 1,
+                fd_offset: 0,
+            },
+            RegionDesc {
+                kind: RegionKind::TablePool,
+                flags: 0,
+                pa_base: 0x2000_0000,
+                size: 1 << 20,
+                page_size: 4096,
+                fd_index: NO_FD,
+                fd_offset: 0,
+            },
+        ],
+        memslots: vec![MemslotDesc {
+            gpa: 0x4000_0000,
+            size: 4 << 20,
+            region: 0,
+            flags: 0,
+            region_offset: 0,
+        }],
+    }
+}
+
+/// Sends raw bytes with fds; returns the reply and the open connection.
+fn send(daemon: &Daemon, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (Reply, OwnedFd) {
+    let conn: OwnedFd = connect(&daemon.socket).unwrap();
+    send_message(conn.as_fd(), bytes, fds).unwrap();
+    let msg = recv_message(conn.as_fd()).unwrap().expect("a reply");
+    let (kind, payload) = decode_header(&msg.bytes).unwrap();
+    assert_eq!(kind, MsgKind::Reply);
+    (Reply::decode(payload).unwrap(), conn)
+}
+
+/// Sends a request that must be refused; returns the reply, and whether the
+/// daemon then closed the connection.
+fn attempt(daemon: &Daemon, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (Reply, bool) {
+    let (reply, conn) = send(daemon, bytes, fds);
+    assert_ne!(reply.status, Status::Ok);
+    let closed = matches!(recv_message(conn.as_fd()), Ok(None));
+    (reply, closed)
+}
+
+#[test]
+fn each_hostile_attach_is_refused_while_another_vm_runs() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    // The bystander: a long-running VM 1.
+    let layout = Layout {
+        nr_vcpus: 1,
+        ..Layout::default()
+    };
+    let ops = 1_500_000;
+    let mut bystander = machine(&daemon)
+        .args([
+            "--vcpus",
+            "1",
+            "--pattern",
+            "sequential",
+            "--ops",
+            &ops.to_string(),
+            "--seed",
+            "3",
+            "--spin-polls",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("VM attached") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bystander never attached: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let ram = memfd(4 << 20, true);
+    let rings = memfd(64 << 10, true);
+    {
+        // Lay out a valid ring region for 1 vCPU + control.
+        let map =
+            faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096)
+                .unwrap();
+        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
+        unsafe { hyp_core_region(map.base(), 64 << 10) };
+    }
+    let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
+    let good = good_request();
+
+    // Malformed: bad magic.
+    let mut bytes = good.encode();
+    bytes[0] ^= 0xff;
+    let (r, closed) = attempt(&daemon, &bytes, &fds);
+    assert_eq!(r.status, Status::Malformed, "{r:?}");
+    assert!(closed);
+
+    // Truncated: the payload ends before the memslot table.
+    let bytes = good.encode();
+    let (r, closed) = attempt(&daemon, &bytes[..bytes.len() - 8], &fds);
+    assert_eq!(r.status, Status::Truncated, "{r:?}");
+    assert!(closed);
+
+    // Truncated: an fd the request names did not arrive.
+    let (r, _) = attempt(&daemon, &good.encode(), &fds[..1]);
+    assert_eq!(r.status, Status::Truncated, "{r:?}");
+
+    // Wrong version.
+    let mut bytes = good.encode();
+    bytes[4] = 9;
+    let (r, closed) = attempt(&daemon, &bytes, &fds);
+    assert_eq!(r.status, Status::WrongVersion, "{r:?}");
+    assert!(r.message.contains('9'));
+    assert!(closed);
+
+    // Overlapping memslots.
+    let mut req = good.clone();
+    req.memslots.push(MemslotDesc {
+        gpa: 0x4010_0000,
+        size: 1 << 20,
+        region: 0,
+        flags: 0,
+        region_offset: 0,
+    });
+    let (r, closed) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::Overlapping, "{r:?}");
+    assert!(closed);
+
+    // Overlapping PA windows.
+    let mut req = good.clone();
+    req.regions[2].pa_base = 0x4020_0000;
+    let (r, _) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::Overlapping, "{r:?}");
+
+    // Undersized: the memfd is smaller than the region claims.
+    let mut req = good.clone();
+    req.regions[0].size = 8 << 20;
+    req.memslots[0].size = 8 << 20;
+    let (r, closed) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::Undersized, "{r:?}");
+    assert!(closed);
+
+    // Undersized: a memslot runs past its region.
+    let mut req = good.clone();
+    req.memslots[0].region_offset = 2 << 20;
+    let (r, _) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::Undersized, "{r:?}");
+
+    // Undersized: the ring region's header wants more vCPUs than it holds.
+    let mut req = good.clone();
+    req.nr_vcpus = 3;
+    let (r, _) = attempt(&daemon, &req.encode(), &fds);
+    assert!(
+        matches!(r.status, Status::Malformed | Status::Undersized),
+        "{r:?}"
+    );
+
+    // A memfd that is not sealed against shrinking.
+    let unsealed = memfd(4 << 20, false);
+    let (r, _) = attempt(
+        &daemon,
+        &good.encode(),
+        &[unsealed.as_file().as_fd(), rings.as_file().as_fd()],
+    );
+    assert_eq!(r.status, Status::Malformed, "{r:?}");
+    assert!(r.message.contains("sealed"), "{r:?}");
+
+    // The bystander's id is taken.
+    let mut req = good.clone();
+    req.vm_id = 1;
+    let (r, _) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::AlreadyAttached, "{r:?}");
+
+    // A good request is accepted after all that (and detached by hanging up).
+    let (r, conn) = send(&daemon, &good.encode(), &fds);
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    drop(conn);
+
+    // The bystander was still running through all of it, and finishes intact.
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "bystander finished before the hostile attempts ended"
+    );
+    let out = bystander.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout, &generate(Pattern::Sequential, &layout, ops, 3));
+    assert_eq!(
+        summary["ram_digest"].as_u64().unwrap(),
+        digest_bytes(&flat.ram)
+    );
+    assert_eq!(
+        summary["faults"].as_u64().unwrap(),
+        flat.expected_faults(true)
+    );
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0);
+}
+
+/// Lays out an empty ring region (1 vCPU + control, 16 entries).
+///
+/// # Safety
+///
+/// `base .. base + len` must be a live, writable mapping no one else uses.
+unsafe fn hyp_core_region(base: std::ptr::NonNull<u8>, len: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe { hyp_core::ring::SharedRegion::create(base, len, 2, 16) }.unwrap();
+}
