@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
-use hyp_core::addr::{Ipa, PAGE_SIZE};
+use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord, FLAG_DEVICE};
 use hyp_core::ring::{Consumer, Producer, RingError};
@@ -207,8 +207,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                     seq: res.inval_seq,
                     pin: plan.pin.into_mapping(),
                 };
-                self.vm
-                    .record_installed(Ipa::new(plan.ipa.raw()), installed);
+                if !self.vm.record_installed(plan.ipa, installed) {
+                    debug!(vm = %self.vm.id, ipa = %plan.ipa, "mapping already invalidated when its result arrived");
+                }
             }
             map_outcome::RELAXED => {
                 self.vm.stats.relaxed.fetch_add(1, Ordering::Relaxed);

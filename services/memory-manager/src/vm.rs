@@ -1,7 +1,7 @@
 //! One attached VM as the daemon sees it: memslots, VMAs, regions, pins,
 //! installed mappings, the table-page pool and counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +13,9 @@ use crate::memslot::Memslots;
 use crate::pin::{MappingPin, Pins};
 use crate::region::GuestRegion;
 use crate::vma::Vmas;
+
+/// Invalidations remembered for late map results.
+const INVALIDATION_LOG: usize = 256;
 
 /// A mapping the core confirmed, with the pin that keeps its pages.
 #[derive(Debug)]
@@ -105,6 +108,8 @@ pub struct VmMemory {
     pub pool: Mutex<PagePool>,
     /// Latest invalidation sequence the core reported.
     core_seq: AtomicU64,
+    /// Recent invalidations: (first IPA, bytes, core sequence after it).
+    invalidations: Mutex<VecDeque<(u64, u64, u64)>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -130,6 +135,7 @@ impl VmMemory {
             mappings: Mutex::new(BTreeMap::new()),
             pool: Mutex::new(pool),
             core_seq: AtomicU64::new(0),
+            invalidations: Mutex::new(VecDeque::new()),
             stats: Stats::default(),
         }
     }
@@ -144,18 +150,59 @@ impl VmMemory {
         self.core_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
-    /// Records a mapping the core installed.
-    pub fn record_installed(&self, ipa: Ipa, installed: Installed) {
+    /// Records a mapping the core installed. Returns false, releasing its
+    /// pin, if an invalidation the core executed after installing it has
+    /// already been reconciled (the result of the map arrived late): the
+    /// mapping is gone from the tables.
+    pub fn record_installed(&self, ipa: Ipa, installed: Installed) -> bool {
         let counter = match installed.size {
             MapSize::Page4K => &self.stats.mapped_4k,
             MapSize::Block2M => &self.stats.mapped_2m,
             MapSize::Block1G => &self.stats.mapped_1g,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.mappings
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        let end = ipa.raw() + installed.size.bytes();
+        let removed = self
+            .invalidations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ipa.raw(), installed);
+            .iter()
+            .any(|&(start, len, seq)| {
+                seq > installed.seq && ipa.raw() < start + len && start < end
+            });
+        if removed {
+            return false;
+        }
+        mappings.insert(ipa.raw(), installed);
+        true
+    }
+
+    /// Reconciles an unmap or write-protect the core executed over
+    /// `[start, start + len)`, leaving its sequence at `seq_after`: mappings
+    /// installed before it are forgotten and their pins released. Returns the
+    /// pages released.
+    pub fn forget_range(&self, start: Ipa, len: u64, seq_after: u64) -> u64 {
+        self.note_seq(seq_after);
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut log = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
+            if log.len() == INVALIDATION_LOG {
+                log.pop_front();
+            }
+            log.push_back((start.raw(), len, seq_after));
+        }
+        let end = start.raw() + len;
+        let doomed: Vec<u64> = mappings
+            .range(..end)
+            .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
+            .map(|(&ipa, _)| ipa)
+            .collect();
+        doomed
+            .iter()
+            .filter_map(|ipa| mappings.remove(ipa))
+            .map(|m| m.pin.pages() as u64)
+            .sum()
     }
 
     /// Drops every mapping record (the VM is going away); returns the pages
