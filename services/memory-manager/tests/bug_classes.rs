@@ -1,0 +1,370 @@
+//! The bug classes of KVM's user_mem_abort() history, each shown impossible:
+//! pins leaked on early error returns, and a map racing an invalidation that
+//! leaves the guest mapped to memory that was taken away. (The VMA used after
+//! its lock was dropped is `tests/compile_fail.rs`.)
+
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::{Barrier, Mutex};
+
+use faultline_attach::shm::MappedRegion;
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::reject::Reject;
+use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
+use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance, Walk};
+use hyp_core::vm::{map_outcome, Completion, Vm};
+use memfd::MemfdOptions;
+use memory_manager::addr::Hva;
+use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::pipeline::{handle_fault, Decision, Injection, Stage};
+use memory_manager::policy::KvmDefault;
+use memory_manager::region::GuestRegion;
+use memory_manager::vm::{Installed, PagePool, VmMemory};
+use memory_manager::vma::{Vma, Vmas};
+
+const RAM_PA: u64 = 0x4000_0000;
+const RAM_GPA: u64 = 0x4000_0000;
+const RAM: u64 = 4 << 20;
+// Write translation fault at level 3 with a valid syndrome (EC 0x24, IL, ISV,
+// SAS=dword, SF, WnR, DFSC 0b000111).
+const ESR_WRITE_L3: u64 =
+    (0x24 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
+
+fn hpfar(ipa: u64) -> u64 {
+    (ipa >> 12) << 4
+}
+
+/// A VM with 4 MiB of RAM in one 4 KiB-paged memfd region and one memslot.
+fn vm_memory(page_size: u64) -> VmMemory {
+    let memfd = MemfdOptions::default().create("ram").unwrap();
+    memfd.as_file().set_len(RAM).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
+    let region = GuestRegion {
+        index: 0,
+        pa_base: Pa::new(RAM_PA),
+        size: RAM,
+        page_size,
+        writable: true,
+        device: false,
+        map,
+    };
+    let base = region.base();
+    let vmas = Vmas::default();
+    vmas.insert(Vma {
+        start: base,
+        len: RAM,
+        region: 0,
+        page_size,
+        writable: true,
+        device: false,
+    });
+    let mut slots = Memslots::default();
+    slots.insert(Memslot::new(
+        0,
+        Ipa::new(RAM_GPA),
+        RAM,
+        Hva::new(base.raw()),
+        0,
+        0,
+        SlotFlags::default(),
+    ));
+    VmMemory::new(
+        VmId::new(1).unwrap(),
+        1,
+        slots,
+        vmas,
+        vec![region],
+        PagePool::default(),
+    )
+}
+
+fn fault_record(ipa: u64, fault_id: u64, seq: u64) -> FaultRecord {
+    FaultRecord {
+        kind: kind::FAULT,
+        vcpu: 0,
+        fault_id,
+        esr: ESR_WRITE_L3,
+        far: ipa,
+        hpfar: hpfar(ipa),
+        ipa,
+        inval_seq: seq,
+        timestamp_ns: 0,
+    }
+}
+
+#[test]
+fn an_error_after_pinning_at_any_later_stage_leaves_no_page_pinned() {
+    for page_size in [4096, 2 << 20] {
+        let vm = vm_memory(page_size);
+        for stage in [Stage::Populate, Stage::Permissions, Stage::Command] {
+            let r = handle_fault(
+                &vm,
+                &KvmDefault,
+                &fault_record(RAM_GPA + 0x3000, 1, 0),
+                Injection(Some(stage)),
+            );
+            assert!(
+                matches!(r, Err(memory_manager::pipeline::PipelineError::Injected(s)) if s == stage),
+                "{r:?}"
+            );
+            assert_eq!(vm.pins.total(), 0, "pin leaked after an error at {stage:?}");
+        }
+        // Without an injected error the plan holds the pin, and dropping an
+        // unanswered plan releases it.
+        let Decision::Map(plan) = handle_fault(
+            &vm,
+            &KvmDefault,
+            &fault_record(RAM_GPA + 0x3000, 1, 0),
+            Injection::NONE,
+        )
+        .unwrap() else {
+            panic!("expected a map");
+        };
+        assert_eq!(vm.pins.total(), plan.size.bytes() / 4096);
+        assert_eq!(plan.size.bytes(), page_size);
+        drop(plan);
+        assert_eq!(vm.pins.total(), 0);
+    }
+}
+
+/// hyp-core in this process, over heap table memory.
+struct Core {
+    vm: Vm<LinearMap>,
+    owners: PageOwnership<'static>,
+}
+
+struct NoTlb;
+impl TlbMaintenance for NoTlb {
+    fn invalidate_ipa(&mut self, _: u8, _: Ipa, _: u8) {}
+    fn sync(&mut self, _: u8) {}
+}
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+const TABLES_PA: u64 = 0x2000_0000;
+const TABLE_PAGES: usize = 64;
+
+fn core() -> Core {
+    let pages: &'static mut [Page] = Box::leak((0..TABLE_PAGES).map(|_| Page([0; 4096])).collect());
+    let base = NonNull::new(pages.as_mut_ptr().cast::<u8>()).unwrap();
+    // SAFETY: the leaked buffer lives for the rest of the process and is only
+    // used through this map.
+    let mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), (TABLE_PAGES * 4096) as u64, base) };
+    let storage: &'static mut [u16] =
+        Box::leak(vec![0u16; ((RAM_PA + RAM - TABLES_PA) / 4096) as usize].into_boxed_slice());
+    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
+    let id = VmId::new(1).unwrap();
+    owners
+        .transfer(Pa::new(RAM_PA), RAM, Owner::Host, Owner::Vm(id))
+        .unwrap();
+    let mut vm = Vm::new(
+        id,
+        Geometry::kvm_default(),
+        Pa::new(TABLES_PA),
+        2,
+        mem,
+        &mut owners,
+    )
+    .unwrap();
+    let topup = CommandRecord {
+        kind: kind::TOPUP,
+        pa: TABLES_PA + 0x2000,
+        size: 32 * 4096,
+        ..Default::default()
+    };
+    assert_eq!(
+        vm.execute(1, &topup.encode(), &mut owners, &mut NoTlb)
+            .result
+            .status,
+        0
+    );
+    Core { vm, owners }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Order {
+    /// The daemon samples, the unmap runs, then the map arrives: stale.
+    UnmapBetweenSampleAndMap,
+    /// The map is installed, then unmapped.
+    UnmapAfterMap,
+    /// The unmap runs before the fault is sampled: the new map stands.
+    UnmapBeforeSample,
+    /// No ordering: whatever the scheduler does.
+    Free,
+}
+
+struct Outcome {
+    sampled_seq: u64,
+    stale: bool,
+    completion: Option<Completion>,
+    unmap_seq_after: u64,
+}
+
+fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint: u64) -> Outcome {
+    let _ = fault_id_hint;
+    let sampled = Barrier::new(2);
+    let unmapped = Barrier::new(2);
+    let mapped = Barrier::new(2);
+    let sync = |b: &Barrier, needed: bool| {
+        if needed {
+            b.wait();
+        }
+    };
+    std::thread::scope(|s| {
+        let mapper = s.spawn(|| {
+            sync(&unmapped, order == Order::UnmapBeforeSample);
+            let rec = {
+                let mut c = core.lock().unwrap();
+                c.vm.take_fault(0, ESR_WRITE_L3, ipa, hpfar(ipa), 0, |_| None)
+                    .unwrap()
+            };
+            vm.note_seq(rec.inval_seq);
+            let Decision::Map(plan) = handle_fault(vm, &KvmDefault, &rec, Injection::NONE).unwrap()
+            else {
+                panic!("map expected")
+            };
+            let sampled_seq = plan.seq;
+            sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
+            sync(&unmapped, order == Order::UnmapBetweenSampleAndMap);
+            let cmd = CommandRecord {
+                kind: kind::MAP,
+                flags: plan.perms.bits(),
+                cmd_id: 1,
+                fault_id: rec.fault_id,
+                ipa: plan.ipa.raw(),
+                pa: plan.pa.raw(),
+                size: plan.size.bytes(),
+                inval_seq: plan.seq,
+                reserved: 0,
+            };
+            let ex = {
+                let mut c = core.lock().unwrap();
+                let Core { vm, owners } = &mut *c;
+                vm.execute(0, &cmd.encode(), owners, &mut NoTlb)
+            };
+            sync(&mapped, order == Order::UnmapAfterMap);
+            let stale = ex.rejected() == Some(Reject::StaleSequence);
+            if ex.result.status == 0 {
+                assert_eq!(ex.result.value, map_outcome::INSTALLED);
+                let installed = Installed {
+                    size: plan.size,
+                    pa: plan.pa,
+                    seq: ex.result.inval_seq,
+                    pin: plan.pin.into_mapping(),
+                };
+                vm.record_installed(plan.ipa, installed);
+            } else {
+                assert!(stale, "unexpected rejection {:?}", ex.rejected());
+            }
+            (sampled_seq, stale, ex.completion)
+        });
+        let unmapper = s.spawn(|| {
+            sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
+            sync(&mapped, order == Order::UnmapAfterMap);
+            let cmd = CommandRecord {
+                kind: kind::UNMAP,
+                ipa: ipa & !0xfff,
+                size: 4096,
+                ..Default::default()
+            };
+            let ex = {
+                let mut c = core.lock().unwrap();
+                let Core { vm, owners } = &mut *c;
+                vm.execute(1, &cmd.encode(), owners, &mut NoTlb)
+            };
+            assert_eq!(ex.result.status, 0);
+            // The memory is now taken away: the daemon forgets the mapping and
+            // its pin (the reclaim would punch the hole here).
+            vm.forget_range(Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
+            sync(
+                &unmapped,
+                matches!(
+                    order,
+                    Order::UnmapBetweenSampleAndMap | Order::UnmapBeforeSample
+                ),
+            );
+            ex.result.inval_seq
+        });
+        let (sampled_seq, stale, completion) = mapper.join().unwrap();
+        let unmap_seq_after = unmapper.join().unwrap();
+        Outcome {
+            sampled_seq,
+            stale,
+            completion,
+            unmap_seq_after,
+        }
+    })
+}
+
+#[test]
+fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
+    let vm = vm_memory(4096);
+    let core = Mutex::new(core());
+    let orders = [
+        Order::UnmapBetweenSampleAndMap,
+        Order::UnmapAfterMap,
+        Order::UnmapBeforeSample,
+        Order::Free,
+    ];
+    let mut stale_seen = 0;
+    for i in 0..800u64 {
+        let order = orders[(i % 4) as usize];
+        let ipa = RAM_GPA + (i % 1024) * 4096;
+        let o = race(&core, &vm, order, ipa, i);
+        let mapped = matches!(
+            core.lock()
+                .unwrap()
+                .vm
+                .stage2()
+                .walk(Ipa::new(ipa))
+                .unwrap(),
+            Walk::Mapped { .. }
+        );
+        // The invariant: a mapping survives only if it was sampled after the
+        // memory was taken away.
+        if mapped {
+            assert!(
+                o.sampled_seq >= o.unmap_seq_after,
+                "iteration {i} ({order:?}): stale mapping survived"
+            );
+        }
+        // The daemon's books agree with the tables: a pin exists exactly for a live mapping.
+        assert_eq!(
+            vm.pins.count(0, ipa - RAM_GPA),
+            mapped as u32,
+            "iteration {i} ({order:?})"
+        );
+        match order {
+            Order::UnmapBetweenSampleAndMap => {
+                assert!(o.stale && !mapped, "iteration {i}");
+                // The core completed the fault as a retry: the guest faults again.
+                assert_eq!(o.completion, Some(Completion::Resume));
+            }
+            Order::UnmapAfterMap => assert!(!o.stale && !mapped, "iteration {i}"),
+            Order::UnmapBeforeSample => assert!(!o.stale && mapped, "iteration {i}"),
+            Order::Free => {}
+        }
+        stale_seen += o.stale as u32;
+        // Clean up for the next use of this page.
+        if mapped {
+            let mut c = core.lock().unwrap();
+            let Core { vm: cvm, owners } = &mut *c;
+            let cmd = CommandRecord {
+                kind: kind::UNMAP,
+                ipa,
+                size: 4096,
+                ..Default::default()
+            };
+            let seq = cvm
+                .execute(1, &cmd.encode(), owners, &mut NoTlb)
+                .result
+                .inval_seq;
+            drop(c);
+            vm.forget_range(Ipa::new(ipa), 4096, seq);
+        }
+    }
+    assert!(stale_seen >= 200, "the stale path ran {stale_seen} times");
+    assert_eq!(vm.pins.total(), 0);
+}
