@@ -371,6 +371,16 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let vm = attached.vm.clone();
     let span = info_span!("vm", id = %vm.id);
     let _enter = span.enter();
+    if daemon.config().prefault {
+        if let Err(e) = vm.prefault() {
+            reply(
+                Status::Internal,
+                format!("prefaulting guest memory failed: {e}"),
+                [0; 3],
+            );
+            return;
+        }
+    }
     if !daemon.register(vm.clone()) {
         reply(
             Status::AlreadyAttached,

@@ -31,6 +31,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
     pub log_filter: String,
+    /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
+    /// no fault pays for fresh backing.
+    pub prefault: bool,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             spin_polls: 20_000,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
+            prefault: false,
         }
     }
 }

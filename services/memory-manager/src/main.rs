@@ -32,6 +32,9 @@ struct Args {
     /// Log filter, e.g. "debug" (overrides the file and RUST_LOG).
     #[arg(long)]
     log_filter: Option<String>,
+    /// Populate all guest memory at attach (overrides the file).
+    #[arg(long)]
+    prefault: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +51,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.spin_polls {
         config.spin_polls = v;
+    }
+    if args.prefault {
+        config.prefault = true;
     }
     if let Some(v) = args.log_format {
         config.log_format = v;

@@ -140,6 +140,15 @@ impl VmMemory {
         }
     }
 
+    /// Faults in every page of every non-device guest region now.
+    pub fn prefault(&self) -> nix::Result<()> {
+        for (i, r) in self.regions.iter().enumerate().filter(|(_, r)| !r.device) {
+            r.map.populate(0, r.size)?;
+            self.pins.mark_populated(i, 0, r.size);
+        }
+        Ok(())
+    }
+
     /// The invalidation sequence to stamp on a map command now.
     pub fn sample_seq(&self) -> u64 {
         self.core_seq.load(Ordering::Acquire)

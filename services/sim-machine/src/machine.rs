@@ -42,6 +42,8 @@ pub struct MachineConfig {
     pub layout: Layout,
     /// Ring polls before sleeping on the doorbell.
     pub spin_polls: u32,
+    /// Report every fault's round-trip time, not just percentiles.
+    pub keep_latencies: bool,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -103,6 +105,9 @@ pub struct Summary {
     pub ram_hugetlb: bool,
     /// The daemon's detach report.
     pub detach: Option<DetachReport>,
+    /// Every fault's round trip in ns, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latencies_ns: Option<Vec<u64>>,
 }
 
 struct CoreState {
@@ -337,6 +342,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         run_ms,
         ram_hugetlb: phys.window(ram).hugetlb,
         detach: None,
+        latencies_ns: None,
     };
     let mut latencies = Vec::new();
     for r in results {
@@ -353,6 +359,9 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     if !latencies.is_empty() {
         summary.fault_p50_ns = latencies[latencies.len() / 2];
         summary.fault_p99_ns = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    }
+    if config.keep_latencies {
+        summary.latencies_ns = Some(latencies);
     }
     // Detach and collect the daemon's report.
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[])

@@ -49,6 +49,9 @@ struct Args {
     /// Ring polls before sleeping on the doorbell.
     #[arg(long, default_value_t = 20_000)]
     spin_polls: u32,
+    /// Include every fault's round-trip time in the summary.
+    #[arg(long)]
+    latencies: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         vm_id: args.vm_id,
         layout,
         spin_polls: args.spin_polls,
+        keep_latencies: args.latencies,
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
