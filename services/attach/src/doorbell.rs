@@ -10,7 +10,7 @@ use std::hint::spin_loop;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use hyp_core::ring::{Consumer, Producer, Record, RingError};
+use hyp_core::ring::{Consumer, Producer, Record, RingError, RingView};
 
 /// How a waiter waits.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +67,11 @@ fn futex_wake(word: &AtomicU32) {
             0u32,
         );
     }
+}
+
+/// Wakes whoever sleeps on `view`'s doorbell (after setting a stop flag).
+pub fn wake(view: &RingView<'_>) {
+    futex_wake(view.producer_word());
 }
 
 /// Publishes `record` and rings the consumer's doorbell if it sleeps.

@@ -406,7 +406,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let policy = daemon.policy();
     let wait = WaitPolicy {
         spin_polls: daemon.config().spin_polls,
-        sleep_slice: Duration::from_millis(20),
+        sleep_slice: Duration::from_millis(500),
     };
     let detach_requested = std::thread::scope(|s| {
         for vcpu in 0..req.nr_vcpus as u32 {
@@ -428,6 +428,11 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
         }
         let detach = wait_for_detach(&conn, daemon);
         stop.store(true, Ordering::Release);
+        for vcpu in 0..req.nr_vcpus as u32 {
+            if let Some(view) = region.ring(vcpu, RingKind::Fault) {
+                faultline_attach::doorbell::wake(&view);
+            }
+        }
         detach
     });
     let released = vm.release_all();

@@ -105,7 +105,7 @@ pub struct Summary {
     pub ram_hugetlb: bool,
     /// The daemon's detach report.
     pub detach: Option<DetachReport>,
-    /// Every fault's round trip in ns, when asked for.
+    /// Every RAM fault's round trip in ns, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latencies_ns: Option<Vec<u64>>,
 }
@@ -122,6 +122,7 @@ struct VcpuResult {
     injected: u64,
     exits: Vec<ExitRecord>,
     latencies: Vec<u64>,
+    ram_latencies: Vec<u64>,
     tlb_hits: u64,
     tlb_misses: u64,
 }
@@ -287,27 +288,34 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let daemon_gone = AtomicBool::new(false);
     let wait = WaitPolicy {
         spin_polls: config.spin_polls,
-        sleep_slice: Duration::from_millis(20),
+        sleep_slice: Duration::from_millis(500),
     };
     let epoch = Instant::now();
     let started = Instant::now();
+    let env = VcpuEnv {
+        core: &core,
+        shared: &shared,
+        phys: &phys,
+        regs,
+        tlb_gen: tlb_gen.clone(),
+        wait,
+        stop: &stop,
+        epoch,
+        layout,
+    };
     let results: Vec<anyhow::Result<VcpuResult>> = std::thread::scope(|s| {
         let control = {
             let (core, shared, stop) = (&core, &shared, &stop);
             s.spawn(move || serve_control(core, shared, n, wait, stop))
         };
         let watchdog = {
-            let (conn, stop, gone) = (&conn, &stop, &daemon_gone);
-            s.spawn(move || watch_connection(conn, stop, gone))
+            let (conn, stop, gone, shared) = (&conn, &stop, &daemon_gone, &shared);
+            s.spawn(move || watch_connection(conn, stop, gone, shared, n))
         };
         let handles: Vec<_> = (0..n)
             .map(|v| {
-                let (core, shared, stop, phys, regs, tlb_gen, epoch) =
-                    (&core, &shared, &stop, &phys, regs, tlb_gen.clone(), epoch);
-                let ops = &workload.per_vcpu[v as usize];
-                s.spawn(move || {
-                    run_vcpu(v, ops, core, shared, phys, regs, tlb_gen, wait, stop, epoch)
-                })
+                let (env, ops) = (&env, &workload.per_vcpu[v as usize]);
+                s.spawn(move || run_vcpu(v, ops, env))
             })
             .collect();
         let results: Vec<_> = handles
@@ -317,7 +325,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))
             })
             .collect();
-        stop.store(true, Ordering::Release);
+        stop_all(&stop, &shared, n);
         let _ = control.join();
         let _ = watchdog.join();
         results
@@ -345,6 +353,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         latencies_ns: None,
     };
     let mut latencies = Vec::new();
+    let mut ram_latencies = Vec::new();
     for r in results {
         let r = r?;
         summary.accesses += r.accesses;
@@ -354,6 +363,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         summary.tlb_hits += r.tlb_hits;
         summary.tlb_misses += r.tlb_misses;
         latencies.extend(r.latencies);
+        ram_latencies.extend(r.ram_latencies);
     }
     latencies.sort_unstable();
     if !latencies.is_empty() {
@@ -361,7 +371,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         summary.fault_p99_ns = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
     }
     if config.keep_latencies {
-        summary.latencies_ns = Some(latencies);
+        summary.latencies_ns = Some(ram_latencies);
     }
     // Detach and collect the daemon's report.
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[])
@@ -394,11 +404,27 @@ fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
     Ok(Reply::decode(payload)?)
 }
 
+/// Sets `stop` and wakes every thread sleeping on a command ring.
+fn stop_all(stop: &AtomicBool, shared: &SharedRegion<'_>, n: u32) {
+    stop.store(true, Ordering::Release);
+    for ring in 0..=n {
+        if let Some(view) = shared.ring(ring, RingKind::Command) {
+            faultline_attach::doorbell::wake(&view);
+        }
+    }
+}
+
 /// Sets `stop` and `gone` if the daemon hangs up while the guest runs.
-fn watch_connection(conn: &OwnedFd, stop: &AtomicBool, gone: &AtomicBool) {
+fn watch_connection(
+    conn: &OwnedFd,
+    stop: &AtomicBool,
+    gone: &AtomicBool,
+    shared: &SharedRegion<'_>,
+    n: u32,
+) {
     while !stop.load(Ordering::Acquire) {
         let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-        if let Ok(n) = poll(&mut fds, PollTimeout::from(50u16)) {
+        if let Ok(ready) = poll(&mut fds, PollTimeout::from(50u16)) {
             let revents = fds[0].revents().unwrap_or(PollFlags::empty());
             let mut byte = [0u8; 1];
             let peek =
@@ -409,10 +435,10 @@ fn watch_connection(conn: &OwnedFd, stop: &AtomicBool, gone: &AtomicBool) {
                         nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, peek),
                         Ok(0)
                     ));
-            if n > 0 && closed {
+            if ready > 0 && closed {
                 warn!("daemon hung up");
                 gone.store(true, Ordering::Release);
-                stop.store(true, Ordering::Release);
+                stop_all(stop, shared, n);
                 return;
             }
         }
@@ -459,19 +485,32 @@ fn push(p: &mut Producer<'_>, r: &Record, stop: &AtomicBool) -> Result<(), RingE
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_vcpu(
-    v: u32,
-    ops: &[crate::workload::Op],
-    core: &Mutex<CoreState>,
-    shared: &SharedRegion<'_>,
-    phys: &PhysMemory,
+/// What every vCPU thread shares.
+struct VcpuEnv<'a> {
+    core: &'a Mutex<CoreState>,
+    shared: &'a SharedRegion<'a>,
+    phys: &'a PhysMemory,
     regs: Stage2Regs,
     tlb_gen: TlbGeneration,
     wait: WaitPolicy,
-    stop: &AtomicBool,
+    stop: &'a AtomicBool,
     epoch: Instant,
-) -> anyhow::Result<VcpuResult> {
+    layout: Layout,
+}
+
+fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
+    let VcpuEnv {
+        core,
+        shared,
+        phys,
+        regs,
+        ref tlb_gen,
+        wait,
+        stop,
+        epoch,
+        layout,
+    } = *env;
+    let tlb_gen = tlb_gen.clone();
     let mut faults_out = Producer::attach(shared.ring(v, RingKind::Fault).context("ring")?)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut commands = Consumer::attach(shared.ring(v, RingKind::Command).context("ring")?)
@@ -483,6 +522,7 @@ fn run_vcpu(
         injected: 0,
         exits: Vec::new(),
         latencies: Vec::with_capacity(ops.len() / 4),
+        ram_latencies: Vec::with_capacity(ops.len() / 4),
         tlb_hits: 0,
         tlb_misses: 0,
     };
@@ -508,6 +548,7 @@ fn run_vcpu(
                     break;
                 }
                 Err(fault) => {
+                    let in_ram = layout.in_ram(op.gpa, op.size as u64);
                     let t0 = Instant::now();
                     let syn = syndrome::encode(
                         fault,
@@ -546,7 +587,11 @@ fn run_vcpu(
                             break c;
                         }
                     };
-                    r.latencies.push(t0.elapsed().as_nanos() as u64);
+                    let elapsed = t0.elapsed().as_nanos() as u64;
+                    r.latencies.push(elapsed);
+                    if in_ram {
+                        r.ram_latencies.push(elapsed);
+                    }
                     match completion {
                         Completion::Resume => continue,
                         Completion::ExitToVmm => {

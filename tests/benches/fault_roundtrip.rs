@@ -1,0 +1,465 @@
+//! Fault round trip, in one run: Faultline across two processes (4 KiB and
+//! 2 MiB, populated and fresh backing, spinning and sleeping doorbells), the
+//! same pipeline in one process (the lower bound), the kernel's own first
+//! touch of a memfd page, and userfaultfd serving the same pages (memfd,
+//! MISSING mode, UFFDIO_COPY, handler spinning and blocking).
+//!
+//! `cargo bench -p faultline-system-tests --bench fault_roundtrip`
+
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use faultline_attach::shm::MappedRegion;
+use faultline_system_tests::{binary, Daemon};
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
+use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance};
+use hyp_core::vm::Vm;
+use memfd::MemfdOptions;
+use memory_manager::addr::Hva;
+use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::pipeline::{handle_fault, Decision, Injection};
+use memory_manager::policy::Pages4k;
+use memory_manager::region::GuestRegion;
+use memory_manager::vm::{Installed, PagePool, VmMemory};
+use memory_manager::vma::{Vma, Vmas};
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    per_sec: f64,
+    n: usize,
+}
+
+fn stats(mut ns: Vec<u64>) -> Stats {
+    ns.sort_unstable();
+    let n = ns.len();
+    let mean = ns.iter().sum::<u64>() as f64 / n as f64;
+    Stats {
+        p50: ns[n / 2] as f64 / 1000.0,
+        p99: ns[(n * 99 / 100).min(n - 1)] as f64 / 1000.0,
+        per_sec: 1e9 / mean,
+        n,
+    }
+}
+
+fn row(name: &str, s: &Stats) {
+    println!(
+        "| {name} | {:.2} | {:.2} | {:.0} | {} |",
+        s.p50, s.p99, s.per_sec, s.n
+    );
+}
+
+// ---- Across two processes: the real daemon and machine binaries ----
+
+fn cross_process(
+    policy: &str,
+    ram_page_kib: u64,
+    prefault: bool,
+    spin: u32,
+    ops: usize,
+    runs: usize,
+) -> Stats {
+    let spin_s = spin.to_string();
+    let mut args = vec![
+        "--policy",
+        policy,
+        "--spin-polls",
+        &spin_s,
+        "--log-filter",
+        "warn",
+    ];
+    if prefault {
+        args.push("--prefault");
+    }
+    let daemon = Daemon::start(&args);
+    let mut all = Vec::new();
+    for _ in 0..runs {
+        let out = Command::new(binary("sim-machine"))
+            .arg("--attach-socket")
+            .arg(&daemon.socket)
+            .args([
+                "--pattern",
+                "sequential",
+                "--ops",
+                &ops.to_string(),
+                "--ram-page-kib",
+                &ram_page_kib.to_string(),
+            ])
+            .args(["--spin-polls", &spin_s, "--latencies"])
+            .output()
+            .expect("sim-machine");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        all.extend(
+            v["latencies_ns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap()),
+        );
+    }
+    stats(all)
+}
+
+// ---- The same pipeline and core in one thread ----
+
+struct NoTlb;
+impl TlbMaintenance for NoTlb {
+    fn invalidate_ipa(&mut self, _: u8, _: Ipa, _: u8) {}
+    fn sync(&mut self, _: u8) {}
+}
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+fn in_process(prefault: bool, pages: u64) -> Stats {
+    const RAM_PA: u64 = 0x4000_0000;
+    const TABLES_PA: u64 = 0x2000_0000;
+    let ram = pages * 4096;
+    let memfd = MemfdOptions::default().create("ram").unwrap();
+    memfd.as_file().set_len(ram).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, ram, 4096).unwrap();
+    let region = GuestRegion {
+        index: 0,
+        pa_base: Pa::new(RAM_PA),
+        size: ram,
+        page_size: 4096,
+        writable: true,
+        device: false,
+        map,
+    };
+    let base = region.base();
+    let vmas = Vmas::default();
+    vmas.insert(Vma {
+        start: base,
+        len: ram,
+        region: 0,
+        page_size: 4096,
+        writable: true,
+        device: false,
+    });
+    let mut slots = Memslots::default();
+    slots.insert(Memslot::new(
+        0,
+        Ipa::new(RAM_PA),
+        ram,
+        Hva::new(base.raw()),
+        0,
+        0,
+        SlotFlags::default(),
+    ));
+    let id = VmId::new(1).unwrap();
+    let vmm = VmMemory::new(id, 1, slots, vmas, vec![region], PagePool::default());
+    if prefault {
+        vmm.prefault().unwrap();
+    }
+    let table_pages = 2 + 2 + (pages as usize).div_ceil(512) + 8;
+    let tables: &'static mut [Page] =
+        Box::leak((0..table_pages).map(|_| Page([0; 4096])).collect());
+    let tbase = NonNull::new(tables.as_mut_ptr().cast::<u8>()).unwrap();
+    // SAFETY: the leaked buffer lives for the rest of the process and is only used through this map.
+    let mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), (table_pages * 4096) as u64, tbase) };
+    let storage: &'static mut [u16] =
+        Box::leak(vec![0u16; ((RAM_PA + ram - TABLES_PA) / 4096) as usize].into_boxed_slice());
+    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
+    owners
+        .transfer(Pa::new(RAM_PA), ram, Owner::Host, Owner::Vm(id))
+        .unwrap();
+    let mut core = Vm::new(
+        id,
+        Geometry::kvm_default(),
+        Pa::new(TABLES_PA),
+        1,
+        mem,
+        &mut owners,
+    )
+    .unwrap();
+    let topup = CommandRecord {
+        kind: kind::TOPUP,
+        pa: TABLES_PA + 0x2000,
+        size: (table_pages as u64 - 2) * 4096,
+        ..Default::default()
+    };
+    assert_eq!(
+        core.execute(0, &topup.encode(), &mut owners, &mut NoTlb)
+            .result
+            .status,
+        0
+    );
+    let esr = (0x24u64 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
+    let mut lat = Vec::with_capacity(pages as usize);
+    for p in 0..pages {
+        let ipa = RAM_PA + p * 4096;
+        let t = Instant::now();
+        let rec: FaultRecord = core
+            .take_fault(0, esr, ipa, (ipa >> 12) << 4, 0, |_| None)
+            .unwrap();
+        let Decision::Map(plan) = handle_fault(&vmm, &Pages4k, &rec, Injection::NONE).unwrap()
+        else {
+            panic!()
+        };
+        let cmd = CommandRecord {
+            kind: kind::MAP,
+            flags: plan.perms.bits(),
+            cmd_id: p,
+            fault_id: rec.fault_id,
+            ipa: plan.ipa.raw(),
+            pa: plan.pa.raw(),
+            size: plan.size.bytes(),
+            inval_seq: plan.seq,
+            reserved: 0,
+        };
+        let ex = core.execute(0, &cmd.encode(), &mut owners, &mut NoTlb);
+        assert_eq!(ex.result.status, 0);
+        vmm.record_installed(
+            plan.ipa,
+            Installed {
+                size: plan.size,
+                pa: plan.pa,
+                seq: ex.result.inval_seq,
+                pin: plan.pin.into_mapping(),
+            },
+        );
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    stats(lat)
+}
+
+// ---- The kernel's own first touch of a memfd page ----
+
+fn first_touch(pages: u64) -> Stats {
+    let memfd = MemfdOptions::default().create("touch").unwrap();
+    memfd.as_file().set_len(pages * 4096).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, pages * 4096, 4096).unwrap();
+    let mut lat = Vec::with_capacity(pages as usize);
+    for p in 0..pages {
+        let t = Instant::now();
+        map.store(p * 4096, 8, p).unwrap();
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    stats(lat)
+}
+
+// ---- userfaultfd: memfd, MISSING mode, UFFDIO_COPY ----
+
+/// The userfaultfd ABI from linux/userfaultfd.h. (The userfaultfd crate's
+/// -sys half runs bindgen at build time and needs libclang; these four
+/// ioctls are all the comparison uses.)
+mod uffd {
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+    const UFFD_API: u64 = 0xaa;
+    const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+    const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+    const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+    const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+    const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Copy {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        copy: i64,
+    }
+    #[repr(C)]
+    struct Msg {
+        event: u8,
+        _reserved: [u8; 7],
+        flags: u64,
+        address: u64,
+        _feat: u64,
+    }
+
+    /// A userfaultfd over `[start, start + len)` in MISSING mode.
+    pub fn register(start: u64, len: u64, nonblocking: bool) -> OwnedFd {
+        let flags = libc::O_CLOEXEC | if nonblocking { libc::O_NONBLOCK } else { 0 };
+        // SAFETY: the syscall takes flags only and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
+        assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut api = Api {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes an Api struct we own.
+        assert_eq!(
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), UFFDIO_API, &mut api) },
+            0
+        );
+        let mut reg = Register {
+            start,
+            len,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes a Register struct we own; the range is our mapping.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                UFFDIO_REGISTER,
+                &mut reg,
+            )
+        };
+        assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    /// Reads one fault; `None` if nothing is pending (non-blocking fd).
+    pub fn read_fault(fd: RawFd) -> Option<u64> {
+        let mut msg = Msg {
+            event: 0,
+            _reserved: [0; 7],
+            flags: 0,
+            address: 0,
+            _feat: 0,
+        };
+        // SAFETY: reads at most size_of::<Msg>() bytes into a Msg we own.
+        let n = unsafe {
+            libc::read(
+                fd,
+                (&mut msg as *mut Msg).cast(),
+                std::mem::size_of::<Msg>(),
+            )
+        };
+        (n == std::mem::size_of::<Msg>() as isize && msg.event == UFFD_EVENT_PAGEFAULT)
+            .then_some(msg.address)
+    }
+
+    /// Copies `src` (4 KiB) into the faulting page at `dst` and wakes the faulter.
+    pub fn copy(fd: RawFd, dst: u64, src: *const u8) {
+        let mut c = Copy {
+            dst: dst & !0xfff,
+            src: src as u64,
+            len: 4096,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads a 4 KiB source we own into a registered page.
+        let r = unsafe { libc::ioctl(fd, UFFDIO_COPY, &mut c) };
+        assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST));
+    }
+}
+
+fn userfaultfd(pages: u64, spinning: bool) -> Stats {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let memfd = MemfdOptions::default().create("uffd").unwrap();
+    memfd.as_file().set_len(pages * 4096).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, pages * 4096, 4096).unwrap();
+    let base = map.base().as_ptr() as u64;
+    let fd = uffd::register(base, pages * 4096, spinning);
+    let raw = fd.as_raw_fd();
+    let done = AtomicBool::new(false);
+    let src = Box::new(Page([7; 4096]));
+    let mut lat = Vec::with_capacity(pages as usize);
+    std::thread::scope(|s| {
+        let (done, src) = (&done, &src);
+        s.spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                if spinning {
+                    match uffd::read_fault(raw) {
+                        Some(addr) => uffd::copy(raw, addr, src.0.as_ptr()),
+                        None => std::hint::spin_loop(),
+                    }
+                } else {
+                    let mut pfd = libc::pollfd {
+                        fd: raw,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: poll on one pollfd we own, 20 ms timeout.
+                    if unsafe { libc::poll(&mut pfd, 1, 20) } > 0 {
+                        if let Some(addr) = uffd::read_fault(raw) {
+                            uffd::copy(raw, addr, src.0.as_ptr());
+                        }
+                    }
+                }
+            }
+        });
+        for p in 0..pages {
+            let t = Instant::now();
+            map.store(p * 4096 + 8, 8, p).unwrap();
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        done.store(true, Ordering::Release);
+    });
+    stats(lat)
+}
+
+fn main() {
+    // Build the release binaries before timing anything.
+    let _ = binary("memory-manager");
+    println!("| path | median us | p99 us | faults/s | faults |");
+    println!("| --- | --- | --- | --- | --- |");
+    // 160k sequential ops 1 KiB apart: 40k distinct 4 KiB pages per run.
+    row(
+        "Faultline 4 KiB, populated, spinning (2 processes)",
+        &cross_process("4k", 4, true, 20_000, 160_000, 3),
+    );
+    row(
+        "Faultline 4 KiB, populated, sleeping doorbell",
+        &cross_process("4k", 4, true, 0, 160_000, 1),
+    );
+    row(
+        "Faultline 4 KiB, fresh backing, spinning",
+        &cross_process("4k", 4, false, 20_000, 160_000, 3),
+    );
+    row(
+        "Faultline 4 KiB, fresh backing, sleeping doorbell",
+        &cross_process("4k", 4, false, 0, 160_000, 1),
+    );
+    row(
+        "Faultline 2 MiB, populated, spinning",
+        &cross_process("default", 2048, true, 20_000, 230_000, 5),
+    );
+    row(
+        "Faultline 2 MiB, populated, sleeping doorbell",
+        &cross_process("default", 2048, true, 0, 230_000, 5),
+    );
+    row(
+        "Faultline 2 MiB, fresh backing, spinning",
+        &cross_process("default", 2048, false, 20_000, 230_000, 3),
+    );
+    row(
+        "pipeline + core in one thread, populated (lower bound)",
+        &in_process(true, 40_000),
+    );
+    row(
+        "pipeline + core in one thread, fresh backing",
+        &in_process(false, 40_000),
+    );
+    row("kernel first touch of a memfd page", &first_touch(40_000));
+    row(
+        "userfaultfd MISSING + UFFDIO_COPY, handler spinning",
+        &userfaultfd(40_000, true),
+    );
+    row(
+        "userfaultfd MISSING + UFFDIO_COPY, handler blocking",
+        &userfaultfd(20_000, false),
+    );
+}
