@@ -306,11 +306,10 @@ mod uffd {
             features: 0,
             ioctls: 0,
         };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         // SAFETY: UFFDIO_API reads and writes an Api struct we own.
-        assert_eq!(
-            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), UFFDIO_API, &mut api) },
-            0
-        );
+        let r = unsafe { libc::ioctl(raw, UFFDIO_API, &mut api) };
+        assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
         let mut reg = Register {
             start,
             len,
@@ -367,38 +366,29 @@ mod uffd {
 
 fn userfaultfd(pages: u64, spinning: bool) -> Stats {
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    // One page more than measured: its fault tells the handler to exit.
+    let len = (pages + 1) * 4096;
     let memfd = MemfdOptions::default().create("uffd").unwrap();
-    memfd.as_file().set_len(pages * 4096).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, pages * 4096, 4096).unwrap();
+    memfd.as_file().set_len(len).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, len, 4096).unwrap();
     let base = map.base().as_ptr() as u64;
-    let fd = uffd::register(base, pages * 4096, spinning);
+    let fd = uffd::register(base, len, spinning);
     let raw = fd.as_raw_fd();
-    let done = AtomicBool::new(false);
+    let sentinel = base + pages * 4096;
     let src = Box::new(Page([7; 4096]));
     let mut lat = Vec::with_capacity(pages as usize);
     std::thread::scope(|s| {
-        let (done, src) = (&done, &src);
-        s.spawn(move || {
-            while !done.load(Ordering::Acquire) {
-                if spinning {
-                    match uffd::read_fault(raw) {
-                        Some(addr) => uffd::copy(raw, addr, src.0.as_ptr()),
-                        None => std::hint::spin_loop(),
-                    }
-                } else {
-                    let mut pfd = libc::pollfd {
-                        fd: raw,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: poll on one pollfd we own, 20 ms timeout.
-                    if unsafe { libc::poll(&mut pfd, 1, 20) } > 0 {
-                        if let Some(addr) = uffd::read_fault(raw) {
-                            uffd::copy(raw, addr, src.0.as_ptr());
-                        }
+        let src = &src;
+        s.spawn(move || loop {
+            // Non-blocking fd: spin on read(); blocking fd: sleep in read().
+            match uffd::read_fault(raw) {
+                Some(addr) => {
+                    uffd::copy(raw, addr, src.0.as_ptr());
+                    if addr >= sentinel {
+                        return;
                     }
                 }
+                None => std::hint::spin_loop(),
             }
         });
         for p in 0..pages {
@@ -406,7 +396,7 @@ fn userfaultfd(pages: u64, spinning: bool) -> Stats {
             map.store(p * 4096 + 8, 8, p).unwrap();
             lat.push(t.elapsed().as_nanos() as u64);
         }
-        done.store(true, Ordering::Release);
+        map.store(pages * 4096, 8, 1).unwrap();
     });
     stats(lat)
 }

@@ -1,4 +1,6 @@
-//! Page pins: per-4 KiB-page counts, taken by an RAII guard.
+//! Page pins: a count per backing page (4 KiB, or the 2 MiB / 1 GiB page of
+//! a huge-page region, the way a THP or hugetlb page has one reference count
+//! in KVM's get_user_pages), taken by an RAII guard.
 //!
 //! A fault pins the pages it is about to map before anything else can fail;
 //! every early return drops the [`PinGuard`] and releases them (KVM's leaked
@@ -19,7 +21,11 @@ pub struct Pins {
 
 #[derive(Debug)]
 struct RegionPins {
+    /// log2 of the backing page size.
+    shift: u32,
+    /// One count per backing page.
     counts: Vec<AtomicU32>,
+    /// One bit per 4 KiB page.
     populated: Vec<AtomicU64>,
 }
 
@@ -39,14 +45,18 @@ pub enum PinError {
 }
 
 impl Pins {
-    /// Pin tables for regions of the given sizes (bytes).
-    pub fn new(region_sizes: &[u64]) -> Arc<Self> {
-        let regions = region_sizes
+    /// Pin tables for regions of the given `(bytes, backing page size)`.
+    pub fn new(regions: &[(u64, u64)]) -> Arc<Self> {
+        let regions = regions
             .iter()
-            .map(|&size| {
+            .map(|&(size, page_size)| {
+                let shift = page_size.max(PAGE_SIZE).trailing_zeros();
                 let pages = size.div_ceil(PAGE_SIZE) as usize;
                 RegionPins {
-                    counts: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+                    shift,
+                    counts: (0..size.div_ceil(1 << shift))
+                        .map(|_| AtomicU32::new(0))
+                        .collect(),
                     populated: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
                 }
             })
@@ -67,15 +77,13 @@ impl Pins {
             len,
         };
         let r = self.regions.get(region).ok_or(err)?;
-        let first = (offset / PAGE_SIZE) as usize;
-        let pages = len.div_ceil(PAGE_SIZE) as usize;
-        if offset % PAGE_SIZE != 0
-            || first
-                .checked_add(pages)
-                .is_none_or(|end| end > r.counts.len())
-        {
-            return Err(err);
-        }
+        let limit = r.counts.len() as u64 * (1u64 << r.shift);
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| len > 0 && offset % PAGE_SIZE == 0 && e <= limit);
+        let end = end.ok_or(err)?;
+        let first = (offset >> r.shift) as usize;
+        let pages = (((end - 1) >> r.shift) + 1) as usize - first;
         for c in &r.counts[first..first + pages] {
             c.fetch_add(1, Ordering::AcqRel);
         }
@@ -87,12 +95,13 @@ impl Pins {
         })
     }
 
-    /// Pin count of one page.
+    /// Pin count of the backing page holding `offset`.
     pub fn count(&self, region: usize, offset: u64) -> u32 {
-        self.regions[region].counts[(offset / PAGE_SIZE) as usize].load(Ordering::Acquire)
+        let r = &self.regions[region];
+        r.counts[(offset >> r.shift) as usize].load(Ordering::Acquire)
     }
 
-    /// Sum of all pin counts (pages x pins).
+    /// Sum of all pin counts (backing pages x pins).
     pub fn total(&self) -> u64 {
         self.regions
             .iter()
@@ -173,8 +182,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn huge_backing_pages_have_one_count_and_population_is_per_4k() {
+        let pins = Pins::new(&[(8 << 20, 2 << 20)]);
+        let g = pins.pin(0, 2 << 20, 2 << 20).unwrap();
+        assert_eq!((g.pages(), pins.total()), (1, 1));
+        let small = pins.pin(0, (2 << 20) + 4096, 4096).unwrap();
+        assert_eq!(pins.count(0, 3 << 20), 2);
+        drop((g, small));
+        assert_eq!(pins.total(), 0);
+        assert!(!pins.is_populated(0, 0, 8 << 20));
+        assert!(pins.mark_populated(0, 4096 * 63, 4096 * 3));
+        assert!(pins.is_populated(0, 4096 * 63, 4096 * 3));
+        assert!(!pins.is_populated(0, 4096 * 62, 4096 * 2));
+        assert!(!pins.mark_populated(0, 4096 * 64, 4096));
+    }
+
+    #[test]
     fn guard_releases_on_drop_and_mapping_pin_keeps_pages() {
-        let pins = Pins::new(&[4 << 20]);
+        let pins = Pins::new(&[(4 << 20, 4096)]);
         {
             let g = pins.pin(0, 2 << 20, 2 << 20).unwrap();
             assert_eq!(g.pages(), 512);

@@ -124,7 +124,7 @@ impl VmMemory {
         regions: Vec<GuestRegion>,
         pool: PagePool,
     ) -> Self {
-        let sizes: Vec<u64> = regions.iter().map(|r| r.size).collect();
+        let sizes: Vec<(u64, u64)> = regions.iter().map(|r| (r.size, r.page_size)).collect();
         Self {
             id,
             nr_vcpus,
