@@ -25,14 +25,8 @@ impl TlbMaintenance for NoTlb {
 
 const TABLES_PA: u64 = 0x1_0000_0000;
 const POOL_PAGES: usize = 1100;
-const RW: LeafAttrs = LeafAttrs {
-    perms: Perms::RW,
-    mem: MemType::Normal,
-};
-const R: LeafAttrs = LeafAttrs {
-    perms: Perms::R,
-    mem: MemType::Normal,
-};
+const RW: LeafAttrs = LeafAttrs { perms: Perms::RW, mem: MemType::Normal };
+const R: LeafAttrs = LeafAttrs { perms: Perms::R, mem: MemType::Normal };
 
 struct Pool {
     _buf: Box<[Page]>,
@@ -64,11 +58,7 @@ impl Pool {
 
 fn stats(mut per_op_ns: Vec<f64>) -> (f64, f64, f64) {
     per_op_ns.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (
-        per_op_ns[per_op_ns.len() / 2],
-        per_op_ns[0],
-        per_op_ns[per_op_ns.len() - 1],
-    )
+    (per_op_ns[per_op_ns.len() / 2], per_op_ns[0], per_op_ns[per_op_ns.len() - 1])
 }
 
 fn report(name: &str, samples: Vec<f64>) {
@@ -119,8 +109,7 @@ fn main() {
 
         let t = Instant::now();
         for i in 0..PAGES {
-            s2.relax(Ipa::new(base + i * 4096), Perms::W, &mut tlb)
-                .unwrap();
+            s2.relax(Ipa::new(base + i * 4096), Perms::W, &mut tlb).unwrap();
         }
         relax4k.push(t.elapsed().as_nanos() as f64 / PAGES as f64);
 

@@ -172,10 +172,7 @@ impl FaultStatus {
     /// IPA regardless of S1PTW: translation, access flag and address size
     /// faults (Arm ARM D24.2.72; KVM's `__fault_safe_to_translate`).
     pub const fn writes_hpfar(self) -> bool {
-        matches!(
-            self,
-            Self::Translation { .. } | Self::AccessFlag { .. } | Self::AddressSize { .. }
-        )
+        matches!(self, Self::Translation { .. } | Self::AccessFlag { .. } | Self::AddressSize { .. })
     }
 }
 
@@ -373,9 +370,7 @@ mod tests {
 
     #[test]
     fn every_reserved_fsc_decodes_to_unknown_without_panicking() {
-        for fsc in [
-            0x12u8, 0x19, 0x1a, 0x20, 0x22, 0x2a, 0x2c, 0x2f, 0x32, 0x33, 0x36, 0x3f,
-        ] {
+        for fsc in [0x12u8, 0x19, 0x1a, 0x20, 0x22, 0x2a, 0x2c, 0x2f, 0x32, 0x33, 0x36, 0x3f] {
             let a = Abort::decode(DABT | fsc as u64, 0, 0).unwrap();
             assert_eq!(a.status, FaultStatus::Unknown(fsc));
         }
@@ -405,13 +400,7 @@ mod tests {
         assert_eq!(a.far, Some(0xffff_0000_dead_b678));
         assert_eq!(
             a.syndrome,
-            Some(AccessSyndrome {
-                size: 8,
-                sign_extend: false,
-                register: 5,
-                sixty_four: true,
-                acquire_release: false
-            })
+            Some(AccessSyndrome { size: 8, sign_extend: false, register: 5, sixty_four: true, acquire_release: false })
         );
         assert!(!a.s1ptw && !a.external && !a.cache_maintenance);
         assert!(a.il32);
@@ -424,16 +413,7 @@ mod tests {
         let a = Abort::decode(esr, 0x1000, 0x10).unwrap();
         assert_eq!(a.access, Access::Read);
         let s = a.syndrome.unwrap();
-        assert_eq!(
-            (
-                s.size,
-                s.sign_extend,
-                s.register,
-                s.sixty_four,
-                s.acquire_release
-            ),
-            (2, true, 31, false, true)
-        );
+        assert_eq!((s.size, s.sign_extend, s.register, s.sixty_four, s.acquire_release), (2, true, 31, false, true));
     }
 
     #[test]
@@ -505,13 +485,7 @@ mod tests {
     #[test]
     fn other_exception_classes_are_errors() {
         // EC 0x16 = HVC64, EC 0x25 = data abort from the same EL.
-        assert_eq!(
-            Abort::decode(0x16 << 26, 0, 0),
-            Err(DecodeError::NotLowerElAbort { ec: 0x16 })
-        );
-        assert_eq!(
-            Abort::decode(0x25 << 26, 0, 0),
-            Err(DecodeError::NotLowerElAbort { ec: 0x25 })
-        );
+        assert_eq!(Abort::decode(0x16 << 26, 0, 0), Err(DecodeError::NotLowerElAbort { ec: 0x16 }));
+        assert_eq!(Abort::decode(0x25 << 26, 0, 0), Err(DecodeError::NotLowerElAbort { ec: 0x25 }));
     }
 }

@@ -29,13 +29,7 @@ mod el2 {
             // entries are dropped with VMALLE1IS after the IPA invalidations
             // complete (Arm ARM D8.16.5).
             unsafe {
-                asm!(
-                    "dsb ish",
-                    "tlbi vmalle1is",
-                    "dsb ish",
-                    "isb",
-                    options(nostack, preserves_flags)
-                );
+                asm!("dsb ish", "tlbi vmalle1is", "dsb ish", "isb", options(nostack, preserves_flags));
             }
         }
     }

@@ -92,10 +92,7 @@ pub struct PageOwnership<'a> {
 
 impl fmt::Debug for PageOwnership<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PageOwnership")
-            .field("base", &self.base)
-            .field("pages", &self.owners.len())
-            .finish()
+        f.debug_struct("PageOwnership").field("base", &self.base).field("pages", &self.owners.len()).finish()
     }
 }
 
@@ -103,28 +100,20 @@ impl<'a> PageOwnership<'a> {
     /// Tracks `storage.len()` pages from `base`, all owned by the host.
     pub fn new(base: Pa, storage: &'a mut [u16]) -> Self {
         storage.fill(HOST);
-        Self {
-            base: base.align_down(PAGE_SIZE),
-            owners: storage,
-        }
+        Self { base: base.align_down(PAGE_SIZE), owners: storage }
     }
 
     /// The owner of the page holding `pa`, or `None` if untracked.
     pub fn owner(&self, pa: Pa) -> Option<Owner> {
         let index = pa.checked_offset_from(self.base)? / PAGE_SIZE;
-        self.owners
-            .get(index as usize)
-            .map(|&raw| Owner::decode(raw))
+        self.owners.get(index as usize).map(|&raw| Owner::decode(raw))
     }
 
     /// Checks that every page of `[pa, pa + len)` is owned by `owner`.
     pub fn check(&self, pa: Pa, len: u64, owner: Owner) -> Result<(), OwnershipError> {
         let (first, count) = self.span(pa, len)?;
         let want = owner.encode();
-        match self.owners[first..first + count]
-            .iter()
-            .position(|&o| o != want)
-        {
+        match self.owners[first..first + count].iter().position(|&o| o != want) {
             None => Ok(()),
             Some(i) => Err(OwnershipError::WrongOwner {
                 pa: Pa::new(pa.raw() + i as u64 * PAGE_SIZE),
@@ -134,13 +123,7 @@ impl<'a> PageOwnership<'a> {
     }
 
     /// Moves every page of `[pa, pa + len)` from `from` to `to`, all or nothing.
-    pub fn transfer(
-        &mut self,
-        pa: Pa,
-        len: u64,
-        from: Owner,
-        to: Owner,
-    ) -> Result<(), OwnershipError> {
+    pub fn transfer(&mut self, pa: Pa, len: u64, from: Owner, to: Owner) -> Result<(), OwnershipError> {
         self.check(pa, len, from)?;
         let (first, count) = self.span(pa, len)?;
         self.owners[first..first + count].fill(to.encode());
@@ -154,11 +137,7 @@ impl<'a> PageOwnership<'a> {
     }
 
     fn span(&self, pa: Pa, len: u64) -> Result<(usize, usize), OwnershipError> {
-        if len == 0
-            || !pa.is_aligned(PAGE_SIZE)
-            || len % PAGE_SIZE != 0
-            || pa.checked_add(len).is_none()
-        {
+        if len == 0 || !pa.is_aligned(PAGE_SIZE) || len % PAGE_SIZE != 0 || pa.checked_add(len).is_none() {
             return Err(OwnershipError::BadRange);
         }
         let untracked = |pa| OwnershipError::Untracked { pa };
@@ -185,31 +164,19 @@ mod tests {
         let mut own = PageOwnership::new(Pa::new(0x10_0000), &mut storage);
         let vm1 = Owner::Vm(VmId::new(1).unwrap());
         let vm2 = Owner::Vm(VmId::new(2).unwrap());
-        own.transfer(Pa::new(0x10_0000), 0x4000, Owner::Host, vm1)
-            .unwrap();
+        own.transfer(Pa::new(0x10_0000), 0x4000, Owner::Host, vm1).unwrap();
         // A range that overlaps vm1's pages cannot go to vm2, and nothing moves.
         let err = own.transfer(Pa::new(0x10_3000), 0x2000, Owner::Host, vm2);
-        assert_eq!(
-            err,
-            Err(OwnershipError::WrongOwner {
-                pa: Pa::new(0x10_3000),
-                owner: vm1
-            })
-        );
+        assert_eq!(err, Err(OwnershipError::WrongOwner { pa: Pa::new(0x10_3000), owner: vm1 }));
         assert_eq!(own.owner(Pa::new(0x10_4000)), Some(Owner::Host));
         assert_eq!(own.count(vm1), 4);
         assert_eq!(own.check(Pa::new(0x10_0000), 0x4000, vm1), Ok(()));
         assert_eq!(own.owner(Pa::new(0x20_0000)), None);
         assert_eq!(
             own.check(Pa::new(0x10_f000), 0x2000, Owner::Host),
-            Err(OwnershipError::Untracked {
-                pa: Pa::new(0x11_0000)
-            })
+            Err(OwnershipError::Untracked { pa: Pa::new(0x11_0000) })
         );
-        assert_eq!(
-            own.check(Pa::new(0x10_0800), 0x1000, Owner::Host),
-            Err(OwnershipError::BadRange)
-        );
+        assert_eq!(own.check(Pa::new(0x10_0800), 0x1000, Owner::Host), Err(OwnershipError::BadRange));
         assert_eq!(VmId::new(0), None);
         assert_eq!(VmId::new(0xffff), None);
     }

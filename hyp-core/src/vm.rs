@@ -11,8 +11,8 @@ use crate::ring::abi::{
 };
 use crate::ring::{Consumer, Producer, RingError};
 use crate::stage2::{
-    Geometry, LeafAttrs, MapOutcome, MapSize, MemType, Memcache, Perms, Stage2, TableError,
-    TableMemory, TlbMaintenance, Walk,
+    Geometry, LeafAttrs, MapOutcome, MapSize, MemType, Memcache, Perms, Stage2, TableError, TableMemory,
+    TlbMaintenance, Walk,
 };
 
 /// A fault the core forwarded and the daemon has not answered yet.
@@ -136,13 +136,9 @@ impl<M: TableMemory> Vm<M> {
         }
         let vmid = u8::try_from(id.raw()).map_err(|_| VmError::VmidOutOfRange(id))?;
         let root_len = geometry.root_size();
-        owners
-            .check(root, root_len, Owner::Host)
-            .map_err(VmError::RootNotOwned)?;
+        owners.check(root, root_len, Owner::Host).map_err(VmError::RootNotOwned)?;
         let stage2 = Stage2::new(geometry, root, vmid, mem).map_err(|_| VmError::BadRoot)?;
-        owners
-            .transfer(root, root_len, Owner::Host, Owner::Hyp)
-            .map_err(VmError::RootNotOwned)?;
+        owners.transfer(root, root_len, Owner::Host, Owner::Hyp).map_err(VmError::RootNotOwned)?;
         Ok(Self {
             id,
             stage2,
@@ -201,20 +197,14 @@ impl<M: TableMemory> Vm<M> {
             return Err(FaultError::BadVcpu(vcpu));
         }
         if let Some(o) = self.outstanding[vcpu as usize] {
-            return Err(FaultError::AlreadyOutstanding {
-                fault_id: o.fault_id,
-            });
+            return Err(FaultError::AlreadyOutstanding { fault_id: o.fault_id });
         }
         let abort = Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)?;
         let ipa = abort.reported_ipa().or_else(|| abort.far.and_then(resolve));
         let fault_id = self.next_fault_id;
         self.next_fault_id += 1;
-        self.outstanding[vcpu as usize] = Some(Outstanding {
-            fault_id,
-            ipa,
-            status: abort.status,
-            access: abort.access,
-        });
+        self.outstanding[vcpu as usize] =
+            Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.access });
         Ok(FaultRecord {
             kind: kind::FAULT,
             vcpu,
@@ -254,12 +244,7 @@ impl<M: TableMemory> Vm<M> {
             Err((Reject::StaleSequence, detail)) => {
                 // KVM's -EAGAIN: the guest re-executes and faults afresh.
                 self.outstanding[vcpu as usize] = None;
-                (
-                    Reject::StaleSequence.code(),
-                    0,
-                    detail,
-                    Some(Completion::Resume),
-                )
+                (Reject::StaleSequence.code(), 0, detail, Some(Completion::Resume))
             }
             Err((reject, detail)) => (reject.code(), 0, detail, None),
         };
@@ -338,16 +323,9 @@ impl<M: TableMemory> Vm<M> {
         }
         let covers = |f: Ipa| Range::<Ipa>::new(ipa, cmd.size).is_some_and(|r| r.contains(f));
         if !fault.ipa.is_some_and(covers) {
-            return Err((
-                Reject::FaultOutsideRange,
-                fault.ipa.map_or(NO_IPA, Ipa::raw),
-            ));
+            return Err((Reject::FaultOutsideRange, fault.ipa.map_or(NO_IPA, Ipa::raw)));
         }
-        let mem = if cmd.flags & FLAG_DEVICE != 0 {
-            MemType::Device
-        } else {
-            MemType::Normal
-        };
+        let mem = if cmd.flags & FLAG_DEVICE != 0 { MemType::Device } else { MemType::Normal };
         if !legal_perms(perms, mem, fault.access) {
             return Err((Reject::BadPermissions, perms.bits() as u64));
         }
@@ -364,18 +342,9 @@ impl<M: TableMemory> Vm<M> {
         let attrs = LeafAttrs { perms, mem };
         // A permission fault on a leaf of the same size and output: relax in place.
         if let FaultStatus::Permission { .. } = fault.status {
-            if let Ok(Walk::Mapped {
-                level, descriptor, ..
-            }) = self.stage2.walk(ipa)
-            {
-                if level == size.level()
-                    && descriptor.output() == pa
-                    && descriptor.mem_type() == mem
-                {
-                    let level = self
-                        .stage2
-                        .relax(ipa, perms, tlb)
-                        .map_err(|e| (Reject::from(e), 0))?;
+            if let Ok(Walk::Mapped { level, descriptor, .. }) = self.stage2.walk(ipa) {
+                if level == size.level() && descriptor.output() == pa && descriptor.mem_type() == mem {
+                    let level = self.stage2.relax(ipa, perms, tlb).map_err(|e| (Reject::from(e), 0))?;
                     self.outstanding[vcpu as usize] = None;
                     return Ok((map_outcome::RELAXED, level as u64, Some(Completion::Resume)));
                 }
@@ -432,10 +401,7 @@ impl<M: TableMemory> Vm<M> {
 
     fn write_protect(&mut self, cmd: &CommandRecord, tlb: &mut impl TlbMaintenance) -> CmdResult {
         let range = Self::range_of(cmd)?;
-        let changed = self
-            .stage2
-            .write_protect(range, tlb)
-            .map_err(|e| (Reject::from(e), 0))?;
+        let changed = self.stage2.write_protect(range, tlb).map_err(|e| (Reject::from(e), 0))?;
         self.inval_seq += 1;
         Ok((changed, 0, None))
     }
@@ -460,10 +426,7 @@ impl<M: TableMemory> Vm<M> {
             return Err((Reject::Malformed, 0));
         }
         let pa = Pa::new(cmd.pa);
-        if cmd.size == 0
-            || cmd.size % PAGE_SIZE != 0
-            || !pa.is_aligned(PAGE_SIZE)
-            || pa.checked_add(cmd.size).is_none()
+        if cmd.size == 0 || cmd.size % PAGE_SIZE != 0 || !pa.is_aligned(PAGE_SIZE) || pa.checked_add(cmd.size).is_none()
         {
             return Err((Reject::BadRange, 0));
         }

@@ -13,12 +13,7 @@ fn table(doc: &str, heading: &str) -> Vec<Vec<String>> {
         .by_ref()
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
-        .map(|l| {
-            l.trim_matches('|')
-                .split('|')
-                .map(|c| c.trim().to_string())
-                .collect()
-        })
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
         .collect();
     assert!(rows.len() > 2, "no table under {heading}");
     rows[2..].to_vec()
@@ -41,10 +36,7 @@ fn check(heading: &str, code: Vec<(String, usize, usize)>) {
         .into_iter()
         .map(|r| (r[2].clone(), r[0].parse().unwrap(), r[1].parse().unwrap()))
         .collect();
-    assert_eq!(
-        doc, code,
-        "{heading} in docs/ring-abi.md disagrees with the code"
-    );
+    assert_eq!(doc, code, "{heading} in docs/ring-abi.md disagrees with the code");
 }
 
 #[test]
@@ -54,46 +46,14 @@ fn record_layouts_in_the_doc_match_the_code() {
         layout!(
             RegionHeader,
             RegionHeader::default(),
-            [
-                magic,
-                abi_version,
-                nr_vcpus,
-                ring_entries,
-                record_size,
-                ring_bytes,
-                rings_offset,
-                reserved
-            ]
+            [magic, abi_version, nr_vcpus, ring_entries, record_size, ring_bytes, rings_offset, reserved]
         ),
     );
-    let f = FaultRecord {
-        kind: 0,
-        vcpu: 0,
-        fault_id: 0,
-        esr: 0,
-        far: 0,
-        hpfar: 0,
-        ipa: 0,
-        inval_seq: 0,
-        timestamp_ns: 0,
-    };
+    let f =
+        FaultRecord { kind: 0, vcpu: 0, fault_id: 0, esr: 0, far: 0, hpfar: 0, ipa: 0, inval_seq: 0, timestamp_ns: 0 };
     check(
         "### FaultRecord",
-        layout!(
-            FaultRecord,
-            f,
-            [
-                kind,
-                vcpu,
-                fault_id,
-                esr,
-                far,
-                hpfar,
-                ipa,
-                inval_seq,
-                timestamp_ns
-            ]
-        ),
+        layout!(FaultRecord, f, [kind, vcpu, fault_id, esr, far, hpfar, ipa, inval_seq, timestamp_ns]),
     );
     check(
         "### CommandRecord",
@@ -108,18 +68,7 @@ fn record_layouts_in_the_doc_match_the_code() {
         layout!(
             ResultRecord,
             ResultRecord::default(),
-            [
-                kind,
-                status,
-                cmd_id,
-                fault_id,
-                inval_seq,
-                value,
-                detail,
-                command_kind,
-                reserved0,
-                reserved1
-            ]
+            [kind, status, cmd_id, fault_id, inval_seq, value, detail, command_kind, reserved0, reserved1]
         ),
     );
 }
@@ -127,22 +76,15 @@ fn record_layouts_in_the_doc_match_the_code() {
 #[test]
 fn ring_control_offsets_and_kinds_match() {
     let d = doc();
-    let ring: Vec<(usize, String)> = table(&d, "## Ring")
-        .into_iter()
-        .map(|r| (r[0].parse().unwrap(), r[1].clone()))
-        .collect();
+    let ring: Vec<(usize, String)> =
+        table(&d, "## Ring").into_iter().map(|r| (r[0].parse().unwrap(), r[1].clone())).collect();
     assert_eq!(ring[0].0, abi::PRODUCER_INDEX_OFFSET);
     assert_eq!(ring[1].0, abi::CONSUMER_INDEX_OFFSET);
     assert_eq!(ring[2].0, abi::CONSUMER_WAITING_OFFSET);
     assert_eq!(ring[3].0, abi::RING_CONTROL_SIZE);
     let kinds: Vec<(String, u32)> = table(&d, "## Records")
         .into_iter()
-        .map(|r| {
-            (
-                r[0].clone(),
-                u32::from_str_radix(r[1].trim_start_matches("0x"), 16).unwrap(),
-            )
-        })
+        .map(|r| (r[0].clone(), u32::from_str_radix(r[1].trim_start_matches("0x"), 16).unwrap()))
         .collect();
     let code = [
         ("FAULT", kind::FAULT),
@@ -159,13 +101,8 @@ fn ring_control_offsets_and_kinds_match() {
 
 #[test]
 fn reject_codes_match() {
-    let rows: Vec<(u32, String)> = table(&doc(), "### Reject codes")
-        .into_iter()
-        .map(|r| (r[0].parse().unwrap(), r[1].clone()))
-        .collect();
-    let code: Vec<(u32, String)> = Reject::ALL
-        .iter()
-        .map(|r| (r.code(), r.name().to_string()))
-        .collect();
+    let rows: Vec<(u32, String)> =
+        table(&doc(), "### Reject codes").into_iter().map(|r| (r[0].parse().unwrap(), r[1].clone())).collect();
+    let code: Vec<(u32, String)> = Reject::ALL.iter().map(|r| (r.code(), r.name().to_string())).collect();
     assert_eq!(rows, code);
 }

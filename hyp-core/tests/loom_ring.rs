@@ -11,16 +11,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 fn record(n: u64) -> Record {
-    Record([
-        n,
-        !n,
-        n * 3,
-        n ^ 0x55,
-        n + 9,
-        n << 4,
-        n | 1 << 40,
-        n.wrapping_mul(7),
-    ])
+    Record([n, !n, n * 3, n ^ 0x55, n + 9, n << 4, n | 1 << 40, n.wrapping_mul(7)])
 }
 
 /// Producer pushes more records than the ring holds, so slots are reused
@@ -78,9 +69,6 @@ fn sleeping_consumer_is_never_missed() {
         let saw_record = c.pop().unwrap().is_some();
         let rang = producer.join().unwrap();
         // Either the consumer saw the record before sleeping, or the producer rings.
-        assert!(
-            saw_record || rang,
-            "record pushed, consumer asleep, no doorbell"
-        );
+        assert!(saw_record || rang, "record pushed, consumer asleep, no doorbell");
     });
 }

@@ -38,40 +38,18 @@ fn stats(mut ns: Vec<u64>) -> Stats {
     ns.sort_unstable();
     let n = ns.len();
     let mean = ns.iter().sum::<u64>() as f64 / n as f64;
-    Stats {
-        p50: ns[n / 2] as f64 / 1000.0,
-        p99: ns[(n * 99 / 100).min(n - 1)] as f64 / 1000.0,
-        per_sec: 1e9 / mean,
-        n,
-    }
+    Stats { p50: ns[n / 2] as f64 / 1000.0, p99: ns[(n * 99 / 100).min(n - 1)] as f64 / 1000.0, per_sec: 1e9 / mean, n }
 }
 
 fn row(name: &str, s: &Stats) {
-    println!(
-        "| {name} | {:.2} | {:.2} | {:.0} | {} |",
-        s.p50, s.p99, s.per_sec, s.n
-    );
+    println!("| {name} | {:.2} | {:.2} | {:.0} | {} |", s.p50, s.p99, s.per_sec, s.n);
 }
 
 // ---- Across two processes: the real daemon and machine binaries ----
 
-fn cross_process(
-    policy: &str,
-    ram_page_kib: u64,
-    prefault: bool,
-    spin: u32,
-    ops: usize,
-    runs: usize,
-) -> Stats {
+fn cross_process(policy: &str, ram_page_kib: u64, prefault: bool, spin: u32, ops: usize, runs: usize) -> Stats {
     let spin_s = spin.to_string();
-    let mut args = vec![
-        "--policy",
-        policy,
-        "--spin-polls",
-        &spin_s,
-        "--log-filter",
-        "warn",
-    ];
+    let mut args = vec!["--policy", policy, "--spin-polls", &spin_s, "--log-filter", "warn"];
     if prefault {
         args.push("--prefault");
     }
@@ -81,30 +59,13 @@ fn cross_process(
         let out = Command::new(binary("sim-machine"))
             .arg("--attach-socket")
             .arg(&daemon.socket)
-            .args([
-                "--pattern",
-                "sequential",
-                "--ops",
-                &ops.to_string(),
-                "--ram-page-kib",
-                &ram_page_kib.to_string(),
-            ])
+            .args(["--pattern", "sequential", "--ops", &ops.to_string(), "--ram-page-kib", &ram_page_kib.to_string()])
             .args(["--spin-polls", &spin_s, "--latencies"])
             .output()
             .expect("sim-machine");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        all.extend(
-            v["latencies_ns"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap()),
-        );
+        all.extend(v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()));
     }
     stats(all)
 }
@@ -138,74 +99,38 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
     };
     let base = region.base();
     let vmas = Vmas::default();
-    vmas.insert(Vma {
-        start: base,
-        len: ram,
-        region: 0,
-        page_size: 4096,
-        writable: true,
-        device: false,
-    });
+    vmas.insert(Vma { start: base, len: ram, region: 0, page_size: 4096, writable: true, device: false });
     let mut slots = Memslots::default();
-    slots.insert(Memslot::new(
-        0,
-        Ipa::new(RAM_PA),
-        ram,
-        Hva::new(base.raw()),
-        0,
-        0,
-        SlotFlags::default(),
-    ));
+    slots.insert(Memslot::new(0, Ipa::new(RAM_PA), ram, Hva::new(base.raw()), 0, 0, SlotFlags::default()));
     let id = VmId::new(1).unwrap();
     let vmm = VmMemory::new(id, 1, slots, vmas, vec![region], PagePool::default());
     if prefault {
         vmm.prefault().unwrap();
     }
     let table_pages = 2 + 2 + (pages as usize).div_ceil(512) + 8;
-    let tables: &'static mut [Page] =
-        Box::leak((0..table_pages).map(|_| Page([0; 4096])).collect());
+    let tables: &'static mut [Page] = Box::leak((0..table_pages).map(|_| Page([0; 4096])).collect());
     let tbase = NonNull::new(tables.as_mut_ptr().cast::<u8>()).unwrap();
     // SAFETY: the leaked buffer lives for the rest of the process and is only used through this map.
     let mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), (table_pages * 4096) as u64, tbase) };
     let storage: &'static mut [u16] =
         Box::leak(vec![0u16; ((RAM_PA + ram - TABLES_PA) / 4096) as usize].into_boxed_slice());
     let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
-    owners
-        .transfer(Pa::new(RAM_PA), ram, Owner::Host, Owner::Vm(id))
-        .unwrap();
-    let mut core = Vm::new(
-        id,
-        Geometry::kvm_default(),
-        Pa::new(TABLES_PA),
-        1,
-        mem,
-        &mut owners,
-    )
-    .unwrap();
+    owners.transfer(Pa::new(RAM_PA), ram, Owner::Host, Owner::Vm(id)).unwrap();
+    let mut core = Vm::new(id, Geometry::kvm_default(), Pa::new(TABLES_PA), 1, mem, &mut owners).unwrap();
     let topup = CommandRecord {
         kind: kind::TOPUP,
         pa: TABLES_PA + 0x2000,
         size: (table_pages as u64 - 2) * 4096,
         ..Default::default()
     };
-    assert_eq!(
-        core.execute(0, &topup.encode(), &mut owners, &mut NoTlb)
-            .result
-            .status,
-        0
-    );
+    assert_eq!(core.execute(0, &topup.encode(), &mut owners, &mut NoTlb).result.status, 0);
     let esr = (0x24u64 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
     let mut lat = Vec::with_capacity(pages as usize);
     for p in 0..pages {
         let ipa = RAM_PA + p * 4096;
         let t = Instant::now();
-        let rec: FaultRecord = core
-            .take_fault(0, esr, ipa, (ipa >> 12) << 4, 0, |_| None)
-            .unwrap();
-        let Decision::Map(plan) = handle_fault(&vmm, &Pages4k, &rec, Injection::NONE).unwrap()
-        else {
-            panic!()
-        };
+        let rec: FaultRecord = core.take_fault(0, esr, ipa, (ipa >> 12) << 4, 0, |_| None).unwrap();
+        let Decision::Map(plan) = handle_fault(&vmm, &Pages4k, &rec, Injection::NONE).unwrap() else { panic!() };
         let cmd = CommandRecord {
             kind: kind::MAP,
             flags: plan.perms.bits(),
@@ -221,12 +146,7 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
         assert_eq!(ex.result.status, 0);
         vmm.record_installed(
             plan.ipa,
-            Installed {
-                size: plan.size,
-                pa: plan.pa,
-                seq: ex.result.inval_seq,
-                pin: plan.pin.into_mapping(),
-            },
+            Installed { size: plan.size, pa: plan.pa, seq: ex.result.inval_seq, pin: plan.pin.into_mapping() },
         );
         lat.push(t.elapsed().as_nanos() as u64);
     }
@@ -301,63 +221,29 @@ mod uffd {
         assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
         // SAFETY: a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut api = Api {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
+        let mut api = Api { api: UFFD_API, features: 0, ioctls: 0 };
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         // SAFETY: UFFDIO_API reads and writes an Api struct we own.
         let r = unsafe { libc::ioctl(raw, UFFDIO_API, &mut api) };
         assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-        let mut reg = Register {
-            start,
-            len,
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
+        let mut reg = Register { start, len, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes a Register struct we own; the range is our mapping.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                UFFDIO_REGISTER,
-                &mut reg,
-            )
-        };
+        let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), UFFDIO_REGISTER, &mut reg) };
         assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
         fd
     }
 
     /// Reads one fault; `None` if nothing is pending (non-blocking fd).
     pub fn read_fault(fd: RawFd) -> Option<u64> {
-        let mut msg = Msg {
-            event: 0,
-            _reserved: [0; 7],
-            flags: 0,
-            address: 0,
-            _feat: 0,
-        };
+        let mut msg = Msg { event: 0, _reserved: [0; 7], flags: 0, address: 0, _feat: 0 };
         // SAFETY: reads at most size_of::<Msg>() bytes into a Msg we own.
-        let n = unsafe {
-            libc::read(
-                fd,
-                (&mut msg as *mut Msg).cast(),
-                std::mem::size_of::<Msg>(),
-            )
-        };
-        (n == std::mem::size_of::<Msg>() as isize && msg.event == UFFD_EVENT_PAGEFAULT)
-            .then_some(msg.address)
+        let n = unsafe { libc::read(fd, (&mut msg as *mut Msg).cast(), std::mem::size_of::<Msg>()) };
+        (n == std::mem::size_of::<Msg>() as isize && msg.event == UFFD_EVENT_PAGEFAULT).then_some(msg.address)
     }
 
     /// Copies `src` (4 KiB) into the faulting page at `dst` and wakes the faulter.
     pub fn copy(fd: RawFd, dst: u64, src: *const u8) {
-        let mut c = Copy {
-            dst: dst & !0xfff,
-            src: src as u64,
-            len: 4096,
-            mode: 0,
-            copy: 0,
-        };
+        let mut c = Copy { dst: dst & !0xfff, src: src as u64, len: 4096, mode: 0, copy: 0 };
         // SAFETY: UFFDIO_COPY reads a 4 KiB source we own into a registered page.
         let r = unsafe { libc::ioctl(fd, UFFDIO_COPY, &mut c) };
         assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST));
@@ -407,49 +293,16 @@ fn main() {
     println!("| path | median us | p99 us | faults/s | faults |");
     println!("| --- | --- | --- | --- | --- |");
     // 160k sequential ops 1 KiB apart: 40k distinct 4 KiB pages per run.
-    row(
-        "Faultline 4 KiB, populated, spinning (2 processes)",
-        &cross_process("4k", 4, true, 20_000, 160_000, 3),
-    );
-    row(
-        "Faultline 4 KiB, populated, sleeping doorbell",
-        &cross_process("4k", 4, true, 0, 160_000, 1),
-    );
-    row(
-        "Faultline 4 KiB, fresh backing, spinning",
-        &cross_process("4k", 4, false, 20_000, 160_000, 3),
-    );
-    row(
-        "Faultline 4 KiB, fresh backing, sleeping doorbell",
-        &cross_process("4k", 4, false, 0, 160_000, 1),
-    );
-    row(
-        "Faultline 2 MiB, populated, spinning",
-        &cross_process("default", 2048, true, 20_000, 230_000, 5),
-    );
-    row(
-        "Faultline 2 MiB, populated, sleeping doorbell",
-        &cross_process("default", 2048, true, 0, 230_000, 5),
-    );
-    row(
-        "Faultline 2 MiB, fresh backing, spinning",
-        &cross_process("default", 2048, false, 20_000, 230_000, 3),
-    );
-    row(
-        "pipeline + core in one thread, populated (lower bound)",
-        &in_process(true, 40_000),
-    );
-    row(
-        "pipeline + core in one thread, fresh backing",
-        &in_process(false, 40_000),
-    );
+    row("Faultline 4 KiB, populated, spinning (2 processes)", &cross_process("4k", 4, true, 20_000, 160_000, 3));
+    row("Faultline 4 KiB, populated, sleeping doorbell", &cross_process("4k", 4, true, 0, 160_000, 1));
+    row("Faultline 4 KiB, fresh backing, spinning", &cross_process("4k", 4, false, 20_000, 160_000, 3));
+    row("Faultline 4 KiB, fresh backing, sleeping doorbell", &cross_process("4k", 4, false, 0, 160_000, 1));
+    row("Faultline 2 MiB, populated, spinning", &cross_process("default", 2048, true, 20_000, 230_000, 5));
+    row("Faultline 2 MiB, populated, sleeping doorbell", &cross_process("default", 2048, true, 0, 230_000, 5));
+    row("Faultline 2 MiB, fresh backing, spinning", &cross_process("default", 2048, false, 20_000, 230_000, 3));
+    row("pipeline + core in one thread, populated (lower bound)", &in_process(true, 40_000));
+    row("pipeline + core in one thread, fresh backing", &in_process(false, 40_000));
     row("kernel first touch of a memfd page", &first_touch(40_000));
-    row(
-        "userfaultfd MISSING + UFFDIO_COPY, handler spinning",
-        &userfaultfd(40_000, true),
-    );
-    row(
-        "userfaultfd MISSING + UFFDIO_COPY, handler blocking",
-        &userfaultfd(20_000, false),
-    );
+    row("userfaultfd MISSING + UFFDIO_COPY, handler spinning", &userfaultfd(40_000, true));
+    row("userfaultfd MISSING + UFFDIO_COPY, handler blocking", &userfaultfd(20_000, false));
 }

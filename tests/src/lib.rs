@@ -12,10 +12,7 @@ use nix::unistd::Pid;
 /// puts the binaries next to this test's `deps/`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
 }
 
 /// Path of a workspace binary, built first (once per test process).
@@ -27,25 +24,13 @@ pub fn binary(name: &str) -> PathBuf {
         let target_dir = dir.parent().expect("target dir").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "memory-manager",
-            "-p",
-            "sim-machine",
-            "--bins",
-            "--target-dir",
-        ])
-        .arg(&target_dir);
+        cmd.args(["build", "--quiet", "-p", "memory-manager", "-p", "sim-machine", "--bins", "--target-dir"])
+            .arg(&target_dir);
         if profile_release {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(
-            status.success(),
-            "building the daemon and machine binaries failed"
-        );
+        assert!(status.success(), "building the daemon and machine binaries failed");
     });
     bin_dir().join(name)
 }
@@ -72,17 +57,10 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("starting memory-manager");
-        let d = Self {
-            child,
-            socket,
-            _dir: dir,
-        };
+        let d = Self { child, socket, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its socket"
-            );
+            assert!(Instant::now() < deadline, "daemon did not create its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -121,15 +99,7 @@ pub fn machine(daemon: &Daemon) -> Command {
 
 /// Runs a machine to completion; panics with its stderr if it fails.
 pub fn run_machine(mut cmd: Command) -> serde_json::Value {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().expect("running sim-machine");
-    assert!(
-        status.success(),
-        "sim-machine failed: {}",
-        String::from_utf8_lossy(&stderr)
-    );
+    let Output { status, stdout, stderr } = cmd.output().expect("running sim-machine");
+    assert!(status.success(), "sim-machine failed: {}", String::from_utf8_lossy(&stderr));
     serde_json::from_slice(&stdout).expect("sim-machine prints JSON")
 }

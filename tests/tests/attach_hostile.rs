@@ -6,8 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use faultline_attach::{
-    connect, decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind,
-    RegionDesc, RegionKind, Reply, Status, NO_FD, REGION_WRITABLE,
+    connect, decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind,
+    Reply, Status, NO_FD, REGION_WRITABLE,
 };
 use faultline_system_tests::{machine, Daemon};
 use memfd::{FileSeal, Memfd, MemfdOptions};
@@ -15,10 +15,7 @@ use sim_machine::layout::Layout;
 use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
 
 fn memfd(size: u64, seal: bool) -> Memfd {
-    let m = MemfdOptions::default()
-        .allow_sealing(true)
-        .create("hostile")
-        .unwrap();
+    let m = MemfdOptions::default().allow_sealing(true).create("hostile").unwrap();
     m.as_file().set_len(size).unwrap();
     if seal {
         m.add_seals(&[FileSeal::SealShrink]).unwrap();
@@ -62,13 +59,7 @@ fn good_request() -> AttachRequest {
                 fd_offset: 0,
             },
         ],
-        memslots: vec![MemslotDesc {
-            gpa: 0x4000_0000,
-            size: 4 << 20,
-            region: 0,
-            flags: 0,
-            region_offset: 0,
-        }],
+        memslots: vec![MemslotDesc { gpa: 0x4000_0000, size: 4 << 20, region: 0, flags: 0, region_offset: 0 }],
     }
 }
 
@@ -95,10 +86,7 @@ fn attempt(daemon: &Daemon, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (Reply, boo
 fn each_hostile_attach_is_refused_while_another_vm_runs() {
     let daemon = Daemon::start(&["--spin-polls", "0"]);
     // The bystander: a long-running VM 1.
-    let layout = Layout {
-        nr_vcpus: 1,
-        ..Layout::default()
-    };
+    let layout = Layout { nr_vcpus: 1, ..Layout::default() };
     let ops = 1_500_000;
     let mut bystander = machine(&daemon)
         .args([
@@ -119,11 +107,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !daemon.log().contains("VM attached") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bystander never attached: {}",
-            daemon.log()
-        );
+        assert!(std::time::Instant::now() < deadline, "bystander never attached: {}", daemon.log());
         std::thread::sleep(Duration::from_millis(10));
     }
 
@@ -131,9 +115,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     let rings = memfd(64 << 10, true);
     {
         // Lay out a valid ring region for 1 vCPU + control.
-        let map =
-            faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096)
-                .unwrap();
+        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
         // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
         unsafe { hyp_core_region(map.base(), 64 << 10) };
     }
@@ -167,13 +149,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
 
     // Overlapping memslots.
     let mut req = good.clone();
-    req.memslots.push(MemslotDesc {
-        gpa: 0x4010_0000,
-        size: 1 << 20,
-        region: 0,
-        flags: 0,
-        region_offset: 0,
-    });
+    req.memslots.push(MemslotDesc { gpa: 0x4010_0000, size: 1 << 20, region: 0, flags: 0, region_offset: 0 });
     let (r, closed) = attempt(&daemon, &req.encode(), &fds);
     assert_eq!(r.status, Status::Overlapping, "{r:?}");
     assert!(closed);
@@ -202,18 +178,11 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     let mut req = good.clone();
     req.nr_vcpus = 3;
     let (r, _) = attempt(&daemon, &req.encode(), &fds);
-    assert!(
-        matches!(r.status, Status::Malformed | Status::Undersized),
-        "{r:?}"
-    );
+    assert!(matches!(r.status, Status::Malformed | Status::Undersized), "{r:?}");
 
     // A memfd that is not sealed against shrinking.
     let unsealed = memfd(4 << 20, false);
-    let (r, _) = attempt(
-        &daemon,
-        &good.encode(),
-        &[unsealed.as_file().as_fd(), rings.as_file().as_fd()],
-    );
+    let (r, _) = attempt(&daemon, &good.encode(), &[unsealed.as_file().as_fd(), rings.as_file().as_fd()]);
     assert_eq!(r.status, Status::Malformed, "{r:?}");
     assert!(r.message.contains("sealed"), "{r:?}");
 
@@ -229,26 +198,13 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     drop(conn);
 
     // The bystander was still running through all of it, and finishes intact.
-    assert!(
-        bystander.try_wait().unwrap().is_none(),
-        "bystander finished before the hostile attempts ended"
-    );
+    assert!(bystander.try_wait().unwrap().is_none(), "bystander finished before the hostile attempts ended");
     let out = bystander.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &generate(Pattern::Sequential, &layout, ops, 3));
-    assert_eq!(
-        summary["ram_digest"].as_u64().unwrap(),
-        digest_bytes(&flat.ram)
-    );
-    assert_eq!(
-        summary["faults"].as_u64().unwrap(),
-        flat.expected_faults(true)
-    );
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram));
+    assert_eq!(summary["faults"].as_u64().unwrap(), flat.expected_faults(true));
     assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0);
 }
 

@@ -9,29 +9,14 @@ use sim_machine::workload::{digest_bytes, generate, replay_flat, FlatReplay, Pat
 
 /// 224 MiB of RAM (2 MiB-paged) + a 32 MiB read-only slot = 256 MiB.
 fn layout(vcpus: u32) -> Layout {
-    Layout {
-        nr_vcpus: vcpus,
-        ..Layout::default()
-    }
+    Layout { nr_vcpus: vcpus, ..Layout::default() }
 }
 
 fn check(summary: &Value, flat: &FlatReplay, ram_blocks: bool) {
-    assert_eq!(
-        summary["ram_digest"].as_u64().unwrap(),
-        digest_bytes(&flat.ram),
-        "RAM differs from the flat replay"
-    );
-    assert_eq!(
-        summary["rom_digest"].as_u64().unwrap(),
-        digest_bytes(&flat.rom),
-        "ROM changed"
-    );
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "RAM differs from the flat replay");
+    assert_eq!(summary["rom_digest"].as_u64().unwrap(), digest_bytes(&flat.rom), "ROM changed");
     assert_eq!(summary["injected"].as_u64().unwrap(), 0);
-    assert_eq!(
-        summary["faults"].as_u64().unwrap(),
-        flat.expected_faults(ram_blocks),
-        "fault count"
-    );
+    assert_eq!(summary["faults"].as_u64().unwrap(), flat.expected_faults(ram_blocks), "fault count");
     // Every exit, with its address and size, in each vCPU's program order.
     let mut got: Vec<(u32, u64, u8, bool)> = summary["exits"]
         .as_array()
@@ -50,33 +35,19 @@ fn check(summary: &Value, flat: &FlatReplay, ram_blocks: bool) {
     let mut want = flat.exits.clone();
     want.sort_by_key(|e| e.0);
     assert_eq!(got, want, "exits");
-    assert!(want.iter().any(|&(_, gpa, size, write)| write
-        && size == 4
-        && (ROM_GPA..ROM_GPA + (32 << 20)).contains(&gpa)));
+    assert!(want
+        .iter()
+        .any(|&(_, gpa, size, write)| write && size == 4 && (ROM_GPA..ROM_GPA + (32 << 20)).contains(&gpa)));
     let detach = &summary["detach"];
-    assert_eq!(
-        detach["pins_remaining"].as_u64().unwrap(),
-        0,
-        "pins left after teardown"
-    );
+    assert_eq!(detach["pins_remaining"].as_u64().unwrap(), 0, "pins left after teardown");
     assert!(detach["pages_released"].as_u64().unwrap() > 0);
-    assert_eq!(
-        detach["faults_served"].as_u64().unwrap(),
-        summary["faults"].as_u64().unwrap()
-    );
+    assert_eq!(detach["faults_served"].as_u64().unwrap(), summary["faults"].as_u64().unwrap());
 }
 
 fn run(daemon: &Daemon, layout: &Layout, pattern: Pattern, ops: usize) -> (Value, Workload) {
     let workload = generate(pattern, layout, ops, 42);
     let mut cmd = machine(daemon);
-    cmd.args([
-        "--vcpus",
-        &layout.nr_vcpus.to_string(),
-        "--ops",
-        &ops.to_string(),
-        "--seed",
-        "42",
-    ]);
+    cmd.args(["--vcpus", &layout.nr_vcpus.to_string(), "--ops", &ops.to_string(), "--seed", "42"]);
     cmd.args([
         "--pattern",
         match pattern {
@@ -97,10 +68,7 @@ fn one_vcpu_4k_policy_faults_once_per_page_and_memory_matches_replay() {
     let l = layout(1);
     let (summary, workload) = run(&daemon, &l, Pattern::Random, 12_000);
     let flat = replay_flat(&l, &workload);
-    assert!(
-        flat.ram_pages.len() > 5000,
-        "the workload touches many pages"
-    );
+    assert!(flat.ram_pages.len() > 5000, "the workload touches many pages");
     check(&summary, &flat, false);
 }
 
@@ -122,12 +90,7 @@ fn four_vcpus_default_policy_faults_once_per_2mib_block() {
 fn every_pattern_and_a_trace_replay_match_the_flat_replay() {
     let daemon = Daemon::start(&[]);
     let l = layout(2);
-    for p in [
-        Pattern::Sequential,
-        Pattern::Strided,
-        Pattern::ReadThenWrite,
-        Pattern::Fetch,
-    ] {
+    for p in [Pattern::Sequential, Pattern::Strided, Pattern::ReadThenWrite, Pattern::Fetch] {
         let (summary, workload) = run(&daemon, &l, p, 3_000);
         check(&summary, &replay_flat(&l, &workload), true);
     }
@@ -152,4 +115,28 @@ fn daemon_exits_cleanly_on_sigterm() {
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the attach socket is removed on shutdown");
+}
+
+#[test]
+fn a_killed_daemon_ends_the_machine_with_a_clear_error() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut child = machine(&daemon)
+        .args(["--vcpus", "2", "--pattern", "random", "--ops", "5000000", "--spin-polls", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("VM attached") {
+        assert!(Instant::now() < deadline, "machine never attached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the machine cannot finish without its daemon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("daemon"), "unclear error: {stderr}");
 }

@@ -149,10 +149,7 @@ impl RegionHeader {
             return Err(HeaderError::BadGeometry);
         }
         if self.region_bytes() > region_len {
-            return Err(HeaderError::RegionTooSmall {
-                need: self.region_bytes(),
-                have: region_len,
-            });
+            return Err(HeaderError::RegionTooSmall { need: self.region_bytes(), have: region_len });
         }
         Ok(())
     }
@@ -448,9 +445,7 @@ const _: () = {
     assert!(offset_of!(ResultRecord, reserved1) == 56);
 
     assert!(RING_CONTROL_SIZE == 2 * RECORD_SIZE);
-    assert!(
-        CONSUMER_INDEX_OFFSET == 64 && CONSUMER_WAITING_OFFSET == 68 && PRODUCER_INDEX_OFFSET == 0
-    );
+    assert!(CONSUMER_INDEX_OFFSET == 64 && CONSUMER_WAITING_OFFSET == 68 && PRODUCER_INDEX_OFFSET == 0);
     assert!(MAGIC == 0x3145_4e49_4c54_4c46);
 };
 
@@ -480,14 +475,8 @@ mod tests {
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
         assert_eq!((u32_at(0), u32_at(4)), (1, 3));
-        assert_eq!(
-            (u64_at(8), u64_at(16), u64_at(24), u64_at(32)),
-            (0x1111, 0x2222, 0x3333, 0x4444)
-        );
-        assert_eq!(
-            (u64_at(40), u64_at(48), u64_at(56)),
-            (0x5555, 0x6666, 0x7777)
-        );
+        assert_eq!((u64_at(8), u64_at(16), u64_at(24), u64_at(32)), (0x1111, 0x2222, 0x3333, 0x4444));
+        assert_eq!((u64_at(40), u64_at(48), u64_at(56)), (0x5555, 0x6666, 0x7777));
         assert_eq!(FaultRecord::decode(&f.encode()), f);
 
         let c = CommandRecord {
@@ -503,13 +492,8 @@ mod tests {
         };
         assert_eq!(c.encode().0[0], 0x7_0000_0010);
         assert_eq!(CommandRecord::decode(&c.encode()), c);
-        let r = ResultRecord {
-            kind: kind::RESULT,
-            status: 10,
-            command_kind: kind::MAP,
-            value: 2,
-            ..Default::default()
-        };
+        let r =
+            ResultRecord { kind: kind::RESULT, status: 10, command_kind: kind::MAP, value: 2, ..Default::default() };
         assert_eq!(r.encode().0[0], 0xa_0000_0002);
         assert_eq!(r.encode().0[6], 0x10);
         assert_eq!(ResultRecord::decode(&r.encode()), r);
@@ -528,31 +512,13 @@ mod tests {
             h.validate(len)
         };
         assert_eq!(bad(|h| h.magic ^= 1), Err(HeaderError::BadMagic));
-        assert_eq!(
-            bad(|h| h.abi_version = 2),
-            Err(HeaderError::UnsupportedVersion(2))
-        );
+        assert_eq!(bad(|h| h.abi_version = 2), Err(HeaderError::UnsupportedVersion(2)));
         assert_eq!(bad(|h| h.nr_vcpus = 0), Err(HeaderError::BadVcpuCount(0)));
-        assert_eq!(
-            bad(|h| h.nr_vcpus = 1000),
-            Err(HeaderError::BadVcpuCount(1000))
-        );
-        assert_eq!(
-            bad(|h| h.ring_entries = 48),
-            Err(HeaderError::BadRingEntries(48))
-        );
+        assert_eq!(bad(|h| h.nr_vcpus = 1000), Err(HeaderError::BadVcpuCount(1000)));
+        assert_eq!(bad(|h| h.ring_entries = 48), Err(HeaderError::BadRingEntries(48)));
         assert_eq!(bad(|h| h.ring_bytes += 64), Err(HeaderError::BadGeometry));
         assert_eq!(bad(|h| h.reserved[2] = 1), Err(HeaderError::BadGeometry));
-        assert_eq!(
-            good.validate(len - 1),
-            Err(HeaderError::RegionTooSmall {
-                need: len,
-                have: len - 1
-            })
-        );
-        assert_eq!(
-            good.ring_offset(1, RingKind::Command),
-            64 + 3 * (128 + 64 * 64)
-        );
+        assert_eq!(good.validate(len - 1), Err(HeaderError::RegionTooSmall { need: len, have: len - 1 }));
+        assert_eq!(good.ring_offset(1, RingKind::Command), 64 + 3 * (128 + 64 * 64));
     }
 }

@@ -8,11 +8,7 @@ pub mod abi;
 mod region;
 mod spsc;
 
-pub use abi::{
-    CommandRecord, FaultRecord, HeaderError, Record, RegionHeader, ResultRecord, RingKind,
-};
+pub use abi::{CommandRecord, FaultRecord, HeaderError, Record, RegionHeader, ResultRecord, RingKind};
 #[cfg(not(loom))]
 pub use region::SharedRegion;
-pub use spsc::{
-    Consumer, OwnedRing, Producer, RingError, RingView, Slot, Violation, OWNED_RING_ENTRIES,
-};
+pub use spsc::{Consumer, OwnedRing, Producer, RingError, RingView, Slot, Violation, OWNED_RING_ENTRIES};

@@ -8,8 +8,8 @@ use core::ptr::NonNull;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 use super::abi::{
-    HeaderError, RegionHeader, RingKind, CONSUMER_INDEX_OFFSET, CONSUMER_WAITING_OFFSET,
-    HEADER_SIZE, PRODUCER_INDEX_OFFSET, RECORD_SIZE, RING_CONTROL_SIZE,
+    HeaderError, RegionHeader, RingKind, CONSUMER_INDEX_OFFSET, CONSUMER_WAITING_OFFSET, HEADER_SIZE,
+    PRODUCER_INDEX_OFFSET, RECORD_SIZE, RING_CONTROL_SIZE,
 };
 use super::spsc::{RingView, Slot};
 
@@ -35,20 +35,11 @@ impl<'a> SharedRegion<'a> {
     ///
     /// `base .. base + len` must be writable memory, valid for `'a`, that
     /// the peer accesses only atomically (or not at all yet).
-    pub unsafe fn create(
-        base: NonNull<u8>,
-        len: u64,
-        nr_vcpus: u32,
-        ring_entries: u32,
-    ) -> Result<Self, HeaderError> {
+    pub unsafe fn create(base: NonNull<u8>, len: u64, nr_vcpus: u32, ring_entries: u32) -> Result<Self, HeaderError> {
         let header = RegionHeader::new(nr_vcpus, ring_entries);
         check_alignment(base)?;
         header.validate(len)?;
-        let region = Self {
-            base,
-            header,
-            _memory: PhantomData,
-        };
+        let region = Self { base, header, _memory: PhantomData };
         for vcpu in 0..nr_vcpus {
             for kind in [RingKind::Fault, RingKind::Command] {
                 let off = header.ring_offset(vcpu, kind);
@@ -73,27 +64,16 @@ impl<'a> SharedRegion<'a> {
     pub unsafe fn open(base: NonNull<u8>, len: u64) -> Result<Self, HeaderError> {
         check_alignment(base)?;
         if len < HEADER_SIZE as u64 {
-            return Err(HeaderError::RegionTooSmall {
-                need: HEADER_SIZE as u64,
-                have: len,
-            });
+            return Err(HeaderError::RegionTooSmall { need: HEADER_SIZE as u64, have: len });
         }
-        let probe = Self {
-            base,
-            header: RegionHeader::default(),
-            _memory: PhantomData,
-        };
+        let probe = Self { base, header: RegionHeader::default(), _memory: PhantomData };
         let mut words = [0u64; 8];
         for (i, w) in words.iter_mut().enumerate() {
             *w = probe.word(i as u64 * 8).load(Ordering::Acquire);
         }
         let header = RegionHeader::from_words(words);
         header.validate(len)?;
-        Ok(Self {
-            base,
-            header,
-            _memory: PhantomData,
-        })
+        Ok(Self { base, header, _memory: PhantomData })
     }
 
     /// The validated header copy.
@@ -211,10 +191,7 @@ mod tests {
         assert!(matches!(truncated, Err(HeaderError::RegionTooSmall { .. })));
         // SAFETY: as above.
         let tiny = unsafe { SharedRegion::open(base, 8) };
-        assert_eq!(
-            tiny.err(),
-            Some(HeaderError::RegionTooSmall { need: 64, have: 8 })
-        );
+        assert_eq!(tiny.err(), Some(HeaderError::RegionTooSmall { need: 64, have: 8 }));
         let odd = NonNull::new(base.as_ptr().wrapping_add(8)).unwrap();
         // SAFETY: as above (the call fails before touching memory).
         let misaligned = unsafe { SharedRegion::open(odd, len - 64) };

@@ -68,12 +68,7 @@ impl<'a> RingView<'a> {
         if !slots.len().is_power_of_two() || slots.len() > u32::MAX as usize / 2 {
             return None;
         }
-        Some(Self {
-            producer,
-            consumer,
-            waiting,
-            slots,
-        })
+        Some(Self { producer, consumer, waiting, slots })
     }
 
     /// The published producer index word, for a doorbell that sleeps until
@@ -124,11 +119,7 @@ impl<'a> Producer<'a> {
     /// (zero for a new ring, or where a restarted producer left off).
     pub fn attach(ring: RingView<'a>) -> Result<Self, Violation> {
         let head = ring.producer.load(Ordering::Acquire);
-        let mut p = Self {
-            ring,
-            head,
-            quarantined: None,
-        };
+        let mut p = Self { ring, head, quarantined: None };
         p.peer_index()?;
         Ok(p)
     }
@@ -141,10 +132,7 @@ impl<'a> Producer<'a> {
         let published = self.ring.consumer.load(Ordering::Acquire);
         let used = self.head.wrapping_sub(published);
         if used > self.ring.capacity() {
-            let v = Violation::ConsumerIndex {
-                published,
-                producer: self.head,
-            };
+            let v = Violation::ConsumerIndex { published, producer: self.head };
             self.quarantined = Some(v);
             return Err(v);
         }
@@ -200,11 +188,7 @@ impl<'a> Consumer<'a> {
     /// Takes the consuming end, resuming from the indices in shared memory.
     pub fn attach(ring: RingView<'a>) -> Result<Self, Violation> {
         let tail = ring.consumer.load(Ordering::Acquire);
-        let mut c = Self {
-            ring,
-            tail,
-            quarantined: None,
-        };
+        let mut c = Self { ring, tail, quarantined: None };
         c.peer_index()?;
         Ok(c)
     }
@@ -217,10 +201,7 @@ impl<'a> Consumer<'a> {
         let published = self.ring.producer.load(Ordering::Acquire);
         let ready = published.wrapping_sub(self.tail);
         if ready > self.ring.capacity() {
-            let v = Violation::ProducerIndex {
-                published,
-                consumer: self.tail,
-            };
+            let v = Violation::ProducerIndex { published, consumer: self.tail };
             self.quarantined = Some(v);
             return Err(v);
         }
@@ -297,12 +278,7 @@ impl OwnedRing {
 
     /// The ring's view.
     pub fn view(&self) -> RingView<'_> {
-        RingView {
-            producer: &self.producer,
-            consumer: &self.consumer,
-            waiting: &self.waiting,
-            slots: &self.slots,
-        }
+        RingView { producer: &self.producer, consumer: &self.consumer, waiting: &self.waiting, slots: &self.slots }
     }
 
     /// Overwrites the published producer index, as a hostile peer would.
@@ -364,10 +340,7 @@ mod tests {
         let ring = OwnedRing::new();
         let mut c = Consumer::attach(ring.view()).unwrap();
         ring.scribble_producer(1000);
-        let v = Violation::ProducerIndex {
-            published: 1000,
-            consumer: 0,
-        };
+        let v = Violation::ProducerIndex { published: 1000, consumer: 0 };
         assert_eq!(c.pop(), Err(RingError::Quarantined(v)));
         // Quarantine sticks even if the peer puts the index back.
         ring.scribble_producer(0);
@@ -383,10 +356,7 @@ mod tests {
         p.push(&rec(1)).unwrap();
         c.pop().unwrap();
         ring.scribble_producer(0); // moves backwards: 0 - 1 wraps to u32::MAX
-        assert!(matches!(
-            c.pop(),
-            Err(RingError::Quarantined(Violation::ProducerIndex { .. }))
-        ));
+        assert!(matches!(c.pop(), Err(RingError::Quarantined(Violation::ProducerIndex { .. }))));
     }
 
     #[test]
@@ -396,19 +366,10 @@ mod tests {
         p.push(&rec(1)).unwrap();
         // A consumer claiming to have read records never produced.
         ring.scribble_consumer(7);
-        let v = Violation::ConsumerIndex {
-            published: 7,
-            producer: 1,
-        };
+        let v = Violation::ConsumerIndex { published: 7, producer: 1 };
         assert_eq!(p.push(&rec(2)), Err(RingError::Quarantined(v)));
         // Attaching to a ring whose indices are already inconsistent fails too.
-        assert_eq!(
-            Producer::attach(ring.view()).err(),
-            Some(Violation::ConsumerIndex {
-                published: 7,
-                producer: 1
-            })
-        );
+        assert_eq!(Producer::attach(ring.view()).err(), Some(Violation::ConsumerIndex { published: 7, producer: 1 }));
     }
 
     #[test]

@@ -98,13 +98,7 @@ impl Perms {
 impl fmt::Debug for Perms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = |set: bool, ch: char| if set { ch } else { '-' };
-        write!(
-            f,
-            "{}{}{}",
-            c(self.read(), 'r'),
-            c(self.write(), 'w'),
-            c(self.exec(), 'x')
-        )
+        write!(f, "{}{}{}", c(self.read(), 'r'), c(self.write(), 'w'), c(self.exec(), 'x'))
     }
 }
 
@@ -239,10 +233,7 @@ impl Descriptor {
 
     /// Leaf attributes.
     pub const fn attrs(self) -> LeafAttrs {
-        LeafAttrs {
-            perms: self.perms(),
-            mem: self.mem_type(),
-        }
+        LeafAttrs { perms: self.perms(), mem: self.mem_type() }
     }
 
     /// Access flag.
@@ -281,14 +272,7 @@ mod tests {
     fn normal_rw_page_matches_hand_encoding() {
         // PA 0x4000_1000, page (bits 1:0 = 0b11), MemAttr 0b1111 (bits 5:2 = 0x3c),
         // S2AP = 0b11 (0xc0), SH = 0b11 (0x300), AF (0x400), XN (bit 54).
-        let d = Descriptor::leaf(
-            3,
-            Pa::new(0x4000_1000),
-            LeafAttrs {
-                perms: Perms::RW,
-                mem: MemType::Normal,
-            },
-        );
+        let d = Descriptor::leaf(3, Pa::new(0x4000_1000), LeafAttrs { perms: Perms::RW, mem: MemType::Normal });
         assert_eq!(d.raw(), 0x0040_0000_4000_17ff);
         assert_eq!(d.kind(3), DescriptorKind::Leaf(Pa::new(0x4000_1000)));
     }
@@ -296,14 +280,7 @@ mod tests {
     #[test]
     fn device_block_is_never_executable_and_matches_hand_encoding() {
         // Level 2 block: bits 1:0 = 0b01, MemAttr 0b0001 (0x4), S2AP R (0x40), SH, AF, XN.
-        let d = Descriptor::leaf(
-            2,
-            Pa::new(0x0900_0000),
-            LeafAttrs {
-                perms: Perms::RX,
-                mem: MemType::Device,
-            },
-        );
+        let d = Descriptor::leaf(2, Pa::new(0x0900_0000), LeafAttrs { perms: Perms::RX, mem: MemType::Device });
         assert_eq!(d.raw(), 0x0040_0000_0900_0745);
         assert_eq!(d.kind(2), DescriptorKind::Leaf(Pa::new(0x0900_0000)));
         assert_eq!(d.mem_type(), MemType::Device);
@@ -311,14 +288,7 @@ mod tests {
 
     #[test]
     fn executable_leaf_has_xn_clear() {
-        let d = Descriptor::leaf(
-            1,
-            Pa::new(0x4000_0000),
-            LeafAttrs {
-                perms: Perms::RX,
-                mem: MemType::Normal,
-            },
-        );
+        let d = Descriptor::leaf(1, Pa::new(0x4000_0000), LeafAttrs { perms: Perms::RX, mem: MemType::Normal });
         assert_eq!(d.raw() & (1 << 54), 0);
         assert_eq!(d.perms(), Perms::RX);
         assert_eq!(d.with_perms(Perms::R).perms(), Perms::R);

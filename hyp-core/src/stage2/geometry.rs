@@ -54,17 +54,8 @@ impl Geometry {
         let levels = (ipa_bits - 4 - 4) / 9;
         let start_level = 4 - levels;
         let root_bits = ipa_bits as u32 - Self::level_shift(start_level);
-        let root_tables = if root_bits > 9 {
-            1 << (root_bits - 9)
-        } else {
-            1
-        };
-        Ok(Self {
-            ipa_bits,
-            pa_bits,
-            start_level,
-            root_tables,
-        })
+        let root_tables = if root_bits > 9 { 1 << (root_bits - 9) } else { 1 };
+        Ok(Self { ipa_bits, pa_bits, start_level, root_tables })
     }
 
     /// KVM's default: 40-bit IPA, two concatenated level-1 roots.
@@ -211,14 +202,8 @@ mod tests {
         assert_eq!((g.start_level(), g.root_tables()), (0, 1));
         let g = Geometry::new(42, 44).unwrap();
         assert_eq!((g.start_level(), g.root_tables()), (1, 8));
-        assert_eq!(
-            Geometry::new(49, 48),
-            Err(GeometryError::UnsupportedIpaBits(49))
-        );
-        assert_eq!(
-            Geometry::new(40, 39),
-            Err(GeometryError::UnsupportedPaBits(39))
-        );
+        assert_eq!(Geometry::new(49, 48), Err(GeometryError::UnsupportedIpaBits(49)));
+        assert_eq!(Geometry::new(40, 39), Err(GeometryError::UnsupportedPaBits(39)));
         assert_eq!(Geometry::new(44, 40), Err(GeometryError::IpaLargerThanPa));
     }
 

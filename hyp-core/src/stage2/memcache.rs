@@ -25,10 +25,7 @@ impl Default for Memcache {
 impl Memcache {
     /// An empty memcache.
     pub const fn new() -> Self {
-        Self {
-            pages: [Pa::new(0); MEMCACHE_CAPACITY],
-            len: 0,
-        }
+        Self { pages: [Pa::new(0); MEMCACHE_CAPACITY], len: 0 }
     }
 
     /// Pages held.

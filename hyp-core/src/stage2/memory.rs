@@ -62,11 +62,7 @@ impl LinearMap {
     /// lifetime of the returned value, 4 KiB aligned, and accessed by others
     /// only atomically (a hardware or software MMU walk counts as atomic).
     pub unsafe fn new(pa_start: Pa, len: u64, base: NonNull<u8>) -> Self {
-        Self {
-            pa_start,
-            len,
-            base,
-        }
+        Self { pa_start, len, base }
     }
 
     /// The PA window this map covers.

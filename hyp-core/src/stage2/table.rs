@@ -176,12 +176,7 @@ impl<M: TableMemory> Stage2<M> {
         if !root.is_aligned(geometry.root_size()) {
             return Err(TableError::BadRoot);
         }
-        let s2 = Self {
-            geometry,
-            root,
-            vmid,
-            mem,
-        };
+        let s2 = Self { geometry, root, vmid, mem };
         for i in 0..geometry.root_tables() as u64 {
             let page = root.checked_add(i * PAGE_SIZE).ok_or(TableError::BadRoot)?;
             let table = s2.mem.table(page).ok_or(TableError::BadRoot)?;
@@ -249,10 +244,7 @@ impl<M: TableMemory> Stage2<M> {
         }
         let need = self.worst_case_pages(size);
         if cache.len() < need {
-            return Err(TableError::MemcacheLow {
-                need,
-                have: cache.len(),
-            });
+            return Err(TableError::MemcacheLow { need, have: cache.len() });
         }
         // Descend. Every error below happens before the first write: once a
         // table is allocated, all deeper entries are fresh and invalid.
@@ -287,20 +279,13 @@ impl<M: TableMemory> Stage2<M> {
                 entry.store(new.raw(), Ordering::Release);
                 Ok(MapOutcome::Replaced)
             }
-            DescriptorKind::Leaf(_) | DescriptorKind::Table(_) => {
-                Err(TableError::Overlap { level: target })
-            }
+            DescriptorKind::Leaf(_) | DescriptorKind::Table(_) => Err(TableError::Overlap { level: target }),
             DescriptorKind::Reserved => Err(TableError::Corrupt),
         }
     }
 
     /// Adds `perms` to the leaf that maps `ipa`, in place. Returns the leaf level.
-    pub fn relax(
-        &mut self,
-        ipa: Ipa,
-        perms: Perms,
-        tlb: &mut impl TlbMaintenance,
-    ) -> Result<u8, TableError> {
+    pub fn relax(&mut self, ipa: Ipa, perms: Perms, tlb: &mut impl TlbMaintenance) -> Result<u8, TableError> {
         let (entry, level) = self.leaf_entry(ipa)?.ok_or(TableError::NotMapped)?;
         let old = Descriptor::from_raw(entry.load(Ordering::Acquire));
         let new = old.with_perms(old.perms().union(perms));
@@ -308,11 +293,7 @@ impl<M: TableMemory> Stage2<M> {
             // A permission-only change needs no break-before-make; the
             // invalidation drops a stale, more restrictive TLB entry.
             entry.store(new.raw(), Ordering::Release);
-            tlb.invalidate_ipa(
-                self.vmid,
-                ipa.align_down(Geometry::level_size(level)),
-                level,
-            );
+            tlb.invalidate_ipa(self.vmid, ipa.align_down(Geometry::level_size(level)), level);
             tlb.sync(self.vmid);
         }
         Ok(level)
@@ -321,21 +302,14 @@ impl<M: TableMemory> Stage2<M> {
     /// Removes write permission from every leaf that intersects `range`
     /// (whole blocks, even where the range covers only part of one).
     /// Returns the number of leaves changed.
-    pub fn write_protect(
-        &mut self,
-        range: Range<Ipa>,
-        tlb: &mut impl TlbMaintenance,
-    ) -> Result<u64, TableError> {
+    pub fn write_protect(&mut self, range: Range<Ipa>, tlb: &mut impl TlbMaintenance) -> Result<u64, TableError> {
         self.check_range(range)?;
         let mut changed = 0;
         let vmid = self.vmid;
         self.visit_leaves(range, &mut |entry, ipa, level| {
             let old = Descriptor::from_raw(entry.load(Ordering::Acquire));
             if old.perms().write() {
-                entry.store(
-                    old.with_perms(old.perms().without(Perms::W)).raw(),
-                    Ordering::Release,
-                );
+                entry.store(old.with_perms(old.perms().without(Perms::W)).raw(), Ordering::Release);
                 tlb.invalidate_ipa(vmid, ipa, level);
                 changed += 1;
             }
@@ -370,16 +344,7 @@ impl<M: TableMemory> Stage2<M> {
         let mut stats = UnmapStats::default();
         let start_level = self.geometry.start_level();
         let root_entries = ENTRIES_PER_TABLE * self.geometry.root_tables();
-        self.unmap_in(
-            self.root,
-            start_level,
-            root_entries,
-            Ipa::new(0),
-            range,
-            tlb,
-            free,
-            &mut stats,
-        )?;
+        self.unmap_in(self.root, start_level, root_entries, Ipa::new(0), range, tlb, free, &mut stats)?;
         tlb.sync(self.vmid);
         Ok(stats)
     }
@@ -398,11 +363,7 @@ impl<M: TableMemory> Stage2<M> {
                 DescriptorKind::Table(next) => table = next,
                 DescriptorKind::Leaf(out) => {
                     let offset = ipa.raw() & (Geometry::level_size(level) - 1);
-                    return Ok(Walk::Mapped {
-                        level,
-                        descriptor: d,
-                        pa: Pa::new(out.raw() | offset),
-                    });
+                    return Ok(Walk::Mapped { level, descriptor: d, pa: Pa::new(out.raw() | offset) });
                 }
                 DescriptorKind::Reserved => return Err(TableError::Corrupt),
             }
@@ -412,14 +373,9 @@ impl<M: TableMemory> Stage2<M> {
 
     /// Calls `f(ipa, level, descriptor)` for every valid leaf, in IPA order.
     pub fn for_each_leaf(&self, f: &mut impl FnMut(Ipa, u8, Descriptor)) -> Result<(), TableError> {
-        let all = Range::<Ipa>::new(Ipa::new(0), self.geometry.ipa_size())
-            .ok_or(TableError::IpaOutOfRange)?;
+        let all = Range::<Ipa>::new(Ipa::new(0), self.geometry.ipa_size()).ok_or(TableError::IpaOutOfRange)?;
         self.visit_leaves(all, &mut |entry, ipa, level| {
-            f(
-                ipa,
-                level,
-                Descriptor::from_raw(entry.load(Ordering::Acquire)),
-            )
+            f(ipa, level, Descriptor::from_raw(entry.load(Ordering::Acquire)))
         })
     }
 
@@ -431,13 +387,7 @@ impl<M: TableMemory> Stage2<M> {
         Ok(n)
     }
 
-    fn count_tables(
-        &self,
-        table: Pa,
-        level: u8,
-        entries: usize,
-        n: &mut u64,
-    ) -> Result<(), TableError> {
+    fn count_tables(&self, table: Pa, level: u8, entries: usize, n: &mut u64) -> Result<(), TableError> {
         for index in 0..entries {
             let d = Descriptor::from_raw(self.entry_at(table, index)?.load(Ordering::Acquire));
             if let DescriptorKind::Table(next) = d.kind(level) {
@@ -462,9 +412,7 @@ impl<M: TableMemory> Stage2<M> {
     fn link_new_table(&self, entry: &AtomicU64, cache: &mut Memcache) -> Result<Pa, TableError> {
         // The caller checked the worst case; an empty memcache here is a bug
         // in that check, reported rather than panicking.
-        let page = cache
-            .pop()
-            .ok_or(TableError::MemcacheLow { need: 1, have: 0 })?;
+        let page = cache.pop().ok_or(TableError::MemcacheLow { need: 1, have: 0 })?;
         let Some(table) = self.mem.table(page) else {
             let _ = cache.push(page);
             return Err(TableError::Corrupt);
@@ -483,9 +431,7 @@ impl<M: TableMemory> Stage2<M> {
     /// Entry `index` of the table at `table` (indices past 511 reach into the
     /// following concatenated root pages).
     fn entry_at(&self, table: Pa, index: usize) -> Result<&AtomicU64, TableError> {
-        let page = table
-            .checked_add((index / ENTRIES_PER_TABLE) as u64 * PAGE_SIZE)
-            .ok_or(TableError::Corrupt)?;
+        let page = table.checked_add((index / ENTRIES_PER_TABLE) as u64 * PAGE_SIZE).ok_or(TableError::Corrupt)?;
         let t = self.mem.table(page).ok_or(TableError::Corrupt)?;
         Ok(&t[index % ENTRIES_PER_TABLE])
     }
@@ -510,20 +456,9 @@ impl<M: TableMemory> Stage2<M> {
     }
 
     /// Calls `f(entry, leaf_ipa, level)` for every valid leaf intersecting `range`.
-    fn visit_leaves(
-        &self,
-        range: Range<Ipa>,
-        f: &mut impl FnMut(&AtomicU64, Ipa, u8),
-    ) -> Result<(), TableError> {
+    fn visit_leaves(&self, range: Range<Ipa>, f: &mut impl FnMut(&AtomicU64, Ipa, u8)) -> Result<(), TableError> {
         let root_entries = ENTRIES_PER_TABLE * self.geometry.root_tables();
-        self.visit_in(
-            self.root,
-            self.geometry.start_level(),
-            root_entries,
-            Ipa::new(0),
-            range,
-            f,
-        )
+        self.visit_in(self.root, self.geometry.start_level(), root_entries, Ipa::new(0), range, f)
     }
 
     fn visit_in(
@@ -539,9 +474,7 @@ impl<M: TableMemory> Stage2<M> {
             let entry = self.entry_at(table, index)?;
             match Descriptor::from_raw(entry.load(Ordering::Acquire)).kind(level) {
                 DescriptorKind::Invalid => {}
-                DescriptorKind::Table(next) => {
-                    self.visit_in(next, level + 1, ENTRIES_PER_TABLE, ipa, range, f)?
-                }
+                DescriptorKind::Table(next) => self.visit_in(next, level + 1, ENTRIES_PER_TABLE, ipa, range, f)?,
                 DescriptorKind::Leaf(_) => f(entry, ipa, level),
                 DescriptorKind::Reserved => return Err(TableError::Corrupt),
             }
@@ -577,16 +510,7 @@ impl<M: TableMemory> Stage2<M> {
                     stats.bytes += Geometry::level_size(level);
                 }
                 DescriptorKind::Table(next) => {
-                    if self.unmap_in(
-                        next,
-                        level + 1,
-                        ENTRIES_PER_TABLE,
-                        ipa,
-                        range,
-                        tlb,
-                        free,
-                        stats,
-                    )? {
+                    if self.unmap_in(next, level + 1, ENTRIES_PER_TABLE, ipa, range, tlb, free, stats)? {
                         entry.store(Descriptor::INVALID.raw(), Ordering::Release);
                         tlb.invalidate_ipa(self.vmid, ipa, level);
                         // The walk caches may hold the table until this completes.
@@ -634,21 +558,13 @@ fn no_valid_entry_outside(t: &[AtomicU64; ENTRIES_PER_TABLE], first: usize, last
 
 /// The `(index, first ipa)` of each entry of a table at `level` (covering IPA
 /// from `base`, with `entries` entries) that intersects `range`.
-fn indices_in(
-    level: u8,
-    entries: usize,
-    base: Ipa,
-    range: Range<Ipa>,
-) -> impl Iterator<Item = (usize, Ipa)> {
+fn indices_in(level: u8, entries: usize, base: Ipa, range: Range<Ipa>) -> impl Iterator<Item = (usize, Ipa)> {
     let shift = Geometry::level_shift(level);
     let span = (entries as u64) << shift;
     let lo = range.start().raw().max(base.raw());
     let hi = range.end().raw().min(base.raw().saturating_add(span));
     let (first, last) = if lo < hi {
-        (
-            ((lo - base.raw()) >> shift) as usize,
-            ((hi - 1 - base.raw()) >> shift) as usize + 1,
-        )
+        (((lo - base.raw()) >> shift) as usize, ((hi - 1 - base.raw()) >> shift) as usize + 1)
     } else {
         (0, 0)
     };

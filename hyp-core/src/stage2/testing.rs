@@ -40,8 +40,7 @@ impl HostMemory {
     pub(crate) fn memcache_from(&self, first: usize, count: usize) -> Memcache {
         let mut m = Memcache::new();
         for i in first..first + count {
-            m.push(Pa::new(self.map.pa_start().raw() + i as u64 * PAGE_SIZE))
-                .unwrap();
+            m.push(Pa::new(self.map.pa_start().raw() + i as u64 * PAGE_SIZE)).unwrap();
         }
         m
     }

@@ -13,14 +13,8 @@ use crate::addr::{Ipa, Pa, Range};
 
 const TABLE_PA: u64 = 0x1_0000_0000;
 const POOL: usize = 96;
-const RW: LeafAttrs = LeafAttrs {
-    perms: Perms::RW,
-    mem: MemType::Normal,
-};
-const R: LeafAttrs = LeafAttrs {
-    perms: Perms::R,
-    mem: MemType::Normal,
-};
+const RW: LeafAttrs = LeafAttrs { perms: Perms::RW, mem: MemType::Normal };
+const R: LeafAttrs = LeafAttrs { perms: Perms::R, mem: MemType::Normal };
 
 fn setup(geometry: Geometry) -> (HostMemory, Memcache) {
     let mem = HostMemory::new(Pa::new(TABLE_PA), POOL);
@@ -38,28 +32,14 @@ fn map_page_then_walk_reports_level3_leaf() {
     let (mem, mut cache) = setup(g);
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    assert_eq!(
-        s2.walk(Ipa::new(0x4000_1000)).unwrap(),
-        Walk::Unmapped { level: 1 }
-    );
+    assert_eq!(s2.walk(Ipa::new(0x4000_1000)).unwrap(), Walk::Unmapped { level: 1 });
     let before = cache.len();
-    let out = s2.map(
-        Ipa::new(0x4000_1000),
-        Pa::new(0x8000_5000),
-        MapSize::Page4K,
-        RW,
-        &mut cache,
-        &mut tlb,
-    );
+    let out = s2.map(Ipa::new(0x4000_1000), Pa::new(0x8000_5000), MapSize::Page4K, RW, &mut cache, &mut tlb);
     assert_eq!(out, Ok(MapOutcome::Installed));
     // Level 2 and level 3 tables were taken from the memcache.
     assert_eq!(before - cache.len(), 2);
     match s2.walk(Ipa::new(0x4000_1abc)).unwrap() {
-        Walk::Mapped {
-            level,
-            descriptor,
-            pa,
-        } => {
+        Walk::Mapped { level, descriptor, pa } => {
             assert_eq!(level, 3);
             assert_eq!(pa, Pa::new(0x8000_5abc));
             assert_eq!(descriptor.attrs(), RW);
@@ -67,15 +47,9 @@ fn map_page_then_walk_reports_level3_leaf() {
         other => panic!("{other:?}"),
     }
     // The neighbouring page is a translation fault at level 3.
-    assert_eq!(
-        s2.walk(Ipa::new(0x4000_2000)).unwrap(),
-        Walk::Unmapped { level: 3 }
-    );
+    assert_eq!(s2.walk(Ipa::new(0x4000_2000)).unwrap(), Walk::Unmapped { level: 3 });
     // The second concatenated root serves IPAs >= 512 GiB.
-    assert_eq!(
-        s2.walk(Ipa::new(0x80_4000_0000)).unwrap(),
-        Walk::Unmapped { level: 1 }
-    );
+    assert_eq!(s2.walk(Ipa::new(0x80_4000_0000)).unwrap(), Walk::Unmapped { level: 1 });
 }
 
 #[test]
@@ -87,15 +61,7 @@ fn root_descriptor_bytes_are_where_the_mmu_reads_them() {
     let (mem, mut cache) = setup(g);
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    s2.map(
-        Ipa::new(0x80_4000_0000),
-        Pa::new(0xC000_0000),
-        MapSize::Block1G,
-        RW,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
+    s2.map(Ipa::new(0x80_4000_0000), Pa::new(0xC000_0000), MapSize::Block1G, RW, &mut cache, &mut tlb).unwrap();
     let page = TableMemory::table(mem.map(), Pa::new(TABLE_PA + 0x1000)).unwrap();
     let raw = page[1].load(core::sync::atomic::Ordering::Relaxed);
     // Block descriptor: bits[1:0]=01, MemAttr 1111, S2AP 11, SH 11, AF, XN.
@@ -110,21 +76,11 @@ fn map_checks_worst_case_memcache_need_before_touching_tables() {
     let mut cache = mem.memcache_from(1, 2); // worst case for a page at level 0 root is 3
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    let err = s2.map(
-        Ipa::new(0x1000),
-        Pa::new(0x2000),
-        MapSize::Page4K,
-        RW,
-        &mut cache,
-        &mut tlb,
-    );
+    let err = s2.map(Ipa::new(0x1000), Pa::new(0x2000), MapSize::Page4K, RW, &mut cache, &mut tlb);
     assert_eq!(err, Err(TableError::MemcacheLow { need: 3, have: 2 }));
     assert_eq!(cache.len(), 2);
     assert_eq!(s2.table_pages().unwrap(), 0);
-    assert_eq!(
-        s2.walk(Ipa::new(0x1000)).unwrap(),
-        Walk::Unmapped { level: 0 }
-    );
+    assert_eq!(s2.walk(Ipa::new(0x1000)).unwrap(), Walk::Unmapped { level: 0 });
 }
 
 #[test]
@@ -134,31 +90,12 @@ fn misaligned_and_out_of_range_maps_are_refused() {
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
     let m = |s2: &mut Stage2<_>, cache: &mut Memcache, ipa, pa, size| {
-        s2.map(
-            Ipa::new(ipa),
-            Pa::new(pa),
-            size,
-            RW,
-            cache,
-            &mut RecordingTlb::default(),
-        )
+        s2.map(Ipa::new(ipa), Pa::new(pa), size, RW, cache, &mut RecordingTlb::default())
     };
-    assert_eq!(
-        m(&mut s2, &mut cache, 0x20_1000, 0x40_0000, MapSize::Block2M),
-        Err(TableError::Misaligned)
-    );
-    assert_eq!(
-        m(&mut s2, &mut cache, 0x20_0000, 0x40_1000, MapSize::Block2M),
-        Err(TableError::Misaligned)
-    );
-    assert_eq!(
-        m(&mut s2, &mut cache, 1 << 40, 0, MapSize::Page4K),
-        Err(TableError::IpaOutOfRange)
-    );
-    assert_eq!(
-        m(&mut s2, &mut cache, 0, 1 << 40, MapSize::Page4K),
-        Err(TableError::PaOutOfRange)
-    );
+    assert_eq!(m(&mut s2, &mut cache, 0x20_1000, 0x40_0000, MapSize::Block2M), Err(TableError::Misaligned));
+    assert_eq!(m(&mut s2, &mut cache, 0x20_0000, 0x40_1000, MapSize::Block2M), Err(TableError::Misaligned));
+    assert_eq!(m(&mut s2, &mut cache, 1 << 40, 0, MapSize::Page4K), Err(TableError::IpaOutOfRange));
+    assert_eq!(m(&mut s2, &mut cache, 0, 1 << 40, MapSize::Page4K), Err(TableError::PaOutOfRange));
     assert_eq!(s2.table_pages().unwrap(), 0);
     let _ = &mut tlb;
 }
@@ -169,86 +106,35 @@ fn map_over_a_different_mapping_is_refused_and_same_mapping_is_idempotent() {
     let (mem, mut cache) = setup(g);
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    s2.map(
-        Ipa::new(0x20_0000),
-        Pa::new(0x60_0000),
-        MapSize::Block2M,
-        R,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
+    s2.map(Ipa::new(0x20_0000), Pa::new(0x60_0000), MapSize::Block2M, R, &mut cache, &mut tlb).unwrap();
     // Same output and attributes: nothing to do.
     assert_eq!(
-        s2.map(
-            Ipa::new(0x20_0000),
-            Pa::new(0x60_0000),
-            MapSize::Block2M,
-            R,
-            &mut cache,
-            &mut tlb
-        ),
+        s2.map(Ipa::new(0x20_0000), Pa::new(0x60_0000), MapSize::Block2M, R, &mut cache, &mut tlb),
         Ok(MapOutcome::AlreadyPresent)
     );
     // Different output: refused.
     assert_eq!(
-        s2.map(
-            Ipa::new(0x20_0000),
-            Pa::new(0x80_0000),
-            MapSize::Block2M,
-            R,
-            &mut cache,
-            &mut tlb
-        ),
+        s2.map(Ipa::new(0x20_0000), Pa::new(0x80_0000), MapSize::Block2M, R, &mut cache, &mut tlb),
         Err(TableError::Overlap { level: 2 })
     );
     // A page inside the block: refused at the block's level.
     assert_eq!(
-        s2.map(
-            Ipa::new(0x20_1000),
-            Pa::new(0x60_1000),
-            MapSize::Page4K,
-            R,
-            &mut cache,
-            &mut tlb
-        ),
+        s2.map(Ipa::new(0x20_1000), Pa::new(0x60_1000), MapSize::Page4K, R, &mut cache, &mut tlb),
         Err(TableError::Overlap { level: 2 })
     );
     // Same output with new attributes: break-before-make.
     tlb.invalidated.clear();
     let syncs = tlb.syncs;
     assert_eq!(
-        s2.map(
-            Ipa::new(0x20_0000),
-            Pa::new(0x60_0000),
-            MapSize::Block2M,
-            RW,
-            &mut cache,
-            &mut tlb
-        ),
+        s2.map(Ipa::new(0x20_0000), Pa::new(0x60_0000), MapSize::Block2M, RW, &mut cache, &mut tlb),
         Ok(MapOutcome::Replaced)
     );
     assert_eq!(tlb.invalidated, [(1, Ipa::new(0x20_0000), 2)]);
     assert_eq!(tlb.syncs, syncs + 1);
     // A block over a table of pages: refused.
-    s2.map(
-        Ipa::new(0x40_0000),
-        Pa::new(0x1000),
-        MapSize::Page4K,
-        R,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
+    s2.map(Ipa::new(0x40_0000), Pa::new(0x1000), MapSize::Page4K, R, &mut cache, &mut tlb).unwrap();
     assert_eq!(
-        s2.map(
-            Ipa::new(0x40_0000),
-            Pa::new(0xa0_0000),
-            MapSize::Block2M,
-            R,
-            &mut cache,
-            &mut tlb
-        ),
+        s2.map(Ipa::new(0x40_0000), Pa::new(0xa0_0000), MapSize::Block2M, R, &mut cache, &mut tlb),
         Err(TableError::Overlap { level: 2 })
     );
 }
@@ -275,28 +161,16 @@ fn unmap_returns_emptied_tables_and_invalidates_each_leaf() {
     tlb = RecordingTlb::default();
     // Unmap two pages: the level-3 table keeps two leaves.
     let mut freed = Vec::new();
-    let st = s2
-        .unmap(range(0x4000_0000, 0x2000), &mut tlb, &mut |p| freed.push(p))
-        .unwrap();
+    let st = s2.unmap(range(0x4000_0000, 0x2000), &mut tlb, &mut |p| freed.push(p)).unwrap();
     assert_eq!((st.leaves, st.tables_freed), (2, 0));
-    assert_eq!(
-        tlb.invalidated,
-        [(3, Ipa::new(0x4000_0000), 3), (3, Ipa::new(0x4000_1000), 3)]
-    );
+    assert_eq!(tlb.invalidated, [(3, Ipa::new(0x4000_0000), 3), (3, Ipa::new(0x4000_1000), 3)]);
     assert_eq!(tlb.syncs, 1);
     // Unmap the rest: both tables are emptied and handed back.
-    let st = s2
-        .unmap(range(0x4000_0000, 0x4000_0000), &mut tlb, &mut |p| {
-            freed.push(p)
-        })
-        .unwrap();
+    let st = s2.unmap(range(0x4000_0000, 0x4000_0000), &mut tlb, &mut |p| freed.push(p)).unwrap();
     assert_eq!((st.leaves, st.tables_freed), (2, 2));
     assert_eq!(freed.len(), 2);
     assert_eq!(s2.table_pages().unwrap(), 0);
-    assert_eq!(
-        s2.walk(Ipa::new(0x4000_2000)).unwrap(),
-        Walk::Unmapped { level: 1 }
-    );
+    assert_eq!(s2.walk(Ipa::new(0x4000_2000)).unwrap(), Walk::Unmapped { level: 1 });
 }
 
 #[test]
@@ -305,41 +179,12 @@ fn unmap_cutting_through_a_block_is_refused_and_changes_nothing() {
     let (mem, mut cache) = setup(g);
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    s2.map(
-        Ipa::new(0x20_0000),
-        Pa::new(0x60_0000),
-        MapSize::Block2M,
-        RW,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
-    s2.map(
-        Ipa::new(0x1000),
-        Pa::new(0x1000),
-        MapSize::Page4K,
-        RW,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
-    let err = s2.unmap(range(0x1000, 0x20_0000), &mut tlb, &mut |_| {
-        panic!("nothing may be freed")
-    });
-    assert_eq!(
-        err,
-        Err(TableError::PartialBlock {
-            block: Ipa::new(0x20_0000)
-        })
-    );
-    assert!(matches!(
-        s2.walk(Ipa::new(0x1000)).unwrap(),
-        Walk::Mapped { level: 3, .. }
-    ));
-    assert!(matches!(
-        s2.walk(Ipa::new(0x20_0000)).unwrap(),
-        Walk::Mapped { level: 2, .. }
-    ));
+    s2.map(Ipa::new(0x20_0000), Pa::new(0x60_0000), MapSize::Block2M, RW, &mut cache, &mut tlb).unwrap();
+    s2.map(Ipa::new(0x1000), Pa::new(0x1000), MapSize::Page4K, RW, &mut cache, &mut tlb).unwrap();
+    let err = s2.unmap(range(0x1000, 0x20_0000), &mut tlb, &mut |_| panic!("nothing may be freed"));
+    assert_eq!(err, Err(TableError::PartialBlock { block: Ipa::new(0x20_0000) }));
+    assert!(matches!(s2.walk(Ipa::new(0x1000)).unwrap(), Walk::Mapped { level: 3, .. }));
+    assert!(matches!(s2.walk(Ipa::new(0x20_0000)).unwrap(), Walk::Mapped { level: 2, .. }));
 }
 
 #[test]
@@ -348,15 +193,7 @@ fn relax_adds_permissions_in_place_and_write_protect_removes_write() {
     let (mem, mut cache) = setup(g);
     let mut s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     let mut tlb = RecordingTlb::default();
-    s2.map(
-        Ipa::new(0x20_0000),
-        Pa::new(0x60_0000),
-        MapSize::Block2M,
-        R,
-        &mut cache,
-        &mut tlb,
-    )
-    .unwrap();
+    s2.map(Ipa::new(0x20_0000), Pa::new(0x60_0000), MapSize::Block2M, R, &mut cache, &mut tlb).unwrap();
     assert_eq!(s2.relax(Ipa::new(0x20_5000), Perms::W, &mut tlb), Ok(2));
     let perms = |s2: &Stage2<_>| match s2.walk(Ipa::new(0x20_0000)).unwrap() {
         Walk::Mapped { descriptor, .. } => descriptor.perms(),
@@ -366,10 +203,7 @@ fn relax_adds_permissions_in_place_and_write_protect_removes_write() {
     // Write-protect a range covering only one page of the block: the whole block loses write.
     assert_eq!(s2.write_protect(range(0x20_1000, 0x1000), &mut tlb), Ok(1));
     assert_eq!(perms(&s2), Perms::R);
-    assert_eq!(
-        s2.relax(Ipa::new(0x60_0000), Perms::W, &mut tlb),
-        Err(TableError::NotMapped)
-    );
+    assert_eq!(s2.relax(Ipa::new(0x60_0000), Perms::W, &mut tlb), Err(TableError::NotMapped));
 }
 
 #[test]
@@ -379,39 +213,19 @@ fn corrupt_table_pointer_is_an_error_not_a_panic() {
     let s2 = Stage2::new(g, Pa::new(TABLE_PA), 1, &mem).unwrap();
     // A table descriptor pointing outside table memory.
     let root = TableMemory::table(mem.map(), Pa::new(TABLE_PA)).unwrap();
-    root[0].store(
-        Descriptor::table(Pa::new(0xdead_0000)).raw(),
-        core::sync::atomic::Ordering::Relaxed,
-    );
+    root[0].store(Descriptor::table(Pa::new(0xdead_0000)).raw(), core::sync::atomic::Ordering::Relaxed);
     assert_eq!(s2.walk(Ipa::new(0x1000)), Err(TableError::Corrupt));
-    assert_eq!(
-        Stage2::new(g, Pa::new(TABLE_PA + 0x1000), 1, &mem).err(),
-        Some(TableError::BadRoot)
-    );
+    assert_eq!(Stage2::new(g, Pa::new(TABLE_PA + 0x1000), 1, &mem).err(), Some(TableError::BadRoot));
 }
 
 // ---- Model-based property test ----
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map {
-        slot: u64,
-        pa_slot: u64,
-        size: MapSize,
-        perms: Perms,
-    },
-    Unmap {
-        slot: u64,
-        pages: u64,
-    },
-    Relax {
-        page: u64,
-        perms: Perms,
-    },
-    WriteProtect {
-        page: u64,
-        pages: u64,
-    },
+    Map { slot: u64, pa_slot: u64, size: MapSize, perms: Perms },
+    Unmap { slot: u64, pages: u64 },
+    Relax { page: u64, perms: Perms },
+    WriteProtect { page: u64, pages: u64 },
 }
 
 /// The IPA space exercised: 2 GiB from 1 GiB, so 1 GiB blocks fit at 1 GiB.
@@ -451,12 +265,7 @@ fn overlapping(model: &Model, start: u64, len: u64) -> Vec<u64> {
 
 fn apply_model(model: &mut Model, op: &Op) -> bool {
     match *op {
-        Op::Map {
-            slot,
-            pa_slot,
-            size,
-            perms,
-        } => {
+        Op::Map { slot, pa_slot, size, perms } => {
             let ipa = (BASE + slot * 0x1000) & !(size.bytes() - 1);
             let pa = (pa_slot * 0x1000 * 512) & !(size.bytes() - 1);
             let hits = overlapping(model, ipa, size.bytes());
@@ -474,10 +283,7 @@ fn apply_model(model: &mut Model, op: &Op) -> bool {
             let start = BASE + slot * 0x1000;
             let len = pages * 0x1000;
             let hits = overlapping(model, start, len);
-            if hits
-                .iter()
-                .any(|&ipa| ipa < start || ipa + model[&ipa].0.bytes() > start + len)
-            {
+            if hits.iter().any(|&ipa| ipa < start || ipa + model[&ipa].0.bytes() > start + len) {
                 return false;
             }
             for ipa in hits {
@@ -509,32 +315,20 @@ fn apply_model(model: &mut Model, op: &Op) -> bool {
 fn apply_tables(s2: &mut Stage2<&HostMemory>, cache: &mut Memcache, op: &Op) -> bool {
     let mut tlb = RecordingTlb::default();
     match *op {
-        Op::Map {
-            slot,
-            pa_slot,
-            size,
-            perms,
-        } => {
+        Op::Map { slot, pa_slot, size, perms } => {
             let ipa = (BASE + slot * 0x1000) & !(size.bytes() - 1);
             let pa = (pa_slot * 0x1000 * 512) & !(size.bytes() - 1);
-            let attrs = LeafAttrs {
-                perms,
-                mem: MemType::Normal,
-            };
-            s2.map(Ipa::new(ipa), Pa::new(pa), size, attrs, cache, &mut tlb)
-                .is_ok()
+            let attrs = LeafAttrs { perms, mem: MemType::Normal };
+            s2.map(Ipa::new(ipa), Pa::new(pa), size, attrs, cache, &mut tlb).is_ok()
         }
         Op::Unmap { slot, pages } => {
             let r = range(BASE + slot * 0x1000, pages * 0x1000);
-            s2.unmap(r, &mut tlb, &mut |p| cache.push(p).unwrap())
-                .is_ok()
+            s2.unmap(r, &mut tlb, &mut |p| cache.push(p).unwrap()).is_ok()
         }
-        Op::Relax { page, perms } => s2
-            .relax(Ipa::new(BASE + page * 0x1000), perms, &mut tlb)
-            .is_ok(),
-        Op::WriteProtect { page, pages } => s2
-            .write_protect(range(BASE + page * 0x1000, pages * 0x1000), &mut tlb)
-            .is_ok(),
+        Op::Relax { page, perms } => s2.relax(Ipa::new(BASE + page * 0x1000), perms, &mut tlb).is_ok(),
+        Op::WriteProtect { page, pages } => {
+            s2.write_protect(range(BASE + page * 0x1000, pages * 0x1000), &mut tlb).is_ok()
+        }
     }
 }
 

@@ -47,31 +47,12 @@ fn vm1() -> VmId {
 /// Builds vm1 (4 vCPUs, 40-bit IPA) with its memory donated and 16 memcache pages.
 fn setup<'m>(w: &'m mut World, geometry: Geometry) -> (Vm<&'m HostMemory>, PageOwnership<'m>) {
     let mut owners = PageOwnership::new(Pa::new(OWN_BASE), &mut w.owners);
-    owners
-        .transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1()))
-        .unwrap();
-    owners
-        .transfer(
-            Pa::new(VM2_MEM),
-            2 << 20,
-            Owner::Host,
-            Owner::Vm(VmId::new(2).unwrap()),
-        )
-        .unwrap();
+    owners.transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1())).unwrap();
+    owners.transfer(Pa::new(VM2_MEM), 2 << 20, Owner::Host, Owner::Vm(VmId::new(2).unwrap())).unwrap();
     let mut vm = Vm::new(vm1(), geometry, Pa::new(TABLES), 4, &w.mem, &mut owners).unwrap();
     let first = TABLES + geometry.root_size();
-    let topup = CommandRecord {
-        kind: kind::TOPUP,
-        pa: first,
-        size: 16 * 4096,
-        ..Default::default()
-    };
-    let ex = vm.execute(
-        0,
-        &topup.encode(),
-        &mut owners,
-        &mut RecordingTlb::default(),
-    );
+    let topup = CommandRecord { kind: kind::TOPUP, pa: first, size: 16 * 4096, ..Default::default() };
+    let ex = vm.execute(0, &topup.encode(), &mut owners, &mut RecordingTlb::default());
     assert_eq!(ex.result.status, 0, "{ex:?}");
     (vm, owners)
 }
@@ -103,9 +84,7 @@ struct Snapshot {
 
 fn snapshot(vm: &Vm<&HostMemory>, owners: &PageOwnership<'_>) -> Snapshot {
     let mut leaves = Vec::new();
-    vm.stage2()
-        .for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw())))
-        .unwrap();
+    vm.stage2().for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw()))).unwrap();
     Snapshot {
         leaves,
         table_pages: vm.stage2().table_pages().unwrap(),
@@ -122,25 +101,11 @@ fn write_fault_mapped_and_completed() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
-    let f = vm
-        .take_fault(
-            0,
-            ESR_WRITE_L3,
-            0xffff_0000_1234_5678,
-            hpfar(0x8000_1000),
-            42,
-            |_| None,
-        )
-        .unwrap();
-    assert_eq!(
-        (f.kind, f.vcpu, f.ipa, f.timestamp_ns, f.inval_seq),
-        (kind::FAULT, 0, 0x8000_1678, 42, 0)
-    );
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0xffff_0000_1234_5678, hpfar(0x8000_1000), 42, |_| None).unwrap();
+    assert_eq!((f.kind, f.vcpu, f.ipa, f.timestamp_ns, f.inval_seq), (kind::FAULT, 0, 0x8000_1678, 42, 0));
     assert_eq!(
         vm.take_fault(0, ESR_WRITE_L3, 0, 0, 0, |_| None),
-        Err(FaultError::AlreadyOutstanding {
-            fault_id: f.fault_id
-        })
+        Err(FaultError::AlreadyOutstanding { fault_id: f.fault_id })
     );
     let ex = vm.execute(
         0,
@@ -149,18 +114,11 @@ fn write_fault_mapped_and_completed() {
         &mut tlb,
     );
     assert_eq!(ex.result.status, 0, "{ex:?}");
-    assert_eq!(
-        (ex.result.cmd_id, ex.result.value, ex.result.detail),
-        (77, map_outcome::INSTALLED, 3)
-    );
+    assert_eq!((ex.result.cmd_id, ex.result.value, ex.result.detail), (77, map_outcome::INSTALLED, 3));
     assert_eq!(ex.completion, Some(Completion::Resume));
     assert_eq!(vm.outstanding(0), None);
     match vm.stage2().walk(Ipa::new(0x8000_1678)).unwrap() {
-        Walk::Mapped {
-            pa,
-            level: 3,
-            descriptor,
-        } => {
+        Walk::Mapped { pa, level: 3, descriptor } => {
             assert_eq!(pa, Pa::new(VM1_MEM + 0x5678));
             assert_eq!(descriptor.perms(), Perms::RW);
         }
@@ -173,34 +131,16 @@ fn permission_fault_at_same_granule_relaxes_in_place() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
-    let f = vm
-        .take_fault(1, ESR_READ_L2, 0x20_0000, hpfar(0x20_0000), 0, |_| None)
-        .unwrap();
-    let ex = vm.execute(
-        1,
-        &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::R).encode(),
-        &mut owners,
-        &mut tlb,
-    );
+    let f = vm.take_fault(1, ESR_READ_L2, 0x20_0000, hpfar(0x20_0000), 0, |_| None).unwrap();
+    let ex = vm.execute(1, &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::R).encode(), &mut owners, &mut tlb);
     assert_eq!(ex.result.status, 0);
     let tables = vm.stage2().table_pages().unwrap();
     // Permission fault: HPFAR not valid, the core resolves FAR itself.
-    let f = vm
-        .take_fault(1, ESR_WRITE_PERM_L3, 0x20_3000, 0xdead_0000, 0, |far| {
-            Some(Ipa::new(far))
-        })
-        .unwrap();
+    let f = vm.take_fault(1, ESR_WRITE_PERM_L3, 0x20_3000, 0xdead_0000, 0, |far| Some(Ipa::new(far))).unwrap();
     assert_eq!(f.ipa, 0x20_3000);
-    let ex = vm.execute(
-        1,
-        &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::RW).encode(),
-        &mut owners,
-        &mut tlb,
-    );
-    assert_eq!(
-        (ex.result.status, ex.result.value, ex.result.detail),
-        (0, map_outcome::RELAXED, 2)
-    );
+    let ex =
+        vm.execute(1, &map_cmd(f.fault_id, 0x20_0000, VM1_MEM, 2 << 20, Perms::RW).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value, ex.result.detail), (0, map_outcome::RELAXED, 2));
     assert_eq!(vm.stage2().table_pages().unwrap(), tables);
     assert!(
         matches!(vm.stage2().walk(Ipa::new(0x20_3000)).unwrap(), Walk::Mapped { level: 2, descriptor, .. } if descriptor.perms() == Perms::RW)
@@ -214,312 +154,117 @@ fn hostile_commands_are_rejected_with_their_reason_and_tables_unchanged() {
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
     // Some state to protect: a mapped 2 MiB block at IPA 0 and an outstanding write fault.
-    let f0 = vm
-        .take_fault(2, ESR_READ_L2, 0x1000, hpfar(0x1000), 0, |_| None)
-        .unwrap();
+    let f0 = vm.take_fault(2, ESR_READ_L2, 0x1000, hpfar(0x1000), 0, |_| None).unwrap();
     assert_eq!(
-        vm.execute(
-            2,
-            &map_cmd(f0.fault_id, 0, VM1_MEM + (2 << 20), 2 << 20, Perms::R).encode(),
-            &mut owners,
-            &mut tlb
-        )
-        .result
-        .status,
+        vm.execute(2, &map_cmd(f0.fault_id, 0, VM1_MEM + (2 << 20), 2 << 20, Perms::R).encode(), &mut owners, &mut tlb)
+            .result
+            .status,
         0
     );
-    let f = vm
-        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
-            None
-        })
-        .unwrap();
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
     let good = map_cmd(f.fault_id, 0x8000_1000, VM1_MEM + 0x5000, 4096, Perms::RW);
     let other_vm_page = VM2_MEM;
 
     let cases: Vec<(&str, u32, CommandRecord, Reject)> = vec![
-        (
-            "unknown kind",
-            0,
-            CommandRecord { kind: 0x99, ..good },
-            Reject::Malformed,
-        ),
-        (
-            "reserved word set",
-            0,
-            CommandRecord {
-                reserved: 1,
-                ..good
-            },
-            Reject::Malformed,
-        ),
-        (
-            "unknown flag bits",
-            0,
-            CommandRecord {
-                flags: good.flags | 1 << 9,
-                ..good
-            },
-            Reject::Malformed,
-        ),
+        ("unknown kind", 0, CommandRecord { kind: 0x99, ..good }, Reject::Malformed),
+        ("reserved word set", 0, CommandRecord { reserved: 1, ..good }, Reject::Malformed),
+        ("unknown flag bits", 0, CommandRecord { flags: good.flags | 1 << 9, ..good }, Reject::Malformed),
         ("vcpu out of range", 9, good, Reject::Malformed),
-        (
-            "fault id never issued",
-            0,
-            CommandRecord {
-                fault_id: 999,
-                ..good
-            },
-            Reject::UnknownFault,
-        ),
-        (
-            "fault outstanding on another vcpu",
-            1,
-            good,
-            Reject::UnknownFault,
-        ),
-        (
-            "size not a page or block",
-            0,
-            CommandRecord {
-                size: 0x3000,
-                ..good
-            },
-            Reject::BadSize,
-        ),
+        ("fault id never issued", 0, CommandRecord { fault_id: 999, ..good }, Reject::UnknownFault),
+        ("fault outstanding on another vcpu", 1, good, Reject::UnknownFault),
+        ("size not a page or block", 0, CommandRecord { size: 0x3000, ..good }, Reject::BadSize),
         (
             "pa misaligned for 2 MiB",
             0,
-            CommandRecord {
-                ipa: 0x8000_0000,
-                pa: VM1_MEM + 0x1000,
-                size: 2 << 20,
-                ..good
-            },
+            CommandRecord { ipa: 0x8000_0000, pa: VM1_MEM + 0x1000, size: 2 << 20, ..good },
             Reject::Misaligned,
         ),
-        (
-            "ipa beyond 40 bits",
-            0,
-            CommandRecord {
-                ipa: 1 << 40,
-                ..good
-            },
-            Reject::IpaOutOfRange,
-        ),
-        (
-            "pa beyond 40 bits",
-            0,
-            CommandRecord {
-                pa: 1 << 40,
-                ..good
-            },
-            Reject::PaOutOfRange,
-        ),
-        (
-            "fault ipa outside mapped range",
-            0,
-            CommandRecord {
-                ipa: 0x8000_2000,
-                ..good
-            },
-            Reject::FaultOutsideRange,
-        ),
-        (
-            "no read permission",
-            0,
-            CommandRecord {
-                flags: Perms::W.bits(),
-                ..good
-            },
-            Reject::BadPermissions,
-        ),
-        (
-            "write fault mapped read-only",
-            0,
-            CommandRecord {
-                flags: Perms::R.bits(),
-                ..good
-            },
-            Reject::BadPermissions,
-        ),
+        ("ipa beyond 40 bits", 0, CommandRecord { ipa: 1 << 40, ..good }, Reject::IpaOutOfRange),
+        ("pa beyond 40 bits", 0, CommandRecord { pa: 1 << 40, ..good }, Reject::PaOutOfRange),
+        ("fault ipa outside mapped range", 0, CommandRecord { ipa: 0x8000_2000, ..good }, Reject::FaultOutsideRange),
+        ("no read permission", 0, CommandRecord { flags: Perms::W.bits(), ..good }, Reject::BadPermissions),
+        ("write fault mapped read-only", 0, CommandRecord { flags: Perms::R.bits(), ..good }, Reject::BadPermissions),
         (
             "executable device memory",
             0,
-            CommandRecord {
-                flags: Perms::RWX.bits() | FLAG_DEVICE,
-                ..good
-            },
+            CommandRecord { flags: Perms::RWX.bits() | FLAG_DEVICE, ..good },
             Reject::BadPermissions,
         ),
-        (
-            "page of another vm",
-            0,
-            CommandRecord {
-                pa: other_vm_page,
-                ..good
-            },
-            Reject::NotOwned,
-        ),
-        (
-            "page of the host",
-            0,
-            CommandRecord {
-                pa: HOST_MEM,
-                ..good
-            },
-            Reject::NotOwned,
-        ),
-        (
-            "table page of the core",
-            0,
-            CommandRecord { pa: TABLES, ..good },
-            Reject::NotOwned,
-        ),
-        (
-            "untracked memory",
-            0,
-            CommandRecord {
-                pa: 0x10_0000,
-                ..good
-            },
-            Reject::NotOwned,
-        ),
-        (
-            "fault already answered",
-            2,
-            map_cmd(f0.fault_id, 0, VM1_MEM, 2 << 20, Perms::R),
-            Reject::UnknownFault,
-        ),
+        ("page of another vm", 0, CommandRecord { pa: other_vm_page, ..good }, Reject::NotOwned),
+        ("page of the host", 0, CommandRecord { pa: HOST_MEM, ..good }, Reject::NotOwned),
+        ("table page of the core", 0, CommandRecord { pa: TABLES, ..good }, Reject::NotOwned),
+        ("untracked memory", 0, CommandRecord { pa: 0x10_0000, ..good }, Reject::NotOwned),
+        ("fault already answered", 2, map_cmd(f0.fault_id, 0, VM1_MEM, 2 << 20, Perms::R), Reject::UnknownFault),
         (
             "unmap with a pa",
             0,
-            CommandRecord {
-                kind: kind::UNMAP,
-                ipa: 0,
-                size: 4096,
-                pa: 1,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::UNMAP, ipa: 0, size: 4096, pa: 1, ..Default::default() },
             Reject::Malformed,
         ),
         (
             "unmap empty range",
             0,
-            CommandRecord {
-                kind: kind::UNMAP,
-                ipa: 0,
-                size: 0,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::UNMAP, ipa: 0, size: 0, ..Default::default() },
             Reject::BadRange,
         ),
         (
             "unmap unaligned range",
             0,
-            CommandRecord {
-                kind: kind::UNMAP,
-                ipa: 0x800,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::UNMAP, ipa: 0x800, size: 4096, ..Default::default() },
             Reject::BadRange,
         ),
         (
             "unmap cutting a block",
             0,
-            CommandRecord {
-                kind: kind::UNMAP,
-                ipa: 0x1000,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::UNMAP, ipa: 0x1000, size: 4096, ..Default::default() },
             Reject::PartialBlock,
         ),
         (
             "unmap beyond ipa space",
             0,
-            CommandRecord {
-                kind: kind::UNMAP,
-                ipa: 1 << 40,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::UNMAP, ipa: 1 << 40, size: 4096, ..Default::default() },
             Reject::IpaOutOfRange,
         ),
         (
             "write-protect wrapping range",
             0,
-            CommandRecord {
-                kind: kind::WRITE_PROTECT,
-                ipa: !0xfff,
-                size: 0x2000,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::WRITE_PROTECT, ipa: !0xfff, size: 0x2000, ..Default::default() },
             Reject::BadRange,
         ),
         (
             "complete unknown action",
             0,
-            CommandRecord {
-                kind: kind::COMPLETE,
-                fault_id: f.fault_id,
-                flags: 7,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::COMPLETE, fault_id: f.fault_id, flags: 7, ..Default::default() },
             Reject::BadAction,
         ),
         (
             "complete unknown fault",
             0,
-            CommandRecord {
-                kind: kind::COMPLETE,
-                fault_id: 12345,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::COMPLETE, fault_id: 12345, ..Default::default() },
             Reject::UnknownFault,
         ),
         (
             "topup of guest pages",
             0,
-            CommandRecord {
-                kind: kind::TOPUP,
-                pa: VM1_MEM,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::TOPUP, pa: VM1_MEM, size: 4096, ..Default::default() },
             Reject::NotTableMemory,
         ),
         (
             "topup of core-owned pages",
             0,
-            CommandRecord {
-                kind: kind::TOPUP,
-                pa: TABLES,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::TOPUP, pa: TABLES, size: 4096, ..Default::default() },
             Reject::NotOwned,
         ),
         (
             "topup larger than the memcache",
             0,
-            CommandRecord {
-                kind: kind::TOPUP,
-                pa: TABLES,
-                size: 4096 * 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::TOPUP, pa: TABLES, size: 4096 * 4096, ..Default::default() },
             Reject::MemcacheFull,
         ),
         (
             "topup unaligned",
             0,
-            CommandRecord {
-                kind: kind::TOPUP,
-                pa: TABLES + 8,
-                size: 4096,
-                ..Default::default()
-            },
+            CommandRecord { kind: kind::TOPUP, pa: TABLES + 8, size: 4096, ..Default::default() },
             Reject::BadRange,
         ),
     ];
@@ -531,12 +276,7 @@ fn hostile_commands_are_rejected_with_their_reason_and_tables_unchanged() {
         assert_eq!(snapshot(&vm, &owners), before, "{name}: state changed");
     }
     // The good command still works afterwards: nothing was consumed.
-    assert_eq!(
-        vm.execute(0, &good.encode(), &mut owners, &mut tlb)
-            .result
-            .status,
-        0
-    );
+    assert_eq!(vm.execute(0, &good.encode(), &mut owners, &mut tlb).result.status, 0);
 }
 
 #[test]
@@ -544,57 +284,23 @@ fn overlapping_map_is_rejected_and_memcache_low_is_reported() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
-    let f = vm
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
-    vm.execute(
-        0,
-        &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
-        &mut owners,
-        &mut tlb,
-    );
+    let f = vm.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
+    vm.execute(0, &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(), &mut owners, &mut tlb);
     // A second fault on the same page answered with a different PA.
-    let f = vm
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
+    let f = vm.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
     let before = snapshot(&vm, &owners);
-    let ex = vm.execute(
-        0,
-        &map_cmd(f.fault_id, 0, VM1_MEM + 0x1000, 4096, Perms::R).encode(),
-        &mut owners,
-        &mut tlb,
-    );
+    let ex = vm.execute(0, &map_cmd(f.fault_id, 0, VM1_MEM + 0x1000, 4096, Perms::R).encode(), &mut owners, &mut tlb);
     assert_eq!(ex.rejected(), Some(Reject::Overlap));
     assert_eq!(snapshot(&vm, &owners), before);
 
     // An empty memcache: a map needing tables is refused up front.
     let mut w2 = world();
     let mut owners2 = PageOwnership::new(Pa::new(OWN_BASE), &mut w2.owners);
-    owners2
-        .transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1()))
-        .unwrap();
-    let mut bare = Vm::new(
-        vm1(),
-        Geometry::kvm_default(),
-        Pa::new(TABLES),
-        1,
-        &w2.mem,
-        &mut owners2,
-    )
-    .unwrap();
-    let f = bare
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
-    let ex = bare.execute(
-        0,
-        &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
-        &mut owners2,
-        &mut tlb,
-    );
-    assert_eq!(
-        (ex.rejected(), ex.result.detail),
-        (Some(Reject::MemcacheLow), 2)
-    );
+    owners2.transfer(Pa::new(VM1_MEM), 16 << 20, Owner::Host, Owner::Vm(vm1())).unwrap();
+    let mut bare = Vm::new(vm1(), Geometry::kvm_default(), Pa::new(TABLES), 1, &w2.mem, &mut owners2).unwrap();
+    let f = bare.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
+    let ex = bare.execute(0, &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(), &mut owners2, &mut tlb);
+    assert_eq!((ex.rejected(), ex.result.detail), (Some(Reject::MemcacheLow), 2));
     assert_eq!(bare.stage2().table_pages().unwrap(), 0);
 }
 
@@ -602,9 +308,7 @@ fn overlapping_map_is_rejected_and_memcache_low_is_reported() {
 fn one_gib_block_below_a_level2_root_is_unsupported() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::new(32, 40).unwrap());
-    let f = vm
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
+    let f = vm.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
     let ex = vm.execute(
         0,
         &map_cmd(f.fault_id, 0, 0, 1 << 30, Perms::R).encode(),
@@ -619,14 +323,7 @@ fn vm_ids_beyond_the_8_bit_vmid_are_refused() {
     let mut w = world();
     let mut owners = PageOwnership::new(Pa::new(OWN_BASE), &mut w.owners);
     let id = VmId::new(256).unwrap();
-    let r = Vm::new(
-        id,
-        Geometry::kvm_default(),
-        Pa::new(TABLES),
-        1,
-        &w.mem,
-        &mut owners,
-    );
+    let r = Vm::new(id, Geometry::kvm_default(), Pa::new(TABLES), 1, &w.mem, &mut owners);
     assert_eq!(r.err(), Some(VmError::VmidOutOfRange(id)));
     assert_eq!(owners.count(Owner::Hyp), 0);
 }
@@ -636,18 +333,9 @@ fn no_page_is_mapped_into_two_vms() {
     let mut w = world();
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
-    let f = vm
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
+    let f = vm.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
     assert_eq!(
-        vm.execute(
-            0,
-            &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
-            &mut owners,
-            &mut tlb
-        )
-        .result
-        .status,
+        vm.execute(0, &map_cmd(f.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(), &mut owners, &mut tlb).result.status,
         0
     );
     // vm2 gets its own tables in a second table window and asks for vm1's page.
@@ -655,29 +343,13 @@ fn no_page_is_mapped_into_two_vms() {
     let vm2_id = VmId::new(2).unwrap();
     let mut storage = vec![0u16; 8];
     let mut own2 = PageOwnership::new(Pa::new(TABLES + (TABLE_PAGES as u64) * 4096), &mut storage);
-    let mut vm2 = Vm::new(
-        vm2_id,
-        Geometry::kvm_default(),
-        Pa::new(TABLES + (TABLE_PAGES as u64) * 4096),
-        1,
-        &mem2,
-        &mut own2,
-    )
-    .unwrap();
-    let f2 = vm2
-        .take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None)
-        .unwrap();
+    let mut vm2 =
+        Vm::new(vm2_id, Geometry::kvm_default(), Pa::new(TABLES + (TABLE_PAGES as u64) * 4096), 1, &mem2, &mut own2)
+            .unwrap();
+    let f2 = vm2.take_fault(0, ESR_READ_L2, 0, hpfar(0), 0, |_| None).unwrap();
     // Ownership is global: vm2's map is checked against the same ownership as vm1's.
-    let ex = vm2.execute(
-        0,
-        &map_cmd(f2.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(),
-        &mut owners,
-        &mut tlb,
-    );
-    assert_eq!(
-        (ex.rejected(), ex.result.detail),
-        (Some(Reject::NotOwned), VM1_MEM)
-    );
+    let ex = vm2.execute(0, &map_cmd(f2.fault_id, 0, VM1_MEM, 4096, Perms::R).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.rejected(), ex.result.detail), (Some(Reject::NotOwned), VM1_MEM));
 }
 
 #[test]
@@ -686,53 +358,26 @@ fn map_with_sequence_sampled_before_an_unmap_is_refused_and_the_fault_retried() 
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
     // The daemon samples sequence 0 for a fault on vCPU 0 ...
-    let f = vm
-        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
-            None
-        })
-        .unwrap();
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
     let sampled = f.inval_seq;
     // ... meanwhile reclaim unmaps the range on vCPU 1's command ring.
-    let unmap = CommandRecord {
-        kind: kind::UNMAP,
-        ipa: 0x8000_0000,
-        size: 2 << 20,
-        ..Default::default()
-    };
+    let unmap = CommandRecord { kind: kind::UNMAP, ipa: 0x8000_0000, size: 2 << 20, ..Default::default() };
     let ex = vm.execute(1, &unmap.encode(), &mut owners, &mut tlb);
     assert_eq!((ex.result.status, ex.result.inval_seq), (0, 1));
     // The late map is refused, the fault completed as a retry, nothing mapped.
-    let late = CommandRecord {
-        inval_seq: sampled,
-        ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW)
-    };
+    let late = CommandRecord { inval_seq: sampled, ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW) };
     let ex = vm.execute(0, &late.encode(), &mut owners, &mut tlb);
     assert_eq!(
         (ex.rejected(), ex.completion, ex.result.detail),
         (Some(Reject::StaleSequence), Some(Completion::Resume), 1)
     );
     assert_eq!(vm.outstanding(0), None);
-    assert_eq!(
-        vm.stage2().walk(Ipa::new(0x8000_1000)).unwrap(),
-        Walk::Unmapped { level: 1 }
-    );
+    assert_eq!(vm.stage2().walk(Ipa::new(0x8000_1000)).unwrap(), Walk::Unmapped { level: 1 });
     // The refault carries the new sequence and maps.
-    let f = vm
-        .take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| {
-            None
-        })
-        .unwrap();
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
     assert_eq!(f.inval_seq, 1);
-    let ok = CommandRecord {
-        inval_seq: 1,
-        ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW)
-    };
-    assert_eq!(
-        vm.execute(0, &ok.encode(), &mut owners, &mut tlb)
-            .result
-            .status,
-        0
-    );
+    let ok = CommandRecord { inval_seq: 1, ..map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW) };
+    assert_eq!(vm.execute(0, &ok.encode(), &mut owners, &mut tlb).result.status, 0);
 }
 
 #[test]
@@ -741,45 +386,15 @@ fn unmap_returns_tables_to_memcache_and_bumps_the_sequence() {
     let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
     let mut tlb = RecordingTlb::default();
     let full = vm.memcache_len();
-    let f = vm
-        .take_fault(0, ESR_EXEC_L3, 0x1000, hpfar(0x1000), 0, |_| None)
-        .unwrap();
-    let ex = vm.execute(
-        0,
-        &map_cmd(f.fault_id, 0x1000, VM1_MEM, 4096, Perms::RX).encode(),
-        &mut owners,
-        &mut tlb,
-    );
+    let f = vm.take_fault(0, ESR_EXEC_L3, 0x1000, hpfar(0x1000), 0, |_| None).unwrap();
+    let ex = vm.execute(0, &map_cmd(f.fault_id, 0x1000, VM1_MEM, 4096, Perms::RX).encode(), &mut owners, &mut tlb);
     assert_eq!(ex.result.status, 0);
     assert_eq!(vm.memcache_len(), full - 2);
-    let wp = CommandRecord {
-        kind: kind::WRITE_PROTECT,
-        ipa: 0,
-        size: 1 << 30,
-        ..Default::default()
-    };
-    assert_eq!(
-        vm.execute(0, &wp.encode(), &mut owners, &mut tlb)
-            .result
-            .inval_seq,
-        1
-    );
-    let unmap = CommandRecord {
-        kind: kind::UNMAP,
-        ipa: 0,
-        size: 1 << 30,
-        ..Default::default()
-    };
+    let wp = CommandRecord { kind: kind::WRITE_PROTECT, ipa: 0, size: 1 << 30, ..Default::default() };
+    assert_eq!(vm.execute(0, &wp.encode(), &mut owners, &mut tlb).result.inval_seq, 1);
+    let unmap = CommandRecord { kind: kind::UNMAP, ipa: 0, size: 1 << 30, ..Default::default() };
     let ex = vm.execute(0, &unmap.encode(), &mut owners, &mut tlb);
-    assert_eq!(
-        (
-            ex.result.status,
-            ex.result.value,
-            ex.result.detail,
-            ex.result.inval_seq
-        ),
-        (0, 1, 2, 2)
-    );
+    assert_eq!((ex.result.status, ex.result.value, ex.result.detail, ex.result.inval_seq), (0, 1, 2, 2));
     assert_eq!(vm.memcache_len(), full);
 }
 
@@ -793,17 +408,8 @@ fn complete_actions_finish_the_fault() {
         (action::INJECT_ABORT, Completion::InjectAbort),
         (action::EXIT_TO_VMM, Completion::ExitToVmm),
     ] {
-        let f = vm
-            .take_fault(3, ESR_WRITE_L3, 0x9000_0000, hpfar(0x9000_0000), 0, |_| {
-                None
-            })
-            .unwrap();
-        let c = CommandRecord {
-            kind: kind::COMPLETE,
-            fault_id: f.fault_id,
-            flags: act,
-            ..Default::default()
-        };
+        let f = vm.take_fault(3, ESR_WRITE_L3, 0x9000_0000, hpfar(0x9000_0000), 0, |_| None).unwrap();
+        let c = CommandRecord { kind: kind::COMPLETE, fault_id: f.fault_id, flags: act, ..Default::default() };
         let ex = vm.execute(3, &c.encode(), &mut owners, &mut tlb);
         assert_eq!((ex.result.status, ex.completion), (0, Some(want)));
         assert_eq!(vm.outstanding(3), None);
@@ -822,22 +428,14 @@ fn serve_answers_every_command_on_the_ring_including_garbage() {
     let mut core_in = Consumer::attach(to_core.view()).unwrap();
     let mut core_out = Producer::attach(to_daemon.view()).unwrap();
 
-    let f = vm
-        .take_fault(0, ESR_READ_L2, 0x3000, hpfar(0x3000), 0, |_| None)
-        .unwrap();
+    let f = vm.take_fault(0, ESR_READ_L2, 0x3000, hpfar(0x3000), 0, |_| None).unwrap();
     core_out.push(&f.encode()).unwrap();
     let got = FaultRecord::decode(&daemon_in.pop().unwrap().unwrap());
     assert_eq!(got, f);
     // A garbage record (a torn write), then the real answer.
-    daemon_out
-        .push(&Record([0xffff_ffff_dead_beef, 1, 2, 3, 4, 5, 6, 7]))
-        .unwrap();
-    daemon_out
-        .push(&map_cmd(got.fault_id, 0x3000, VM1_MEM, 4096, Perms::R).encode())
-        .unwrap();
-    let completion = vm
-        .serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb)
-        .unwrap();
+    daemon_out.push(&Record([0xffff_ffff_dead_beef, 1, 2, 3, 4, 5, 6, 7])).unwrap();
+    daemon_out.push(&map_cmd(got.fault_id, 0x3000, VM1_MEM, 4096, Perms::R).encode()).unwrap();
+    let completion = vm.serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb).unwrap();
     assert_eq!(completion, Some(Completion::Resume));
     let r1 = ResultRecord::decode(&daemon_in.pop().unwrap().unwrap());
     let r2 = ResultRecord::decode(&daemon_in.pop().unwrap().unwrap());
@@ -847,19 +445,7 @@ fn serve_answers_every_command_on_the_ring_including_garbage() {
     for _ in 0..OWNED_RING_ENTRIES {
         core_out.push(&Record::default()).unwrap();
     }
-    daemon_out
-        .push(
-            &CommandRecord {
-                kind: kind::COMPLETE,
-                fault_id: 5,
-                ..Default::default()
-            }
-            .encode(),
-        )
-        .unwrap();
-    assert_eq!(
-        vm.serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb),
-        Ok(None)
-    );
+    daemon_out.push(&CommandRecord { kind: kind::COMPLETE, fault_id: 5, ..Default::default() }.encode()).unwrap();
+    assert_eq!(vm.serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb), Ok(None));
     assert_eq!(core_in.len(), Ok(1));
 }

@@ -23,19 +23,14 @@ pub struct WaitPolicy {
 
 impl Default for WaitPolicy {
     fn default() -> Self {
-        Self {
-            spin_polls: 20_000,
-            sleep_slice: Duration::from_millis(50),
-        }
+        Self { spin_polls: 20_000, sleep_slice: Duration::from_millis(50) }
     }
 }
 
 /// Sleeps while `*word == expected`, at most `timeout`.
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: FUTEX_WAIT reads the u32 at `word`, which is a valid, aligned
     // AtomicU32 for the duration of the call; `ts` outlives the call. The
     // result (woken, EAGAIN, ETIMEDOUT, EINTR) needs no handling: callers
@@ -57,15 +52,7 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
 fn futex_wake(word: &AtomicU32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key; it is valid and aligned.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            0usize,
-            0usize,
-            0u32,
-        );
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32);
     }
 }
 
@@ -134,10 +121,7 @@ mod tests {
             push_and_ring(&mut p, &Record([7; 8])).unwrap();
         });
         let mut c = Consumer::attach(ring.view()).unwrap();
-        let policy = WaitPolicy {
-            spin_polls: 0,
-            sleep_slice: Duration::from_secs(10),
-        };
+        let policy = WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(10) };
         let t = Instant::now();
         let got = wait_pop(&mut c, policy, &stop).unwrap();
         assert_eq!(got, Some(Record([7; 8])));
@@ -151,10 +135,7 @@ mod tests {
         let ring = OwnedRing::new();
         let stop = AtomicBool::new(true);
         let mut c = Consumer::attach(ring.view()).unwrap();
-        let policy = WaitPolicy {
-            spin_polls: 10,
-            sleep_slice: Duration::from_millis(5),
-        };
+        let policy = WaitPolicy { spin_polls: 10, sleep_slice: Duration::from_millis(5) };
         assert_eq!(wait_pop(&mut c, policy, &stop).unwrap(), None);
     }
 }

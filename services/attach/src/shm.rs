@@ -59,10 +59,8 @@ impl MappedRegion {
         let len_us = NonZeroUsize::new(len as usize).ok_or_else(bad)?;
         let reserve = NonZeroUsize::new((len + align) as usize).ok_or_else(bad)?;
         // SAFETY: an anonymous PROT_NONE reservation touches no existing memory.
-        let hole = unsafe {
-            mman::mmap_anonymous(None, reserve, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE)
-        }
-        .map_err(|source| RegionError::Map { len, source })?;
+        let hole = unsafe { mman::mmap_anonymous(None, reserve, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE) }
+            .map_err(|source| RegionError::Map { len, source })?;
         let start = hole.as_ptr() as usize;
         let aligned = (start + align as usize - 1) & !(align as usize - 1);
         // SAFETY: [aligned, aligned + len) lies inside the reservation we own,
@@ -80,12 +78,7 @@ impl MappedRegion {
         let trim = |from: usize, to: usize| {
             if to > from {
                 // SAFETY: [from, to) is slack of our own reservation.
-                let _ = unsafe {
-                    mman::munmap(
-                        NonNull::new(from as *mut c_void).expect("nonzero"),
-                        to - from,
-                    )
-                };
+                let _ = unsafe { mman::munmap(NonNull::new(from as *mut c_void).expect("nonzero"), to - from) };
             }
         };
         let end = start + reserve.get();
@@ -93,10 +86,7 @@ impl MappedRegion {
             Ok(p) => {
                 trim(start, aligned);
                 trim(aligned + len as usize, end);
-                Ok(Self {
-                    base: p.cast(),
-                    len: len as usize,
-                })
+                Ok(Self { base: p.cast(), len: len as usize })
             }
             Err(source) => {
                 trim(start, end);
@@ -127,10 +117,7 @@ impl MappedRegion {
     /// page, about 30% less than MADV_POPULATE_WRITE's syscall for a single
     /// page. Larger ranges use the madvise.
     pub fn populate(&self, offset: u64, len: u64) -> nix::Result<()> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.len as u64)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.len as u64) {
             return Err(nix::Error::EINVAL);
         }
         if len <= TOUCH_LIMIT {

@@ -6,8 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
+    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 use crate::wire::{MAX_MESSAGE_LEN, MAX_REGIONS};
@@ -24,12 +23,7 @@ pub struct Received {
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {
-    Ok(socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?)
+    Ok(socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?)
 }
 
 /// A listening socket bound at `path` (an existing file there is removed).
@@ -60,18 +54,10 @@ pub fn send_message(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) 
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-    let sent = socket::sendmsg::<UnixAddr>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
+    let sent =
+        socket::sendmsg::<UnixAddr>(sock.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     if sent != bytes.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "message sent partially",
-        ));
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "message sent partially"));
     }
     Ok(())
 }
@@ -82,12 +68,7 @@ pub fn recv_message(sock: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_REGIONS]);
     let (len, flags, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = socket::recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
+        let msg = socket::recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
         let mut fds = Vec::new();
         for c in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -103,12 +84,7 @@ pub fn recv_message(sock: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     if len == 0 && fds.is_empty() {
         return Ok(None);
     }
-    let truncated =
-        flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) || len > MAX_MESSAGE_LEN;
+    let truncated = flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) || len > MAX_MESSAGE_LEN;
     buf.truncate(len.min(MAX_MESSAGE_LEN));
-    Ok(Some(Received {
-        bytes: buf,
-        fds,
-        truncated,
-    }))
+    Ok(Some(Received { bytes: buf, fds, truncated }))
 }

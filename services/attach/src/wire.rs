@@ -240,19 +240,13 @@ impl<'a> In<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 }
 
@@ -268,10 +262,7 @@ fn header(kind: MsgKind, payload_len: usize) -> Out {
 
 /// Reads and checks the common header; returns the kind and the payload.
 pub fn decode_header(bytes: &[u8]) -> Result<(MsgKind, &[u8]), WireError> {
-    let mut r = In {
-        bytes,
-        what: "header",
-    };
+    let mut r = In { bytes, what: "header" };
     let magic = r.u32()?;
     if magic != MAGIC {
         return Err(WireError::Malformed(format!("bad magic {magic:#010x}")));
@@ -281,21 +272,16 @@ pub fn decode_header(bytes: &[u8]) -> Result<(MsgKind, &[u8]), WireError> {
         return Err(WireError::WrongVersion(version));
     }
     let kind = r.u16()?;
-    let kind = MsgKind::from_u16(kind)
-        .ok_or_else(|| WireError::Malformed(format!("unknown message kind {kind}")))?;
+    let kind = MsgKind::from_u16(kind).ok_or_else(|| WireError::Malformed(format!("unknown message kind {kind}")))?;
     let len = r.u32()? as usize;
     if r.u32()? != 0 {
-        return Err(WireError::Malformed(
-            "reserved header word is not zero".into(),
-        ));
+        return Err(WireError::Malformed("reserved header word is not zero".into()));
     }
     if r.bytes.len() < len {
         return Err(WireError::Truncated("payload shorter than the header says"));
     }
     if r.bytes.len() > len {
-        return Err(WireError::Malformed(
-            "trailing bytes after the payload".into(),
-        ));
+        return Err(WireError::Malformed("trailing bytes after the payload".into()));
     }
     Ok((kind, r.bytes))
 }
@@ -303,8 +289,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(MsgKind, &[u8]), WireError> {
 impl AttachRequest {
     /// Encodes the request (fds travel separately).
     pub fn encode(&self) -> Vec<u8> {
-        let len =
-            ATTACH_FIXED_LEN + self.regions.len() * REGION_LEN + self.memslots.len() * MEMSLOT_LEN;
+        let len = ATTACH_FIXED_LEN + self.regions.len() * REGION_LEN + self.memslots.len() * MEMSLOT_LEN;
         let mut o = header(MsgKind::Attach, len);
         o.u16(self.vm_id);
         o.u16(self.nr_vcpus);
@@ -337,10 +322,7 @@ impl AttachRequest {
     /// Decodes an attach payload (after [`decode_header`]). Checks encoding
     /// only; the daemon checks meaning (overlaps, sizes) against the fds.
     pub fn decode(payload: &[u8]) -> Result<Self, WireError> {
-        let mut r = In {
-            bytes: payload,
-            what: "attach request",
-        };
+        let mut r = In { bytes: payload, what: "attach request" };
         let vm_id = r.u16()?;
         let nr_vcpus = r.u16()?;
         let ipa_bits = r.u8()?;
@@ -349,9 +331,7 @@ impl AttachRequest {
         }
         let flags = r.u32()?;
         if flags & !ATTACH_REATTACH != 0 {
-            return Err(WireError::Malformed(format!(
-                "unknown attach flags {flags:#x}"
-            )));
+            return Err(WireError::Malformed(format!("unknown attach flags {flags:#x}")));
         }
         let nr_regions = r.u16()? as usize;
         let nr_memslots = r.u16()? as usize;
@@ -370,60 +350,30 @@ impl AttachRequest {
             };
             let flags = r.u32()?;
             if flags & !(REGION_WRITABLE | REGION_DEVICE) != 0 {
-                return Err(WireError::Malformed(format!(
-                    "unknown region flags {flags:#x}"
-                )));
+                return Err(WireError::Malformed(format!("unknown region flags {flags:#x}")));
             }
             let (pa_base, size, page_size, fd_index) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
             if r.u32()? != 0 {
-                return Err(WireError::Malformed(
-                    "reserved region word is not zero".into(),
-                ));
+                return Err(WireError::Malformed("reserved region word is not zero".into()));
             }
             let fd_offset = r.u64()?;
-            regions.push(RegionDesc {
-                kind,
-                flags,
-                pa_base,
-                size,
-                page_size,
-                fd_index,
-                fd_offset,
-            });
+            regions.push(RegionDesc { kind, flags, pa_base, size, page_size, fd_index, fd_offset });
         }
         let mut memslots = Vec::with_capacity(nr_memslots);
         for _ in 0..nr_memslots {
-            let (gpa, size, region, flags, region_offset) =
-                (r.u64()?, r.u64()?, r.u32()?, r.u32()?, r.u64()?);
+            let (gpa, size, region, flags, region_offset) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?, r.u64()?);
             if flags & !(MEMSLOT_READ_ONLY | MEMSLOT_DIRTY_LOG) != 0 {
-                return Err(WireError::Malformed(format!(
-                    "unknown memslot flags {flags:#x}"
-                )));
+                return Err(WireError::Malformed(format!("unknown memslot flags {flags:#x}")));
             }
             if r.u64()? != 0 {
-                return Err(WireError::Malformed(
-                    "reserved memslot word is not zero".into(),
-                ));
+                return Err(WireError::Malformed("reserved memslot word is not zero".into()));
             }
-            memslots.push(MemslotDesc {
-                gpa,
-                size,
-                region,
-                flags,
-                region_offset,
-            });
+            memslots.push(MemslotDesc { gpa, size, region, flags, region_offset });
         }
         if !r.bytes.is_empty() {
             return Err(WireError::Malformed("bytes after the memslot table".into()));
         }
-        Ok(Self {
-            vm_id,
-            nr_vcpus,
-            ipa_bits,
-            flags,
-            regions,
-            memslots,
-        })
+        Ok(Self { vm_id, nr_vcpus, ipa_bits, flags, regions, memslots })
     }
 }
 
@@ -444,21 +394,13 @@ impl Reply {
 
     /// Decodes a reply payload.
     pub fn decode(payload: &[u8]) -> Result<Self, WireError> {
-        let mut r = In {
-            bytes: payload,
-            what: "reply",
-        };
+        let mut r = In { bytes: payload, what: "reply" };
         let code = r.u16()?;
-        let status = Status::from_u16(code)
-            .ok_or_else(|| WireError::Malformed(format!("unknown status {code}")))?;
+        let status = Status::from_u16(code).ok_or_else(|| WireError::Malformed(format!("unknown status {code}")))?;
         let len = r.u16()? as usize;
         let values = [r.u64()?, r.u64()?, r.u64()?];
         let message = String::from_utf8_lossy(r.take(len)?).into_owned();
-        Ok(Self {
-            status,
-            message,
-            values,
-        })
+        Ok(Self { status, message, values })
     }
 }
 
@@ -499,10 +441,7 @@ mod tests {
     #[test]
     fn attach_round_trips_and_lengths_match_the_doc() {
         let bytes = sample().encode();
-        assert_eq!(
-            bytes.len(),
-            HEADER_LEN + ATTACH_FIXED_LEN + REGION_LEN + MEMSLOT_LEN
-        );
+        assert_eq!(bytes.len(), HEADER_LEN + ATTACH_FIXED_LEN + REGION_LEN + MEMSLOT_LEN);
         assert_eq!(&bytes[0..4], b"FLTA");
         let (kind, payload) = decode_header(&bytes).unwrap();
         assert_eq!(kind, MsgKind::Attach);
@@ -513,12 +452,8 @@ mod tests {
     fn every_truncation_is_reported_as_truncated() {
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
-            let err = decode_header(&bytes[..cut])
-                .and_then(|(_, p)| AttachRequest::decode(p).map(|_| ()));
-            assert!(
-                matches!(err, Err(WireError::Truncated(_))),
-                "cut at {cut}: {err:?}"
-            );
+            let err = decode_header(&bytes[..cut]).and_then(|(_, p)| AttachRequest::decode(p).map(|_| ()));
+            assert!(matches!(err, Err(WireError::Truncated(_))), "cut at {cut}: {err:?}");
         }
     }
 
@@ -526,33 +461,20 @@ mod tests {
     fn wrong_version_magic_and_flags_are_refused() {
         let mut bytes = sample().encode();
         bytes[4] = 2;
-        assert_eq!(
-            decode_header(&bytes).unwrap_err(),
-            WireError::WrongVersion(2)
-        );
+        assert_eq!(decode_header(&bytes).unwrap_err(), WireError::WrongVersion(2));
         let mut bytes = sample().encode();
         bytes[0] = b'X';
-        assert!(matches!(
-            decode_header(&bytes),
-            Err(WireError::Malformed(_))
-        ));
+        assert!(matches!(decode_header(&bytes), Err(WireError::Malformed(_))));
         let mut req = sample();
         req.memslots[0].flags = 0x80;
         let bytes = req.encode();
         let (_, p) = decode_header(&bytes).unwrap();
-        assert!(matches!(
-            AttachRequest::decode(p),
-            Err(WireError::Malformed(_))
-        ));
+        assert!(matches!(AttachRequest::decode(p), Err(WireError::Malformed(_))));
     }
 
     #[test]
     fn reply_round_trips() {
-        let r = Reply {
-            status: Status::Overlapping,
-            message: "memslots 0 and 1 overlap".into(),
-            values: [1, 2, 3],
-        };
+        let r = Reply { status: Status::Overlapping, message: "memslots 0 and 1 overlap".into(), values: [1, 2, 3] };
         let bytes = r.encode();
         let (kind, p) = decode_header(&bytes).unwrap();
         assert_eq!(kind, MsgKind::Reply);

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use faultline_attach::doorbell::WaitPolicy;
 use faultline_attach::{
-    decode_header, recv_message, send_message, AttachRequest, MsgKind, RegionKind, Reply, Status,
-    WireError, NO_FD, REGION_DEVICE, REGION_WRITABLE,
+    decode_header, recv_message, send_message, AttachRequest, MsgKind, RegionKind, Reply, Status, WireError, NO_FD,
+    REGION_DEVICE, REGION_WRITABLE,
 };
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ownership::VmId;
@@ -44,10 +44,7 @@ pub struct Refusal {
 }
 
 fn refuse(status: Status, message: impl Into<String>) -> Refusal {
-    Refusal {
-        status,
-        message: message.into(),
-    }
+    Refusal { status, message: message.into() }
 }
 
 impl From<WireError> for Refusal {
@@ -70,23 +67,12 @@ const PAGE_SIZES: [u64; 3] = [4096, 2 << 20, 1 << 30];
 pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> {
     let id = VmId::new(req.vm_id)
         .filter(|id| id.raw() <= 255)
-        .ok_or_else(|| {
-            refuse(
-                Status::Malformed,
-                format!("vm id {} is not in 1..=255", req.vm_id),
-            )
-        })?;
+        .ok_or_else(|| refuse(Status::Malformed, format!("vm id {} is not in 1..=255", req.vm_id)))?;
     if req.nr_vcpus == 0 || req.nr_vcpus > 255 {
-        return Err(refuse(
-            Status::Malformed,
-            format!("{} vCPUs is not in 1..=255", req.nr_vcpus),
-        ));
+        return Err(refuse(Status::Malformed, format!("{} vCPUs is not in 1..=255", req.nr_vcpus)));
     }
     if !(32..=48).contains(&req.ipa_bits) {
-        return Err(refuse(
-            Status::Malformed,
-            format!("IPA size {} is not in 32..=48 bits", req.ipa_bits),
-        ));
+        return Err(refuse(Status::Malformed, format!("IPA size {} is not in 32..=48 bits", req.ipa_bits)));
     }
     // File descriptors: each region with an fd names a distinct one, all used.
     let mut used = HashSet::new();
@@ -94,29 +80,13 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
         let wants_fd = r.kind != RegionKind::TablePool;
         match (wants_fd, r.fd_index) {
             (false, NO_FD) => {}
-            (false, _) => {
-                return Err(refuse(
-                    Status::Malformed,
-                    format!("region {i}: a table pool has no fd"),
-                ))
-            }
-            (true, NO_FD) => {
-                return Err(refuse(
-                    Status::Malformed,
-                    format!("region {i}: needs an fd"),
-                ))
-            }
+            (false, _) => return Err(refuse(Status::Malformed, format!("region {i}: a table pool has no fd"))),
+            (true, NO_FD) => return Err(refuse(Status::Malformed, format!("region {i}: needs an fd"))),
             (true, idx) if idx as usize >= fds.len() => {
-                return Err(refuse(
-                    Status::Truncated,
-                    format!("region {i}: fd {idx} missing ({} received)", fds.len()),
-                ))
+                return Err(refuse(Status::Truncated, format!("region {i}: fd {idx} missing ({} received)", fds.len())))
             }
             (true, idx) if !used.insert(idx) => {
-                return Err(refuse(
-                    Status::Malformed,
-                    format!("region {i}: fd {idx} used twice"),
-                ))
+                return Err(refuse(Status::Malformed, format!("region {i}: fd {idx} used twice")))
             }
             _ => {}
         }
@@ -131,88 +101,47 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
                 format!("region {i}: size, page size, PA base or offset not aligned"),
             ));
         }
-        if r.pa_base
-            .checked_add(r.size)
-            .is_none_or(|end| end > 1 << 48)
-        {
-            return Err(refuse(
-                Status::Malformed,
-                format!("region {i}: PA window beyond 48 bits"),
-            ));
+        if r.pa_base.checked_add(r.size).is_none_or(|end| end > 1 << 48) {
+            return Err(refuse(Status::Malformed, format!("region {i}: PA window beyond 48 bits")));
         }
     }
     if used.len() != fds.len() {
-        return Err(refuse(
-            Status::Malformed,
-            format!("{} fds received, {} described", fds.len(), used.len()),
-        ));
+        return Err(refuse(Status::Malformed, format!("{} fds received, {} described", fds.len(), used.len())));
     }
     for (i, a) in req.regions.iter().enumerate() {
         for (j, b) in req.regions.iter().enumerate().skip(i + 1) {
             if a.pa_base < b.pa_base + b.size && b.pa_base < a.pa_base + a.size {
-                return Err(refuse(
-                    Status::Overlapping,
-                    format!("regions {i} and {j} overlap in PA"),
-                ));
+                return Err(refuse(Status::Overlapping, format!("regions {i} and {j} overlap in PA")));
             }
         }
     }
-    let ring_regions: Vec<usize> = (0..req.regions.len())
-        .filter(|&i| req.regions[i].kind == RegionKind::Rings)
-        .collect();
+    let ring_regions: Vec<usize> =
+        (0..req.regions.len()).filter(|&i| req.regions[i].kind == RegionKind::Rings).collect();
     if ring_regions.len() != 1 {
         return Err(refuse(
             Status::Malformed,
-            format!(
-                "{} ring regions described, exactly one needed",
-                ring_regions.len()
-            ),
+            format!("{} ring regions described, exactly one needed", ring_regions.len()),
         ));
     }
     // Memslots: inside a guest region, inside the IPA space, not overlapping.
     let ipa_top = 1u64 << req.ipa_bits;
     for (i, m) in req.memslots.iter().enumerate() {
-        let region = req
-            .regions
-            .get(m.region as usize)
-            .filter(|r| r.kind == RegionKind::Guest);
+        let region = req.regions.get(m.region as usize).filter(|r| r.kind == RegionKind::Guest);
         let region = region.ok_or_else(|| {
-            refuse(
-                Status::Malformed,
-                format!("memslot {i}: region {} is not guest memory", m.region),
-            )
+            refuse(Status::Malformed, format!("memslot {i}: region {} is not guest memory", m.region))
         })?;
-        if m.size == 0
-            || m.gpa % PAGE_SIZE != 0
-            || m.size % PAGE_SIZE != 0
-            || m.region_offset % PAGE_SIZE != 0
-        {
-            return Err(refuse(
-                Status::Malformed,
-                format!("memslot {i}: not page aligned"),
-            ));
+        if m.size == 0 || m.gpa % PAGE_SIZE != 0 || m.size % PAGE_SIZE != 0 || m.region_offset % PAGE_SIZE != 0 {
+            return Err(refuse(Status::Malformed, format!("memslot {i}: not page aligned")));
         }
         if m.gpa.checked_add(m.size).is_none_or(|end| end > ipa_top) {
-            return Err(refuse(
-                Status::Malformed,
-                format!("memslot {i}: beyond the {}-bit IPA space", req.ipa_bits),
-            ));
+            return Err(refuse(Status::Malformed, format!("memslot {i}: beyond the {}-bit IPA space", req.ipa_bits)));
         }
-        if m.region_offset
-            .checked_add(m.size)
-            .is_none_or(|end| end > region.size)
-        {
-            return Err(refuse(
-                Status::Undersized,
-                format!("memslot {i}: runs past the end of region {}", m.region),
-            ));
+        if m.region_offset.checked_add(m.size).is_none_or(|end| end > region.size) {
+            return Err(refuse(Status::Undersized, format!("memslot {i}: runs past the end of region {}", m.region)));
         }
         for (j, n) in req.memslots.iter().enumerate().take(i) {
             if m.gpa < n.gpa + n.size && n.gpa < m.gpa + m.size {
-                return Err(refuse(
-                    Status::Overlapping,
-                    format!("memslots {j} and {i} overlap"),
-                ));
+                return Err(refuse(Status::Overlapping, format!("memslots {j} and {i} overlap")));
             }
         }
     }
@@ -220,8 +149,8 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     // maps can vanish under it) and at least as large as described.
     let mut files: Vec<Option<Memfd>> = Vec::new();
     for fd in fds {
-        let memfd = Memfd::try_from_file(File::from(fd))
-            .map_err(|_| refuse(Status::Malformed, "an fd is not a memfd"))?;
+        let memfd =
+            Memfd::try_from_file(File::from(fd)).map_err(|_| refuse(Status::Malformed, "an fd is not a memfd"))?;
         files.push(Some(memfd));
     }
     let mut guests = Vec::new();
@@ -233,37 +162,22 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
             pool.push((Pa::new(r.pa_base), r.size));
             continue;
         }
-        let memfd = files[r.fd_index as usize]
-            .take()
-            .expect("fd indices checked distinct");
-        let seals = memfd
-            .seals()
-            .map_err(|e| refuse(Status::Internal, format!("region {i}: reading seals: {e}")))?;
+        let memfd = files[r.fd_index as usize].take().expect("fd indices checked distinct");
+        let seals = memfd.seals().map_err(|e| refuse(Status::Internal, format!("region {i}: reading seals: {e}")))?;
         if !seals.contains(&FileSeal::SealShrink) {
             return Err(refuse(
                 Status::Malformed,
                 format!("region {i}: memfd must be sealed against shrinking (F_SEAL_SHRINK)"),
             ));
         }
-        let len = memfd
-            .as_file()
-            .metadata()
-            .map_err(|e| refuse(Status::Internal, e.to_string()))?
-            .len();
+        let len = memfd.as_file().metadata().map_err(|e| refuse(Status::Internal, e.to_string()))?.len();
         if r.fd_offset.checked_add(r.size).is_none_or(|end| end > len) {
             return Err(refuse(
                 Status::Undersized,
-                format!(
-                    "region {i}: memfd has {len} bytes, {} needed",
-                    r.fd_offset + r.size
-                ),
+                format!("region {i}: memfd has {len} bytes, {} needed", r.fd_offset + r.size),
             ));
         }
-        let align = if r.kind == RegionKind::Guest {
-            r.page_size
-        } else {
-            PAGE_SIZE
-        };
+        let align = if r.kind == RegionKind::Guest { r.page_size } else { PAGE_SIZE };
         let map = MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, align)
             .map_err(|e| refuse(Status::Internal, format!("region {i}: {e}")))?;
         match r.kind {
@@ -330,28 +244,14 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
             },
         ));
     }
-    let vm = VmMemory::new(
-        id,
-        req.nr_vcpus as u32,
-        memslots,
-        vmas,
-        guests,
-        PagePool::new(pool),
-    );
-    Ok(Attached {
-        vm: Arc::new(vm),
-        rings,
-    })
+    let vm = VmMemory::new(id, req.nr_vcpus as u32, memslots, vmas, guests, PagePool::new(pool));
+    Ok(Attached { vm: Arc::new(vm), rings })
 }
 
 /// Serves one machine connection from attach to detach.
 pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let reply = |status, message: String, values| {
-        let r = Reply {
-            status,
-            message,
-            values,
-        };
+        let r = Reply { status, message, values };
         if let Err(e) = send_message(conn.as_fd(), &r.encode(), &[]) {
             warn!(cause = %e, "sending reply failed");
         }
@@ -373,55 +273,35 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let _enter = span.enter();
     if daemon.config().prefault {
         if let Err(e) = vm.prefault() {
-            reply(
-                Status::Internal,
-                format!("prefaulting guest memory failed: {e}"),
-                [0; 3],
-            );
+            reply(Status::Internal, format!("prefaulting guest memory failed: {e}"), [0; 3]);
             return;
         }
     }
     if !daemon.register(vm.clone()) {
-        reply(
-            Status::AlreadyAttached,
-            format!("{} is already attached", vm.id),
-            [0; 3],
-        );
+        reply(Status::AlreadyAttached, format!("{} is already attached", vm.id), [0; 3]);
         return;
     }
-    info!(
-        vcpus = req.nr_vcpus,
-        memslots = req.memslots.len(),
-        regions = req.regions.len(),
-        "VM attached"
-    );
+    info!(vcpus = req.nr_vcpus, memslots = req.memslots.len(), regions = req.regions.len(), "VM attached");
     reply(Status::Ok, "attached".into(), [0; 3]);
 
     let stop = AtomicBool::new(false);
     let base = attached.rings.base();
     // SAFETY: `attached.rings` outlives the scope below, which holds every
     // ring reference; validate() already opened it successfully.
-    let region =
-        unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
+    let region = unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
     let policy = daemon.policy();
-    let wait = WaitPolicy {
-        spin_polls: daemon.config().spin_polls,
-        sleep_slice: Duration::from_millis(500),
-    };
+    let wait = WaitPolicy { spin_polls: daemon.config().spin_polls, sleep_slice: Duration::from_millis(500) };
     let detach_requested = std::thread::scope(|s| {
         for vcpu in 0..req.nr_vcpus as u32 {
             let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
             let commands = region.ring(vcpu, RingKind::Command).expect("in range");
             let (vm, stop, policy) = (&*vm, &stop, policy);
             s.spawn(move || {
-                let (Ok(faults), Ok(commands)) =
-                    (Consumer::attach(faults), Producer::attach(commands))
-                else {
+                let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
                     warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
                     return;
                 };
-                if let Err(e) = VcpuService::new(vm, policy, vcpu, faults, commands).run(wait, stop)
-                {
+                if let Err(e) = VcpuService::new(vm, policy, vcpu, faults, commands).run(wait, stop) {
                     warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
                 }
             });
@@ -439,12 +319,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let remaining = vm.pins.total();
     let faults = vm.stats.faults.load(Ordering::Relaxed);
     daemon.unregister(vm.id);
-    info!(
-        pages_released = released,
-        pins_remaining = remaining,
-        faults,
-        "VM detached"
-    );
+    info!(pages_released = released, pins_remaining = remaining, faults, "VM detached");
     if detach_requested {
         reply(Status::Ok, "detached".into(), [released, remaining, faults]);
     }
@@ -453,30 +328,14 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
 fn receive_attach(conn: &OwnedFd) -> Result<(AttachRequest, Vec<OwnedFd>), Refusal> {
     set_recv_timeout(conn, Duration::from_secs(5));
     let msg = recv_message(conn.as_fd())
-        .map_err(|e| {
-            refuse(
-                Status::Truncated,
-                format!("receiving the attach request: {e}"),
-            )
-        })?
-        .ok_or_else(|| {
-            refuse(
-                Status::Truncated,
-                "connection closed before an attach request",
-            )
-        })?;
+        .map_err(|e| refuse(Status::Truncated, format!("receiving the attach request: {e}")))?
+        .ok_or_else(|| refuse(Status::Truncated, "connection closed before an attach request"))?;
     if msg.truncated {
-        return Err(refuse(
-            Status::Truncated,
-            "attach request or its fds were cut short",
-        ));
+        return Err(refuse(Status::Truncated, "attach request or its fds were cut short"));
     }
     let (kind, payload) = decode_header(&msg.bytes)?;
     if kind != MsgKind::Attach {
-        return Err(refuse(
-            Status::Malformed,
-            format!("expected an attach request, got {kind:?}"),
-        ));
+        return Err(refuse(Status::Malformed, format!("expected an attach request, got {kind:?}")));
     }
     Ok((AttachRequest::decode(payload)?, msg.fds))
 }
@@ -503,11 +362,7 @@ fn wait_for_detach(conn: &OwnedFd, daemon: &Daemon) -> bool {
         match recv_message(conn.as_fd()) {
             Ok(Some(msg)) => match decode_header(&msg.bytes) {
                 Ok((MsgKind::Detach, _)) => return true,
-                other => warn!(
-                    fd = conn.as_raw_fd(),
-                    ?other,
-                    "unexpected message while attached; ignored"
-                ),
+                other => warn!(fd = conn.as_raw_fd(), ?other, "unexpected message while attached; ignored"),
             },
             Ok(None) | Err(_) => return false,
         }

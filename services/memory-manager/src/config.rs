@@ -78,14 +78,8 @@ impl Config {
 
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 }
 
@@ -94,10 +88,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_configuration_in_deploy_parses() {
+        let c = Config::from_toml(include_str!("../../../deploy/memory-manager.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
-        let c =
-            Config::from_toml("attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\n")
-                .unwrap();
+        let c = Config::from_toml("attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\n").unwrap();
         assert_eq!(c.attach_socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(c.policy, PolicyKind::Pages4k);
         assert_eq!(c.spin_polls, 0);

@@ -23,12 +23,7 @@ impl Daemon {
     /// A daemon with `config`.
     pub fn new(config: Config) -> Self {
         let policy = config.policy.build();
-        Self {
-            config,
-            policy,
-            vms: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-        }
+        Self { config, policy, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) }
     }
 
     /// The configuration.
@@ -63,20 +58,12 @@ impl Daemon {
 
     /// Removes a VM.
     pub fn unregister(&self, id: hyp_core::ownership::VmId) {
-        self.vms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id.raw());
+        self.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.raw());
     }
 
     /// Attached VMs.
     pub fn vms(&self) -> Vec<Arc<VmMemory>> {
-        self.vms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.vms.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 }
 

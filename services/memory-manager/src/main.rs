@@ -58,10 +58,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.log_format {
         config.log_format = v;
     }
-    let filter = args
-        .log_filter
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| config.log_filter.clone());
+    let filter =
+        args.log_filter.or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| config.log_filter.clone());
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr);
@@ -69,10 +67,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

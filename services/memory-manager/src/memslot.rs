@@ -41,32 +41,11 @@ pub struct Memslot {
 
 impl Memslot {
     /// A memslot with an all-clear dirty bitmap.
-    pub fn new(
-        id: usize,
-        gpa: Ipa,
-        size: u64,
-        hva: Hva,
-        region: usize,
-        region_offset: u64,
-        flags: SlotFlags,
-    ) -> Self {
+    pub fn new(id: usize, gpa: Ipa, size: u64, hva: Hva, region: usize, region_offset: u64, flags: SlotFlags) -> Self {
         let pages = size.div_ceil(PAGE_SIZE);
         let dirty = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let SlotFlags {
-            read_only,
-            dirty_log,
-        } = flags;
-        Self {
-            id,
-            gpa,
-            size,
-            hva,
-            region,
-            region_offset,
-            read_only,
-            dirty_log,
-            dirty,
-        }
+        let SlotFlags { read_only, dirty_log } = flags;
+        Self { id, gpa, size, hva, region, region_offset, read_only, dirty_log, dirty }
     }
 
     /// One past the last GPA.
@@ -98,10 +77,7 @@ impl Memslot {
 
     /// Number of dirty pages.
     pub fn dirty_count(&self) -> u64 {
-        self.dirty
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum()
+        self.dirty.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
     }
 }
 

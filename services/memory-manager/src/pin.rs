@@ -54,9 +54,7 @@ impl Pins {
                 let pages = size.div_ceil(PAGE_SIZE) as usize;
                 RegionPins {
                     shift,
-                    counts: (0..size.div_ceil(1 << shift))
-                        .map(|_| AtomicU32::new(0))
-                        .collect(),
+                    counts: (0..size.div_ceil(1 << shift)).map(|_| AtomicU32::new(0)).collect(),
                     populated: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
                 }
             })
@@ -65,34 +63,18 @@ impl Pins {
     }
 
     /// Pins the pages of `[offset, offset + len)` of `region`.
-    pub fn pin(
-        self: &Arc<Self>,
-        region: usize,
-        offset: u64,
-        len: u64,
-    ) -> Result<PinGuard, PinError> {
-        let err = PinError::OutOfRange {
-            region,
-            offset,
-            len,
-        };
+    pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
+        let err = PinError::OutOfRange { region, offset, len };
         let r = self.regions.get(region).ok_or(err)?;
         let limit = r.counts.len() as u64 * (1u64 << r.shift);
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| len > 0 && offset % PAGE_SIZE == 0 && e <= limit);
+        let end = offset.checked_add(len).filter(|&e| len > 0 && offset % PAGE_SIZE == 0 && e <= limit);
         let end = end.ok_or(err)?;
         let first = (offset >> r.shift) as usize;
         let pages = (((end - 1) >> r.shift) + 1) as usize - first;
         for c in &r.counts[first..first + pages] {
             c.fetch_add(1, Ordering::AcqRel);
         }
-        Ok(PinGuard {
-            pins: self.clone(),
-            region,
-            first,
-            pages,
-        })
+        Ok(PinGuard { pins: self.clone(), region, first, pages })
     }
 
     /// Pin count of the backing page holding `offset`.
@@ -103,11 +85,7 @@ impl Pins {
 
     /// Sum of all pin counts (backing pages x pins).
     pub fn total(&self) -> u64 {
-        self.regions
-            .iter()
-            .flat_map(|r| &r.counts)
-            .map(|c| c.load(Ordering::Acquire) as u64)
-            .sum()
+        self.regions.iter().flat_map(|r| &r.counts).map(|c| c.load(Ordering::Acquire) as u64).sum()
     }
 
     /// Marks pages as populated; returns true if any of them was not.
@@ -126,9 +104,8 @@ impl Pins {
     pub fn is_populated(&self, region: usize, offset: u64, len: u64) -> bool {
         let r = &self.regions[region];
         let first = offset / PAGE_SIZE;
-        (first..first + len.div_ceil(PAGE_SIZE)).all(|page| {
-            r.populated[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
-        })
+        (first..first + len.div_ceil(PAGE_SIZE))
+            .all(|page| r.populated[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0)
     }
 
     fn release(&self, region: usize, first: usize, pages: usize) {

@@ -193,16 +193,9 @@ pub fn handle_fault(
     let write = is_write(&abort);
     if write && !vma.writable {
         // KVM: a write fault on a non-writable mapping goes to the VMM.
-        return Ok(Decision::Exit(
-            outside_memory_exit(&abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write }),
-        ));
+        return Ok(Decision::Exit(outside_memory_exit(&abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write })));
     }
-    let ctx = |allowed| FaultContext {
-        ipa: ipa.raw(),
-        memslot: slot.id,
-        allowed,
-        write,
-    };
+    let ctx = |allowed| FaultContext { ipa: ipa.raw(), memslot: slot.id, allowed, write };
     // 3. mapping size
     let size = mapping_size(&abort, slot, &vma, hva, policy, &ctx);
     // 4. invalidation sequence, sampled before pinning
@@ -232,9 +225,7 @@ pub fn handle_fault(
 /// Fault statuses that no mapping can resolve.
 fn unresolvable(abort: &Abort) -> Option<InjectReason> {
     match abort.status {
-        FaultStatus::Translation { .. }
-        | FaultStatus::AccessFlag { .. }
-        | FaultStatus::Permission { .. } => None,
+        FaultStatus::Translation { .. } | FaultStatus::AccessFlag { .. } | FaultStatus::Permission { .. } => None,
         FaultStatus::SyncExternal
         | FaultStatus::SyncExternalOnWalk { .. }
         | FaultStatus::SyncParity
@@ -246,11 +237,7 @@ fn unresolvable(abort: &Abort) -> Option<InjectReason> {
 /// Stage 1: the memslot, or what to do when there is none to map from:
 /// outside every memslot, or a write to a read-only one (KVM's
 /// `kvm_handle_guest_abort()`).
-pub fn lookup_memslot<'s>(
-    slots: &'s Memslots,
-    abort: &Abort,
-    ipa: Ipa,
-) -> Result<&'s Memslot, Decision> {
+pub fn lookup_memslot<'s>(slots: &'s Memslots, abort: &Abort, ipa: Ipa) -> Result<&'s Memslot, Decision> {
     match slots.lookup(ipa) {
         Some(slot) if !(is_write(abort) && slot.read_only) => Ok(slot),
         _ => {
@@ -261,9 +248,7 @@ pub fn lookup_memslot<'s>(
                 return Err(Decision::Inject(InjectReason::WalkOutsideMemory));
             }
             let write = is_write(abort);
-            Err(Decision::Exit(
-                outside_memory_exit(abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write }),
-            ))
+            Err(Decision::Exit(outside_memory_exit(abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write })))
         }
     }
 }
@@ -272,14 +257,7 @@ fn outside_memory_exit(abort: &Abort, ipa: Ipa) -> Option<Exit> {
     if abort.cache_maintenance {
         return Some(Exit::CacheMaintenance { ipa });
     }
-    abort.syndrome.map(|s| {
-        Exit::Mmio(MmioAccess {
-            ipa,
-            size: s.size,
-            register: s.register,
-            write: is_write(abort),
-        })
-    })
+    abort.syndrome.map(|s| Exit::Mmio(MmioAccess { ipa, size: s.size, register: s.register, write: is_write(abort) }))
 }
 
 /// Stage 2: a copy of the VMA backing `hva`, taken inside the lock's scope.
@@ -311,10 +289,7 @@ pub fn mapping_size(
 ) -> MapSize {
     if let FaultStatus::Permission { level } = abort.status {
         // Relax at the granule of the leaf that faulted.
-        return u8::try_from(level)
-            .ok()
-            .and_then(MapSize::from_level)
-            .unwrap_or(MapSize::Page4K);
+        return u8::try_from(level).ok().and_then(MapSize::from_level).unwrap_or(MapSize::Page4K);
     }
     let mut allowed = MapSize::Page4K;
     if !slot.dirty_log {
@@ -339,23 +314,13 @@ fn pin_pages(
 ) -> Result<(PinGuard, Ipa, Pa), PipelineError> {
     let map_ipa = ipa.align_down(size.bytes());
     let hva = slot.hva_of(map_ipa);
-    let region = vm
-        .regions
-        .get(vma.region)
-        .ok_or(PipelineError::OutsideRegion(vma.region))?;
-    let offset = hva
-        .checked_offset_from(region.base())
-        .ok_or(PipelineError::OutsideRegion(vma.region))?;
-    let pa = region
-        .pa_at(offset)
-        .ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let region = vm.regions.get(vma.region).ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let offset = hva.checked_offset_from(region.base()).ok_or(PipelineError::OutsideRegion(vma.region))?;
+    let pa = region.pa_at(offset).ok_or(PipelineError::OutsideRegion(vma.region))?;
     let pin = vm.pins.pin(vma.region, offset, size.bytes())?;
     inject.check(Stage::Populate)?;
     if !region.device && !vm.pins.is_populated(vma.region, offset, size.bytes()) {
-        region
-            .map
-            .populate(offset, size.bytes())
-            .map_err(PipelineError::Populate)?;
+        region.map.populate(offset, size.bytes()).map_err(PipelineError::Populate)?;
         vm.pins.mark_populated(vma.region, offset, size.bytes());
     }
     Ok((pin, map_ipa, pa))
@@ -365,19 +330,10 @@ fn pin_pages(
 /// slot is not read-only and (a write fault, or not logging and the policy
 /// maps writable on read); exec on a fetch or if the policy says so, never
 /// on device memory.
-pub fn permissions(
-    abort: &Abort,
-    slot: &Memslot,
-    vma: &Vma,
-    policy: &dyn Policy,
-    ctx: &FaultContext,
-) -> Perms {
+pub fn permissions(abort: &Abort, slot: &Memslot, vma: &Vma, policy: &dyn Policy, ctx: &FaultContext) -> Perms {
     let mut perms = Perms::R;
     let write = is_write(abort);
-    if vma.writable
-        && !slot.read_only
-        && (write || (!slot.dirty_log && policy.writable_on_read(ctx)))
-    {
+    if vma.writable && !slot.read_only && (write || (!slot.dirty_log && policy.writable_on_read(ctx))) {
         perms = perms.union(Perms::W);
     }
     if !vma.device && (abort.access == Access::Execute || policy.eager_exec(ctx)) {

@@ -44,15 +44,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         faults: Consumer<'r>,
         commands: Producer<'r>,
     ) -> Self {
-        Self {
-            vm,
-            policy,
-            vcpu,
-            faults,
-            commands,
-            pending: HashMap::new(),
-            next_cmd: (vcpu as u64) << 48 | 1,
-        }
+        Self { vm, policy, vcpu, faults, commands, pending: HashMap::new(), next_cmd: (vcpu as u64) << 48 | 1 }
     }
 
     /// The loop.
@@ -101,12 +93,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
     }
 
-    fn send_map(
-        &mut self,
-        plan: MapPlan,
-        fault_id: u64,
-        stop: &AtomicBool,
-    ) -> Result<(), RingError> {
+    fn send_map(&mut self, plan: MapPlan, fault_id: u64, stop: &AtomicBool) -> Result<(), RingError> {
         let cmd = CommandRecord {
             kind: kind::MAP,
             flags: plan.perms.bits() | if plan.device { FLAG_DEVICE } else { 0 },
@@ -118,31 +105,19 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             inval_seq: plan.seq,
             reserved: 0,
         };
-        self.pending
-            .insert(cmd.cmd_id, Pending::Map { plan, fault_id });
+        self.pending.insert(cmd.cmd_id, Pending::Map { plan, fault_id });
         self.send(&cmd, stop)
     }
 
     fn complete(&mut self, fault_id: u64, act: u32, stop: &AtomicBool) -> Result<(), RingError> {
-        let cmd = CommandRecord {
-            kind: kind::COMPLETE,
-            flags: act,
-            cmd_id: self.cmd_id(),
-            fault_id,
-            ..Default::default()
-        };
+        let cmd =
+            CommandRecord { kind: kind::COMPLETE, flags: act, cmd_id: self.cmd_id(), fault_id, ..Default::default() };
         self.pending.insert(cmd.cmd_id, Pending::Other);
         self.send(&cmd, stop)
     }
 
     fn topup(&mut self, stop: &AtomicBool) -> Result<bool, RingError> {
-        let Some((first, pages)) = self
-            .vm
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(TOPUP_PAGES)
-        else {
+        let Some((first, pages)) = self.vm.pool.lock().unwrap_or_else(|e| e.into_inner()).take(TOPUP_PAGES) else {
             return Ok(false);
         };
         self.vm.stats.topups.fetch_add(1, Ordering::Relaxed);
@@ -193,20 +168,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     fn installed(&mut self, plan: MapPlan, res: &ResultRecord) {
-        if let Some(slot) = plan
-            .dirty_slot
-            .and_then(|id| self.vm.memslots.iter().find(|s| s.id == id))
-        {
+        if let Some(slot) = plan.dirty_slot.and_then(|id| self.vm.memslots.iter().find(|s| s.id == id)) {
             slot.mark_dirty(plan.fault_ipa);
         }
         match res.value {
             map_outcome::INSTALLED => {
-                let installed = Installed {
-                    size: plan.size,
-                    pa: plan.pa,
-                    seq: res.inval_seq,
-                    pin: plan.pin.into_mapping(),
-                };
+                let installed =
+                    Installed { size: plan.size, pa: plan.pa, seq: res.inval_seq, pin: plan.pin.into_mapping() };
                 if !self.vm.record_installed(plan.ipa, installed) {
                     debug!(vm = %self.vm.id, ipa = %plan.ipa, "mapping already invalidated when its result arrived");
                 }
@@ -215,10 +183,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 self.vm.stats.relaxed.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
-                self.vm
-                    .stats
-                    .already_present
-                    .fetch_add(1, Ordering::Relaxed);
+                self.vm.stats.already_present.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -177,9 +177,7 @@ impl VmMemory {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|&(start, len, seq)| {
-                seq > installed.seq && ipa.raw() < start + len && start < end
-            });
+            .any(|&(start, len, seq)| seq > installed.seq && ipa.raw() < start + len && start < end);
         if removed {
             return false;
         }
@@ -207,11 +205,7 @@ impl VmMemory {
             .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
             .map(|(&ipa, _)| ipa)
             .collect();
-        doomed
-            .iter()
-            .filter_map(|ipa| mappings.remove(ipa))
-            .map(|m| m.pin.pages() as u64)
-            .sum()
+        doomed.iter().filter_map(|ipa| mappings.remove(ipa)).map(|m| m.pin.pages() as u64).sum()
     }
 
     /// Drops every mapping record (the VM is going away); returns the pages

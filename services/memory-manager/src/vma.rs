@@ -62,17 +62,12 @@ impl VmaReadGuard<'_> {
 impl Vmas {
     /// Adds a VMA.
     pub fn insert(&self, vma: Vma) {
-        self.tree
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(vma.start.raw(), vma);
+        self.tree.write().unwrap_or_else(|e| e.into_inner()).insert(vma.start.raw(), vma);
     }
 
     /// Locks the tree for reading.
     pub fn read(&self) -> VmaReadGuard<'_> {
-        VmaReadGuard {
-            tree: self.tree.read().unwrap_or_else(|e| e.into_inner()),
-        }
+        VmaReadGuard { tree: self.tree.read().unwrap_or_else(|e| e.into_inner()) }
     }
 
     /// A copy of the VMA containing `hva`, taken inside the lock's scope.
@@ -88,29 +83,14 @@ mod tests {
     #[test]
     fn lookup_finds_the_containing_vma_only() {
         let v = Vmas::default();
-        let vma = |start, len| Vma {
-            start: Hva::new(start),
-            len,
-            region: 0,
-            page_size: 4096,
-            writable: true,
-            device: false,
-        };
+        let vma =
+            |start, len| Vma { start: Hva::new(start), len, region: 0, page_size: 4096, writable: true, device: false };
         v.insert(vma(0x1000_0000, 0x20_0000));
         v.insert(vma(0x3000_0000, 0x1000));
-        assert_eq!(
-            v.snapshot(Hva::new(0x1000_0000)).map(|v| v.start.raw()),
-            Some(0x1000_0000)
-        );
-        assert_eq!(
-            v.snapshot(Hva::new(0x101f_ffff)).map(|v| v.start.raw()),
-            Some(0x1000_0000)
-        );
+        assert_eq!(v.snapshot(Hva::new(0x1000_0000)).map(|v| v.start.raw()), Some(0x1000_0000));
+        assert_eq!(v.snapshot(Hva::new(0x101f_ffff)).map(|v| v.start.raw()), Some(0x1000_0000));
         assert_eq!(v.snapshot(Hva::new(0x1020_0000)), None);
         assert_eq!(v.snapshot(Hva::new(0x0fff_ffff)), None);
-        assert_eq!(
-            v.snapshot(Hva::new(0x3000_0fff)).map(|v| v.start.raw()),
-            Some(0x3000_0000)
-        );
+        assert_eq!(v.snapshot(Hva::new(0x3000_0fff)).map(|v| v.start.raw()), Some(0x3000_0000));
     }
 }

@@ -28,8 +28,7 @@ const RAM_GPA: u64 = 0x4000_0000;
 const RAM: u64 = 4 << 20;
 // Write translation fault at level 3 with a valid syndrome (EC 0x24, IL, ISV,
 // SAS=dword, SF, WnR, DFSC 0b000111).
-const ESR_WRITE_L3: u64 =
-    (0x24 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
+const ESR_WRITE_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
 
 fn hpfar(ipa: u64) -> u64 {
     (ipa >> 12) << 4
@@ -40,43 +39,14 @@ fn vm_memory(page_size: u64) -> VmMemory {
     let memfd = MemfdOptions::default().create("ram").unwrap();
     memfd.as_file().set_len(RAM).unwrap();
     let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
-    let region = GuestRegion {
-        index: 0,
-        pa_base: Pa::new(RAM_PA),
-        size: RAM,
-        page_size,
-        writable: true,
-        device: false,
-        map,
-    };
+    let region =
+        GuestRegion { index: 0, pa_base: Pa::new(RAM_PA), size: RAM, page_size, writable: true, device: false, map };
     let base = region.base();
     let vmas = Vmas::default();
-    vmas.insert(Vma {
-        start: base,
-        len: RAM,
-        region: 0,
-        page_size,
-        writable: true,
-        device: false,
-    });
+    vmas.insert(Vma { start: base, len: RAM, region: 0, page_size, writable: true, device: false });
     let mut slots = Memslots::default();
-    slots.insert(Memslot::new(
-        0,
-        Ipa::new(RAM_GPA),
-        RAM,
-        Hva::new(base.raw()),
-        0,
-        0,
-        SlotFlags::default(),
-    ));
-    VmMemory::new(
-        VmId::new(1).unwrap(),
-        1,
-        slots,
-        vmas,
-        vec![region],
-        PagePool::default(),
-    )
+    slots.insert(Memslot::new(0, Ipa::new(RAM_GPA), RAM, Hva::new(base.raw()), 0, 0, SlotFlags::default()));
+    VmMemory::new(VmId::new(1).unwrap(), 1, slots, vmas, vec![region], PagePool::default())
 }
 
 fn fault_record(ipa: u64, fault_id: u64, seq: u64) -> FaultRecord {
@@ -98,27 +68,15 @@ fn an_error_after_pinning_at_any_later_stage_leaves_no_page_pinned() {
     for page_size in [4096, 2 << 20] {
         let vm = vm_memory(page_size);
         for stage in [Stage::Populate, Stage::Permissions, Stage::Command] {
-            let r = handle_fault(
-                &vm,
-                &KvmDefault,
-                &fault_record(RAM_GPA + 0x3000, 1, 0),
-                Injection(Some(stage)),
-            );
-            assert!(
-                matches!(r, Err(memory_manager::pipeline::PipelineError::Injected(s)) if s == stage),
-                "{r:?}"
-            );
+            let r = handle_fault(&vm, &KvmDefault, &fault_record(RAM_GPA + 0x3000, 1, 0), Injection(Some(stage)));
+            assert!(matches!(r, Err(memory_manager::pipeline::PipelineError::Injected(s)) if s == stage), "{r:?}");
             assert_eq!(vm.pins.total(), 0, "pin leaked after an error at {stage:?}");
         }
         // Without an injected error the plan holds the pin, and dropping an
         // unanswered plan releases it.
-        let Decision::Map(plan) = handle_fault(
-            &vm,
-            &KvmDefault,
-            &fault_record(RAM_GPA + 0x3000, 1, 0),
-            Injection::NONE,
-        )
-        .unwrap() else {
+        let Decision::Map(plan) =
+            handle_fault(&vm, &KvmDefault, &fault_record(RAM_GPA + 0x3000, 1, 0), Injection::NONE).unwrap()
+        else {
             panic!("expected a map");
         };
         // One count per backing page: 1 for a 4 KiB page or a 2 MiB huge page.
@@ -157,30 +115,10 @@ fn core() -> Core {
         Box::leak(vec![0u16; ((RAM_PA + RAM - TABLES_PA) / 4096) as usize].into_boxed_slice());
     let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
     let id = VmId::new(1).unwrap();
-    owners
-        .transfer(Pa::new(RAM_PA), RAM, Owner::Host, Owner::Vm(id))
-        .unwrap();
-    let mut vm = Vm::new(
-        id,
-        Geometry::kvm_default(),
-        Pa::new(TABLES_PA),
-        2,
-        mem,
-        &mut owners,
-    )
-    .unwrap();
-    let topup = CommandRecord {
-        kind: kind::TOPUP,
-        pa: TABLES_PA + 0x2000,
-        size: 32 * 4096,
-        ..Default::default()
-    };
-    assert_eq!(
-        vm.execute(1, &topup.encode(), &mut owners, &mut NoTlb)
-            .result
-            .status,
-        0
-    );
+    owners.transfer(Pa::new(RAM_PA), RAM, Owner::Host, Owner::Vm(id)).unwrap();
+    let mut vm = Vm::new(id, Geometry::kvm_default(), Pa::new(TABLES_PA), 2, mem, &mut owners).unwrap();
+    let topup = CommandRecord { kind: kind::TOPUP, pa: TABLES_PA + 0x2000, size: 32 * 4096, ..Default::default() };
+    assert_eq!(vm.execute(1, &topup.encode(), &mut owners, &mut NoTlb).result.status, 0);
     Core { vm, owners }
 }
 
@@ -218,12 +156,10 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
             sync(&unmapped, order == Order::UnmapBeforeSample);
             let rec = {
                 let mut c = core.lock().unwrap();
-                c.vm.take_fault(0, ESR_WRITE_L3, ipa, hpfar(ipa), 0, |_| None)
-                    .unwrap()
+                c.vm.take_fault(0, ESR_WRITE_L3, ipa, hpfar(ipa), 0, |_| None).unwrap()
             };
             vm.note_seq(rec.inval_seq);
-            let Decision::Map(plan) = handle_fault(vm, &KvmDefault, &rec, Injection::NONE).unwrap()
-            else {
+            let Decision::Map(plan) = handle_fault(vm, &KvmDefault, &rec, Injection::NONE).unwrap() else {
                 panic!("map expected")
             };
             let sampled_seq = plan.seq;
@@ -249,12 +185,8 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
             let stale = ex.rejected() == Some(Reject::StaleSequence);
             if ex.result.status == 0 {
                 assert_eq!(ex.result.value, map_outcome::INSTALLED);
-                let installed = Installed {
-                    size: plan.size,
-                    pa: plan.pa,
-                    seq: ex.result.inval_seq,
-                    pin: plan.pin.into_mapping(),
-                };
+                let installed =
+                    Installed { size: plan.size, pa: plan.pa, seq: ex.result.inval_seq, pin: plan.pin.into_mapping() };
                 vm.record_installed(plan.ipa, installed);
             } else {
                 assert!(stale, "unexpected rejection {:?}", ex.rejected());
@@ -264,12 +196,7 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
         let unmapper = s.spawn(|| {
             sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
             sync(&mapped, order == Order::UnmapAfterMap);
-            let cmd = CommandRecord {
-                kind: kind::UNMAP,
-                ipa: ipa & !0xfff,
-                size: 4096,
-                ..Default::default()
-            };
+            let cmd = CommandRecord { kind: kind::UNMAP, ipa: ipa & !0xfff, size: 4096, ..Default::default() };
             let ex = {
                 let mut c = core.lock().unwrap();
                 let Core { vm, owners } = &mut *c;
@@ -279,23 +206,12 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
             // The memory is now taken away: the daemon forgets the mapping and
             // its pin (the reclaim would punch the hole here).
             vm.forget_range(Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
-            sync(
-                &unmapped,
-                matches!(
-                    order,
-                    Order::UnmapBetweenSampleAndMap | Order::UnmapBeforeSample
-                ),
-            );
+            sync(&unmapped, matches!(order, Order::UnmapBetweenSampleAndMap | Order::UnmapBeforeSample));
             ex.result.inval_seq
         });
         let (sampled_seq, stale, completion) = mapper.join().unwrap();
         let unmap_seq_after = unmapper.join().unwrap();
-        Outcome {
-            sampled_seq,
-            stale,
-            completion,
-            unmap_seq_after,
-        }
+        Outcome { sampled_seq, stale, completion, unmap_seq_after }
     })
 }
 
@@ -303,40 +219,20 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
 fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
     let vm = vm_memory(4096);
     let core = Mutex::new(core());
-    let orders = [
-        Order::UnmapBetweenSampleAndMap,
-        Order::UnmapAfterMap,
-        Order::UnmapBeforeSample,
-        Order::Free,
-    ];
+    let orders = [Order::UnmapBetweenSampleAndMap, Order::UnmapAfterMap, Order::UnmapBeforeSample, Order::Free];
     let mut stale_seen = 0;
     for i in 0..800u64 {
         let order = orders[(i % 4) as usize];
         let ipa = RAM_GPA + (i % 1024) * 4096;
         let o = race(&core, &vm, order, ipa, i);
-        let mapped = matches!(
-            core.lock()
-                .unwrap()
-                .vm
-                .stage2()
-                .walk(Ipa::new(ipa))
-                .unwrap(),
-            Walk::Mapped { .. }
-        );
+        let mapped = matches!(core.lock().unwrap().vm.stage2().walk(Ipa::new(ipa)).unwrap(), Walk::Mapped { .. });
         // The invariant: a mapping survives only if it was sampled after the
         // memory was taken away.
         if mapped {
-            assert!(
-                o.sampled_seq >= o.unmap_seq_after,
-                "iteration {i} ({order:?}): stale mapping survived"
-            );
+            assert!(o.sampled_seq >= o.unmap_seq_after, "iteration {i} ({order:?}): stale mapping survived");
         }
         // The daemon's books agree with the tables: a pin exists exactly for a live mapping.
-        assert_eq!(
-            vm.pins.count(0, ipa - RAM_GPA),
-            mapped as u32,
-            "iteration {i} ({order:?})"
-        );
+        assert_eq!(vm.pins.count(0, ipa - RAM_GPA), mapped as u32, "iteration {i} ({order:?})");
         match order {
             Order::UnmapBetweenSampleAndMap => {
                 assert!(o.stale && !mapped, "iteration {i}");
@@ -352,16 +248,8 @@ fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
         if mapped {
             let mut c = core.lock().unwrap();
             let Core { vm: cvm, owners } = &mut *c;
-            let cmd = CommandRecord {
-                kind: kind::UNMAP,
-                ipa,
-                size: 4096,
-                ..Default::default()
-            };
-            let seq = cvm
-                .execute(1, &cmd.encode(), owners, &mut NoTlb)
-                .result
-                .inval_seq;
+            let cmd = CommandRecord { kind: kind::UNMAP, ipa, size: 4096, ..Default::default() };
+            let seq = cvm.execute(1, &cmd.encode(), owners, &mut NoTlb).result.inval_seq;
             drop(c);
             vm.forget_range(Ipa::new(ipa), 4096, seq);
         }

@@ -36,13 +36,7 @@ pub struct Layout {
 
 impl Default for Layout {
     fn default() -> Self {
-        Self {
-            nr_vcpus: 1,
-            ram_size: 224 << 20,
-            ram_page_size: 2 << 20,
-            ram_gpa: 0x4000_0000,
-            rom_size: 32 << 20,
-        }
+        Self { nr_vcpus: 1, ram_size: 224 << 20, ram_page_size: 2 << 20, ram_gpa: 0x4000_0000, rom_size: 32 << 20 }
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use faultline_attach::{
-    decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc,
-    RegionKind, Reply, Status, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
+    decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind, Reply,
+    Status, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
@@ -23,8 +23,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::layout::{
-    rom_byte, Layout, RAM_PA, RINGS_PA, RING_ENTRIES, ROM_GPA, ROM_PA, ROOT_RESERVE, TABLES_PA,
-    TABLES_SIZE,
+    rom_byte, Layout, RAM_PA, RINGS_PA, RING_ENTRIES, ROM_GPA, ROM_PA, ROOT_RESERVE, TABLES_PA, TABLES_SIZE,
 };
 use crate::mmu::{AccessKind, Stage2Regs, Tlb, TlbGeneration};
 use crate::phys::{PhysMemory, Window};
@@ -132,11 +131,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let layout = config.layout;
     let n = layout.nr_vcpus;
     if workload.per_vcpu.len() != n as usize {
-        bail!(
-            "workload has {} vCPUs, machine {}",
-            workload.per_vcpu.len(),
-            n
-        );
+        bail!("workload has {} vCPUs, machine {}", workload.per_vcpu.len(), n);
     }
     // Physical memory.
     let mut phys = PhysMemory::default();
@@ -145,12 +140,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let rings_size = region.region_bytes().next_multiple_of(4096);
     let rings = phys.add(Window::create("rings", RINGS_PA, rings_size, 4096)?);
     let rom = phys.add(Window::create("rom", ROM_PA, layout.rom_size, 4096)?);
-    let ram = phys.add(Window::create(
-        "ram",
-        RAM_PA,
-        layout.ram_size,
-        layout.ram_page_size,
-    )?);
+    let ram = phys.add(Window::create("ram", RAM_PA, layout.ram_size, layout.ram_page_size)?);
     for off in (0..layout.rom_size).step_by(8) {
         let word = u64::from_le_bytes(std::array::from_fn(|i| rom_byte(off + i as u64)));
         phys.window(rom).map.store(off, 8, word).expect("in range");
@@ -160,9 +150,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     // SAFETY: the window's mapping lives as long as `phys`, which outlives
     // every use of the region in this function; the daemon accesses it only
     // atomically through the same ABI.
-    let shared =
-        unsafe { SharedRegion::create(rings_w.map.base(), rings_w.size, n + 1, RING_ENTRIES) }
-            .map_err(|e| anyhow::anyhow!("ring region: {e:?}"))?;
+    let shared = unsafe { SharedRegion::create(rings_w.map.base(), rings_w.size, n + 1, RING_ENTRIES) }
+        .map_err(|e| anyhow::anyhow!("ring region: {e:?}"))?;
     // The core: table memory, page ownership, the VM.
     let tables_w = phys.window(tables);
     // SAFETY: table memory is this machine's own mapping, alive as long as
@@ -180,33 +169,15 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         .transfer(Pa::new(ROM_PA), layout.rom_size, Owner::Host, Owner::Vm(id))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let geometry = Geometry::kvm_default();
-    let vm = Vm::new(
-        id,
-        geometry,
-        Pa::new(TABLES_PA),
-        n + 1,
-        table_mem,
-        &mut owners,
-    )
-    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let regs = Stage2Regs {
-        vtcr: geometry.vtcr(),
-        vttbr: vm.stage2().vttbr(),
-    };
+    let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), n + 1, table_mem, &mut owners)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let regs = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
     let tlb_gen = TlbGeneration::default();
-    let core = Mutex::new(CoreState {
-        vm,
-        owners,
-        tlb: tlb_gen.clone(),
-    });
+    let core = Mutex::new(CoreState { vm, owners, tlb: tlb_gen.clone() });
 
     // Attach.
-    let conn = faultline_attach::connect(&config.attach_socket).with_context(|| {
-        format!(
-            "connecting to the daemon at {}",
-            config.attach_socket.display()
-        )
-    })?;
+    let conn = faultline_attach::connect(&config.attach_socket)
+        .with_context(|| format!("connecting to the daemon at {}", config.attach_socket.display()))?;
     let request = AttachRequest {
         vm_id: config.vm_id,
         nr_vcpus: n as u16,
@@ -251,45 +222,22 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             },
         ],
         memslots: vec![
-            MemslotDesc {
-                gpa: layout.ram_gpa,
-                size: layout.ram_size,
-                region: 0,
-                flags: 0,
-                region_offset: 0,
-            },
-            MemslotDesc {
-                gpa: ROM_GPA,
-                size: layout.rom_size,
-                region: 1,
-                flags: MEMSLOT_READ_ONLY,
-                region_offset: 0,
-            },
+            MemslotDesc { gpa: layout.ram_gpa, size: layout.ram_size, region: 0, flags: 0, region_offset: 0 },
+            MemslotDesc { gpa: ROM_GPA, size: layout.rom_size, region: 1, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
         ],
     };
-    let fds = [
-        phys.window(ram).fd(),
-        phys.window(rom).fd(),
-        phys.window(rings).fd(),
-    ];
+    let fds = [phys.window(ram).fd(), phys.window(rom).fd(), phys.window(rings).fd()];
     send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
     let reply = read_reply(&conn).context("reading the attach reply")?;
     if reply.status != Status::Ok {
-        bail!(
-            "daemon refused the attach: {:?}: {}",
-            reply.status,
-            reply.message
-        );
+        bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
     }
     info!(vm = config.vm_id, vcpus = n, "attached");
 
     // Run.
     let stop = AtomicBool::new(false);
     let daemon_gone = AtomicBool::new(false);
-    let wait = WaitPolicy {
-        spin_polls: config.spin_polls,
-        sleep_slice: Duration::from_millis(500),
-    };
+    let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
     let started = Instant::now();
     let env = VcpuEnv {
@@ -318,13 +266,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 s.spawn(move || run_vcpu(v, ops, env))
             })
             .collect();
-        let results: Vec<_> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))
-            })
-            .collect();
+        let results: Vec<_> =
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))).collect();
         stop_all(&stop, &shared, n);
         let _ = control.join();
         let _ = watchdog.join();
@@ -374,21 +317,14 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         summary.latencies_ns = Some(ram_latencies);
     }
     // Detach and collect the daemon's report.
-    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[])
-        .context("sending detach")?;
+    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let reply = read_reply(&conn).context("reading the detach reply")?;
     summary.detach = Some(DetachReport {
         pages_released: reply.values[0],
         pins_remaining: reply.values[1],
         faults_served: reply.values[2],
     });
-    let word_digest = |w: &Window| {
-        digest(
-            (0..w.size)
-                .step_by(8)
-                .map(|off| w.map.load(off, 8).expect("in range")),
-        )
-    };
+    let word_digest = |w: &Window| digest((0..w.size).step_by(8).map(|off| w.map.load(off, 8).expect("in range")));
     summary.ram_digest = word_digest(phys.window(ram));
     summary.rom_digest = word_digest(phys.window(rom));
     drop(core);
@@ -415,26 +351,16 @@ fn stop_all(stop: &AtomicBool, shared: &SharedRegion<'_>, n: u32) {
 }
 
 /// Sets `stop` and `gone` if the daemon hangs up while the guest runs.
-fn watch_connection(
-    conn: &OwnedFd,
-    stop: &AtomicBool,
-    gone: &AtomicBool,
-    shared: &SharedRegion<'_>,
-    n: u32,
-) {
+fn watch_connection(conn: &OwnedFd, stop: &AtomicBool, gone: &AtomicBool, shared: &SharedRegion<'_>, n: u32) {
     while !stop.load(Ordering::Acquire) {
         let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
         if let Ok(ready) = poll(&mut fds, PollTimeout::from(50u16)) {
             let revents = fds[0].revents().unwrap_or(PollFlags::empty());
             let mut byte = [0u8; 1];
-            let peek =
-                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            let peek = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
             let closed = revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
                 || (revents.contains(PollFlags::POLLIN)
-                    && matches!(
-                        nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, peek),
-                        Ok(0)
-                    ));
+                    && matches!(nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, peek), Ok(0)));
             if ready > 0 && closed {
                 warn!("daemon hung up");
                 gone.store(true, Ordering::Release);
@@ -446,22 +372,11 @@ fn watch_connection(
 }
 
 /// Serves the control ring pair (commands not tied to a fault).
-fn serve_control(
-    core: &Mutex<CoreState>,
-    shared: &SharedRegion<'_>,
-    n: u32,
-    wait: WaitPolicy,
-    stop: &AtomicBool,
-) {
-    let (Some(cmd_view), Some(res_view)) = (
-        shared.ring(n, RingKind::Command),
-        shared.ring(n, RingKind::Fault),
-    ) else {
+fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wait: WaitPolicy, stop: &AtomicBool) {
+    let (Some(cmd_view), Some(res_view)) = (shared.ring(n, RingKind::Command), shared.ring(n, RingKind::Fault)) else {
         return;
     };
-    let (Ok(mut commands), Ok(mut results)) =
-        (Consumer::attach(cmd_view), Producer::attach(res_view))
-    else {
+    let (Ok(mut commands), Ok(mut results)) = (Consumer::attach(cmd_view), Producer::attach(res_view)) else {
         return;
     };
     while let Ok(Some(cmd)) = wait_pop(&mut commands, wait, stop) {
@@ -499,22 +414,12 @@ struct VcpuEnv<'a> {
 }
 
 fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
-    let VcpuEnv {
-        core,
-        shared,
-        phys,
-        regs,
-        ref tlb_gen,
-        wait,
-        stop,
-        epoch,
-        layout,
-    } = *env;
+    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, stop, epoch, layout } = *env;
     let tlb_gen = tlb_gen.clone();
-    let mut faults_out = Producer::attach(shared.ring(v, RingKind::Fault).context("ring")?)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut commands = Consumer::attach(shared.ring(v, RingKind::Command).context("ring")?)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut faults_out =
+        Producer::attach(shared.ring(v, RingKind::Fault).context("ring")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut commands =
+        Consumer::attach(shared.ring(v, RingKind::Command).context("ring")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut tlb = Tlb::new(tlb_gen);
     let mut r = VcpuResult {
         accesses: 0,
@@ -541,30 +446,18 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                         OpKind::Write => phys.store(pa, op.size, value_for(op.gpa, op.size)),
                         OpKind::Read | OpKind::Fetch => phys.load(pa, op.size).map(|_| ()),
                     }
-                    .with_context(|| {
-                        format!("vCPU {v}: PA {pa:#x} of GPA {:#x} is not memory", op.gpa)
-                    })?;
+                    .with_context(|| format!("vCPU {v}: PA {pa:#x} of GPA {:#x} is not memory", op.gpa))?;
                     r.accesses += 1;
                     break;
                 }
                 Err(fault) => {
                     let in_ram = layout.in_ram(op.gpa, op.size as u64);
                     let t0 = Instant::now();
-                    let syn = syndrome::encode(
-                        fault,
-                        access,
-                        op.gpa,
-                        DataAccess {
-                            size: op.size,
-                            register,
-                            isv: true,
-                        },
-                    );
+                    let syn =
+                        syndrome::encode(fault, access, op.gpa, DataAccess { size: op.size, register, isv: true });
                     let rec = {
                         let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
-                        c.vm.take_fault(v, syn.esr, syn.far, syn.hpfar, now_ns(), |far| {
-                            Some(Ipa::new(far))
-                        })
+                        c.vm.take_fault(v, syn.esr, syn.far, syn.hpfar, now_ns(), |far| Some(Ipa::new(far)))
                     }
                     .map_err(|e| anyhow::anyhow!("vCPU {v}: core refused the fault: {e:?}"))?;
                     r.faults += 1;

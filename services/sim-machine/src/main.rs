@@ -64,9 +64,7 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -79,8 +77,7 @@ fn main() -> anyhow::Result<()> {
     };
     let workload = match &args.trace {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             workload::parse_trace(&text, args.vcpus)?
         }
         None => workload::generate(args.pattern, &layout, args.ops, args.seed),

@@ -90,20 +90,12 @@ impl Leaf {
 
 impl Stage2Regs {
     /// Walks `ipa` for `access` through the tables in `mem`.
-    pub fn walk(
-        &self,
-        mem: &PhysMemory,
-        ipa: u64,
-        access: AccessKind,
-    ) -> Result<Translation, Stage2Fault> {
+    pub fn walk(&self, mem: &PhysMemory, ipa: u64, access: AccessKind) -> Result<Translation, Stage2Fault> {
         let leaf = self.walk_leaf(mem, ipa)?;
         if !leaf.allows(access) {
             return Err(Stage2Fault::Permission { level: leaf.level });
         }
-        Ok(Translation {
-            pa: leaf.pa,
-            level: leaf.level,
-        })
+        Ok(Translation { pa: leaf.pa, level: leaf.level })
     }
 
     /// Walks `ipa` to its leaf (translation and access-flag faults only).
@@ -125,9 +117,7 @@ impl Stage2Regs {
             let shift = 12 + 9 * (3 - level as u32);
             let bits = if level == start { ipa_bits - shift } else { 9 };
             let index = (ipa >> shift) & ((1 << bits) - 1);
-            let desc = mem
-                .load(table + index * 8, 8)
-                .ok_or(Stage2Fault::Translation { level })?;
+            let desc = mem.load(table + index * 8, 8).ok_or(Stage2Fault::Translation { level })?;
             if desc & 1 == 0 {
                 return Err(Stage2Fault::Translation { level });
             }
@@ -205,12 +195,7 @@ pub struct Tlb {
 impl Tlb {
     /// An empty TLB following `generation`.
     pub fn new(generation: TlbGeneration) -> Self {
-        Self {
-            entries: [TlbEntry::default(); TLB_ENTRIES],
-            generation,
-            hits: 0,
-            misses: 0,
-        }
+        Self { entries: [TlbEntry::default(); TLB_ENTRIES], generation, hits: 0, misses: 0 }
     }
 
     /// Translates through the TLB, walking on a miss.

@@ -49,38 +49,19 @@ impl Window {
     /// A zeroed window of `size` bytes at `pa_base`. With `page_size` of
     /// 2 MiB and enough free huge pages on the host, the memfd is hugetlb;
     /// otherwise the page size is only declared.
-    pub fn create(
-        name: &'static str,
-        pa_base: u64,
-        size: u64,
-        page_size: u64,
-    ) -> Result<Self, PhysError> {
+    pub fn create(name: &'static str, pa_base: u64, size: u64, page_size: u64) -> Result<Self, PhysError> {
         let io = |source| PhysError::Memfd { name, source };
         let want_huge = page_size == 2 << 20 && free_huge_pages_2m() * (2 << 20) >= size;
-        let mut opts = MemfdOptions::default()
-            .allow_sealing(true)
-            .close_on_exec(true);
+        let mut opts = MemfdOptions::default().allow_sealing(true).close_on_exec(true);
         if want_huge {
             opts = opts.hugetlb(Some(HugetlbSize::Huge2MB));
         }
-        let memfd = opts
-            .create(name)
-            .map_err(|e| io(std::io::Error::other(e)))?;
+        let memfd = opts.create(name).map_err(|e| io(std::io::Error::other(e)))?;
         memfd.as_file().set_len(size).map_err(io)?;
-        memfd
-            .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow])
-            .map_err(|e| io(std::io::Error::other(e)))?;
+        memfd.add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow]).map_err(|e| io(std::io::Error::other(e)))?;
         let map = MappedRegion::map(memfd.as_file().as_fd(), 0, size, page_size)
             .map_err(|source| PhysError::Map { name, source })?;
-        Ok(Self {
-            name,
-            pa_base,
-            size,
-            page_size,
-            memfd,
-            map,
-            hugetlb: want_huge,
-        })
+        Ok(Self { name, pa_base, size, page_size, memfd, map, hugetlb: want_huge })
     }
 
     /// The memfd, to pass to the daemon.
@@ -90,10 +71,7 @@ impl Window {
 
     /// True if `pa .. pa + len` lies in the window.
     pub fn contains(&self, pa: u64, len: u64) -> bool {
-        pa >= self.pa_base
-            && pa
-                .checked_add(len)
-                .is_some_and(|end| end <= self.pa_base + self.size)
+        pa >= self.pa_base && pa.checked_add(len).is_some_and(|end| end <= self.pa_base + self.size)
     }
 }
 

@@ -60,11 +60,7 @@ pub fn encode(fault: Stage2Fault, access: AccessKind, va: u64, data: DataAccess)
         Stage2Fault::Permission { .. } => 0xdead_beef_0000_0000,
         _ => (va >> 12) << 4,
     };
-    Syndrome {
-        esr,
-        far: va,
-        hpfar,
-    }
+    Syndrome { esr, far: va, hpfar }
 }
 
 #[cfg(test)]
@@ -75,17 +71,8 @@ mod tests {
 
     #[test]
     fn encodings_decode_to_the_fault_they_describe() {
-        let d = DataAccess {
-            size: 4,
-            register: 3,
-            isv: true,
-        };
-        let s = encode(
-            Stage2Fault::Translation { level: 2 },
-            AccessKind::Write,
-            0x4020_1234,
-            d,
-        );
+        let d = DataAccess { size: 4, register: 3, isv: true };
+        let s = encode(Stage2Fault::Translation { level: 2 }, AccessKind::Write, 0x4020_1234, d);
         let a = Abort::decode(s.esr, s.far, s.hpfar).unwrap();
         assert_eq!(a.status, FaultStatus::Translation { level: 2 });
         assert_eq!(a.access, Access::Write);
@@ -93,24 +80,12 @@ mod tests {
         let syn = a.syndrome.unwrap();
         assert_eq!((syn.size, syn.register, syn.sixty_four), (4, 3, false));
         // ESR by hand: EC 0x24, IL, ISV, SAS=0b10, SRT=3, WnR, DFSC 0b000110.
-        assert_eq!(
-            s.esr,
-            (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (3 << 16) | (1 << 6) | 0b110
-        );
-        let s = encode(
-            Stage2Fault::Permission { level: 3 },
-            AccessKind::Fetch,
-            0x4000_0000,
-            d,
-        );
+        assert_eq!(s.esr, (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (3 << 16) | (1 << 6) | 0b110);
+        let s = encode(Stage2Fault::Permission { level: 3 }, AccessKind::Fetch, 0x4000_0000, d);
         let a = Abort::decode(s.esr, s.far, s.hpfar).unwrap();
         assert_eq!(
             (a.status, a.access, a.ipa),
-            (
-                FaultStatus::Permission { level: 3 },
-                Access::Execute,
-                FaultIpa::NotReported
-            )
+            (FaultStatus::Permission { level: 3 }, Access::Execute, FaultIpa::NotReported)
         );
     }
 }

@@ -68,9 +68,7 @@ pub struct Workload {
 
 /// The value a write of `size` bytes stores at `gpa`.
 pub fn value_for(gpa: u64, size: u8) -> u64 {
-    let v = (gpa ^ 0x5bd1_e995)
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .rotate_left(29);
+    let v = (gpa ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     if size == 8 {
         v
     } else {
@@ -94,23 +92,12 @@ impl Rng {
 /// reads and writes of the read-only slot and one MMIO read mixed in.
 pub fn generate(pattern: Pattern, layout: &Layout, ops: usize, seed: u64) -> Workload {
     let n = layout.nr_vcpus as u64;
-    let per_vcpu = (0..n)
-        .map(|v| generate_vcpu(pattern, layout, ops, seed, v, n))
-        .collect();
+    let per_vcpu = (0..n).map(|v| generate_vcpu(pattern, layout, ops, seed, v, n)).collect();
     Workload { per_vcpu }
 }
 
-fn generate_vcpu(
-    pattern: Pattern,
-    layout: &Layout,
-    ops: usize,
-    seed: u64,
-    v: u64,
-    n: u64,
-) -> Vec<Op> {
-    let chunks: Vec<u64> = (0..layout.ram_size / CHUNK)
-        .filter(|c| c % n == v)
-        .collect();
+fn generate_vcpu(pattern: Pattern, layout: &Layout, ops: usize, seed: u64, v: u64, n: u64) -> Vec<Op> {
+    let chunks: Vec<u64> = (0..layout.ram_size / CHUNK).filter(|c| c % n == v).collect();
     let space = chunks.len() as u64 * CHUNK;
     let at = |vaddr: u64| layout.ram_gpa + chunks[(vaddr / CHUNK) as usize] * CHUNK + vaddr % CHUNK;
     let mut rng = Rng(seed.wrapping_mul(2 * v + 1) | 1);
@@ -132,72 +119,36 @@ fn generate_vcpu(
     let mut out = Vec::with_capacity(ops + ops / 32 + 1);
     for i in 0..ops as u64 {
         let (kind, vaddr, size) = match pattern {
-            Pattern::Sequential => (
-                if i % 2 == 0 {
-                    OpKind::Write
-                } else {
-                    OpKind::Read
-                },
-                (i * 1024) % space,
-                8,
-            ),
+            Pattern::Sequential => (if i % 2 == 0 { OpKind::Write } else { OpKind::Read }, (i * 1024) % space, 8),
             Pattern::Random => {
-                let kind = if rng.next() % 2 == 0 {
-                    OpKind::Write
-                } else {
-                    OpKind::Read
-                };
+                let kind = if rng.next() % 2 == 0 { OpKind::Write } else { OpKind::Read };
                 (kind, (rng.next() % space) & !7, 8)
             }
             Pattern::Strided => (OpKind::Write, (i * (CHUNK + 12 * 4096)) % space, 8),
             Pattern::ReadThenWrite => {
                 let page = i / 2;
-                let kind = if i % 2 == 0 {
-                    OpKind::Read
-                } else {
-                    OpKind::Write
-                };
+                let kind = if i % 2 == 0 { OpKind::Read } else { OpKind::Write };
                 (kind, (page * 4096 + (page * 64) % 4096) % space, 4)
             }
             Pattern::Zipf => {
                 let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
                 let page = zipf_cdf.partition_point(|&c| c < u).min(pages as usize - 1) as u64;
-                let kind = if rng.next() % 2 == 0 {
-                    OpKind::Write
-                } else {
-                    OpKind::Read
-                };
+                let kind = if rng.next() % 2 == 0 { OpKind::Write } else { OpKind::Read };
                 (kind, page * 4096 + (rng.next() % 512) * 8, 8)
             }
             Pattern::Fetch => (OpKind::Fetch, (i * 256) % space, 4),
         };
-        out.push(Op {
-            kind,
-            gpa: at(vaddr),
-            size,
-        });
+        out.push(Op { kind, gpa: at(vaddr), size });
         // The read-only slot: reads map it, writes exit to the VMM.
         if i % 64 == 63 {
             let k = i / 64;
             let page = (k * n + v) % rom_pages;
-            let kind = if i % 256 == 255 {
-                OpKind::Write
-            } else {
-                OpKind::Read
-            };
-            out.push(Op {
-                kind,
-                gpa: ROM_GPA + page * 4096 + (k * 8) % 4096,
-                size: 4,
-            });
+            let kind = if i % 256 == 255 { OpKind::Write } else { OpKind::Read };
+            out.push(Op { kind, gpa: ROM_GPA + page * 4096 + (k * 8) % 4096, size: 4 });
         }
     }
     // One read outside every memslot: an MMIO exit.
-    out.push(Op {
-        kind: OpKind::Read,
-        gpa: MMIO_GPA + v * 8,
-        size: 4,
-    });
+    out.push(Op { kind: OpKind::Read, gpa: MMIO_GPA + v * 8, size: 4 });
     out
 }
 
@@ -219,20 +170,12 @@ pub fn parse_trace(text: &str, nr_vcpus: u32) -> Result<Workload, TraceError> {
         if line.is_empty() {
             continue;
         }
-        let err = |reason: String| TraceError {
-            line: i + 1,
-            reason,
-        };
+        let err = |reason: String| TraceError { line: i + 1, reason };
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() != 4 {
-            return Err(err(format!(
-                "expected `VCPU OP ADDRESS SIZE`, got {} fields",
-                f.len()
-            )));
+            return Err(err(format!("expected `VCPU OP ADDRESS SIZE`, got {} fields", f.len())));
         }
-        let vcpu: usize = f[0]
-            .parse()
-            .map_err(|_| err(format!("bad vCPU {:?}", f[0])))?;
+        let vcpu: usize = f[0].parse().map_err(|_| err(format!("bad vCPU {:?}", f[0])))?;
         if vcpu >= per_vcpu.len() {
             return Err(err(format!("vCPU {vcpu} but the machine has {nr_vcpus}")));
         }
@@ -247,13 +190,9 @@ pub fn parse_trace(text: &str, nr_vcpus: u32) -> Result<Workload, TraceError> {
             None => f[2].parse(),
         }
         .map_err(|_| err(format!("bad address {:?}", f[2])))?;
-        let size: u8 = f[3]
-            .parse()
-            .map_err(|_| err(format!("bad size {:?}", f[3])))?;
+        let size: u8 = f[3].parse().map_err(|_| err(format!("bad size {:?}", f[3])))?;
         if !matches!(size, 1 | 2 | 4 | 8) || gpa % size as u64 != 0 {
-            return Err(err(format!(
-                "size {size} must be 1, 2, 4 or 8 and divide the address"
-            )));
+            return Err(err(format!("size {size} must be 1, 2, 4 or 8 and divide the address")));
         }
         per_vcpu[vcpu].push(Op { kind, gpa, size });
     }
@@ -280,11 +219,7 @@ pub struct FlatReplay {
 impl FlatReplay {
     /// Faults a run must take if every RAM fault maps `ram_granule` bytes.
     pub fn expected_faults(&self, ram_blocks: bool) -> u64 {
-        let ram = if ram_blocks {
-            self.ram_blocks.len()
-        } else {
-            self.ram_pages.len()
-        };
+        let ram = if ram_blocks { self.ram_blocks.len() } else { self.ram_pages.len() };
         (ram + self.rom_pages_read.len() + self.exits.len()) as u64
     }
 }
@@ -309,15 +244,13 @@ pub fn replay_flat(layout: &Layout, workload: &Workload) -> FlatReplay {
                 r.ram_blocks.insert(op.gpa >> 21);
                 if op.kind == OpKind::Write {
                     let off = (op.gpa - layout.ram_gpa) as usize;
-                    ram[off..off + op.size as usize].copy_from_slice(
-                        &value_for(op.gpa, op.size).to_le_bytes()[..op.size as usize],
-                    );
+                    ram[off..off + op.size as usize]
+                        .copy_from_slice(&value_for(op.gpa, op.size).to_le_bytes()[..op.size as usize]);
                 }
             } else if layout.in_rom(op.gpa, len) && op.kind != OpKind::Write {
                 r.rom_pages_read.insert(op.gpa >> 12);
             } else {
-                r.exits
-                    .push((v as u32, op.gpa, op.size, op.kind == OpKind::Write));
+                r.exits.push((v as u32, op.gpa, op.size, op.kind == OpKind::Write));
             }
         }
     }
@@ -327,18 +260,12 @@ pub fn replay_flat(layout: &Layout, workload: &Workload) -> FlatReplay {
 
 /// A digest of memory read as little-endian u64 words.
 pub fn digest(words: impl Iterator<Item = u64>) -> u64 {
-    words.fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7)
-    })
+    words.fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7))
 }
 
 /// The digest of a flat byte array (its length a multiple of 8).
 pub fn digest_bytes(bytes: &[u8]) -> u64 {
-    digest(
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-    )
+    digest(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))))
 }
 
 #[cfg(test)]
@@ -347,41 +274,17 @@ mod tests {
 
     #[test]
     fn trace_parses_and_reports_bad_lines() {
-        let w = parse_trace(
-            "# header\n0 W 0x40001000 8\n1 r 1073741824 4 # comment\n\n",
-            2,
-        )
-        .unwrap();
-        assert_eq!(
-            w.per_vcpu[0],
-            vec![Op {
-                kind: OpKind::Write,
-                gpa: 0x4000_1000,
-                size: 8
-            }]
-        );
-        assert_eq!(
-            w.per_vcpu[1],
-            vec![Op {
-                kind: OpKind::Read,
-                gpa: 0x4000_0000,
-                size: 4
-            }]
-        );
+        let w = parse_trace("# header\n0 W 0x40001000 8\n1 r 1073741824 4 # comment\n\n", 2).unwrap();
+        assert_eq!(w.per_vcpu[0], vec![Op { kind: OpKind::Write, gpa: 0x4000_1000, size: 8 }]);
+        assert_eq!(w.per_vcpu[1], vec![Op { kind: OpKind::Read, gpa: 0x4000_0000, size: 4 }]);
         assert_eq!(parse_trace("0 Q 0x0 8", 1).unwrap_err().line, 1);
-        assert!(parse_trace("\n2 R 0x0 8", 2)
-            .unwrap_err()
-            .reason
-            .contains("vCPU 2"));
+        assert!(parse_trace("\n2 R 0x0 8", 2).unwrap_err().reason.contains("vCPU 2"));
         assert!(parse_trace("0 R 0x3 8", 1).is_err());
     }
 
     #[test]
     fn vcpus_never_share_a_2mib_chunk() {
-        let layout = Layout {
-            nr_vcpus: 4,
-            ..Layout::default()
-        };
+        let layout = Layout { nr_vcpus: 4, ..Layout::default() };
         for p in [
             Pattern::Sequential,
             Pattern::Random,
