@@ -96,6 +96,8 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
         writable: true,
         device: false,
         map,
+        memfd,
+        fd_offset: 0,
     };
     let base = region.base();
     let vmas = Vmas::default();

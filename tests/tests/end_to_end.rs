@@ -122,7 +122,7 @@ fn a_killed_daemon_ends_the_machine_with_a_clear_error() {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
     let daemon = Daemon::start(&["--spin-polls", "0"]);
-    let mut child = machine(&daemon)
+    let child = machine(&daemon)
         .args(["--vcpus", "2", "--pattern", "random", "--ops", "5000000", "--spin-polls", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

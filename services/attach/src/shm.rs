@@ -8,11 +8,9 @@ use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
-use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
+use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 const PAGE_SIZE: u64 = 4096;
-/// Ranges up to this size are populated by touching each page.
-const TOUCH_LIMIT: u64 = 64 << 10;
 
 /// Why a region could not be mapped.
 #[derive(Debug, thiserror::Error)]
@@ -108,32 +106,6 @@ impl MappedRegion {
     /// True if nothing is mapped (never, by construction).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Faults in `[offset, offset + len)` for writing, as KVM's
-    /// get_user_pages does for a fresh page. Small ranges are touched with an
-    /// atomic add of zero per page (a write access that changes nothing, so
-    /// it is safe under concurrent writers); that costs one page fault per
-    /// page, about 30% less than MADV_POPULATE_WRITE's syscall for a single
-    /// page. Larger ranges use the madvise.
-    pub fn populate(&self, offset: u64, len: u64) -> nix::Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len as u64) {
-            return Err(nix::Error::EINVAL);
-        }
-        if len <= TOUCH_LIMIT {
-            let first = offset & !(PAGE_SIZE - 1);
-            for page in (first..offset + len).step_by(PAGE_SIZE as usize) {
-                let cell = self.cell::<AtomicU64>(page).ok_or(nix::Error::EINVAL)?;
-                // black_box keeps the add from being folded into a plain load.
-                cell.fetch_add(std::hint::black_box(0), Relaxed);
-            }
-            return Ok(());
-        }
-        // SAFETY: the range lies inside our mapping (checked above).
-        let ptr = unsafe { self.base.add(offset as usize) };
-        // SAFETY: madvise on a range of our own mapping; populating does not
-        // change its contents.
-        unsafe { mman::madvise(ptr.cast(), len as usize, MmapAdvise::MADV_POPULATE_WRITE) }
     }
 
     /// Loads `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset`,

@@ -191,6 +191,8 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
                     writable: r.flags & REGION_WRITABLE != 0,
                     device: r.flags & REGION_DEVICE != 0,
                     map,
+                    memfd,
+                    fd_offset: r.fd_offset,
                 });
             }
             RegionKind::Rings => rings = Some(map),

@@ -103,9 +103,18 @@ impl Pins {
     /// True if every page of the range has been populated.
     pub fn is_populated(&self, region: usize, offset: u64, len: u64) -> bool {
         let r = &self.regions[region];
-        let first = offset / PAGE_SIZE;
-        (first..first + len.div_ceil(PAGE_SIZE))
-            .all(|page| r.populated[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        let (first, end) = (offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE));
+        let mut page = first;
+        while page < end {
+            let bit = page % 64;
+            let take = (64 - bit).min(end - page);
+            let mask = if take == 64 { u64::MAX } else { ((1u64 << take) - 1) << bit };
+            if r.populated[(page / 64) as usize].load(Ordering::Acquire) & mask != mask {
+                return false;
+            }
+            page += take;
+        }
+        true
     }
 
     fn release(&self, region: usize, first: usize, pages: usize) {

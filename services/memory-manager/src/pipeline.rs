@@ -320,7 +320,7 @@ fn pin_pages(
     let pin = vm.pins.pin(vma.region, offset, size.bytes())?;
     inject.check(Stage::Populate)?;
     if !region.device && !vm.pins.is_populated(vma.region, offset, size.bytes()) {
-        region.map.populate(offset, size.bytes()).map_err(PipelineError::Populate)?;
+        region.populate(offset, size.bytes()).map_err(PipelineError::Populate)?;
         vm.pins.mark_populated(vma.region, offset, size.bytes());
     }
     Ok((pin, map_ipa, pa))

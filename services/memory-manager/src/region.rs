@@ -2,8 +2,12 @@
 //! shared mapping aligned to its page size (so HVA and PA agree modulo the
 //! block sizes it can back).
 
+use std::os::fd::AsFd;
+
 use faultline_attach::shm::MappedRegion;
 use hyp_core::addr::Pa;
+use memfd::Memfd;
+use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::addr::Hva;
 
@@ -24,12 +28,30 @@ pub struct GuestRegion {
     pub device: bool,
     /// The daemon's mapping.
     pub map: MappedRegion,
+    /// The backing memfd.
+    pub memfd: Memfd,
+    /// Offset of the window in the memfd.
+    pub fd_offset: u64,
 }
 
 impl GuestRegion {
     /// The daemon address of the region's first byte.
     pub fn base(&self) -> Hva {
         Hva::new(self.map.base().as_ptr() as u64)
+    }
+
+    /// Allocates the backing of `[offset, offset + len)` (KVM's
+    /// get_user_pages faulting a page in). fallocate on the memfd allocates
+    /// the pages without mapping them into the daemon: 2.4 us for a fresh
+    /// 4 KiB page here, against 3.9 us for touching it through the mapping
+    /// and 5.4 us for MADV_POPULATE_WRITE. Already-allocated pages are left
+    /// as they are.
+    pub fn populate(&self, offset: u64, len: u64) -> nix::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(nix::Error::EINVAL);
+        }
+        let start = (self.fd_offset + offset) as i64;
+        fallocate(self.memfd.as_file().as_fd(), FallocateFlags::empty(), start, len as i64)
     }
 
     /// The PA of byte `offset` of the region.

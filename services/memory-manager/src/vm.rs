@@ -143,7 +143,7 @@ impl VmMemory {
     /// Faults in every page of every non-device guest region now.
     pub fn prefault(&self) -> nix::Result<()> {
         for (i, r) in self.regions.iter().enumerate().filter(|(_, r)| !r.device) {
-            r.map.populate(0, r.size)?;
+            r.populate(0, r.size)?;
             self.pins.mark_populated(i, 0, r.size);
         }
         Ok(())

@@ -39,8 +39,17 @@ fn vm_memory(page_size: u64) -> VmMemory {
     let memfd = MemfdOptions::default().create("ram").unwrap();
     memfd.as_file().set_len(RAM).unwrap();
     let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
-    let region =
-        GuestRegion { index: 0, pa_base: Pa::new(RAM_PA), size: RAM, page_size, writable: true, device: false, map };
+    let region = GuestRegion {
+        index: 0,
+        pa_base: Pa::new(RAM_PA),
+        size: RAM,
+        page_size,
+        writable: true,
+        device: false,
+        map,
+        memfd,
+        fd_offset: 0,
+    };
     let base = region.base();
     let vmas = Vmas::default();
     vmas.insert(Vma { start: base, len: RAM, region: 0, page_size, writable: true, device: false });
