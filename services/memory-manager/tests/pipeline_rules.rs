@@ -1,0 +1,209 @@
+//! The pipeline's decisions, stage by stage, against KVM's rules: mapping
+//! size (VMA page size, GPA/HVA congruence, memslot bounds, dirty logging,
+//! permission-fault granule), permissions, and what leaves for the VMM.
+
+use std::os::fd::AsFd;
+
+use faultline_attach::shm::MappedRegion;
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ownership::VmId;
+use hyp_core::ring::abi::{kind, FaultRecord, NO_IPA};
+use hyp_core::stage2::{MapSize, Perms};
+use memfd::MemfdOptions;
+use memory_manager::addr::Hva;
+use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::pipeline::{handle_fault, Decision, Exit, InjectReason, Injection, MapPlan, MmioAccess};
+use memory_manager::policy::{KvmDefault, Pages4k, Policy};
+use memory_manager::region::GuestRegion;
+use memory_manager::vm::{PagePool, VmMemory};
+use memory_manager::vma::{Vma, Vmas};
+
+const RAM_PA: u64 = 0x4000_0000;
+const RAM: u64 = 16 << 20;
+
+/// One 16 MiB region backed by 2 MiB pages; memslots as given `(gpa, size,
+/// region offset, flags)`.
+fn vm(page_size: u64, slots: &[(u64, u64, u64, SlotFlags)]) -> VmMemory {
+    let memfd = MemfdOptions::default().create("ram").unwrap();
+    memfd.as_file().set_len(RAM).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
+    let region = GuestRegion {
+        index: 0,
+        pa_base: Pa::new(RAM_PA),
+        size: RAM,
+        page_size,
+        writable: true,
+        device: false,
+        map,
+        memfd,
+        fd_offset: 0,
+    };
+    let base = region.base();
+    let vmas = Vmas::default();
+    vmas.insert(Vma { start: base, len: RAM, region: 0, page_size, writable: true, device: false });
+    let mut memslots = Memslots::default();
+    for (i, &(gpa, size, off, flags)) in slots.iter().enumerate() {
+        memslots.insert(Memslot::new(i, Ipa::new(gpa), size, Hva::new(base.raw() + off), 0, off, flags));
+    }
+    VmMemory::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region], PagePool::default())
+}
+
+// Hand-encoded syndromes (Arm ARM D24.2.45): EC, IL, ISV, SAS, SRT, WnR, xFSC.
+const READ_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (4 << 16) | 0b00_0111;
+const WRITE_L3: u64 = READ_L3 | (1 << 6);
+const WRITE_NO_ISV_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 6) | 0b00_0111;
+const WRITE_PERM_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (1 << 6) | 0b00_1111;
+const WRITE_PERM_L2: u64 = (0x24 << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (1 << 6) | 0b00_1110;
+const FETCH_L3: u64 = (0x20 << 26) | (1 << 25) | 0b00_0111;
+const S1PTW_READ_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 7) | 0b00_0111;
+const CM_L3: u64 = (0x24 << 26) | (1 << 25) | (1 << 8) | (1 << 6) | 0b00_0111;
+const SEA: u64 = (0x24 << 26) | (1 << 25) | 0b01_0000;
+
+fn fault(esr: u64, ipa: u64) -> FaultRecord {
+    FaultRecord {
+        kind: kind::FAULT,
+        vcpu: 0,
+        fault_id: 1,
+        esr,
+        far: ipa,
+        hpfar: (ipa >> 12) << 4,
+        ipa,
+        inval_seq: 0,
+        timestamp_ns: 0,
+    }
+}
+
+fn decide(vm: &VmMemory, policy: &dyn Policy, esr: u64, ipa: u64) -> Decision {
+    handle_fault(vm, policy, &fault(esr, ipa), Injection::NONE).unwrap()
+}
+
+fn plan(d: Decision) -> MapPlan {
+    match d {
+        Decision::Map(p) => p,
+        other => panic!("expected a map, got {other:?}"),
+    }
+}
+
+const PLAIN: SlotFlags = SlotFlags { read_only: false, dirty_log: false };
+
+#[test]
+fn aligned_slot_in_a_2mib_region_maps_blocks_and_writable_on_read() {
+    let vm = vm(2 << 20, &[(0x8000_0000, RAM, 0, PLAIN)]);
+    let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x8040_1234));
+    assert_eq!((p.size, p.ipa, p.pa), (MapSize::Block2M, Ipa::new(0x8040_0000), Pa::new(RAM_PA + (4 << 20))));
+    assert_eq!(p.perms, Perms::RW, "KVM maps writable on a read fault when not logging");
+    // The 4 KiB policy clamps the size, never the permissions.
+    let p = plan(decide(&vm, &Pages4k, READ_L3, 0x8040_1234));
+    assert_eq!((p.size, p.perms), (MapSize::Page4K, Perms::RW));
+}
+
+#[test]
+fn gpa_not_congruent_with_hva_forces_4k() {
+    // GPA 0x8000_1000 backed from region offset 0: GPA and HVA differ mod 2 MiB.
+    let vm = vm(2 << 20, &[(0x8000_1000, 8 << 20, 0, PLAIN)]);
+    let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x8040_0000));
+    assert_eq!(p.size, MapSize::Page4K);
+}
+
+#[test]
+fn a_block_must_lie_inside_the_memslot() {
+    // Slot of 3 MiB: the first 2 MiB block fits, the second block would run past the end.
+    let vm = vm(2 << 20, &[(0x8000_0000, 3 << 20, 0, PLAIN)]);
+    assert_eq!(plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_0000)).size, MapSize::Block2M);
+    assert_eq!(plan(decide(&vm, &KvmDefault, READ_L3, 0x8020_0000)).size, MapSize::Page4K);
+}
+
+#[test]
+fn a_4k_region_never_maps_blocks() {
+    let vm = vm(4096, &[(0x8000_0000, RAM, 0, PLAIN)]);
+    assert_eq!(plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_0000)).size, MapSize::Page4K);
+}
+
+#[test]
+fn dirty_logging_maps_4k_read_only_on_read_and_marks_writes() {
+    let logged = SlotFlags { read_only: false, dirty_log: true };
+    let vm = vm(2 << 20, &[(0x8000_0000, RAM, 0, logged)]);
+    let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_3000));
+    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::R, None));
+    let p = plan(decide(&vm, &KvmDefault, WRITE_L3, 0x8000_3000));
+    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::RW, Some(0)));
+    // A write permission fault on the read-only page is relaxed at its granule.
+    let p = plan(decide(&vm, &KvmDefault, WRITE_PERM_L3, 0x8000_3000));
+    assert!(p.permission_fault);
+    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::RW, Some(0)));
+    let slot = vm.memslots.lookup(Ipa::new(0x8000_3000)).unwrap();
+    assert!(!slot.is_dirty(Ipa::new(0x8000_3000)));
+    slot.mark_dirty(p.fault_ipa);
+    assert!(slot.is_dirty(Ipa::new(0x8000_3000)) && slot.dirty_count() == 1);
+}
+
+#[test]
+fn a_permission_fault_maps_at_the_faulting_granule() {
+    let vm = vm(2 << 20, &[(0x8000_0000, RAM, 0, PLAIN)]);
+    let p = plan(decide(&vm, &KvmDefault, WRITE_PERM_L2, 0x8020_5000));
+    assert_eq!((p.size, p.ipa), (MapSize::Block2M, Ipa::new(0x8020_0000)));
+}
+
+#[test]
+fn exec_only_on_fetch() {
+    let vm = vm(4096, &[(0x8000_0000, RAM, 0, PLAIN)]);
+    assert_eq!(plan(decide(&vm, &KvmDefault, FETCH_L3, 0x8000_0000)).perms, Perms::RWX);
+    assert!(!plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_0000)).perms.exec());
+}
+
+#[test]
+fn writes_to_read_only_slots_and_holes_exit_to_the_vmm() {
+    let ro = SlotFlags { read_only: true, dirty_log: false };
+    let vm = vm(4096, &[(0x8000_0000, 4 << 20, 0, ro)]);
+    // Read of a read-only slot maps read-only.
+    assert_eq!(plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_0000)).perms, Perms::R);
+    // Write with a syndrome: an MMIO exit with address, size and register.
+    match decide(&vm, &KvmDefault, WRITE_L3, 0x8000_0010) {
+        Decision::Exit(Exit::Mmio(MmioAccess { ipa, size, register, write })) => {
+            assert_eq!((ipa, size, register, write), (Ipa::new(0x8000_0010), 4, 4, true));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without a syndrome: the distinct no-syndrome exit.
+    assert!(matches!(
+        decide(&vm, &KvmDefault, WRITE_NO_ISV_L3, 0x8000_0010),
+        Decision::Exit(Exit::NoSyndrome { write: true, .. })
+    ));
+    // Outside every memslot: same rules.
+    assert!(matches!(
+        decide(&vm, &KvmDefault, READ_L3, 0x1000),
+        Decision::Exit(Exit::Mmio(MmioAccess { write: false, .. }))
+    ));
+    // Cache maintenance on MMIO: skipped by the VMM.
+    assert!(matches!(decide(&vm, &KvmDefault, CM_L3, 0x1000), Decision::Exit(Exit::CacheMaintenance { .. })));
+    // A fetch or a stage-1 walk outside memory: injected back into the guest.
+    assert!(matches!(decide(&vm, &KvmDefault, FETCH_L3, 0x1000), Decision::Inject(InjectReason::FetchOutsideMemory)));
+    assert!(matches!(
+        decide(&vm, &KvmDefault, S1PTW_READ_L3, 0x1000),
+        Decision::Inject(InjectReason::WalkOutsideMemory)
+    ));
+    // A stage-1 walk into a read-only slot counts as a write (hardware AF update): injected.
+    assert!(matches!(
+        decide(&vm, &KvmDefault, S1PTW_READ_L3, 0x8000_0000),
+        Decision::Inject(InjectReason::WalkOutsideMemory)
+    ));
+}
+
+#[test]
+fn unresolvable_faults_are_injected_not_mapped() {
+    let vm = vm(4096, &[(0x8000_0000, RAM, 0, PLAIN)]);
+    assert!(matches!(decide(&vm, &KvmDefault, SEA, 0x8000_0000), Decision::Inject(InjectReason::External)));
+    let mut rec = fault(READ_L3, 0x8000_0000);
+    rec.ipa = NO_IPA;
+    assert!(matches!(
+        handle_fault(&vm, &KvmDefault, &rec, Injection::NONE).unwrap(),
+        Decision::Inject(InjectReason::NoIpa)
+    ));
+    rec.esr = 0x16 << 26; // an HVC, not an abort
+    rec.ipa = 0x8000_0000;
+    assert!(matches!(
+        handle_fault(&vm, &KvmDefault, &rec, Injection::NONE).unwrap(),
+        Decision::Inject(InjectReason::Undecodable)
+    ));
+    assert_eq!(vm.pins.total(), 0);
+}
