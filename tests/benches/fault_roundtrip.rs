@@ -19,13 +19,12 @@ use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
 use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance};
 use hyp_core::vm::Vm;
 use memfd::MemfdOptions;
-use memory_manager::addr::Hva;
 use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
 use memory_manager::pipeline::{handle_fault, Decision, Injection};
 use memory_manager::policy::Pages4k;
-use memory_manager::region::GuestRegion;
+use memory_manager::region::{GuestRegion, RegionSpec};
 use memory_manager::vm::{Installed, PagePool, VmMemory};
-use memory_manager::vma::{Vma, Vmas};
+use memory_manager::vma::Vmas;
 
 struct Stats {
     p50: f64,
@@ -87,23 +86,20 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
     let ram = pages * 4096;
     let memfd = MemfdOptions::default().create("ram").unwrap();
     memfd.as_file().set_len(ram).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, ram, 4096).unwrap();
-    let region = GuestRegion {
+    let spec = RegionSpec {
         index: 0,
         pa_base: Pa::new(RAM_PA),
         size: ram,
         page_size: 4096,
+        fd_offset: 0,
         writable: true,
         device: false,
-        map,
-        memfd,
-        fd_offset: 0,
     };
-    let base = region.base();
+    let region = GuestRegion::map(memfd, spec).unwrap();
     let vmas = Vmas::default();
-    vmas.insert(Vma { start: base, len: ram, region: 0, page_size: 4096, writable: true, device: false });
+    vmas.insert(region.vma(0));
     let mut slots = Memslots::default();
-    slots.insert(Memslot::new(0, Ipa::new(RAM_PA), ram, Hva::new(base.raw()), 0, 0, SlotFlags::default()));
+    slots.insert(Memslot::new(0, Ipa::new(RAM_PA), ram, region.base(), 0, 0, SlotFlags::default()));
     let id = VmId::new(1).unwrap();
     let vmm = VmMemory::new(id, 1, slots, vmas, vec![region], PagePool::default());
     if prefault {

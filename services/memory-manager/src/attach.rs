@@ -28,10 +28,10 @@ use tracing::{info, info_span, warn};
 use crate::addr::Hva;
 use crate::daemon::Daemon;
 use crate::memslot::{Memslot, Memslots, SlotFlags};
-use crate::region::GuestRegion;
+use crate::region::{GuestRegion, RegionSpec};
 use crate::service::VcpuService;
 use crate::vm::{PagePool, VmMemory};
-use crate::vma::{Vma, Vmas};
+use crate::vma::Vmas;
 use faultline_attach::shm::MappedRegion;
 
 /// A refused attach: the status and reason sent back.
@@ -177,25 +177,26 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
                 format!("region {i}: memfd has {len} bytes, {} needed", r.fd_offset + r.size),
             ));
         }
-        let align = if r.kind == RegionKind::Guest { r.page_size } else { PAGE_SIZE };
-        let map = MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, align)
-            .map_err(|e| refuse(Status::Internal, format!("region {i}: {e}")))?;
+        let internal = |e: faultline_attach::shm::RegionError| refuse(Status::Internal, format!("region {i}: {e}"));
         match r.kind {
             RegionKind::Guest => {
                 guest_index[i] = guests.len();
-                guests.push(GuestRegion {
+                let spec = RegionSpec {
                     index: i,
                     pa_base: Pa::new(r.pa_base),
                     size: r.size,
                     page_size: r.page_size,
+                    fd_offset: r.fd_offset,
                     writable: r.flags & REGION_WRITABLE != 0,
                     device: r.flags & REGION_DEVICE != 0,
-                    map,
-                    memfd,
-                    fd_offset: r.fd_offset,
-                });
+                };
+                guests.push(GuestRegion::map(memfd, spec).map_err(internal)?);
             }
-            RegionKind::Rings => rings = Some(map),
+            RegionKind::Rings => {
+                let map =
+                    MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, PAGE_SIZE).map_err(internal)?;
+                rings = Some(map);
+            }
             RegionKind::TablePool => unreachable!("handled above"),
         }
     }
@@ -219,14 +220,7 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     }
     let vmas = Vmas::default();
     for (gi, g) in guests.iter().enumerate() {
-        vmas.insert(Vma {
-            start: g.base(),
-            len: g.size,
-            region: gi,
-            page_size: g.page_size,
-            writable: g.writable,
-            device: g.device,
-        });
+        vmas.insert(g.vma(gi));
     }
     let mut memslots = Memslots::default();
     for (i, m) in req.memslots.iter().enumerate() {

@@ -4,12 +4,13 @@
 
 use std::os::fd::AsFd;
 
-use faultline_attach::shm::MappedRegion;
+use faultline_attach::shm::{MappedRegion, RegionError};
 use hyp_core::addr::Pa;
 use memfd::Memfd;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::addr::Hva;
+use crate::vma::Vma;
 
 /// A PA window that belongs to the VM (guest memory) as the daemon knows it.
 #[derive(Debug)]
@@ -34,7 +35,45 @@ pub struct GuestRegion {
     pub fd_offset: u64,
 }
 
+/// Where a guest region sits and what it is, before it is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// Index in the attach request.
+    pub index: usize,
+    /// First PA of the window.
+    pub pa_base: Pa,
+    /// Bytes.
+    pub size: u64,
+    /// Backing page size.
+    pub page_size: u64,
+    /// Offset of the window in the memfd.
+    pub fd_offset: u64,
+    /// The guest may write it.
+    pub writable: bool,
+    /// Device memory.
+    pub device: bool,
+}
+
 impl GuestRegion {
+    /// Maps `spec`'s window of `memfd` at an address aligned to its page size.
+    pub fn map(memfd: Memfd, spec: RegionSpec) -> Result<Self, RegionError> {
+        let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
+        let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
+        Ok(Self { index, pa_base, size, page_size, writable, device, map, memfd, fd_offset })
+    }
+
+    /// The VMA this region is, as region number `region` of its VM.
+    pub fn vma(&self, region: usize) -> Vma {
+        Vma {
+            start: self.base(),
+            len: self.size,
+            region,
+            page_size: self.page_size,
+            writable: self.writable,
+            device: self.device,
+        }
+    }
+
     /// The daemon address of the region's first byte.
     pub fn base(&self) -> Hva {
         Hva::new(self.map.base().as_ptr() as u64)

@@ -3,11 +3,9 @@
 //! leaves the guest mapped to memory that was taken away. (The VMA used after
 //! its lock was dropped is `tests/compile_fail.rs`.)
 
-use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::{Barrier, Mutex};
 
-use faultline_attach::shm::MappedRegion;
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::reject::Reject;
@@ -15,13 +13,12 @@ use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
 use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance, Walk};
 use hyp_core::vm::{map_outcome, Completion, Vm};
 use memfd::MemfdOptions;
-use memory_manager::addr::Hva;
 use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
 use memory_manager::pipeline::{handle_fault, Decision, Injection, Stage};
 use memory_manager::policy::KvmDefault;
-use memory_manager::region::GuestRegion;
+use memory_manager::region::{GuestRegion, RegionSpec};
 use memory_manager::vm::{Installed, PagePool, VmMemory};
-use memory_manager::vma::{Vma, Vmas};
+use memory_manager::vma::Vmas;
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM_GPA: u64 = 0x4000_0000;
@@ -38,23 +35,20 @@ fn hpfar(ipa: u64) -> u64 {
 fn vm_memory(page_size: u64) -> VmMemory {
     let memfd = MemfdOptions::default().create("ram").unwrap();
     memfd.as_file().set_len(RAM).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
-    let region = GuestRegion {
+    let spec = RegionSpec {
         index: 0,
         pa_base: Pa::new(RAM_PA),
         size: RAM,
         page_size,
+        fd_offset: 0,
         writable: true,
         device: false,
-        map,
-        memfd,
-        fd_offset: 0,
     };
-    let base = region.base();
+    let region = GuestRegion::map(memfd, spec).unwrap();
     let vmas = Vmas::default();
-    vmas.insert(Vma { start: base, len: RAM, region: 0, page_size, writable: true, device: false });
+    vmas.insert(region.vma(0));
     let mut slots = Memslots::default();
-    slots.insert(Memslot::new(0, Ipa::new(RAM_GPA), RAM, Hva::new(base.raw()), 0, 0, SlotFlags::default()));
+    slots.insert(Memslot::new(0, Ipa::new(RAM_GPA), RAM, region.base(), 0, 0, SlotFlags::default()));
     VmMemory::new(VmId::new(1).unwrap(), 1, slots, vmas, vec![region], PagePool::default())
 }
 

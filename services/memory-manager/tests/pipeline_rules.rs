@@ -2,21 +2,17 @@
 //! size (VMA page size, GPA/HVA congruence, memslot bounds, dirty logging,
 //! permission-fault granule), permissions, and what leaves for the VMM.
 
-use std::os::fd::AsFd;
-
-use faultline_attach::shm::MappedRegion;
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::VmId;
 use hyp_core::ring::abi::{kind, FaultRecord, NO_IPA};
 use hyp_core::stage2::{MapSize, Perms};
 use memfd::MemfdOptions;
-use memory_manager::addr::Hva;
 use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
 use memory_manager::pipeline::{handle_fault, Decision, Exit, InjectReason, Injection, MapPlan, MmioAccess};
 use memory_manager::policy::{KvmDefault, Pages4k, Policy};
-use memory_manager::region::GuestRegion;
+use memory_manager::region::{GuestRegion, RegionSpec};
 use memory_manager::vm::{PagePool, VmMemory};
-use memory_manager::vma::{Vma, Vmas};
+use memory_manager::vma::Vmas;
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM: u64 = 16 << 20;
@@ -26,24 +22,22 @@ const RAM: u64 = 16 << 20;
 fn vm(page_size: u64, slots: &[(u64, u64, u64, SlotFlags)]) -> VmMemory {
     let memfd = MemfdOptions::default().create("ram").unwrap();
     memfd.as_file().set_len(RAM).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM, page_size).unwrap();
-    let region = GuestRegion {
+    let spec = RegionSpec {
         index: 0,
         pa_base: Pa::new(RAM_PA),
         size: RAM,
         page_size,
+        fd_offset: 0,
         writable: true,
         device: false,
-        map,
-        memfd,
-        fd_offset: 0,
     };
-    let base = region.base();
+    let region = GuestRegion::map(memfd, spec).unwrap();
     let vmas = Vmas::default();
-    vmas.insert(Vma { start: base, len: RAM, region: 0, page_size, writable: true, device: false });
+    vmas.insert(region.vma(0));
     let mut memslots = Memslots::default();
     for (i, &(gpa, size, off, flags)) in slots.iter().enumerate() {
-        memslots.insert(Memslot::new(i, Ipa::new(gpa), size, Hva::new(base.raw() + off), 0, off, flags));
+        let hva = region.base().checked_add(off).unwrap();
+        memslots.insert(Memslot::new(i, Ipa::new(gpa), size, hva, 0, off, flags));
     }
     VmMemory::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region], PagePool::default())
 }
