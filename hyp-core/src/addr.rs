@@ -4,13 +4,14 @@
 //! Arithmetic is explicit and checked; `raw()` yields the number. The
 //! daemon's own virtual addresses (HVA) live in the host crates.
 
-use core::fmt;
-
 /// log2 of the 4 KiB translation granule.
 pub const PAGE_SHIFT: u32 = 12;
 /// Size of the 4 KiB translation granule in bytes.
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 
+/// Defines an address newtype with the same API as [`Ipa`] and [`Pa`]; the
+/// host crates use it for their own address spaces (the daemon's HVA).
+#[macro_export]
 macro_rules! address_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -54,18 +55,18 @@ macro_rules! address_type {
 
             /// Page frame number (address >> 12).
             pub const fn pfn(self) -> u64 {
-                self.0 >> PAGE_SHIFT
+                self.0 >> $crate::addr::PAGE_SHIFT
             }
         }
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 write!(f, concat!($prefix, "({:#x})"), self.0)
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 write!(f, "{:#x}", self.0)
             }
         }
