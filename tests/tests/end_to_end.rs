@@ -109,12 +109,16 @@ fn every_pattern_and_a_trace_replay_match_the_flat_replay() {
 }
 
 #[test]
-fn daemon_exits_cleanly_on_sigterm() {
-    let daemon = Daemon::start(&[]);
+fn daemon_logs_json_and_exits_cleanly_on_sigterm() {
+    let daemon = Daemon::start(&["--log-format", "json", "--log-filter", "info"]);
     let socket = daemon.socket.clone();
+    let log = daemon.log();
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the attach socket is removed on shutdown");
+    let first: Value = serde_json::from_str(log.lines().next().expect("a log line")).expect("JSON log line");
+    assert_eq!(first["fields"]["message"], "memory-manager starting");
+    assert_eq!(first["level"], "INFO");
 }
 
 #[test]
