@@ -144,3 +144,32 @@ fn a_killed_daemon_ends_the_machine_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("daemon"), "unclear error: {stderr}");
 }
+
+#[test]
+fn vcpus_faulting_on_the_same_pages_at_once_leave_memory_and_pins_consistent() {
+    // Four vCPUs write the same 64 pages (and 2 MiB blocks) in different
+    // orders, so faults on one page race: the core answers the losers
+    // "already present" and the daemon must not keep their pins.
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let l = layout(4);
+    let mut text = String::new();
+    for i in 0..4000u64 {
+        let vcpu = i % 4;
+        let page = (i * (vcpu * 2 + 1)) % 64;
+        let gpa = l.ram_gpa + page * 4096 + (i % 64) * 8;
+        text.push_str(&format!("{vcpu} W {gpa:#x} 8\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.txt");
+    std::fs::write(&path, &text).unwrap();
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "4", "--trace"]).arg(&path);
+    let summary = run_machine(cmd);
+    let flat = replay_flat(&l, &sim_machine::workload::parse_trace(&text, 4).unwrap());
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram));
+    let faults = summary["faults"].as_u64().unwrap();
+    assert!(faults >= flat.ram_pages.len() as u64, "{faults} faults for {} pages", flat.ram_pages.len());
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0);
+    // Every page is mapped once: the daemon released exactly one pin per page.
+    assert_eq!(summary["detach"]["pages_released"].as_u64().unwrap(), flat.ram_pages.len() as u64);
+}
