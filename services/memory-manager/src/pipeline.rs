@@ -95,8 +95,8 @@ pub struct MapPlan {
     pub seq: u64,
     /// The pages' pin.
     pub pin: PinGuard,
-    /// Memslot whose dirty bit to set once installed (a write in a logged slot).
-    pub dirty_slot: Option<usize>,
+    /// A write in a dirty-logged memslot: set the page's bit once installed.
+    pub marks_dirty: bool,
     /// The fault is a permission fault (the core relaxes in place).
     pub permission_fault: bool,
 }
@@ -207,7 +207,6 @@ pub fn handle_fault(
     let perms = permissions(&abort, slot, &vma, policy, &ctx(size));
     // 7. the plan
     inject.check(Stage::Command)?;
-    let dirty_slot = (slot.dirty_log && perms.write()).then_some(slot.id);
     Ok(Decision::Map(MapPlan {
         fault_ipa: ipa,
         ipa: map_ipa,
@@ -217,7 +216,7 @@ pub fn handle_fault(
         device: vma.device,
         seq,
         pin,
-        dirty_slot,
+        marks_dirty: slot.dirty_log && perms.write(),
         permission_fault: matches!(abort.status, FaultStatus::Permission { .. }),
     }))
 }

@@ -168,7 +168,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     fn installed(&mut self, plan: MapPlan, res: &ResultRecord) {
-        if let Some(slot) = plan.dirty_slot.and_then(|id| self.vm.memslots.iter().find(|s| s.id == id)) {
+        if let Some(slot) = self.vm.memslots.lookup(plan.fault_ipa).filter(|_| plan.marks_dirty) {
             slot.mark_dirty(plan.fault_ipa);
         }
         match res.value {

@@ -118,13 +118,13 @@ fn dirty_logging_maps_4k_read_only_on_read_and_marks_writes() {
     let logged = SlotFlags { read_only: false, dirty_log: true };
     let vm = vm(2 << 20, &[(0x8000_0000, RAM, 0, logged)]);
     let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_3000));
-    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::R, None));
+    assert_eq!((p.size, p.perms, p.marks_dirty), (MapSize::Page4K, Perms::R, false));
     let p = plan(decide(&vm, &KvmDefault, WRITE_L3, 0x8000_3000));
-    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::RW, Some(0)));
+    assert_eq!((p.size, p.perms, p.marks_dirty), (MapSize::Page4K, Perms::RW, true));
     // A write permission fault on the read-only page is relaxed at its granule.
     let p = plan(decide(&vm, &KvmDefault, WRITE_PERM_L3, 0x8000_3000));
     assert!(p.permission_fault);
-    assert_eq!((p.size, p.perms, p.dirty_slot), (MapSize::Page4K, Perms::RW, Some(0)));
+    assert_eq!((p.size, p.perms, p.marks_dirty), (MapSize::Page4K, Perms::RW, true));
     let slot = vm.memslots.lookup(Ipa::new(0x8000_3000)).unwrap();
     assert!(!slot.is_dirty(Ipa::new(0x8000_3000)));
     slot.mark_dirty(p.fault_ipa);
