@@ -297,7 +297,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                     warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
                     return;
                 };
-                if let Err(e) = VcpuService::new(vm, policy, vcpu, faults, commands).run(wait, stop) {
+                if let Err(e) = VcpuService::new(vm, policy, daemon.events(), vcpu, faults, commands).run(wait, stop) {
                     warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
                 }
             });

@@ -31,6 +31,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
     pub log_filter: String,
+    /// Fault events kept for "last N" queries.
+    pub event_buffer: usize,
+    /// Events a following observer may fall behind before it loses some.
+    pub follower_queue: usize,
     /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
     /// no fault pays for fresh backing.
     pub prefault: bool,
@@ -45,6 +49,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             prefault: false,
+            event_buffer: 65_536,
+            follower_queue: 4096,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tracing::info;
 
 use crate::config::Config;
+use crate::events::EventHub;
 use crate::policy::Policy;
 use crate::vm::VmMemory;
 
@@ -15,6 +16,7 @@ use crate::vm::VmMemory;
 pub struct Daemon {
     config: Config,
     policy: Box<dyn Policy>,
+    events: EventHub,
     vms: Mutex<HashMap<u16, Arc<VmMemory>>>,
     stop: AtomicBool,
 }
@@ -23,12 +25,18 @@ impl Daemon {
     /// A daemon with `config`.
     pub fn new(config: Config) -> Self {
         let policy = config.policy.build();
-        Self { config, policy, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) }
+        let events = EventHub::new(config.event_buffer, config.follower_queue);
+        Self { config, policy, events, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) }
     }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The fault events.
+    pub fn events(&self) -> &EventHub {
+        &self.events
     }
 
     /// The policy in force.

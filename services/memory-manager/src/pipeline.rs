@@ -14,6 +14,8 @@
 //! Each stage takes what it needs and returns what the next needs; no stage
 //! sees a bag of every variable.
 
+use std::time::Instant;
+
 use hyp_core::abort::{Abort, AbortKind, Access, FaultStatus};
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ring::abi::{FaultRecord, NO_IPA};
@@ -172,6 +174,50 @@ pub fn handle_fault(
     rec: &FaultRecord,
     inject: Injection,
 ) -> Result<Decision, PipelineError> {
+    handle_fault_traced(vm, policy, rec, inject, &mut Trace::start())
+}
+
+/// What the pipeline learned about a fault, for its trace event.
+#[derive(Clone, Copy, Debug)]
+pub struct Trace {
+    start: Instant,
+    /// The decoded abort, when it decoded.
+    pub abort: Option<Abort>,
+    /// Memslot index, when the IPA is in one.
+    pub memslot: Option<u32>,
+    /// Daemon address backing the IPA.
+    pub hva: u64,
+    /// Backing page size of the VMA.
+    pub vma_page_size: u64,
+    /// Nanoseconds since `start` at the end of memslot lookup, VMA snapshot,
+    /// mapping size, pin and permissions.
+    pub stages: [u64; 5],
+}
+
+impl Trace {
+    /// A trace starting now (the fault's arrival).
+    pub fn start() -> Self {
+        Self { start: Instant::now(), abort: None, memslot: None, hva: 0, vma_page_size: 0, stages: [0; 5] }
+    }
+
+    /// Nanoseconds since the start.
+    pub fn elapsed_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn mark(&mut self, stage: usize) {
+        self.stages[stage] = self.elapsed_ns();
+    }
+}
+
+/// [`handle_fault`], filling `trace` as the stages run.
+pub fn handle_fault_traced(
+    vm: &VmMemory,
+    policy: &dyn Policy,
+    rec: &FaultRecord,
+    inject: Injection,
+    trace: &mut Trace,
+) -> Result<Decision, PipelineError> {
     let Ok(abort) = Abort::decode(rec.esr, rec.far, rec.hpfar) else {
         return Ok(Decision::Inject(InjectReason::Undecodable));
     };
@@ -179,6 +225,7 @@ pub fn handle_fault(
         return Ok(Decision::Inject(InjectReason::NoIpa));
     }
     let ipa = Ipa::new(rec.ipa);
+    trace.abort = Some(abort);
     if let Some(reason) = unresolvable(&abort) {
         return Ok(Decision::Inject(reason));
     }
@@ -187,9 +234,13 @@ pub fn handle_fault(
         Ok(slot) => slot,
         Err(decision) => return Ok(decision),
     };
+    trace.memslot = Some(slot.id as u32);
+    trace.mark(0);
     // 2. VMA snapshot, by value
     let hva = slot.hva_of(ipa);
     let vma = vma_snapshot(&vm.vmas, hva)?;
+    (trace.hva, trace.vma_page_size) = (hva.raw(), vma.page_size);
+    trace.mark(1);
     let write = is_write(&abort);
     if write && !vma.writable {
         // KVM: a write fault on a non-writable mapping goes to the VMM.
@@ -198,13 +249,16 @@ pub fn handle_fault(
     let ctx = |allowed| FaultContext { ipa: ipa.raw(), memslot: slot.id, allowed, write };
     // 3. mapping size
     let size = mapping_size(&abort, slot, &vma, hva, policy, &ctx);
+    trace.mark(2);
     // 4. invalidation sequence, sampled before pinning
     let seq = vm.sample_seq();
     // 5. pin
     let (pin, map_ipa, pa) = pin_pages(vm, slot, &vma, ipa, size, inject)?;
+    trace.mark(3);
     // 6. permissions
     inject.check(Stage::Permissions)?;
     let perms = permissions(&abort, slot, &vma, policy, &ctx(size));
+    trace.mark(4);
     // 7. the plan
     inject.check(Stage::Command)?;
     Ok(Decision::Map(MapPlan {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use hyp_core::addr::PAGE_SIZE;
@@ -12,7 +13,8 @@ use hyp_core::ring::{Consumer, Producer, RingError};
 use hyp_core::vm::map_outcome;
 use tracing::{debug, error, warn};
 
-use crate::pipeline::{handle_fault, Decision, Exit, Injection, MapPlan};
+use crate::events::{EventHub, FaultEvent, Outcome};
+use crate::pipeline::{handle_fault_traced, Decision, Exit, Injection, MapPlan, Trace};
 use crate::policy::Policy;
 use crate::vm::{Installed, VmMemory};
 
@@ -20,7 +22,7 @@ use crate::vm::{Installed, VmMemory};
 const TOPUP_PAGES: u64 = 64;
 
 enum Pending {
-    Map { plan: MapPlan, fault_id: u64 },
+    Map { plan: MapPlan, fault_id: u64, event: FaultEvent, trace: Trace },
     Other,
 }
 
@@ -28,6 +30,7 @@ enum Pending {
 pub struct VcpuService<'r, 'v> {
     vm: &'v VmMemory,
     policy: &'v dyn Policy,
+    hub: &'v EventHub,
     vcpu: u32,
     faults: Consumer<'r>,
     commands: Producer<'r>,
@@ -40,11 +43,37 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     pub fn new(
         vm: &'v VmMemory,
         policy: &'v dyn Policy,
+        hub: &'v EventHub,
         vcpu: u32,
         faults: Consumer<'r>,
         commands: Producer<'r>,
     ) -> Self {
-        Self { vm, policy, vcpu, faults, commands, pending: HashMap::new(), next_cmd: (vcpu as u64) << 48 | 1 }
+        Self { vm, policy, hub, vcpu, faults, commands, pending: HashMap::new(), next_cmd: (vcpu as u64) << 48 | 1 }
+    }
+
+    /// The event for `rec` as far as `trace` knows it.
+    fn event(&self, rec: &FaultRecord, trace: &Trace, outcome: Outcome) -> FaultEvent {
+        FaultEvent {
+            time: SystemTime::now(),
+            fault_id: rec.fault_id,
+            vm_id: self.vm.id.raw(),
+            vcpu: self.vcpu,
+            ipa: rec.ipa,
+            esr: rec.esr,
+            status: trace.abort.map(|a| a.status),
+            access: trace.abort.map(|a| a.access),
+            memslot: trace.memslot,
+            hva: trace.hva,
+            vma_page_size: trace.vma_page_size,
+            mapping_size: None,
+            permissions: 0,
+            pa: 0,
+            outcome,
+            policy: self.policy.name(),
+            stages: trace.stages,
+            sent_ns: trace.elapsed_ns(),
+            completed_ns: trace.elapsed_ns(),
+        }
     }
 
     /// The loop.
@@ -66,34 +95,49 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     pub fn on_fault(&mut self, rec: &FaultRecord, stop: &AtomicBool) -> Result<(), RingError> {
         self.vm.stats.faults.fetch_add(1, Ordering::Relaxed);
         self.vm.note_seq(rec.inval_seq);
-        let decision = match handle_fault(self.vm, self.policy, rec, Injection::NONE) {
+        let mut trace = Trace::start();
+        let decision = match handle_fault_traced(self.vm, self.policy, rec, Injection::NONE, &mut trace) {
             Ok(d) => d,
             Err(e) => {
                 error!(vm = %self.vm.id, vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
                 self.vm.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
                 return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
             }
         };
         match decision {
-            Decision::Map(plan) => self.send_map(plan, rec.fault_id, stop),
+            Decision::Map(plan) => {
+                let mut event = self.event(rec, &trace, Outcome::Mapped);
+                (event.mapping_size, event.permissions, event.pa) = (Some(plan.size), plan.perms.bits(), plan.pa.raw());
+                self.send_map(plan, rec.fault_id, event, trace, stop)
+            }
             Decision::Exit(exit) => {
-                let counter = match exit {
-                    Exit::Mmio(_) | Exit::CacheMaintenance { .. } => &self.vm.stats.mmio_exits,
-                    Exit::NoSyndrome { .. } => &self.vm.stats.no_syndrome_exits,
+                let (counter, outcome) = match exit {
+                    Exit::Mmio(_) | Exit::CacheMaintenance { .. } => (&self.vm.stats.mmio_exits, Outcome::MmioExit),
+                    Exit::NoSyndrome { .. } => (&self.vm.stats.no_syndrome_exits, Outcome::NoSyndromeExit),
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 debug!(vm = %self.vm.id, vcpu = self.vcpu, ?exit, "exit to VMM");
+                self.hub.record(self.event(rec, &trace, outcome));
                 self.complete(rec.fault_id, action::EXIT_TO_VMM, stop)
             }
             Decision::Inject(reason) => {
                 self.vm.stats.injected.fetch_add(1, Ordering::Relaxed);
                 debug!(vm = %self.vm.id, vcpu = self.vcpu, ?reason, "injecting abort");
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
                 self.complete(rec.fault_id, action::INJECT_ABORT, stop)
             }
         }
     }
 
-    fn send_map(&mut self, plan: MapPlan, fault_id: u64, stop: &AtomicBool) -> Result<(), RingError> {
+    fn send_map(
+        &mut self,
+        plan: MapPlan,
+        fault_id: u64,
+        mut event: FaultEvent,
+        trace: Trace,
+        stop: &AtomicBool,
+    ) -> Result<(), RingError> {
         let cmd = CommandRecord {
             kind: kind::MAP,
             flags: plan.perms.bits() | if plan.device { FLAG_DEVICE } else { 0 },
@@ -105,7 +149,8 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             inval_seq: plan.seq,
             reserved: 0,
         };
-        self.pending.insert(cmd.cmd_id, Pending::Map { plan, fault_id });
+        event.sent_ns = trace.elapsed_ns();
+        self.pending.insert(cmd.cmd_id, Pending::Map { plan, fault_id, event, trace });
         self.send(&cmd, stop)
     }
 
@@ -139,35 +184,40 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             warn!(vm = %self.vm.id, vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
             return Ok(());
         };
-        let Pending::Map { plan, fault_id } = pending else {
+        let Pending::Map { plan, fault_id, mut event, trace } = pending else {
             if res.status != 0 {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = res.command_kind, reason = ?Reject::from_code(res.status), "core refused a command");
             }
             return Ok(());
         };
-        match (res.status, Reject::from_code(res.status)) {
+        event.outcome = match (res.status, Reject::from_code(res.status)) {
             (0, _) => self.installed(plan, res),
             (_, Some(Reject::StaleSequence)) => {
                 // The core completed the fault as a retry; the pin goes with `plan`.
                 self.vm.stats.retried_stale.fetch_add(1, Ordering::Relaxed);
+                Outcome::RetriedStale
             }
             (_, Some(Reject::MemcacheLow)) => {
                 if self.topup(stop)? {
-                    return self.send_map(plan, fault_id, stop);
+                    return self.send_map(plan, fault_id, event, trace, stop);
                 }
                 error!(vm = %self.vm.id, "table-page pool exhausted; injecting abort");
                 self.complete(fault_id, action::INJECT_ABORT, stop)?;
+                Outcome::InjectedAbort
             }
             (code, reason) => {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, code, ?reason, ipa = %plan.ipa, "core refused a map; retrying the fault");
                 self.vm.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 self.complete(fault_id, action::RETRY, stop)?;
+                Outcome::Rejected(reason)
             }
-        }
+        };
+        event.completed_ns = trace.elapsed_ns();
+        self.hub.record(event);
         Ok(())
     }
 
-    fn installed(&mut self, plan: MapPlan, res: &ResultRecord) {
+    fn installed(&mut self, plan: MapPlan, res: &ResultRecord) -> Outcome {
         if let Some(slot) = self.vm.memslots.lookup(plan.fault_ipa).filter(|_| plan.marks_dirty) {
             slot.mark_dirty(plan.fault_ipa);
         }
@@ -178,12 +228,15 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 if !self.vm.record_installed(plan.ipa, installed) {
                     debug!(vm = %self.vm.id, ipa = %plan.ipa, "mapping already invalidated when its result arrived");
                 }
+                Outcome::Mapped
             }
             map_outcome::RELAXED => {
                 self.vm.stats.relaxed.fetch_add(1, Ordering::Relaxed);
+                Outcome::Relaxed
             }
             _ => {
                 self.vm.stats.already_present.fetch_add(1, Ordering::Relaxed);
+                Outcome::AlreadyPresent
             }
         }
     }
