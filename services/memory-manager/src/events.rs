@@ -160,7 +160,7 @@ impl EventHub {
         let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.start.elapsed();
         let second = now.as_secs();
-        let window = second.min(60).max(1);
+        let window = second.clamp(1, 60);
         let recent: u64 = h.per_second.iter().filter(|(s, _)| *s != u64::MAX && *s + 60 > second).map(|(_, n)| n).sum();
         HubStatus {
             num_events: h.events.len() as u64,

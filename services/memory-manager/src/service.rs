@@ -22,7 +22,7 @@ use crate::vm::{Installed, VmMemory};
 const TOPUP_PAGES: u64 = 64;
 
 enum Pending {
-    Map { plan: MapPlan, fault_id: u64, event: FaultEvent, trace: Trace },
+    Map { plan: MapPlan, fault_id: u64, event: Box<FaultEvent>, trace: Trace },
     Other,
 }
 
@@ -109,7 +109,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             Decision::Map(plan) => {
                 let mut event = self.event(rec, &trace, Outcome::Mapped);
                 (event.mapping_size, event.permissions, event.pa) = (Some(plan.size), plan.perms.bits(), plan.pa.raw());
-                self.send_map(plan, rec.fault_id, event, trace, stop)
+                self.send_map(plan, rec.fault_id, Box::new(event), trace, stop)
             }
             Decision::Exit(exit) => {
                 let (counter, outcome) = match exit {
@@ -134,7 +134,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         &mut self,
         plan: MapPlan,
         fault_id: u64,
-        mut event: FaultEvent,
+        mut event: Box<FaultEvent>,
         trace: Trace,
         stop: &AtomicBool,
     ) -> Result<(), RingError> {
@@ -213,7 +213,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
         };
         event.completed_ns = trace.elapsed_ns();
-        self.hub.record(event);
+        self.hub.record(*event);
         Ok(())
     }
 
