@@ -21,8 +21,16 @@ use crate::vm::{Installed, VmMemory};
 /// Pages handed to the core per memcache top-up.
 const TOPUP_PAGES: u64 = 64;
 
+/// A map command in flight and the event it will complete.
+struct PendingMap {
+    plan: MapPlan,
+    fault_id: u64,
+    event: FaultEvent,
+    trace: Trace,
+}
+
 enum Pending {
-    Map { plan: MapPlan, fault_id: u64, event: Box<FaultEvent>, trace: Trace },
+    Map(Box<PendingMap>),
     Other,
 }
 
@@ -109,7 +117,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             Decision::Map(plan) => {
                 let mut event = self.event(rec, &trace, Outcome::Mapped);
                 (event.mapping_size, event.permissions, event.pa) = (Some(plan.size), plan.perms.bits(), plan.pa.raw());
-                self.send_map(plan, rec.fault_id, Box::new(event), trace, stop)
+                self.send_map(plan, rec.fault_id, event, trace, stop)
             }
             Decision::Exit(exit) => {
                 let (counter, outcome) = match exit {
@@ -134,7 +142,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         &mut self,
         plan: MapPlan,
         fault_id: u64,
-        mut event: Box<FaultEvent>,
+        mut event: FaultEvent,
         trace: Trace,
         stop: &AtomicBool,
     ) -> Result<(), RingError> {
@@ -150,7 +158,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             reserved: 0,
         };
         event.sent_ns = trace.elapsed_ns();
-        self.pending.insert(cmd.cmd_id, Pending::Map { plan, fault_id, event, trace });
+        self.pending.insert(cmd.cmd_id, Pending::Map(Box::new(PendingMap { plan, fault_id, event, trace })));
         self.send(&cmd, stop)
     }
 
@@ -184,12 +192,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             warn!(vm = %self.vm.id, vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
             return Ok(());
         };
-        let Pending::Map { plan, fault_id, mut event, trace } = pending else {
+        let Pending::Map(pending) = pending else {
             if res.status != 0 {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = res.command_kind, reason = ?Reject::from_code(res.status), "core refused a command");
             }
             return Ok(());
         };
+        let PendingMap { plan, fault_id, mut event, trace } = *pending;
         event.outcome = match (res.status, Reject::from_code(res.status)) {
             (0, _) => self.installed(plan, res),
             (_, Some(Reject::StaleSequence)) => {
@@ -213,7 +222,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
         };
         event.completed_ns = trace.elapsed_ns();
-        self.hub.record(*event);
+        self.hub.record(event);
         Ok(())
     }
 
