@@ -49,14 +49,13 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("attach.sock");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
-        let child = Command::new(binary("memory-manager"))
-            .arg("--attach-socket")
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting memory-manager");
+        let mut cmd = Command::new(binary("memory-manager"));
+        cmd.arg("--attach-socket").arg(&socket);
+        if !args.contains(&"--grpc-listen") {
+            // An ephemeral port, so tests can run side by side.
+            cmd.args(["--grpc-listen", "127.0.0.1:0"]);
+        }
+        let child = cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager");
         let d = Self { child, socket, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.socket.exists() {
@@ -64,6 +63,20 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// The gRPC address the daemon logged once it was listening.
+    pub fn grpc_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains("gRPC listening")) {
+                let addr = line.split("addr=").nth(1).expect("addr field").split_whitespace().next().unwrap();
+                return format!("http://{}", addr.trim_matches('"'));
+            }
+            assert!(Instant::now() < deadline, "daemon never logged its gRPC address: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The daemon's log so far.

@@ -1,6 +1,10 @@
 //! Daemon configuration: a TOML file, overridden by command-line flags.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// The gRPC API's default port (on 127.0.0.1).
+pub const DEFAULT_GRPC_PORT: u16 = 50_151;
 
 use serde::Deserialize;
 
@@ -23,6 +27,8 @@ pub enum LogFormat {
 pub struct Config {
     /// Path of the attach socket (Unix SOCK_SEQPACKET).
     pub attach_socket: PathBuf,
+    /// Address the gRPC API listens on (FaultTrace, health, reflection).
+    pub grpc_listen: SocketAddr,
     /// The built-in policy in force.
     pub policy: PolicyKind,
     /// Ring polls before a service thread sleeps on its doorbell (0: sleep at once).
@@ -44,6 +50,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             attach_socket: PathBuf::from("/run/faultline/attach.sock"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             policy: PolicyKind::Default,
             spin_polls: 20_000,
             log_format: LogFormat::Text,

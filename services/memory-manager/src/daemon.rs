@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
@@ -76,28 +77,38 @@ impl Daemon {
 }
 
 /// Runs the daemon until `shutdown` completes, then stops serving, detaches
-/// every VM and returns.
+/// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon::new(config));
     info!(policy = daemon.policy().name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let server = {
+    let attach = {
         let daemon = daemon.clone();
         let path = daemon.config().attach_socket.clone();
         tokio::task::spawn_blocking(move || crate::attach::serve(daemon, &path))
     };
-    tokio::pin!(server);
+    let grpc_stop = CancellationToken::new();
+    let grpc = tokio::spawn(crate::grpc::serve(daemon.clone(), daemon.config().grpc_listen, grpc_stop.clone()));
+    tokio::pin!(attach, grpc);
+    let (mut attach_done, mut grpc_done) = (None, None);
     tokio::select! {
         _ = shutdown => info!("shutdown requested"),
-        res = &mut server => {
-            res??;
-            return Ok(());
-        }
+        res = &mut attach => attach_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from))),
+        res = &mut grpc => grpc_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
     }
     daemon.stop();
-    server.await??;
+    grpc_stop.cancel();
+    let attach_res = match attach_done {
+        Some(r) => r,
+        None => attach.await.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+    };
+    let grpc_res = match grpc_done {
+        Some(r) => r,
+        None => grpc.await.map_err(anyhow::Error::from).and_then(|r| r),
+    };
+    attach_res.and(grpc_res)?;
     info!("memory-manager stopped");
     Ok(())
 }

@@ -2,12 +2,13 @@
 //! bounded history for "last N / first N / since" queries, and broadcast to
 //! followers.
 //!
-//! The fault path never waits for an observer: it only `try_lock`s the
-//! history (an observer copying out a batch makes it count the event as lost
-//! instead), and the broadcast never blocks (a follower that falls behind is
-//! told how many events it lost).
+//! The fault path never waits for an observer. The history is a ring of
+//! slots, each behind its own lock: a writer claims the next slot with an
+//! atomic counter and only `try_lock`s it (an observer copying that one slot
+//! right then makes it count the event as lost instead); observers lock one
+//! slot at a time. The broadcast never blocks either (a follower that falls
+//! behind is told how many events it lost).
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Instant, SystemTime};
@@ -41,6 +42,8 @@ pub enum Outcome {
 /// One fault, as the daemon handled it.
 #[derive(Clone, Copy, Debug)]
 pub struct FaultEvent {
+    /// Position in the daemon's event sequence (set when recorded).
+    pub seq: u64,
     /// Wall-clock time of arrival.
     pub time: SystemTime,
     /// Fault id.
@@ -98,16 +101,11 @@ pub struct HubStatus {
     pub events_per_second: f64,
 }
 
-struct History {
-    events: VecDeque<FaultEvent>,
-    /// Events per second, the last 60 seconds (index = second % 60).
-    per_second: [(u64, u64); 60],
-}
-
 /// The event history and the live broadcast.
 pub struct EventHub {
-    capacity: usize,
-    history: Mutex<History>,
+    slots: Box<[Mutex<Option<FaultEvent>>]>,
+    /// Per-second event counts over the last minute: (second, count).
+    per_second: [(AtomicU64, AtomicU64); 60],
     live: broadcast::Sender<Arc<FaultEvent>>,
     seen: AtomicU64,
     lost: AtomicU64,
@@ -120,8 +118,8 @@ impl EventHub {
     pub fn new(capacity: usize, follower_queue: usize) -> Self {
         let (live, _) = broadcast::channel(follower_queue.max(1));
         Self {
-            capacity,
-            history: Mutex::new(History { events: VecDeque::with_capacity(capacity), per_second: [(u64::MAX, 0); 60] }),
+            slots: (0..capacity.max(1)).map(|_| Mutex::new(None)).collect(),
+            per_second: std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0))),
             live,
             seen: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -130,24 +128,40 @@ impl EventHub {
     }
 
     /// Records an event; never blocks.
-    pub fn record(&self, event: FaultEvent) {
-        self.seen.fetch_add(1, Ordering::Relaxed);
-        let second = self.start.elapsed().as_secs();
-        match self.history.try_lock() {
-            Ok(mut h) => h.push(event, self.capacity, second),
-            Err(TryLockError::Poisoned(p)) => p.into_inner().push(event, self.capacity, second),
+    pub fn record(&self, mut event: FaultEvent) {
+        event.seq = self.seen.fetch_add(1, Ordering::Relaxed);
+        let slot = &self.slots[(event.seq % self.slots.len() as u64) as usize];
+        match slot.try_lock() {
+            Ok(mut s) => *s = Some(event),
+            Err(TryLockError::Poisoned(p)) => *p.into_inner() = Some(event),
             Err(TryLockError::WouldBlock) => {
                 self.lost.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let second = self.start.elapsed().as_secs();
+        let (stamp, count) = &self.per_second[(second % 60) as usize];
+        if stamp.swap(second, Ordering::Relaxed) != second {
+            count.store(0, Ordering::Relaxed);
+        }
+        count.fetch_add(1, Ordering::Relaxed);
         // No receivers is not an error worth anything here.
         let _ = self.live.send(Arc::new(event));
     }
 
     /// A copy of the history, oldest first.
     pub fn history(&self) -> Vec<FaultEvent> {
-        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        h.events.iter().copied().collect()
+        let end = self.seen.load(Ordering::Acquire);
+        let start = end.saturating_sub(self.slots.len() as u64);
+        let mut out = Vec::with_capacity((end - start) as usize);
+        for seq in start..end {
+            let slot = self.slots[(seq % self.slots.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner());
+            // A slot may hold an older event (its writer lost the slot) or a
+            // newer one (overwritten since `end` was read): skip both.
+            if let Some(e) = slot.as_ref().filter(|e| e.seq == seq) {
+                out.push(*e);
+            }
+        }
+        out
     }
 
     /// A receiver of events recorded from now on.
@@ -157,33 +171,27 @@ impl EventHub {
 
     /// Counters.
     pub fn status(&self) -> HubStatus {
-        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.start.elapsed();
         let second = now.as_secs();
-        let window = second.clamp(1, 60);
-        let recent: u64 = h.per_second.iter().filter(|(s, _)| *s != u64::MAX && *s + 60 > second).map(|(_, n)| n).sum();
+        let recent: u64 = self
+            .per_second
+            .iter()
+            .filter(|(s, _)| {
+                let s = s.load(Ordering::Relaxed);
+                s != u64::MAX && s + 60 > second
+            })
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+            .sum();
+        let seen = self.seen.load(Ordering::Relaxed);
+        let lost = self.lost.load(Ordering::Relaxed);
         HubStatus {
-            num_events: h.events.len() as u64,
-            max_events: self.capacity as u64,
-            seen_events: self.seen.load(Ordering::Relaxed),
-            lost_events: self.lost.load(Ordering::Relaxed),
+            num_events: seen.saturating_sub(lost).min(self.slots.len() as u64),
+            max_events: self.slots.len() as u64,
+            seen_events: seen,
+            lost_events: lost,
             uptime_ns: now.as_nanos() as u64,
-            events_per_second: recent as f64 / window as f64,
+            events_per_second: recent as f64 / second.clamp(1, 60) as f64,
         }
-    }
-}
-
-impl History {
-    fn push(&mut self, event: FaultEvent, capacity: usize, second: u64) {
-        if self.events.len() == capacity {
-            self.events.pop_front();
-        }
-        self.events.push_back(event);
-        let slot = &mut self.per_second[(second % 60) as usize];
-        if slot.0 != second {
-            *slot = (second, 0);
-        }
-        slot.1 += 1;
     }
 }
 
@@ -193,6 +201,7 @@ mod tests {
 
     fn event(id: u64) -> FaultEvent {
         FaultEvent {
+            seq: 0,
             time: SystemTime::now(),
             fault_id: id,
             vm_id: 1,
@@ -223,7 +232,8 @@ mod tests {
         }
         let ids: Vec<u64> = hub.history().iter().map(|e| e.fault_id).collect();
         assert_eq!(ids, [2, 3, 4]);
-        let guard = hub.history.lock().unwrap();
+        // An observer holding the slot the next event goes to.
+        let guard = hub.slots[5 % 3].lock().unwrap();
         hub.record(event(5));
         drop(guard);
         let s = hub.status();

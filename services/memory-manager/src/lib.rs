@@ -13,6 +13,7 @@ pub mod addr;
 pub mod attach;
 pub mod config;
 pub mod events;
+pub mod grpc;
 pub mod memslot;
 pub mod pin;
 pub mod pipeline;

@@ -1,6 +1,7 @@
 //! `memory-manager`: parse flags, set up logging, run the daemon until
 //! SIGTERM or SIGINT.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -20,6 +21,9 @@ struct Args {
     /// Attach socket path (overrides the file).
     #[arg(long)]
     attach_socket: Option<PathBuf>,
+    /// gRPC listen address, e.g. 127.0.0.1:50151 (overrides the file).
+    #[arg(long)]
+    grpc_listen: Option<std::net::SocketAddr>,
     /// Built-in policy (overrides the file).
     #[arg(long)]
     policy: Option<PolicyKind>,
@@ -46,6 +50,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.attach_socket {
         config.attach_socket = v;
     }
+    if let Some(v) = args.grpc_listen {
+        config.grpc_listen = v;
+    }
     if let Some(v) = args.policy {
         config.policy = v;
     }
@@ -62,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         args.log_filter.or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| config.log_filter.clone());
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => subscriber.json().init(),

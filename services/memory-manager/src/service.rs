@@ -62,6 +62,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     /// The event for `rec` as far as `trace` knows it.
     fn event(&self, rec: &FaultRecord, trace: &Trace, outcome: Outcome) -> FaultEvent {
         FaultEvent {
+            seq: 0,
             time: SystemTime::now(),
             fault_id: rec.fault_id,
             vm_id: self.vm.id.raw(),
@@ -94,6 +95,14 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                     warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
                     self.vm.stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+        // Stopping (the machine detached): settle the results already on the
+        // ring, so their pins and events are accounted for. Nobody waits for
+        // new faults any more.
+        while let Some(record) = self.faults.pop()? {
+            if record.kind() == kind::RESULT {
+                self.on_result(&ResultRecord::decode(&record), stop)?;
             }
         }
         Ok(())

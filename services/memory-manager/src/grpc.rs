@@ -1,0 +1,375 @@
+//! The gRPC API: FaultTrace (Observe, ServerStatus), with grpc.health.v1
+//! and server reflection (v1 and v1alpha), so `grpcurl` can list and call
+//! everything.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use faultline_proto::v1::fault_trace_server::{FaultTrace, FaultTraceServer};
+use faultline_proto::v1::{
+    self as pb, lost_events, observe_response, FaultFilter, LostEvents, ObserveRequest, ObserveResponse,
+    ServerStatusRequest, ServerStatusResponse,
+};
+use hyp_core::abort::{Access, FaultStatus};
+use hyp_core::stage2::MapSize;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use crate::daemon::Daemon;
+use crate::events::{FaultEvent, Outcome};
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ObserveResponse, Status>> + Send>>;
+
+/// The FaultTrace service.
+pub struct FaultTraceService {
+    daemon: Arc<Daemon>,
+    shutdown: CancellationToken,
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn system_time(t: &prost_types::Timestamp) -> Result<SystemTime, Status> {
+    if t.seconds < 0 || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument("timestamps must be after 1970 with nanos in 0..1e9"));
+    }
+    Ok(UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32))
+}
+
+fn kind_of(status: Option<FaultStatus>) -> pb::FaultKind {
+    match status {
+        None => pb::FaultKind::Unspecified,
+        Some(FaultStatus::Translation { .. }) => pb::FaultKind::Translation,
+        Some(FaultStatus::AccessFlag { .. }) => pb::FaultKind::AccessFlag,
+        Some(FaultStatus::Permission { .. }) => pb::FaultKind::Permission,
+        Some(FaultStatus::AddressSize { .. }) => pb::FaultKind::AddressSize,
+        Some(
+            FaultStatus::SyncExternal
+            | FaultStatus::SyncExternalOnWalk { .. }
+            | FaultStatus::SyncParity
+            | FaultStatus::SyncParityOnWalk { .. },
+        ) => pb::FaultKind::External,
+        Some(_) => pb::FaultKind::Other,
+    }
+}
+
+fn access_of(a: Option<Access>) -> pb::Access {
+    match a {
+        None => pb::Access::Unspecified,
+        Some(Access::Read) => pb::Access::Read,
+        Some(Access::Write) => pb::Access::Write,
+        Some(Access::Execute) => pb::Access::Execute,
+    }
+}
+
+fn outcome_of(o: Outcome) -> pb::Outcome {
+    match o {
+        Outcome::Mapped => pb::Outcome::Mapped,
+        Outcome::Relaxed => pb::Outcome::Relaxed,
+        Outcome::AlreadyPresent => pb::Outcome::AlreadyPresent,
+        Outcome::RetriedStale => pb::Outcome::RetriedStale,
+        Outcome::MmioExit => pb::Outcome::MmioExit,
+        Outcome::NoSyndromeExit => pb::Outcome::NoSyndromeExit,
+        Outcome::InjectedAbort => pb::Outcome::InjectedAbort,
+        Outcome::Rejected(_) => pb::Outcome::Rejected,
+    }
+}
+
+fn size_of_mapping(s: Option<MapSize>) -> pb::MappingSize {
+    match s {
+        None => pb::MappingSize::Unspecified,
+        Some(MapSize::Page4K) => pb::MappingSize::MappingSize4k,
+        Some(MapSize::Block2M) => pb::MappingSize::MappingSize2m,
+        Some(MapSize::Block1G) => pb::MappingSize::MappingSize1g,
+    }
+}
+
+/// The wire form of an event.
+pub fn to_proto(e: &FaultEvent) -> pb::FaultEvent {
+    pb::FaultEvent {
+        time: Some(timestamp(e.time)),
+        fault_id: e.fault_id,
+        vm_id: e.vm_id as u32,
+        vcpu: e.vcpu,
+        ipa: e.ipa,
+        esr: e.esr,
+        kind: kind_of(e.status) as i32,
+        level: e.status.and_then(|s| s.level()).map_or(0, i32::from),
+        access: access_of(e.access) as i32,
+        memslot: e.memslot,
+        hva: e.hva,
+        vma_page_size: e.vma_page_size,
+        mapping_size: size_of_mapping(e.mapping_size) as i32,
+        permissions: e.permissions,
+        pa: e.pa,
+        outcome: outcome_of(e.outcome) as i32,
+        reject_reason: match e.outcome {
+            Outcome::Rejected(r) => r.map_or("unknown", |r| r.name()).to_string(),
+            _ => String::new(),
+        },
+        policy: e.policy.to_string(),
+        stages: Some(pb::StageTimes {
+            memslot_ns: e.stages[0],
+            vma_ns: e.stages[1],
+            size_ns: e.stages[2],
+            pin_ns: e.stages[3],
+            permissions_ns: e.stages[4],
+            command_sent_ns: e.sent_ns,
+            completed_ns: e.completed_ns,
+        }),
+        latency_ns: e.completed_ns,
+    }
+}
+
+/// A validated filter: the proto filter with its enums checked.
+struct Filter(FaultFilter);
+
+fn check_enum<T: TryFrom<i32>>(values: &[i32], field: &str) -> Result<(), Status> {
+    for &v in values {
+        if v == 0 || T::try_from(v).is_err() {
+            return Err(Status::invalid_argument(format!("filter field {field}: unknown value {v}")));
+        }
+    }
+    Ok(())
+}
+
+impl Filter {
+    fn new(f: FaultFilter) -> Result<Self, Status> {
+        check_enum::<pb::FaultKind>(&f.kind, "kind")?;
+        check_enum::<pb::Access>(&f.access, "access")?;
+        check_enum::<pb::Outcome>(&f.outcome, "outcome")?;
+        check_enum::<pb::MappingSize>(&f.mapping_size, "mapping_size")?;
+        for r in &f.ipa_range {
+            if r.start >= r.end {
+                return Err(Status::invalid_argument(format!(
+                    "ipa_range {:#x}..{:#x} is empty or inverted",
+                    r.start, r.end
+                )));
+            }
+        }
+        Ok(Self(f))
+    }
+
+    fn matches(&self, e: &FaultEvent) -> bool {
+        let f = &self.0;
+        let any = |values: &[i32], v: i32| values.is_empty() || values.contains(&v);
+        let any_u32 = |values: &[u32], v: Option<u32>| values.is_empty() || v.is_some_and(|v| values.contains(&v));
+        any_u32(&f.vm_id, Some(e.vm_id as u32))
+            && any_u32(&f.vcpu, Some(e.vcpu))
+            && any_u32(&f.memslot, e.memslot)
+            && (f.ipa_range.is_empty() || f.ipa_range.iter().any(|r| (r.start..r.end).contains(&e.ipa)))
+            && any(&f.kind, kind_of(e.status) as i32)
+            && any(&f.access, access_of(e.access) as i32)
+            && any(&f.outcome, outcome_of(e.outcome) as i32)
+            && any(&f.mapping_size, size_of_mapping(e.mapping_size) as i32)
+            && e.completed_ns >= f.min_latency_ns
+    }
+}
+
+/// What an Observe call asks for, validated.
+struct Query {
+    number: u64,
+    first: bool,
+    follow: bool,
+    since: Option<SystemTime>,
+    until: Option<SystemTime>,
+    allow: Vec<Filter>,
+    deny: Vec<Filter>,
+    mask: Vec<String>,
+}
+
+const MASKABLE: &[&str] = &[
+    "time",
+    "fault_id",
+    "vm_id",
+    "vcpu",
+    "ipa",
+    "esr",
+    "kind",
+    "level",
+    "access",
+    "memslot",
+    "hva",
+    "vma_page_size",
+    "mapping_size",
+    "permissions",
+    "pa",
+    "outcome",
+    "reject_reason",
+    "policy",
+    "stages",
+    "latency_ns",
+];
+
+impl Query {
+    fn parse(r: ObserveRequest, known_vm: impl Fn(u32) -> bool) -> Result<Self, Status> {
+        if r.first && r.follow {
+            return Err(Status::invalid_argument("`first` cannot be combined with `follow`"));
+        }
+        let since = r.since.as_ref().map(system_time).transpose()?;
+        let until = r.until.as_ref().map(system_time).transpose()?;
+        if let (Some(s), Some(u)) = (since, until) {
+            if s > u {
+                return Err(Status::invalid_argument("`since` is after `until`"));
+            }
+        }
+        let allow = r.allowlist.into_iter().map(Filter::new).collect::<Result<Vec<_>, _>>()?;
+        let deny = r.denylist.into_iter().map(Filter::new).collect::<Result<Vec<_>, _>>()?;
+        for f in &allow {
+            if let Some(vm) = f.0.vm_id.iter().find(|&&vm| !known_vm(vm)) {
+                return Err(Status::not_found(format!("vm {vm} is not attached and has no events")));
+            }
+        }
+        let mask = r.field_mask.map(|m| m.paths).unwrap_or_default();
+        if let Some(bad) = mask.iter().find(|p| !MASKABLE.contains(&p.as_str())) {
+            return Err(Status::invalid_argument(format!("field_mask: unknown field {bad:?}")));
+        }
+        Ok(Self { number: r.number, first: r.first, follow: r.follow, since, until, allow, deny, mask })
+    }
+
+    fn matches(&self, e: &FaultEvent) -> bool {
+        self.since.is_none_or(|s| e.time >= s)
+            && self.until.is_none_or(|u| e.time <= u)
+            && (self.allow.is_empty() || self.allow.iter().any(|f| f.matches(e)))
+            && !self.deny.iter().any(|f| f.matches(e))
+    }
+
+    fn response(&self, e: &FaultEvent) -> ObserveResponse {
+        let mut ev = to_proto(e);
+        if !self.mask.is_empty() {
+            ev = masked(ev, &self.mask);
+        }
+        ObserveResponse { time: ev.time, response_types: Some(observe_response::ResponseTypes::Fault(ev)) }
+    }
+}
+
+/// Keeps only the fields named in `mask`.
+fn masked(ev: pb::FaultEvent, mask: &[String]) -> pb::FaultEvent {
+    let keep = |f: &str| mask.iter().any(|m| m == f);
+    let mut out = pb::FaultEvent::default();
+    macro_rules! copy {
+        ($($f:ident),*) => { $(if keep(stringify!($f)) { out.$f = ev.$f.clone(); })* };
+    }
+    copy!(
+        time,
+        fault_id,
+        vm_id,
+        vcpu,
+        ipa,
+        esr,
+        kind,
+        level,
+        access,
+        memslot,
+        hva,
+        vma_page_size,
+        mapping_size,
+        permissions,
+        pa,
+        outcome,
+        reject_reason,
+        policy,
+        stages,
+        latency_ns
+    );
+    out
+}
+
+fn lost(n: u64) -> ObserveResponse {
+    ObserveResponse {
+        time: Some(timestamp(SystemTime::now())),
+        response_types: Some(observe_response::ResponseTypes::LostEvents(LostEvents {
+            source: lost_events::Source::SubscriberQueue as i32,
+            num_events_lost: n,
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl FaultTrace for FaultTraceService {
+    type ObserveStream = EventStream;
+
+    #[instrument(skip(self, request), fields(peer = ?request.remote_addr()))]
+    async fn observe(&self, request: Request<ObserveRequest>) -> Result<Response<EventStream>, Status> {
+        let hub = self.daemon.events();
+        // Subscribe before reading the history so no event falls between them.
+        let live = request.get_ref().follow.then(|| hub.subscribe());
+        let history = hub.history();
+        let attached: Vec<u32> = self.daemon.vms().iter().map(|v| v.id.raw() as u32).collect();
+        let query = Query::parse(request.into_inner(), |vm| {
+            attached.contains(&vm) || history.iter().any(|e| e.vm_id as u32 == vm)
+        })?;
+        let matching: Vec<&FaultEvent> = history.iter().filter(|e| query.matches(e)).collect();
+        let n = if query.follow && query.number == 0 && !query.first { 0 } else { query.number as usize };
+        let n = if n == 0 && !query.follow { matching.len() } else { n.min(matching.len()) };
+        let picked = if query.first { &matching[..n] } else { &matching[matching.len() - n..] };
+        let last_seq = history.last().map(|e| e.seq);
+        let backlog: Vec<Result<ObserveResponse, Status>> = picked.iter().map(|e| Ok(query.response(e))).collect();
+        let query = Arc::new(query);
+        let mut stream: EventStream = Box::pin(tokio_stream::iter(backlog));
+        if let Some(rx) = live {
+            let q = query.clone();
+            let follow = BroadcastStream::new(rx).filter_map(move |item| match item {
+                Ok(e) if last_seq.is_some_and(|s| e.seq <= s) => None,
+                Ok(e) => q.matches(&e).then(|| Ok(q.response(&e))),
+                // One record per lag: it carries the count, not one per event.
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(lost(n))),
+            });
+            let shutdown = self.shutdown.clone();
+            let until_shutdown = async move { shutdown.cancelled().await };
+            stream = Box::pin(futures_util::StreamExt::take_until(stream.chain(follow), until_shutdown));
+        }
+        Ok(Response::new(stream))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn server_status(
+        &self,
+        _request: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let s = self.daemon.events().status();
+        Ok(Response::new(ServerStatusResponse {
+            num_events: s.num_events,
+            max_events: s.max_events,
+            seen_events: s.seen_events,
+            lost_events: s.lost_events,
+            uptime_ns: s.uptime_ns,
+            events_per_second: s.events_per_second,
+            attached_vms: self.daemon.vms().len() as u32,
+        }))
+    }
+}
+
+/// Serves gRPC on `addr` until `shutdown` is cancelled; follow streams end
+/// then too, so the server stops promptly.
+pub async fn serve(daemon: Arc<Daemon>, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "gRPC listening");
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let service = FaultTraceService { daemon, shutdown: shutdown.clone() };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FaultTraceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}

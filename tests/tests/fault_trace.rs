@@ -1,0 +1,158 @@
+//! FaultTrace over a real socket: a tonic client against the daemon binary.
+
+use std::time::Duration;
+
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::{
+    observe_response::ResponseTypes, FaultFilter, IpaRange, ObserveRequest, Outcome, ServerStatusRequest,
+};
+use faultline_system_tests::{machine, run_machine, Daemon};
+use tonic::Code;
+
+fn faults(responses: &[faultline_proto::v1::ObserveResponse]) -> Vec<faultline_proto::v1::FaultEvent> {
+    responses
+        .iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::Fault(f)) => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn observe(
+    client: &mut FaultTraceClient<tonic::transport::Channel>,
+    req: ObserveRequest,
+) -> Result<Vec<faultline_proto::v1::ObserveResponse>, tonic::Status> {
+    let mut stream = client.observe(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await? {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let addr = daemon.grpc_addr();
+    let mut client = FaultTraceClient::connect(addr.clone()).await.unwrap();
+
+    // A follower started before the workload sees it live.
+    let mut follower = FaultTraceClient::connect(addr).await.unwrap();
+    let mut live = follower.observe(ObserveRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--pattern", "random", "--ops", "3000", "--seed", "9"]);
+    let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    let total = summary["faults"].as_u64().unwrap();
+    let exits = summary["exits"].as_array().unwrap().len() as u64;
+
+    // Everything in the buffer: one event per fault, with the raw ESR the core sent.
+    let all = faults(&observe(&mut client, ObserveRequest::default()).await.unwrap());
+    assert_eq!(all.len() as u64, total);
+    assert!(all.iter().all(|e| e.esr >> 26 == 0x24 && e.vm_id == 1 && e.time.is_some()));
+    let mapped = all.iter().filter(|e| e.outcome == Outcome::Mapped as i32).count() as u64;
+    let mmio = all.iter().filter(|e| e.outcome == Outcome::MmioExit as i32).count() as u64;
+    assert_eq!(mmio, exits);
+    let mut outcomes = std::collections::BTreeMap::new();
+    for e in &all {
+        *outcomes.entry(e.outcome).or_insert(0) += 1;
+    }
+    assert_eq!(mapped + mmio, total, "every fault is mapped or exits in this workload: {outcomes:?}");
+    let m = all.iter().find(|e| e.outcome == Outcome::Mapped as i32).unwrap();
+    assert!(m.pa != 0 && m.hva != 0 && m.permissions & 1 == 1 && m.policy == "4k");
+    let st = m.stages.unwrap();
+    assert!(st.memslot_ns <= st.pin_ns && st.pin_ns <= st.command_sent_ns && st.command_sent_ns <= st.completed_ns);
+
+    // The follower got the same events, live.
+    let mut followed = 0u64;
+    while followed < total {
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), live.message()).await.expect("live event").unwrap().unwrap();
+        if let Some(ResponseTypes::Fault(_)) = r.response_types {
+            followed += 1;
+        }
+    }
+
+    // Last N and first N.
+    let last = faults(&observe(&mut client, ObserveRequest { number: 5, ..Default::default() }).await.unwrap());
+    assert_eq!(
+        last.iter().map(|e| e.fault_id).collect::<Vec<_>>(),
+        all[all.len() - 5..].iter().map(|e| e.fault_id).collect::<Vec<_>>()
+    );
+    let first =
+        faults(&observe(&mut client, ObserveRequest { number: 3, first: true, ..Default::default() }).await.unwrap());
+    assert_eq!(
+        first.iter().map(|e| e.fault_id).collect::<Vec<_>>(),
+        all[..3].iter().map(|e| e.fault_id).collect::<Vec<_>>()
+    );
+
+    // Allow vCPU 1 only; deny MMIO exits.
+    let req = ObserveRequest {
+        allowlist: vec![FaultFilter { vcpu: vec![1], ..Default::default() }],
+        denylist: vec![FaultFilter { outcome: vec![Outcome::MmioExit as i32], ..Default::default() }],
+        ..Default::default()
+    };
+    let got = faults(&observe(&mut client, req).await.unwrap());
+    let want = all.iter().filter(|e| e.vcpu == 1 && e.outcome != Outcome::MmioExit as i32).count();
+    assert_eq!(got.len(), want);
+    assert!(got.iter().all(|e| e.vcpu == 1 && e.outcome == Outcome::Mapped as i32));
+    // An IPA range.
+    let range = IpaRange { start: 0x1000_0000, end: 0x1200_0000 };
+    let req = ObserveRequest {
+        allowlist: vec![FaultFilter { ipa_range: vec![range], ..Default::default() }],
+        ..Default::default()
+    };
+    let got = faults(&observe(&mut client, req).await.unwrap());
+    assert_eq!(got.len(), all.iter().filter(|e| (0x1000_0000..0x1200_0000).contains(&e.ipa)).count());
+    assert!(!got.is_empty());
+    // A field mask.
+    let req = ObserveRequest {
+        number: 1,
+        field_mask: Some(prost_types::FieldMask { paths: vec!["fault_id".into(), "ipa".into()] }),
+        ..Default::default()
+    };
+    let got = faults(&observe(&mut client, req).await.unwrap());
+    assert!(got[0].fault_id != 0 && got[0].esr == 0 && got[0].policy.is_empty());
+
+    // Bad arguments.
+    let code = |r: Result<_, tonic::Status>| r.err().map(|s| s.code());
+    let bad = ObserveRequest { first: true, follow: true, ..Default::default() };
+    assert_eq!(code(observe(&mut client, bad).await), Some(Code::InvalidArgument));
+    let ts = |s| Some(prost_types::Timestamp { seconds: s, nanos: 0 });
+    let bad = ObserveRequest { since: ts(2_000_000_000), until: ts(1_000_000_000), ..Default::default() };
+    assert_eq!(code(observe(&mut client, bad).await), Some(Code::InvalidArgument));
+    let inverted = IpaRange { start: 0x2000, end: 0x1000 };
+    let bad = ObserveRequest {
+        allowlist: vec![FaultFilter { ipa_range: vec![inverted], ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(code(observe(&mut client, bad).await), Some(Code::InvalidArgument));
+    let bad = ObserveRequest {
+        allowlist: vec![FaultFilter { outcome: vec![99], ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(code(observe(&mut client, bad).await), Some(Code::InvalidArgument));
+    let bad =
+        ObserveRequest { allowlist: vec![FaultFilter { vm_id: vec![42], ..Default::default() }], ..Default::default() };
+    assert_eq!(code(observe(&mut client, bad).await), Some(Code::NotFound));
+
+    let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.num_events, status.seen_events, status.lost_events), (total, total, 0));
+    assert!(status.max_events >= total && status.uptime_ns > 0 && status.events_per_second > 0.0);
+
+    // Shutdown ends the follow stream and the daemon exits.
+    let stopped = tokio::task::spawn_blocking(move || daemon.terminate());
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match live.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await;
+    // Ending with an error (the connection closing) is ending too.
+    assert!(end.is_ok(), "the follow stream did not end when the daemon stopped");
+    assert!(stopped.await.unwrap().success());
+}
