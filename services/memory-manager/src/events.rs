@@ -144,8 +144,10 @@ impl EventHub {
             count.store(0, Ordering::Relaxed);
         }
         count.fetch_add(1, Ordering::Relaxed);
-        // No receivers is not an error worth anything here.
-        let _ = self.live.send(Arc::new(event));
+        if self.live.receiver_count() > 0 {
+            // A receiver may leave before this send: nothing to do then.
+            let _ = self.live.send(Arc::new(event));
+        }
     }
 
     /// A copy of the history, oldest first.

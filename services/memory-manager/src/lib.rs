@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod attach;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod grpc;

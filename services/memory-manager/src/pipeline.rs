@@ -14,8 +14,6 @@
 //! Each stage takes what it needs and returns what the next needs; no stage
 //! sees a bag of every variable.
 
-use std::time::Instant;
-
 use hyp_core::abort::{Abort, AbortKind, Access, FaultStatus};
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ring::abi::{FaultRecord, NO_IPA};
@@ -180,7 +178,8 @@ pub fn handle_fault(
 /// What the pipeline learned about a fault, for its trace event.
 #[derive(Clone, Copy, Debug)]
 pub struct Trace {
-    start: Instant,
+    /// Raw clock reading at the fault's arrival.
+    pub start: u64,
     /// The decoded abort, when it decoded.
     pub abort: Option<Abort>,
     /// Memslot index, when the IPA is in one.
@@ -197,12 +196,12 @@ pub struct Trace {
 impl Trace {
     /// A trace starting now (the fault's arrival).
     pub fn start() -> Self {
-        Self { start: Instant::now(), abort: None, memslot: None, hva: 0, vma_page_size: 0, stages: [0; 5] }
+        Self { start: crate::clock::raw(), abort: None, memslot: None, hva: 0, vma_page_size: 0, stages: [0; 5] }
     }
 
     /// Nanoseconds since the start.
     pub fn elapsed_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        crate::clock::nanos_between(self.start, crate::clock::raw())
     }
 
     fn mark(&mut self, stage: usize) {

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use hyp_core::addr::PAGE_SIZE;
@@ -63,7 +62,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     fn event(&self, rec: &FaultRecord, trace: &Trace, outcome: Outcome) -> FaultEvent {
         FaultEvent {
             seq: 0,
-            time: SystemTime::now(),
+            time: crate::clock::wall_time(trace.start),
             fault_id: rec.fault_id,
             vm_id: self.vm.id.raw(),
             vcpu: self.vcpu,
