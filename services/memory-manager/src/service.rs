@@ -122,11 +122,11 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
         };
         match decision {
-            Decision::Map(plan) => {
-                let mut event = self.event(rec, &trace, Outcome::Mapped);
+            Decision::Map(plan) => self.send_map(plan, rec.fault_id, trace, stop, |s, plan| {
+                let mut event = s.event(rec, &trace, Outcome::Mapped);
                 (event.mapping_size, event.permissions, event.pa) = (Some(plan.size), plan.perms.bits(), plan.pa.raw());
-                self.send_map(plan, rec.fault_id, event, trace, stop)
-            }
+                event
+            }),
             Decision::Exit(exit) => {
                 let (counter, outcome) = match exit {
                     Exit::Mmio(_) | Exit::CacheMaintenance { .. } => (&self.vm.stats.mmio_exits, Outcome::MmioExit),
@@ -146,13 +146,15 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
     }
 
+    /// Sends the map command first, then builds its event (off the path the
+    /// vCPU waits on) and remembers both until the result arrives.
     fn send_map(
         &mut self,
         plan: MapPlan,
         fault_id: u64,
-        mut event: FaultEvent,
         trace: Trace,
         stop: &AtomicBool,
+        event: impl FnOnce(&Self, &MapPlan) -> FaultEvent,
     ) -> Result<(), RingError> {
         let cmd = CommandRecord {
             kind: kind::MAP,
@@ -165,9 +167,11 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             inval_seq: plan.seq,
             reserved: 0,
         };
+        let sent = self.send(&cmd, stop);
+        let mut event = event(self, &plan);
         event.sent_ns = trace.elapsed_ns();
         self.pending.insert(cmd.cmd_id, Pending::Map(Box::new(PendingMap { plan, fault_id, event, trace })));
-        self.send(&cmd, stop)
+        sent
     }
 
     fn complete(&mut self, fault_id: u64, act: u32, stop: &AtomicBool) -> Result<(), RingError> {
@@ -216,7 +220,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
             (_, Some(Reject::MemcacheLow)) => {
                 if self.topup(stop)? {
-                    return self.send_map(plan, fault_id, event, trace, stop);
+                    return self.send_map(plan, fault_id, trace, stop, |_, _| event);
                 }
                 error!(vm = %self.vm.id, "table-page pool exhausted; injecting abort");
                 self.complete(fault_id, action::INJECT_ABORT, stop)?;
