@@ -308,8 +308,12 @@ impl FaultTrace for FaultTraceService {
             attached.contains(&vm) || history.iter().any(|e| e.vm_id as u32 == vm)
         })?;
         let matching: Vec<&FaultEvent> = history.iter().filter(|e| query.matches(e)).collect();
-        let n = if query.follow && query.number == 0 && !query.first { 0 } else { query.number as usize };
-        let n = if n == 0 && !query.follow { matching.len() } else { n.min(matching.len()) };
+        // number 0: everything in the buffer, or nothing of it when following.
+        let n = match (query.number, query.follow) {
+            (0, false) => matching.len(),
+            (0, true) => 0,
+            (n, _) => (n as usize).min(matching.len()),
+        };
         let picked = if query.first { &matching[..n] } else { &matching[matching.len() - n..] };
         let last_seq = history.last().map(|e| e.seq);
         let backlog: Vec<Result<ObserveResponse, Status>> = picked.iter().map(|e| Ok(query.response(e))).collect();
