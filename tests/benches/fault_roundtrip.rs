@@ -19,12 +19,10 @@ use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
 use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance};
 use hyp_core::vm::Vm;
 use memfd::MemfdOptions;
-use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::memslot::SlotFlags;
 use memory_manager::pipeline::{handle_fault, Decision, Injection};
 use memory_manager::policy::Pages4k;
-use memory_manager::region::{GuestRegion, RegionSpec};
-use memory_manager::vm::{Installed, PagePool, VmMemory};
-use memory_manager::vma::Vmas;
+use memory_manager::vm::{Installed, VmMemory};
 
 struct Stats {
     p50: f64,
@@ -84,24 +82,9 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
     const RAM_PA: u64 = 0x4000_0000;
     const TABLES_PA: u64 = 0x2000_0000;
     let ram = pages * 4096;
-    let memfd = MemfdOptions::default().create("ram").unwrap();
-    memfd.as_file().set_len(ram).unwrap();
-    let spec = RegionSpec {
-        index: 0,
-        pa_base: Pa::new(RAM_PA),
-        size: ram,
-        page_size: 4096,
-        fd_offset: 0,
-        writable: true,
-        device: false,
-    };
-    let region = GuestRegion::map(memfd, spec).unwrap();
-    let vmas = Vmas::default();
-    vmas.insert(region.vma(0));
-    let mut slots = Memslots::default();
-    slots.insert(Memslot::new(0, Ipa::new(RAM_PA), ram, region.base(), 0, 0, SlotFlags::default()));
     let id = VmId::new(1).unwrap();
-    let vmm = VmMemory::new(id, 1, slots, vmas, vec![region], PagePool::default());
+    let slot = (RAM_PA, ram, 0, SlotFlags::default());
+    let vmm = VmMemory::single_region(id, Pa::new(RAM_PA), ram, 4096, &[slot]).unwrap();
     if prefault {
         vmm.prefault().unwrap();
     }

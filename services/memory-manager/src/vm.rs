@@ -9,9 +9,9 @@ use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ownership::VmId;
 use hyp_core::stage2::MapSize;
 
-use crate::memslot::Memslots;
+use crate::memslot::{Memslot, Memslots, SlotFlags};
 use crate::pin::{MappingPin, Pins};
-use crate::region::GuestRegion;
+use crate::region::{GuestRegion, RegionSpec};
 use crate::vma::Vmas;
 
 /// Invalidations remembered for late map results.
@@ -138,6 +138,31 @@ impl VmMemory {
             invalidations: Mutex::new(VecDeque::new()),
             stats: Stats::default(),
         }
+    }
+
+    /// A VM whose memory is one writable memfd region of `size` bytes at PA
+    /// `pa_base`, with memslots `(GPA, bytes, offset in the region, flags)`
+    /// over it: the smallest real VM, for tests and benchmarks.
+    pub fn single_region(
+        id: VmId,
+        pa_base: Pa,
+        size: u64,
+        page_size: u64,
+        slots: &[(u64, u64, u64, SlotFlags)],
+    ) -> std::io::Result<Self> {
+        let memfd = memfd::MemfdOptions::default().create("guest-ram").map_err(std::io::Error::other)?;
+        memfd.as_file().set_len(size)?;
+        let spec = RegionSpec { index: 0, pa_base, size, page_size, fd_offset: 0, writable: true, device: false };
+        let region = GuestRegion::map(memfd, spec).map_err(std::io::Error::other)?;
+        let vmas = Vmas::default();
+        vmas.insert(region.vma(0));
+        let mut memslots = Memslots::default();
+        for (i, &(gpa, len, offset, flags)) in slots.iter().enumerate() {
+            let hva =
+                region.base().checked_add(offset).ok_or_else(|| std::io::Error::other("memslot offset overflows"))?;
+            memslots.insert(Memslot::new(i, Ipa::new(gpa), len, hva, 0, offset, flags));
+        }
+        Ok(Self::new(id, 1, memslots, vmas, vec![region], PagePool::default()))
     }
 
     /// Faults in every page of every non-device guest region now.

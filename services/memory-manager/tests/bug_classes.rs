@@ -12,13 +12,10 @@ use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
 use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance, Walk};
 use hyp_core::vm::{map_outcome, Completion, Vm};
-use memfd::MemfdOptions;
-use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::memslot::SlotFlags;
 use memory_manager::pipeline::{handle_fault, Decision, Injection, Stage};
 use memory_manager::policy::KvmDefault;
-use memory_manager::region::{GuestRegion, RegionSpec};
-use memory_manager::vm::{Installed, PagePool, VmMemory};
-use memory_manager::vma::Vmas;
+use memory_manager::vm::{Installed, VmMemory};
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM_GPA: u64 = 0x4000_0000;
@@ -31,25 +28,10 @@ fn hpfar(ipa: u64) -> u64 {
     (ipa >> 12) << 4
 }
 
-/// A VM with 4 MiB of RAM in one 4 KiB-paged memfd region and one memslot.
+/// A VM with 4 MiB of RAM in one memfd region and one memslot.
 fn vm_memory(page_size: u64) -> VmMemory {
-    let memfd = MemfdOptions::default().create("ram").unwrap();
-    memfd.as_file().set_len(RAM).unwrap();
-    let spec = RegionSpec {
-        index: 0,
-        pa_base: Pa::new(RAM_PA),
-        size: RAM,
-        page_size,
-        fd_offset: 0,
-        writable: true,
-        device: false,
-    };
-    let region = GuestRegion::map(memfd, spec).unwrap();
-    let vmas = Vmas::default();
-    vmas.insert(region.vma(0));
-    let mut slots = Memslots::default();
-    slots.insert(Memslot::new(0, Ipa::new(RAM_GPA), RAM, region.base(), 0, 0, SlotFlags::default()));
-    VmMemory::new(VmId::new(1).unwrap(), 1, slots, vmas, vec![region], PagePool::default())
+    let slot = (RAM_GPA, RAM, 0, SlotFlags::default());
+    VmMemory::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, &[slot]).unwrap()
 }
 
 fn fault_record(ipa: u64, fault_id: u64, seq: u64) -> FaultRecord {

@@ -6,13 +6,10 @@ use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::VmId;
 use hyp_core::ring::abi::{kind, FaultRecord, NO_IPA};
 use hyp_core::stage2::{MapSize, Perms};
-use memfd::MemfdOptions;
-use memory_manager::memslot::{Memslot, Memslots, SlotFlags};
+use memory_manager::memslot::SlotFlags;
 use memory_manager::pipeline::{handle_fault, Decision, Exit, InjectReason, Injection, MapPlan, MmioAccess};
 use memory_manager::policy::{KvmDefault, Pages4k, Policy};
-use memory_manager::region::{GuestRegion, RegionSpec};
-use memory_manager::vm::{PagePool, VmMemory};
-use memory_manager::vma::Vmas;
+use memory_manager::vm::VmMemory;
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM: u64 = 16 << 20;
@@ -20,26 +17,7 @@ const RAM: u64 = 16 << 20;
 /// One 16 MiB region backed by 2 MiB pages; memslots as given `(gpa, size,
 /// region offset, flags)`.
 fn vm(page_size: u64, slots: &[(u64, u64, u64, SlotFlags)]) -> VmMemory {
-    let memfd = MemfdOptions::default().create("ram").unwrap();
-    memfd.as_file().set_len(RAM).unwrap();
-    let spec = RegionSpec {
-        index: 0,
-        pa_base: Pa::new(RAM_PA),
-        size: RAM,
-        page_size,
-        fd_offset: 0,
-        writable: true,
-        device: false,
-    };
-    let region = GuestRegion::map(memfd, spec).unwrap();
-    let vmas = Vmas::default();
-    vmas.insert(region.vma(0));
-    let mut memslots = Memslots::default();
-    for (i, &(gpa, size, off, flags)) in slots.iter().enumerate() {
-        let hva = region.base().checked_add(off).unwrap();
-        memslots.insert(Memslot::new(i, Ipa::new(gpa), size, hva, 0, off, flags));
-    }
-    VmMemory::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region], PagePool::default())
+    VmMemory::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, slots).unwrap()
 }
 
 // Hand-encoded syndromes (Arm ARM D24.2.45): EC, IL, ISV, SAS, SRT, WnR, xFSC.
