@@ -46,6 +46,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `memory-manager` with `args` and waits for its socket.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("attach.sock");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
@@ -55,6 +60,7 @@ impl Daemon {
             // An ephemeral port, so tests can run side by side.
             cmd.args(["--grpc-listen", "127.0.0.1:0"]);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager");
         let d = Self { child, socket, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -173,3 +173,24 @@ fn vcpus_faulting_on_the_same_pages_at_once_leave_memory_and_pins_consistent() {
     // Every page is mapped once: the daemon released exactly one pin per page.
     assert_eq!(summary["detach"]["pages_released"].as_u64().unwrap(), flat.ram_pages.len() as u64);
 }
+
+#[test]
+fn daemon_tells_systemd_it_is_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let daemon = Daemon::start_with_env(&[], &[("NOTIFY_SOCKET", path.as_os_str())]);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means both listeners answer.
+    assert!(daemon.socket.exists());
+    let grpc = daemon.grpc_addr();
+    let addr = grpc.trim_start_matches("http://");
+    std::net::TcpStream::connect(addr).expect("gRPC port accepts connections");
+    assert!(daemon.terminate().success());
+    let n = sock.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}

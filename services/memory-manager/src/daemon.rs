@@ -90,14 +90,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::task::spawn_blocking(move || crate::attach::serve(daemon, &path))
     };
     let grpc_stop = CancellationToken::new();
-    let grpc = tokio::spawn(crate::grpc::serve(daemon.clone(), daemon.config().grpc_listen, grpc_stop.clone()));
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let grpc =
+        tokio::spawn(crate::grpc::serve(daemon.clone(), daemon.config().grpc_listen, grpc_stop.clone(), bound_tx));
     tokio::pin!(attach, grpc);
+    // Ready once both listeners are up: the gRPC server reports its bound
+    // address, the attach socket exists once listening.
+    let ready = async {
+        if bound_rx.await.is_err() {
+            // The gRPC server failed to bind: never ready (run() reports why).
+            std::future::pending::<()>().await;
+        }
+        while !daemon.config().attach_socket.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if let Err(e) = crate::notify::notify("READY=1") {
+            tracing::warn!(cause = %e, "systemd readiness notification failed");
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(ready);
     let (mut attach_done, mut grpc_done) = (None, None);
     tokio::select! {
+        _ = &mut ready => unreachable!("readiness never completes"),
         _ = shutdown => info!("shutdown requested"),
         res = &mut attach => attach_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from))),
         res = &mut grpc => grpc_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
     }
+    let _ = crate::notify::notify("STOPPING=1");
     daemon.stop();
     grpc_stop.cancel();
     let attach_res = match attach_done {

@@ -352,11 +352,19 @@ impl FaultTrace for FaultTraceService {
     }
 }
 
-/// Serves gRPC on `addr` until `shutdown` is cancelled; follow streams end
-/// then too, so the server stops promptly.
-pub async fn serve(daemon: Arc<Daemon>, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves gRPC on `addr` until `shutdown` is cancelled (follow streams end
+/// then too, so the server stops promptly); sends the bound address to
+/// `bound` once listening.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(addr = %listener.local_addr()?, "gRPC listening");
+    let local = listener.local_addr()?;
+    info!(addr = %local, "gRPC listening");
+    let _ = bound.send(local);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()

@@ -16,6 +16,7 @@ pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod memslot;
+pub mod notify;
 pub mod pin;
 pub mod pipeline;
 pub mod policy;
