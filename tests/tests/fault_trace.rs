@@ -156,3 +156,44 @@ async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
     assert!(end.is_ok(), "the follow stream did not end when the daemon stopped");
     assert!(stopped.await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_lists_the_attached_vms_and_their_memslots() {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::{GetVmRequest, ListVmsRequest};
+    use std::process::Stdio;
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    assert!(control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "5", "--vcpus", "2", "--pattern", "sequential", "--ops", "3000000", "--spin-polls", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vms = loop {
+        let vms = control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
+        if !vms.is_empty() {
+            break vms;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "machine ended before it was listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(vms.len(), 1);
+    let vm = &vms[0];
+    assert_eq!((vm.vm_id, vm.vcpus), (5, 2));
+    let slots: Vec<(u64, bool)> = vm.memslots.iter().map(|m| (m.gpa, m.read_only)).collect();
+    assert_eq!(slots, [(0x1000_0000, true), (0x4000_0000, false)]);
+    let one = control.get_vm(GetVmRequest { vm_id: 5 }).await.unwrap().into_inner();
+    assert_eq!(one.vm_id, 5);
+    let missing = control.get_vm(GetVmRequest { vm_id: 9 }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A machine that dies detaches its VM.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "VM still listed after its machine died");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,4 +1,5 @@
-//! The gRPC API: FaultTrace (Observe, ServerStatus), with grpc.health.v1
+//! The gRPC API: FaultTrace (Observe, ServerStatus) and Control (ListVms,
+//! GetVm), with grpc.health.v1
 //! and server reflection (v1 and v1alpha), so `grpcurl` can list and call
 //! everything.
 
@@ -7,10 +8,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use faultline_proto::v1::control_server::{Control, ControlServer};
 use faultline_proto::v1::fault_trace_server::{FaultTrace, FaultTraceServer};
 use faultline_proto::v1::{
-    self as pb, lost_events, observe_response, FaultFilter, LostEvents, ObserveRequest, ObserveResponse,
-    ServerStatusRequest, ServerStatusResponse,
+    self as pb, lost_events, observe_response, FaultFilter, GetVmRequest, ListVmsRequest, ListVmsResponse, LostEvents,
+    ObserveRequest, ObserveResponse, ServerStatusRequest, ServerStatusResponse,
 };
 use hyp_core::abort::{Access, FaultStatus};
 use hyp_core::stage2::MapSize;
@@ -375,13 +377,60 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    health.set_serving::<ControlServer<ControlService>>().await;
+    let control = ControlService { daemon: daemon.clone() };
     let service = FaultTraceService { daemon, shutdown: shutdown.clone() };
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FaultTraceServer::new(service))
+        .add_service(ControlServer::new(control))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.cancelled().await })
         .await?;
     Ok(())
+}
+
+/// The Control service: what is attached.
+pub struct ControlService {
+    daemon: Arc<Daemon>,
+}
+
+fn vm_proto(vm: &crate::vm::VmMemory) -> pb::Vm {
+    pb::Vm {
+        vm_id: vm.id.raw() as u32,
+        vcpus: vm.nr_vcpus,
+        memslots: vm
+            .memslots
+            .iter()
+            .map(|m| pb::Memslot {
+                id: m.id as u32,
+                gpa: m.gpa.raw(),
+                size: m.size,
+                read_only: m.read_only,
+                dirty_log: m.dirty_log,
+                dirty_pages: m.dirty_count(),
+            })
+            .collect(),
+        pinned_pages: vm.pins.total(),
+        mappings: vm.mappings.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+        faults: vm.stats.faults.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    #[instrument(skip(self, _request))]
+    async fn list_vms(&self, _request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+        let mut vms: Vec<pb::Vm> = self.daemon.vms().iter().map(|v| vm_proto(v)).collect();
+        vms.sort_by_key(|v| v.vm_id);
+        Ok(Response::new(ListVmsResponse { vms }))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let id = request.into_inner().vm_id;
+        let vm = self.daemon.vms().into_iter().find(|v| v.id.raw() as u32 == id);
+        vm.map(|v| Response::new(vm_proto(&v))).ok_or_else(|| Status::not_found(format!("vm {id} is not attached")))
+    }
 }
