@@ -137,6 +137,20 @@ async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
         ObserveRequest { allowlist: vec![FaultFilter { vm_id: vec![42], ..Default::default() }], ..Default::default() };
     assert_eq!(code(observe(&mut client, bad).await), Some(Code::NotFound));
 
+    let stats = client.get_stats(faultline_proto::v1::GetStatsRequest {}).await.unwrap().into_inner();
+    let by = |v: &[faultline_proto::v1::Count], k: &str| v.iter().find(|c| c.key == k).map_or(0, |c| c.count);
+    assert_eq!(by(&stats.by_outcome, "mapped"), mapped);
+    assert_eq!(by(&stats.by_outcome, "mmio-exit"), mmio);
+    assert_eq!(stats.by_outcome.iter().map(|c| c.count).sum::<u64>(), total);
+    assert_eq!(by(&stats.by_kind, "translation") + by(&stats.by_kind, "permission"), total);
+    assert_eq!(by(&stats.by_mapping_size, "4k"), mapped);
+    assert_eq!(stats.policy, "4k");
+    let e2e = stats.latency.iter().find(|h| h.stage == "end_to_end").unwrap();
+    assert_eq!(e2e.count + stats.histogram_samples_skipped, total);
+    assert!(e2e.min_ns <= e2e.p50_ns && e2e.p50_ns <= e2e.p99_ns && e2e.p99_ns <= e2e.max_ns && e2e.min_ns > 0);
+    let pin = stats.latency.iter().find(|h| h.stage == "pin").unwrap();
+    assert_eq!(pin.count + stats.histogram_samples_skipped, mapped, "only mapped faults reach the pin stage");
+
     let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.num_events, status.seen_events, status.lost_events), (total, total, 0));
     assert!(status.max_events >= total && status.uptime_ns > 0 && status.events_per_second > 0.0);

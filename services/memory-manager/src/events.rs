@@ -103,6 +103,8 @@ pub struct HubStatus {
 
 /// The event history and the live broadcast.
 pub struct EventHub {
+    /// Cumulative statistics of every event recorded.
+    pub stats: crate::stats::FaultStats,
     slots: Box<[Mutex<Option<FaultEvent>>]>,
     /// Per-second event counts over the last minute: (second, count).
     per_second: [(AtomicU64, AtomicU64); 60],
@@ -118,6 +120,7 @@ impl EventHub {
     pub fn new(capacity: usize, follower_queue: usize) -> Self {
         let (live, _) = broadcast::channel(follower_queue.max(1));
         Self {
+            stats: crate::stats::FaultStats::default(),
             slots: (0..capacity.max(1)).map(|_| Mutex::new(None)).collect(),
             per_second: std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0))),
             live,
@@ -130,6 +133,7 @@ impl EventHub {
     /// Records an event; never blocks.
     pub fn record(&self, mut event: FaultEvent) {
         event.seq = self.seen.fetch_add(1, Ordering::Relaxed);
+        self.stats.record(&event);
         let slot = &self.slots[(event.seq % self.slots.len() as u64) as usize];
         match slot.try_lock() {
             Ok(mut s) => *s = Some(event),

@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use faultline_proto::v1::control_server::{Control, ControlServer};
 use faultline_proto::v1::fault_trace_server::{FaultTrace, FaultTraceServer};
 use faultline_proto::v1::{
-    self as pb, lost_events, observe_response, FaultFilter, GetVmRequest, ListVmsRequest, ListVmsResponse, LostEvents,
-    ObserveRequest, ObserveResponse, ServerStatusRequest, ServerStatusResponse,
+    self as pb, lost_events, observe_response, Count, FaultFilter, GetStatsRequest, GetStatsResponse, GetVmRequest,
+    LatencyHistogram, ListVmsRequest, ListVmsResponse, LostEvents, ObserveRequest, ObserveResponse,
+    ServerStatusRequest, ServerStatusResponse,
 };
 use hyp_core::abort::{Access, FaultStatus};
 use hyp_core::stage2::MapSize;
@@ -334,6 +335,46 @@ impl FaultTrace for FaultTraceService {
             stream = Box::pin(futures_util::StreamExt::take_until(stream.chain(follow), until_shutdown));
         }
         Ok(Response::new(stream))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn get_stats(&self, _request: Request<GetStatsRequest>) -> Result<Response<GetStatsResponse>, Status> {
+        let stats = &self.daemon.events().stats;
+        let count = |v: Vec<(&str, u64)>| v.into_iter().map(|(k, c)| Count { key: k.to_string(), count: c }).collect();
+        let [by_kind, by_outcome, by_size] = stats.counters();
+        let vms = self.daemon.vms();
+        let by_vm = vms
+            .iter()
+            .map(|vm| Count {
+                key: vm.id.to_string(),
+                count: vm.stats.faults.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect();
+        let latency = stats
+            .summaries()
+            .into_iter()
+            .map(|s| LatencyHistogram {
+                stage: s.stage.to_string(),
+                count: s.count,
+                min_ns: s.min,
+                p50_ns: s.p50,
+                p90_ns: s.p90,
+                p99_ns: s.p99,
+                p999_ns: s.p999,
+                max_ns: s.max,
+                mean_ns: s.mean,
+            })
+            .collect();
+        Ok(Response::new(GetStatsResponse {
+            by_vm,
+            by_kind: count(by_kind),
+            by_outcome: count(by_outcome),
+            by_mapping_size: count(by_size),
+            latency,
+            histogram_samples_skipped: stats.skipped(),
+            pinned_pages: vms.iter().map(|vm| vm.pins.total()).sum(),
+            policy: self.daemon.policy().name().to_string(),
+        }))
     }
 
     #[instrument(skip(self, _request))]

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod region;
 pub mod service;
+pub mod stats;
 pub mod vm;
 pub mod vma;
 
