@@ -24,8 +24,19 @@ pub fn binary(name: &str) -> PathBuf {
         let target_dir = dir.parent().expect("target dir").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "memory-manager", "-p", "sim-machine", "--bins", "--target-dir"])
-            .arg(&target_dir);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "memory-manager",
+            "-p",
+            "sim-machine",
+            "-p",
+            "faultline",
+            "--bins",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
         if profile_release {
             cmd.arg("--release");
         }

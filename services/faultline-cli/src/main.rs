@@ -1,0 +1,208 @@
+//! `faultline`: observe faults and inspect the memory-manager daemon over
+//! its gRPC API.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use faultline::{compact, json, row, Format, TABLE_HEADER};
+use faultline_proto::v1::control_client::ControlClient;
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::observe_response::ResponseTypes;
+use faultline_proto::v1::{
+    FaultFilter, GetStatsRequest, GetVmRequest, ListVmsRequest, ObserveRequest, Outcome, ServerStatusRequest,
+};
+
+/// Observe stage-2 faults served by the Faultline memory-manager.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The daemon's gRPC address.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:50151")]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream fault events (Hubble-style).
+    Observe {
+        /// The last N events from the buffer.
+        #[arg(long, conflicts_with_all = ["first", "all"])]
+        last: Option<u64>,
+        /// The first N events in the buffer.
+        #[arg(long, conflicts_with_all = ["all", "follow"])]
+        first: Option<u64>,
+        /// Everything in the buffer.
+        #[arg(long)]
+        all: bool,
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only these VMs.
+        #[arg(long)]
+        vm: Vec<u32>,
+        /// Only these vCPUs.
+        #[arg(long)]
+        vcpu: Vec<u32>,
+        /// Only these outcomes (mapped, relaxed, mmio-exit, ...).
+        #[arg(long)]
+        outcome: Vec<String>,
+        /// Exclude events matching the outcome filters instead.
+        #[arg(long)]
+        not: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Format::Compact)]
+        output: Format,
+    },
+    /// Buffer and rate.
+    Status,
+    /// Counters and latency histograms.
+    Stats,
+    /// Attached VMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// List attached VMs.
+    List,
+    /// Show one VM.
+    Show {
+        /// VM id.
+        id: u32,
+    },
+}
+
+fn outcome(name: &str) -> anyhow::Result<i32> {
+    let wanted = name.replace('-', "_").to_uppercase();
+    (1..=8)
+        .filter_map(|v| Outcome::try_from(v).ok())
+        .find(|o| o.as_str_name().trim_start_matches("OUTCOME_") == wanted)
+        .map(|o| o as i32)
+        .with_context(|| format!("unknown outcome {name:?}"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Observe { last, first, all, follow, vm, vcpu, outcome: outcomes, not, output } => {
+            let mut client = FaultTraceClient::connect(cli.server.clone()).await.context("connecting to the daemon")?;
+            let outcome_filter = FaultFilter {
+                outcome: outcomes.iter().map(|o| outcome(o)).collect::<anyhow::Result<_>>()?,
+                ..Default::default()
+            };
+            let scope = FaultFilter { vm_id: vm, vcpu, ..Default::default() };
+            let mut allowlist = vec![];
+            let mut denylist = vec![];
+            let has_scope = !scope.vm_id.is_empty() || !scope.vcpu.is_empty();
+            match (outcome_filter.outcome.is_empty(), not) {
+                (true, _) => {
+                    if has_scope {
+                        allowlist.push(scope)
+                    }
+                }
+                (false, false) => allowlist.push(FaultFilter { outcome: outcome_filter.outcome, ..scope }),
+                (false, true) => {
+                    if has_scope {
+                        allowlist.push(scope);
+                    }
+                    denylist.push(outcome_filter);
+                }
+            }
+            let (number, first_flag) = match (last, first, all, follow) {
+                (Some(n), _, _, _) => (n, false),
+                (_, Some(n), _, _) => (n, true),
+                (_, _, true, _) => (0, false),
+                (_, _, false, true) => (0, false),
+                _ => (20, false),
+            };
+            let req = ObserveRequest { number, first: first_flag, follow, allowlist, denylist, ..Default::default() };
+            let mut stream = client.observe(req).await.context("observe")?.into_inner();
+            if output == Format::Table {
+                println!("{TABLE_HEADER}");
+            }
+            while let Some(r) = stream.message().await? {
+                match r.response_types {
+                    Some(ResponseTypes::Fault(e)) => match output {
+                        Format::Compact => println!("{}", compact(&e)),
+                        Format::Json => println!("{}", json(&e)),
+                        Format::Table => println!("{}", row(&e)),
+                    },
+                    Some(ResponseTypes::LostEvents(l)) => eprintln!("lost {} events", l.num_events_lost),
+                    None => {}
+                }
+            }
+        }
+        Command::Status => {
+            let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let s = client.server_status(ServerStatusRequest {}).await?.into_inner();
+            println!("events in buffer: {} / {}", s.num_events, s.max_events);
+            println!("events seen:      {}", s.seen_events);
+            println!("events lost:      {}", s.lost_events);
+            println!("uptime:           {:.1}s", s.uptime_ns as f64 / 1e9);
+            println!("rate (1 min):     {:.1} events/s", s.events_per_second);
+            println!("attached VMs:     {}", s.attached_vms);
+        }
+        Command::Stats => {
+            let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
+            println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
+            for (title, counts) in [
+                ("by outcome", &s.by_outcome),
+                ("by kind", &s.by_kind),
+                ("by size", &s.by_mapping_size),
+                ("by vm", &s.by_vm),
+            ] {
+                let nonzero: Vec<String> =
+                    counts.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect();
+                println!("{title}: {}", nonzero.join(" "));
+            }
+            println!(
+                "{:<13} {:>9} {:>10} {:>10} {:>10} {:>10}",
+                "stage", "count", "p50 us", "p99 us", "p99.9 us", "max us"
+            );
+            for h in &s.latency {
+                let us = |ns: u64| ns as f64 / 1000.0;
+                println!(
+                    "{:<13} {:>9} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                    h.stage,
+                    h.count,
+                    us(h.p50_ns),
+                    us(h.p99_ns),
+                    us(h.p999_ns),
+                    us(h.max_ns)
+                );
+            }
+        }
+        Command::Vm { command } => {
+            let mut client = ControlClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let vms = match command {
+                VmCommand::List => client.list_vms(ListVmsRequest {}).await?.into_inner().vms,
+                VmCommand::Show { id } => vec![client.get_vm(GetVmRequest { vm_id: id }).await?.into_inner()],
+            };
+            for vm in vms {
+                println!(
+                    "vm{}: {} vCPUs, {} faults, {} mappings, {} pinned pages",
+                    vm.vm_id, vm.vcpus, vm.faults, vm.mappings, vm.pinned_pages
+                );
+                for m in vm.memslots {
+                    let flags = [(m.read_only, "read-only"), (m.dirty_log, "dirty-log")]
+                        .iter()
+                        .filter(|(on, _)| *on)
+                        .map(|(_, n)| *n)
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    println!(
+                        "  memslot {}: gpa {:#x} size {:#x} {} dirty {}",
+                        m.id, m.gpa, m.size, flags, m.dirty_pages
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
