@@ -31,7 +31,7 @@ fn observe_status_stats_and_vm_commands_show_the_run() {
     let (ok, out, _) = faultline(&daemon, &["observe", "--all", "--outcome", "mmio-exit"]);
     assert!(ok);
     assert_eq!(out.lines().count(), exits);
-    assert!(out.lines().all(|l| l.contains("-> mmioexit")), "{out}");
+    assert!(out.lines().all(|l| l.contains("-> mmio-exit")), "{out}");
     let (ok, out, _) = faultline(&daemon, &["observe", "--all", "--outcome", "mmio-exit", "--not", "-o", "table"]);
     assert!(ok);
     assert_eq!(out.lines().count(), 1 + faults as usize - exits, "header plus every mapped fault");
@@ -46,4 +46,20 @@ fn observe_status_stats_and_vm_commands_show_the_run() {
     assert!(!ok && err.contains("not attached"), "{err}");
     let (ok, _, err) = faultline(&daemon, &["observe", "--outcome", "sideways"]);
     assert!(!ok && err.contains("unknown outcome"), "{err}");
+}
+
+#[test]
+fn demo_runs_daemon_and_machine_and_summarizes() {
+    let out = Command::new(binary("faultline"))
+        .args(["demo", "--vcpus", "1", "--ops", "3000", "--pattern", "random", "--lines-per-second", "100000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let faults = stdout.lines().filter(|l| l.starts_with("vm1/vcpu0 #")).count();
+    assert!(faults > 100, "faults streamed while the guest ran: {stdout}");
+    let summary = stdout.lines().find(|l| l.starts_with("summary:")).expect("summary line");
+    assert!(summary.starts_with(&format!("summary: {faults} faults")), "every fault was shown: {summary}");
+    assert!(stdout.contains("by outcome: mapped="), "{stdout}");
+    assert!(stdout.contains("pins left after detach: 0"), "{stdout}");
 }

@@ -14,8 +14,30 @@ pub enum Format {
     Table,
 }
 
-fn name<T: TryFrom<i32> + std::fmt::Debug>(v: i32) -> String {
-    T::try_from(v).map(|e| format!("{e:?}")).unwrap_or_else(|_| v.to_string()).to_lowercase()
+/// The short name of a proto enum value: its protobuf name without the enum
+/// prefix, lowercase, dashed (`OUTCOME_MMIO_EXIT` reads `mmio-exit`).
+trait ShortName: TryFrom<i32> {
+    const PREFIX: &'static str;
+    fn proto_name(&self) -> &'static str;
+}
+
+macro_rules! short_name {
+    ($($t:ty => $prefix:literal),*) => {$(
+        impl ShortName for $t {
+            const PREFIX: &'static str = $prefix;
+            fn proto_name(&self) -> &'static str {
+                self.as_str_name()
+            }
+        }
+    )*};
+}
+short_name!(Access => "ACCESS_", FaultKind => "FAULT_KIND_", MappingSize => "MAPPING_SIZE_", Outcome => "OUTCOME_");
+
+fn name<T: ShortName>(v: i32) -> String {
+    match T::try_from(v) {
+        Ok(e) => e.proto_name().trim_start_matches(T::PREFIX).to_lowercase().replace('_', "-"),
+        Err(_) => v.to_string(),
+    }
 }
 
 fn perms(p: u32) -> String {
@@ -87,7 +109,7 @@ pub fn row(e: &FaultEvent) -> String {
         name::<Access>(e.access),
         name::<FaultKind>(e.kind),
         name::<Outcome>(e.outcome),
-        name::<MappingSize>(e.mapping_size).trim_start_matches("mappingsize"),
+        name::<MappingSize>(e.mapping_size),
         perms(e.permissions),
         e.latency_ns as f64 / 1000.0
     )

@@ -1,6 +1,8 @@
 //! `faultline`: observe faults and inspect the memory-manager daemon over
 //! its gRPC API.
 
+mod demo;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use faultline::{compact, json, row, Format, TABLE_HEADER};
@@ -54,6 +56,21 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Format::Compact)]
         output: Format,
     },
+    /// Start the daemon and a simulated machine, stream its faults, summarize.
+    Demo {
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// Accesses per vCPU.
+        #[arg(long, default_value_t = 200_000)]
+        ops: u64,
+        /// Workload pattern (sequential, random, strided, read-then-write, zipf, fetch).
+        #[arg(long, default_value = "zipf")]
+        pattern: String,
+        /// Fault lines printed per second at most.
+        #[arg(long, default_value_t = 40)]
+        lines_per_second: u32,
+    },
     /// Buffer and rate.
     Status,
     /// Counters and latency histograms.
@@ -89,6 +106,9 @@ fn outcome(name: &str) -> anyhow::Result<i32> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo { vcpus, ops, pattern, lines_per_second } => {
+            demo::run(demo::DemoArgs { vcpus, ops, pattern, max_lines_per_second: lines_per_second }).await?;
+        }
         Command::Observe { last, first, all, follow, vm, vcpu, outcome: outcomes, not, output } => {
             let mut client = FaultTraceClient::connect(cli.server.clone()).await.context("connecting to the daemon")?;
             let outcome_filter = FaultFilter {

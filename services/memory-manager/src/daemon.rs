@@ -76,6 +76,9 @@ impl Daemon {
     }
 }
 
+/// How long shutdown waits for gRPC clients to disconnect.
+const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs the daemon until `shutdown` completes, then stops serving, detaches
 /// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -126,7 +129,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let grpc_res = match grpc_done {
         Some(r) => r,
-        None => grpc.await.map_err(anyhow::Error::from).and_then(|r| r),
+        // Graceful shutdown waits for clients to close their connections; a
+        // client that never does (or cannot, because it is blocked) must not
+        // keep the daemon alive.
+        None => match tokio::time::timeout(GRPC_DRAIN, &mut grpc).await {
+            Ok(r) => r.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(_) => {
+                tracing::warn!(after = ?GRPC_DRAIN, "gRPC clients still connected at shutdown; closing them");
+                grpc.abort();
+                Ok(())
+            }
+        },
     };
     attach_res.and(grpc_res)?;
     info!("memory-manager stopped");

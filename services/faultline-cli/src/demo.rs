@@ -1,0 +1,150 @@
+//! `faultline demo`: the daemon and a simulated machine, started side by
+//! side from the binaries next to this one, with faults streamed while the
+//! guest runs and a summary at the end.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use faultline::compact;
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::observe_response::ResponseTypes;
+use faultline_proto::v1::{GetStatsRequest, ObserveRequest};
+
+/// What the demo runs.
+pub struct DemoArgs {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Accesses per vCPU.
+    pub ops: u64,
+    /// Workload pattern.
+    pub pattern: String,
+    /// Events printed per second at most (the rest are counted).
+    pub max_lines_per_second: u32,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("executable directory")?.join(name);
+    if !path.exists() {
+        bail!("{} not found next to faultline: build the workspace first (cargo build --release)", path.display());
+    }
+    Ok(path)
+}
+
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // SIGTERM for a clean stop.
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("faultline-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("attach.sock");
+    let mut daemon = Command::new(sibling("memory-manager")?)
+        .arg("--attach-socket")
+        .arg(&socket)
+        .args(["--grpc-listen", "127.0.0.1:0", "--log-filter", "info"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting memory-manager")?;
+    let stderr = daemon.stderr.take().context("daemon stderr")?;
+    let daemon = Reaper(daemon);
+    // The daemon logs its gRPC address once listening.
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().context("the daemon exited before listening")??;
+        if let Some(rest) = line.split("gRPC listening").nth(1) {
+            let addr =
+                rest.split("addr=").nth(1).context("address in log line")?.split_whitespace().next().unwrap_or("");
+            break format!("http://{addr}");
+        }
+    };
+    // Keep draining the daemon's log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    println!(
+        "faultline demo: daemon at {addr}, {} vCPUs, {} accesses each, pattern {}",
+        args.vcpus, args.ops, args.pattern
+    );
+    let mut client = FaultTraceClient::connect(addr.clone()).await?;
+    let mut stream = client.observe(ObserveRequest { follow: true, ..Default::default() }).await?.into_inner();
+    let machine = Command::new(sibling("sim-machine")?)
+        .arg("--attach-socket")
+        .arg(&socket)
+        .args(["--vcpus", &args.vcpus.to_string(), "--ops", &args.ops.to_string(), "--pattern", &args.pattern])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting sim-machine")?;
+    let machine = tokio::task::spawn_blocking(move || machine.wait_with_output());
+    tokio::pin!(machine);
+    let (mut shown, mut seen, mut window_start, mut window_shown) = (0u64, 0u64, Instant::now(), 0u32);
+    let mut last_progress = Instant::now();
+    let output = loop {
+        tokio::select! {
+            done = &mut machine => break done??,
+            msg = stream.message() => match msg? {
+                Some(r) => if let Some(ResponseTypes::Fault(e)) = r.response_types {
+                    seen += 1;
+                    if window_start.elapsed() >= Duration::from_secs(1) {
+                        (window_start, window_shown) = (Instant::now(), 0);
+                    }
+                    if window_shown < args.max_lines_per_second {
+                        println!("{}", compact(&e));
+                        shown += 1;
+                        window_shown += 1;
+                    } else if last_progress.elapsed() >= Duration::from_secs(1) {
+                        println!("... {seen} faults so far ({} not shown)", seen - shown);
+                        last_progress = Instant::now();
+                    }
+                },
+                None => bail!("the daemon ended the event stream"),
+            },
+        }
+    };
+    if !output.status.success() {
+        bail!("sim-machine failed");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).context("machine summary")?;
+    let stats = client.get_stats(GetStatsRequest {}).await?.into_inner();
+    println!();
+    println!(
+        "summary: {} faults ({} shown), {} accesses in {} ms",
+        summary["faults"], shown, summary["accesses"], summary["run_ms"]
+    );
+    let nonzero = |v: &[faultline_proto::v1::Count]| {
+        v.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect::<Vec<_>>().join(" ")
+    };
+    println!("  by outcome: {}", nonzero(&stats.by_outcome));
+    println!("  by size:    {}", nonzero(&stats.by_mapping_size));
+    if let Some(h) = stats.latency.iter().find(|h| h.stage == "end_to_end") {
+        println!(
+            "  daemon latency: p50 {:.2} us, p99 {:.2} us, max {:.2} us",
+            h.p50_ns as f64 / 1000.0,
+            h.p99_ns as f64 / 1000.0,
+            h.max_ns as f64 / 1000.0
+        );
+    }
+    println!(
+        "  round trip seen by the vCPUs: p50 {:.2} us, p99 {:.2} us",
+        summary["fault_p50_ns"].as_f64().unwrap_or(0.0) / 1000.0,
+        summary["fault_p99_ns"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    println!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
+    // Close the connection before stopping the daemon: its graceful shutdown
+    // waits for clients, and this thread blocks while reaping it.
+    drop(stream);
+    drop(client);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
