@@ -26,6 +26,7 @@ use tracing::{info, instrument};
 
 use crate::daemon::Daemon;
 use crate::events::{FaultEvent, Outcome};
+use crate::stats;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ObserveResponse, Status>> + Send>>;
 
@@ -47,21 +48,10 @@ fn system_time(t: &prost_types::Timestamp) -> Result<SystemTime, Status> {
     Ok(UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32))
 }
 
+// The proto enums number their values as the statistics index them (one
+// classification, in stats.rs); the test below pins the correspondence.
 fn kind_of(status: Option<FaultStatus>) -> pb::FaultKind {
-    match status {
-        None => pb::FaultKind::Unspecified,
-        Some(FaultStatus::Translation { .. }) => pb::FaultKind::Translation,
-        Some(FaultStatus::AccessFlag { .. }) => pb::FaultKind::AccessFlag,
-        Some(FaultStatus::Permission { .. }) => pb::FaultKind::Permission,
-        Some(FaultStatus::AddressSize { .. }) => pb::FaultKind::AddressSize,
-        Some(
-            FaultStatus::SyncExternal
-            | FaultStatus::SyncExternalOnWalk { .. }
-            | FaultStatus::SyncParity
-            | FaultStatus::SyncParityOnWalk { .. },
-        ) => pb::FaultKind::External,
-        Some(_) => pb::FaultKind::Other,
-    }
+    pb::FaultKind::try_from(stats::kind_index(status) as i32).unwrap_or(pb::FaultKind::Other)
 }
 
 fn access_of(a: Option<Access>) -> pb::Access {
@@ -74,25 +64,11 @@ fn access_of(a: Option<Access>) -> pb::Access {
 }
 
 fn outcome_of(o: Outcome) -> pb::Outcome {
-    match o {
-        Outcome::Mapped => pb::Outcome::Mapped,
-        Outcome::Relaxed => pb::Outcome::Relaxed,
-        Outcome::AlreadyPresent => pb::Outcome::AlreadyPresent,
-        Outcome::RetriedStale => pb::Outcome::RetriedStale,
-        Outcome::MmioExit => pb::Outcome::MmioExit,
-        Outcome::NoSyndromeExit => pb::Outcome::NoSyndromeExit,
-        Outcome::InjectedAbort => pb::Outcome::InjectedAbort,
-        Outcome::Rejected(_) => pb::Outcome::Rejected,
-    }
+    pb::Outcome::try_from(stats::outcome_index(o) as i32 + 1).unwrap_or(pb::Outcome::Unspecified)
 }
 
 fn size_of_mapping(s: Option<MapSize>) -> pb::MappingSize {
-    match s {
-        None => pb::MappingSize::Unspecified,
-        Some(MapSize::Page4K) => pb::MappingSize::MappingSize4k,
-        Some(MapSize::Block2M) => pb::MappingSize::MappingSize2m,
-        Some(MapSize::Block1G) => pb::MappingSize::MappingSize1g,
-    }
+    pb::MappingSize::try_from(stats::size_index(s) as i32).unwrap_or(pb::MappingSize::Unspecified)
 }
 
 /// The wire form of an event.
@@ -473,5 +449,27 @@ impl Control for ControlService {
         let id = request.into_inner().vm_id;
         let vm = self.daemon.vms().into_iter().find(|v| v.id.raw() as u32 == id);
         vm.map(|v| Response::new(vm_proto(&v))).ok_or_else(|| Status::not_found(format!("vm {id} is not attached")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statistics' names and the proto enum names describe the same values.
+    #[test]
+    fn proto_enums_follow_the_statistics_classification() {
+        let short = |name: &str, prefix: &str| name.trim_start_matches(prefix).to_lowercase().replace('_', "-");
+        for (i, name) in stats::KINDS.iter().enumerate().skip(1) {
+            let proto = pb::FaultKind::try_from(i as i32).unwrap();
+            assert_eq!(short(proto.as_str_name(), "FAULT_KIND_"), *name);
+        }
+        for (i, name) in stats::OUTCOMES.iter().enumerate() {
+            let proto = pb::Outcome::try_from(i as i32 + 1).unwrap();
+            assert_eq!(short(proto.as_str_name(), "OUTCOME_"), *name);
+        }
+        assert_eq!(size_of_mapping(Some(MapSize::Block2M)), pb::MappingSize::MappingSize2m);
+        assert_eq!(size_of_mapping(None), pb::MappingSize::Unspecified);
+        assert_eq!(kind_of(None), pb::FaultKind::Unspecified);
     }
 }

@@ -32,7 +32,8 @@ pub const OUTCOMES: [&str; 8] = [
 /// Mapping sizes counted.
 pub const SIZES: [&str; 4] = ["none", "4k", "2m", "1g"];
 
-fn kind_index(status: Option<FaultStatus>) -> usize {
+/// Index of a fault kind in [`KINDS`] (also its `FaultKind` proto value).
+pub fn kind_index(status: Option<FaultStatus>) -> usize {
     match status {
         None => 0,
         Some(FaultStatus::Translation { .. }) => 1,
@@ -49,7 +50,8 @@ fn kind_index(status: Option<FaultStatus>) -> usize {
     }
 }
 
-fn outcome_index(o: Outcome) -> usize {
+/// Index of an outcome in [`OUTCOMES`] (its `Outcome` proto value is one more).
+pub fn outcome_index(o: Outcome) -> usize {
     match o {
         Outcome::Mapped => 0,
         Outcome::Relaxed => 1,
@@ -62,7 +64,8 @@ fn outcome_index(o: Outcome) -> usize {
     }
 }
 
-fn size_index(s: Option<MapSize>) -> usize {
+/// Index of a mapping size in [`SIZES`] (also its `MappingSize` proto value).
+pub fn size_index(s: Option<MapSize>) -> usize {
     match s {
         None => 0,
         Some(MapSize::Page4K) => 1,
