@@ -67,9 +67,12 @@ impl Daemon {
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
         let mut cmd = Command::new(binary("memory-manager"));
         cmd.arg("--attach-socket").arg(&socket);
+        // Ephemeral ports, so tests can run side by side.
         if !args.contains(&"--grpc-listen") {
-            // An ephemeral port, so tests can run side by side.
             cmd.args(["--grpc-listen", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
         }
         cmd.envs(env.iter().copied());
         let child = cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager");
@@ -84,14 +87,23 @@ impl Daemon {
 
     /// The gRPC address the daemon logged once it was listening.
     pub fn grpc_addr(&self) -> String {
+        format!("http://{}", self.logged_addr("gRPC listening addr="))
+    }
+
+    /// The `host:port` of the Prometheus endpoint the daemon logged.
+    pub fn metrics_addr(&self) -> String {
+        self.logged_addr("metrics listening addr=")
+    }
+
+    fn logged_addr(&self, marker: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains("gRPC listening")) {
-                let addr = line.split("addr=").nth(1).expect("addr field").split_whitespace().next().unwrap();
-                return format!("http://{}", addr.trim_matches('"'));
+            if let Some(line) = log.lines().find(|l| l.contains(marker)) {
+                let addr = line.split(marker).nth(1).expect("addr field").split_whitespace().next().unwrap();
+                return addr.trim_matches('"').to_string();
             }
-            assert!(Instant::now() < deadline, "daemon never logged its gRPC address: {log}");
+            assert!(Instant::now() < deadline, "daemon never logged {marker:?}: {log}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -26,6 +26,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{info, info_span, warn};
 
 use crate::addr::Hva;
+use crate::control::ControlLoop;
 use crate::daemon::Daemon;
 use crate::memslot::{Memslot, Memslots, SlotFlags};
 use crate::region::{GuestRegion, RegionSpec};
@@ -273,6 +274,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
             return;
         }
     }
+    let inbox = vm.control.open();
     if !daemon.register(vm.clone()) {
         reply(Status::AlreadyAttached, format!("{} is already attached", vm.id), [0; 3]);
         return;
@@ -302,9 +304,28 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                 }
             });
         }
+        {
+            let control = req.nr_vcpus as u32;
+            let results = region.ring(control, RingKind::Fault).expect("validated: nr_vcpus + 1 pairs");
+            let commands = region.ring(control, RingKind::Command).expect("validated: nr_vcpus + 1 pairs");
+            let (vm, stop) = (&*vm, &stop);
+            s.spawn(move || {
+                let (Ok(commands), Ok(results)) = (Producer::attach(commands), Consumer::attach(results)) else {
+                    warn!("control ring indices inconsistent at attach; control commands unavailable");
+                    return;
+                };
+                let looped =
+                    ControlLoop::new(inbox, commands, results).run(wait, stop, |res| vm.note_seq(res.inval_seq));
+                if let Err(e) = looped {
+                    warn!(cause = ?e, "control ring quarantined; control commands unavailable");
+                }
+                vm.control.close();
+            });
+        }
         let detach = wait_for_detach(&conn, daemon);
         stop.store(true, Ordering::Release);
-        for vcpu in 0..req.nr_vcpus as u32 {
+        vm.control.close();
+        for vcpu in 0..=req.nr_vcpus as u32 {
             if let Some(view) = region.ring(vcpu, RingKind::Fault) {
                 faultline_attach::doorbell::wake(&view);
             }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// The gRPC API's default port (on 127.0.0.1).
 pub const DEFAULT_GRPC_PORT: u16 = 50_151;
+/// The Prometheus endpoint's default port (on 127.0.0.1).
+pub const DEFAULT_METRICS_PORT: u16 = 50_152;
 
 use serde::Deserialize;
 
@@ -29,6 +31,10 @@ pub struct Config {
     pub attach_socket: PathBuf,
     /// Address the gRPC API listens on (FaultTrace, health, reflection).
     pub grpc_listen: SocketAddr,
+    /// Also serve the gRPC API on this Unix socket (none by default).
+    pub grpc_unix_socket: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` HTTP endpoint.
+    pub metrics_listen: SocketAddr,
     /// The built-in policy in force.
     pub policy: PolicyKind,
     /// Ring polls before a service thread sleeps on its doorbell (0: sleep at once).
@@ -51,6 +57,8 @@ impl Default for Config {
         Self {
             attach_socket: PathBuf::from("/run/faultline/attach.sock"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
+            grpc_unix_socket: None,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
             policy: PolicyKind::Default,
             spin_polls: 20_000,
             log_format: LogFormat::Text,

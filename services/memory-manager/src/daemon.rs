@@ -94,14 +94,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let grpc_stop = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let grpc =
-        tokio::spawn(crate::grpc::serve(daemon.clone(), daemon.config().grpc_listen, grpc_stop.clone(), bound_tx));
-    tokio::pin!(attach, grpc);
+    let grpc = tokio::spawn(crate::grpc::serve(
+        daemon.clone(),
+        daemon.config().grpc_listen,
+        daemon.config().grpc_unix_socket.clone(),
+        grpc_stop.clone(),
+        bound_tx,
+    ));
+    let (metrics_tx, metrics_rx) = tokio::sync::oneshot::channel();
+    let metrics = tokio::spawn(crate::metrics::serve(
+        daemon.clone(),
+        daemon.config().metrics_listen,
+        grpc_stop.clone(),
+        metrics_tx,
+    ));
+    tokio::pin!(attach, grpc, metrics);
     // Ready once both listeners are up: the gRPC server reports its bound
     // address, the attach socket exists once listening.
     let ready = async {
-        if bound_rx.await.is_err() {
-            // The gRPC server failed to bind: never ready (run() reports why).
+        if bound_rx.await.is_err() || metrics_rx.await.is_err() {
+            // A server failed to bind: never ready (run() reports why).
             std::future::pending::<()>().await;
         }
         while !daemon.config().attach_socket.exists() {
@@ -113,12 +125,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         std::future::pending::<()>().await
     };
     tokio::pin!(ready);
-    let (mut attach_done, mut grpc_done) = (None, None);
+    let (mut attach_done, mut grpc_done, mut metrics_done) = (None, None, None);
     tokio::select! {
         _ = &mut ready => unreachable!("readiness never completes"),
         _ = shutdown => info!("shutdown requested"),
         res = &mut attach => attach_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from))),
         res = &mut grpc => grpc_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
+        res = &mut metrics => metrics_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
     }
     let _ = crate::notify::notify("STOPPING=1");
     daemon.stop();
@@ -141,7 +154,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         },
     };
-    attach_res.and(grpc_res)?;
+    let metrics_res = match metrics_done {
+        Some(r) => r,
+        // No long-lived requests: it stops at once, or is closed.
+        None => match tokio::time::timeout(GRPC_DRAIN, &mut metrics).await {
+            Ok(r) => r.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(_) => {
+                metrics.abort();
+                Ok(())
+            }
+        },
+    };
+    attach_res.and(grpc_res).and(metrics_res.map_err(|e| e.context("metrics endpoint")))?;
     info!("memory-manager stopped");
     Ok(())
 }

@@ -1,7 +1,7 @@
-//! The gRPC API: FaultTrace (Observe, ServerStatus) and Control (ListVms,
-//! GetVm), with grpc.health.v1
-//! and server reflection (v1 and v1alpha), so `grpcurl` can list and call
-//! everything.
+//! The gRPC API: FaultTrace (Observe, ServerStatus, GetStats) and Control
+//! (ListVms, GetVm, GetDirtyLog), with grpc.health.v1 and server reflection
+//! (v1 and v1alpha), so `grpcurl` can list and call everything; served on
+//! TCP and optionally on a Unix socket.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,14 +11,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use faultline_proto::v1::control_server::{Control, ControlServer};
 use faultline_proto::v1::fault_trace_server::{FaultTrace, FaultTraceServer};
 use faultline_proto::v1::{
-    self as pb, lost_events, observe_response, Count, FaultFilter, GetStatsRequest, GetStatsResponse, GetVmRequest,
-    LatencyHistogram, ListVmsRequest, ListVmsResponse, LostEvents, ObserveRequest, ObserveResponse,
-    ServerStatusRequest, ServerStatusResponse,
+    self as pb, lost_events, observe_response, Count, FaultFilter, GetDirtyLogRequest, GetStatsRequest,
+    GetStatsResponse, GetVmRequest, LatencyHistogram, ListVmsRequest, ListVmsResponse, LostEvents, ObserveRequest,
+    ObserveResponse, ServerStatusRequest, ServerStatusResponse,
 };
 use hyp_core::abort::{Access, FaultStatus};
 use hyp_core::stage2::MapSize;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream};
+use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -262,11 +262,11 @@ fn masked(ev: pb::FaultEvent, mask: &[String]) -> pb::FaultEvent {
     out
 }
 
-fn lost(n: u64) -> ObserveResponse {
+fn lost(source: lost_events::Source, n: u64) -> ObserveResponse {
     ObserveResponse {
         time: Some(timestamp(SystemTime::now())),
         response_types: Some(observe_response::ResponseTypes::LostEvents(LostEvents {
-            source: lost_events::Source::SubscriberQueue as i32,
+            source: source as i32,
             num_events_lost: n,
         })),
     }
@@ -295,7 +295,25 @@ impl FaultTrace for FaultTraceService {
         };
         let picked = if query.first { &matching[..n] } else { &matching[matching.len() - n..] };
         let last_seq = history.last().map(|e| e.seq);
-        let backlog: Vec<Result<ObserveResponse, Status>> = picked.iter().map(|e| Ok(query.response(e))).collect();
+        let mut backlog: Vec<Result<ObserveResponse, Status>> = Vec::with_capacity(picked.len() + 1);
+        // A reader that asks from the start of the buffer (first N, all, or
+        // since a time older than the oldest event kept) is told how many
+        // events the buffer no longer has: overwritten before it, or lost
+        // inside it by a writer that found its slot busy.
+        let from_start = query.first
+            || (query.number == 0 && !query.follow)
+            || query.since.is_some_and(|s| history.first().is_none_or(|e| s < e.time));
+        if from_start {
+            let seen = hub.status().seen_events;
+            let missing = match (history.first(), history.last()) {
+                (Some(a), Some(b)) => a.seq + (b.seq - a.seq + 1 - history.len() as u64),
+                _ => seen,
+            };
+            if missing > 0 {
+                backlog.push(Ok(lost(lost_events::Source::RingBuffer, missing)));
+            }
+        }
+        backlog.extend(picked.iter().map(|e| Ok(query.response(e))));
         let query = Arc::new(query);
         let mut stream: EventStream = Box::pin(tokio_stream::iter(backlog));
         if let Some(rx) = live {
@@ -304,7 +322,7 @@ impl FaultTrace for FaultTraceService {
                 Ok(e) if last_seq.is_some_and(|s| e.seq <= s) => None,
                 Ok(e) => q.matches(&e).then(|| Ok(q.response(&e))),
                 // One record per lag: it carries the count, not one per event.
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(lost(n))),
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(lost(lost_events::Source::SubscriberQueue, n))),
             });
             let shutdown = self.shutdown.clone();
             let until_shutdown = async move { shutdown.cancelled().await };
@@ -350,6 +368,7 @@ impl FaultTrace for FaultTraceService {
             histogram_samples_skipped: stats.skipped(),
             pinned_pages: vms.iter().map(|vm| vm.pins.total()).sum(),
             policy: self.daemon.policy().name().to_string(),
+            rings: ring_occupancy(&vms),
         }))
     }
 
@@ -371,40 +390,95 @@ impl FaultTrace for FaultTraceService {
     }
 }
 
-/// Serves gRPC on `addr` until `shutdown` is cancelled (follow streams end
-/// then too, so the server stops promptly); sends the bound address to
-/// `bound` once listening.
+/// Ring occupancy of every vCPU of `vms`, by VM and vCPU.
+pub fn ring_occupancy(vms: &[Arc<crate::vm::VmMemory>]) -> Vec<pb::RingOccupancy> {
+    let mut out: Vec<pb::RingOccupancy> = vms
+        .iter()
+        .flat_map(|vm| {
+            vm.rings.iter().enumerate().map(|(vcpu, r)| {
+                let r = r.read();
+                pb::RingOccupancy {
+                    vm_id: vm.id.raw() as u32,
+                    vcpu: vcpu as u32,
+                    capacity: r.capacity,
+                    fault_ring: r.faults,
+                    fault_ring_high_water: r.faults_high,
+                    command_ring: r.commands,
+                    command_ring_high_water: r.commands_high,
+                }
+            })
+        })
+        .collect();
+    out.sort_by_key(|r| (r.vm_id, r.vcpu));
+    out
+}
+
+/// Serves gRPC on `addr` (and on the Unix socket `unix`, if given) until
+/// `shutdown` is cancelled (follow streams end then too, so the server stops
+/// promptly); sends the bound TCP address to `bound` once listening.
 pub async fn serve(
     daemon: Arc<Daemon>,
     addr: SocketAddr,
+    unix: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let unix_listener = match &unix {
+        Some(path) => {
+            // A socket left by a daemon that did not exit cleanly.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                std::fs::remove_file(path)?;
+            }
+            let l = tokio::net::UnixListener::bind(path)
+                .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {}: {e}", path.display()))?;
+            info!(path = %path.display(), "gRPC listening on Unix socket");
+            Some(l)
+        }
+        None => None,
+    };
     info!(addr = %local, "gRPC listening");
-    let _ = bound.send(local);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     health.set_serving::<ControlServer<ControlService>>().await;
-    let control = ControlService { daemon: daemon.clone() };
-    let service = FaultTraceService { daemon, shutdown: shutdown.clone() };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(FaultTraceServer::new(service))
-        .add_service(ControlServer::new(control))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.cancelled().await })
-        .await?;
+    let router = || -> anyhow::Result<tonic::transport::server::Router> {
+        // Each version lists every service served, the other version included.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = reflection()
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let control = ControlService { daemon: daemon.clone() };
+        let service = FaultTraceService { daemon: daemon.clone(), shutdown: shutdown.clone() };
+        Ok(tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(FaultTraceServer::new(service))
+            .add_service(ControlServer::new(control)))
+    };
+    let stopped = |t: CancellationToken| async move { t.cancelled().await };
+    let tcp = router()?.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));
+    let _ = bound.send(local);
+    match unix_listener {
+        Some(l) => {
+            let uds = router()?.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped(shutdown.clone()));
+            let served = tokio::try_join!(tcp, uds).map(|_| ());
+            if let Some(path) = &unix {
+                let _ = std::fs::remove_file(path);
+            }
+            served?;
+        }
+        None => tcp.await?,
+    }
     Ok(())
 }
 
@@ -449,6 +523,49 @@ impl Control for ControlService {
         let id = request.into_inner().vm_id;
         let vm = self.daemon.vms().into_iter().find(|v| v.id.raw() as u32 == id);
         vm.map(|v| Response::new(vm_proto(&v))).ok_or_else(|| Status::not_found(format!("vm {id} is not attached")))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn get_dirty_log(&self, request: Request<GetDirtyLogRequest>) -> Result<Response<pb::DirtyLog>, Status> {
+        let GetDirtyLogRequest { vm_id, memslot, peek } = request.into_inner();
+        let vm = self
+            .daemon
+            .vms()
+            .into_iter()
+            .find(|v| v.id.raw() as u32 == vm_id)
+            .ok_or_else(|| Status::not_found(format!("vm {vm_id} is not attached")))?;
+        let slot_of = |vm: &crate::vm::VmMemory| vm.memslots.iter().position(|m| m.id as u32 == memslot);
+        let Some(index) = slot_of(&vm) else {
+            return Err(Status::not_found(format!("vm {vm_id} has no memslot {memslot}")));
+        };
+        let (gpa, pages, dirty_log) = {
+            let m = vm.memslots.iter().nth(index).expect("found above");
+            (m.gpa.raw(), m.pages(), m.dirty_log)
+        };
+        if !dirty_log {
+            return Err(Status::failed_precondition(format!("memslot {memslot} of vm {vm_id} has no dirty logging")));
+        }
+        // Write-protecting waits for the core: off the async workers.
+        let (bitmap, write_protects) = tokio::task::spawn_blocking(move || {
+            let slot = vm.memslots.iter().nth(index).expect("memslots never change after attach");
+            if peek {
+                Ok((slot.dirty_bitmap(), 0))
+            } else {
+                vm.fetch_and_clear_dirty_log(slot).map(|log| (log.bitmap, log.write_protects))
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("dirty log task failed: {e}")))?
+        .map_err(|e| Status::unavailable(format!("re-arming dirty logging failed, bitmap kept: {e}")))?;
+        Ok(Response::new(pb::DirtyLog {
+            vm_id,
+            memslot,
+            gpa,
+            pages,
+            dirty_pages: bitmap.iter().map(|w| w.count_ones() as u64).sum(),
+            bitmap: bitmap.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            write_protect_commands: write_protects,
+        }))
     }
 }
 

@@ -24,6 +24,12 @@ struct Args {
     /// gRPC listen address, e.g. 127.0.0.1:50151 (overrides the file).
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
+    /// Also serve gRPC on this Unix socket (overrides the file).
+    #[arg(long)]
+    grpc_unix_socket: Option<PathBuf>,
+    /// Prometheus /metrics listen address, e.g. 127.0.0.1:50152 (overrides the file).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Built-in policy (overrides the file).
     #[arg(long)]
     policy: Option<PolicyKind>,
@@ -36,6 +42,12 @@ struct Args {
     /// Log filter, e.g. "debug" (overrides the file and RUST_LOG).
     #[arg(long)]
     log_filter: Option<String>,
+    /// Fault events kept for "last N" queries (overrides the file).
+    #[arg(long)]
+    event_buffer: Option<usize>,
+    /// Events a follower may fall behind before it loses some (overrides the file).
+    #[arg(long)]
+    follower_queue: Option<usize>,
     /// Populate all guest memory at attach (overrides the file).
     #[arg(long)]
     prefault: bool,
@@ -52,6 +64,18 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.grpc_listen {
         config.grpc_listen = v;
+    }
+    if let Some(v) = args.grpc_unix_socket {
+        config.grpc_unix_socket = Some(v);
+    }
+    if let Some(v) = args.metrics_listen {
+        config.metrics_listen = v;
+    }
+    if let Some(v) = args.event_buffer {
+        config.event_buffer = v;
+    }
+    if let Some(v) = args.follower_queue {
+        config.follower_queue = v;
     }
     if let Some(v) = args.policy {
         config.policy = v;

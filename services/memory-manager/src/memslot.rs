@@ -79,6 +79,46 @@ impl Memslot {
     pub fn dirty_count(&self) -> u64 {
         self.dirty.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
     }
+
+    /// Pages in the slot (bits in its bitmap).
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(PAGE_SIZE)
+    }
+
+    /// The dirty bitmap as 64-bit words (bit i of word w: page 64 w + i).
+    pub fn dirty_bitmap(&self) -> Vec<u64> {
+        self.dirty.iter().map(|w| w.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The dirty bitmap, clearing it word by word atomically: a bit set
+    /// concurrently lands either in the returned copy or in the bitmap.
+    pub fn take_dirty_bitmap(&self) -> Vec<u64> {
+        self.dirty.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect()
+    }
+
+    /// Sets again the bits of a bitmap taken by [`Memslot::take_dirty_bitmap`].
+    pub fn restore_dirty_bitmap(&self, bitmap: &[u64]) {
+        for (w, &bits) in self.dirty.iter().zip(bitmap) {
+            w.fetch_or(bits, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Runs of set bits in `bitmap` as `(first page, pages)`, in page order.
+pub fn dirty_runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let page = w as u64 * 64 + bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == page => *n += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+    }
+    runs
 }
 
 /// The memslots of one VM, by GPA.
@@ -102,5 +142,34 @@ impl Memslots {
     /// All slots in GPA order.
     pub fn iter(&self) -> impl Iterator<Item = &Memslot> {
         self.by_gpa.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_cross_word_boundaries_and_take_clears() {
+        let slot = Memslot::new(
+            0,
+            Ipa::new(0x4000_0000),
+            200 * PAGE_SIZE,
+            Hva::new(0x1000_0000),
+            0,
+            0,
+            SlotFlags { read_only: false, dirty_log: true },
+        );
+        for page in [0u64, 1, 2, 62, 63, 64, 65, 130, 199] {
+            slot.mark_dirty(Ipa::new(0x4000_0000 + page * PAGE_SIZE));
+        }
+        assert_eq!(slot.pages(), 200);
+        assert_eq!(slot.dirty_count(), 9);
+        let bitmap = slot.take_dirty_bitmap();
+        assert_eq!(dirty_runs(&bitmap), vec![(0, 3), (62, 4), (130, 1), (199, 1)]);
+        assert_eq!(slot.dirty_count(), 0);
+        assert!(slot.dirty_bitmap().iter().all(|&w| w == 0));
+        assert!(dirty_runs(&[0, 0]).is_empty());
+        assert_eq!(dirty_runs(&[u64::MAX, u64::MAX]), vec![(0, 128)]);
     }
 }

@@ -86,7 +86,10 @@ impl<'r, 'v> VcpuService<'r, 'v> {
 
     /// The loop.
     pub fn run(mut self, wait: WaitPolicy, stop: &AtomicBool) -> Result<(), RingError> {
+        let occupancy = &self.vm.rings[self.vcpu as usize];
+        occupancy.set_capacity(self.faults.view().capacity());
         while let Some(record) = wait_pop(&mut self.faults, wait, stop)? {
+            occupancy.note_faults(self.faults.len()?);
             match record.kind() {
                 kind::FAULT => self.on_fault(&FaultRecord::decode(&record), stop)?,
                 kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop)?,
@@ -271,6 +274,10 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         loop {
             match push_and_ring(&mut self.commands, &cmd.encode()) {
                 Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+                Ok(()) => {
+                    self.vm.rings[self.vcpu as usize].note_commands(self.commands.len()?);
+                    return Ok(());
+                }
                 other => return other,
             }
         }

@@ -157,6 +157,11 @@ impl FaultStats {
         self.skipped.load(Ordering::Relaxed)
     }
 
+    /// A copy of every stage's histogram, in [`STAGES`] order.
+    pub fn histograms(&self) -> Vec<Histogram<u64>> {
+        self.histograms.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Summaries of every stage's histogram.
     pub fn summaries(&self) -> Vec<Summary> {
         let h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());

@@ -2,14 +2,15 @@
 //! installed mappings, the table-page pool and counters.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ownership::VmId;
 use hyp_core::stage2::MapSize;
 
-use crate::memslot::{Memslot, Memslots, SlotFlags};
+use crate::control::{ControlClient, ControlError};
+use crate::memslot::{dirty_runs, Memslot, Memslots, SlotFlags};
 use crate::pin::{MappingPin, Pins};
 use crate::region::{GuestRegion, RegionSpec};
 use crate::vma::Vmas;
@@ -60,6 +61,80 @@ pub struct Stats {
     /// Pipeline errors.
     pub errors: AtomicU64,
 }
+
+/// How full one vCPU's rings are, in records, as its service thread last
+/// saw them (plain stores: a statistic, not a synchronisation point).
+#[derive(Debug, Default)]
+pub struct RingOccupancy {
+    capacity: AtomicU32,
+    faults: AtomicU32,
+    faults_high: AtomicU32,
+    commands: AtomicU32,
+    commands_high: AtomicU32,
+}
+
+/// A [`RingOccupancy`] reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OccupancyReading {
+    /// Slots per ring.
+    pub capacity: u32,
+    /// Fault records waiting behind the one just taken.
+    pub faults: u32,
+    /// Most fault records ever seen waiting.
+    pub faults_high: u32,
+    /// Commands not yet taken by the core after the last push.
+    pub commands: u32,
+    /// Most commands ever seen waiting.
+    pub commands_high: u32,
+}
+
+impl RingOccupancy {
+    fn note(now: &AtomicU32, high: &AtomicU32, n: u32) {
+        now.store(n, Ordering::Relaxed);
+        if n > high.load(Ordering::Relaxed) {
+            high.fetch_max(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the ring capacity.
+    pub fn set_capacity(&self, slots: u32) {
+        self.capacity.store(slots, Ordering::Relaxed);
+    }
+
+    /// Notes the fault ring's occupancy.
+    pub fn note_faults(&self, n: u32) {
+        Self::note(&self.faults, &self.faults_high, n);
+    }
+
+    /// Notes the command ring's occupancy.
+    pub fn note_commands(&self, n: u32) {
+        Self::note(&self.commands, &self.commands_high, n);
+    }
+
+    /// The current reading.
+    pub fn read(&self) -> OccupancyReading {
+        let l = |a: &AtomicU32| a.load(Ordering::Relaxed);
+        OccupancyReading {
+            capacity: l(&self.capacity),
+            faults: l(&self.faults),
+            faults_high: l(&self.faults_high),
+            commands: l(&self.commands),
+            commands_high: l(&self.commands_high),
+        }
+    }
+}
+
+/// What a fetch-and-clear of a dirty log returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyLog {
+    /// The bitmap (64-bit words) as it was when cleared.
+    pub bitmap: Vec<u64>,
+    /// WRITE_PROTECT commands the core executed.
+    pub write_protects: u64,
+}
+
+/// Dirty runs beyond which one write-protect covers the whole dirty span.
+const MAX_WRITE_PROTECT_RUNS: usize = 64;
 
 /// Table pages the daemon may hand to the core (the machine's table pool).
 #[derive(Debug, Default)]
@@ -112,6 +187,10 @@ pub struct VmMemory {
     invalidations: Mutex<VecDeque<(u64, u64, u64)>>,
     /// Counters.
     pub stats: Stats,
+    /// Ring occupancy per vCPU.
+    pub rings: Vec<RingOccupancy>,
+    /// Commands the daemon starts itself, over the control ring pair.
+    pub control: ControlClient,
 }
 
 impl VmMemory {
@@ -137,6 +216,8 @@ impl VmMemory {
             core_seq: AtomicU64::new(0),
             invalidations: Mutex::new(VecDeque::new()),
             stats: Stats::default(),
+            rings: (0..nr_vcpus).map(|_| RingOccupancy::default()).collect(),
+            control: ControlClient::default(),
         }
     }
 
@@ -231,6 +312,37 @@ impl VmMemory {
             .map(|(&ipa, _)| ipa)
             .collect();
         doomed.iter().filter_map(|ipa| mappings.remove(ipa)).map(|m| m.pin.pages() as u64).sum()
+    }
+
+    /// Fetch-and-clear of `slot`'s dirty log, in KVM_GET_DIRTY_LOG's order:
+    /// the bits are cleared first, then the pages they name are
+    /// write-protected through the core, so a write after the clear either
+    /// is in the returned bitmap's page (copied by the caller afterwards) or
+    /// faults and is logged again. If the core refuses or does not answer,
+    /// the bits go back into the bitmap and nothing is lost.
+    pub fn fetch_and_clear_dirty_log(&self, slot: &Memslot) -> Result<DirtyLog, ControlError> {
+        let bitmap = slot.take_dirty_bitmap();
+        let mut runs = dirty_runs(&bitmap);
+        if runs.len() > MAX_WRITE_PROTECT_RUNS {
+            let (first, _) = runs[0];
+            let (last, n) = runs[runs.len() - 1];
+            runs = vec![(first, last + n - first)];
+        }
+        let mut write_protects = 0;
+        for (page, pages) in runs {
+            let ipa = Ipa::new(slot.gpa.raw() + page * PAGE_SIZE);
+            match self.control.write_protect(ipa, pages * PAGE_SIZE) {
+                Ok(res) => {
+                    self.note_seq(res.inval_seq);
+                    write_protects += 1;
+                }
+                Err(e) => {
+                    slot.restore_dirty_bitmap(&bitmap);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(DirtyLog { bitmap, write_protects })
     }
 
     /// Drops every mapping record (the VM is going away); returns the pages

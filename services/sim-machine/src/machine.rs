@@ -43,6 +43,8 @@ pub struct MachineConfig {
     pub spin_polls: u32,
     /// Report every fault's round-trip time, not just percentiles.
     pub keep_latencies: bool,
+    /// Dirty logging on the RAM memslot.
+    pub dirty_log: bool,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -222,7 +224,13 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             },
         ],
         memslots: vec![
-            MemslotDesc { gpa: layout.ram_gpa, size: layout.ram_size, region: 0, flags: 0, region_offset: 0 },
+            MemslotDesc {
+                gpa: layout.ram_gpa,
+                size: layout.ram_size,
+                region: 0,
+                flags: if config.dirty_log { faultline_attach::MEMSLOT_DIRTY_LOG } else { 0 },
+                region_offset: 0,
+            },
             MemslotDesc { gpa: ROM_GPA, size: layout.rom_size, region: 1, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
         ],
     };
@@ -260,14 +268,23 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             let (conn, stop, gone, shared) = (&conn, &stop, &daemon_gone, &shared);
             s.spawn(move || watch_connection(conn, stop, gone, shared, n))
         };
-        let handles: Vec<_> = (0..n)
-            .map(|v| {
-                let (env, ops) = (&env, &workload.per_vcpu[v as usize]);
-                s.spawn(move || run_vcpu(v, ops, env))
-            })
-            .collect();
-        let results: Vec<_> =
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))).collect();
+        let mut results = Vec::new();
+        for phase in 0..workload.phases() {
+            let handles: Vec<_> = (0..n)
+                .map(|v| {
+                    let (env, ops) = (&env, workload.phase(phase, v as usize));
+                    s.spawn(move || run_vcpu(v, ops, env))
+                })
+                .collect();
+            results.extend(
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))),
+            );
+            if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) {
+                // Attached and idle until told to go on (or stdin closes).
+                eprintln!("sim-machine: paused after phase {phase}");
+                let _ = std::io::stdin().read_line(&mut String::new());
+            }
+        }
         stop_all(&stop, &shared, n);
         let _ = control.join();
         let _ = watchdog.join();

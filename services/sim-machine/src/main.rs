@@ -52,6 +52,9 @@ struct Args {
     /// Include every fault's round-trip time in the summary.
     #[arg(long)]
     latencies: bool,
+    /// Dirty logging on the RAM memslot (4 KiB mappings, writes logged).
+    #[arg(long)]
+    dirty_log: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         layout,
         spin_polls: args.spin_polls,
         keep_latencies: args.latencies,
+        dirty_log: args.dirty_log,
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -10,6 +10,9 @@
 //! `VCPU OP ADDRESS SIZE`, with OP one of `R` (read), `W` (write), `X`
 //! (instruction fetch), ADDRESS a guest physical address (decimal or 0x hex)
 //! and SIZE 1, 2, 4 or 8 (4 for fetches). Example: `0 W 0x40001000 8`.
+//! A line `PAUSE` ends a phase: every vCPU finishes the accesses before it,
+//! then the machine waits (still attached) for a line on its stdin, so a
+//! test or an operator can inspect the VM between phases.
 
 use std::collections::BTreeSet;
 
@@ -64,6 +67,22 @@ pub struct Op {
 pub struct Workload {
     /// `per_vcpu[v]` is vCPU v's program.
     pub per_vcpu: Vec<Vec<Op>>,
+    /// Pause points: `pauses[k][v]` is where phase k ends in `per_vcpu[v]`.
+    pub pauses: Vec<Vec<usize>>,
+}
+
+impl Workload {
+    /// vCPU `v`'s accesses in phase `k` (phases: one per pause, plus the rest).
+    pub fn phase(&self, k: usize, v: usize) -> &[Op] {
+        let start = if k == 0 { 0 } else { self.pauses[k - 1][v] };
+        let end = self.pauses.get(k).map_or(self.per_vcpu[v].len(), |p| p[v]);
+        &self.per_vcpu[v][start..end]
+    }
+
+    /// Phases: one more than the pauses.
+    pub fn phases(&self) -> usize {
+        self.pauses.len() + 1
+    }
 }
 
 /// The value a write of `size` bytes stores at `gpa`.
@@ -93,7 +112,7 @@ impl Rng {
 pub fn generate(pattern: Pattern, layout: &Layout, ops: usize, seed: u64) -> Workload {
     let n = layout.nr_vcpus as u64;
     let per_vcpu = (0..n).map(|v| generate_vcpu(pattern, layout, ops, seed, v, n)).collect();
-    Workload { per_vcpu }
+    Workload { per_vcpu, pauses: Vec::new() }
 }
 
 fn generate_vcpu(pattern: Pattern, layout: &Layout, ops: usize, seed: u64, v: u64, n: u64) -> Vec<Op> {
@@ -165,12 +184,17 @@ pub struct TraceError {
 /// Parses a trace for `nr_vcpus` vCPUs.
 pub fn parse_trace(text: &str, nr_vcpus: u32) -> Result<Workload, TraceError> {
     let mut per_vcpu = vec![Vec::new(); nr_vcpus as usize];
+    let mut pauses = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
         let err = |reason: String| TraceError { line: i + 1, reason };
+        if line.eq_ignore_ascii_case("pause") {
+            pauses.push(per_vcpu.iter().map(Vec::len).collect());
+            continue;
+        }
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() != 4 {
             return Err(err(format!("expected `VCPU OP ADDRESS SIZE`, got {} fields", f.len())));
@@ -196,7 +220,7 @@ pub fn parse_trace(text: &str, nr_vcpus: u32) -> Result<Workload, TraceError> {
         }
         per_vcpu[vcpu].push(Op { kind, gpa, size });
     }
-    Ok(Workload { per_vcpu })
+    Ok(Workload { per_vcpu, pauses })
 }
 
 /// Guest memory as a flat array after a workload, and what it predicts.
@@ -278,6 +302,11 @@ mod tests {
         assert_eq!(w.per_vcpu[0], vec![Op { kind: OpKind::Write, gpa: 0x4000_1000, size: 8 }]);
         assert_eq!(w.per_vcpu[1], vec![Op { kind: OpKind::Read, gpa: 0x4000_0000, size: 4 }]);
         assert_eq!(parse_trace("0 Q 0x0 8", 1).unwrap_err().line, 1);
+        let w = parse_trace("0 W 0x1000 8\n1 W 0x2000 8\nPAUSE\n0 R 0x1000 8\npause\n", 2).unwrap();
+        assert_eq!(w.phases(), 3);
+        assert_eq!((w.phase(0, 0).len(), w.phase(0, 1).len()), (1, 1));
+        assert_eq!((w.phase(1, 0).len(), w.phase(1, 1).len()), (1, 0));
+        assert_eq!((w.phase(2, 0).len(), w.phase(2, 1).len()), (0, 0));
         assert!(parse_trace("\n2 R 0x0 8", 2).unwrap_err().reason.contains("vCPU 2"));
         assert!(parse_trace("0 R 0x3 8", 1).is_err());
     }

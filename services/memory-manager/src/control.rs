@@ -1,0 +1,153 @@
+//! The control ring pair: commands the daemon starts itself rather than in
+//! answer to a fault (write-protect to re-arm dirty logging; later unmap for
+//! reclaim). One thread per VM owns the pair; callers hand it commands over
+//! a channel through a [`ControlClient`] and block until the core's result
+//! arrives or a deadline passes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use hyp_core::addr::Ipa;
+use hyp_core::reject::Reject;
+use hyp_core::ring::abi::{kind, CommandRecord, ResultRecord};
+use hyp_core::ring::{Consumer, Producer, RingError};
+use tracing::warn;
+
+/// How long a caller waits for the core to answer a control command.
+pub const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a control command did not complete.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The VM's control thread is not running (detached, or not yet attached).
+    #[error("the VM's control channel is closed")]
+    Closed,
+    /// The core did not answer within the deadline.
+    #[error("the core did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The core refused the command.
+    #[error("the core refused the command: {reason:?} (code {code}, detail {detail:#x})")]
+    Refused {
+        /// Reject code.
+        code: u32,
+        /// Decoded reason, if known.
+        reason: Option<Reject>,
+        /// The result's detail word.
+        detail: u64,
+    },
+}
+
+struct Request {
+    cmd: CommandRecord,
+    reply: SyncSender<ResultRecord>,
+}
+
+/// The handle callers use; cheap to share.
+#[derive(Debug, Default)]
+pub struct ControlClient {
+    tx: Mutex<Option<SyncSender<Request>>>,
+}
+
+impl ControlClient {
+    /// Opens the channel: returns the receiving end for [`ControlLoop`].
+    /// A second call replaces the first channel.
+    pub fn open(&self) -> ControlInbox {
+        let (tx, rx) = mpsc::sync_channel(16);
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        ControlInbox(rx)
+    }
+
+    /// Closes the channel: later calls fail with [`ControlError::Closed`].
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Write-protects `[ipa, ipa + len)` in stage 2; returns the core's result.
+    pub fn write_protect(&self, ipa: Ipa, len: u64) -> Result<ResultRecord, ControlError> {
+        self.execute(CommandRecord { kind: kind::WRITE_PROTECT, ipa: ipa.raw(), size: len, ..Default::default() })
+    }
+
+    /// Sends `cmd` (its `cmd_id` is assigned by the loop) and waits for the
+    /// result, at most [`CONTROL_DEADLINE`].
+    pub fn execute(&self, cmd: CommandRecord) -> Result<ResultRecord, ControlError> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ControlError::Closed)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        tx.send(Request { cmd, reply }).map_err(|_| ControlError::Closed)?;
+        let res = answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
+            RecvTimeoutError::Timeout => ControlError::Timeout(CONTROL_DEADLINE),
+            RecvTimeoutError::Disconnected => ControlError::Closed,
+        })?;
+        if res.status != 0 {
+            return Err(ControlError::Refused {
+                code: res.status,
+                reason: Reject::from_code(res.status),
+                detail: res.detail,
+            });
+        }
+        Ok(res)
+    }
+}
+
+/// The receiving end of a [`ControlClient`].
+#[derive(Debug)]
+pub struct ControlInbox(Receiver<Request>);
+
+/// Serves the control ring pair: one command in flight at a time.
+pub struct ControlLoop<'r> {
+    inbox: ControlInbox,
+    commands: Producer<'r>,
+    results: Consumer<'r>,
+    next_cmd: u64,
+}
+
+impl<'r> ControlLoop<'r> {
+    /// A loop producing `commands` and consuming `results` (the control
+    /// pair's command ring and fault ring).
+    pub fn new(inbox: ControlInbox, commands: Producer<'r>, results: Consumer<'r>) -> Self {
+        // Control command ids have the top bit set: never a vCPU's.
+        Self { inbox, commands, results, next_cmd: 1 << 63 }
+    }
+
+    /// Runs until `stop` is set or the peer breaks the ring protocol. Each
+    /// result is passed to `settled` before the caller hears of it.
+    pub fn run(
+        mut self,
+        wait: WaitPolicy,
+        stop: &AtomicBool,
+        mut settled: impl FnMut(&ResultRecord),
+    ) -> Result<(), RingError> {
+        while !stop.load(Ordering::Acquire) {
+            let Request { mut cmd, reply } = match self.inbox.0.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            self.next_cmd += 1;
+            cmd.cmd_id = self.next_cmd;
+            loop {
+                match push_and_ring(&mut self.commands, &cmd.encode()) {
+                    Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+                    other => break other?,
+                }
+            }
+            // Results of commands whose callers gave up are skipped.
+            while let Some(record) = wait_pop(&mut self.results, wait, stop)? {
+                if record.kind() != kind::RESULT {
+                    warn!(kind = record.kind(), "unexpected record on the control result ring");
+                    continue;
+                }
+                let res = ResultRecord::decode(&record);
+                settled(&res);
+                if res.cmd_id == cmd.cmd_id {
+                    // The caller may have timed out: nothing to tell then.
+                    let _ = reply.send(res);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,385 @@
+//! Observability beyond Observe: lost-event accounting with tiny buffers,
+//! the Prometheus endpoint against GetStats, gRPC on a Unix socket, ring
+//! occupancy, and the Control dirty log (fetch-and-clear re-arms logging).
+//! Every test starts the real daemon and machine binaries.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use faultline_proto::v1::control_client::ControlClient;
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::{
+    lost_events, observe_response::ResponseTypes, GetDirtyLogRequest, GetStatsRequest, ListVmsRequest, ObserveRequest,
+    ServerStatusRequest,
+};
+use faultline_system_tests::{machine, run_machine, Daemon};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn observe_all(
+    client: &mut FaultTraceClient<tonic::transport::Channel>,
+    req: ObserveRequest,
+) -> Vec<ResponseTypes> {
+    let mut stream = client.observe(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        out.extend(r.response_types);
+    }
+    out
+}
+
+fn lost_of(items: &[ResponseTypes], source: lost_events::Source) -> (u64, usize) {
+    let records: Vec<u64> = items
+        .iter()
+        .filter_map(|r| match r {
+            ResponseTypes::LostEvents(l) if l.source == source as i32 => Some(l.num_events_lost),
+            _ => None,
+        })
+        .collect();
+    (records.iter().sum(), records.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_buffers_lose_events_and_say_how_many() {
+    let daemon = Daemon::start(&["--policy", "4k", "--event-buffer", "64", "--follower-queue", "16"]);
+    let addr = daemon.grpc_addr();
+    let mut client = FaultTraceClient::connect(addr.clone()).await.unwrap();
+    // A follower that does not read while the workload runs: its queue
+    // overflows (the HTTP/2 window fills first, then the 16-event queue).
+    let mut slow = FaultTraceClient::connect(addr).await.unwrap();
+    let mut live = slow.observe(ObserveRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--pattern", "random", "--ops", "20000", "--seed", "3"]);
+    let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    let total = summary["faults"].as_u64().unwrap();
+    assert!(total > 1000, "the workload must overflow the buffers: {total} faults");
+
+    // The follower now reads: every fault is either delivered or counted lost.
+    let (mut delivered, mut lost, mut records) = (0u64, 0u64, 0usize);
+    while delivered + lost < total {
+        let r = tokio::time::timeout(Duration::from_secs(10), live.message())
+            .await
+            .expect("follow stream stalled")
+            .unwrap()
+            .unwrap();
+        match r.response_types.unwrap() {
+            ResponseTypes::Fault(_) => delivered += 1,
+            ResponseTypes::LostEvents(l) => {
+                assert_eq!(l.source, lost_events::Source::SubscriberQueue as i32);
+                lost += l.num_events_lost;
+                records += 1;
+            }
+        }
+    }
+    assert_eq!(delivered + lost, total);
+    assert!(lost > 0, "a reader that never read must have lost events");
+    assert!(records * 10 < lost as usize, "lost records are per gap, not per event: {records} for {lost}");
+
+    // The history keeps the last 64: a reader asking from the start is told
+    // how many are gone before the first event it gets.
+    let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.num_events, status.max_events, status.seen_events), (64, 64, total));
+    let first = observe_all(&mut client, ObserveRequest { number: 10, first: true, ..Default::default() }).await;
+    assert!(matches!(first[0], ResponseTypes::LostEvents(_)), "first N starts with a lost record");
+    assert_eq!(lost_of(&first, lost_events::Source::RingBuffer), (total - 64, 1));
+    assert_eq!(first.iter().filter(|r| matches!(r, ResponseTypes::Fault(_))).count(), 10);
+    // Last N does not reach back, so it has nothing to report.
+    let last = observe_all(&mut client, ObserveRequest { number: 10, ..Default::default() }).await;
+    assert_eq!(lost_of(&last, lost_events::Source::RingBuffer), (0, 0));
+    assert_eq!(last.len(), 10);
+}
+
+/// `GET /metrics` over a plain TCP connection.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// Samples of the exposition text: `name{labels}` -> value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_get_stats() {
+    let daemon = Daemon::start(&[]);
+    let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--pattern", "zipf", "--ops", "5000", "--ram-page-kib", "4"]);
+    let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    let total = summary["faults"].as_u64().unwrap();
+
+    let text = tokio::task::spawn_blocking({
+        let addr = daemon.metrics_addr();
+        move || scrape(&addr)
+    })
+    .await
+    .unwrap();
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+    let m = samples(&text);
+    let stats = client.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+    let mut checked = 0;
+    for (family, label, counts) in [
+        ("faultline_faults_total", "outcome", &stats.by_outcome),
+        ("faultline_faults_by_kind_total", "kind", &stats.by_kind),
+        ("faultline_faults_by_mapping_size_total", "size", &stats.by_mapping_size),
+    ] {
+        for c in counts {
+            let key = format!("{family}{{{label}=\"{}\"}}", c.key);
+            assert_eq!(m.get(&key).copied(), Some(c.count as f64), "{key}");
+            checked += 1;
+        }
+        let sum: f64 = m.iter().filter(|(k, _)| k.starts_with(&format!("{family}{{"))).map(|(_, v)| v).sum();
+        assert_eq!(sum, total as f64, "{family} sums to every fault");
+    }
+    assert!(checked >= 19);
+    let e2e = stats.latency.iter().find(|h| h.stage == "end_to_end").unwrap();
+    assert_eq!(m["faultline_fault_latency_seconds_count{stage=\"end_to_end\"}"], e2e.count as f64);
+    assert_eq!(m["faultline_fault_latency_seconds_bucket{le=\"+Inf\",stage=\"end_to_end\"}"], e2e.count as f64);
+    let mean_s = m["faultline_fault_latency_seconds_sum{stage=\"end_to_end\"}"] / e2e.count as f64;
+    assert!((mean_s * 1e9 - e2e.mean_ns).abs() < 1.0, "mean {mean_s} s vs {} ns", e2e.mean_ns);
+    // Buckets are cumulative and end at the count.
+    let mut buckets: Vec<(f64, f64)> = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("faultline_fault_latency_seconds_bucket{") && k.ends_with("stage=\"end_to_end\"}")
+        })
+        .map(|(k, &v)| {
+            let le = k.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+            (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, v)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.len() == 15 && buckets.windows(2).all(|w| w[0].1 <= w[1].1));
+    let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(m["faultline_events_seen_total"], status.seen_events as f64);
+    assert_eq!(m["faultline_events_lost_total"], status.lost_events as f64);
+    assert_eq!(m["faultline_pinned_pages"], stats.pinned_pages as f64);
+    assert_eq!(m["faultline_attached_vms"], 0.0, "the machine detached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
+    use hyper_util::rt::TokioIo;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grpc.sock");
+    let daemon = Daemon::start(&["--grpc-unix-socket", path.to_str().unwrap(), "--spin-polls", "0"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no gRPC Unix socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = path.clone();
+    // The URI is required but unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50151")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let serving = health.check(HealthCheckRequest { service: "faultline.v1.FaultTrace".into() }).await.unwrap();
+    assert_eq!(serving.into_inner().status(), ServingStatus::Serving, "over the Unix socket");
+
+    let mut control = ControlClient::new(channel.clone());
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "7", "--vcpus", "2", "--pattern", "random", "--ops", "4000000", "--spin-polls", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut trace = FaultTraceClient::new(channel);
+    let occupancy = loop {
+        let vms = control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
+        let stats = trace.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+        if !vms.is_empty() && stats.by_vm.iter().any(|c| c.count > 100) {
+            break stats.rings;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "machine ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(occupancy.iter().map(|r| (r.vm_id, r.vcpu)).collect::<Vec<_>>(), [(7, 0), (7, 1)]);
+    for r in &occupancy {
+        // One fault outstanding per vCPU: nothing queues behind it, and
+        // each command is taken before the next is pushed or soon after.
+        assert!(r.capacity >= 64 && r.fault_ring <= r.fault_ring_high_water, "{r:?}");
+        assert!(r.command_ring_high_water >= 1 && r.command_ring_high_water < r.capacity, "{r:?}");
+    }
+    drop(daemon);
+    assert!(!path.exists(), "the daemon removes its gRPC socket at exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_and_reflection_lists_the_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let daemon = Daemon::start(&[]);
+    let channel = tonic::transport::Endpoint::from_shared(daemon.grpc_addr()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "faultline.v1.FaultTrace", "faultline.v1.Control"] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = health.check(HealthCheckRequest { service: "nope.v1.Nothing".into() }).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let want = [
+        "faultline.v1.Control",
+        "faultline.v1.FaultTrace",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = v1.server_reflection_info(tokio_stream_once(req)).await.unwrap().into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1 reflection did not list services");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, want);
+    // v1alpha (what older grpcurl speaks) too, and a file for a symbol.
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "faultline.v1.FaultTrace".into(),
+        )),
+    };
+    let mut replies = alpha.server_reflection_info(tokio_stream_once(req)).await.unwrap().into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1alpha reflection did not return a file");
+    };
+    let methods: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).unwrap())
+        .flat_map(|f| f.service)
+        .filter(|s| s.name() == "FaultTrace")
+        .flat_map(|s| s.method.into_iter().map(|m| m.name().to_string()))
+        .collect();
+    assert_eq!(methods, ["Observe", "ServerStatus", "GetStats"]);
+}
+
+/// A request stream of one message.
+fn tokio_stream_once<T: Send + 'static>(item: T) -> impl tonic::IntoStreamingRequest<Message = T> {
+    tokio_stream::once(item)
+}
+
+/// Waits until the machine's stderr says it paused.
+fn wait_paused(lines: &mut impl Iterator<Item = std::io::Result<String>>, phase: usize) {
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains(&format!("paused after phase {phase}")) {
+            return;
+        }
+    }
+    panic!("machine ended before pausing after phase {phase}");
+}
+
+fn pages(bitmap: &[u8]) -> Vec<u64> {
+    (0..bitmap.len() as u64 * 8).filter(|&i| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_log_fetch_and_clear_rearms_logging() {
+    const RAM: u64 = 0x4000_0000;
+    let daemon = Daemon::start(&[]);
+    let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    // Phase 0 writes pages 0..10 and reads 20..25; phase 1 writes 5..15 and
+    // reads 0..5; phase 2 writes page 40 and rewrites 5.
+    let mut text = String::new();
+    let w = |t: &mut String, p: u64| t.push_str(&format!("0 W {:#x} 8\n", RAM + p * 4096 + 8));
+    let r = |t: &mut String, p: u64| t.push_str(&format!("0 R {:#x} 8\n", RAM + p * 4096));
+    (0..10).for_each(|p| w(&mut text, p));
+    (20..25).for_each(|p| r(&mut text, p));
+    text.push_str("PAUSE\n");
+    (5..15).for_each(|p| w(&mut text, p));
+    (0..5).for_each(|p| r(&mut text, p));
+    text.push_str("PAUSE\n");
+    w(&mut text, 40);
+    w(&mut text, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let trace_file = dir.path().join("dirty.trace");
+    std::fs::write(&trace_file, text).unwrap();
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "3", "--dirty-log", "--spin-polls", "0", "--trace"])
+        .arg(&trace_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let req = |memslot, peek| GetDirtyLogRequest { vm_id: 3, memslot, peek };
+    // Memslot 0 is RAM (the machine lists it first), 1 the read-only ROM.
+    let ram_slot = 0;
+
+    tokio::task::block_in_place(|| wait_paused(&mut lines, 0));
+    let peeked = control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
+    assert_eq!((peeked.gpa, peeked.pages, peeked.write_protect_commands), (RAM, 224 * 256, 0));
+    assert_eq!(pages(&peeked.bitmap), (0..10).collect::<Vec<_>>());
+    let fetched = control.get_dirty_log(req(ram_slot, false)).await.unwrap().into_inner();
+    assert_eq!(pages(&fetched.bitmap), (0..10).collect::<Vec<_>>());
+    assert_eq!((fetched.dirty_pages, fetched.write_protect_commands), (10, 1), "one run, one WRITE_PROTECT");
+    let cleared = control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
+    assert_eq!(cleared.dirty_pages, 0);
+
+    writeln!(stdin).unwrap();
+    tokio::task::block_in_place(|| wait_paused(&mut lines, 1));
+    // Pages 5..10 were writable before the fetch; only re-protection makes
+    // their second writes visible.
+    let fetched = control.get_dirty_log(req(ram_slot, false)).await.unwrap().into_inner();
+    assert_eq!(pages(&fetched.bitmap), (5..15).collect::<Vec<_>>());
+    let relaxed = trace.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+    let relaxed = relaxed.by_outcome.iter().find(|c| c.key == "relaxed").map_or(0, |c| c.count);
+    assert_eq!(relaxed, 5, "re-protected pages 5..10 fault on write and are relaxed, not remapped");
+
+    // Bad requests.
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(code(control.get_dirty_log(req(1, false)).await), Some(Code::FailedPrecondition));
+    assert_eq!(code(control.get_dirty_log(req(9, false)).await), Some(Code::NotFound));
+    let other_vm = GetDirtyLogRequest { vm_id: 4, memslot: 0, peek: false };
+    assert_eq!(code(control.get_dirty_log(other_vm).await), Some(Code::NotFound));
+
+    writeln!(stdin).unwrap();
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Faults: 10 + 5 first touches, then 5 new pages + 5 re-protected +
+    // 0 reads of mapped pages, then page 40 and page 5 again.
+    assert_eq!(summary["faults"].as_u64(), Some(15 + 10 + 2));
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
+}
