@@ -63,3 +63,58 @@ fn demo_runs_daemon_and_machine_and_summarizes() {
     assert!(stdout.contains("by outcome: mapped="), "{stdout}");
     assert!(stdout.contains("pins left after detach: 0"), "{stdout}");
 }
+
+#[test]
+fn observe_time_windows_and_dirty_log_commands() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.trace");
+    // Pages 0..3 and 8 written, page 20 read; pause while attached.
+    std::fs::write(
+        &trace,
+        "0 W 0x40000000 8\n0 W 0x40001000 8\n0 W 0x40002000 8\n0 W 0x40008000 8\n0 R 0x40014000 8\nPAUSE\n",
+    )
+    .unwrap();
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "4", "--dirty-log", "--spin-polls", "0", "--trace"])
+        .arg(&trace)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    assert!(stderr.lines().map(Result::unwrap).any(|l| l.contains("paused after phase 0")));
+
+    let (ok, out, err) = faultline(&daemon, &["dirty-log", "4", "0", "--peek"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("vm4 memslot 0: 4 of 57344 pages dirty (peek"), "{out}");
+    let (ok, out, err) = faultline(&daemon, &["dirty-log", "4", "0", "-o", "json"]);
+    assert!(ok, "{err}");
+    let log: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(log["dirty_pages"], 4);
+    assert_eq!(log["dirty"], serde_json::json!([["0x40000000", "0x40003000"], ["0x40008000", "0x40009000"]]));
+    assert_eq!(log["write_protect_commands"], 2);
+    let (ok, out, _) = faultline(&daemon, &["dirty-log", "4", "0"]);
+    assert!(ok && out.contains(": 0 of 57344 pages dirty"), "cleared by the fetch: {out}");
+    let (ok, _, err) = faultline(&daemon, &["dirty-log", "4", "1"]);
+    assert!(!ok && err.contains("no dirty logging"), "{err}");
+
+    // Time windows: the last hour has all five faults, the future none.
+    let (ok, out, err) = faultline(&daemon, &["observe", "--since", "1h", "-o", "json"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 5);
+    let (ok, out, _) = faultline(&daemon, &["observe", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(ok && out.is_empty(), "{out}");
+    let (ok, out, _) = faultline(&daemon, &["observe", "--until", "1h"]);
+    assert!(ok && out.is_empty(), "nothing is older than an hour: {out}");
+    let (ok, _, err) = faultline(&daemon, &["observe", "--since", "1m", "--until", "2h"]);
+    assert!(!ok && err.contains("since"), "since after until is refused: {err}");
+    let (ok, _, err) = faultline(&daemon, &["observe", "--since", "last tuesday"]);
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -67,10 +67,14 @@ async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
     // The follower got the same events, live.
     let mut followed = 0u64;
     while followed < total {
-        let r =
-            tokio::time::timeout(Duration::from_secs(10), live.message()).await.expect("live event").unwrap().unwrap();
-        if let Some(ResponseTypes::Fault(_)) = r.response_types {
-            followed += 1;
+        let r = tokio::time::timeout(Duration::from_secs(10), live.message())
+            .await
+            .unwrap_or_else(|_| panic!("no live event after {followed} of {total}"))
+            .unwrap_or_else(|e| panic!("follow stream failed after {followed} of {total}: {e}"))
+            .unwrap_or_else(|| panic!("follow stream ended after {followed} of {total}"));
+        match r.response_types {
+            Some(ResponseTypes::Fault(_)) => followed += 1,
+            other => panic!("a follower that keeps up loses nothing: {other:?}"),
         }
     }
 
@@ -149,7 +153,8 @@ async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
     assert_eq!(e2e.count + stats.histogram_samples_skipped, total);
     assert!(e2e.min_ns <= e2e.p50_ns && e2e.p50_ns <= e2e.p99_ns && e2e.p99_ns <= e2e.max_ns && e2e.min_ns > 0);
     let pin = stats.latency.iter().find(|h| h.stage == "pin").unwrap();
-    assert_eq!(pin.count + stats.histogram_samples_skipped, mapped, "only mapped faults reach the pin stage");
+    // Only mapped faults reach the pin stage (a skipped sample may be any fault's).
+    assert!(pin.count <= mapped && pin.count + stats.histogram_samples_skipped >= mapped, "{pin:?} {mapped}");
 
     let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.num_events, status.seen_events, status.lost_events), (total, total, 0));

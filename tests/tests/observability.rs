@@ -45,11 +45,12 @@ fn lost_of(items: &[ResponseTypes], source: lost_events::Source) -> (u64, usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_buffers_lose_events_and_say_how_many() {
-    let daemon = Daemon::start(&["--policy", "4k", "--event-buffer", "64", "--follower-queue", "16"]);
+    let daemon = Daemon::start(&["--policy", "4k", "--event-buffer", "64"]);
     let addr = daemon.grpc_addr();
     let mut client = FaultTraceClient::connect(addr.clone()).await.unwrap();
-    // A follower that does not read while the workload runs: its queue
-    // overflows (the HTTP/2 window fills first, then the 16-event queue).
+    // A follower that does not read while the workload runs: once the
+    // HTTP/2 window is full, the 64-event history overwrites what it has not
+    // read yet.
     let mut slow = FaultTraceClient::connect(addr).await.unwrap();
     let mut live = slow.observe(ObserveRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
 
@@ -70,7 +71,7 @@ async fn tiny_buffers_lose_events_and_say_how_many() {
         match r.response_types.unwrap() {
             ResponseTypes::Fault(_) => delivered += 1,
             ResponseTypes::LostEvents(l) => {
-                assert_eq!(l.source, lost_events::Source::SubscriberQueue as i32);
+                assert_eq!(l.source, lost_events::Source::RingBuffer as i32);
                 lost += l.num_events_lost;
                 records += 1;
             }

@@ -140,3 +140,66 @@ mod tests {
         assert!(row(&e).contains("0x40001000"));
     }
 }
+
+/// Why a `--since`/`--until` value was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is neither an RFC 3339 time (2026-11-27T10:00:00Z) nor a duration ago (30s, 5m, 2h)")]
+pub struct TimeError {
+    /// The value given.
+    pub value: String,
+}
+
+/// A time given as RFC 3339 or as a duration before `now` (as Hubble's
+/// `--since 5m`).
+pub fn parse_time(value: &str, now: std::time::SystemTime) -> Result<std::time::SystemTime, TimeError> {
+    let err = || TimeError { value: value.to_string() };
+    if let Ok(t) = humantime::parse_rfc3339_weak(value) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(value).map_err(|_| err())?;
+    now.checked_sub(ago).ok_or_else(err)
+}
+
+/// Dirty pages of a bitmap (64-bit little-endian words, as the daemon sends
+/// it) as `[first GPA, end GPA)` ranges.
+pub fn dirty_ranges(gpa: u64, bitmap: &[u8]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, byte) in bitmap.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) == 0 {
+                continue;
+            }
+            let page = gpa + (i as u64 * 8 + bit) * 4096;
+            match out.last_mut() {
+                Some((_, end)) if *end == page => *end += 4096,
+                _ => out.push((page, page + 4096)),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_are_rfc3339_or_durations_ago() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(parse_time("5m", now), Ok(now - Duration::from_secs(300)));
+        assert_eq!(parse_time("1h 30s", now), Ok(now - Duration::from_secs(3630)));
+        assert_eq!(parse_time("1970-01-01T00:01:40Z", now), Ok(UNIX_EPOCH + Duration::from_secs(100)));
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("99999999999999999999999h", now).is_err(), "overflows a duration");
+    }
+
+    #[test]
+    fn dirty_ranges_merge_adjacent_pages() {
+        let bitmap = [0b1000_0111u8, 0b0000_0001, 0, 0x80];
+        assert_eq!(
+            dirty_ranges(0x4000_0000, &bitmap),
+            [(0x4000_0000, 0x4000_3000), (0x4000_7000, 0x4000_9000), (0x4001_f000, 0x4002_0000)]
+        );
+    }
+}

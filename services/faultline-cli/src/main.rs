@@ -5,12 +5,13 @@ mod demo;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use faultline::{compact, json, row, Format, TABLE_HEADER};
+use faultline::{compact, dirty_ranges, json, parse_time, row, Format, TABLE_HEADER};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::{
-    FaultFilter, GetStatsRequest, GetVmRequest, ListVmsRequest, ObserveRequest, Outcome, ServerStatusRequest,
+    FaultFilter, GetDirtyLogRequest, GetStatsRequest, GetVmRequest, ListVmsRequest, ObserveRequest, Outcome,
+    ServerStatusRequest,
 };
 
 /// Observe stage-2 faults served by the Faultline memory-manager.
@@ -40,6 +41,12 @@ enum Command {
         /// Keep streaming new events.
         #[arg(long, short)]
         follow: bool,
+        /// Only events at or after this time: RFC 3339 or a duration ago (5m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events at or before this time: RFC 3339 or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
         /// Only these VMs.
         #[arg(long)]
         vm: Vec<u32>,
@@ -80,6 +87,20 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Fetch a memslot's dirty log and clear it (pages written since the
+    /// last fetch), re-arming logging; --peek only reads it.
+    DirtyLog {
+        /// VM id.
+        vm: u32,
+        /// Memslot id (see `faultline vm show`).
+        memslot: u32,
+        /// Read without clearing or write-protecting.
+        #[arg(long)]
+        peek: bool,
+        /// Output format: compact (ranges) or json.
+        #[arg(long, short, value_enum, default_value_t = Format::Compact)]
+        output: Format,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,7 +130,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo { vcpus, ops, pattern, lines_per_second } => {
             demo::run(demo::DemoArgs { vcpus, ops, pattern, max_lines_per_second: lines_per_second }).await?;
         }
-        Command::Observe { last, first, all, follow, vm, vcpu, outcome: outcomes, not, output } => {
+        Command::Observe { last, first, all, follow, since, until, vm, vcpu, outcome: outcomes, not, output } => {
+            let now = std::time::SystemTime::now();
+            let stamp = |v: Option<String>| -> anyhow::Result<Option<prost_types::Timestamp>> {
+                v.map(|v| parse_time(&v, now).map(prost_types::Timestamp::from)).transpose().map_err(Into::into)
+            };
+            let (since, until) = (stamp(since)?, stamp(until)?);
             let mut client = FaultTraceClient::connect(cli.server.clone()).await.context("connecting to the daemon")?;
             let outcome_filter = FaultFilter {
                 outcome: outcomes.iter().map(|o| outcome(o)).collect::<anyhow::Result<_>>()?,
@@ -140,7 +166,19 @@ async fn main() -> anyhow::Result<()> {
                 (_, _, false, true) => (0, false),
                 _ => (20, false),
             };
-            let req = ObserveRequest { number, first: first_flag, follow, allowlist, denylist, ..Default::default() };
+            // A time window alone means everything in it.
+            let number =
+                if (since.is_some() || until.is_some()) && last.is_none() && first.is_none() { 0 } else { number };
+            let req = ObserveRequest {
+                number,
+                first: first_flag,
+                follow,
+                since,
+                until,
+                allowlist,
+                denylist,
+                ..Default::default()
+            };
             let mut stream = client.observe(req).await.context("observe")?.into_inner();
             if output == Format::Table {
                 println!("{TABLE_HEADER}");
@@ -171,6 +209,18 @@ async fn main() -> anyhow::Result<()> {
             let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
             let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
             println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
+            for r in &s.rings {
+                println!(
+                    "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}",
+                    r.vm_id,
+                    r.vcpu,
+                    r.fault_ring,
+                    r.fault_ring_high_water,
+                    r.command_ring,
+                    r.command_ring_high_water,
+                    r.capacity
+                );
+            }
             for (title, counts) in [
                 ("by outcome", &s.by_outcome),
                 ("by kind", &s.by_kind),
@@ -196,6 +246,38 @@ async fn main() -> anyhow::Result<()> {
                     us(h.p999_ns),
                     us(h.max_ns)
                 );
+            }
+        }
+        Command::DirtyLog { vm, memslot, peek, output } => {
+            let mut client = ControlClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let log = client.get_dirty_log(GetDirtyLogRequest { vm_id: vm, memslot, peek }).await?.into_inner();
+            let ranges = dirty_ranges(log.gpa, &log.bitmap);
+            match output {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "vm_id": log.vm_id,
+                        "memslot": log.memslot,
+                        "gpa": format!("{:#x}", log.gpa),
+                        "pages": log.pages,
+                        "dirty_pages": log.dirty_pages,
+                        "write_protect_commands": log.write_protect_commands,
+                        "dirty": ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect::<Vec<_>>(),
+                    })
+                ),
+                _ => {
+                    println!(
+                        "vm{} memslot {}: {} of {} pages dirty{}",
+                        log.vm_id,
+                        log.memslot,
+                        log.dirty_pages,
+                        log.pages,
+                        if peek { " (peek: not cleared)" } else { ", cleared and write-protected" }
+                    );
+                    for (s, e) in ranges {
+                        println!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
+                    }
+                }
             }
         }
         Command::Vm { command } => {

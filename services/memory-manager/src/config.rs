@@ -43,10 +43,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
     pub log_filter: String,
-    /// Fault events kept for "last N" queries.
+    /// Fault events kept for "last N" queries; also how far a follower may
+    /// fall behind before it loses some.
     pub event_buffer: usize,
-    /// Events a following observer may fall behind before it loses some.
-    pub follower_queue: usize,
     /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
     /// no fault pays for fresh backing.
     pub prefault: bool,
@@ -65,7 +64,6 @@ impl Default for Config {
             log_filter: "info".into(),
             prefault: false,
             event_buffer: 65_536,
-            follower_queue: 4096,
         }
     }
 }

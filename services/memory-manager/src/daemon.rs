@@ -26,7 +26,7 @@ impl Daemon {
     /// A daemon with `config`.
     pub fn new(config: Config) -> Self {
         let policy = config.policy.build();
-        let events = EventHub::new(config.event_buffer, config.follower_queue);
+        let events = EventHub::new(config.event_buffer);
         Self { config, policy, events, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) }
     }
 

@@ -17,15 +17,14 @@ use faultline_proto::v1::{
 };
 use hyp_core::abort::{Access, FaultStatus};
 use hyp_core::stage2::MapSize;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use crate::daemon::Daemon;
-use crate::events::{FaultEvent, Outcome};
+use crate::events::{FaultEvent, Outcome, Reader};
 use crate::stats;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ObserveResponse, Status>> + Send>>;
@@ -230,6 +229,47 @@ impl Query {
     }
 }
 
+/// How often a follower that has caught up looks for new events.
+const FOLLOW_POLL: Duration = Duration::from_millis(5);
+
+/// A follower: its own reader in the history, so it copies events only as
+/// fast as its client takes them (the stream is polled only when the
+/// connection has room) and is told of the ones it missed, one record per
+/// gap.
+struct Follow {
+    daemon: Arc<Daemon>,
+    reader: Reader,
+    query: Arc<Query>,
+    shutdown: CancellationToken,
+}
+
+impl Follow {
+    /// The next responses; `None` once the daemon shuts down.
+    async fn next_batch(&mut self) -> Option<Vec<ObserveResponse>> {
+        loop {
+            let chunk = self.daemon.events().read(&mut self.reader);
+            let mut out = Vec::new();
+            if chunk.lost > 0 {
+                out.push(lost(lost_events::Source::RingBuffer, chunk.lost));
+            }
+            out.extend(chunk.events.iter().filter(|e| self.query.matches(e)).map(|e| self.query.response(e)));
+            if !out.is_empty() {
+                return Some(out);
+            }
+            if chunk.events.is_empty() {
+                // Caught up.
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                }
+            } else {
+                // A batch that matched nothing: read on, fairly.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
 /// Keeps only the fields named in `mask`.
 fn masked(ev: pb::FaultEvent, mask: &[String]) -> pb::FaultEvent {
     let keep = |f: &str| mask.iter().any(|m| m == f);
@@ -279,8 +319,8 @@ impl FaultTrace for FaultTraceService {
     #[instrument(skip(self, request), fields(peer = ?request.remote_addr()))]
     async fn observe(&self, request: Request<ObserveRequest>) -> Result<Response<EventStream>, Status> {
         let hub = self.daemon.events();
-        // Subscribe before reading the history so no event falls between them.
-        let live = request.get_ref().follow.then(|| hub.subscribe());
+        // Followers go on from what the history snapshot ends with.
+        let seen_before = hub.status().seen_events;
         let history = hub.history();
         let attached: Vec<u32> = self.daemon.vms().iter().map(|v| v.id.raw() as u32).collect();
         let query = Query::parse(request.into_inner(), |vm| {
@@ -294,7 +334,7 @@ impl FaultTrace for FaultTraceService {
             (n, _) => (n as usize).min(matching.len()),
         };
         let picked = if query.first { &matching[..n] } else { &matching[matching.len() - n..] };
-        let last_seq = history.last().map(|e| e.seq);
+        let follow_from = history.last().map_or(seen_before, |e| e.seq + 1);
         let mut backlog: Vec<Result<ObserveResponse, Status>> = Vec::with_capacity(picked.len() + 1);
         // A reader that asks from the start of the buffer (first N, all, or
         // since a time older than the oldest event kept) is told how many
@@ -316,14 +356,17 @@ impl FaultTrace for FaultTraceService {
         backlog.extend(picked.iter().map(|e| Ok(query.response(e))));
         let query = Arc::new(query);
         let mut stream: EventStream = Box::pin(tokio_stream::iter(backlog));
-        if let Some(rx) = live {
-            let q = query.clone();
-            let follow = BroadcastStream::new(rx).filter_map(move |item| match item {
-                Ok(e) if last_seq.is_some_and(|s| e.seq <= s) => None,
-                Ok(e) => q.matches(&e).then(|| Ok(q.response(&e))),
-                // One record per lag: it carries the count, not one per event.
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(lost(lost_events::Source::SubscriberQueue, n))),
-            });
+        if query.follow {
+            let follow = Follow {
+                daemon: self.daemon.clone(),
+                reader: hub.reader_at(follow_from),
+                query: query.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            let batches =
+                futures_util::stream::unfold(follow, |mut f| async move { f.next_batch().await.map(|b| (b, f)) });
+            let follow =
+                futures_util::StreamExt::flat_map(batches, |b| futures_util::stream::iter(b.into_iter().map(Ok)));
             let shutdown = self.shutdown.clone();
             let until_shutdown = async move { shutdown.cancelled().await };
             stream = Box::pin(futures_util::StreamExt::take_until(stream.chain(follow), until_shutdown));

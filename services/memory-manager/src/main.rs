@@ -45,9 +45,6 @@ struct Args {
     /// Fault events kept for "last N" queries (overrides the file).
     #[arg(long)]
     event_buffer: Option<usize>,
-    /// Events a follower may fall behind before it loses some (overrides the file).
-    #[arg(long)]
-    follower_queue: Option<usize>,
     /// Populate all guest memory at attach (overrides the file).
     #[arg(long)]
     prefault: bool,
@@ -73,9 +70,6 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.event_buffer {
         config.event_buffer = v;
-    }
-    if let Some(v) = args.follower_queue {
-        config.follower_queue = v;
     }
     if let Some(v) = args.policy {
         config.policy = v;

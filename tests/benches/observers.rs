@@ -1,0 +1,130 @@
+//! Fault throughput with eight slow FaultTrace observers connected against
+//! none, in one run: rounds alternate between the two so drift on the host
+//! affects both alike. Each configuration runs twice: unpinned, and with the
+//! daemon and the observers on CPU 0 and the machine's vCPU alone on CPU 1
+//! (as vCPU threads are isolated in production), because on a 2-core host both cores are
+//! owned by spinning threads and any other work preempts one of them.
+//!
+//! A slow observer follows every event and takes 5 ms per message, so the
+//! daemon's history overwrites what it has not read and it is sent
+//! lost-event records: the fault path must not wait for it.
+//!
+//! `cargo bench -p faultline-system-tests --bench observers`
+
+use std::process::Command;
+use std::time::Duration;
+
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::ObserveRequest;
+use faultline_system_tests::{binary, Daemon};
+
+const ROUNDS: usize = 8;
+const OBSERVERS: usize = 8;
+/// Sequential, 1 KiB apart: 40k distinct 4 KiB pages per run.
+const OPS: usize = 160_000;
+
+/// One machine run's per-fault latencies, ns.
+fn run_machine(daemon: &Daemon, pinned: bool) -> Vec<u64> {
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(binary("sim-machine"));
+        c
+    } else {
+        Command::new(binary("sim-machine"))
+    };
+    let out = cmd
+        .arg("--attach-socket")
+        .arg(&daemon.socket)
+        .args(["--pattern", "sequential", "--ops", &OPS.to_string(), "--ram-page-kib", "4", "--latencies"])
+        .output()
+        .expect("sim-machine");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// Faults per second of fault time in one run.
+fn throughput(ns: &[u64]) -> f64 {
+    ns.len() as f64 * 1e9 / ns.iter().sum::<u64>() as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(Default)]
+struct Series {
+    runs: Vec<f64>,
+    all: Vec<u64>,
+}
+
+impl Series {
+    fn add(&mut self, ns: Vec<u64>) {
+        self.runs.push(throughput(&ns));
+        self.all.extend(ns);
+    }
+
+    fn row(&mut self, name: &str) -> f64 {
+        self.all.sort_unstable();
+        let n = self.all.len();
+        let slow = self.all.iter().filter(|&&x| x > 50_000).count();
+        let per_sec = median(self.runs.clone());
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.0} | {n} | {slow} |",
+            self.all[n / 2] as f64 / 1e3,
+            self.all[n * 99 / 100] as f64 / 1e3,
+            per_sec
+        );
+        per_sec
+    }
+}
+
+fn main() {
+    let _ = binary("memory-manager");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    println!("| configuration | median us | p99 us | faults/s (median run) | faults | faults > 50 us |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for pinned in [false, true] {
+        let daemon = Daemon::start(&["--policy", "4k", "--prefault", "--log-filter", "warn,memory_manager::grpc=info"]);
+        if pinned {
+            // The daemon and the observers (this process) share CPU 0; the
+            // machine's vCPU has CPU 1 to itself.
+            for pid in [daemon.pid(), std::process::id()] {
+                let ok = Command::new("taskset").args(["-a", "-p", "-c", "0", &pid.to_string()]).output();
+                assert!(ok.is_ok_and(|o| o.status.success()), "taskset failed");
+            }
+        }
+        let addr = daemon.grpc_addr();
+        // Warm up: the first attach maps and prefaults the guest memory file.
+        run_machine(&daemon, pinned);
+        let (mut none, mut eight) = (Series::default(), Series::default());
+        for _ in 0..ROUNDS {
+            none.add(run_machine(&daemon, pinned));
+            let observers: Vec<_> = (0..OBSERVERS)
+                .map(|_| {
+                    let addr = addr.clone();
+                    runtime.spawn(async move {
+                        let mut client = FaultTraceClient::connect(addr).await.unwrap();
+                        let req = ObserveRequest { follow: true, ..Default::default() };
+                        let mut stream = client.observe(req).await.unwrap().into_inner();
+                        while let Ok(Some(_)) = stream.message().await {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    })
+                })
+                .collect();
+            // Let every observer connect before the guest starts.
+            std::thread::sleep(Duration::from_millis(300));
+            eight.add(run_machine(&daemon, pinned));
+            for o in observers {
+                o.abort();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tag = if pinned { "pinned" } else { "unpinned" };
+        let a = none.row(&format!("{tag}, no observers"));
+        let b = eight.row(&format!("{tag}, {OBSERVERS} slow observers (5 ms/event)"));
+        println!("| {tag}: throughput with observers {:.1}% of without | | | | | |", 100.0 * b / a);
+    }
+}
