@@ -25,6 +25,9 @@ pub enum ControlError {
     /// The VM's control thread is not running (detached, or not yet attached).
     #[error("the VM's control channel is closed")]
     Closed,
+    /// Commands are already waiting for a core that has stopped answering.
+    #[error("control commands are queued behind one the core has not answered")]
+    Busy,
     /// The core did not answer within the deadline.
     #[error("the core did not answer within {0:?}")]
     Timeout(Duration),
@@ -75,7 +78,11 @@ impl ControlClient {
     pub fn execute(&self, cmd: CommandRecord) -> Result<ResultRecord, ControlError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ControlError::Closed)?;
         let (reply, answer) = mpsc::sync_channel(1);
-        tx.send(Request { cmd, reply }).map_err(|_| ControlError::Closed)?;
+        // Never block: a core that stopped answering must not hold callers.
+        tx.try_send(Request { cmd, reply }).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => ControlError::Busy,
+            mpsc::TrySendError::Disconnected(_) => ControlError::Closed,
+        })?;
         let res = answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
             RecvTimeoutError::Timeout => ControlError::Timeout(CONTROL_DEADLINE),
             RecvTimeoutError::Disconnected => ControlError::Closed,
@@ -149,5 +156,66 @@ impl<'r> ControlLoop<'r> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyp_core::ring::OwnedRing;
+
+    #[test]
+    fn commands_go_out_results_come_back_to_their_caller() {
+        let (cmd_ring, res_ring) = (OwnedRing::new(), OwnedRing::new());
+        let client = ControlClient::default();
+        assert_eq!(client.write_protect(Ipa::new(0x4000_0000), 4096), Err(ControlError::Closed));
+        let inbox = client.open();
+        let stop = AtomicBool::new(false);
+        let wait = WaitPolicy { spin_polls: 100, sleep_slice: Duration::from_millis(10) };
+        let mut settled = Vec::new();
+        std::thread::scope(|s| {
+            let looped = s.spawn(|| {
+                let (p, c) = (Producer::attach(cmd_ring.view()).unwrap(), Consumer::attach(res_ring.view()).unwrap());
+                ControlLoop::new(inbox, p, c).run(wait, &stop, |r| settled.push(r.cmd_id))
+            });
+            // A core: answers each command, first with a stray result the
+            // loop must skip, and refuses the second command.
+            let core = s.spawn(|| {
+                let mut cmds = Consumer::attach(cmd_ring.view()).unwrap();
+                let mut results = Producer::attach(res_ring.view()).unwrap();
+                for n in 0..2 {
+                    let cmd = loop {
+                        if let Some(r) = cmds.pop().unwrap() {
+                            break CommandRecord::decode(&r);
+                        }
+                        std::thread::yield_now();
+                    };
+                    assert_eq!((cmd.kind, cmd.size), (kind::WRITE_PROTECT, 4096));
+                    let stray = ResultRecord { kind: kind::RESULT, cmd_id: 7, ..Default::default() };
+                    push_and_ring(&mut results, &stray.encode()).unwrap();
+                    let res = ResultRecord {
+                        kind: kind::RESULT,
+                        cmd_id: cmd.cmd_id,
+                        status: if n == 0 { 0 } else { Reject::BadRange.code() },
+                        inval_seq: 10 + n,
+                        value: 1,
+                        ..Default::default()
+                    };
+                    push_and_ring(&mut results, &res.encode()).unwrap();
+                }
+            });
+            let ok = client.write_protect(Ipa::new(0x4000_0000), 4096).unwrap();
+            assert_eq!((ok.inval_seq, ok.value), (10, 1));
+            let refused = client.write_protect(Ipa::new(0x4000_0000), 4096).unwrap_err();
+            assert!(matches!(refused, ControlError::Refused { reason: Some(Reject::BadRange), .. }), "{refused:?}");
+            core.join().unwrap();
+            stop.store(true, Ordering::Release);
+            looped.join().unwrap().unwrap();
+        });
+        // Every result, strays included, was settled (sequence numbers noted).
+        assert_eq!(settled.len(), 4);
+        assert!(
+            settled.iter().filter(|&&id| id == 7).count() == 2 && settled.iter().all(|&id| id == 7 || id >> 63 == 1)
+        );
     }
 }
