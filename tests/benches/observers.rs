@@ -17,7 +17,9 @@ use std::time::Duration;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::ObserveRequest;
 use faultline_system_tests::{binary, Daemon};
+use memory_manager::priority::{apply_to_current_thread, ApiPriority};
 
+/// Rounds per configuration (`OBSERVERS_BENCH_ROUNDS` overrides).
 const ROUNDS: usize = 8;
 const OBSERVERS: usize = 8;
 /// Sequential, 1 KiB apart: 40k distinct 4 KiB pages per run.
@@ -82,11 +84,35 @@ impl Series {
 
 fn main() {
     let _ = binary("memory-manager");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    // The observers' own threads: normal priority, or as the daemon's API
+    // threads with OBSERVERS_BENCH_CLIENT_PRIORITY=low|idle (an observer
+    // run under `nice` on the same host).
+    let client = match std::env::var("OBSERVERS_BENCH_CLIENT_PRIORITY").as_deref() {
+        Ok("low") => ApiPriority::Low,
+        Ok("idle") => ApiPriority::Idle,
+        _ => ApiPriority::Normal,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(move || apply_to_current_thread(client).expect("client priority"))
+        .enable_all()
+        .build()
+        .unwrap();
     println!("| configuration | median us | p99 us | faults/s (median run) | faults | faults > 50 us |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for pinned in [false, true] {
-        let daemon = Daemon::start(&["--policy", "4k", "--prefault", "--log-filter", "warn,memory_manager::grpc=info"]);
+    let configs: &[bool] =
+        if std::env::var_os("OBSERVERS_BENCH_PINNED_ONLY").is_some() { &[true] } else { &[false, true] };
+    for &pinned in configs {
+        let priority = std::env::var("OBSERVERS_BENCH_API_PRIORITY").unwrap_or_else(|_| "low".into());
+        let daemon = Daemon::start(&[
+            "--policy",
+            "4k",
+            "--prefault",
+            "--api-priority",
+            &priority,
+            "--log-filter",
+            "warn,memory_manager::grpc=info",
+        ]);
         if pinned {
             // The daemon and the observers (this process) share CPU 0; the
             // machine's vCPU has CPU 1 to itself.
@@ -99,7 +125,8 @@ fn main() {
         // Warm up: the first attach maps and prefaults the guest memory file.
         run_machine(&daemon, pinned);
         let (mut none, mut eight) = (Series::default(), Series::default());
-        for _ in 0..ROUNDS {
+        let rounds = std::env::var("OBSERVERS_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS);
+        for _ in 0..rounds {
             none.add(run_machine(&daemon, pinned));
             let observers: Vec<_> = (0..OBSERVERS)
                 .map(|_| {

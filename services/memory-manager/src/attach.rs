@@ -294,7 +294,8 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
             let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
             let commands = region.ring(vcpu, RingKind::Command).expect("in range");
             let (vm, stop, policy) = (&*vm, &stop, policy);
-            s.spawn(move || {
+            let named = std::thread::Builder::new().name(format!("vm{}-vcpu{vcpu}", vm.id.raw()));
+            let spawned = named.spawn_scoped(s, move || {
                 let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
                     warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
                     return;
@@ -303,13 +304,17 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                     warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
                 }
             });
+            if let Err(e) = spawned {
+                warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served");
+            }
         }
         {
             let control = req.nr_vcpus as u32;
             let results = region.ring(control, RingKind::Fault).expect("validated: nr_vcpus + 1 pairs");
             let commands = region.ring(control, RingKind::Command).expect("validated: nr_vcpus + 1 pairs");
             let (vm, stop) = (&*vm, &stop);
-            s.spawn(move || {
+            let named = std::thread::Builder::new().name(format!("vm{}-control", vm.id.raw()));
+            let spawned = named.spawn_scoped(s, move || {
                 let (Ok(commands), Ok(results)) = (Producer::attach(commands), Consumer::attach(results)) else {
                     warn!("control ring indices inconsistent at attach; control commands unavailable");
                     return;
@@ -321,6 +326,9 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                 }
                 vm.control.close();
             });
+            if let Err(e) = spawned {
+                warn!(cause = %e, "cannot start the control thread; control commands unavailable");
+            }
         }
         let detach = wait_for_detach(&conn, daemon);
         stop.store(true, Ordering::Release);

@@ -46,6 +46,8 @@ pub struct Config {
     /// Fault events kept for "last N" queries; also how far a follower may
     /// fall behind before it loses some.
     pub event_buffer: usize,
+    /// Scheduling of the API threads (gRPC, metrics) against the fault path.
+    pub api_priority: crate::priority::ApiPriority,
     /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
     /// no fault pays for fresh backing.
     pub prefault: bool,
@@ -63,6 +65,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             prefault: false,
+            api_priority: crate::priority::ApiPriority::Low,
             event_buffer: 65_536,
         }
     }

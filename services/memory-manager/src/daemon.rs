@@ -87,10 +87,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // The attach server and every thread it starts (connections, vCPU
+    // service, control) run on a plain thread: they must not inherit the
+    // API threads' lower priority.
     let attach = {
         let daemon = daemon.clone();
         let path = daemon.config().attach_socket.clone();
-        tokio::task::spawn_blocking(move || crate::attach::serve(daemon, &path))
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("attach".into()).spawn(move || {
+            let _ = done_tx.send(crate::attach::serve(daemon, &path));
+        })?;
+        done_rx
     };
     let grpc_stop = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();

@@ -22,6 +22,7 @@ pub mod notify;
 pub mod pin;
 pub mod pipeline;
 pub mod policy;
+pub mod priority;
 pub mod region;
 pub mod service;
 pub mod stats;

@@ -45,6 +45,10 @@ struct Args {
     /// Fault events kept for "last N" queries (overrides the file).
     #[arg(long)]
     event_buffer: Option<usize>,
+    /// Scheduling of the gRPC/metrics threads: normal, low (nice 19) or idle
+    /// (SCHED_IDLE) (overrides the file).
+    #[arg(long)]
+    api_priority: Option<memory_manager::priority::ApiPriority>,
     /// Populate all guest memory at attach (overrides the file).
     #[arg(long)]
     prefault: bool,
@@ -71,6 +75,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.event_buffer {
         config.event_buffer = v;
     }
+    if let Some(v) = args.api_priority {
+        config.api_priority = v;
+    }
     if let Some(v) = args.policy {
         config.policy = v;
     }
@@ -93,7 +100,19 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The fault path's threads start from main (normal priority); the
+    // runtime's threads serve the API and are scheduled below them.
+    let api_priority = config.api_priority;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api")
+        .on_thread_start(move || {
+            if let Err(e) = memory_manager::priority::apply_to_current_thread(api_priority) {
+                tracing::warn!(cause = %e, ?api_priority, "cannot lower the API threads' priority");
+            }
+        })
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
