@@ -72,6 +72,10 @@ pub const MEMSLOT_DIRTY_LOG: u32 = 2;
 /// Attach flag: the machine kept its rings and regions and re-attaches to a
 /// restarted daemon.
 pub const ATTACH_REATTACH: u32 = 1;
+/// The machine cannot wake a futex (a core in another OS, or in an
+/// emulator's RAM): the daemon polls its rings with short sleeps instead of
+/// waiting for doorbells.
+pub const ATTACH_POLLED: u32 = 2;
 
 /// One memory region: a PA window, backed by an fd (or not, for the table pool).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -330,7 +334,7 @@ impl AttachRequest {
             return Err(WireError::Malformed("reserved bytes are not zero".into()));
         }
         let flags = r.u32()?;
-        if flags & !ATTACH_REATTACH != 0 {
+        if flags & !(ATTACH_REATTACH | ATTACH_POLLED) != 0 {
             return Err(WireError::Malformed(format!("unknown attach flags {flags:#x}")));
         }
         let nr_regions = r.u16()? as usize;

@@ -2,6 +2,7 @@
 //! its gRPC API.
 
 mod demo;
+mod qemu;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -77,6 +78,23 @@ enum Command {
         /// Fault lines printed per second at most.
         #[arg(long, default_value_t = 40)]
         lines_per_second: u32,
+    },
+    /// Boot hyp-core at EL2 under qemu-system-aarch64 and serve its guest
+    /// from the running daemon; prints a JSON report.
+    Qemu {
+        /// The daemon's attach socket.
+        #[arg(long, default_value = "/run/faultline/attach.sock")]
+        attach_socket: std::path::PathBuf,
+        /// The EL2 image (default: the one scripts/build-el2-image.sh builds
+        /// next to this binary's target directory).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        /// The QEMU binary.
+        #[arg(long, default_value = "qemu-system-aarch64")]
+        qemu: String,
+        /// Seconds the whole run may take.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
     /// Buffer and rate.
     Status,
@@ -193,6 +211,31 @@ async fn main() -> anyhow::Result<()> {
                     Some(ResponseTypes::LostEvents(l)) => eprintln!("lost {} events", l.num_events_lost),
                     None => {}
                 }
+            }
+        }
+        Command::Qemu { attach_socket, image, qemu: qemu_bin, timeout } => {
+            let image = match image {
+                Some(i) => i,
+                None => {
+                    let exe = std::env::current_exe()?;
+                    let target = exe.parent().and_then(|p| p.parent()).context("target directory")?;
+                    target.join("el2-image/aarch64-unknown-none/release/faultline-el2-image")
+                }
+            };
+            let args = qemu::QemuArgs {
+                attach_socket,
+                image,
+                qemu: qemu_bin,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let report = tokio::task::spawn_blocking(move || qemu::run(&args)).await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.checksum != report.expected.checksum {
+                anyhow::bail!(
+                    "the guest's checksum {:#x} is not the host's {:#x}",
+                    report.checksum,
+                    report.expected.checksum
+                );
             }
         }
         Command::Status => {

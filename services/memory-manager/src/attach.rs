@@ -245,6 +245,9 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     Ok(Attached { vm: Arc::new(vm), rings })
 }
 
+/// How long a ring thread of a polled machine sleeps between polls.
+const POLLED_SLEEP_SLICE: Duration = Duration::from_micros(50);
+
 /// Serves one machine connection from attach to detach.
 pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     let reply = |status, message: String, values| {
@@ -288,7 +291,10 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     // ring reference; validate() already opened it successfully.
     let region = unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
     let policy = daemon.policy();
-    let wait = WaitPolicy { spin_polls: daemon.config().spin_polls, sleep_slice: Duration::from_millis(500) };
+    // A polled machine never rings doorbells: sleep in short slices.
+    let sleep_slice =
+        if req.flags & faultline_attach::ATTACH_POLLED != 0 { POLLED_SLEEP_SLICE } else { Duration::from_millis(500) };
+    let wait = WaitPolicy { spin_polls: daemon.config().spin_polls, sleep_slice };
     let detach_requested = std::thread::scope(|s| {
         for vcpu in 0..req.nr_vcpus as u32 {
             let faults = region.ring(vcpu, RingKind::Fault).expect("in range");

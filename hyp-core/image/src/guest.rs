@@ -1,0 +1,85 @@
+//! The guest: a small EL1 program, stage-1 MMU off, copied to the start of
+//! the block memslot and entered there. It writes and reads across a memslot
+//! mapped with 2 MiB blocks and one mapped page by page, reads a read-only
+//! memslot and writes it (an MMIO exit), reads outside every memslot (an
+//! exit that reads as zero), sums what it read, reports the sum with
+//! `HVC #1` and powers off with PSCI SYSTEM_OFF (`HVC #0`).
+//!
+//! Every value written is `address ^ 0x5bd1_e995_5bd1_e995`, so the host
+//! computes the expected sum from the addresses alone (`faultline qemu`).
+
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+    .macro movl64 reg, imm
+    movz \reg, #((\imm) & 0xffff)
+    movk \reg, #(((\imm) >> 16) & 0xffff), lsl #16
+    movk \reg, #(((\imm) >> 32) & 0xffff), lsl #32
+    movk \reg, #(((\imm) >> 48) & 0xffff), lsl #48
+    .endm
+
+    .section .guest, "ax"
+    .global guest_entry
+guest_entry:
+    mov x20, #0
+    movl64 x21, 0x5bd1e9955bd1e995
+    // Blocks 1..=8 of the block memslot (block 0 holds this code): two
+    // words each, 1.875 MiB apart.
+    movl64 x1, 0x80210000
+    mov x2, #8
+1:  eor x3, x1, x21
+    str x3, [x1]
+    add x4, x1, #0x1e0, lsl #12
+    eor x5, x4, x21
+    str x5, [x4]
+    ldr x6, [x1]
+    add x20, x20, x6
+    ldr x7, [x4]
+    add x20, x20, x7
+    add x1, x1, #0x200, lsl #12
+    subs x2, x2, #1
+    b.ne 1b
+    // 32 pages of the page memslot.
+    movl64 x1, 0x84000008
+    mov x2, #32
+2:  eor x3, x1, x21
+    str x3, [x1]
+    ldr x6, [x1]
+    add x20, x20, x6
+    add x1, x1, #1, lsl #12
+    subs x2, x2, #1
+    b.ne 2b
+    // The read-only memslot: a read is mapped, a write exits.
+    movl64 x1, 0x90000040
+    ldr x6, [x1]
+    add x20, x20, x6
+    str x20, [x1]
+    // Outside every memslot: the read exits and reads as zero.
+    movl64 x1, 0xa0000000
+    ldr x6, [x1]
+    add x20, x20, x6
+    // Report, then power off.
+    mov x0, x20
+    hvc #1
+    movl64 x0, 0x84000008
+    hvc #0
+3:  b 3b
+"#
+);
+
+extern "C" {
+    static __guest_start: u8;
+    static __guest_end: u8;
+}
+
+/// The guest program's bytes in the image.
+pub fn program() -> &'static [u8] {
+    // SAFETY: the linker script brackets the .guest section with these two
+    // symbols; the bytes are part of the loaded image and never written.
+    unsafe {
+        let start = core::ptr::addr_of!(__guest_start);
+        let len = core::ptr::addr_of!(__guest_end) as usize - start as usize;
+        core::slice::from_raw_parts(start, len)
+    }
+}

@@ -1,0 +1,50 @@
+//! The board layout: where everything lives in QEMU's RAM (PA) and in the
+//! guest's IPA space. The launcher (`faultline qemu`) reads it from the
+//! image's READY line and refuses a layout it does not expect.
+
+/// Start of QEMU virt RAM; file offset 0 of the shared RAM file.
+pub const RAM_PA: u64 = 0x4000_0000;
+/// The page the launcher writes GO into once the VM is attached.
+pub const MAILBOX_PA: u64 = 0x4020_0000;
+/// The ring region (vCPU 0's pair and the control pair).
+pub const RINGS_PA: u64 = 0x4021_0000;
+/// Bytes reserved for the ring region.
+pub const RINGS_BYTES: u64 = 64 << 10;
+/// Records per ring.
+pub const RING_ENTRIES: u32 = 64;
+/// Stage-2 table memory: the root first, then the pool the daemon hands
+/// back as memcache pages.
+pub const TABLES_PA: u64 = 0x4040_0000;
+/// Bytes of table memory.
+pub const TABLES_BYTES: u64 = 4 << 20;
+/// Bytes at the start of table memory kept for the root.
+pub const ROOT_RESERVE: u64 = 64 << 10;
+/// Backing of the read-only memslot.
+pub const ROM_PA: u64 = 0x4080_0000;
+/// Bytes of the read-only memslot.
+pub const ROM_BYTES: u64 = 2 << 20;
+/// Backing of the memslot mapped with 2 MiB blocks.
+pub const BLOCKS_PA: u64 = 0x4200_0000;
+/// Bytes of the block memslot.
+pub const BLOCKS_BYTES: u64 = 32 << 20;
+/// Backing of the memslot mapped page by page.
+pub const PAGES_PA: u64 = 0x4400_0000;
+/// Bytes of the page memslot.
+pub const PAGES_BYTES: u64 = 8 << 20;
+/// End of the memory whose ownership the core tracks.
+pub const TRACKED_END: u64 = PAGES_PA + PAGES_BYTES;
+
+/// Guest IPA of the block memslot; the guest's code is its first bytes.
+pub const BLOCKS_IPA: u64 = 0x8000_0000;
+/// Guest IPA of the page memslot.
+pub const PAGES_IPA: u64 = 0x8400_0000;
+/// Guest IPA of the read-only memslot.
+pub const ROM_IPA: u64 = 0x9000_0000;
+
+/// Mailbox words (offsets in the mailbox page).
+pub mod mailbox {
+    /// The launcher writes [`GO`] here after the attach succeeded.
+    pub const GO: u64 = 0;
+    /// The value that starts the guest.
+    pub const GO_VALUE: u32 = 0x474f_2121;
+}

@@ -1,0 +1,292 @@
+//! hyp-core at real EL2 on QEMU's virt machine.
+//!
+//! Boots at EL2, builds the guest's stage 2 with hyp-core in its own table
+//! memory, creates the rings in RAM shared with the host, says READY on the
+//! UART and waits for the launcher to attach the VM to the memory-manager
+//! daemon and write GO. Then it enters the guest at EL1. Every stage-2 abort
+//! goes through the same hyp-core calls the simulated machine makes
+//! (`Vm::take_fault`, the fault ring, `Vm::execute` for each command until
+//! the fault completes); MMIO exits are completed here (recorded on the
+//! UART, the instruction skipped, reads return zero). The guest reports its
+//! checksum with HVC #1 and powers off with PSCI SYSTEM_OFF.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod guest;
+mod layout;
+mod uart;
+
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use core::panic::PanicInfo;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use hyp_core::abort::{Abort, FaultIpa};
+use hyp_core::addr::Pa;
+use hyp_core::arch::{translate_el1_va, El2Tlb};
+use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
+use hyp_core::stage2::{Geometry, LinearMap};
+use hyp_core::vm::{Completion, Vm};
+
+use boot::Frame;
+use layout::*;
+
+const VM_ID: u16 = 1;
+/// vCPU 0 and the control pair.
+const RING_PAIRS: u32 = 2;
+const CONTROL: u32 = 1;
+const TRACKED_PAGES: usize = ((TRACKED_END - TABLES_PA) / 4096) as usize;
+
+/// Everything the exception handler needs, built once before the guest runs.
+struct State {
+    vm: Vm<LinearMap>,
+    owners: PageOwnership<'static>,
+    tlb: El2Tlb,
+    faults_out: Producer<'static>,
+    commands: Consumer<'static>,
+    control_in: Consumer<'static>,
+    control_out: Producer<'static>,
+    faults: u64,
+    exits: u64,
+}
+
+/// A cell written once at boot and then used only by the (non-nesting)
+/// EL2 exception handler on this one PE.
+struct Once<T>(UnsafeCell<MaybeUninit<T>>);
+
+// SAFETY: one PE, and the handler runs with exceptions masked, so the value
+// is never accessed by two contexts at once.
+unsafe impl<T> Sync for Once<T> {}
+
+static STATE: Once<State> = Once(UnsafeCell::new(MaybeUninit::uninit()));
+static mut OWNERSHIP: [u16; TRACKED_PAGES] = [0; TRACKED_PAGES];
+
+fn ptr(pa: u64) -> NonNull<u8> {
+    NonNull::new(pa as *mut u8).expect("non-zero PA")
+}
+
+fn counter() -> u64 {
+    let (cnt, frq): (u64, u64);
+    // SAFETY: reads of the generic timer's count and frequency registers.
+    unsafe { core::arch::asm!("mrs {0}, cntpct_el0", "mrs {1}, cntfrq_el0", out(reg) cnt, out(reg) frq) };
+    cnt.saturating_mul(1_000_000_000 / frq.max(1))
+}
+
+fn sysreg_write_stage2(vtcr: u64, vttbr: u64) {
+    // HCR_EL2: VM (stage 2 on), SWIO, TSC (trap guest SMC), RW (EL1 is AArch64).
+    let hcr: u64 = 1 | 1 << 1 | 1 << 19 | 1 << 31;
+    // SAFETY: stage-2 and hypervisor configuration for the guest about to
+    // run; EL2's own translation is off and unaffected. TLBI VMALLS12E1
+    // drops anything cached for the VMID before first use.
+    unsafe {
+        core::arch::asm!(
+            "msr vtcr_el2, {vtcr}",
+            "msr vttbr_el2, {vttbr}",
+            "msr hcr_el2, {hcr}",
+            "isb",
+            "tlbi vmalls12e1",
+            "dsb sy",
+            "isb",
+            vtcr = in(reg) vtcr, vttbr = in(reg) vttbr, hcr = in(reg) hcr,
+        )
+    };
+}
+
+/// Boots: builds the core and the rings, says READY, waits for GO, enters
+/// the guest.
+#[no_mangle]
+extern "C" fn el2_main() -> ! {
+    println!("FAULTLINE-EL2 BOOT at EL2");
+    // SAFETY: the table window is RAM this image never uses otherwise,
+    // identity-mapped (EL2's MMU is off), 4 KiB aligned; the core and the
+    // daemon (through commands) are its only users.
+    let tables = unsafe { LinearMap::new(Pa::new(TABLES_PA), TABLES_BYTES, ptr(TABLES_PA)) };
+    // SAFETY: OWNERSHIP is borrowed once, here, for the life of the image.
+    let storage: &'static mut [u16] = unsafe { &mut *core::ptr::addr_of_mut!(OWNERSHIP) };
+    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
+    let id = VmId::new(VM_ID).expect("VM id");
+    for (pa, len) in [(ROM_PA, ROM_BYTES), (BLOCKS_PA, BLOCKS_BYTES), (PAGES_PA, PAGES_BYTES)] {
+        owners.transfer(Pa::new(pa), len, Owner::Host, Owner::Vm(id)).expect("guest memory is the host's");
+    }
+    let geometry = Geometry::kvm_default();
+    let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), RING_PAIRS, tables, &mut owners).expect("VM");
+    // SAFETY: the ring window is RAM shared with the daemon through QEMU's
+    // memory file, used only through the ring ABI's atomics from now on.
+    let shared =
+        unsafe { SharedRegion::create(ptr(RINGS_PA), RINGS_BYTES, RING_PAIRS, RING_ENTRIES) }.expect("ring region");
+    let ring = |pair, kind| shared.ring(pair, kind).expect("ring in range");
+    let state = State {
+        faults_out: Producer::attach(ring(0, RingKind::Fault)).expect("fault ring"),
+        commands: Consumer::attach(ring(0, RingKind::Command)).expect("command ring"),
+        control_in: Consumer::attach(ring(CONTROL, RingKind::Command)).expect("control ring"),
+        control_out: Producer::attach(ring(CONTROL, RingKind::Fault)).expect("control ring"),
+        vm,
+        owners,
+        tlb: El2Tlb,
+        faults: 0,
+        exits: 0,
+    };
+    let (vtcr, vttbr) = (geometry.vtcr(), state.vm.stage2().vttbr());
+    // SAFETY: first and only initialisation, before the guest can trap.
+    unsafe { (*STATE.0.get()).write(state) };
+
+    println!(
+        "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x}",
+        RINGS_PA, RINGS_BYTES, TABLES_PA, TABLES_BYTES, ROOT_RESERVE, MAILBOX_PA, vttbr
+    );
+    // SAFETY: the mailbox word is in RAM the launcher writes through the
+    // shared memory file; read atomically.
+    let go = unsafe { AtomicU32::from_ptr((MAILBOX_PA + mailbox::GO) as *mut u32) };
+    while go.load(Ordering::Acquire) != mailbox::GO_VALUE {
+        core::hint::spin_loop();
+    }
+    let program = guest::program();
+    // SAFETY: the block memslot's backing is the VM's and not yet mapped;
+    // the guest's first instruction fetch faults it in through the daemon.
+    unsafe { core::ptr::copy_nonoverlapping(program.as_ptr(), BLOCKS_PA as *mut u8, program.len()) };
+    sysreg_write_stage2(vtcr, vttbr);
+    println!("FAULTLINE-EL2 GUEST-ENTER ipa={:#x} bytes={}", BLOCKS_IPA, program.len());
+    boot::enter_guest(BLOCKS_IPA)
+}
+
+fn state() -> &'static mut State {
+    // SAFETY: written in el2_main before the guest first ran; only this
+    // handler uses it afterwards, never nested (see `Once`).
+    unsafe { (*STATE.0.get()).assume_init_mut() }
+}
+
+fn esr_far_hpfar_elr() -> (u64, u64, u64, u64) {
+    let (esr, far, hpfar, elr): (u64, u64, u64, u64);
+    // SAFETY: reads of the syndrome registers of the exception being handled.
+    unsafe {
+        core::arch::asm!(
+            "mrs {0}, esr_el2", "mrs {1}, far_el2", "mrs {2}, hpfar_el2", "mrs {3}, elr_el2",
+            out(reg) esr, out(reg) far, out(reg) hpfar, out(reg) elr,
+        )
+    };
+    (esr, far, hpfar, elr)
+}
+
+fn skip_instruction(elr: u64) {
+    // SAFETY: the guest resumes after the instruction EL2 completed.
+    unsafe { core::arch::asm!("msr elr_el2, {0}", in(reg) elr + 4) };
+}
+
+fn power_off() -> ! {
+    // SAFETY: PSCI SYSTEM_OFF through QEMU's SMC conduit; does not return.
+    unsafe { core::arch::asm!("smc #0", in("x0") 0x8400_0008u64, options(noreturn)) }
+}
+
+/// Serves one stage-2 abort through the daemon; returns how it completed.
+fn serve_fault(s: &mut State, esr: u64, far: u64, hpfar: u64) -> Completion {
+    let rec = match s.vm.take_fault(0, esr, far, hpfar, counter(), translate_el1_va) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("FAULTLINE-EL2 ERROR core refused the fault: {:?}", e);
+            power_off()
+        }
+    };
+    s.faults += 1;
+    push(&mut s.faults_out, &rec.encode());
+    loop {
+        // Control commands (write-protect for dirty logging) are served
+        // while a vCPU waits: this PE has nothing else to run.
+        if let Ok(Some(cmd)) = s.control_in.pop() {
+            let executed = s.vm.execute(CONTROL, &cmd, &mut s.owners, &mut s.tlb);
+            push(&mut s.control_out, &executed.result.encode());
+        }
+        match s.commands.pop() {
+            Ok(Some(cmd)) => {
+                let executed = s.vm.execute(0, &cmd, &mut s.owners, &mut s.tlb);
+                push(&mut s.faults_out, &executed.result.encode());
+                if let Some(c) = executed.completion {
+                    return c;
+                }
+            }
+            Ok(None) => core::hint::spin_loop(),
+            Err(e) => {
+                println!("FAULTLINE-EL2 ERROR command ring: {:?}", e);
+                power_off()
+            }
+        }
+    }
+}
+
+fn push(p: &mut Producer<'_>, r: &hyp_core::ring::Record) {
+    loop {
+        match p.push(r) {
+            Ok(()) => return,
+            Err(hyp_core::ring::RingError::Full) => core::hint::spin_loop(),
+            Err(e) => {
+                println!("FAULTLINE-EL2 ERROR ring: {:?}", e);
+                power_off()
+            }
+        }
+    }
+}
+
+/// Lower-EL synchronous exceptions: stage-2 aborts, HVCs, trapped SMCs.
+#[no_mangle]
+extern "C" fn el2_lower_sync(frame: &mut Frame) {
+    let (esr, far, hpfar, elr) = esr_far_hpfar_elr();
+    let s = state();
+    match esr >> 26 {
+        // Instruction / data abort from a lower EL.
+        0x20 | 0x24 => match serve_fault(s, esr, far, hpfar) {
+            Completion::Resume => {}
+            Completion::ExitToVmm => {
+                s.exits += 1;
+                let ipa = match Abort::decode(esr, far, hpfar).map(|a| a.ipa) {
+                    Ok(FaultIpa::Valid(ipa)) => ipa.raw(),
+                    _ => translate_el1_va(far).map_or(far, |ipa| ipa.raw()),
+                };
+                let iss = esr & 0x1ff_ffff;
+                let (isv, write, sas, srt) = (iss >> 24 & 1, iss >> 6 & 1, iss >> 22 & 3, (iss >> 16 & 31) as usize);
+                println!("FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} isv={}", ipa, write, 1u32 << sas, isv);
+                if isv == 1 && write == 0 && srt != 31 {
+                    // An emulated read of nothing: zero.
+                    frame.x[srt] = 0;
+                }
+                skip_instruction(elr);
+            }
+            Completion::InjectAbort => {
+                println!("FAULTLINE-EL2 ERROR the daemon asked to inject an abort at {:#x}", far);
+                power_off()
+            }
+        },
+        // HVC: #1 reports the checksum, #0 with x0 = SYSTEM_OFF powers off.
+        0x16 => match esr & 0xffff {
+            1 => println!("FAULTLINE-EL2 RESULT checksum={:#x} faults={} exits={}", frame.x[0], s.faults, s.exits),
+            0 if frame.x[0] == 0x8400_0008 => {
+                println!("FAULTLINE-EL2 POWEROFF faults={} exits={}", s.faults, s.exits);
+                power_off()
+            }
+            other => println!("FAULTLINE-EL2 WARN unknown HVC #{} x0={:#x}", other, frame.x[0]),
+        },
+        ec => {
+            println!(
+                "FAULTLINE-EL2 ERROR unexpected exception EC={:#x} ESR={:#x} ELR={:#x} FAR={:#x}",
+                ec, esr, elr, far
+            );
+            power_off()
+        }
+    }
+}
+
+/// Any exception the image does not handle.
+#[no_mangle]
+extern "C" fn el2_unexpected(vector: u64) -> ! {
+    let (esr, far, _, elr) = esr_far_hpfar_elr();
+    println!("FAULTLINE-EL2 ERROR unexpected vector {} ESR={:#x} ELR={:#x} FAR={:#x}", vector, esr, elr, far);
+    power_off()
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    println!("FAULTLINE-EL2 PANIC {}", info);
+    power_off()
+}

@@ -1,0 +1,378 @@
+//! `faultline qemu`: boots hyp-core at EL2 under `qemu-system-aarch64` and
+//! serves its guest from a running memory-manager daemon.
+//!
+//! The guest's RAM is a sealed memfd that QEMU maps as its whole RAM
+//! (`memory-backend-file` on `/proc/<pid>/fd/<n>`, `share=on`); the same fd
+//! goes to the daemon at attach, described as PA windows: the ring region,
+//! the stage-2 table pool, and the three memslots' backing. The EL2 image's
+//! own memory is not donated. The image says READY on the UART once its
+//! rings exist; the launcher then attaches (flag POLLED: code in QEMU cannot
+//! wake a futex), writes GO into the image's mailbox and reads the UART until
+//! the guest powers off.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use faultline_attach::shm::MappedRegion;
+use faultline_attach::{
+    decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind, Reply,
+    Status, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
+};
+use serde::Serialize;
+
+/// The board layout the EL2 image uses (hyp-core/image/src/layout.rs); the
+/// image prints it on its READY line and the launcher checks it.
+pub mod layout {
+    /// QEMU virt RAM base: file offset 0.
+    pub const RAM_PA: u64 = 0x4000_0000;
+    /// RAM size given to QEMU.
+    pub const RAM_BYTES: u64 = 256 << 20;
+    /// The image's mailbox page.
+    pub const MAILBOX_PA: u64 = 0x4020_0000;
+    /// Ring region.
+    pub const RINGS_PA: u64 = 0x4021_0000;
+    /// Ring region bytes.
+    pub const RINGS_BYTES: u64 = 64 << 10;
+    /// Stage-2 table memory.
+    pub const TABLES_PA: u64 = 0x4040_0000;
+    /// Table memory bytes.
+    pub const TABLES_BYTES: u64 = 4 << 20;
+    /// Kept for the root at the start of table memory.
+    pub const ROOT_RESERVE: u64 = 64 << 10;
+    /// Read-only memslot backing.
+    pub const ROM_PA: u64 = 0x4080_0000;
+    /// Read-only memslot bytes.
+    pub const ROM_BYTES: u64 = 2 << 20;
+    /// Block memslot backing.
+    pub const BLOCKS_PA: u64 = 0x4200_0000;
+    /// Block memslot bytes.
+    pub const BLOCKS_BYTES: u64 = 32 << 20;
+    /// Page memslot backing.
+    pub const PAGES_PA: u64 = 0x4400_0000;
+    /// Page memslot bytes.
+    pub const PAGES_BYTES: u64 = 8 << 20;
+    /// Block memslot IPA (the guest's code is its first bytes).
+    pub const BLOCKS_IPA: u64 = 0x8000_0000;
+    /// Page memslot IPA.
+    pub const PAGES_IPA: u64 = 0x8400_0000;
+    /// Read-only memslot IPA.
+    pub const ROM_IPA: u64 = 0x9000_0000;
+    /// What the guest reads outside every memslot.
+    pub const OUTSIDE_IPA: u64 = 0xa000_0000;
+    /// The mailbox value that starts the guest.
+    pub const GO_VALUE: u32 = 0x474f_2121;
+}
+use layout::*;
+
+/// The guest's value for a word at `ipa`.
+const MAGIC: u64 = 0x5bd1_e995_5bd1_e995;
+
+/// The read-only memslot's contents: word at offset `o` is `ROM_TAG | o`.
+const ROM_TAG: u64 = 0x524f_4d00_0000_0000;
+
+/// The accesses the guest makes, as the host predicts them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Prediction {
+    /// The checksum the guest must report.
+    pub checksum: u64,
+    /// Stage-2 faults: one per 2 MiB block, one per 4 KiB page, plus exits.
+    pub faults: u64,
+    /// Exits: `(IPA, write)`.
+    pub exits: Vec<(u64, bool)>,
+}
+
+/// What the guest program in the image does, computed on the host.
+pub fn predict() -> Prediction {
+    let mut checksum = 0u64;
+    let mut faults = 1; // the first instruction fetch maps block 0 (code)
+    for k in 1..=8u64 {
+        let a = BLOCKS_IPA + k * (2 << 20) + 0x10000;
+        for addr in [a, a + 0x1e_0000] {
+            checksum = checksum.wrapping_add(addr ^ MAGIC);
+        }
+        faults += 1;
+    }
+    for p in 0..32u64 {
+        let addr = PAGES_IPA + p * 4096 + 8;
+        checksum = checksum.wrapping_add(addr ^ MAGIC);
+        faults += 1;
+    }
+    // The read-only memslot: one fault maps it for the read; the write exits.
+    checksum = checksum.wrapping_add(ROM_TAG | 0x40);
+    faults += 2;
+    // Outside every memslot: an exit reading zero.
+    faults += 1;
+    Prediction { checksum, faults, exits: vec![(ROM_IPA + 0x40, true), (OUTSIDE_IPA, false)] }
+}
+
+/// Options of `faultline qemu`.
+#[derive(Debug, Clone)]
+pub struct QemuArgs {
+    /// The daemon's attach socket.
+    pub attach_socket: PathBuf,
+    /// The EL2 image (ELF).
+    pub image: PathBuf,
+    /// The QEMU binary.
+    pub qemu: String,
+    /// How long the whole run may take.
+    pub timeout: Duration,
+}
+
+/// The run's outcome.
+#[derive(Debug, Serialize)]
+pub struct QemuReport {
+    /// The guest's checksum.
+    pub checksum: u64,
+    /// What the host predicted.
+    pub expected: Prediction,
+    /// Faults the EL2 core served.
+    pub faults: u64,
+    /// Exits completed at EL2: `(IPA, write)`.
+    pub exits: Vec<(u64, bool)>,
+    /// From starting QEMU to the guest's result, ms.
+    pub boot_to_result_ms: u64,
+    /// The daemon's detach report: pages released, pins remaining, faults served.
+    pub detach: [u64; 3],
+}
+
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
+    let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
+    let (kind, payload) = decode_header(&msg.bytes)?;
+    if kind != MsgKind::Reply {
+        bail!("expected a reply from the daemon, got {kind:?}");
+    }
+    Ok(Reply::decode(payload)?)
+}
+
+fn hex_field(line: &str, key: &str) -> Option<u64> {
+    let v = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+    let v = v.split('+').next()?;
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+}
+
+fn dec_field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key))?.parse().ok()
+}
+
+/// The ring-region and table layout on the image's READY line must be the
+/// launcher's.
+fn check_ready(line: &str) -> anyhow::Result<()> {
+    let want = format!(
+        "rings={RINGS_PA:#x}+{RINGS_BYTES:#x} tables={TABLES_PA:#x}+{TABLES_BYTES:#x} root={ROOT_RESERVE:#x} mailbox={MAILBOX_PA:#x}"
+    );
+    if !line.contains(&want) {
+        bail!("the EL2 image's layout is not the launcher's: image says {line:?}, launcher expects {want:?}");
+    }
+    Ok(())
+}
+
+/// Boots the image, serves its guest from the daemon, returns the report.
+pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
+    if !args.image.exists() {
+        bail!("EL2 image {} not found: build it with scripts/build-el2-image.sh", args.image.display());
+    }
+    // The daemon first: fail before starting anything if it is not there.
+    let conn = faultline_attach::connect(&args.attach_socket)
+        .with_context(|| format!("connecting to the daemon at {}", args.attach_socket.display()))?;
+
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("faultline-qemu-ram")
+        .context("creating the guest RAM memfd")?;
+    memfd.as_file().set_len(RAM_BYTES)?;
+    memfd.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])?;
+    let ram = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM_BYTES, 4096).context("mapping guest RAM")?;
+    for off in (0..ROM_BYTES).step_by(8) {
+        ram.store(ROM_PA - RAM_PA + off, 8, ROM_TAG | off).expect("in range");
+    }
+
+    let mem_path = format!("/proc/{}/fd/{}", std::process::id(), memfd.as_file().as_raw_fd());
+    let started = Instant::now();
+    let child = Command::new(&args.qemu)
+        .args(["-M", "virt,virtualization=on,memory-backend=ram", "-cpu", "max", "-m", "256M", "-nographic"])
+        .args(["-monitor", "none", "-serial", "stdio", "-no-reboot", "-object"])
+        .arg(format!("memory-backend-file,id=ram,size=256M,mem-path={mem_path},share=on"))
+        .arg("-kernel")
+        .arg(&args.image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("{} not found (Debian: apt-get install qemu-system-arm)", args.qemu)
+            }
+            _ => anyhow::anyhow!("starting {}: {e}", args.qemu),
+        })?;
+    let mut qemu = Qemu(child);
+    let stdout = qemu.0.stdout.take().context("QEMU stdout")?;
+    let stderr = qemu.0.stderr.take().context("QEMU stderr")?;
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let served = serve(args, &conn, &memfd, &ram, &mut qemu, &lines, started);
+    if let Err(e) = served {
+        // QEMU's own messages say why it stopped, when it did.
+        let _ = qemu.0.kill();
+        let _ = qemu.0.wait();
+        let stderr = errors.join().unwrap_or_default();
+        let stderr = stderr.trim();
+        return Err(if stderr.is_empty() { e } else { e.context(format!("QEMU said: {stderr}")) });
+    }
+    served
+}
+
+/// Waits for READY, attaches, says GO, reads the UART until power-off.
+fn serve(
+    args: &QemuArgs,
+    conn: &OwnedFd,
+    memfd: &memfd::Memfd,
+    ram: &MappedRegion,
+    qemu: &mut Qemu,
+    lines: &mpsc::Receiver<String>,
+    started: Instant,
+) -> anyhow::Result<QemuReport> {
+    let deadline = started + args.timeout;
+    let next_line = |what: &str, qemu: &mut Qemu| -> anyhow::Result<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => Ok(l),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out after {:?} waiting for {what}", args.timeout),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = qemu.0.wait()?;
+                bail!("QEMU exited ({status}) before {what}")
+            }
+        }
+    };
+
+    let ready = loop {
+        let line = next_line("the EL2 image to say READY", qemu).context("the EL2 image did not boot")?;
+        if line.contains("FAULTLINE-EL2 READY") {
+            break line;
+        }
+        if line.contains("FAULTLINE-EL2 ERROR") || line.contains("FAULTLINE-EL2 PANIC") {
+            bail!("the EL2 image failed while booting: {line}");
+        }
+    };
+    check_ready(&ready)?;
+
+    let request = AttachRequest {
+        vm_id: 1,
+        nr_vcpus: 1,
+        ipa_bits: 40,
+        flags: ATTACH_POLLED,
+        regions: vec![
+            guest_region(0, BLOCKS_PA, BLOCKS_BYTES, 2 << 20, REGION_WRITABLE),
+            guest_region(1, PAGES_PA, PAGES_BYTES, 4096, REGION_WRITABLE),
+            guest_region(2, ROM_PA, ROM_BYTES, 4096, 0),
+            RegionDesc {
+                kind: RegionKind::Rings,
+                flags: 0,
+                pa_base: RINGS_PA,
+                size: RINGS_BYTES,
+                page_size: 4096,
+                fd_index: 3,
+                fd_offset: RINGS_PA - RAM_PA,
+            },
+            RegionDesc {
+                kind: RegionKind::TablePool,
+                flags: 0,
+                pa_base: TABLES_PA + ROOT_RESERVE,
+                size: TABLES_BYTES - ROOT_RESERVE,
+                page_size: 4096,
+                fd_index: NO_FD,
+                fd_offset: 0,
+            },
+        ],
+        memslots: vec![
+            MemslotDesc { gpa: BLOCKS_IPA, size: BLOCKS_BYTES, region: 0, flags: 0, region_offset: 0 },
+            MemslotDesc { gpa: PAGES_IPA, size: PAGES_BYTES, region: 1, flags: 0, region_offset: 0 },
+            MemslotDesc { gpa: ROM_IPA, size: ROM_BYTES, region: 2, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
+        ],
+    };
+    // One fd per region (the protocol gives each region its own): the same
+    // memfd four times, each a window at its own offset.
+    let fd = memfd.as_file().as_fd();
+    send_message(conn.as_fd(), &request.encode(), &[fd, fd, fd, fd]).context("sending the attach request")?;
+    let reply = read_reply(conn).context("reading the attach reply")?;
+    if reply.status != Status::Ok {
+        bail!("the daemon refused the attach: {:?}: {}", reply.status, reply.message);
+    }
+    ram.store(MAILBOX_PA - RAM_PA, 4, GO_VALUE as u64).expect("in range");
+
+    let (mut checksum, mut exits, mut result_at) = (None, Vec::new(), None);
+    let faults = loop {
+        let line = next_line("the guest to power off", qemu)?;
+        if line.contains("FAULTLINE-EL2 EXIT") {
+            let ipa = hex_field(&line, "ipa=").context("EXIT line without ipa")?;
+            exits.push((ipa, dec_field(&line, "write=") == Some(1)));
+        } else if line.contains("FAULTLINE-EL2 RESULT") {
+            checksum = hex_field(&line, "checksum=");
+            result_at = Some(started.elapsed());
+        } else if line.contains("FAULTLINE-EL2 POWEROFF") {
+            break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 ERROR") || line.contains("FAULTLINE-EL2 PANIC") {
+            bail!("the EL2 image failed: {line}");
+        }
+    };
+    let status = qemu.0.wait()?;
+    if !status.success() {
+        bail!("QEMU exited with {status}");
+    }
+    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
+    let detach = read_reply(conn).context("reading the detach reply")?;
+    Ok(QemuReport {
+        checksum: checksum.context("the guest never reported its checksum")?,
+        expected: predict(),
+        faults,
+        exits,
+        boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
+        detach: detach.values,
+    })
+}
+
+fn guest_region(fd_index: u32, pa: u64, size: u64, page_size: u64, flags: u32) -> RegionDesc {
+    RegionDesc { kind: RegionKind::Guest, flags, pa_base: pa, size, page_size, fd_index, fd_offset: pa - RAM_PA }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prediction_counts_blocks_pages_and_exits() {
+        let p = predict();
+        assert_eq!(p.faults, 1 + 8 + 32 + 2 + 1);
+        assert_eq!(p.exits.len(), 2);
+        assert_ne!(p.checksum, 0);
+    }
+
+    #[test]
+    fn ready_lines_are_parsed_and_checked() {
+        let line = "FAULTLINE-EL2 READY rings=0x40210000+0x10000 tables=0x40400000+0x400000 root=0x10000 mailbox=0x40200000 vttbr=0x1";
+        assert!(check_ready(line).is_ok());
+        assert!(check_ready(&line.replace("0x40210000", "0x40220000")).is_err());
+        assert_eq!(hex_field("EXIT ipa=0x90000040 write=1", "ipa="), Some(0x9000_0040));
+        assert_eq!(dec_field("EXIT ipa=0x90000040 write=1", "write="), Some(1));
+    }
+}
