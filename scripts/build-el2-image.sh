@@ -18,7 +18,7 @@ if [ ! -x "$lld" ]; then
 fi
 
 cd hyp-core/image
-RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo build --release --quiet \
+RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo build --release --quiet --locked \
   --target aarch64-unknown-none \
   -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
   --target-dir "$root/target/el2-image" \

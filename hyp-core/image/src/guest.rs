@@ -10,6 +10,11 @@
 
 use core::arch::global_asm;
 
+use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, ROM_IPA};
+
+/// Every word the guest writes is its address XOR this.
+const MAGIC: u64 = 0x5bd1_e995_5bd1_e995;
+
 global_asm!(
     r#"
     .macro movl64 reg, imm
@@ -23,10 +28,10 @@ global_asm!(
     .global guest_entry
 guest_entry:
     mov x20, #0
-    movl64 x21, 0x5bd1e9955bd1e995
+    movl64 x21, {magic}
     // Blocks 1..=8 of the block memslot (block 0 holds this code): two
     // words each, 1.875 MiB apart.
-    movl64 x1, 0x80210000
+    movl64 x1, {block1}
     mov x2, #8
 1:  eor x3, x1, x21
     str x3, [x1]
@@ -41,7 +46,7 @@ guest_entry:
     subs x2, x2, #1
     b.ne 1b
     // 32 pages of the page memslot.
-    movl64 x1, 0x84000008
+    movl64 x1, {pages}
     mov x2, #32
 2:  eor x3, x1, x21
     str x3, [x1]
@@ -51,12 +56,12 @@ guest_entry:
     subs x2, x2, #1
     b.ne 2b
     // The read-only memslot: a read is mapped, a write exits.
-    movl64 x1, 0x90000040
+    movl64 x1, {rom}
     ldr x6, [x1]
     add x20, x20, x6
     str x20, [x1]
     // Outside every memslot: the read exits and reads as zero.
-    movl64 x1, 0xa0000000
+    movl64 x1, {outside}
     ldr x6, [x1]
     add x20, x20, x6
     // Report, then power off.
@@ -65,7 +70,12 @@ guest_entry:
     movl64 x0, 0x84000008
     hvc #0
 3:  b 3b
-"#
+"#,
+    magic = const MAGIC,
+    block1 = const BLOCKS_IPA + (2 << 20) + 0x10000,
+    pages = const PAGES_IPA + 8,
+    rom = const ROM_IPA + 0x40,
+    outside = const OUTSIDE_IPA,
 );
 
 extern "C" {

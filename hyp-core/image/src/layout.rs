@@ -1,9 +1,12 @@
 //! The board layout: where everything lives in QEMU's RAM (PA) and in the
 //! guest's IPA space. The launcher (`faultline qemu`) reads it from the
-//! image's READY line and refuses a layout it does not expect.
+//! image's READY line and refuses a layout it does not expect; it compiles
+//! this very file (`#[path]`), so both sides use the same constants.
 
 /// Start of QEMU virt RAM; file offset 0 of the shared RAM file.
 pub const RAM_PA: u64 = 0x4000_0000;
+/// RAM given to QEMU (`-m 256M`).
+pub const RAM_BYTES: u64 = 256 << 20;
 /// The page the launcher writes GO into once the VM is attached.
 pub const MAILBOX_PA: u64 = 0x4020_0000;
 /// The ring region (vCPU 0's pair and the control pair).
@@ -40,6 +43,12 @@ pub const BLOCKS_IPA: u64 = 0x8000_0000;
 pub const PAGES_IPA: u64 = 0x8400_0000;
 /// Guest IPA of the read-only memslot.
 pub const ROM_IPA: u64 = 0x9000_0000;
+/// A guest IPA outside every memslot.
+pub const OUTSIDE_IPA: u64 = 0xa000_0000;
+
+// The image (linked at RAM_PA, at most 2 MiB) ends before the mailbox, and
+// everything fits in RAM.
+const _: () = assert!(MAILBOX_PA >= RAM_PA + (2 << 20) && TRACKED_END <= RAM_PA + RAM_BYTES);
 
 /// Mailbox words (offsets in the mailbox page).
 pub mod mailbox {

@@ -25,48 +25,12 @@ use faultline_attach::{
 };
 use serde::Serialize;
 
-/// The board layout the EL2 image uses (hyp-core/image/src/layout.rs); the
-/// image prints it on its READY line and the launcher checks it.
-pub mod layout {
-    /// QEMU virt RAM base: file offset 0.
-    pub const RAM_PA: u64 = 0x4000_0000;
-    /// RAM size given to QEMU.
-    pub const RAM_BYTES: u64 = 256 << 20;
-    /// The image's mailbox page.
-    pub const MAILBOX_PA: u64 = 0x4020_0000;
-    /// Ring region.
-    pub const RINGS_PA: u64 = 0x4021_0000;
-    /// Ring region bytes.
-    pub const RINGS_BYTES: u64 = 64 << 10;
-    /// Stage-2 table memory.
-    pub const TABLES_PA: u64 = 0x4040_0000;
-    /// Table memory bytes.
-    pub const TABLES_BYTES: u64 = 4 << 20;
-    /// Kept for the root at the start of table memory.
-    pub const ROOT_RESERVE: u64 = 64 << 10;
-    /// Read-only memslot backing.
-    pub const ROM_PA: u64 = 0x4080_0000;
-    /// Read-only memslot bytes.
-    pub const ROM_BYTES: u64 = 2 << 20;
-    /// Block memslot backing.
-    pub const BLOCKS_PA: u64 = 0x4200_0000;
-    /// Block memslot bytes.
-    pub const BLOCKS_BYTES: u64 = 32 << 20;
-    /// Page memslot backing.
-    pub const PAGES_PA: u64 = 0x4400_0000;
-    /// Page memslot bytes.
-    pub const PAGES_BYTES: u64 = 8 << 20;
-    /// Block memslot IPA (the guest's code is its first bytes).
-    pub const BLOCKS_IPA: u64 = 0x8000_0000;
-    /// Page memslot IPA.
-    pub const PAGES_IPA: u64 = 0x8400_0000;
-    /// Read-only memslot IPA.
-    pub const ROM_IPA: u64 = 0x9000_0000;
-    /// What the guest reads outside every memslot.
-    pub const OUTSIDE_IPA: u64 = 0xa000_0000;
-    /// The mailbox value that starts the guest.
-    pub const GO_VALUE: u32 = 0x474f_2121;
-}
+/// The board layout, compiled from the EL2 image's own source so the two
+/// cannot drift; the image's READY line is still checked against it (a
+/// stale image binary).
+#[path = "../../../hyp-core/image/src/layout.rs"]
+#[allow(dead_code)]
+pub mod layout;
 use layout::*;
 
 /// The guest's value for a word at `ipa`.
@@ -318,7 +282,7 @@ fn serve(
     if reply.status != Status::Ok {
         bail!("the daemon refused the attach: {:?}: {}", reply.status, reply.message);
     }
-    ram.store(MAILBOX_PA - RAM_PA, 4, GO_VALUE as u64).expect("in range");
+    ram.store(MAILBOX_PA - RAM_PA + mailbox::GO, 4, mailbox::GO_VALUE as u64).expect("in range");
 
     let (mut checksum, mut exits, mut result_at) = (None, Vec::new(), None);
     let faults = loop {

@@ -1,0 +1,118 @@
+//! Real EL2: the hyp-core image boots at EL2 under qemu-system-aarch64, its
+//! EL1 guest's stage-2 aborts are served by the real daemon binary, and the
+//! faults are visible through FaultTrace. Needs `qemu-system-aarch64` and
+//! Debian's Rust toolchain (`.ci/run` installs both); the image is built by
+//! `scripts/build-el2-image.sh`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::{observe_response::ResponseTypes, FaultEvent, MappingSize, ObserveRequest, Outcome};
+use faultline_system_tests::{binary, Daemon};
+
+/// Builds the EL2 image once per test process; returns its path.
+fn image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = Command::new(root.join("scripts/build-el2-image.sh")).output().expect("running the build script");
+            assert!(out.status.success(), "building the EL2 image failed: {}", String::from_utf8_lossy(&out.stderr));
+            PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        })
+        .clone()
+}
+
+fn faultline_qemu(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary("faultline")).arg("qemu").args(args).env("RUST_BACKTRACE", "0").output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_el2_guest_is_served_by_the_daemon_and_observed() {
+    let image = image();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket.to_str().unwrap().to_string();
+    let image_arg = image.to_str().unwrap().to_string();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        faultline_qemu(&["--attach-socket", &socket, "--image", &image_arg, "--timeout", "120"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "faultline qemu failed: {err}\n{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let expected = &report["expected"];
+    // The guest's checksum is the host's, for the same pattern.
+    assert_eq!(report["checksum"], expected["checksum"]);
+    // One fault per 2 MiB block and per 4 KiB page touched, plus the exits.
+    assert_eq!(report["faults"], expected["faults"]);
+    assert_eq!(report["faults"], 44);
+    // The MMIO write to the read-only memslot and the read outside memslots.
+    assert_eq!(report["exits"], serde_json::json!([[0x9000_0040u64, true], [0xa000_0000u64, false]]));
+    assert_eq!(report["exits"], expected["exits"]);
+    // Detach: every pin released, every fault served by the daemon.
+    assert_eq!(report["detach"][1], 0, "pins remaining");
+    assert_eq!(report["detach"][2], report["faults"]);
+
+    // FaultTrace saw every fault, with the syndromes QEMU's CPU produced.
+    let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut stream = client.observe(ObserveRequest::default()).await.unwrap().into_inner();
+    let mut events: Vec<FaultEvent> = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(ResponseTypes::Fault(e)) = r.response_types {
+            events.push(e);
+        }
+    }
+    assert_eq!(events.len(), 44);
+    let ec = |e: &FaultEvent| e.esr >> 26;
+    assert_eq!(ec(&events[0]), 0x20, "the first fault is the guest's first instruction fetch");
+    assert_eq!(events[0].ipa, 0x8000_0000);
+    assert!(events[1..].iter().all(|e| ec(e) == 0x24), "the rest are data aborts from EL1");
+    let size = |s: MappingSize| events.iter().filter(|e| e.mapping_size == s as i32).count();
+    assert_eq!((size(MappingSize::MappingSize2m), size(MappingSize::MappingSize4k)), (9, 33));
+    let exits: Vec<u64> = events.iter().filter(|e| e.outcome == Outcome::MmioExit as i32).map(|e| e.ipa).collect();
+    assert_eq!(exits, [0x9000_0040, 0xa000_0000]);
+    // The write to the mapped read-only page is a permission fault (DFSC
+    // 0b0011xx) with a valid syndrome (ISV) and WnR set, as the Arm ARM says.
+    let rom_write = events.iter().find(|e| e.ipa == 0x9000_0040 && e.outcome == Outcome::MmioExit as i32).unwrap();
+    assert_eq!((rom_write.esr >> 24 & 1, rom_write.esr >> 6 & 1, rom_write.esr & 0x3c), (1, 1, 0x0c));
+}
+
+#[test]
+fn the_launcher_reports_what_stops_it() {
+    let image = image();
+    let image_arg = image.to_str().unwrap();
+    // No daemon.
+    let (ok, _, err) = faultline_qemu(&["--attach-socket", "/nonexistent/attach.sock", "--image", image_arg]);
+    assert!(!ok && err.contains("connecting to the daemon at /nonexistent/attach.sock"), "{err}");
+
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket.to_str().unwrap();
+    // No QEMU.
+    let (ok, _, err) =
+        faultline_qemu(&["--attach-socket", socket, "--image", image_arg, "--qemu", "/nonexistent/qemu"]);
+    assert!(!ok && err.contains("/nonexistent/qemu not found"), "{err}");
+    // No image.
+    let (ok, _, err) = faultline_qemu(&["--attach-socket", socket, "--image", "/nonexistent/image"]);
+    assert!(!ok && err.contains("build it with scripts/build-el2-image.sh"), "{err}");
+    // Not an image QEMU can load (a directory): QEMU exits early and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) =
+        faultline_qemu(&["--attach-socket", socket, "--image", dir.path().to_str().unwrap(), "--timeout", "30"]);
+    assert!(!ok && err.contains("QEMU exited") && err.contains("QEMU said"), "{err}");
+    // An image that runs but never boots hyp-core (a branch-to-self): the
+    // launcher gives up at its timeout.
+    let spin = dir.path().join("spin.bin");
+    std::fs::write(&spin, 0x1400_0000u32.to_le_bytes()).unwrap();
+    let (ok, _, err) =
+        faultline_qemu(&["--attach-socket", socket, "--image", spin.to_str().unwrap(), "--timeout", "3"]);
+    assert!(!ok && err.contains("timed out after 3s waiting for the EL2 image to say READY"), "{err}");
+    // The daemon is still serving and nothing stayed attached.
+    assert!(daemon.log().contains("attach socket listening") && !daemon.log().contains("VM attached"));
+}
