@@ -162,7 +162,14 @@ pub enum PipelineError {
 /// KVM's `kvm_is_write_fault()`: stage-1 walks count as writes (hardware
 /// may update the access flag), fetches never do, data aborts per WnR.
 pub fn is_write(abort: &Abort) -> bool {
-    abort.s1ptw || (abort.kind == AbortKind::Data && abort.access == Access::Write)
+    if abort.s1ptw {
+        // As KVM's kvm_is_write_fault(): only a permission fault on a
+        // stage-1 walk is a write (the walker setting AF/DB). A translation
+        // fault on a walk is a read, so page tables in a read-only memslot
+        // work: mapped read-only first, the flag update faults again.
+        return matches!(abort.status, FaultStatus::Permission { .. });
+    }
+    abort.kind == AbortKind::Data && abort.access == Access::Write
 }
 
 /// Runs the pipeline for one fault record.
