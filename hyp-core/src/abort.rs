@@ -305,6 +305,21 @@ impl Abort {
             FaultIpa::NotReported => None,
         }
     }
+
+    /// The access the stage-2 mapping must allow to resolve this abort. On a
+    /// stage-1 table walk (S1PTW) that is the walker's access, not the
+    /// instruction's: a read, or a write when the walk hit a permission
+    /// fault (the walker updating the access or dirty flag), as KVM's
+    /// `kvm_is_write_fault()` and `kvm_vcpu_trap_is_exec_fault()` decide.
+    pub fn stage2_access(&self) -> Access {
+        if self.s1ptw {
+            return match self.status {
+                FaultStatus::Permission { .. } => Access::Write,
+                _ => Access::Read,
+            };
+        }
+        self.access
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +331,23 @@ mod tests {
     // EC in [31:26], IL at 25.
     const DABT: u64 = (0x24 << 26) | (1 << 25);
     const IABT: u64 = (0x20 << 26) | (1 << 25);
+
+    #[test]
+    fn a_table_walk_needs_the_walkers_access_not_the_instructions() {
+        let s1ptw = 1 << 7;
+        let wnr = 1 << 6;
+        let access = |esr: u64| Abort::decode(esr, 0x1000, 0x10).unwrap().stage2_access();
+        // A store whose walk hit a translation fault: the walk reads.
+        assert_eq!(access(DABT | s1ptw | wnr | 0b000111), Access::Read);
+        // The walker setting AF hit a permission fault: a write.
+        assert_eq!(access(DABT | s1ptw | 0b001111), Access::Write);
+        // A fetch's walk reads the table; it does not execute it.
+        assert_eq!(access(IABT | s1ptw | 0b000110), Access::Read);
+        // Not a walk: the instruction's own access.
+        assert_eq!(access(DABT | wnr | 0b000111), Access::Write);
+        assert_eq!(access(IABT | 0b000111), Access::Execute);
+        assert_eq!(access(DABT | 0b001111), Access::Read);
+    }
 
     #[test]
     fn every_dfsc_code_in_the_arm_arm_table_decodes() {

@@ -204,7 +204,7 @@ impl<M: TableMemory> Vm<M> {
         let fault_id = self.next_fault_id;
         self.next_fault_id += 1;
         self.outstanding[vcpu as usize] =
-            Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.access });
+            Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.stage2_access() });
         Ok(FaultRecord {
             kind: kind::FAULT,
             vcpu,

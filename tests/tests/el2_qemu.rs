@@ -116,3 +116,88 @@ fn the_launcher_reports_what_stops_it() {
     // The daemon is still serving and nothing stayed attached.
     assert!(daemon.log().contains("attach socket listening") && !daemon.log().contains("VM attached"));
 }
+
+/// One row of the stage-1 probe: the guest turns its MMU on with its page
+/// tables in their own memslot and makes one access (a first slice of
+/// KVM's page_fault_test matrix, issue 6, at real EL2).
+struct ProbeRow {
+    args: &'static [&'static str],
+    /// Stage-2 faults: code block, the three table pages, the data page, plus
+    /// an access-flag update when the walker had to write a read-only table.
+    faults: u64,
+    /// The guest's result: the value read or written; `None` if injected.
+    value: Option<u64>,
+    /// Relaxations (an access-flag update on a logged table page).
+    relaxed: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage1_table_walks_at_el2_are_resolved_as_kvm_resolves_them() {
+    const PROBE: u64 = 0x8400_0008;
+    let rows = [
+        // Plain: each table page faults once on the walk (a read), mapped.
+        ProbeRow { args: &["--stage1-probe", "write"], faults: 5, value: Some(PROBE), relaxed: 0 },
+        // Logged tables, access flag clear: the walk maps the table page
+        // read-only; the hardware AF update is a permission fault on the
+        // walk, a write: relaxed in place (and the table page dirtied).
+        ProbeRow {
+            args: &["--stage1-probe", "write", "--af-clear", "--tables", "dirty-log"],
+            faults: 6,
+            value: Some(PROBE),
+            relaxed: 1,
+        },
+        // Tables in a read-only memslot: walks read them, so it works
+        // (KVM since 6.2: only a permission fault on a walk is a write).
+        ProbeRow { args: &["--stage1-probe", "read", "--tables", "read-only"], faults: 5, value: Some(0), relaxed: 0 },
+        // ... until the walker must write one: injected into the guest.
+        ProbeRow {
+            args: &["--stage1-probe", "read", "--af-clear", "--tables", "read-only"],
+            faults: 5,
+            value: None,
+            relaxed: 0,
+        },
+    ];
+    let image = image();
+    for row in rows {
+        let daemon = Daemon::start(&[]);
+        let mut args = vec!["--attach-socket", daemon.socket.to_str().unwrap(), "--image", image.to_str().unwrap()];
+        args.extend(row.args);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (ok, out, err) =
+            tokio::task::spawn_blocking(move || faultline_qemu(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+                .await
+                .unwrap();
+        assert!(ok, "{:?}: {err}\n{out}", row.args);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["faults"], row.faults, "{:?}", row.args);
+        assert_eq!(report["checksum"].as_u64(), row.value, "{:?}", row.args);
+        assert_eq!(report["injected"].is_null(), row.value.is_some(), "{:?}", row.args);
+        assert_eq!(report["detach"][1], 0, "pins remaining");
+
+        let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+        let mut stream = client.observe(ObserveRequest::default()).await.unwrap().into_inner();
+        let mut events: Vec<FaultEvent> = Vec::new();
+        while let Some(r) = stream.message().await.unwrap() {
+            if let Some(ResponseTypes::Fault(e)) = r.response_types {
+                events.push(e);
+            }
+        }
+        assert_eq!(events.len() as u64, row.faults);
+        let s1ptw = |e: &FaultEvent| e.esr >> 7 & 1 == 1;
+        // The three table pages each faulted on a walk (S1PTW set by QEMU).
+        let walked: Vec<u64> = events.iter().filter(|e| s1ptw(e) && e.kind == 1).map(|e| e.ipa & !0xfff).collect();
+        assert_eq!(walked, [0x8800_0000, 0x8800_1000, 0x8800_2000], "{:?}", row.args);
+        // Table pages are never mapped executable, whatever walked them.
+        assert!(events.iter().filter(|e| s1ptw(e)).all(|e| e.permissions & 4 == 0), "{:?}", row.args);
+        let relaxed = events.iter().filter(|e| e.outcome == Outcome::Relaxed as i32).count() as u64;
+        assert_eq!(relaxed, row.relaxed, "{:?}", row.args);
+        if row.relaxed > 0 {
+            let update = events.iter().find(|e| e.outcome == Outcome::Relaxed as i32).unwrap();
+            assert!(s1ptw(update) && update.ipa == 0x8800_2008, "the walker's AF write to the L3 table");
+        }
+        if row.value.is_none() {
+            let last = events.last().unwrap();
+            assert!(s1ptw(last) && last.outcome == Outcome::InjectedAbort as i32);
+        }
+    }
+}

@@ -99,9 +99,9 @@ pub struct Frame {
     pub x: [u64; 32],
 }
 
-/// Enters the guest at EL1h at `entry` with interrupts masked; never returns
-/// (the guest comes back only through the vectors).
-pub fn enter_guest(entry: u64) -> ! {
+/// Enters the guest at EL1h at `entry` with `x0` and interrupts masked;
+/// never returns (the guest comes back only through the vectors).
+pub fn enter_guest(entry: u64, x0: u64) -> ! {
     // SAFETY: ELR/SPSR/SCTLR_EL1 set up an EL1h entry with the MMU off; the
     // stage-2 registers were written by the caller. ERET leaves EL2 for good
     // on this path; SP_EL2 stays below the caller's frame, which the
@@ -113,6 +113,7 @@ pub fn enter_guest(entry: u64) -> ! {
             "msr sctlr_el1, {sctlr}",
             "isb",
             "eret",
+            in("x0") x0,
             entry = in(reg) entry,
             spsr = in(reg) 0x3c5u64,
             sctlr = in(reg) 0x30d0_0800u64,

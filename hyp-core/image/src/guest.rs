@@ -10,7 +10,14 @@
 
 use core::arch::global_asm;
 
-use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, ROM_IPA};
+use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_IPA, PT_IPA, ROM_IPA};
+
+/// MAIR_EL1: attribute 0 Normal write-back.
+const MAIR: u64 = 0xff;
+/// TCR_EL1: T0SZ 25 (39-bit VA), walks inner/outer write-back inner
+/// shareable, 4 KiB granule, TTBR1 walks off (EPD1), IPS 40 bits, hardware
+/// access-flag updates on (HA).
+const TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | 1 << 39;
 
 /// Every word the guest writes is its address XOR this.
 const MAGIC: u64 = 0x5bd1_e995_5bd1_e995;
@@ -70,7 +77,42 @@ guest_entry:
     movl64 x0, 0x84000008
     hvc #0
 3:  b 3b
+
+    // The stage-1 probe: x0 = 0 read, 1 write. Turns the MMU on with the
+    // tables the launcher wrote in the page-table memslot, makes one access
+    // to the probe word, reports it (x0 = value read, or written) and powers
+    // off. Every walk of a table page not yet mapped at stage 2 is a stage-2
+    // abort with S1PTW set; an access-flag update is a write by the walker.
+    .global guest_s1_entry
+guest_s1_entry:
+    movl64 x1, {mair}
+    msr mair_el1, x1
+    movl64 x1, {tcr}
+    msr tcr_el1, x1
+    movl64 x1, {ttbr}
+    msr ttbr0_el1, x1
+    isb
+    mrs x1, sctlr_el1
+    movl64 x2, 0x1005
+    orr x1, x1, x2
+    msr sctlr_el1, x1
+    isb
+    movl64 x2, {probe}
+    cbz x0, 4f
+    str x2, [x2]
+    mov x3, x2
+    b 5f
+4:  ldr x3, [x2]
+5:  mov x0, x3
+    hvc #1
+    movl64 x0, 0x84000008
+    hvc #0
+6:  b 6b
 "#,
+    mair = const MAIR,
+    tcr = const TCR,
+    ttbr = const PT_IPA,
+    probe = const PROBE_IPA,
     magic = const MAGIC,
     block1 = const BLOCKS_IPA + (2 << 20) + 0x10000,
     pages = const PAGES_IPA + 8,
@@ -81,6 +123,13 @@ guest_entry:
 extern "C" {
     static __guest_start: u8;
     static __guest_end: u8;
+    static guest_s1_entry: u8;
+}
+
+/// Offset of the stage-1 probe's entry in [`program`].
+pub fn stage1_probe_offset() -> u64 {
+    // Addresses of linker symbols only; nothing is read.
+    (core::ptr::addr_of!(guest_s1_entry) as usize - core::ptr::addr_of!(__guest_start) as usize) as u64
 }
 
 /// The guest program's bytes in the image.

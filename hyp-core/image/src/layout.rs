@@ -34,8 +34,13 @@ pub const BLOCKS_BYTES: u64 = 32 << 20;
 pub const PAGES_PA: u64 = 0x4400_0000;
 /// Bytes of the page memslot.
 pub const PAGES_BYTES: u64 = 8 << 20;
+/// Backing of the memslot holding the guest's stage-1 page tables (the
+/// stage-1 probe); the launcher writes the tables before boot.
+pub const PT_PA: u64 = 0x4480_0000;
+/// Bytes of the page-table memslot.
+pub const PT_BYTES: u64 = 2 << 20;
 /// End of the memory whose ownership the core tracks.
-pub const TRACKED_END: u64 = PAGES_PA + PAGES_BYTES;
+pub const TRACKED_END: u64 = PT_PA + PT_BYTES;
 
 /// Guest IPA of the block memslot; the guest's code is its first bytes.
 pub const BLOCKS_IPA: u64 = 0x8000_0000;
@@ -45,6 +50,11 @@ pub const PAGES_IPA: u64 = 0x8400_0000;
 pub const ROM_IPA: u64 = 0x9000_0000;
 /// A guest IPA outside every memslot.
 pub const OUTSIDE_IPA: u64 = 0xa000_0000;
+/// Guest IPA of the page-table memslot: the stage-1 root (TTBR0_EL1) is its
+/// first page, then the level-2 and level-3 tables.
+pub const PT_IPA: u64 = 0x8800_0000;
+/// The word the stage-1 probe reads or writes (VA = IPA), in the page memslot.
+pub const PROBE_IPA: u64 = PAGES_IPA + 8;
 
 // The image (linked at RAM_PA, at most 2 MiB) ends before the mailbox, and
 // everything fits in RAM.
@@ -56,4 +66,12 @@ pub mod mailbox {
     pub const GO: u64 = 0;
     /// The value that starts the guest.
     pub const GO_VALUE: u32 = 0x474f_2121;
+    /// Which guest runs: [`SCENARIO_CHECKSUM`] or [`SCENARIO_STAGE1_PROBE`].
+    pub const SCENARIO: u64 = 4;
+    /// The checksum guest (2 MiB blocks, pages, read-only slot, exits).
+    pub const SCENARIO_CHECKSUM: u32 = 0;
+    /// The stage-1 probe: MMU on with tables in their own memslot, one access.
+    pub const SCENARIO_STAGE1_PROBE: u32 = 1;
+    /// The probe's access: 0 read64, 1 write64.
+    pub const PROBE_ACCESS: u64 = 8;
 }

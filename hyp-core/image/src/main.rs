@@ -109,7 +109,7 @@ extern "C" fn el2_main() -> ! {
     let storage: &'static mut [u16] = unsafe { &mut *core::ptr::addr_of_mut!(OWNERSHIP) };
     let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
     let id = VmId::new(VM_ID).expect("VM id");
-    for (pa, len) in [(ROM_PA, ROM_BYTES), (BLOCKS_PA, BLOCKS_BYTES), (PAGES_PA, PAGES_BYTES)] {
+    for (pa, len) in [(ROM_PA, ROM_BYTES), (BLOCKS_PA, BLOCKS_BYTES), (PAGES_PA, PAGES_BYTES), (PT_PA, PT_BYTES)] {
         owners.transfer(Pa::new(pa), len, Owner::Host, Owner::Vm(id)).expect("guest memory is the host's");
     }
     let geometry = Geometry::kvm_default();
@@ -144,13 +144,27 @@ extern "C" fn el2_main() -> ! {
     while go.load(Ordering::Acquire) != mailbox::GO_VALUE {
         core::hint::spin_loop();
     }
+    let read_mailbox = |offset: u64| {
+        // SAFETY: as for GO: a word of the mailbox page, read atomically.
+        unsafe { AtomicU32::from_ptr((MAILBOX_PA + offset) as *mut u32) }.load(Ordering::Acquire)
+    };
+    let (entry, x0) = match read_mailbox(mailbox::SCENARIO) {
+        mailbox::SCENARIO_CHECKSUM => (BLOCKS_IPA, 0),
+        mailbox::SCENARIO_STAGE1_PROBE => {
+            (BLOCKS_IPA + guest::stage1_probe_offset(), read_mailbox(mailbox::PROBE_ACCESS) as u64)
+        }
+        other => {
+            println!("FAULTLINE-EL2 ERROR unknown scenario {}", other);
+            power_off()
+        }
+    };
     let program = guest::program();
     // SAFETY: the block memslot's backing is the VM's and not yet mapped;
     // the guest's first instruction fetch faults it in through the daemon.
     unsafe { core::ptr::copy_nonoverlapping(program.as_ptr(), BLOCKS_PA as *mut u8, program.len()) };
     sysreg_write_stage2(vtcr, vttbr);
-    println!("FAULTLINE-EL2 GUEST-ENTER ipa={:#x} bytes={}", BLOCKS_IPA, program.len());
-    boot::enter_guest(BLOCKS_IPA)
+    println!("FAULTLINE-EL2 GUEST-ENTER ipa={:#x} bytes={}", entry, program.len());
+    boot::enter_guest(entry, x0)
 }
 
 fn state() -> &'static mut State {
@@ -254,7 +268,9 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
                 skip_instruction(elr);
             }
             Completion::InjectAbort => {
-                println!("FAULTLINE-EL2 ERROR the daemon asked to inject an abort at {:#x}", far);
+                // This guest has no exception vectors: the injection is the
+                // outcome, reported, and the run ends.
+                println!("FAULTLINE-EL2 INJECT far={:#x} esr={:#x} faults={} exits={}", far, esr, s.faults, s.exits);
                 power_off()
             }
         },

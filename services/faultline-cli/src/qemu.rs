@@ -74,9 +74,82 @@ pub fn predict() -> Prediction {
     Prediction { checksum, faults, exits: vec![(ROM_IPA + 0x40, true), (OUTSIDE_IPA, false)] }
 }
 
+/// How a memslot is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotSetup {
+    /// Writable, not logged.
+    #[default]
+    Plain,
+    /// Read-only.
+    ReadOnly,
+    /// Dirty logging.
+    DirtyLog,
+}
+
+impl SlotSetup {
+    fn flags(self) -> u32 {
+        match self {
+            Self::Plain => 0,
+            Self::ReadOnly => MEMSLOT_READ_ONLY,
+            Self::DirtyLog => faultline_attach::MEMSLOT_DIRTY_LOG,
+        }
+    }
+}
+
+/// The stage-1 probe: the guest turns its MMU on with page tables in their
+/// own memslot (written by the launcher) and makes one access.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Stage1Probe {
+    /// A write64 (else a read64).
+    pub write: bool,
+    /// The leaf entry of the probed page has its access flag clear, so the
+    /// walker (TCR_EL1.HA) writes the page-table page.
+    pub af_clear: bool,
+    /// The page-table memslot.
+    pub tables: SlotSetup,
+}
+
+/// Which guest the image runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Scenario {
+    /// The checksum guest ([`predict`]).
+    Checksum,
+    /// The stage-1 probe.
+    Stage1(Stage1Probe),
+}
+
+/// Descriptor bits of the guest's stage-1 tables (4 KiB granule).
+mod s1 {
+    pub const TABLE: u64 = 0b11;
+    pub const BLOCK: u64 = 0b01;
+    pub const PAGE: u64 = 0b11;
+    /// Inner shareable, attribute index 0 (MAIR: Normal write-back).
+    pub const NORMAL: u64 = 3 << 8;
+    pub const AF: u64 = 1 << 10;
+}
+
+/// The guest's stage-1 tables for the probe, as `(IPA, descriptor)`:
+/// identity for the code's 2 MiB block and the probed 4 KiB page.
+pub fn stage1_tables(af_clear: bool) -> Vec<(u64, u64)> {
+    let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
+    let l1_index = |va: u64| (va >> 30) & 511;
+    let l2_index = |va: u64| (va >> 21) & 511;
+    let l3_index = |va: u64| (va >> 12) & 511;
+    let page = PROBE_IPA & !0xfff;
+    vec![
+        (l1 + 8 * l1_index(BLOCKS_IPA), l2 | s1::TABLE),
+        (l2 + 8 * l2_index(BLOCKS_IPA), BLOCKS_IPA | s1::NORMAL | s1::AF | s1::BLOCK),
+        (l2 + 8 * l2_index(page), l3 | s1::TABLE),
+        (l3 + 8 * l3_index(page), page | s1::NORMAL | if af_clear { 0 } else { s1::AF } | s1::PAGE),
+    ]
+}
+
 /// Options of `faultline qemu`.
 #[derive(Debug, Clone)]
 pub struct QemuArgs {
+    /// Which guest runs.
+    pub scenario: Scenario,
     /// The daemon's attach socket.
     pub attach_socket: PathBuf,
     /// The EL2 image (ELF).
@@ -90,10 +163,15 @@ pub struct QemuArgs {
 /// The run's outcome.
 #[derive(Debug, Serialize)]
 pub struct QemuReport {
-    /// The guest's checksum.
-    pub checksum: u64,
-    /// What the host predicted.
-    pub expected: Prediction,
+    /// The guest's checksum (the probe: the value it read or wrote); none
+    /// when the guest was stopped by an injected abort.
+    pub checksum: Option<u64>,
+    /// What the host predicted (the checksum guest).
+    pub expected: Option<Prediction>,
+    /// The stage-1 probe that ran, if it was that guest.
+    pub stage1_probe: Option<Stage1Probe>,
+    /// The address of an abort the daemon asked to inject (the run ends there).
+    pub injected: Option<u64>,
     /// Faults the EL2 core served.
     pub faults: u64,
     /// Exits completed at EL2: `(IPA, write)`.
@@ -162,6 +240,11 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     let ram = MappedRegion::map(memfd.as_file().as_fd(), 0, RAM_BYTES, 4096).context("mapping guest RAM")?;
     for off in (0..ROM_BYTES).step_by(8) {
         ram.store(ROM_PA - RAM_PA + off, 8, ROM_TAG | off).expect("in range");
+    }
+    if let Scenario::Stage1(probe) = args.scenario {
+        for (ipa, desc) in stage1_tables(probe.af_clear) {
+            ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
+        }
     }
 
     let mem_path = format!("/proc/{}/fd/{}", std::process::id(), memfd.as_file().as_raw_fd());
@@ -240,6 +323,10 @@ fn serve(
     };
     check_ready(&ready)?;
 
+    let tables = match args.scenario {
+        Scenario::Stage1(p) => p.tables,
+        Scenario::Checksum => SlotSetup::Plain,
+    };
     let request = AttachRequest {
         vm_id: 1,
         nr_vcpus: 1,
@@ -249,13 +336,14 @@ fn serve(
             guest_region(0, BLOCKS_PA, BLOCKS_BYTES, 2 << 20, REGION_WRITABLE),
             guest_region(1, PAGES_PA, PAGES_BYTES, 4096, REGION_WRITABLE),
             guest_region(2, ROM_PA, ROM_BYTES, 4096, 0),
+            guest_region(3, PT_PA, PT_BYTES, 4096, REGION_WRITABLE),
             RegionDesc {
                 kind: RegionKind::Rings,
                 flags: 0,
                 pa_base: RINGS_PA,
                 size: RINGS_BYTES,
                 page_size: 4096,
-                fd_index: 3,
+                fd_index: 4,
                 fd_offset: RINGS_PA - RAM_PA,
             },
             RegionDesc {
@@ -272,19 +360,26 @@ fn serve(
             MemslotDesc { gpa: BLOCKS_IPA, size: BLOCKS_BYTES, region: 0, flags: 0, region_offset: 0 },
             MemslotDesc { gpa: PAGES_IPA, size: PAGES_BYTES, region: 1, flags: 0, region_offset: 0 },
             MemslotDesc { gpa: ROM_IPA, size: ROM_BYTES, region: 2, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
+            MemslotDesc { gpa: PT_IPA, size: PT_BYTES, region: 3, flags: tables.flags(), region_offset: 0 },
         ],
     };
     // One fd per region (the protocol gives each region its own): the same
-    // memfd four times, each a window at its own offset.
+    // memfd five times, each a window at its own offset.
     let fd = memfd.as_file().as_fd();
-    send_message(conn.as_fd(), &request.encode(), &[fd, fd, fd, fd]).context("sending the attach request")?;
+    send_message(conn.as_fd(), &request.encode(), &[fd, fd, fd, fd, fd]).context("sending the attach request")?;
     let reply = read_reply(conn).context("reading the attach reply")?;
     if reply.status != Status::Ok {
         bail!("the daemon refused the attach: {:?}: {}", reply.status, reply.message);
     }
+    let (scenario, access) = match args.scenario {
+        Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0),
+        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.write as u32),
+    };
+    ram.store(MAILBOX_PA - RAM_PA + mailbox::SCENARIO, 4, scenario as u64).expect("in range");
+    ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_ACCESS, 4, access as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::GO, 4, mailbox::GO_VALUE as u64).expect("in range");
 
-    let (mut checksum, mut exits, mut result_at) = (None, Vec::new(), None);
+    let (mut checksum, mut exits, mut result_at, mut injected) = (None, Vec::new(), None, None);
     let faults = loop {
         let line = next_line("the guest to power off", qemu)?;
         if line.contains("FAULTLINE-EL2 EXIT") {
@@ -295,6 +390,9 @@ fn serve(
             result_at = Some(started.elapsed());
         } else if line.contains("FAULTLINE-EL2 POWEROFF") {
             break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 INJECT") {
+            injected = hex_field(&line, "far=");
+            break dec_field(&line, "faults=").context("INJECT line without faults")?;
         } else if line.contains("FAULTLINE-EL2 ERROR") || line.contains("FAULTLINE-EL2 PANIC") {
             bail!("the EL2 image failed: {line}");
         }
@@ -305,9 +403,17 @@ fn serve(
     }
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = read_reply(conn).context("reading the detach reply")?;
+    if checksum.is_none() && injected.is_none() {
+        bail!("the guest never reported its result");
+    }
     Ok(QemuReport {
-        checksum: checksum.context("the guest never reported its checksum")?,
-        expected: predict(),
+        checksum,
+        expected: matches!(args.scenario, Scenario::Checksum).then(predict),
+        stage1_probe: match args.scenario {
+            Scenario::Stage1(p) => Some(p),
+            Scenario::Checksum => None,
+        },
+        injected,
         faults,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,

@@ -162,14 +162,11 @@ pub enum PipelineError {
 /// KVM's `kvm_is_write_fault()`: stage-1 walks count as writes (hardware
 /// may update the access flag), fetches never do, data aborts per WnR.
 pub fn is_write(abort: &Abort) -> bool {
-    if abort.s1ptw {
-        // As KVM's kvm_is_write_fault(): only a permission fault on a
-        // stage-1 walk is a write (the walker setting AF/DB). A translation
-        // fault on a walk is a read, so page tables in a read-only memslot
-        // work: mapped read-only first, the flag update faults again.
-        return matches!(abort.status, FaultStatus::Permission { .. });
-    }
-    abort.kind == AbortKind::Data && abort.access == Access::Write
+    // As KVM's kvm_is_write_fault(): on a stage-1 walk only a permission
+    // fault is a write (the walker setting AF/DB). A translation fault on a
+    // walk is a read, so page tables in a read-only memslot work: mapped
+    // read-only first, the flag update faults again.
+    abort.stage2_access() == Access::Write
 }
 
 /// Runs the pipeline for one fault record.
@@ -395,7 +392,9 @@ pub fn permissions(abort: &Abort, slot: &Memslot, vma: &Vma, policy: &dyn Policy
     if vma.writable && !slot.read_only && (write || (!slot.dirty_log && policy.writable_on_read(ctx))) {
         perms = perms.union(Perms::W);
     }
-    if !vma.device && (abort.access == Access::Execute || policy.eager_exec(ctx)) {
+    // A fetch's table walk reads the tables: no X for it (KVM's
+    // kvm_vcpu_trap_is_exec_fault()).
+    if !vma.device && (abort.stage2_access() == Access::Execute || policy.eager_exec(ctx)) {
         perms = perms.union(Perms::X);
     }
     perms
