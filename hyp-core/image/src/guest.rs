@@ -31,6 +31,7 @@ global_asm!(
     movk \reg, #(((\imm) >> 48) & 0xffff), lsl #48
     .endm
 
+    .arch_extension lse
     .section .guest, "ax"
     .global guest_entry
 guest_entry:
@@ -98,11 +99,48 @@ guest_s1_entry:
     msr sctlr_el1, x1
     isb
     movl64 x2, {probe}
-    cbz x0, 4f
-    str x2, [x2]
+    mov x3, #0
+    // x0: 0 read64, 1 write64, 2 CAS, 3 load pre-index, 4 store pre-index,
+    // 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch. Result in x3.
+    cmp x0, #1
+    b.eq 11f
+    cmp x0, #2
+    b.eq 12f
+    cmp x0, #3
+    b.eq 13f
+    cmp x0, #4
+    b.eq 14f
+    cmp x0, #5
+    b.eq 15f
+    cmp x0, #6
+    b.eq 16f
+    cmp x0, #7
+    b.eq 17f
+    ldr x3, [x2]
+    b 5f
+11: str x2, [x2]
     mov x3, x2
     b 5f
-4:  ldr x3, [x2]
+12: mov x4, #0
+    cas x4, x2, [x2]
+    mov x3, x4
+    b 5f
+13: sub x6, x2, #8
+    ldr x3, [x6, #8]!
+    b 5f
+14: sub x6, x2, #8
+    str x2, [x6, #8]!
+    mov x3, x2
+    b 5f
+15: bic x6, x2, #63
+    dc zva, x6
+    b 5f
+16: at s1e1r, x2
+    isb
+    mrs x3, par_el1
+    b 5f
+17: movl64 x3, 0xe7ec
+    blr x2
 5:  mov x0, x3
     hvc #1
     movl64 x0, 0x84000008

@@ -72,6 +72,7 @@ pub mod mailbox {
     pub const SCENARIO_CHECKSUM: u32 = 0;
     /// The stage-1 probe: MMU on with tables in their own memslot, one access.
     pub const SCENARIO_STAGE1_PROBE: u32 = 1;
-    /// The probe's access: 0 read64, 1 write64.
+    /// The probe's access: 0 read64, 1 write64, 2 CAS, 3 load pre-index,
+    /// 4 store pre-index, 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch.
     pub const PROBE_ACCESS: u64 = 8;
 }

@@ -260,6 +260,15 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
                 };
                 let iss = esr & 0x1ff_ffff;
                 let (isv, write, sas, srt) = (iss >> 24 & 1, iss >> 6 & 1, iss >> 22 & 3, (iss >> 16 & 31) as usize);
+                if isv == 0 {
+                    // Nothing to emulate with: KVM_RUN fails (ENOSYS) here,
+                    // and so does this vCPU.
+                    println!(
+                        "FAULTLINE-EL2 NOSYNDROME ipa={:#x} write={} faults={} exits={}",
+                        ipa, write, s.faults, s.exits
+                    );
+                    power_off()
+                }
                 println!("FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} isv={}", ipa, write, 1u32 << sas, isv);
                 if isv == 1 && write == 0 && srt != 31 {
                     // An emulated read of nothing: zero.

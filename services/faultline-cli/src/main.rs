@@ -96,15 +96,18 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
         /// Run the stage-1 probe instead of the checksum guest: the guest's
-        /// MMU on, tables in their own memslot, one access (read or write).
-        #[arg(long, value_parser = ["read", "write"])]
-        stage1_probe: Option<String>,
+        /// MMU on, tables in their own memslot, one access.
+        #[arg(long, value_enum)]
+        stage1_probe: Option<qemu::ProbeAccess>,
         /// Stage-1 probe: the probed page's entry has its access flag clear.
         #[arg(long, requires = "stage1_probe")]
         af_clear: bool,
         /// Stage-1 probe: how the page-table memslot is set up.
         #[arg(long, value_enum, default_value_t = qemu::SlotSetup::Plain, requires = "stage1_probe")]
         tables: qemu::SlotSetup,
+        /// Stage-1 probe: how the data memslot (the probed page's) is set up.
+        #[arg(long, value_enum, default_value_t = qemu::SlotSetup::Plain, requires = "stage1_probe")]
+        data: qemu::SlotSetup,
     },
     /// Buffer and rate.
     Status,
@@ -223,11 +226,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Qemu { attach_socket, image, qemu: qemu_bin, timeout, stage1_probe, af_clear, tables } => {
-            let scenario = match stage1_probe.as_deref() {
-                Some(access) => {
-                    qemu::Scenario::Stage1(qemu::Stage1Probe { write: access == "write", af_clear, tables })
-                }
+        Command::Qemu { attach_socket, image, qemu: qemu_bin, timeout, stage1_probe, af_clear, tables, data } => {
+            let scenario = match stage1_probe {
+                Some(access) => qemu::Scenario::Stage1(qemu::Stage1Probe { access, data, af_clear, tables }),
                 None => qemu::Scenario::Checksum,
             };
             let image = match image {

@@ -97,12 +97,45 @@ impl SlotSetup {
     }
 }
 
+/// The probe's access (page_fault_test's guest accesses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeAccess {
+    /// LDR, 64 bits.
+    Read64,
+    /// STR, 64 bits.
+    Write64,
+    /// CAS (no valid syndrome).
+    Cas,
+    /// LDR with pre-index writeback (no valid syndrome).
+    LdPreidx,
+    /// STR with pre-index writeback (no valid syndrome).
+    StPreidx,
+    /// DC ZVA (a write without a valid syndrome).
+    DcZva,
+    /// AT S1E1R (a stage-1 walk, no data access).
+    At,
+    /// A branch to the probed word (an instruction fetch).
+    Exec,
+}
+
+impl ProbeAccess {
+    fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// What the exec probe branches to: `RET`.
+const RET: u64 = 0xd65f_03c0;
+
 /// The stage-1 probe: the guest turns its MMU on with page tables in their
 /// own memslot (written by the launcher) and makes one access.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Stage1Probe {
-    /// A write64 (else a read64).
-    pub write: bool,
+    /// The access.
+    pub access: ProbeAccess,
+    /// The data memslot (the probed page's).
+    pub data: SlotSetup,
     /// The leaf entry of the probed page has its access flag clear, so the
     /// walker (TCR_EL1.HA) writes the page-table page.
     pub af_clear: bool,
@@ -172,6 +205,9 @@ pub struct QemuReport {
     pub stage1_probe: Option<Stage1Probe>,
     /// The address of an abort the daemon asked to inject (the run ends there).
     pub injected: Option<u64>,
+    /// An exit without a valid syndrome `(IPA, write)`: nothing to emulate
+    /// with, so the vCPU stops (KVM_RUN fails with ENOSYS).
+    pub no_syndrome_exit: Option<(u64, bool)>,
     /// Faults the EL2 core served.
     pub faults: u64,
     /// Exits completed at EL2: `(IPA, write)`.
@@ -244,6 +280,9 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     if let Scenario::Stage1(probe) = args.scenario {
         for (ipa, desc) in stage1_tables(probe.af_clear) {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
+        }
+        if probe.access == ProbeAccess::Exec {
+            ram.store(PAGES_PA - RAM_PA + (PROBE_IPA - PAGES_IPA), 4, RET).expect("in range");
         }
     }
 
@@ -323,9 +362,9 @@ fn serve(
     };
     check_ready(&ready)?;
 
-    let tables = match args.scenario {
-        Scenario::Stage1(p) => p.tables,
-        Scenario::Checksum => SlotSetup::Plain,
+    let (tables, data) = match args.scenario {
+        Scenario::Stage1(p) => (p.tables, p.data),
+        Scenario::Checksum => (SlotSetup::Plain, SlotSetup::Plain),
     };
     let request = AttachRequest {
         vm_id: 1,
@@ -358,7 +397,7 @@ fn serve(
         ],
         memslots: vec![
             MemslotDesc { gpa: BLOCKS_IPA, size: BLOCKS_BYTES, region: 0, flags: 0, region_offset: 0 },
-            MemslotDesc { gpa: PAGES_IPA, size: PAGES_BYTES, region: 1, flags: 0, region_offset: 0 },
+            MemslotDesc { gpa: PAGES_IPA, size: PAGES_BYTES, region: 1, flags: data.flags(), region_offset: 0 },
             MemslotDesc { gpa: ROM_IPA, size: ROM_BYTES, region: 2, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
             MemslotDesc { gpa: PT_IPA, size: PT_BYTES, region: 3, flags: tables.flags(), region_offset: 0 },
         ],
@@ -373,13 +412,13 @@ fn serve(
     }
     let (scenario, access) = match args.scenario {
         Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0),
-        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.write as u32),
+        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.access.code()),
     };
     ram.store(MAILBOX_PA - RAM_PA + mailbox::SCENARIO, 4, scenario as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_ACCESS, 4, access as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::GO, 4, mailbox::GO_VALUE as u64).expect("in range");
 
-    let (mut checksum, mut exits, mut result_at, mut injected) = (None, Vec::new(), None, None);
+    let (mut checksum, mut exits, mut result_at, mut injected, mut no_syndrome) = (None, Vec::new(), None, None, None);
     let faults = loop {
         let line = next_line("the guest to power off", qemu)?;
         if line.contains("FAULTLINE-EL2 EXIT") {
@@ -390,6 +429,10 @@ fn serve(
             result_at = Some(started.elapsed());
         } else if line.contains("FAULTLINE-EL2 POWEROFF") {
             break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 NOSYNDROME") {
+            let ipa = hex_field(&line, "ipa=").context("NOSYNDROME line without ipa")?;
+            no_syndrome = Some((ipa, dec_field(&line, "write=") == Some(1)));
+            break dec_field(&line, "faults=").context("NOSYNDROME line without faults")?;
         } else if line.contains("FAULTLINE-EL2 INJECT") {
             injected = hex_field(&line, "far=");
             break dec_field(&line, "faults=").context("INJECT line without faults")?;
@@ -403,7 +446,7 @@ fn serve(
     }
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = read_reply(conn).context("reading the detach reply")?;
-    if checksum.is_none() && injected.is_none() {
+    if checksum.is_none() && injected.is_none() && no_syndrome.is_none() {
         bail!("the guest never reported its result");
     }
     Ok(QemuReport {
@@ -414,6 +457,7 @@ fn serve(
             Scenario::Checksum => None,
         },
         injected,
+        no_syndrome_exit: no_syndrome,
         faults,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
