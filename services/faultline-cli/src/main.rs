@@ -240,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let args = qemu::QemuArgs {
+                grpc: cli.server.clone(),
                 scenario,
                 attach_socket,
                 image,

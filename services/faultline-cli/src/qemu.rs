@@ -191,6 +191,37 @@ pub struct QemuArgs {
     pub qemu: String,
     /// How long the whole run may take.
     pub timeout: Duration,
+    /// The daemon's gRPC address, to read logged memslots' dirty bitmaps
+    /// before detaching (the stage-1 probe with a dirty-log memslot).
+    pub grpc: String,
+}
+
+/// Dirty pages (IPAs) of the probe's logged memslots, read before detach.
+#[derive(Debug, Default, Serialize)]
+pub struct DirtyPages {
+    /// The data memslot's.
+    pub data: Vec<u64>,
+    /// The page-table memslot's.
+    pub tables: Vec<u64>,
+}
+
+/// Memslot ids in the attach request.
+const DATA_SLOT: u32 = 1;
+const TABLES_SLOT: u32 = 3;
+
+/// The dirty pages of memslot `slot` (at `gpa`), read without clearing.
+fn dirty_pages(grpc: &str, slot: u32, gpa: u64) -> anyhow::Result<Vec<u64>> {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::GetDirtyLogRequest;
+    let log = tokio::runtime::Handle::current().block_on(async {
+        let mut client = ControlClient::connect(grpc.to_string()).await?;
+        let req = GetDirtyLogRequest { vm_id: 1, memslot: slot, peek: true };
+        anyhow::Ok(client.get_dirty_log(req).await?.into_inner())
+    })?;
+    Ok((0..log.bitmap.len() as u64 * 8)
+        .filter(|&i| log.bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0)
+        .map(|i| gpa + i * 4096)
+        .collect())
 }
 
 /// The run's outcome.
@@ -208,6 +239,8 @@ pub struct QemuReport {
     /// An exit without a valid syndrome `(IPA, write)`: nothing to emulate
     /// with, so the vCPU stops (KVM_RUN fails with ENOSYS).
     pub no_syndrome_exit: Option<(u64, bool)>,
+    /// Dirty pages of the logged memslots (stage-1 probe), read before detach.
+    pub dirty: Option<DirtyPages>,
     /// Faults the EL2 core served.
     pub faults: u64,
     /// Exits completed at EL2: `(IPA, write)`.
@@ -444,6 +477,19 @@ fn serve(
     if !status.success() {
         bail!("QEMU exited with {status}");
     }
+    // Still attached: read the dirty bitmaps the run left.
+    let dirty = match (data, tables) {
+        (SlotSetup::DirtyLog, _) | (_, SlotSetup::DirtyLog) => {
+            let read = |setup, slot, gpa| match setup {
+                SlotSetup::DirtyLog => {
+                    dirty_pages(&args.grpc, slot, gpa).with_context(|| format!("reading memslot {slot}'s dirty log"))
+                }
+                _ => Ok(Vec::new()),
+            };
+            Some(DirtyPages { data: read(data, DATA_SLOT, PAGES_IPA)?, tables: read(tables, TABLES_SLOT, PT_IPA)? })
+        }
+        _ => None,
+    };
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = read_reply(conn).context("reading the detach reply")?;
     if checksum.is_none() && injected.is_none() && no_syndrome.is_none() {
@@ -458,6 +504,7 @@ fn serve(
         },
         injected,
         no_syndrome_exit: no_syndrome,
+        dirty,
         faults,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
