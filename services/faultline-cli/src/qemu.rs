@@ -85,6 +85,8 @@ pub enum SlotSetup {
     ReadOnly,
     /// Dirty logging.
     DirtyLog,
+    /// Read-only and dirty logging.
+    ReadOnlyDirtyLog,
 }
 
 impl SlotSetup {
@@ -93,7 +95,12 @@ impl SlotSetup {
             Self::Plain => 0,
             Self::ReadOnly => MEMSLOT_READ_ONLY,
             Self::DirtyLog => faultline_attach::MEMSLOT_DIRTY_LOG,
+            Self::ReadOnlyDirtyLog => MEMSLOT_READ_ONLY | faultline_attach::MEMSLOT_DIRTY_LOG,
         }
+    }
+
+    fn logged(self) -> bool {
+        matches!(self, Self::DirtyLog | Self::ReadOnlyDirtyLog)
     }
 }
 
@@ -478,17 +485,16 @@ fn serve(
         bail!("QEMU exited with {status}");
     }
     // Still attached: read the dirty bitmaps the run left.
-    let dirty = match (data, tables) {
-        (SlotSetup::DirtyLog, _) | (_, SlotSetup::DirtyLog) => {
-            let read = |setup, slot, gpa| match setup {
-                SlotSetup::DirtyLog => {
-                    dirty_pages(&args.grpc, slot, gpa).with_context(|| format!("reading memslot {slot}'s dirty log"))
-                }
-                _ => Ok(Vec::new()),
-            };
-            Some(DirtyPages { data: read(data, DATA_SLOT, PAGES_IPA)?, tables: read(tables, TABLES_SLOT, PT_IPA)? })
-        }
-        _ => None,
+    let dirty = if data.logged() || tables.logged() {
+        let read = |setup: SlotSetup, slot, gpa| {
+            if !setup.logged() {
+                return Ok(Vec::new());
+            }
+            dirty_pages(&args.grpc, slot, gpa).with_context(|| format!("reading memslot {slot}'s dirty log"))
+        };
+        Some(DirtyPages { data: read(data, DATA_SLOT, PAGES_IPA)?, tables: read(tables, TABLES_SLOT, PT_IPA)? })
+    } else {
+        None
     };
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = read_reply(conn).context("reading the detach reply")?;
