@@ -13,5 +13,6 @@ pub mod layout;
 pub mod machine;
 pub mod mmu;
 pub mod phys;
+pub mod stage1;
 pub mod syndrome;
 pub mod workload;

@@ -63,6 +63,30 @@ pub fn encode(fault: Stage2Fault, access: AccessKind, va: u64, data: DataAccess)
     Syndrome { esr, far: va, hpfar }
 }
 
+/// Encodes a stage-2 abort met while translating `va` for `access` with the
+/// guest's stage 1 on. On the stage-1 walk (`s1ptw`), ESR has S1PTW set and
+/// no instruction syndrome (ISV = 0), HPFAR names the table page and FAR the
+/// access's VA; the class and WnR stay the access's own (as QEMU reports
+/// them). `ipa` is the address stage 2 was asked for.
+pub fn encode_stage2(
+    fault: Stage2Fault,
+    s1ptw: bool,
+    ipa: u64,
+    access: AccessKind,
+    va: u64,
+    data: DataAccess,
+) -> Syndrome {
+    let data = if s1ptw { DataAccess { isv: false, ..data } } else { data };
+    let mut s = encode(fault, access, ipa, data);
+    s.far = va;
+    if s1ptw {
+        s.esr |= 1 << 7;
+        // On a walk HPFAR is valid for permission faults too.
+        s.hpfar = (ipa >> 12) << 4;
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +111,33 @@ mod tests {
             (a.status, a.access, a.ipa),
             (FaultStatus::Permission { level: 3 }, Access::Execute, FaultIpa::NotReported)
         );
+    }
+
+    #[test]
+    fn walk_aborts_carry_s1ptw_and_the_table_page() {
+        let d = DataAccess { size: 8, register: 2, isv: true };
+        // A store whose walk found the level-3 table page unmapped.
+        let s =
+            encode_stage2(Stage2Fault::Translation { level: 1 }, true, 0x8800_2000, AccessKind::Write, 0x8400_0008, d);
+        let a = Abort::decode(s.esr, s.far, s.hpfar).unwrap();
+        assert!(a.s1ptw && a.syndrome.is_none(), "S1PTW, no instruction syndrome");
+        assert_eq!((a.access, a.stage2_access()), (Access::Write, Access::Read), "the walk reads");
+        assert_eq!(a.reported_ipa().map(|i| i.raw() & !0xfff), Some(0x8800_2000));
+        assert_eq!(s.far, 0x8400_0008);
+        // The walker's AF write hit a read-only table page.
+        let s =
+            encode_stage2(Stage2Fault::Permission { level: 3 }, true, 0x8800_2000, AccessKind::Read, 0x8400_0008, d);
+        let a = Abort::decode(s.esr, s.far, s.hpfar).unwrap();
+        assert_eq!((a.status, a.stage2_access()), (FaultStatus::Permission { level: 3 }, Access::Write));
+        assert_eq!(a.reported_ipa().map(|i| i.raw() & !0xfff), Some(0x8800_2000), "HPFAR valid on a walk");
+        // A fetch's walk is an instruction abort with S1PTW.
+        let s =
+            encode_stage2(Stage2Fault::Translation { level: 1 }, true, 0x8800_0000, AccessKind::Fetch, 0x8000_0100, d);
+        assert_eq!((s.esr >> 26, s.esr >> 7 & 1), (0x20, 1));
+        // Not a walk: the access's own syndrome at its IPA.
+        let s =
+            encode_stage2(Stage2Fault::Translation { level: 2 }, false, 0x8400_0008, AccessKind::Write, 0x8400_0008, d);
+        let a = Abort::decode(s.esr, s.far, s.hpfar).unwrap();
+        assert!(!a.s1ptw && a.syndrome.is_some());
     }
 }
