@@ -57,6 +57,12 @@ pub enum Exit {
         /// Faulting IPA.
         ipa: Ipa,
     },
+    /// An instruction fetch from device memory: never mapped executable, so
+    /// mapping would only fault again; KVM_RUN fails with ENOEXEC in KVM.
+    ExecOnDevice {
+        /// Faulting IPA.
+        ipa: Ipa,
+    },
 }
 
 /// Why an abort is injected into the guest.
@@ -244,6 +250,9 @@ pub fn handle_fault_traced(
     let vma = vma_snapshot(&vm.vmas, hva)?;
     (trace.hva, trace.vma_page_size) = (hva.raw(), vma.page_size);
     trace.mark(1);
+    if vma.device && abort.stage2_access() == Access::Execute {
+        return Ok(Decision::Exit(Exit::ExecOnDevice { ipa }));
+    }
     let write = is_write(&abort);
     if write && !vma.writable {
         // KVM: a write fault on a non-writable mapping goes to the VMM.

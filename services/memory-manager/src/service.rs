@@ -133,7 +133,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             Decision::Exit(exit) => {
                 let (counter, outcome) = match exit {
                     Exit::Mmio(_) | Exit::CacheMaintenance { .. } => (&self.vm.stats.mmio_exits, Outcome::MmioExit),
-                    Exit::NoSyndrome { .. } => (&self.vm.stats.no_syndrome_exits, Outcome::NoSyndromeExit),
+                    Exit::NoSyndrome { .. } | Exit::ExecOnDevice { .. } => {
+                        (&self.vm.stats.no_syndrome_exits, Outcome::NoSyndromeExit)
+                    }
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 debug!(vm = %self.vm.id, vcpu = self.vcpu, ?exit, "exit to VMM");

@@ -131,6 +131,41 @@ fn exec_only_on_fetch() {
     assert!(!plan(decide(&vm, &KvmDefault, READ_L3, 0x8000_0000)).perms.exec());
 }
 
+/// Device memory is never executable: a fetch from it exits (KVM: KVM_RUN
+/// fails with ENOEXEC) instead of being mapped without X and faulting again.
+#[test]
+fn a_fetch_from_device_memory_exits_instead_of_mapping() {
+    use memory_manager::memslot::{Memslot, Memslots};
+    use memory_manager::region::{GuestRegion, RegionSpec};
+    use memory_manager::vm::PagePool;
+    use memory_manager::vma::Vmas;
+    let memfd = memfd::MemfdOptions::default().create("device").unwrap();
+    memfd.as_file().set_len(1 << 20).unwrap();
+    let spec = RegionSpec {
+        index: 0,
+        pa_base: Pa::new(0x0900_0000),
+        size: 1 << 20,
+        page_size: 4096,
+        fd_offset: 0,
+        writable: true,
+        device: true,
+    };
+    let region = GuestRegion::map(memfd, spec).unwrap();
+    let vmas = Vmas::default();
+    vmas.insert(region.vma(0));
+    let mut memslots = Memslots::default();
+    memslots.insert(Memslot::new(0, Ipa::new(0x0900_0000), 1 << 20, region.base(), 0, 0, PLAIN));
+    let vm = VmMemory::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region], PagePool::default());
+    assert!(matches!(
+        decide(&vm, &KvmDefault, FETCH_L3, 0x0900_0000),
+        Decision::Exit(Exit::ExecOnDevice { ipa }) if ipa == Ipa::new(0x0900_0000)
+    ));
+    // Data accesses to it are mapped, device and never executable.
+    let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x0900_0000));
+    assert!(p.device && !p.perms.exec());
+    assert_eq!(vm.pins.total(), 1, "the fetch pinned nothing; the read pinned its page");
+}
+
 #[test]
 fn writes_to_read_only_slots_and_holes_exit_to_the_vmm() {
     let ro = SlotFlags { read_only: true, dirty_log: false };
