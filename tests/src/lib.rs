@@ -1,5 +1,7 @@
 //! Helpers for whole-system tests: build and start the real binaries.
 
+pub mod conformance;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod machine;
 pub mod mmu;
 pub mod phys;
+pub mod probe;
 pub mod stage1;
 pub mod syndrome;
 pub mod workload;

@@ -348,7 +348,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     Ok(summary)
 }
 
-fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
+pub(crate) fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
     let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
     let (kind, payload) = decode_header(&msg.bytes)?;
     if kind != MsgKind::Reply {

@@ -55,6 +55,20 @@ struct Args {
     /// Dirty logging on the RAM memslot (4 KiB mappings, writes logged).
     #[arg(long)]
     dirty_log: bool,
+    /// Run the stage-1 probe instead of a workload: the EL2 image's probe
+    /// guest (MMU on, tables in their own memslot, one access), walked in
+    /// software; prints a report shaped like `faultline qemu`'s.
+    #[arg(long, value_enum)]
+    stage1_probe: Option<sim_machine::probe::ProbeAccess>,
+    /// Stage-1 probe: the data memslot.
+    #[arg(long, value_enum, default_value_t = sim_machine::probe::SlotSetup::Plain, requires = "stage1_probe")]
+    data: sim_machine::probe::SlotSetup,
+    /// Stage-1 probe: the page-table memslot.
+    #[arg(long, value_enum, default_value_t = sim_machine::probe::SlotSetup::Plain, requires = "stage1_probe")]
+    tables: sim_machine::probe::SlotSetup,
+    /// Stage-1 probe: the probed page's leaf has its access flag clear.
+    #[arg(long, requires = "stage1_probe")]
+    af_clear: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -71,6 +85,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(access) = args.stage1_probe {
+        let config = sim_machine::probe::ProbeConfig {
+            attach_socket: args.attach_socket,
+            vm_id: args.vm_id,
+            access,
+            data: args.data,
+            tables: args.tables,
+            af_clear: args.af_clear,
+        };
+        let report = sim_machine::probe::run(&config)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let layout = Layout {
         nr_vcpus: args.vcpus,
         ram_size: args.ram_mib << 20,

@@ -1,0 +1,402 @@
+//! The stage-1 probe on the simulated machine: the EL2 image's probe guest
+//! (hyp-core/image/src/guest.rs) as the sequence of translations it makes,
+//! with the guest's stage 1 walked in software ([`crate::stage1`]) and every
+//! stage-2 abort served by the daemon through hyp-core, exactly as the EL2
+//! image serves them. Same memslots and IPAs as the image
+//! (hyp-core/image/src/layout.rs), so the two machines' reports compare row
+//! by row.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use faultline_attach::{
+    send_message, AttachRequest, MemslotDesc, RegionDesc, RegionKind, Status, NO_FD, REGION_WRITABLE,
+};
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
+use hyp_core::stage2::{Geometry, LinearMap};
+use hyp_core::vm::{Completion, Vm};
+use serde::Serialize;
+
+use crate::mmu::{AccessKind, Stage2Regs, TlbGeneration};
+use crate::phys::{PhysMemory, Window};
+use crate::stage1::{Stage1Regs, WalkError, Walker, TCR_HA};
+use crate::syndrome::{encode_stage2, DataAccess};
+
+/// The image's board layout (the IPAs the probe uses).
+#[path = "../../../hyp-core/image/src/layout.rs"]
+#[allow(dead_code)]
+mod board;
+use board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PT_IPA};
+
+const TABLES_PA: u64 = 0x2000_0000;
+const TABLES_SIZE: u64 = 4 << 20;
+const ROOT_RESERVE: u64 = 64 << 10;
+const RINGS_PA: u64 = 0x2100_0000;
+const RING_ENTRIES: u32 = 64;
+/// Backing of the three memslots, 2 MiB each: code (2 MiB pages), data, tables.
+const CODE_PA: u64 = 0x5000_0000;
+const DATA_PA: u64 = 0x5020_0000;
+const PT_PA: u64 = 0x5040_0000;
+const SLOT: u64 = 2 << 20;
+/// TCR_EL1 as the image's probe sets it: 39-bit VA, 4 KiB granule, HA.
+const TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | TCR_HA;
+/// What the exec probe leaves in x3 (the image's marker).
+const EXEC_MARK: u64 = 0xe7ec;
+
+/// The probe's access (page_fault_test's guest accesses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeAccess {
+    /// LDR, 64 bits.
+    Read64,
+    /// STR, 64 bits.
+    Write64,
+    /// CAS: a read, then a write, neither with a valid syndrome.
+    Cas,
+    /// LDR with pre-index writeback (no valid syndrome).
+    LdPreidx,
+    /// STR with pre-index writeback (no valid syndrome).
+    StPreidx,
+    /// DC ZVA: a 64-byte write without a valid syndrome.
+    DcZva,
+    /// AT S1E1R: the stage-1 walk only.
+    At,
+    /// An instruction fetch from the probed word.
+    Exec,
+}
+
+/// How a memslot is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlotSetup {
+    /// Writable, not logged.
+    #[default]
+    Plain,
+    /// Read-only.
+    ReadOnly,
+    /// Dirty logging.
+    DirtyLog,
+    /// Read-only and dirty logging.
+    ReadOnlyDirtyLog,
+}
+
+impl SlotSetup {
+    /// The attach protocol's `MEMSLOT_*` flags.
+    pub fn flags(self) -> u32 {
+        use faultline_attach::{MEMSLOT_DIRTY_LOG, MEMSLOT_READ_ONLY};
+        match self {
+            Self::Plain => 0,
+            Self::ReadOnly => MEMSLOT_READ_ONLY,
+            Self::DirtyLog => MEMSLOT_DIRTY_LOG,
+            Self::ReadOnlyDirtyLog => MEMSLOT_READ_ONLY | MEMSLOT_DIRTY_LOG,
+        }
+    }
+}
+
+/// One probe run.
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    /// The daemon's attach socket.
+    pub attach_socket: PathBuf,
+    /// VM id.
+    pub vm_id: u16,
+    /// The access.
+    pub access: ProbeAccess,
+    /// The data memslot.
+    pub data: SlotSetup,
+    /// The page-table memslot.
+    pub tables: SlotSetup,
+    /// The probed page's leaf has AF clear (the walker sets it).
+    pub af_clear: bool,
+}
+
+/// The run's outcome, in the shape of `faultline qemu`'s report.
+#[derive(Debug, Default, Serialize)]
+pub struct ProbeReport {
+    /// The value the guest ends with; none if stopped.
+    pub checksum: Option<u64>,
+    /// Stage-2 faults served.
+    pub faults: u64,
+    /// MMIO exits `(IPA, write)`, completed (skipped).
+    pub exits: Vec<(u64, bool)>,
+    /// An exit without a valid syndrome `(IPA, write)`: the vCPU stops.
+    pub no_syndrome_exit: Option<(u64, bool)>,
+    /// The VA of an injected abort (the vCPU stops).
+    pub injected: Option<u64>,
+    /// The daemon's detach report.
+    pub detach: [u64; 3],
+}
+
+/// Why the guest stopped before its result.
+enum Stop {
+    NoSyndrome(u64, bool),
+    Injected(u64),
+}
+
+/// The guest's stage-1 tables: identity for the code's 2 MiB block and the
+/// probed page, at the page-table memslot's IPAs (as the launcher writes
+/// them for the EL2 image).
+fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
+    let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
+    let page = PROBE_IPA & !0xfff;
+    let (normal, af) = (3 << 8, 1 << 10);
+    [
+        (l1 + 8 * ((BLOCKS_IPA >> 30) & 511), l2 | 3),
+        (l2 + 8 * ((BLOCKS_IPA >> 21) & 511), BLOCKS_IPA | normal | af | 1),
+        (l2 + 8 * ((page >> 21) & 511), l3 | 3),
+        (l3 + 8 * ((page >> 12) & 511), page | normal | if af_clear { 0 } else { af } | 3),
+    ]
+}
+
+/// The vCPU's view: the core, its rings and the walker.
+struct Vcpu<'a> {
+    vm: Vm<LinearMap>,
+    owners: PageOwnership<'static>,
+    tlb: TlbGeneration,
+    faults_out: Producer<'a>,
+    commands: Consumer<'a>,
+    phys: &'a PhysMemory,
+    s2: Stage2Regs,
+    s1: Stage1Regs,
+    stop: AtomicBool,
+    epoch: Instant,
+    report: ProbeReport,
+}
+
+impl Vcpu<'_> {
+    fn walker(&self) -> Walker<'_> {
+        Walker { s1: self.s1, s2: self.s2, mem: self.phys }
+    }
+
+    /// Sends one abort to the daemon through the core; returns how it ended.
+    fn serve(&mut self, esr: u64, far: u64, hpfar: u64) -> anyhow::Result<Completion> {
+        let s1 = Walker { s1: self.s1, s2: self.s2, mem: self.phys };
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let rec = self
+            .vm
+            .take_fault(0, esr, far, hpfar, now, |va| s1.stage1(va, AccessKind::Read).ok().map(Ipa::new))
+            .map_err(|e| anyhow::anyhow!("core refused the fault: {e:?}"))?;
+        self.report.faults += 1;
+        push_and_ring(&mut self.faults_out, &rec.encode()).map_err(|e| anyhow::anyhow!("fault ring: {e:?}"))?;
+        let wait = WaitPolicy { spin_polls: 1000, sleep_slice: Duration::from_millis(50) };
+        loop {
+            let cmd = wait_pop(&mut self.commands, wait, &self.stop)
+                .map_err(|e| anyhow::anyhow!("command ring: {e:?}"))?
+                .context("stopped while waiting for the daemon")?;
+            let executed = self.vm.execute(0, &cmd, &mut self.owners, &mut self.tlb);
+            push_and_ring(&mut self.faults_out, &executed.result.encode())
+                .map_err(|e| anyhow::anyhow!("fault ring: {e:?}"))?;
+            if let Some(c) = executed.completion {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Translates `va` for `access` (stage 1 and 2, or stage 1 only for
+    /// AT), serving stage-2 aborts until it succeeds. `Ok(None)`: an MMIO
+    /// exit completed the access without memory.
+    fn access(
+        &mut self,
+        va: u64,
+        access: AccessKind,
+        isv: bool,
+        stage1_only: bool,
+    ) -> anyhow::Result<Result<Option<u64>, Stop>> {
+        let data = DataAccess { size: 8, register: 3, isv };
+        loop {
+            let walked =
+                if stage1_only { self.walker().stage1(va, access) } else { self.walker().translate(va, access) };
+            let (fault, s1ptw, ipa) = match walked {
+                Ok(out) => return Ok(Ok(Some(out))),
+                Err(WalkError::Stage1(f)) => bail!("the guest's own stage 1 faulted: {f:?}"),
+                Err(WalkError::Stage2 { fault, s1ptw, ipa }) => (fault, s1ptw, ipa),
+            };
+            let syn = encode_stage2(fault, s1ptw, ipa, access, va, data);
+            match self.serve(syn.esr, syn.far, syn.hpfar)? {
+                Completion::Resume => continue,
+                Completion::InjectAbort => return Ok(Err(Stop::Injected(va))),
+                Completion::ExitToVmm => {
+                    let write = access == AccessKind::Write;
+                    if syn.esr >> 24 & 1 == 0 {
+                        return Ok(Err(Stop::NoSyndrome(ipa, write)));
+                    }
+                    self.report.exits.push((ipa, write));
+                    return Ok(Ok(None));
+                }
+            }
+        }
+    }
+
+    /// The probe guest: fetch (MMU off), MMU on, fetch (walks the code's
+    /// tables), then the access.
+    fn run(&mut self, probe: ProbeAccess) -> anyhow::Result<Result<u64, Stop>> {
+        macro_rules! step {
+            ($e:expr) => {
+                match $e? {
+                    Ok(v) => v,
+                    Err(stop) => return Ok(Err(stop)),
+                }
+            };
+        }
+        step!(self.access(BLOCKS_IPA, AccessKind::Fetch, false, false));
+        self.s1 = Stage1Regs { mmu_on: true, ttbr0: PT_IPA, tcr: TCR };
+        step!(self.access(BLOCKS_IPA + 0x40, AccessKind::Fetch, false, false));
+        let phys = self.phys;
+        let load = |pa: Option<u64>| pa.map_or(Ok(0), |pa| phys.load(pa, 8).context("PA is not memory"));
+        let store = |pa: Option<u64>, v: u64| pa.map_or(Ok(()), |pa| phys.store(pa, 8, v).context("PA is not memory"));
+        let p = PROBE_IPA;
+        Ok(Ok(match probe {
+            ProbeAccess::Read64 => load(step!(self.access(p, AccessKind::Read, true, false)))?,
+            ProbeAccess::LdPreidx => load(step!(self.access(p, AccessKind::Read, false, false)))?,
+            ProbeAccess::Write64 => {
+                store(step!(self.access(p, AccessKind::Write, true, false)), p)?;
+                p
+            }
+            ProbeAccess::StPreidx => {
+                store(step!(self.access(p, AccessKind::Write, false, false)), p)?;
+                p
+            }
+            ProbeAccess::Cas => {
+                let old = load(step!(self.access(p, AccessKind::Read, false, false)))?;
+                let pa = step!(self.access(p, AccessKind::Write, false, false));
+                if old == 0 {
+                    store(pa, p)?;
+                }
+                old
+            }
+            ProbeAccess::DcZva => {
+                let pa = step!(self.access(p & !63, AccessKind::Write, false, false));
+                for off in (0..64).step_by(8) {
+                    store(pa.map(|pa| pa + off), 0)?;
+                }
+                0
+            }
+            ProbeAccess::At => {
+                let ipa = step!(self.access(p, AccessKind::Read, false, true)).unwrap_or(0);
+                // PAR_EL1 as QEMU's CPU reports it: attributes 0xff, NS,
+                // inner shareable, the output page.
+                0xff << 56 | (ipa & !0xfff) | 0xb80
+            }
+            ProbeAccess::Exec => {
+                step!(self.access(p, AccessKind::Fetch, false, false));
+                EXEC_MARK
+            }
+        }))
+    }
+}
+
+/// Builds the machine, attaches, runs the probe, detaches.
+pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
+    let mut phys = PhysMemory::default();
+    let tables = phys.add(Window::create("tables", TABLES_PA, TABLES_SIZE, 4096)?);
+    let ring_bytes = hyp_core::ring::RegionHeader::new(2, RING_ENTRIES).region_bytes().next_multiple_of(4096);
+    let rings = phys.add(Window::create("rings", RINGS_PA, ring_bytes, 4096)?);
+    let code = phys.add(Window::create("code", CODE_PA, SLOT, 2 << 20)?);
+    let data = phys.add(Window::create("data", DATA_PA, SLOT, 4096)?);
+    let pt = phys.add(Window::create("tables-s1", PT_PA, SLOT, 4096)?);
+    for (ipa, desc) in stage1_tables(config.af_clear) {
+        phys.window(pt).map.store(ipa - PT_IPA, 8, desc).expect("in range");
+    }
+    let rings_w = phys.window(rings);
+    // SAFETY: the window's mapping lives as long as `phys`, which outlives
+    // every use of the region here; the daemon uses it only through the ABI.
+    let shared = unsafe { SharedRegion::create(rings_w.map.base(), rings_w.size, 2, RING_ENTRIES) }
+        .map_err(|e| anyhow::anyhow!("ring region: {e:?}"))?;
+    let tables_w = phys.window(tables);
+    // SAFETY: table memory is this machine's own mapping, alive as long as
+    // `phys`, accessed only atomically (the core and the software walkers).
+    let table_mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), TABLES_SIZE, tables_w.map.base()) };
+    let storage: &'static mut [u16] =
+        Box::leak(vec![0u16; ((PT_PA + SLOT - TABLES_PA) / 4096) as usize].into_boxed_slice());
+    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
+    let id = VmId::new(config.vm_id).context("vm id")?;
+    for pa in [CODE_PA, DATA_PA, PT_PA] {
+        owners.transfer(Pa::new(pa), SLOT, Owner::Host, Owner::Vm(id)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let geometry = Geometry::kvm_default();
+    let vm =
+        Vm::new(id, geometry, Pa::new(TABLES_PA), 2, table_mem, &mut owners).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let s2 = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
+
+    let conn = faultline_attach::connect(&config.attach_socket)
+        .with_context(|| format!("connecting to the daemon at {}", config.attach_socket.display()))?;
+    let guest = |fd_index, pa, page_size| RegionDesc {
+        kind: RegionKind::Guest,
+        flags: REGION_WRITABLE,
+        pa_base: pa,
+        size: SLOT,
+        page_size,
+        fd_index,
+        fd_offset: 0,
+    };
+    let slot = |gpa, region, flags| MemslotDesc { gpa, size: SLOT, region, flags, region_offset: 0 };
+    let request = AttachRequest {
+        vm_id: config.vm_id,
+        nr_vcpus: 1,
+        ipa_bits: geometry.ipa_bits(),
+        flags: 0,
+        regions: vec![
+            guest(0, CODE_PA, 2 << 20),
+            guest(1, DATA_PA, 4096),
+            guest(2, PT_PA, 4096),
+            RegionDesc {
+                kind: RegionKind::Rings,
+                flags: 0,
+                pa_base: RINGS_PA,
+                size: ring_bytes,
+                page_size: 4096,
+                fd_index: 3,
+                fd_offset: 0,
+            },
+            RegionDesc {
+                kind: RegionKind::TablePool,
+                flags: 0,
+                pa_base: TABLES_PA + ROOT_RESERVE,
+                size: TABLES_SIZE - ROOT_RESERVE,
+                page_size: 4096,
+                fd_index: NO_FD,
+                fd_offset: 0,
+            },
+        ],
+        memslots: vec![
+            slot(BLOCKS_IPA, 0, 0),
+            slot(PAGES_IPA, 1, config.data.flags()),
+            slot(PT_IPA, 2, config.tables.flags()),
+        ],
+    };
+    let fds = [phys.window(code).fd(), phys.window(data).fd(), phys.window(pt).fd(), phys.window(rings).fd()];
+    send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
+    let reply = crate::machine::read_reply(&conn).context("reading the attach reply")?;
+    if reply.status != Status::Ok {
+        bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
+    }
+    let ring = |kind| shared.ring(0, kind).context("ring");
+    let mut vcpu = Vcpu {
+        vm,
+        owners,
+        tlb: TlbGeneration::default(),
+        faults_out: Producer::attach(ring(RingKind::Fault)?).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        commands: Consumer::attach(ring(RingKind::Command)?).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        phys: &phys,
+        s2,
+        s1: Stage1Regs::default(),
+        stop: AtomicBool::new(false),
+        epoch: Instant::now(),
+        report: ProbeReport::default(),
+    };
+    match vcpu.run(config.access)? {
+        Ok(value) => vcpu.report.checksum = Some(value),
+        Err(Stop::NoSyndrome(ipa, write)) => vcpu.report.no_syndrome_exit = Some((ipa, write)),
+        Err(Stop::Injected(va)) => vcpu.report.injected = Some(va),
+    }
+    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
+    let detach = crate::machine::read_reply(&conn).context("reading the detach reply")?;
+    let mut report = vcpu.report;
+    report.detach = detach.values;
+    Ok(report)
+}

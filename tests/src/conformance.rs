@@ -1,0 +1,257 @@
+//! KVM's page_fault_test matrix (issue 6) as one table, run on both
+//! machines: the simulated machine in `cargo test` (tests/tests/conformance.rs)
+//! and the EL2 image under QEMU in `.ci/run` (tests/tests/el2_qemu.rs). Each
+//! row is a stage-1 probe: the guest turns its MMU on with its page tables
+//! in their own memslot and makes one access; both machines take the same
+//! arguments and print the same report.
+
+use faultline_proto::v1::{FaultEvent, Outcome};
+
+/// What a probe row ends with.
+#[derive(Debug, Clone, Copy)]
+pub enum End {
+    /// The guest reported this value (read, written, or PAR_EL1 for AT).
+    Value(u64),
+    /// An MMIO exit (valid syndrome) at this IPA, completed at EL2; then the value.
+    Mmio(u64, u64),
+    /// An exit without a valid syndrome at this IPA: the vCPU stops, as
+    /// KVM_RUN fails with ENOSYS.
+    NoSyndrome(u64),
+    /// An abort injected into the guest (the walk needed to write a read-only table).
+    Injected,
+}
+
+/// One row: the guest turns its MMU on with its page tables in their own
+/// memslot and makes one access.
+pub struct ProbeRow {
+    /// The probe's arguments, the same for `sim-machine` and `faultline qemu`.
+    pub args: &'static [&'static str],
+    /// Stage-2 faults: code block, the table pages walked, the data page,
+    /// plus an access-flag update when the walker had to write a read-only
+    /// table, or a read then a write (CAS).
+    pub faults: u64,
+    /// How the guest ends.
+    pub end: End,
+    /// Relaxations (an access-flag update on a logged table page).
+    pub relaxed: u64,
+}
+
+/// The matrix.
+pub fn rows() -> Vec<ProbeRow> {
+    const PROBE: u64 = 0x8400_0008;
+    /// PAR_EL1 of AT S1E1R on the probe: PA 0x8400_0000, inner shareable
+    /// (SH 0b11 at [8:7]), attributes 0xff (write-back) at [63:56].
+    const PAR: u64 = 0xff00_0000_8400_0b80;
+    use End::*;
+    vec![
+        // Every access, plain memslots.
+        ProbeRow { args: &["--stage1-probe", "read64"], faults: 5, end: Value(0), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "write64"], faults: 5, end: Value(PROBE), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "cas"], faults: 5, end: Value(0), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "ld-preidx"], faults: 5, end: Value(0), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "st-preidx"], faults: 5, end: Value(PROBE), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "dc-zva"], faults: 5, end: Value(0), relaxed: 0 },
+        // AT walks stage 1 only: the table pages fault, the data page does not.
+        ProbeRow { args: &["--stage1-probe", "at"], faults: 4, end: Value(PAR), relaxed: 0 },
+        ProbeRow { args: &["--stage1-probe", "exec"], faults: 5, end: Value(0xe7ec), relaxed: 0 },
+        // A read-only data memslot: reads, AT and fetches are mapped; a
+        // write with a syndrome exits to the VMM; accesses without one (CAS,
+        // pre-index store, DC ZVA) stop the vCPU.
+        ProbeRow { args: &["--stage1-probe", "read64", "--data", "read-only"], faults: 5, end: Value(0), relaxed: 0 },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--data", "read-only"],
+            faults: 5,
+            end: Mmio(PROBE, PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--data", "read-only"],
+            faults: 6,
+            end: NoSyndrome(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "ld-preidx", "--data", "read-only"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx", "--data", "read-only"],
+            faults: 5,
+            end: NoSyndrome(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "dc-zva", "--data", "read-only"],
+            faults: 5,
+            end: NoSyndrome(PROBE & !63),
+            relaxed: 0,
+        },
+        ProbeRow { args: &["--stage1-probe", "at", "--data", "read-only"], faults: 4, end: Value(PAR), relaxed: 0 },
+        ProbeRow {
+            args: &["--stage1-probe", "exec", "--data", "read-only"],
+            faults: 5,
+            end: Value(0xe7ec),
+            relaxed: 0,
+        },
+        // Logged tables, access flag clear: the walk maps the table page
+        // read-only; the hardware AF update is a permission fault on the
+        // walk, a write: relaxed in place (and the table page dirtied).
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--af-clear", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(PROBE),
+            relaxed: 1,
+        },
+        // Dirty logging on the data and table memslots (the selftest's
+        // dirty_log rows): pages are mapped read-only first, so writes and
+        // the walker's AF updates fault once more and set their bits.
+        ProbeRow {
+            args: &["--stage1-probe", "read64", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "read64", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(0),
+            relaxed: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Value(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(PROBE),
+            relaxed: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(0),
+            relaxed: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Value(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "dc-zva", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "exec", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(0xe7ec),
+            relaxed: 1,
+        },
+        // Read-only and logged data, logged tables (the selftest's
+        // ro_memslot_and_dlog rows): nothing can dirty the data page.
+        ProbeRow {
+            args: &["--stage1-probe", "read64", "--af-clear", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(0),
+            relaxed: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Mmio(PROBE, PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: NoSyndrome(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "dc-zva", "--af-clear", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: NoSyndrome(PROBE & !63),
+            relaxed: 1,
+        },
+        // Tables in a read-only memslot: walks read them, so it works
+        // (KVM since 6.2: only a permission fault on a walk is a write) ...
+        ProbeRow { args: &["--stage1-probe", "read64", "--tables", "read-only"], faults: 5, end: Value(0), relaxed: 0 },
+        // ... until the walker must write one: injected into the guest.
+        ProbeRow {
+            args: &["--stage1-probe", "read64", "--af-clear", "--tables", "read-only"],
+            faults: 5,
+            end: Injected,
+            relaxed: 0,
+        },
+    ]
+}
+
+/// Checks one row's report (the machine's JSON) and the daemon's events for
+/// it (oldest first) against the row.
+pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) {
+    use End::*;
+    let name = row.args.join(" ");
+    assert_eq!(report["faults"], row.faults, "{name}");
+    assert_eq!(report["detach"][1], 0, "{name}: pins remaining");
+    let (value, exits, no_syndrome, injected) = match row.end {
+        Value(v) => (Some(v), vec![], None, false),
+        Mmio(v, ipa) => (Some(v), vec![serde_json::json!([ipa, true])], None, false),
+        NoSyndrome(ipa) => (None, vec![], Some(serde_json::json!([ipa, true])), false),
+        Injected => (None, vec![], None, true),
+    };
+    assert_eq!(report["checksum"].as_u64(), value, "{name}");
+    assert_eq!(report["exits"].as_array().unwrap(), &exits, "{name}");
+    assert_eq!(report["no_syndrome_exit"], no_syndrome.unwrap_or(serde_json::Value::Null), "{name}");
+    assert_eq!(!report["injected"].is_null(), injected, "{name}");
+
+    assert_eq!(events.len() as u64, row.faults, "{name}");
+    let s1ptw = |e: &FaultEvent| e.esr >> 7 & 1 == 1;
+    // The table pages each faulted on a walk (S1PTW set by the CPU).
+    let walked: Vec<u64> = events.iter().filter(|e| s1ptw(e) && e.kind == 1).map(|e| e.ipa & !0xfff).collect();
+    assert_eq!(walked, [0x8800_0000, 0x8800_1000, 0x8800_2000], "{name}");
+    // Table pages are never mapped executable, whatever walked them.
+    assert!(events.iter().filter(|e| s1ptw(e)).all(|e| e.permissions & 4 == 0), "{name}");
+    let relaxed = events.iter().filter(|e| e.outcome == Outcome::Relaxed as i32).count() as u64;
+    assert_eq!(relaxed, row.relaxed, "{name}");
+    if row.args.contains(&"--af-clear") && row.relaxed > 0 {
+        let update = events.iter().find(|e| e.outcome == Outcome::Relaxed as i32 && s1ptw(e)).unwrap();
+        // HPFAR gives the table page; the low bits are the VA's (as KVM composes it).
+        assert_eq!(update.ipa & !0xfff, 0x8800_2000, "{name}: the walker's AF write to the L3 table");
+    }
+    let last = events.last().unwrap();
+    match row.end {
+        Injected => assert!(s1ptw(last) && last.outcome == Outcome::InjectedAbort as i32, "{name}"),
+        NoSyndrome(_) => assert_eq!(last.outcome, Outcome::NoSyndromeExit as i32, "{name}"),
+        Mmio(..) => assert_eq!(last.outcome, Outcome::MmioExit as i32, "{name}"),
+        // The access itself was resolved: mapped, or relaxed after a read (CAS).
+        Value(_) => {
+            assert!([Outcome::Mapped, Outcome::Relaxed].iter().any(|o| last.outcome == *o as i32), "{name}")
+        }
+    }
+}
+
+/// The events the daemon recorded since the last call (`seen` counts them).
+pub async fn new_events(
+    client: &mut faultline_proto::v1::fault_trace_client::FaultTraceClient<tonic::transport::Channel>,
+    seen: &mut usize,
+) -> Vec<FaultEvent> {
+    use faultline_proto::v1::{observe_response::ResponseTypes, ObserveRequest};
+    let mut stream = client.observe(ObserveRequest::default()).await.unwrap().into_inner();
+    let mut events: Vec<FaultEvent> = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(ResponseTypes::Fault(e)) = r.response_types {
+            events.push(e);
+        }
+    }
+    let events = events.split_off(*seen);
+    *seen += events.len();
+    events
+}
