@@ -57,40 +57,50 @@ pub fn rows() -> Vec<ProbeRow> {
         // A read-only data memslot: reads, AT and fetches are mapped; a
         // write with a syndrome exits to the VMM; accesses without one (CAS,
         // pre-index store, DC ZVA) stop the vCPU.
-        ProbeRow { args: &["--stage1-probe", "read64", "--data", "read-only"], faults: 5, end: Value(0), relaxed: 0 },
         ProbeRow {
-            args: &["--stage1-probe", "write64", "--data", "read-only"],
-            faults: 5,
-            end: Mmio(PROBE, PROBE),
-            relaxed: 0,
-        },
-        ProbeRow {
-            args: &["--stage1-probe", "cas", "--data", "read-only"],
-            faults: 6,
-            end: NoSyndrome(PROBE),
-            relaxed: 0,
-        },
-        ProbeRow {
-            args: &["--stage1-probe", "ld-preidx", "--data", "read-only"],
+            args: &["--stage1-probe", "read64", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
             end: Value(0),
             relaxed: 0,
         },
         ProbeRow {
-            args: &["--stage1-probe", "st-preidx", "--data", "read-only"],
+            args: &["--stage1-probe", "write64", "--data", "read-only", "--tables", "read-only"],
+            faults: 5,
+            end: Mmio(PROBE, PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--data", "read-only", "--tables", "read-only"],
+            faults: 6,
+            end: NoSyndrome(PROBE),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "ld-preidx", "--data", "read-only", "--tables", "read-only"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
             end: NoSyndrome(PROBE),
             relaxed: 0,
         },
         ProbeRow {
-            args: &["--stage1-probe", "dc-zva", "--data", "read-only"],
+            args: &["--stage1-probe", "dc-zva", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
             end: NoSyndrome(PROBE & !63),
             relaxed: 0,
         },
-        ProbeRow { args: &["--stage1-probe", "at", "--data", "read-only"], faults: 4, end: Value(PAR), relaxed: 0 },
         ProbeRow {
-            args: &["--stage1-probe", "exec", "--data", "read-only"],
+            args: &["--stage1-probe", "at", "--data", "read-only", "--tables", "read-only"],
+            faults: 4,
+            end: Value(PAR),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "exec", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
             end: Value(0xe7ec),
             relaxed: 0,
@@ -155,31 +165,56 @@ pub fn rows() -> Vec<ProbeRow> {
             end: Value(0xe7ec),
             relaxed: 1,
         },
-        // Read-only and logged data, logged tables (the selftest's
-        // ro_memslot_and_dlog rows): nothing can dirty the data page.
+        // Read-only and logged data and tables (the selftest's
+        // TEST_RO_MEMSLOT_AND_DIRTY_LOG): as read-only alone, and nothing
+        // is dirtied.
         ProbeRow {
-            args: &["--stage1-probe", "read64", "--af-clear", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
-            faults: 6,
+            args: &["--stage1-probe", "read64", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 5,
             end: Value(0),
-            relaxed: 1,
+            relaxed: 0,
         },
         ProbeRow {
-            args: &["--stage1-probe", "write64", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            args: &["--stage1-probe", "ld-preidx", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "at", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 4,
+            end: Value(PAR),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "exec", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 5,
+            end: Value(0xe7ec),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
             faults: 5,
             end: Mmio(PROBE, PROBE),
             relaxed: 0,
         },
         ProbeRow {
-            args: &["--stage1-probe", "cas", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
+            args: &["--stage1-probe", "dc-zva", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 5,
+            end: NoSyndrome(PROBE & !63),
+            relaxed: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
             faults: 6,
             end: NoSyndrome(PROBE),
             relaxed: 0,
         },
         ProbeRow {
-            args: &["--stage1-probe", "dc-zva", "--af-clear", "--data", "read-only-dirty-log", "--tables", "dirty-log"],
-            faults: 6,
-            end: NoSyndrome(PROBE & !63),
-            relaxed: 1,
+            args: &["--stage1-probe", "st-preidx", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
+            faults: 5,
+            end: NoSyndrome(PROBE),
+            relaxed: 0,
         },
         // Tables in a read-only memslot: walks read them, so it works
         // (KVM since 6.2: only a permission fault on a walk is a write) ...
