@@ -261,6 +261,18 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
         // HPFAR gives the table page; the low bits are the VA's (as KVM composes it).
         assert_eq!(update.ipa & !0xfff, 0x8800_2000, "{name}: the walker's AF write to the L3 table");
     }
+    // The data page is never written before the access (a hole; the exec
+    // probe's page holds its RET): the daemon fills it for the first fault
+    // that maps it. Table pages are written by the machine: never holes.
+    let has = |a: &str| row.args.contains(&a);
+    let maps_data = match row.end {
+        Value(_) => !has("at") && !has("exec"),
+        NoSyndrome(_) => has("cas"),
+        Mmio(..) | Injected => false,
+    };
+    let populated = |lo: u64, hi: u64| events.iter().filter(|e| e.populated && (lo..hi).contains(&e.ipa)).count();
+    assert_eq!(populated(0x8400_0000, 0x8400_1000), maps_data as usize, "{name}: data page populated");
+    assert_eq!(populated(0x8800_0000, 0x8820_0000), 0, "{name}: table pages are not holes");
     let last = events.last().unwrap();
     match row.end {
         Injected => assert!(s1ptw(last) && last.outcome == Outcome::InjectedAbort as i32, "{name}"),

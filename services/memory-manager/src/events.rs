@@ -84,6 +84,8 @@ pub struct FaultEvent {
     pub sent_ns: u64,
     /// ns since arrival when the outcome was known.
     pub completed_ns: u64,
+    /// The backing had a hole the daemon filled.
+    pub populated: bool,
 }
 
 /// Counters and history sizes.
@@ -300,6 +302,7 @@ mod tests {
             stages: [0; 5],
             sent_ns: 0,
             completed_ns: 0,
+            populated: false,
         }
     }
 

@@ -104,6 +104,7 @@ pub fn to_proto(e: &FaultEvent) -> pb::FaultEvent {
             completed_ns: e.completed_ns,
         }),
         latency_ns: e.completed_ns,
+        populated: e.populated,
     }
 }
 
@@ -185,6 +186,7 @@ const MASKABLE: &[&str] = &[
     "policy",
     "stages",
     "latency_ns",
+    "populated",
 ];
 
 impl Query {
@@ -297,7 +299,8 @@ fn masked(ev: pb::FaultEvent, mask: &[String]) -> pb::FaultEvent {
         reject_reason,
         policy,
         stages,
-        latency_ns
+        latency_ns,
+        populated
     );
     out
 }

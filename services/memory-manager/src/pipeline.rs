@@ -201,12 +201,23 @@ pub struct Trace {
     /// Nanoseconds since `start` at the end of memslot lookup, VMA snapshot,
     /// mapping size, pin and permissions.
     pub stages: [u64; 5],
+    /// The backing had a hole the pin stage filled (KVM: the page was
+    /// faulted in; page_fault_test counts these as userfaultfd faults).
+    pub populated: bool,
 }
 
 impl Trace {
     /// A trace starting now (the fault's arrival).
     pub fn start() -> Self {
-        Self { start: crate::clock::raw(), abort: None, memslot: None, hva: 0, vma_page_size: 0, stages: [0; 5] }
+        Self {
+            start: crate::clock::raw(),
+            abort: None,
+            memslot: None,
+            hva: 0,
+            vma_page_size: 0,
+            stages: [0; 5],
+            populated: false,
+        }
     }
 
     /// Nanoseconds since the start.
@@ -265,7 +276,8 @@ pub fn handle_fault_traced(
     // 4. invalidation sequence, sampled before pinning
     let seq = vm.sample_seq();
     // 5. pin
-    let (pin, map_ipa, pa) = pin_pages(vm, slot, &vma, ipa, size, inject)?;
+    let (pin, map_ipa, pa, populated) = pin_pages(vm, slot, &vma, ipa, size, inject)?;
+    trace.populated = populated;
     trace.mark(3);
     // 6. permissions
     inject.check(Stage::Permissions)?;
@@ -368,7 +380,8 @@ pub fn mapping_size(
     allowed.min(policy.max_mapping_size(&ctx(allowed)))
 }
 
-/// Stage 5: pin the pages the mapping will cover, faulting fresh backing in.
+/// Stage 5: pin the pages the mapping will cover, faulting fresh backing in;
+/// says whether the backing had a hole.
 fn pin_pages(
     vm: &VmMemory,
     slot: &Memslot,
@@ -376,7 +389,7 @@ fn pin_pages(
     ipa: Ipa,
     size: MapSize,
     inject: Injection,
-) -> Result<(PinGuard, Ipa, Pa), PipelineError> {
+) -> Result<(PinGuard, Ipa, Pa, bool), PipelineError> {
     let map_ipa = ipa.align_down(size.bytes());
     let hva = slot.hva_of(map_ipa);
     let region = vm.regions.get(vma.region).ok_or(PipelineError::OutsideRegion(vma.region))?;
@@ -384,11 +397,13 @@ fn pin_pages(
     let pa = region.pa_at(offset).ok_or(PipelineError::OutsideRegion(vma.region))?;
     let pin = vm.pins.pin(vma.region, offset, size.bytes())?;
     inject.check(Stage::Populate)?;
+    let mut hole = false;
     if !region.device && !vm.pins.is_populated(vma.region, offset, size.bytes()) {
+        hole = region.has_hole(offset, size.bytes()).map_err(PipelineError::Populate)?;
         region.populate(offset, size.bytes()).map_err(PipelineError::Populate)?;
         vm.pins.mark_populated(vma.region, offset, size.bytes());
     }
-    Ok((pin, map_ipa, pa))
+    Ok((pin, map_ipa, pa, hole))
 }
 
 /// Stage 6: permissions. Read always; write if the VMA is writable, the

@@ -93,8 +93,53 @@ impl GuestRegion {
         fallocate(self.memfd.as_file().as_fd(), FallocateFlags::empty(), start, len as i64)
     }
 
+    /// True if `[offset, offset + len)` has a hole in the backing file: pages
+    /// never written or punched out (SEEK_DATA / SEEK_HOLE), which
+    /// [`GuestRegion::populate`] would allocate. On shmem a page allocated
+    /// by fallocate but never written still reads as a hole, so ask before
+    /// populating, not after.
+    pub fn has_hole(&self, offset: u64, len: u64) -> nix::Result<bool> {
+        use nix::unistd::{lseek, Whence};
+        let fd = self.memfd.as_file().as_fd();
+        let (start, end) = ((self.fd_offset + offset) as i64, (self.fd_offset + offset + len) as i64);
+        match lseek(fd, start, Whence::SeekData) {
+            // Data right at the start: a hole only if one begins before the end.
+            Ok(data) if data == start => Ok(lseek(fd, start, Whence::SeekHole)? < end),
+            Ok(_) | Err(nix::Error::ENXIO) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The PA of byte `offset` of the region.
     pub fn pa_at(&self, offset: u64) -> Option<Pa> {
         (offset < self.size).then(|| Pa::new(self.pa_base.raw() + offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyp_core::addr::Pa;
+
+    #[test]
+    fn holes_are_found_until_populated_or_written() {
+        let memfd = memfd::MemfdOptions::default().create("holes").unwrap();
+        memfd.as_file().set_len(4 << 20).unwrap();
+        let spec = RegionSpec {
+            index: 0,
+            pa_base: Pa::new(0x4000_0000),
+            size: 2 << 20,
+            page_size: 4096,
+            fd_offset: 2 << 20,
+            writable: true,
+            device: false,
+        };
+        let region = GuestRegion::map(memfd, spec).unwrap();
+        assert!(region.has_hole(0, 4096).unwrap(), "a fresh file is all holes");
+        // Written through the mapping: data.
+        region.map.store(0x5000, 8, 7).unwrap();
+        assert!(!region.has_hole(0x5000, 4096).unwrap());
+        assert!(region.has_hole(0x1000, 0x4000).unwrap(), "the pages before it still are");
+        assert!(region.has_hole(0x5000, 0x2000).unwrap(), "and the page after it");
     }
 }

@@ -81,6 +81,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             stages: trace.stages,
             sent_ns: trace.elapsed_ns(),
             completed_ns: trace.elapsed_ns(),
+            populated: trace.populated,
         }
     }
 

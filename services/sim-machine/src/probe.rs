@@ -48,6 +48,8 @@ const SLOT: u64 = 2 << 20;
 const TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | TCR_HA;
 /// What the exec probe leaves in x3 (the image's marker).
 const EXEC_MARK: u64 = 0xe7ec;
+/// `RET`, the instruction the exec probe branches to.
+const RET: u64 = 0xd65f_03c0;
 
 /// The probe's access (page_fault_test's guest accesses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -301,6 +303,10 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     let pt = phys.add(Window::create("tables-s1", PT_PA, SLOT, 4096)?);
     for (ipa, desc) in stage1_tables(config.af_clear) {
         phys.window(pt).map.store(ipa - PT_IPA, 8, desc).expect("in range");
+    }
+    if config.access == ProbeAccess::Exec {
+        // What the image's exec probe branches to, as the launcher writes it.
+        phys.window(data).map.store(PROBE_IPA - PAGES_IPA, 4, RET).expect("in range");
     }
     let rings_w = phys.window(rings);
     // SAFETY: the window's mapping lives as long as `phys`, which outlives
