@@ -285,6 +285,23 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     }
 }
 
+/// Dirty logging on both memslots: the data page is dirty iff the access
+/// writes it (and the memslot is writable); the table page iff the walker
+/// set its access flag. `data` and `tables` are the dirty pages' IPAs.
+pub fn check_dirty(row: &ProbeRow, data: &[u64], tables: &[u64]) {
+    let name = row.args.join(" ");
+    let has = |a: &str| row.args.contains(&a);
+    let writes = !has("read-only-dirty-log") && ["write64", "cas", "st-preidx", "dc-zva"].iter().any(|a| has(a));
+    let want_data: &[u64] = if writes { &[0x8400_0000] } else { &[] };
+    let want_tables: &[u64] = if has("--af-clear") { &[0x8800_2000] } else { &[] };
+    assert_eq!((data, tables), (want_data, want_tables), "{name}: dirty pages (data, tables)");
+}
+
+/// True if the row logs both memslots (so [`check_dirty`] applies).
+pub fn logs_both(row: &ProbeRow) -> bool {
+    row.args.iter().filter(|a| a.ends_with("dirty-log")).count() == 2
+}
+
 /// The events the daemon recorded since the last call (`seen` counts them).
 pub async fn new_events(
     client: &mut faultline_proto::v1::fault_trace_client::FaultTraceClient<tonic::transport::Channel>,

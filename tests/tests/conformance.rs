@@ -4,25 +4,69 @@
 //! daemon. The same rows run at real EL2 under QEMU in tests/tests/el2_qemu.rs;
 //! both must meet the row's expectations, so they agree with each other.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
+use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::GetDirtyLogRequest;
 use faultline_system_tests::{binary, conformance, Daemon};
+
+/// Memslot ids of `sim-machine --stage1-probe`: code, data, tables.
+const DATA_SLOT: u32 = 1;
+const TABLES_SLOT: u32 = 2;
+
+async fn dirty_pages(control: &mut ControlClient<tonic::transport::Channel>, memslot: u32) -> Vec<u64> {
+    let log = control.get_dirty_log(GetDirtyLogRequest { vm_id: 1, memslot, peek: true }).await.unwrap().into_inner();
+    (0..log.bitmap.len() as u64 * 8)
+        .filter(|&i| log.bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0)
+        .map(|i| log.gpa + i * 4096)
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_fault_test_matrix_on_the_simulated_machine() {
     let daemon = Daemon::start(&["--spin-polls", "0"]);
     let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let mut seen = 0usize;
     for row in conformance::rows() {
-        let socket = daemon.socket.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(binary("sim-machine")).arg("--attach-socket").arg(socket).args(row.args).output().unwrap()
+        let name = row.args.join(" ");
+        let mut child = Command::new(binary("sim-machine"))
+            .arg("--attach-socket")
+            .arg(&daemon.socket)
+            .args(row.args)
+            .arg("--pause-before-detach")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Still attached once it says so: read the dirty logs, then let it go.
+        let stderr = child.stderr.take().unwrap();
+        let (paused, stderr) = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut seen_lines = Vec::new();
+            for line in lines.by_ref() {
+                let line = line.unwrap();
+                if line.contains("paused before detach") {
+                    return (true, seen_lines);
+                }
+                seen_lines.push(line);
+            }
+            (false, seen_lines)
         })
         .await
         .unwrap();
-        let name = row.args.join(" ");
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(paused, "{name}: the machine ended before pausing: {stderr:?}");
+        if conformance::logs_both(&row) {
+            let data = dirty_pages(&mut control, DATA_SLOT).await;
+            let tables = dirty_pages(&mut control, TABLES_SLOT).await;
+            conformance::check_dirty(&row, &data, &tables);
+        }
+        writeln!(child.stdin.take().unwrap()).unwrap();
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+        assert!(out.status.success(), "{name}: the machine failed");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let events = conformance::new_events(&mut client, &mut seen).await;
         conformance::check(&row, &report, &events);

@@ -143,16 +143,11 @@ async fn stage1_probes_at_el2_are_resolved_as_kvm_resolves_them() {
         let report: serde_json::Value = serde_json::from_str(&out).unwrap();
         // This row's events, from the daemon's history.
         let events = conformance::new_events(&mut client, &mut seen).await;
-        // Dirty logging on both memslots: the data page is dirty iff the
-        // access writes it; the table page iff the walker set its AF.
-        let logged = |a: &&&str| a.ends_with("dirty-log");
-        if row.args.iter().filter(logged).count() == 2 {
-            let read_only = row.args.contains(&"read-only-dirty-log");
-            let writes = !read_only && ["write64", "cas", "st-preidx", "dc-zva"].iter().any(|a| row.args.contains(a));
-            let data: Vec<u64> = if writes { vec![0x8400_0000] } else { vec![] };
-            let tables: Vec<u64> = if row.args.contains(&"--af-clear") { vec![0x8800_2000] } else { vec![] };
-            assert_eq!(report["dirty"]["data"], serde_json::json!(data), "{name}");
-            assert_eq!(report["dirty"]["tables"], serde_json::json!(tables), "{name}");
+        if conformance::logs_both(&row) {
+            let pages = |v: &serde_json::Value| -> Vec<u64> {
+                v.as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect()
+            };
+            conformance::check_dirty(&row, &pages(&report["dirty"]["data"]), &pages(&report["dirty"]["tables"]));
         }
         conformance::check(&row, &report, &events);
     }

@@ -69,6 +69,10 @@ struct Args {
     /// Stage-1 probe: the probed page's leaf has its access flag clear.
     #[arg(long, requires = "stage1_probe")]
     af_clear: bool,
+    /// Stage-1 probe: stay attached after the guest stops until a line
+    /// arrives on stdin.
+    #[arg(long, requires = "stage1_probe")]
+    pause_before_detach: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             data: args.data,
             tables: args.tables,
             af_clear: args.af_clear,
+            pause_before_detach: args.pause_before_detach,
         };
         let report = sim_machine::probe::run(&config)?;
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -115,6 +115,9 @@ pub struct ProbeConfig {
     pub tables: SlotSetup,
     /// The probed page's leaf has AF clear (the walker sets it).
     pub af_clear: bool,
+    /// Stay attached after the guest stops until a line arrives on stdin
+    /// (so the VM's state, its dirty logs among it, can be read).
+    pub pause_before_detach: bool,
 }
 
 /// The run's outcome, in the shape of `faultline qemu`'s report.
@@ -399,6 +402,10 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         Ok(value) => vcpu.report.checksum = Some(value),
         Err(Stop::NoSyndrome(ipa, write)) => vcpu.report.no_syndrome_exit = Some((ipa, write)),
         Err(Stop::Injected(va)) => vcpu.report.injected = Some(va),
+    }
+    if config.pause_before_detach {
+        eprintln!("sim-machine: paused before detach");
+        let _ = std::io::stdin().read_line(&mut String::new());
     }
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = crate::machine::read_reply(&conn).context("reading the detach reply")?;
