@@ -10,14 +10,10 @@
 
 use core::arch::global_asm;
 
-use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_IPA, PT_IPA, ROM_IPA};
+use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_EXEC_MARK, PROBE_IPA, PROBE_TCR, PT_IPA, ROM_IPA};
 
 /// MAIR_EL1: attribute 0 Normal write-back.
 const MAIR: u64 = 0xff;
-/// TCR_EL1: T0SZ 25 (39-bit VA), walks inner/outer write-back inner
-/// shareable, 4 KiB granule, TTBR1 walks off (EPD1), IPS 40 bits, hardware
-/// access-flag updates on (HA).
-const TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | 1 << 39;
 
 /// Every word the guest writes is its address XOR this.
 const MAGIC: u64 = 0x5bd1_e995_5bd1_e995;
@@ -139,7 +135,7 @@ guest_s1_entry:
     isb
     mrs x3, par_el1
     b 5f
-17: movl64 x3, 0xe7ec
+17: movl64 x3, {exec_mark}
     blr x2
 5:  mov x0, x3
     hvc #1
@@ -148,7 +144,8 @@ guest_s1_entry:
 6:  b 6b
 "#,
     mair = const MAIR,
-    tcr = const TCR,
+    tcr = const PROBE_TCR,
+    exec_mark = const PROBE_EXEC_MARK,
     ttbr = const PT_IPA,
     probe = const PROBE_IPA,
     magic = const MAGIC,

@@ -55,6 +55,14 @@ pub const OUTSIDE_IPA: u64 = 0xa000_0000;
 pub const PT_IPA: u64 = 0x8800_0000;
 /// The word the stage-1 probe reads or writes (VA = IPA), in the page memslot.
 pub const PROBE_IPA: u64 = PAGES_IPA + 8;
+/// TCR_EL1 of the stage-1 probe: T0SZ 25 (39-bit VA), walks inner/outer
+/// write-back inner shareable, 4 KiB granule, TTBR1 walks off (EPD1), IPS
+/// 40 bits, hardware access-flag updates on (HA, bit 39).
+pub const PROBE_TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | 1 << 39;
+/// What the exec probe leaves in x3 after returning from the probed word.
+pub const PROBE_EXEC_MARK: u64 = 0xe7ec;
+/// `RET`: what the machine writes at the probed word for the exec probe.
+pub const PROBE_RET: u32 = 0xd65f_03c0;
 
 // The image (linked at RAM_PA, at most 2 MiB) ends before the mailbox, and
 // everything fits in RAM.
@@ -75,4 +83,6 @@ pub mod mailbox {
     /// The probe's access: 0 read64, 1 write64, 2 CAS, 3 load pre-index,
     /// 4 store pre-index, 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch.
     pub const PROBE_ACCESS: u64 = 8;
+    /// The instruction-fetch probe's access code.
+    pub const PROBE_ACCESS_EXEC: u32 = 7;
 }

@@ -151,7 +151,22 @@ extern "C" fn el2_main() -> ! {
     let (entry, x0) = match read_mailbox(mailbox::SCENARIO) {
         mailbox::SCENARIO_CHECKSUM => (BLOCKS_IPA, 0),
         mailbox::SCENARIO_STAGE1_PROBE => {
-            (BLOCKS_IPA + guest::stage1_probe_offset(), read_mailbox(mailbox::PROBE_ACCESS) as u64)
+            let access = read_mailbox(mailbox::PROBE_ACCESS);
+            // The exec probe branches to the probed word: it must hold the
+            // RET the machine writes there, or the guest would run garbage.
+            // Only then is it read: reading a hole in the shared RAM file
+            // would allocate the page the daemon is to find as a hole.
+            if access == mailbox::PROBE_ACCESS_EXEC {
+                // SAFETY: the probed word is in the page memslot's backing,
+                // RAM this image reads with the MMU off; the guest has not
+                // run yet.
+                let word = unsafe { ((PAGES_PA + (PROBE_IPA - PAGES_IPA)) as *const u32).read_volatile() };
+                if word != PROBE_RET {
+                    println!("FAULTLINE-EL2 ERROR exec probe: the probed word is {:#x}, not RET", word);
+                    power_off()
+                }
+            }
+            (BLOCKS_IPA + guest::stage1_probe_offset(), access as u64)
         }
         other => {
             println!("FAULTLINE-EL2 ERROR unknown scenario {}", other);

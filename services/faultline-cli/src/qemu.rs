@@ -24,6 +24,9 @@ use faultline_attach::{
     Status, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
 use serde::Serialize;
+// The probe's vocabulary and tables are the simulated machine's: both
+// machines take the same arguments and write the same tables.
+pub use sim_machine::probe::{stage1_tables, ProbeAccess, SlotSetup};
 
 /// The board layout, compiled from the EL2 image's own source so the two
 /// cannot drift; the image's READY line is still checked against it (a
@@ -74,67 +77,6 @@ pub fn predict() -> Prediction {
     Prediction { checksum, faults, exits: vec![(ROM_IPA + 0x40, true), (OUTSIDE_IPA, false)] }
 }
 
-/// How a memslot is set up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SlotSetup {
-    /// Writable, not logged.
-    #[default]
-    Plain,
-    /// Read-only.
-    ReadOnly,
-    /// Dirty logging.
-    DirtyLog,
-    /// Read-only and dirty logging.
-    ReadOnlyDirtyLog,
-}
-
-impl SlotSetup {
-    fn flags(self) -> u32 {
-        match self {
-            Self::Plain => 0,
-            Self::ReadOnly => MEMSLOT_READ_ONLY,
-            Self::DirtyLog => faultline_attach::MEMSLOT_DIRTY_LOG,
-            Self::ReadOnlyDirtyLog => MEMSLOT_READ_ONLY | faultline_attach::MEMSLOT_DIRTY_LOG,
-        }
-    }
-
-    fn logged(self) -> bool {
-        matches!(self, Self::DirtyLog | Self::ReadOnlyDirtyLog)
-    }
-}
-
-/// The probe's access (page_fault_test's guest accesses).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProbeAccess {
-    /// LDR, 64 bits.
-    Read64,
-    /// STR, 64 bits.
-    Write64,
-    /// CAS (no valid syndrome).
-    Cas,
-    /// LDR with pre-index writeback (no valid syndrome).
-    LdPreidx,
-    /// STR with pre-index writeback (no valid syndrome).
-    StPreidx,
-    /// DC ZVA (a write without a valid syndrome).
-    DcZva,
-    /// AT S1E1R (a stage-1 walk, no data access).
-    At,
-    /// A branch to the probed word (an instruction fetch).
-    Exec,
-}
-
-impl ProbeAccess {
-    fn code(self) -> u32 {
-        self as u32
-    }
-}
-
-/// What the exec probe branches to: `RET`.
-const RET: u64 = 0xd65f_03c0;
-
 /// The stage-1 probe: the guest turns its MMU on with page tables in their
 /// own memslot (written by the launcher) and makes one access.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -157,32 +99,6 @@ pub enum Scenario {
     Checksum,
     /// The stage-1 probe.
     Stage1(Stage1Probe),
-}
-
-/// Descriptor bits of the guest's stage-1 tables (4 KiB granule).
-mod s1 {
-    pub const TABLE: u64 = 0b11;
-    pub const BLOCK: u64 = 0b01;
-    pub const PAGE: u64 = 0b11;
-    /// Inner shareable, attribute index 0 (MAIR: Normal write-back).
-    pub const NORMAL: u64 = 3 << 8;
-    pub const AF: u64 = 1 << 10;
-}
-
-/// The guest's stage-1 tables for the probe, as `(IPA, descriptor)`:
-/// identity for the code's 2 MiB block and the probed 4 KiB page.
-pub fn stage1_tables(af_clear: bool) -> Vec<(u64, u64)> {
-    let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
-    let l1_index = |va: u64| (va >> 30) & 511;
-    let l2_index = |va: u64| (va >> 21) & 511;
-    let l3_index = |va: u64| (va >> 12) & 511;
-    let page = PROBE_IPA & !0xfff;
-    vec![
-        (l1 + 8 * l1_index(BLOCKS_IPA), l2 | s1::TABLE),
-        (l2 + 8 * l2_index(BLOCKS_IPA), BLOCKS_IPA | s1::NORMAL | s1::AF | s1::BLOCK),
-        (l2 + 8 * l2_index(page), l3 | s1::TABLE),
-        (l3 + 8 * l3_index(page), page | s1::NORMAL | if af_clear { 0 } else { s1::AF } | s1::PAGE),
-    ]
 }
 
 /// Options of `faultline qemu`.
@@ -322,7 +238,7 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
         }
         if probe.access == ProbeAccess::Exec {
-            ram.store(PAGES_PA - RAM_PA + (PROBE_IPA - PAGES_IPA), 4, RET).expect("in range");
+            ram.store(PAGES_PA - RAM_PA + (PROBE_IPA - PAGES_IPA), 4, PROBE_RET as u64).expect("in range");
         }
     }
 
@@ -452,7 +368,7 @@ fn serve(
     }
     let (scenario, access) = match args.scenario {
         Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0),
-        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.access.code()),
+        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.access.mailbox_code()),
     };
     ram.store(MAILBOX_PA - RAM_PA + mailbox::SCENARIO, 4, scenario as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_ACCESS, 4, access as u64).expect("in range");

@@ -204,24 +204,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 fd_index: 1,
                 fd_offset: 0,
             },
-            RegionDesc {
-                kind: RegionKind::Rings,
-                flags: 0,
-                pa_base: RINGS_PA,
-                size: rings_size,
-                page_size: 4096,
-                fd_index: 2,
-                fd_offset: 0,
-            },
-            RegionDesc {
-                kind: RegionKind::TablePool,
-                flags: 0,
-                pa_base: TABLES_PA + ROOT_RESERVE,
-                size: TABLES_SIZE - ROOT_RESERVE,
-                page_size: 4096,
-                fd_index: NO_FD,
-                fd_offset: 0,
-            },
+            rings_region(rings_size, 2),
+            table_pool_region(),
         ],
         memslots: vec![
             MemslotDesc {
@@ -346,6 +330,26 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     summary.rom_digest = word_digest(phys.window(rom));
     drop(core);
     Ok(summary)
+}
+
+/// The ring region's description: its window at [`RINGS_PA`], sent as fd
+/// number `fd_index`.
+pub(crate) fn rings_region(size: u64, fd_index: u32) -> RegionDesc {
+    RegionDesc { kind: RegionKind::Rings, flags: 0, pa_base: RINGS_PA, size, page_size: 4096, fd_index, fd_offset: 0 }
+}
+
+/// The table pool: table memory after the root, handed back to the core as
+/// memcache pages (no fd: the daemon never maps it).
+pub(crate) fn table_pool_region() -> RegionDesc {
+    RegionDesc {
+        kind: RegionKind::TablePool,
+        flags: 0,
+        pa_base: TABLES_PA + ROOT_RESERVE,
+        size: TABLES_SIZE - ROOT_RESERVE,
+        page_size: 4096,
+        fd_index: NO_FD,
+        fd_offset: 0,
+    }
 }
 
 pub(crate) fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {

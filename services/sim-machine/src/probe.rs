@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
-use faultline_attach::{
-    send_message, AttachRequest, MemslotDesc, RegionDesc, RegionKind, Status, NO_FD, REGION_WRITABLE,
-};
+use faultline_attach::{send_message, AttachRequest, MemslotDesc, RegionDesc, RegionKind, Status, REGION_WRITABLE};
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
@@ -25,33 +23,24 @@ use serde::Serialize;
 
 use crate::mmu::{AccessKind, Stage2Regs, TlbGeneration};
 use crate::phys::{PhysMemory, Window};
-use crate::stage1::{Stage1Regs, WalkError, Walker, TCR_HA};
+use crate::stage1::{Stage1Regs, WalkError, Walker};
 use crate::syndrome::{encode_stage2, DataAccess};
 
 /// The image's board layout (the IPAs the probe uses).
 #[path = "../../../hyp-core/image/src/layout.rs"]
 #[allow(dead_code)]
 mod board;
-use board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PT_IPA};
+use board::{BLOCKS_IPA, PAGES_IPA, PROBE_EXEC_MARK, PROBE_IPA, PROBE_RET, PROBE_TCR, PT_IPA};
 
-const TABLES_PA: u64 = 0x2000_0000;
-const TABLES_SIZE: u64 = 4 << 20;
-const ROOT_RESERVE: u64 = 64 << 10;
-const RINGS_PA: u64 = 0x2100_0000;
-const RING_ENTRIES: u32 = 64;
+use crate::layout::{RINGS_PA, RING_ENTRIES, TABLES_PA, TABLES_SIZE};
 /// Backing of the three memslots, 2 MiB each: code (2 MiB pages), data, tables.
 const CODE_PA: u64 = 0x5000_0000;
 const DATA_PA: u64 = 0x5020_0000;
 const PT_PA: u64 = 0x5040_0000;
 const SLOT: u64 = 2 << 20;
-/// TCR_EL1 as the image's probe sets it: 39-bit VA, 4 KiB granule, HA.
-const TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | TCR_HA;
-/// What the exec probe leaves in x3 (the image's marker).
-const EXEC_MARK: u64 = 0xe7ec;
-/// `RET`, the instruction the exec probe branches to.
-const RET: u64 = 0xd65f_03c0;
 
-/// The probe's access (page_fault_test's guest accesses).
+/// The probe's access (page_fault_test's guest accesses), in the order of
+/// the image's mailbox codes (hyp-core/image/src/guest.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProbeAccess {
@@ -73,8 +62,16 @@ pub enum ProbeAccess {
     Exec,
 }
 
+impl ProbeAccess {
+    /// The code the EL2 image's probe guest takes in x0.
+    pub fn mailbox_code(self) -> u32 {
+        self as u32
+    }
+}
+
 /// How a memslot is set up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SlotSetup {
     /// Writable, not logged.
     #[default]
@@ -97,6 +94,11 @@ impl SlotSetup {
             Self::DirtyLog => MEMSLOT_DIRTY_LOG,
             Self::ReadOnlyDirtyLog => MEMSLOT_READ_ONLY | MEMSLOT_DIRTY_LOG,
         }
+    }
+
+    /// Dirty logging is on.
+    pub fn logged(self) -> bool {
+        matches!(self, Self::DirtyLog | Self::ReadOnlyDirtyLog)
     }
 }
 
@@ -143,10 +145,11 @@ enum Stop {
     Injected(u64),
 }
 
-/// The guest's stage-1 tables: identity for the code's 2 MiB block and the
-/// probed page, at the page-table memslot's IPAs (as the launcher writes
-/// them for the EL2 image).
-fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
+/// The guest's stage-1 tables as `(IPA, descriptor)`: identity for the
+/// code's 2 MiB block and the probed page, at the page-table memslot's IPAs.
+/// Both machines write these before the guest runs (`faultline qemu` for the
+/// EL2 image).
+pub fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
     let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
     let page = PROBE_IPA & !0xfff;
     let (normal, af) = (3 << 8, 1 << 10);
@@ -249,7 +252,7 @@ impl Vcpu<'_> {
             };
         }
         step!(self.access(BLOCKS_IPA, AccessKind::Fetch, false, false));
-        self.s1 = Stage1Regs { mmu_on: true, ttbr0: PT_IPA, tcr: TCR };
+        self.s1 = Stage1Regs { mmu_on: true, ttbr0: PT_IPA, tcr: PROBE_TCR };
         step!(self.access(BLOCKS_IPA + 0x40, AccessKind::Fetch, false, false));
         let phys = self.phys;
         let load = |pa: Option<u64>| pa.map_or(Ok(0), |pa| phys.load(pa, 8).context("PA is not memory"));
@@ -289,7 +292,7 @@ impl Vcpu<'_> {
             }
             ProbeAccess::Exec => {
                 step!(self.access(p, AccessKind::Fetch, false, false));
-                EXEC_MARK
+                PROBE_EXEC_MARK
             }
         }))
     }
@@ -309,7 +312,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     }
     if config.access == ProbeAccess::Exec {
         // What the image's exec probe branches to, as the launcher writes it.
-        phys.window(data).map.store(PROBE_IPA - PAGES_IPA, 4, RET).expect("in range");
+        phys.window(data).map.store(PROBE_IPA - PAGES_IPA, 4, PROBE_RET as u64).expect("in range");
     }
     let rings_w = phys.window(rings);
     // SAFETY: the window's mapping lives as long as `phys`, which outlives
@@ -353,24 +356,8 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
             guest(0, CODE_PA, 2 << 20),
             guest(1, DATA_PA, 4096),
             guest(2, PT_PA, 4096),
-            RegionDesc {
-                kind: RegionKind::Rings,
-                flags: 0,
-                pa_base: RINGS_PA,
-                size: ring_bytes,
-                page_size: 4096,
-                fd_index: 3,
-                fd_offset: 0,
-            },
-            RegionDesc {
-                kind: RegionKind::TablePool,
-                flags: 0,
-                pa_base: TABLES_PA + ROOT_RESERVE,
-                size: TABLES_SIZE - ROOT_RESERVE,
-                page_size: 4096,
-                fd_index: NO_FD,
-                fd_offset: 0,
-            },
+            crate::machine::rings_region(ring_bytes, 3),
+            crate::machine::table_pool_region(),
         ],
         memslots: vec![
             slot(BLOCKS_IPA, 0, 0),
@@ -412,4 +399,16 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     let mut report = vcpu.report;
     report.detach = detach.values;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_codes_are_the_images() {
+        assert_eq!(ProbeAccess::Read64.mailbox_code(), 0);
+        assert_eq!(ProbeAccess::Write64.mailbox_code(), 1);
+        assert_eq!(ProbeAccess::Exec.mailbox_code(), board::mailbox::PROBE_ACCESS_EXEC);
+    }
 }
