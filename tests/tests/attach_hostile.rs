@@ -186,14 +186,33 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     assert_eq!(r.status, Status::Malformed, "{r:?}");
     assert!(r.message.contains("sealed"), "{r:?}");
 
+    // Contents regions: outside every guest region, with flags, over a
+    // file shorter than described, over the ring region.
+    let contents = memfd(1 << 20, false);
+    let fds3 = [ram.as_file().as_fd(), rings.as_file().as_fd(), contents.as_file().as_fd()];
+    let with_contents = |pa_base, size, flags| {
+        let mut req = good.clone();
+        let (kind, page_size, fd_index, fd_offset) = (RegionKind::Contents, 4096, 2, 0);
+        req.regions.push(RegionDesc { kind, flags, pa_base, size, page_size, fd_index, fd_offset });
+        req.encode()
+    };
+    let (r, _) = attempt(&daemon, &with_contents(0x5000_0000, 1 << 20, 0), &fds3);
+    assert_eq!((r.status, r.message.contains("outside every guest region")), (Status::Malformed, true), "{r:?}");
+    let (r, _) = attempt(&daemon, &with_contents(0x4000_0000, 1 << 20, REGION_WRITABLE), &fds3);
+    assert_eq!((r.status, r.message.contains("no flags")), (Status::Malformed, true), "{r:?}");
+    let (r, _) = attempt(&daemon, &with_contents(0x4000_0000, 2 << 20, 0), &fds3);
+    assert_eq!((r.status, r.message.contains("contents file has")), (Status::Undersized, true), "{r:?}");
+    let (r, _) = attempt(&daemon, &with_contents(0x2100_0000, 64 << 10, 0), &fds3);
+    assert_eq!(r.status, Status::Overlapping, "{r:?}");
     // The bystander's id is taken.
     let mut req = good.clone();
     req.vm_id = 1;
     let (r, _) = attempt(&daemon, &req.encode(), &fds);
     assert_eq!(r.status, Status::AlreadyAttached, "{r:?}");
 
-    // A good request is accepted after all that (and detached by hanging up).
-    let (r, conn) = send(&daemon, &good.encode(), &fds);
+    // A good request is accepted after all that (and detached by hanging
+    // up), with well-placed contents (unsealed is fine: they are only read).
+    let (r, conn) = send(&daemon, &with_contents(0x4010_0000, 1 << 20, 0), &fds3);
     assert_eq!(r.status, Status::Ok, "{r:?}");
     drop(conn);
 

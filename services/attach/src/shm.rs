@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
@@ -149,6 +149,68 @@ impl MappedRegion {
         Some(unsafe { &*ptr })
     }
 
+    /// Fills `[offset, offset + len)` of the mapping with `len` bytes of
+    /// `file` from `file_offset` (pread straight into the mapping: one copy,
+    /// as UFFDIO_COPY). A file shorter than that is an `UnexpectedEof`.
+    pub fn fill_from(&self, offset: u64, len: u64, file: impl AsFd, file_offset: u64) -> std::io::Result<()> {
+        self.transfer(
+            offset,
+            len,
+            |ptr, n, at| {
+                // SAFETY: `ptr..ptr + n` lies inside our live mapping (checked by
+                // `transfer`); the kernel writes into it and no Rust reference to
+                // those bytes exists.
+                unsafe { libc::pread(file.as_fd().as_raw_fd(), ptr.cast(), n, at) }
+            },
+            file_offset,
+        )
+    }
+
+    /// Writes `[offset, offset + len)` of the mapping to `file` at
+    /// `file_offset` (pwrite straight from the mapping).
+    pub fn copy_to(&self, offset: u64, len: u64, file: impl AsFd, file_offset: u64) -> std::io::Result<()> {
+        self.transfer(
+            offset,
+            len,
+            |ptr, n, at| {
+                // SAFETY: `ptr..ptr + n` lies inside our live mapping (checked by
+                // `transfer`); the kernel only reads it.
+                unsafe { libc::pwrite(file.as_fd().as_raw_fd(), ptr.cast_const().cast(), n, at) }
+            },
+            file_offset,
+        )
+    }
+
+    /// Runs `io(pointer, bytes, file offset)` (pread or pwrite) over
+    /// `[offset, offset + len)` until all of it is done.
+    fn transfer(
+        &self,
+        offset: u64,
+        len: u64,
+        mut io: impl FnMut(*mut u8, usize, libc::off_t) -> isize,
+        file_offset: u64,
+    ) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        if offset.checked_add(len).is_none_or(|end| end > self.len as u64) {
+            return Err(Error::new(ErrorKind::InvalidInput, "range outside the mapping"));
+        }
+        let mut done = 0u64;
+        while done < len {
+            let at = libc::off_t::try_from(file_offset + done).map_err(|_| Error::from(ErrorKind::InvalidInput))?;
+            // SAFETY: offset + done < offset + len <= self.len: inside the mapping.
+            let ptr = unsafe { self.base.as_ptr().add((offset + done) as usize) };
+            match io(ptr, (len - done) as usize, at) {
+                0 => return Err(Error::new(ErrorKind::UnexpectedEof, "file ends before the range")),
+                n if n > 0 => done += n as u64,
+                _ => match Error::last_os_error() {
+                    e if e.kind() == ErrorKind::Interrupted => {}
+                    e => return Err(e),
+                },
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the byte at `offset` (for tests and checks), if in range.
     pub fn read_u8(&self, offset: u64) -> Option<u8> {
         self.load(offset, 1).map(|v| v as u8)
@@ -175,4 +237,51 @@ mod private {
     impl Sealed for std::sync::atomic::AtomicU16 {}
     impl Sealed for std::sync::atomic::AtomicU32 {}
     impl Sealed for std::sync::atomic::AtomicU64 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+    use std::os::unix::fs::FileExt;
+
+    fn memfd(len: u64) -> std::fs::File {
+        let fd = memfd::MemfdOptions::default().create("shm-test").unwrap().into_file();
+        fd.set_len(len).unwrap();
+        fd
+    }
+
+    #[test]
+    fn fills_from_and_copies_to_files() {
+        let backing = memfd(4 * PAGE_SIZE);
+        let map = MappedRegion::map(&backing, 0, 4 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let contents = memfd(8 * PAGE_SIZE);
+        contents.write_all_at(&[0xab; 4096], 5 * PAGE_SIZE).unwrap();
+        map.fill_from(PAGE_SIZE, PAGE_SIZE, &contents, 5 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            (map.read_u8(PAGE_SIZE - 1), map.read_u8(PAGE_SIZE), map.read_u8(2 * PAGE_SIZE - 1)),
+            (Some(0), Some(0xab), Some(0xab))
+        );
+        assert_eq!(map.read_u8(2 * PAGE_SIZE), Some(0));
+
+        let out = memfd(0);
+        map.copy_to(PAGE_SIZE, 2 * PAGE_SIZE, &out, PAGE_SIZE).unwrap();
+        let mut back = [0u8; 2];
+        out.read_exact_at(&mut back, 2 * PAGE_SIZE - 1).unwrap();
+        assert_eq!(back, [0xab, 0]);
+        assert_eq!(out.metadata().unwrap().len(), 3 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn short_files_and_ranges_outside_are_errors() {
+        let backing = memfd(2 * PAGE_SIZE);
+        let map = MappedRegion::map(&backing, 0, 2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let short = memfd(PAGE_SIZE + 100);
+        let e = map.fill_from(0, 2 * PAGE_SIZE, &short, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
+        let e = map.fill_from(PAGE_SIZE, 2 * PAGE_SIZE, &short, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        let e = map.copy_to(u64::MAX, 2, &short, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
 }

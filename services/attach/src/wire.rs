@@ -59,6 +59,12 @@ pub enum RegionKind {
     /// Physical pages the daemon may hand to the core as table pages (no fd:
     /// the daemon never maps them).
     TablePool = 3,
+    /// Contents for holes in a guest region's window (pa_base, size): when
+    /// the daemon faults in a page whose backing is a hole, it copies the
+    /// page from this descriptor instead of zero-filling it, as a
+    /// userfaultfd handler or a lazy snapshot restore would. Any readable
+    /// file; the daemon only reads it.
+    Contents = 4,
 }
 
 /// Region flag: guest memory the guest may write.
@@ -350,6 +356,7 @@ impl AttachRequest {
                 1 => RegionKind::Guest,
                 2 => RegionKind::Rings,
                 3 => RegionKind::TablePool,
+                4 => RegionKind::Contents,
                 k => return Err(WireError::Malformed(format!("unknown region kind {k}"))),
             };
             let flags = r.u32()?;

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use faultline_attach::doorbell::WaitPolicy;
 use faultline_attach::{
-    decode_header, recv_message, send_message, AttachRequest, MsgKind, RegionKind, Reply, Status, WireError, NO_FD,
-    REGION_DEVICE, REGION_WRITABLE,
+    decode_header, recv_message, send_message, AttachRequest, MsgKind, RegionDesc, RegionKind, Reply, Status,
+    WireError, NO_FD, REGION_DEVICE, REGION_WRITABLE,
 };
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ownership::VmId;
@@ -29,7 +29,7 @@ use crate::addr::Hva;
 use crate::control::ControlLoop;
 use crate::daemon::Daemon;
 use crate::memslot::{Memslot, Memslots, SlotFlags};
-use crate::region::{GuestRegion, RegionSpec};
+use crate::region::{ContentsWindow, GuestRegion, RegionSpec};
 use crate::service::VcpuService;
 use crate::vm::{PagePool, VmMemory};
 use crate::vma::Vmas;
@@ -111,9 +111,25 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
     }
     for (i, a) in req.regions.iter().enumerate() {
         for (j, b) in req.regions.iter().enumerate().skip(i + 1) {
-            if a.pa_base < b.pa_base + b.size && b.pa_base < a.pa_base + a.size {
+            // Contents lie over the guest region they fill, and only there.
+            let fills = |c: &RegionDesc, g: &RegionDesc| c.kind == RegionKind::Contents && g.kind == RegionKind::Guest;
+            if a.pa_base < b.pa_base + b.size && b.pa_base < a.pa_base + a.size && !fills(a, b) && !fills(b, a) {
                 return Err(refuse(Status::Overlapping, format!("regions {i} and {j} overlap in PA")));
             }
+        }
+    }
+    // Each contents region fills part of one guest region that is memory.
+    let mut fills = Vec::new();
+    for (i, c) in req.regions.iter().enumerate().filter(|(_, r)| r.kind == RegionKind::Contents) {
+        if c.flags != 0 {
+            return Err(refuse(Status::Malformed, format!("region {i}: contents take no flags")));
+        }
+        let inside = |g: &RegionDesc| g.pa_base <= c.pa_base && c.pa_base + c.size <= g.pa_base + g.size;
+        let guest = req.regions.iter().position(|g| g.kind == RegionKind::Guest && inside(g));
+        match guest {
+            Some(g) if req.regions[g].flags & REGION_DEVICE == 0 => fills.push((i, g)),
+            Some(g) => return Err(refuse(Status::Malformed, format!("region {i}: fills device region {g}"))),
+            None => return Err(refuse(Status::Malformed, format!("region {i}: contents outside every guest region"))),
         }
     }
     let ring_regions: Vec<usize> =
@@ -147,23 +163,33 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
         }
     }
     // Map: fds must be memfds sealed against shrinking (so nothing the daemon
-    // maps can vanish under it) and at least as large as described.
-    let mut files: Vec<Option<Memfd>> = Vec::new();
-    for fd in fds {
-        let memfd =
-            Memfd::try_from_file(File::from(fd)).map_err(|_| refuse(Status::Malformed, "an fd is not a memfd"))?;
-        files.push(Some(memfd));
-    }
+    // maps can vanish under it) and at least as large as described. Contents
+    // are only read (a short read fails that fault, not the daemon).
+    let mut files: Vec<Option<File>> = fds.into_iter().map(|fd| Some(File::from(fd))).collect();
     let mut guests = Vec::new();
     let mut guest_index = vec![usize::MAX; req.regions.len()];
     let mut rings = None;
     let mut pool = Vec::new();
+    let mut contents = Vec::new();
     for (i, r) in req.regions.iter().enumerate() {
         if r.kind == RegionKind::TablePool {
             pool.push((Pa::new(r.pa_base), r.size));
             continue;
         }
-        let memfd = files[r.fd_index as usize].take().expect("fd indices checked distinct");
+        let file = files[r.fd_index as usize].take().expect("fd indices checked distinct");
+        if r.kind == RegionKind::Contents {
+            let len = file.metadata().map_err(|e| refuse(Status::Internal, format!("region {i}: {e}")))?.len();
+            if r.fd_offset.checked_add(r.size).is_none_or(|end| end > len) {
+                return Err(refuse(
+                    Status::Undersized,
+                    format!("region {i}: contents file has {len} bytes, {} needed", r.fd_offset + r.size),
+                ));
+            }
+            contents.push((i, file));
+            continue;
+        }
+        let memfd = Memfd::try_from_file(file)
+            .map_err(|_| refuse(Status::Malformed, format!("region {i}: the fd is not a memfd")))?;
         let seals = memfd.seals().map_err(|e| refuse(Status::Internal, format!("region {i}: reading seals: {e}")))?;
         if !seals.contains(&FileSeal::SealShrink) {
             return Err(refuse(
@@ -198,8 +224,14 @@ pub fn validate(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refu
                     MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, PAGE_SIZE).map_err(internal)?;
                 rings = Some(map);
             }
-            RegionKind::TablePool => unreachable!("handled above"),
+            RegionKind::TablePool | RegionKind::Contents => unreachable!("handled above"),
         }
+    }
+    for (i, file) in contents {
+        let (c, g) = (&req.regions[i], fills.iter().find(|f| f.0 == i).expect("checked above").1);
+        let guest = &mut guests[guest_index[g]];
+        let offset = c.pa_base - req.regions[g].pa_base;
+        guest.add_contents(ContentsWindow { offset, len: c.size, file, file_offset: c.fd_offset });
     }
     let rings = rings.expect("exactly one ring region checked");
     {

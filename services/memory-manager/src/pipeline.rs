@@ -23,6 +23,7 @@ use crate::addr::Hva;
 use crate::memslot::{Memslot, Memslots};
 use crate::pin::{PinError, PinGuard};
 use crate::policy::{FaultContext, Policy};
+use crate::region::FillError;
 use crate::vm::VmMemory;
 use crate::vma::{Vma, Vmas};
 
@@ -159,14 +160,14 @@ pub enum PipelineError {
     Pin(#[from] PinError),
     /// Faulting in fresh backing failed.
     #[error("populating backing pages failed: {0}")]
-    Populate(nix::Error),
+    Populate(#[from] FillError),
     /// A test asked for a failure here.
     #[error("injected failure at {0:?}")]
     Injected(Stage),
 }
 
-/// KVM's `kvm_is_write_fault()`: stage-1 walks count as writes (hardware
-/// may update the access flag), fetches never do, data aborts per WnR.
+/// KVM's `kvm_is_write_fault()`: on a stage-1 walk only a permission fault
+/// is a write, fetches never are, data aborts per WnR.
 pub fn is_write(abort: &Abort) -> bool {
     // As KVM's kvm_is_write_fault(): on a stage-1 walk only a permission
     // fault is a write (the walker setting AF/DB). A translation fault on a
@@ -399,8 +400,7 @@ fn pin_pages(
     inject.check(Stage::Populate)?;
     let mut hole = false;
     if !region.device && !vm.pins.is_populated(vma.region, offset, size.bytes()) {
-        hole = region.has_hole(offset, size.bytes()).map_err(PipelineError::Populate)?;
-        region.populate(offset, size.bytes()).map_err(PipelineError::Populate)?;
+        hole = region.fill(offset, size.bytes())?;
         vm.pins.mark_populated(vma.region, offset, size.bytes());
     }
     Ok((pin, map_ipa, pa, hole))

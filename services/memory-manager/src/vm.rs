@@ -12,7 +12,7 @@ use hyp_core::stage2::MapSize;
 use crate::control::{ControlClient, ControlError};
 use crate::memslot::{dirty_runs, Memslot, Memslots, SlotFlags};
 use crate::pin::{MappingPin, Pins};
-use crate::region::{GuestRegion, RegionSpec};
+use crate::region::{FillError, GuestRegion, RegionSpec};
 use crate::vma::Vmas;
 
 /// Invalidations remembered for late map results.
@@ -247,9 +247,9 @@ impl VmMemory {
     }
 
     /// Faults in every page of every non-device guest region now.
-    pub fn prefault(&self) -> nix::Result<()> {
+    pub fn prefault(&self) -> Result<(), FillError> {
         for (i, r) in self.regions.iter().enumerate().filter(|(_, r)| !r.device) {
-            r.populate(0, r.size)?;
+            r.fill(0, r.size)?;
             self.pins.mark_populated(i, 0, r.size);
         }
         Ok(())
