@@ -85,4 +85,9 @@ pub mod mailbox {
     pub const PROBE_ACCESS: u64 = 8;
     /// The instruction-fetch probe's access code.
     pub const PROBE_ACCESS_EXEC: u32 = 7;
+    /// Probe flags: [`PROBE_DATA_PUNCHED`].
+    pub const PROBE_FLAGS: u64 = 12;
+    /// The data memslot's backing is punched: its pages reach RAM only when
+    /// the daemon fills them, so the image must not read them first.
+    pub const PROBE_DATA_PUNCHED: u32 = 1;
 }

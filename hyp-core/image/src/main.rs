@@ -154,9 +154,12 @@ extern "C" fn el2_main() -> ! {
             let access = read_mailbox(mailbox::PROBE_ACCESS);
             // The exec probe branches to the probed word: it must hold the
             // RET the machine writes there, or the guest would run garbage.
-            // Only then is it read: reading a hole in the shared RAM file
-            // would allocate the page the daemon is to find as a hole.
-            if access == mailbox::PROBE_ACCESS_EXEC {
+            // Only then is it read, and not when the slot is punched:
+            // reading a hole in the shared RAM file would allocate the page
+            // the daemon is to find as a hole (and fill from the launcher's
+            // copy, which holds the RET).
+            let punched = read_mailbox(mailbox::PROBE_FLAGS) & mailbox::PROBE_DATA_PUNCHED != 0;
+            if access == mailbox::PROBE_ACCESS_EXEC && !punched {
                 // SAFETY: the probed word is in the page memslot's backing,
                 // RAM this image reads with the MMU off; the guest has not
                 // run yet.

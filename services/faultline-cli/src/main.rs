@@ -108,6 +108,10 @@ enum Command {
         /// Stage-1 probe: how the data memslot (the probed page's) is set up.
         #[arg(long, value_enum, default_value_t = qemu::SlotSetup::Plain, requires = "stage1_probe")]
         data: qemu::SlotSetup,
+        /// Stage-1 probe: punch these memslots' backing before the guest
+        /// runs (the daemon fills each page from the launcher's copy).
+        #[arg(long, value_enum, default_value_t = qemu::Holes::None, requires = "stage1_probe")]
+        holes: qemu::Holes,
     },
     /// Buffer and rate.
     Status,
@@ -226,9 +230,19 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Qemu { attach_socket, image, qemu: qemu_bin, timeout, stage1_probe, af_clear, tables, data } => {
+        Command::Qemu {
+            attach_socket,
+            image,
+            qemu: qemu_bin,
+            timeout,
+            stage1_probe,
+            af_clear,
+            tables,
+            data,
+            holes,
+        } => {
             let scenario = match stage1_probe {
-                Some(access) => qemu::Scenario::Stage1(qemu::Stage1Probe { access, data, af_clear, tables }),
+                Some(access) => qemu::Scenario::Stage1(qemu::Stage1Probe { access, data, af_clear, tables, holes }),
                 None => qemu::Scenario::Checksum,
             };
             let image = match image {

@@ -26,7 +26,7 @@ use faultline_attach::{
 use serde::Serialize;
 // The probe's vocabulary and tables are the simulated machine's: both
 // machines take the same arguments and write the same tables.
-pub use sim_machine::probe::{stage1_tables, ProbeAccess, SlotSetup};
+pub use sim_machine::probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
 
 /// The board layout, compiled from the EL2 image's own source so the two
 /// cannot drift; the image's READY line is still checked against it (a
@@ -90,6 +90,8 @@ pub struct Stage1Probe {
     pub af_clear: bool,
     /// The page-table memslot.
     pub tables: SlotSetup,
+    /// Memslots whose backing is punched (filled from the launcher's copy).
+    pub holes: Holes,
 }
 
 /// Which guest the image runs.
@@ -170,6 +172,9 @@ pub struct QemuReport {
     pub exits: Vec<(u64, bool)>,
     /// From starting QEMU to the guest's result, ms.
     pub boot_to_result_ms: u64,
+    /// The stage-1 probe: the probed page's leaf has its access flag set
+    /// after the run (the selftest's guest_check_pte_af).
+    pub leaf_af: Option<bool>,
     /// The daemon's detach report: pages released, pins remaining, faults served.
     pub detach: [u64; 3],
 }
@@ -237,8 +242,19 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
         for (ipa, desc) in stage1_tables(probe.af_clear) {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
         }
-        if probe.access == ProbeAccess::Exec {
-            ram.store(PAGES_PA - RAM_PA + (PROBE_IPA - PAGES_IPA), 4, PROBE_RET as u64).expect("in range");
+        if let Some((ipa, size, value)) = data_contents(probe.access, probe.holes) {
+            ram.store(PAGES_PA - RAM_PA + (ipa - PAGES_IPA), size, value).expect("in range");
+        }
+    }
+    // Punched memslots: their pages move to contents files the daemon fills
+    // holes from (each a contents region over the slot's window).
+    let mut contents = Vec::new();
+    if let Scenario::Stage1(probe) = args.scenario {
+        for (punch, pa, bytes) in [(probe.holes.data(), PAGES_PA, PAGES_BYTES), (probe.holes.tables(), PT_PA, PT_BYTES)]
+        {
+            if punch {
+                contents.push((pa, bytes, punch_to_contents(&memfd, pa - RAM_PA, bytes)?));
+            }
         }
     }
 
@@ -272,7 +288,8 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
         }
     });
     let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let served = serve(args, &conn, &memfd, &ram, &mut qemu, &lines, started);
+    let guest_ram = GuestRam { memfd, ram, contents };
+    let served = serve(args, &conn, &guest_ram, &mut qemu, &lines, started);
     if let Err(e) = served {
         // QEMU's own messages say why it stopped, when it did.
         let _ = qemu.0.kill();
@@ -284,12 +301,19 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     served
 }
 
+/// The guest's RAM: the memfd QEMU maps, the launcher's mapping of it, and
+/// the contents files of punched memslots `(PA, bytes, file)`.
+struct GuestRam {
+    memfd: memfd::Memfd,
+    ram: MappedRegion,
+    contents: Vec<(u64, u64, std::fs::File)>,
+}
+
 /// Waits for READY, attaches, says GO, reads the UART until power-off.
 fn serve(
     args: &QemuArgs,
     conn: &OwnedFd,
-    memfd: &memfd::Memfd,
-    ram: &MappedRegion,
+    GuestRam { memfd, ram, contents }: &GuestRam,
     qemu: &mut Qemu,
     lines: &mpsc::Receiver<String>,
     started: Instant,
@@ -322,7 +346,7 @@ fn serve(
         Scenario::Stage1(p) => (p.tables, p.data),
         Scenario::Checksum => (SlotSetup::Plain, SlotSetup::Plain),
     };
-    let request = AttachRequest {
+    let mut request = AttachRequest {
         vm_id: 1,
         nr_vcpus: 1,
         ipa_bits: 40,
@@ -361,15 +385,33 @@ fn serve(
     // One fd per region (the protocol gives each region its own): the same
     // memfd five times, each a window at its own offset.
     let fd = memfd.as_file().as_fd();
-    send_message(conn.as_fd(), &request.encode(), &[fd, fd, fd, fd, fd]).context("sending the attach request")?;
+    let mut fds = vec![fd, fd, fd, fd, fd];
+    for (pa_base, size, file) in contents {
+        let (kind, flags, page_size, fd_index, fd_offset) = (RegionKind::Contents, 0, 4096, fds.len() as u32, 0);
+        request.regions.push(RegionDesc {
+            kind,
+            flags,
+            pa_base: *pa_base,
+            size: *size,
+            page_size,
+            fd_index,
+            fd_offset,
+        });
+        fds.push(file.as_fd());
+    }
+    send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
     let reply = read_reply(conn).context("reading the attach reply")?;
     if reply.status != Status::Ok {
         bail!("the daemon refused the attach: {:?}: {}", reply.status, reply.message);
     }
-    let (scenario, access) = match args.scenario {
-        Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0),
-        Scenario::Stage1(p) => (mailbox::SCENARIO_STAGE1_PROBE, p.access.mailbox_code()),
+    let (scenario, access, flags) = match args.scenario {
+        Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0, 0),
+        Scenario::Stage1(p) => {
+            let punched = if p.holes.data() { mailbox::PROBE_DATA_PUNCHED } else { 0 };
+            (mailbox::SCENARIO_STAGE1_PROBE, p.access.mailbox_code(), punched)
+        }
     };
+    ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_FLAGS, 4, flags as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::SCENARIO, 4, scenario as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_ACCESS, 4, access as u64).expect("in range");
     ram.store(MAILBOX_PA - RAM_PA + mailbox::GO, 4, mailbox::GO_VALUE as u64).expect("in range");
@@ -412,6 +454,13 @@ fn serve(
     } else {
         None
     };
+    let leaf_af = match args.scenario {
+        Scenario::Stage1(p) => {
+            let (leaf, _) = stage1_tables(p.af_clear)[3];
+            Some(ram.load(PT_PA - RAM_PA + (leaf - PT_IPA), 8).context("leaf")? & 1 << 10 != 0)
+        }
+        Scenario::Checksum => None,
+    };
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = read_reply(conn).context("reading the detach reply")?;
     if checksum.is_none() && injected.is_none() && no_syndrome.is_none() {
@@ -430,6 +479,7 @@ fn serve(
         faults,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
+        leaf_af,
         detach: detach.values,
     })
 }

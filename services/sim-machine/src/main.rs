@@ -69,6 +69,10 @@ struct Args {
     /// Stage-1 probe: the probed page's leaf has its access flag clear.
     #[arg(long, requires = "stage1_probe")]
     af_clear: bool,
+    /// Stage-1 probe: punch these memslots' backing before the guest runs
+    /// (the daemon fills each page from the machine's copy on fault).
+    #[arg(long, value_enum, default_value_t = sim_machine::probe::Holes::None, requires = "stage1_probe")]
+    holes: sim_machine::probe::Holes,
     /// Stage-1 probe: stay attached after the guest stops until a line
     /// arrives on stdin.
     #[arg(long, requires = "stage1_probe")]
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             data: args.data,
             tables: args.tables,
             af_clear: args.af_clear,
+            holes: args.holes,
             pause_before_detach: args.pause_before_detach,
         };
         let report = sim_machine::probe::run(&config)?;

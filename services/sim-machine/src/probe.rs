@@ -102,6 +102,71 @@ impl SlotSetup {
     }
 }
 
+/// Which memslots' backing is punched before the guest runs (the
+/// selftest's CMD_HOLE_DATA / CMD_HOLE_PT with userfaultfd handlers): the
+/// machine moves the slot's contents to a file it hands the daemon as a
+/// contents region and punches the guest memory, so the daemon must fill
+/// each page from the file when it faults it in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Holes {
+    /// Nothing punched.
+    #[default]
+    None,
+    /// The data memslot.
+    Data,
+    /// The page-table memslot.
+    Tables,
+    /// Both.
+    Both,
+}
+
+impl Holes {
+    /// The data memslot is punched.
+    pub fn data(self) -> bool {
+        matches!(self, Self::Data | Self::Both)
+    }
+
+    /// The page-table memslot is punched.
+    pub fn tables(self) -> bool {
+        matches!(self, Self::Tables | Self::Both)
+    }
+}
+
+/// What the probed word holds before the guest runs when the data memslot
+/// is punched (as the selftest's data page holds its test data): a read
+/// returning it shows the daemon filled the hole from the machine's file,
+/// not with zeros.
+pub const PROBE_CONTENTS: u64 = 0xc0_47e4_7500;
+
+/// What the machine writes into the data memslot before the guest runs, as
+/// `(IPA, bytes, value)`: RET at the probed word for the exec probe, else
+/// [`PROBE_CONTENTS`] if the slot is to be punched; otherwise nothing (the
+/// page stays a never-written hole, zero-filled when faulted in).
+pub fn data_contents(access: ProbeAccess, holes: Holes) -> Option<(u64, u8, u64)> {
+    match access {
+        ProbeAccess::Exec => Some((PROBE_IPA, 4, PROBE_RET as u64)),
+        _ if holes.data() => Some((PROBE_IPA, 8, PROBE_CONTENTS)),
+        _ => None,
+    }
+}
+
+/// Moves `[offset, offset + len)` of `memfd` into a new memfd (at offset 0)
+/// and punches it out of `memfd`: the slot's pages become holes whose
+/// contents the daemon must copy back from the returned file.
+pub fn punch_to_contents(memfd: &memfd::Memfd, offset: u64, len: u64) -> anyhow::Result<std::fs::File> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::fs::FileExt;
+    let contents = memfd::MemfdOptions::default().create("faultline-contents")?.into_file();
+    contents.set_len(len)?;
+    let mut buf = vec![0u8; len as usize];
+    memfd.as_file().read_exact_at(&mut buf, offset)?;
+    contents.write_all_at(&buf, 0)?;
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(memfd.as_file().as_fd(), punch, offset as i64, len as i64).context("punching the slot's backing")?;
+    Ok(contents)
+}
+
 /// One probe run.
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -117,6 +182,8 @@ pub struct ProbeConfig {
     pub tables: SlotSetup,
     /// The probed page's leaf has AF clear (the walker sets it).
     pub af_clear: bool,
+    /// Memslots whose backing is punched (filled from a contents file).
+    pub holes: Holes,
     /// Stay attached after the guest stops until a line arrives on stdin
     /// (so the VM's state, its dirty logs among it, can be read).
     pub pause_before_detach: bool,
@@ -135,6 +202,9 @@ pub struct ProbeReport {
     pub no_syndrome_exit: Option<(u64, bool)>,
     /// The VA of an injected abort (the vCPU stops).
     pub injected: Option<u64>,
+    /// The probed page's stage-1 leaf has its access flag set after the
+    /// run (the selftest's guest_check_pte_af).
+    pub leaf_af: bool,
     /// The daemon's detach report.
     pub detach: [u64; 3],
 }
@@ -310,10 +380,11 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     for (ipa, desc) in stage1_tables(config.af_clear) {
         phys.window(pt).map.store(ipa - PT_IPA, 8, desc).expect("in range");
     }
-    if config.access == ProbeAccess::Exec {
-        // What the image's exec probe branches to, as the launcher writes it.
-        phys.window(data).map.store(PROBE_IPA - PAGES_IPA, 4, PROBE_RET as u64).expect("in range");
+    if let Some((ipa, size, value)) = data_contents(config.access, config.holes) {
+        phys.window(data).map.store(ipa - PAGES_IPA, size, value).expect("in range");
     }
+    let punch = |w, yes| if yes { punch_to_contents(&phys.window(w).memfd, 0, SLOT).map(Some) } else { Ok(None) };
+    let contents = [(DATA_PA, punch(data, config.holes.data())?), (PT_PA, punch(pt, config.holes.tables())?)];
     let rings_w = phys.window(rings);
     // SAFETY: the window's mapping lives as long as `phys`, which outlives
     // every use of the region here; the daemon uses it only through the ABI.
@@ -347,7 +418,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         fd_offset: 0,
     };
     let slot = |gpa, region, flags| MemslotDesc { gpa, size: SLOT, region, flags, region_offset: 0 };
-    let request = AttachRequest {
+    let mut request = AttachRequest {
         vm_id: config.vm_id,
         nr_vcpus: 1,
         ipa_bits: geometry.ipa_bits(),
@@ -365,7 +436,13 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
             slot(PT_IPA, 2, config.tables.flags()),
         ],
     };
-    let fds = [phys.window(code).fd(), phys.window(data).fd(), phys.window(pt).fd(), phys.window(rings).fd()];
+    let mut fds = vec![phys.window(code).fd(), phys.window(data).fd(), phys.window(pt).fd(), phys.window(rings).fd()];
+    for (pa_base, file) in contents.iter().filter_map(|(pa, f)| Some((*pa, f.as_ref()?))) {
+        let fd_index = fds.len() as u32;
+        let (kind, flags, size, page_size, fd_offset) = (RegionKind::Contents, 0, SLOT, 4096, 0);
+        request.regions.push(RegionDesc { kind, flags, pa_base, size, page_size, fd_index, fd_offset });
+        fds.push(file.as_fd());
+    }
     send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
     let reply = crate::machine::read_reply(&conn).context("reading the attach reply")?;
     if reply.status != Status::Ok {
@@ -394,9 +471,12 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         eprintln!("sim-machine: paused before detach");
         let _ = std::io::stdin().read_line(&mut String::new());
     }
+    let (leaf, _) = stage1_tables(config.af_clear)[3];
+    let leaf_af = phys.window(pt).map.load(leaf - PT_IPA, 8).context("leaf")? & 1 << 10 != 0;
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = crate::machine::read_reply(&conn).context("reading the detach reply")?;
     let mut report = vcpu.report;
+    report.leaf_af = leaf_af;
     report.detach = detach.values;
     Ok(report)
 }
