@@ -63,6 +63,51 @@ pub fn rows() -> Vec<ProbeRow> {
         // AT walks stage 1 only: the table pages fault, the data page does not.
         ProbeRow { args: &["--stage1-probe", "at"], faults: 4, end: Value(PAR), relaxed: 0, populated: 0 },
         ProbeRow { args: &["--stage1-probe", "exec"], faults: 5, end: Value(0xe7ec), relaxed: 0, populated: 0 },
+        // The access flag clear in the leaf (the selftest's first rows,
+        // with_af): the walker sets it through the writable table page.
+        ProbeRow {
+            args: &["--stage1-probe", "read64", "--af-clear"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "ld-preidx", "--af-clear"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow { args: &["--stage1-probe", "cas", "--af-clear"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
+        ProbeRow {
+            args: &["--stage1-probe", "write64", "--af-clear"],
+            faults: 5,
+            end: Value(PROBE),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx", "--af-clear"],
+            faults: 5,
+            end: Value(PROBE),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "dc-zva", "--af-clear"],
+            faults: 5,
+            end: Value(0),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "exec", "--af-clear"],
+            faults: 5,
+            end: Value(0xe7ec),
+            relaxed: 0,
+            populated: 0,
+        },
         // A read-only data memslot: reads, AT and fetches are mapped; a
         // write with a syndrome exits to the VMM; accesses without one (CAS,
         // pre-index store, DC ZVA) stop the vCPU.
@@ -204,6 +249,27 @@ pub fn rows() -> Vec<ProbeRow> {
             end: Value(PAR),
             relaxed: 0,
             populated: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 7,
+            end: Value(0),
+            relaxed: 2,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "dc-zva", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(0),
+            relaxed: 1,
+            populated: 1,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 6,
+            end: Value(PROBE),
+            relaxed: 1,
+            populated: 1,
         },
         // Read-only and logged data and tables (the selftest's
         // TEST_RO_MEMSLOT_AND_DIRTY_LOG): as read-only alone, and nothing
