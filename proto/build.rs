@@ -5,7 +5,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["faultline/v1/faultline.proto"];
+    let protos = ["faultline/v1/faultline.proto", "faultline/v1/policy.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

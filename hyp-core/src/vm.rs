@@ -236,12 +236,13 @@ impl<M: TableMemory> Vm<M> {
                 kind::WRITE_PROTECT => self.write_protect(&cmd, tlb),
                 kind::COMPLETE => self.complete(vcpu, &cmd),
                 kind::TOPUP => self.topup(&cmd, owners),
+                kind::PREFAULT => self.prefault(&cmd, owners, tlb),
                 _ => Err((Reject::Malformed, 0)),
             }
         };
         let (status, value, detail, completion) = match outcome {
             Ok((value, detail, completion)) => (0, value, detail, completion),
-            Err((Reject::StaleSequence, detail)) => {
+            Err((Reject::StaleSequence, detail)) if cmd.kind != kind::PREFAULT => {
                 // KVM's -EAGAIN: the guest re-executes and faults afresh.
                 self.outstanding[vcpu as usize] = None;
                 (Reject::StaleSequence.code(), 0, detail, Some(Completion::Resume))
@@ -365,6 +366,69 @@ impl<M: TableMemory> Vm<M> {
             MapOutcome::Replaced => map_outcome::REPLACED,
         };
         Ok((value, size.level() as u64, Some(Completion::Resume)))
+    }
+
+    /// A mapping no fault waits for: every MAP check but the fault's, read
+    /// access assumed (R required; X never on device memory), and nothing
+    /// already mapped at the IPA is touched.
+    fn prefault(
+        &mut self,
+        cmd: &CommandRecord,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+    ) -> CmdResult {
+        if cmd.fault_id != 0 {
+            return Err((Reject::Malformed, 0));
+        }
+        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
+        let size = MapSize::from_bytes(cmd.size).ok_or((Reject::BadSize, cmd.size))?;
+        let (ipa, pa) = (Ipa::new(cmd.ipa), Pa::new(cmd.pa));
+        if !ipa.is_aligned(cmd.size) || !pa.is_aligned(cmd.size) {
+            return Err((Reject::Misaligned, 0));
+        }
+        let geometry = *self.stage2.geometry();
+        if !geometry.ipa_range_fits(ipa, cmd.size) {
+            return Err((Reject::IpaOutOfRange, 0));
+        }
+        if !geometry.pa_range_fits(pa, cmd.size) {
+            return Err((Reject::PaOutOfRange, 0));
+        }
+        if size.level() < geometry.start_level() {
+            return Err((Reject::SizeUnsupported, 0));
+        }
+        let mem = if cmd.flags & FLAG_DEVICE != 0 { MemType::Device } else { MemType::Normal };
+        if !legal_perms(perms, mem, Access::Read) {
+            return Err((Reject::BadPermissions, perms.bits() as u64));
+        }
+        if cmd.inval_seq != self.inval_seq {
+            return Err((Reject::StaleSequence, self.inval_seq));
+        }
+        match owners.check(pa, cmd.size, Owner::Vm(self.id)) {
+            Ok(()) => {}
+            Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
+                return Err((Reject::NotOwned, pa.raw()))
+            }
+            Err(OwnershipError::BadRange) => return Err((Reject::Misaligned, 0)),
+        }
+        // Whatever is mapped there (a leaf of any size) stays as it is.
+        if let Ok(Walk::Mapped { .. }) = self.stage2.walk(ipa) {
+            return Ok((map_outcome::ALREADY_PRESENT, 0, None));
+        }
+        let need = self.stage2.worst_case_pages(size);
+        if self.memcache.len() < need {
+            return Err((Reject::MemcacheLow, need as u64));
+        }
+        let attrs = LeafAttrs { perms, mem };
+        let outcome = self
+            .stage2
+            .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
+            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+        let value = match outcome {
+            MapOutcome::Installed => map_outcome::INSTALLED,
+            MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
+            MapOutcome::Replaced => map_outcome::REPLACED,
+        };
+        Ok((value, size.level() as u64, None))
     }
 
     fn range_of(cmd: &CommandRecord) -> Result<Range<Ipa>, (Reject, u64)> {

@@ -207,6 +207,11 @@ pub mod kind {
     pub const COMPLETE: u32 = 0x13;
     /// Daemon to core: hand table pages to the memcache.
     pub const TOPUP: u32 = 0x14;
+    /// Daemon to core: map a page no fault is waiting for (fault-around:
+    /// pages next to a fault's, before the guest touches them). Validated
+    /// as MAP is, except that it answers no fault; where anything is
+    /// already mapped it changes nothing.
+    pub const PREFAULT: u32 = 0x15;
 }
 
 /// Fault record layout (core to daemon).
@@ -247,11 +252,11 @@ pub struct CommandRecord {
     pub flags: u32,
     /// The daemon's id for this command, echoed in the result.
     pub cmd_id: u64,
-    /// MAP / COMPLETE: the fault being answered.
+    /// MAP / COMPLETE: the fault being answered (PREFAULT: zero).
     pub fault_id: u64,
-    /// MAP / UNMAP / WRITE_PROTECT: first IPA.
+    /// MAP / PREFAULT / UNMAP / WRITE_PROTECT: first IPA.
     pub ipa: u64,
-    /// MAP / TOPUP: first PA.
+    /// MAP / PREFAULT / TOPUP: first PA.
     pub pa: u64,
     /// Bytes: mapping size, range length, or topped-up pages x 4096.
     pub size: u64,

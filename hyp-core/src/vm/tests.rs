@@ -449,3 +449,52 @@ fn serve_answers_every_command_on_the_ring_including_garbage() {
     assert_eq!(vm.serve(0, &mut core_in, &mut core_out, &mut owners, &mut tlb), Ok(None));
     assert_eq!(core_in.len(), Ok(1));
 }
+
+fn prefault_cmd(ipa: u64, pa: u64, perms: Perms) -> CommandRecord {
+    CommandRecord { kind: kind::PREFAULT, fault_id: 0, ..map_cmd(0, ipa, pa, 4096, perms) }
+}
+
+#[test]
+fn prefault_maps_next_to_a_fault_without_answering_it() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
+    let ex = vm.execute(0, &prefault_cmd(0x8000_2000, VM1_MEM + 0x2000, Perms::RW).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value, ex.completion), (0, map_outcome::INSTALLED, None));
+    assert_eq!(vm.outstanding(0).map(|o| o.fault_id), Some(f.fault_id), "the fault still waits for its own map");
+    assert!(matches!(vm.stage2().walk(Ipa::new(0x8000_2000)).unwrap(), Walk::Mapped { level: 3, .. }));
+    // Something already there is left alone, whatever the command asks.
+    let before = snapshot(&vm, &owners);
+    let again = prefault_cmd(0x8000_2000, VM1_MEM + 0x7000, Perms::R);
+    let ex = vm.execute(0, &again.encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value), (0, map_outcome::ALREADY_PRESENT));
+    assert_eq!(snapshot(&vm, &owners), before);
+}
+
+#[test]
+fn hostile_prefaults_are_refused_and_a_stale_one_leaves_the_fault_waiting() {
+    let mut w = world();
+    let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
+    let before = snapshot(&vm, &owners);
+    let cases = [
+        (CommandRecord { fault_id: f.fault_id, ..prefault_cmd(0x8000_2000, VM1_MEM, Perms::R) }, Reject::Malformed),
+        (prefault_cmd(0x8000_2000, HOST_MEM, Perms::R), Reject::NotOwned),
+        (prefault_cmd(0x8000_2000, VM2_MEM, Perms::R), Reject::NotOwned),
+        (prefault_cmd(0x8000_2000, VM1_MEM, Perms::W), Reject::BadPermissions),
+        (
+            CommandRecord { flags: Perms::RX.bits() | FLAG_DEVICE, ..prefault_cmd(0x8000_2000, VM1_MEM, Perms::R) },
+            Reject::BadPermissions,
+        ),
+        (prefault_cmd(0x8000_2100, VM1_MEM, Perms::R), Reject::Misaligned),
+        (CommandRecord { size: 8192, ..prefault_cmd(0x8000_2000, VM1_MEM, Perms::R) }, Reject::BadSize),
+        (CommandRecord { inval_seq: 5, ..prefault_cmd(0x8000_2000, VM1_MEM, Perms::R) }, Reject::StaleSequence),
+    ];
+    for (cmd, want) in cases {
+        let ex = vm.execute(0, &cmd.encode(), &mut owners, &mut tlb);
+        assert_eq!((ex.rejected(), ex.completion), (Some(want), None), "{cmd:?}");
+    }
+    assert_eq!(snapshot(&vm, &owners), before, "nothing changed, the fault still outstanding");
+}

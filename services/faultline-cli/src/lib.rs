@@ -1,7 +1,9 @@
 //! The `faultline` command's formatting: how a fault event reads in compact,
 //! JSON and table form.
 
-use faultline_proto::v1::{Access, FaultEvent, FaultKind, MappingSize, Outcome};
+use faultline_proto::v1::{
+    Access, Decision, FaultEvent, FaultKind, MappingSize, Outcome, PolicyExit, PolicyExitKind, PolicyStatus,
+};
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -31,7 +33,14 @@ macro_rules! short_name {
         }
     )*};
 }
-short_name!(Access => "ACCESS_", FaultKind => "FAULT_KIND_", MappingSize => "MAPPING_SIZE_", Outcome => "OUTCOME_");
+short_name!(
+    Access => "ACCESS_",
+    FaultKind => "FAULT_KIND_",
+    MappingSize => "MAPPING_SIZE_",
+    Outcome => "OUTCOME_",
+    Decision => "DECISION_",
+    PolicyExitKind => "POLICY_EXIT_KIND_"
+);
 
 fn name<T: ShortName>(v: i32) -> String {
     match T::try_from(v) {
@@ -43,6 +52,52 @@ fn name<T: ShortName>(v: i32) -> String {
 fn perms(p: u32) -> String {
     let c = |bit: u32, ch: char| if p & bit != 0 { ch } else { '-' };
     format!("{}{}{}", c(1, 'r'), c(2, 'w'), c(4, 'x'))
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    match t.clone().map(std::time::SystemTime::try_from) {
+        Some(Ok(t)) => humantime::format_rfc3339_millis(t).to_string(),
+        _ => "-".into(),
+    }
+}
+
+/// A policy leaving, on one line: when, which, why, what took over.
+pub fn policy_exit(x: &PolicyExit) -> String {
+    format!(
+        "{} policy {} ({}) left: {}: {}; {} in force",
+        time(&x.time),
+        x.policy,
+        x.endpoint,
+        name::<PolicyExitKind>(x.kind),
+        x.reason,
+        x.successor
+    )
+}
+
+/// `faultline policy status`: the policy in force, its rules, the counters
+/// and the exits, newest first.
+pub fn policy_status(s: &PolicyStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let at = if s.endpoint.is_empty() { "built-in".to_string() } else { s.endpoint.clone() };
+    let _ = writeln!(out, "policy: {} {} ({at}) since {}", s.active, s.version, time(&s.since));
+    if !s.endpoint.is_empty() {
+        let decisions: Vec<String> = s.decisions.iter().map(|d| name::<Decision>(*d)).collect();
+        let _ = writeln!(out, "decides: {}", decisions.join(", "));
+        let _ = writeln!(out, "rules: generation {}, {} rules, {} budgets", s.rules_generation, s.rules, s.budgets);
+    }
+    if !s.reconnecting_endpoint.is_empty() {
+        let _ = writeln!(out, "reconnecting to: {}", s.reconnecting_endpoint);
+    }
+    let _ = writeln!(
+        out,
+        "consults: {} ({} late), clamped: {}, fallbacks: {}, reconnect: {}",
+        s.consults, s.consults_late, s.clamped, s.fallbacks, s.reconnect
+    );
+    for x in &s.exits {
+        let _ = writeln!(out, "  {}", policy_exit(x));
+    }
+    out
 }
 
 /// The event as a JSON object.

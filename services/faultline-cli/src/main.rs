@@ -122,6 +122,11 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Memory policy services: list, use, status, default.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Fetch a memslot's dirty log and clear it (pages written since the
     /// last fetch), re-arming logging; --peek only reads it.
     DirtyLog {
@@ -136,6 +141,27 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Format::Compact)]
         output: Format,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// The built-in policy and every policy service used since start.
+    List,
+    /// Swap in the policy service at ENDPOINT (http://host:port) now.
+    Use {
+        /// The policy's address.
+        endpoint: String,
+        /// After a fallback, take the policy back once it answers again.
+        #[arg(long)]
+        reconnect: bool,
+        /// Never take it back after a fallback (overrides the daemon's setting).
+        #[arg(long, conflicts_with = "reconnect")]
+        no_reconnect: bool,
+    },
+    /// The policy in force, its rules, the counters and why policies left.
+    Status,
+    /// Back to the built-in policy.
+    Default,
 }
 
 #[derive(Subcommand, Debug)]
@@ -226,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
                         Format::Table => println!("{}", row(&e)),
                     },
                     Some(ResponseTypes::LostEvents(l)) => eprintln!("lost {} events", l.num_events_lost),
+                    Some(ResponseTypes::PolicyExit(x)) => eprintln!("{}", faultline::policy_exit(&x)),
                     None => {}
                 }
             }
@@ -357,6 +384,31 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        Command::Policy { command } => {
+            use faultline_proto::v1::policy_control_client::PolicyControlClient;
+            use faultline_proto::v1::{
+                GetPolicyStatusRequest, ListPoliciesRequest, UseDefaultRequest, UsePolicyRequest,
+            };
+            let mut client = PolicyControlClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let status = match command {
+                PolicyCommand::List => {
+                    for p in client.list_policies(ListPoliciesRequest {}).await?.into_inner().policies {
+                        let mark = if p.active { "*" } else { " " };
+                        let at = if p.endpoint.is_empty() { "built-in".to_string() } else { p.endpoint };
+                        println!("{mark} {} {} ({at})", p.name, p.version);
+                    }
+                    return Ok(());
+                }
+                PolicyCommand::Use { endpoint, reconnect, no_reconnect } => {
+                    let reconnect = (reconnect || no_reconnect).then_some(reconnect);
+                    let req = UsePolicyRequest { endpoint, reconnect };
+                    client.use_policy(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner()
+                }
+                PolicyCommand::Status => client.get_policy_status(GetPolicyStatusRequest {}).await?.into_inner(),
+                PolicyCommand::Default => client.use_default(UseDefaultRequest {}).await?.into_inner(),
+            };
+            print!("{}", faultline::policy_status(&status));
         }
         Command::Vm { command } => {
             let mut client = ControlClient::connect(cli.server).await.context("connecting to the daemon")?;

@@ -322,7 +322,7 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
     // SAFETY: `attached.rings` outlives the scope below, which holds every
     // ring reference; validate() already opened it successfully.
     let region = unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
-    let policy = daemon.policy();
+    let policy = &**daemon.policies();
     // A polled machine never rings doorbells: sleep in short slices.
     let sleep_slice =
         if req.flags & faultline_attach::ATTACH_POLLED != 0 { POLLED_SLEEP_SLICE } else { Duration::from_millis(500) };

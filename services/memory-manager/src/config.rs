@@ -48,6 +48,20 @@ pub struct Config {
     pub event_buffer: usize,
     /// Scheduling of the API threads (gRPC, metrics) against the fault path.
     pub api_priority: crate::priority::ApiPriority,
+    /// Policy services: how long a policy has to connect, describe itself,
+    /// send its first rules and answer each heartbeat (ms).
+    pub policy_deadline_ms: u64,
+    /// Policy services: how often a policy in force gets a heartbeat (ms).
+    /// A policy that stops answering is dropped within
+    /// `policy_heartbeat_ms + policy_deadline_ms`.
+    pub policy_heartbeat_ms: u64,
+    /// Policy services: how long a fault waits for a Consult answer (us).
+    pub policy_consult_deadline_us: u64,
+    /// Policy services: late consults in a row that drop the policy.
+    pub policy_late_strikes: u32,
+    /// Policy services: reconnect to a dropped policy when it is healthy
+    /// again (a UsePolicy call may say otherwise).
+    pub policy_reconnect: bool,
     /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
     /// no fault pays for fresh backing.
     pub prefault: bool,
@@ -67,6 +81,11 @@ impl Default for Config {
             prefault: false,
             api_priority: crate::priority::ApiPriority::Low,
             event_buffer: 65_536,
+            policy_deadline_ms: 100,
+            policy_heartbeat_ms: 100,
+            policy_consult_deadline_us: 2_000,
+            policy_late_strikes: 3,
+            policy_reconnect: false,
         }
     }
 }
@@ -93,6 +112,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The policy watchdog's settings.
+    pub fn policy_timing(&self) -> crate::policy_host::PolicyTiming {
+        use std::time::Duration;
+        crate::policy_host::PolicyTiming {
+            deadline: Duration::from_millis(self.policy_deadline_ms),
+            heartbeat: Duration::from_millis(self.policy_heartbeat_ms.max(1)),
+            consult_deadline: Duration::from_micros(self.policy_consult_deadline_us),
+            late_strikes: self.policy_late_strikes,
+            reconnect: self.policy_reconnect,
+        }
+    }
+
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)

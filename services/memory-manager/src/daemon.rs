@@ -10,24 +10,25 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::events::EventHub;
-use crate::policy::Policy;
+use crate::policy_host::PolicyHost;
 use crate::vm::VmMemory;
 
 /// Shared daemon state.
 pub struct Daemon {
     config: Config,
-    policy: Box<dyn Policy>,
+    policies: Arc<PolicyHost>,
     events: EventHub,
     vms: Mutex<HashMap<u16, Arc<VmMemory>>>,
     stop: AtomicBool,
 }
 
 impl Daemon {
-    /// A daemon with `config`.
-    pub fn new(config: Config) -> Self {
-        let policy = config.policy.build();
+    /// A daemon with `config`; starts the policy host's thread (call from a
+    /// thread at the fault path's priority).
+    pub fn new(config: Config) -> std::io::Result<Self> {
+        let policies = Arc::new(PolicyHost::new(config.policy.build(), config.policy_timing())?);
         let events = EventHub::new(config.event_buffer);
-        Self { config, policy, events, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) }
+        Ok(Self { config, policies, events, vms: Mutex::new(HashMap::new()), stop: AtomicBool::new(false) })
     }
 
     /// The configuration.
@@ -40,9 +41,9 @@ impl Daemon {
         &self.events
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &dyn Policy {
-        &*self.policy
+    /// The memory policy in force and the policy services behind it.
+    pub fn policies(&self) -> &Arc<PolicyHost> {
+        &self.policies
     }
 
     /// True once shutdown began.
@@ -82,8 +83,8 @@ const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 /// Runs the daemon until `shutdown` completes, then stops serving, detaches
 /// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let daemon = Arc::new(Daemon::new(config));
-    info!(policy = daemon.policy().name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
+    let daemon = Arc::new(Daemon::new(config)?);
+    info!(policy = daemon.policies().load().policy.name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -86,6 +86,8 @@ pub struct FaultEvent {
     pub completed_ns: u64,
     /// The backing had a hole the daemon filled.
     pub populated: bool,
+    /// Pages mapped with it by fault-around.
+    pub fault_around: u32,
 }
 
 /// Counters and history sizes.
@@ -303,6 +305,7 @@ mod tests {
             sent_ns: 0,
             completed_ns: 0,
             populated: false,
+            fault_around: 0,
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use faultline_proto::v1::control_server::{Control, ControlServer};
 use faultline_proto::v1::fault_trace_server::{FaultTrace, FaultTraceServer};
+use faultline_proto::v1::policy_control_server::PolicyControlServer;
 use faultline_proto::v1::{
     self as pb, lost_events, observe_response, Count, FaultFilter, GetDirtyLogRequest, GetStatsRequest,
     GetStatsResponse, GetVmRequest, LatencyHistogram, ListVmsRequest, ListVmsResponse, LostEvents, ObserveRequest,
@@ -105,6 +106,7 @@ pub fn to_proto(e: &FaultEvent) -> pb::FaultEvent {
         }),
         latency_ns: e.completed_ns,
         populated: e.populated,
+        fault_around: e.fault_around,
     }
 }
 
@@ -187,6 +189,7 @@ const MASKABLE: &[&str] = &[
     "stages",
     "latency_ns",
     "populated",
+    "fault_around",
 ];
 
 impl Query {
@@ -300,7 +303,8 @@ fn masked(ev: pb::FaultEvent, mask: &[String]) -> pb::FaultEvent {
         policy,
         stages,
         latency_ns,
-        populated
+        populated,
+        fault_around
     );
     out
 }
@@ -322,6 +326,7 @@ impl FaultTrace for FaultTraceService {
     #[instrument(skip(self, request), fields(peer = ?request.remote_addr()))]
     async fn observe(&self, request: Request<ObserveRequest>) -> Result<Response<EventStream>, Status> {
         let hub = self.daemon.events();
+        let exits = self.daemon.policies().subscribe_exits();
         // Followers go on from what the history snapshot ends with.
         let seen_before = hub.status().seen_events;
         let history = hub.history();
@@ -370,6 +375,15 @@ impl FaultTrace for FaultTraceService {
                 futures_util::stream::unfold(follow, |mut f| async move { f.next_batch().await.map(|b| (b, f)) });
             let follow =
                 futures_util::StreamExt::flat_map(batches, |b| futures_util::stream::iter(b.into_iter().map(Ok)));
+            // Policy exits reach followers as they happen.
+            let exits = tokio_stream::wrappers::BroadcastStream::new(exits).filter_map(|e| {
+                let e = e.ok()?;
+                Some(Ok(ObserveResponse {
+                    time: e.time,
+                    response_types: Some(observe_response::ResponseTypes::PolicyExit(e)),
+                }))
+            });
+            let follow = futures_util::stream::select(follow, exits);
             let shutdown = self.shutdown.clone();
             let until_shutdown = async move { shutdown.cancelled().await };
             stream = Box::pin(futures_util::StreamExt::take_until(stream.chain(follow), until_shutdown));
@@ -413,7 +427,7 @@ impl FaultTrace for FaultTraceService {
             latency,
             histogram_samples_skipped: stats.skipped(),
             pinned_pages: vms.iter().map(|vm| vm.pins.total()).sum(),
-            policy: self.daemon.policy().name().to_string(),
+            policy: self.daemon.policies().load().policy.name().to_string(),
             rings: ring_occupancy(&vms),
         }))
     }
@@ -489,6 +503,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
     health.set_serving::<ControlServer<ControlService>>().await;
+    health.set_serving::<PolicyControlServer<crate::grpc_policy::PolicyControlService>>().await;
     let router = || -> anyhow::Result<tonic::transport::server::Router> {
         // Each version lists every service served, the other version included.
         let reflection = || {
@@ -509,7 +524,8 @@ pub async fn serve(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(FaultTraceServer::new(service))
-            .add_service(ControlServer::new(control)))
+            .add_service(ControlServer::new(control))
+            .add_service(PolicyControlServer::new(crate::grpc_policy::PolicyControlService::new(daemon.clone()))))
     };
     let stopped = |t: CancellationToken| async move { t.cancelled().await };
     let tcp = router()?.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));

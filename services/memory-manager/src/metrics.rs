@@ -154,7 +154,55 @@ impl Collector for FaultCollector {
                 ConstGauge::new(n as i64).encode(occupancy.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        self.encode_policy(&mut encoder)
+    }
+}
+
+impl FaultCollector {
+    /// The policy in force and its watchdog's counters.
+    fn encode_policy(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use faultline_proto::v1::PolicyExitKind;
+        let host = self.0.policies();
+        let stats = host.stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut info = encoder.encode_descriptor(
+            "faultline_policy_active",
+            "The memory policy in force (1 for its name).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let name = host.load().policy.name();
+        ConstGauge::new(1).encode(info.encode_family(&[("policy", name)])?)?;
+        let fallbacks: Vec<(String, u64)> = (1..stats.fallbacks.len() as i32)
+            .filter_map(|k| PolicyExitKind::try_from(k).ok())
+            .filter(|k| *k != PolicyExitKind::Replaced)
+            .map(|k| {
+                let label = k.as_str_name().trim_start_matches("POLICY_EXIT_KIND_").to_lowercase();
+                (label, load(&stats.fallbacks[k as usize]))
+            })
+            .collect();
+        counter_family(
+            encoder,
+            "faultline_policy_fallbacks",
+            "Policies dropped for the built-in one, by why.",
+            "reason",
+            &fallbacks,
+        )?;
+        counter(encoder, "faultline_policy_consults", "Consult calls to a policy.", load(&stats.consults))?;
+        counter(
+            encoder,
+            "faultline_policy_consults_late",
+            "Consults not answered within the deadline (the rules decided).",
+            load(&stats.consults_late),
+        )?;
+        counter(
+            encoder,
+            "faultline_policy_clamped",
+            "Policy decisions correctness overrode.",
+            load(&stats.clamped),
+        )?;
+        let prefaulted: u64 = self.0.vms().iter().map(|vm| load(&vm.stats.prefaulted)).sum();
+        counter(encoder, "faultline_fault_around_pages", "Pages mapped by fault-around (attached VMs).", prefaulted)
     }
 }
 

@@ -15,14 +15,14 @@
 //! sees a bag of every variable.
 
 use hyp_core::abort::{Abort, AbortKind, Access, FaultStatus};
-use hyp_core::addr::{Ipa, Pa};
+use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ring::abi::{FaultRecord, NO_IPA};
 use hyp_core::stage2::{MapSize, Perms};
 
 use crate::addr::Hva;
 use crate::memslot::{Memslot, Memslots};
 use crate::pin::{PinError, PinGuard};
-use crate::policy::{FaultContext, Policy};
+use crate::policy::{Decisions, FaultContext, Policy};
 use crate::region::FillError;
 use crate::vm::VmMemory;
 use crate::vma::{Vma, Vmas};
@@ -106,6 +106,26 @@ pub struct MapPlan {
     pub marks_dirty: bool,
     /// The fault is a permission fault (the core relaxes in place).
     pub permission_fault: bool,
+    /// Pages after this mapping the policy wants mapped with it (a 4 KiB
+    /// mapping of a translation fault only; 0 otherwise).
+    pub fault_around: u32,
+    /// Permissions for those pages: a read fault's.
+    pub around_perms: Perms,
+}
+
+/// A page mapped ahead of the guest next to a fault's (fault-around).
+#[derive(Debug)]
+pub struct AroundPlan {
+    /// The page's IPA.
+    pub ipa: Ipa,
+    /// Its PA.
+    pub pa: Pa,
+    /// Permissions (a read fault's).
+    pub perms: Perms,
+    /// Invalidation sequence sampled before pinning.
+    pub seq: u64,
+    /// The page's pin.
+    pub pin: PinGuard,
 }
 
 /// What to do with a fault.
@@ -205,6 +225,8 @@ pub struct Trace {
     /// The backing had a hole the pin stage filled (KVM: the page was
     /// faulted in; page_fault_test counts these as userfaultfd faults).
     pub populated: bool,
+    /// The policy that decided.
+    pub policy: &'static str,
 }
 
 impl Trace {
@@ -218,6 +240,7 @@ impl Trace {
             vma_page_size: 0,
             stages: [0; 5],
             populated: false,
+            policy: "",
         }
     }
 
@@ -270,9 +293,25 @@ pub fn handle_fault_traced(
         // KVM: a write fault on a non-writable mapping goes to the VMM.
         return Ok(Decision::Exit(outside_memory_exit(&abort, ipa).unwrap_or(Exit::NoSyndrome { ipa, write })));
     }
-    let ctx = |allowed| FaultContext { ipa: ipa.raw(), memslot: slot.id, allowed, write };
-    // 3. mapping size
-    let size = mapping_size(&abort, slot, &vma, hva, policy, &ctx);
+    // 3. mapping size: what correctness allows, then what the policy wants
+    // (asked once per fault, for every decision it owns).
+    let allowed = allowed_size(&abort, slot, &vma, hva);
+    let ctx = FaultContext {
+        vm_id: vm.id.raw(),
+        vcpu: rec.vcpu,
+        fault_id: rec.fault_id,
+        ipa: ipa.raw(),
+        memslot: slot.id,
+        access: abort.stage2_access(),
+        allowed,
+        may_write: vma.writable && !slot.read_only && !slot.dirty_log,
+        may_exec: !vma.device,
+    };
+    trace.policy = policy.name();
+    let decisions = policy.decide(&ctx);
+    let permission_fault = matches!(abort.status, FaultStatus::Permission { .. });
+    // A permission fault relaxes the leaf that faulted, at its own size.
+    let size = if permission_fault { allowed } else { allowed.min(decisions.max_size) };
     trace.mark(2);
     // 4. invalidation sequence, sampled before pinning
     let seq = vm.sample_seq();
@@ -282,7 +321,7 @@ pub fn handle_fault_traced(
     trace.mark(3);
     // 6. permissions
     inject.check(Stage::Permissions)?;
-    let perms = permissions(&abort, slot, &vma, policy, &ctx(size));
+    let perms = permissions(&abort, slot, &vma, &decisions);
     trace.mark(4);
     // 7. the plan
     inject.check(Stage::Command)?;
@@ -296,7 +335,13 @@ pub fn handle_fault_traced(
         seq,
         pin,
         marks_dirty: slot.dirty_log && perms.write(),
-        permission_fault: matches!(abort.status, FaultStatus::Permission { .. }),
+        permission_fault,
+        fault_around: if size == MapSize::Page4K && !permission_fault && !vma.device {
+            decisions.fault_around.min(crate::policy::MAX_FAULT_AROUND)
+        } else {
+            0
+        },
+        around_perms: around_perms(slot, &vma, &decisions),
     }))
 }
 
@@ -356,15 +401,9 @@ pub fn supports_block(slot: &Memslot, vma: &Vma, hva: Hva, size: MapSize) -> boo
     hva.raw() >= start && hva.raw() < end && vma.contains_range(Hva::new(block), b)
 }
 
-/// Stage 3: the mapping size.
-pub fn mapping_size(
-    abort: &Abort,
-    slot: &Memslot,
-    vma: &Vma,
-    hva: Hva,
-    policy: &dyn Policy,
-    ctx: &dyn Fn(MapSize) -> FaultContext,
-) -> MapSize {
+/// Stage 3: the largest mapping size correctness allows (a permission
+/// fault: the faulting leaf's).
+pub fn allowed_size(abort: &Abort, slot: &Memslot, vma: &Vma, hva: Hva) -> MapSize {
     if let FaultStatus::Permission { level } = abort.status {
         // Relax at the granule of the leaf that faulted.
         return u8::try_from(level).ok().and_then(MapSize::from_level).unwrap_or(MapSize::Page4K);
@@ -378,7 +417,7 @@ pub fn mapping_size(
             }
         }
     }
-    allowed.min(policy.max_mapping_size(&ctx(allowed)))
+    allowed
 }
 
 /// Stage 5: pin the pages the mapping will cover, faulting fresh backing in;
@@ -406,19 +445,57 @@ fn pin_pages(
     Ok((pin, map_ipa, pa, hole))
 }
 
+/// Permissions of a fault-around page: a read fault's.
+fn around_perms(slot: &Memslot, vma: &Vma, decisions: &Decisions) -> Perms {
+    let mut perms = Perms::R;
+    if vma.writable && !slot.read_only && !slot.dirty_log && decisions.writable_on_read {
+        perms = perms.union(Perms::W);
+    }
+    if !vma.device && decisions.eager_exec {
+        perms = perms.union(Perms::X);
+    }
+    perms
+}
+
+/// Fault-around: the next `pages` 4 KiB pages after `plan`'s mapping that
+/// are in the same memslot and not mapped yet, pinned and filled, to map
+/// before the guest touches them. Stops at the memslot's end, at device
+/// memory, or at the first page that cannot be pinned.
+pub fn plan_around(vm: &VmMemory, plan: &MapPlan, pages: u32) -> Vec<AroundPlan> {
+    let Some(slot) = vm.memslots.lookup(plan.fault_ipa) else { return Vec::new() };
+    let mut out = Vec::with_capacity(pages as usize);
+    for k in 1..=pages as u64 {
+        let ipa = Ipa::new(plan.ipa.raw() + k * PAGE_SIZE);
+        if vm.memslots.lookup(ipa).is_none_or(|s| s.id != slot.id) {
+            break;
+        }
+        if vm.is_mapped(ipa) {
+            continue;
+        }
+        let Ok(vma) = vma_snapshot(&vm.vmas, slot.hva_of(ipa)) else { break };
+        if vma.device {
+            break;
+        }
+        let seq = vm.sample_seq();
+        let Ok((pin, ipa, pa, _)) = pin_pages(vm, slot, &vma, ipa, MapSize::Page4K, Injection::NONE) else { break };
+        out.push(AroundPlan { ipa, pa, perms: plan.around_perms, seq, pin });
+    }
+    out
+}
+
 /// Stage 6: permissions. Read always; write if the VMA is writable, the
 /// slot is not read-only and (a write fault, or not logging and the policy
 /// maps writable on read); exec on a fetch or if the policy says so, never
 /// on device memory.
-pub fn permissions(abort: &Abort, slot: &Memslot, vma: &Vma, policy: &dyn Policy, ctx: &FaultContext) -> Perms {
+pub fn permissions(abort: &Abort, slot: &Memslot, vma: &Vma, decisions: &Decisions) -> Perms {
     let mut perms = Perms::R;
     let write = is_write(abort);
-    if vma.writable && !slot.read_only && (write || (!slot.dirty_log && policy.writable_on_read(ctx))) {
+    if vma.writable && !slot.read_only && (write || (!slot.dirty_log && decisions.writable_on_read)) {
         perms = perms.union(Perms::W);
     }
     // A fetch's table walk reads the tables: no X for it (KVM's
     // kvm_vcpu_trap_is_exec_fault()).
-    if !vma.device && (abort.stage2_access() == Access::Execute || policy.eager_exec(ctx)) {
+    if !vma.device && (abort.stage2_access() == Access::Execute || decisions.eager_exec) {
         perms = perms.union(Perms::X);
     }
     perms

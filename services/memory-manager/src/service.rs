@@ -9,12 +9,13 @@ use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord, FLAG_DEVICE};
 use hyp_core::ring::{Consumer, Producer, RingError};
+use hyp_core::stage2::MapSize;
 use hyp_core::vm::map_outcome;
 use tracing::{debug, error, warn};
 
 use crate::events::{EventHub, FaultEvent, Outcome};
-use crate::pipeline::{handle_fault_traced, Decision, Exit, Injection, MapPlan, Trace};
-use crate::policy::Policy;
+use crate::pipeline::{handle_fault_traced, plan_around, AroundPlan, Decision, Exit, Injection, MapPlan, Trace};
+use crate::policy_host::PolicyHost;
 use crate::vm::{Installed, VmMemory};
 
 /// Pages handed to the core per memcache top-up.
@@ -30,13 +31,14 @@ struct PendingMap {
 
 enum Pending {
     Map(Box<PendingMap>),
+    Around(Box<AroundPlan>),
     Other,
 }
 
 /// Serves one vCPU's rings until `stop` is set or the peer breaks the protocol.
 pub struct VcpuService<'r, 'v> {
     vm: &'v VmMemory,
-    policy: &'v dyn Policy,
+    policy: &'v PolicyHost,
     hub: &'v EventHub,
     vcpu: u32,
     faults: Consumer<'r>,
@@ -49,7 +51,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     /// A service over `vcpu`'s fault ring (consumed) and command ring (produced).
     pub fn new(
         vm: &'v VmMemory,
-        policy: &'v dyn Policy,
+        policy: &'v PolicyHost,
         hub: &'v EventHub,
         vcpu: u32,
         faults: Consumer<'r>,
@@ -77,11 +79,12 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             permissions: 0,
             pa: 0,
             outcome,
-            policy: self.policy.name(),
+            policy: trace.policy,
             stages: trace.stages,
             sent_ns: trace.elapsed_ns(),
             completed_ns: trace.elapsed_ns(),
             populated: trace.populated,
+            fault_around: 0,
         }
     }
 
@@ -116,7 +119,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         self.vm.stats.faults.fetch_add(1, Ordering::Relaxed);
         self.vm.note_seq(rec.inval_seq);
         let mut trace = Trace::start();
-        let decision = match handle_fault_traced(self.vm, self.policy, rec, Injection::NONE, &mut trace) {
+        // One load: the whole fault is decided by one policy, whatever swaps.
+        let policy = self.policy.load();
+        let decision = match handle_fault_traced(self.vm, &*policy.policy, rec, Injection::NONE, &mut trace) {
             Ok(d) => d,
             Err(e) => {
                 error!(vm = %self.vm.id, vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
@@ -126,11 +131,27 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
         };
         match decision {
-            Decision::Map(plan) => self.send_map(plan, rec.fault_id, trace, stop, |s, plan| {
-                let mut event = s.event(rec, &trace, Outcome::Mapped);
-                (event.mapping_size, event.permissions, event.pa) = (Some(plan.size), plan.perms.bits(), plan.pa.raw());
-                event
-            }),
+            Decision::Map(plan) => {
+                // Fault-around first: the core maps the neighbours before
+                // the fault's own map resumes the vCPU. At most half the
+                // command ring, so the batch never waits on the core.
+                let room = (self.commands.view().capacity() / 2).saturating_sub(1);
+                let around = match plan.fault_around.min(room) {
+                    0 => Vec::new(),
+                    n => plan_around(self.vm, &plan, n),
+                };
+                let sent_around = around.len() as u32;
+                for a in around {
+                    self.send_prefault(a, stop)?;
+                }
+                self.send_map(plan, rec.fault_id, trace, stop, |s, plan| {
+                    let mut event = s.event(rec, &trace, Outcome::Mapped);
+                    (event.mapping_size, event.permissions, event.pa) =
+                        (Some(plan.size), plan.perms.bits(), plan.pa.raw());
+                    event.fault_around = sent_around;
+                    event
+                })
+            }
             Decision::Exit(exit) => {
                 let (counter, outcome) = match exit {
                     Exit::Mmio(_) | Exit::CacheMaintenance { .. } => (&self.vm.stats.mmio_exits, Outcome::MmioExit),
@@ -180,6 +201,22 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         sent
     }
 
+    fn send_prefault(&mut self, a: AroundPlan, stop: &AtomicBool) -> Result<(), RingError> {
+        let cmd = CommandRecord {
+            kind: kind::PREFAULT,
+            flags: a.perms.bits(),
+            cmd_id: self.cmd_id(),
+            fault_id: 0,
+            ipa: a.ipa.raw(),
+            pa: a.pa.raw(),
+            size: PAGE_SIZE,
+            inval_seq: a.seq,
+            reserved: 0,
+        };
+        self.pending.insert(cmd.cmd_id, Pending::Around(Box::new(a)));
+        self.send(&cmd, stop)
+    }
+
     fn complete(&mut self, fault_id: u64, act: u32, stop: &AtomicBool) -> Result<(), RingError> {
         let cmd =
             CommandRecord { kind: kind::COMPLETE, flags: act, cmd_id: self.cmd_id(), fault_id, ..Default::default() };
@@ -210,6 +247,19 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             warn!(vm = %self.vm.id, vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
             return Ok(());
         };
+        if let Pending::Around(a) = pending {
+            // Installed: recorded like any mapping. Anything else (already
+            // mapped, stale): the pin goes with the plan.
+            if res.status == 0 && res.value == map_outcome::INSTALLED {
+                self.vm.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
+                let AroundPlan { ipa, pa, pin, .. } = *a;
+                let installed = Installed { size: MapSize::Page4K, pa, seq: res.inval_seq, pin: pin.into_mapping() };
+                self.vm.record_installed(ipa, installed);
+            } else if res.status != 0 && Reject::from_code(res.status) != Some(Reject::StaleSequence) {
+                warn!(vm = %self.vm.id, vcpu = self.vcpu, reason = ?Reject::from_code(res.status), ipa = %a.ipa, "core refused a fault-around page");
+            }
+            return Ok(());
+        }
         let Pending::Map(pending) = pending else {
             if res.status != 0 {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, kind = res.command_kind, reason = ?Reject::from_code(res.status), "core refused a command");

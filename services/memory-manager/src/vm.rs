@@ -58,6 +58,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Memcache top-ups sent.
     pub topups: AtomicU64,
+    /// Pages mapped by fault-around (PREFAULT commands installed).
+    pub prefaulted: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
 }
@@ -263,6 +265,12 @@ impl VmMemory {
     /// Notes a sequence the core reported (fault records and results).
     pub fn note_seq(&self, seq: u64) {
         self.core_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// True if a recorded mapping covers `ipa`.
+    pub fn is_mapped(&self, ipa: Ipa) -> bool {
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        mappings.range(..=ipa.raw()).next_back().is_some_and(|(&start, m)| ipa.raw() < start + m.size.bytes())
     }
 
     /// Records a mapping the core installed. Returns false, releasing its

@@ -1,0 +1,71 @@
+//! PolicyControl: which memory policy is in force (list, use, default,
+//! status), over the [`PolicyHost`](crate::policy_host::PolicyHost).
+
+use std::sync::Arc;
+
+use faultline_proto::v1 as pb;
+use faultline_proto::v1::policy_control_server::PolicyControl;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::daemon::Daemon;
+use crate::policy_host::UseError;
+
+/// The PolicyControl service.
+pub struct PolicyControlService {
+    daemon: Arc<Daemon>,
+}
+
+impl PolicyControlService {
+    /// The service over `daemon`'s policy host.
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self { daemon }
+    }
+}
+
+impl From<UseError> for Status {
+    fn from(e: UseError) -> Self {
+        match e {
+            UseError::BadEndpoint { .. } | UseError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+            UseError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            UseError::Cancelled => Status::aborted("superseded by another policy request"),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyControl for PolicyControlService {
+    #[instrument(skip(self, _request))]
+    async fn list_policies(
+        &self,
+        _request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        Ok(Response::new(pb::ListPoliciesResponse { policies: self.daemon.policies().list() }))
+    }
+
+    #[instrument(skip(self, request), fields(endpoint = %request.get_ref().endpoint))]
+    async fn use_policy(&self, request: Request<pb::UsePolicyRequest>) -> Result<Response<pb::PolicyStatus>, Status> {
+        let req = request.into_inner();
+        if req.endpoint.is_empty() {
+            return Err(Status::invalid_argument("endpoint is empty"));
+        }
+        let status = self.daemon.policies().use_policy(&req.endpoint, req.reconnect).await?;
+        Ok(Response::new(status))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn use_default(
+        &self,
+        _request: Request<pb::UseDefaultRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        Ok(Response::new(self.daemon.policies().use_default()))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn get_policy_status(
+        &self,
+        _request: Request<pb::GetPolicyStatusRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        Ok(Response::new(self.daemon.policies().status()))
+    }
+}
