@@ -35,6 +35,8 @@ pub fn binary(name: &str) -> PathBuf {
             "sim-machine",
             "-p",
             "faultline",
+            "-p",
+            "faultline-policies",
             "--bins",
             "--target-dir",
         ])
@@ -43,7 +45,7 @@ pub fn binary(name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building the daemon and machine binaries failed");
+        assert!(status.success(), "building the daemon, machine and policy binaries failed");
     });
     bin_dir().join(name)
 }
@@ -130,6 +132,53 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// A running policy service (one of `services/policies`' binaries),
+/// killed on drop.
+pub struct PolicyProcess {
+    child: Child,
+    /// Where it serves MemoryPolicy (`http://127.0.0.1:PORT`).
+    pub endpoint: String,
+}
+
+impl PolicyProcess {
+    /// Starts `bin` (e.g. `policy-sequential`) on an ephemeral port with
+    /// `args`, and waits for the address it prints.
+    pub fn start(bin: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(binary(bin))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("reading the policy's address");
+        let endpoint =
+            line.trim().strip_prefix("LISTENING ").unwrap_or_else(|| panic!("{bin} said {line:?}")).to_string();
+        Self { child, endpoint }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signalling the policy");
+    }
+}
+
+impl Drop for PolicyProcess {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGCONT);
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

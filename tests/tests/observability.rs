@@ -75,6 +75,7 @@ async fn tiny_buffers_lose_events_and_say_how_many() {
                 lost += l.num_events_lost;
                 records += 1;
             }
+            ResponseTypes::PolicyExit(x) => panic!("no policy was in use: {x:?}"),
         }
     }
     assert_eq!(delivered + lost, total);

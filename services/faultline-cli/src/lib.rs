@@ -55,7 +55,7 @@ fn perms(p: u32) -> String {
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
-    match t.clone().map(std::time::SystemTime::try_from) {
+    match (*t).map(std::time::SystemTime::try_from) {
         Some(Ok(t)) => humantime::format_rfc3339_millis(t).to_string(),
         _ => "-".into(),
     }

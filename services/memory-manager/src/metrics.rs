@@ -195,12 +195,7 @@ impl FaultCollector {
             "Consults not answered within the deadline (the rules decided).",
             load(&stats.consults_late),
         )?;
-        counter(
-            encoder,
-            "faultline_policy_clamped",
-            "Policy decisions correctness overrode.",
-            load(&stats.clamped),
-        )?;
+        counter(encoder, "faultline_policy_clamped", "Policy decisions correctness overrode.", load(&stats.clamped))?;
         let prefaulted: u64 = self.0.vms().iter().map(|vm| load(&vm.stats.prefaulted)).sum();
         counter(encoder, "faultline_fault_around_pages", "Pages mapped by fault-around (attached VMs).", prefaulted)
     }

@@ -225,7 +225,7 @@ pub struct Trace {
     /// The backing had a hole the pin stage filled (KVM: the page was
     /// faulted in; page_fault_test counts these as userfaultfd faults).
     pub populated: bool,
-    /// The policy that decided.
+    /// The policy in force for the fault (set by the caller).
     pub policy: &'static str,
 }
 
@@ -295,7 +295,16 @@ pub fn handle_fault_traced(
     }
     // 3. mapping size: what correctness allows, then what the policy wants
     // (asked once per fault, for every decision it owns).
-    let allowed = allowed_size(&abort, slot, &vma, hva);
+    let mut allowed = allowed_size(&abort, slot, &vma, hva);
+    // A block over pages mapped smaller (an earlier policy's choice) is
+    // refused by the core: map at the size already there instead.
+    let permission_fault = matches!(abort.status, FaultStatus::Permission { .. });
+    while !permission_fault
+        && allowed != MapSize::Page4K
+        && vm.has_smaller_mapping(ipa.align_down(allowed.bytes()), allowed.bytes())
+    {
+        allowed = if allowed == MapSize::Block1G { MapSize::Block2M } else { MapSize::Page4K };
+    }
     let ctx = FaultContext {
         vm_id: vm.id.raw(),
         vcpu: rec.vcpu,
@@ -307,9 +316,7 @@ pub fn handle_fault_traced(
         may_write: vma.writable && !slot.read_only && !slot.dirty_log,
         may_exec: !vma.device,
     };
-    trace.policy = policy.name();
     let decisions = policy.decide(&ctx);
-    let permission_fault = matches!(abort.status, FaultStatus::Permission { .. });
     // A permission fault relaxes the leaf that faulted, at its own size.
     let size = if permission_fault { allowed } else { allowed.min(decisions.max_size) };
     trace.mark(2);

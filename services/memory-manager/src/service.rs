@@ -121,6 +121,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         let mut trace = Trace::start();
         // One load: the whole fault is decided by one policy, whatever swaps.
         let policy = self.policy.load();
+        trace.policy = policy.policy.name();
         let decision = match handle_fault_traced(self.vm, &*policy.policy, rec, Injection::NONE, &mut trace) {
             Ok(d) => d,
             Err(e) => {

@@ -267,6 +267,14 @@ impl VmMemory {
         self.core_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
+    /// True if a recorded mapping smaller than `len` starts inside
+    /// `[start, start + len)`: a block there would overlap its table (the
+    /// core refuses that; KVM would tear the table down).
+    pub fn has_smaller_mapping(&self, start: Ipa, len: u64) -> bool {
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        mappings.range(start.raw()..start.raw() + len).any(|(_, m)| m.size.bytes() < len)
+    }
+
     /// True if a recorded mapping covers `ipa`.
     pub fn is_mapped(&self, ipa: Ipa) -> bool {
         let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());

@@ -173,17 +173,24 @@ pub fn init_logging() {
 pub async fn serve(server: PolicyServer, common: &Common) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(common.listen).await?;
     let addr = listener.local_addr()?;
+    // A fault-around window the daemon's limit refuses.
+    let malformed = |server: &PolicyServer| {
+        let bad = pb::Rule { fault_around_pages: Some(1000), ..everywhere() };
+        server.publish(vec![bad], vec![]);
+    };
+    match common.malformed_after_ms {
+        Some(0) => malformed(&server),
+        Some(ms) => {
+            let server = server.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                malformed(&server);
+            });
+        }
+        None => {}
+    }
     println!("LISTENING http://{addr}");
     tracing::info!(%addr, policy = %server.inner.description.name, "serving MemoryPolicy");
-    if let Some(ms) = common.malformed_after_ms {
-        let server = server.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            // A fault-around window the daemon's limit refuses.
-            let bad = pb::Rule { fault_around_pages: Some(1000), ..everywhere() };
-            server.publish(vec![bad], vec![]);
-        });
-    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {

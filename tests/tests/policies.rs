@@ -1,0 +1,354 @@
+//! Memory policy services (issue 7), all real processes: the daemon, the
+//! three policies in services/policies, the simulated machine, and gRPC
+//! clients over TCP. The policies shape the same workload differently; a
+//! swap mid-workload loses nothing; a policy that dies, stops, answers late
+//! or sends malformed rules is dropped for the built-in one within the
+//! watchdog's bound while the workload completes intact.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::observe_response::ResponseTypes;
+use faultline_proto::v1::policy_control_client::PolicyControlClient;
+use faultline_proto::v1::{
+    FaultEvent, FaultFilter, GetPolicyStatusRequest, MappingSize, ObserveRequest, Outcome, PolicyExitKind,
+    PolicyStatus, ServerStatusRequest, UseDefaultRequest, UsePolicyRequest,
+};
+use faultline_system_tests::{machine, Daemon, PolicyProcess};
+use nix::sys::signal::Signal;
+use sim_machine::layout::Layout;
+use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
+use tonic::transport::Channel;
+
+const RAM_MIB: u64 = 64;
+const RAM: std::ops::Range<u64> = 0x4000_0000..0x4000_0000 + (RAM_MIB << 20);
+
+fn layout() -> Layout {
+    Layout { nr_vcpus: 1, ram_size: RAM_MIB << 20, ..Layout::default() }
+}
+
+/// A machine running `pattern` as VM `vm`, started now.
+fn start_machine(daemon: &Daemon, vm: u16, pattern: &str, ops: usize, seed: u64) -> Child {
+    machine(daemon)
+        .args(["--vm-id", &vm.to_string(), "--vcpus", "1", "--ram-mib", &RAM_MIB.to_string()])
+        .args(["--pattern", pattern, "--ops", &ops.to_string(), "--seed", &seed.to_string()])
+        .args(["--spin-polls", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting sim-machine")
+}
+
+/// Waits for the machine; checks it succeeded and its RAM is what a flat
+/// replay of the same workload leaves. Returns its summary.
+fn finish(child: Child, pattern: Pattern, ops: usize, seed: u64) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout(), &generate(pattern, &layout(), ops, seed));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest data intact");
+    assert_eq!(summary["detach"]["pins_remaining"], 0);
+    summary
+}
+
+async fn control(daemon: &Daemon) -> PolicyControlClient<Channel> {
+    PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap()
+}
+
+async fn use_policy(daemon: &Daemon, endpoint: &str, reconnect: Option<bool>) -> PolicyStatus {
+    let req = UsePolicyRequest { endpoint: endpoint.into(), reconnect };
+    control(daemon).await.use_policy(req).await.unwrap_or_else(|s| panic!("UsePolicy {endpoint}: {s:?}")).into_inner()
+}
+
+async fn status(daemon: &Daemon) -> PolicyStatus {
+    control(daemon).await.get_policy_status(GetPolicyStatusRequest {}).await.unwrap().into_inner()
+}
+
+/// Every buffered event of VM `vm`.
+async fn events(daemon: &Daemon, vm: u32) -> Vec<FaultEvent> {
+    let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let allow = FaultFilter { vm_id: vec![vm], ..Default::default() };
+    let req = ObserveRequest { allowlist: vec![allow], ..Default::default() };
+    let mut stream = client.observe(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(ResponseTypes::Fault(e)) = r.response_types {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Mapped RAM faults by mapping size: (4 KiB, 2 MiB).
+fn ram_mappings(events: &[FaultEvent]) -> (usize, usize) {
+    let ram = events.iter().filter(|e| e.outcome == Outcome::Mapped as i32 && RAM.contains(&e.ipa));
+    let (mut small, mut large) = (0, 0);
+    for e in ram {
+        match MappingSize::try_from(e.mapping_size) {
+            Ok(MappingSize::MappingSize4k) => small += 1,
+            Ok(MappingSize::MappingSize2m) => large += 1,
+            other => panic!("unexpected RAM mapping size {other:?}"),
+        }
+    }
+    (small, large)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
+    let daemon = Daemon::start(&["--spin-polls", "0", "--log-filter", "info"]);
+    let (ops, seed) = (40_000, 5);
+    let flat = replay_flat(&layout(), &generate(Pattern::Sequential, &layout(), ops, seed));
+    let (pages, blocks) = (flat.ram_pages.len(), flat.ram_blocks.len());
+    assert!(pages > 1000, "the workload touches {pages} pages");
+
+    let run = |vm: u16| {
+        let child = start_machine(&daemon, vm, "sequential", ops, seed);
+        finish(child, Pattern::Sequential, ops, seed)
+    };
+    let baseline = PolicyProcess::start("policy-sequential", &["--window", "0"]);
+    use_policy(&daemon, &baseline.endpoint, None).await;
+    run(1);
+    let largest = PolicyProcess::start("policy-largest", &[]);
+    use_policy(&daemon, &largest.endpoint, None).await;
+    run(2);
+    let sequential = PolicyProcess::start("policy-sequential", &[]);
+    use_policy(&daemon, &sequential.endpoint, None).await;
+    run(3);
+    let adaptive = PolicyProcess::start("policy-adaptive", &["--daemon", &daemon.grpc_addr(), "--sample", "32"]);
+    use_policy(&daemon, &adaptive.endpoint, None).await;
+    run(4);
+
+    let (base, large, seq, adapt) =
+        (events(&daemon, 1).await, events(&daemon, 2).await, events(&daemon, 3).await, events(&daemon, 4).await);
+    // 4 KiB, no fault-around: one fault per page touched.
+    assert_eq!(ram_mappings(&base), (pages, 0));
+    // Largest: 2 MiB blocks only, one fault per block.
+    assert_eq!(ram_mappings(&large), (0, blocks));
+    assert!(large.iter().all(|e| e.policy == "largest"));
+    // Sequential 4 KiB with a 15-page window: 4 KiB only, a sixteenth of
+    // the faults (a window stops at pages already mapped, so a little more).
+    let (seq_4k, seq_2m) = ram_mappings(&seq);
+    assert_eq!(seq_2m, 0);
+    assert!(seq_4k * 16 >= pages && seq_4k * 8 <= pages, "{seq_4k} faults for {pages} pages");
+    assert!(seq.iter().filter(|e| RAM.contains(&e.ipa)).all(|e| e.fault_around <= 15));
+    assert!(seq.iter().any(|e| e.fault_around == 15));
+    // Adaptive: 4 KiB only; the stream widens its window past the fixed
+    // policy's, so fewer faults than it.
+    let (adapt_4k, adapt_2m) = ram_mappings(&adapt);
+    assert_eq!(adapt_2m, 0);
+    let widest = adapt.iter().map(|e| e.fault_around).max().unwrap();
+    assert!(widest > 15, "adaptive window reached {widest}");
+    assert!(adapt_4k < seq_4k, "adaptive {adapt_4k} faults, sequential {seq_4k}");
+    // The direction, all together.
+    assert!(blocks < adapt_4k && adapt_4k < seq_4k && seq_4k < pages);
+
+    // The same VM turning random: the adaptive policy closes its window.
+    let (ops_r, seed_r) = (30_000, 6);
+    let child = start_machine(&daemon, 4, "random", ops_r, seed_r);
+    finish(child, Pattern::Random, ops_r, seed_r);
+    let all = events(&daemon, 4).await;
+    let random_run = &all[adapt.len()..];
+    let tail = &random_run[random_run.len().saturating_sub(100)..];
+    assert!(tail.iter().all(|e| e.fault_around == 0), "random faults still map around");
+    assert!(status(&daemon).await.rules_generation > 4, "the adaptive policy published its changes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
+    // 4 KiB everywhere (the built-in 4k policy among them), so faults keep
+    // coming for the whole run: 224 MiB touched at random.
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
+    let policies = [
+        PolicyProcess::start("policy-sequential", &["--window", "7"]),
+        PolicyProcess::start("policy-adaptive", &["--daemon", &daemon.grpc_addr()]),
+    ];
+    let big = Layout { nr_vcpus: 1, ..Layout::default() };
+    let (ops, seed) = (300_000, 9);
+    let child = machine(&daemon)
+        .args(["--vm-id", "9", "--vcpus", "1", "--pattern", "random", "--ops", &ops.to_string()])
+        .args(["--seed", &seed.to_string(), "--spin-polls", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while daemon_vm_gone(&daemon, 9).await {
+        assert!(started.elapsed() < Duration::from_secs(20), "the machine never attached");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Swap every 20 ms until the machine detaches: policy, policy, default.
+    let mut swaps = 0;
+    while !daemon_vm_gone(&daemon, 9).await {
+        match swaps % 3 {
+            2 => drop(control(&daemon).await.use_default(UseDefaultRequest {}).await.unwrap()),
+            i => drop(use_policy(&daemon, &policies[i].endpoint, None).await),
+        }
+        swaps += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&big, &generate(Pattern::Random, &big, ops, seed));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest data intact");
+    assert!(swaps >= 8, "only {swaps} swaps happened");
+    let events = events(&daemon, 9).await;
+    assert_eq!(events.len() as u64, summary["faults"].as_u64().unwrap(), "every fault has its event");
+    let failed = [Outcome::InjectedAbort, Outcome::Rejected];
+    assert!(events.iter().all(|e| !failed.iter().any(|o| e.outcome == *o as i32)), "no fault failed");
+    let mut names: Vec<&str> = events.iter().map(|e| e.policy.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names, ["4k", "adaptive", "sequential-4k"], "faults were decided by each policy");
+    let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let st = trace.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.lost_events, 0);
+    let s = status(&daemon).await;
+    assert_eq!(s.fallbacks, 0, "swaps are not fallbacks: {:?}", s.exits);
+    assert!(s.exits.iter().all(|x| x.kind == PolicyExitKind::Replaced as i32));
+    println!("{swaps} swaps during {} faults", events.len());
+}
+
+async fn daemon_vm_gone(daemon: &Daemon, vm: u32) -> bool {
+    use faultline_proto::v1::control_client::ControlClient;
+    let mut c = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let vms = c.list_vms(faultline_proto::v1::ListVmsRequest {}).await.unwrap().into_inner().vms;
+    !vms.iter().any(|v| v.vm_id == vm)
+}
+
+/// Waits until the status shows a new exit; returns it and how long after
+/// `since` it was recorded.
+async fn next_exit(daemon: &Daemon, seen: usize, since: Instant) -> (faultline_proto::v1::PolicyExit, Duration) {
+    loop {
+        let s = status(daemon).await;
+        if s.exits.len() > seen {
+            return (s.exits[0].clone(), since.elapsed());
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "no fallback: {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_policies_fall_back_to_the_default_within_the_bound() {
+    // Heartbeat and deadline 100 ms each (the defaults): a dead or stopped
+    // policy is gone within 200 ms, plus scheduling on a loaded machine.
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let bound = Duration::from_millis(200) + Duration::from_millis(800);
+    let mut follow = FaultTraceClient::connect(daemon.grpc_addr())
+        .await
+        .unwrap()
+        .observe(ObserveRequest { follow: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let (ops, seed) = (300_000, 11);
+
+    type Break = fn(&PolicyProcess);
+    let cases: [(&str, &[&str], Break, PolicyExitKind); 4] = [
+        ("killed", &[], |p| p.signal(Signal::SIGKILL), PolicyExitKind::Disconnected),
+        ("stopped", &[], |p| p.signal(Signal::SIGSTOP), PolicyExitKind::Hung),
+        ("late", &["--consult", "--consult-delay-ms", "50"], |_| {}, PolicyExitKind::Late),
+        ("malformed", &["--malformed-after-ms", "300"], |_| {}, PolicyExitKind::MalformedRules),
+    ];
+    for (exits_seen, (vm, (what, args, breaks, kind))) in (20u16..).zip(cases).enumerate() {
+        let policy = PolicyProcess::start("policy-sequential", args);
+        use_policy(&daemon, &policy.endpoint, Some(false)).await;
+        let child = start_machine(&daemon, vm, "random", ops, seed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let broken = Instant::now();
+        breaks(&policy);
+        let (exit, after) = next_exit(&daemon, exits_seen, broken).await;
+        assert_eq!(exit.kind, kind as i32, "{what}: {exit:?}");
+        assert_eq!((exit.policy.as_str(), exit.successor.as_str()), ("sequential-4k", "default"), "{what}");
+        assert!(!exit.reason.is_empty());
+        match kind {
+            // The late and malformed policies fail on their own schedule.
+            PolicyExitKind::Late | PolicyExitKind::MalformedRules => {}
+            _ => assert!(after < bound, "{what}: fallback after {after:?}"),
+        }
+        if kind == PolicyExitKind::MalformedRules {
+            assert!(exit.reason.contains("fault-around of 1000 pages"), "{}", exit.reason);
+        }
+        println!("{what}: fallback {after:?} after the failure");
+        assert_eq!(status(&daemon).await.active, "default", "{what}");
+        // The workload is served by the default and finishes intact.
+        finish(child, Pattern::Random, ops, seed);
+        // Followers got the exit as an event.
+        let exit_event = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let r = follow.message().await.unwrap().unwrap();
+                if let Some(ResponseTypes::PolicyExit(x)) = r.response_types {
+                    return x;
+                }
+            }
+        })
+        .await
+        .expect("no PolicyExit event on the follow stream");
+        assert_eq!(exit_event.kind, kind as i32);
+    }
+    let s = status(&daemon).await;
+    assert_eq!(s.fallbacks, 4);
+    assert!(s.consults_late >= 3);
+    // The metric counts each kind.
+    let metrics = scrape(&daemon).await;
+    for reason in ["disconnected", "hung", "late", "malformed_rules"] {
+        let line = format!("faultline_policy_fallbacks_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
+}
+
+async fn scrape(daemon: &Daemon) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(daemon.metrics_addr()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut c = control(&daemon).await;
+    // Malformed first rules: refused with the reason; the default stays.
+    let bad = PolicyProcess::start("policy-sequential", &["--malformed-after-ms", "0"]);
+    let err = c.use_policy(UsePolicyRequest { endpoint: bad.endpoint.clone(), reconnect: None }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("fault-around of 1000 pages"), "{}", err.message());
+    // Nobody listening; not a URI.
+    let err = c.use_policy(UsePolicyRequest { endpoint: "http://127.0.0.1:1".into(), reconnect: None }).await;
+    assert_eq!(err.unwrap_err().code(), tonic::Code::Unavailable);
+    let err = c.use_policy(UsePolicyRequest { endpoint: "not a uri".into(), reconnect: None }).await;
+    assert_eq!(err.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let err = c.use_policy(UsePolicyRequest { endpoint: String::new(), reconnect: None }).await;
+    assert_eq!(err.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(status(&daemon).await.active, "default");
+
+    // Told to reconnect: stopped, dropped, continued, back in force.
+    let p = PolicyProcess::start("policy-largest", &[]);
+    use_policy(&daemon, &p.endpoint, Some(true)).await;
+    p.signal(Signal::SIGSTOP);
+    let (exit, _) = next_exit(&daemon, 0, Instant::now()).await;
+    assert_eq!(exit.kind, PolicyExitKind::Hung as i32);
+    let s = status(&daemon).await;
+    assert_eq!((s.active.as_str(), s.reconnecting_endpoint.as_str()), ("default", p.endpoint.as_str()));
+    p.signal(Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&daemon).await.active != "largest" {
+        assert!(Instant::now() < deadline, "the policy never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not told to: it stays out.
+    let q = PolicyProcess::start("policy-sequential", &[]);
+    use_policy(&daemon, &q.endpoint, Some(false)).await;
+    q.signal(Signal::SIGSTOP);
+    next_exit(&daemon, 2, Instant::now()).await;
+    q.signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = status(&daemon).await;
+    assert_eq!((s.active.as_str(), s.reconnecting_endpoint.as_str()), ("default", ""));
+    // The largest policy was replaced (by q), not dropped again.
+    assert_eq!(s.exits[1].kind, PolicyExitKind::Replaced as i32);
+}
