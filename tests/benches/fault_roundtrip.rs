@@ -127,7 +127,7 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
         assert_eq!(ex.result.status, 0);
         vmm.record_installed(
             plan.ipa,
-            Installed { size: plan.size, pa: plan.pa, seq: ex.result.inval_seq, pin: plan.pin.into_mapping() },
+            Installed::new(plan.size, plan.pa, ex.result.inval_seq, plan.pin.into_mapping()),
         );
         lat.push(t.elapsed().as_nanos() as u64);
     }

@@ -352,3 +352,56 @@ async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
     // The largest policy was replaced (by q), not dropped again.
     assert_eq!(s.exits[1].kind, PolicyExitKind::Replaced as i32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::GetVmRequest;
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    // 4 KiB pages, an 8 MiB budget, oldest mapping first; the workload
+    // touches 64 MiB at random.
+    let budget = 8u64 << 20;
+    let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "30:8:fifo"]);
+    let s = use_policy(&daemon, &policy.endpoint, None).await;
+    assert_eq!(s.budgets, 1);
+    let (ops, seed) = (30_000, 12);
+    let flat = replay_flat(&layout(), &generate(Pattern::Random, &layout(), ops, seed));
+    assert!(flat.ram_pages.len() as u64 * 4096 > 4 * budget, "the working set is well over the budget");
+    let child = start_machine(&daemon, 30, "random", ops, seed);
+    let mut vms = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let (mut peak, mut samples, mut evicted) = (0u64, 0, 0u64);
+    let started = Instant::now();
+    loop {
+        match vms.get_vm(GetVmRequest { vm_id: 30 }).await {
+            Ok(vm) => {
+                let vm = vm.into_inner();
+                (peak, evicted) = (peak.max(vm.resident_bytes), vm.evicted);
+                samples += 1;
+            }
+            Err(s) if s.code() == tonic::Code::NotFound && samples > 0 => break,
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the workload did not finish");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Reclaim runs beside the faults, so the VM may pass the budget by what
+    // a few faults map before the evictor catches up.
+    println!(
+        "peak resident {} KiB of {} KiB budget over {samples} samples; {evicted} mappings evicted",
+        peak >> 10,
+        budget >> 10
+    );
+    assert!(peak <= budget + budget / 8, "peak resident {peak} over budget {budget}");
+    assert!(evicted > 0);
+    // Evicted pages came back on access and at detach: the digest covers
+    // all of RAM.
+    finish(child, Pattern::Random, ops, seed);
+    // Pages mapped, evicted, then faulted back from the swap store.
+    let mut mapped = std::collections::HashSet::new();
+    let mut back = 0;
+    for e in events(&daemon, 30).await.iter().filter(|e| e.outcome == Outcome::Mapped as i32 && RAM.contains(&e.ipa)) {
+        back += (!mapped.insert(e.ipa >> 12) && e.populated) as usize;
+    }
+    assert!(back > 0, "no evicted page was faulted back");
+    println!("{back} faults brought evicted pages back");
+}

@@ -418,8 +418,15 @@ async fn main() -> anyhow::Result<()> {
             };
             for vm in vms {
                 println!(
-                    "vm{}: {} vCPUs, {} faults, {} mappings, {} pinned pages",
-                    vm.vm_id, vm.vcpus, vm.faults, vm.mappings, vm.pinned_pages
+                    "vm{}: {} vCPUs, {} faults, {} mappings, {} pinned pages, {} KiB resident, {} evicted, {} fault-around pages",
+                    vm.vm_id,
+                    vm.vcpus,
+                    vm.faults,
+                    vm.mappings,
+                    vm.pinned_pages,
+                    vm.resident_bytes >> 10,
+                    vm.evicted,
+                    vm.fault_around_pages
                 );
                 for m in vm.memslots {
                     let flags = [(m.read_only, "read-only"), (m.dirty_log, "dirty-log")]

@@ -23,7 +23,7 @@ use hyp_core::ownership::VmId;
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
 use memfd::{FileSeal, Memfd};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tracing::{info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 
 use crate::addr::Hva;
 use crate::control::ControlLoop;
@@ -368,6 +368,13 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                 warn!(cause = %e, "cannot start the control thread; control commands unavailable");
             }
         }
+        {
+            let (vm, stop) = (&*vm, &stop);
+            let named = std::thread::Builder::new().name(format!("vm{}-evict", vm.id.raw()));
+            if let Err(e) = named.spawn_scoped(s, move || crate::evict::run(vm, stop)) {
+                warn!(cause = %e, "cannot start the evictor thread; resident budgets not enforced");
+            }
+        }
         let detach = wait_for_detach(&conn, daemon);
         stop.store(true, Ordering::Release);
         vm.control.close();
@@ -378,6 +385,11 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
         }
         detach
     });
+    // Reclaimed pages go back into the machine's memory before it hears
+    // the VM is detached.
+    if let Err(e) = vm.restore_reclaimed() {
+        error!(cause = %e, "restoring reclaimed pages at detach failed; the machine's memory misses them");
+    }
     let released = vm.release_all();
     let remaining = vm.pins.total();
     let faults = vm.stats.faults.load(Ordering::Relaxed);

@@ -568,6 +568,10 @@ fn vm_proto(vm: &crate::vm::VmMemory) -> pb::Vm {
         pinned_pages: vm.pins.total(),
         mappings: vm.mappings.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         faults: vm.stats.faults.load(std::sync::atomic::Ordering::Relaxed),
+        resident_bytes: vm.resident(),
+        evicted: vm.stats.evicted.load(std::sync::atomic::Ordering::Relaxed),
+        evicted_bytes: vm.stats.evicted_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        fault_around_pages: vm.stats.prefaulted.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod evict;
 pub mod grpc;
 pub mod grpc_policy;
 pub mod memslot;

@@ -88,6 +88,16 @@ impl Pins {
         self.regions.iter().flat_map(|r| &r.counts).map(|c| c.load(Ordering::Acquire) as u64).sum()
     }
 
+    /// Marks pages as not populated (they are being reclaimed): the next
+    /// fault on them fills them again.
+    pub fn clear_populated(&self, region: usize, offset: u64, len: u64) {
+        let r = &self.regions[region];
+        let first = offset / PAGE_SIZE;
+        for page in first..first + len.div_ceil(PAGE_SIZE) {
+            r.populated[(page / 64) as usize].fetch_and(!(1u64 << (page % 64)), Ordering::AcqRel);
+        }
+    }
+
     /// Marks pages as populated; returns true if any of them was not.
     pub fn mark_populated(&self, region: usize, offset: u64, len: u64) -> bool {
         let r = &self.regions[region];

@@ -37,9 +37,12 @@ pub struct GuestRegion {
     pub fd_offset: u64,
     /// Where holes get their contents from, if not zeros.
     contents: Vec<ContentsWindow>,
-    /// Serialises copying contents into holes, so a page is filled once:
-    /// a second fault on it finds data, never copies over the guest's writes.
-    fill_lock: Mutex<()>,
+    /// Serialises filling holes and reclaiming pages, so a page is filled
+    /// once (a second fault finds data, never copies over the guest's
+    /// writes) and never filled while it is being reclaimed. Holds the swap
+    /// store: where reclaimed pages wait, at their offset in the region,
+    /// until a fault brings them back (created on the first reclaim).
+    fill_lock: Mutex<Option<File>>,
 }
 
 /// Part of a guest region whose holes are filled from a file (the attach
@@ -105,7 +108,7 @@ impl GuestRegion {
     pub fn map(memfd: Memfd, spec: RegionSpec) -> Result<Self, RegionError> {
         let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
-        let (contents, fill_lock) = (Vec::new(), Mutex::new(()));
+        let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
         Ok(Self { index, pa_base, size, page_size, writable, device, map, memfd, fd_offset, contents, fill_lock })
     }
 
@@ -147,8 +150,18 @@ impl GuestRegion {
         }
         let end = offset + len;
         let copies = self.contents.iter().any(|w| w.offset < end && offset < w.offset + w.len);
-        let _filling = copies.then(|| self.fill_lock.lock().unwrap_or_else(|e| e.into_inner()));
-        let holes = self.holes(offset, end)?;
+        let mut filling = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holes = self.holes(offset, end)?;
+        let found_holes = !holes.is_empty();
+        // Reclaimed pages first: back from the swap store, which lets go of them.
+        if let (Some(swap), false) = (filling.as_mut(), holes.is_empty()) {
+            if self.restore_from_swap(swap, &holes)? {
+                holes = self.holes(offset, end)?;
+            }
+        }
+        if !copies {
+            drop(filling);
+        }
         if copies {
             for &(lo, hi) in &holes {
                 for w in &self.contents {
@@ -164,7 +177,72 @@ impl GuestRegion {
         }
         let start = (self.fd_offset + offset) as i64;
         fallocate(self.memfd.as_file().as_fd(), FallocateFlags::empty(), start, len as i64)?;
-        Ok(!holes.is_empty())
+        Ok(found_holes)
+    }
+
+    /// Copies the parts of `holes` the swap store holds back into the
+    /// region and punches them out of the store; true if it copied any.
+    fn restore_from_swap(&self, swap: &File, holes: &[(u64, u64)]) -> Result<bool, FillError> {
+        use nix::unistd::{lseek, Whence};
+        let mut copied = false;
+        for &(lo, hi) in holes {
+            let mut at = lo as i64;
+            while at < hi as i64 {
+                let data = match lseek(swap.as_fd(), at, Whence::SeekData) {
+                    Ok(d) if d < hi as i64 => d,
+                    Ok(_) | Err(nix::Error::ENXIO) => break,
+                    Err(e) => return Err(e.into()),
+                };
+                let data_end = lseek(swap.as_fd(), data, Whence::SeekHole)?.min(hi as i64);
+                let (from, len) = (data as u64, (data_end - data) as u64);
+                self.map
+                    .fill_from(from, len, swap, from)
+                    .map_err(|cause| FillError::Contents { offset: from, cause })?;
+                let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                fallocate(swap.as_fd(), punch, data, data_end - data)?;
+                copied = true;
+                at = data_end;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Copies every page in the swap store back into the region.
+    pub fn restore_all(&self) -> Result<(), FillError> {
+        let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match store.as_ref() {
+            Some(swap) => self.restore_from_swap(swap, &[(0, self.size)]).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Reclaims `[offset, offset + len)`: copies it to the swap store and
+    /// punches it out of the backing, so it costs no memory until a fault
+    /// fills it back. The caller has unmapped it from stage 2 and cleared
+    /// its populated bits: `unmap` runs under the region's fill lock (no
+    /// fault can fill the range meanwhile) and says whether it succeeded;
+    /// if not, nothing is copied or punched.
+    pub fn reclaim(&self, offset: u64, len: u64, unmap: impl FnOnce() -> bool) -> Result<bool, FillError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(FillError::OutOfRange { offset, len });
+        }
+        let mut store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !unmap() {
+            return Ok(false);
+        }
+        if store.is_none() {
+            let swap = memfd::MemfdOptions::default()
+                .create(format!("faultline-swap-{}", self.index))
+                .map_err(|e| FillError::Contents { offset, cause: std::io::Error::other(e) })?
+                .into_file();
+            swap.set_len(self.size).map_err(|cause| FillError::Contents { offset, cause })?;
+            *store = Some(swap);
+        }
+        let swap = store.as_ref().expect("created above");
+        self.map.copy_to(offset, len, swap, offset).map_err(|cause| FillError::Contents { offset, cause })?;
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        fallocate(self.memfd.as_file().as_fd(), punch, (self.fd_offset + offset) as i64, len as i64)?;
+        Ok(true)
     }
 
     /// The holes in `[offset, end)` of the region, as region offsets

@@ -202,6 +202,15 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         sent
     }
 
+    /// Wakes the VM's evictor if an install took it over its budget.
+    fn check_budget(&self) {
+        if let Some(budget) = self.policy.load().policy.budget(self.vm.id.raw()) {
+            if self.vm.resident() > budget.max_resident {
+                self.vm.evict_kick.kick(budget);
+            }
+        }
+    }
+
     fn send_prefault(&mut self, a: AroundPlan, stop: &AtomicBool) -> Result<(), RingError> {
         let cmd = CommandRecord {
             kind: kind::PREFAULT,
@@ -254,8 +263,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             if res.status == 0 && res.value == map_outcome::INSTALLED {
                 self.vm.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
                 let AroundPlan { ipa, pa, pin, .. } = *a;
-                let installed = Installed { size: MapSize::Page4K, pa, seq: res.inval_seq, pin: pin.into_mapping() };
+                let installed = Installed::new(MapSize::Page4K, pa, res.inval_seq, pin.into_mapping());
                 self.vm.record_installed(ipa, installed);
+                self.check_budget();
             } else if res.status != 0 && Reject::from_code(res.status) != Some(Reject::StaleSequence) {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, reason = ?Reject::from_code(res.status), ipa = %a.ipa, "core refused a fault-around page");
             }
@@ -301,11 +311,11 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
         match res.value {
             map_outcome::INSTALLED => {
-                let installed =
-                    Installed { size: plan.size, pa: plan.pa, seq: res.inval_seq, pin: plan.pin.into_mapping() };
+                let installed = Installed::new(plan.size, plan.pa, res.inval_seq, plan.pin.into_mapping());
                 if !self.vm.record_installed(plan.ipa, installed) {
                     debug!(vm = %self.vm.id, ipa = %plan.ipa, "mapping already invalidated when its result arrived");
                 }
+                self.check_budget();
                 Outcome::Mapped
             }
             map_outcome::RELAXED => {

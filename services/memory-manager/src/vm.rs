@@ -29,6 +29,16 @@ pub struct Installed {
     pub seq: u64,
     /// The pages' pin.
     pub pin: MappingPin,
+    /// Install order within the VM, set by [`VmMemory::record_installed`]
+    /// (FIFO/LIFO eviction).
+    pub order: u64,
+}
+
+impl Installed {
+    /// A mapping the core reports installed, to record.
+    pub fn new(size: MapSize, pa: Pa, seq: u64, pin: MappingPin) -> Self {
+        Self { size, pa, seq, pin, order: 0 }
+    }
 }
 
 /// Counters of one VM.
@@ -60,6 +70,10 @@ pub struct Stats {
     pub topups: AtomicU64,
     /// Pages mapped by fault-around (PREFAULT commands installed).
     pub prefaulted: AtomicU64,
+    /// Mappings reclaimed to keep the VM within its resident budget.
+    pub evicted: AtomicU64,
+    /// Bytes copied to the swap store by those reclaims.
+    pub evicted_bytes: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
 }
@@ -193,6 +207,12 @@ pub struct VmMemory {
     pub rings: Vec<RingOccupancy>,
     /// Commands the daemon starts itself, over the control ring pair.
     pub control: ControlClient,
+    /// Bytes of guest memory mapped (recorded mappings).
+    resident: AtomicU64,
+    /// Mappings recorded so far (the next one's order).
+    installs: AtomicU64,
+    /// Wakes the evictor when an install takes the VM over its budget.
+    pub evict_kick: crate::evict::EvictKick,
 }
 
 impl VmMemory {
@@ -220,7 +240,15 @@ impl VmMemory {
             stats: Stats::default(),
             rings: (0..nr_vcpus).map(|_| RingOccupancy::default()).collect(),
             control: ControlClient::default(),
+            resident: AtomicU64::new(0),
+            installs: AtomicU64::new(0),
+            evict_kick: Default::default(),
         }
+    }
+
+    /// Bytes of guest memory mapped now.
+    pub fn resident(&self) -> u64 {
+        self.resident.load(Ordering::Acquire)
     }
 
     /// A VM whose memory is one writable memfd region of `size` bytes at PA
@@ -303,7 +331,12 @@ impl VmMemory {
         if removed {
             return false;
         }
-        mappings.insert(ipa.raw(), installed);
+        let mut installed = installed;
+        installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
+        self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+        if let Some(old) = mappings.insert(ipa.raw(), installed) {
+            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+        }
         true
     }
 
@@ -327,7 +360,9 @@ impl VmMemory {
             .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
             .map(|(&ipa, _)| ipa)
             .collect();
-        doomed.iter().filter_map(|ipa| mappings.remove(ipa)).map(|m| m.pin.pages() as u64).sum()
+        let removed: Vec<Installed> = doomed.iter().filter_map(|ipa| mappings.remove(ipa)).collect();
+        self.resident.fetch_sub(removed.iter().map(|m| m.size.bytes()).sum(), Ordering::AcqRel);
+        removed.iter().map(|m| m.pin.pages() as u64).sum()
     }
 
     /// Fetch-and-clear of `slot`'s dirty log, in KVM_GET_DIRTY_LOG's order:
@@ -361,12 +396,22 @@ impl VmMemory {
         Ok(DirtyLog { bitmap, write_protects })
     }
 
+    /// Puts every reclaimed page back into guest memory (the VM is
+    /// detaching: the machine gets its memory whole).
+    pub fn restore_reclaimed(&self) -> Result<(), FillError> {
+        for r in &self.regions {
+            r.restore_all()?;
+        }
+        Ok(())
+    }
+
     /// Drops every mapping record (the VM is going away); returns the pages
     /// whose pins were released.
     pub fn release_all(&self) -> u64 {
         let mut m = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
         let pages = m.values().map(|i| i.pin.pages() as u64).sum();
         m.clear();
+        self.resident.store(0, Ordering::Release);
         pages
     }
 }

@@ -170,8 +170,7 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
             let stale = ex.rejected() == Some(Reject::StaleSequence);
             if ex.result.status == 0 {
                 assert_eq!(ex.result.value, map_outcome::INSTALLED);
-                let installed =
-                    Installed { size: plan.size, pa: plan.pa, seq: ex.result.inval_seq, pin: plan.pin.into_mapping() };
+                let installed = Installed::new(plan.size, plan.pa, ex.result.inval_seq, plan.pin.into_mapping());
                 vm.record_installed(plan.ipa, installed);
             } else {
                 assert!(stale, "unexpected rejection {:?}", ex.rejected());

@@ -1,0 +1,138 @@
+//! Resident budgets: a VM whose mapped memory goes over the budget its
+//! policy set is brought back under it by reclaiming mappings in the
+//! policy's order, through the invalidation protocol: clear the pages'
+//! populated bits, unmap through the core (which bumps its invalidation
+//! sequence, so a map sampled before is refused as stale), copy the pages
+//! to the region's swap store, punch them out of the backing. The next
+//! access faults and the fill brings them back from the store, intact.
+//!
+//! Reclaim runs on the VM's own evictor thread, woken when an install takes
+//! the VM over budget; it brings the VM down to 7/8 of the budget so it is
+//! not woken on every fault.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use hyp_core::addr::Ipa;
+use hyp_core::ring::abi::{kind, CommandRecord};
+use tracing::{debug, warn};
+
+use crate::policy::{Budget, EvictionOrder};
+use crate::vm::VmMemory;
+
+/// Wakes a VM's evictor with the budget to enforce.
+#[derive(Debug, Default)]
+pub struct EvictKick {
+    pending: Mutex<Option<Budget>>,
+    wake: Condvar,
+}
+
+impl EvictKick {
+    /// Asks the evictor to bring the VM under `budget`.
+    pub fn kick(&self, budget: Budget) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget);
+        self.wake.notify_one();
+    }
+
+    fn wait(&self, stop: &AtomicBool) -> Option<Budget> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while pending.is_none() && !stop.load(Ordering::Acquire) {
+            pending = self.wake.wait_timeout(pending, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        pending.take()
+    }
+}
+
+/// The evictor thread's loop: until `stop`, enforce each budget kicked.
+pub fn run(vm: &VmMemory, stop: &AtomicBool) {
+    while let Some(budget) = vm.evict_kick.wait(stop) {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        enforce(vm, budget, stop);
+    }
+}
+
+/// Reclaims mappings in `budget`'s order until the VM is at or under 7/8
+/// of it; returns the bytes reclaimed.
+pub fn enforce(vm: &VmMemory, budget: Budget, stop: &AtomicBool) -> u64 {
+    let target = budget.max_resident - budget.max_resident / 8;
+    let resident = vm.resident();
+    if resident <= budget.max_resident {
+        return 0;
+    }
+    let mut victims: Vec<(u64, u64, u64)> = {
+        let mappings = vm.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        mappings.iter().map(|(&ipa, m)| (ipa, m.size.bytes(), m.order)).collect()
+    };
+    match budget.order {
+        EvictionOrder::Fifo => victims.sort_unstable_by_key(|v| v.2),
+        EvictionOrder::Lifo => victims.sort_unstable_by_key(|v| std::cmp::Reverse(v.2)),
+        EvictionOrder::LowestIpa => {}
+        EvictionOrder::HighestIpa => victims.reverse(),
+    }
+    let mut freed = 0;
+    for (ipa, size, _) in victims {
+        if resident - freed <= target || stop.load(Ordering::Acquire) {
+            break;
+        }
+        match reclaim(vm, Ipa::new(ipa), size) {
+            Ok(true) => freed += size,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(vm = %vm.id, ipa = %Ipa::new(ipa), cause = %e, "reclaim failed; stopping this round");
+                break;
+            }
+        }
+    }
+    debug!(vm = %vm.id, freed, resident = vm.resident(), "resident budget enforced");
+    freed
+}
+
+/// Why one mapping could not be reclaimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    /// Copying to the swap store or punching failed.
+    #[error(transparent)]
+    Store(#[from] crate::region::FillError),
+    /// The core did not unmap it.
+    #[error("unmap: {0}")]
+    Unmap(#[from] crate::control::ControlError),
+}
+
+/// Reclaims the mapping at `ipa` of `size` bytes; false if it is not
+/// guest memory the daemon can reclaim (device memory, or gone).
+fn reclaim(vm: &VmMemory, ipa: Ipa, size: u64) -> Result<bool, ReclaimError> {
+    let Some(slot) = vm.memslots.lookup(ipa) else { return Ok(false) };
+    let Some(vma) = vm.vmas.snapshot(slot.hva_of(ipa)) else { return Ok(false) };
+    let Some(region) = vm.regions.get(vma.region).filter(|r| !r.device) else { return Ok(false) };
+    let Some(offset) = slot.hva_of(ipa).checked_offset_from(region.base()) else { return Ok(false) };
+    let mut unmap_error = None;
+    let reclaimed = region.reclaim(offset, size, || {
+        // Bits first: a fault that finds them clear waits on the fill lock
+        // held here; one that found them set sampled its sequence before
+        // this unmap, so its map is refused as stale.
+        vm.pins.clear_populated(vma.region, offset, size);
+        let unmap = CommandRecord { kind: kind::UNMAP, ipa: ipa.raw(), size, ..Default::default() };
+        match vm.control.execute(unmap) {
+            Ok(res) => {
+                vm.forget_range(ipa, size, res.inval_seq);
+                true
+            }
+            Err(e) => {
+                vm.pins.mark_populated(vma.region, offset, size);
+                unmap_error = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = unmap_error {
+        return Err(e.into());
+    }
+    if reclaimed {
+        vm.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        vm.stats.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+    }
+    Ok(reclaimed)
+}
