@@ -307,40 +307,13 @@ impl<M: TableMemory> Vm<M> {
     ) -> CmdResult {
         let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
         let fault = self.take_outstanding(vcpu, cmd.fault_id)?;
-        let size = MapSize::from_bytes(cmd.size).ok_or((Reject::BadSize, cmd.size))?;
-        let (ipa, pa) = (Ipa::new(cmd.ipa), Pa::new(cmd.pa));
-        if !ipa.is_aligned(cmd.size) || !pa.is_aligned(cmd.size) {
-            return Err((Reject::Misaligned, 0));
-        }
-        let geometry = *self.stage2.geometry();
-        if !geometry.ipa_range_fits(ipa, cmd.size) {
-            return Err((Reject::IpaOutOfRange, 0));
-        }
-        if !geometry.pa_range_fits(pa, cmd.size) {
-            return Err((Reject::PaOutOfRange, 0));
-        }
-        if size.level() < geometry.start_level() {
-            return Err((Reject::SizeUnsupported, 0));
-        }
+        let (size, ipa, pa) = self.placement(cmd)?;
         let covers = |f: Ipa| Range::<Ipa>::new(ipa, cmd.size).is_some_and(|r| r.contains(f));
         if !fault.ipa.is_some_and(covers) {
             return Err((Reject::FaultOutsideRange, fault.ipa.map_or(NO_IPA, Ipa::raw)));
         }
-        let mem = if cmd.flags & FLAG_DEVICE != 0 { MemType::Device } else { MemType::Normal };
-        if !legal_perms(perms, mem, fault.access) {
-            return Err((Reject::BadPermissions, perms.bits() as u64));
-        }
-        if cmd.inval_seq != self.inval_seq {
-            return Err((Reject::StaleSequence, self.inval_seq));
-        }
-        match owners.check(pa, cmd.size, Owner::Vm(self.id)) {
-            Ok(()) => {}
-            Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
-                return Err((Reject::NotOwned, pa.raw()))
-            }
-            Err(OwnershipError::BadRange) => return Err((Reject::Misaligned, 0)),
-        }
-        let attrs = LeafAttrs { perms, mem };
+        let attrs = self.grant(cmd, perms, fault.access, owners)?;
+        let mem = attrs.mem;
         // A permission fault on a leaf of the same size and output: relax in place.
         if let FaultStatus::Permission { .. } = fault.status {
             if let Ok(Walk::Mapped { level, descriptor, .. }) = self.stage2.walk(ipa) {
@@ -381,6 +354,31 @@ impl<M: TableMemory> Vm<M> {
             return Err((Reject::Malformed, 0));
         }
         let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
+        let (size, ipa, pa) = self.placement(cmd)?;
+        let attrs = self.grant(cmd, perms, Access::Read, owners)?;
+        // Whatever is mapped there (a leaf of any size) stays as it is.
+        if let Ok(Walk::Mapped { .. }) = self.stage2.walk(ipa) {
+            return Ok((map_outcome::ALREADY_PRESENT, 0, None));
+        }
+        let need = self.stage2.worst_case_pages(size);
+        if self.memcache.len() < need {
+            return Err((Reject::MemcacheLow, need as u64));
+        }
+        let outcome = self
+            .stage2
+            .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
+            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+        let value = match outcome {
+            MapOutcome::Installed => map_outcome::INSTALLED,
+            MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
+            MapOutcome::Replaced => map_outcome::REPLACED,
+        };
+        Ok((value, size.level() as u64, None))
+    }
+
+    /// Where a MAP or PREFAULT puts its leaf: a leaf size of the geometry,
+    /// IPA and PA aligned to it and inside their spaces.
+    fn placement(&self, cmd: &CommandRecord) -> Result<(MapSize, Ipa, Pa), (Reject, u64)> {
         let size = MapSize::from_bytes(cmd.size).ok_or((Reject::BadSize, cmd.size))?;
         let (ipa, pa) = (Ipa::new(cmd.ipa), Pa::new(cmd.pa));
         if !ipa.is_aligned(cmd.size) || !pa.is_aligned(cmd.size) {
@@ -396,39 +394,32 @@ impl<M: TableMemory> Vm<M> {
         if size.level() < geometry.start_level() {
             return Err((Reject::SizeUnsupported, 0));
         }
+        Ok((size, ipa, pa))
+    }
+
+    /// What a MAP or PREFAULT may grant: permissions legal for `access`
+    /// and the memory type, the current sequence, pages this VM owns.
+    fn grant(
+        &self,
+        cmd: &CommandRecord,
+        perms: Perms,
+        access: Access,
+        owners: &PageOwnership<'_>,
+    ) -> Result<LeafAttrs, (Reject, u64)> {
         let mem = if cmd.flags & FLAG_DEVICE != 0 { MemType::Device } else { MemType::Normal };
-        if !legal_perms(perms, mem, Access::Read) {
+        if !legal_perms(perms, mem, access) {
             return Err((Reject::BadPermissions, perms.bits() as u64));
         }
         if cmd.inval_seq != self.inval_seq {
             return Err((Reject::StaleSequence, self.inval_seq));
         }
-        match owners.check(pa, cmd.size, Owner::Vm(self.id)) {
-            Ok(()) => {}
+        match owners.check(Pa::new(cmd.pa), cmd.size, Owner::Vm(self.id)) {
+            Ok(()) => Ok(LeafAttrs { perms, mem }),
             Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
-                return Err((Reject::NotOwned, pa.raw()))
+                Err((Reject::NotOwned, pa.raw()))
             }
-            Err(OwnershipError::BadRange) => return Err((Reject::Misaligned, 0)),
+            Err(OwnershipError::BadRange) => Err((Reject::Misaligned, 0)),
         }
-        // Whatever is mapped there (a leaf of any size) stays as it is.
-        if let Ok(Walk::Mapped { .. }) = self.stage2.walk(ipa) {
-            return Ok((map_outcome::ALREADY_PRESENT, 0, None));
-        }
-        let need = self.stage2.worst_case_pages(size);
-        if self.memcache.len() < need {
-            return Err((Reject::MemcacheLow, need as u64));
-        }
-        let attrs = LeafAttrs { perms, mem };
-        let outcome = self
-            .stage2
-            .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
-            .map_err(|e| (Reject::from(e), table_detail(e)))?;
-        let value = match outcome {
-            MapOutcome::Installed => map_outcome::INSTALLED,
-            MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
-            MapOutcome::Replaced => map_outcome::REPLACED,
-        };
-        Ok((value, size.level() as u64, None))
     }
 
     fn range_of(cmd: &CommandRecord) -> Result<Range<Ipa>, (Reject, u64)> {

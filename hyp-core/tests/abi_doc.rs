@@ -94,6 +94,7 @@ fn ring_control_offsets_and_kinds_match() {
         ("WRITE_PROTECT", kind::WRITE_PROTECT),
         ("COMPLETE", kind::COMPLETE),
         ("TOPUP", kind::TOPUP),
+        ("PREFAULT", kind::PREFAULT),
     ];
     assert_eq!(kinds, code.map(|(n, k)| (n.to_string(), k)).to_vec());
     assert!(d.contains(&format!("`{:#x}`", abi::MAGIC)));

@@ -384,14 +384,15 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
         assert!(started.elapsed() < Duration::from_secs(120), "the workload did not finish");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Reclaim runs beside the faults, so the VM may pass the budget by what
-    // a few faults map before the evictor catches up.
+    // Reclaim is direct: the install that passes the budget is reclaimed
+    // before the vCPU's next fault is served, so one 4 KiB mapping over at
+    // most (one vCPU, no fault-around).
     println!(
         "peak resident {} KiB of {} KiB budget over {samples} samples; {evicted} mappings evicted",
         peak >> 10,
         budget >> 10
     );
-    assert!(peak <= budget + budget / 8, "peak resident {peak} over budget {budget}");
+    assert!(peak <= budget + 4096, "peak resident {peak} over budget {budget}");
     assert!(evicted > 0);
     // Evicted pages came back on access and at detach: the digest covers
     // all of RAM.

@@ -368,13 +368,6 @@ pub fn serve_connection(daemon: &Daemon, conn: OwnedFd) {
                 warn!(cause = %e, "cannot start the control thread; control commands unavailable");
             }
         }
-        {
-            let (vm, stop) = (&*vm, &stop);
-            let named = std::thread::Builder::new().name(format!("vm{}-evict", vm.id.raw()));
-            if let Err(e) = named.spawn_scoped(s, move || crate::evict::run(vm, stop)) {
-                warn!(cause = %e, "cannot start the evictor thread; resident budgets not enforced");
-            }
-        }
         let detach = wait_for_detach(&conn, daemon);
         stop.store(true, Ordering::Release);
         vm.control.close();

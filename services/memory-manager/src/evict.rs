@@ -6,13 +6,13 @@
 //! to the region's swap store, punch them out of the backing. The next
 //! access faults and the fill brings them back from the store, intact.
 //!
-//! Reclaim runs on the VM's own evictor thread, woken when an install takes
-//! the VM over budget; it brings the VM down to 7/8 of the budget so it is
-//! not woken on every fault.
+//! Reclaim is direct, as Linux's direct reclaim: the vCPU service thread
+//! whose install took the VM over budget reclaims before it serves that
+//! vCPU's next fault, so a VM passes its budget by at most one mapping (and
+//! its fault-around pages) per vCPU. It brings the VM down to 7/8 of the
+//! budget, so reclaim runs in batches rather than on every fault.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
 
 use hyp_core::addr::Ipa;
 use hyp_core::ring::abi::{kind, CommandRecord};
@@ -20,39 +20,6 @@ use tracing::{debug, warn};
 
 use crate::policy::{Budget, EvictionOrder};
 use crate::vm::VmMemory;
-
-/// Wakes a VM's evictor with the budget to enforce.
-#[derive(Debug, Default)]
-pub struct EvictKick {
-    pending: Mutex<Option<Budget>>,
-    wake: Condvar,
-}
-
-impl EvictKick {
-    /// Asks the evictor to bring the VM under `budget`.
-    pub fn kick(&self, budget: Budget) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget);
-        self.wake.notify_one();
-    }
-
-    fn wait(&self, stop: &AtomicBool) -> Option<Budget> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        while pending.is_none() && !stop.load(Ordering::Acquire) {
-            pending = self.wake.wait_timeout(pending, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        pending.take()
-    }
-}
-
-/// The evictor thread's loop: until `stop`, enforce each budget kicked.
-pub fn run(vm: &VmMemory, stop: &AtomicBool) {
-    while let Some(budget) = vm.evict_kick.wait(stop) {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        enforce(vm, budget, stop);
-    }
-}
 
 /// Reclaims mappings in `budget`'s order until the VM is at or under 7/8
 /// of it; returns the bytes reclaimed.

@@ -506,10 +506,21 @@ pub async fn serve(
     health.set_serving::<PolicyControlServer<crate::grpc_policy::PolicyControlService>>().await;
     let router = || -> anyhow::Result<tonic::transport::server::Router> {
         // Each version lists every service served, the other version included.
+        // Only what is served: policy.proto also defines MemoryPolicy, which
+        // policy services serve and the daemon calls.
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            [
+                "faultline.v1.FaultTrace",
+                "faultline.v1.Control",
+                "faultline.v1.PolicyControl",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+            .into_iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, name| b.with_service_name(name))
+            .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection()
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)

@@ -202,11 +202,12 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         sent
     }
 
-    /// Wakes the VM's evictor if an install took it over its budget.
-    fn check_budget(&self) {
+    /// Reclaims (directly, before this vCPU's next fault is served) if an
+    /// install took the VM over its budget.
+    fn check_budget(&self, stop: &AtomicBool) {
         if let Some(budget) = self.policy.load().policy.budget(self.vm.id.raw()) {
             if self.vm.resident() > budget.max_resident {
-                self.vm.evict_kick.kick(budget);
+                crate::evict::enforce(self.vm, budget, stop);
             }
         }
     }
@@ -265,7 +266,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 let AroundPlan { ipa, pa, pin, .. } = *a;
                 let installed = Installed::new(MapSize::Page4K, pa, res.inval_seq, pin.into_mapping());
                 self.vm.record_installed(ipa, installed);
-                self.check_budget();
+                self.check_budget(stop);
             } else if res.status != 0 && Reject::from_code(res.status) != Some(Reject::StaleSequence) {
                 warn!(vm = %self.vm.id, vcpu = self.vcpu, reason = ?Reject::from_code(res.status), ipa = %a.ipa, "core refused a fault-around page");
             }
@@ -301,7 +302,11 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
         };
         event.completed_ns = trace.elapsed_ns();
+        let mapped = event.outcome == Outcome::Mapped;
         self.hub.record(event);
+        if mapped {
+            self.check_budget(stop);
+        }
         Ok(())
     }
 
@@ -315,7 +320,6 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 if !self.vm.record_installed(plan.ipa, installed) {
                     debug!(vm = %self.vm.id, ipa = %plan.ipa, "mapping already invalidated when its result arrived");
                 }
-                self.check_budget();
                 Outcome::Mapped
             }
             map_outcome::RELAXED => {

@@ -211,8 +211,6 @@ pub struct VmMemory {
     resident: AtomicU64,
     /// Mappings recorded so far (the next one's order).
     installs: AtomicU64,
-    /// Wakes the evictor when an install takes the VM over its budget.
-    pub evict_kick: crate::evict::EvictKick,
 }
 
 impl VmMemory {
@@ -242,7 +240,6 @@ impl VmMemory {
             control: ControlClient::default(),
             resident: AtomicU64::new(0),
             installs: AtomicU64::new(0),
-            evict_kick: Default::default(),
         }
     }
 
