@@ -152,6 +152,9 @@ async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
     let tail = &random_run[random_run.len().saturating_sub(100)..];
     assert!(tail.iter().all(|e| e.fault_around == 0), "random faults still map around");
     assert!(status(&daemon).await.rules_generation > 4, "the adaptive policy published its changes");
+    // The largest policy asked for 1 GiB where the 2 MiB-backed memslot
+    // allows 2 MiB: clamped, and counted.
+    assert!(status(&daemon).await.clamped >= blocks as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,4 +408,34 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
     }
     assert!(back > 0, "no evicted page was faulted back");
     println!("{back} faults brought evicted pages back");
+}
+
+#[test]
+fn the_cli_lists_uses_shows_and_drops_policies() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let policy = PolicyProcess::start("policy-sequential", &["--window", "3"]);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(faultline_system_tests::binary("faultline"))
+            .args(["--server", &daemon.grpc_addr()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["policy", "use", &policy.endpoint]);
+    assert!(ok, "{out}");
+    assert!(out.contains("policy: sequential-4k") && out.contains("decides: mapping-size, fault-around"), "{out}");
+    let (ok, out) = cli(&["policy", "list"]);
+    assert!(ok && out.contains("* sequential-4k") && out.contains("  default"), "{out}");
+    let (ok, out) = cli(&["policy", "status"]);
+    assert!(ok && out.contains("rules: generation 1, 1 rules, 0 budgets"), "{out}");
+    let (ok, out) = cli(&["policy", "default"]);
+    assert!(ok && out.contains("policy: default"), "{out}");
+    assert!(out.contains("left: replaced: UseDefault; default in force"), "{out}");
+    // A bad endpoint: a clear error, non-zero exit.
+    let (ok, out) = cli(&["policy", "use", "http://127.0.0.1:1"]);
+    assert!(!ok && out.contains("unavailable"), "{out}");
 }
