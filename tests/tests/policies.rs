@@ -331,7 +331,7 @@ async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
 
     // Told to reconnect: stopped, dropped, continued, back in force.
     let p = PolicyProcess::start("policy-largest", &[]);
-    use_policy(&daemon, &p.endpoint, Some(true)).await;
+    assert!(use_policy(&daemon, &p.endpoint, Some(true)).await.reconnect);
     p.signal(Signal::SIGSTOP);
     let (exit, _) = next_exit(&daemon, 0, Instant::now()).await;
     assert_eq!(exit.kind, PolicyExitKind::Hung as i32);
@@ -345,7 +345,7 @@ async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
     }
     // Not told to: it stays out.
     let q = PolicyProcess::start("policy-sequential", &[]);
-    use_policy(&daemon, &q.endpoint, Some(false)).await;
+    assert!(!use_policy(&daemon, &q.endpoint, Some(false)).await.reconnect);
     q.signal(Signal::SIGSTOP);
     next_exit(&daemon, 2, Instant::now()).await;
     q.signal(Signal::SIGCONT);

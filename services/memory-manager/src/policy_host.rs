@@ -127,6 +127,7 @@ struct Session {
     generation: u64,
     rules: u32,
     budgets: u32,
+    reconnect: bool,
     cancel: CancellationToken,
 }
 
@@ -311,6 +312,7 @@ impl PolicyHost {
             status.version = a.description.version.clone();
             status.decisions = a.description.decisions.clone();
             (status.rules_generation, status.rules, status.budgets) = (a.generation, a.rules, a.budgets);
+            status.reconnect = a.reconnect;
         }
         let active = st.active.as_ref().map(|a| a.id);
         if let Some((_, endpoint, _)) = st.live.iter().find(|(id, _, _)| Some(*id) != active) {
@@ -376,10 +378,8 @@ impl PolicyHost {
             Some(_) => {}
         }
         // Sessions asked for before this one and not in force yet end too.
-        for (id, _, cancel) in st.live.iter().filter(|(id, _, _)| *id < s.id) {
-            if *id != s.id {
-                cancel.cancel();
-            }
+        for (_, _, cancel) in st.live.iter().filter(|(id, _, _)| *id < s.id) {
+            cancel.cancel();
         }
         st.live.retain(|(id, _, _)| *id >= s.id);
         if let Some(e) = st.known.iter_mut().find(|e| e.endpoint == s.endpoint) {
@@ -427,7 +427,7 @@ impl PolicyHost {
         loop {
             let connected = tokio::select! {
                 _ = cancel.cancelled() => Err(UseError::Cancelled),
-                c = self.connect(id, &uri, &endpoint, &cancel) => c,
+                c = self.connect(id, &uri, &endpoint, reconnect, &cancel) => c,
             };
             let running = match connected {
                 Ok(r) => r,
@@ -470,6 +470,7 @@ impl PolicyHost {
         id: u64,
         uri: &Endpoint,
         endpoint: &str,
+        reconnect: bool,
         cancel: &CancellationToken,
     ) -> Result<Running, UseError> {
         let deadline = self.timing.deadline;
@@ -520,6 +521,7 @@ impl PolicyHost {
             generation: rules.generation,
             rules: rules.rules.len() as u32,
             budgets: rules.budgets.len() as u32,
+            reconnect,
             description,
             cancel: cancel.clone(),
         };
