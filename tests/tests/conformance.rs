@@ -18,10 +18,7 @@ const TABLES_SLOT: u32 = 2;
 
 async fn dirty_pages(control: &mut ControlClient<tonic::transport::Channel>, memslot: u32) -> Vec<u64> {
     let log = control.get_dirty_log(GetDirtyLogRequest { vm_id: 1, memslot, peek: true }).await.unwrap().into_inner();
-    (0..log.bitmap.len() as u64 * 8)
-        .filter(|&i| log.bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0)
-        .map(|i| log.gpa + i * 4096)
-        .collect()
+    faultline_proto::dirty_pages(log.gpa, &log.bitmap).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,8 +309,9 @@ fn wait_paused(lines: &mut impl Iterator<Item = std::io::Result<String>>, phase:
     panic!("machine ended before pausing after phase {phase}");
 }
 
+/// Page numbers (from the memslot's first) a bitmap names.
 fn pages(bitmap: &[u8]) -> Vec<u64> {
-    (0..bitmap.len() as u64 * 8).filter(|&i| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0).collect()
+    faultline_proto::dirty_pages(0, bitmap).map(|ipa| ipa / 4096).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,7 +96,9 @@ fn ram_mappings(events: &[FaultEvent]) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
-    let daemon = Daemon::start(&["--spin-polls", "0", "--log-filter", "info"]);
+    // Timing is not the subject here: deadlines generous enough for a
+    // loaded 2-core machine running other tests.
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
     let (ops, seed) = (40_000, 5);
     let flat = replay_flat(&layout(), &generate(Pattern::Sequential, &layout(), ops, seed));
     let (pages, blocks) = (flat.ram_pages.len(), flat.ram_blocks.len());
@@ -117,10 +119,16 @@ async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
     run(3);
     let adaptive = PolicyProcess::start("policy-adaptive", &["--daemon", &daemon.grpc_addr(), "--sample", "32"]);
     use_policy(&daemon, &adaptive.endpoint, None).await;
+    // The adaptive policy learns from FaultTrace, which it reads at the
+    // API's pace: one run to learn VM 4's stream (it publishes 8, 16, 32,
+    // then 64: generation 5), then the measured run.
+    run(4);
+    wait_for_generation(&daemon, 5).await;
+    let learned = events(&daemon, 4).await.len();
     run(4);
 
-    let (base, large, seq, adapt) =
-        (events(&daemon, 1).await, events(&daemon, 2).await, events(&daemon, 3).await, events(&daemon, 4).await);
+    let (base, large, seq) = (events(&daemon, 1).await, events(&daemon, 2).await, events(&daemon, 3).await);
+    let adapt = events(&daemon, 4).await.split_off(learned);
     // 4 KiB, no fault-around: one fault per page touched.
     assert_eq!(ram_mappings(&base), (pages, 0));
     // Largest: 2 MiB blocks only, one fault per block.
@@ -143,15 +151,18 @@ async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
     // The direction, all together.
     assert!(blocks < adapt_4k && adapt_4k < seq_4k && seq_4k < pages);
 
-    // The same VM turning random: the adaptive policy closes its window.
+    // The same VM turning random: the adaptive policy closes its window
+    // (generation 6), and a random run then maps nothing around.
     let (ops_r, seed_r) = (30_000, 6);
     let child = start_machine(&daemon, 4, "random", ops_r, seed_r);
     finish(child, Pattern::Random, ops_r, seed_r);
-    let all = events(&daemon, 4).await;
-    let random_run = &all[adapt.len()..];
-    let tail = &random_run[random_run.len().saturating_sub(100)..];
-    assert!(tail.iter().all(|e| e.fault_around == 0), "random faults still map around");
-    assert!(status(&daemon).await.rules_generation > 4, "the adaptive policy published its changes");
+    wait_for_generation(&daemon, 6).await;
+    let before = events(&daemon, 4).await.len();
+    let child = start_machine(&daemon, 4, "random", ops_r, seed_r);
+    finish(child, Pattern::Random, ops_r, seed_r);
+    let random_run = events(&daemon, 4).await.split_off(before);
+    assert!(random_run.len() > 1000);
+    assert!(random_run.iter().all(|e| e.fault_around == 0), "random faults still map around");
     // The largest policy asked for 1 GiB where the 2 MiB-backed memslot
     // allows 2 MiB: clamped, and counted.
     assert!(status(&daemon).await.clamped >= blocks as u64);
@@ -161,7 +172,7 @@ async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
 async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     // 4 KiB everywhere (the built-in 4k policy among them), so faults keep
     // coming for the whole run: 224 MiB touched at random.
-    let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k", "--policy-deadline-ms", "2000"]);
     let policies = [
         PolicyProcess::start("policy-sequential", &["--window", "7"]),
         PolicyProcess::start("policy-adaptive", &["--daemon", &daemon.grpc_addr()]),
@@ -213,6 +224,19 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     println!("{swaps} swaps during {} faults", events.len());
 }
 
+/// Waits until the policy in force has published rule set `generation`.
+async fn wait_for_generation(daemon: &Daemon, generation: u64) {
+    let started = Instant::now();
+    loop {
+        let s = status(daemon).await;
+        if s.rules_generation >= generation {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "still at rule set {}: {s:?}", s.rules_generation);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn daemon_vm_gone(daemon: &Daemon, vm: u32) -> bool {
     use faultline_proto::v1::control_client::ControlClient;
     let mut c = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
@@ -235,10 +259,11 @@ async fn next_exit(daemon: &Daemon, seen: usize, since: Instant) -> (faultline_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_policies_fall_back_to_the_default_within_the_bound() {
-    // Heartbeat and deadline 100 ms each (the defaults): a dead or stopped
-    // policy is gone within 200 ms, plus scheduling on a loaded machine.
-    let daemon = Daemon::start(&["--spin-polls", "0"]);
-    let bound = Duration::from_millis(200) + Duration::from_millis(800);
+    // Heartbeat 100 ms, deadline 300 ms (so a healthy policy on a loaded
+    // machine is not dropped first): a dead or stopped policy is gone
+    // within 400 ms, plus scheduling on a loaded machine.
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "300"]);
+    let bound = Duration::from_millis(400) + Duration::from_millis(600);
     let mut follow = FaultTraceClient::connect(daemon.grpc_addr())
         .await
         .unwrap()
@@ -313,7 +338,7 @@ async fn scrape(daemon: &Daemon) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
-    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "300"]);
     let mut c = control(&daemon).await;
     // Malformed first rules: refused with the reason; the default stays.
     let bad = PolicyProcess::start("policy-sequential", &["--malformed-after-ms", "0"]);
@@ -360,7 +385,7 @@ async fn bad_policies_are_refused_and_a_healthy_one_comes_back_only_if_told() {
 async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
     use faultline_proto::v1::control_client::ControlClient;
     use faultline_proto::v1::GetVmRequest;
-    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
     // 4 KiB pages, an 8 MiB budget, oldest mapping first; the workload
     // touches 64 MiB at random.
     let budget = 8u64 << 20;
@@ -412,7 +437,7 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
 
 #[test]
 fn the_cli_lists_uses_shows_and_drops_policies() {
-    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
     let policy = PolicyProcess::start("policy-sequential", &["--window", "3"]);
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(faultline_system_tests::binary("faultline"))

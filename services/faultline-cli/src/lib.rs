@@ -219,16 +219,10 @@ pub fn parse_time(value: &str, now: std::time::SystemTime) -> Result<std::time::
 /// it) as `[first GPA, end GPA)` ranges.
 pub fn dirty_ranges(gpa: u64, bitmap: &[u8]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (i, byte) in bitmap.iter().enumerate() {
-        for bit in 0..8 {
-            if byte & (1 << bit) == 0 {
-                continue;
-            }
-            let page = gpa + (i as u64 * 8 + bit) * 4096;
-            match out.last_mut() {
-                Some((_, end)) if *end == page => *end += 4096,
-                _ => out.push((page, page + 4096)),
-            }
+    for page in faultline_proto::dirty_pages(gpa, bitmap) {
+        match out.last_mut() {
+            Some((_, end)) if *end == page => *end += 4096,
+            _ => out.push((page, page + 4096)),
         }
     }
     out

@@ -143,10 +143,7 @@ fn dirty_pages(grpc: &str, slot: u32, gpa: u64) -> anyhow::Result<Vec<u64>> {
         let req = GetDirtyLogRequest { vm_id: 1, memslot: slot, peek: true };
         anyhow::Ok(client.get_dirty_log(req).await?.into_inner())
     })?;
-    Ok((0..log.bitmap.len() as u64 * 8)
-        .filter(|&i| log.bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0)
-        .map(|i| gpa + i * 4096)
-        .collect())
+    Ok(faultline_proto::dirty_pages(gpa, &log.bitmap).collect())
 }
 
 /// The run's outcome.

@@ -49,6 +49,13 @@ struct Args {
     /// (SCHED_IDLE) (overrides the file).
     #[arg(long)]
     api_priority: Option<memory_manager::priority::ApiPriority>,
+    /// Policy services: deadline for connecting, Describe, the first rules
+    /// and each heartbeat, ms (overrides the file).
+    #[arg(long)]
+    policy_deadline_ms: Option<u64>,
+    /// Policy services: heartbeat interval, ms (overrides the file).
+    #[arg(long)]
+    policy_heartbeat_ms: Option<u64>,
     /// Populate all guest memory at attach (overrides the file).
     #[arg(long)]
     prefault: bool,
@@ -77,6 +84,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.api_priority {
         config.api_priority = v;
+    }
+    if let Some(v) = args.policy_deadline_ms {
+        config.policy_deadline_ms = v;
+    }
+    if let Some(v) = args.policy_heartbeat_ms {
+        config.policy_heartbeat_ms = v;
     }
     if let Some(v) = args.policy {
         config.policy = v;

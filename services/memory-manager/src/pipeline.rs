@@ -102,7 +102,7 @@ pub struct MapPlan {
     pub seq: u64,
     /// The pages' pin.
     pub pin: PinGuard,
-    /// A write in a dirty-logged memslot: set the page's bit once installed.
+    /// A write in a dirty-logged memslot: set the page's bit as the map is sent.
     pub marks_dirty: bool,
     /// The fault is a permission fault (the core relaxes in place).
     pub permission_fault: bool,

@@ -195,6 +195,14 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             inval_seq: plan.seq,
             reserved: 0,
         };
+        // A write into a logged memslot is dirty before the vCPU can resume
+        // (KVM marks it before returning to the guest): the core resumes
+        // the vCPU as soon as it installs the map, before this thread sees
+        // the result. A map that is then refused leaves a spurious bit,
+        // which only costs a copy; a missing bit would lose a write.
+        if let Some(slot) = self.vm.memslots.lookup(plan.fault_ipa).filter(|_| plan.marks_dirty) {
+            slot.mark_dirty(plan.fault_ipa);
+        }
         let sent = self.send(&cmd, stop);
         let mut event = event(self, &plan);
         event.sent_ns = trace.elapsed_ns();
@@ -311,9 +319,6 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     fn installed(&mut self, plan: MapPlan, res: &ResultRecord) -> Outcome {
-        if let Some(slot) = self.vm.memslots.lookup(plan.fault_ipa).filter(|_| plan.marks_dirty) {
-            slot.mark_dirty(plan.fault_ipa);
-        }
         match res.value {
             map_outcome::INSTALLED => {
                 let installed = Installed::new(plan.size, plan.pa, res.inval_seq, plan.pin.into_mapping());
