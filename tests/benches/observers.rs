@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::ObserveRequest;
-use faultline_system_tests::{binary, Daemon};
+use faultline_system_tests::{binary, fault_latencies, Daemon};
 use memory_manager::priority::{apply_to_current_thread, ApiPriority};
 
 /// Rounds per configuration (`OBSERVERS_BENCH_ROUNDS` overrides).
@@ -37,15 +37,9 @@ fn run_machine(daemon: &Daemon, pinned: bool) -> Vec<u64> {
     } else {
         Command::new(binary("sim-machine"))
     };
-    let out = cmd
-        .arg("--attach-socket")
-        .arg(&daemon.socket)
-        .args(["--pattern", "sequential", "--ops", &OPS.to_string(), "--ram-page-kib", "4", "--latencies"])
-        .output()
-        .expect("sim-machine");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    cmd.arg("--attach-socket").arg(&daemon.socket);
+    cmd.args(["--pattern", "sequential", "--ops", &OPS.to_string(), "--ram-page-kib", "4"]);
+    fault_latencies(cmd)
 }
 
 /// Faults per second of fault time in one run.

@@ -11,13 +11,11 @@
 //!
 //! `cargo bench -p faultline-system-tests --bench policy_paths`
 
-use std::process::Command;
-
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::{ObserveRequest, Outcome, UseDefaultRequest, UsePolicyRequest};
-use faultline_system_tests::{binary, Daemon, PolicyProcess};
+use faultline_system_tests::{fault_latencies, machine, Daemon, PolicyProcess};
 
 /// Rounds per configuration (`POLICY_BENCH_ROUNDS` overrides).
 const ROUNDS: usize = 5;
@@ -26,15 +24,9 @@ const OPS: usize = 40_000;
 
 /// The vCPU-side round trip of each fault, ns.
 fn run_machine(daemon: &Daemon) -> Vec<u64> {
-    let out = Command::new(binary("sim-machine"))
-        .arg("--attach-socket")
-        .arg(&daemon.socket)
-        .args(["--pattern", "sequential", "--ops", &OPS.to_string(), "--ram-page-kib", "4", "--latencies"])
-        .output()
-        .expect("sim-machine");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    let mut cmd = machine(daemon);
+    cmd.args(["--pattern", "sequential", "--ops", &OPS.to_string(), "--ram-page-kib", "4"]);
+    fault_latencies(cmd)
 }
 
 /// The decision stage of the last `n` mapped faults, ns, and who decided.

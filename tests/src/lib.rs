@@ -190,6 +190,16 @@ pub fn machine(daemon: &Daemon) -> Command {
     cmd
 }
 
+/// Runs `cmd` (a `sim-machine` command with `--latencies`) and returns each
+/// fault's round trip as the vCPU saw it, ns; panics with its stderr if it
+/// fails.
+pub fn fault_latencies(mut cmd: Command) -> Vec<u64> {
+    let out = cmd.arg("--latencies").output().expect("running sim-machine");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sim-machine prints JSON");
+    v["latencies_ns"].as_array().expect("latencies_ns").iter().map(|x| x.as_u64().expect("ns")).collect()
+}
+
 /// Runs a machine to completion; panics with its stderr if it fails.
 pub fn run_machine(mut cmd: Command) -> serde_json::Value {
     let Output { status, stdout, stderr } = cmd.output().expect("running sim-machine");

@@ -352,10 +352,10 @@ impl FaultTrace for FaultTraceService {
             || (query.number == 0 && !query.follow)
             || query.since.is_some_and(|s| history.first().is_none_or(|e| s < e.time));
         if from_start {
-            let seen = hub.status().seen_events;
+            // An empty history: every event seen before it was taken is gone.
             let missing = match (history.first(), history.last()) {
                 (Some(a), Some(b)) => a.seq + (b.seq - a.seq + 1 - history.len() as u64),
-                _ => seen,
+                _ => seen_before,
             };
             if missing > 0 {
                 backlog.push(Ok(lost(lost_events::Source::RingBuffer, missing)));

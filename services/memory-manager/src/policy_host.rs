@@ -669,6 +669,7 @@ impl Policy for RemotePolicy {
                 d.max_size = s;
             }
             if let Some(n) = answer.fault_around_pages {
+                clamped += (n > crate::policy::MAX_FAULT_AROUND) as u64;
                 d.fault_around = n.min(crate::policy::MAX_FAULT_AROUND);
             }
             d.writable_on_read = answer.writable_on_read.unwrap_or(d.writable_on_read);
