@@ -324,20 +324,8 @@ impl<M: TableMemory> Vm<M> {
                 }
             }
         }
-        let need = self.stage2.worst_case_pages(size);
-        if self.memcache.len() < need {
-            return Err((Reject::MemcacheLow, need as u64));
-        }
-        let outcome = self
-            .stage2
-            .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
-            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+        let value = self.install(ipa, pa, size, attrs, tlb)?;
         self.outstanding[vcpu as usize] = None;
-        let value = match outcome {
-            MapOutcome::Installed => map_outcome::INSTALLED,
-            MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
-            MapOutcome::Replaced => map_outcome::REPLACED,
-        };
         Ok((value, size.level() as u64, Some(Completion::Resume)))
     }
 
@@ -360,6 +348,20 @@ impl<M: TableMemory> Vm<M> {
         if let Ok(Walk::Mapped { .. }) = self.stage2.walk(ipa) {
             return Ok((map_outcome::ALREADY_PRESENT, 0, None));
         }
+        let value = self.install(ipa, pa, size, attrs, tlb)?;
+        Ok((value, size.level() as u64, None))
+    }
+
+    /// Writes the leaf of a checked MAP or PREFAULT, if the memcache holds
+    /// the worst-case table pages; the `map_outcome` value.
+    fn install(
+        &mut self,
+        ipa: Ipa,
+        pa: Pa,
+        size: MapSize,
+        attrs: LeafAttrs,
+        tlb: &mut impl TlbMaintenance,
+    ) -> Result<u64, (Reject, u64)> {
         let need = self.stage2.worst_case_pages(size);
         if self.memcache.len() < need {
             return Err((Reject::MemcacheLow, need as u64));
@@ -368,12 +370,11 @@ impl<M: TableMemory> Vm<M> {
             .stage2
             .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
             .map_err(|e| (Reject::from(e), table_detail(e)))?;
-        let value = match outcome {
+        Ok(match outcome {
             MapOutcome::Installed => map_outcome::INSTALLED,
             MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
             MapOutcome::Replaced => map_outcome::REPLACED,
-        };
-        Ok((value, size.level() as u64, None))
+        })
     }
 
     /// Where a MAP or PREFAULT puts its leaf: a leaf size of the geometry,
