@@ -192,8 +192,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     let fds3 = [ram.as_file().as_fd(), rings.as_file().as_fd(), contents.as_file().as_fd()];
     let with_contents = |pa_base, size, flags| {
         let mut req = good.clone();
-        let (kind, page_size, fd_index, fd_offset) = (RegionKind::Contents, 4096, 2, 0);
-        req.regions.push(RegionDesc { kind, flags, pa_base, size, page_size, fd_index, fd_offset });
+        req.regions.push(RegionDesc { flags, ..RegionDesc::contents(pa_base, size, 2) });
         req.encode()
     };
     let (r, _) = attempt(&daemon, &with_contents(0x5000_0000, 1 << 20, 0), &fds3);

@@ -102,6 +102,14 @@ pub struct RegionDesc {
     pub fd_offset: u64,
 }
 
+impl RegionDesc {
+    /// A contents region: the pages of guest PA window `[pa_base, pa_base +
+    /// size)` are at offset 0 of descriptor `fd_index`.
+    pub fn contents(pa_base: u64, size: u64, fd_index: u32) -> Self {
+        Self { kind: RegionKind::Contents, flags: 0, pa_base, size, page_size: 4096, fd_index, fd_offset: 0 }
+    }
+}
+
 /// One memslot: a GPA range backed by part of a guest region.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct MemslotDesc {

@@ -384,16 +384,7 @@ fn serve(
     let fd = memfd.as_file().as_fd();
     let mut fds = vec![fd, fd, fd, fd, fd];
     for (pa_base, size, file) in contents {
-        let (kind, flags, page_size, fd_index, fd_offset) = (RegionKind::Contents, 0, 4096, fds.len() as u32, 0);
-        request.regions.push(RegionDesc {
-            kind,
-            flags,
-            pa_base: *pa_base,
-            size: *size,
-            page_size,
-            fd_index,
-            fd_offset,
-        });
+        request.regions.push(RegionDesc::contents(*pa_base, *size, fds.len() as u32));
         fds.push(file.as_fd());
     }
     send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;

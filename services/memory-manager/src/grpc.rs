@@ -36,7 +36,8 @@ pub struct FaultTraceService {
     shutdown: CancellationToken,
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+/// The wire form of a time.
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
@@ -54,7 +55,8 @@ fn kind_of(status: Option<FaultStatus>) -> pb::FaultKind {
     pb::FaultKind::try_from(stats::kind_index(status) as i32).unwrap_or(pb::FaultKind::Other)
 }
 
-fn access_of(a: Option<Access>) -> pb::Access {
+/// The wire form of an access.
+pub(crate) fn access_of(a: Option<Access>) -> pb::Access {
     match a {
         None => pb::Access::Unspecified,
         Some(Access::Read) => pb::Access::Read,
@@ -67,7 +69,8 @@ fn outcome_of(o: Outcome) -> pb::Outcome {
     pb::Outcome::try_from(stats::outcome_index(o) as i32 + 1).unwrap_or(pb::Outcome::Unspecified)
 }
 
-fn size_of_mapping(s: Option<MapSize>) -> pb::MappingSize {
+/// The wire form of a mapping size.
+pub(crate) fn size_of_mapping(s: Option<MapSize>) -> pb::MappingSize {
     pb::MappingSize::try_from(stats::size_index(s) as i32).unwrap_or(pb::MappingSize::Unspecified)
 }
 

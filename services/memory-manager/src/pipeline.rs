@@ -348,7 +348,7 @@ pub fn handle_fault_traced(
         } else {
             0
         },
-        around_perms: around_perms(slot, &vma, &decisions),
+        around_perms: perms_for(Access::Read, slot, &vma, &decisions),
     }))
 }
 
@@ -452,18 +452,6 @@ fn pin_pages(
     Ok((pin, map_ipa, pa, hole))
 }
 
-/// Permissions of a fault-around page: a read fault's.
-fn around_perms(slot: &Memslot, vma: &Vma, decisions: &Decisions) -> Perms {
-    let mut perms = Perms::R;
-    if vma.writable && !slot.read_only && !slot.dirty_log && decisions.writable_on_read {
-        perms = perms.union(Perms::W);
-    }
-    if !vma.device && decisions.eager_exec {
-        perms = perms.union(Perms::X);
-    }
-    perms
-}
-
 /// Fault-around: the next `pages` 4 KiB pages after `plan`'s mapping that
 /// are in the same memslot and not mapped yet, pinned and filled, to map
 /// before the guest touches them. Stops at the memslot's end, at device
@@ -495,14 +483,19 @@ pub fn plan_around(vm: &VmMemory, plan: &MapPlan, pages: u32) -> Vec<AroundPlan>
 /// maps writable on read); exec on a fetch or if the policy says so, never
 /// on device memory.
 pub fn permissions(abort: &Abort, slot: &Memslot, vma: &Vma, decisions: &Decisions) -> Perms {
+    // A fetch's table walk reads the tables: no X for it (KVM's
+    // kvm_vcpu_trap_is_exec_fault()).
+    perms_for(abort.stage2_access(), slot, vma, decisions)
+}
+
+/// [`permissions`] for an access to stage 2 (a fault-around page's: a read).
+fn perms_for(access: Access, slot: &Memslot, vma: &Vma, decisions: &Decisions) -> Perms {
     let mut perms = Perms::R;
-    let write = is_write(abort);
+    let write = access == Access::Write;
     if vma.writable && !slot.read_only && (write || (!slot.dirty_log && decisions.writable_on_read)) {
         perms = perms.union(Perms::W);
     }
-    // A fetch's table walk reads the tables: no X for it (KVM's
-    // kvm_vcpu_trap_is_exec_fault()).
-    if !vma.device && (abort.stage2_access() == Access::Execute || decisions.eager_exec) {
+    if !vma.device && (access == Access::Execute || decisions.eager_exec) {
         perms = perms.union(Perms::X);
     }
     perms

@@ -20,13 +20,12 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use faultline_proto::v1 as pb;
 use faultline_proto::v1::memory_policy_client::MemoryPolicyClient;
-use hyp_core::abort::Access;
-use hyp_core::stage2::MapSize;
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
+use crate::grpc::{access_of, size_of_mapping, timestamp};
 use crate::policy::{intern, Budget, Decisions, FaultContext, Policy};
 use crate::rules::{clamps, map_size, Rules, RulesError};
 
@@ -606,18 +605,13 @@ impl Consulter {
     /// `strikes` in a row trip the watchdog).
     fn ask(&self, ctx: &FaultContext) -> Option<pb::ConsultResponse> {
         self.stats.consults.fetch_add(1, Ordering::Relaxed);
-        let access = match ctx.access {
-            Access::Read => pb::Access::Read,
-            Access::Write => pb::Access::Write,
-            Access::Execute => pb::Access::Execute,
-        };
         let req = pb::ConsultRequest {
             vm_id: ctx.vm_id as u32,
             vcpu: ctx.vcpu,
             ipa: ctx.ipa,
             memslot: ctx.memslot as u32,
-            access: access as i32,
-            allowed: mapping_size(ctx.allowed) as i32,
+            access: access_of(Some(ctx.access)) as i32,
+            allowed: size_of_mapping(Some(ctx.allowed)) as i32,
             fault_id: ctx.fault_id,
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -685,18 +679,4 @@ impl Policy for RemotePolicy {
     fn budget(&self, vm_id: u16) -> Option<Budget> {
         self.rules.budget(vm_id)
     }
-}
-
-/// The wire's mapping size.
-pub fn mapping_size(size: MapSize) -> pb::MappingSize {
-    match size {
-        MapSize::Page4K => pb::MappingSize::MappingSize4k,
-        MapSize::Block2M => pb::MappingSize::MappingSize2m,
-        MapSize::Block1G => pb::MappingSize::MappingSize1g,
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }

@@ -82,6 +82,20 @@ pub enum FillError {
         /// The I/O error.
         cause: std::io::Error,
     },
+    /// Creating the swap store, or copying pages to or from it, failed.
+    #[error("swap store at region offset {offset:#x}: {cause}")]
+    Swap {
+        /// First byte of the copy that failed.
+        offset: u64,
+        /// The I/O error.
+        cause: std::io::Error,
+    },
+}
+
+/// Punches `[offset, offset + len)` out of `file`, keeping its size.
+fn punch(file: &impl AsFd, offset: u64, len: u64) -> nix::Result<()> {
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(file.as_fd(), flags, offset as i64, len as i64)
 }
 
 /// Where a guest region sits and what it is, before it is mapped.
@@ -195,11 +209,8 @@ impl GuestRegion {
                 };
                 let data_end = lseek(swap.as_fd(), data, Whence::SeekHole)?.min(hi as i64);
                 let (from, len) = (data as u64, (data_end - data) as u64);
-                self.map
-                    .fill_from(from, len, swap, from)
-                    .map_err(|cause| FillError::Contents { offset: from, cause })?;
-                let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-                fallocate(swap.as_fd(), punch, data, data_end - data)?;
+                self.map.fill_from(from, len, swap, from).map_err(|cause| FillError::Swap { offset: from, cause })?;
+                punch(swap, from, len)?;
                 copied = true;
                 at = data_end;
             }
@@ -230,18 +241,19 @@ impl GuestRegion {
         if !unmap() {
             return Ok(false);
         }
-        if store.is_none() {
-            let swap = memfd::MemfdOptions::default()
-                .create(format!("faultline-swap-{}", self.index))
-                .map_err(|e| FillError::Contents { offset, cause: std::io::Error::other(e) })?
-                .into_file();
-            swap.set_len(self.size).map_err(|cause| FillError::Contents { offset, cause })?;
-            *store = Some(swap);
-        }
-        let swap = store.as_ref().expect("created above");
-        self.map.copy_to(offset, len, swap, offset).map_err(|cause| FillError::Contents { offset, cause })?;
-        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        fallocate(self.memfd.as_file().as_fd(), punch, (self.fd_offset + offset) as i64, len as i64)?;
+        let swap = match &mut *store {
+            Some(swap) => swap,
+            None => {
+                let swap = memfd::MemfdOptions::default()
+                    .create(format!("faultline-swap-{}", self.index))
+                    .map_err(|e| FillError::Swap { offset, cause: std::io::Error::other(e) })?
+                    .into_file();
+                swap.set_len(self.size).map_err(|cause| FillError::Swap { offset, cause })?;
+                store.insert(swap)
+            }
+        };
+        self.map.copy_to(offset, len, &*swap, offset).map_err(|cause| FillError::Swap { offset, cause })?;
+        punch(self.memfd.as_file(), self.fd_offset + offset, len)?;
         Ok(true)
     }
 

@@ -48,6 +48,21 @@ pub struct Common {
     pub budget: Vec<pb::ResidentBudget>,
 }
 
+impl Common {
+    /// The decisions of a policy that makes `own`, plus Consult and
+    /// ResidentBudget when these flags ask for them.
+    pub fn decisions(&self, own: &[pb::Decision]) -> Vec<pb::Decision> {
+        let mut d = own.to_vec();
+        if self.consult {
+            d.push(pb::Decision::Consult);
+        }
+        if !self.budget.is_empty() {
+            d.push(pb::Decision::ResidentBudget);
+        }
+        d
+    }
+}
+
 /// Parses `VM:MIB[:ORDER]`.
 pub fn parse_budget(s: &str) -> Result<pb::ResidentBudget, String> {
     let mut parts = s.split(':');

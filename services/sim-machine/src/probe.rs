@@ -438,9 +438,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     };
     let mut fds = vec![phys.window(code).fd(), phys.window(data).fd(), phys.window(pt).fd(), phys.window(rings).fd()];
     for (pa_base, file) in contents.iter().filter_map(|(pa, f)| Some((*pa, f.as_ref()?))) {
-        let fd_index = fds.len() as u32;
-        let (kind, flags, size, page_size, fd_offset) = (RegionKind::Contents, 0, SLOT, 4096, 0);
-        request.regions.push(RegionDesc { kind, flags, pa_base, size, page_size, fd_index, fd_offset });
+        request.regions.push(RegionDesc::contents(pa_base, SLOT, fds.len() as u32));
         fds.push(file.as_fd());
     }
     send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;

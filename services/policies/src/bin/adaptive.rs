@@ -121,10 +121,10 @@ async fn follow(server: PolicyServer, daemon: String, sample: usize, budgets: Ve
 async fn main() -> anyhow::Result<()> {
     faultline_policies::init_logging();
     let args = Args::parse();
-    let mut decisions = vec![pb::Decision::MappingSize, pb::Decision::FaultAround];
-    if !args.common.budget.is_empty() {
-        decisions.push(pb::Decision::ResidentBudget);
+    if args.common.consult {
+        anyhow::bail!("the adaptive policy decides from its rules only (--consult is not supported)");
     }
+    let decisions = args.common.decisions(&[pb::Decision::MappingSize, pb::Decision::FaultAround]);
     let server = PolicyServer::new(
         description("adaptive", &decisions),
         rules(&HashMap::new()),

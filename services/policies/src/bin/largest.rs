@@ -17,13 +17,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     faultline_policies::init_logging();
     let args = Args::parse();
-    let mut decisions = vec![pb::Decision::MappingSize, pb::Decision::WritableOnRead];
-    if args.common.consult {
-        decisions.push(pb::Decision::Consult);
-    }
-    if !args.common.budget.is_empty() {
-        decisions.push(pb::Decision::ResidentBudget);
-    }
+    let decisions = args.common.decisions(&[pb::Decision::MappingSize, pb::Decision::WritableOnRead]);
     let rule = pb::Rule {
         max_mapping_size: pb::MappingSize::MappingSize1g as i32,
         writable_on_read: Some(true),
