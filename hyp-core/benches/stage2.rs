@@ -5,33 +5,17 @@
 //! in a round (a round does thousands of operations, so timer overhead
 //! vanishes); the spread is the min and max round.
 
-use std::ptr::NonNull;
 use std::time::Instant;
 
 use hyp_core::addr::{Ipa, Pa, Range};
 use hyp_core::ring::{Consumer, OwnedRing, Producer, Record};
-use hyp_core::stage2::{
-    Geometry, LeafAttrs, LinearMap, MapSize, MemType, Memcache, Perms, Stage2, TlbMaintenance, Walk,
-};
-
-#[repr(C, align(4096))]
-struct Page([u8; 4096]);
-
-struct NoTlb;
-impl TlbMaintenance for NoTlb {
-    fn invalidate_ipa(&mut self, _: u8, _: Ipa, _: u8) {}
-    fn sync(&mut self, _: u8) {}
-}
+use hyp_core::stage2::{Geometry, LeafAttrs, MapSize, MemType, Memcache, Perms, Stage2, Walk};
+use hyp_core::testing::{HostMemory, NoTlb};
 
 const TABLES_PA: u64 = 0x1_0000_0000;
 const POOL_PAGES: usize = 1100;
 const RW: LeafAttrs = LeafAttrs { perms: Perms::RW, mem: MemType::Normal };
 const R: LeafAttrs = LeafAttrs { perms: Perms::R, mem: MemType::Normal };
-
-struct Pool {
-    _buf: Box<[Page]>,
-    map: LinearMap,
-}
 
 /// Hands out pool pages after the two root pages.
 struct PageSource(u64);
@@ -42,17 +26,6 @@ impl PageSource {
             cache.push(Pa::new(TABLES_PA + self.0 * 4096)).unwrap();
             self.0 += 1;
         }
-    }
-}
-
-impl Pool {
-    fn new() -> Self {
-        let mut buf: Box<[Page]> = (0..POOL_PAGES).map(|_| Page([0; 4096])).collect();
-        let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: the buffer is POOL_PAGES * 4 KiB, 4 KiB aligned, owned by
-        // the Pool alongside the map, and only touched through the map.
-        let map = unsafe { LinearMap::new(Pa::new(TABLES_PA), (POOL_PAGES * 4096) as u64, base) };
-        Self { _buf: buf, map }
     }
 }
 
@@ -74,10 +47,10 @@ fn main() {
     let (mut map4k, mut walk4k, mut relax4k, mut unmap4k, mut map2m, mut walk2m) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..15 {
-        let pool = Pool::new();
+        let pool = HostMemory::new(Pa::new(TABLES_PA), POOL_PAGES);
         let mut source = PageSource(2);
         let mut cache = Memcache::new();
-        let mut s2 = Stage2::new(g, Pa::new(TABLES_PA), 1, &pool.map).unwrap();
+        let mut s2 = Stage2::new(g, Pa::new(TABLES_PA), 1, pool.map()).unwrap();
         let mut tlb = NoTlb;
 
         let t = Instant::now();

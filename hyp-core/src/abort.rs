@@ -154,6 +154,12 @@ impl FaultStatus {
         }
     }
 
+    /// A permission fault: the leaf is there, its permissions are not
+    /// enough (the core relaxes it in place at its own size).
+    pub const fn is_permission(self) -> bool {
+        matches!(self, Self::Permission { .. })
+    }
+
     /// The translation level the code names, if it names one.
     pub const fn level(self) -> Option<Level> {
         match self {

@@ -20,4 +20,6 @@ pub mod reject;
 pub mod ring;
 pub mod stage2;
 mod sync;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vm;

@@ -117,7 +117,42 @@ impl<M: TableMemory> core::fmt::Debug for Vm<M> {
     }
 }
 
-type CmdResult = Result<(u64, u64, Option<Completion>), (Reject, u64)>;
+/// A command that passed validation and ran: its result's `value` and
+/// `detail` words, and how the vCPU's outstanding fault ends if the command
+/// answered it.
+#[derive(Clone, Copy, Debug)]
+struct Done {
+    value: u64,
+    detail: u64,
+    completion: Option<Completion>,
+}
+
+impl Done {
+    /// A command that answers no fault.
+    fn value(value: u64, detail: u64) -> Self {
+        Self { value, detail, completion: None }
+    }
+
+    /// A command that ends the vCPU's fault with `completion`.
+    fn answers(value: u64, detail: u64, completion: Completion) -> Self {
+        Self { value, detail, completion: Some(completion) }
+    }
+}
+
+/// A refused command: the reason and the result's `detail` word. Nothing
+/// was changed.
+#[derive(Clone, Copy, Debug)]
+struct Refused {
+    reason: Reject,
+    detail: u64,
+}
+
+/// Refuses a command for `reason`.
+fn refuse(reason: Reject, detail: u64) -> Refused {
+    Refused { reason, detail }
+}
+
+type CmdResult = Result<Done, Refused>;
 
 impl<M: TableMemory> Vm<M> {
     /// Creates a VM whose stage-2 root is at `root`; the root pages move from
@@ -228,7 +263,7 @@ impl<M: TableMemory> Vm<M> {
     ) -> Executed {
         let cmd = CommandRecord::decode(record);
         let outcome = if vcpu >= self.nr_vcpus || cmd.reserved != 0 {
-            Err((Reject::Malformed, 0))
+            Err(refuse(Reject::Malformed, 0))
         } else {
             match cmd.kind {
                 kind::MAP => self.map(vcpu, &cmd, owners, tlb),
@@ -237,18 +272,24 @@ impl<M: TableMemory> Vm<M> {
                 kind::COMPLETE => self.complete(vcpu, &cmd),
                 kind::TOPUP => self.topup(&cmd, owners),
                 kind::PREFAULT => self.prefault(&cmd, owners, tlb),
-                _ => Err((Reject::Malformed, 0)),
+                _ => Err(refuse(Reject::Malformed, 0)),
             }
         };
         let (status, value, detail, completion) = match outcome {
-            Ok((value, detail, completion)) => (0, value, detail, completion),
-            Err((Reject::StaleSequence, detail)) if cmd.kind != kind::PREFAULT => {
+            Ok(Done { value, detail, completion }) => (0, value, detail, completion),
+            Err(Refused { reason: Reject::StaleSequence, detail }) if cmd.kind != kind::PREFAULT => {
                 // KVM's -EAGAIN: the guest re-executes and faults afresh.
-                self.outstanding[vcpu as usize] = None;
                 (Reject::StaleSequence.code(), 0, detail, Some(Completion::Resume))
             }
-            Err((reject, detail)) => (reject.code(), 0, detail, None),
+            Err(Refused { reason, detail }) => (reason.code(), 0, detail, None),
         };
+        // The one place a fault stops being outstanding: a command that
+        // completes it (only commands naming the vCPU's outstanding fault
+        // get this far with a completion).
+        if completion.is_some() {
+            let taken = self.take_outstanding(vcpu);
+            debug_assert!(taken.is_some_and(|f| f.fault_id == cmd.fault_id), "completed a fault that was not outstanding");
+        }
         Executed {
             result: ResultRecord {
                 kind: kind::RESULT,
@@ -291,11 +332,18 @@ impl<M: TableMemory> Vm<M> {
         }
     }
 
-    fn take_outstanding(&self, vcpu: u32, fault_id: u64) -> Result<Outstanding, (Reject, u64)> {
+    /// The outstanding fault of `vcpu` that a command naming `fault_id`
+    /// answers; it stays outstanding until the command completes it.
+    fn answered_fault(&self, vcpu: u32, fault_id: u64) -> Result<Outstanding, Refused> {
         match self.outstanding[vcpu as usize] {
             Some(o) if o.fault_id == fault_id => Ok(o),
-            _ => Err((Reject::UnknownFault, 0)),
+            _ => Err(refuse(Reject::UnknownFault, 0)),
         }
+    }
+
+    /// Ends `vcpu`'s outstanding fault and returns it.
+    fn take_outstanding(&mut self, vcpu: u32) -> Option<Outstanding> {
+        self.outstanding[vcpu as usize].take()
     }
 
     fn map(
@@ -305,12 +353,12 @@ impl<M: TableMemory> Vm<M> {
         owners: &mut PageOwnership<'_>,
         tlb: &mut impl TlbMaintenance,
     ) -> CmdResult {
-        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
-        let fault = self.take_outstanding(vcpu, cmd.fault_id)?;
+        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or(refuse(Reject::Malformed, 0))?;
+        let fault = self.answered_fault(vcpu, cmd.fault_id)?;
         let (size, ipa, pa) = self.placement(cmd)?;
         let covers = |f: Ipa| Range::<Ipa>::new(ipa, cmd.size).is_some_and(|r| r.contains(f));
         if !fault.ipa.is_some_and(covers) {
-            return Err((Reject::FaultOutsideRange, fault.ipa.map_or(NO_IPA, Ipa::raw)));
+            return Err(refuse(Reject::FaultOutsideRange, fault.ipa.map_or(NO_IPA, Ipa::raw)));
         }
         let attrs = self.grant(cmd, perms, fault.access, owners)?;
         let mem = attrs.mem;
@@ -318,15 +366,13 @@ impl<M: TableMemory> Vm<M> {
         if let FaultStatus::Permission { .. } = fault.status {
             if let Ok(Walk::Mapped { level, descriptor, .. }) = self.stage2.walk(ipa) {
                 if level == size.level() && descriptor.output() == pa && descriptor.mem_type() == mem {
-                    let level = self.stage2.relax(ipa, perms, tlb).map_err(|e| (Reject::from(e), 0))?;
-                    self.outstanding[vcpu as usize] = None;
-                    return Ok((map_outcome::RELAXED, level as u64, Some(Completion::Resume)));
+                    let level = self.stage2.relax(ipa, perms, tlb).map_err(|e| refuse(Reject::from(e), 0))?;
+                    return Ok(Done::answers(map_outcome::RELAXED, level as u64, Completion::Resume));
                 }
             }
         }
         let value = self.install(ipa, pa, size, attrs, tlb)?;
-        self.outstanding[vcpu as usize] = None;
-        Ok((value, size.level() as u64, Some(Completion::Resume)))
+        Ok(Done::answers(value, size.level() as u64, Completion::Resume))
     }
 
     /// A mapping no fault waits for: every MAP check but the fault's, read
@@ -339,17 +385,17 @@ impl<M: TableMemory> Vm<M> {
         tlb: &mut impl TlbMaintenance,
     ) -> CmdResult {
         if cmd.fault_id != 0 {
-            return Err((Reject::Malformed, 0));
+            return Err(refuse(Reject::Malformed, 0));
         }
-        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or((Reject::Malformed, 0))?;
+        let perms = Perms::from_bits(cmd.flags & !FLAG_DEVICE).ok_or(refuse(Reject::Malformed, 0))?;
         let (size, ipa, pa) = self.placement(cmd)?;
         let attrs = self.grant(cmd, perms, Access::Read, owners)?;
         // Whatever is mapped there (a leaf of any size) stays as it is.
         if let Ok(Walk::Mapped { .. }) = self.stage2.walk(ipa) {
-            return Ok((map_outcome::ALREADY_PRESENT, 0, None));
+            return Ok(Done::value(map_outcome::ALREADY_PRESENT, 0));
         }
         let value = self.install(ipa, pa, size, attrs, tlb)?;
-        Ok((value, size.level() as u64, None))
+        Ok(Done::value(value, size.level() as u64))
     }
 
     /// Writes the leaf of a checked MAP or PREFAULT, if the memcache holds
@@ -361,15 +407,15 @@ impl<M: TableMemory> Vm<M> {
         size: MapSize,
         attrs: LeafAttrs,
         tlb: &mut impl TlbMaintenance,
-    ) -> Result<u64, (Reject, u64)> {
+    ) -> Result<u64, Refused> {
         let need = self.stage2.worst_case_pages(size);
         if self.memcache.len() < need {
-            return Err((Reject::MemcacheLow, need as u64));
+            return Err(refuse(Reject::MemcacheLow, need as u64));
         }
         let outcome = self
             .stage2
             .map(ipa, pa, size, attrs, &mut self.memcache, tlb)
-            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+            .map_err(|e| refuse(Reject::from(e), table_detail(e)))?;
         Ok(match outcome {
             MapOutcome::Installed => map_outcome::INSTALLED,
             MapOutcome::AlreadyPresent => map_outcome::ALREADY_PRESENT,
@@ -379,21 +425,21 @@ impl<M: TableMemory> Vm<M> {
 
     /// Where a MAP or PREFAULT puts its leaf: a leaf size of the geometry,
     /// IPA and PA aligned to it and inside their spaces.
-    fn placement(&self, cmd: &CommandRecord) -> Result<(MapSize, Ipa, Pa), (Reject, u64)> {
-        let size = MapSize::from_bytes(cmd.size).ok_or((Reject::BadSize, cmd.size))?;
+    fn placement(&self, cmd: &CommandRecord) -> Result<(MapSize, Ipa, Pa), Refused> {
+        let size = MapSize::from_bytes(cmd.size).ok_or(refuse(Reject::BadSize, cmd.size))?;
         let (ipa, pa) = (Ipa::new(cmd.ipa), Pa::new(cmd.pa));
         if !ipa.is_aligned(cmd.size) || !pa.is_aligned(cmd.size) {
-            return Err((Reject::Misaligned, 0));
+            return Err(refuse(Reject::Misaligned, 0));
         }
         let geometry = *self.stage2.geometry();
         if !geometry.ipa_range_fits(ipa, cmd.size) {
-            return Err((Reject::IpaOutOfRange, 0));
+            return Err(refuse(Reject::IpaOutOfRange, 0));
         }
         if !geometry.pa_range_fits(pa, cmd.size) {
-            return Err((Reject::PaOutOfRange, 0));
+            return Err(refuse(Reject::PaOutOfRange, 0));
         }
         if size.level() < geometry.start_level() {
-            return Err((Reject::SizeUnsupported, 0));
+            return Err(refuse(Reject::SizeUnsupported, 0));
         }
         Ok((size, ipa, pa))
     }
@@ -406,30 +452,30 @@ impl<M: TableMemory> Vm<M> {
         perms: Perms,
         access: Access,
         owners: &PageOwnership<'_>,
-    ) -> Result<LeafAttrs, (Reject, u64)> {
+    ) -> Result<LeafAttrs, Refused> {
         let mem = if cmd.flags & FLAG_DEVICE != 0 { MemType::Device } else { MemType::Normal };
         if !legal_perms(perms, mem, access) {
-            return Err((Reject::BadPermissions, perms.bits() as u64));
+            return Err(refuse(Reject::BadPermissions, perms.bits() as u64));
         }
         if cmd.inval_seq != self.inval_seq {
-            return Err((Reject::StaleSequence, self.inval_seq));
+            return Err(refuse(Reject::StaleSequence, self.inval_seq));
         }
         match owners.check(Pa::new(cmd.pa), cmd.size, Owner::Vm(self.id)) {
             Ok(()) => Ok(LeafAttrs { perms, mem }),
             Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
-                Err((Reject::NotOwned, pa.raw()))
+                Err(refuse(Reject::NotOwned, pa.raw()))
             }
-            Err(OwnershipError::BadRange) => Err((Reject::Misaligned, 0)),
+            Err(OwnershipError::BadRange) => Err(refuse(Reject::Misaligned, 0)),
         }
     }
 
-    fn range_of(cmd: &CommandRecord) -> Result<Range<Ipa>, (Reject, u64)> {
+    fn range_of(cmd: &CommandRecord) -> Result<Range<Ipa>, Refused> {
         if cmd.flags != 0 || cmd.fault_id != 0 || cmd.pa != 0 || cmd.inval_seq != 0 {
-            return Err((Reject::Malformed, 0));
+            return Err(refuse(Reject::Malformed, 0));
         }
-        let range = Range::<Ipa>::new(Ipa::new(cmd.ipa), cmd.size).ok_or((Reject::BadRange, 0))?;
+        let range = Range::<Ipa>::new(Ipa::new(cmd.ipa), cmd.size).ok_or(refuse(Reject::BadRange, 0))?;
         if !range.start().is_aligned(PAGE_SIZE) || range.len() % PAGE_SIZE != 0 {
-            return Err((Reject::BadRange, 0));
+            return Err(refuse(Reject::BadRange, 0));
         }
         Ok(range)
     }
@@ -447,67 +493,71 @@ impl<M: TableMemory> Vm<M> {
             .unmap(range, tlb, &mut |page| {
                 if memcache.push(page).is_err() {
                     // The memcache is full: the page goes back to the host.
-                    let _ = owners.transfer(page, PAGE_SIZE, Owner::Hyp, Owner::Host);
+                    // Every freed table page came from the memcache, which
+                    // holds only pages TOPUP moved from the host to the
+                    // hypervisor, so the transfer cannot fail.
+                    let returned = owners.transfer(page, PAGE_SIZE, Owner::Hyp, Owner::Host);
+                    debug_assert_eq!(returned, Ok(()), "a freed table page was not the hypervisor's");
                 }
             })
-            .map_err(|e| (Reject::from(e), table_detail(e)))?;
+            .map_err(|e| refuse(Reject::from(e), table_detail(e)))?;
         self.inval_seq += 1;
-        Ok((stats.leaves, stats.tables_freed, None))
+        Ok(Done::value(stats.leaves, stats.tables_freed))
     }
 
     fn write_protect(&mut self, cmd: &CommandRecord, tlb: &mut impl TlbMaintenance) -> CmdResult {
         let range = Self::range_of(cmd)?;
-        let changed = self.stage2.write_protect(range, tlb).map_err(|e| (Reject::from(e), 0))?;
+        let changed = self.stage2.write_protect(range, tlb).map_err(|e| refuse(Reject::from(e), 0))?;
         self.inval_seq += 1;
-        Ok((changed, 0, None))
+        Ok(Done::value(changed, 0))
     }
 
     fn complete(&mut self, vcpu: u32, cmd: &CommandRecord) -> CmdResult {
         if cmd.ipa != 0 || cmd.pa != 0 || cmd.size != 0 || cmd.inval_seq != 0 {
-            return Err((Reject::Malformed, 0));
+            return Err(refuse(Reject::Malformed, 0));
         }
-        self.take_outstanding(vcpu, cmd.fault_id)?;
+        self.answered_fault(vcpu, cmd.fault_id)?;
         let completion = match cmd.flags {
             action::RETRY => Completion::Resume,
             action::INJECT_ABORT => Completion::InjectAbort,
             action::EXIT_TO_VMM => Completion::ExitToVmm,
-            other => return Err((Reject::BadAction, other as u64)),
+            other => return Err(refuse(Reject::BadAction, other as u64)),
         };
-        self.outstanding[vcpu as usize] = None;
-        Ok((cmd.flags as u64, 0, Some(completion)))
+        Ok(Done::answers(cmd.flags as u64, 0, completion))
     }
 
     fn topup(&mut self, cmd: &CommandRecord, owners: &mut PageOwnership<'_>) -> CmdResult {
         if cmd.flags != 0 || cmd.fault_id != 0 || cmd.ipa != 0 || cmd.inval_seq != 0 {
-            return Err((Reject::Malformed, 0));
+            return Err(refuse(Reject::Malformed, 0));
         }
         let pa = Pa::new(cmd.pa);
         if cmd.size == 0 || cmd.size % PAGE_SIZE != 0 || !pa.is_aligned(PAGE_SIZE) || pa.checked_add(cmd.size).is_none()
         {
-            return Err((Reject::BadRange, 0));
+            return Err(refuse(Reject::BadRange, 0));
         }
         let pages = cmd.size / PAGE_SIZE;
         if pages > self.memcache.room() as u64 {
-            return Err((Reject::MemcacheFull, self.memcache.room() as u64));
+            return Err(refuse(Reject::MemcacheFull, self.memcache.room() as u64));
         }
         for i in 0..pages {
             let page = Pa::new(pa.raw() + i * PAGE_SIZE);
             if self.stage2.memory().table(page).is_none() {
-                return Err((Reject::NotTableMemory, page.raw()));
+                return Err(refuse(Reject::NotTableMemory, page.raw()));
             }
         }
         match owners.transfer(pa, cmd.size, Owner::Host, Owner::Hyp) {
             Ok(()) => {}
             Err(OwnershipError::WrongOwner { pa, .. } | OwnershipError::Untracked { pa }) => {
-                return Err((Reject::NotOwned, pa.raw()))
+                return Err(refuse(Reject::NotOwned, pa.raw()))
             }
-            Err(OwnershipError::BadRange) => return Err((Reject::BadRange, 0)),
+            Err(OwnershipError::BadRange) => return Err(refuse(Reject::BadRange, 0)),
         }
         for i in 0..pages {
             // Room was checked above; a failure here is impossible.
-            let _ = self.memcache.push(Pa::new(pa.raw() + i * PAGE_SIZE));
+            let pushed = self.memcache.push(Pa::new(pa.raw() + i * PAGE_SIZE));
+            debug_assert!(pushed.is_ok(), "the memcache's room was checked");
         }
-        Ok((self.memcache.len() as u64, pages, None))
+        Ok(Done::value(self.memcache.len() as u64, pages))
     }
 }
 

@@ -7,6 +7,8 @@ pub mod v1 {
     tonic::include_proto!("faultline.v1");
 }
 
+pub mod convert;
+
 /// The pages (IPAs) a `DirtyLog` bitmap names: bit i of byte b is page
 /// `gpa + (8 * b + i) * 4096` (KVM's layout, little-endian words).
 pub fn dirty_pages(gpa: u64, bitmap: &[u8]) -> impl Iterator<Item = u64> + '_ {

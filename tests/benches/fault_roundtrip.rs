@@ -8,21 +8,24 @@
 
 use std::os::fd::AsFd;
 use std::process::Command;
-use std::ptr::NonNull;
 use std::time::Instant;
 
 use faultline_attach::shm::MappedRegion;
 use faultline_system_tests::{binary, Daemon};
-use hyp_core::addr::{Ipa, Pa};
-use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::addr::Pa;
+use hyp_core::ownership::VmId;
 use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
-use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance};
-use hyp_core::vm::Vm;
+use hyp_core::testing::HostCore;
 use memfd::MemfdOptions;
-use memory_manager::memslot::SlotFlags;
-use memory_manager::pipeline::{handle_fault, Decision, Injection};
-use memory_manager::policy::Pages4k;
-use memory_manager::vm::{Installed, VmMemory};
+use memory_manager::fault::pipeline::handle_fault;
+use memory_manager::fault::plan::Decision;
+use memory_manager::fault::trace::Trace;
+use memory_manager::link::vm::AttachedVm;
+use memory_manager::memory::layout::VmLayout;
+use memory_manager::memory::mapping::Installed;
+use memory_manager::memory::memslot::SlotFlags;
+use memory_manager::memory::pool::PagePool;
+use memory_manager::policy::builtin::Pages4k;
 
 struct Stats {
     p50: f64,
@@ -69,49 +72,28 @@ fn cross_process(policy: &str, ram_page_kib: u64, prefault: bool, spin: u32, ops
 
 // ---- The same pipeline and core in one thread ----
 
-struct NoTlb;
-impl TlbMaintenance for NoTlb {
-    fn invalidate_ipa(&mut self, _: u8, _: Ipa, _: u8) {}
-    fn sync(&mut self, _: u8) {}
-}
-
-#[repr(C, align(4096))]
-struct Page([u8; 4096]);
-
 fn in_process(prefault: bool, pages: u64) -> Stats {
     const RAM_PA: u64 = 0x4000_0000;
     const TABLES_PA: u64 = 0x2000_0000;
     let ram = pages * 4096;
     let id = VmId::new(1).unwrap();
     let slot = (RAM_PA, ram, 0, SlotFlags::default());
-    let vmm = VmMemory::single_region(id, Pa::new(RAM_PA), ram, 4096, &[slot]).unwrap();
+    let layout = VmLayout::single_region(id, Pa::new(RAM_PA), ram, 4096, &[slot]).unwrap();
+    let vmm = AttachedVm::new(layout, PagePool::default());
     if prefault {
-        vmm.prefault().unwrap();
+        vmm.mapping.populate_all(&vmm.layout).unwrap();
     }
     let table_pages = 2 + 2 + (pages as usize).div_ceil(512) + 8;
-    let tables: &'static mut [Page] = Box::leak((0..table_pages).map(|_| Page([0; 4096])).collect());
-    let tbase = NonNull::new(tables.as_mut_ptr().cast::<u8>()).unwrap();
-    // SAFETY: the leaked buffer lives for the rest of the process and is only used through this map.
-    let mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), (table_pages * 4096) as u64, tbase) };
-    let storage: &'static mut [u16] =
-        Box::leak(vec![0u16; ((RAM_PA + ram - TABLES_PA) / 4096) as usize].into_boxed_slice());
-    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
-    owners.transfer(Pa::new(RAM_PA), ram, Owner::Host, Owner::Vm(id)).unwrap();
-    let mut core = Vm::new(id, Geometry::kvm_default(), Pa::new(TABLES_PA), 1, mem, &mut owners).unwrap();
-    let topup = CommandRecord {
-        kind: kind::TOPUP,
-        pa: TABLES_PA + 0x2000,
-        size: (table_pages as u64 - 2) * 4096,
-        ..Default::default()
-    };
-    assert_eq!(core.execute(0, &topup.encode(), &mut owners, &mut NoTlb).result.status, 0);
+    let mut core = HostCore::new(id, 1, Pa::new(TABLES_PA), table_pages, Pa::new(RAM_PA), ram);
     let esr = (0x24u64 << 26) | (1 << 25) | (1 << 24) | (3 << 22) | (1 << 15) | (1 << 6) | 0b111;
     let mut lat = Vec::with_capacity(pages as usize);
     for p in 0..pages {
         let ipa = RAM_PA + p * 4096;
         let t = Instant::now();
-        let rec: FaultRecord = core.take_fault(0, esr, ipa, (ipa >> 12) << 4, 0, |_| None).unwrap();
-        let Decision::Map(plan) = handle_fault(&vmm, &Pages4k, &rec, Injection::NONE).unwrap() else { panic!() };
+        let rec: FaultRecord = core.vm.take_fault(0, esr, ipa, (ipa >> 12) << 4, 0, |_| None).unwrap();
+        let Decision::Map(plan) = handle_fault(vmm.view(), &Pages4k, &rec, &mut Trace::start()).unwrap() else {
+            panic!()
+        };
         let cmd = CommandRecord {
             kind: kind::MAP,
             flags: plan.perms.bits(),
@@ -123,7 +105,7 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
             inval_seq: plan.seq,
             reserved: 0,
         };
-        let ex = core.execute(0, &cmd.encode(), &mut owners, &mut NoTlb);
+        let ex = core.execute(0, &cmd);
         assert_eq!(ex.result.status, 0);
         vmm.record_installed(
             plan.ipa,
@@ -230,6 +212,10 @@ mod uffd {
         assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST));
     }
 }
+
+/// The page userfaultfd copies in (UFFDIO_COPY wants a page-aligned source).
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
 
 fn userfaultfd(pages: u64, spinning: bool) -> Stats {
     use std::os::fd::AsRawFd;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::ObserveRequest;
 use faultline_system_tests::{binary, fault_latencies, Daemon};
-use memory_manager::priority::{apply_to_current_thread, ApiPriority};
+use memory_manager::daemon::priority::{apply_to_current_thread, ApiPriority};
 
 /// Rounds per configuration (`OBSERVERS_BENCH_ROUNDS` overrides).
 const ROUNDS: usize = 8;
@@ -108,7 +108,7 @@ fn main() {
             "--api-priority",
             &priority,
             "--log-filter",
-            "warn,memory_manager::grpc=info",
+            "warn,memory_manager::api=info",
         ]);
         if pinned {
             // The daemon and the observers (this process) share CPU 0; the

@@ -13,6 +13,4 @@ pub use memory::{LinearMap, Table, TableMemory, TlbMaintenance};
 pub use table::{MapOutcome, MapSize, Stage2, TableError, UnmapStats, Walk};
 
 #[cfg(test)]
-pub(crate) mod testing;
-#[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::vec::Vec;
 
 use proptest::prelude::*;
 
-use super::testing::{HostMemory, RecordingTlb};
+use crate::testing::{HostMemory, RecordingTlb};
 use super::*;
 use crate::addr::{Ipa, Pa, Range};
 

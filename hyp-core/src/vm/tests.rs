@@ -8,7 +8,7 @@ use std::vec::Vec;
 
 use super::*;
 use crate::ring::{OwnedRing, OWNED_RING_ENTRIES};
-use crate::stage2::testing::{HostMemory, RecordingTlb};
+use crate::testing::{HostMemory, RecordingTlb};
 use crate::stage2::Descriptor;
 
 const OWN_BASE: u64 = 0x4000_0000;

@@ -1,39 +1,38 @@
 //! memory-manager: the host half of Faultline.
 //!
-//! Machines attach VMs over a Unix socket ([`attach`]); each VM's memory is
-//! described by memslots ([`memslot`]) over regions the daemon maps itself
-//! ([`region`], [`vma`]). Faults arrive on hyp-core rings and go through the
-//! staged [`pipeline`], pinning pages ([`pin`]) and asking the [`policy`];
-//! [`service`] runs one thread per vCPU ring. [`run`] is the daemon.
+//! The daemon is built in layers, each a folder, each using only the ones
+//! below it ([`LAYERS`], checked by `tests/layers.rs`):
 //!
-//! The pipeline mirrors KVM's `user_mem_abort()` stage by stage; each stage
-//! takes what it needs and returns what the next needs.
+//! - [`memory`]: the guest memory model (addresses, memslots, VMAs, the
+//!   regions the daemon maps, pins) and a VM's fixed layout and rebuildable
+//!   mapping state;
+//! - [`fault`]: the fault pipeline, KVM's `user_mem_abort()` cut into
+//!   stages, and the questions it leaves to a memory policy;
+//! - [`observe`]: fault events, their history, statistics and counters;
+//! - [`policy`]: the built-in policies, policy services' rules, the host
+//!   that keeps one policy in force;
+//! - [`link`]: serving a VM's rings (a thread per vCPU, the control ring,
+//!   reclaim, dirty logs);
+//! - [`attach`]: checking, mapping, registering and serving an attaching
+//!   machine;
+//! - [`api`]: the gRPC services and Prometheus metrics;
+//! - [`daemon`]: configuration and [`run`], the one place the layers are
+//!   wired together.
+//!
+//! `docs/architecture.md` draws the layers and one fault's path.
 
-pub mod addr;
-pub mod attach;
-pub mod clock;
-pub mod config;
-pub mod control;
-pub mod events;
-pub mod evict;
-pub mod grpc;
-pub mod grpc_policy;
-pub mod memslot;
-pub mod metrics;
-pub mod notify;
-pub mod pin;
-pub mod pipeline;
+pub mod memory;
+pub mod fault;
+pub mod observe;
 pub mod policy;
-pub mod policy_host;
-pub mod priority;
-pub mod region;
-pub mod rules;
-pub mod service;
-pub mod stats;
-pub mod vm;
-pub mod vma;
+pub mod link;
+pub mod attach;
+pub mod api;
+pub mod daemon;
 
-mod daemon;
+pub use daemon::config::Config;
+pub use daemon::run;
 
-pub use config::Config;
-pub use daemon::{run, Daemon};
+/// The layers, lowest first: a module may use its own layer and the ones
+/// before it, never one after it.
+pub const LAYERS: [&str; 8] = ["memory", "fault", "observe", "policy", "link", "attach", "api", "daemon"];

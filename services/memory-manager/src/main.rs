@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use memory_manager::config::LogFormat;
-use memory_manager::policy::PolicyKind;
+use memory_manager::daemon::config::LogFormat;
+use memory_manager::policy::builtin::PolicyKind;
 use memory_manager::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -48,7 +48,7 @@ struct Args {
     /// Scheduling of the gRPC/metrics threads: normal, low (nice 19) or idle
     /// (SCHED_IDLE) (overrides the file).
     #[arg(long)]
-    api_priority: Option<memory_manager::priority::ApiPriority>,
+    api_priority: Option<memory_manager::daemon::priority::ApiPriority>,
     /// Policy services: deadline for connecting, Describe, the first rules
     /// and each heartbeat, ms (overrides the file).
     #[arg(long)]
@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .thread_name("api")
         .on_thread_start(move || {
-            if let Err(e) = memory_manager::priority::apply_to_current_thread(api_priority) {
+            if let Err(e) = memory_manager::daemon::priority::apply_to_current_thread(api_priority) {
                 tracing::warn!(cause = %e, ?api_priority, "cannot lower the API threads' priority");
             }
         })

@@ -3,19 +3,26 @@
 //! leaves the guest mapped to memory that was taken away. (The VMA used after
 //! its lock was dropped is `tests/compile_fail.rs`.)
 
-use std::ptr::NonNull;
 use std::sync::{Barrier, Mutex};
 
 use hyp_core::addr::{Ipa, Pa};
-use hyp_core::ownership::{Owner, PageOwnership, VmId};
+use hyp_core::ownership::VmId;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
-use hyp_core::stage2::{Geometry, LinearMap, TlbMaintenance, Walk};
-use hyp_core::vm::{map_outcome, Completion, Vm};
-use memory_manager::memslot::SlotFlags;
-use memory_manager::pipeline::{handle_fault, Decision, Injection, Stage};
-use memory_manager::policy::KvmDefault;
-use memory_manager::vm::{Installed, VmMemory};
+use hyp_core::stage2::Walk;
+use hyp_core::testing::HostCore;
+use hyp_core::vm::{map_outcome, Completion};
+use memory_manager::fault::error::PipelineError;
+use memory_manager::fault::failpoint::{FailAt, Failpoint};
+use memory_manager::fault::pipeline::{handle_fault, handle_fault_with};
+use memory_manager::fault::plan::Decision;
+use memory_manager::fault::trace::Trace;
+use memory_manager::link::vm::AttachedVm;
+use memory_manager::memory::layout::VmLayout;
+use memory_manager::memory::mapping::Installed;
+use memory_manager::memory::memslot::SlotFlags;
+use memory_manager::memory::pool::PagePool;
+use memory_manager::policy::builtin::KvmDefault;
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM_GPA: u64 = 0x4000_0000;
@@ -29,9 +36,10 @@ fn hpfar(ipa: u64) -> u64 {
 }
 
 /// A VM with 4 MiB of RAM in one memfd region and one memslot.
-fn vm_memory(page_size: u64) -> VmMemory {
+fn vm_memory(page_size: u64) -> AttachedVm {
     let slot = (RAM_GPA, RAM, 0, SlotFlags::default());
-    VmMemory::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, &[slot]).unwrap()
+    let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, &[slot]).unwrap();
+    AttachedVm::new(layout, PagePool::default())
 }
 
 fn fault_record(ipa: u64, fault_id: u64, seq: u64) -> FaultRecord {
@@ -52,59 +60,31 @@ fn fault_record(ipa: u64, fault_id: u64, seq: u64) -> FaultRecord {
 fn an_error_after_pinning_at_any_later_stage_leaves_no_page_pinned() {
     for page_size in [4096, 2 << 20] {
         let vm = vm_memory(page_size);
-        for stage in [Stage::Populate, Stage::Permissions, Stage::Command] {
-            let r = handle_fault(&vm, &KvmDefault, &fault_record(RAM_GPA + 0x3000, 1, 0), Injection(Some(stage)));
-            assert!(matches!(r, Err(memory_manager::pipeline::PipelineError::Injected(s)) if s == stage), "{r:?}");
-            assert_eq!(vm.pins.total(), 0, "pin leaked after an error at {stage:?}");
+        let rec = fault_record(RAM_GPA + 0x3000, 1, 0);
+        for stage in [Failpoint::Populate, Failpoint::Permissions, Failpoint::Command] {
+            let r = handle_fault_with(vm.view(), &KvmDefault, &rec, &mut Trace::start(), &FailAt(stage));
+            assert!(matches!(r, Err(PipelineError::Injected(s)) if s == stage), "{r:?}");
+            assert_eq!(vm.mapping.pins().total(), 0, "pin leaked after an error at {stage:?}");
         }
         // Without an injected error the plan holds the pin, and dropping an
         // unanswered plan releases it.
-        let Decision::Map(plan) =
-            handle_fault(&vm, &KvmDefault, &fault_record(RAM_GPA + 0x3000, 1, 0), Injection::NONE).unwrap()
-        else {
+        let Decision::Map(plan) = handle_fault(vm.view(), &KvmDefault, &rec, &mut Trace::start()).unwrap() else {
             panic!("expected a map");
         };
         // One count per backing page: 1 for a 4 KiB page or a 2 MiB huge page.
-        assert_eq!(vm.pins.total(), plan.size.bytes() / page_size);
+        assert_eq!(vm.mapping.pins().total(), plan.size.bytes() / page_size);
         assert_eq!(plan.size.bytes(), page_size);
         drop(plan);
-        assert_eq!(vm.pins.total(), 0);
+        assert_eq!(vm.mapping.pins().total(), 0);
     }
 }
-
-/// hyp-core in this process, over heap table memory.
-struct Core {
-    vm: Vm<LinearMap>,
-    owners: PageOwnership<'static>,
-}
-
-struct NoTlb;
-impl TlbMaintenance for NoTlb {
-    fn invalidate_ipa(&mut self, _: u8, _: Ipa, _: u8) {}
-    fn sync(&mut self, _: u8) {}
-}
-
-#[repr(C, align(4096))]
-struct Page([u8; 4096]);
 
 const TABLES_PA: u64 = 0x2000_0000;
 const TABLE_PAGES: usize = 64;
 
-fn core() -> Core {
-    let pages: &'static mut [Page] = Box::leak((0..TABLE_PAGES).map(|_| Page([0; 4096])).collect());
-    let base = NonNull::new(pages.as_mut_ptr().cast::<u8>()).unwrap();
-    // SAFETY: the leaked buffer lives for the rest of the process and is only
-    // used through this map.
-    let mem = unsafe { LinearMap::new(Pa::new(TABLES_PA), (TABLE_PAGES * 4096) as u64, base) };
-    let storage: &'static mut [u16] =
-        Box::leak(vec![0u16; ((RAM_PA + RAM - TABLES_PA) / 4096) as usize].into_boxed_slice());
-    let mut owners = PageOwnership::new(Pa::new(TABLES_PA), storage);
-    let id = VmId::new(1).unwrap();
-    owners.transfer(Pa::new(RAM_PA), RAM, Owner::Host, Owner::Vm(id)).unwrap();
-    let mut vm = Vm::new(id, Geometry::kvm_default(), Pa::new(TABLES_PA), 2, mem, &mut owners).unwrap();
-    let topup = CommandRecord { kind: kind::TOPUP, pa: TABLES_PA + 0x2000, size: 32 * 4096, ..Default::default() };
-    assert_eq!(vm.execute(1, &topup.encode(), &mut owners, &mut NoTlb).result.status, 0);
-    Core { vm, owners }
+/// hyp-core in this process, over heap table memory, with the RAM donated.
+fn core() -> HostCore {
+    HostCore::new(VmId::new(1).unwrap(), 2, Pa::new(TABLES_PA), TABLE_PAGES, Pa::new(RAM_PA), RAM)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -126,7 +106,7 @@ struct Outcome {
     unmap_seq_after: u64,
 }
 
-fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint: u64) -> Outcome {
+fn race(core: &Mutex<HostCore>, vm: &AttachedVm, order: Order, ipa: u64, fault_id_hint: u64) -> Outcome {
     let _ = fault_id_hint;
     let sampled = Barrier::new(2);
     let unmapped = Barrier::new(2);
@@ -143,8 +123,8 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
                 let mut c = core.lock().unwrap();
                 c.vm.take_fault(0, ESR_WRITE_L3, ipa, hpfar(ipa), 0, |_| None).unwrap()
             };
-            vm.note_seq(rec.inval_seq);
-            let Decision::Map(plan) = handle_fault(vm, &KvmDefault, &rec, Injection::NONE).unwrap() else {
+            vm.mapping.note_seq(rec.inval_seq);
+            let Decision::Map(plan) = handle_fault(vm.view(), &KvmDefault, &rec, &mut Trace::start()).unwrap() else {
                 panic!("map expected")
             };
             let sampled_seq = plan.seq;
@@ -161,11 +141,7 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
                 inval_seq: plan.seq,
                 reserved: 0,
             };
-            let ex = {
-                let mut c = core.lock().unwrap();
-                let Core { vm, owners } = &mut *c;
-                vm.execute(0, &cmd.encode(), owners, &mut NoTlb)
-            };
+            let ex = core.lock().unwrap().execute(0, &cmd);
             sync(&mapped, order == Order::UnmapAfterMap);
             let stale = ex.rejected() == Some(Reject::StaleSequence);
             if ex.result.status == 0 {
@@ -181,15 +157,11 @@ fn race(core: &Mutex<Core>, vm: &VmMemory, order: Order, ipa: u64, fault_id_hint
             sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
             sync(&mapped, order == Order::UnmapAfterMap);
             let cmd = CommandRecord { kind: kind::UNMAP, ipa: ipa & !0xfff, size: 4096, ..Default::default() };
-            let ex = {
-                let mut c = core.lock().unwrap();
-                let Core { vm, owners } = &mut *c;
-                vm.execute(1, &cmd.encode(), owners, &mut NoTlb)
-            };
+            let ex = core.lock().unwrap().execute(1, &cmd);
             assert_eq!(ex.result.status, 0);
             // The memory is now taken away: the daemon forgets the mapping and
             // its pin (the reclaim would punch the hole here).
-            vm.forget_range(Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
+            vm.mapping.forget_range(Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
             sync(&unmapped, matches!(order, Order::UnmapBetweenSampleAndMap | Order::UnmapBeforeSample));
             ex.result.inval_seq
         });
@@ -216,7 +188,7 @@ fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
             assert!(o.sampled_seq >= o.unmap_seq_after, "iteration {i} ({order:?}): stale mapping survived");
         }
         // The daemon's books agree with the tables: a pin exists exactly for a live mapping.
-        assert_eq!(vm.pins.count(0, ipa - RAM_GPA), mapped as u32, "iteration {i} ({order:?})");
+        assert_eq!(vm.mapping.pins().count(0, ipa - RAM_GPA), mapped as u32, "iteration {i} ({order:?})");
         match order {
             Order::UnmapBetweenSampleAndMap => {
                 assert!(o.stale && !mapped, "iteration {i}");
@@ -230,14 +202,11 @@ fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
         stale_seen += o.stale as u32;
         // Clean up for the next use of this page.
         if mapped {
-            let mut c = core.lock().unwrap();
-            let Core { vm: cvm, owners } = &mut *c;
             let cmd = CommandRecord { kind: kind::UNMAP, ipa, size: 4096, ..Default::default() };
-            let seq = cvm.execute(1, &cmd.encode(), owners, &mut NoTlb).result.inval_seq;
-            drop(c);
-            vm.forget_range(Ipa::new(ipa), 4096, seq);
+            let seq = core.lock().unwrap().execute(1, &cmd).result.inval_seq;
+            vm.mapping.forget_range(Ipa::new(ipa), 4096, seq);
         }
     }
     assert!(stale_seen >= 200, "the stale path ran {stale_seen} times");
-    assert_eq!(vm.pins.total(), 0);
+    assert_eq!(vm.mapping.pins().total(), 0);
 }

@@ -6,18 +6,24 @@ use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::VmId;
 use hyp_core::ring::abi::{kind, FaultRecord, NO_IPA};
 use hyp_core::stage2::{MapSize, Perms};
-use memory_manager::memslot::SlotFlags;
-use memory_manager::pipeline::{handle_fault, Decision, Exit, InjectReason, Injection, MapPlan, MmioAccess};
-use memory_manager::policy::{KvmDefault, Pages4k, Policy};
-use memory_manager::vm::VmMemory;
+use memory_manager::fault::choices::Policy;
+use memory_manager::fault::pipeline::handle_fault;
+use memory_manager::fault::plan::{Decision, Exit, InjectReason, MapPlan, MmioAccess};
+use memory_manager::fault::trace::Trace;
+use memory_manager::link::vm::AttachedVm;
+use memory_manager::memory::layout::VmLayout;
+use memory_manager::memory::memslot::SlotFlags;
+use memory_manager::memory::pool::PagePool;
+use memory_manager::policy::builtin::{KvmDefault, Pages4k};
 
 const RAM_PA: u64 = 0x4000_0000;
 const RAM: u64 = 16 << 20;
 
 /// One 16 MiB region backed by 2 MiB pages; memslots as given `(gpa, size,
 /// region offset, flags)`.
-fn vm(page_size: u64, slots: &[(u64, u64, u64, SlotFlags)]) -> VmMemory {
-    VmMemory::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, slots).unwrap()
+fn vm(page_size: u64, slots: &[(u64, u64, u64, SlotFlags)]) -> AttachedVm {
+    let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(RAM_PA), RAM, page_size, slots).unwrap();
+    AttachedVm::new(layout, PagePool::default())
 }
 
 // Hand-encoded syndromes (Arm ARM D24.2.45): EC, IL, ISV, SAS, SRT, WnR, xFSC.
@@ -46,8 +52,8 @@ fn fault(esr: u64, ipa: u64) -> FaultRecord {
     }
 }
 
-fn decide(vm: &VmMemory, policy: &dyn Policy, esr: u64, ipa: u64) -> Decision {
-    handle_fault(vm, policy, &fault(esr, ipa), Injection::NONE).unwrap()
+fn decide(vm: &AttachedVm, policy: &dyn Policy, esr: u64, ipa: u64) -> Decision {
+    handle_fault(vm.view(), policy, &fault(esr, ipa), &mut Trace::start()).unwrap()
 }
 
 fn plan(d: Decision) -> MapPlan {
@@ -104,10 +110,11 @@ fn dirty_logging_maps_4k_read_only_on_read_and_marks_writes() {
     let p = plan(decide(&vm, &KvmDefault, WRITE_PERM_L3, 0x8000_3000));
     assert!(p.permission_fault);
     assert_eq!((p.size, p.perms, p.marks_dirty), (MapSize::Page4K, Perms::RW, true));
-    let slot = vm.memslots.lookup(Ipa::new(0x8000_3000)).unwrap();
-    assert!(!slot.is_dirty(Ipa::new(0x8000_3000)));
-    slot.mark_dirty(p.fault_ipa);
-    assert!(slot.is_dirty(Ipa::new(0x8000_3000)) && slot.dirty_count() == 1);
+    let slot = vm.layout.memslots.lookup(Ipa::new(0x8000_3000)).unwrap();
+    let dirty = vm.mapping.dirty_log(slot);
+    assert!(!dirty.is_set(slot.page_of(Ipa::new(0x8000_3000))));
+    vm.mapping.mark_dirty(slot, p.fault_ipa);
+    assert!(dirty.is_set(slot.page_of(Ipa::new(0x8000_3000))) && dirty.count() == 1);
     // A guest page table in the logged slot: the walk's translation fault
     // maps it read-only and clean; the walker's AF update (a permission
     // fault on the walk) is a write that dirties the page-table page.
@@ -135,10 +142,9 @@ fn exec_only_on_fetch() {
 /// fails with ENOEXEC) instead of being mapped without X and faulting again.
 #[test]
 fn a_fetch_from_device_memory_exits_instead_of_mapping() {
-    use memory_manager::memslot::{Memslot, Memslots};
-    use memory_manager::region::{GuestRegion, RegionSpec};
-    use memory_manager::vm::PagePool;
-    use memory_manager::vma::Vmas;
+    use memory_manager::memory::memslot::{Memslot, Memslots};
+    use memory_manager::memory::region::{GuestRegion, RegionSpec};
+    use memory_manager::memory::vma::Vmas;
     let memfd = memfd::MemfdOptions::default().create("device").unwrap();
     memfd.as_file().set_len(1 << 20).unwrap();
     let spec = RegionSpec {
@@ -155,7 +161,8 @@ fn a_fetch_from_device_memory_exits_instead_of_mapping() {
     vmas.insert(region.vma(0));
     let mut memslots = Memslots::default();
     memslots.insert(Memslot::new(0, Ipa::new(0x0900_0000), 1 << 20, region.base(), 0, 0, PLAIN));
-    let vm = VmMemory::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region], PagePool::default());
+    let layout = VmLayout::new(VmId::new(1).unwrap(), 1, memslots, vmas, vec![region]);
+    let vm = AttachedVm::new(layout, PagePool::default());
     assert!(matches!(
         decide(&vm, &KvmDefault, FETCH_L3, 0x0900_0000),
         Decision::Exit(Exit::ExecOnDevice { ipa }) if ipa == Ipa::new(0x0900_0000)
@@ -163,7 +170,7 @@ fn a_fetch_from_device_memory_exits_instead_of_mapping() {
     // Data accesses to it are mapped, device and never executable.
     let p = plan(decide(&vm, &KvmDefault, READ_L3, 0x0900_0000));
     assert!(p.device && !p.perms.exec());
-    assert_eq!(vm.pins.total(), 1, "the fetch pinned nothing; the read pinned its page");
+    assert_eq!(vm.mapping.pins().total(), 1, "the fetch pinned nothing; the read pinned its page");
 }
 
 #[test]
@@ -215,14 +222,14 @@ fn unresolvable_faults_are_injected_not_mapped() {
     let mut rec = fault(READ_L3, 0x8000_0000);
     rec.ipa = NO_IPA;
     assert!(matches!(
-        handle_fault(&vm, &KvmDefault, &rec, Injection::NONE).unwrap(),
+        handle_fault(vm.view(), &KvmDefault, &rec, &mut Trace::start()).unwrap(),
         Decision::Inject(InjectReason::NoIpa)
     ));
     rec.esr = 0x16 << 26; // an HVC, not an abort
     rec.ipa = 0x8000_0000;
     assert!(matches!(
-        handle_fault(&vm, &KvmDefault, &rec, Injection::NONE).unwrap(),
+        handle_fault(vm.view(), &KvmDefault, &rec, &mut Trace::start()).unwrap(),
         Decision::Inject(InjectReason::Undecodable)
     ));
-    assert_eq!(vm.pins.total(), 0);
+    assert_eq!(vm.mapping.pins().total(), 0);
 }

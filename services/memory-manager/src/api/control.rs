@@ -1,0 +1,75 @@
+//! The Control service: what is attached, and dirty logs.
+
+use std::sync::Arc;
+
+use faultline_proto::v1::control_server::Control;
+use faultline_proto::v1::{self as pb, GetDirtyLogRequest, GetVmRequest, ListVmsRequest, ListVmsResponse};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert;
+use crate::attach::registry::VmTable;
+use crate::link::dirty;
+
+/// The Control service.
+pub struct ControlService {
+    vms: Arc<VmTable>,
+}
+
+impl ControlService {
+    /// The service over the attached `vms`.
+    pub fn new(vms: Arc<VmTable>) -> Self {
+        Self { vms }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    #[instrument(skip(self, _request))]
+    async fn list_vms(&self, _request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+        let mut vms: Vec<pb::Vm> = self.vms.list().iter().map(|v| convert::vm(v)).collect();
+        vms.sort_by_key(|v| v.vm_id);
+        Ok(Response::new(ListVmsResponse { vms }))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let id = request.into_inner().vm_id;
+        let vm = self.vms.get(id);
+        vm.map(|v| Response::new(convert::vm(&v))).ok_or_else(|| Status::not_found(format!("vm {id} is not attached")))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn get_dirty_log(&self, request: Request<GetDirtyLogRequest>) -> Result<Response<pb::DirtyLog>, Status> {
+        let GetDirtyLogRequest { vm_id, memslot, peek } = request.into_inner();
+        let vm = self.vms.get(vm_id).ok_or_else(|| Status::not_found(format!("vm {vm_id} is not attached")))?;
+        let Some(slot) = vm.layout.memslots.by_id(memslot as usize) else {
+            return Err(Status::not_found(format!("vm {vm_id} has no memslot {memslot}")));
+        };
+        let (gpa, pages, dirty_log, id) = (slot.gpa.raw(), slot.pages(), slot.dirty_log, slot.id);
+        if !dirty_log {
+            return Err(Status::failed_precondition(format!("memslot {memslot} of vm {vm_id} has no dirty logging")));
+        }
+        // Write-protecting waits for the core: off the async workers.
+        let (bitmap, write_protects) = tokio::task::spawn_blocking(move || {
+            let slot = vm.layout.memslots.by_id(id).expect("memslots never change after attach");
+            if peek {
+                Ok((vm.mapping.dirty_log(slot).words(), 0))
+            } else {
+                dirty::fetch_and_clear(&vm.mapping, &vm.control, slot).map(|log| (log.bitmap, log.write_protects))
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("dirty log task failed: {e}")))?
+        .map_err(|e| Status::unavailable(format!("re-arming dirty logging failed, bitmap kept: {e}")))?;
+        Ok(Response::new(pb::DirtyLog {
+            vm_id,
+            memslot,
+            gpa,
+            pages,
+            dirty_pages: bitmap.iter().map(|w| w.count_ones() as u64).sum(),
+            bitmap: bitmap.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            write_protect_commands: write_protects,
+        }))
+    }
+}

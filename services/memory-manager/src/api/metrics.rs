@@ -1,0 +1,254 @@
+//! Prometheus `/metrics` over HTTP, in the OpenMetrics text format.
+//!
+//! Nothing is counted twice: a [`prometheus_client`] collector reads the
+//! same counters, histograms and VM table that `FaultTrace.GetStats` and
+//! `ServerStatus` read, at scrape time, so the two always agree.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::convert::ring_occupancy;
+use super::sources::Sources;
+use crate::observe::stats::STAGES;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS_S: [f64; 14] =
+    [250e-9, 500e-9, 1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3, 100e-3, 1.0];
+
+/// Reads the daemon's statistics at each scrape.
+struct FaultCollector(Sources);
+
+impl std::fmt::Debug for FaultCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultCollector")
+    }
+}
+
+/// A latency histogram already bucketed: `(upper bound s, count in bucket)`.
+#[derive(Debug)]
+struct Bucketed {
+    sum_s: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for Bucketed {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum_s, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn counter_family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        let labels = [(label, value.as_str())];
+        ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn counter(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+impl Collector for FaultCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let sources = &self.0;
+        let stats = &sources.events.stats;
+        let named = |v: Vec<(&str, u64)>| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect::<Vec<_>>();
+        let [by_kind, by_outcome, by_size] = stats.counters();
+        counter_family(&mut encoder, "faultline_faults", "Faults by outcome.", "outcome", &named(by_outcome))?;
+        counter_family(
+            &mut encoder,
+            "faultline_faults_by_kind",
+            "Faults by architectural kind.",
+            "kind",
+            &named(by_kind),
+        )?;
+        counter_family(
+            &mut encoder,
+            "faultline_faults_by_mapping_size",
+            "Faults by the stage-2 mapping size chosen (none: no mapping).",
+            "size",
+            &named(by_size),
+        )?;
+        let vms = sources.vms.list();
+        let by_vm: Vec<(String, u64)> = vms
+            .iter()
+            .map(|vm| (vm.id().raw().to_string(), vm.counters.faults.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect();
+        counter_family(&mut encoder, "faultline_vm_faults", "Fault records received, by attached VM.", "vm", &by_vm)?;
+
+        let mut latency = encoder.encode_descriptor(
+            "faultline_fault_latency",
+            "Fault latency by pipeline stage and end to end (HDR histogram, re-bucketed).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (stage, h) in STAGES.iter().zip(stats.histograms()) {
+            let mut below = 0;
+            let mut buckets = Vec::with_capacity(BUCKETS_S.len() + 1);
+            for le in BUCKETS_S {
+                let cumulative = h.count_between(0, (le * 1e9) as u64);
+                buckets.push((le, cumulative - below));
+                below = cumulative;
+            }
+            buckets.push((f64::MAX, h.len() - below));
+            let m = Bucketed { sum_s: h.mean() * h.len() as f64 / 1e9, count: h.len(), buckets };
+            let labels = [("stage", *stage)];
+            m.encode(latency.encode_family(&labels)?)?;
+        }
+
+        let hub = sources.events.status();
+        counter(&mut encoder, "faultline_events_seen", "Fault events recorded.", hub.seen_events)?;
+        counter(
+            &mut encoder,
+            "faultline_events_lost",
+            "Fault events the history lost because an observer held their slot.",
+            hub.lost_events,
+        )?;
+        counter(
+            &mut encoder,
+            "faultline_histogram_samples_skipped",
+            "Latency samples not recorded because a reader held the histograms.",
+            stats.skipped(),
+        )?;
+        gauge(&mut encoder, "faultline_events_buffered", "Fault events in the history.", hub.num_events as i64)?;
+        let pinned: u64 = vms.iter().map(|vm| vm.mapping.pins().total()).sum();
+        gauge(&mut encoder, "faultline_pinned_pages", "Backing pages pinned by installed mappings.", pinned as i64)?;
+        gauge(&mut encoder, "faultline_attached_vms", "VMs attached.", vms.len() as i64)?;
+        let mut occupancy = encoder.encode_descriptor(
+            "faultline_ring_occupancy",
+            "Records waiting in a vCPU ring as the daemon last saw them.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in ring_occupancy(&vms) {
+            let (vm, vcpu) = (r.vm_id.to_string(), r.vcpu.to_string());
+            for (ring, n) in [("fault", r.fault_ring), ("command", r.command_ring)] {
+                let labels = [("vm", vm.as_str()), ("vcpu", vcpu.as_str()), ("ring", ring)];
+                ConstGauge::new(n as i64).encode(occupancy.encode_family(&labels)?)?;
+            }
+        }
+        self.encode_policy(&mut encoder)
+    }
+}
+
+impl FaultCollector {
+    /// The policy in force and its watchdog's counters.
+    fn encode_policy(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use faultline_proto::v1::PolicyExitKind;
+        let host = &self.0.policies;
+        let stats = host.stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut info = encoder.encode_descriptor(
+            "faultline_policy_active",
+            "The memory policy in force (1 for its name).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let name = host.load().policy.name();
+        ConstGauge::new(1).encode(info.encode_family(&[("policy", name)])?)?;
+        let fallbacks: Vec<(String, u64)> = (1..stats.fallbacks.len() as i32)
+            .filter_map(|k| PolicyExitKind::try_from(k).ok())
+            .filter(|k| *k != PolicyExitKind::Replaced)
+            .map(|k| {
+                let label = k.as_str_name().trim_start_matches("POLICY_EXIT_KIND_").to_lowercase();
+                (label, load(&stats.fallbacks[k as usize]))
+            })
+            .collect();
+        counter_family(
+            encoder,
+            "faultline_policy_fallbacks",
+            "Policies dropped for the built-in one, by why.",
+            "reason",
+            &fallbacks,
+        )?;
+        counter(encoder, "faultline_policy_consults", "Consult calls to a policy.", load(&stats.consults))?;
+        counter(
+            encoder,
+            "faultline_policy_consults_late",
+            "Consults not answered within the deadline (the rules decided).",
+            load(&stats.consults_late),
+        )?;
+        counter(encoder, "faultline_policy_clamped", "Policy decisions correctness overrode.", load(&stats.clamped))?;
+        let prefaulted: u64 = self.0.vms.list().iter().map(|vm| load(&vm.counters.prefaulted)).sum();
+        counter(encoder, "faultline_fault_around_pages", "Pages mapped by fault-around (attached VMs).", prefaulted)
+    }
+}
+
+/// The registry the endpoint encodes.
+pub fn registry(sources: Sources) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(FaultCollector(sources)));
+    registry
+}
+
+/// The exposition text for `registry`.
+pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// Serves `GET /metrics` on `addr` until `shutdown` is cancelled; sends the
+/// bound address to `bound` once listening.
+pub async fn serve(
+    sources: Sources,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> anyhow::Result<()> {
+    let registry = Arc::new(registry(sources));
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                match render(&registry) {
+                    Ok(text) => (
+                        axum::http::StatusCode::OK,
+                        [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        text,
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("encoding metrics failed: {e}"),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    info!(addr = %local, "metrics listening");
+    let _ = bound.send(local);
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}

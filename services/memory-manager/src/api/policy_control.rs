@@ -1,0 +1,70 @@
+//! PolicyControl: which memory policy is in force (list, use, default,
+//! status), over the [`PolicyHost`].
+
+use std::sync::Arc;
+
+use faultline_proto::v1 as pb;
+use faultline_proto::v1::policy_control_server::PolicyControl;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::policy::host::{PolicyHost, UseError};
+
+/// The PolicyControl service.
+pub struct PolicyControlService {
+    policies: Arc<PolicyHost>,
+}
+
+impl PolicyControlService {
+    /// The service over the policy host.
+    pub fn new(policies: Arc<PolicyHost>) -> Self {
+        Self { policies }
+    }
+}
+
+impl From<UseError> for Status {
+    fn from(e: UseError) -> Self {
+        match e {
+            UseError::BadEndpoint { .. } | UseError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+            UseError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            UseError::Cancelled => Status::aborted("superseded by another policy request"),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyControl for PolicyControlService {
+    #[instrument(skip(self, _request))]
+    async fn list_policies(
+        &self,
+        _request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        Ok(Response::new(pb::ListPoliciesResponse { policies: self.policies.list() }))
+    }
+
+    #[instrument(skip(self, request), fields(endpoint = %request.get_ref().endpoint))]
+    async fn use_policy(&self, request: Request<pb::UsePolicyRequest>) -> Result<Response<pb::PolicyStatus>, Status> {
+        let req = request.into_inner();
+        if req.endpoint.is_empty() {
+            return Err(Status::invalid_argument("endpoint is empty"));
+        }
+        let status = self.policies.use_policy(&req.endpoint, req.reconnect).await?;
+        Ok(Response::new(status))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn use_default(
+        &self,
+        _request: Request<pb::UseDefaultRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        Ok(Response::new(self.policies.use_default()))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn get_policy_status(
+        &self,
+        _request: Request<pb::GetPolicyStatusRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        Ok(Response::new(self.policies.status()))
+    }
+}

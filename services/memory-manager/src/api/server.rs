@@ -1,0 +1,100 @@
+//! The gRPC server: FaultTrace, Control and PolicyControl, with
+//! grpc.health.v1 and server reflection (v1 and v1alpha), so `grpcurl` can
+//! list and call everything; served on TCP and optionally on a Unix socket.
+
+use std::net::SocketAddr;
+
+use faultline_proto::v1::control_server::ControlServer;
+use faultline_proto::v1::fault_trace_server::FaultTraceServer;
+use faultline_proto::v1::policy_control_server::PolicyControlServer;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::control::ControlService;
+use super::fault_trace::FaultTraceService;
+use super::policy_control::PolicyControlService;
+use super::sources::Sources;
+
+/// Serves gRPC on `addr` (and on the Unix socket `unix`, if given) until
+/// `shutdown` is cancelled (follow streams end then too, so the server stops
+/// promptly); sends the bound TCP address to `bound` once listening.
+pub async fn serve(
+    sources: Sources,
+    addr: SocketAddr,
+    unix: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let unix_listener = match &unix {
+        Some(path) => {
+            // A socket left by a daemon that did not exit cleanly.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                std::fs::remove_file(path)?;
+            }
+            let l = tokio::net::UnixListener::bind(path)
+                .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {}: {e}", path.display()))?;
+            info!(path = %path.display(), "gRPC listening on Unix socket");
+            Some(l)
+        }
+        None => None,
+    };
+    info!(addr = %local, "gRPC listening");
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
+    health.set_serving::<ControlServer<ControlService>>().await;
+    health.set_serving::<PolicyControlServer<PolicyControlService>>().await;
+    let router = || -> anyhow::Result<tonic::transport::server::Router> {
+        // Each version lists every service served, the other version included.
+        // Only what is served: policy.proto also defines MemoryPolicy, which
+        // policy services serve and the daemon calls.
+        let reflection = || {
+            [
+                "faultline.v1.FaultTrace",
+                "faultline.v1.Control",
+                "faultline.v1.PolicyControl",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+            .into_iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, name| b.with_service_name(name))
+            .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = reflection()
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let control = ControlService::new(sources.vms.clone());
+        let service = FaultTraceService::new(sources.clone(), shutdown.clone());
+        let policy = PolicyControlService::new(sources.policies.clone());
+        Ok(tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(FaultTraceServer::new(service))
+            .add_service(ControlServer::new(control))
+            .add_service(PolicyControlServer::new(policy)))
+    };
+    let stopped = |t: CancellationToken| async move { t.cancelled().await };
+    let tcp = router()?.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));
+    let _ = bound.send(local);
+    match unix_listener {
+        Some(l) => {
+            let uds = router()?.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped(shutdown.clone()));
+            let served = tokio::try_join!(tcp, uds).map(|_| ());
+            if let Some(path) = &unix {
+                let _ = std::fs::remove_file(path);
+            }
+            served?;
+        }
+        None => tcp.await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The table of attached VMs. A VM is in it for exactly as long as its
+//! [`Registration`] lives: every way out of a connection, a panic included,
+//! drops the registration and frees the VM's id.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hyp_core::ownership::VmId;
+
+use crate::link::vm::AttachedVm;
+
+/// The attached VMs, by id.
+#[derive(Debug, Default)]
+pub struct VmTable {
+    vms: Mutex<HashMap<u16, Arc<AttachedVm>>>,
+}
+
+impl VmTable {
+    fn locked(&self) -> MutexGuard<'_, HashMap<u16, Arc<AttachedVm>>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `vm`, or `None` if its id is taken.
+    pub fn register(&self, vm: Arc<AttachedVm>) -> Option<Registration<'_>> {
+        let id = vm.id();
+        let mut vms = self.locked();
+        if vms.contains_key(&id.raw()) {
+            return None;
+        }
+        vms.insert(id.raw(), vm);
+        Some(Registration { table: self, id })
+    }
+
+    /// The VM with id `id`, if attached.
+    pub fn get(&self, id: u32) -> Option<Arc<AttachedVm>> {
+        u16::try_from(id).ok().and_then(|id| self.locked().get(&id).cloned())
+    }
+
+    /// Every attached VM.
+    pub fn list(&self) -> Vec<Arc<AttachedVm>> {
+        self.locked().values().cloned().collect()
+    }
+
+    /// VMs attached.
+    pub fn len(&self) -> usize {
+        self.locked().len()
+    }
+
+    /// True if none is attached.
+    pub fn is_empty(&self) -> bool {
+        self.locked().is_empty()
+    }
+}
+
+/// A VM's place in the [`VmTable`]; dropping it removes the VM.
+#[derive(Debug)]
+#[must_use = "dropping a Registration detaches the VM from the table"]
+pub struct Registration<'t> {
+    table: &'t VmTable,
+    id: VmId,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.table.locked().remove(&self.id.raw());
+    }
+}

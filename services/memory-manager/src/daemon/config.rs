@@ -1,0 +1,161 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The gRPC API's default port (on 127.0.0.1).
+pub const DEFAULT_GRPC_PORT: u16 = 50_151;
+/// The Prometheus endpoint's default port (on 127.0.0.1).
+pub const DEFAULT_METRICS_PORT: u16 = 50_152;
+
+use serde::Deserialize;
+
+use super::priority::ApiPriority;
+use crate::policy::builtin::PolicyKind;
+use crate::policy::host::PolicyTiming;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the daemon can be told.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Path of the attach socket (Unix SOCK_SEQPACKET).
+    pub attach_socket: PathBuf,
+    /// Address the gRPC API listens on (FaultTrace, health, reflection).
+    pub grpc_listen: SocketAddr,
+    /// Also serve the gRPC API on this Unix socket (none by default).
+    pub grpc_unix_socket: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` HTTP endpoint.
+    pub metrics_listen: SocketAddr,
+    /// The built-in policy in force.
+    pub policy: PolicyKind,
+    /// Ring polls before a service thread sleeps on its doorbell (0: sleep at once).
+    pub spin_polls: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
+    pub log_filter: String,
+    /// Fault events kept for "last N" queries; also how far a follower may
+    /// fall behind before it loses some.
+    pub event_buffer: usize,
+    /// Scheduling of the API threads (gRPC, metrics) against the fault path.
+    pub api_priority: ApiPriority,
+    /// Policy services: how long a policy has to connect, describe itself,
+    /// send its first rules and answer each heartbeat (ms).
+    pub policy_deadline_ms: u64,
+    /// Policy services: how often a policy in force gets a heartbeat (ms).
+    /// A policy that stops answering is dropped within
+    /// `policy_heartbeat_ms + policy_deadline_ms`.
+    pub policy_heartbeat_ms: u64,
+    /// Policy services: how long a fault waits for a Consult answer (us).
+    pub policy_consult_deadline_us: u64,
+    /// Policy services: late consults in a row that drop the policy.
+    pub policy_late_strikes: u32,
+    /// Policy services: reconnect to a dropped policy when it is healthy
+    /// again (a UsePolicy call may say otherwise).
+    pub policy_reconnect: bool,
+    /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
+    /// no fault pays for fresh backing.
+    pub prefault: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            attach_socket: PathBuf::from("/run/faultline/attach.sock"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
+            grpc_unix_socket: None,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
+            policy: PolicyKind::Default,
+            spin_polls: 20_000,
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            prefault: false,
+            api_priority: ApiPriority::Low,
+            event_buffer: 65_536,
+            policy_deadline_ms: 100,
+            policy_heartbeat_ms: 100,
+            policy_consult_deadline_us: 2_000,
+            policy_late_strikes: 3,
+            policy_reconnect: false,
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// The policy watchdog's settings.
+    pub fn policy_timing(&self) -> PolicyTiming {
+        use std::time::Duration;
+        PolicyTiming {
+            deadline: Duration::from_millis(self.policy_deadline_ms),
+            heartbeat: Duration::from_millis(self.policy_heartbeat_ms.max(1)),
+            consult_deadline: Duration::from_micros(self.policy_consult_deadline_us),
+            late_strikes: self.policy_late_strikes,
+            reconnect: self.policy_reconnect,
+        }
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_in_deploy_parses() {
+        let c = Config::from_toml(include_str!("../../../../deploy/memory-manager.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c = Config::from_toml("attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\n").unwrap();
+        assert_eq!(c.attach_socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(c.policy, PolicyKind::Pages4k);
+        assert_eq!(c.spin_polls, 0);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(Config::from_toml("atach_socket = \"/x\"").is_err());
+        assert!(Config::from_toml("policy = \"largest\"").is_err());
+    }
+}

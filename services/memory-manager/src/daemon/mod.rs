@@ -1,0 +1,156 @@
+//! The daemon: the one place every layer is wired together. It builds the
+//! shared state (the VM table, the event history, the policy host), starts
+//! the attach server on its own thread and the API on the async runtime,
+//! and stops them in order.
+
+pub mod config;
+pub mod notify;
+pub mod priority;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::sources::Sources;
+use crate::attach::connection::{AttachServer, AttachSettings};
+use crate::attach::registry::VmTable;
+use crate::observe::hub::EventHub;
+use crate::policy::host::PolicyHost;
+use config::Config;
+
+/// The daemon's state and its parts.
+pub struct Daemon {
+    config: Config,
+    sources: Sources,
+    attach: AttachServer,
+}
+
+impl Daemon {
+    /// A daemon with `config`; starts the policy host's thread (call from a
+    /// thread at the fault path's priority).
+    pub fn new(config: Config) -> std::io::Result<Self> {
+        let policies = Arc::new(PolicyHost::new(config.policy.build(), config.policy_timing())?);
+        let sources = Sources {
+            vms: Arc::new(VmTable::default()),
+            events: Arc::new(EventHub::new(config.event_buffer)),
+            policies,
+        };
+        let settings = AttachSettings { prefault: config.prefault, spin_polls: config.spin_polls };
+        let attach =
+            AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
+        Ok(Self { config, sources, attach })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// What the API serves.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+}
+
+/// How long shutdown waits for gRPC clients to disconnect.
+const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Runs the daemon until `shutdown` completes, then stops serving, detaches
+/// every VM, ends gRPC streams and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let daemon = Arc::new(Daemon::new(config)?);
+    info!(policy = daemon.sources.policies.load().policy.name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
+    if let Some(dir) = daemon.config().attach_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // The attach server and every thread it starts (connections, vCPU
+    // service, control) run on a plain thread: they must not inherit the
+    // API threads' lower priority.
+    let attach = {
+        let daemon = daemon.clone();
+        let path = daemon.config().attach_socket.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("attach".into()).spawn(move || {
+            let _ = done_tx.send(daemon.attach.serve(&path));
+        })?;
+        done_rx
+    };
+    let grpc_stop = CancellationToken::new();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let grpc = tokio::spawn(crate::api::server::serve(
+        daemon.sources.clone(),
+        daemon.config().grpc_listen,
+        daemon.config().grpc_unix_socket.clone(),
+        grpc_stop.clone(),
+        bound_tx,
+    ));
+    let (metrics_tx, metrics_rx) = tokio::sync::oneshot::channel();
+    let metrics = tokio::spawn(crate::api::metrics::serve(
+        daemon.sources.clone(),
+        daemon.config().metrics_listen,
+        grpc_stop.clone(),
+        metrics_tx,
+    ));
+    tokio::pin!(attach, grpc, metrics);
+    // Ready once both listeners are up: the gRPC server reports its bound
+    // address, the attach socket exists once listening.
+    let ready = async {
+        if bound_rx.await.is_err() || metrics_rx.await.is_err() {
+            // A server failed to bind: never ready (run() reports why).
+            std::future::pending::<()>().await;
+        }
+        while !daemon.config().attach_socket.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if let Err(e) = notify::notify("READY=1") {
+            tracing::warn!(cause = %e, "systemd readiness notification failed");
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(ready);
+    let (mut attach_done, mut grpc_done, mut metrics_done) = (None, None, None);
+    tokio::select! {
+        _ = &mut ready => unreachable!("readiness never completes"),
+        _ = shutdown => info!("shutdown requested"),
+        res = &mut attach => attach_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from))),
+        res = &mut grpc => grpc_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
+        res = &mut metrics => metrics_done = Some(res.map_err(anyhow::Error::from).and_then(|r| r)),
+    }
+    let _ = notify::notify("STOPPING=1");
+    daemon.attach.stop();
+    grpc_stop.cancel();
+    let attach_res = match attach_done {
+        Some(r) => r,
+        None => attach.await.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+    };
+    let grpc_res = match grpc_done {
+        Some(r) => r,
+        // Graceful shutdown waits for clients to close their connections; a
+        // client that never does (or cannot, because it is blocked) must not
+        // keep the daemon alive.
+        None => match tokio::time::timeout(GRPC_DRAIN, &mut grpc).await {
+            Ok(r) => r.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(_) => {
+                tracing::warn!(after = ?GRPC_DRAIN, "gRPC clients still connected at shutdown; closing them");
+                grpc.abort();
+                Ok(())
+            }
+        },
+    };
+    let metrics_res = match metrics_done {
+        Some(r) => r,
+        // No long-lived requests: it stops at once, or is closed.
+        None => match tokio::time::timeout(GRPC_DRAIN, &mut metrics).await {
+            Ok(r) => r.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(_) => {
+                metrics.abort();
+                Ok(())
+            }
+        },
+    };
+    attach_res.and(grpc_res).and(metrics_res.map_err(|e| e.context("metrics endpoint")))?;
+    info!("memory-manager stopped");
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! Ring service: one dedicated thread per vCPU (not the async runtime),
+//! spinning on the fault ring and then sleeping on its doorbell.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use hyp_core::addr::PAGE_SIZE;
+use hyp_core::reject::Reject;
+use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord, FLAG_DEVICE};
+use hyp_core::ring::{Consumer, Producer, RingError};
+use hyp_core::stage2::MapSize;
+use hyp_core::vm::map_outcome;
+use tracing::{debug, error, warn};
+
+use super::evict;
+use super::vm::AttachedVm;
+use crate::fault::around::plan_around;
+use crate::fault::clock;
+use crate::fault::pipeline::handle_fault;
+use crate::fault::plan::{AroundPlan, Decision, Exit, MapPlan};
+use crate::fault::trace::Trace;
+use crate::memory::mapping::Installed;
+use crate::observe::events::{FaultEvent, Outcome};
+use crate::observe::hub::EventHub;
+use crate::policy::host::PolicyHost;
+
+/// Pages handed to the core per memcache top-up.
+const TOPUP_PAGES: u64 = 64;
+
+/// A map command in flight and the event it will complete.
+struct PendingMap {
+    plan: MapPlan,
+    fault_id: u64,
+    event: FaultEvent,
+    trace: Trace,
+}
+
+enum Pending {
+    Map(Box<PendingMap>),
+    Around(Box<AroundPlan>),
+    Other,
+}
+
+/// Serves one vCPU's rings until `stop` is set or the peer breaks the protocol.
+pub struct VcpuService<'r, 'v> {
+    vm: &'v AttachedVm,
+    policy: &'v PolicyHost,
+    hub: &'v EventHub,
+    vcpu: u32,
+    faults: Consumer<'r>,
+    commands: Producer<'r>,
+    pending: HashMap<u64, Pending>,
+    next_cmd: u64,
+}
+
+impl<'r, 'v> VcpuService<'r, 'v> {
+    /// A service over `vcpu`'s fault ring (consumed) and command ring (produced).
+    pub fn new(
+        vm: &'v AttachedVm,
+        policy: &'v PolicyHost,
+        hub: &'v EventHub,
+        vcpu: u32,
+        faults: Consumer<'r>,
+        commands: Producer<'r>,
+    ) -> Self {
+        Self { vm, policy, hub, vcpu, faults, commands, pending: HashMap::new(), next_cmd: (vcpu as u64) << 48 | 1 }
+    }
+
+    /// The event for `rec` as far as `trace` knows it.
+    fn event(&self, rec: &FaultRecord, trace: &Trace, outcome: Outcome) -> FaultEvent {
+        FaultEvent {
+            seq: 0,
+            time: clock::wall_time(trace.start),
+            fault_id: rec.fault_id,
+            vm_id: self.vm.id().raw(),
+            vcpu: self.vcpu,
+            ipa: rec.ipa,
+            esr: rec.esr,
+            status: trace.abort.map(|a| a.status),
+            access: trace.abort.map(|a| a.access),
+            memslot: trace.memslot,
+            hva: trace.hva,
+            vma_page_size: trace.vma_page_size,
+            mapping_size: None,
+            permissions: 0,
+            pa: 0,
+            outcome,
+            policy: trace.policy,
+            stages: trace.stages,
+            sent_ns: trace.elapsed_ns(),
+            completed_ns: trace.elapsed_ns(),
+            populated: trace.populated,
+            fault_around: 0,
+        }
+    }
+
+    /// The loop.
+    pub fn run(mut self, wait: WaitPolicy, stop: &AtomicBool) -> Result<(), RingError> {
+        let occupancy = &self.vm.rings[self.vcpu as usize];
+        occupancy.set_capacity(self.faults.view().capacity());
+        while let Some(record) = wait_pop(&mut self.faults, wait, stop)? {
+            occupancy.note_faults(self.faults.len()?);
+            match record.kind() {
+                kind::FAULT => self.on_fault(&FaultRecord::decode(&record), stop)?,
+                kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop)?,
+                other => {
+                    warn!(vm = %self.vm.id(), vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
+                    self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Stopping (the machine detached): settle the results already on the
+        // ring, so their pins and events are accounted for. Nobody waits for
+        // new faults any more.
+        while let Some(record) = self.faults.pop()? {
+            if record.kind() == kind::RESULT {
+                self.on_result(&ResultRecord::decode(&record), stop)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one fault and sends its command.
+    pub fn on_fault(&mut self, rec: &FaultRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        self.vm.counters.faults.fetch_add(1, Ordering::Relaxed);
+        self.vm.mapping.note_seq(rec.inval_seq);
+        let mut trace = Trace::start();
+        // One load: the whole fault is decided by one policy, whatever swaps.
+        let policy = self.policy.load();
+        trace.policy = policy.policy.name();
+        let decision = match handle_fault(self.vm.view(), &*policy.policy, rec, &mut trace) {
+            Ok(d) => d,
+            Err(e) => {
+                error!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
+                self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
+                return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
+            }
+        };
+        match decision {
+            Decision::Map(plan) => {
+                // Fault-around first: the core maps the neighbours before
+                // the fault's own map resumes the vCPU. At most half the
+                // command ring, so the batch never waits on the core.
+                let room = (self.commands.view().capacity() / 2).saturating_sub(1);
+                let around = match plan.fault_around().min(room) {
+                    0 => Vec::new(),
+                    n => plan_around(self.vm.view(), &plan, n),
+                };
+                let sent_around = around.len() as u32;
+                for a in around {
+                    self.send_prefault(a, stop)?;
+                }
+                self.send_map(plan, rec.fault_id, trace, stop, |s, plan| {
+                    let mut event = s.event(rec, &trace, Outcome::Mapped);
+                    (event.mapping_size, event.permissions, event.pa) =
+                        (Some(plan.size), plan.perms.bits(), plan.pa.raw());
+                    event.fault_around = sent_around;
+                    event
+                })
+            }
+            Decision::Exit(exit) => {
+                let (counter, outcome) = match exit {
+                    Exit::Mmio(_) | Exit::CacheMaintenance { .. } => (&self.vm.counters.mmio_exits, Outcome::MmioExit),
+                    Exit::NoSyndrome { .. } | Exit::ExecOnDevice { .. } => {
+                        (&self.vm.counters.no_syndrome_exits, Outcome::NoSyndromeExit)
+                    }
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                debug!(vm = %self.vm.id(), vcpu = self.vcpu, ?exit, "exit to VMM");
+                self.hub.record(self.event(rec, &trace, outcome));
+                self.complete(rec.fault_id, action::EXIT_TO_VMM, stop)
+            }
+            Decision::Inject(reason) => {
+                self.vm.counters.injected.fetch_add(1, Ordering::Relaxed);
+                debug!(vm = %self.vm.id(), vcpu = self.vcpu, ?reason, "injecting abort");
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
+                self.complete(rec.fault_id, action::INJECT_ABORT, stop)
+            }
+        }
+    }
+
+    /// Sends the map command first, then builds its event (off the path the
+    /// vCPU waits on) and remembers both until the result arrives.
+    fn send_map(
+        &mut self,
+        plan: MapPlan,
+        fault_id: u64,
+        trace: Trace,
+        stop: &AtomicBool,
+        event: impl FnOnce(&Self, &MapPlan) -> FaultEvent,
+    ) -> Result<(), RingError> {
+        let cmd = CommandRecord {
+            kind: kind::MAP,
+            flags: plan.perms.bits() | if plan.device { FLAG_DEVICE } else { 0 },
+            cmd_id: self.cmd_id(),
+            fault_id,
+            ipa: plan.ipa.raw(),
+            pa: plan.pa.raw(),
+            size: plan.size.bytes(),
+            inval_seq: plan.seq,
+            reserved: 0,
+        };
+        // A write into a logged memslot is dirty before the vCPU can resume
+        // (KVM marks it before returning to the guest): the core resumes
+        // the vCPU as soon as it installs the map, before this thread sees
+        // the result. A map that is then refused leaves a spurious bit,
+        // which only costs a copy; a missing bit would lose a write.
+        if let Some(slot) = self.vm.layout.memslots.lookup(plan.fault_ipa).filter(|_| plan.marks_dirty) {
+            self.vm.mapping.mark_dirty(slot, plan.fault_ipa);
+        }
+        let sent = self.send(&cmd, stop);
+        let mut event = event(self, &plan);
+        event.sent_ns = trace.elapsed_ns();
+        self.pending.insert(cmd.cmd_id, Pending::Map(Box::new(PendingMap { plan, fault_id, event, trace })));
+        sent
+    }
+
+    /// Reclaims (directly, before this vCPU's next fault is served) if an
+    /// install took the VM over its budget.
+    fn check_budget(&self, stop: &AtomicBool) {
+        if let Some(budget) = self.policy.load().policy.budget(self.vm.id().raw()) {
+            if self.vm.mapping.resident() > budget.max_resident {
+                evict::enforce(self.vm, budget, stop);
+            }
+        }
+    }
+
+    fn send_prefault(&mut self, a: AroundPlan, stop: &AtomicBool) -> Result<(), RingError> {
+        let cmd = CommandRecord {
+            kind: kind::PREFAULT,
+            flags: a.perms.bits(),
+            cmd_id: self.cmd_id(),
+            fault_id: 0,
+            ipa: a.ipa.raw(),
+            pa: a.pa.raw(),
+            size: PAGE_SIZE,
+            inval_seq: a.seq,
+            reserved: 0,
+        };
+        self.pending.insert(cmd.cmd_id, Pending::Around(Box::new(a)));
+        self.send(&cmd, stop)
+    }
+
+    fn complete(&mut self, fault_id: u64, act: u32, stop: &AtomicBool) -> Result<(), RingError> {
+        let cmd =
+            CommandRecord { kind: kind::COMPLETE, flags: act, cmd_id: self.cmd_id(), fault_id, ..Default::default() };
+        self.pending.insert(cmd.cmd_id, Pending::Other);
+        self.send(&cmd, stop)
+    }
+
+    fn topup(&mut self, stop: &AtomicBool) -> Result<bool, RingError> {
+        let Some((first, pages)) = self.vm.mapping.take_table_pages(TOPUP_PAGES) else {
+            return Ok(false);
+        };
+        self.vm.counters.topups.fetch_add(1, Ordering::Relaxed);
+        let cmd = CommandRecord {
+            kind: kind::TOPUP,
+            cmd_id: self.cmd_id(),
+            pa: first.raw(),
+            size: pages * PAGE_SIZE,
+            ..Default::default()
+        };
+        self.pending.insert(cmd.cmd_id, Pending::Other);
+        self.send(&cmd, stop)?;
+        Ok(true)
+    }
+
+    fn on_result(&mut self, res: &ResultRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        self.vm.mapping.note_seq(res.inval_seq);
+        let Some(pending) = self.pending.remove(&res.cmd_id) else {
+            warn!(vm = %self.vm.id(), vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
+            return Ok(());
+        };
+        if let Pending::Around(a) = pending {
+            // Installed: recorded like any mapping. Anything else (already
+            // mapped, stale): the pin goes with the plan.
+            if res.status == 0 && res.value == map_outcome::INSTALLED {
+                self.vm.counters.prefaulted.fetch_add(1, Ordering::Relaxed);
+                let AroundPlan { ipa, pa, pin, .. } = *a;
+                let installed = Installed::new(MapSize::Page4K, pa, res.inval_seq, pin.into_mapping());
+                self.vm.record_installed(ipa, installed);
+                self.check_budget(stop);
+            } else if res.status != 0 && Reject::from_code(res.status) != Some(Reject::StaleSequence) {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, reason = ?Reject::from_code(res.status), ipa = %a.ipa, "core refused a fault-around page");
+            }
+            return Ok(());
+        }
+        let Pending::Map(pending) = pending else {
+            if res.status != 0 {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, kind = res.command_kind, reason = ?Reject::from_code(res.status), "core refused a command");
+            }
+            return Ok(());
+        };
+        let PendingMap { plan, fault_id, mut event, trace } = *pending;
+        event.outcome = match (res.status, Reject::from_code(res.status)) {
+            (0, _) => self.installed(plan, res),
+            (_, Some(Reject::StaleSequence)) => {
+                // The core completed the fault as a retry; the pin goes with `plan`.
+                self.vm.counters.retried_stale.fetch_add(1, Ordering::Relaxed);
+                Outcome::RetriedStale
+            }
+            (_, Some(Reject::MemcacheLow)) => {
+                if self.topup(stop)? {
+                    return self.send_map(plan, fault_id, trace, stop, |_, _| event);
+                }
+                error!(vm = %self.vm.id(), "table-page pool exhausted; injecting abort");
+                self.complete(fault_id, action::INJECT_ABORT, stop)?;
+                Outcome::InjectedAbort
+            }
+            (code, reason) => {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, code, ?reason, ipa = %plan.ipa, "core refused a map; retrying the fault");
+                self.vm.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.complete(fault_id, action::RETRY, stop)?;
+                Outcome::Rejected(reason)
+            }
+        };
+        event.completed_ns = trace.elapsed_ns();
+        let mapped = event.outcome == Outcome::Mapped;
+        self.hub.record(event);
+        if mapped {
+            self.check_budget(stop);
+        }
+        Ok(())
+    }
+
+    fn installed(&mut self, plan: MapPlan, res: &ResultRecord) -> Outcome {
+        match res.value {
+            map_outcome::INSTALLED => {
+                let installed = Installed::new(plan.size, plan.pa, res.inval_seq, plan.pin.into_mapping());
+                if !self.vm.record_installed(plan.ipa, installed) {
+                    debug!(vm = %self.vm.id(), ipa = %plan.ipa, "mapping already invalidated when its result arrived");
+                }
+                Outcome::Mapped
+            }
+            map_outcome::RELAXED => {
+                self.vm.counters.relaxed.fetch_add(1, Ordering::Relaxed);
+                Outcome::Relaxed
+            }
+            _ => {
+                self.vm.counters.already_present.fetch_add(1, Ordering::Relaxed);
+                Outcome::AlreadyPresent
+            }
+        }
+    }
+
+    fn cmd_id(&mut self) -> u64 {
+        self.next_cmd += 1;
+        self.next_cmd
+    }
+
+    fn send(&mut self, cmd: &CommandRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        loop {
+            match push_and_ring(&mut self.commands, &cmd.encode()) {
+                Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+                Ok(()) => {
+                    self.vm.rings[self.vcpu as usize].note_commands(self.commands.len()?);
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+}

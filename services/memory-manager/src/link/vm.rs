@@ -1,0 +1,56 @@
+//! One attached VM as the ring link serves it: its three kinds of state
+//! (the fixed layout, the rebuildable mapping state, the counters), the
+//! occupancy of its rings and the client of its control ring. Each part is
+//! handed on alone: the pipeline gets only a [`VmView`] of the first two.
+
+use hyp_core::addr::Ipa;
+use hyp_core::ownership::VmId;
+
+use super::control::ControlClient;
+use crate::fault::context::VmView;
+use crate::memory::layout::VmLayout;
+use crate::memory::mapping::{Installed, MappingState};
+use crate::memory::pool::PagePool;
+use crate::observe::counters::VmCounters;
+use crate::observe::rings::RingOccupancy;
+
+/// One attached VM.
+#[derive(Debug)]
+pub struct AttachedVm {
+    /// What is fixed since attach.
+    pub layout: VmLayout,
+    /// What changes with every fault (a cache of the core's tables).
+    pub mapping: MappingState,
+    /// What is counted.
+    pub counters: VmCounters,
+    /// Ring occupancy per vCPU.
+    pub rings: Vec<RingOccupancy>,
+    /// Commands the daemon starts itself, over the control ring pair.
+    pub control: ControlClient,
+}
+
+impl AttachedVm {
+    /// A VM with `layout` and nothing mapped, with `pool` for its core.
+    pub fn new(layout: VmLayout, pool: PagePool) -> Self {
+        let mapping = MappingState::new(&layout, pool);
+        let rings = (0..layout.nr_vcpus).map(|_| RingOccupancy::default()).collect();
+        Self { layout, mapping, counters: VmCounters::default(), rings, control: ControlClient::default() }
+    }
+
+    /// The VM id.
+    pub fn id(&self) -> VmId {
+        self.layout.id
+    }
+
+    /// What the pipeline reads.
+    pub fn view(&self) -> VmView<'_> {
+        VmView { layout: &self.layout, mapping: &self.mapping }
+    }
+
+    /// Counts and records a mapping the core installed
+    /// ([`MappingState::record_installed`]).
+    pub fn record_installed(&self, ipa: Ipa, installed: Installed) -> bool {
+        self.counters.mapped(installed.size);
+        self.mapping.record_installed(ipa, installed)
+    }
+}

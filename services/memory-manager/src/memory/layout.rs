@@ -1,0 +1,67 @@
+//! A VM's layout: what is fixed when it attaches and never changes while it
+//! is attached: its id and vCPUs, its memslots, the VMAs and the guest
+//! regions the daemon mapped. A daemon that restarts finds all of it again
+//! in the machine's attach request.
+
+use hyp_core::addr::{Ipa, Pa};
+use hyp_core::ownership::VmId;
+
+use super::memslot::{Memslot, Memslots, SlotFlags};
+use super::region::{FillError, GuestRegion, RegionSpec};
+use super::vma::Vmas;
+
+/// The fixed part of one VM.
+#[derive(Debug)]
+pub struct VmLayout {
+    /// VM id.
+    pub id: VmId,
+    /// vCPUs.
+    pub nr_vcpus: u32,
+    /// Memslots.
+    pub memslots: Memslots,
+    /// VMAs over the guest regions.
+    pub vmas: Vmas,
+    /// Guest regions (index = `Vma::region` = `Memslot::region`).
+    pub regions: Vec<GuestRegion>,
+}
+
+impl VmLayout {
+    /// A layout from pieces validated at attach.
+    pub fn new(id: VmId, nr_vcpus: u32, memslots: Memslots, vmas: Vmas, regions: Vec<GuestRegion>) -> Self {
+        Self { id, nr_vcpus, memslots, vmas, regions }
+    }
+
+    /// A VM whose memory is one writable memfd region of `size` bytes at PA
+    /// `pa_base`, with memslots `(GPA, bytes, offset in the region, flags)`
+    /// over it: the smallest real VM, for tests and benchmarks.
+    pub fn single_region(
+        id: VmId,
+        pa_base: Pa,
+        size: u64,
+        page_size: u64,
+        slots: &[(u64, u64, u64, SlotFlags)],
+    ) -> std::io::Result<Self> {
+        let memfd = memfd::MemfdOptions::default().create("guest-ram").map_err(std::io::Error::other)?;
+        memfd.as_file().set_len(size)?;
+        let spec = RegionSpec { index: 0, pa_base, size, page_size, fd_offset: 0, writable: true, device: false };
+        let region = GuestRegion::map(memfd, spec).map_err(std::io::Error::other)?;
+        let vmas = Vmas::default();
+        vmas.insert(region.vma(0));
+        let mut memslots = Memslots::default();
+        for (i, &(gpa, len, offset, flags)) in slots.iter().enumerate() {
+            let hva =
+                region.base().checked_add(offset).ok_or_else(|| std::io::Error::other("memslot offset overflows"))?;
+            memslots.insert(Memslot::new(i, Ipa::new(gpa), len, hva, 0, offset, flags));
+        }
+        Ok(Self::new(id, 1, memslots, vmas, vec![region]))
+    }
+
+    /// Puts every reclaimed page back into guest memory (the VM is
+    /// detaching: the machine gets its memory whole).
+    pub fn restore_reclaimed(&self) -> Result<(), FillError> {
+        for r in &self.regions {
+            r.restore_all()?;
+        }
+        Ok(())
+    }
+}

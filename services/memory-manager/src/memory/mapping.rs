@@ -1,0 +1,335 @@
+//! A VM's mapping state: what changes with every fault and every
+//! invalidation. It is a cache of two truths the daemon does not own: the
+//! core's stage-2 tables and page ownership, and the machine's memory.
+//!
+//! What the core's tables and ownership can rebuild (a restarted daemon
+//! reads them back, issue 13):
+//! - the installed mappings (IPA, size, output PA, permissions: the leaves);
+//! - the pins (one per backing page of every installed leaf);
+//! - the invalidation sequence (the core reports it in every fault record
+//!   and result);
+//! - the table pool's free pages (the pages the core does not own);
+//! - resident accounting (the sum of the installed leaves).
+//!
+//! What the machine's memory can rebuild: the populated bits (a page that
+//! holds data; SEEK_DATA or mincore over the region).
+//!
+//! What lives only here, and dies with the daemon:
+//! - the dirty bitmaps (pages written since the last fetch; a write leaves
+//!   a writable leaf, but a leaf made writable before the last fetch looks
+//!   the same);
+//! - the order mappings were installed in (FIFO/LIFO eviction);
+//! - the recent invalidations, needed only to settle map results that were
+//!   in flight when an invalidation ran (none survive a restart).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
+use hyp_core::stage2::MapSize;
+
+use super::bitmap::PageBitmap;
+use super::layout::VmLayout;
+use super::memslot::Memslot;
+use super::pin::{MappingPin, PinError, PinGuard, Pins};
+use super::pool::PagePool;
+use super::region::FillError;
+
+/// Invalidations remembered for late map results.
+const INVALIDATION_LOG: usize = 256;
+
+/// A mapping the core confirmed, with the pin that keeps its pages.
+#[derive(Debug)]
+pub struct Installed {
+    /// Mapping size.
+    pub size: MapSize,
+    /// Output PA.
+    pub pa: Pa,
+    /// The core's invalidation sequence when it was installed.
+    pub seq: u64,
+    /// The pages' pin.
+    pub pin: MappingPin,
+    /// Install order within the VM, set by [`MappingState::record_installed`]
+    /// (FIFO/LIFO eviction).
+    pub order: u64,
+}
+
+impl Installed {
+    /// A mapping the core reports installed, to record.
+    pub fn new(size: MapSize, pa: Pa, seq: u64, pin: MappingPin) -> Self {
+        Self { size, pa, seq, pin, order: 0 }
+    }
+}
+
+/// An installed mapping as eviction sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resident {
+    /// First IPA.
+    pub ipa: Ipa,
+    /// Bytes.
+    pub size: u64,
+    /// Install order.
+    pub order: u64,
+}
+
+/// An unmap or write-protect the core executed.
+#[derive(Clone, Copy, Debug)]
+struct Invalidation {
+    start: u64,
+    len: u64,
+    seq_after: u64,
+}
+
+/// The mapping state of one VM (see the module doc for which of it the
+/// core could rebuild).
+#[derive(Debug)]
+pub struct MappingState {
+    /// Pin counts per backing page.
+    pins: Arc<Pins>,
+    /// Pages that hold data, per guest region.
+    populated: Vec<PageBitmap>,
+    /// Pages written since the last fetch, per memslot (by memslot id).
+    dirty: Vec<PageBitmap>,
+    /// Installed mappings by IPA.
+    installed: Mutex<BTreeMap<u64, Installed>>,
+    /// Table pages not yet handed to the core.
+    pool: Mutex<PagePool>,
+    /// Latest invalidation sequence the core reported.
+    core_seq: AtomicU64,
+    /// Recent invalidations.
+    invalidations: Mutex<VecDeque<Invalidation>>,
+    /// Bytes of guest memory mapped (recorded mappings).
+    resident: AtomicU64,
+    /// Mappings recorded so far (the next one's order).
+    installs: AtomicU64,
+}
+
+impl MappingState {
+    /// The state of a VM with `layout` that has nothing mapped yet, with
+    /// `pool` to hand to its core.
+    pub fn new(layout: &VmLayout, pool: PagePool) -> Self {
+        let sizes: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.size, r.page_size)).collect();
+        let slots = layout.memslots.iter().map(|m| m.id).max().map_or(0, |n| n + 1);
+        let mut dirty: Vec<PageBitmap> = (0..slots).map(|_| PageBitmap::new(0)).collect();
+        for m in layout.memslots.iter() {
+            dirty[m.id] = PageBitmap::new(m.pages());
+        }
+        Self {
+            pins: Pins::new(&sizes),
+            populated: layout.regions.iter().map(|r| PageBitmap::new(r.size.div_ceil(PAGE_SIZE))).collect(),
+            dirty,
+            installed: Mutex::new(BTreeMap::new()),
+            pool: Mutex::new(pool),
+            core_seq: AtomicU64::new(0),
+            invalidations: Mutex::new(VecDeque::new()),
+            resident: AtomicU64::new(0),
+            installs: AtomicU64::new(0),
+        }
+    }
+
+    /// Pin counts.
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
+    }
+
+    /// Pins `[offset, offset + len)` of region `region`.
+    pub fn pin(&self, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
+        self.pins.pin(region, offset, len)
+    }
+
+    /// True if every page of `[offset, offset + len)` of `region` holds data.
+    pub fn is_populated(&self, region: usize, offset: u64, len: u64) -> bool {
+        self.populated[region].all_set(offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE))
+    }
+
+    /// Marks pages as holding data; true if any of them was not.
+    pub fn mark_populated(&self, region: usize, offset: u64, len: u64) -> bool {
+        self.populated[region].set_range(offset / PAGE_SIZE, len.div_ceil(PAGE_SIZE))
+    }
+
+    /// Marks pages as not holding data (they are being reclaimed): the next
+    /// fault on them fills them again.
+    pub fn clear_populated(&self, region: usize, offset: u64, len: u64) {
+        self.populated[region].clear_range(offset / PAGE_SIZE, len.div_ceil(PAGE_SIZE))
+    }
+
+    /// Faults in every page of every non-device guest region of `layout` now.
+    pub fn populate_all(&self, layout: &VmLayout) -> Result<(), FillError> {
+        for (i, r) in layout.regions.iter().enumerate().filter(|(_, r)| !r.device) {
+            r.fill(0, r.size)?;
+            self.mark_populated(i, 0, r.size);
+        }
+        Ok(())
+    }
+
+    /// `slot`'s dirty bitmap.
+    pub fn dirty_log(&self, slot: &Memslot) -> &PageBitmap {
+        &self.dirty[slot.id]
+    }
+
+    /// Marks the page of `slot` holding `ipa` dirty.
+    pub fn mark_dirty(&self, slot: &Memslot, ipa: Ipa) {
+        self.dirty[slot.id].set(slot.page_of(ipa));
+    }
+
+    /// Takes up to `pages` contiguous table pages to hand to the core.
+    pub fn take_table_pages(&self, pages: u64) -> Option<(Pa, u64)> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).take(pages)
+    }
+
+    /// Bytes of guest memory mapped now.
+    pub fn resident(&self) -> u64 {
+        self.resident.load(Ordering::Acquire)
+    }
+
+    /// The invalidation sequence to stamp on a map command now.
+    pub fn sample_seq(&self) -> u64 {
+        self.core_seq.load(Ordering::Acquire)
+    }
+
+    /// Notes a sequence the core reported (fault records and results).
+    pub fn note_seq(&self, seq: u64) {
+        self.core_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn installed(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Installed>> {
+        self.installed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if a recorded mapping smaller than `len` starts inside
+    /// `[start, start + len)`: a block there would overlap its table (the
+    /// core refuses that; KVM would tear the table down).
+    pub fn has_smaller_mapping(&self, start: Ipa, len: u64) -> bool {
+        self.installed().range(start.raw()..start.raw() + len).any(|(_, m)| m.size.bytes() < len)
+    }
+
+    /// True if a recorded mapping covers `ipa`.
+    pub fn is_mapped(&self, ipa: Ipa) -> bool {
+        let installed = self.installed();
+        installed.range(..=ipa.raw()).next_back().is_some_and(|(&start, m)| ipa.raw() < start + m.size.bytes())
+    }
+
+    /// Mappings recorded.
+    pub fn mapping_count(&self) -> usize {
+        self.installed().len()
+    }
+
+    /// Every recorded mapping, in IPA order.
+    pub fn residents(&self) -> Vec<Resident> {
+        let installed = self.installed();
+        installed.iter().map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order }).collect()
+    }
+
+    /// Records a mapping the core installed. Returns false, releasing its
+    /// pin, if an invalidation the core executed after installing it has
+    /// already been reconciled (the result of the map arrived late): the
+    /// mapping is gone from the tables.
+    pub fn record_installed(&self, ipa: Ipa, installed: Installed) -> bool {
+        let mut mappings = self.installed();
+        let end = ipa.raw() + installed.size.bytes();
+        let removed = self
+            .invalidations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|i| i.seq_after > installed.seq && ipa.raw() < i.start + i.len && i.start < end);
+        if removed {
+            return false;
+        }
+        let mut installed = installed;
+        installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
+        self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+        if let Some(old) = mappings.insert(ipa.raw(), installed) {
+            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Reconciles an unmap or write-protect the core executed over
+    /// `[start, start + len)`, leaving its sequence at `seq_after`: mappings
+    /// installed before it are forgotten and their pins released. Returns the
+    /// pages released.
+    pub fn forget_range(&self, start: Ipa, len: u64, seq_after: u64) -> u64 {
+        self.note_seq(seq_after);
+        let mut mappings = self.installed();
+        {
+            let mut log = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
+            if log.len() == INVALIDATION_LOG {
+                log.pop_front();
+            }
+            log.push_back(Invalidation { start: start.raw(), len, seq_after });
+        }
+        let end = start.raw() + len;
+        let doomed: Vec<u64> = mappings
+            .range(..end)
+            .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
+            .map(|(&ipa, _)| ipa)
+            .collect();
+        let removed: Vec<Installed> = doomed.iter().filter_map(|ipa| mappings.remove(ipa)).collect();
+        self.resident.fetch_sub(removed.iter().map(|m| m.size.bytes()).sum(), Ordering::AcqRel);
+        removed.iter().map(|m| m.pin.pages() as u64).sum()
+    }
+
+    /// Drops every mapping record (the VM is going away); returns the pages
+    /// whose pins were released.
+    pub fn release_all(&self) -> u64 {
+        let mut m = self.installed();
+        let pages = m.values().map(|i| i.pin.pages() as u64).sum();
+        m.clear();
+        self.resident.store(0, Ordering::Release);
+        pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::memslot::SlotFlags;
+    use hyp_core::ownership::VmId;
+
+    fn state(page_size: u64) -> (VmLayout, MappingState) {
+        let slots = [(0x4000_0000, 4 << 20, 0, SlotFlags::default()), (0x8000_0000, 4 << 20, 4 << 20, SlotFlags::default())];
+        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 8 << 20, page_size, &slots)
+            .unwrap();
+        let mapping = MappingState::new(&layout, PagePool::default());
+        (layout, mapping)
+    }
+
+    #[test]
+    fn population_is_per_4k_on_huge_backing_pages() {
+        let (_, m) = state(2 << 20);
+        assert!(!m.is_populated(0, 0, 8 << 20));
+        assert!(m.mark_populated(0, 4096 * 63, 4096 * 3));
+        assert!(m.is_populated(0, 4096 * 63, 4096 * 3));
+        assert!(!m.is_populated(0, 4096 * 62, 4096 * 2));
+        assert!(!m.mark_populated(0, 4096 * 64, 4096));
+        m.clear_populated(0, 4096 * 64, 4096);
+        assert!(!m.is_populated(0, 4096 * 63, 4096 * 3));
+    }
+
+    #[test]
+    fn each_memslot_has_its_own_dirty_log() {
+        let (layout, m) = state(4096);
+        let second = layout.memslots.by_id(1).unwrap();
+        m.mark_dirty(second, Ipa::new(0x8000_3000));
+        assert_eq!(m.dirty_log(second).words()[0], 1 << 3);
+        assert_eq!(m.dirty_log(layout.memslots.by_id(0).unwrap()).count(), 0);
+    }
+
+    #[test]
+    fn a_late_result_after_an_invalidation_is_not_recorded() {
+        let (_, m) = state(4096);
+        let pin = |off| m.pin(0, off, 4096).unwrap().into_mapping();
+        assert!(m.record_installed(Ipa::new(0x4000_0000), Installed::new(MapSize::Page4K, Pa::new(0x4000_0000), 0, pin(0))));
+        assert_eq!((m.resident(), m.mapping_count()), (4096, 1));
+        // Unmapped at sequence 1: the mapping and its pin go.
+        assert_eq!(m.forget_range(Ipa::new(0x4000_0000), 8192, 1), 1);
+        assert_eq!((m.resident(), m.pins().total(), m.sample_seq()), (0, 0, 1));
+        // A map installed at sequence 0 whose result arrives now is gone from the tables.
+        let late = Installed::new(MapSize::Page4K, Pa::new(0x4000_1000), 0, pin(4096));
+        assert!(!m.record_installed(Ipa::new(0x4000_1000), late));
+        assert_eq!(m.pins().total(), 0);
+        assert!(!m.is_mapped(Ipa::new(0x4000_1000)));
+    }
+}

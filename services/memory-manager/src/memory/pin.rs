@@ -1,0 +1,162 @@
+//! Page pins: a count per backing page (4 KiB, or the 2 MiB / 1 GiB page of
+//! a huge-page region, the way a THP or hugetlb page has one reference count
+//! in KVM's get_user_pages), taken by an RAII guard.
+//!
+//! A fault pins the pages it is about to map before anything else can fail;
+//! every early return drops the [`PinGuard`] and releases them (KVM's leaked
+//! page references on error paths cannot happen). Only when the core reports
+//! the mapping installed does the guard become a [`MappingPin`], held until
+//! the mapping is removed.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use hyp_core::addr::PAGE_SIZE;
+
+/// Pin counts of every guest region of a VM.
+#[derive(Debug)]
+pub struct Pins {
+    regions: Vec<RegionPins>,
+}
+
+#[derive(Debug)]
+struct RegionPins {
+    /// log2 of the backing page size.
+    shift: u32,
+    /// One count per backing page.
+    counts: Vec<AtomicU32>,
+}
+
+/// Why pages could not be pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    /// The range is outside the region.
+    #[error("range {offset:#x}+{len:#x} is outside region {region}")]
+    OutOfRange {
+        /// Region index.
+        region: usize,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl Pins {
+    /// Pin tables for regions of the given `(bytes, backing page size)`.
+    pub fn new(regions: &[(u64, u64)]) -> Arc<Self> {
+        let regions = regions
+            .iter()
+            .map(|&(size, page_size)| {
+                let shift = page_size.max(PAGE_SIZE).trailing_zeros();
+                RegionPins { shift, counts: (0..size.div_ceil(1 << shift)).map(|_| AtomicU32::new(0)).collect() }
+            })
+            .collect();
+        Arc::new(Self { regions })
+    }
+
+    /// Pins the pages of `[offset, offset + len)` of `region`.
+    pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
+        let err = PinError::OutOfRange { region, offset, len };
+        let r = self.regions.get(region).ok_or(err)?;
+        let limit = r.counts.len() as u64 * (1u64 << r.shift);
+        let end = offset.checked_add(len).filter(|&e| len > 0 && offset % PAGE_SIZE == 0 && e <= limit);
+        let end = end.ok_or(err)?;
+        let first = (offset >> r.shift) as usize;
+        let pages = (((end - 1) >> r.shift) + 1) as usize - first;
+        for c in &r.counts[first..first + pages] {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(PinGuard { pins: self.clone(), region, first, pages })
+    }
+
+    /// Pin count of the backing page holding `offset`.
+    pub fn count(&self, region: usize, offset: u64) -> u32 {
+        let r = &self.regions[region];
+        r.counts[(offset >> r.shift) as usize].load(Ordering::Acquire)
+    }
+
+    /// Sum of all pin counts (backing pages x pins).
+    pub fn total(&self) -> u64 {
+        self.regions.iter().flat_map(|r| &r.counts).map(|c| c.load(Ordering::Acquire) as u64).sum()
+    }
+
+    fn release(&self, region: usize, first: usize, pages: usize) {
+        for c in &self.regions[region].counts[first..first + pages] {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Pages pinned for a fault in progress; released on drop.
+#[derive(Debug)]
+#[must_use = "dropping a PinGuard releases the pin"]
+pub struct PinGuard {
+    pins: Arc<Pins>,
+    region: usize,
+    first: usize,
+    pages: usize,
+}
+
+impl PinGuard {
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The core installed the mapping: the pin now lives as long as it.
+    pub fn into_mapping(self) -> MappingPin {
+        MappingPin(self)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.pins.release(self.region, self.first, self.pages);
+    }
+}
+
+/// The pin of an installed mapping; released when the mapping is removed.
+#[derive(Debug)]
+pub struct MappingPin(PinGuard);
+
+impl MappingPin {
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.0.pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_backing_pages_have_one_count() {
+        let pins = Pins::new(&[(8 << 20, 2 << 20)]);
+        let g = pins.pin(0, 2 << 20, 2 << 20).unwrap();
+        assert_eq!((g.pages(), pins.total()), (1, 1));
+        let small = pins.pin(0, (2 << 20) + 4096, 4096).unwrap();
+        assert_eq!(pins.count(0, 3 << 20), 2);
+        drop((g, small));
+        assert_eq!(pins.total(), 0);
+    }
+
+    #[test]
+    fn guard_releases_on_drop_and_mapping_pin_keeps_pages() {
+        let pins = Pins::new(&[(4 << 20, 4096)]);
+        {
+            let g = pins.pin(0, 2 << 20, 2 << 20).unwrap();
+            assert_eq!(g.pages(), 512);
+            assert_eq!(pins.total(), 512);
+        }
+        assert_eq!(pins.total(), 0);
+        let m = pins.pin(0, 0, 4096).unwrap().into_mapping();
+        let _again = pins.pin(0, 0, 4096).unwrap();
+        assert_eq!(pins.count(0, 0), 2);
+        drop(m);
+        assert_eq!(pins.count(0, 0), 1);
+        assert!(pins.pin(0, 4 << 20, 4096).is_err());
+        assert!(pins.pin(1, 0, 4096).is_err());
+    }
+}

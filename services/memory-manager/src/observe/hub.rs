@@ -1,0 +1,307 @@
+//! The event history: fault events recorded by the ring service threads into a
+//! bounded history that serves "last N / first N / since" queries and
+//! followers alike.
+//!
+//! The fault path never waits for an observer, and never wakes one: it only
+//! writes the history. The history is a ring of slots, each behind its own
+//! lock: a writer claims the next slot with an atomic counter and only
+//! `try_lock`s it (an observer copying that one slot right then makes it
+//! count the event as lost instead); observers lock one slot at a time.
+//! Each follower keeps its own position in the history ([`Reader`]) and
+//! copies events only as fast as it sends them, so a slow follower costs
+//! nothing but what it reads; events overwritten before it reads them are
+//! counted and reported to it as lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, TryLockError};
+use std::time::Instant;
+
+use super::events::FaultEvent;
+use super::stats::FaultStats;
+
+/// Counters and history sizes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HubStatus {
+    /// Events in the history.
+    pub num_events: u64,
+    /// History capacity.
+    pub max_events: u64,
+    /// Events recorded since start.
+    pub seen_events: u64,
+    /// Events dropped because an observer held the history.
+    pub lost_events: u64,
+    /// Time since start, ns.
+    pub uptime_ns: u64,
+    /// Events per second over the last minute.
+    pub events_per_second: f64,
+}
+
+/// Events a [`Reader`] copies per call at most.
+pub const BATCH: usize = 256;
+
+/// What a [`Reader`] got from one read.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// Events in sequence order.
+    pub events: Vec<FaultEvent>,
+    /// Events the history lost before this read could copy them.
+    pub lost: u64,
+}
+
+/// How long a claimed slot may stay unwritten before a reader counts its
+/// event as lost (its writer found the slot busy and dropped it). A writer
+/// preempted between claiming and writing is far quicker than this.
+pub const STALL_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A follower's own position in the history.
+#[derive(Debug)]
+pub struct Reader {
+    /// The next sequence number to read.
+    next: u64,
+    /// Since when `next` has been claimed but not written.
+    stalled_since: Option<Instant>,
+    grace: std::time::Duration,
+}
+
+impl Reader {
+    /// The same reader, waiting `grace` for an unwritten slot.
+    pub fn with_grace(self, grace: std::time::Duration) -> Self {
+        Self { grace, ..self }
+    }
+
+    /// The next sequence number this reader will return.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+}
+
+/// The event history.
+pub struct EventHub {
+    /// Cumulative statistics of every event recorded.
+    pub stats: FaultStats,
+    slots: Box<[Mutex<Option<FaultEvent>>]>,
+    /// Per-second event counts over the last minute: (second, count).
+    per_second: [(AtomicU64, AtomicU64); 60],
+    seen: AtomicU64,
+    lost: AtomicU64,
+    start: Instant,
+}
+
+impl EventHub {
+    /// A hub keeping the last `capacity` events (followers may fall that far
+    /// behind before they lose some).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            stats: FaultStats::default(),
+            slots: (0..capacity.max(1)).map(|_| Mutex::new(None)).collect(),
+            per_second: std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0))),
+            seen: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Records an event; never blocks.
+    pub fn record(&self, mut event: FaultEvent) {
+        event.seq = self.seen.fetch_add(1, Ordering::Relaxed);
+        // The slot first: readers wait for a claimed slot to be written.
+        let slot = &self.slots[(event.seq % self.slots.len() as u64) as usize];
+        match slot.try_lock() {
+            Ok(mut s) => *s = Some(event),
+            Err(TryLockError::Poisoned(p)) => *p.into_inner() = Some(event),
+            Err(TryLockError::WouldBlock) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.stats.record(&event);
+        let second = self.start.elapsed().as_secs();
+        let (stamp, count) = &self.per_second[(second % 60) as usize];
+        if stamp.swap(second, Ordering::Relaxed) != second {
+            count.store(0, Ordering::Relaxed);
+        }
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A reader positioned after every event recorded so far.
+    pub fn reader(&self) -> Reader {
+        self.reader_at(self.seen.load(Ordering::Acquire))
+    }
+
+    /// A reader positioned at sequence number `next`.
+    pub fn reader_at(&self, next: u64) -> Reader {
+        Reader { next, stalled_since: None, grace: STALL_GRACE }
+    }
+
+    /// Copies up to [`BATCH`] events from `reader`'s position and advances
+    /// it. Events already overwritten, or dropped by a writer that found
+    /// their slot busy, are counted in [`Chunk::lost`].
+    pub fn read(&self, reader: &mut Reader) -> Chunk {
+        let end = self.seen.load(Ordering::Acquire);
+        let cap = self.slots.len() as u64;
+        let oldest = end.saturating_sub(cap);
+        let mut chunk = Chunk { events: Vec::new(), lost: oldest.saturating_sub(reader.next) };
+        reader.next = reader.next.max(oldest);
+        while reader.next < end && chunk.events.len() < BATCH {
+            let seq = reader.next;
+            let event = *self.slots[(seq % cap) as usize].lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                Some(e) if e.seq == seq => chunk.events.push(e),
+                // Overwritten since `end` was read.
+                Some(e) if e.seq > seq => chunk.lost += 1,
+                // Claimed, not yet written: wait, then call it lost (its
+                // writer found the slot busy and dropped it).
+                _ => match reader.stalled_since {
+                    None => {
+                        reader.stalled_since = Some(Instant::now());
+                        break;
+                    }
+                    Some(t) if t.elapsed() < reader.grace => break,
+                    Some(_) => chunk.lost += 1,
+                },
+            }
+            reader.stalled_since = None;
+            reader.next += 1;
+        }
+        chunk
+    }
+
+    /// A copy of the history, oldest first.
+    pub fn history(&self) -> Vec<FaultEvent> {
+        let end = self.seen.load(Ordering::Acquire);
+        let start = end.saturating_sub(self.slots.len() as u64);
+        let mut out = Vec::with_capacity((end - start) as usize);
+        for seq in start..end {
+            let slot = self.slots[(seq % self.slots.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner());
+            // A slot may hold an older event (its writer lost the slot) or a
+            // newer one (overwritten since `end` was read): skip both.
+            if let Some(e) = slot.as_ref().filter(|e| e.seq == seq) {
+                out.push(*e);
+            }
+        }
+        out
+    }
+
+    /// Counters.
+    pub fn status(&self) -> HubStatus {
+        let now = self.start.elapsed();
+        let second = now.as_secs();
+        let recent: u64 = self
+            .per_second
+            .iter()
+            .filter(|(s, _)| {
+                let s = s.load(Ordering::Relaxed);
+                s != u64::MAX && s + 60 > second
+            })
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+            .sum();
+        let seen = self.seen.load(Ordering::Relaxed);
+        let lost = self.lost.load(Ordering::Relaxed);
+        HubStatus {
+            num_events: seen.saturating_sub(lost).min(self.slots.len() as u64),
+            max_events: self.slots.len() as u64,
+            seen_events: seen,
+            lost_events: lost,
+            uptime_ns: now.as_nanos() as u64,
+            events_per_second: recent as f64 / second.clamp(1, 60) as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::events::Outcome;
+    use std::time::SystemTime;
+
+    fn event(id: u64) -> FaultEvent {
+        FaultEvent {
+            seq: 0,
+            time: SystemTime::now(),
+            fault_id: id,
+            vm_id: 1,
+            vcpu: 0,
+            ipa: id << 12,
+            esr: 0,
+            status: None,
+            access: None,
+            memslot: None,
+            hva: 0,
+            vma_page_size: 0,
+            mapping_size: None,
+            permissions: 0,
+            pa: 0,
+            outcome: Outcome::Mapped,
+            policy: "default",
+            stages: Default::default(),
+            sent_ns: 0,
+            completed_ns: 0,
+            populated: false,
+            fault_around: 0,
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_a_held_lock_loses_events_instead_of_blocking() {
+        let hub = EventHub::new(3);
+        for i in 0..5 {
+            hub.record(event(i));
+        }
+        let ids: Vec<u64> = hub.history().iter().map(|e| e.fault_id).collect();
+        assert_eq!(ids, [2, 3, 4]);
+        // An observer holding the slot the next event goes to.
+        let guard = hub.slots[5 % 3].lock().unwrap();
+        hub.record(event(5));
+        drop(guard);
+        let s = hub.status();
+        assert_eq!((s.num_events, s.max_events, s.seen_events, s.lost_events), (3, 3, 6, 1));
+        assert!(s.events_per_second > 0.0);
+    }
+
+    fn ids(chunk: &Chunk) -> Vec<u64> {
+        chunk.events.iter().map(|e| e.fault_id).collect()
+    }
+
+    #[test]
+    fn readers_copy_at_their_own_pace_and_count_what_they_missed() {
+        let hub = EventHub::new(4);
+        hub.record(event(100));
+        // A reader starts after what exists.
+        let mut fast = hub.reader().with_grace(std::time::Duration::ZERO);
+        let mut slow = hub.reader();
+        assert_eq!(fast.position(), 1);
+        hub.record(event(0));
+        hub.record(event(1));
+        let c = hub.read(&mut fast);
+        assert_eq!((ids(&c), c.lost), (vec![0, 1], 0));
+        for i in 2..10 {
+            hub.record(event(i));
+        }
+        let c = hub.read(&mut slow);
+        assert_eq!((ids(&c), c.lost), (vec![6, 7, 8, 9], 6), "10 behind a 4-event history");
+        let c = hub.read(&mut fast);
+        assert_eq!((ids(&c), c.lost), (vec![6, 7, 8, 9], 4));
+        // A writer that finds its slot held drops the event: a read waits
+        // for it (here: one read), the next reports it lost and goes on.
+        let guard = hub.slots[11 % 4].lock().unwrap();
+        hub.record(event(10));
+        drop(guard);
+        hub.record(event(11));
+        let c = hub.read(&mut fast);
+        assert_eq!((ids(&c), c.lost), (vec![], 0));
+        let c = hub.read(&mut fast);
+        assert_eq!((ids(&c), c.lost), (vec![11], 1));
+        assert_eq!(fast.position(), 13);
+    }
+
+    #[test]
+    fn a_read_copies_at_most_one_batch() {
+        let hub = EventHub::new(4 * BATCH);
+        let mut r = hub.reader_at(0);
+        for i in 0..(BATCH + 3) as u64 {
+            hub.record(event(i));
+        }
+        assert_eq!(hub.read(&mut r).events.len(), BATCH);
+        assert_eq!(ids(&hub.read(&mut r)), [BATCH as u64, BATCH as u64 + 1, BATCH as u64 + 2]);
+        assert!(hub.read(&mut r).events.is_empty());
+    }
+}
