@@ -288,7 +288,10 @@ impl<M: TableMemory> Vm<M> {
         // get this far with a completion).
         if completion.is_some() {
             let taken = self.take_outstanding(vcpu);
-            debug_assert!(taken.is_some_and(|f| f.fault_id == cmd.fault_id), "completed a fault that was not outstanding");
+            debug_assert!(
+                taken.is_some_and(|f| f.fault_id == cmd.fault_id),
+                "completed a fault that was not outstanding"
+            );
         }
         Executed {
             result: ResultRecord {

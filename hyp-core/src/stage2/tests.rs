@@ -7,9 +7,9 @@ use std::vec::Vec;
 
 use proptest::prelude::*;
 
-use crate::testing::{HostMemory, RecordingTlb};
 use super::*;
 use crate::addr::{Ipa, Pa, Range};
+use crate::testing::{HostMemory, RecordingTlb};
 
 const TABLE_PA: u64 = 0x1_0000_0000;
 const POOL: usize = 96;

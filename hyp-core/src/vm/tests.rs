@@ -8,8 +8,8 @@ use std::vec::Vec;
 
 use super::*;
 use crate::ring::{OwnedRing, OWNED_RING_ENTRIES};
-use crate::testing::{HostMemory, RecordingTlb};
 use crate::stage2::Descriptor;
+use crate::testing::{HostMemory, RecordingTlb};
 
 const OWN_BASE: u64 = 0x4000_0000;
 const VM1_MEM: u64 = 0x4000_0000; // 16 MiB donated to vm1

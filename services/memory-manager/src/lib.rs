@@ -21,14 +21,14 @@
 //!
 //! `docs/architecture.md` draws the layers and one fault's path.
 
-pub mod memory;
+pub mod api;
+pub mod attach;
+pub mod daemon;
 pub mod fault;
+pub mod link;
+pub mod memory;
 pub mod observe;
 pub mod policy;
-pub mod link;
-pub mod attach;
-pub mod api;
-pub mod daemon;
 
 pub use daemon::config::Config;
 pub use daemon::run;

@@ -133,8 +133,11 @@ impl AttachServer {
         let region = unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
         let (policy, events) = (&*self.policies, &*self.events);
         // A polled machine never rings doorbells: sleep in short slices.
-        let sleep_slice =
-            if req.flags & faultline_attach::ATTACH_POLLED != 0 { POLLED_SLEEP_SLICE } else { Duration::from_millis(500) };
+        let sleep_slice = if req.flags & faultline_attach::ATTACH_POLLED != 0 {
+            POLLED_SLEEP_SLICE
+        } else {
+            Duration::from_millis(500)
+        };
         let wait = WaitPolicy { spin_polls: self.settings.spin_polls, sleep_slice };
         let detach_requested = std::thread::scope(|s| {
             for vcpu in 0..req.nr_vcpus as u32 {
@@ -166,8 +169,8 @@ impl AttachServer {
                         warn!("control ring indices inconsistent at attach; control commands unavailable");
                         return;
                     };
-                    let looped =
-                        ControlLoop::new(inbox, commands, results).run(wait, stop, |res| vm.mapping.note_seq(res.inval_seq));
+                    let looped = ControlLoop::new(inbox, commands, results)
+                        .run(wait, stop, |res| vm.mapping.note_seq(res.inval_seq));
                     if let Err(e) = looped {
                         warn!(cause = ?e, "control ring quarantined; control commands unavailable");
                     }

@@ -147,4 +147,3 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> 
     let layout = VmLayout::new(id, req.nr_vcpus as u32, memslots, vmas, guests);
     Ok(Attached { vm: Arc::new(AttachedVm::new(layout, PagePool::new(pool))), rings })
 }
-

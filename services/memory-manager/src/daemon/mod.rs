@@ -38,8 +38,7 @@ impl Daemon {
             policies,
         };
         let settings = AttachSettings { prefault: config.prefault, spin_polls: config.spin_polls };
-        let attach =
-            AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
+        let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
         Ok(Self { config, sources, attach })
     }
 

@@ -25,3 +25,9 @@ pub enum PipelineError {
     #[error("injected failure at {0:?}")]
     Injected(Failpoint),
 }
+
+impl From<Failpoint> for PipelineError {
+    fn from(point: Failpoint) -> Self {
+        Self::Injected(point)
+    }
+}

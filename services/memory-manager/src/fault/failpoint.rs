@@ -2,8 +2,6 @@
 //! show no early return leaks it. Production passes [`NoFailures`], whose
 //! check is a constant that compiles to nothing.
 
-use super::error::PipelineError;
-
 /// A place after pinning where a test may fail a fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failpoint {
@@ -20,11 +18,12 @@ pub trait Failpoints {
     /// True if the pipeline must fail at `point`.
     fn fails_at(&self, point: Failpoint) -> bool;
 
-    /// `Err` if the pipeline must fail at `point`.
+    /// `Err(point)` if the pipeline must fail at `point` (a
+    /// [`super::error::PipelineError::Injected`] by `?`).
     #[inline(always)]
-    fn check(&self, point: Failpoint) -> Result<(), PipelineError> {
+    fn check(&self, point: Failpoint) -> Result<(), Failpoint> {
         if self.fails_at(point) {
-            return Err(PipelineError::Injected(point));
+            return Err(point);
         }
         Ok(())
     }

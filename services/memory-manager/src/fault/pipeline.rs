@@ -22,8 +22,8 @@ use super::error::PipelineError;
 use super::failpoint::{Failpoint, Failpoints, NoFailures};
 use super::plan::{Decision, MapPlan};
 use super::stages::{
-    allowed_size, backing_exit, lookup_memslot, map_size, permissions, pin, policy_question, step_down,
-    unresolvable, vma_snapshot,
+    allowed_size, backing_exit, lookup_memslot, map_size, permissions, pin, policy_question, step_down, unresolvable,
+    vma_snapshot,
 };
 use super::trace::{Stage, Trace};
 

@@ -128,4 +128,3 @@ pub enum Decision {
     /// Inject an abort into the guest.
     Inject(InjectReason),
 }
-

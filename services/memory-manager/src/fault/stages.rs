@@ -114,7 +114,13 @@ pub fn allowed_size(abort: &Abort, slot: &Memslot, vma: &Vma, hva: Hva) -> MapSi
 }
 
 /// What the policy is asked about `fault`, mapped at most `allowed`.
-pub fn policy_question(layout: &VmLayout, fault: &ArchFault, slot: &Memslot, vma: &Vma, allowed: MapSize) -> FaultContext {
+pub fn policy_question(
+    layout: &VmLayout,
+    fault: &ArchFault,
+    slot: &Memslot,
+    vma: &Vma,
+    allowed: MapSize,
+) -> FaultContext {
     FaultContext {
         vm_id: layout.id.raw(),
         vcpu: fault.vcpu,
@@ -136,8 +142,7 @@ pub fn step_down(abort: &Abort, ipa: Ipa, mut allowed: MapSize, mapping: &Mappin
     if abort.status.is_permission() {
         return allowed;
     }
-    while allowed != MapSize::Page4K && mapping.has_smaller_mapping(ipa.align_down(allowed.bytes()), allowed.bytes())
-    {
+    while allowed != MapSize::Page4K && mapping.has_smaller_mapping(ipa.align_down(allowed.bytes()), allowed.bytes()) {
         allowed = if allowed == MapSize::Block1G { MapSize::Block2M } else { MapSize::Page4K };
     }
     allowed

@@ -218,7 +218,10 @@ impl MappingState {
     /// Every recorded mapping, in IPA order.
     pub fn residents(&self) -> Vec<Resident> {
         let installed = self.installed();
-        installed.iter().map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order }).collect()
+        installed
+            .iter()
+            .map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order })
+            .collect()
     }
 
     /// Records a mapping the core installed. Returns false, releasing its
@@ -289,9 +292,10 @@ mod tests {
     use hyp_core::ownership::VmId;
 
     fn state(page_size: u64) -> (VmLayout, MappingState) {
-        let slots = [(0x4000_0000, 4 << 20, 0, SlotFlags::default()), (0x8000_0000, 4 << 20, 4 << 20, SlotFlags::default())];
-        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 8 << 20, page_size, &slots)
-            .unwrap();
+        let slots =
+            [(0x4000_0000, 4 << 20, 0, SlotFlags::default()), (0x8000_0000, 4 << 20, 4 << 20, SlotFlags::default())];
+        let layout =
+            VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 8 << 20, page_size, &slots).unwrap();
         let mapping = MappingState::new(&layout, PagePool::default());
         (layout, mapping)
     }
@@ -321,7 +325,9 @@ mod tests {
     fn a_late_result_after_an_invalidation_is_not_recorded() {
         let (_, m) = state(4096);
         let pin = |off| m.pin(0, off, 4096).unwrap().into_mapping();
-        assert!(m.record_installed(Ipa::new(0x4000_0000), Installed::new(MapSize::Page4K, Pa::new(0x4000_0000), 0, pin(0))));
+        assert!(
+            m.record_installed(Ipa::new(0x4000_0000), Installed::new(MapSize::Page4K, Pa::new(0x4000_0000), 0, pin(0)))
+        );
         assert_eq!((m.resident(), m.mapping_count()), (4096, 1));
         // Unmapped at sequence 1: the mapping and its pin go.
         assert_eq!(m.forget_range(Ipa::new(0x4000_0000), 8192, 1), 1);

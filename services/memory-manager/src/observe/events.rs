@@ -78,4 +78,3 @@ pub struct FaultEvent {
     /// Pages mapped with it by fault-around.
     pub fault_around: u32,
 }
-

@@ -29,8 +29,8 @@ use faultline_proto::convert::timestamp;
 
 use super::builtin::intern;
 use super::remote::{Consulter, RemotePolicy};
-use super::stats::PolicyStats;
 use super::rules::{Rules, RulesError};
+use super::stats::PolicyStats;
 use crate::fault::choices::Policy;
 
 /// How the daemon watches policy services.

@@ -11,8 +11,8 @@ use faultline_proto::v1::memory_policy_client::MemoryPolicyClient;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-use super::stats::PolicyStats;
 use super::rules::{clamps, Rules};
+use super::stats::PolicyStats;
 use crate::fault::choices::{Budget, Decisions, FaultContext, Policy, MAX_FAULT_AROUND};
 
 /// Per-fault questions to a policy, under a deadline.
