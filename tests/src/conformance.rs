@@ -50,7 +50,7 @@ pub fn rows() -> Vec<ProbeRow> {
     /// (SH 0b11 at [8:7]), attributes 0xff (write-back) at [63:56].
     const PAR: u64 = 0xff00_0000_8400_0b80;
     /// What the probed word holds when the data memslot is punched.
-    const PUNCHED: u64 = sim_machine::probe::PROBE_CONTENTS;
+    const PUNCHED: u64 = faultline_probe::PROBE_CONTENTS;
     use End::*;
     vec![
         // Every access, plain memslots.

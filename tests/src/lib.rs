@@ -36,6 +36,8 @@ pub fn binary(name: &str) -> PathBuf {
             "-p",
             "faultline",
             "-p",
+            "qemu-machine",
+            "-p",
             "faultline-policies",
             "--bins",
             "--target-dir",
@@ -45,7 +47,7 @@ pub fn binary(name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building the daemon, machine and policy binaries failed");
+        assert!(status.success(), "building the daemon, machines and policy binaries failed");
     });
     bin_dir().join(name)
 }

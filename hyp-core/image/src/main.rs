@@ -15,7 +15,6 @@
 
 mod boot;
 mod guest;
-mod layout;
 mod uart;
 
 use core::cell::UnsafeCell;
@@ -24,6 +23,8 @@ use core::panic::PanicInfo;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+/// The board layout, shared with the launcher and the simulated machine.
+use faultline_board as layout;
 use hyp_core::abort::{Abort, FaultIpa};
 use hyp_core::addr::Pa;
 use hyp_core::arch::{translate_el1_va, El2Tlb};

@@ -3,12 +3,11 @@
 //! guest runs and a summary at the end.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline::compact;
+use faultline::{compact, sibling};
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::{GetStatsRequest, ObserveRequest};
@@ -23,15 +22,6 @@ pub struct DemoArgs {
     pub pattern: String,
     /// Events printed per second at most (the rest are counted).
     pub max_lines_per_second: u32,
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().context("executable directory")?.join(name);
-    if !path.exists() {
-        bail!("{} not found next to faultline: build the workspace first (cargo build --release)", path.display());
-    }
-    Ok(path)
 }
 
 struct Reaper(Child);

@@ -1,5 +1,5 @@
-//! The `faultline` command's formatting: how a fault event reads in compact,
-//! JSON and table form.
+//! The `faultline` command's formatting (how a fault event reads in
+//! compact, JSON and table form), and where its sibling binaries are.
 
 use faultline_proto::v1::{
     Access, Decision, FaultEvent, FaultKind, MappingSize, Outcome, PolicyExit, PolicyExitKind, PolicyStatus,
@@ -168,6 +168,20 @@ pub fn row(e: &FaultEvent) -> String {
         perms(e.permissions),
         e.latency_ns as f64 / 1000.0
     )
+}
+
+/// The workspace binary `name` next to this one (`faultline demo` starts
+/// the daemon and sim-machine, `faultline qemu` runs qemu-machine).
+pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().ok_or_else(|| anyhow::anyhow!("no directory holds {}", exe.display()))?.join(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found next to faultline: build the workspace first (cargo build --release)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! its gRPC API.
 
 mod demo;
-mod qemu;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -80,38 +79,14 @@ enum Command {
         lines_per_second: u32,
     },
     /// Boot hyp-core at EL2 under qemu-system-aarch64 and serve its guest
-    /// from the running daemon; prints a JSON report.
+    /// from the running daemon; prints a JSON report. Runs `qemu-machine`
+    /// (next to this binary) with these arguments: `faultline qemu --help`
+    /// lists them.
+    #[command(disable_help_flag = true)]
     Qemu {
-        /// The daemon's attach socket.
-        #[arg(long, default_value = "/run/faultline/attach.sock")]
-        attach_socket: std::path::PathBuf,
-        /// The EL2 image (default: the one scripts/build-el2-image.sh builds
-        /// next to this binary's target directory).
-        #[arg(long)]
-        image: Option<std::path::PathBuf>,
-        /// The QEMU binary.
-        #[arg(long, default_value = "qemu-system-aarch64")]
-        qemu: String,
-        /// Seconds the whole run may take.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
-        /// Run the stage-1 probe instead of the checksum guest: the guest's
-        /// MMU on, tables in their own memslot, one access.
-        #[arg(long, value_enum)]
-        stage1_probe: Option<qemu::ProbeAccess>,
-        /// Stage-1 probe: the probed page's entry has its access flag clear.
-        #[arg(long, requires = "stage1_probe")]
-        af_clear: bool,
-        /// Stage-1 probe: how the page-table memslot is set up.
-        #[arg(long, value_enum, default_value_t = qemu::SlotSetup::Plain, requires = "stage1_probe")]
-        tables: qemu::SlotSetup,
-        /// Stage-1 probe: how the data memslot (the probed page's) is set up.
-        #[arg(long, value_enum, default_value_t = qemu::SlotSetup::Plain, requires = "stage1_probe")]
-        data: qemu::SlotSetup,
-        /// Stage-1 probe: punch these memslots' backing before the guest
-        /// runs (the daemon fills each page from the launcher's copy).
-        #[arg(long, value_enum, default_value_t = qemu::Holes::None, requires = "stage1_probe")]
-        holes: qemu::Holes,
+        /// Arguments for qemu-machine.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Buffer and rate.
     Status,
@@ -257,47 +232,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Qemu {
-            attach_socket,
-            image,
-            qemu: qemu_bin,
-            timeout,
-            stage1_probe,
-            af_clear,
-            tables,
-            data,
-            holes,
-        } => {
-            let scenario = match stage1_probe {
-                Some(access) => qemu::Scenario::Stage1(qemu::Stage1Probe { access, data, af_clear, tables, holes }),
-                None => qemu::Scenario::Checksum,
-            };
-            let image = match image {
-                Some(i) => i,
-                None => {
-                    let exe = std::env::current_exe()?;
-                    let target = exe.parent().and_then(|p| p.parent()).context("target directory")?;
-                    target.join("el2-image/aarch64-unknown-none/release/faultline-el2-image")
-                }
-            };
-            let args = qemu::QemuArgs {
-                grpc: cli.server.clone(),
-                scenario,
-                attach_socket,
-                image,
-                qemu: qemu_bin,
-                timeout: std::time::Duration::from_secs(timeout),
-            };
-            let report = tokio::task::spawn_blocking(move || qemu::run(&args)).await??;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            if let Some(expected) = &report.expected {
-                if report.checksum != Some(expected.checksum) {
-                    anyhow::bail!(
-                        "the guest's checksum {:?} is not the host's {:#x}",
-                        report.checksum,
-                        expected.checksum
-                    );
-                }
+        Command::Qemu { args } => {
+            let mut machine = std::process::Command::new(faultline::sibling("qemu-machine")?);
+            // The daemon's gRPC address, unless the arguments name one.
+            if !args.iter().any(|a| a == "--grpc" || a.starts_with("--grpc=")) {
+                machine.args(["--grpc", &cli.server]);
+            }
+            let status = machine.args(&args).status().context("running qemu-machine")?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
             }
         }
         Command::Status => {

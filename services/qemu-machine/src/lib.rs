@@ -1,5 +1,8 @@
-//! `faultline qemu`: boots hyp-core at EL2 under `qemu-system-aarch64` and
-//! serves its guest from a running memory-manager daemon.
+//! qemu-machine: boots hyp-core at EL2 under `qemu-system-aarch64` and
+//! serves its guest from a running memory-manager daemon (`faultline qemu`
+//! runs this binary). The machine beside `sim-machine`: same attach
+//! protocol, same board layout (`faultline-board`), same probe vocabulary
+//! (`faultline-probe`).
 //!
 //! The guest's RAM is a sealed memfd that QEMU maps as its whole RAM
 //! (`memory-backend-file` on `/proc/<pid>/fd/<n>`, `share=on`); the same fd
@@ -24,17 +27,13 @@ use faultline_attach::{
     Status, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
 use serde::Serialize;
-// The probe's vocabulary and tables are the simulated machine's: both
-// machines take the same arguments and write the same tables.
-pub use sim_machine::probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
+// The probe's vocabulary and tables: both machines take the same
+// arguments and write the same tables.
+pub use faultline_probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
 
-/// The board layout, compiled from the EL2 image's own source so the two
-/// cannot drift; the image's READY line is still checked against it (a
-/// stale image binary).
-#[path = "../../../hyp-core/image/src/layout.rs"]
-#[allow(dead_code)]
-pub mod layout;
-use layout::*;
+// The board layout, the EL2 image's own; the image's READY line is still
+// checked against it (a stale image binary).
+use faultline_board::*;
 
 /// The guest's value for a word at `ipa`.
 const MAGIC: u64 = 0x5bd1_e995_5bd1_e995;

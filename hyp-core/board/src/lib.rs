@@ -1,7 +1,9 @@
 //! The board layout: where everything lives in QEMU's RAM (PA) and in the
-//! guest's IPA space. The launcher (`faultline qemu`) reads it from the
-//! image's READY line and refuses a layout it does not expect; it compiles
-//! this very file (`#[path]`), so both sides use the same constants.
+//! guest's IPA space, and the constants of the stage-1 probe guest. One
+//! `no_std` crate that the EL2 image, its launcher (`qemu-machine`) and the
+//! simulated machine all depend on, so none can drift. The launcher still
+//! checks the image's READY line against it (a stale image binary).
+#![no_std]
 
 /// Start of QEMU virt RAM; file offset 0 of the shared RAM file.
 pub const RAM_PA: u64 = 0x4000_0000;

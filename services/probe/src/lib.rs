@@ -1,0 +1,168 @@
+//! The stage-1 probe's vocabulary, one copy for both machines: the
+//! accesses the probe guest makes (KVM page_fault_test's), how its two
+//! memslots are set up, which of them are punched, what the machine writes
+//! before the guest runs, and the guest's stage-1 tables. `sim-machine
+//! --stage1-probe` and `qemu-machine --stage1-probe` take the same
+//! arguments through these types, so their reports compare row by row.
+
+use std::os::fd::AsFd;
+
+use anyhow::Context;
+use faultline_attach::{MEMSLOT_DIRTY_LOG, MEMSLOT_READ_ONLY};
+use faultline_board::{BLOCKS_IPA, PROBE_IPA, PROBE_RET, PT_IPA};
+use serde::Serialize;
+
+/// The probe's access (page_fault_test's guest accesses), in the order of
+/// the image's mailbox codes (hyp-core/image/src/guest.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeAccess {
+    /// LDR, 64 bits.
+    Read64,
+    /// STR, 64 bits.
+    Write64,
+    /// CAS: a read, then a write, neither with a valid syndrome.
+    Cas,
+    /// LDR with pre-index writeback (no valid syndrome).
+    LdPreidx,
+    /// STR with pre-index writeback (no valid syndrome).
+    StPreidx,
+    /// DC ZVA: a 64-byte write without a valid syndrome.
+    DcZva,
+    /// AT S1E1R: the stage-1 walk only.
+    At,
+    /// An instruction fetch from the probed word.
+    Exec,
+}
+
+impl ProbeAccess {
+    /// The code the EL2 image's probe guest takes in x0.
+    pub fn mailbox_code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// How a memslot is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotSetup {
+    /// Writable, not logged.
+    #[default]
+    Plain,
+    /// Read-only.
+    ReadOnly,
+    /// Dirty logging.
+    DirtyLog,
+    /// Read-only and dirty logging.
+    ReadOnlyDirtyLog,
+}
+
+impl SlotSetup {
+    /// The attach protocol's `MEMSLOT_*` flags.
+    pub fn flags(self) -> u32 {
+        match self {
+            Self::Plain => 0,
+            Self::ReadOnly => MEMSLOT_READ_ONLY,
+            Self::DirtyLog => MEMSLOT_DIRTY_LOG,
+            Self::ReadOnlyDirtyLog => MEMSLOT_READ_ONLY | MEMSLOT_DIRTY_LOG,
+        }
+    }
+
+    /// Dirty logging is on.
+    pub fn logged(self) -> bool {
+        matches!(self, Self::DirtyLog | Self::ReadOnlyDirtyLog)
+    }
+}
+
+/// Which memslots' backing is punched before the guest runs (the
+/// selftest's CMD_HOLE_DATA / CMD_HOLE_PT with userfaultfd handlers): the
+/// machine moves the slot's contents to a file it hands the daemon as a
+/// contents region and punches the guest memory, so the daemon must fill
+/// each page from the file when it faults it in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Holes {
+    /// Nothing punched.
+    #[default]
+    None,
+    /// The data memslot.
+    Data,
+    /// The page-table memslot.
+    Tables,
+    /// Both.
+    Both,
+}
+
+impl Holes {
+    /// The data memslot is punched.
+    pub fn data(self) -> bool {
+        matches!(self, Self::Data | Self::Both)
+    }
+
+    /// The page-table memslot is punched.
+    pub fn tables(self) -> bool {
+        matches!(self, Self::Tables | Self::Both)
+    }
+}
+
+/// What the probed word holds before the guest runs when the data memslot
+/// is punched (as the selftest's data page holds its test data): a read
+/// returning it shows the daemon filled the hole from the machine's file,
+/// not with zeros.
+pub const PROBE_CONTENTS: u64 = 0xc0_47e4_7500;
+
+/// What the machine writes into the data memslot before the guest runs, as
+/// `(IPA, bytes, value)`: RET at the probed word for the exec probe, else
+/// [`PROBE_CONTENTS`] if the slot is to be punched; otherwise nothing (the
+/// page stays a never-written hole, zero-filled when faulted in).
+pub fn data_contents(access: ProbeAccess, holes: Holes) -> Option<(u64, u8, u64)> {
+    match access {
+        ProbeAccess::Exec => Some((PROBE_IPA, 4, PROBE_RET as u64)),
+        _ if holes.data() => Some((PROBE_IPA, 8, PROBE_CONTENTS)),
+        _ => None,
+    }
+}
+
+/// Moves `[offset, offset + len)` of `memfd` into a new memfd (at offset 0)
+/// and punches it out of `memfd`: the slot's pages become holes whose
+/// contents the daemon must copy back from the returned file.
+pub fn punch_to_contents(memfd: &memfd::Memfd, offset: u64, len: u64) -> anyhow::Result<std::fs::File> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::fs::FileExt;
+    let contents = memfd::MemfdOptions::default().create("faultline-contents")?.into_file();
+    contents.set_len(len)?;
+    let mut buf = vec![0u8; len as usize];
+    memfd.as_file().read_exact_at(&mut buf, offset)?;
+    contents.write_all_at(&buf, 0)?;
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(memfd.as_file().as_fd(), punch, offset as i64, len as i64).context("punching the slot's backing")?;
+    Ok(contents)
+}
+
+/// The guest's stage-1 tables as `(IPA, descriptor)`: identity for the
+/// code's 2 MiB block and the probed page, at the page-table memslot's IPAs.
+/// Both machines write these before the guest runs (`faultline qemu` for the
+/// EL2 image).
+pub fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
+    let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
+    let page = PROBE_IPA & !0xfff;
+    let (normal, af) = (3 << 8, 1 << 10);
+    [
+        (l1 + 8 * ((BLOCKS_IPA >> 30) & 511), l2 | 3),
+        (l2 + 8 * ((BLOCKS_IPA >> 21) & 511), BLOCKS_IPA | normal | af | 1),
+        (l2 + 8 * ((page >> 21) & 511), l3 | 3),
+        (l3 + 8 * ((page >> 12) & 511), page | normal | if af_clear { 0 } else { af } | 3),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_codes_are_the_images_mailbox_codes() {
+        assert_eq!(ProbeAccess::Exec.mailbox_code(), faultline_board::mailbox::PROBE_ACCESS_EXEC);
+        assert_eq!(ProbeAccess::Read64.mailbox_code(), 0);
+        assert_eq!(ProbeAccess::Write64.mailbox_code(), 1);
+    }
+}
