@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the EL2 image (hyp-core/image: hyp-core at EL2 on QEMU virt plus its
 # EL1 guest) for aarch64-unknown-none with Debian's Rust toolchain, linked by
-# rust-lld with hyp-core/image/link.ld (recipe: ../shared/toolchain.md).
+# rust-lld with hyp-core/image/link.ld (recipe: docs/el2-build.md).
 # Prints the image's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."

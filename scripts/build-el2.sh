@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds hyp-core for real EL2 (aarch64-unknown-none) with Debian's Rust
 # toolchain, which carries the standard library's source (rustup here cannot
-# add targets). See ../shared/toolchain.md. Also checks that hyp-core stays
+# add targets). See docs/el2-build.md. Also checks that hyp-core stays
 # #![no_std] without alloc and that its normal dependencies are no_std crates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
