@@ -14,7 +14,7 @@ use faultline_attach::shm::MappedRegion;
 use faultline_system_tests::{binary, Daemon};
 use hyp_core::addr::Pa;
 use hyp_core::ownership::VmId;
-use hyp_core::ring::abi::{kind, CommandRecord, FaultRecord};
+use hyp_core::ring::abi::FaultRecord;
 use hyp_core::testing::HostCore;
 use memfd::MemfdOptions;
 use memory_manager::fault::pipeline::handle_fault;
@@ -94,17 +94,7 @@ fn in_process(prefault: bool, pages: u64) -> Stats {
         let Decision::Map(plan) = handle_fault(vmm.view(), &Pages4k, &rec, &mut Trace::start()).unwrap() else {
             panic!()
         };
-        let cmd = CommandRecord {
-            kind: kind::MAP,
-            flags: plan.perms.bits(),
-            cmd_id: p,
-            fault_id: rec.fault_id,
-            ipa: plan.ipa.raw(),
-            pa: plan.pa.raw(),
-            size: plan.size.bytes(),
-            inval_seq: plan.seq,
-            reserved: 0,
-        };
+        let cmd = plan.command(p, rec.fault_id);
         let ex = core.execute(0, &cmd);
         assert_eq!(ex.result.status, 0);
         vmm.record_installed(

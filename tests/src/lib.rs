@@ -208,3 +208,14 @@ pub fn run_machine(mut cmd: Command) -> serde_json::Value {
     assert!(status.success(), "sim-machine failed: {}", String::from_utf8_lossy(&stderr));
     serde_json::from_slice(&stdout).expect("sim-machine prints JSON")
 }
+
+/// Reads a `sim-machine`'s stderr until it says it paused after phase
+/// `phase` (a `PAUSE` line of its trace); panics if it ends first.
+pub fn wait_paused(lines: &mut impl Iterator<Item = std::io::Result<String>>, phase: usize) {
+    for line in lines.by_ref() {
+        if line.expect("reading the machine's stderr").contains(&format!("paused after phase {phase}")) {
+            return;
+        }
+    }
+    panic!("machine ended before pausing after phase {phase}");
+}

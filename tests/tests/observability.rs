@@ -14,7 +14,7 @@ use faultline_proto::v1::{
     lost_events, observe_response::ResponseTypes, GetDirtyLogRequest, GetStatsRequest, ListVmsRequest, ObserveRequest,
     ServerStatusRequest,
 };
-use faultline_system_tests::{machine, run_machine, Daemon};
+use faultline_system_tests::{machine, run_machine, wait_paused, Daemon};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -296,17 +296,6 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
 /// A request stream of one message.
 fn tokio_stream_once<T: Send + 'static>(item: T) -> impl tonic::IntoStreamingRequest<Message = T> {
     tokio_stream::once(item)
-}
-
-/// Waits until the machine's stderr says it paused.
-fn wait_paused(lines: &mut impl Iterator<Item = std::io::Result<String>>, phase: usize) {
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if line.contains(&format!("paused after phase {phase}")) {
-            return;
-        }
-    }
-    panic!("machine ended before pausing after phase {phase}");
 }
 
 /// Page numbers (from the memslot's first) a bitmap names.

@@ -5,6 +5,7 @@
 //! or sends malformed rules is dropped for the built-in one within the
 //! watchdog's bound while the workload completes intact.
 
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use faultline_proto::v1::{
     FaultEvent, FaultFilter, GetPolicyStatusRequest, MappingSize, ObserveRequest, Outcome, PolicyExitKind,
     PolicyStatus, ServerStatusRequest, UseDefaultRequest, UsePolicyRequest,
 };
-use faultline_system_tests::{machine, Daemon, PolicyProcess};
+use faultline_system_tests::{machine, wait_paused, Daemon, PolicyProcess};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
 use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
@@ -171,7 +172,12 @@ async fn the_three_policies_shape_the_same_workload_in_their_own_direction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     // 4 KiB everywhere (the built-in 4k policy among them), so faults keep
-    // coming for the whole run: 224 MiB touched at random.
+    // coming for the whole run: 224 MiB touched at random, in phases. The
+    // test drives the swaps: at each pause it swaps (sequential, adaptive,
+    // default, ...) while the machine waits, resumes it, waits until the
+    // new policy has decided a fault, then swaps again while the phase's
+    // faults are in flight. The count of swaps does not depend on speed.
+    const PHASES: usize = 12;
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k", "--policy-deadline-ms", "2000"]);
     let policies = [
         PolicyProcess::start("policy-sequential", &["--window", "7"]),
@@ -179,34 +185,59 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     ];
     let big = Layout { nr_vcpus: 1, ..Layout::default() };
     let (ops, seed) = (300_000, 9);
-    let child = machine(&daemon)
-        .args(["--vm-id", "9", "--vcpus", "1", "--pattern", "random", "--ops", &ops.to_string()])
-        .args(["--seed", &seed.to_string(), "--spin-polls", "0"])
+    let mut workload = generate(Pattern::Random, &big, ops, seed);
+    workload.pauses = (1..PHASES).map(|k| vec![ops * k / PHASES]).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("phases.trace");
+    std::fs::write(&trace, workload.to_trace()).unwrap();
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "9", "--vcpus", "1", "--spin-polls", "0", "--trace"])
+        .arg(&trace)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while daemon_vm_gone(&daemon, 9).await {
-        assert!(started.elapsed() < Duration::from_secs(20), "the machine never attached");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Swap every 20 ms until the machine detaches: policy, policy, default.
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut trace_client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let seen = || {
+        let mut c = trace_client.clone();
+        async move { c.server_status(ServerStatusRequest {}).await.unwrap().into_inner().seen_events }
+    };
     let mut swaps = 0;
-    while !daemon_vm_gone(&daemon, 9).await {
-        match swaps % 3 {
-            2 => drop(control(&daemon).await.use_default(UseDefaultRequest {}).await.unwrap()),
-            i => drop(use_policy(&daemon, &policies[i].endpoint, None).await),
+    let swap = |to: usize| {
+        let daemon = &daemon;
+        let endpoint = policies.get(to).map(|p| p.endpoint.clone());
+        async move {
+            match endpoint {
+                None => drop(control(daemon).await.use_default(UseDefaultRequest {}).await.unwrap()),
+                Some(e) => drop(use_policy(daemon, &e, None).await),
+            }
         }
-        swaps += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for k in 0..PHASES - 1 {
+        tokio::task::block_in_place(|| wait_paused(&mut lines, k));
+        swap(k % 3).await;
+        let before = seen().await;
+        writeln!(stdin).unwrap();
+        // The policy just swapped in decides the phase's first faults...
+        let started = Instant::now();
+        while seen().await == before {
+            assert!(started.elapsed() < Duration::from_secs(60), "phase {} made no fault", k + 1);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ... and is swapped out while the rest are in flight.
+        swap((k + 2) % 3).await;
+        swaps += 2;
     }
+    drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let flat = replay_flat(&big, &generate(Pattern::Random, &big, ops, seed));
+    let flat = replay_flat(&big, &workload);
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest data intact");
-    assert!(swaps >= 8, "only {swaps} swaps happened");
+    assert_eq!(swaps, 2 * (PHASES - 1));
     let events = events(&daemon, 9).await;
     assert_eq!(events.len() as u64, summary["faults"].as_u64().unwrap(), "every fault has its event");
     let failed = [Outcome::InjectedAbort, Outcome::Rejected];
@@ -215,8 +246,7 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     names.sort();
     names.dedup();
     assert_eq!(names, ["4k", "adaptive", "sequential-4k"], "faults were decided by each policy");
-    let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
-    let st = trace.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let st = trace_client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.lost_events, 0);
     let s = status(&daemon).await;
     assert_eq!(s.fallbacks, 0, "swaps are not fallbacks: {:?}", s.exits);
@@ -235,13 +265,6 @@ async fn wait_for_generation(daemon: &Daemon, generation: u64) {
         assert!(started.elapsed() < Duration::from_secs(60), "still at rule set {}: {s:?}", s.rules_generation);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn daemon_vm_gone(daemon: &Daemon, vm: u32) -> bool {
-    use faultline_proto::v1::control_client::ControlClient;
-    let mut c = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
-    let vms = c.list_vms(faultline_proto::v1::ListVmsRequest {}).await.unwrap().into_inner().vms;
-    !vms.iter().any(|v| v.vm_id == vm)
 }
 
 /// Waits until the status shows a new exit; returns it and how long after

@@ -130,17 +130,7 @@ fn race(core: &Mutex<HostCore>, vm: &AttachedVm, order: Order, ipa: u64, fault_i
             let sampled_seq = plan.seq;
             sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
             sync(&unmapped, order == Order::UnmapBetweenSampleAndMap);
-            let cmd = CommandRecord {
-                kind: kind::MAP,
-                flags: plan.perms.bits(),
-                cmd_id: 1,
-                fault_id: rec.fault_id,
-                ipa: plan.ipa.raw(),
-                pa: plan.pa.raw(),
-                size: plan.size.bytes(),
-                inval_seq: plan.seq,
-                reserved: 0,
-            };
+            let cmd = plan.command(1, rec.fault_id);
             let ex = core.lock().unwrap().execute(0, &cmd);
             sync(&mapped, order == Order::UnmapAfterMap);
             let stale = ex.rejected() == Some(Reject::StaleSequence);

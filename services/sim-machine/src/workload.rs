@@ -83,6 +83,29 @@ impl Workload {
     pub fn phases(&self) -> usize {
         self.pauses.len() + 1
     }
+
+    /// The workload as a trace ([`parse_trace`] reads it back): each
+    /// phase's accesses vCPU by vCPU, a `PAUSE` line between phases.
+    pub fn to_trace(&self) -> String {
+        use std::fmt::Write;
+        let mut text = String::new();
+        for k in 0..self.phases() {
+            if k > 0 {
+                text.push_str("PAUSE\n");
+            }
+            for v in 0..self.per_vcpu.len() {
+                for op in self.phase(k, v) {
+                    let kind = match op.kind {
+                        OpKind::Read => 'R',
+                        OpKind::Write => 'W',
+                        OpKind::Fetch => 'X',
+                    };
+                    let _ = writeln!(text, "{v} {kind} {:#x} {}", op.gpa, op.size);
+                }
+            }
+        }
+        text
+    }
 }
 
 /// The value a write of `size` bytes stores at `gpa`.
@@ -309,6 +332,15 @@ mod tests {
         assert_eq!((w.phase(2, 0).len(), w.phase(2, 1).len()), (0, 0));
         assert!(parse_trace("\n2 R 0x0 8", 2).unwrap_err().reason.contains("vCPU 2"));
         assert!(parse_trace("0 R 0x3 8", 1).is_err());
+    }
+
+    #[test]
+    fn a_workload_written_as_a_trace_reads_back_the_same() {
+        let layout = Layout { nr_vcpus: 2, ..Layout::default() };
+        let mut w = generate(Pattern::Random, &layout, 500, 3);
+        w.per_vcpu[0].push(Op { kind: OpKind::Fetch, gpa: 0x4000_0100, size: 4 });
+        w.pauses = vec![vec![100, 200], vec![501, 200]];
+        assert_eq!(parse_trace(&w.to_trace(), 2).unwrap(), w);
     }
 
     #[test]

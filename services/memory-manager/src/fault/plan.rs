@@ -2,7 +2,8 @@
 //! exit to the VMM, or inject an abort into the guest.
 
 use hyp_core::abort::FaultStatus;
-use hyp_core::addr::{Ipa, Pa};
+use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
+use hyp_core::ring::abi::{kind, CommandRecord, FLAG_DEVICE};
 use hyp_core::stage2::{MapSize, Perms};
 
 use super::choices::{Decisions, MAX_FAULT_AROUND};
@@ -92,6 +93,21 @@ pub struct MapPlan {
 }
 
 impl MapPlan {
+    /// The MAP command for the plan, answering fault `fault_id`.
+    pub fn command(&self, cmd_id: u64, fault_id: u64) -> CommandRecord {
+        CommandRecord {
+            kind: kind::MAP,
+            flags: self.perms.bits() | if self.device { FLAG_DEVICE } else { 0 },
+            cmd_id,
+            fault_id,
+            ipa: self.ipa.raw(),
+            pa: self.pa.raw(),
+            size: self.size.bytes(),
+            inval_seq: self.seq,
+            reserved: 0,
+        }
+    }
+
     /// Pages after this mapping the policy wants mapped with it: only
     /// around a new 4 KiB mapping of memory, at most [`MAX_FAULT_AROUND`].
     pub fn fault_around(&self) -> u32 {
@@ -116,6 +132,23 @@ pub struct AroundPlan {
     pub seq: u64,
     /// The page's pin.
     pub pin: PinGuard,
+}
+
+impl AroundPlan {
+    /// The PREFAULT command for the page.
+    pub fn command(&self, cmd_id: u64) -> CommandRecord {
+        CommandRecord {
+            kind: kind::PREFAULT,
+            flags: self.perms.bits(),
+            cmd_id,
+            fault_id: 0,
+            ipa: self.ipa.raw(),
+            pa: self.pa.raw(),
+            size: PAGE_SIZE,
+            inval_seq: self.seq,
+            reserved: 0,
+        }
+    }
 }
 
 /// What to do with a fault.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
-use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord, FLAG_DEVICE};
+use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord};
 use hyp_core::ring::{Consumer, Producer, RingError};
 use hyp_core::stage2::MapSize;
 use hyp_core::vm::map_outcome;
@@ -191,17 +191,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         stop: &AtomicBool,
         event: impl FnOnce(&Self, &MapPlan) -> FaultEvent,
     ) -> Result<(), RingError> {
-        let cmd = CommandRecord {
-            kind: kind::MAP,
-            flags: plan.perms.bits() | if plan.device { FLAG_DEVICE } else { 0 },
-            cmd_id: self.cmd_id(),
-            fault_id,
-            ipa: plan.ipa.raw(),
-            pa: plan.pa.raw(),
-            size: plan.size.bytes(),
-            inval_seq: plan.seq,
-            reserved: 0,
-        };
+        let cmd = plan.command(self.cmd_id(), fault_id);
         // A write into a logged memslot is dirty before the vCPU can resume
         // (KVM marks it before returning to the guest): the core resumes
         // the vCPU as soon as it installs the map, before this thread sees
@@ -228,17 +218,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     fn send_prefault(&mut self, a: AroundPlan, stop: &AtomicBool) -> Result<(), RingError> {
-        let cmd = CommandRecord {
-            kind: kind::PREFAULT,
-            flags: a.perms.bits(),
-            cmd_id: self.cmd_id(),
-            fault_id: 0,
-            ipa: a.ipa.raw(),
-            pa: a.pa.raw(),
-            size: PAGE_SIZE,
-            inval_seq: a.seq,
-            reserved: 0,
-        };
+        let cmd = a.command(self.cmd_id());
         self.pending.insert(cmd.cmd_id, Pending::Around(Box::new(a)));
         self.send(&cmd, stop)
     }
