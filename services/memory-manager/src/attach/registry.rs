@@ -65,3 +65,34 @@ impl Drop for Registration<'_> {
         self.table.locked().remove(&self.id.raw());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::layout::VmLayout;
+    use crate::memory::pool::PagePool;
+    use hyp_core::addr::Pa;
+
+    fn vm(id: u16) -> Arc<AttachedVm> {
+        let layout = VmLayout::single_region(VmId::new(id).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &[]).unwrap();
+        Arc::new(AttachedVm::new(layout, PagePool::default()))
+    }
+
+    #[test]
+    fn an_id_is_taken_exactly_while_its_registration_lives() {
+        let table = VmTable::default();
+        let first = table.register(vm(3)).expect("a free id");
+        assert!(table.register(vm(3)).is_none(), "the id is taken");
+        assert_eq!((table.len(), table.get(3).map(|v| v.id().raw())), (1, Some(3)));
+        // A panic on a connection thread drops its registration too.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = first;
+            panic!("a connection thread panics");
+        }));
+        assert!(unwound.is_err());
+        assert!(table.is_empty() && table.get(3).is_none());
+        let again = table.register(vm(3)).expect("free again");
+        drop(again);
+        assert!(table.list().is_empty());
+    }
+}
