@@ -99,14 +99,4 @@ impl Memslots {
     pub fn iter(&self) -> impl Iterator<Item = &Memslot> {
         self.by_gpa.values()
     }
-
-    /// Slots.
-    pub fn len(&self) -> usize {
-        self.by_gpa.len()
-    }
-
-    /// True if there are none.
-    pub fn is_empty(&self) -> bool {
-        self.by_gpa.is_empty()
-    }
 }

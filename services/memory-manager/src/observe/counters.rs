@@ -52,9 +52,4 @@ impl VmCounters {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
-
-    /// Reads `counter`.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
 }
