@@ -7,7 +7,8 @@ use crate::addr::{Ipa, Pa, Range, PAGE_SIZE};
 use crate::ownership::{Owner, OwnershipError, PageOwnership, VmId};
 use crate::reject::Reject;
 use crate::ring::abi::{
-    action, kind, CommandRecord, FaultRecord, Record, ResultRecord, FLAG_DEVICE, MAX_VCPUS, NO_IPA,
+    action, kind, CommandRecord, FaultRecord, LeafRecord, Record, ResultRecord, FLAG_DEVICE, MAX_OWNED_PAGES,
+    MAX_VCPUS, NO_IPA,
 };
 use crate::ring::{Consumer, Producer, RingError};
 use crate::stage2::{
@@ -26,6 +27,9 @@ pub struct Outstanding {
     pub status: FaultStatus,
     /// The faulting access.
     pub access: Access,
+    /// The record sent to the daemon, kept to send again if the daemon
+    /// that took it never answered ([`Vm::repost`]).
+    pub record: FaultRecord,
 }
 
 /// What the vCPU whose fault was answered does next.
@@ -238,9 +242,7 @@ impl<M: TableMemory> Vm<M> {
         let ipa = abort.reported_ipa().or_else(|| abort.far.and_then(resolve));
         let fault_id = self.next_fault_id;
         self.next_fault_id += 1;
-        self.outstanding[vcpu as usize] =
-            Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.stage2_access() });
-        Ok(FaultRecord {
+        let record = FaultRecord {
             kind: kind::FAULT,
             vcpu,
             fault_id,
@@ -250,7 +252,18 @@ impl<M: TableMemory> Vm<M> {
             ipa: ipa.map_or(NO_IPA, Ipa::raw),
             inval_seq: self.inval_seq,
             timestamp_ns: now_ns,
-        })
+        };
+        self.outstanding[vcpu as usize] =
+            Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.stage2_access(), record });
+        Ok(record)
+    }
+
+    /// The record of `vcpu`'s outstanding fault, to send again: a daemon
+    /// that re-attached after its predecessor died may never have seen it
+    /// (the dead one popped it and never answered). The daemon drops a
+    /// fault id it has already seen on the ring.
+    pub fn repost(&self, vcpu: u32) -> Option<FaultRecord> {
+        self.outstanding(vcpu).map(|o| o.record)
     }
 
     /// Validates and executes one command that arrived on `vcpu`'s command ring.
@@ -272,9 +285,37 @@ impl<M: TableMemory> Vm<M> {
                 kind::COMPLETE => self.complete(vcpu, &cmd),
                 kind::TOPUP => self.topup(&cmd, owners),
                 kind::PREFAULT => self.prefault(&cmd, owners, tlb),
+                kind::OWNED => self.owned(&cmd, owners),
                 _ => Err(refuse(Reject::Malformed, 0)),
             }
         };
+        self.finish(vcpu, &cmd, outcome)
+    }
+
+    /// Executes one command from the control ring `vcpu` (the ring pair
+    /// after the vCPUs'): what [`Vm::execute`] does, and LEAVES, whose leaf
+    /// records go to `results` before the caller pushes the result.
+    pub fn execute_control(
+        &mut self,
+        vcpu: u32,
+        record: &Record,
+        owners: &mut PageOwnership<'_>,
+        tlb: &mut impl TlbMaintenance,
+        results: &mut Producer<'_>,
+    ) -> Result<Executed, RingError> {
+        let cmd = CommandRecord::decode(record);
+        if cmd.kind != kind::LEAVES || vcpu >= self.nr_vcpus || cmd.reserved != 0 {
+            return Ok(self.execute(vcpu, record, owners, tlb));
+        }
+        // Room for the leaves and, after them, the result.
+        let room = results.view().capacity() - results.len()?;
+        let outcome = self.leaves(&cmd, room.saturating_sub(1), results)?;
+        Ok(self.finish(vcpu, &cmd, outcome))
+    }
+
+    /// The result of `cmd` from its outcome; ends the vCPU's fault if the
+    /// command completed it.
+    fn finish(&mut self, vcpu: u32, cmd: &CommandRecord, outcome: CmdResult) -> Executed {
         let (status, value, detail, completion) = match outcome {
             Ok(Done { value, detail, completion }) => (0, value, detail, completion),
             Err(Refused { reason: Reject::StaleSequence, detail }) if cmd.kind != kind::PREFAULT => {
@@ -561,6 +602,61 @@ impl<M: TableMemory> Vm<M> {
             debug_assert!(pushed.is_ok(), "the memcache's room was checked");
         }
         Ok(Done::value(self.memcache.len() as u64, pages))
+    }
+
+    /// OWNED: bit i of the value says page i of `[pa, pa + size)` belongs
+    /// to the hypervisor (a table page or in the memcache); the detail is
+    /// the pages asked about. A restarted daemon learns from it which
+    /// table-pool pages it must not hand over again.
+    fn owned(&self, cmd: &CommandRecord, owners: &PageOwnership<'_>) -> CmdResult {
+        if cmd.flags != 0 || cmd.fault_id != 0 || cmd.ipa != 0 || cmd.inval_seq != 0 {
+            return Err(refuse(Reject::Malformed, 0));
+        }
+        let (pa, pages) = (Pa::new(cmd.pa), cmd.size / PAGE_SIZE);
+        if cmd.size % PAGE_SIZE != 0 || pages == 0 || pages > MAX_OWNED_PAGES || !pa.is_aligned(PAGE_SIZE) {
+            return Err(refuse(Reject::BadRange, 0));
+        }
+        let mut bits = 0u64;
+        for i in 0..pages {
+            let page = pa.checked_add(i * PAGE_SIZE).ok_or(refuse(Reject::BadRange, 0))?;
+            if owners.owner(page) == Some(Owner::Hyp) {
+                bits |= 1 << i;
+            }
+        }
+        Ok(Done::value(bits, pages))
+    }
+
+    /// LEAVES: up to `max` leaves overlapping `[ipa, ipa + size)`, in IPA
+    /// order, as leaf records on `results`; the value is the leaves sent,
+    /// the detail the IPA to ask from next (the range's end once done).
+    fn leaves(&self, cmd: &CommandRecord, max: u32, results: &mut Producer<'_>) -> Result<CmdResult, RingError> {
+        let range = match Self::range_of(cmd) {
+            Ok(range) => range,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let (mut sent, mut next, mut pushed) = (0u32, range.end().raw(), Ok(()));
+        let walked = self.stage2.leaves_in(range, &mut |ipa, level, d| {
+            if sent == max {
+                next = ipa.raw().max(range.start().raw());
+                return false;
+            }
+            let size = MapSize::from_level(level).map_or(PAGE_SIZE, MapSize::bytes);
+            let device = if d.mem_type() == MemType::Device { FLAG_DEVICE } else { 0 };
+            let leaf = LeafRecord {
+                kind: kind::LEAF,
+                flags: d.perms().bits() | device,
+                cmd_id: cmd.cmd_id,
+                ipa: ipa.raw(),
+                pa: d.output().raw(),
+                size,
+                reserved: [0; 3],
+            };
+            pushed = results.push(&leaf.encode());
+            sent += 1;
+            pushed.is_ok()
+        });
+        pushed?;
+        Ok(walked.map(|()| Done::value(sent as u64, next)).map_err(|e| refuse(Reject::from(e), 0)))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::mem::{offset_of, size_of_val};
 
 use hyp_core::reject::Reject;
-use hyp_core::ring::abi::{self, kind, CommandRecord, FaultRecord, RegionHeader, ResultRecord};
+use hyp_core::ring::abi::{self, kind, CommandRecord, FaultRecord, LeafRecord, RegionHeader, ResultRecord};
 
 /// The rows of the first table after `heading`, as trimmed cells.
 fn table(doc: &str, heading: &str) -> Vec<Vec<String>> {
@@ -63,6 +63,7 @@ fn record_layouts_in_the_doc_match_the_code() {
             [kind, flags, cmd_id, fault_id, ipa, pa, size, inval_seq, reserved]
         ),
     );
+    check("### LeafRecord", layout!(LeafRecord, LeafRecord::default(), [kind, flags, cmd_id, ipa, pa, size, reserved]));
     check(
         "### ResultRecord",
         layout!(
@@ -89,12 +90,15 @@ fn ring_control_offsets_and_kinds_match() {
     let code = [
         ("FAULT", kind::FAULT),
         ("RESULT", kind::RESULT),
+        ("LEAF", kind::LEAF),
         ("MAP", kind::MAP),
         ("UNMAP", kind::UNMAP),
         ("WRITE_PROTECT", kind::WRITE_PROTECT),
         ("COMPLETE", kind::COMPLETE),
         ("TOPUP", kind::TOPUP),
         ("PREFAULT", kind::PREFAULT),
+        ("LEAVES", kind::LEAVES),
+        ("OWNED", kind::OWNED),
     ];
     assert_eq!(kinds, code.map(|(n, k)| (n.to_string(), k)).to_vec());
     assert!(d.contains(&format!("`{:#x}`", abi::MAGIC)));

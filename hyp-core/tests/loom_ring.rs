@@ -72,3 +72,62 @@ fn sleeping_consumer_is_never_missed() {
         assert!(saw_record || rang, "record pushed, consumer asleep, no doorbell");
     });
 }
+
+/// A daemon that dies may have popped a fault it never answered (`took`),
+/// or died before it did. Its successor attaches from the indices in shared
+/// memory while the vCPU may still be pushing; once it has re-attached, the
+/// vCPU posts its outstanding fault again (`Vm::repost`). The successor
+/// sees the fault whole, and at most once more as a duplicate it drops by
+/// its id.
+fn dead_consumer_then_successor(took: bool) {
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    loom::model(move || {
+        let ring = Arc::new(OwnedRing::new());
+        let reattached = Arc::new(AtomicBool::new(false));
+        let (r2, flag) = (ring.clone(), reattached.clone());
+        let vcpu = thread::spawn(move || {
+            let mut p = Producer::attach(r2.view()).unwrap();
+            p.push(&record(1)).unwrap();
+            while !flag.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
+            // The same record, the same fault id.
+            p.push(&record(1)).unwrap();
+        });
+        {
+            let mut dead = Consumer::attach(ring.view()).unwrap();
+            while took && dead.pop().unwrap().is_none() {
+                thread::yield_now();
+            }
+        }
+        let mut successor = Consumer::attach(ring.view()).unwrap();
+        reattached.store(true, Ordering::Release);
+        let mut seen = 0;
+        while seen == 0 {
+            match successor.pop().unwrap() {
+                Some(r) => {
+                    assert_eq!(r, record(1), "the fault arrives whole");
+                    seen += 1;
+                }
+                None => thread::yield_now(),
+            }
+        }
+        vcpu.join().unwrap();
+        // Anything left is the same fault again: a duplicate, by its id.
+        while let Some(r) = successor.pop().unwrap() {
+            assert_eq!(r, record(1));
+            seen += 1;
+        }
+        assert_eq!(seen, if took { 1 } else { 2 }, "posted twice; the dead daemon took one copy or none");
+    });
+}
+
+#[test]
+fn a_fault_the_dead_consumer_took_reaches_its_successor() {
+    dead_consumer_then_successor(true);
+}
+
+#[test]
+fn a_fault_the_dead_consumer_never_took_reaches_its_successor_once_after_dedup() {
+    dead_consumer_then_successor(false);
+}

@@ -197,6 +197,9 @@ pub mod kind {
     pub const FAULT: u32 = 0x01;
     /// Core to daemon: the result of a command.
     pub const RESULT: u32 = 0x02;
+    /// Core to daemon: one installed leaf, reported by [`LEAVES`] before
+    /// its result.
+    pub const LEAF: u32 = 0x03;
     /// Daemon to core: map (or relax) for an outstanding fault.
     pub const MAP: u32 = 0x10;
     /// Daemon to core: unmap an IPA range.
@@ -212,6 +215,40 @@ pub mod kind {
     /// as MAP is, except that it answers no fault; where anything is
     /// already mapped it changes nothing.
     pub const PREFAULT: u32 = 0x15;
+    /// Daemon to core, control ring only: report the installed leaves of an
+    /// IPA range, as [`LEAF`] records before the result (a restarted
+    /// daemon rebuilds its records from them).
+    pub const LEAVES: u32 = 0x16;
+    /// Daemon to core: which pages of a PA range (at most 64) the
+    /// hypervisor owns (table pages and the memcache), as a bitmap.
+    pub const OWNED: u32 = 0x17;
+}
+
+/// Leaves a [`kind::LEAVES`] command reports at most (one ring's worth).
+pub const MAX_LEAVES_PER_COMMAND: u32 = 4095;
+
+/// Pages an [`kind::OWNED`] command asks about at most (one bitmap word).
+pub const MAX_OWNED_PAGES: u64 = 64;
+
+/// Leaf record layout (core to daemon): one installed stage-2 leaf, sent
+/// in answer to [`kind::LEAVES`] before that command's result.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[repr(C)]
+pub struct LeafRecord {
+    /// [`kind::LEAF`].
+    pub kind: u32,
+    /// Permissions (R=1, W=2, X=4) | [`FLAG_DEVICE`], as a MAP's flags.
+    pub flags: u32,
+    /// The LEAVES command's `cmd_id`.
+    pub cmd_id: u64,
+    /// First IPA the leaf maps.
+    pub ipa: u64,
+    /// Its output PA.
+    pub pa: u64,
+    /// Bytes: 4096, 2 MiB or 1 GiB.
+    pub size: u64,
+    /// Reserved, zero.
+    pub reserved: [u64; 3],
 }
 
 /// Fault record layout (core to daemon).
@@ -303,6 +340,36 @@ pub struct ResultRecord {
     pub reserved0: u32,
     /// Reserved, zero.
     pub reserved1: u64,
+}
+
+impl LeafRecord {
+    /// Packs the record into ring words.
+    pub const fn encode(&self) -> Record {
+        Record([
+            self.kind as u64 | (self.flags as u64) << 32,
+            self.cmd_id,
+            self.ipa,
+            self.pa,
+            self.size,
+            self.reserved[0],
+            self.reserved[1],
+            self.reserved[2],
+        ])
+    }
+
+    /// Unpacks ring words; validation is the reader's.
+    pub const fn decode(r: &Record) -> Self {
+        let w = r.0;
+        Self {
+            kind: w[0] as u32,
+            flags: (w[0] >> 32) as u32,
+            cmd_id: w[1],
+            ipa: w[2],
+            pa: w[3],
+            size: w[4],
+            reserved: [w[5], w[6], w[7]],
+        }
+    }
 }
 
 impl FaultRecord {
@@ -414,6 +481,15 @@ const _: () = {
     assert!(offset_of!(RegionHeader, ring_bytes) == 24);
     assert!(offset_of!(RegionHeader, rings_offset) == 28);
     assert!(offset_of!(RegionHeader, reserved) == 32);
+
+    assert!(size_of::<LeafRecord>() == RECORD_SIZE);
+    assert!(offset_of!(LeafRecord, kind) == 0);
+    assert!(offset_of!(LeafRecord, flags) == 4);
+    assert!(offset_of!(LeafRecord, cmd_id) == 8);
+    assert!(offset_of!(LeafRecord, ipa) == 16);
+    assert!(offset_of!(LeafRecord, pa) == 24);
+    assert!(offset_of!(LeafRecord, size) == 32);
+    assert!(offset_of!(LeafRecord, reserved) == 40);
 
     assert!(size_of::<FaultRecord>() == RECORD_SIZE);
     assert!(offset_of!(FaultRecord, kind) == 0);

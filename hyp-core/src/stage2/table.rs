@@ -379,6 +379,43 @@ impl<M: TableMemory> Stage2<M> {
         })
     }
 
+    /// Calls `f(ipa, level, descriptor)` for each leaf overlapping `range`,
+    /// in IPA order, until `f` returns false.
+    pub fn leaves_in(
+        &self,
+        range: Range<Ipa>,
+        f: &mut impl FnMut(Ipa, u8, Descriptor) -> bool,
+    ) -> Result<(), TableError> {
+        self.check_range(range)?;
+        let root_entries = ENTRIES_PER_TABLE * self.geometry.root_tables();
+        self.leaves_under(self.root, self.geometry.start_level(), root_entries, Ipa::new(0), range, f).map(|_| ())
+    }
+
+    /// [`Stage2::leaves_in`] below `table`; false once `f` said stop.
+    fn leaves_under(
+        &self,
+        table: Pa,
+        level: u8,
+        entries: usize,
+        base: Ipa,
+        range: Range<Ipa>,
+        f: &mut impl FnMut(Ipa, u8, Descriptor) -> bool,
+    ) -> Result<bool, TableError> {
+        for (index, ipa) in indices_in(level, entries, base, range) {
+            let d = Descriptor::from_raw(self.entry_at(table, index)?.load(Ordering::Acquire));
+            let go_on = match d.kind(level) {
+                DescriptorKind::Invalid => true,
+                DescriptorKind::Table(next) => self.leaves_under(next, level + 1, ENTRIES_PER_TABLE, ipa, range, f)?,
+                DescriptorKind::Leaf(_) => f(ipa, level, d),
+                DescriptorKind::Reserved => return Err(TableError::Corrupt),
+            };
+            if !go_on {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Number of table pages in use below the root.
     pub fn table_pages(&self) -> Result<u64, TableError> {
         let mut n = 0;

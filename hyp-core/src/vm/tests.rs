@@ -498,3 +498,150 @@ fn hostile_prefaults_are_refused_and_a_stale_one_leaves_the_fault_waiting() {
     }
     assert_eq!(snapshot(&vm, &owners), before, "nothing changed, the fault still outstanding");
 }
+
+/// What a daemon that re-attaches after its predecessor died relies on.
+mod reattach {
+    use super::*;
+    use crate::ring::abi::{LeafRecord, MAX_OWNED_PAGES};
+    use crate::ring::{Consumer, Producer};
+
+    fn leaves_cmd(ipa: u64, size: u64) -> CommandRecord {
+        CommandRecord { kind: kind::LEAVES, cmd_id: 9, ipa, size, ..Default::default() }
+    }
+
+    #[test]
+    fn an_unanswered_fault_can_be_posted_again_until_it_is_answered() {
+        let mut w = world();
+        let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+        assert_eq!(vm.repost(0), None);
+        let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 5, |_| None).unwrap();
+        assert_eq!(vm.repost(0), Some(f), "the same record, fault id included");
+        assert_eq!(vm.repost(1), None);
+        let map = map_cmd(f.fault_id, 0x8000_1000, VM1_MEM, 4096, Perms::RW);
+        assert_eq!(vm.execute(0, &map.encode(), &mut owners, &mut RecordingTlb::default()).result.status, 0);
+        assert_eq!(vm.repost(0), None, "answered: nothing to post again");
+    }
+
+    #[test]
+    fn replayed_commands_are_idempotent_or_refused_with_a_reason() {
+        let mut w = world();
+        let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+        let mut tlb = RecordingTlb::default();
+        // A MAP equal to the installed leaf answers its fault as already present.
+        let f = vm.take_fault(0, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
+        let map = |id| map_cmd(id, 0x8000_1000, VM1_MEM, 4096, Perms::RW).encode();
+        assert_eq!(vm.execute(0, &map(f.fault_id), &mut owners, &mut tlb).result.value, map_outcome::INSTALLED);
+        let f = vm.take_fault(1, ESR_WRITE_L3, 0x8000_1000, hpfar(0x8000_1000), 0, |_| None).unwrap();
+        let ex = vm.execute(1, &map(f.fault_id), &mut owners, &mut tlb);
+        assert_eq!((ex.result.status, ex.result.value), (0, map_outcome::ALREADY_PRESENT));
+        assert_eq!(ex.completion, Some(Completion::Resume));
+        // A relax already done is done again, changing nothing.
+        let before = snapshot(&vm, &owners);
+        let f = vm.take_fault(2, ESR_WRITE_PERM_L3, 0x8000_1000, 0, 0, |far| Some(Ipa::new(far))).unwrap();
+        let ex = vm.execute(2, &map(f.fault_id), &mut owners, &mut tlb);
+        assert_eq!((ex.result.status, ex.result.value), (0, map_outcome::RELAXED));
+        assert_eq!(snapshot(&vm, &owners), before);
+        // A top-up of pages the core already owns is refused with the first
+        // such page, and nothing moves.
+        let first = TABLES + Geometry::kvm_default().root_size();
+        let topup = CommandRecord { kind: kind::TOPUP, pa: first + 4096, size: 2 * 4096, ..Default::default() };
+        let ex = vm.execute(0, &topup.encode(), &mut owners, &mut tlb);
+        assert_eq!((ex.rejected(), ex.result.detail), (Some(Reject::NotOwned), first + 4096));
+        assert_eq!(snapshot(&vm, &owners), before);
+    }
+
+    #[test]
+    fn owned_reports_the_hypervisors_pages_of_a_range() {
+        let mut w = world();
+        let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+        let root = Geometry::kvm_default().root_size();
+        let owned = |vm: &mut Vm<&HostMemory>, owners: &mut PageOwnership<'_>, pa: u64, pages: u64| {
+            let cmd = CommandRecord { kind: kind::OWNED, pa, size: pages * 4096, ..Default::default() };
+            vm.execute(0, &cmd.encode(), owners, &mut RecordingTlb::default()).result
+        };
+        // The root pages and the 16 topped-up pages are the hypervisor's.
+        let r = owned(&mut vm, &mut owners, TABLES, MAX_OWNED_PAGES);
+        let hyp = root / 4096 + 16;
+        assert_eq!((r.status, r.value, r.detail), (0, (1u64 << hyp) - 1, MAX_OWNED_PAGES));
+        assert_eq!(owned(&mut vm, &mut owners, VM1_MEM, 8).value, 0, "guest pages are not");
+        let too_many = owned(&mut vm, &mut owners, TABLES, MAX_OWNED_PAGES + 1);
+        assert_eq!(Reject::from_code(too_many.status), Some(Reject::BadRange));
+        let cmd = CommandRecord { kind: kind::OWNED, pa: TABLES, size: 4096, ipa: 1, ..Default::default() };
+        let ex = vm.execute(0, &cmd.encode(), &mut owners, &mut RecordingTlb::default());
+        assert_eq!(ex.rejected(), Some(Reject::Malformed));
+    }
+
+    #[test]
+    fn leaves_are_reported_in_ipa_order_a_ring_at_a_time_on_the_control_ring_only() {
+        let mut w = world();
+        let (mut vm, mut owners) = setup(&mut w, Geometry::kvm_default());
+        let mut tlb = RecordingTlb::default();
+        // Three 4 KiB pages and a 2 MiB block, mapped through faults on vCPU 0.
+        let maps = [
+            (0x8000_3000, VM1_MEM + 0x3000, 4096, Perms::R),
+            (0x8000_1000, VM1_MEM + 0x1000, 4096, Perms::RW),
+            (0x8020_0000, VM1_MEM + (2 << 20), 2 << 20, Perms::RWX),
+            (0x8000_2000, VM1_MEM + 0x2000, 4096, Perms::RW),
+        ];
+        for (ipa, pa, size, perms) in maps {
+            let esr = if perms.write() { ESR_WRITE_L3 } else { ESR_READ_L2 };
+            let f = vm.take_fault(0, esr, ipa, hpfar(ipa), 0, |_| None).unwrap();
+            let ex = vm.execute(0, &map_cmd(f.fault_id, ipa, pa, size, perms).encode(), &mut owners, &mut tlb);
+            assert_eq!(ex.result.status, 0, "{ex:?}");
+        }
+        // The last ring pair is the control ring (vCPU 3 of 4 here).
+        let ring = OwnedRing::new();
+        let mut results = Producer::attach(ring.view()).unwrap();
+        let mut reader = Consumer::attach(ring.view()).unwrap();
+        // Room for two leaves and the result: the first two, then the rest.
+        for _ in 0..OWNED_RING_ENTRIES - 3 {
+            results.push(&Record([0; 8])).unwrap();
+        }
+        for _ in 0..OWNED_RING_ENTRIES - 3 {
+            reader.pop().unwrap();
+        }
+        let mut got = Vec::new();
+        let (start, end) = (0x8000_0000u64, 0x8040_0000u64);
+        let mut from = start;
+        let mut rounds = 0;
+        while from < end {
+            let filler = if rounds == 0 { OWNED_RING_ENTRIES - 3 } else { 0 };
+            for _ in 0..filler {
+                results.push(&Record([0; 8])).unwrap();
+            }
+            let cmd = leaves_cmd(from, end - from);
+            let ex = vm.execute_control(3, &cmd.encode(), &mut owners, &mut tlb, &mut results).unwrap();
+            assert_eq!(ex.result.status, 0, "{ex:?}");
+            for _ in 0..filler {
+                reader.pop().unwrap();
+            }
+            let mut n = 0;
+            while let Some(r) = reader.pop().unwrap() {
+                let leaf = LeafRecord::decode(&r);
+                assert_eq!((leaf.kind, leaf.cmd_id), (kind::LEAF, 9));
+                got.push((leaf.ipa, leaf.pa, leaf.size, leaf.flags));
+                n += 1;
+            }
+            assert_eq!(ex.result.value, n);
+            if rounds == 0 {
+                assert_eq!(n, 2, "only two fit");
+            }
+            from = ex.result.detail;
+            rounds += 1;
+        }
+        assert_eq!(rounds, 2);
+        let expected: Vec<(u64, u64, u64, u32)> = [maps[1], maps[3], maps[0], maps[2]]
+            .iter()
+            .map(|&(ipa, pa, size, perms)| (ipa, pa, size, perms.bits()))
+            .collect();
+        assert_eq!(got, expected);
+        // On a vCPU's ring, LEAVES is not a command.
+        let ex = vm.execute(0, &leaves_cmd(start, 4096).encode(), &mut owners, &mut tlb);
+        assert_eq!(ex.rejected(), Some(Reject::Malformed));
+        // A malformed range is refused and reports nothing.
+        let bad = CommandRecord { pa: 1, ..leaves_cmd(start, 4096) };
+        let ex = vm.execute_control(3, &bad.encode(), &mut owners, &mut tlb, &mut results).unwrap();
+        assert_eq!(ex.rejected(), Some(Reject::Malformed));
+        assert_eq!(reader.pop().unwrap(), None);
+    }
+}
