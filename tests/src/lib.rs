@@ -57,6 +57,8 @@ pub struct Daemon {
     child: Child,
     /// Its attach socket.
     pub socket: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, std::ffi::OsString)>,
     _dir: tempfile::TempDir,
 }
 
@@ -70,25 +72,61 @@ impl Daemon {
     pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("attach.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect();
+        let child = Self::spawn(dir.path(), &socket, &args, &env);
+        let d = Self { child, socket, args, env, _dir: dir };
+        d.wait_for_socket();
+        d
+    }
+
+    fn spawn(dir: &Path, socket: &Path, args: &Vec<String>, env: &Vec<(String, std::ffi::OsString)>) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).expect("log file");
         let mut cmd = Command::new(binary("memory-manager"));
-        cmd.arg("--attach-socket").arg(&socket);
+        cmd.arg("--attach-socket").arg(socket);
         // Ephemeral ports, so tests can run side by side.
-        if !args.contains(&"--grpc-listen") {
+        if !args.iter().any(|a| a == "--grpc-listen") {
             cmd.args(["--grpc-listen", "127.0.0.1:0"]);
         }
-        if !args.contains(&"--metrics-listen") {
+        if !args.iter().any(|a| a == "--metrics-listen") {
             cmd.args(["--metrics-listen", "127.0.0.1:0"]);
         }
-        cmd.envs(env.iter().copied());
-        let child = cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager");
-        let d = Self { child, socket, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            assert!(Instant::now() < deadline, "daemon did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
+        if !args.iter().any(|a| a == "--state-dir") {
+            cmd.arg("--state-dir").arg(dir.join("state"));
         }
-        d
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager")
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            assert!(Instant::now() < deadline, "daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills the daemon with `signal`, reaps it, and starts a new one with
+    /// the same arguments, socket and state directory (a supervisor's
+    /// restart). Returns when the new one listens.
+    pub fn kill_and_restart(&mut self, signal: Signal) {
+        let starts = self.log().matches("gRPC listening addr=").count();
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Self::spawn(self._dir.path(), &self.socket, &self.args, &self.env);
+        self.wait_for_socket();
+        // Its API too (grpc_addr then names the new one's port).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("gRPC listening addr=").count() == starts {
+            assert!(Instant::now() < deadline, "the restarted daemon never listened: {}", self.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self._dir.path().join("state")
     }
 
     /// The gRPC address the daemon logged once it was listening.
@@ -105,7 +143,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains(marker)) {
+            // The latest: a restarted daemon listens on new ports.
+            if let Some(line) = log.lines().rev().find(|l| l.contains(marker)) {
                 let addr = line.split(marker).nth(1).expect("addr field").split_whitespace().next().unwrap();
                 return addr.trim_matches('"').to_string();
             }

@@ -53,9 +53,24 @@ fn the_daemonset_manifest_parses_and_matches_its_configuration() {
         .expect("the mount's volume exists");
     assert_eq!(volume["configMap"]["name"].as_str(), Some(name));
 
-    // The attach socket's directory is the host path shared with machines.
-    let run = spec["volumes"].as_vec().unwrap().iter().find(|v| !v["hostPath"].is_badvalue()).expect("a hostPath");
-    assert_eq!(config.attach_socket.parent().unwrap().to_str(), run["hostPath"]["path"].as_str());
+    // The attach socket's directory is the host path shared with machines,
+    // and the state directory a host path that outlives the pod, each
+    // mounted where the configuration says.
+    let host_path = |dir: &std::path::Path| {
+        let mount = container["volumeMounts"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == dir.to_str())
+            .unwrap_or_else(|| panic!("{} is not mounted", dir.display()));
+        let volume = spec["volumes"].as_vec().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        volume["hostPath"]["path"].as_str().map(str::to_string)
+    };
+    assert_eq!(
+        host_path(config.attach_socket.parent().unwrap()).as_deref(),
+        config.attach_socket.parent().unwrap().to_str()
+    );
+    assert_eq!(host_path(&config.state_dir).as_deref(), config.state_dir.to_str());
 
     // Probes and scrape annotations name the configured ports.
     assert_eq!(container["readinessProbe"]["grpc"]["port"].as_i64(), Some(config.grpc_listen.port() as i64));
@@ -73,6 +88,9 @@ fn the_systemd_unit_waits_for_readiness_and_reads_the_example_configuration() {
     let exec = value("ExecStart").unwrap();
     assert!(exec.contains("memory-manager --config /etc/faultline/memory-manager.toml"), "{exec}");
     assert_eq!(value("RuntimeDirectory"), Some("faultline"), "/run/faultline holds the attach socket");
+    assert_eq!(value("RuntimeDirectoryPreserve"), Some("restart"), "machines re-attach to the same socket path");
+    assert_eq!(value("StateDirectory"), Some("faultline"), "/var/lib/faultline outlives the daemon");
     let example = Config::from_toml(include_str!("../../deploy/memory-manager.toml")).unwrap();
     assert!(example.attach_socket.starts_with("/run/faultline"));
+    assert_eq!(example.state_dir, std::path::Path::new("/var/lib/faultline"));
 }

@@ -164,6 +164,9 @@ pub enum Status {
     AlreadyAttached = 6,
     /// The daemon failed for its own reasons (map failed, ...).
     Internal = 7,
+    /// A re-attach that does not match the VM as it was attached: another
+    /// description, or a core whose state the description cannot explain.
+    Mismatch = 8,
 }
 
 impl Status {
@@ -178,6 +181,7 @@ impl Status {
             Self::Undersized,
             Self::AlreadyAttached,
             Self::Internal,
+            Self::Mismatch,
         ]
         .into_iter()
         .find(|s| *s as u16 == v)

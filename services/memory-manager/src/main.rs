@@ -21,6 +21,10 @@ struct Args {
     /// Attach socket path (overrides the file).
     #[arg(long)]
     attach_socket: Option<PathBuf>,
+    /// State directory: the swap store, attached VMs, the policy in force
+    /// (overrides the file).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// gRPC listen address, e.g. 127.0.0.1:50151 (overrides the file).
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
@@ -69,6 +73,9 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(v) = args.attach_socket {
         config.attach_socket = v;
+    }
+    if let Some(v) = args.state_dir {
+        config.state_dir = v;
     }
     if let Some(v) = args.grpc_listen {
         config.grpc_listen = v;

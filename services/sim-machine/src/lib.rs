@@ -14,6 +14,7 @@ pub mod machine;
 pub mod mmu;
 pub mod phys;
 pub mod probe;
+pub mod session;
 pub mod stage1;
 pub mod syndrome;
 pub mod workload;

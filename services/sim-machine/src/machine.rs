@@ -1,7 +1,6 @@
 //! The machine: creates memory and rings, hosts hyp-core, attaches to the
 //! daemon, runs the vCPUs, detaches and reports.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -9,24 +8,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
-use faultline_attach::{
-    decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind, Reply,
-    Status, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
-};
+use faultline_attach::{AttachRequest, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE};
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, Record, RingError, RingKind, SharedRegion};
 use hyp_core::stage2::{Geometry, LinearMap};
 use hyp_core::vm::{Completion, Vm};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::layout::{
     rom_byte, Layout, RAM_PA, RINGS_PA, RING_ENTRIES, ROM_GPA, ROM_PA, ROOT_RESERVE, TABLES_PA, TABLES_SIZE,
 };
 use crate::mmu::{AccessKind, Stage2Regs, Tlb, TlbGeneration};
 use crate::phys::{PhysMemory, Window};
+use crate::session::{Session, Stalls};
 use crate::syndrome::{self, DataAccess};
 use crate::workload::{digest, value_for, OpKind, Workload};
 
@@ -45,6 +41,8 @@ pub struct MachineConfig {
     pub keep_latencies: bool,
     /// Dirty logging on the RAM memslot.
     pub dirty_log: bool,
+    /// How long to wait for a daemon that went away to come back.
+    pub reattach_deadline: Duration,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -106,6 +104,13 @@ pub struct Summary {
     pub ram_hugetlb: bool,
     /// The daemon's detach report.
     pub detach: Option<DetachReport>,
+    /// Times the daemon went away until a daemon took the VM back.
+    pub stalls: Stalls,
+    /// What the core's stage-2 tables held at detach: leaves, and the
+    /// backing pages they cover (what the daemon's pins must count).
+    pub core_leaves: u64,
+    /// Backing pages under those leaves (4 KiB, or 2 MiB on huge pages).
+    pub core_backing_pages: u64,
     /// Every RAM fault's round trip in ns, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latencies_ns: Option<Vec<u64>>,
@@ -178,8 +183,6 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let core = Mutex::new(CoreState { vm, owners, tlb: tlb_gen.clone() });
 
     // Attach.
-    let conn = faultline_attach::connect(&config.attach_socket)
-        .with_context(|| format!("connecting to the daemon at {}", config.attach_socket.display()))?;
     let request = AttachRequest {
         vm_id: config.vm_id,
         nr_vcpus: n as u16,
@@ -218,17 +221,15 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             MemslotDesc { gpa: ROM_GPA, size: layout.rom_size, region: 1, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
         ],
     };
-    let fds = [phys.window(ram).fd(), phys.window(rom).fd(), phys.window(rings).fd()];
-    send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
-    let reply = read_reply(&conn).context("reading the attach reply")?;
-    if reply.status != Status::Ok {
-        bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
-    }
+    let fds = vec![phys.window(ram).fd(), phys.window(rom).fd(), phys.window(rings).fd()];
+    let session = Session::attach(&config.attach_socket, request, fds, config.reattach_deadline)?;
     info!(vm = config.vm_id, vcpus = n, "attached");
 
     // Run.
     let stop = AtomicBool::new(false);
-    let daemon_gone = AtomicBool::new(false);
+    // A vCPU is kicked when it must stop or post its outstanding fault
+    // again (a new daemon took the VM).
+    let kicks: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
     let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
     let started = Instant::now();
@@ -240,17 +241,24 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         tlb_gen: tlb_gen.clone(),
         wait,
         stop: &stop,
+        kicks: &kicks,
         epoch,
         layout,
     };
-    let results: Vec<anyhow::Result<VcpuResult>> = std::thread::scope(|s| {
+    let results = std::thread::scope(|s| {
         let control = {
             let (core, shared, stop) = (&core, &shared, &stop);
             s.spawn(move || serve_control(core, shared, n, wait, stop))
         };
-        let watchdog = {
-            let (conn, stop, gone, shared) = (&conn, &stop, &daemon_gone, &shared);
-            s.spawn(move || watch_connection(conn, stop, gone, shared, n))
+        let supervisor = {
+            let (session, stop, kicks, shared) = (&session, &stop, &kicks, &shared);
+            s.spawn(move || {
+                let supervised = session.supervise(stop, || kick_all(kicks, shared, n));
+                if supervised.is_err() {
+                    stop_all(stop, kicks, shared, n);
+                }
+                supervised
+            })
         };
         let mut results = Vec::new();
         for phase in 0..workload.phases() {
@@ -269,15 +277,14 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 let _ = std::io::stdin().read_line(&mut String::new());
             }
         }
-        stop_all(&stop, &shared, n);
+        stop_all(&stop, &kicks, &shared, n);
         let _ = control.join();
-        let _ = watchdog.join();
-        results
+        let supervised = supervisor.join().unwrap_or(Ok(()));
+        (results, supervised)
     });
+    let (results, supervised) = results;
     let run_ms = started.elapsed().as_millis() as u64;
-    if daemon_gone.load(Ordering::Acquire) {
-        bail!("the daemon closed the connection while the guest ran");
-    }
+    supervised?;
     let mut summary = Summary {
         vm_id: config.vm_id,
         vcpus: n,
@@ -294,6 +301,9 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         run_ms,
         ram_hugetlb: phys.window(ram).hugetlb,
         detach: None,
+        stalls: Stalls::default(),
+        core_leaves: 0,
+        core_backing_pages: 0,
         latencies_ns: None,
     };
     let mut latencies = Vec::new();
@@ -317,9 +327,23 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     if config.keep_latencies {
         summary.latencies_ns = Some(ram_latencies);
     }
-    // Detach and collect the daemon's report.
-    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
-    let reply = read_reply(&conn).context("reading the detach reply")?;
+    // What the daemon's records must agree with: the core's tables.
+    {
+        let c = core.lock().unwrap_or_else(|e| e.into_inner());
+        let (ram_pa, ram_page) = (RAM_PA, layout.ram_page_size);
+        let mut count = |_: Ipa, level: u8, d: hyp_core::stage2::Descriptor| {
+            let bytes = hyp_core::stage2::MapSize::from_level(level).map_or(4096, |s| s.bytes());
+            let pa = d.output().raw();
+            let page = if (ram_pa..ram_pa + layout.ram_size).contains(&pa) { ram_page } else { 4096 };
+            summary.core_leaves += 1;
+            summary.core_backing_pages += bytes.div_ceil(page);
+        };
+        c.vm.stage2().for_each_leaf(&mut count).map_err(|e| anyhow::anyhow!("walking the core's tables: {e:?}"))?;
+    }
+    // Detach and collect the daemon's report (from a daemon that took the
+    // VM back, if its own went away).
+    let reply = session.detach().context("detaching")?;
+    summary.stalls = session.stalls();
     summary.detach = Some(DetachReport {
         pages_released: reply.values[0],
         pins_remaining: reply.values[1],
@@ -352,42 +376,21 @@ pub(crate) fn table_pool_region() -> RegionDesc {
     }
 }
 
-pub(crate) fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
-    let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
-    let (kind, payload) = decode_header(&msg.bytes)?;
-    if kind != MsgKind::Reply {
-        bail!("expected a reply, got {kind:?}");
-    }
-    Ok(Reply::decode(payload)?)
+/// Sets `stop` and wakes every thread sleeping on a command ring.
+fn stop_all(stop: &AtomicBool, kicks: &[AtomicBool], shared: &SharedRegion<'_>, n: u32) {
+    stop.store(true, Ordering::Release);
+    kick_all(kicks, shared, n);
 }
 
-/// Sets `stop` and wakes every thread sleeping on a command ring.
-fn stop_all(stop: &AtomicBool, shared: &SharedRegion<'_>, n: u32) {
-    stop.store(true, Ordering::Release);
+/// Kicks every vCPU out of its wait for a command (it posts its outstanding
+/// fault again, or stops); wakes the control thread too.
+fn kick_all(kicks: &[AtomicBool], shared: &SharedRegion<'_>, n: u32) {
+    for k in kicks {
+        k.store(true, Ordering::Release);
+    }
     for ring in 0..=n {
         if let Some(view) = shared.ring(ring, RingKind::Command) {
             faultline_attach::doorbell::wake(&view);
-        }
-    }
-}
-
-/// Sets `stop` and `gone` if the daemon hangs up while the guest runs.
-fn watch_connection(conn: &OwnedFd, stop: &AtomicBool, gone: &AtomicBool, shared: &SharedRegion<'_>, n: u32) {
-    while !stop.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-        if let Ok(ready) = poll(&mut fds, PollTimeout::from(50u16)) {
-            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-            let mut byte = [0u8; 1];
-            let peek = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-            let closed = revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
-                || (revents.contains(PollFlags::POLLIN)
-                    && matches!(nix::sys::socket::recv(conn.as_raw_fd(), &mut byte, peek), Ok(0)));
-            if ready > 0 && closed {
-                warn!("daemon hung up");
-                gone.store(true, Ordering::Release);
-                stop_all(stop, shared, n);
-                return;
-            }
         }
     }
 }
@@ -404,8 +407,9 @@ fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wai
         let executed = {
             let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
             let CoreState { vm, owners, tlb } = &mut *c;
-            vm.execute(n, &cmd, owners, tlb)
+            vm.execute_control(n, &cmd, owners, tlb, &mut results)
         };
+        let Ok(executed) = executed else { return };
         if push(&mut results, &executed.result.encode(), stop).is_err() {
             return;
         }
@@ -430,12 +434,14 @@ struct VcpuEnv<'a> {
     tlb_gen: TlbGeneration,
     wait: WaitPolicy,
     stop: &'a AtomicBool,
+    kicks: &'a [AtomicBool],
     epoch: Instant,
     layout: Layout,
 }
 
 fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
-    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, stop, epoch, layout } = *env;
+    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, stop, kicks, epoch, layout } = *env;
+    let kick = &kicks[v as usize];
     let tlb_gen = tlb_gen.clone();
     let mut faults_out =
         Producer::attach(shared.ring(v, RingKind::Fault).context("ring")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -485,10 +491,21 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                     push(&mut faults_out, &rec.encode(), stop)
                         .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;
                     let completion = loop {
-                        let Some(cmd) = wait_pop(&mut commands, wait, stop)
+                        let Some(cmd) = wait_pop(&mut commands, wait, kick)
                             .map_err(|e| anyhow::anyhow!("vCPU {v}: command ring: {e:?}"))?
                         else {
-                            bail!("vCPU {v}: stopped while waiting for the daemon");
+                            if stop.load(Ordering::Acquire) {
+                                bail!("vCPU {v}: stopped while waiting for the daemon");
+                            }
+                            // A new daemon took the VM: it may never have seen
+                            // this fault (its predecessor took it and died).
+                            kick.store(false, Ordering::Release);
+                            let again = core.lock().unwrap_or_else(|e| e.into_inner()).vm.repost(v);
+                            if let Some(rec) = again {
+                                push(&mut faults_out, &rec.encode(), stop)
+                                    .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;
+                            }
+                            continue;
                         };
                         let executed = {
                             let mut c = core.lock().unwrap_or_else(|e| e.into_inner());

@@ -55,6 +55,10 @@ struct Args {
     /// Dirty logging on the RAM memslot (4 KiB mappings, writes logged).
     #[arg(long)]
     dirty_log: bool,
+    /// Seconds to wait for a daemon that went away (killed, restarted,
+    /// upgraded) to take the VM back; faults wait meanwhile.
+    #[arg(long, default_value_t = 60.0)]
+    reattach_deadline_s: f64,
     /// Run the stage-1 probe instead of a workload: the EL2 image's probe
     /// guest (MMU on, tables in their own memslot, one access), walked in
     /// software; prints a report shaped like `faultline qemu`'s.
@@ -129,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         spin_polls: args.spin_polls,
         keep_latencies: args.latencies,
         dirty_log: args.dirty_log,
+        reattach_deadline: std::time::Duration::from_secs_f64(args.reattach_deadline_s),
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -21,6 +21,7 @@ use super::map::map;
 use super::registry::VmTable;
 use super::validate::{refuse, Refusal};
 use crate::link::control::ControlLoop;
+use crate::link::rebuild::rebuild;
 use crate::link::vcpu::VcpuService;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
@@ -139,25 +140,8 @@ impl AttachServer {
             Duration::from_millis(500)
         };
         let wait = WaitPolicy { spin_polls: self.settings.spin_polls, sleep_slice };
+        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
         let detach_requested = std::thread::scope(|s| {
-            for vcpu in 0..req.nr_vcpus as u32 {
-                let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
-                let commands = region.ring(vcpu, RingKind::Command).expect("in range");
-                let (vm, stop, policy) = (&*vm, &stop, policy);
-                let named = std::thread::Builder::new().name(format!("vm{}-vcpu{vcpu}", vm.id().raw()));
-                let spawned = named.spawn_scoped(s, move || {
-                    let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
-                        warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
-                        return;
-                    };
-                    if let Err(e) = VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, stop) {
-                        warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
-                    }
-                });
-                if let Err(e) = spawned {
-                    warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served");
-                }
-            }
             {
                 let control = req.nr_vcpus as u32;
                 let results = region.ring(control, RingKind::Fault).expect("validated: nr_vcpus + 1 pairs");
@@ -178,6 +162,46 @@ impl AttachServer {
                 });
                 if let Err(e) = spawned {
                     warn!(cause = %e, "cannot start the control thread; control commands unavailable");
+                }
+            }
+            // A VM whose daemon died (or handed it over) is served only once
+            // its mapping state is rebuilt from the core, over the control
+            // ring started above.
+            if reattach {
+                match rebuild(&vm) {
+                    Ok(r) => info!(
+                        mappings = r.mappings,
+                        bytes = r.bytes,
+                        pool_pages_held = r.pool_pages_held,
+                        commands = r.commands,
+                        elapsed_us = r.elapsed.as_micros() as u64,
+                        "re-attached: mapping state rebuilt from the core"
+                    ),
+                    Err(e) => {
+                        error!(cause = %e, "re-attach refused: the core's state does not match the VM");
+                        reply(Status::Mismatch, format!("re-attach refused: {e}"), [0; 3]);
+                        stop.store(true, Ordering::Release);
+                        vm.control.close();
+                        return false;
+                    }
+                }
+            }
+            for vcpu in 0..req.nr_vcpus as u32 {
+                let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
+                let commands = region.ring(vcpu, RingKind::Command).expect("in range");
+                let (vm, stop, policy) = (&*vm, &stop, policy);
+                let named = std::thread::Builder::new().name(format!("vm{}-vcpu{vcpu}", vm.id().raw()));
+                let spawned = named.spawn_scoped(s, move || {
+                    let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
+                        warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
+                        return;
+                    };
+                    if let Err(e) = VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, stop) {
+                        warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
+                    }
+                });
+                if let Err(e) = spawned {
+                    warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served");
                 }
             }
             let detach = self.wait_for_detach(&conn);

@@ -31,6 +31,9 @@ pub enum LogFormat {
 pub struct Config {
     /// Path of the attach socket (Unix SOCK_SEQPACKET).
     pub attach_socket: PathBuf,
+    /// What must outlive the daemon: evicted pages (the swap store), each
+    /// attached VM's description, the policy in force.
+    pub state_dir: PathBuf,
     /// Address the gRPC API listens on (FaultTrace, health, reflection).
     pub grpc_listen: SocketAddr,
     /// Also serve the gRPC API on this Unix socket (none by default).
@@ -73,6 +76,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             attach_socket: PathBuf::from("/run/faultline/attach.sock"),
+            state_dir: PathBuf::from("/var/lib/faultline"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             grpc_unix_socket: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),

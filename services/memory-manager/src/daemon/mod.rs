@@ -64,6 +64,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    std::fs::create_dir_all(&daemon.config().state_dir)?;
     // The attach server and every thread it starts (connections, vCPU
     // service, control) run on a plain thread: they must not inherit the
     // API threads' lower priority.

@@ -1,8 +1,9 @@
 //! The control ring pair: commands the daemon starts itself rather than in
-//! answer to a fault (write-protect to re-arm dirty logging; later unmap for
-//! reclaim). One thread per VM owns the pair; callers hand it commands over
-//! a channel through a [`ControlClient`] and block until the core's result
-//! arrives or a deadline passes.
+//! answer to a fault (write-protect to re-arm dirty logging, unmap for
+//! reclaim, the leaf and ownership reports a re-attach rebuilds from). One
+//! thread per VM owns the pair; callers hand it commands over a channel
+//! through a [`ControlClient`] and block until the core's result arrives or
+//! a deadline passes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use hyp_core::addr::Ipa;
 use hyp_core::reject::Reject;
-use hyp_core::ring::abi::{kind, CommandRecord, ResultRecord};
+use hyp_core::ring::abi::{kind, CommandRecord, LeafRecord, ResultRecord};
 use hyp_core::ring::{Consumer, Producer, RingError};
 use tracing::warn;
 
@@ -43,9 +44,17 @@ pub enum ControlError {
     },
 }
 
+/// What the core sent back for a command: its result, and the leaf
+/// records before it (LEAVES only).
+#[derive(Debug)]
+struct Answer {
+    result: ResultRecord,
+    leaves: Vec<LeafRecord>,
+}
+
 struct Request {
     cmd: CommandRecord,
-    reply: SyncSender<ResultRecord>,
+    reply: SyncSender<Answer>,
 }
 
 /// The handle callers use; cheap to share.
@@ -73,9 +82,34 @@ impl ControlClient {
         self.execute(CommandRecord { kind: kind::WRITE_PROTECT, ipa: ipa.raw(), size: len, ..Default::default() })
     }
 
+    /// The leaves installed in `[ipa, ipa + len)` from the first the core
+    /// reports on: as many as fit the result ring, and the result, whose
+    /// `detail` says where to ask next. The leaves are the core's word:
+    /// the caller checks them.
+    pub fn leaves(&self, ipa: Ipa, len: u64) -> Result<(Vec<LeafRecord>, ResultRecord), ControlError> {
+        let cmd = CommandRecord { kind: kind::LEAVES, ipa: ipa.raw(), size: len, ..Default::default() };
+        self.ask(cmd).map(|a| (a.leaves, a.result))
+    }
+
+    /// Which of the `pages` pages from `pa` (at most 64) the hypervisor
+    /// holds: bit i for page i.
+    pub fn owned(&self, pa: hyp_core::addr::Pa, pages: u64) -> Result<u64, ControlError> {
+        let cmd = CommandRecord {
+            kind: kind::OWNED,
+            pa: pa.raw(),
+            size: pages * hyp_core::addr::PAGE_SIZE,
+            ..Default::default()
+        };
+        self.execute(cmd).map(|r| r.value)
+    }
+
     /// Sends `cmd` (its `cmd_id` is assigned by the loop) and waits for the
     /// result, at most [`CONTROL_DEADLINE`].
     pub fn execute(&self, cmd: CommandRecord) -> Result<ResultRecord, ControlError> {
+        self.ask(cmd).map(|a| a.result)
+    }
+
+    fn ask(&self, cmd: CommandRecord) -> Result<Answer, ControlError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ControlError::Closed)?;
         let (reply, answer) = mpsc::sync_channel(1);
         // Never block: a core that stopped answering must not hold callers.
@@ -83,10 +117,11 @@ impl ControlClient {
             mpsc::TrySendError::Full(_) => ControlError::Busy,
             mpsc::TrySendError::Disconnected(_) => ControlError::Closed,
         })?;
-        let res = answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
+        let answer = answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
             RecvTimeoutError::Timeout => ControlError::Timeout(CONTROL_DEADLINE),
             RecvTimeoutError::Disconnected => ControlError::Closed,
         })?;
+        let res = answer.result;
         if res.status != 0 {
             return Err(ControlError::Refused {
                 code: res.status,
@@ -94,7 +129,7 @@ impl ControlClient {
                 detail: res.detail,
             });
         }
-        Ok(res)
+        Ok(answer)
     }
 }
 
@@ -114,8 +149,9 @@ impl<'r> ControlLoop<'r> {
     /// A loop producing `commands` and consuming `results` (the control
     /// pair's command ring and fault ring).
     pub fn new(inbox: ControlInbox, commands: Producer<'r>, results: Consumer<'r>) -> Self {
-        // Control command ids have the top bit set: never a vCPU's.
-        Self { inbox, commands, results, next_cmd: 1 << 63 }
+        // Control command ids have the top bit set, never a vCPU's, and this
+        // daemon's tag, never a predecessor's.
+        Self { inbox, commands, results, next_cmd: 1 << 63 | super::instance_tag() << 48 }
     }
 
     /// Runs until `stop` is set or the peer breaks the ring protocol. Each
@@ -140,17 +176,29 @@ impl<'r> ControlLoop<'r> {
                     other => break other?,
                 }
             }
-            // Results of commands whose callers gave up are skipped.
+            // Results of commands whose callers gave up are skipped, and
+            // so are leaves that are not this command's.
+            let mut leaves = Vec::new();
             while let Some(record) = wait_pop(&mut self.results, wait, stop)? {
-                if record.kind() != kind::RESULT {
-                    warn!(kind = record.kind(), "unexpected record on the control result ring");
-                    continue;
+                match record.kind() {
+                    kind::RESULT => {}
+                    kind::LEAF => {
+                        let leaf = LeafRecord::decode(&record);
+                        if leaf.cmd_id == cmd.cmd_id {
+                            leaves.push(leaf);
+                        }
+                        continue;
+                    }
+                    other => {
+                        warn!(kind = other, "unexpected record on the control result ring");
+                        continue;
+                    }
                 }
                 let res = ResultRecord::decode(&record);
                 settled(&res);
                 if res.cmd_id == cmd.cmd_id {
                     // The caller may have timed out: nothing to tell then.
-                    let _ = reply.send(res);
+                    let _ = reply.send(Answer { result: res, leaves });
                     break;
                 }
             }

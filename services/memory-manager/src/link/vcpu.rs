@@ -52,6 +52,9 @@ pub struct VcpuService<'r, 'v> {
     commands: Producer<'r>,
     pending: HashMap<u64, Pending>,
     next_cmd: u64,
+    /// The last fault id taken from the ring: a record at or below it is a
+    /// fault posted again after a re-attach that is already being served.
+    last_fault: u64,
 }
 
 impl<'r, 'v> VcpuService<'r, 'v> {
@@ -64,7 +67,17 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         faults: Consumer<'r>,
         commands: Producer<'r>,
     ) -> Self {
-        Self { vm, policy, hub, vcpu, faults, commands, pending: HashMap::new(), next_cmd: (vcpu as u64) << 48 | 1 }
+        Self {
+            vm,
+            policy,
+            hub,
+            vcpu,
+            faults,
+            commands,
+            pending: HashMap::new(),
+            next_cmd: super::instance_tag() << 48 | u64::from(vcpu) << 32,
+            last_fault: 0,
+        }
     }
 
     /// The event for `rec` as far as `trace` knows it.
@@ -102,7 +115,16 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         while let Some(record) = wait_pop(&mut self.faults, wait, stop)? {
             occupancy.note_faults(self.faults.len()?);
             match record.kind() {
-                kind::FAULT => self.on_fault(&FaultRecord::decode(&record), stop)?,
+                kind::FAULT => {
+                    let rec = FaultRecord::decode(&record);
+                    if rec.fault_id <= self.last_fault {
+                        debug!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, "fault posted again; already taken");
+                        self.vm.counters.reposted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.last_fault = rec.fault_id;
+                    self.on_fault(&rec, stop)?
+                }
                 kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop)?,
                 other => {
                     warn!(vm = %self.vm.id(), vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
@@ -250,7 +272,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     fn on_result(&mut self, res: &ResultRecord, stop: &AtomicBool) -> Result<(), RingError> {
         self.vm.mapping.note_seq(res.inval_seq);
         let Some(pending) = self.pending.remove(&res.cmd_id) else {
-            warn!(vm = %self.vm.id(), vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
+            if res.cmd_id >> 48 & 0x7fff != super::instance_tag() {
+                // Sent by the daemon this one took the VM from: its
+                // effect is in the rebuilt state already.
+                debug!(vm = %self.vm.id(), vcpu = self.vcpu, cmd = res.cmd_id, "result of a predecessor's command");
+            } else {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, cmd = res.cmd_id, "result for an unknown command");
+            }
             return Ok(());
         };
         if let Pending::Around(a) = pending {

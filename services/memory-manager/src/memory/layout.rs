@@ -10,6 +10,17 @@ use super::memslot::{Memslot, Memslots, SlotFlags};
 use super::region::{FillError, GuestRegion, RegionSpec};
 use super::vma::Vmas;
 
+/// Where a guest address lives in the VM's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backing {
+    /// Guest region index.
+    pub region: usize,
+    /// Offset in the region.
+    pub offset: u64,
+    /// Its PA.
+    pub pa: Pa,
+}
+
 /// The fixed part of one VM.
 #[derive(Debug)]
 pub struct VmLayout {
@@ -54,6 +65,13 @@ impl VmLayout {
             memslots.insert(Memslot::new(i, Ipa::new(gpa), len, hva, 0, offset, flags));
         }
         Ok(Self::new(id, 1, memslots, vmas, vec![region]))
+    }
+
+    /// Where `ipa` (in `slot`) lives: its region, the offset in it, its PA.
+    pub fn backing(&self, slot: &Memslot, ipa: Ipa) -> Option<Backing> {
+        let offset = slot.region_offset.checked_add(ipa.raw().checked_sub(slot.gpa.raw())?)?;
+        let pa = self.regions.get(slot.region)?.pa_at(offset)?;
+        Some(Backing { region: slot.region, offset, pa })
     }
 
     /// Puts every reclaimed page back into guest memory (the VM is

@@ -173,6 +173,11 @@ impl MappingState {
         self.dirty[slot.id].set(slot.page_of(ipa));
     }
 
+    /// Puts `pool` in place of the table pool; returns the old one.
+    pub fn replace_pool(&self, pool: PagePool) -> PagePool {
+        std::mem::replace(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()), pool)
+    }
+
     /// Takes up to `pages` contiguous table pages to hand to the core.
     pub fn take_table_pages(&self, pages: u64) -> Option<(Pa, u64)> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).take(pages)

@@ -15,6 +15,11 @@ impl PagePool {
         Self { free: windows }
     }
 
+    /// The free windows `(base, bytes)`.
+    pub fn windows(&self) -> &[(Pa, u64)] {
+        &self.free
+    }
+
     /// Takes up to `pages` contiguous pages: `(first, count)`.
     pub fn take(&mut self, pages: u64) -> Option<(Pa, u64)> {
         let (base, bytes) = self.free.last_mut()?;

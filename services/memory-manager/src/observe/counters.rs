@@ -40,6 +40,9 @@ pub struct VmCounters {
     pub evicted_bytes: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
+    /// Fault records dropped as posted again (after a re-attach) while
+    /// already taken.
+    pub reposted: AtomicU64,
 }
 
 impl VmCounters {

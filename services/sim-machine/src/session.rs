@@ -1,0 +1,248 @@
+//! The machine's connection to its daemon, which outlives the daemon: when
+//! the daemon goes away the guest keeps running (a faulting vCPU waits on
+//! its ring) and the machine re-attaches to the socket with backoff, with
+//! the `REATTACH` flag and the same description and fds, until a
+//! configurable deadline. Each stall (from losing the daemon to its
+//! successor accepting the VM) is counted.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use faultline_attach::{decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// First wait between connection attempts; it doubles up to [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(2);
+/// Longest wait between connection attempts.
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// How long a daemon has to answer an attach or a detach.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The stalls of one run: times the daemon was gone until a successor
+/// accepted the VM again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Stalls {
+    /// Stalls.
+    pub count: u64,
+    /// The longest, ms.
+    pub longest_ms: f64,
+    /// All of them, ms.
+    pub total_ms: f64,
+}
+
+impl Stalls {
+    fn add(&mut self, d: Duration) {
+        let ms = d.as_secs_f64() * 1e3;
+        self.count += 1;
+        self.longest_ms = self.longest_ms.max(ms);
+        self.total_ms += ms;
+    }
+}
+
+/// How the connection ended, when it ended for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No daemon accepted the VM again before the deadline.
+    #[error(
+        "the daemon went away and did not come back within {0:?} (is memory-manager running? --reattach-deadline-s)"
+    )]
+    DaemonGone(Duration),
+    /// A daemon refused the re-attach.
+    #[error("the daemon refused the re-attach: {status:?}: {message}")]
+    Refused {
+        /// Its status.
+        status: Status,
+        /// Its reason.
+        message: String,
+    },
+}
+
+/// An attached VM's connection.
+pub struct Session<'f> {
+    socket: PathBuf,
+    request: AttachRequest,
+    fds: Vec<BorrowedFd<'f>>,
+    deadline: Duration,
+    conn: Mutex<Option<Arc<OwnedFd>>>,
+    stalls: Mutex<Stalls>,
+}
+
+impl<'f> Session<'f> {
+    /// Attaches `request` (with `fds`) at `socket`; a daemon that goes away
+    /// later is waited for at most `deadline`.
+    pub fn attach(
+        socket: &Path,
+        request: AttachRequest,
+        fds: Vec<BorrowedFd<'f>>,
+        deadline: Duration,
+    ) -> anyhow::Result<Self> {
+        let s = Self {
+            socket: socket.to_path_buf(),
+            request,
+            fds,
+            deadline,
+            conn: Mutex::new(None),
+            stalls: Mutex::new(Stalls::default()),
+        };
+        let conn = s.connect().with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
+        let reply = s.exchange(&conn, &s.request).context("attaching")?;
+        if reply.status != Status::Ok {
+            bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
+        }
+        *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
+        Ok(s)
+    }
+
+    /// The stalls so far.
+    pub fn stalls(&self) -> Stalls {
+        *self.stalls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection to the socket; a daemon that accepts and then
+    /// never answers is given up on after [`REPLY_TIMEOUT`].
+    fn connect(&self) -> std::io::Result<OwnedFd> {
+        let conn = faultline_attach::connect(&self.socket)?;
+        let tv = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+        Ok(conn)
+    }
+
+    /// Sends `request` on `conn` and reads the reply.
+    fn exchange(&self, conn: &OwnedFd, request: &AttachRequest) -> anyhow::Result<Reply> {
+        send_message(conn.as_fd(), &request.encode(), &self.fds).context("sending the attach request")?;
+        read_reply(conn)
+    }
+
+    /// Connects and re-attaches until a daemon accepts the VM or `deadline`
+    /// passes (counted from `lost`); records the stall.
+    fn reattach(&self, lost: Instant, stop: Option<&AtomicBool>) -> Result<(), SessionError> {
+        let request =
+            AttachRequest { flags: self.request.flags | faultline_attach::ATTACH_REATTACH, ..self.request.clone() };
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            if stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                return Ok(());
+            }
+            if let Ok(conn) = self.connect() {
+                match self.exchange(&conn, &request) {
+                    Ok(reply) if reply.status == Status::Ok => {
+                        let stalled = lost.elapsed();
+                        self.stalls.lock().unwrap_or_else(|e| e.into_inner()).add(stalled);
+                        info!(stalled_ms = stalled.as_secs_f64() * 1e3, "re-attached to the daemon");
+                        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
+                        return Ok(());
+                    }
+                    Ok(reply) => return Err(SessionError::Refused { status: reply.status, message: reply.message }),
+                    // The daemon went away again mid-exchange: try again.
+                    Err(e) => warn!(cause = %e, "re-attach interrupted"),
+                }
+            }
+            if lost.elapsed() >= self.deadline {
+                return Err(SessionError::DaemonGone(self.deadline));
+            }
+            std::thread::sleep(backoff.min(self.deadline.saturating_sub(lost.elapsed())));
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Watches the connection until `stop`; re-attaches whenever it drops
+    /// and calls `reattached` after each success. Returns an error when the
+    /// VM cannot be served any more.
+    pub fn supervise(&self, stop: &AtomicBool, reattached: impl Fn()) -> Result<(), SessionError> {
+        while !stop.load(Ordering::Acquire) {
+            match self.watch(stop) {
+                Watch::Stopped => return Ok(()),
+                Watch::Refused(status, message) => return Err(SessionError::Refused { status, message }),
+                Watch::Lost(at) => {
+                    warn!("the daemon went away; the guest runs on, faults wait");
+                    self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    self.reattach(at, Some(stop))?;
+                    if !stop.load(Ordering::Acquire) {
+                        reattached();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the connection until it drops, the daemon says something, or `stop`.
+    fn watch(&self, stop: &AtomicBool) -> Watch {
+        let Some(owned) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Watch::Lost(Instant::now());
+        };
+        let conn = owned.as_fd();
+        while !stop.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(conn, PollFlags::POLLIN)];
+            let Ok(ready) = poll(&mut fds, PollTimeout::from(50u16)) else { continue };
+            if ready == 0 {
+                continue;
+            }
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if revents.contains(PollFlags::POLLIN) {
+                match recv_message(conn) {
+                    Ok(Some(msg)) => {
+                        if let Ok((MsgKind::Reply, payload)) = decode_header(&msg.bytes) {
+                            if let Ok(reply) = Reply::decode(payload) {
+                                if reply.status != Status::Ok {
+                                    return Watch::Refused(reply.status, reply.message);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(None) | Err(_) => return Watch::Lost(Instant::now()),
+                }
+            }
+            if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                return Watch::Lost(Instant::now());
+            }
+        }
+        Watch::Stopped
+    }
+
+    /// Detaches: re-attaching first if the daemon is gone, and again if it
+    /// goes away before it answers. Returns the daemon's detach report.
+    pub fn detach(&self) -> anyhow::Result<Reply> {
+        loop {
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let lost = match conn {
+                Some(conn) => {
+                    let sent = send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]);
+                    match sent.map_err(anyhow::Error::from).and_then(|()| read_reply(&conn)) {
+                        Ok(reply) => return Ok(reply),
+                        Err(e) => {
+                            warn!(cause = %e, "the daemon went away during detach");
+                            Instant::now()
+                        }
+                    }
+                }
+                None => Instant::now(),
+            };
+            self.reattach(lost, None)?;
+        }
+    }
+}
+
+/// How watching a connection ended.
+enum Watch {
+    Stopped,
+    Lost(Instant),
+    Refused(Status, String),
+}
+
+/// Reads one reply from the daemon.
+pub(crate) fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
+    let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
+    let (kind, payload) = decode_header(&msg.bytes)?;
+    if kind != MsgKind::Reply {
+        bail!("expected a reply, got {kind:?}");
+    }
+    Ok(Reply::decode(payload)?)
+}
