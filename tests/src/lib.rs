@@ -72,15 +72,16 @@ impl Daemon {
     pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("attach.sock");
-        let args = args.iter().map(|a| a.to_string()).collect();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, std::ffi::OsString)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect();
         let child = Self::spawn(dir.path(), &socket, &args, &env);
         let d = Self { child, socket, args, env, _dir: dir };
         d.wait_for_socket();
         d
     }
 
-    fn spawn(dir: &Path, socket: &Path, args: &Vec<String>, env: &Vec<(String, std::ffi::OsString)>) -> Child {
+    fn spawn(dir: &Path, socket: &Path, args: &[String], env: &[(String, std::ffi::OsString)]) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).expect("log file");
         let mut cmd = Command::new(binary("memory-manager"));
         cmd.arg("--attach-socket").arg(socket);
