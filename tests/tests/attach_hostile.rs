@@ -203,6 +203,26 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     assert_eq!((r.status, r.message.contains("contents file has")), (Status::Undersized, true), "{r:?}");
     let (r, _) = attempt(&daemon, &with_contents(0x2100_0000, 64 << 10, 0), &fds3);
     assert_eq!(r.status, Status::Overlapping, "{r:?}");
+    // Dirty-log regions: smaller than the logs they hold, two of them, one
+    // claiming a PA window.
+    let logs = memfd(4096, true);
+    let fds_logs = [ram.as_file().as_fd(), rings.as_file().as_fd(), logs.as_file().as_fd(), logs.as_file().as_fd()];
+    let with_logs = |pages: u64, regions: u32, pa_base: u64| {
+        let mut req = good.clone();
+        req.memslots[0].flags = faultline_attach::MEMSLOT_DIRTY_LOG;
+        req.memslots[0].size = pages * 4096;
+        for fd in 2..2 + regions {
+            req.regions.push(RegionDesc { pa_base, ..RegionDesc::dirty_log(4096, fd) });
+        }
+        req.encode()
+    };
+    // 4096 bytes hold the two bitmaps of up to 16384 pages.
+    let (r, _) = attempt(&daemon, &with_logs(16384 + 64, 1, 0), &fds_logs[..3]);
+    assert_eq!((r.status, r.message.contains("dirty logs need")), (Status::Undersized, true), "{r:?}");
+    let (r, _) = attempt(&daemon, &with_logs(1024, 2, 0), &fds_logs);
+    assert_eq!((r.status, r.message.contains("one at most")), (Status::Malformed, true), "{r:?}");
+    let (r, _) = attempt(&daemon, &with_logs(1024, 1, 0x4000_0000), &fds_logs[..3]);
+    assert_eq!((r.status, r.message.contains("no flags, PA")), (Status::Malformed, true), "{r:?}");
     // The bystander's id is taken.
     let mut req = good.clone();
     req.vm_id = 1;

@@ -133,6 +133,12 @@ impl MappedRegion {
         Some(())
     }
 
+    /// The 64-bit word at `offset`, shared with the peer: `None` if it is
+    /// outside the mapping or not 8-byte aligned.
+    pub fn word(&self, offset: u64) -> Option<&AtomicU64> {
+        self.cell::<AtomicU64>(offset)
+    }
+
     /// The atomic integer at `offset`, if it lies inside the mapping and is
     /// naturally aligned.
     fn cell<T: AtomicInt>(&self, offset: u64) -> Option<&T> {

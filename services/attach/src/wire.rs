@@ -65,6 +65,10 @@ pub enum RegionKind {
     /// userfaultfd handler or a lazy snapshot restore would. Any readable
     /// file; the daemon only reads it.
     Contents = 4,
+    /// The dirty logs of the memslots that log (see [`DirtyLogLayout`]), in
+    /// memory the machine owns, so they outlive the daemon. No PA window:
+    /// `pa_base` 0, `page_size` 4096.
+    DirtyLog = 5,
 }
 
 /// Region flag: guest memory the guest may write.
@@ -103,6 +107,11 @@ pub struct RegionDesc {
 }
 
 impl RegionDesc {
+    /// A dirty-log region of `size` bytes, sent as fd `fd_index`.
+    pub fn dirty_log(size: u64, fd_index: u32) -> Self {
+        Self { kind: RegionKind::DirtyLog, flags: 0, pa_base: 0, size, page_size: 4096, fd_index, fd_offset: 0 }
+    }
+
     /// A contents region: the pages of guest PA window `[pa_base, pa_base +
     /// size)` are at offset 0 of descriptor `fd_index`.
     pub fn contents(pa_base: u64, size: u64, fd_index: u32) -> Self {
@@ -369,6 +378,7 @@ impl AttachRequest {
                 2 => RegionKind::Rings,
                 3 => RegionKind::TablePool,
                 4 => RegionKind::Contents,
+                5 => RegionKind::DirtyLog,
                 k => return Err(WireError::Malformed(format!("unknown region kind {k}"))),
             };
             let flags = r.u32()?;
@@ -436,6 +446,17 @@ pub fn encode_detach() -> Vec<u8> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn dirty_logs_lie_back_to_back_for_the_memslots_that_log() {
+        let l = DirtyLogLayout::new([(64 * 4096, true), (1 << 30, false), (65 * 4096, true)]);
+        let first = DirtyLogPlace { dirty: 0, fetching: 8, words: 1 };
+        let third = DirtyLogPlace { dirty: 16, fetching: 32, words: 2 };
+        assert_eq!(l.places, vec![Some(first), None, Some(third)]);
+        assert_eq!(l.bytes, 4096);
+        assert_eq!(DirtyLogLayout::new([(1 << 30, false)]).bytes, 4096, "one page even when empty");
+        assert_eq!(DirtyLogLayout::new([(1 << 30, true)]).bytes, 64 << 10, "two 32 KiB bitmaps of 262144 pages");
+    }
+
     fn sample() -> AttachRequest {
         AttachRequest {
             vm_id: 3,
@@ -502,5 +523,54 @@ mod tests {
         let (kind, p) = decode_header(&bytes).unwrap();
         assert_eq!(kind, MsgKind::Reply);
         assert_eq!(Reply::decode(p).unwrap(), r);
+    }
+}
+
+/// Where one memslot's dirty log lies in the dirty-log region: two bitmaps
+/// of one bit per 4 KiB page, in little-endian 64-bit words: the pages
+/// written since the last fetch, then the pages of a fetch the daemon
+/// started and has not finished (they are reported again until one does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyLogPlace {
+    /// Offset of the written-pages bitmap.
+    pub dirty: u64,
+    /// Offset of the fetch-in-progress bitmap.
+    pub fetching: u64,
+    /// 64-bit words in each.
+    pub words: u64,
+}
+
+/// The dirty-log region's layout: the memslots that log, in their order,
+/// each with its two bitmaps back to back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyLogLayout {
+    /// For each memslot (in the request's order), where its log lies, if
+    /// it logs.
+    pub places: Vec<Option<DirtyLogPlace>>,
+    /// Bytes the region needs (a whole number of pages).
+    pub bytes: u64,
+}
+
+impl DirtyLogLayout {
+    /// The layout for memslots of `(bytes, logged)`, in the request's order.
+    pub fn new(memslots: impl IntoIterator<Item = (u64, bool)>) -> Self {
+        let mut at = 0;
+        let places = memslots
+            .into_iter()
+            .map(|(bytes, logged)| {
+                logged.then(|| {
+                    let words = bytes.div_ceil(4096).div_ceil(64);
+                    let place = DirtyLogPlace { dirty: at, fetching: at + words * 8, words };
+                    at += 2 * words * 8;
+                    place
+                })
+            })
+            .collect();
+        Self { places, bytes: at.next_multiple_of(4096).max(4096) }
+    }
+
+    /// The layout for `memslots` as described.
+    pub fn of(memslots: &[MemslotDesc]) -> Self {
+        Self::new(memslots.iter().map(|m| (m.size, m.flags & MEMSLOT_DIRTY_LOG != 0)))
     }
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
-use faultline_attach::{AttachRequest, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE};
+use faultline_attach::{
+    AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
+};
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, Record, RingError, RingKind, SharedRegion};
@@ -221,7 +223,18 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             MemslotDesc { gpa: ROM_GPA, size: layout.rom_size, region: 1, flags: MEMSLOT_READ_ONLY, region_offset: 0 },
         ],
     };
-    let fds = vec![phys.window(ram).fd(), phys.window(rom).fd(), phys.window(rings).fd()];
+    // The dirty log lives in the machine's memory, so it outlives the daemon.
+    let dirty_log = DirtyLogLayout::of(&request.memslots);
+    let dirty_mem = match config.dirty_log {
+        true => Some(Window::create("dirty-log", 0, dirty_log.bytes, 4096)?),
+        false => None,
+    };
+    let mut request = request;
+    let mut fds = vec![phys.window(ram).fd(), phys.window(rom).fd(), phys.window(rings).fd()];
+    if let Some(w) = &dirty_mem {
+        request.regions.push(RegionDesc::dirty_log(w.size, fds.len() as u32));
+        fds.push(w.fd());
+    }
     let session = Session::attach(&config.attach_socket, request, fds, config.reattach_deadline)?;
     info!(vm = config.vm_id, vcpus = n, "attached");
 

@@ -54,7 +54,7 @@ impl Control for ControlService {
         let (bitmap, write_protects) = tokio::task::spawn_blocking(move || {
             let slot = vm.layout.memslots.by_id(id).expect("memslots never change after attach");
             if peek {
-                Ok((vm.mapping.dirty_log(slot).words(), 0))
+                Ok((vm.mapping.dirty_log(slot).peek(), 0))
             } else {
                 dirty::fetch_and_clear(&vm.mapping, &vm.control, slot).map(|log| (log.bitmap, log.write_protects))
             }

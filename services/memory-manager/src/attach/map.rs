@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use faultline_attach::shm::MappedRegion;
-use faultline_attach::{AttachRequest, RegionKind, Status, REGION_DEVICE, REGION_WRITABLE};
+use faultline_attach::{AttachRequest, DirtyLogLayout, RegionKind, Status, REGION_DEVICE, REGION_WRITABLE};
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ring::SharedRegion;
 use memfd::{FileSeal, Memfd};
@@ -16,7 +16,9 @@ use memfd::{FileSeal, Memfd};
 use super::validate::{check, refuse, Checked, Refusal};
 use crate::link::vm::AttachedVm;
 use crate::memory::addr::Hva;
+use crate::memory::bitmap::{DirtyLog, PageBitmap};
 use crate::memory::layout::VmLayout;
+use crate::memory::mapping::private_dirty_logs;
 use crate::memory::memslot::{Memslot, Memslots, SlotFlags};
 use crate::memory::pool::PagePool;
 use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec};
@@ -42,6 +44,7 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> 
     let mut rings = None;
     let mut pool = Vec::new();
     let mut contents = Vec::new();
+    let mut dirty = None;
     for (i, r) in req.regions.iter().enumerate() {
         if r.kind == RegionKind::TablePool {
             pool.push((Pa::new(r.pa_base), r.size));
@@ -95,6 +98,11 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> 
                     MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, PAGE_SIZE).map_err(internal)?;
                 rings = Some(map);
             }
+            RegionKind::DirtyLog => {
+                let map =
+                    MappedRegion::map(memfd.as_file().as_fd(), r.fd_offset, r.size, PAGE_SIZE).map_err(internal)?;
+                dirty = Some(Arc::new(map));
+            }
             RegionKind::TablePool | RegionKind::Contents => unreachable!("handled above"),
         }
     }
@@ -145,5 +153,30 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> 
         ));
     }
     let layout = VmLayout::new(id, req.nr_vcpus as u32, memslots, vmas, guests);
-    Ok(Attached { vm: Arc::new(AttachedVm::new(layout, PagePool::new(pool))), rings })
+    let logs = match dirty {
+        Some(map) => shared_dirty_logs(req, map)?,
+        None => private_dirty_logs(&layout),
+    };
+    Ok(Attached { vm: Arc::new(AttachedVm::with_dirty_logs(layout, PagePool::new(pool), logs)), rings })
+}
+
+/// The memslots' dirty logs in the machine's dirty-log region (checked to
+/// be large enough), where they outlive the daemon.
+fn shared_dirty_logs(req: &AttachRequest, map: Arc<MappedRegion>) -> Result<Vec<DirtyLog>, Refusal> {
+    let layout = DirtyLogLayout::of(&req.memslots);
+    let too_small = || refuse(Status::Undersized, "the dirty-log region is smaller than its layout");
+    layout
+        .places
+        .iter()
+        .zip(&req.memslots)
+        .map(|(place, m)| match place {
+            None => Ok(DirtyLog::private(0)),
+            Some(p) => {
+                let pages = m.size.div_ceil(PAGE_SIZE);
+                let dirty = PageBitmap::shared(map.clone(), p.dirty, pages).ok_or_else(too_small)?;
+                let fetching = PageBitmap::shared(map.clone(), p.fetching, pages).ok_or_else(too_small)?;
+                Ok(DirtyLog::new(dirty, fetching))
+            }
+        })
+        .collect()
 }

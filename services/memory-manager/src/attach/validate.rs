@@ -4,7 +4,9 @@
 
 use std::collections::HashSet;
 
-use faultline_attach::{AttachRequest, RegionDesc, RegionKind, Status, WireError, NO_FD, REGION_DEVICE};
+use faultline_attach::{
+    AttachRequest, DirtyLogLayout, RegionDesc, RegionKind, Status, WireError, NO_FD, REGION_DEVICE,
+};
 use hyp_core::addr::PAGE_SIZE;
 use hyp_core::ownership::VmId;
 
@@ -85,8 +87,11 @@ pub fn check(req: &AttachRequest, fds: usize) -> Result<Checked, Refusal> {
     if used.len() != fds {
         return Err(refuse(Status::Malformed, format!("{fds} fds received, {} described", used.len())));
     }
-    for (i, a) in req.regions.iter().enumerate() {
-        for (j, b) in req.regions.iter().enumerate().skip(i + 1) {
+    // A dirty-log region has no PA window: it is the machine's memory for
+    // the logs, laid out by `DirtyLogLayout`.
+    let windows = |r: &&RegionDesc| r.kind != RegionKind::DirtyLog;
+    for (i, a) in req.regions.iter().enumerate().filter(|(_, r)| windows(r)) {
+        for (j, b) in req.regions.iter().enumerate().skip(i + 1).filter(|(_, r)| windows(r)) {
             // Contents lie over the guest region they fill, and only there.
             let fills = |c: &RegionDesc, g: &RegionDesc| c.kind == RegionKind::Contents && g.kind == RegionKind::Guest;
             if a.pa_base < b.pa_base + b.size && b.pa_base < a.pa_base + a.size && !fills(a, b) && !fills(b, a) {
@@ -106,6 +111,23 @@ pub fn check(req: &AttachRequest, fds: usize) -> Result<Checked, Refusal> {
             Some(g) if req.regions[g].flags & REGION_DEVICE == 0 => fills.push((i, g)),
             Some(g) => return Err(refuse(Status::Malformed, format!("region {i}: fills device region {g}"))),
             None => return Err(refuse(Status::Malformed, format!("region {i}: contents outside every guest region"))),
+        }
+    }
+    let dirty: Vec<(usize, &RegionDesc)> =
+        req.regions.iter().enumerate().filter(|(_, r)| r.kind == RegionKind::DirtyLog).collect();
+    if dirty.len() > 1 {
+        return Err(refuse(Status::Malformed, format!("{} dirty-log regions described, one at most", dirty.len())));
+    }
+    if let Some(&(i, d)) = dirty.first() {
+        if d.flags != 0 || d.pa_base != 0 || d.page_size != PAGE_SIZE {
+            return Err(refuse(Status::Malformed, format!("region {i}: a dirty log takes no flags, PA or page size")));
+        }
+        let needed = DirtyLogLayout::of(&req.memslots).bytes;
+        if d.size < needed {
+            return Err(refuse(
+                Status::Undersized,
+                format!("region {i}: the dirty logs need {needed} bytes, {} described", d.size),
+            ));
         }
     }
     let ring_regions: Vec<usize> =

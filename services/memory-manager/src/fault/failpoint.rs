@@ -49,3 +49,28 @@ impl Failpoints for FailAt {
         self.0 == point
     }
 }
+
+/// The environment variable that arms a crash point: `NAME`, or `NAME:N`
+/// to crash the N-th time the point is reached.
+pub const CRASH_AT_ENV: &str = "FAULTLINE_CRASH_AT";
+
+/// Aborts the process at `point` if [`CRASH_AT_ENV`] names it: tests of a
+/// daemon killed at a precise moment (between two steps that must survive
+/// a crash in either order). Unarmed, it costs one atomic load.
+pub fn crash_point(point: &'static str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static REACHED: AtomicU64 = AtomicU64::new(0);
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var(CRASH_AT_ENV).ok()?;
+        let (name, nth) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+        Some((name.to_string(), nth.parse().unwrap_or(1)))
+    });
+    if let Some((name, nth)) = armed {
+        if name == point && REACHED.fetch_add(1, Ordering::Relaxed) + 1 == *nth {
+            eprintln!("{CRASH_AT_ENV}: aborting at {point}");
+            std::process::abort();
+        }
+    }
+}

@@ -8,8 +8,9 @@ use hyp_core::ownership::VmId;
 
 use super::control::ControlClient;
 use crate::fault::context::VmView;
+use crate::memory::bitmap::DirtyLog;
 use crate::memory::layout::VmLayout;
-use crate::memory::mapping::{Installed, MappingState};
+use crate::memory::mapping::{private_dirty_logs, Installed, MappingState};
 use crate::memory::pool::PagePool;
 use crate::observe::counters::VmCounters;
 use crate::observe::rings::RingOccupancy;
@@ -30,9 +31,16 @@ pub struct AttachedVm {
 }
 
 impl AttachedVm {
-    /// A VM with `layout` and nothing mapped, with `pool` for its core.
+    /// A VM with `layout` and nothing mapped, with `pool` for its core
+    /// and dirty logs in the daemon's memory.
     pub fn new(layout: VmLayout, pool: PagePool) -> Self {
-        let mapping = MappingState::new(&layout, pool);
+        let dirty = private_dirty_logs(&layout);
+        Self::with_dirty_logs(layout, pool, dirty)
+    }
+
+    /// [`AttachedVm::new`] with the given dirty logs (one per memslot id).
+    pub fn with_dirty_logs(layout: VmLayout, pool: PagePool, dirty: Vec<DirtyLog>) -> Self {
+        let mapping = MappingState::with_dirty_logs(&layout, pool, dirty);
         let rings = (0..layout.nr_vcpus).map(|_| RingOccupancy::default()).collect();
         Self { layout, mapping, counters: VmCounters::default(), rings, control: ControlClient::default() }
     }

@@ -29,12 +29,23 @@ use std::sync::{Arc, Mutex};
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::stage2::MapSize;
 
-use super::bitmap::PageBitmap;
+use super::bitmap::{DirtyLog, PageBitmap};
 use super::layout::VmLayout;
 use super::memslot::Memslot;
 use super::pin::{MappingPin, PinError, PinGuard, Pins};
 use super::pool::PagePool;
 use super::region::FillError;
+
+/// Dirty logs in the daemon's memory: one per memslot id, empty for the
+/// memslots that do not log.
+pub fn private_dirty_logs(layout: &VmLayout) -> Vec<DirtyLog> {
+    let slots = layout.memslots.iter().map(|m| m.id).max().map_or(0, |n| n + 1);
+    let mut logs: Vec<DirtyLog> = (0..slots).map(|_| DirtyLog::private(0)).collect();
+    for m in layout.memslots.iter().filter(|m| m.dirty_log) {
+        logs[m.id] = DirtyLog::private(m.pages());
+    }
+    logs
+}
 
 /// Invalidations remembered for late map results.
 const INVALIDATION_LOG: usize = 256;
@@ -89,8 +100,8 @@ pub struct MappingState {
     pins: Arc<Pins>,
     /// Pages that hold data, per guest region.
     populated: Vec<PageBitmap>,
-    /// Pages written since the last fetch, per memslot (by memslot id).
-    dirty: Vec<PageBitmap>,
+    /// Each memslot's dirty log (by memslot id).
+    dirty: Vec<DirtyLog>,
     /// Installed mappings by IPA.
     installed: Mutex<BTreeMap<u64, Installed>>,
     /// Table pages not yet handed to the core.
@@ -107,14 +118,16 @@ pub struct MappingState {
 
 impl MappingState {
     /// The state of a VM with `layout` that has nothing mapped yet, with
-    /// `pool` to hand to its core.
+    /// `pool` to hand to its core and dirty logs in the daemon's memory.
     pub fn new(layout: &VmLayout, pool: PagePool) -> Self {
+        Self::with_dirty_logs(layout, pool, private_dirty_logs(layout))
+    }
+
+    /// [`MappingState::new`] with the given dirty logs, one per memslot id
+    /// (those of logging memslots in the machine's memory, to outlive the
+    /// daemon).
+    pub fn with_dirty_logs(layout: &VmLayout, pool: PagePool, dirty: Vec<DirtyLog>) -> Self {
         let sizes: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.size, r.page_size)).collect();
-        let slots = layout.memslots.iter().map(|m| m.id).max().map_or(0, |n| n + 1);
-        let mut dirty: Vec<PageBitmap> = (0..slots).map(|_| PageBitmap::new(0)).collect();
-        for m in layout.memslots.iter() {
-            dirty[m.id] = PageBitmap::new(m.pages());
-        }
         Self {
             pins: Pins::new(&sizes),
             populated: layout.regions.iter().map(|r| PageBitmap::new(r.size.div_ceil(PAGE_SIZE))).collect(),
@@ -163,14 +176,14 @@ impl MappingState {
         Ok(())
     }
 
-    /// `slot`'s dirty bitmap.
-    pub fn dirty_log(&self, slot: &Memslot) -> &PageBitmap {
+    /// `slot`'s dirty log.
+    pub fn dirty_log(&self, slot: &Memslot) -> &DirtyLog {
         &self.dirty[slot.id]
     }
 
     /// Marks the page of `slot` holding `ipa` dirty.
     pub fn mark_dirty(&self, slot: &Memslot, ipa: Ipa) {
-        self.dirty[slot.id].set(slot.page_of(ipa));
+        self.dirty[slot.id].mark(slot.page_of(ipa));
     }
 
     /// Puts `pool` in place of the table pool; returns the old one.
@@ -297,8 +310,8 @@ mod tests {
     use hyp_core::ownership::VmId;
 
     fn state(page_size: u64) -> (VmLayout, MappingState) {
-        let slots =
-            [(0x4000_0000, 4 << 20, 0, SlotFlags::default()), (0x8000_0000, 4 << 20, 4 << 20, SlotFlags::default())];
+        let logged = SlotFlags { read_only: false, dirty_log: true };
+        let slots = [(0x4000_0000, 4 << 20, 0, SlotFlags::default()), (0x8000_0000, 4 << 20, 4 << 20, logged)];
         let layout =
             VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 8 << 20, page_size, &slots).unwrap();
         let mapping = MappingState::new(&layout, PagePool::default());
@@ -322,7 +335,7 @@ mod tests {
         let (layout, m) = state(4096);
         let second = layout.memslots.by_id(1).unwrap();
         m.mark_dirty(second, Ipa::new(0x8000_3000));
-        assert_eq!(m.dirty_log(second).words()[0], 1 << 3);
+        assert_eq!(m.dirty_log(second).peek()[0], 1 << 3);
         assert_eq!(m.dirty_log(layout.memslots.by_id(0).unwrap()).count(), 0);
     }
 
