@@ -138,6 +138,8 @@ impl<'f> Session<'f> {
                         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
                         return Ok(());
                     }
+                    // The daemon still tears the old connection down: again.
+                    Ok(reply) if reply.status == Status::AlreadyAttached => {}
                     Ok(reply) => return Err(SessionError::Refused { status: reply.status, message: reply.message }),
                     // The daemon went away again mid-exchange: try again.
                     Err(e) => warn!(cause = %e, "re-attach interrupted"),

@@ -6,7 +6,7 @@
 //! connection thread.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,9 @@ use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{error, info, info_span, warn};
 
-use super::map::map;
-use super::registry::VmTable;
+use super::map::{map, Attached};
+use super::registry::{Registration, VmTable};
+use super::state::VmState;
 use super::validate::{refuse, Refusal};
 use crate::link::control::ControlLoop;
 use crate::link::rebuild::rebuild;
@@ -30,12 +31,14 @@ use crate::policy::host::PolicyHost;
 const POLLED_SLEEP_SLICE: Duration = Duration::from_micros(50);
 
 /// How attached VMs are served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachSettings {
     /// Populate all guest memory at attach.
     pub prefault: bool,
     /// Ring polls before a service thread sleeps on its doorbell.
     pub spin_polls: u32,
+    /// Where VMs keep what outlives the daemon.
+    pub state_dir: PathBuf,
 }
 
 /// The attach server: where VMs are registered and what serves their
@@ -90,6 +93,42 @@ impl AttachServer {
         Ok(())
     }
 
+    /// Takes the request's VM id, opens the VM's state (checking a
+    /// re-attach against the description on record), maps what the request
+    /// describes and makes its swap stores agree with its memory.
+    #[allow(clippy::type_complexity)]
+    fn attach(
+        &self,
+        req: AttachRequest,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(AttachRequest, Attached, Registration<'_>, VmState), Refusal> {
+        let registration = self
+            .vms
+            .reserve(req.vm_id)
+            .ok_or_else(|| refuse(Status::AlreadyAttached, format!("vm{} is already attached", req.vm_id)))?;
+        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
+        let state = VmState::open(&self.settings.state_dir, req.vm_id, reattach)
+            .map_err(|e| refuse(Status::Internal, format!("the VM's state directory: {e}")))?;
+        if reattach {
+            state.check_description(&req).map_err(|e| refuse(Status::Mismatch, e.to_string()))?;
+        }
+        let attached = map(&req, fds, &state)?;
+        if reattach {
+            for (i, r) in attached.vm.layout.regions.iter().enumerate() {
+                let recovered =
+                    r.recover_store().map_err(|e| refuse(Status::Internal, format!("region {i}'s swap store: {e}")))?;
+                if recovered != Default::default() {
+                    info!(region = i, kept = recovered.kept, dropped = recovered.dropped, "swap store recovered");
+                }
+            }
+        } else {
+            state
+                .save_description(&req)
+                .map_err(|e| refuse(Status::Internal, format!("recording the VM's description: {e}")))?;
+        }
+        Ok((req, attached, registration, state))
+    }
+
     /// Serves one machine connection from attach to detach.
     fn serve_connection(&self, conn: OwnedFd) {
         let reply = |status, message: String, values| {
@@ -98,11 +137,8 @@ impl AttachServer {
                 warn!(cause = %e, "sending reply failed");
             }
         };
-        let attached = match receive_attach(&conn) {
-            Ok((req, fds)) => map(&req, fds).map(|a| (req, a)),
-            Err(r) => Err(r),
-        };
-        let (req, attached) = match attached {
+        let attached = receive_attach(&conn).and_then(|(req, fds)| self.attach(req, fds));
+        let (req, attached, registration, state) = match attached {
             Ok(a) => a,
             Err(refusal) => {
                 warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
@@ -120,10 +156,7 @@ impl AttachServer {
             }
         }
         let inbox = vm.control.open();
-        let Some(registration) = self.vms.register(vm.clone()) else {
-            reply(Status::AlreadyAttached, format!("{} is already attached", vm.id()), [0; 3]);
-            return;
-        };
+        registration.attach(vm.clone());
         info!(vcpus = req.nr_vcpus, memslots = req.memslots.len(), regions = req.regions.len(), "VM attached");
         reply(Status::Ok, "attached".into(), [0; 3]);
 
@@ -217,7 +250,9 @@ impl AttachServer {
         // Reclaimed pages go back into the machine's memory before it hears
         // the VM is detached.
         if let Err(e) = vm.layout.restore_reclaimed() {
-            error!(cause = %e, "restoring reclaimed pages at detach failed; the machine's memory misses them");
+            error!(cause = %e, "restoring reclaimed pages at detach failed; they stay in the VM's swap store");
+        } else if let Err(e) = state.remove() {
+            warn!(cause = %e, "removing the VM's state directory failed");
         }
         let released = vm.mapping.release_all();
         let remaining = vm.mapping.pins().total();

@@ -13,6 +13,7 @@ use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::ring::SharedRegion;
 use memfd::{FileSeal, Memfd};
 
+use super::state::VmState;
 use super::validate::{check, refuse, Checked, Refusal};
 use crate::link::vm::AttachedVm;
 use crate::memory::addr::Hva;
@@ -21,7 +22,7 @@ use crate::memory::layout::VmLayout;
 use crate::memory::mapping::private_dirty_logs;
 use crate::memory::memslot::{Memslot, Memslots, SlotFlags};
 use crate::memory::pool::PagePool;
-use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec};
+use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec, SwapStore};
 use crate::memory::vma::Vmas;
 
 /// A validated, mapped VM, ready to serve.
@@ -32,8 +33,10 @@ pub struct Attached {
     pub rings: MappedRegion,
 }
 
-/// Checks `req` ([`check`]), then its fds, and maps what it describes.
-pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> {
+/// Checks `req` ([`check`]), then its fds, and maps what it describes;
+/// each guest region that is memory keeps reclaimed pages in its store in
+/// `state`.
+pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>, state: &VmState) -> Result<Attached, Refusal> {
     let Checked { id, fills } = check(req, fds.len())?;
     // Map: fds must be memfds sealed against shrinking (so nothing the daemon
     // maps can vanish under it) and at least as large as described. Contents
@@ -91,7 +94,14 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>) -> Result<Attached, Refusal> 
                     writable: r.flags & REGION_WRITABLE != 0,
                     device: r.flags & REGION_DEVICE != 0,
                 };
-                guests.push(GuestRegion::map(memfd, spec).map_err(internal)?);
+                let mut guest = GuestRegion::map(memfd, spec).map_err(internal)?;
+                if !spec.device {
+                    let store = state
+                        .swap_store(i, r.size)
+                        .map_err(|e| refuse(Status::Internal, format!("region {i}: opening its swap store: {e}")))?;
+                    guest.set_swap_store(SwapStore::in_file(store));
+                }
+                guests.push(guest);
             }
             RegionKind::Rings => {
                 let map =

@@ -6,4 +6,5 @@
 pub mod connection;
 pub mod map;
 pub mod registry;
+pub mod state;
 pub mod validate;

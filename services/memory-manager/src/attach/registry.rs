@@ -1,68 +1,75 @@
-//! The table of attached VMs. A VM is in it for exactly as long as its
-//! [`Registration`] lives: every way out of a connection, a panic included,
-//! drops the registration and frees the VM's id.
+//! The table of attached VMs. An id is taken for exactly as long as its
+//! [`Registration`] lives, from the moment a connection reserves it (before
+//! it touches anything the id names, such as the VM's state directory)
+//! through the attached VM's life: every way out of a connection, a panic
+//! included, drops the registration and frees the id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hyp_core::ownership::VmId;
-
 use crate::link::vm::AttachedVm;
 
-/// The attached VMs, by id.
+/// The attached VMs, by id (`None`: reserved by a connection still
+/// attaching it).
 #[derive(Debug, Default)]
 pub struct VmTable {
-    vms: Mutex<HashMap<u16, Arc<AttachedVm>>>,
+    vms: Mutex<HashMap<u16, Option<Arc<AttachedVm>>>>,
 }
 
 impl VmTable {
-    fn locked(&self) -> MutexGuard<'_, HashMap<u16, Arc<AttachedVm>>> {
+    fn locked(&self) -> MutexGuard<'_, HashMap<u16, Option<Arc<AttachedVm>>>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `vm`, or `None` if its id is taken.
-    pub fn register(&self, vm: Arc<AttachedVm>) -> Option<Registration<'_>> {
-        let id = vm.id();
+    /// Takes id `id` for a VM about to attach, or `None` if it is taken.
+    pub fn reserve(&self, id: u16) -> Option<Registration<'_>> {
         let mut vms = self.locked();
-        if vms.contains_key(&id.raw()) {
+        if vms.contains_key(&id) {
             return None;
         }
-        vms.insert(id.raw(), vm);
+        vms.insert(id, None);
         Some(Registration { table: self, id })
     }
 
     /// The VM with id `id`, if attached.
     pub fn get(&self, id: u32) -> Option<Arc<AttachedVm>> {
-        u16::try_from(id).ok().and_then(|id| self.locked().get(&id).cloned())
+        u16::try_from(id).ok().and_then(|id| self.locked().get(&id).cloned().flatten())
     }
 
     /// Every attached VM.
     pub fn list(&self) -> Vec<Arc<AttachedVm>> {
-        self.locked().values().cloned().collect()
+        self.locked().values().flatten().cloned().collect()
     }
 
     /// VMs attached.
     pub fn len(&self) -> usize {
-        self.locked().len()
+        self.locked().values().flatten().count()
     }
 
     /// True if none is attached.
     pub fn is_empty(&self) -> bool {
-        self.locked().is_empty()
+        self.len() == 0
     }
 }
 
-/// A VM's place in the [`VmTable`]; dropping it removes the VM.
+/// A VM id's place in the [`VmTable`]; dropping it frees the id.
 #[derive(Debug)]
-#[must_use = "dropping a Registration detaches the VM from the table"]
+#[must_use = "dropping a Registration frees the VM's id"]
 pub struct Registration<'t> {
     table: &'t VmTable,
-    id: VmId,
+    id: u16,
+}
+
+impl Registration<'_> {
+    /// The VM attached under the reserved id (listed from now on).
+    pub fn attach(&self, vm: Arc<AttachedVm>) {
+        self.table.locked().insert(self.id, Some(vm));
+    }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.table.locked().remove(&self.id.raw());
+        self.table.locked().remove(&self.id);
     }
 }
 
@@ -72,6 +79,7 @@ mod tests {
     use crate::memory::layout::VmLayout;
     use crate::memory::pool::PagePool;
     use hyp_core::addr::Pa;
+    use hyp_core::ownership::VmId;
 
     fn vm(id: u16) -> Arc<AttachedVm> {
         let layout = VmLayout::single_region(VmId::new(id).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &[]).unwrap();
@@ -81,8 +89,10 @@ mod tests {
     #[test]
     fn an_id_is_taken_exactly_while_its_registration_lives() {
         let table = VmTable::default();
-        let first = table.register(vm(3)).expect("a free id");
-        assert!(table.register(vm(3)).is_none(), "the id is taken");
+        let first = table.reserve(3).expect("a free id");
+        assert!(table.reserve(3).is_none(), "the id is taken");
+        assert!(table.get(3).is_none() && table.is_empty(), "reserved, not yet listed");
+        first.attach(vm(3));
         assert_eq!((table.len(), table.get(3).map(|v| v.id().raw())), (1, Some(3)));
         // A panic on a connection thread drops its registration too.
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -91,7 +101,8 @@ mod tests {
         }));
         assert!(unwound.is_err());
         assert!(table.is_empty() && table.get(3).is_none());
-        let again = table.register(vm(3)).expect("free again");
+        let again = table.reserve(3).expect("free again");
+        again.attach(vm(3));
         drop(again);
         assert!(table.list().is_empty());
     }

@@ -37,7 +37,11 @@ impl Daemon {
             events: Arc::new(EventHub::new(config.event_buffer)),
             policies,
         };
-        let settings = AttachSettings { prefault: config.prefault, spin_polls: config.spin_polls };
+        let settings = AttachSettings {
+            prefault: config.prefault,
+            spin_polls: config.spin_polls,
+            state_dir: config.state_dir.clone(),
+        };
         let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
         Ok(Self { config, sources, attach })
     }

@@ -1,10 +1,12 @@
 //! Resident budgets: a VM whose mapped memory goes over the budget its
 //! policy set is brought back under it by reclaiming mappings in the
-//! policy's order, through the invalidation protocol: clear the pages'
-//! populated bits, unmap through the core (which bumps its invalidation
-//! sequence, so a map sampled before is refused as stale), copy the pages
-//! to the region's swap store, punch them out of the backing. The next
-//! access faults and the fill brings them back from the store, intact.
+//! policy's order, through the invalidation protocol, in an order that
+//! survives the daemon dying at any point: clear the pages' populated bits,
+//! write-protect them through the core, copy them to the region's swap
+//! store and make it durable, unmap them through the core (which bumps its
+//! invalidation sequence, so a map sampled before is refused as stale),
+//! punch them out of the backing. The next access faults and the fill
+//! brings them back from the store, intact.
 //!
 //! Reclaim is direct, as Linux's direct reclaim: the vCPU service thread
 //! whose install took the VM over budget reclaims before it serves that
@@ -21,8 +23,12 @@ use tracing::{debug, warn};
 use super::control::ControlError;
 use super::vm::AttachedVm;
 use crate::fault::choices::{Budget, EvictionOrder};
+use crate::fault::failpoint::crash_point;
 use crate::memory::mapping::Resident;
-use crate::memory::region::FillError;
+use crate::memory::region::{FillError, ReclaimSteps};
+
+/// Mappings reclaimed together: one durable write of the store for them.
+const BATCH: usize = 64;
 
 /// Reclaims mappings in `budget`'s order until the VM is at or under 7/8
 /// of it; returns the bytes reclaimed.
@@ -39,68 +45,141 @@ pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
         EvictionOrder::LowestIpa => {}
         EvictionOrder::HighestIpa => victims.reverse(),
     }
-    let mut freed = 0;
+    let (mut freed, mut planned) = (0, 0);
+    let mut batch = Vec::with_capacity(BATCH);
     for Resident { ipa, size, .. } in victims {
-        if resident - freed <= target || stop.load(Ordering::Acquire) {
+        if resident - planned <= target || stop.load(Ordering::Acquire) {
             break;
         }
-        match reclaim(vm, ipa, size) {
-            Ok(true) => freed += size,
-            Ok(false) => {}
-            Err(e) => {
-                warn!(vm = %vm.id(), %ipa, cause = %e, "reclaim failed; stopping this round");
-                break;
+        let Some(victim) = Victim::of(vm, ipa, size) else { continue };
+        planned += size;
+        batch.push(victim);
+        if batch.len() == BATCH {
+            match reclaim(vm, &batch) {
+                Ok(bytes) => freed += bytes,
+                Err(e) => {
+                    warn!(vm = %vm.id(), cause = %e, "reclaim failed; stopping this round");
+                    return freed;
+                }
             }
+            batch.clear();
         }
+    }
+    match reclaim(vm, &batch) {
+        Ok(bytes) => freed += bytes,
+        Err(e) => warn!(vm = %vm.id(), cause = %e, "reclaim failed; stopping this round"),
     }
     debug!(vm = %vm.id(), freed, resident = vm.mapping.resident(), "resident budget enforced");
     freed
 }
 
-/// Why one mapping could not be reclaimed.
+/// Why a batch could not be reclaimed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReclaimError {
-    /// Copying to the swap store or punching failed.
+    /// Copying to the swap store, making it durable or punching failed.
     #[error(transparent)]
     Store(#[from] FillError),
-    /// The core did not unmap it.
-    #[error("unmap: {0}")]
-    Unmap(#[from] ControlError),
+    /// The core did not write-protect or unmap.
+    #[error("the core: {0}")]
+    Core(#[from] ControlError),
 }
 
-/// Reclaims the mapping at `ipa` of `size` bytes; false if it is not
-/// guest memory the daemon can reclaim (device memory, or gone).
-fn reclaim(vm: &AttachedVm, ipa: Ipa, size: u64) -> Result<bool, ReclaimError> {
-    let layout = &vm.layout;
-    let Some(slot) = layout.memslots.lookup(ipa) else { return Ok(false) };
-    let Some(vma) = layout.vmas.snapshot(slot.hva_of(ipa)) else { return Ok(false) };
-    let Some(region) = layout.regions.get(vma.region).filter(|r| !r.device) else { return Ok(false) };
-    let Some(offset) = slot.hva_of(ipa).checked_offset_from(region.base()) else { return Ok(false) };
-    let mut unmap_error = None;
-    let reclaimed = region.reclaim(offset, size, || {
+/// A mapping to reclaim, and where its pages live.
+#[derive(Clone, Copy, Debug)]
+struct Victim {
+    ipa: Ipa,
+    size: u64,
+    region: usize,
+    offset: u64,
+}
+
+impl Victim {
+    /// The mapping at `ipa` of `size` bytes, if it is guest memory the
+    /// daemon can reclaim (not device memory, still described).
+    fn of(vm: &AttachedVm, ipa: Ipa, size: u64) -> Option<Self> {
+        let slot = vm.layout.memslots.lookup(ipa)?;
+        let backing = vm.layout.backing(slot, ipa)?;
+        let region = vm.layout.regions.get(backing.region).filter(|r| !r.device)?;
+        (backing.offset + size <= region.size).then_some(Self {
+            ipa,
+            size,
+            region: backing.region,
+            offset: backing.offset,
+        })
+    }
+}
+
+/// Reclaims `victims`, region by region, in the store's crash-consistent
+/// order ([`crate::memory::region::GuestRegion::reclaim`]); returns the
+/// bytes reclaimed.
+fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<u64, ReclaimError> {
+    let mut freed = 0;
+    let mut regions: Vec<usize> = victims.iter().map(|v| v.region).collect();
+    regions.sort_unstable();
+    regions.dedup();
+    for r in regions {
+        let mine: Vec<Victim> = victims.iter().copied().filter(|v| v.region == r).collect();
+        let ranges: Vec<(u64, u64)> = mine.iter().map(|v| (v.offset, v.size)).collect();
+        let mut steps = CoreSteps { vm, victims: &mine, error: None };
+        let reclaimed = vm.layout.regions[r].reclaim(&ranges, &mut steps)?;
+        for (v, _) in mine.iter().zip(&reclaimed).filter(|(_, &done)| done) {
+            vm.counters.evicted.fetch_add(1, Ordering::Relaxed);
+            vm.counters.evicted_bytes.fetch_add(v.size, Ordering::Relaxed);
+            freed += v.size;
+        }
+        if let Some(e) = steps.error {
+            return Err(e.into());
+        }
+    }
+    Ok(freed)
+}
+
+/// The core's part of a reclaim, over the control ring.
+struct CoreSteps<'a> {
+    vm: &'a AttachedVm,
+    victims: &'a [Victim],
+    error: Option<ControlError>,
+}
+
+impl ReclaimSteps for CoreSteps<'_> {
+    fn protect(&mut self, i: usize) -> bool {
+        let v = self.victims[i];
         // Bits first: a fault that finds them clear waits on the fill lock
-        // held here; one that found them set sampled its sequence before
-        // this unmap, so its map is refused as stale.
-        vm.mapping.clear_populated(vma.region, offset, size);
-        let unmap = CommandRecord { kind: kind::UNMAP, ipa: ipa.raw(), size, ..Default::default() };
-        match vm.control.execute(unmap) {
+        // the reclaim holds; one that found them set sampled its sequence
+        // before this write-protect, so its map is refused as stale.
+        self.vm.mapping.clear_populated(v.region, v.offset, v.size);
+        match self.vm.control.write_protect(v.ipa, v.size) {
             Ok(res) => {
-                vm.mapping.forget_range(ipa, size, res.inval_seq);
+                self.vm.mapping.note_seq(res.inval_seq);
                 true
             }
             Err(e) => {
-                vm.mapping.mark_populated(vma.region, offset, size);
-                unmap_error = Some(e);
+                self.vm.mapping.mark_populated(v.region, v.offset, v.size);
+                self.error.get_or_insert(e);
                 false
             }
         }
-    })?;
-    if let Some(e) = unmap_error {
-        return Err(e.into());
     }
-    if reclaimed {
-        vm.counters.evicted.fetch_add(1, Ordering::Relaxed);
-        vm.counters.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+
+    fn stored(&mut self) {
+        crash_point("store-written");
     }
-    Ok(reclaimed)
+
+    fn unmap(&mut self, i: usize) -> bool {
+        let v = self.victims[i];
+        let unmap = CommandRecord { kind: kind::UNMAP, ipa: v.ipa.raw(), size: v.size, ..Default::default() };
+        match self.vm.control.execute(unmap) {
+            Ok(res) => {
+                self.vm.mapping.forget_range(v.ipa, v.size, res.inval_seq);
+                crash_point("unmapped");
+                true
+            }
+            Err(e) => {
+                // Still mapped, read-only: a write fault relaxes it.
+                self.vm.mapping.mark_populated(v.region, v.offset, v.size);
+                self.error.get_or_insert(e);
+                false
+            }
+        }
+    }
 }

@@ -40,9 +40,67 @@ pub struct GuestRegion {
     /// Serialises filling holes and reclaiming pages, so a page is filled
     /// once (a second fault finds data, never copies over the guest's
     /// writes) and never filled while it is being reclaimed. Holds the swap
-    /// store: where reclaimed pages wait, at their offset in the region,
-    /// until a fault brings them back (created on the first reclaim).
-    fill_lock: Mutex<Option<File>>,
+    /// store (a memfd made on the first reclaim if none was given).
+    fill_lock: Mutex<Option<SwapStore>>,
+}
+
+/// Where a region's reclaimed pages wait until a fault brings them back: a
+/// sparse file holding each page at its offset in the region. In the
+/// daemon's state directory it outlives the daemon, and a page is written
+/// there (and made durable) before it leaves the guest.
+#[derive(Debug)]
+pub struct SwapStore {
+    file: File,
+    /// Writes are made durable (fdatasync) before a page leaves the guest.
+    durable: bool,
+}
+
+impl SwapStore {
+    /// A store in `file` (sized to the region by the caller), durable.
+    pub fn in_file(file: File) -> Self {
+        Self { file, durable: true }
+    }
+
+    /// A store in memory (a memfd of `size` bytes): nothing outlives the
+    /// daemon and no host memory is saved; for a daemon without a state
+    /// directory.
+    fn in_memory(index: usize, size: u64) -> std::io::Result<Self> {
+        let file = memfd::MemfdOptions::default()
+            .create(format!("faultline-swap-{index}"))
+            .map_err(std::io::Error::other)?
+            .into_file();
+        file.set_len(size)?;
+        Ok(Self { file, durable: false })
+    }
+
+    /// Bytes the store's pages take (its allocated blocks).
+    pub fn bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}
+
+/// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
+/// in their crash-consistent order under the region's fill lock.
+pub trait ReclaimSteps {
+    /// Write-protects range `i` in stage 2 (the page cannot change while it
+    /// is copied); false leaves the range alone.
+    fn protect(&mut self, i: usize) -> bool;
+    /// The protected ranges are in the store, durable.
+    fn stored(&mut self);
+    /// Unmaps range `i` from stage 2; false keeps it (mapped read-only
+    /// until a write fault relaxes it).
+    fn unmap(&mut self, i: usize) -> bool;
+}
+
+/// What a store held when a VM came back ([`GuestRegion::recover_store`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Bytes only the store holds: reclaimed pages, kept.
+    pub kept: u64,
+    /// Bytes the backing holds too (a reclaim interrupted before its
+    /// punch, or a restore before its own): dropped from the store.
+    pub dropped: u64,
 }
 
 /// Part of a guest region whose holes are filled from a file (the attach
@@ -92,6 +150,24 @@ pub enum FillError {
     },
 }
 
+/// The data segments of `file` in `[offset, end)` (SEEK_DATA / SEEK_HOLE).
+fn data_segments(file: &File, offset: u64, end: u64) -> nix::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{lseek, Whence};
+    let mut out = Vec::new();
+    let mut at = offset as i64;
+    while at < end as i64 {
+        let data = match lseek(file.as_fd(), at, Whence::SeekData) {
+            Ok(d) if d < end as i64 => d,
+            Ok(_) | Err(nix::Error::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        let data_end = lseek(file.as_fd(), data, Whence::SeekHole)?.min(end as i64);
+        out.push((data as u64, data_end as u64));
+        at = data_end;
+    }
+    Ok(out)
+}
+
 /// Punches `[offset, offset + len)` out of `file`, keeping its size.
 fn punch(file: &impl AsFd, offset: u64, len: u64) -> nix::Result<()> {
     let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
@@ -124,6 +200,17 @@ impl GuestRegion {
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
         let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
         Ok(Self { index, pa_base, size, page_size, writable, device, map, memfd, fd_offset, contents, fill_lock })
+    }
+
+    /// Keeps reclaimed pages in `store` from now on.
+    pub fn set_swap_store(&mut self, store: SwapStore) {
+        *self.fill_lock.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    }
+
+    /// Bytes the swap store's pages take.
+    pub fn swap_store_bytes(&self) -> u64 {
+        let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        store.as_ref().and_then(|s| s.bytes().ok()).unwrap_or(0)
     }
 
     /// Fills holes in `window` from its file from now on.
@@ -169,7 +256,7 @@ impl GuestRegion {
         let found_holes = !holes.is_empty();
         // Reclaimed pages first: back from the swap store, which lets go of them.
         if let (Some(swap), false) = (filling.as_mut(), holes.is_empty()) {
-            if self.restore_from_swap(swap, &holes)? {
+            if self.restore_from_swap(&swap.file, &holes)? {
                 holes = self.holes(offset, end)?;
             }
         }
@@ -197,22 +284,13 @@ impl GuestRegion {
     /// Copies the parts of `holes` the swap store holds back into the
     /// region and punches them out of the store; true if it copied any.
     fn restore_from_swap(&self, swap: &File, holes: &[(u64, u64)]) -> Result<bool, FillError> {
-        use nix::unistd::{lseek, Whence};
         let mut copied = false;
         for &(lo, hi) in holes {
-            let mut at = lo as i64;
-            while at < hi as i64 {
-                let data = match lseek(swap.as_fd(), at, Whence::SeekData) {
-                    Ok(d) if d < hi as i64 => d,
-                    Ok(_) | Err(nix::Error::ENXIO) => break,
-                    Err(e) => return Err(e.into()),
-                };
-                let data_end = lseek(swap.as_fd(), data, Whence::SeekHole)?.min(hi as i64);
-                let (from, len) = (data as u64, (data_end - data) as u64);
+            for (from, to) in data_segments(swap, lo, hi)? {
+                let len = to - from;
                 self.map.fill_from(from, len, swap, from).map_err(|cause| FillError::Swap { offset: from, cause })?;
                 punch(swap, from, len)?;
                 copied = true;
-                at = data_end;
             }
         }
         Ok(copied)
@@ -222,39 +300,85 @@ impl GuestRegion {
     pub fn restore_all(&self) -> Result<(), FillError> {
         let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
         match store.as_ref() {
-            Some(swap) => self.restore_from_swap(swap, &[(0, self.size)]).map(|_| ()),
+            Some(swap) => self.restore_from_swap(&swap.file, &[(0, self.size)]).map(|_| ()),
             None => Ok(()),
         }
     }
 
-    /// Reclaims `[offset, offset + len)`: copies it to the swap store and
-    /// punches it out of the backing, so it costs no memory until a fault
-    /// fills it back. The caller has unmapped it from stage 2 and cleared
-    /// its populated bits: `unmap` runs under the region's fill lock (no
-    /// fault can fill the range meanwhile) and says whether it succeeded;
-    /// if not, nothing is copied or punched.
-    pub fn reclaim(&self, offset: u64, len: u64, unmap: impl FnOnce() -> bool) -> Result<bool, FillError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+    /// Makes the store agree with the backing after a daemon died: a page
+    /// the backing holds too is the backing's (the store copy was written
+    /// before a reclaim that never punched, or after a restore that never
+    /// punched the store) and leaves the store; a page only the store holds
+    /// stays there until a fault or the detach brings it back.
+    pub fn recover_store(&self) -> Result<Recovered, FillError> {
+        let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(swap) = store.as_ref() else { return Ok(Recovered::default()) };
+        let mut done = Recovered::default();
+        for (lo, hi) in data_segments(&swap.file, 0, self.size)? {
+            let mut at = lo;
+            for (hole, hole_end) in self.holes(lo, hi)? {
+                if at < hole {
+                    punch(&swap.file, at, hole - at)?;
+                    done.dropped += hole - at;
+                }
+                done.kept += hole_end - hole;
+                at = hole_end;
+            }
+            if at < hi {
+                punch(&swap.file, at, hi - at)?;
+                done.dropped += hi - at;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Reclaims `ranges` (`(offset, bytes)` of the region) so they cost no
+    /// memory until a fault fills them back, in the order that survives a
+    /// crash at any point: each range is write-protected through the core
+    /// (it cannot change from then on), copied to the store; the store is
+    /// made durable once; then each range is unmapped through the core and
+    /// punched out of the backing. At every moment a page is whole in the
+    /// backing, or in the store, or in both with the same bytes. It all runs
+    /// under the fill lock: no fault fills the ranges meanwhile. Returns
+    /// which ranges were reclaimed.
+    pub fn reclaim(&self, ranges: &[(u64, u64)], steps: &mut impl ReclaimSteps) -> Result<Vec<bool>, FillError> {
+        if let Some(&(offset, len)) =
+            ranges.iter().find(|&&(offset, len)| offset.checked_add(len).is_none_or(|end| end > self.size))
+        {
             return Err(FillError::OutOfRange { offset, len });
         }
         let mut store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !unmap() {
-            return Ok(false);
-        }
         let swap = match &mut *store {
             Some(swap) => swap,
             None => {
-                let swap = memfd::MemfdOptions::default()
-                    .create(format!("faultline-swap-{}", self.index))
-                    .map_err(|e| FillError::Swap { offset, cause: std::io::Error::other(e) })?
-                    .into_file();
-                swap.set_len(self.size).map_err(|cause| FillError::Swap { offset, cause })?;
+                let swap = SwapStore::in_memory(self.index, self.size)
+                    .map_err(|cause| FillError::Swap { offset: 0, cause })?;
                 store.insert(swap)
             }
         };
-        self.map.copy_to(offset, len, &*swap, offset).map_err(|cause| FillError::Swap { offset, cause })?;
-        punch(self.memfd.as_file(), self.fd_offset + offset, len)?;
-        Ok(true)
+        let mut protected = vec![false; ranges.len()];
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            if steps.protect(i) {
+                self.map.copy_to(offset, len, &swap.file, offset).map_err(|cause| FillError::Swap { offset, cause })?;
+                protected[i] = true;
+            }
+        }
+        if swap.durable && protected.iter().any(|&p| p) {
+            nix::unistd::fdatasync(swap.file.as_fd())
+                .map_err(|e| FillError::Swap { offset: 0, cause: std::io::Error::from(e) })?;
+        }
+        steps.stored();
+        let mut reclaimed = vec![false; ranges.len()];
+        for (i, &(offset, len)) in ranges.iter().enumerate().filter(|&(i, _)| protected[i]) {
+            if steps.unmap(i) {
+                punch(self.memfd.as_file(), self.fd_offset + offset, len)?;
+                reclaimed[i] = true;
+            } else {
+                // Still mapped: the backing is the page's; the copy goes.
+                punch(&swap.file, offset, len)?;
+            }
+        }
+        Ok(reclaimed)
     }
 
     /// The holes in `[offset, end)` of the region, as region offsets
@@ -284,6 +408,15 @@ impl GuestRegion {
             at = data;
         }
         Ok(holes)
+    }
+
+    /// Bytes of the backing file the guest's pages take (its allocated
+    /// blocks: the host memory a shmem backing uses), and its inode, to
+    /// count a file shared by several regions once.
+    pub fn backing_bytes(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.memfd.as_file().metadata()?;
+        Ok((m.ino(), m.blocks() * 512))
     }
 
     /// The PA of byte `offset` of the region.
