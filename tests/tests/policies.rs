@@ -421,12 +421,15 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
     let child = start_machine(&daemon, 30, "random", ops, seed);
     let mut vms = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let (mut peak, mut samples, mut evicted) = (0u64, 0, 0u64);
+    let (mut peak_backing, mut store) = (0u64, 0u64);
     let started = Instant::now();
     loop {
         match vms.get_vm(GetVmRequest { vm_id: 30 }).await {
             Ok(vm) => {
                 let vm = vm.into_inner();
                 (peak, evicted) = (peak.max(vm.resident_bytes), vm.evicted);
+                peak_backing = peak_backing.max(vm.backing_bytes);
+                store = store.max(vm.swap_store_bytes);
                 samples += 1;
             }
             Err(s) if s.code() == tonic::Code::NotFound && samples > 0 => break,
@@ -445,6 +448,20 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
     );
     assert!(peak <= budget + 4096, "peak resident {peak} over budget {budget}");
     assert!(evicted > 0);
+    // Host memory, not mappings: the guest's backing files (RAM and the
+    // machine's prefilled ROM) hold at most the budget's worth of RAM
+    // pages; the rest wait in the swap store on disk.
+    let (rom, working_set) = (layout().rom_size, flat.ram_pages.len() as u64 * 4096);
+    println!(
+        "host memory: backing peak {} KiB = ROM {} KiB + RAM {} KiB for a {} KiB working set; swap store peak {} KiB",
+        peak_backing >> 10,
+        rom >> 10,
+        peak_backing.saturating_sub(rom) >> 10,
+        working_set >> 10,
+        store >> 10
+    );
+    assert!(peak_backing <= rom + budget + (1 << 20), "backing {peak_backing} over ROM + budget");
+    assert!(store > 0, "evicted pages are in the store");
     // Evicted pages came back on access and at detach: the digest covers
     // all of RAM.
     finish(child, Pattern::Random, ops, seed);

@@ -54,6 +54,18 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
         }
         tokio::task::block_in_place(|| daemon.kill_and_restart(Signal::SIGKILL));
     }
+    // The last daemon knows it replaced one that died, and took the VM back.
+    let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let started = Instant::now();
+    let status = loop {
+        let s = trace.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+        if s.reattached_vms == 1 || started.elapsed() > Duration::from_secs(30) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(status.recovered_after_crash && !status.took_over, "{status:?}");
+    assert_eq!(status.reattached_vms, 1, "{status:?}");
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "machine failed: {stderr}");

@@ -371,6 +371,12 @@ async fn main() -> anyhow::Result<()> {
                     vm.evicted,
                     vm.fault_around_pages
                 );
+                println!(
+                    "  host memory: {} KiB backing, {} KiB in the swap store ({})",
+                    vm.backing_bytes >> 10,
+                    vm.swap_store_bytes >> 10,
+                    if vm.swap_store_in_memory { "in memory" } else { "on disk" }
+                );
                 for m in vm.memslots {
                     let flags = [(m.read_only, "read-only"), (m.dirty_log, "dirty-log")]
                         .iter()

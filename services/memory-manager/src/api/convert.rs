@@ -101,7 +101,18 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         evicted: count(&vm.counters.evicted),
         evicted_bytes: count(&vm.counters.evicted_bytes),
         fault_around_pages: count(&vm.counters.prefaulted),
+        backing_bytes: backing_bytes(vm),
+        swap_store_bytes: vm.layout.regions.iter().map(|r| r.swap_store_usage().0).sum(),
+        swap_store_in_memory: vm.layout.regions.iter().filter(|r| !r.device).any(|r| r.swap_store_usage().1),
     }
+}
+
+/// Host memory the VM's backing files take, each file counted once.
+pub fn backing_bytes(vm: &AttachedVm) -> u64 {
+    let mut files: Vec<(u64, u64)> = vm.layout.regions.iter().filter_map(|r| r.backing_bytes().ok()).collect();
+    files.sort_unstable();
+    files.dedup_by_key(|(ino, _)| *ino);
+    files.iter().map(|(_, bytes)| bytes).sum()
 }
 
 /// Ring occupancy of every vCPU of `vms`, by VM and vCPU.

@@ -359,6 +359,9 @@ impl FaultTrace for FaultTraceService {
             uptime_ns: s.uptime_ns,
             events_per_second: s.events_per_second,
             attached_vms: self.sources.vms.len() as u32,
+            recovered_after_crash: self.sources.lifecycle.recovered_after_crash,
+            took_over: self.sources.lifecycle.took_over,
+            reattached_vms: self.sources.vms.reattached(),
         }))
     }
 }

@@ -7,9 +7,21 @@ use crate::attach::registry::VmTable;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
 
+/// How this daemon came to run: what ServerStatus says about restarts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The predecessor died without stopping (its marker was still in the
+    /// state directory).
+    pub recovered_after_crash: bool,
+    /// The VMs were handed over by a running predecessor.
+    pub took_over: bool,
+}
+
 /// The daemon's state as the API sees it.
 #[derive(Clone)]
 pub struct Sources {
+    /// How this daemon came to run.
+    pub lifecycle: Lifecycle,
     /// The attached VMs.
     pub vms: Arc<VmTable>,
     /// Fault events, their history and statistics.

@@ -202,14 +202,17 @@ impl AttachServer {
             // ring started above.
             if reattach {
                 match rebuild(&vm) {
-                    Ok(r) => info!(
-                        mappings = r.mappings,
-                        bytes = r.bytes,
-                        pool_pages_held = r.pool_pages_held,
-                        commands = r.commands,
-                        elapsed_us = r.elapsed.as_micros() as u64,
-                        "re-attached: mapping state rebuilt from the core"
-                    ),
+                    Ok(r) => {
+                        self.vms.note_reattached();
+                        info!(
+                            mappings = r.mappings,
+                            bytes = r.bytes,
+                            pool_pages_held = r.pool_pages_held,
+                            commands = r.commands,
+                            elapsed_us = r.elapsed.as_micros() as u64,
+                            "re-attached: mapping state rebuilt from the core"
+                        )
+                    }
                     Err(e) => {
                         error!(cause = %e, "re-attach refused: the core's state does not match the VM");
                         reply(Status::Mismatch, format!("re-attach refused: {e}"), [0; 3]);

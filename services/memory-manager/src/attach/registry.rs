@@ -5,6 +5,7 @@
 //! included, drops the registration and frees the id.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::link::vm::AttachedVm;
@@ -14,6 +15,8 @@ use crate::link::vm::AttachedVm;
 #[derive(Debug, Default)]
 pub struct VmTable {
     vms: Mutex<HashMap<u16, Option<Arc<AttachedVm>>>>,
+    /// VMs taken back from a predecessor since the daemon started.
+    reattached: AtomicU64,
 }
 
 impl VmTable {
@@ -49,6 +52,16 @@ impl VmTable {
     /// True if none is attached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Counts a VM taken back from a predecessor.
+    pub fn note_reattached(&self) {
+        self.reattached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// VMs taken back from a predecessor since the daemon started.
+    pub fn reattached(&self) -> u64 {
+        self.reattached.load(Ordering::Relaxed)
     }
 }
 

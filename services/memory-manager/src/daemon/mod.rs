@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::api::sources::Sources;
+use crate::api::sources::{Lifecycle, Sources};
 use crate::attach::connection::{AttachServer, AttachSettings};
 use crate::attach::registry::VmTable;
 use crate::observe::hub::EventHub;
@@ -25,14 +25,18 @@ pub struct Daemon {
     config: Config,
     sources: Sources,
     attach: AttachServer,
+    running: RunningMarker,
 }
 
 impl Daemon {
     /// A daemon with `config`; starts the policy host's thread (call from a
     /// thread at the fault path's priority).
     pub fn new(config: Config) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&config.state_dir)?;
+        let running = RunningMarker::create(&config.state_dir)?;
         let policies = Arc::new(PolicyHost::new(config.policy.build(), config.policy_timing())?);
         let sources = Sources {
+            lifecycle: Lifecycle { recovered_after_crash: running.predecessor_crashed, took_over: false },
             vms: Arc::new(VmTable::default()),
             events: Arc::new(EventHub::new(config.event_buffer)),
             policies,
@@ -43,7 +47,7 @@ impl Daemon {
             state_dir: config.state_dir.clone(),
         };
         let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
-        Ok(Self { config, sources, attach })
+        Ok(Self { config, sources, attach, running })
     }
 
     /// The configuration.
@@ -68,7 +72,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::create_dir_all(&daemon.config().state_dir)?;
+    if daemon.sources.lifecycle.recovered_after_crash {
+        info!("the previous daemon did not stop cleanly: VMs that come back are re-attached");
+    }
     // The attach server and every thread it starts (connections, vCPU
     // service, control) run on a plain thread: they must not inherit the
     // API threads' lower priority.
@@ -155,6 +161,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
     };
     attach_res.and(grpc_res).and(metrics_res.map_err(|e| e.context("metrics endpoint")))?;
+    daemon.running.remove();
     info!("memory-manager stopped");
     Ok(())
+}
+
+/// `state_dir/running`: there while a daemon runs, removed when it stops
+/// cleanly; a daemon that finds one is the successor of one that died.
+struct RunningMarker {
+    path: std::path::PathBuf,
+    predecessor_crashed: bool,
+}
+
+impl RunningMarker {
+    fn create(state_dir: &std::path::Path) -> std::io::Result<Self> {
+        let path = state_dir.join("running");
+        let predecessor_crashed = path.exists();
+        std::fs::write(&path, format!("{}\n", std::process::id()))?;
+        Ok(Self { path, predecessor_crashed })
+    }
+
+    fn remove(&self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(cause = %e, "removing the running marker failed");
+        }
+    }
 }

@@ -53,12 +53,17 @@ pub struct SwapStore {
     file: File,
     /// Writes are made durable (fdatasync) before a page leaves the guest.
     durable: bool,
+    /// The store is host memory (a memfd, or a file on tmpfs): eviction
+    /// moves pages, it frees nothing.
+    in_memory: bool,
 }
 
 impl SwapStore {
     /// A store in `file` (sized to the region by the caller), durable.
     pub fn in_file(file: File) -> Self {
-        Self { file, durable: true }
+        use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
+        let in_memory = fstatfs(&file).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC);
+        Self { file, durable: true, in_memory }
     }
 
     /// A store in memory (a memfd of `size` bytes): nothing outlives the
@@ -70,7 +75,7 @@ impl SwapStore {
             .map_err(std::io::Error::other)?
             .into_file();
         file.set_len(size)?;
-        Ok(Self { file, durable: false })
+        Ok(Self { file, durable: false, in_memory: true })
     }
 
     /// Bytes the store's pages take (its allocated blocks).
@@ -207,10 +212,11 @@ impl GuestRegion {
         *self.fill_lock.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 
-    /// Bytes the swap store's pages take.
-    pub fn swap_store_bytes(&self) -> u64 {
+    /// Bytes the swap store's pages take, and whether they are host
+    /// memory (no store yet: one would be made in memory).
+    pub fn swap_store_usage(&self) -> (u64, bool) {
         let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
-        store.as_ref().and_then(|s| s.bytes().ok()).unwrap_or(0)
+        store.as_ref().map_or((0, true), |s| (s.bytes().unwrap_or(0), s.in_memory))
     }
 
     /// Fills holes in `window` from its file from now on.
