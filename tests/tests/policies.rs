@@ -475,6 +475,41 @@ async fn a_resident_budget_below_the_working_set_holds_and_the_data_survives() {
     println!("{back} faults brought evicted pages back");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_budget_under_four_vcpus_keeps_every_page() {
+    // Four vCPUs go over the budget at once: their service threads must not
+    // reclaim the same pages twice (the second copy of a punched page is a
+    // hole, and overwrote the good copy in the store: pages came back as
+    // zeros, and the digest changed from run to run).
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
+    let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "31:8:fifo"]);
+    assert_eq!(use_policy(&daemon, &policy.endpoint, None).await.budgets, 1);
+    let four = Layout { nr_vcpus: 4, ..layout() };
+    let (ops, seed) = (8_000, 31);
+    let child = machine(&daemon)
+        .args(["--vm-id", "31", "--vcpus", "4", "--ram-mib", &RAM_MIB.to_string()])
+        .args(["--pattern", "random", "--ops", &ops.to_string(), "--seed", &seed.to_string(), "--spin-polls", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&four, &generate(Pattern::Random, &four, ops, seed));
+    assert!(flat.ram_pages.len() as u64 * 4096 > 4 * (8 << 20), "the working set is well over the budget");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "every evicted page came back");
+    // Pages mapped, evicted, then faulted back from the store.
+    let mut mapped = std::collections::HashSet::new();
+    let back = events(&daemon, 31)
+        .await
+        .iter()
+        .filter(|e| e.outcome == Outcome::Mapped as i32 && RAM.contains(&e.ipa))
+        .filter(|e| !mapped.insert(e.ipa >> 12) && e.populated)
+        .count();
+    assert!(back > 1000, "only {back} evicted pages came back");
+}
+
 #[test]
 fn the_cli_lists_uses_shows_and_drops_policies() {
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);

@@ -181,7 +181,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), n + 1, table_mem, &mut owners)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let regs = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
-    let tlb_gen = TlbGeneration::default();
+    let tlb_gen = TlbGeneration::new(n);
     let core = Mutex::new(CoreState { vm, owners, tlb: tlb_gen.clone() });
 
     // Attach.
@@ -460,7 +460,7 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
         Producer::attach(shared.ring(v, RingKind::Fault).context("ring")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut commands =
         Consumer::attach(shared.ring(v, RingKind::Command).context("ring")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut tlb = Tlb::new(tlb_gen);
+    let mut tlb = Tlb::new(tlb_gen, v);
     let mut r = VcpuResult {
         accesses: 0,
         faults: 0,
@@ -480,13 +480,16 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
             OpKind::Fetch => AccessKind::Fetch,
         };
         loop {
-            match tlb.translate(&regs, phys, op.gpa, access) {
-                Ok(pa) => {
-                    match op.kind {
-                        OpKind::Write => phys.store(pa, op.size, value_for(op.gpa, op.size)),
-                        OpKind::Read | OpKind::Fetch => phys.load(pa, op.size).map(|_| ()),
-                    }
-                    .with_context(|| format!("vCPU {v}: PA {pa:#x} of GPA {:#x} is not memory", op.gpa))?;
+            let done = tlb.access(&regs, phys, op.gpa, access, |pa| {
+                match op.kind {
+                    OpKind::Write => phys.store(pa, op.size, value_for(op.gpa, op.size)),
+                    OpKind::Read | OpKind::Fetch => phys.load(pa, op.size).map(|_| ()),
+                }
+                .with_context(|| format!("vCPU {v}: PA {pa:#x} of GPA {:#x} is not memory", op.gpa))
+            });
+            match done {
+                Ok(stored) => {
+                    stored?;
                     r.accesses += 1;
                     break;
                 }

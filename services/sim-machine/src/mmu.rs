@@ -148,24 +148,68 @@ impl Stage2Regs {
 }
 
 /// The TLB generation: bumped by every invalidation the core issues; a TLB
-/// entry is only used while its generation is current.
-#[derive(Clone, Debug, Default)]
-pub struct TlbGeneration(Arc<AtomicU64>);
+/// entry is only used while its generation is current. Each vCPU says which
+/// generation an access in flight translated with, and the core's sync
+/// (its DSB after TLBI) waits until no access of an older generation is in
+/// flight, as hardware does: a store that translated before a page was
+/// write-protected or unmapped lands before the core goes on (before the
+/// daemon copies the page out and punches it).
+#[derive(Clone, Debug)]
+pub struct TlbGeneration {
+    current: Arc<AtomicU64>,
+    /// Per vCPU: the generation of its access in flight, 0 when none.
+    in_flight: Arc<[AtomicU64]>,
+}
+
+impl Default for TlbGeneration {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
 
 impl TlbGeneration {
+    /// Generations for `vcpus` vCPUs (the first is 1: 0 means idle).
+    pub fn new(vcpus: u32) -> Self {
+        Self { current: Arc::new(AtomicU64::new(1)), in_flight: (0..vcpus).map(|_| AtomicU64::new(0)).collect() }
+    }
+
     /// The current generation.
     pub fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Marks an access of `vcpu` in flight and returns the generation it
+    /// must translate with.
+    fn begin(&self, vcpu: usize) -> u64 {
+        loop {
+            let g = self.current.load(Ordering::SeqCst);
+            self.in_flight[vcpu].store(g, Ordering::SeqCst);
+            // A sync that bumped the generation after our read either sees
+            // our mark (and waits for us) or we see its bump (and retry).
+            if self.current.load(Ordering::SeqCst) == g {
+                return g;
+            }
+        }
+    }
+
+    /// Ends `vcpu`'s access.
+    fn end(&self, vcpu: usize) {
+        self.in_flight[vcpu].store(0, Ordering::Release);
     }
 }
 
 impl TlbMaintenance for TlbGeneration {
     fn invalidate_ipa(&mut self, _vmid: u8, _ipa: Ipa, _level: u8) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.current.fetch_add(1, Ordering::SeqCst);
     }
 
     fn sync(&mut self, _vmid: u8) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        let new = self.current.fetch_add(1, Ordering::SeqCst) + 1;
+        for slot in self.in_flight.iter() {
+            while matches!(slot.load(Ordering::SeqCst), g if g != 0 && g < new) {
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -186,6 +230,8 @@ struct TlbEntry {
 pub struct Tlb {
     entries: [TlbEntry; TLB_ENTRIES],
     generation: TlbGeneration,
+    /// The vCPU it belongs to (its in-flight slot).
+    vcpu: usize,
     /// Hits.
     pub hits: u64,
     /// Misses (walks).
@@ -193,21 +239,37 @@ pub struct Tlb {
 }
 
 impl Tlb {
-    /// An empty TLB following `generation`.
-    pub fn new(generation: TlbGeneration) -> Self {
-        Self { entries: [TlbEntry::default(); TLB_ENTRIES], generation, hits: 0, misses: 0 }
+    /// An empty TLB of vCPU `vcpu`, following `generation`.
+    pub fn new(generation: TlbGeneration, vcpu: u32) -> Self {
+        Self { entries: [TlbEntry::default(); TLB_ENTRIES], generation, vcpu: vcpu as usize, hits: 0, misses: 0 }
     }
 
-    /// Translates through the TLB, walking on a miss.
-    pub fn translate(
+    /// Translates `ipa` for `access` and runs `access_pa` on the PA while
+    /// the access is in flight (a sync of the core waits for it).
+    pub fn access<R>(
         &mut self,
         regs: &Stage2Regs,
         mem: &PhysMemory,
         ipa: u64,
         access: AccessKind,
+        access_pa: impl FnOnce(u64) -> R,
+    ) -> Result<R, Stage2Fault> {
+        let gen = self.generation.begin(self.vcpu);
+        let done = self.translate(regs, mem, ipa, access, gen).map(access_pa);
+        self.generation.end(self.vcpu);
+        done
+    }
+
+    /// Translates through the TLB with generation `gen`, walking on a miss.
+    fn translate(
+        &mut self,
+        regs: &Stage2Regs,
+        mem: &PhysMemory,
+        ipa: u64,
+        access: AccessKind,
+        gen: u64,
     ) -> Result<u64, Stage2Fault> {
         let page = ipa >> 12;
-        let gen = self.generation.current();
         let slot = (page as usize) % TLB_ENTRIES;
         let e = self.entries[slot];
         let allowed = match access {

@@ -34,7 +34,11 @@ impl Daemon {
     pub fn new(config: Config) -> std::io::Result<Self> {
         std::fs::create_dir_all(&config.state_dir)?;
         let running = RunningMarker::create(&config.state_dir)?;
-        let policies = Arc::new(PolicyHost::new(config.policy.build(), config.policy_timing())?);
+        let state_file = Some(config.state_dir.join("policy"));
+        let policies = Arc::new(PolicyHost::new(config.policy.build(), config.policy_timing(), state_file)?);
+        // The policy a previous daemon had goes back in force, as it was
+        // asked for (reconnecting or not).
+        policies.resume();
         let sources = Sources {
             lifecycle: Lifecycle { recovered_after_crash: running.predecessor_crashed, took_over: false },
             vms: Arc::new(VmTable::default()),

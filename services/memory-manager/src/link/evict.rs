@@ -34,6 +34,8 @@ const BATCH: usize = 64;
 /// of it; returns the bytes reclaimed.
 pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
     let target = budget.max_resident - budget.max_resident / 8;
+    // One reclaimer per VM; another vCPU's thread already brings it down.
+    let Ok(_reclaiming) = vm.reclaiming.try_lock() else { return 0 };
     let resident = vm.mapping.resident();
     if resident <= budget.max_resident {
         return 0;
@@ -144,6 +146,10 @@ struct CoreSteps<'a> {
 impl ReclaimSteps for CoreSteps<'_> {
     fn protect(&mut self, i: usize) -> bool {
         let v = self.victims[i];
+        // Gone since it was picked: nothing to reclaim.
+        if !self.vm.mapping.is_mapped(v.ipa) {
+            return false;
+        }
         // Bits first: a fault that finds them clear waits on the fill lock
         // the reclaim holds; one that found them set sampled its sequence
         // before this write-protect, so its map is refused as stale.

@@ -3,6 +3,8 @@
 //! occupancy of its rings and the client of its control ring. Each part is
 //! handed on alone: the pipeline gets only a [`VmView`] of the first two.
 
+use std::sync::Mutex;
+
 use hyp_core::addr::Ipa;
 use hyp_core::ownership::VmId;
 
@@ -28,6 +30,10 @@ pub struct AttachedVm {
     pub rings: Vec<RingOccupancy>,
     /// Commands the daemon starts itself, over the control ring pair.
     pub control: ControlClient,
+    /// Held by the one thread reclaiming for the VM's budget: two would
+    /// pick the same victims (a page one punched, the other would copy over
+    /// its good copy in the store).
+    pub reclaiming: Mutex<()>,
 }
 
 impl AttachedVm {
@@ -42,7 +48,14 @@ impl AttachedVm {
     pub fn with_dirty_logs(layout: VmLayout, pool: PagePool, dirty: Vec<DirtyLog>) -> Self {
         let mapping = MappingState::with_dirty_logs(&layout, pool, dirty);
         let rings = (0..layout.nr_vcpus).map(|_| RingOccupancy::default()).collect();
-        Self { layout, mapping, counters: VmCounters::default(), rings, control: ControlClient::default() }
+        Self {
+            layout,
+            mapping,
+            counters: VmCounters::default(),
+            rings,
+            control: ControlClient::default(),
+            reclaiming: Mutex::new(()),
+        }
     }
 
     /// The VM id.

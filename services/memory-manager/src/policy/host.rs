@@ -138,6 +138,7 @@ pub struct PolicyHost {
     state: Mutex<HostState>,
     stats: Arc<PolicyStats>,
     exits_tx: broadcast::Sender<pb::PolicyExit>,
+    state_file: Option<std::path::PathBuf>,
     _runtime: RuntimeThread,
 }
 
@@ -161,8 +162,13 @@ impl Drop for RuntimeThread {
 
 impl PolicyHost {
     /// A host with `builtin` in force, starting its runtime thread (call it
-    /// from a thread at the fault path's priority).
-    pub fn new(builtin: Box<dyn Policy>, timing: PolicyTiming) -> std::io::Result<Self> {
+    /// from a thread at the fault path's priority). The policy asked for is
+    /// kept in `state_file` (if any) for the daemon after this one.
+    pub fn new(
+        builtin: Box<dyn Policy>,
+        timing: PolicyTiming,
+        state_file: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Self> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("policy".into()).spawn(move || {
@@ -195,6 +201,7 @@ impl PolicyHost {
             state: Mutex::new(state),
             stats: Arc::default(),
             exits_tx: broadcast::channel(64).0,
+            state_file,
             _runtime: RuntimeThread { stop: Some(stop_tx), thread: Some(thread) },
         })
     }
@@ -249,12 +256,52 @@ impl PolicyHost {
         };
         let (first_tx, first_rx) = oneshot::channel();
         let host = self.clone();
+        let endpoint_string = endpoint.to_string();
         let endpoint = endpoint.to_string();
         self.rt.spawn(async move {
             host.session(id, endpoint_uri, endpoint, reconnect, cancel, first_tx).await;
         });
         first_rx.await.unwrap_or(Err(UseError::Cancelled))?;
+        self.remember(Some((&endpoint_string, reconnect)));
         Ok(self.status())
+    }
+
+    /// Keeps the policy asked for (or the built-in one) in the state file,
+    /// for a daemon that starts after this one.
+    fn remember(&self, chosen: Option<(&str, bool)>) {
+        let Some(path) = &self.state_file else { return };
+        let written = match chosen {
+            Some((endpoint, reconnect)) => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{endpoint}\n{reconnect}\n")).and_then(|()| std::fs::rename(&tmp, path))
+            }
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = written {
+            warn!(cause = %e, path = %path.display(), "cannot record the policy in force");
+        }
+    }
+
+    /// Puts back in force the policy a previous daemon had (its state
+    /// file), as it was asked for, in the background.
+    pub fn resume(self: &Arc<Self>) {
+        let Some(path) = &self.state_file else { return };
+        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let mut lines = text.lines();
+        let (Some(endpoint), Some(reconnect)) = (lines.next(), lines.next().and_then(|r| r.parse().ok())) else {
+            warn!(path = %path.display(), "the recorded policy is unreadable; the built-in one stays");
+            return;
+        };
+        let (host, endpoint) = (self.clone(), endpoint.to_string());
+        self.rt.spawn(async move {
+            match host.use_policy(&endpoint, Some(reconnect)).await {
+                Ok(_) => info!(%endpoint, "the previous daemon's policy is back in force"),
+                Err(e) => warn!(%endpoint, cause = %e, "the previous daemon's policy did not come back"),
+            }
+        });
     }
 
     /// Back to the built-in policy; every session ends.
@@ -271,6 +318,7 @@ impl PolicyHost {
             st.since = Some(SystemTime::now());
         }
         drop(st);
+        self.remember(None);
         self.status()
     }
 
