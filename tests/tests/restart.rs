@@ -86,7 +86,7 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
     assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
     let layout = Layout { nr_vcpus: 4, ..Layout::default() };
-    let (ops, seed) = (60_000, 21);
+    let (ops, seed) = (30_000, 21);
     let mut workload = generate(Pattern::Random, &layout, ops, seed);
     workload.pauses = vec![vec![ops / 2; 4], vec![ops; 4]];
     let dir = tempfile::tempdir().unwrap();

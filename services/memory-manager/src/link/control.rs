@@ -21,7 +21,7 @@ use tracing::warn;
 pub const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why a control command did not complete.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
     /// The VM's control thread is not running (detached, or not yet attached).
     #[error("the VM's control channel is closed")]
@@ -52,10 +52,21 @@ struct Answer {
     leaves: Vec<LeafRecord>,
 }
 
-struct Request {
-    cmd: CommandRecord,
-    reply: SyncSender<Answer>,
+impl Answer {
+    /// Nothing yet (a result record of kind 0 is not a result).
+    fn pending() -> Self {
+        Self { result: ResultRecord::default(), leaves: Vec::new() }
+    }
 }
+
+struct Request {
+    cmds: Vec<CommandRecord>,
+    reply: SyncSender<Vec<Answer>>,
+}
+
+/// Commands of one batch in flight at most (half a small ring): the core
+/// answers while more are sent, and its results never fill their ring.
+const WINDOW: u32 = 16;
 
 /// The handle callers use; cheap to share.
 #[derive(Debug, Default)]
@@ -109,28 +120,47 @@ impl ControlClient {
         self.ask(cmd).map(|a| a.result)
     }
 
+    /// Sends `cmds` as one batch, several in flight at once, and waits for
+    /// all their results (at most [`CONTROL_DEADLINE`] in all): one result
+    /// or refusal per command, in order.
+    pub fn execute_all(
+        &self,
+        cmds: Vec<CommandRecord>,
+    ) -> Result<Vec<Result<ResultRecord, ControlError>>, ControlError> {
+        Ok(self.ask_all(cmds)?.into_iter().map(|a| refused(a.result)).collect())
+    }
+
     fn ask(&self, cmd: CommandRecord) -> Result<Answer, ControlError> {
+        let answer = self.ask_all(vec![cmd])?.pop().ok_or(ControlError::Closed)?;
+        refused(answer.result)?;
+        Ok(answer)
+    }
+
+    fn ask_all(&self, cmds: Vec<CommandRecord>) -> Result<Vec<Answer>, ControlError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ControlError::Closed)?;
         let (reply, answer) = mpsc::sync_channel(1);
         // Never block: a core that stopped answering must not hold callers.
-        tx.try_send(Request { cmd, reply }).map_err(|e| match e {
+        tx.try_send(Request { cmds, reply }).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => ControlError::Busy,
             mpsc::TrySendError::Disconnected(_) => ControlError::Closed,
         })?;
-        let answer = answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
+        answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
             RecvTimeoutError::Timeout => ControlError::Timeout(CONTROL_DEADLINE),
             RecvTimeoutError::Disconnected => ControlError::Closed,
-        })?;
-        let res = answer.result;
-        if res.status != 0 {
-            return Err(ControlError::Refused {
-                code: res.status,
-                reason: Reject::from_code(res.status),
-                detail: res.detail,
-            });
-        }
-        Ok(answer)
+        })
     }
+}
+
+/// A result, or the refusal it carries.
+fn refused(res: ResultRecord) -> Result<ResultRecord, ControlError> {
+    if res.status != 0 {
+        return Err(ControlError::Refused {
+            code: res.status,
+            reason: Reject::from_code(res.status),
+            detail: res.detail,
+        });
+    }
+    Ok(res)
 }
 
 /// The receiving end of a [`ControlClient`].
@@ -163,45 +193,54 @@ impl<'r> ControlLoop<'r> {
         mut settled: impl FnMut(&ResultRecord),
     ) -> Result<(), RingError> {
         while !stop.load(Ordering::Acquire) {
-            let Request { mut cmd, reply } = match self.inbox.0.recv_timeout(Duration::from_millis(100)) {
+            let Request { mut cmds, reply } = match self.inbox.0.recv_timeout(Duration::from_millis(100)) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            self.next_cmd += 1;
-            cmd.cmd_id = self.next_cmd;
-            loop {
-                match push_and_ring(&mut self.commands, &cmd.encode()) {
-                    Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
-                    other => break other?,
-                }
+            let first = self.next_cmd + 1;
+            for cmd in &mut cmds {
+                self.next_cmd += 1;
+                cmd.cmd_id = self.next_cmd;
             }
-            // Results of commands whose callers gave up are skipped, and
-            // so are leaves that are not this command's.
-            let mut leaves = Vec::new();
-            while let Some(record) = wait_pop(&mut self.results, wait, stop)? {
+            let window = WINDOW.min(self.commands.view().capacity() / 2).max(1) as usize;
+            let mut answers: Vec<Option<Answer>> = cmds.iter().map(|_| None).collect();
+            let (mut sent, mut answered) = (0, 0);
+            while answered < cmds.len() {
+                while sent < cmds.len() && sent - answered < window {
+                    match push_and_ring(&mut self.commands, &cmds[sent].encode()) {
+                        Ok(()) => sent += 1,
+                        Err(RingError::Full) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let Some(record) = wait_pop(&mut self.results, wait, stop)? else { return Ok(()) };
+                // Results of commands whose callers gave up are skipped, and
+                // so are leaves that are not this batch's.
+                let index = |id: u64| id.checked_sub(first).map(|i| i as usize).filter(|&i| i < sent);
                 match record.kind() {
-                    kind::RESULT => {}
                     kind::LEAF => {
                         let leaf = LeafRecord::decode(&record);
-                        if leaf.cmd_id == cmd.cmd_id {
-                            leaves.push(leaf);
+                        if let Some(i) = index(leaf.cmd_id) {
+                            answers[i].get_or_insert_with(Answer::pending).leaves.push(leaf);
                         }
-                        continue;
                     }
-                    other => {
-                        warn!(kind = other, "unexpected record on the control result ring");
-                        continue;
+                    kind::RESULT => {
+                        let res = ResultRecord::decode(&record);
+                        settled(&res);
+                        if let Some(i) = index(res.cmd_id) {
+                            let answer = answers[i].get_or_insert_with(Answer::pending);
+                            if answer.result.kind != kind::RESULT {
+                                answer.result = res;
+                                answered += 1;
+                            }
+                        }
                     }
-                }
-                let res = ResultRecord::decode(&record);
-                settled(&res);
-                if res.cmd_id == cmd.cmd_id {
-                    // The caller may have timed out: nothing to tell then.
-                    let _ = reply.send(Answer { result: res, leaves });
-                    break;
+                    other => warn!(kind = other, "unexpected record on the control result ring"),
                 }
             }
+            // The caller may have timed out: nothing to tell then.
+            let _ = reply.send(answers.into_iter().map(|a| a.unwrap_or_else(Answer::pending)).collect());
         }
         Ok(())
     }

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hyp_core::addr::Ipa;
-use hyp_core::ring::abi::{kind, CommandRecord};
+use hyp_core::ring::abi::{kind, CommandRecord, ResultRecord};
 use tracing::{debug, warn};
 
 use super::control::ControlError;
@@ -144,48 +144,83 @@ struct CoreSteps<'a> {
 }
 
 impl ReclaimSteps for CoreSteps<'_> {
-    fn protect(&mut self, i: usize) -> bool {
-        let v = self.victims[i];
-        // Gone since it was picked: nothing to reclaim.
-        if !self.vm.mapping.is_mapped(v.ipa) {
-            return false;
+    fn protect(&mut self, ranges: &[usize]) -> Vec<bool> {
+        // Gone since they were picked: nothing to reclaim there.
+        let live: Vec<usize> =
+            ranges.iter().copied().filter(|&i| self.vm.mapping.is_mapped(self.victims[i].ipa)).collect();
+        let cmds = live
+            .iter()
+            .map(|&i| {
+                let v = self.victims[i];
+                // Bits first: a fault that finds them clear waits on the fill
+                // lock the reclaim holds; one that found them set sampled its
+                // sequence before this write-protect, so its map is refused
+                // as stale.
+                self.vm.mapping.clear_populated(v.region, v.offset, v.size);
+                CommandRecord { kind: kind::WRITE_PROTECT, ipa: v.ipa.raw(), size: v.size, ..Default::default() }
+            })
+            .collect();
+        let done = self.run(&live, cmds, |vm, _, res| vm.mapping.note_seq(res.inval_seq));
+        let mut protected = vec![false; ranges.len()];
+        for (&i, ok) in live.iter().zip(done) {
+            protected[ranges.iter().position(|&r| r == i).expect("a range of the batch")] = ok;
         }
-        // Bits first: a fault that finds them clear waits on the fill lock
-        // the reclaim holds; one that found them set sampled its sequence
-        // before this write-protect, so its map is refused as stale.
-        self.vm.mapping.clear_populated(v.region, v.offset, v.size);
-        match self.vm.control.write_protect(v.ipa, v.size) {
-            Ok(res) => {
-                self.vm.mapping.note_seq(res.inval_seq);
-                true
-            }
-            Err(e) => {
-                self.vm.mapping.mark_populated(v.region, v.offset, v.size);
-                self.error.get_or_insert(e);
-                false
-            }
-        }
+        protected
     }
 
     fn stored(&mut self) {
         crash_point("store-written");
     }
 
-    fn unmap(&mut self, i: usize) -> bool {
-        let v = self.victims[i];
-        let unmap = CommandRecord { kind: kind::UNMAP, ipa: v.ipa.raw(), size: v.size, ..Default::default() };
-        match self.vm.control.execute(unmap) {
-            Ok(res) => {
-                self.vm.mapping.forget_range(v.ipa, v.size, res.inval_seq);
-                crash_point("unmapped");
-                true
-            }
-            Err(e) => {
-                // Still mapped, read-only: a write fault relaxes it.
-                self.vm.mapping.mark_populated(v.region, v.offset, v.size);
-                self.error.get_or_insert(e);
-                false
-            }
+    fn unmap(&mut self, ranges: &[usize]) -> Vec<bool> {
+        let cmds = ranges
+            .iter()
+            .map(|&i| {
+                let v = self.victims[i];
+                CommandRecord { kind: kind::UNMAP, ipa: v.ipa.raw(), size: v.size, ..Default::default() }
+            })
+            .collect();
+        let done = self.run(ranges, cmds, |vm, v, res| {
+            vm.mapping.forget_range(v.ipa, v.size, res.inval_seq);
+        });
+        if done.iter().any(|&d| d) {
+            crash_point("unmapped");
         }
+        done
+    }
+}
+
+impl CoreSteps<'_> {
+    /// Sends `cmds` (one per victim of `ranges`) as one batch; `settle`
+    /// runs for each that succeeded. A victim whose command failed keeps
+    /// its pages populated (it stays mapped, read-only at worst).
+    fn run(
+        &mut self,
+        ranges: &[usize],
+        cmds: Vec<CommandRecord>,
+        settle: impl Fn(&AttachedVm, &Victim, &ResultRecord),
+    ) -> Vec<bool> {
+        let results = match self.vm.control.execute_all(cmds) {
+            Ok(results) => results,
+            Err(e) => ranges.iter().map(|_| Err(e.clone())).collect(),
+        };
+        ranges
+            .iter()
+            .zip(results)
+            .map(|(&i, result)| {
+                let v = self.victims[i];
+                match result {
+                    Ok(res) => {
+                        settle(self.vm, &v, &res);
+                        true
+                    }
+                    Err(e) => {
+                        self.vm.mapping.mark_populated(v.region, v.offset, v.size);
+                        self.error.get_or_insert(e);
+                        false
+                    }
+                }
+            })
+            .collect()
     }
 }

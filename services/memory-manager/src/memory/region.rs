@@ -86,16 +86,18 @@ impl SwapStore {
 }
 
 /// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
-/// in their crash-consistent order under the region's fill lock.
+/// in their crash-consistent order under the region's fill lock; each
+/// takes the indices of the ranges it is for and says, per range, whether
+/// it happened.
 pub trait ReclaimSteps {
-    /// Write-protects range `i` in stage 2 (the page cannot change while it
-    /// is copied); false leaves the range alone.
-    fn protect(&mut self, i: usize) -> bool;
+    /// Write-protects the ranges in stage 2 (a page cannot change while it
+    /// is copied); false leaves a range alone.
+    fn protect(&mut self, ranges: &[usize]) -> Vec<bool>;
     /// The protected ranges are in the store, durable.
     fn stored(&mut self);
-    /// Unmaps range `i` from stage 2; false keeps it (mapped read-only
-    /// until a write fault relaxes it).
-    fn unmap(&mut self, i: usize) -> bool;
+    /// Unmaps the ranges from stage 2; false keeps a range (mapped
+    /// read-only until a write fault relaxes it).
+    fn unmap(&mut self, ranges: &[usize]) -> Vec<bool>;
 }
 
 /// What a store held when a VM came back ([`GuestRegion::recover_store`]).
@@ -362,21 +364,22 @@ impl GuestRegion {
                 store.insert(swap)
             }
         };
-        let mut protected = vec![false; ranges.len()];
-        for (i, &(offset, len)) in ranges.iter().enumerate() {
-            if steps.protect(i) {
-                self.map.copy_to(offset, len, &swap.file, offset).map_err(|cause| FillError::Swap { offset, cause })?;
-                protected[i] = true;
-            }
+        let all: Vec<usize> = (0..ranges.len()).collect();
+        let protected: Vec<usize> =
+            all.iter().copied().zip(steps.protect(&all)).filter(|&(_, p)| p).map(|(i, _)| i).collect();
+        for &i in &protected {
+            let (offset, len) = ranges[i];
+            self.map.copy_to(offset, len, &swap.file, offset).map_err(|cause| FillError::Swap { offset, cause })?;
         }
-        if swap.durable && protected.iter().any(|&p| p) {
+        if swap.durable && !protected.is_empty() {
             nix::unistd::fdatasync(swap.file.as_fd())
                 .map_err(|e| FillError::Swap { offset: 0, cause: std::io::Error::from(e) })?;
         }
         steps.stored();
         let mut reclaimed = vec![false; ranges.len()];
-        for (i, &(offset, len)) in ranges.iter().enumerate().filter(|&(i, _)| protected[i]) {
-            if steps.unmap(i) {
+        for (&i, unmapped) in protected.iter().zip(steps.unmap(&protected)) {
+            let (offset, len) = ranges[i];
+            if unmapped {
                 punch(self.memfd.as_file(), self.fd_offset + offset, len)?;
                 reclaimed[i] = true;
             } else {
