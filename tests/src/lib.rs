@@ -52,6 +52,10 @@ pub fn binary(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// The environment variable that arms a daemon's crash point (the
+/// daemon's `fault::failpoint::CRASH_AT_ENV`): `name` or `name:N`.
+pub const CRASH_AT_ENV: &str = "FAULTLINE_CRASH_AT";
+
 /// A running daemon, stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Child,
@@ -123,6 +127,19 @@ impl Daemon {
             assert!(Instant::now() < deadline, "the restarted daemon never listened: {}", self.log());
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Waits for the daemon to end by itself (a crash point aborted it),
+    /// then starts a new one as [`Daemon::kill_and_restart`] does, without
+    /// the environment variable `unset`.
+    pub fn restart_after_exit(&mut self, unset: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.child.try_wait().expect("polling the daemon").is_none() {
+            assert!(Instant::now() < deadline, "the daemon never reached its crash point: {}", self.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.env.retain(|(k, _)| k != unset);
+        self.kill_and_restart(Signal::SIGKILL);
     }
 
     /// The daemon's state directory.

@@ -187,3 +187,108 @@ fn a_machine_whose_daemon_never_returns_exits_with_a_clear_error_after_its_deadl
     assert!(stderr.contains("did not come back within 1s"), "unclear error: {stderr}");
     assert!(waited >= Duration::from_secs(1), "it waited its deadline, {waited:?}");
 }
+
+/// A daemon aborted at crash point `point` (its `nth` time) under a 4-vCPU
+/// random workload, with `budget` evicting if given, restarted at once: the
+/// machine finishes with its memory intact after exactly one stall.
+async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
+    let spec = std::ffi::OsString::from(format!("{point}:{nth}"));
+    let mut daemon = Daemon::start_with_env(
+        &["--spin-polls", "0", "--policy-deadline-ms", "2000"],
+        &[(faultline_system_tests::CRASH_AT_ENV, spec.as_os_str())],
+    );
+    let _policy = match budget {
+        Some(b) => {
+            let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", b]);
+            let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+            let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
+            assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
+            Some(policy)
+        }
+        None => None,
+    };
+    let layout = Layout { nr_vcpus: 4, ..Layout::default() };
+    let (ops, seed) = (12_000, u64::from(vm));
+    let child = machine(&daemon)
+        .args(["--vm-id", &vm.to_string(), "--vcpus", "4", "--pattern", "random", "--ops", &ops.to_string()])
+        .args(["--seed", &seed.to_string(), "--spin-polls", "0", "--reattach-deadline-s", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::task::block_in_place(|| daemon.restart_after_exit(faultline_system_tests::CRASH_AT_ENV));
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(daemon.log().contains(&format!("aborting at {point}")), "the crash point was not reached");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact after {point}");
+    assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
+    assert_eq!(summary["injected"].as_u64(), Some(0));
+    assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_a_fault_is_popped_and_before_its_map_is_sent() {
+    crash_at("fault-popped", 300, 11, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_a_map_is_sent_and_before_its_result_is_read() {
+    crash_at("map-sent", 300, 12, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_store_write_and_the_unmap() {
+    crash_at("store-written", 3, 13, Some("13:8:fifo")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_unmap_and_the_punch() {
+    crash_at("unmapped", 3, 14, Some("14:8:fifo")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
+    let spec = std::ffi::OsString::from("dirty-fetch:1");
+    let mut daemon =
+        Daemon::start_with_env(&["--spin-polls", "0"], &[(faultline_system_tests::CRASH_AT_ENV, spec.as_os_str())]);
+    let layout = Layout { nr_vcpus: 2, ..Layout::default() };
+    let (ops, seed) = (6_000, 15);
+    let mut workload = generate(Pattern::Random, &layout, ops, seed);
+    workload.pauses = vec![vec![ops; 2]];
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("fetch.trace");
+    std::fs::write(&trace, workload.to_trace()).unwrap();
+    let mut child = machine(&daemon)
+        .args(["--vm-id", "15", "--vcpus", "2", "--dirty-log", "--spin-polls", "0", "--trace"])
+        .arg(&trace)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::task::block_in_place(|| wait_paused(&mut lines, 0));
+    // The fetch dies with its daemon: the caller gets an error.
+    let mut c = ControlClient::connect(serving(&daemon, 15).await).await.unwrap();
+    let failed = c.get_dirty_log(GetDirtyLogRequest { vm_id: 15, memslot: 0, peek: false }).await;
+    assert!(failed.is_err(), "the fetch should have died with the daemon");
+    tokio::task::block_in_place(|| daemon.restart_after_exit(faultline_system_tests::CRASH_AT_ENV));
+    // The next fetch, from the successor, reports every page written.
+    let fetched = fetch_dirty(&daemon, 15).await;
+    let written: BTreeSet<u64> = (0..2)
+        .flat_map(|v| workload.phase(0, v))
+        .filter(|op| op.kind == OpKind::Write && layout.in_ram(op.gpa, op.size as u64))
+        .map(|op| op.gpa & !0xfff)
+        .collect();
+    assert!(written.is_subset(&fetched), "{} written pages missing", written.difference(&fetched).count());
+    writeln!(stdin).unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert!(out.status.success(), "machine failed");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&replay_flat(&layout, &workload).ram));
+    assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
+}

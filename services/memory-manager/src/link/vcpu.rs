@@ -17,6 +17,7 @@ use super::evict;
 use super::vm::AttachedVm;
 use crate::fault::around::plan_around;
 use crate::fault::clock;
+use crate::fault::failpoint::crash_point;
 use crate::fault::pipeline::handle_fault;
 use crate::fault::plan::{AroundPlan, Decision, Exit, MapPlan};
 use crate::fault::trace::Trace;
@@ -145,6 +146,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
 
     /// Handles one fault and sends its command.
     pub fn on_fault(&mut self, rec: &FaultRecord, stop: &AtomicBool) -> Result<(), RingError> {
+        crash_point("fault-popped");
         self.vm.counters.faults.fetch_add(1, Ordering::Relaxed);
         self.vm.mapping.note_seq(rec.inval_seq);
         let mut trace = Trace::start();
@@ -223,6 +225,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             self.vm.mapping.mark_dirty(slot, plan.fault_ipa);
         }
         let sent = self.send(&cmd, stop);
+        crash_point("map-sent");
         let mut event = event(self, &plan);
         event.sent_ns = trace.elapsed_ns();
         self.pending.insert(cmd.cmd_id, Pending::Map(Box::new(PendingMap { plan, fault_id, event, trace })));
