@@ -255,3 +255,28 @@ unsafe fn hyp_core_region(base: std::ptr::NonNull<u8>, len: u64) {
     // SAFETY: forwarded from the caller.
     unsafe { hyp_core::ring::SharedRegion::create(base, len, 2, 16) }.unwrap();
 }
+
+#[test]
+fn a_reattach_with_another_description_is_refused_with_the_reason() {
+    let mut daemon = Daemon::start(&["--spin-polls", "0"]);
+    let ram = memfd(4 << 20, true);
+    let rings = memfd(64 << 10, true);
+    {
+        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
+        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
+        unsafe { hyp_core_region(map.base(), 64 << 10) };
+    }
+    let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
+    let (r, attached) = send(&daemon, &good_request().encode(), &fds);
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    // The daemon dies with the VM attached; its successor finds the VM's
+    // description in the state directory.
+    daemon.kill_and_restart(nix::sys::signal::Signal::SIGKILL);
+    let mut other = AttachRequest { flags: faultline_attach::ATTACH_REATTACH, ..good_request() };
+    other.memslots[0].size = 2 << 20;
+    let (r, closed) = attempt(&daemon, &other.encode(), &fds);
+    assert_eq!(r.status, Status::Mismatch, "{r:?}");
+    assert!(r.message.contains("vm 7 attached with another description (its memslots differ)"), "{r:?}");
+    assert!(closed);
+    drop(attached);
+}
