@@ -99,6 +99,7 @@ impl Daemon {
         if !args.iter().any(|a| a == "--state-dir") {
             cmd.arg("--state-dir").arg(dir.join("state"));
         }
+        cmd.arg("--takeover-socket").arg(dir.join("takeover.sock"));
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager")
     }
@@ -125,6 +126,24 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.log().matches("gRPC listening addr=").count() == starts {
             assert!(Instant::now() < deadline, "the restarted daemon never listened: {}", self.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Starts a new daemon that takes every VM over from this one (`--takeover`)
+    /// and waits until the old one has handed everything over and exited.
+    pub fn take_over(&mut self) {
+        let starts = self.log().matches("gRPC listening addr=").count();
+        let takeover = self._dir.path().join("takeover.sock");
+        let mut args = self.args.clone();
+        args.extend(["--takeover".to_string(), takeover.display().to_string()]);
+        let new = Self::spawn(self._dir.path(), &self.socket, &args, &self.env);
+        let status = self.child.wait().expect("waiting for the old daemon");
+        assert!(status.success(), "the old daemon did not hand over cleanly: {status:?}\n{}", self.log());
+        self.child = new;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("gRPC listening addr=").count() == starts {
+            assert!(Instant::now() < deadline, "the new daemon never listened: {}", self.log());
             std::thread::sleep(Duration::from_millis(2));
         }
     }

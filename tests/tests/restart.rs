@@ -292,3 +292,60 @@ async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&replay_flat(&layout, &workload).ram));
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnecting() {
+    // One 4-vCPU random workload with dirty logging and a resident budget
+    // that evicts (from a policy service each new daemon takes back),
+    // handed over three times, each at a random moment (a number of faults
+    // served by the daemon in place).
+    let mut daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
+    let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "16:32:fifo"]);
+    let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
+    assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
+    let layout = Layout { nr_vcpus: 4, ..Layout::default() };
+    let (ops, seed) = (20_000, 16);
+    let child = machine(&daemon)
+        .args(["--vm-id", "16", "--vcpus", "4", "--pattern", "random", "--ops", &ops.to_string()])
+        .args(["--seed", &seed.to_string(), "--dirty-log", "--spin-polls", "0", "--reattach-deadline-s", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut moments = Moments(0x7a4e);
+    for takeover in 0..3 {
+        let after = moments.next(100, 1500);
+        let started = Instant::now();
+        while seen(&daemon).await < after {
+            assert!(started.elapsed() < Duration::from_secs(60), "takeover {takeover}: no faults served");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::task::block_in_place(|| daemon.take_over());
+        let mut c = FaultTraceClient::connect(serving(&daemon, 16).await).await.unwrap();
+        let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+        assert!(st.took_over && !st.recovered_after_crash, "takeover {takeover}: {st:?}");
+        assert_eq!(st.reattached_vms, 1, "takeover {takeover}: {st:?}");
+    }
+    let status = PolicyControlClient::connect(daemon.grpc_addr())
+        .await
+        .unwrap()
+        .get_policy_status(faultline_proto::v1::GetPolicyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.active, "sequential-4k", "the policy came with the VM");
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "machine failed: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
+    assert_eq!(summary["rom_digest"].as_u64().unwrap(), digest_bytes(&flat.rom), "guest ROM intact");
+    // The machine never lost its connection.
+    assert_eq!(summary["stalls"]["count"].as_u64(), Some(0), "a machine reconnected: {stderr}");
+    assert_eq!(summary["injected"].as_u64(), Some(0), "no fault failed");
+    assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
+    assert_eq!(daemon.log().matches("VM handed over to the new daemon").count(), 3, "{}", daemon.log());
+}

@@ -65,7 +65,8 @@ pub fn send_message(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) 
 /// Receives one message; `Ok(None)` when the peer closed the connection.
 pub fn recv_message(sock: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_REGIONS]);
+    // A region's fds, and a handed-over VM's connection.
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_REGIONS + 1]);
     let (len, flags, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = socket::recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;

@@ -35,6 +35,15 @@ pub enum MsgKind {
     Reply = 2,
     /// Machine to daemon: detach the VM and report.
     Detach = 3,
+    /// Daemon to daemon (takeover socket): hand me everything.
+    Takeover = 4,
+    /// Old daemon to new: the attach socket's listening fd.
+    HandoverListener = 5,
+    /// Old daemon to new: one attached VM: its attach request's payload,
+    /// with fds the machine's connection, then the request's fds.
+    HandoverVm = 6,
+    /// Old daemon to new: nothing more (payload: VMs handed over, u32).
+    HandoverDone = 7,
 }
 
 impl MsgKind {
@@ -43,6 +52,10 @@ impl MsgKind {
             1 => Some(Self::Attach),
             2 => Some(Self::Reply),
             3 => Some(Self::Detach),
+            4 => Some(Self::Takeover),
+            5 => Some(Self::HandoverListener),
+            6 => Some(Self::HandoverVm),
+            7 => Some(Self::HandoverDone),
             _ => None,
         }
     }
@@ -440,6 +453,14 @@ impl Reply {
 /// Encodes a detach request.
 pub fn encode_detach() -> Vec<u8> {
     header(MsgKind::Detach, 0).0
+}
+
+/// Encodes a message of `kind` with `payload` (the daemon-to-daemon
+/// takeover messages).
+pub fn encode_message(kind: MsgKind, payload: &[u8]) -> Vec<u8> {
+    let mut o = header(kind, payload.len());
+    o.0.extend_from_slice(payload);
+    o.0
 }
 
 #[cfg(test)]

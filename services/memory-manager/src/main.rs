@@ -25,6 +25,13 @@ struct Args {
     /// (overrides the file).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Takeover socket this daemon offers its successor (overrides the file).
+    #[arg(long)]
+    takeover_socket: Option<PathBuf>,
+    /// Take every VM over from the running daemon at this takeover socket
+    /// (an upgrade: the machines keep their connections).
+    #[arg(long, value_name = "TAKEOVER_SOCKET")]
+    takeover: Option<PathBuf>,
     /// gRPC listen address, e.g. 127.0.0.1:50151 (overrides the file).
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
@@ -77,6 +84,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.state_dir {
         config.state_dir = v;
     }
+    if let Some(v) = args.takeover_socket {
+        config.takeover_socket = v;
+    }
+    config.takeover_from = args.takeover;
     if let Some(v) = args.grpc_listen {
         config.grpc_listen = v;
     }

@@ -245,7 +245,7 @@ pub async fn serve(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = super::server::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(addr = %local, "metrics listening");
     let _ = bound.send(local);

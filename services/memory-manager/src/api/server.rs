@@ -3,6 +3,7 @@
 //! list and call everything; served on TCP and optionally on a Unix socket.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use faultline_proto::v1::control_server::ControlServer;
 use faultline_proto::v1::fault_trace_server::FaultTraceServer;
@@ -26,7 +27,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind(addr).await?;
     let local = listener.local_addr()?;
     let unix_listener = match &unix {
         Some(path) => {
@@ -97,4 +98,23 @@ pub async fn serve(
         None => tcp.await?,
     }
     Ok(())
+}
+
+/// How long a port held by another process is waited for: a daemon that
+/// takes over binds its ports while its predecessor still serves them.
+const BIND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Binds `addr`, waiting up to [`BIND_PATIENCE`] for a predecessor that
+/// still holds it.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_PATIENCE => {
+                tracing::warn!(%addr, "address in use (a daemon handing over?); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            bound => return bound,
+        }
+    }
 }

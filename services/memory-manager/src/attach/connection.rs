@@ -1,14 +1,15 @@
 //! The attach server and each machine connection's lifetime: accept,
 //! receive the request, check and map it, register the VM, serve its rings
 //! on their own threads until the machine detaches or hangs up, and tear
-//! everything down. A bad request gets an error reply and a closed
-//! connection; it never disturbs other VMs, each of which lives on its own
-//! connection thread.
+//! everything down; or, when a new daemon takes over, stop serving and hand
+//! the connection over untouched ([`super::takeover`]). A bad request gets
+//! an error reply and a closed connection; it never disturbs other VMs,
+//! each of which lives on its own connection thread.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use faultline_attach::doorbell::WaitPolicy;
@@ -20,10 +21,12 @@ use tracing::{error, info, info_span, warn};
 use super::map::{map, Attached};
 use super::registry::{Registration, VmTable};
 use super::state::VmState;
+use super::takeover::{asks_for_takeover, Handover, HandoverSink};
 use super::validate::{refuse, Refusal};
 use crate::link::control::ControlLoop;
 use crate::link::rebuild::rebuild;
 use crate::link::vcpu::VcpuService;
+use crate::link::winddown::Winddown;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
 
@@ -39,6 +42,19 @@ pub struct AttachSettings {
     pub spin_polls: u32,
     /// Where VMs keep what outlives the daemon.
     pub state_dir: PathBuf,
+    /// Where a new daemon asks this one to hand everything over (none: no
+    /// takeover).
+    pub takeover_socket: Option<PathBuf>,
+}
+
+/// How a served VM's connection ended.
+enum Ending {
+    /// The machine asked to detach (it gets a reply).
+    Detached,
+    /// The machine hung up, or the daemon stops.
+    Gone,
+    /// A new daemon takes the VM over.
+    HandOver(Arc<HandoverSink>),
 }
 
 /// The attach server: where VMs are registered and what serves their
@@ -49,13 +65,15 @@ pub struct AttachServer {
     events: Arc<EventHub>,
     settings: AttachSettings,
     stopping: AtomicBool,
+    /// Set when a new daemon takes over: every connection hands its VM to it.
+    handover: Mutex<Option<Arc<HandoverSink>>>,
 }
 
 impl AttachServer {
     /// A server registering VMs in `vms`, serving them with `policies` and
     /// recording their faults in `events`.
     pub fn new(vms: Arc<VmTable>, policies: Arc<PolicyHost>, events: Arc<EventHub>, settings: AttachSettings) -> Self {
-        Self { vms, policies, events, settings, stopping: AtomicBool::new(false) }
+        Self { vms, policies, events, settings, stopping: AtomicBool::new(false), handover: Mutex::new(None) }
     }
 
     /// Begins shutdown: the accept loop returns and every VM detaches.
@@ -67,18 +85,44 @@ impl AttachServer {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// The accept loop on `path`; returns once [`AttachServer::stop`] is
-    /// called and every connection has ended.
-    pub fn serve(&self, path: &Path) -> std::io::Result<()> {
-        let listener = faultline_attach::listen(path)?;
+    fn handing_over(&self) -> Option<Arc<HandoverSink>> {
+        self.handover.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The accept loop on `path` (or on the socket `taken` hands over, with
+    /// its VMs served first); returns once [`AttachServer::stop`] is called
+    /// and every connection has ended, or once everything was handed over
+    /// to a new daemon (the socket stays for it).
+    pub fn serve(&self, path: &Path, taken: Option<Handover>) -> std::io::Result<()> {
+        let (listener, handed) = match taken {
+            Some(Handover { listener, vms }) => (listener, vms),
+            None => (faultline_attach::listen(path)?, Vec::new()),
+        };
+        let takeover = match &self.settings.takeover_socket {
+            Some(p) => Some(faultline_attach::listen(p)?),
+            None => None,
+        };
         info!(socket = %path.display(), "attach socket listening");
-        std::thread::scope(|s| {
+        let handed_over = std::thread::scope(|s| {
+            for vm in handed {
+                s.spawn(move || self.serve_vm(vm.conn, vm.request, vm.fds, true));
+            }
             while !self.stopping() {
-                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                if let Some(t) = &takeover {
+                    fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+                }
                 match poll(&mut fds, PollTimeout::from(100u16)) {
                     Ok(0) | Err(nix::Error::EINTR) => continue,
                     Ok(_) => {}
                     Err(e) => return Err(std::io::Error::from(e)),
+                }
+                let asked = fds.get(1).and_then(|f| f.revents()).is_some_and(|r| r.contains(PollFlags::POLLIN));
+                if let (true, Some(t)) = (asked, &takeover) {
+                    if let Some(sink) = self.hand_over(t.as_fd(), listener.as_fd()) {
+                        return Ok(Some(sink));
+                    }
+                    continue;
                 }
                 match faultline_attach::accept(listener.as_fd()) {
                     Ok(conn) => {
@@ -87,10 +131,38 @@ impl AttachServer {
                     Err(e) => warn!(cause = %e, "accept failed"),
                 }
             }
-            Ok(())
+            Ok(None)
         })?;
-        let _ = std::fs::remove_file(path);
+        match handed_over {
+            // Every connection thread has handed its VM over; the sockets'
+            // paths are the new daemon's now.
+            Some(sink) => sink.done(self.vms.handed_over()),
+            None => {
+                let _ = std::fs::remove_file(path);
+                if let Some(p) = &self.settings.takeover_socket {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// A new daemon on the takeover socket: if it asks, hands it the attach
+    /// socket and tells every connection to hand its VM over.
+    fn hand_over(&self, takeover: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> Option<Arc<HandoverSink>> {
+        let conn = faultline_attach::accept(takeover).ok()?;
+        if !asks_for_takeover(&conn) {
+            warn!("a connection on the takeover socket did not ask for a takeover");
+            return None;
+        }
+        let sink = Arc::new(HandoverSink::new(conn));
+        if let Err(e) = sink.listener(listener) {
+            warn!(cause = %e, "handing over the attach socket failed; serving on");
+            return None;
+        }
+        info!(vms = self.vms.len(), "a new daemon takes over: handing every VM over");
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink.clone());
+        Some(sink)
     }
 
     /// Takes the request's VM id, opens the VM's state (checking a
@@ -131,14 +203,28 @@ impl AttachServer {
 
     /// Serves one machine connection from attach to detach.
     fn serve_connection(&self, conn: OwnedFd) {
-        let reply = |status, message: String, values| {
-            let r = Reply { status, message, values };
-            if let Err(e) = send_message(conn.as_fd(), &r.encode(), &[]) {
-                warn!(cause = %e, "sending reply failed");
+        match receive_attach(&conn) {
+            Ok((req, fds)) => self.serve_vm(conn, req, fds, false),
+            Err(refusal) => {
+                warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
+                reply_on(&conn, refusal.status, refusal.message, [0; 3]);
             }
-        };
-        let attached = receive_attach(&conn).and_then(|(req, fds)| self.attach(req, fds));
-        let (req, attached, registration, state) = match attached {
+        }
+    }
+
+    /// Serves VM `req` on `conn` until it detaches, hangs up or is handed
+    /// over. A VM `handed_over` by a previous daemon is taken back as a
+    /// re-attach, and the machine is not told (it never reconnected).
+    fn serve_vm(&self, conn: OwnedFd, req: AttachRequest, fds: Vec<OwnedFd>, handed_over: bool) {
+        let reply = |status, message: String, values| reply_on(&conn, status, message, values);
+        let flags = if handed_over { req.flags | faultline_attach::ATTACH_REATTACH } else { req.flags };
+        let request = AttachRequest { flags, ..req };
+        // Copies of the fds, for a new daemon that takes the VM over.
+        let kept: std::io::Result<Vec<OwnedFd>> = fds.iter().map(|f| f.try_clone()).collect();
+        let attached = kept
+            .map_err(|e| refuse(Status::Internal, format!("keeping the VM's fds: {e}")))
+            .and_then(|kept| self.attach(request, fds).map(|a| (a, kept)));
+        let ((req, attached, registration, state), kept) = match attached {
             Ok(a) => a,
             Err(refusal) => {
                 warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
@@ -156,11 +242,16 @@ impl AttachServer {
             }
         }
         let inbox = vm.control.open();
-        registration.attach(vm.clone());
-        info!(vcpus = req.nr_vcpus, memslots = req.memslots.len(), regions = req.regions.len(), "VM attached");
-        reply(Status::Ok, "attached".into(), [0; 3]);
+        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
+        if !reattach {
+            registration.attach(vm.clone());
+        }
+        info!(vcpus = req.nr_vcpus, memslots = req.memslots.len(), regions = req.regions.len(), handed_over, "VM attached");
+        if !handed_over {
+            reply(Status::Ok, "attached".into(), [0; 3]);
+        }
 
-        let stop = AtomicBool::new(false);
+        let end = Winddown::default();
         let base = attached.rings.base();
         // SAFETY: `attached.rings` outlives the scope below, which holds every
         // ring reference; map() already opened it successfully.
@@ -173,13 +264,12 @@ impl AttachServer {
             Duration::from_millis(500)
         };
         let wait = WaitPolicy { spin_polls: self.settings.spin_polls, sleep_slice };
-        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
-        let detach_requested = std::thread::scope(|s| {
+        let ending = std::thread::scope(|s| {
             {
                 let control = req.nr_vcpus as u32;
                 let results = region.ring(control, RingKind::Fault).expect("validated: nr_vcpus + 1 pairs");
                 let commands = region.ring(control, RingKind::Command).expect("validated: nr_vcpus + 1 pairs");
-                let (vm, stop) = (&*vm, &stop);
+                let (vm, stop) = (&*vm, end.stopping());
                 let named = std::thread::Builder::new().name(format!("vm{}-control", vm.id().raw()));
                 let spawned = named.spawn_scoped(s, move || {
                     let (Ok(commands), Ok(results)) = (Producer::attach(commands), Consumer::attach(results)) else {
@@ -203,6 +293,8 @@ impl AttachServer {
             if reattach {
                 match rebuild(&vm) {
                     Ok(r) => {
+                        // Listed (and reachable through the API) once rebuilt.
+                        registration.attach(vm.clone());
                         self.vms.note_reattached();
                         info!(
                             mappings = r.mappings,
@@ -216,40 +308,72 @@ impl AttachServer {
                     Err(e) => {
                         error!(cause = %e, "re-attach refused: the core's state does not match the VM");
                         reply(Status::Mismatch, format!("re-attach refused: {e}"), [0; 3]);
-                        stop.store(true, Ordering::Release);
+                        end.stop();
                         vm.control.close();
-                        return false;
+                        return Ending::Gone;
                     }
                 }
             }
+            let mut services = Vec::with_capacity(req.nr_vcpus as usize);
             for vcpu in 0..req.nr_vcpus as u32 {
                 let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
                 let commands = region.ring(vcpu, RingKind::Command).expect("in range");
-                let (vm, stop, policy) = (&*vm, &stop, policy);
+                let (vm, end, policy) = (&*vm, &end, policy);
                 let named = std::thread::Builder::new().name(format!("vm{}-vcpu{vcpu}", vm.id().raw()));
                 let spawned = named.spawn_scoped(s, move || {
                     let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
                         warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
                         return;
                     };
-                    if let Err(e) = VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, stop) {
+                    if let Err(e) = VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, end) {
                         warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
                     }
                 });
-                if let Err(e) = spawned {
-                    warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served");
+                match spawned {
+                    Ok(service) => services.push(service),
+                    Err(e) => warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served"),
                 }
             }
-            let detach = self.wait_for_detach(&conn);
-            stop.store(true, Ordering::Release);
+            let ending = self.wait_for_detach(&conn);
+            let wake_vcpus = || {
+                for vcpu in 0..req.nr_vcpus as u32 {
+                    if let Some(view) = region.ring(vcpu, RingKind::Fault) {
+                        faultline_attach::doorbell::wake(&view);
+                    }
+                }
+            };
+            if let Ending::HandOver(_) = ending {
+                // Each vCPU's service ends once its fault in flight is
+                // answered; the control ring stays served meanwhile (a
+                // reclaim under way finishes).
+                let draining = std::time::Instant::now();
+                end.drain();
+                wake_vcpus();
+                for service in services {
+                    let _ = service.join();
+                }
+                info!(drained_us = draining.elapsed().as_micros() as u64, "vCPU services drained for the handover");
+            }
+            end.stop();
             vm.control.close();
-            for vcpu in 0..=req.nr_vcpus as u32 {
-                if let Some(view) = region.ring(vcpu, RingKind::Fault) {
-                    faultline_attach::doorbell::wake(&view);
-                }
+            wake_vcpus();
+            if let Some(view) = region.ring(req.nr_vcpus as u32, RingKind::Fault) {
+                faultline_attach::doorbell::wake(&view);
             }
-            detach
+            ending
         });
+        if let Ending::HandOver(sink) = ending {
+            // The service threads are done: the new daemon takes it from
+            // here, state directory, swap stores and all.
+            let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req };
+            match sink.vm(&conn, &original, &kept) {
+                Ok(()) => info!("VM handed over to the new daemon"),
+                Err(e) => error!(cause = %e, "handing the VM over failed; the machine will re-attach"),
+            }
+            self.vms.note_handed_over();
+            drop(registration);
+            return;
+        }
         // Reclaimed pages go back into the machine's memory before it hears
         // the VM is detached.
         if let Err(e) = vm.layout.restore_reclaimed() {
@@ -262,33 +386,44 @@ impl AttachServer {
         let faults = vm.counters.faults.load(Ordering::Relaxed);
         drop(registration);
         info!(pages_released = released, pins_remaining = remaining, faults, "VM detached");
-        if detach_requested {
+        if matches!(ending, Ending::Detached) {
             reply(Status::Ok, "detached".into(), [released, remaining, faults]);
         }
     }
 
-    /// Waits until the machine detaches or hangs up, or the daemon stops.
-    /// Returns true for an explicit detach (which gets a reply).
-    fn wait_for_detach(&self, conn: &OwnedFd) -> bool {
+    /// Waits until the machine detaches or hangs up, the daemon stops, or a
+    /// new daemon takes over.
+    fn wait_for_detach(&self, conn: &OwnedFd) -> Ending {
         loop {
+            if let Some(sink) = self.handing_over() {
+                return Ending::HandOver(sink);
+            }
             if self.stopping() {
-                return false;
+                return Ending::Gone;
             }
             let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(100u16)) {
+            match poll(&mut fds, PollTimeout::from(20u16)) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(nix::Error::EINTR) => continue,
-                Err(_) => return false,
+                Err(_) => return Ending::Gone,
             }
             match recv_message(conn.as_fd()) {
                 Ok(Some(msg)) => match decode_header(&msg.bytes) {
-                    Ok((MsgKind::Detach, _)) => return true,
+                    Ok((MsgKind::Detach, _)) => return Ending::Detached,
                     other => warn!(fd = conn.as_raw_fd(), ?other, "unexpected message while attached; ignored"),
                 },
-                Ok(None) | Err(_) => return false,
+                Ok(None) | Err(_) => return Ending::Gone,
             }
         }
+    }
+}
+
+/// Sends a reply on a machine's connection.
+fn reply_on(conn: &OwnedFd, status: Status, message: String, values: [u64; 3]) {
+    let r = Reply { status, message, values };
+    if let Err(e) = send_message(conn.as_fd(), &r.encode(), &[]) {
+        warn!(cause = %e, "sending reply failed");
     }
 }
 

@@ -7,4 +7,5 @@ pub mod connection;
 pub mod map;
 pub mod registry;
 pub mod state;
+pub mod takeover;
 pub mod validate;

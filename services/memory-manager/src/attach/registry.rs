@@ -17,6 +17,8 @@ pub struct VmTable {
     vms: Mutex<HashMap<u16, Option<Arc<AttachedVm>>>>,
     /// VMs taken back from a predecessor since the daemon started.
     reattached: AtomicU64,
+    /// VMs handed over to a successor.
+    handed_over: AtomicU64,
 }
 
 impl VmTable {
@@ -62,6 +64,16 @@ impl VmTable {
     /// VMs taken back from a predecessor since the daemon started.
     pub fn reattached(&self) -> u64 {
         self.reattached.load(Ordering::Relaxed)
+    }
+
+    /// Counts a VM handed over to a successor.
+    pub fn note_handed_over(&self) {
+        self.handed_over.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// VMs handed over to a successor.
+    pub fn handed_over(&self) -> u32 {
+        self.handed_over.load(Ordering::Relaxed) as u32
     }
 }
 

@@ -34,6 +34,13 @@ pub struct Config {
     /// What must outlive the daemon: evicted pages (the swap store), each
     /// attached VM's description, the policy in force.
     pub state_dir: PathBuf,
+    /// Where a new daemon binary asks this one to hand over every attached
+    /// VM (`memory-manager --takeover PATH`).
+    pub takeover_socket: PathBuf,
+    /// Take every VM over from the daemon whose takeover socket this is,
+    /// instead of binding the attach socket (an upgrade without a restart).
+    #[serde(skip)]
+    pub takeover_from: Option<PathBuf>,
     /// Address the gRPC API listens on (FaultTrace, health, reflection).
     pub grpc_listen: SocketAddr,
     /// Also serve the gRPC API on this Unix socket (none by default).
@@ -77,6 +84,8 @@ impl Default for Config {
         Self {
             attach_socket: PathBuf::from("/run/faultline/attach.sock"),
             state_dir: PathBuf::from("/var/lib/faultline"),
+            takeover_socket: PathBuf::from("/run/faultline/takeover.sock"),
+            takeover_from: None,
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             grpc_unix_socket: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),

@@ -40,7 +40,10 @@ impl Daemon {
         // asked for (reconnecting or not).
         policies.resume();
         let sources = Sources {
-            lifecycle: Lifecycle { recovered_after_crash: running.predecessor_crashed, took_over: false },
+            lifecycle: Lifecycle {
+                recovered_after_crash: running.predecessor_crashed && config.takeover_from.is_none(),
+                took_over: config.takeover_from.is_some(),
+            },
             vms: Arc::new(VmTable::default()),
             events: Arc::new(EventHub::new(config.event_buffer)),
             policies,
@@ -49,6 +52,7 @@ impl Daemon {
             prefault: config.prefault,
             spin_polls: config.spin_polls,
             state_dir: config.state_dir.clone(),
+            takeover_socket: Some(config.takeover_socket.clone()),
         };
         let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
         Ok(Self { config, sources, attach, running })
@@ -87,7 +91,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let path = daemon.config().attach_socket.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("attach".into()).spawn(move || {
-            let _ = done_tx.send(daemon.attach.serve(&path));
+            let served = match &daemon.config().takeover_from {
+                Some(from) => crate::attach::takeover::take_over(from)
+                    .map_err(std::io::Error::other)
+                    .and_then(|taken| daemon.attach.serve(&path, Some(taken))),
+                None => daemon.attach.serve(&path, None),
+            };
+            let _ = done_tx.send(served);
         })?;
         done_rx
     };
@@ -181,13 +191,21 @@ impl RunningMarker {
     fn create(state_dir: &std::path::Path) -> std::io::Result<Self> {
         let path = state_dir.join("running");
         let predecessor_crashed = path.exists();
-        std::fs::write(&path, format!("{}\n", std::process::id()))?;
+        std::fs::write(&path, Self::mine())?;
         Ok(Self { path, predecessor_crashed })
     }
 
+    fn mine() -> String {
+        format!("{}\n", std::process::id())
+    }
+
+    /// Removes the marker if it is still this daemon's (a successor that
+    /// took over wrote its own).
     fn remove(&self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!(cause = %e, "removing the running marker failed");
+        if std::fs::read_to_string(&self.path).is_ok_and(|m| m == Self::mine()) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(cause = %e, "removing the running marker failed");
+            }
         }
     }
 }

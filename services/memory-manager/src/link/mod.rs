@@ -1,7 +1,8 @@
 //! The ring link: serving an attached VM's rings. A thread per vCPU runs
 //! its faults through the pipeline and sends the commands; a thread per VM
 //! owns the control ring for commands the daemon starts itself (dirty-log
-//! re-arming, reclaim).
+//! re-arming, reclaim). A VM's service ends at once or, when a new daemon
+//! takes it over, drained to a fault boundary ([`winddown`]).
 
 pub mod control;
 pub mod dirty;
@@ -9,6 +10,7 @@ pub mod evict;
 pub mod rebuild;
 pub mod vcpu;
 pub mod vm;
+pub mod winddown;
 
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
 use hyp_core::addr::PAGE_SIZE;
@@ -15,6 +16,7 @@ use tracing::{debug, error, warn};
 
 use super::evict;
 use super::vm::AttachedVm;
+use super::winddown::Winddown;
 use crate::fault::around::plan_around;
 use crate::fault::clock;
 use crate::fault::failpoint::crash_point;
@@ -28,6 +30,9 @@ use crate::policy::host::PolicyHost;
 
 /// Pages handed to the core per memcache top-up.
 const TOPUP_PAGES: u64 = 64;
+
+/// How often a draining vCPU service looks for the result it waits for.
+const DRAIN_POLL: Duration = Duration::from_micros(20);
 
 /// A map command in flight and the event it will complete.
 struct PendingMap {
@@ -109,11 +114,31 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
     }
 
-    /// The loop.
-    pub fn run(mut self, wait: WaitPolicy, stop: &AtomicBool) -> Result<(), RingError> {
+    /// The loop, until `end` stops it, or drains it and nothing is in
+    /// flight (every fault taken is answered and its result read).
+    pub fn run(mut self, wait: WaitPolicy, end: &Winddown) -> Result<(), RingError> {
+        let stop = end.stopping();
         let occupancy = &self.vm.rings[self.vcpu as usize];
         occupancy.set_capacity(self.faults.view().capacity());
-        while let Some(record) = wait_pop(&mut self.faults, wait, stop)? {
+        loop {
+            if end.draining().load(Ordering::Acquire) && !end.stopped() && self.pending.is_empty() {
+                // At a fault boundary: what is still on the ring is the
+                // next daemon's.
+                return Ok(());
+            }
+            let record = match wait_pop(&mut self.faults, wait, end.draining())? {
+                Some(record) => record,
+                None if end.stopped() => break,
+                // Draining with a command in flight: its result is due from
+                // the core, which answers without the daemon's help.
+                None => match self.faults.pop()? {
+                    Some(record) => record,
+                    None => {
+                        std::thread::sleep(DRAIN_POLL);
+                        continue;
+                    }
+                },
+            };
             occupancy.note_faults(self.faults.len()?);
             match record.kind() {
                 kind::FAULT => {
