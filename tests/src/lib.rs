@@ -99,7 +99,6 @@ impl Daemon {
         if !args.iter().any(|a| a == "--state-dir") {
             cmd.arg("--state-dir").arg(dir.join("state"));
         }
-        cmd.arg("--takeover-socket").arg(dir.join("takeover.sock"));
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.args(args).stdout(Stdio::null()).stderr(log).spawn().expect("starting memory-manager")
     }
@@ -134,7 +133,8 @@ impl Daemon {
     /// and waits until the old one has handed everything over and exited.
     pub fn take_over(&mut self) {
         let starts = self.log().matches("gRPC listening addr=").count();
-        let takeover = self._dir.path().join("takeover.sock");
+        // The default: next to the attach socket.
+        let takeover = self.socket.with_file_name("takeover.sock");
         let mut args = self.args.clone();
         args.extend(["--takeover".to_string(), takeover.display().to_string()]);
         let new = Self::spawn(self._dir.path(), &self.socket, &args, &self.env);

@@ -347,5 +347,44 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
     assert_eq!(summary["injected"].as_u64(), Some(0), "no fault failed");
     assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
     assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
-    assert_eq!(daemon.log().matches("VM handed over to the new daemon").count(), 3, "{}", daemon.log());
+    let log = daemon.log();
+    assert_eq!(log.matches("VM handed over to the new daemon").count(), 3, "{log}");
+    // Each was handed over at a fault boundary: every command's result read
+    // by the daemon that sent it.
+    let drains: Vec<&str> = log.lines().filter(|l| l.contains("drained for the handover")).collect();
+    assert_eq!(drains.len(), 3, "{log}");
+    assert!(drains.iter().all(|l| l.contains("in_flight=0")), "handed over with commands in flight: {drains:#?}");
+}
+
+#[test]
+fn a_daemon_stopped_with_sigterm_leaves_its_guests_to_the_next_one() {
+    // `systemctl restart`: SIGTERM, then a new daemon. The machine keeps
+    // running, re-attaches, and loses nothing.
+    let mut daemon = Daemon::start(&["--spin-polls", "0"]);
+    let layout = Layout { nr_vcpus: 2, ..Layout::default() };
+    let (ops, seed) = (8_000, 17);
+    let child = machine(&daemon)
+        .args(["--vm-id", "17", "--vcpus", "2", "--pattern", "random", "--ops", &ops.to_string()])
+        .args(["--seed", &seed.to_string(), "--spin-polls", "0", "--reattach-deadline-s", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("VM attached") {
+        assert!(Instant::now() < deadline, "machine never attached");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    daemon.kill_and_restart(Signal::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let log = daemon.log();
+    assert!(log.contains("VM left for the next daemon"), "{log}");
+    assert!(log.contains("memory-manager stopped"), "the first daemon stopped cleanly: {log}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
+    assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
+    assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
 }

@@ -43,6 +43,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut daemon = Command::new(sibling("memory-manager")?)
         .arg("--attach-socket")
         .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .args(["--grpc-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-filter", "info"])
         .stderr(Stdio::piped())
         .spawn()

@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         config.state_dir = v;
     }
     if let Some(v) = args.takeover_socket {
-        config.takeover_socket = v;
+        config.takeover_socket = Some(v);
     }
     config.takeover_from = args.takeover;
     if let Some(v) = args.grpc_listen {

@@ -2,7 +2,8 @@
 //! receive the request, check and map it, register the VM, serve its rings
 //! on their own threads until the machine detaches or hangs up, and tear
 //! everything down; or, when a new daemon takes over, stop serving and hand
-//! the connection over untouched ([`super::takeover`]). A bad request gets
+//! the connection over untouched ([`super::takeover`]); or, when the daemon
+//! stops, leave the VM as it is for the next daemon. A bad request gets
 //! an error reply and a closed connection; it never disturbs other VMs,
 //! each of which lives on its own connection thread.
 
@@ -51,8 +52,11 @@ pub struct AttachSettings {
 enum Ending {
     /// The machine asked to detach (it gets a reply).
     Detached,
-    /// The machine hung up, or the daemon stops.
+    /// The machine hung up.
     Gone,
+    /// The daemon stops: the VM is left as it is, for the next daemon
+    /// (the machine re-attaches to it).
+    Left,
     /// A new daemon takes the VM over.
     HandOver(Arc<HandoverSink>),
 }
@@ -76,7 +80,8 @@ impl AttachServer {
         Self { vms, policies, events, settings, stopping: AtomicBool::new(false), handover: Mutex::new(None) }
     }
 
-    /// Begins shutdown: the accept loop returns and every VM detaches.
+    /// Begins shutdown: the accept loop returns and every VM is left as it
+    /// is for the next daemon (its machine re-attaches).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
     }
@@ -98,12 +103,16 @@ impl AttachServer {
             Some(Handover { listener, vms }) => (listener, vms),
             None => (faultline_attach::listen(path)?, Vec::new()),
         };
-        let takeover = match &self.settings.takeover_socket {
-            Some(p) => Some(faultline_attach::listen(p)?),
-            None => None,
-        };
+        let takeover = self.settings.takeover_socket.as_deref().and_then(|p| match faultline_attach::listen(p) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                warn!(socket = %p.display(), cause = %e, "cannot listen for a successor: upgrades by takeover are off");
+                None
+            }
+        });
         info!(socket = %path.display(), "attach socket listening");
         let handed_over = std::thread::scope(|s| {
+            let listener = listener;
             for vm in handed {
                 s.spawn(move || self.serve_vm(vm.conn, vm.request, vm.fds, true));
             }
@@ -114,6 +123,7 @@ impl AttachServer {
                 }
                 match poll(&mut fds, PollTimeout::from(100u16)) {
                     Ok(0) | Err(nix::Error::EINTR) => continue,
+                    Ok(_) if self.stopping() => break,
                     Ok(_) => {}
                     Err(e) => return Err(std::io::Error::from(e)),
                 }
@@ -131,18 +141,19 @@ impl AttachServer {
                     Err(e) => warn!(cause = %e, "accept failed"),
                 }
             }
+            // Stopping: no new connection from here on (a machine that
+            // re-attaches waits for the next daemon), while the VMs are left.
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            if let Some(p) = &self.settings.takeover_socket {
+                let _ = std::fs::remove_file(p);
+            }
             Ok(None)
         })?;
-        match handed_over {
+        if let Some(sink) = handed_over {
             // Every connection thread has handed its VM over; the sockets'
             // paths are the new daemon's now.
-            Some(sink) => sink.done(self.vms.handed_over()),
-            None => {
-                let _ = std::fs::remove_file(path);
-                if let Some(p) = &self.settings.takeover_socket {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
+            sink.done(self.vms.handed_over());
         }
         Ok(())
     }
@@ -203,6 +214,10 @@ impl AttachServer {
 
     /// Serves one machine connection from attach to detach.
     fn serve_connection(&self, conn: OwnedFd) {
+        if self.stopping() {
+            // No reply: a re-attaching machine tries the next daemon.
+            return;
+        }
         match receive_attach(&conn) {
             Ok((req, fds)) => self.serve_vm(conn, req, fds, false),
             Err(refusal) => {
@@ -246,7 +261,13 @@ impl AttachServer {
         if !reattach {
             registration.attach(vm.clone());
         }
-        info!(vcpus = req.nr_vcpus, memslots = req.memslots.len(), regions = req.regions.len(), handed_over, "VM attached");
+        info!(
+            vcpus = req.nr_vcpus,
+            memslots = req.memslots.len(),
+            regions = req.regions.len(),
+            handed_over,
+            "VM attached"
+        );
         if !handed_over {
             reply(Status::Ok, "attached".into(), [0; 3]);
         }
@@ -323,10 +344,14 @@ impl AttachServer {
                 let spawned = named.spawn_scoped(s, move || {
                     let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
                         warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
-                        return;
+                        return 0;
                     };
-                    if let Err(e) = VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, end) {
-                        warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
+                    match VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, end) {
+                        Ok(in_flight) => in_flight,
+                        Err(e) => {
+                            warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
+                            0
+                        }
                     }
                 });
                 match spawned {
@@ -349,10 +374,9 @@ impl AttachServer {
                 let draining = std::time::Instant::now();
                 end.drain();
                 wake_vcpus();
-                for service in services {
-                    let _ = service.join();
-                }
-                info!(drained_us = draining.elapsed().as_micros() as u64, "vCPU services drained for the handover");
+                let in_flight: usize = services.into_iter().map(|s| s.join().unwrap_or(0)).sum();
+                let drained_us = draining.elapsed().as_micros() as u64;
+                info!(drained_us, in_flight, "vCPU services drained for the handover");
             }
             end.stop();
             vm.control.close();
@@ -372,6 +396,12 @@ impl AttachServer {
             }
             self.vms.note_handed_over();
             drop(registration);
+            return;
+        }
+        if let Ending::Left = ending {
+            // Like a crash, without the crash: the state directory, the swap
+            // stores and the core's tables stay for the next daemon.
+            info!("daemon stopping: VM left for the next daemon to take back");
             return;
         }
         // Reclaimed pages go back into the machine's memory before it hears
@@ -399,7 +429,7 @@ impl AttachServer {
                 return Ending::HandOver(sink);
             }
             if self.stopping() {
-                return Ending::Gone;
+                return Ending::Left;
             }
             let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(20u16)) {

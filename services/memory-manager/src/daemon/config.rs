@@ -35,8 +35,9 @@ pub struct Config {
     /// attached VM's description, the policy in force.
     pub state_dir: PathBuf,
     /// Where a new daemon binary asks this one to hand over every attached
-    /// VM (`memory-manager --takeover PATH`).
-    pub takeover_socket: PathBuf,
+    /// VM (`memory-manager --takeover PATH`); by default `takeover.sock`
+    /// next to the attach socket.
+    pub takeover_socket: Option<PathBuf>,
     /// Take every VM over from the daemon whose takeover socket this is,
     /// instead of binding the attach socket (an upgrade without a restart).
     #[serde(skip)]
@@ -79,12 +80,19 @@ pub struct Config {
     pub prefault: bool,
 }
 
+impl Config {
+    /// Where this daemon listens for a successor that takes over.
+    pub fn takeover_socket(&self) -> PathBuf {
+        self.takeover_socket.clone().unwrap_or_else(|| self.attach_socket.with_file_name("takeover.sock"))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             attach_socket: PathBuf::from("/run/faultline/attach.sock"),
             state_dir: PathBuf::from("/var/lib/faultline"),
-            takeover_socket: PathBuf::from("/run/faultline/takeover.sock"),
+            takeover_socket: None,
             takeover_from: None,
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             grpc_unix_socket: None,

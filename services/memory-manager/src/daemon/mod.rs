@@ -52,7 +52,7 @@ impl Daemon {
             prefault: config.prefault,
             spin_polls: config.spin_polls,
             state_dir: config.state_dir.clone(),
-            takeover_socket: Some(config.takeover_socket.clone()),
+            takeover_socket: Some(config.takeover_socket()),
         };
         let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
         Ok(Self { config, sources, attach, running })

@@ -115,8 +115,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     /// The loop, until `end` stops it, or drains it and nothing is in
-    /// flight (every fault taken is answered and its result read).
-    pub fn run(mut self, wait: WaitPolicy, end: &Winddown) -> Result<(), RingError> {
+    /// flight (every fault taken is answered and its result read). Returns
+    /// how many of its commands were still in flight when it ended.
+    pub fn run(mut self, wait: WaitPolicy, end: &Winddown) -> Result<usize, RingError> {
         let stop = end.stopping();
         let occupancy = &self.vm.rings[self.vcpu as usize];
         occupancy.set_capacity(self.faults.view().capacity());
@@ -124,7 +125,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             if end.draining().load(Ordering::Acquire) && !end.stopped() && self.pending.is_empty() {
                 // At a fault boundary: what is still on the ring is the
                 // next daemon's.
-                return Ok(());
+                return Ok(self.pending.len());
             }
             let record = match wait_pop(&mut self.faults, wait, end.draining())? {
                 Some(record) => record,
@@ -166,7 +167,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 self.on_result(&ResultRecord::decode(&record), stop)?;
             }
         }
-        Ok(())
+        Ok(self.pending.len())
     }
 
     /// Handles one fault and sends its command.
