@@ -94,7 +94,7 @@ fn the_launcher_reports_what_stops_it() {
     let image_arg = image.to_str().unwrap();
     // No daemon.
     let (ok, _, err) = faultline_qemu(&["--attach-socket", "/nonexistent/attach.sock", "--image", image_arg]);
-    assert!(!ok && err.contains("connecting to the daemon at /nonexistent/attach.sock"), "{err}");
+    assert!(!ok && err.contains("no daemon at /nonexistent/attach.sock"), "{err}");
 
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket.to_str().unwrap();
@@ -151,4 +151,80 @@ async fn stage1_probes_at_el2_are_resolved_as_kvm_resolves_them() {
         }
         conformance::check(&row, &report, &events);
     }
+}
+
+/// `faultline qemu` running the checksum guest against `daemon` with
+/// `extra` arguments, stdin and stderr piped.
+fn spawn_checksum_guest(daemon: &Daemon, extra: &[&str]) -> std::process::Child {
+    Command::new(binary("faultline"))
+        .args(["qemu", "--attach-socket", daemon.socket.to_str().unwrap(), "--image", image().to_str().unwrap()])
+        .args(["--timeout", "120", "--reattach-deadline-s", "30"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The report of a finished checksum guest: its checksum is the
+/// prediction, every fault was served, and it lived through one stall.
+fn check_survived(out: std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "faultline qemu failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["checksum"], report["expected"]["checksum"], "the checksum is the prediction");
+    assert_eq!(report["faults"], 44);
+    assert_eq!(report["exits"], report["expected"]["exits"]);
+    assert_eq!(report["stalls"]["count"], 1, "{report}");
+    assert_eq!(report["detach"][1], 0, "pins remaining");
+    report
+}
+
+#[test]
+fn the_el2_guest_survives_its_daemon_killed_while_it_waits_at_a_fault() {
+    use std::io::{BufRead, BufReader, Write};
+    // The guest pauses before its 20th fault; the daemon is killed with
+    // SIGKILL there and restarted; the launcher re-attaches (the successor
+    // rebuilds its records through the control ring, which the paused
+    // image serves), then the guest goes on.
+    let mut daemon = Daemon::start(&[]);
+    let mut child = spawn_checksum_guest(&daemon, &["--pause-at-fault", "20"]);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    loop {
+        let line = lines.next().expect("the launcher ended before pausing").unwrap();
+        seen.push_str(&line);
+        if line.contains("paused before fault 20") {
+            break;
+        }
+    }
+    daemon.kill_and_restart(nix::sys::signal::Signal::SIGKILL);
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().unwrap();
+    let out = std::process::Output { stderr: rest.join("\n").into_bytes(), ..out };
+    check_survived(out);
+    let log = daemon.log();
+    assert!(log.contains("re-attached: mapping state rebuilt from the core"), "{log}");
+    // 19 faults served before the kill, so at least that many leaves rebuilt.
+    let rebuilt = log.lines().find(|l| l.contains("re-attached:")).unwrap();
+    let mappings: u64 = rebuilt.split_whitespace().find_map(|w| w.strip_prefix("mappings=")).unwrap().parse().unwrap();
+    assert!(mappings >= 19 - 2, "{rebuilt}");
+}
+
+#[test]
+fn the_el2_guest_survives_a_daemon_that_dies_holding_its_fault() {
+    // The daemon aborts right after it popped the guest's 20th fault: the
+    // fault is outstanding in the core and nobody will answer it. The
+    // launcher re-attaches to the restarted daemon and bumps REPOST; the
+    // image posts the fault again, and the successor serves it.
+    let spec = std::ffi::OsString::from("fault-popped:20");
+    let mut daemon = Daemon::start_with_env(&[], &[(faultline_system_tests::CRASH_AT_ENV, spec.as_os_str())]);
+    let child = spawn_checksum_guest(&daemon, &[]);
+    daemon.restart_after_exit(faultline_system_tests::CRASH_AT_ENV);
+    let out = child.wait_with_output().unwrap();
+    check_survived(out);
+    let log = daemon.log();
+    assert!(log.contains("aborting at fault-popped"), "{log}");
 }

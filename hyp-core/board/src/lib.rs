@@ -92,4 +92,16 @@ pub mod mailbox {
     /// The data memslot's backing is punched: its pages reach RAM only when
     /// the daemon fills them, so the image must not read them first.
     pub const PROBE_DATA_PUNCHED: u32 = 1;
+    /// The launcher adds one here each time it re-attached the VM to a new
+    /// daemon; a vCPU waiting in a fault then posts it again (the dead
+    /// daemon may have taken it and never answered).
+    pub const REPOST: u64 = 16;
+    /// If nonzero, the image pauses before the guest's fault with this
+    /// number (1 is the first), says PAUSED on the UART and serves only the
+    /// control ring until [`RESUME`] holds [`RESUME_VALUE`].
+    pub const PAUSE_AT_FAULT: u64 = 20;
+    /// Where the launcher lets a paused image go on.
+    pub const RESUME: u64 = 24;
+    /// The value that ends a pause.
+    pub const RESUME_VALUE: u32 = 0x474f_4f4e;
 }

@@ -9,6 +9,12 @@
 //! the fault completes); MMIO exits are completed here (recorded on the
 //! UART, the instruction skipped, reads return zero). The guest reports its
 //! checksum with HVC #1 and powers off with PSCI SYSTEM_OFF.
+//!
+//! The daemon may die and be replaced while the guest runs: a vCPU waiting
+//! in a fault keeps serving the control ring (the successor rebuilds its
+//! records through it) and posts its fault again when the launcher says it
+//! re-attached (the mailbox's REPOST word). The launcher can pause the
+//! guest before a given fault, to replace the daemon at a known point.
 
 #![no_std]
 #![no_main]
@@ -139,16 +145,9 @@ extern "C" fn el2_main() -> ! {
         "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x}",
         RINGS_PA, RINGS_BYTES, TABLES_PA, TABLES_BYTES, ROOT_RESERVE, MAILBOX_PA, vttbr
     );
-    // SAFETY: the mailbox word is in RAM the launcher writes through the
-    // shared memory file; read atomically.
-    let go = unsafe { AtomicU32::from_ptr((MAILBOX_PA + mailbox::GO) as *mut u32) };
-    while go.load(Ordering::Acquire) != mailbox::GO_VALUE {
+    while read_mailbox(mailbox::GO) != mailbox::GO_VALUE {
         core::hint::spin_loop();
     }
-    let read_mailbox = |offset: u64| {
-        // SAFETY: as for GO: a word of the mailbox page, read atomically.
-        unsafe { AtomicU32::from_ptr((MAILBOX_PA + offset) as *mut u32) }.load(Ordering::Acquire)
-    };
     let (entry, x0) = match read_mailbox(mailbox::SCENARIO) {
         mailbox::SCENARIO_CHECKSUM => (BLOCKS_IPA, 0),
         mailbox::SCENARIO_STAGE1_PROBE => {
@@ -184,6 +183,14 @@ extern "C" fn el2_main() -> ! {
     sysreg_write_stage2(vtcr, vttbr);
     println!("FAULTLINE-EL2 GUEST-ENTER ipa={:#x} bytes={}", entry, program.len());
     boot::enter_guest(entry, x0)
+}
+
+/// A word of the mailbox page, which the launcher writes through the shared
+/// memory file.
+fn read_mailbox(offset: u64) -> u32 {
+    // SAFETY: the mailbox page is RAM shared with the launcher, inside the
+    // image's identity-mapped RAM; its words are only accessed atomically.
+    unsafe { AtomicU32::from_ptr((MAILBOX_PA + offset) as *mut u32) }.load(Ordering::Acquire)
 }
 
 fn state() -> &'static mut State {
@@ -224,13 +231,20 @@ fn serve_fault(s: &mut State, esr: u64, far: u64, hpfar: u64) -> Completion {
         }
     };
     s.faults += 1;
+    let mut reposts = read_mailbox(mailbox::REPOST);
     push(&mut s.faults_out, &rec.encode());
     loop {
-        // Control commands (write-protect for dirty logging) are served
-        // while a vCPU waits: this PE has nothing else to run.
-        if let Ok(Some(cmd)) = s.control_in.pop() {
-            let executed = s.vm.execute(CONTROL, &cmd, &mut s.owners, &mut s.tlb);
-            push(&mut s.control_out, &executed.result.encode());
+        // Control commands (write-protect for dirty logging, a new daemon's
+        // LEAVES) are served while a vCPU waits: this PE has nothing else
+        // to run.
+        serve_control(s);
+        // Re-attached to a new daemon: it may never have seen this fault.
+        let now = read_mailbox(mailbox::REPOST);
+        if now != reposts {
+            reposts = now;
+            if let Some(again) = s.vm.repost(0) {
+                push(&mut s.faults_out, &again.encode());
+            }
         }
         match s.commands.pop() {
             Ok(Some(cmd)) => {
@@ -247,6 +261,32 @@ fn serve_fault(s: &mut State, esr: u64, far: u64, hpfar: u64) -> Completion {
             }
         }
     }
+}
+
+/// Executes one control command, if one is waiting.
+fn serve_control(s: &mut State) {
+    let Ok(Some(cmd)) = s.control_in.pop() else { return };
+    match s.vm.execute_control(CONTROL, &cmd, &mut s.owners, &mut s.tlb, &mut s.control_out) {
+        Ok(executed) => push(&mut s.control_out, &executed.result.encode()),
+        Err(e) => {
+            println!("FAULTLINE-EL2 ERROR control ring: {:?}", e);
+            power_off()
+        }
+    }
+}
+
+/// Before the guest's fault number `s.faults + 1`: if the launcher asked,
+/// pause there, serving the control ring, until it says RESUME.
+fn pause_if_asked(s: &mut State) {
+    if read_mailbox(mailbox::PAUSE_AT_FAULT) as u64 != s.faults + 1 {
+        return;
+    }
+    println!("FAULTLINE-EL2 PAUSED fault={}", s.faults + 1);
+    while read_mailbox(mailbox::RESUME) != mailbox::RESUME_VALUE {
+        serve_control(s);
+        core::hint::spin_loop();
+    }
+    println!("FAULTLINE-EL2 RESUMED");
 }
 
 fn push(p: &mut Producer<'_>, r: &hyp_core::ring::Record) {
@@ -269,39 +309,46 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
     let s = state();
     match esr >> 26 {
         // Instruction / data abort from a lower EL.
-        0x20 | 0x24 => match serve_fault(s, esr, far, hpfar) {
-            Completion::Resume => {}
-            Completion::ExitToVmm => {
-                s.exits += 1;
-                let ipa = match Abort::decode(esr, far, hpfar).map(|a| a.ipa) {
-                    Ok(FaultIpa::Valid(ipa)) => ipa.raw(),
-                    _ => translate_el1_va(far).map_or(far, |ipa| ipa.raw()),
-                };
-                let iss = esr & 0x1ff_ffff;
-                let (isv, write, sas, srt) = (iss >> 24 & 1, iss >> 6 & 1, iss >> 22 & 3, (iss >> 16 & 31) as usize);
-                if isv == 0 {
-                    // Nothing to emulate with: KVM_RUN fails (ENOSYS) here,
-                    // and so does this vCPU.
+        0x20 | 0x24 => {
+            pause_if_asked(s);
+            match serve_fault(s, esr, far, hpfar) {
+                Completion::Resume => {}
+                Completion::ExitToVmm => {
+                    s.exits += 1;
+                    let ipa = match Abort::decode(esr, far, hpfar).map(|a| a.ipa) {
+                        Ok(FaultIpa::Valid(ipa)) => ipa.raw(),
+                        _ => translate_el1_va(far).map_or(far, |ipa| ipa.raw()),
+                    };
+                    let iss = esr & 0x1ff_ffff;
+                    let (isv, write, sas, srt) =
+                        (iss >> 24 & 1, iss >> 6 & 1, iss >> 22 & 3, (iss >> 16 & 31) as usize);
+                    if isv == 0 {
+                        // Nothing to emulate with: KVM_RUN fails (ENOSYS) here,
+                        // and so does this vCPU.
+                        println!(
+                            "FAULTLINE-EL2 NOSYNDROME ipa={:#x} write={} faults={} exits={}",
+                            ipa, write, s.faults, s.exits
+                        );
+                        power_off()
+                    }
+                    println!("FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} isv={}", ipa, write, 1u32 << sas, isv);
+                    if isv == 1 && write == 0 && srt != 31 {
+                        // An emulated read of nothing: zero.
+                        frame.x[srt] = 0;
+                    }
+                    skip_instruction(elr);
+                }
+                Completion::InjectAbort => {
+                    // This guest has no exception vectors: the injection is the
+                    // outcome, reported, and the run ends.
                     println!(
-                        "FAULTLINE-EL2 NOSYNDROME ipa={:#x} write={} faults={} exits={}",
-                        ipa, write, s.faults, s.exits
+                        "FAULTLINE-EL2 INJECT far={:#x} esr={:#x} faults={} exits={}",
+                        far, esr, s.faults, s.exits
                     );
                     power_off()
                 }
-                println!("FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} isv={}", ipa, write, 1u32 << sas, isv);
-                if isv == 1 && write == 0 && srt != 31 {
-                    // An emulated read of nothing: zero.
-                    frame.x[srt] = 0;
-                }
-                skip_instruction(elr);
             }
-            Completion::InjectAbort => {
-                // This guest has no exception vectors: the injection is the
-                // outcome, reported, and the run ends.
-                println!("FAULTLINE-EL2 INJECT far={:#x} esr={:#x} faults={} exits={}", far, esr, s.faults, s.exits);
-                power_off()
-            }
-        },
+        }
         // HVC: #1 reports the checksum, #0 with x0 = SYSTEM_OFF powers off.
         0x16 => match esr & 0xffff {
             1 => println!("FAULTLINE-EL2 RESULT checksum={:#x} faults={} exits={}", frame.x[0], s.faults, s.exits),

@@ -77,6 +77,13 @@ impl<'a> RingView<'a> {
         self.producer
     }
 
+    /// Whether the consumer has taken every record published so far, as a
+    /// third party sees it (a machine waiting for its core to execute what
+    /// a dead daemon left): a hint, neither end's index.
+    pub fn is_drained(&self) -> bool {
+        self.consumer.load(Ordering::Acquire) == self.producer.load(Ordering::Acquire)
+    }
+
     /// Records the ring holds.
     pub fn capacity(&self) -> u32 {
         self.slots.len() as u32

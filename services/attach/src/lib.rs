@@ -7,9 +7,11 @@
 //! answers with a [`Reply`]; the connection then stays open for the life of
 //! the attachment, and a [`Detach`](MsgKind::Detach) (or closing it) ends it.
 //!
-//! Both ends use this crate, so the wire format is defined once.
+//! Both ends use this crate, so the wire format is defined once; the
+//! machines also keep their VM's connection with its [`session`].
 
 pub mod doorbell;
+pub mod session;
 pub mod shm;
 mod socket;
 mod wire;

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
+use hyp_core::ring::{HeaderError, SharedRegion};
 use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 const PAGE_SIZE: u64 = 4096;
@@ -106,6 +107,15 @@ impl MappedRegion {
     /// True if nothing is mapped (never, by construction).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The ring region a peer laid out in this mapping (the whole of it),
+    /// its header read once and validated.
+    pub fn ring_region(&self) -> Result<SharedRegion<'_>, HeaderError> {
+        // SAFETY: the mapping is readable and writable for `len` bytes for as
+        // long as the borrow of `self` the region holds, and it is shared
+        // memory every user accesses only atomically (the ring ABI).
+        unsafe { SharedRegion::open(self.base, self.len as u64) }
     }
 
     /// Loads `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset`,

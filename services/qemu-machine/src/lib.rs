@@ -12,20 +12,28 @@
 //! rings exist; the launcher then attaches (flag POLLED: code in QEMU cannot
 //! wake a futex), writes GO into the image's mailbox and reads the UART until
 //! the guest powers off.
+//!
+//! The daemon may die or be replaced meanwhile: the launcher keeps the VM's
+//! connection in a [`Session`], re-attaches to the daemon's successor and
+//! then bumps the mailbox's REPOST word, so a vCPU waiting in a fault posts
+//! it again. `--pause-at-fault N` stops the guest before its Nth fault
+//! until a line arrives on stdin (to replace the daemon at a known point).
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use faultline_attach::session::{Session, Stalls};
 use faultline_attach::shm::MappedRegion;
 use faultline_attach::{
-    decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind, Reply,
-    Status, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
+    AttachRequest, MemslotDesc, RegionDesc, RegionKind, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
+use hyp_core::ring::RingKind;
 use serde::Serialize;
 // The probe's vocabulary and tables: both machines take the same
 // arguments and write the same tables.
@@ -118,6 +126,11 @@ pub struct QemuArgs {
     /// The daemon's gRPC address, to read logged memslots' dirty bitmaps
     /// before detaching (the stage-1 probe with a dirty-log memslot).
     pub grpc: String,
+    /// How long a daemon that went away is waited for.
+    pub reattach_deadline: Duration,
+    /// Pause the guest before this fault (1 is the first) until a line
+    /// arrives on stdin.
+    pub pause_at_fault: Option<u32>,
 }
 
 /// Dirty pages (IPAs) of the probe's logged memslots, read before detach.
@@ -173,6 +186,8 @@ pub struct QemuReport {
     pub leaf_af: Option<bool>,
     /// The daemon's detach report: pages released, pins remaining, faults served.
     pub detach: [u64; 3],
+    /// Times the daemon went away until a successor took the VM back.
+    pub stalls: Stalls,
 }
 
 struct Qemu(Child);
@@ -182,15 +197,6 @@ impl Drop for Qemu {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
-    let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
-    let (kind, payload) = decode_header(&msg.bytes)?;
-    if kind != MsgKind::Reply {
-        bail!("expected a reply from the daemon, got {kind:?}");
-    }
-    Ok(Reply::decode(payload)?)
 }
 
 fn hex_field(line: &str, key: &str) -> Option<u64> {
@@ -221,8 +227,9 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
         bail!("EL2 image {} not found: build it with scripts/build-el2-image.sh", args.image.display());
     }
     // The daemon first: fail before starting anything if it is not there.
-    let conn = faultline_attach::connect(&args.attach_socket)
-        .with_context(|| format!("connecting to the daemon at {}", args.attach_socket.display()))?;
+    if !args.attach_socket.exists() {
+        bail!("no daemon at {} (is memory-manager running?)", args.attach_socket.display());
+    }
 
     let memfd = memfd::MemfdOptions::default()
         .allow_sealing(true)
@@ -285,7 +292,7 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     });
     let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let guest_ram = GuestRam { memfd, ram, contents };
-    let served = serve(args, &conn, &guest_ram, &mut qemu, &lines, started);
+    let served = serve(args, &guest_ram, &mut qemu, &lines, started);
     if let Err(e) = served {
         // QEMU's own messages say why it stopped, when it did.
         let _ = qemu.0.kill();
@@ -305,30 +312,51 @@ struct GuestRam {
     contents: Vec<(u64, u64, std::fs::File)>,
 }
 
+/// Stores a 32-bit mailbox word.
+fn mailbox_store(ram: &MappedRegion, offset: u64, value: u32) {
+    ram.store(MAILBOX_PA - RAM_PA + offset, 4, value.into()).expect("the mailbox is in RAM");
+}
+
+/// The next UART line, waiting until `deadline`; `gone` ends the wait early
+/// (the VM's daemon is gone for good).
+fn next_line(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    qemu: &mut Qemu,
+    deadline: Instant,
+    timeout: Duration,
+    gone: &dyn Fn() -> bool,
+) -> anyhow::Result<String> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(l) => return Ok(l),
+            Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
+                bail!("timed out after {timeout:?} waiting for {what}")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if gone() => bail!("the daemon is gone while waiting for {what}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = qemu.0.wait()?;
+                bail!("QEMU exited ({status}) before {what}")
+            }
+        }
+    }
+}
+
 /// Waits for READY, attaches, says GO, reads the UART until power-off.
 fn serve(
     args: &QemuArgs,
-    conn: &OwnedFd,
     GuestRam { memfd, ram, contents }: &GuestRam,
     qemu: &mut Qemu,
     lines: &mpsc::Receiver<String>,
     started: Instant,
 ) -> anyhow::Result<QemuReport> {
     let deadline = started + args.timeout;
-    let next_line = |what: &str, qemu: &mut Qemu| -> anyhow::Result<String> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(l) => Ok(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out after {:?} waiting for {what}", args.timeout),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = qemu.0.wait()?;
-                bail!("QEMU exited ({status}) before {what}")
-            }
-        }
-    };
 
     let ready = loop {
-        let line = next_line("the EL2 image to say READY", qemu).context("the EL2 image did not boot")?;
+        let line = next_line(lines, "the EL2 image to say READY", qemu, deadline, args.timeout, &|| false)
+            .context("the EL2 image did not boot")?;
         if line.contains("FAULTLINE-EL2 READY") {
             break line;
         }
@@ -386,11 +414,13 @@ fn serve(
         request.regions.push(RegionDesc::contents(*pa_base, *size, fds.len() as u32));
         fds.push(file.as_fd());
     }
-    send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
-    let reply = read_reply(conn).context("reading the attach reply")?;
-    if reply.status != Status::Ok {
-        bail!("the daemon refused the attach: {:?}: {}", reply.status, reply.message);
-    }
+    let session = Session::attach(&args.attach_socket, request, fds, args.reattach_deadline)
+        .with_context(|| format!("attaching to the daemon at {}", args.attach_socket.display()))?;
+    // The launcher's view of the rings, to see that the image executed what
+    // a dead daemon left before re-attaching.
+    let rings = MappedRegion::map(memfd.as_file().as_fd(), RINGS_PA - RAM_PA, RINGS_BYTES, 4096)
+        .context("mapping the ring region")?;
+    let region = rings.ring_region().map_err(|e| anyhow::anyhow!("the image's ring region: {e:?}"))?;
     let (scenario, access, flags) = match args.scenario {
         Scenario::Checksum => (mailbox::SCENARIO_CHECKSUM, 0, 0),
         Scenario::Stage1(p) => {
@@ -398,33 +428,30 @@ fn serve(
             (mailbox::SCENARIO_STAGE1_PROBE, p.access.mailbox_code(), punched)
         }
     };
-    ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_FLAGS, 4, flags as u64).expect("in range");
-    ram.store(MAILBOX_PA - RAM_PA + mailbox::SCENARIO, 4, scenario as u64).expect("in range");
-    ram.store(MAILBOX_PA - RAM_PA + mailbox::PROBE_ACCESS, 4, access as u64).expect("in range");
-    ram.store(MAILBOX_PA - RAM_PA + mailbox::GO, 4, mailbox::GO_VALUE as u64).expect("in range");
+    mailbox_store(ram, mailbox::PROBE_FLAGS, flags);
+    mailbox_store(ram, mailbox::SCENARIO, scenario);
+    mailbox_store(ram, mailbox::PROBE_ACCESS, access);
+    mailbox_store(ram, mailbox::PAUSE_AT_FAULT, args.pause_at_fault.unwrap_or(0));
+    mailbox_store(ram, mailbox::GO, mailbox::GO_VALUE);
 
-    let (mut checksum, mut exits, mut result_at, mut injected, mut no_syndrome) = (None, Vec::new(), None, None, None);
-    let faults = loop {
-        let line = next_line("the guest to power off", qemu)?;
-        if line.contains("FAULTLINE-EL2 EXIT") {
-            let ipa = hex_field(&line, "ipa=").context("EXIT line without ipa")?;
-            exits.push((ipa, dec_field(&line, "write=") == Some(1)));
-        } else if line.contains("FAULTLINE-EL2 RESULT") {
-            checksum = hex_field(&line, "checksum=");
-            result_at = Some(started.elapsed());
-        } else if line.contains("FAULTLINE-EL2 POWEROFF") {
-            break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
-        } else if line.contains("FAULTLINE-EL2 NOSYNDROME") {
-            let ipa = hex_field(&line, "ipa=").context("NOSYNDROME line without ipa")?;
-            no_syndrome = Some((ipa, dec_field(&line, "write=") == Some(1)));
-            break dec_field(&line, "faults=").context("NOSYNDROME line without faults")?;
-        } else if line.contains("FAULTLINE-EL2 INJECT") {
-            injected = hex_field(&line, "far=");
-            break dec_field(&line, "faults=").context("INJECT line without faults")?;
-        } else if line.contains("FAULTLINE-EL2 ERROR") || line.contains("FAULTLINE-EL2 PANIC") {
-            bail!("the EL2 image failed: {line}");
-        }
-    };
+    let stop = AtomicBool::new(false);
+    let (ran, supervised) = std::thread::scope(|s| {
+        let supervisor = s.spawn(|| {
+            // vCPU 0's and the control ring's commands executed.
+            let settled = || (0..2).all(|r| region.ring(r, RingKind::Command).is_none_or(|v| v.is_drained()));
+            let reposts = std::sync::atomic::AtomicU32::new(0);
+            session.supervise(&stop, settled, || {
+                mailbox_store(ram, mailbox::REPOST, reposts.fetch_add(1, Ordering::Relaxed) + 1);
+            })
+        });
+        let gone = || supervisor.is_finished();
+        let ran =
+            run_guest(ram, qemu, started, |what, qemu| next_line(lines, what, qemu, deadline, args.timeout, &gone));
+        stop.store(true, Ordering::Release);
+        (ran, supervisor.join().unwrap_or(Ok(())))
+    });
+    supervised.context("the VM's daemon")?;
+    let Ran { checksum, exits, result_at, injected, no_syndrome, faults } = ran?;
     let status = qemu.0.wait()?;
     if !status.success() {
         bail!("QEMU exited with {status}");
@@ -448,8 +475,7 @@ fn serve(
         }
         Scenario::Checksum => None,
     };
-    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
-    let detach = read_reply(conn).context("reading the detach reply")?;
+    let detach = session.detach().context("detaching")?;
     if checksum.is_none() && injected.is_none() && no_syndrome.is_none() {
         bail!("the guest never reported its result");
     }
@@ -468,7 +494,56 @@ fn serve(
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
         leaf_af,
         detach: detach.values,
+        stalls: session.stalls(),
     })
+}
+
+/// What the guest did, from the UART.
+struct Ran {
+    checksum: Option<u64>,
+    exits: Vec<(u64, bool)>,
+    result_at: Option<Duration>,
+    injected: Option<u64>,
+    no_syndrome: Option<(u64, bool)>,
+    faults: u64,
+}
+
+/// Reads the UART until the guest powers off (or stops), pausing where the
+/// image says PAUSED until a line arrives on stdin.
+fn run_guest(
+    ram: &MappedRegion,
+    qemu: &mut Qemu,
+    started: Instant,
+    mut next_line: impl FnMut(&str, &mut Qemu) -> anyhow::Result<String>,
+) -> anyhow::Result<Ran> {
+    let (mut checksum, mut exits, mut result_at, mut injected, mut no_syndrome) = (None, Vec::new(), None, None, None);
+    let faults = loop {
+        let line = next_line("the guest to power off", qemu)?;
+        if line.contains("FAULTLINE-EL2 PAUSED") {
+            let at = dec_field(&line, "fault=").context("PAUSED line without fault")?;
+            eprintln!("qemu-machine: paused before fault {at}");
+            let _ = std::io::stdin().read_line(&mut String::new());
+            mailbox_store(ram, mailbox::RESUME, mailbox::RESUME_VALUE);
+        } else if line.contains("FAULTLINE-EL2 EXIT") {
+            let ipa = hex_field(&line, "ipa=").context("EXIT line without ipa")?;
+            exits.push((ipa, dec_field(&line, "write=") == Some(1)));
+        } else if line.contains("FAULTLINE-EL2 RESULT") {
+            checksum = hex_field(&line, "checksum=");
+            result_at = Some(started.elapsed());
+        } else if line.contains("FAULTLINE-EL2 POWEROFF") {
+            break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 NOSYNDROME") {
+            let ipa = hex_field(&line, "ipa=").context("NOSYNDROME line without ipa")?;
+            no_syndrome = Some((ipa, dec_field(&line, "write=") == Some(1)));
+            break dec_field(&line, "faults=").context("NOSYNDROME line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 INJECT") {
+            injected = hex_field(&line, "far=");
+            break dec_field(&line, "faults=").context("INJECT line without faults")?;
+        } else if line.contains("FAULTLINE-EL2 ERROR") || line.contains("FAULTLINE-EL2 PANIC") {
+            bail!("the EL2 image failed: {line}");
+        }
+    };
+    Ok(Ran { checksum, exits, result_at, injected, no_syndrome, faults })
 }
 
 fn guest_region(fd_index: u32, pa: u64, size: u64, page_size: u64, flags: u32) -> RegionDesc {

@@ -46,6 +46,14 @@ struct Args {
     /// runs (the daemon fills each page from the launcher's copy).
     #[arg(long, value_enum, default_value_t = Holes::None, requires = "stage1_probe")]
     holes: Holes,
+    /// Seconds to wait for a daemon that went away to come back (its
+    /// successor takes the VM back) before giving up.
+    #[arg(long, default_value_t = 60)]
+    reattach_deadline_s: u64,
+    /// Pause the guest before its Nth stage-2 fault until a line arrives on
+    /// stdin (to replace the daemon at a known point).
+    #[arg(long)]
+    pause_at_fault: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +83,8 @@ fn main() -> anyhow::Result<()> {
         image,
         qemu: a.qemu,
         timeout: Duration::from_secs(a.timeout),
+        reattach_deadline: Duration::from_secs(a.reattach_deadline_s),
+        pause_at_fault: a.pause_at_fault,
     };
     // The dirty-log reads are gRPC calls made from the launcher's thread.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;

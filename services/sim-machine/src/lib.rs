@@ -14,7 +14,6 @@ pub mod machine;
 pub mod mmu;
 pub mod phys;
 pub mod probe;
-pub mod session;
 pub mod stage1;
 pub mod syndrome;
 pub mod workload;

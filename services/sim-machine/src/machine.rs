@@ -24,9 +24,9 @@ use crate::layout::{
 };
 use crate::mmu::{AccessKind, Stage2Regs, Tlb, TlbGeneration};
 use crate::phys::{PhysMemory, Window};
-use crate::session::{Session, Stalls};
 use crate::syndrome::{self, DataAccess};
 use crate::workload::{digest, value_for, OpKind, Workload};
+use faultline_attach::session::{Session, Stalls};
 
 /// How to run the machine.
 #[derive(Clone, Debug)]
@@ -266,7 +266,10 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         let supervisor = {
             let (session, stop, kicks, shared) = (&session, &stop, &kicks, &shared);
             s.spawn(move || {
-                let supervised = session.supervise(stop, || kick_all(kicks, shared, n));
+                // Settled once every command ring (vCPUs' and control) is
+                // empty: the vCPUs waiting in a fault execute theirs.
+                let settled = || (0..=n).all(|r| shared.ring(r, RingKind::Command).is_none_or(|v| v.is_drained()));
+                let supervised = session.supervise(stop, settled, || kick_all(kicks, shared, n));
                 if supervised.is_err() {
                     stop_all(stop, kicks, shared, n);
                 }

@@ -295,7 +295,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         fds.push(file.as_fd());
     }
     send_message(conn.as_fd(), &request.encode(), &fds).context("sending the attach request")?;
-    let reply = crate::session::read_reply(&conn).context("reading the attach reply")?;
+    let reply = faultline_attach::session::read_reply(&conn).context("reading the attach reply")?;
     if reply.status != Status::Ok {
         bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
     }
@@ -325,7 +325,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     let (leaf, _) = stage1_tables(config.af_clear)[3];
     let leaf_af = phys.window(pt).map.load(leaf - PT_IPA, 8).context("leaf")? & 1 << 10 != 0;
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
-    let detach = crate::session::read_reply(&conn).context("reading the detach reply")?;
+    let detach = faultline_attach::session::read_reply(&conn).context("reading the detach reply")?;
     let mut report = vcpu.report;
     report.leaf_af = leaf_af;
     report.detach = detach.values;

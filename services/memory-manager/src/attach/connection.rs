@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use faultline_attach::doorbell::WaitPolicy;
 use faultline_attach::{decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status};
-use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
+use hyp_core::ring::{Consumer, Producer, RingKind};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{error, info, info_span, warn};
 
@@ -273,10 +273,7 @@ impl AttachServer {
         }
 
         let end = Winddown::default();
-        let base = attached.rings.base();
-        // SAFETY: `attached.rings` outlives the scope below, which holds every
-        // ring reference; map() already opened it successfully.
-        let region = unsafe { SharedRegion::open(base, attached.rings.len()) }.expect("validated at attach");
+        let region = attached.rings.ring_region().expect("validated at attach");
         let (policy, events) = (&*self.policies, &*self.events);
         // A polled machine never rings doorbells: sleep in short slices.
         let sleep_slice = if req.flags & faultline_attach::ATTACH_POLLED != 0 {

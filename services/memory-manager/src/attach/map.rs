@@ -10,7 +10,6 @@ use std::sync::Arc;
 use faultline_attach::shm::MappedRegion;
 use faultline_attach::{AttachRequest, DirtyLogLayout, RegionKind, Status, REGION_DEVICE, REGION_WRITABLE};
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
-use hyp_core::ring::SharedRegion;
 use memfd::{FileSeal, Memfd};
 
 use super::state::VmState;
@@ -124,11 +123,7 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>, state: &VmState) -> Result<At
     }
     let rings = rings.expect("exactly one ring region checked");
     {
-        let base = rings.base();
-        // SAFETY: `rings` maps `rings.len()` bytes for as long as `Attached`
-        // lives; the region is only opened here to validate it.
-        let region = unsafe { SharedRegion::open(base, rings.len()) }
-            .map_err(|e| refuse(Status::Undersized, format!("ring region: {e:?}")))?;
+        let region = rings.ring_region().map_err(|e| refuse(Status::Undersized, format!("ring region: {e:?}")))?;
         if region.header().nr_vcpus != req.nr_vcpus as u32 + 1 {
             return Err(refuse(
                 Status::Malformed,

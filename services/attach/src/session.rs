@@ -3,7 +3,13 @@
 //! its ring) and the machine re-attaches to the socket with backoff, with
 //! the `REATTACH` flag and the same description and fds, until a
 //! configurable deadline. Each stall (from losing the daemon to its
-//! successor accepting the VM) is counted.
+//! successor accepting the VM) is counted. Both machines (`sim-machine`,
+//! `qemu-machine`) keep their VM's connection with a [`Session`].
+//!
+//! Before it re-attaches, the machine lets its core execute every command
+//! the dead daemon left on the rings (the caller's `settled` says when): a
+//! command executed after the successor rebuilt its records would change
+//! the tables behind its back.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -11,11 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use faultline_attach::{decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
 use tracing::{info, warn};
+
+use crate::{connect, decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status, WireError};
 
 /// First wait between connection attempts; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(2);
@@ -23,6 +29,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(2);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
 /// How long a daemon has to answer an attach or a detach.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the machine waits for its core to execute the commands a dead
+/// daemon left, before it re-attaches anyway.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The stalls of one run: times the daemon was gone until a successor
 /// accepted the VM again.
@@ -45,9 +54,31 @@ impl Stalls {
     }
 }
 
-/// How the connection ended, when it ended for good.
+/// How the connection ended, or never began.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// The socket or the exchange on it failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The daemon sent something that is not a reply.
+    #[error("the daemon's answer: {0}")]
+    Wire(#[from] WireError),
+    /// The daemon closed the connection without answering.
+    #[error("the daemon closed the connection")]
+    Closed,
+    /// The daemon refused the attach.
+    #[error("the daemon refused the attach: {status:?}: {message}")]
+    AttachRefused {
+        /// Its status.
+        status: Status,
+        /// Its reason.
+        message: String,
+    },
     /// No daemon accepted the VM again before the deadline.
     #[error(
         "the daemon went away and did not come back within {0:?} (is memory-manager running? --reattach-deadline-s)"
@@ -81,7 +112,7 @@ impl<'f> Session<'f> {
         request: AttachRequest,
         fds: Vec<BorrowedFd<'f>>,
         deadline: Duration,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, SessionError> {
         let s = Self {
             socket: socket.to_path_buf(),
             request,
@@ -90,10 +121,10 @@ impl<'f> Session<'f> {
             conn: Mutex::new(None),
             stalls: Mutex::new(Stalls::default()),
         };
-        let conn = s.connect().with_context(|| format!("connecting to the daemon at {}", socket.display()))?;
-        let reply = s.exchange(&conn, &s.request).context("attaching")?;
+        let conn = s.connect().map_err(|source| SessionError::Io { what: "connecting to the daemon", source })?;
+        let reply = s.exchange(&conn, &s.request)?;
         if reply.status != Status::Ok {
-            bail!("daemon refused the attach: {:?}: {}", reply.status, reply.message);
+            return Err(SessionError::AttachRefused { status: reply.status, message: reply.message });
         }
         *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
         Ok(s)
@@ -107,23 +138,42 @@ impl<'f> Session<'f> {
     /// A new connection to the socket; a daemon that accepts and then
     /// never answers is given up on after [`REPLY_TIMEOUT`].
     fn connect(&self) -> std::io::Result<OwnedFd> {
-        let conn = faultline_attach::connect(&self.socket)?;
+        let conn = connect(&self.socket)?;
         let tv = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
         nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
         Ok(conn)
     }
 
     /// Sends `request` on `conn` and reads the reply.
-    fn exchange(&self, conn: &OwnedFd, request: &AttachRequest) -> anyhow::Result<Reply> {
-        send_message(conn.as_fd(), &request.encode(), &self.fds).context("sending the attach request")?;
+    fn exchange(&self, conn: &OwnedFd, request: &AttachRequest) -> Result<Reply, SessionError> {
+        send_message(conn.as_fd(), &request.encode(), &self.fds)
+            .map_err(|source| SessionError::Io { what: "sending the attach request", source })?;
         read_reply(conn)
+    }
+
+    /// Waits (at most [`SETTLE_PATIENCE`]) until `settled`: the core has
+    /// executed what the dead daemon left on the rings.
+    fn settle(settled: &dyn Fn() -> bool) {
+        let started = Instant::now();
+        while !settled() {
+            if started.elapsed() >= SETTLE_PATIENCE {
+                warn!("commands of the dead daemon are still on the rings; re-attaching anyway");
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     /// Connects and re-attaches until a daemon accepts the VM or `deadline`
     /// passes (counted from `lost`); records the stall.
-    fn reattach(&self, lost: Instant, stop: Option<&AtomicBool>) -> Result<(), SessionError> {
-        let request =
-            AttachRequest { flags: self.request.flags | faultline_attach::ATTACH_REATTACH, ..self.request.clone() };
+    fn reattach(
+        &self,
+        lost: Instant,
+        stop: Option<&AtomicBool>,
+        settled: &dyn Fn() -> bool,
+    ) -> Result<(), SessionError> {
+        Self::settle(settled);
+        let request = AttachRequest { flags: self.request.flags | crate::ATTACH_REATTACH, ..self.request.clone() };
         let mut backoff = BACKOFF_FIRST;
         loop {
             if stop.is_some_and(|s| s.load(Ordering::Acquire)) {
@@ -154,9 +204,15 @@ impl<'f> Session<'f> {
     }
 
     /// Watches the connection until `stop`; re-attaches whenever it drops
-    /// and calls `reattached` after each success. Returns an error when the
-    /// VM cannot be served any more.
-    pub fn supervise(&self, stop: &AtomicBool, reattached: impl Fn()) -> Result<(), SessionError> {
+    /// (once `settled` holds, see the module doc) and calls `reattached`
+    /// after each success. Returns an error when the VM cannot be served
+    /// any more.
+    pub fn supervise(
+        &self,
+        stop: &AtomicBool,
+        settled: impl Fn() -> bool,
+        reattached: impl Fn(),
+    ) -> Result<(), SessionError> {
         while !stop.load(Ordering::Acquire) {
             match self.watch(stop) {
                 Watch::Stopped => return Ok(()),
@@ -164,7 +220,7 @@ impl<'f> Session<'f> {
                 Watch::Lost(at) => {
                     warn!("the daemon went away; the guest runs on, faults wait");
                     self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    self.reattach(at, Some(stop))?;
+                    self.reattach(at, Some(stop), &settled)?;
                     if !stop.load(Ordering::Acquire) {
                         reattached();
                     }
@@ -210,14 +266,16 @@ impl<'f> Session<'f> {
     }
 
     /// Detaches: re-attaching first if the daemon is gone, and again if it
-    /// goes away before it answers. Returns the daemon's detach report.
-    pub fn detach(&self) -> anyhow::Result<Reply> {
+    /// goes away before it answers (the machine's vCPUs are stopped: there
+    /// is nothing left to settle). Returns the daemon's detach report.
+    pub fn detach(&self) -> Result<Reply, SessionError> {
         loop {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
             let lost = match conn {
                 Some(conn) => {
-                    let sent = send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]);
-                    match sent.map_err(anyhow::Error::from).and_then(|()| read_reply(&conn)) {
+                    let sent = send_message(conn.as_fd(), &crate::encode_detach(), &[]);
+                    let sent = sent.map_err(|source| SessionError::Io { what: "sending detach", source });
+                    match sent.and_then(|()| read_reply(&conn)) {
                         Ok(reply) => return Ok(reply),
                         Err(e) => {
                             warn!(cause = %e, "the daemon went away during detach");
@@ -227,7 +285,7 @@ impl<'f> Session<'f> {
                 }
                 None => Instant::now(),
             };
-            self.reattach(lost, None)?;
+            self.reattach(lost, None, &|| true)?;
         }
     }
 }
@@ -240,11 +298,13 @@ enum Watch {
 }
 
 /// Reads one reply from the daemon.
-pub(crate) fn read_reply(conn: &OwnedFd) -> anyhow::Result<Reply> {
-    let msg = recv_message(conn.as_fd())?.context("the daemon closed the connection")?;
+pub fn read_reply(conn: &OwnedFd) -> Result<Reply, SessionError> {
+    let msg = recv_message(conn.as_fd())
+        .map_err(|source| SessionError::Io { what: "reading the daemon's reply", source })?
+        .ok_or(SessionError::Closed)?;
     let (kind, payload) = decode_header(&msg.bytes)?;
     if kind != MsgKind::Reply {
-        bail!("expected a reply, got {kind:?}");
+        return Err(WireError::Malformed(format!("expected a reply, got {kind:?}")).into());
     }
     Ok(Reply::decode(payload)?)
 }
