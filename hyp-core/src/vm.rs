@@ -634,28 +634,54 @@ impl<M: TableMemory> Vm<M> {
             Ok(range) => range,
             Err(refused) => return Ok(Err(refused)),
         };
-        let (mut sent, mut next, mut pushed) = (0u32, range.end().raw(), Ok(()));
+        // Leaves that continue the pending run join it; any other sends it.
+        let (mut sent, mut next, mut pushed, mut stopped) = (0u32, range.end().raw(), Ok(()), false);
+        let mut pending: Option<LeafRecord> = None;
         let walked = self.stage2.leaves_in(range, &mut |ipa, level, d| {
-            if sent == max {
-                next = ipa.raw().max(range.start().raw());
-                return false;
-            }
             let size = MapSize::from_level(level).map_or(PAGE_SIZE, MapSize::bytes);
             let device = if d.mem_type() == MemType::Device { FLAG_DEVICE } else { 0 };
-            let leaf = LeafRecord {
+            let flags = d.perms().bits() | device;
+            if let Some(run) = pending.as_mut() {
+                let span = run.count * run.size;
+                if run.flags == flags
+                    && run.size == size
+                    && run.ipa + span == ipa.raw()
+                    && run.pa + span == d.output().raw()
+                {
+                    run.count += 1;
+                    return true;
+                }
+                if sent == max {
+                    (next, stopped) = (run.ipa, true);
+                    return false;
+                }
+                pushed = results.push(&run.encode());
+                sent += 1;
+                if pushed.is_err() {
+                    return false;
+                }
+            }
+            pending = Some(LeafRecord {
                 kind: kind::LEAF,
-                flags: d.perms().bits() | device,
+                flags,
                 cmd_id: cmd.cmd_id,
                 ipa: ipa.raw(),
                 pa: d.output().raw(),
                 size,
-                reserved: [0; 3],
-            };
-            pushed = results.push(&leaf.encode());
-            sent += 1;
-            pushed.is_ok()
+                count: 1,
+                reserved: [0; 2],
+            });
+            true
         });
         pushed?;
+        if let (false, Some(run)) = (stopped, pending) {
+            if sent == max {
+                next = run.ipa;
+            } else {
+                results.push(&run.encode())?;
+                sent += 1;
+            }
+        }
         Ok(walked.map(|()| Done::value(sent as u64, next)).map_err(|e| refuse(Reject::from(e), 0)))
     }
 }

@@ -63,7 +63,10 @@ fn record_layouts_in_the_doc_match_the_code() {
             [kind, flags, cmd_id, fault_id, ipa, pa, size, inval_seq, reserved]
         ),
     );
-    check("### LeafRecord", layout!(LeafRecord, LeafRecord::default(), [kind, flags, cmd_id, ipa, pa, size, reserved]));
+    check(
+        "### LeafRecord",
+        layout!(LeafRecord, LeafRecord::default(), [kind, flags, cmd_id, ipa, pa, size, count, reserved]),
+    );
     check(
         "### ResultRecord",
         layout!(

@@ -192,7 +192,12 @@ impl Daemon {
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Where every daemon started in this fixture logs (appended).
+    pub fn log_path(&self) -> PathBuf {
+        self._dir.path().join("daemon.log")
     }
 
     /// Process id.
@@ -288,10 +293,14 @@ pub fn run_machine(mut cmd: Command) -> serde_json::Value {
 /// Reads a `sim-machine`'s stderr until it says it paused after phase
 /// `phase` (a `PAUSE` line of its trace); panics if it ends first.
 pub fn wait_paused(lines: &mut impl Iterator<Item = std::io::Result<String>>, phase: usize) {
+    let mut said = String::new();
     for line in lines.by_ref() {
-        if line.expect("reading the machine's stderr").contains(&format!("paused after phase {phase}")) {
+        let line = line.expect("reading the machine's stderr");
+        if line.contains(&format!("paused after phase {phase}")) {
             return;
         }
+        said.push_str(&line);
+        said.push('\n');
     }
-    panic!("machine ended before pausing after phase {phase}");
+    panic!("machine ended before pausing after phase {phase}; it said:\n{said}");
 }

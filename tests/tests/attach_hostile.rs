@@ -280,3 +280,23 @@ fn a_reattach_with_another_description_is_refused_with_the_reason() {
     assert!(closed);
     drop(attached);
 }
+
+#[test]
+fn a_reattach_the_state_directory_has_no_record_of_is_refused() {
+    // A successor with another state directory cannot find what the VM's
+    // previous daemon evicted: it refuses rather than serve zeros.
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let ram = memfd(4 << 20, true);
+    let rings = memfd(64 << 10, true);
+    {
+        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
+        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
+        unsafe { hyp_core_region(map.base(), 64 << 10) };
+    }
+    let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
+    let req = AttachRequest { flags: faultline_attach::ATTACH_REATTACH, ..good_request() };
+    let (r, closed) = attempt(&daemon, &req.encode(), &fds);
+    assert_eq!(r.status, Status::Mismatch, "{r:?}");
+    assert!(r.message.contains("no record of vm 7") && r.message.contains("state_dir"), "{r:?}");
+    assert!(closed);
+}

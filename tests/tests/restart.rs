@@ -327,6 +327,13 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
         assert!(st.took_over && !st.recovered_after_crash, "takeover {takeover}: {st:?}");
         assert_eq!(st.reattached_vms, 1, "takeover {takeover}: {st:?}");
     }
+    // What an operator sees.
+    let out = std::process::Command::new(faultline_system_tests::binary("faultline"))
+        .args(["--server", &daemon.grpc_addr(), "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("started:          took over from a running daemon; VMs taken back: 1"), "{status}");
     let status = PolicyControlClient::connect(daemon.grpc_addr())
         .await
         .unwrap()

@@ -230,8 +230,11 @@ pub const MAX_LEAVES_PER_COMMAND: u32 = 4095;
 /// Pages an [`kind::OWNED`] command asks about at most (one bitmap word).
 pub const MAX_OWNED_PAGES: u64 = 64;
 
-/// Leaf record layout (core to daemon): one installed stage-2 leaf, sent
-/// in answer to [`kind::LEAVES`] before that command's result.
+/// Leaf record layout (core to daemon): a run of installed stage-2 leaves,
+/// sent in answer to [`kind::LEAVES`] before that command's result: `count`
+/// leaves of `size` bytes with the same `flags`, IPA and PA advancing
+/// together by `size` (a guest mapped in order is a few records, not one
+/// per page).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 #[repr(C)]
 pub struct LeafRecord {
@@ -245,10 +248,12 @@ pub struct LeafRecord {
     pub ipa: u64,
     /// Its output PA.
     pub pa: u64,
-    /// Bytes: 4096, 2 MiB or 1 GiB.
+    /// Bytes of each leaf: 4096, 2 MiB or 1 GiB.
     pub size: u64,
+    /// Leaves in the run, at least 1.
+    pub count: u64,
     /// Reserved, zero.
-    pub reserved: [u64; 3],
+    pub reserved: [u64; 2],
 }
 
 /// Fault record layout (core to daemon).
@@ -351,9 +356,9 @@ impl LeafRecord {
             self.ipa,
             self.pa,
             self.size,
+            self.count,
             self.reserved[0],
             self.reserved[1],
-            self.reserved[2],
         ])
     }
 
@@ -367,7 +372,8 @@ impl LeafRecord {
             ipa: w[2],
             pa: w[3],
             size: w[4],
-            reserved: [w[5], w[6], w[7]],
+            count: w[5],
+            reserved: [w[6], w[7]],
         }
     }
 }
@@ -489,7 +495,8 @@ const _: () = {
     assert!(offset_of!(LeafRecord, ipa) == 16);
     assert!(offset_of!(LeafRecord, pa) == 24);
     assert!(offset_of!(LeafRecord, size) == 32);
-    assert!(offset_of!(LeafRecord, reserved) == 40);
+    assert!(offset_of!(LeafRecord, count) == 40);
+    assert!(offset_of!(LeafRecord, reserved) == 48);
 
     assert!(size_of::<FaultRecord>() == RECORD_SIZE);
     assert!(offset_of!(FaultRecord, kind) == 0);

@@ -24,9 +24,9 @@ use tracing::{info, warn};
 use crate::{connect, decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status, WireError};
 
 /// First wait between connection attempts; it doubles up to [`BACKOFF_MAX`].
-const BACKOFF_FIRST: Duration = Duration::from_millis(2);
+const BACKOFF_FIRST: Duration = Duration::from_millis(1);
 /// Longest wait between connection attempts.
-const BACKOFF_MAX: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_millis(10);
 /// How long a daemon has to answer an attach or a detach.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the machine waits for its core to execute the commands a dead

@@ -252,6 +252,12 @@ async fn main() -> anyhow::Result<()> {
             println!("uptime:           {:.1}s", s.uptime_ns as f64 / 1e9);
             println!("rate (1 min):     {:.1} events/s", s.events_per_second);
             println!("attached VMs:     {}", s.attached_vms);
+            let started = match (s.took_over, s.recovered_after_crash) {
+                (true, _) => "took over from a running daemon",
+                (false, true) => "after a crash (its predecessor's state found)",
+                (false, false) => "fresh",
+            };
+            println!("started:          {started}; VMs taken back: {}", s.reattached_vms);
         }
         Command::Stats => {
             let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;

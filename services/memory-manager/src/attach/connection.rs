@@ -369,6 +369,7 @@ impl AttachServer {
                 // answered; the control ring stays served meanwhile (a
                 // reclaim under way finishes).
                 let draining = std::time::Instant::now();
+                info!("draining the VM's vCPU services for the handover");
                 end.drain();
                 wake_vcpus();
                 let in_flight: usize = services.into_iter().map(|s| s.join().unwrap_or(0)).sum();

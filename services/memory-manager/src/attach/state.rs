@@ -17,10 +17,34 @@ pub struct VmState {
 
 /// Why a re-attach does not match what is on record.
 #[derive(Debug, thiserror::Error)]
-#[error("vm {vm} attached with another description ({what})")]
-pub struct DescriptionMismatch {
-    vm: u16,
-    what: &'static str,
+pub enum DescriptionMismatch {
+    /// The VM attached with another description.
+    #[error("vm {vm} attached with another description ({what})")]
+    Differs {
+        /// The VM.
+        vm: u16,
+        /// What differs.
+        what: &'static str,
+    },
+    /// Nothing on record: the pages the VM's previous daemon evicted, if
+    /// any, cannot be found, so serving it could hand the guest zeros.
+    #[error(
+        "no record of vm {vm} in {dir}: the state directory was lost or is not its daemon's (state_dir); pages it evicted could not be found"
+    )]
+    NoRecord {
+        /// The VM.
+        vm: u16,
+        /// Where its record should be.
+        dir: PathBuf,
+    },
+    /// The record cannot be read.
+    #[error("vm {vm}'s record: {source}")]
+    Unreadable {
+        /// The VM.
+        vm: u16,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl VmState {
@@ -45,8 +69,7 @@ impl VmState {
         std::fs::rename(tmp, self.dir.join("attach"))
     }
 
-    /// Checks a re-attach's `req` against the description on record (none
-    /// on record, after the directory was lost: nothing to check against).
+    /// Checks a re-attach's `req` against the description on record.
     pub fn check_description(&self, req: &AttachRequest) -> Result<(), DescriptionMismatch> {
         match std::fs::read(self.dir.join("attach")) {
             Ok(saved) if saved != canonical(req) => {
@@ -56,9 +79,13 @@ impl VmState {
                     Ok(_) => "its vCPUs, IPA size or flags differ",
                     Err(_) => "the record is unreadable",
                 };
-                Err(DescriptionMismatch { vm: req.vm_id, what })
+                Err(DescriptionMismatch::Differs { vm: req.vm_id, what })
             }
-            _ => Ok(()),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(DescriptionMismatch::NoRecord { vm: req.vm_id, dir: self.dir.clone() })
+            }
+            Err(source) => Err(DescriptionMismatch::Unreadable { vm: req.vm_id, source }),
         }
     }
 
@@ -122,7 +149,8 @@ mod tests {
         assert!(e.to_string().contains("memslots differ"), "{e}");
         // A fresh attach of the id starts over.
         let fresh = VmState::open(dir.path(), 3, false).unwrap();
-        assert!(fresh.check_description(&other).is_ok(), "nothing on record");
+        let e = fresh.check_description(&other).unwrap_err();
+        assert!(matches!(e, DescriptionMismatch::NoRecord { vm: 3, .. }), "nothing on record: {e}");
         fresh.remove().unwrap();
         assert!(!dir.path().join("vms/vm3").exists());
     }

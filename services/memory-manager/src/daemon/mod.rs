@@ -101,6 +101,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         })?;
         done_rx
     };
+    // The event history's slots are made off the fault path, once a
+    // restart's re-attaches are done with the CPU.
+    {
+        let events = daemon.sources.events.clone();
+        std::thread::Builder::new().name("history".into()).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            events.prefill();
+        })?;
+    }
     let grpc_stop = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let grpc = tokio::spawn(crate::api::server::serve(

@@ -64,15 +64,29 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
             done.commands += 1;
             vm.mapping.note_seq(result.inval_seq);
             let mut next_min = from;
-            for leaf in &leaves {
-                let ipa = Ipa::new(leaf.ipa);
-                if leaf.ipa < next_min {
+            for run in &leaves {
+                let ipa = Ipa::new(run.ipa);
+                if run.ipa < next_min {
                     return Err(RebuildError::BadLeaf { ipa, why: "out of IPA order or overlapping" });
                 }
-                let size = record(vm, slot, leaf, result.inval_seq)?;
-                next_min = leaf.ipa + size;
-                done.mappings += 1;
-                done.bytes += size;
+                let span = run.count.checked_mul(run.size).filter(|_| run.count > 0);
+                let end = span.and_then(|span| run.ipa.checked_add(span)).filter(|&e| e <= slot.end());
+                let (Some(span), Some(_)) = (span, end) else {
+                    return Err(RebuildError::BadLeaf { ipa, why: "not a run of leaves inside its memslot" });
+                };
+                let installed = (0..run.count).map(|i| {
+                    let leaf = LeafRecord { ipa: run.ipa + i * run.size, pa: run.pa + i * run.size, count: 1, ..*run };
+                    checked(vm, slot, &leaf, result.inval_seq).map(|(ipa, installed, _)| (ipa, installed))
+                });
+                let installed: Vec<(Ipa, Installed)> = installed.collect::<Result<_, _>>()?;
+                vm.mapping.record_all(installed);
+                let (_, _, backing) = checked(vm, slot, &LeafRecord { count: 1, ..*run }, result.inval_seq)?;
+                if !vm.layout.regions[backing.region].device {
+                    vm.mapping.mark_populated(backing.region, backing.offset, span);
+                }
+                next_min = run.ipa + span;
+                done.mappings += run.count;
+                done.bytes += span;
             }
             let next = result.detail;
             if next <= from || next > end || next < next_min.min(end) {
@@ -112,12 +126,17 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
     Ok(done)
 }
 
-/// Checks one reported leaf against the layout, then pins and records it;
-/// returns its size.
-fn record(vm: &AttachedVm, slot: &Memslot, leaf: &LeafRecord, seq: u64) -> Result<u64, RebuildError> {
+/// Checks one reported leaf against the layout and pins it: its IPA, the
+/// mapping to record, and where it lives.
+fn checked(
+    vm: &AttachedVm,
+    slot: &Memslot,
+    leaf: &LeafRecord,
+    seq: u64,
+) -> Result<(Ipa, Installed, crate::memory::layout::Backing), RebuildError> {
     let ipa = Ipa::new(leaf.ipa);
     let bad = |why| RebuildError::BadLeaf { ipa, why };
-    if leaf.kind != kind::LEAF || leaf.reserved != [0; 3] {
+    if leaf.kind != kind::LEAF || leaf.reserved != [0; 2] {
         return Err(bad("not a well-formed leaf record"));
     }
     let size = MapSize::from_bytes(leaf.size).ok_or(bad("not a leaf size"))?;
@@ -138,9 +157,133 @@ fn record(vm: &AttachedVm, slot: &Memslot, leaf: &LeafRecord, seq: u64) -> Resul
         return Err(bad("writable in a read-only memslot or region"));
     }
     let pin = vm.mapping.pin(backing.region, backing.offset, leaf.size).map_err(|_| bad("cannot be pinned"))?;
-    vm.mapping.record_installed(ipa, Installed::new(size, backing.pa, seq, pin.into_mapping()));
-    if !device {
-        vm.mapping.mark_populated(backing.region, backing.offset, leaf.size);
+    Ok((ipa, Installed::new(size, backing.pa, seq, pin.into_mapping()), backing))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
+    use hyp_core::ownership::VmId;
+    use hyp_core::ring::abi::{CommandRecord, ResultRecord};
+    use hyp_core::ring::{Consumer, OwnedRing, Producer};
+    use hyp_core::stage2::Perms;
+
+    use super::*;
+    use crate::link::control::ControlLoop;
+    use crate::memory::layout::VmLayout;
+    use crate::memory::memslot::SlotFlags;
+
+    const RAM_PA: u64 = 0x4000_0000;
+    const GPA: u64 = 0x8000_0000;
+
+    /// A run of `count` 4 KiB RW leaves from `gpa`, backed where the
+    /// memslot says.
+    fn run(gpa: u64, count: u64) -> LeafRecord {
+        LeafRecord {
+            kind: kind::LEAF,
+            flags: Perms::RW.bits(),
+            ipa: gpa,
+            pa: RAM_PA + (gpa - GPA),
+            size: PAGE_SIZE,
+            count,
+            ..Default::default()
+        }
     }
-    Ok(leaf.size)
+
+    /// Rebuilds a 1 MiB VM (one memslot at GPA over its whole region) from
+    /// a core that answers the first LEAVES with `leaves` and the range's
+    /// end (or `next`), and every OWNED with nothing held.
+    fn rebuild_from(leaves: Vec<LeafRecord>, next: Option<u64>) -> (Result<Rebuilt, RebuildError>, AttachedVm) {
+        let layout = VmLayout::single_region(
+            VmId::new(1).unwrap(),
+            Pa::new(RAM_PA),
+            1 << 20,
+            4096,
+            &[(GPA, 1 << 20, 0, SlotFlags::default())],
+        )
+        .unwrap();
+        let vm = AttachedVm::new(layout, PagePool::default());
+        let (cmd_ring, res_ring) = (OwnedRing::new(), OwnedRing::new());
+        let inbox = vm.control.open();
+        let stop = AtomicBool::new(false);
+        let wait = WaitPolicy { spin_polls: 100, sleep_slice: Duration::from_millis(1) };
+        let rebuilt = std::thread::scope(|s| {
+            s.spawn(|| {
+                let (p, c) = (Producer::attach(cmd_ring.view()).unwrap(), Consumer::attach(res_ring.view()).unwrap());
+                ControlLoop::new(inbox, p, c).run(wait, &stop, |_| {})
+            });
+            // The core.
+            s.spawn(|| {
+                let mut cmds = Consumer::attach(cmd_ring.view()).unwrap();
+                let mut results = Producer::attach(res_ring.view()).unwrap();
+                let mut first = true;
+                while !stop.load(Ordering::Acquire) {
+                    let Some(r) = cmds.pop().unwrap() else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    let cmd = CommandRecord::decode(&r);
+                    let mut res = ResultRecord { kind: kind::RESULT, cmd_id: cmd.cmd_id, ..Default::default() };
+                    if cmd.kind == kind::LEAVES {
+                        let sent = if first { leaves.clone() } else { Vec::new() };
+                        res.value = sent.len() as u64;
+                        res.detail = if first { next.unwrap_or(cmd.ipa + cmd.size) } else { cmd.ipa + cmd.size };
+                        for leaf in sent {
+                            push_and_ring(&mut results, &LeafRecord { cmd_id: cmd.cmd_id, ..leaf }.encode()).unwrap();
+                        }
+                        first = false;
+                    }
+                    push_and_ring(&mut results, &res.encode()).unwrap();
+                }
+            });
+            let rebuilt = rebuild(&vm);
+            stop.store(true, Ordering::Release);
+            vm.control.close();
+            rebuilt
+        });
+        (rebuilt, vm)
+    }
+
+    #[test]
+    fn runs_of_leaves_are_pinned_and_recorded_one_mapping_each() {
+        let (rebuilt, vm) = rebuild_from(vec![run(GPA, 3), run(GPA + 0x10_000, 1)], None);
+        let r = rebuilt.unwrap();
+        assert_eq!((r.mappings, r.bytes), (4, 4 * PAGE_SIZE));
+        assert_eq!(vm.mapping.mapping_count(), 4);
+        assert_eq!(vm.mapping.pins().total(), 4);
+        assert!(vm.mapping.is_mapped(Ipa::new(GPA + 0x2000)) && !vm.mapping.is_mapped(Ipa::new(GPA + 0x3000)));
+        assert!(vm.mapping.is_populated(0, 0x2000, PAGE_SIZE));
+    }
+
+    #[test]
+    fn leaves_the_layout_cannot_explain_are_refused_with_the_reason() {
+        let cases: Vec<(Vec<LeafRecord>, &str)> = vec![
+            (vec![LeafRecord { pa: RAM_PA + 0x5000, ..run(GPA, 1) }], "maps a PA the memslot does not back"),
+            (vec![run(GPA, 0)], "not a run of leaves inside its memslot"),
+            (vec![run(GPA + (1 << 20) - 0x1000, 2)], "not a run of leaves inside its memslot"),
+            (vec![run(GPA, u64::MAX / 2)], "not a run of leaves inside its memslot"),
+            (vec![run(GPA + 0x4000, 1), run(GPA, 1)], "out of IPA order or overlapping"),
+            (vec![run(GPA, 2), run(GPA + 0x1000, 1)], "out of IPA order or overlapping"),
+            (vec![LeafRecord { flags: Perms::W.bits(), ..run(GPA, 1) }], "bad permissions"),
+            (vec![LeafRecord { reserved: [1, 0], ..run(GPA, 1) }], "not a well-formed leaf record"),
+            (vec![LeafRecord { size: 8192, ..run(GPA, 1) }], "not a leaf size"),
+        ];
+        for (leaves, why) in cases {
+            let (rebuilt, vm) = rebuild_from(leaves.clone(), None);
+            match rebuilt {
+                Err(RebuildError::BadLeaf { why: got, .. }) => assert_eq!(got, why, "{leaves:?}"),
+                other => panic!("{leaves:?}: {other:?}"),
+            }
+            drop(vm);
+        }
+    }
+
+    #[test]
+    fn a_core_whose_report_does_not_advance_is_refused() {
+        let (rebuilt, _vm) = rebuild_from(vec![run(GPA, 1)], Some(GPA));
+        assert!(matches!(rebuilt, Err(RebuildError::NoProgress(ipa)) if ipa == Ipa::new(GPA)), "{rebuilt:?}");
+    }
 }

@@ -247,24 +247,32 @@ impl MappingState {
     /// already been reconciled (the result of the map arrived late): the
     /// mapping is gone from the tables.
     pub fn record_installed(&self, ipa: Ipa, installed: Installed) -> bool {
+        self.record_all([(ipa, installed)]) == 1
+    }
+
+    /// Records mappings the core installed, as [`Self::record_installed`]
+    /// does one by one, under one lock (a rebuild records thousands);
+    /// returns how many were recorded.
+    pub fn record_all(&self, all: impl IntoIterator<Item = (Ipa, Installed)>) -> usize {
         let mut mappings = self.installed();
-        let end = ipa.raw() + installed.size.bytes();
-        let removed = self
-            .invalidations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|i| i.seq_after > installed.seq && ipa.raw() < i.start + i.len && i.start < end);
-        if removed {
-            return false;
+        let invalidations = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recorded = 0;
+        for (ipa, mut installed) in all {
+            let end = ipa.raw() + installed.size.bytes();
+            let removed = invalidations
+                .iter()
+                .any(|i| i.seq_after > installed.seq && ipa.raw() < i.start + i.len && i.start < end);
+            if removed {
+                continue;
+            }
+            installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
+            self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+            if let Some(old) = mappings.insert(ipa.raw(), installed) {
+                self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+            }
+            recorded += 1;
         }
-        let mut installed = installed;
-        installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
-        self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-        if let Some(old) = mappings.insert(ipa.raw(), installed) {
-            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
-        }
-        true
+        recorded
     }
 
     /// Reconciles an unmap or write-protect the core executed over

@@ -13,7 +13,7 @@
 //! counted and reported to it as lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, TryLockError};
+use std::sync::{Mutex, OnceLock, TryLockError};
 use std::time::Instant;
 
 use super::events::FaultEvent;
@@ -75,11 +75,57 @@ impl Reader {
     }
 }
 
+/// Slots per lazily made part of the history.
+const SLOTS_PER_PART: usize = 1024;
+
+/// One slot of the history.
+type Slot = Mutex<Option<FaultEvent>>;
+
+/// The history's slots, made a part at a time when an event first needs
+/// one (or by [`EventHub::prefill`] off the fault path): a daemon that
+/// starts does not wait for 64k empty slots (~17 MB) to be written, which
+/// would lengthen every restart's stall.
+struct Slots {
+    len: usize,
+    parts: Box<[OnceLock<Box<[Slot]>>]>,
+}
+
+impl Slots {
+    fn new(len: usize) -> Self {
+        let len = len.max(1);
+        Self { len, parts: (0..len.div_ceil(SLOTS_PER_PART)).map(|_| OnceLock::new()).collect() }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn part(&self, index: usize) -> &[Slot] {
+        self.parts[index].get_or_init(|| {
+            let n = SLOTS_PER_PART.min(self.len - index * SLOTS_PER_PART);
+            (0..n).map(|_| Mutex::new(None)).collect()
+        })
+    }
+
+    /// The slot of event `seq`, made if need be (writers).
+    fn slot(&self, seq: u64) -> &Slot {
+        let i = (seq % self.len as u64) as usize;
+        &self.part(i / SLOTS_PER_PART)[i % SLOTS_PER_PART]
+    }
+
+    /// The event in `seq`'s slot, if its part was made (readers).
+    fn event(&self, seq: u64) -> Option<FaultEvent> {
+        let i = (seq % self.len as u64) as usize;
+        let part = self.parts[i / SLOTS_PER_PART].get()?;
+        *part[i % SLOTS_PER_PART].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The event history.
 pub struct EventHub {
     /// Cumulative statistics of every event recorded.
     pub stats: FaultStats,
-    slots: Box<[Mutex<Option<FaultEvent>>]>,
+    slots: Slots,
     /// Per-second event counts over the last minute: (second, count).
     per_second: [(AtomicU64, AtomicU64); 60],
     seen: AtomicU64,
@@ -93,7 +139,7 @@ impl EventHub {
     pub fn new(capacity: usize) -> Self {
         Self {
             stats: FaultStats::default(),
-            slots: (0..capacity.max(1)).map(|_| Mutex::new(None)).collect(),
+            slots: Slots::new(capacity),
             per_second: std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0))),
             seen: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -101,12 +147,19 @@ impl EventHub {
         }
     }
 
+    /// Makes every slot of the history now, so no event pays for it later
+    /// (call off the fault path, once the daemon serves).
+    pub fn prefill(&self) {
+        for part in 0..self.slots.parts.len() {
+            self.slots.part(part);
+        }
+    }
+
     /// Records an event; never blocks.
     pub fn record(&self, mut event: FaultEvent) {
         event.seq = self.seen.fetch_add(1, Ordering::Relaxed);
         // The slot first: readers wait for a claimed slot to be written.
-        let slot = &self.slots[(event.seq % self.slots.len() as u64) as usize];
-        match slot.try_lock() {
+        match self.slots.slot(event.seq).try_lock() {
             Ok(mut s) => *s = Some(event),
             Err(TryLockError::Poisoned(p)) => *p.into_inner() = Some(event),
             Err(TryLockError::WouldBlock) => {
@@ -143,8 +196,7 @@ impl EventHub {
         reader.next = reader.next.max(oldest);
         while reader.next < end && chunk.events.len() < BATCH {
             let seq = reader.next;
-            let event = *self.slots[(seq % cap) as usize].lock().unwrap_or_else(|e| e.into_inner());
-            match event {
+            match self.slots.event(seq) {
                 Some(e) if e.seq == seq => chunk.events.push(e),
                 // Overwritten since `end` was read.
                 Some(e) if e.seq > seq => chunk.lost += 1,
@@ -171,11 +223,10 @@ impl EventHub {
         let start = end.saturating_sub(self.slots.len() as u64);
         let mut out = Vec::with_capacity((end - start) as usize);
         for seq in start..end {
-            let slot = self.slots[(seq % self.slots.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner());
             // A slot may hold an older event (its writer lost the slot) or a
             // newer one (overwritten since `end` was read): skip both.
-            if let Some(e) = slot.as_ref().filter(|e| e.seq == seq) {
-                out.push(*e);
+            if let Some(e) = self.slots.event(seq).filter(|e| e.seq == seq) {
+                out.push(e);
             }
         }
         out
@@ -249,7 +300,7 @@ mod tests {
         let ids: Vec<u64> = hub.history().iter().map(|e| e.fault_id).collect();
         assert_eq!(ids, [2, 3, 4]);
         // An observer holding the slot the next event goes to.
-        let guard = hub.slots[5 % 3].lock().unwrap();
+        let guard = hub.slots.slot(5).lock().unwrap();
         hub.record(event(5));
         drop(guard);
         let s = hub.status();
@@ -282,7 +333,7 @@ mod tests {
         assert_eq!((ids(&c), c.lost), (vec![6, 7, 8, 9], 4));
         // A writer that finds its slot held drops the event: a read waits
         // for it (here: one read), the next reports it lost and goes on.
-        let guard = hub.slots[11 % 4].lock().unwrap();
+        let guard = hub.slots.slot(11).lock().unwrap();
         hub.record(event(10));
         drop(guard);
         hub.record(event(11));

@@ -1,0 +1,345 @@
+//! A daemon replaced under a running guest, in one run:
+//!
+//! - the restart stall: SIGKILL, the supervisor (this bench) starts a new
+//!   daemon at once, and the stall lasts until the successor served its
+//!   first fault (its first FaultTrace event: start plus latency), over 50
+//!   kills of a 1 GiB guest with about 10k 4 KiB mappings, at 1 and 4 vCPUs;
+//! - the rebuild, per installed mapping, at 10k and 1M mappings (the
+//!   successor's own count and time, from its log);
+//! - the takeover stall: from the old daemon starting the handover to the
+//!   first fault the new one served, over 50 takeovers, at 1 and 4 vCPUs.
+//!
+//! `cargo bench -p faultline-system-tests --bench restart` (about N
+//! minutes; `RESTART_BENCH_KILLS=5` for a quick look)
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::{observe_response::ResponseTypes, ObserveRequest};
+use faultline_system_tests::{binary, machine, wait_paused, Daemon};
+use nix::sys::signal::Signal;
+
+const PAGE: u64 = 4096;
+const RAM_GPA: u64 = 0x4000_0000;
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A trace: `mapped` pages written once (split over the vCPUs), then
+/// `phases` phases of `per_phase` writes per vCPU to random pages of
+/// `ram_pages` (nearly every one a fault on a page not yet mapped), each
+/// phase between pauses.
+fn trace(vcpus: u64, mapped: u64, ram_pages: u64, phases: u64, per_phase: u64) -> tempfile::NamedTempFile {
+    let mut text = String::with_capacity((mapped + phases * vcpus * per_phase) as usize * 24);
+    for p in 0..mapped {
+        text.push_str(&format!("{} W {:#x} 8\n", p % vcpus, RAM_GPA + p * PAGE));
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..phases {
+        text.push_str("PAUSE\n");
+        for i in 0..vcpus * per_phase {
+            text.push_str(&format!("{} W {:#x} 8\n", i % vcpus, RAM_GPA + rng.next() % ram_pages * PAGE));
+        }
+    }
+    // Paused after the last phase too: the machine stays attached until
+    // `Machine::finish`.
+    text.push_str("PAUSE\n");
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+/// Starts the machine on `trace` and waits until its first phase (the
+/// mapped pages) is done; it then waits for a line on stdin.
+fn start_machine(daemon: &Daemon, vcpus: u64, ram_mib: u64, trace: &tempfile::NamedTempFile) -> Machine {
+    let mut child = machine(daemon)
+        .args(["--vcpus", &vcpus.to_string(), "--ram-mib", &ram_mib.to_string(), "--ram-page-kib", "4"])
+        .args(["--reattach-deadline-s", "60"])
+        .arg("--trace")
+        .arg(trace.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    wait_paused(&mut lines, 0);
+    Machine { child, lines, phase: 0 }
+}
+
+/// A running machine, paused after phase `phase`.
+struct Machine {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+    phase: usize,
+}
+
+impl Machine {
+    /// Lets the machine go on past its pause.
+    fn resume(&mut self) {
+        writeln!(self.child.stdin.as_mut().unwrap()).unwrap();
+    }
+
+    /// Waits until the phase after the last pause is done.
+    fn wait_paused(&mut self) {
+        self.phase += 1;
+        wait_paused(&mut self.lines, self.phase);
+    }
+
+    /// Lets it run to the end and detach; panics if the run failed.
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        std::thread::spawn(move || self.lines.for_each(drop));
+        let out = self.child.wait_with_output().unwrap();
+        assert!(out.status.success(), "machine failed");
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// When the daemon in place finished serving its first fault.
+fn first_served(rt: &tokio::runtime::Runtime, daemon: &Daemon) -> SystemTime {
+    let started = Instant::now();
+    loop {
+        let first = rt.block_on(async {
+            let mut c = FaultTraceClient::connect(daemon.grpc_addr()).await.ok()?;
+            let req = ObserveRequest { number: 1, first: true, ..Default::default() };
+            let mut stream = c.observe(req).await.ok()?.into_inner();
+            while let Some(r) = stream.message().await.ok()? {
+                if let Some(ResponseTypes::Fault(e)) = r.response_types {
+                    let t = e.time?;
+                    return Some(
+                        UNIX_EPOCH
+                            + Duration::new(t.seconds as u64, t.nanos as u32)
+                            + Duration::from_nanos(e.latency_ns),
+                    );
+                }
+            }
+            None
+        });
+        if let Some(t) = first {
+            return t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the new daemon served no fault");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The time of a log line (`2026-12-02T01:02:56.261508Z ...`, UTC).
+fn log_time(line: &str) -> SystemTime {
+    let stamp = line.split_whitespace().next().expect("a timestamp");
+    let num = |r: std::ops::Range<usize>| -> i64 { stamp[r].parse().expect("a timestamp field") };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
+    let frac = stamp[20..stamp.len() - 1].to_string();
+    let nanos: u64 = format!("{frac:0<9}").parse().expect("fraction");
+    UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_nanos(nanos)
+}
+
+/// `(mappings, elapsed_us)` of every rebuild in the log.
+fn rebuilds(log: &str) -> Vec<(u64, u64)> {
+    let field = |l: &str, key: &str| -> u64 {
+        l.split_whitespace().find_map(|w| w.strip_prefix(key)).expect("field").parse().expect("number")
+    };
+    log.lines()
+        .filter(|l| l.contains("re-attached: mapping state rebuilt"))
+        .map(|l| (field(l, "mappings="), field(l, "elapsed_us=")))
+        .collect()
+}
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stats_ms(mut d: Vec<Duration>) -> Stats {
+    d.sort_unstable();
+    let n = d.len();
+    let ms = |x: Duration| x.as_secs_f64() * 1e3;
+    Stats { p50: ms(d[n / 2]), p99: ms(d[(n * 99 / 100).min(n - 1)]), max: ms(d[n - 1]), n }
+}
+
+fn row(what: &str, s: &Stats) {
+    println!("| {what} | {:.2} | {:.2} | {:.2} | {} |", s.p50, s.p99, s.max, s.n);
+}
+
+/// Pages mapped before the kills and takeovers.
+const MAPPED: u64 = 10_000;
+/// Random writes per vCPU after each kill or takeover.
+const PER_PHASE: u64 = 20;
+
+/// Log lines that mark a restart's steps, in order.
+const STEPS: [(&str, &str); 4] = [
+    ("daemon started", "memory-manager starting"),
+    ("attach socket listening", "attach socket listening"),
+    ("VM re-attached", "VM attached"),
+    ("records rebuilt", "re-attached: mapping state rebuilt"),
+];
+
+/// A restart: the stall and when each of [`STEPS`] happened, after the kill.
+struct Restart {
+    stall: Duration,
+    steps: [Duration; 4],
+}
+
+/// Kills the daemon `kills` times under a 1 GiB guest with ~10k mappings:
+/// each time with the guest paused, then resumed at once, so its next
+/// fault waits from the kill to the successor.
+fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Vec<Restart>, Vec<(u64, u64)>) {
+    let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
+    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, kills as u64, PER_PHASE);
+    let mut m = start_machine(&daemon, vcpus, 1024, &file);
+    let mut restarts = Vec::new();
+    for _ in 0..kills {
+        let logged = daemon.log().len();
+        let killed = SystemTime::now();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), Signal::SIGKILL);
+        m.resume();
+        daemon.kill_and_restart(Signal::SIGKILL);
+        let stall = first_served(rt, &daemon).duration_since(killed).unwrap_or_default();
+        let log = daemon.log();
+        let after = |mark: &str| {
+            let line = log[logged..].lines().find(|l| l.contains(mark)).expect("a restart step");
+            log_time(line).duration_since(killed).unwrap_or_default()
+        };
+        restarts.push(Restart { stall, steps: STEPS.map(|(_, mark)| after(mark)) });
+        m.wait_paused();
+    }
+    m.finish();
+    (restarts, rebuilds(&daemon.log()))
+}
+
+/// Hands the guest over `takeovers` times: each time the guest, paused,
+/// is resumed as the old daemon starts handing over, so its next fault
+/// waits for the new daemon.
+fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -> Vec<Duration> {
+    let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
+    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, PER_PHASE);
+    let mut m = start_machine(&daemon, vcpus, 1024, &file);
+    let mut stalls = Vec::new();
+    // When the old daemon stops serving: its vCPU services start draining.
+    const MARK: &str = "draining the VM's vCPU services for the handover";
+    for _ in 0..takeovers {
+        let before = daemon.log().matches(MARK).count();
+        let log = daemon.log_path();
+        std::thread::scope(|s| {
+            let resumer = s.spawn(|| {
+                let started = Instant::now();
+                while std::fs::read_to_string(&log).unwrap_or_default().matches(MARK).count() == before
+                    && started.elapsed() < Duration::from_secs(30)
+                {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                m.resume();
+            });
+            daemon.take_over();
+            resumer.join().unwrap();
+        });
+        let log = daemon.log();
+        let began = log.lines().rfind(|l| l.contains(MARK)).expect("a handover");
+        stalls.push(first_served(rt, &daemon).duration_since(log_time(began)).unwrap_or_default());
+        m.wait_paused();
+    }
+    m.finish();
+    stalls
+}
+
+/// Rebuild time per mapping for a guest with `pages` 4 KiB mappings.
+fn rebuild_per_mapping(pages: u64, restarts: usize) -> Vec<(u64, u64)> {
+    let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
+    let ram_mib = (pages * PAGE).div_ceil(2 << 20) * 2 + 2;
+    let file = trace(1, pages, pages, 1, 0);
+    let m = start_machine(&daemon, 1, ram_mib, &file);
+    for _ in 0..restarts {
+        let before = rebuilds(&daemon.log()).len();
+        daemon.kill_and_restart(Signal::SIGKILL);
+        let started = Instant::now();
+        while rebuilds(&daemon.log()).len() == before {
+            assert!(started.elapsed() < Duration::from_secs(300), "no rebuild");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    m.finish();
+    rebuilds(&daemon.log())
+}
+
+fn main() {
+    let _ = binary("memory-manager");
+    let rt = runtime();
+    // Fewer for a quick look: RESTART_BENCH_KILLS=5 (the 1M-mapping rebuild
+    // is then skipped); RESTART_BENCH_ONLY=restart|takeover|rebuild for one
+    // part.
+    let kills: usize = std::env::var("RESTART_BENCH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let only = std::env::var("RESTART_BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
+    println!("| stall | p50 ms | p99 ms | max ms | n |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut rebuilt_10k = Vec::new();
+    let mut steps = Vec::new();
+    for vcpus in [1, 4].into_iter().filter(|_| part("restart")) {
+        let (restarts, rebuilt) = restart_stalls(&rt, vcpus, kills);
+        let stalls = restarts.iter().map(|r| r.stall).collect();
+        row(&format!("restart (SIGKILL), 1 GiB guest, ~10k mappings, {vcpus} vCPU"), &stats_ms(stalls));
+        rebuilt_10k.extend(rebuilt);
+        steps.extend(restarts);
+    }
+    for vcpus in [1, 4].into_iter().filter(|_| part("takeover")) {
+        let stalls = takeover_stalls(&rt, vcpus, kills);
+        row(&format!("takeover, 1 GiB guest, ~10k mappings, {vcpus} vCPU"), &stats_ms(stalls));
+    }
+    if !steps.is_empty() {
+        println!();
+        println!("| restart step, after the kill | p50 ms | p99 ms | max ms | n |");
+        println!("| --- | --- | --- | --- | --- |");
+        for (i, (name, _)) in STEPS.iter().enumerate() {
+            row(name, &stats_ms(steps.iter().map(|r| r.steps[i]).collect()));
+        }
+        row("first fault served", &stats_ms(steps.iter().map(|r| r.stall).collect()));
+    }
+    println!();
+    println!("| rebuild | mappings (mean) | p50 us/mapping | p99 us/mapping | total ms (mean) | n |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let per = |r: &[(u64, u64)], what: &str| {
+        if r.is_empty() {
+            return;
+        }
+        let mut us: Vec<f64> = r.iter().map(|(m, e)| *e as f64 / (*m).max(1) as f64).collect();
+        us.sort_by(f64::total_cmp);
+        let n = us.len();
+        let mean_m = r.iter().map(|x| x.0).sum::<u64>() / n as u64;
+        let mean_ms = r.iter().map(|x| x.1).sum::<u64>() as f64 / n as f64 / 1e3;
+        println!(
+            "| {what} | {mean_m} | {:.3} | {:.3} | {mean_ms:.1} | {n} |",
+            us[n / 2],
+            us[(n * 99 / 100).min(n - 1)]
+        );
+    };
+    per(&rebuilt_10k, "during the restart runs (~10k)");
+    if part("rebuild") {
+        per(&rebuild_per_mapping(10_000, 10), "10k mappings, idle guest");
+        if kills >= 50 {
+            per(&rebuild_per_mapping(1_000_000, 3), "1M mappings, idle guest");
+        }
+    }
+}
