@@ -102,18 +102,6 @@ impl ControlClient {
         self.ask(cmd).map(|a| (a.leaves, a.result))
     }
 
-    /// Which of the `pages` pages from `pa` (at most 64) the hypervisor
-    /// holds: bit i for page i.
-    pub fn owned(&self, pa: hyp_core::addr::Pa, pages: u64) -> Result<u64, ControlError> {
-        let cmd = CommandRecord {
-            kind: kind::OWNED,
-            pa: pa.raw(),
-            size: pages * hyp_core::addr::PAGE_SIZE,
-            ..Default::default()
-        };
-        self.execute(cmd).map(|r| r.value)
-    }
-
     /// Sends `cmd` (its `cmd_id` is assigned by the loop) and waits for the
     /// result, at most [`CONTROL_DEADLINE`].
     pub fn execute(&self, cmd: CommandRecord) -> Result<ResultRecord, ControlError> {

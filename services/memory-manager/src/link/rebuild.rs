@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
-use hyp_core::ring::abi::{kind, LeafRecord, FLAG_DEVICE, MAX_OWNED_PAGES};
+use hyp_core::ring::abi::{kind, CommandRecord, LeafRecord, FLAG_DEVICE, MAX_OWNED_PAGES};
 use hyp_core::stage2::{MapSize, Perms};
 
 use super::control::ControlError;
@@ -95,28 +95,36 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
             from = next;
         }
     }
+    // Which table-pool pages the core holds: OWNED asks about 64 pages at a
+    // time, all of them sent as one batch (several in flight).
     let windows = vm.mapping.replace_pool(PagePool::default()).windows().to_vec();
-    let mut free = Vec::new();
+    let mut asks = Vec::new();
     for (base, bytes) in windows {
         let pages = bytes / PAGE_SIZE;
-        let mut page = 0;
-        while page < pages {
+        for page in (0..pages).step_by(MAX_OWNED_PAGES as usize) {
             let n = (pages - page).min(MAX_OWNED_PAGES);
-            let first = base.raw() + page * PAGE_SIZE;
-            let held = vm.control.owned(Pa::new(first), n)?;
-            done.commands += 1;
-            for i in 0..n {
-                if held & (1 << i) != 0 {
-                    done.pool_pages_held += 1;
-                    continue;
-                }
-                let pa = first + i * PAGE_SIZE;
-                match free.last_mut() {
-                    Some((start, len)) if Pa::raw(*start) + *len == pa => *len += PAGE_SIZE,
-                    _ => free.push((Pa::new(pa), PAGE_SIZE)),
-                }
+            asks.push((base.raw() + page * PAGE_SIZE, n));
+        }
+    }
+    let cmds = asks
+        .iter()
+        .map(|&(pa, n)| CommandRecord { kind: kind::OWNED, pa, size: n * PAGE_SIZE, ..Default::default() })
+        .collect();
+    let answers = vm.control.execute_all(cmds)?;
+    done.commands += asks.len() as u64;
+    let mut free = Vec::new();
+    for ((first, n), answer) in asks.into_iter().zip(answers) {
+        let held = answer?.value;
+        for i in 0..n {
+            if held & (1 << i) != 0 {
+                done.pool_pages_held += 1;
+                continue;
             }
-            page += n;
+            let pa = first + i * PAGE_SIZE;
+            match free.last_mut() {
+                Some((start, len)) if Pa::raw(*start) + *len == pa => *len += PAGE_SIZE,
+                _ => free.push((Pa::new(pa), PAGE_SIZE)),
+            }
         }
     }
     // Taken from the end, as at attach: the windows in their order.
@@ -167,7 +175,7 @@ mod tests {
 
     use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
     use hyp_core::ownership::VmId;
-    use hyp_core::ring::abi::{CommandRecord, ResultRecord};
+    use hyp_core::ring::abi::ResultRecord;
     use hyp_core::ring::{Consumer, OwnedRing, Producer};
     use hyp_core::stage2::Perms;
 
