@@ -56,6 +56,8 @@ pub enum RebuildError {
 pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
     let started = Instant::now();
     let mut done = Rebuilt::default();
+    // Every leaf, in IPA order: recorded in one pass once all are in.
+    let mut adopted = Vec::new();
     for slot in vm.layout.memslots.iter() {
         let end = slot.end();
         let mut from = slot.gpa.raw();
@@ -74,15 +76,15 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
                 let (Some(span), Some(_)) = (span, end) else {
                     return Err(RebuildError::BadLeaf { ipa, why: "not a run of leaves inside its memslot" });
                 };
-                let installed = (0..run.count).map(|i| {
+                for i in 0..run.count {
                     let leaf = LeafRecord { ipa: run.ipa + i * run.size, pa: run.pa + i * run.size, count: 1, ..*run };
-                    checked(vm, slot, &leaf, result.inval_seq).map(|(ipa, installed, _)| (ipa, installed))
-                });
-                let installed: Vec<(Ipa, Installed)> = installed.collect::<Result<_, _>>()?;
-                vm.mapping.record_all(installed);
-                let (_, _, backing) = checked(vm, slot, &LeafRecord { count: 1, ..*run }, result.inval_seq)?;
-                if !vm.layout.regions[backing.region].device {
-                    vm.mapping.mark_populated(backing.region, backing.offset, span);
+                    adopted.push(checked(vm, slot, &leaf, result.inval_seq)?);
+                }
+                // Every leaf checked: the run lies in one region.
+                if let Some(backing) = vm.layout.backing(slot, ipa) {
+                    if !vm.layout.regions[backing.region].device {
+                        vm.mapping.mark_populated(backing.region, backing.offset, span);
+                    }
                 }
                 next_min = run.ipa + span;
                 done.mappings += run.count;
@@ -95,6 +97,7 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
             from = next;
         }
     }
+    vm.mapping.adopt(adopted);
     // Which table-pool pages the core holds: OWNED asks about 64 pages at a
     // time, all of them sent as one batch (several in flight).
     let windows = vm.mapping.replace_pool(PagePool::default()).windows().to_vec();
@@ -134,14 +137,9 @@ pub fn rebuild(vm: &AttachedVm) -> Result<Rebuilt, RebuildError> {
     Ok(done)
 }
 
-/// Checks one reported leaf against the layout and pins it: its IPA, the
-/// mapping to record, and where it lives.
-fn checked(
-    vm: &AttachedVm,
-    slot: &Memslot,
-    leaf: &LeafRecord,
-    seq: u64,
-) -> Result<(Ipa, Installed, crate::memory::layout::Backing), RebuildError> {
+/// Checks one reported leaf against the layout and pins it: its IPA and
+/// the mapping to record.
+fn checked(vm: &AttachedVm, slot: &Memslot, leaf: &LeafRecord, seq: u64) -> Result<(Ipa, Installed), RebuildError> {
     let ipa = Ipa::new(leaf.ipa);
     let bad = |why| RebuildError::BadLeaf { ipa, why };
     if leaf.kind != kind::LEAF || leaf.reserved != [0; 2] {
@@ -165,7 +163,7 @@ fn checked(
         return Err(bad("writable in a read-only memslot or region"));
     }
     let pin = vm.mapping.pin(backing.region, backing.offset, leaf.size).map_err(|_| bad("cannot be pinned"))?;
-    Ok((ipa, Installed::new(size, backing.pa, seq, pin.into_mapping()), backing))
+    Ok((ipa, Installed::new(size, backing.pa, seq, pin.into_mapping())))
 }
 
 #[cfg(test)]

@@ -250,9 +250,31 @@ impl MappingState {
         self.record_all([(ipa, installed)]) == 1
     }
 
+    /// Takes `all` (in IPA order, no two at one IPA: a core's leaves) as the
+    /// mappings of a VM that has none recorded yet, built in one pass
+    /// rather than inserted one by one (a rebuild of a million mappings);
+    /// returns how many. With mappings already recorded, it records them as
+    /// [`Self::record_all`] does.
+    pub fn adopt(&self, all: Vec<(Ipa, Installed)>) -> usize {
+        let mut mappings = self.installed();
+        if !mappings.is_empty() {
+            drop(mappings);
+            return self.record_all(all);
+        }
+        let n = all.len();
+        let first = self.installs.fetch_add(n as u64, Ordering::Relaxed);
+        let bytes: u64 = all.iter().map(|(_, m)| m.size.bytes()).sum();
+        *mappings = all
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ipa, installed))| (ipa.raw(), Installed { order: first + i as u64, ..installed }))
+            .collect();
+        self.resident.fetch_add(bytes, Ordering::AcqRel);
+        n
+    }
+
     /// Records mappings the core installed, as [`Self::record_installed`]
-    /// does one by one, under one lock (a rebuild records thousands);
-    /// returns how many were recorded.
+    /// does one by one, under one lock; returns how many were recorded.
     pub fn record_all(&self, all: impl IntoIterator<Item = (Ipa, Installed)>) -> usize {
         let mut mappings = self.installed();
         let invalidations = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
