@@ -192,7 +192,7 @@ impl<'f> Session<'f> {
                     Ok(reply) if reply.status == Status::AlreadyAttached => {}
                     Ok(reply) => return Err(SessionError::Refused { status: reply.status, message: reply.message }),
                     // The daemon went away again mid-exchange: try again.
-                    Err(e) => warn!(cause = %e, "re-attach interrupted"),
+                    Err(e) => info!(cause = %e, "the daemon went away before answering; trying again"),
                 }
             }
             if lost.elapsed() >= self.deadline {

@@ -390,9 +390,10 @@ async fn main() -> anyhow::Result<()> {
                         .map(|(_, n)| *n)
                         .collect::<Vec<_>>()
                         .join(",");
+                    let flags = if flags.is_empty() { String::new() } else { format!(" {flags}") };
                     println!(
-                        "  memslot {}: gpa {:#x} size {:#x} {} dirty {}",
-                        m.id, m.gpa, m.size, flags, m.dirty_pages
+                        "  memslot {}: gpa {:#x} size {:#x}{flags}, {} dirty pages",
+                        m.id, m.gpa, m.size, m.dirty_pages
                     );
                 }
             }

@@ -224,6 +224,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> anyhow::Result<()> {
+    let patient = sources.lifecycle.took_over;
     let registry = Arc::new(registry(sources));
     let app = axum::Router::new().route(
         "/metrics",
@@ -245,7 +246,7 @@ pub async fn serve(
             }
         }),
     );
-    let listener = super::server::bind(addr).await?;
+    let listener = super::server::bind(addr, "metrics", patient).await?;
     let local = listener.local_addr()?;
     info!(addr = %local, "metrics listening");
     let _ = bound.send(local);

@@ -27,7 +27,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let listener = bind(addr).await?;
+    let listener = bind(addr, "gRPC", sources.lifecycle.took_over).await?;
     let local = listener.local_addr()?;
     let unix_listener = match &unix {
         Some(path) => {
@@ -100,21 +100,29 @@ pub async fn serve(
     Ok(())
 }
 
-/// How long a port held by another process is waited for: a daemon that
-/// takes over binds its ports while its predecessor still serves them.
+/// How long a daemon that takes over waits for its predecessor to let go
+/// of a port: it binds its ports while the old daemon still serves them.
 const BIND_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Binds `addr`, waiting up to [`BIND_PATIENCE`] for a predecessor that
-/// still holds it.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// Binds `addr` (the `what` listen address); a daemon that takes over
+/// (`patient`) waits up to [`BIND_PATIENCE`] for its predecessor to let go.
+pub async fn bind(addr: SocketAddr, what: &str, patient: bool) -> anyhow::Result<tokio::net::TcpListener> {
     let started = tokio::time::Instant::now();
+    let mut said = false;
     loop {
         match tokio::net::TcpListener::bind(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_PATIENCE => {
-                tracing::warn!(%addr, "address in use (a daemon handing over?); retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(listener) => return Ok(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && patient && started.elapsed() < BIND_PATIENCE => {
+                if !said {
+                    tracing::info!(%addr, "{what} address still the old daemon's; waiting for it to let go");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            bound => return bound,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                "{what} address {addr} is in use (another memory-manager? `--takeover` replaces a running one)"
+            ),
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("{what} address {addr}"))),
         }
     }
 }
