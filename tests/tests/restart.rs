@@ -162,28 +162,70 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     println!("stalls: {}", summary["stalls"]);
 }
 
+/// A machine paused halfway through its workload, attached.
+struct PausedMachine {
+    child: std::process::Child,
+    /// A line lets it go on.
+    stdin: std::process::ChildStdin,
+    /// The rest of its stderr, once it ends.
+    stderr: std::sync::mpsc::Receiver<String>,
+    _trace: tempfile::TempDir,
+}
+
+impl PausedMachine {
+    /// A 2-vCPU random workload of `ops` accesses per vCPU (seed `seed`,
+    /// pausing halfway) attached as VM `vm` with `extra` arguments, once
+    /// it paused.
+    fn start(daemon: &Daemon, vm: u16, ops: usize, seed: u64, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("paused.trace");
+        std::fs::write(&trace, Self::workload(ops, seed).to_trace()).unwrap();
+        let mut child = machine(daemon)
+            .args(["--vm-id", &vm.to_string(), "--vcpus", "2", "--spin-polls", "0"])
+            .args(extra)
+            .arg("--trace")
+            .arg(&trace)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        wait_paused(&mut lines, 0);
+        let (tx, stderr) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+        });
+        Self { child, stdin, stderr, _trace: dir }
+    }
+
+    /// Its workload.
+    fn workload(ops: usize, seed: u64) -> sim_machine::workload::Workload {
+        let mut workload = generate(Pattern::Random, &Layout { nr_vcpus: 2, ..Layout::default() }, ops, seed);
+        workload.pauses = vec![vec![ops / 2; 2]];
+        workload
+    }
+
+    /// Lets it go on and waits for the end: its output and stderr.
+    fn finish(mut self) -> (std::process::Output, String) {
+        writeln!(self.stdin).unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        (out, self.stderr.recv().unwrap_or_default())
+    }
+}
+
 #[test]
 fn a_machine_whose_daemon_never_returns_exits_with_a_clear_error_after_its_deadline() {
     let daemon = Daemon::start(&["--spin-polls", "0"]);
-    let child = machine(&daemon)
-        .args(["--vcpus", "2", "--pattern", "random", "--ops", "5000000", "--spin-polls", "0"])
-        .args(["--reattach-deadline-s", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log().contains("VM attached") {
-        assert!(Instant::now() < deadline, "machine never attached");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    // Paused halfway, attached; the daemon dies; the machine goes on and
+    // its next fault waits for a daemon that never comes.
+    let paused = PausedMachine::start(&daemon, 1, 4_000, 1, &["--reattach-deadline-s", "1"]);
     let killed = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), Signal::SIGKILL).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let (out, stderr) = paused.finish();
     let waited = killed.elapsed();
     assert!(!out.status.success(), "the machine cannot finish without a daemon");
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did not come back within 1s"), "unclear error: {stderr}");
     assert!(waited >= Duration::from_secs(1), "it waited its deadline, {waited:?}");
 }
@@ -365,32 +407,21 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
 
 #[test]
 fn a_daemon_stopped_with_sigterm_leaves_its_guests_to_the_next_one() {
-    // `systemctl restart`: SIGTERM, then a new daemon. The machine keeps
-    // running, re-attaches, and loses nothing.
+    // `systemctl restart`: SIGTERM, then a new daemon, with the guest
+    // attached and paused halfway. It goes on, re-attaches, and loses
+    // nothing.
     let mut daemon = Daemon::start(&["--spin-polls", "0"]);
     let layout = Layout { nr_vcpus: 2, ..Layout::default() };
     let (ops, seed) = (8_000, 17);
-    let child = machine(&daemon)
-        .args(["--vm-id", "17", "--vcpus", "2", "--pattern", "random", "--ops", &ops.to_string()])
-        .args(["--seed", &seed.to_string(), "--spin-polls", "0", "--reattach-deadline-s", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log().contains("VM attached") {
-        assert!(Instant::now() < deadline, "machine never attached");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    let paused = PausedMachine::start(&daemon, 17, ops, seed, &["--reattach-deadline-s", "30"]);
     daemon.kill_and_restart(Signal::SIGTERM);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (out, stderr) = paused.finish();
+    assert!(out.status.success(), "machine failed: {stderr}");
     let log = daemon.log();
     assert!(log.contains("VM left for the next daemon"), "{log}");
     assert!(log.contains("memory-manager stopped"), "the first daemon stopped cleanly: {log}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
+    let flat = replay_flat(&layout, &PausedMachine::workload(ops, seed));
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
     assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
