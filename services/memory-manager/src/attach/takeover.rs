@@ -18,6 +18,9 @@ use std::time::Duration;
 use faultline_attach::{decode_header, encode_message, recv_message, send_message, AttachRequest, MsgKind};
 use tracing::{info, warn};
 
+/// How long the new daemon waits for each message of the handover.
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(30);
+
 /// What the old daemon handed over.
 #[derive(Debug)]
 pub struct Handover {
@@ -53,6 +56,10 @@ pub enum TakeoverError {
 /// New daemon side: asks the daemon at `path` for everything and receives it.
 pub fn take_over(path: &Path) -> Result<Handover, TakeoverError> {
     let conn = faultline_attach::connect(path).map_err(|e| TakeoverError::Connect(path.display().to_string(), e))?;
+    // The old daemon drains first (a reclaim under way finishes, a result
+    // is waited for at most a second): a daemon that says nothing for this
+    // long is not handing over.
+    set_recv_timeout(&conn, HANDOVER_PATIENCE);
     let broke = |what: String| TakeoverError::Protocol(what);
     send_message(conn.as_fd(), &encode_message(MsgKind::Takeover, &[]), &[]).map_err(|e| broke(e.to_string()))?;
     let mut listener = None;

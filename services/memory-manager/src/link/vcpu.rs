@@ -33,6 +33,8 @@ const TOPUP_PAGES: u64 = 64;
 
 /// How often a draining vCPU service looks for the result it waits for.
 const DRAIN_POLL: Duration = Duration::from_micros(20);
+/// How long a draining vCPU service waits for a result before it gives up.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(1);
 
 /// A map command in flight and the event it will complete.
 struct PendingMap {
@@ -121,6 +123,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         let stop = end.stopping();
         let occupancy = &self.vm.rings[self.vcpu as usize];
         occupancy.set_capacity(self.faults.view().capacity());
+        let mut draining_since: Option<std::time::Instant> = None;
         loop {
             if end.draining().load(Ordering::Acquire) && !end.stopped() && self.pending.is_empty() {
                 // At a fault boundary: what is still on the ring is the
@@ -134,6 +137,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 // the core, which answers without the daemon's help.
                 None => match self.faults.pop()? {
                     Some(record) => record,
+                    // A core that stopped answering (its machine died) does
+                    // not hold the handover: what is still in flight is
+                    // reported, and the next daemon rebuilds from the core.
+                    None if draining_since.get_or_insert_with(std::time::Instant::now).elapsed() > DRAIN_PATIENCE => {
+                        warn!(vm = %self.vm.id(), vcpu = self.vcpu, in_flight = self.pending.len(), "no result within the drain's patience; handing over anyway");
+                        return Ok(self.pending.len());
+                    }
                     None => {
                         std::thread::sleep(DRAIN_POLL);
                         continue;
