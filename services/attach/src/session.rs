@@ -308,3 +308,57 @@ pub fn read_reply(conn: &OwnedFd) -> Result<Reply, SessionError> {
     }
     Ok(Reply::decode(payload)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::{accept, listen};
+
+    fn request() -> AttachRequest {
+        AttachRequest { vm_id: 2, nr_vcpus: 1, ipa_bits: 40, flags: 0, regions: Vec::new(), memslots: Vec::new() }
+    }
+
+    /// A daemon's side: the next connection's request, answered `ok`.
+    fn answer(listener: &OwnedFd) -> (OwnedFd, AttachRequest) {
+        let conn = accept(listener.as_fd()).unwrap();
+        let msg = recv_message(conn.as_fd()).unwrap().unwrap();
+        let (kind, payload) = decode_header(&msg.bytes).unwrap();
+        assert_eq!(kind, MsgKind::Attach);
+        let req = AttachRequest::decode(payload).unwrap();
+        let ok = Reply { status: Status::Ok, message: "attached".into(), values: [0; 3] };
+        send_message(conn.as_fd(), &ok.encode(), &[]).unwrap();
+        (conn, req)
+    }
+
+    #[test]
+    fn a_lost_daemon_is_re_attached_only_once_the_rings_settled() {
+        let dir = std::env::temp_dir().join(format!("faultline-session-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("attach.sock");
+        let listener = listen(&path).unwrap();
+        let stop = AtomicBool::new(false);
+        // Settled on the third look: the re-attach must come after it.
+        let looks = AtomicU32::new(0);
+        let settled = || looks.fetch_add(1, Ordering::AcqRel) + 1 >= 3;
+        std::thread::scope(|s| {
+            let daemon = s.spawn(|| {
+                let (first, req) = answer(&listener);
+                assert_eq!(req.flags & crate::ATTACH_REATTACH, 0, "the first attach is fresh");
+                drop(first); // the daemon dies
+                let (second, req) = answer(&listener);
+                assert_ne!(req.flags & crate::ATTACH_REATTACH, 0, "the second is a re-attach");
+                let looked = looks.load(Ordering::Acquire);
+                stop.store(true, Ordering::Release);
+                (second, looked)
+            });
+            let session = Session::attach(&path, request(), Vec::new(), Duration::from_secs(30)).unwrap();
+            session.supervise(&stop, settled, || {}).unwrap();
+            let (_conn, looked) = daemon.join().unwrap();
+            assert!(looked >= 3, "re-attached after {looked} looks at the rings");
+            assert_eq!(session.stalls().count, 1);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
