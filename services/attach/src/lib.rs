@@ -16,5 +16,5 @@ pub mod shm;
 mod socket;
 mod wire;
 
-pub use socket::{accept, connect, listen, recv_message, send_message, Received};
+pub use socket::{accept, connect, listen, recv_message, send_message, set_recv_timeout, Received};
 pub use wire::*;

@@ -21,7 +21,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::{connect, decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status, WireError};
+use crate::{
+    connect, decode_header, recv_message, send_message, set_recv_timeout, AttachRequest, MsgKind, Reply, Status,
+    WireError,
+};
 
 /// First wait between connection attempts; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(1);
@@ -139,8 +142,7 @@ impl<'f> Session<'f> {
     /// never answers is given up on after [`REPLY_TIMEOUT`].
     fn connect(&self) -> std::io::Result<OwnedFd> {
         let conn = connect(&self.socket)?;
-        let tv = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as i64, 0);
-        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+        set_recv_timeout(conn.as_fd(), REPLY_TIMEOUT)?;
         Ok(conn)
     }
 

@@ -4,10 +4,12 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+use nix::sys::time::TimeVal;
 
 use crate::wire::{MAX_MESSAGE_LEN, MAX_REGIONS};
 
@@ -47,6 +49,14 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let fd = seqpacket()?;
     socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     Ok(fd)
+}
+
+/// Bounds how long a receive on `sock` waits: a peer that accepted or
+/// connected and then says nothing is given up on.
+pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let tv = TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    socket::setsockopt(&sock, sockopt::ReceiveTimeout, &tv)?;
+    Ok(())
 }
 
 /// Sends one message with `fds` attached.

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use faultline_attach::doorbell::WaitPolicy;
-use faultline_attach::{decode_header, recv_message, send_message, AttachRequest, MsgKind, Reply, Status};
+use faultline_attach::{
+    decode_header, recv_message, send_message, set_recv_timeout, AttachRequest, MsgKind, Reply, Status,
+};
 use hyp_core::ring::{Consumer, Producer, RingKind};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{error, info, info_span, warn};
@@ -456,7 +458,7 @@ fn reply_on(conn: &OwnedFd, status: Status, message: String, values: [u64; 3]) {
 }
 
 fn receive_attach(conn: &OwnedFd) -> Result<(AttachRequest, Vec<OwnedFd>), Refusal> {
-    set_recv_timeout(conn, Duration::from_secs(5));
+    let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(5));
     let msg = recv_message(conn.as_fd())
         .map_err(|e| refuse(Status::Truncated, format!("receiving the attach request: {e}")))?
         .ok_or_else(|| refuse(Status::Truncated, "connection closed before an attach request"))?;
@@ -468,9 +470,4 @@ fn receive_attach(conn: &OwnedFd) -> Result<(AttachRequest, Vec<OwnedFd>), Refus
         return Err(refuse(Status::Malformed, format!("expected an attach request, got {kind:?}")));
     }
     Ok((AttachRequest::decode(payload)?, msg.fds))
-}
-
-fn set_recv_timeout(conn: &OwnedFd, t: Duration) {
-    let tv = nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64);
-    let _ = nix::sys::socket::setsockopt(conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv);
 }

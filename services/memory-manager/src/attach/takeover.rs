@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use faultline_attach::{decode_header, encode_message, recv_message, send_message, AttachRequest, MsgKind};
+use faultline_attach::{
+    decode_header, encode_message, recv_message, send_message, set_recv_timeout, AttachRequest, MsgKind,
+};
 use tracing::{info, warn};
 
 /// How long the new daemon waits for each message of the handover.
@@ -59,7 +61,7 @@ pub fn take_over(path: &Path) -> Result<Handover, TakeoverError> {
     // The old daemon drains first (a reclaim under way finishes, a result
     // is waited for at most a second): a daemon that says nothing for this
     // long is not handing over.
-    set_recv_timeout(&conn, HANDOVER_PATIENCE);
+    let _ = set_recv_timeout(conn.as_fd(), HANDOVER_PATIENCE);
     let broke = |what: String| TakeoverError::Protocol(what);
     send_message(conn.as_fd(), &encode_message(MsgKind::Takeover, &[]), &[]).map_err(|e| broke(e.to_string()))?;
     let mut listener = None;
@@ -127,14 +129,9 @@ impl HandoverSink {
 
 /// Whether `conn` (a takeover socket connection) asks for a takeover.
 pub fn asks_for_takeover(conn: &OwnedFd) -> bool {
-    set_recv_timeout(conn, Duration::from_secs(5));
+    let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(5));
     matches!(
         recv_message(conn.as_fd()).ok().flatten().and_then(|m| decode_header(&m.bytes).ok().map(|(k, _)| k)),
         Some(MsgKind::Takeover)
     )
-}
-
-fn set_recv_timeout(conn: &OwnedFd, t: Duration) {
-    let tv = nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64);
-    let _ = nix::sys::socket::setsockopt(conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv);
 }
