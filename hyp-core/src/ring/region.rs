@@ -81,6 +81,13 @@ impl<'a> SharedRegion<'a> {
         &self.header
     }
 
+    /// Whether the core has taken every command on every ring pair's
+    /// command ring (the control pair's included), as a third party sees it:
+    /// what a machine waits for before it re-attaches to a new daemon.
+    pub fn commands_drained(&self) -> bool {
+        (0..self.header.nr_vcpus).all(|pair| self.ring(pair, RingKind::Command).is_none_or(|r| r.is_drained()))
+    }
+
     /// The view of `vcpu`'s ring of `kind`, or `None` if `vcpu` is out of range.
     pub fn ring(&self, vcpu: u32, kind: RingKind) -> Option<RingView<'a>> {
         if vcpu >= self.header.nr_vcpus {

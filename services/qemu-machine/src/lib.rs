@@ -33,7 +33,6 @@ use faultline_attach::shm::MappedRegion;
 use faultline_attach::{
     AttachRequest, MemslotDesc, RegionDesc, RegionKind, ATTACH_POLLED, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
-use hyp_core::ring::RingKind;
 use serde::Serialize;
 // The probe's vocabulary and tables: both machines take the same
 // arguments and write the same tables.
@@ -437,12 +436,16 @@ fn serve(
     let stop = AtomicBool::new(false);
     let (ran, supervised) = std::thread::scope(|s| {
         let supervisor = s.spawn(|| {
-            // vCPU 0's and the control ring's commands executed.
-            let settled = || (0..2).all(|r| region.ring(r, RingKind::Command).is_none_or(|v| v.is_drained()));
-            let reposts = std::sync::atomic::AtomicU32::new(0);
-            session.supervise(&stop, settled, || {
-                mailbox_store(ram, mailbox::REPOST, reposts.fetch_add(1, Ordering::Relaxed) + 1);
-            })
+            // Re-attached: one more REPOST, and a vCPU waiting in a fault
+            // posts it again.
+            session.supervise(
+                &stop,
+                || region.commands_drained(),
+                || {
+                    let reposts = ram.load(MAILBOX_PA - RAM_PA + mailbox::REPOST, 4).expect("the mailbox is in RAM");
+                    mailbox_store(ram, mailbox::REPOST, (reposts as u32).wrapping_add(1));
+                },
+            )
         });
         let gone = || supervisor.is_finished();
         let ran =

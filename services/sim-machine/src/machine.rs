@@ -268,8 +268,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             s.spawn(move || {
                 // Settled once every command ring (vCPUs' and control) is
                 // empty: the vCPUs waiting in a fault execute theirs.
-                let settled = || (0..=n).all(|r| shared.ring(r, RingKind::Command).is_none_or(|v| v.is_drained()));
-                let supervised = session.supervise(stop, settled, || kick_all(kicks, shared, n));
+                let supervised = session.supervise(stop, || shared.commands_drained(), || kick_all(kicks, shared, n));
                 if supervised.is_err() {
                     stop_all(stop, kicks, shared, n);
                 }
