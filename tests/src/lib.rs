@@ -56,6 +56,9 @@ pub fn binary(name: &str) -> PathBuf {
 /// daemon's `fault::failpoint::CRASH_AT_ENV`): `name` or `name:N`.
 pub const CRASH_AT_ENV: &str = "FAULTLINE_CRASH_AT";
 
+/// What a daemon logs once its gRPC API listens (its address follows).
+const GRPC_LISTENING: &str = "gRPC listening addr=";
+
 /// A running daemon, stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Child,
@@ -115,16 +118,26 @@ impl Daemon {
     /// the same arguments, socket and state directory (a supervisor's
     /// restart). Returns when the new one listens.
     pub fn kill_and_restart(&mut self, signal: Signal) {
-        let starts = self.log().matches("gRPC listening addr=").count();
+        let starts = self.api_starts();
         let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
         self.child = Self::spawn(self._dir.path(), &self.socket, &self.args, &self.env);
         self.wait_for_socket();
-        // Its API too (grpc_addr then names the new one's port).
+        self.wait_for_api(starts, "the restarted daemon");
+    }
+
+    /// How many daemons of this fixture have listened on their API so far.
+    fn api_starts(&self) -> usize {
+        self.log().matches(GRPC_LISTENING).count()
+    }
+
+    /// Waits until one more daemon than `starts` listens on its API
+    /// ([`Daemon::grpc_addr`] then names the new one's port).
+    fn wait_for_api(&self, starts: usize, who: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log().matches("gRPC listening addr=").count() == starts {
-            assert!(Instant::now() < deadline, "the restarted daemon never listened: {}", self.log());
+        while self.api_starts() == starts {
+            assert!(Instant::now() < deadline, "{who} never listened: {}", self.log());
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -132,7 +145,7 @@ impl Daemon {
     /// Starts a new daemon that takes every VM over from this one (`--takeover`)
     /// and waits until the old one has handed everything over and exited.
     pub fn take_over(&mut self) {
-        let starts = self.log().matches("gRPC listening addr=").count();
+        let starts = self.api_starts();
         // The default: next to the attach socket.
         let takeover = self.socket.with_file_name("takeover.sock");
         let mut args = self.args.clone();
@@ -141,11 +154,7 @@ impl Daemon {
         let status = self.child.wait().expect("waiting for the old daemon");
         assert!(status.success(), "the old daemon did not hand over cleanly: {status:?}\n{}", self.log());
         self.child = new;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log().matches("gRPC listening addr=").count() == starts {
-            assert!(Instant::now() < deadline, "the new daemon never listened: {}", self.log());
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.wait_for_api(starts, "the new daemon");
     }
 
     /// Waits for the daemon to end by itself (a crash point aborted it),
@@ -168,7 +177,7 @@ impl Daemon {
 
     /// The gRPC address the daemon logged once it was listening.
     pub fn grpc_addr(&self) -> String {
-        format!("http://{}", self.logged_addr("gRPC listening addr="))
+        format!("http://{}", self.logged_addr(GRPC_LISTENING))
     }
 
     /// The `host:port` of the Prometheus endpoint the daemon logged.
