@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::Mutex;
 
 use faultline_attach::shm::{MappedRegion, RegionError};
-use hyp_core::addr::Pa;
+use hyp_core::addr::{Pa, PAGE_SIZE};
 use memfd::Memfd;
 use nix::fcntl::{fallocate, FallocateFlags};
 
@@ -391,30 +391,34 @@ impl GuestRegion {
     }
 
     /// The holes in `[offset, end)` of the region, as region offsets
-    /// (SEEK_HOLE / SEEK_DATA on the memfd).
+    /// (SEEK_DATA on the memfd, page by page where there is data).
+    ///
+    /// Never SEEK_HOLE: on shmem it walks every page from the offset to the
+    /// first hole after it, which in a backing the machine filled (a ROM, a
+    /// restored snapshot) is the rest of the file: 200-450 us for each 4 KiB
+    /// fault on a 32 MiB read-only slot. SEEK_DATA from a page that holds
+    /// data answers at once, and from a hole it skips the empty range, so
+    /// the cost is bounded by the range asked about.
     fn holes(&self, offset: u64, end: u64) -> nix::Result<Vec<(u64, u64)>> {
         use nix::unistd::{lseek, Whence};
         let fd = self.memfd.as_file().as_fd();
-        let base = self.fd_offset;
-        let (mut at, end) = ((base + offset) as i64, (base + end) as i64);
-        let mut holes = Vec::new();
+        let base = self.fd_offset as i64;
+        let (mut at, end) = (base + offset as i64, base + end as i64);
+        let mut holes: Vec<(u64, u64)> = Vec::new();
         while at < end {
-            let hole = match lseek(fd, at, Whence::SeekHole) {
-                Ok(h) => h,
-                // Past the end of the file: all hole.
-                Err(nix::Error::ENXIO) => at,
-                Err(e) => return Err(e),
-            };
-            if hole >= end {
-                break;
-            }
-            let data = match lseek(fd, hole, Whence::SeekData) {
+            let data = match lseek(fd, at, Whence::SeekData) {
                 Ok(d) => d.min(end),
+                // No data from here to the end of the file: all hole.
                 Err(nix::Error::ENXIO) => end,
                 Err(e) => return Err(e),
             };
-            holes.push(((hole - base as i64) as u64, (data - base as i64) as u64));
-            at = data;
+            if data > at {
+                holes.push(((at - base) as u64, (data - base) as u64));
+                at = data;
+            } else {
+                // `at` holds data: on to the next page.
+                at += PAGE_SIZE as i64;
+            }
         }
         Ok(holes)
     }
@@ -462,6 +466,12 @@ mod tests {
         region.map.store(0x5000, 8, 7).unwrap();
         assert_eq!(region.holes(0x5000, 0x6000).unwrap(), []);
         assert_eq!(region.holes(0x1000, 0x8000).unwrap(), [(0x1000, 0x5000), (0x6000, 0x8000)]);
+        // Data pages in a row, data to the end of the range, data after it.
+        region.map.store(0x6000, 8, 7).unwrap();
+        region.map.store(0x9000, 8, 7).unwrap();
+        assert_eq!(region.holes(0x1000, 0x8000).unwrap(), [(0x1000, 0x5000), (0x7000, 0x8000)]);
+        assert_eq!(region.holes(0x5000, 0x7000).unwrap(), []);
+        assert_eq!(region.holes(0x6000, 0xa000).unwrap(), [(0x7000, 0x9000)]);
         assert!(region.fill(0x4000, 0x2000).unwrap(), "the page before it was a hole");
         assert!(!region.fill(0x5000, 0x1000).unwrap());
         assert_eq!(region.map.load(0x5000, 8), Some(7), "data is left alone");
