@@ -58,6 +58,10 @@ async fn tiny_buffers_lose_events_and_say_how_many() {
     cmd.args(["--vcpus", "2", "--pattern", "random", "--ops", "20000", "--seed", "3"]);
     let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
     let total = summary["faults"].as_u64().unwrap();
+    // The machine's vCPUs report how they waited for the daemon: each fault
+    // is a wait (its answer cannot be on the ring the instant it is posted).
+    let waits = |how: &str| summary["waits"][how].as_u64().unwrap_or_else(|| panic!("waits.{how}: {summary}"));
+    assert!(waits("spun") + waits("slept") >= 1, "{}", summary["waits"]);
     assert!(total > 1000, "the workload must overflow the buffers: {total} faults");
 
     // The follower now reads: every fault is either delivered or counted lost.
@@ -220,6 +224,14 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
         assert!(child.try_wait().unwrap().is_none(), "machine ended early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The wait split, in /metrics too, while the VM is attached.
+    let text = tokio::task::spawn_blocking({
+        let addr = daemon.metrics_addr();
+        move || scrape(&addr)
+    })
+    .await
+    .unwrap();
+    let m = samples(&text);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(occupancy.iter().map(|r| (r.vm_id, r.vcpu)).collect::<Vec<_>>(), [(7, 0), (7, 1)]);
@@ -228,7 +240,12 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
         // each command is taken before the next is pushed or soon after.
         assert!(r.capacity >= 64 && r.fault_ring <= r.fault_ring_high_water, "{r:?}");
         assert!(r.command_ring_high_water >= 1 && r.command_ring_high_water < r.capacity, "{r:?}");
+        // --spin-polls 0: every wait for a fault sleeps on the doorbell.
+        assert!(r.waits_slept >= 1 && r.waits_spun == 0 && r.spins_yielded == 0, "{r:?}");
     }
+    let slept = m["faultline_fault_waits_total{vm=\"7\",how=\"slept\"}"];
+    assert!(slept >= occupancy.iter().map(|r| r.waits_slept).sum::<u64>() as f64, "{slept}");
+    assert_eq!(m["faultline_fault_waits_total{vm=\"7\",how=\"spun\"}"], 0.0);
     drop(daemon);
     assert!(!path.exists(), "the daemon removes its gRPC socket at exit");
 }

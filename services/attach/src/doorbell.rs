@@ -84,6 +84,12 @@ pub fn wait_pop(
         }
         spin_loop();
     }
+    sleep_pop(consumer, policy.sleep_slice, stop)
+}
+
+/// Sleeps on `consumer`'s doorbell until a record arrives or `stop` is set
+/// (then `Ok(None)`), without spinning first.
+pub fn sleep_pop(consumer: &mut Consumer<'_>, slice: Duration, stop: &AtomicBool) -> Result<Option<Record>, RingError> {
     let view = consumer.view();
     loop {
         if stop.load(Ordering::Acquire) {
@@ -95,7 +101,7 @@ pub fn wait_pop(
             view.set_consumer_waiting(false);
             return Ok(Some(r));
         }
-        futex_wait(view.producer_word(), seen, policy.sleep_slice);
+        futex_wait(view.producer_word(), seen, slice);
         view.set_consumer_waiting(false);
         if let Some(r) = consumer.pop()? {
             return Ok(Some(r));

@@ -1,5 +1,6 @@
 //! faultline-attach: attach protocol v1 (docs/attach-protocol.md) and the
-//! ring doorbell, the host-side pieces the daemon and the machines share.
+//! ring doorbell with its adaptive waiter, the host-side pieces the daemon
+//! and the machines share.
 //!
 //! A machine attaches a VM by connecting to the daemon's Unix SOCK_SEQPACKET
 //! socket and sending one [`AttachRequest`] whose memory regions travel as
@@ -14,6 +15,7 @@ pub mod doorbell;
 pub mod session;
 pub mod shm;
 mod socket;
+pub mod wait;
 mod wire;
 
 pub use socket::{accept, connect, listen, recv_message, send_message, set_recv_timeout, Received};

@@ -265,14 +265,17 @@ async fn main() -> anyhow::Result<()> {
             println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
             for r in &s.rings {
                 println!(
-                    "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}",
+                    "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}; waits spun {} slept {} (spins cut short {})",
                     r.vm_id,
                     r.vcpu,
                     r.fault_ring,
                     r.fault_ring_high_water,
                     r.command_ring,
                     r.command_ring_high_water,
-                    r.capacity
+                    r.capacity,
+                    r.waits_spun,
+                    r.waits_slept,
+                    r.spins_yielded
                 );
             }
             for (title, counts) in [

@@ -44,7 +44,8 @@ struct Args {
     /// Built-in policy (overrides the file).
     #[arg(long)]
     policy: Option<PolicyKind>,
-    /// Ring polls before sleeping on the doorbell (overrides the file).
+    /// Longest spin on a fault ring before sleeping on its doorbell, in
+    /// polls (0: never spin; the window adapts below it; overrides the file).
     #[arg(long)]
     spin_polls: Option<u32>,
     /// Log format (overrides the file).

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
@@ -108,6 +109,9 @@ pub struct Summary {
     pub detach: Option<DetachReport>,
     /// Times the daemon went away until a daemon took the VM back.
     pub stalls: Stalls,
+    /// How the vCPUs waited for the daemon's answers: spun, slept, or cut
+    /// a spin short because another thread wanted the CPU.
+    pub waits: WaitSplit,
     /// What the core's stage-2 tables held at detach: leaves, and the
     /// backing pages they cover (what the daemon's pins must count).
     pub core_leaves: u64,
@@ -246,6 +250,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
     let started = Instant::now();
+    let waits = WaitCounts::default();
     let env = VcpuEnv {
         core: &core,
         shared: &shared,
@@ -253,6 +258,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         regs,
         tlb_gen: tlb_gen.clone(),
         wait,
+        waits: &waits,
         stop: &stop,
         kicks: &kicks,
         epoch,
@@ -317,6 +323,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         ram_hugetlb: phys.window(ram).hugetlb,
         detach: None,
         stalls: Stalls::default(),
+        waits: waits.read(),
         core_leaves: 0,
         core_backing_pages: 0,
         latencies_ns: None,
@@ -448,6 +455,7 @@ struct VcpuEnv<'a> {
     regs: Stage2Regs,
     tlb_gen: TlbGeneration,
     wait: WaitPolicy,
+    waits: &'a WaitCounts,
     stop: &'a AtomicBool,
     kicks: &'a [AtomicBool],
     epoch: Instant,
@@ -455,7 +463,8 @@ struct VcpuEnv<'a> {
 }
 
 fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
-    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, stop, kicks, epoch, layout } = *env;
+    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, waits, stop, kicks, epoch, layout } = *env;
+    let mut waiter = Waiter::new(wait, waits);
     let kick = &kicks[v as usize];
     let tlb_gen = tlb_gen.clone();
     let mut faults_out =
@@ -509,7 +518,8 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                     push(&mut faults_out, &rec.encode(), stop)
                         .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;
                     let completion = loop {
-                        let Some(cmd) = wait_pop(&mut commands, wait, kick)
+                        let Some(cmd) = waiter
+                            .pop(&mut commands, kick)
                             .map_err(|e| anyhow::anyhow!("vCPU {v}: command ring: {e:?}"))?
                         else {
                             if stop.load(Ordering::Acquire) {

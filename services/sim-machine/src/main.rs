@@ -46,7 +46,8 @@ struct Args {
     /// Replay this trace file instead of a pattern.
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Ring polls before sleeping on the doorbell.
+    /// Longest spin on a command ring before sleeping on its doorbell, in
+    /// polls (0: never spin; the window adapts below it).
     #[arg(long, default_value_t = 20_000)]
     spin_polls: u32,
     /// Include every fault's round-trip time in the summary.

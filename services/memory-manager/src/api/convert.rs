@@ -130,6 +130,9 @@ pub fn ring_occupancy(vms: &[Arc<AttachedVm>]) -> Vec<pb::RingOccupancy> {
                     fault_ring_high_water: r.faults_high,
                     command_ring: r.commands,
                     command_ring_high_water: r.commands_high,
+                    waits_spun: r.waits.spun,
+                    waits_slept: r.waits.slept,
+                    spins_yielded: r.waits.yielded,
                 }
             })
         })

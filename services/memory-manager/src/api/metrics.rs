@@ -148,11 +148,33 @@ impl Collector for FaultCollector {
             None,
             MetricType::Gauge,
         )?;
-        for r in ring_occupancy(&vms) {
+        let rings = ring_occupancy(&vms);
+        for r in &rings {
             let (vm, vcpu) = (r.vm_id.to_string(), r.vcpu.to_string());
             for (ring, n) in [("fault", r.fault_ring), ("command", r.command_ring)] {
                 let labels = [("vm", vm.as_str()), ("vcpu", vcpu.as_str()), ("ring", ring)];
                 ConstGauge::new(n as i64).encode(occupancy.encode_family(&labels)?)?;
+            }
+        }
+        let mut waits = encoder.encode_descriptor(
+            "faultline_fault_waits",
+            "vCPU services' waits for faults, by how they ended: spun (a fault arrived while spinning), \
+             slept (on the doorbell), yielded (a spin cut short because another thread wanted the CPU).",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut vm_ids: Vec<u32> = rings.iter().map(|r| r.vm_id).collect();
+        vm_ids.dedup();
+        for id in vm_ids {
+            let of_vm = || rings.iter().filter(move |r| r.vm_id == id);
+            let vm = id.to_string();
+            for (how, n) in [
+                ("spun", of_vm().map(|r| r.waits_spun).sum::<u64>()),
+                ("slept", of_vm().map(|r| r.waits_slept).sum()),
+                ("yielded", of_vm().map(|r| r.spins_yielded).sum()),
+            ] {
+                let labels = [("vm", vm.as_str()), ("how", how)];
+                ConstCounter::new(n).encode(waits.encode_family(&labels)?)?;
             }
         }
         self.encode_policy(&mut encoder)

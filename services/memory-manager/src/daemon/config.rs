@@ -50,7 +50,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// The built-in policy in force.
     pub policy: PolicyKind,
-    /// Ring polls before a service thread sleeps on its doorbell (0: sleep at once).
+    /// Longest spin of a service thread on its fault ring before it sleeps
+    /// on the doorbell, in polls (0: sleep at once). The window adapts
+    /// below it ([`faultline_attach::wait::Waiter`]).
     pub spin_polls: u32,
     /// Log format.
     pub log_format: LogFormat,

@@ -1,11 +1,13 @@
 //! Ring service: one dedicated thread per vCPU (not the async runtime),
-//! spinning on the fault ring and then sleeping on its doorbell.
+//! spinning on the fault ring while that pays off and then sleeping on its
+//! doorbell ([`Waiter`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
+use faultline_attach::wait::Waiter;
 use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord};
@@ -124,13 +126,14 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         let occupancy = &self.vm.rings[self.vcpu as usize];
         occupancy.set_capacity(self.faults.view().capacity());
         let mut draining_since: Option<std::time::Instant> = None;
+        let mut waiter = Waiter::new(wait, occupancy.waits());
         loop {
             if end.draining().load(Ordering::Acquire) && !end.stopped() && self.pending.is_empty() {
                 // At a fault boundary: what is still on the ring is the
                 // next daemon's.
                 return Ok(self.pending.len());
             }
-            let record = match wait_pop(&mut self.faults, wait, end.draining())? {
+            let record = match waiter.pop(&mut self.faults, end.draining())? {
                 Some(record) => record,
                 None if end.stopped() => break,
                 // Draining with a command in flight: its result is due from

@@ -1,0 +1,390 @@
+//! Adaptive waiting for a ring: spin while spinning pays off, sleep on the
+//! doorbell otherwise, and stop spinning when other threads want the CPUs.
+
+use std::hint::spin_loop;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyp_core::ring::{Consumer, Record, RingError};
+
+use crate::doorbell::{sleep_pop, WaitPolicy};
+
+/// What a [`Waiter`]'s waits came to (relaxed counters: a statistic).
+#[derive(Debug, Default)]
+pub struct WaitCounts {
+    spun: AtomicU64,
+    slept: AtomicU64,
+    yielded: AtomicU64,
+}
+
+/// A [`WaitCounts`] reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WaitSplit {
+    /// Waits a record ended while spinning.
+    pub spun: u64,
+    /// Waits that went to sleep on the doorbell.
+    pub slept: u64,
+    /// Spins given up because other threads wanted the CPUs: a spin cut
+    /// short by an involuntary switch, or a wake-up that then had to wait
+    /// for a CPU.
+    pub yielded: u64,
+}
+
+impl WaitCounts {
+    /// The current reading.
+    pub fn read(&self) -> WaitSplit {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WaitSplit { spun: l(&self.spun), slept: l(&self.slept), yielded: l(&self.yielded) }
+    }
+
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::AddAssign for WaitSplit {
+    fn add_assign(&mut self, o: Self) {
+        self.spun += o.spun;
+        self.slept += o.slept;
+        self.yielded += o.yielded;
+    }
+}
+
+/// Polls between two looks at whether another thread wants the CPU.
+const CONTENTION_CHECK_POLLS: u32 = 512;
+/// The window a growing spin starts from, in polls.
+const GROW_START_POLLS: u32 = 256;
+/// Waits without spinning after a spin was cut short, at first; doubled at
+/// each cut in a row, up to [`MAX_COOLDOWN_WAITS`].
+const MIN_COOLDOWN_WAITS: u32 = 8;
+/// The most waits without spinning after a spin was cut short.
+const MAX_COOLDOWN_WAITS: u32 = 4096;
+/// Cuts further apart than this are not "in a row": the cooldown starts
+/// again from [`MIN_COOLDOWN_WAITS`] (one preemption by a passing thread
+/// must not stop a waiter with a core to itself from spinning for long).
+const COOLDOWN_MEMORY: Duration = Duration::from_millis(50);
+
+/// A wait after which this thread's time waiting for a CPU grew by more
+/// than this found the host oversubscribed: it stops spinning for a cooldown.
+const OVERSUBSCRIBED_RUN_DELAY: Duration = Duration::from_micros(50);
+
+/// Time this thread spent runnable but waiting for a CPU, so far
+/// (`/proc/thread-self/schedstat`'s run_delay); `None` where the kernel
+/// does not report it.
+pub fn run_delay() -> Option<Duration> {
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static SCHEDSTAT: Option<std::fs::File> = std::fs::File::open("/proc/thread-self/schedstat").ok();
+    }
+    SCHEDSTAT.with(|file| {
+        let mut buf = [0u8; 96];
+        let n = file.as_ref()?.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let ns = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some(Duration::from_nanos(ns))
+    })
+}
+
+/// This thread's involuntary context switches so far: a rise while it spun
+/// means another runnable thread wanted its CPU.
+pub fn involuntary_switches() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `struct rusage` to the pointer, which is
+    // valid and large enough for one; RUSAGE_THREAD needs nothing else.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: the call succeeded and filled the struct (it was zeroed first
+    // in any case, and every field is a plain integer).
+    unsafe { usage.assume_init() }.ru_nivcsw as u64
+}
+
+/// A waiter that spins only while spinning pays off.
+///
+/// The spin window adapts as the haltpoll cpuidle governor's does: a sleep
+/// that a longer spin would have caught (woken within the longest window)
+/// doubles the window, a sleep longer than that halves it. And it stops
+/// spinning at once when another thread wants its CPU, as KVM's halt
+/// polling does (`single_task_running()`), seen from user space as an
+/// involuntary context switch during the spin; it then sleeps for a
+/// cooldown of waits that doubles while that keeps happening. So spinners
+/// that outnumber the cores stop stealing them from the threads they wait
+/// for, and a waiter with a core to itself spins as before.
+#[derive(Debug)]
+pub struct Waiter<'c> {
+    policy: WaitPolicy,
+    window: u32,
+    cooldown: u32,
+    cooldown_len: u32,
+    /// Nanoseconds one poll takes, as last measured over a whole window.
+    poll_ns: f64,
+    counts: &'c WaitCounts,
+    switches: fn() -> u64,
+    delays: fn() -> Option<Duration>,
+    /// [`run_delay`] after the last sleep.
+    delayed: Option<Duration>,
+    /// When spinning was last given up.
+    last_cut: Option<std::time::Instant>,
+}
+
+impl<'c> Waiter<'c> {
+    /// A waiter spinning at most `policy.spin_polls` polls, counting into `counts`.
+    pub fn new(policy: WaitPolicy, counts: &'c WaitCounts) -> Self {
+        Self::with_probes(policy, counts, involuntary_switches, run_delay)
+    }
+
+    /// [`Waiter::new`] with other sources of involuntary switches and of
+    /// time spent waiting for a CPU (tests).
+    pub fn with_probes(
+        policy: WaitPolicy,
+        counts: &'c WaitCounts,
+        switches: fn() -> u64,
+        delays: fn() -> Option<Duration>,
+    ) -> Self {
+        Self {
+            policy,
+            window: policy.spin_polls.min(GROW_START_POLLS),
+            cooldown: 0,
+            cooldown_len: MIN_COOLDOWN_WAITS,
+            poll_ns: 5.0,
+            counts,
+            switches,
+            delays,
+            delayed: None,
+            last_cut: None,
+        }
+    }
+
+    /// The current spin window, in polls.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Pops the next record: spins for the current window (unless cooling
+    /// down), then sleeps on the doorbell until one arrives or `stop` is set
+    /// (then `Ok(None)`).
+    pub fn pop(&mut self, consumer: &mut Consumer<'_>, stop: &AtomicBool) -> Result<Option<Record>, RingError> {
+        if let Some(r) = consumer.pop()? {
+            return Ok(Some(r));
+        }
+        if self.cooldown > 0 {
+            self.cooldown -= 1;
+        } else if self.window > 0 {
+            match self.spin(consumer)? {
+                Spin::Got(r) => {
+                    WaitCounts::add(&self.counts.spun);
+                    return Ok(Some(r));
+                }
+                Spin::CutShort => {
+                    WaitCounts::add(&self.counts.yielded);
+                    self.cool_down();
+                }
+                Spin::Empty => {}
+            }
+        }
+        WaitCounts::add(&self.counts.slept);
+        let slept = std::time::Instant::now();
+        let got = sleep_pop(consumer, self.policy.sleep_slice, stop)?;
+        if got.is_some() && self.policy.spin_polls > 0 {
+            // Woken, and then kept waiting for a CPU: the host has more
+            // runnable threads than cores, and spinning would take one.
+            let delayed = (self.delays)();
+            let waited = match (self.delayed, delayed) {
+                (Some(before), Some(now)) => now.saturating_sub(before),
+                _ => Duration::ZERO,
+            };
+            self.delayed = delayed;
+            if waited > OVERSUBSCRIBED_RUN_DELAY {
+                WaitCounts::add(&self.counts.yielded);
+                self.cool_down();
+            } else {
+                self.adapt(slept.elapsed());
+            }
+        }
+        Ok(got)
+    }
+
+    /// Stops spinning for a cooldown of waits, longer each time in a row.
+    fn cool_down(&mut self) {
+        let now = std::time::Instant::now();
+        if self.last_cut.is_some_and(|t| now.duration_since(t) > COOLDOWN_MEMORY) {
+            self.cooldown_len = MIN_COOLDOWN_WAITS;
+        }
+        self.last_cut = Some(now);
+        self.window = 0;
+        self.cooldown = self.cooldown_len;
+        self.cooldown_len = (self.cooldown_len * 2).min(MAX_COOLDOWN_WAITS);
+    }
+
+    fn spin(&mut self, consumer: &mut Consumer<'_>) -> Result<Spin, RingError> {
+        let start = std::time::Instant::now();
+        let mut switches = (self.switches)();
+        for i in 1..=self.window {
+            if let Some(r) = consumer.pop()? {
+                // A spin that pays off: the cuts in a row are over.
+                self.cooldown_len = (self.cooldown_len / 2).max(MIN_COOLDOWN_WAITS);
+                return Ok(Spin::Got(r));
+            }
+            if i % CONTENTION_CHECK_POLLS == 0 || i == self.window {
+                let now = (self.switches)();
+                if now != switches {
+                    return Ok(Spin::CutShort);
+                }
+                switches = now;
+            }
+            spin_loop();
+        }
+        self.poll_ns = start.elapsed().as_nanos() as f64 / f64::from(self.window.max(1));
+        Ok(Spin::Empty)
+    }
+
+    /// haltpoll's rule, after a sleep of `slept` that ended with a record.
+    fn adapt(&mut self, slept: Duration) {
+        let longest = Duration::from_nanos((self.poll_ns * f64::from(self.policy.spin_polls)) as u64);
+        if slept <= longest {
+            if self.cooldown == 0 && self.window < self.policy.spin_polls {
+                self.window = (self.window * 2).max(GROW_START_POLLS).min(self.policy.spin_polls);
+            }
+        } else {
+            self.window /= 2;
+        }
+    }
+}
+
+enum Spin {
+    Got(Record),
+    Empty,
+    CutShort,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doorbell::push_and_ring;
+    use hyp_core::ring::{OwnedRing, Producer};
+    use std::sync::Arc;
+
+    static SWITCHES: AtomicU64 = AtomicU64::new(0);
+
+    /// Another thread took the CPU at every look.
+    fn always_preempted() -> u64 {
+        SWITCHES.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn never_preempted() -> u64 {
+        0
+    }
+
+    fn no_delay() -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+
+    static DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+    /// Every wake-up then waits 1 ms for a CPU.
+    fn crowded() -> Option<Duration> {
+        Some(Duration::from_millis(DELAY_MS.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    #[test]
+    fn a_wake_up_that_waits_for_a_cpu_stops_the_spinning() {
+        let ring = Arc::new(OwnedRing::new());
+        let stop = AtomicBool::new(false);
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_secs(10) };
+        let mut w = Waiter::with_probes(policy, &counts, never_preempted, crowded);
+        w.window = 0; // sleep at once
+        let mut p = Producer::attach(ring.view()).unwrap();
+        let mut c = Consumer::attach(ring.view()).unwrap();
+        for round in 0..3 {
+            push_and_ring(&mut p, &Record([round; 8])).unwrap();
+            assert_eq!(w.pop(&mut c, &stop).unwrap(), Some(Record([round; 8])));
+        }
+        // The record was there before the wait: no wait at all, no verdict.
+        assert_eq!(counts.read(), WaitSplit::default());
+        for round in 3..6u64 {
+            let r2 = ring.clone();
+            let producer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                let mut p = Producer::attach(r2.view()).unwrap();
+                push_and_ring(&mut p, &Record([round; 8])).unwrap();
+            });
+            assert_eq!(w.pop(&mut c, &stop).unwrap(), Some(Record([round; 8])));
+            producer.join().unwrap();
+        }
+        // The first sleep only takes the first reading; each later one saw
+        // 1 ms of waiting for a CPU and stopped the spinning.
+        assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 3, yielded: 2 });
+        assert_eq!(w.window(), 0);
+        assert!(w.cooldown > 0);
+    }
+
+    #[test]
+    fn a_spin_cut_short_by_another_thread_sleeps_for_a_cooldown() {
+        let ring = OwnedRing::new();
+        let stop = AtomicBool::new(true);
+        let mut c = Consumer::attach(ring.view()).unwrap();
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: 20_000, sleep_slice: Duration::from_millis(5) };
+        let mut w = Waiter::with_probes(policy, &counts, always_preempted, no_delay);
+        assert!(w.window() > 0, "spins at first");
+        assert_eq!(w.pop(&mut c, &stop).unwrap(), None);
+        assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 1, yielded: 1 });
+        assert_eq!(w.window(), 0);
+        // The cooldown: the next waits do not even look at the switch count.
+        let looks = SWITCHES.load(Ordering::Relaxed);
+        for _ in 0..MIN_COOLDOWN_WAITS {
+            w.pop(&mut c, &stop).unwrap();
+        }
+        assert_eq!(SWITCHES.load(Ordering::Relaxed), looks, "spun during the cooldown");
+        assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 1 + u64::from(MIN_COOLDOWN_WAITS), yielded: 1 });
+        // Cut short again as soon as it may spin: the next cooldown is longer.
+        w.adapt(Duration::from_nanos(1));
+        assert!(w.window() > 0);
+        w.pop(&mut c, &stop).unwrap();
+        assert_eq!(counts.read().yielded, 2);
+        assert_eq!(w.cooldown, 2 * MIN_COOLDOWN_WAITS);
+    }
+
+    #[test]
+    fn the_window_grows_on_short_sleeps_and_shrinks_on_long_ones() {
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_millis(5) };
+        let mut w = Waiter::with_probes(policy, &counts, never_preempted, no_delay);
+        w.poll_ns = 10.0; // the longest window: 20 us
+        let start = w.window();
+        w.adapt(Duration::from_micros(5));
+        assert_eq!(w.window(), start * 2, "a longer spin would have caught it");
+        for _ in 0..10 {
+            w.adapt(Duration::from_micros(5));
+        }
+        assert_eq!(w.window(), 2_000, "capped at the policy's spin");
+        w.adapt(Duration::from_micros(100));
+        assert_eq!(w.window(), 1_000, "no spin would have caught it");
+        // A policy that never spins never starts to.
+        let mut never = Waiter::with_probes(WaitPolicy { spin_polls: 0, ..policy }, &counts, never_preempted, no_delay);
+        never.adapt(Duration::from_nanos(1));
+        assert_eq!(never.window(), 0);
+    }
+
+    #[test]
+    fn a_record_that_arrives_while_spinning_is_counted_as_spun() {
+        let ring = Arc::new(OwnedRing::new());
+        let stop = AtomicBool::new(false);
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: u32::MAX, sleep_slice: Duration::from_secs(10) };
+        let mut w = Waiter::with_probes(policy, &counts, never_preempted, no_delay);
+        w.window = u32::MAX;
+        let r2 = ring.clone();
+        let producer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut p = Producer::attach(r2.view()).unwrap();
+            push_and_ring(&mut p, &Record([3; 8])).unwrap();
+        });
+        let mut c = Consumer::attach(ring.view()).unwrap();
+        assert_eq!(w.pop(&mut c, &stop).unwrap(), Some(Record([3; 8])));
+        assert_eq!(counts.read(), WaitSplit { spun: 1, slept: 0, yielded: 0 });
+        producer.join().unwrap();
+    }
+}
