@@ -170,3 +170,96 @@ fn daemon_tells_systemd_it_is_ready_and_stopping() {
     let n = sock.recv(&mut buf).expect("STOPPING=1 from the daemon");
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
+
+/// The `sim-machine` command for `layout`'s vCPUs running `ops` random
+/// accesses each as VM `vm_id`.
+fn random_machine(daemon: &Daemon, vm_id: u16, vcpus: u32, ops: usize) -> std::process::Command {
+    let mut cmd = machine(daemon);
+    cmd.args(["--vm-id", &vm_id.to_string(), "--vcpus", &vcpus.to_string(), "--ops", &ops.to_string()]);
+    cmd.args(["--seed", "42", "--pattern", "random"]);
+    cmd
+}
+
+#[test]
+fn sixty_four_vcpus_served_by_two_threads_match_the_flat_replay() {
+    let daemon = Daemon::start(&["--policy", "4k", "--service-threads", "2"]);
+    let l = layout(64);
+    let (summary, workload) = run(&daemon, &l, Pattern::Random, 300);
+    let flat = replay_flat(&l, &workload);
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "RAM differs from the flat replay");
+    assert_eq!(summary["rom_digest"].as_u64().unwrap(), digest_bytes(&flat.rom), "ROM changed");
+    assert_eq!(summary["injected"].as_u64().unwrap(), 0);
+    assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0, "pins left after teardown");
+    // Each page is pinned once however many vCPUs raced for it: the
+    // daemon's pins are exactly the core's leaves.
+    assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"]);
+    assert!(summary["core_backing_pages"].as_u64().unwrap() >= flat.ram_pages.len() as u64);
+    assert!(daemon.log().contains("service_threads=2"), "{}", daemon.log());
+}
+
+#[test]
+fn eight_vms_attach_and_detach_at_once_while_faults_flow() {
+    let daemon = Daemon::start(&["--policy", "4k", "--service-threads", "2"]);
+    let l = layout(2);
+    let flat = replay_flat(&l, &generate(Pattern::Random, &l, 1_500, 42));
+    std::thread::scope(|s| {
+        for vm in 1..=8u16 {
+            let (daemon, flat) = (&daemon, &flat);
+            s.spawn(move || {
+                // Three attachments each, so VMs come and go while the
+                // others' faults are being served.
+                for round in 0..3 {
+                    let summary = run_machine(random_machine(daemon, vm, 2, 1_500));
+                    let what = format!("VM {vm}, round {round}");
+                    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "{what}");
+                    assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0, "{what}");
+                    assert_eq!(summary["injected"].as_u64().unwrap(), 0, "{what}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_vm_faulting_without_pause_does_not_starve_a_quiet_one() {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+    use faultline_proto::v1::{GetStatsRequest, ListVmsRequest};
+    // One service thread: the busy VM's eight vCPUs and the quiet VM's one
+    // share it. The busy VM's 4 GiB take far more faults to fill than the
+    // quiet VM's whole run (it is killed long before it gets far).
+    let daemon = Daemon::start(&["--policy", "4k", "--service-threads", "1"]);
+    let mut busy = random_machine(&daemon, 1, 8, 1_000_000)
+        .args(["--ram-mib", "4096"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let busy_faults = || {
+        rt.block_on(async {
+            let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+            let stats = client.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+            let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+            let vms = control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
+            let attached = vms.iter().any(|v| v.vm_id == 1);
+            (attached, stats.by_vm.iter().find(|c| c.key == "vm1").map_or(0, |c| c.count))
+        })
+    };
+    while busy_faults().1 < 1_000 {
+        assert!(busy.try_wait().unwrap().is_none(), "the busy VM ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The quiet VM runs its whole (small) workload while the busy one keeps
+    // faulting: served in turn, it ends while the busy VM is still attached
+    // and faulting.
+    let l = layout(1);
+    let summary = run_machine(random_machine(&daemon, 2, 1, 2_000));
+    let (attached, before) = busy_faults();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (_, after) = busy_faults();
+    let _ = busy.kill();
+    busy.wait().unwrap();
+    assert!(attached && after > before, "the quiet VM ended only once the busy one stopped faulting");
+    let flat = replay_flat(&l, &generate(Pattern::Random, &l, 2_000, 42));
+    check(&summary, &flat, false);
+}

@@ -156,6 +156,13 @@ impl<'c> Waiter<'c> {
         }
     }
 
+    /// Changes the longest spin to `polls` (a waiter whose polls grow
+    /// dearer, such as a pass over more rings, spins fewer of them).
+    pub fn set_spin_limit(&mut self, polls: u32) {
+        self.policy.spin_polls = polls;
+        self.window = self.window.min(polls);
+    }
+
     /// The current spin window, in polls.
     pub fn window(&self) -> u32 {
         self.window
@@ -165,13 +172,27 @@ impl<'c> Waiter<'c> {
     /// down), then sleeps on the doorbell until one arrives or `stop` is set
     /// (then `Ok(None)`).
     pub fn pop(&mut self, consumer: &mut Consumer<'_>, stop: &AtomicBool) -> Result<Option<Record>, RingError> {
-        if let Some(r) = consumer.pop()? {
+        let slice = self.policy.sleep_slice;
+        self.wait(consumer, |c| c.pop(), |c| sleep_pop(c, slice, stop))
+    }
+
+    /// Waits for what `poll` finds in `on`: polls once, then for the
+    /// current spin window (unless cooling down), then calls `sleep`, which
+    /// blocks until something arrives (`Some`) or the wait is called off
+    /// (`None`).
+    pub fn wait<S: ?Sized, T, E>(
+        &mut self,
+        on: &mut S,
+        mut poll: impl FnMut(&mut S) -> Result<Option<T>, E>,
+        sleep: impl FnOnce(&mut S) -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
+        if let Some(r) = poll(on)? {
             return Ok(Some(r));
         }
         if self.cooldown > 0 {
             self.cooldown -= 1;
         } else if self.window > 0 {
-            match self.spin(consumer)? {
+            match self.spin(on, &mut poll)? {
                 Spin::Got(r) => {
                     WaitCounts::add(&self.counts.spun);
                     return Ok(Some(r));
@@ -185,7 +206,7 @@ impl<'c> Waiter<'c> {
         }
         WaitCounts::add(&self.counts.slept);
         let slept = std::time::Instant::now();
-        let got = sleep_pop(consumer, self.policy.sleep_slice, stop)?;
+        let got = sleep(on)?;
         if got.is_some() && self.policy.spin_polls > 0 {
             // Woken, and then kept waiting for a CPU: the host has more
             // runnable threads than cores, and spinning would take one.
@@ -217,11 +238,15 @@ impl<'c> Waiter<'c> {
         self.cooldown_len = (self.cooldown_len * 2).min(MAX_COOLDOWN_WAITS);
     }
 
-    fn spin(&mut self, consumer: &mut Consumer<'_>) -> Result<Spin, RingError> {
+    fn spin<S: ?Sized, T, E>(
+        &mut self,
+        on: &mut S,
+        poll: &mut impl FnMut(&mut S) -> Result<Option<T>, E>,
+    ) -> Result<Spin<T>, E> {
         let start = std::time::Instant::now();
         let mut switches = (self.switches)();
         for i in 1..=self.window {
-            if let Some(r) = consumer.pop()? {
+            if let Some(r) = poll(on)? {
                 // A spin that pays off: the cuts in a row are over.
                 self.cooldown_len = (self.cooldown_len / 2).max(MIN_COOLDOWN_WAITS);
                 return Ok(Spin::Got(r));
@@ -252,8 +277,8 @@ impl<'c> Waiter<'c> {
     }
 }
 
-enum Spin {
-    Got(Record),
+enum Spin<T> {
+    Got(T),
     Empty,
     CutShort,
 }

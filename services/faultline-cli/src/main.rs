@@ -263,19 +263,22 @@ async fn main() -> anyhow::Result<()> {
             let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
             let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
             println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
+            if let Some(p) = &s.pool {
+                println!(
+                    "service threads: {}   waits: spun {} slept {} (spins given up for other threads: {})",
+                    p.threads, p.waits_spun, p.waits_slept, p.spins_yielded
+                );
+            }
             for r in &s.rings {
                 println!(
-                    "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}; waits spun {} slept {} (spins cut short {})",
+                    "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}",
                     r.vm_id,
                     r.vcpu,
                     r.fault_ring,
                     r.fault_ring_high_water,
                     r.command_ring,
                     r.command_ring_high_water,
-                    r.capacity,
-                    r.waits_spun,
-                    r.waits_slept,
-                    r.spins_yielded
+                    r.capacity
                 );
             }
             for (title, counts) in [

@@ -48,6 +48,10 @@ struct Args {
     /// polls (0: never spin; the window adapts below it; overrides the file).
     #[arg(long)]
     spin_polls: Option<u32>,
+    /// Threads serving the fault rings of every VM (default: one per core
+    /// the daemon may run on; overrides the file).
+    #[arg(long)]
+    service_threads: Option<usize>,
     /// Log format (overrides the file).
     #[arg(long)]
     log_format: Option<LogFormat>,
@@ -115,6 +119,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.spin_polls {
         config.spin_polls = v;
+    }
+    if let Some(v) = args.service_threads {
+        config.service_threads = v;
     }
     if args.prefault {
         config.prefault = true;

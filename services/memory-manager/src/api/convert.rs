@@ -13,6 +13,7 @@ use hyp_core::abort::FaultStatus;
 use tonic::Status;
 
 use crate::fault::trace::Stage;
+use crate::link::pool::ServicePool;
 use crate::link::vm::AttachedVm;
 use crate::observe::events::{FaultEvent, Outcome};
 use crate::observe::stats::{self, Summary};
@@ -130,15 +131,23 @@ pub fn ring_occupancy(vms: &[Arc<AttachedVm>]) -> Vec<pb::RingOccupancy> {
                     fault_ring_high_water: r.faults_high,
                     command_ring: r.commands,
                     command_ring_high_water: r.commands_high,
-                    waits_spun: r.waits.spun,
-                    waits_slept: r.waits.slept,
-                    spins_yielded: r.waits.yielded,
                 }
             })
         })
         .collect();
     out.sort_by_key(|r| (r.vm_id, r.vcpu));
     out
+}
+
+/// The service pool's threads and how their waits went.
+pub fn service_pool(pool: &ServicePool) -> pb::ServicePool {
+    let w = pool.waits();
+    pb::ServicePool {
+        threads: pool.threads() as u32,
+        waits_spun: w.spun,
+        waits_slept: w.slept,
+        spins_yielded: w.yielded,
+    }
 }
 
 /// The wire form of a stage's latency summary.

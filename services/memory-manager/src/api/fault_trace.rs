@@ -342,6 +342,7 @@ impl FaultTrace for FaultTraceService {
             pinned_pages: vms.iter().map(|vm| vm.mapping.pins().total()).sum(),
             policy: self.sources.policies.load().policy.name().to_string(),
             rings: convert::ring_occupancy(&vms),
+            pool: Some(convert::service_pool(&self.sources.pool)),
         }))
     }
 

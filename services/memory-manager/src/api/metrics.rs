@@ -18,7 +18,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::convert::ring_occupancy;
+use super::convert::{ring_occupancy, service_pool};
 use super::sources::Sources;
 use crate::observe::stats::STAGES;
 
@@ -148,34 +148,29 @@ impl Collector for FaultCollector {
             None,
             MetricType::Gauge,
         )?;
-        let rings = ring_occupancy(&vms);
-        for r in &rings {
+        for r in ring_occupancy(&vms) {
             let (vm, vcpu) = (r.vm_id.to_string(), r.vcpu.to_string());
             for (ring, n) in [("fault", r.fault_ring), ("command", r.command_ring)] {
                 let labels = [("vm", vm.as_str()), ("vcpu", vcpu.as_str()), ("ring", ring)];
                 ConstGauge::new(n as i64).encode(occupancy.encode_family(&labels)?)?;
             }
         }
+        let pool = service_pool(&sources.pool);
+        gauge(
+            &mut encoder,
+            "faultline_service_threads",
+            "Threads serving every VM's fault rings.",
+            pool.threads as i64,
+        )?;
         let mut waits = encoder.encode_descriptor(
             "faultline_fault_waits",
-            "vCPU services' waits for faults, by how they ended: spun (a fault arrived while spinning), \
-             slept (on the doorbell), yielded (a spin cut short because another thread wanted the CPU).",
+            "Service threads' waits for faults, by how they ended: spun (work arrived while spinning), \
+             slept (on the doorbells), yielded (a spin given up because other threads wanted the CPUs).",
             None,
             MetricType::Counter,
         )?;
-        let mut vm_ids: Vec<u32> = rings.iter().map(|r| r.vm_id).collect();
-        vm_ids.dedup();
-        for id in vm_ids {
-            let of_vm = || rings.iter().filter(move |r| r.vm_id == id);
-            let vm = id.to_string();
-            for (how, n) in [
-                ("spun", of_vm().map(|r| r.waits_spun).sum::<u64>()),
-                ("slept", of_vm().map(|r| r.waits_slept).sum()),
-                ("yielded", of_vm().map(|r| r.spins_yielded).sum()),
-            ] {
-                let labels = [("vm", vm.as_str()), ("how", how)];
-                ConstCounter::new(n).encode(waits.encode_family(&labels)?)?;
-            }
+        for (how, n) in [("spun", pool.waits_spun), ("slept", pool.waits_slept), ("yielded", pool.spins_yielded)] {
+            ConstCounter::new(n).encode(waits.encode_family(&[("how", how)])?)?;
         }
         self.encode_policy(&mut encoder)
     }

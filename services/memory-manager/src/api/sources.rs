@@ -1,9 +1,10 @@
 //! What the API reads and acts on, handed to it by the daemon: the
-//! attached VMs, the fault history and the policy host.
+//! attached VMs, the fault history, the policy host and the service pool.
 
 use std::sync::Arc;
 
 use crate::attach::registry::VmTable;
+use crate::link::pool::ServicePool;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
 
@@ -28,4 +29,6 @@ pub struct Sources {
     pub events: Arc<EventHub>,
     /// The policy in force and the policy services behind it.
     pub policies: Arc<PolicyHost>,
+    /// The threads serving every VM's fault rings.
+    pub pool: Arc<ServicePool>,
 }

@@ -27,6 +27,7 @@ use super::state::VmState;
 use super::takeover::{asks_for_takeover, Handover, HandoverSink};
 use super::validate::{refuse, Refusal};
 use crate::link::control::ControlLoop;
+use crate::link::pool::ServicePool;
 use crate::link::rebuild::rebuild;
 use crate::link::vcpu::VcpuService;
 use crate::link::winddown::Winddown;
@@ -35,6 +36,8 @@ use crate::policy::host::PolicyHost;
 
 /// How long a ring thread of a polled machine sleeps between polls.
 const POLLED_SLEEP_SLICE: Duration = Duration::from_micros(50);
+/// How often a handover looks whether the vCPU services drained.
+const DRAIN_POLL: Duration = Duration::from_micros(50);
 
 /// How attached VMs are served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,11 +67,13 @@ enum Ending {
 }
 
 /// The attach server: where VMs are registered and what serves their
-/// faults (the policy in force, the event history).
+/// faults (the policy in force, the event history, the service pool).
 pub struct AttachServer {
     vms: Arc<VmTable>,
     policies: Arc<PolicyHost>,
     events: Arc<EventHub>,
+    /// The threads that serve the vCPUs' rings.
+    pool: Arc<ServicePool>,
     settings: AttachSettings,
     stopping: AtomicBool,
     /// Set when a new daemon takes over: every connection hands its VM to it.
@@ -78,8 +83,14 @@ pub struct AttachServer {
 impl AttachServer {
     /// A server registering VMs in `vms`, serving them with `policies` and
     /// recording their faults in `events`.
-    pub fn new(vms: Arc<VmTable>, policies: Arc<PolicyHost>, events: Arc<EventHub>, settings: AttachSettings) -> Self {
-        Self { vms, policies, events, settings, stopping: AtomicBool::new(false), handover: Mutex::new(None) }
+    pub fn new(
+        vms: Arc<VmTable>,
+        policies: Arc<PolicyHost>,
+        events: Arc<EventHub>,
+        pool: Arc<ServicePool>,
+        settings: AttachSettings,
+    ) -> Self {
+        Self { vms, policies, events, pool, settings, stopping: AtomicBool::new(false), handover: Mutex::new(None) }
     }
 
     /// Begins shutdown: the accept loop returns and every VM is left as it
@@ -338,27 +349,13 @@ impl AttachServer {
             for vcpu in 0..req.nr_vcpus as u32 {
                 let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
                 let commands = region.ring(vcpu, RingKind::Command).expect("in range");
-                let (vm, end, policy) = (&*vm, &end, policy);
-                let named = std::thread::Builder::new().name(format!("vm{}-vcpu{vcpu}", vm.id().raw()));
-                let spawned = named.spawn_scoped(s, move || {
-                    let (Ok(faults), Ok(commands)) = (Consumer::attach(faults), Producer::attach(commands)) else {
-                        warn!(vcpu, "ring indices inconsistent at attach; vCPU not served");
-                        return 0;
-                    };
-                    match VcpuService::new(vm, policy, events, vcpu, faults, commands).run(wait, end) {
-                        Ok(in_flight) => in_flight,
-                        Err(e) => {
-                            warn!(vcpu, cause = ?e, "ring quarantined; vCPU no longer served");
-                            0
-                        }
+                match (Consumer::attach(faults), Producer::attach(commands)) {
+                    (Ok(faults), Ok(commands)) => {
+                        services.push(VcpuService::new(&vm, policy, events, &end, vcpu, faults, commands))
                     }
-                });
-                match spawned {
-                    Ok(service) => services.push(service),
-                    Err(e) => warn!(vcpu, cause = %e, "cannot start the vCPU's service thread; vCPU not served"),
+                    _ => warn!(vcpu, "ring indices inconsistent at attach; vCPU not served"),
                 }
             }
-            let ending = self.wait_for_detach(&conn);
             let wake_vcpus = || {
                 for vcpu in 0..req.nr_vcpus as u32 {
                     if let Some(view) = region.ring(vcpu, RingKind::Fault) {
@@ -366,21 +363,27 @@ impl AttachServer {
                     }
                 }
             };
-            if let Ending::HandOver(_) = ending {
-                // Each vCPU's service ends once its fault in flight is
-                // answered; the control ring stays served meanwhile (a
-                // reclaim under way finishes).
-                let draining = std::time::Instant::now();
-                info!("draining the VM's vCPU services for the handover");
-                end.drain();
-                wake_vcpus();
-                let in_flight: usize = services.into_iter().map(|s| s.join().unwrap_or(0)).sum();
-                let drained_us = draining.elapsed().as_micros() as u64;
-                info!(drained_us, in_flight, "vCPU services drained for the handover");
-            }
-            end.stop();
+            // The pool serves the vCPUs until the connection ends.
+            let (ending, _) = self.pool.serve(services, sleep_slice, |served| {
+                let ending = self.wait_for_detach(&conn);
+                if let Ending::HandOver(_) = ending {
+                    // Each vCPU's service ends once its fault in flight is
+                    // answered; the control ring stays served meanwhile (a
+                    // reclaim under way finishes).
+                    let draining = std::time::Instant::now();
+                    info!("draining the VM's vCPU services for the handover");
+                    end.drain();
+                    wake_vcpus();
+                    while !served.finished() {
+                        std::thread::sleep(DRAIN_POLL);
+                    }
+                    let drained_us = draining.elapsed().as_micros() as u64;
+                    info!(drained_us, in_flight = served.in_flight(), "vCPU services drained for the handover");
+                }
+                end.stop();
+                ending
+            });
             vm.control.close();
-            wake_vcpus();
             if let Some(view) = region.ring(req.nr_vcpus as u32, RingKind::Fault) {
                 faultline_attach::doorbell::wake(&view);
             }

@@ -54,6 +54,9 @@ pub struct Config {
     /// on the doorbell, in polls (0: sleep at once). The window adapts
     /// below it ([`faultline_attach::wait::Waiter`]).
     pub spin_polls: u32,
+    /// Threads serving the fault rings of every VM (0: one per core the
+    /// daemon may run on, from its CPU affinity and cgroup quota).
+    pub service_threads: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
@@ -83,6 +86,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// Service threads to start: as configured, or one per core the
+    /// daemon may use (`available_parallelism` honours the affinity mask
+    /// and the cgroup's CPU quota).
+    pub fn service_threads(&self) -> usize {
+        match self.service_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Where this daemon listens for a successor that takes over.
     pub fn takeover_socket(&self) -> PathBuf {
         self.takeover_socket.clone().unwrap_or_else(|| self.attach_socket.with_file_name("takeover.sock"))
@@ -101,6 +114,7 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
             policy: PolicyKind::Default,
             spin_polls: 20_000,
+            service_threads: 0,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             prefault: false,
@@ -173,10 +187,15 @@ mod tests {
 
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
-        let c = Config::from_toml("attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\n").unwrap();
+        let c = Config::from_toml(
+            "attach_socket = \"/tmp/a.sock\"\npolicy = \"4k\"\nspin_polls = 0\nservice_threads = 3\n",
+        )
+        .unwrap();
         assert_eq!(c.attach_socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(c.policy, PolicyKind::Pages4k);
         assert_eq!(c.spin_polls, 0);
+        assert_eq!(c.service_threads(), 3);
+        assert!(Config::default().service_threads() >= 1);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(Config::from_toml("atach_socket = \"/x\"").is_err());
         assert!(Config::from_toml("policy = \"largest\"").is_err());

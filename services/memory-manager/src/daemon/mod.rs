@@ -16,9 +16,11 @@ use tracing::info;
 use crate::api::sources::{Lifecycle, Sources};
 use crate::attach::connection::{AttachServer, AttachSettings};
 use crate::attach::registry::VmTable;
+use crate::link::pool::ServicePool;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
 use config::Config;
+use faultline_attach::doorbell::WaitPolicy;
 
 /// The daemon's state and its parts.
 pub struct Daemon {
@@ -39,6 +41,8 @@ impl Daemon {
         // The policy a previous daemon had goes back in force, as it was
         // asked for (reconnecting or not).
         policies.resume();
+        let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: std::time::Duration::from_millis(500) };
+        let pool = Arc::new(ServicePool::start(config.service_threads(), wait)?);
         let sources = Sources {
             lifecycle: Lifecycle {
                 recovered_after_crash: running.predecessor_crashed && config.takeover_from.is_none(),
@@ -47,6 +51,7 @@ impl Daemon {
             vms: Arc::new(VmTable::default()),
             events: Arc::new(EventHub::new(config.event_buffer)),
             policies,
+            pool,
         };
         let settings = AttachSettings {
             prefault: config.prefault,
@@ -54,7 +59,13 @@ impl Daemon {
             state_dir: config.state_dir.clone(),
             takeover_socket: Some(config.takeover_socket()),
         };
-        let attach = AttachServer::new(sources.vms.clone(), sources.policies.clone(), sources.events.clone(), settings);
+        let attach = AttachServer::new(
+            sources.vms.clone(),
+            sources.policies.clone(),
+            sources.events.clone(),
+            sources.pool.clone(),
+            settings,
+        );
         Ok(Self { config, sources, attach, running })
     }
 
@@ -76,7 +87,12 @@ const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 /// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon::new(config)?);
-    info!(policy = daemon.sources.policies.load().policy.name(), socket = %daemon.config().attach_socket.display(), "memory-manager starting");
+    info!(
+        policy = daemon.sources.policies.load().policy.name(),
+        socket = %daemon.config().attach_socket.display(),
+        service_threads = daemon.sources.pool.threads(),
+        "memory-manager starting"
+    );
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }

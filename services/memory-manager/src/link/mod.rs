@@ -1,12 +1,14 @@
-//! The ring link: serving an attached VM's rings. A thread per vCPU runs
-//! its faults through the pipeline and sends the commands; a thread per VM
-//! owns the control ring for commands the daemon starts itself (dirty-log
+//! The ring link: serving an attached VM's rings. A pool of threads, one
+//! per core, serves every vCPU of every VM ([`pool`]): each vCPU's service
+//! runs its faults through the pipeline and sends the commands ([`vcpu`]);
+//! a thread per VM owns the control ring for commands the daemon starts itself (dirty-log
 //! re-arming, reclaim). A VM's service ends at once or, when a new daemon
 //! takes it over, drained to a fault boundary ([`winddown`]).
 
 pub mod control;
 pub mod dirty;
 pub mod evict;
+pub mod pool;
 pub mod rebuild;
 pub mod vcpu;
 pub mod vm;

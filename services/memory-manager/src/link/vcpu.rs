@@ -1,22 +1,22 @@
-//! Ring service: one dedicated thread per vCPU (not the async runtime),
-//! spinning on the fault ring while that pays off and then sleeping on its
-//! doorbell ([`Waiter`]).
+//! One vCPU's ring service: takes its faults, runs the pipeline, sends the
+//! commands and settles their results, a bounded batch per call (the
+//! [`super::pool`] calls it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::wait::Waiter;
+use faultline_attach::doorbell::push_and_ring;
 use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
-use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, ResultRecord};
-use hyp_core::ring::{Consumer, Producer, RingError};
+use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, Record, ResultRecord};
+use hyp_core::ring::{Consumer, Producer, RingError, RingView};
 use hyp_core::stage2::MapSize;
 use hyp_core::vm::map_outcome;
 use tracing::{debug, error, warn};
 
 use super::evict;
+use super::pool::{RingService, Served};
 use super::vm::AttachedVm;
 use super::winddown::Winddown;
 use crate::fault::around::plan_around;
@@ -33,8 +33,6 @@ use crate::policy::host::PolicyHost;
 /// Pages handed to the core per memcache top-up.
 const TOPUP_PAGES: u64 = 64;
 
-/// How often a draining vCPU service looks for the result it waits for.
-const DRAIN_POLL: Duration = Duration::from_micros(20);
 /// How long a draining vCPU service waits for a result before it gives up.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(1);
 
@@ -52,9 +50,13 @@ enum Pending {
     Other,
 }
 
-/// Serves one vCPU's rings until `stop` is set or the peer breaks the protocol.
+/// Serves one vCPU's rings, a batch at a time ([`RingService::serve`]),
+/// until its [`Winddown`] ends it or the peer breaks the protocol.
 pub struct VcpuService<'r, 'v> {
     vm: &'v AttachedVm,
+    end: &'v Winddown,
+    /// When draining found a command still in flight, first.
+    draining_since: Option<Instant>,
     policy: &'v PolicyHost,
     hub: &'v EventHub,
     vcpu: u32,
@@ -67,18 +69,43 @@ pub struct VcpuService<'r, 'v> {
     last_fault: u64,
 }
 
+impl RingService for VcpuService<'_, '_> {
+    /// Serves at most `budget` records from the fault ring, as the winddown
+    /// allows: once stopped, settles the results already on the ring and
+    /// finishes; once draining, finishes at the first fault boundary
+    /// (nothing in flight), or when the core does not answer within
+    /// [`DRAIN_PATIENCE`].
+    fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+        self.serve_batch(budget)
+    }
+
+    /// The fault ring, whose doorbell rings when the core posts to it.
+    fn doorbell(&self) -> RingView<'_> {
+        self.faults.view()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 impl<'r, 'v> VcpuService<'r, 'v> {
-    /// A service over `vcpu`'s fault ring (consumed) and command ring (produced).
+    /// A service over `vcpu`'s fault ring (consumed) and command ring
+    /// (produced), ended by `end`.
     pub fn new(
         vm: &'v AttachedVm,
         policy: &'v PolicyHost,
         hub: &'v EventHub,
+        end: &'v Winddown,
         vcpu: u32,
         faults: Consumer<'r>,
         commands: Producer<'r>,
     ) -> Self {
+        vm.rings[vcpu as usize].set_capacity(faults.view().capacity());
         Self {
             vm,
+            end,
+            draining_since: None,
             policy,
             hub,
             vcpu,
@@ -118,69 +145,70 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
     }
 
-    /// The loop, until `end` stops it, or drains it and nothing is in
-    /// flight (every fault taken is answered and its result read). Returns
-    /// how many of its commands were still in flight when it ended.
-    pub fn run(mut self, wait: WaitPolicy, end: &Winddown) -> Result<usize, RingError> {
+    fn serve_batch(&mut self, budget: u32) -> Result<Served, RingError> {
+        let end = self.end;
         let stop = end.stopping();
+        if end.stopped() {
+            // The machine detached (or the daemon stops): settle the results
+            // already on the ring, so their pins and events are accounted
+            // for. Nobody waits for new faults any more.
+            while let Some(record) = self.faults.pop()? {
+                if record.kind() == kind::RESULT {
+                    self.on_result(&ResultRecord::decode(&record), stop)?;
+                }
+            }
+            return Ok(Served::Finished { in_flight: self.pending.len() });
+        }
+        let draining = end.draining().load(Ordering::Acquire);
+        if draining && self.pending.is_empty() {
+            // At a fault boundary: what is still on the ring is the next
+            // daemon's.
+            return Ok(Served::Finished { in_flight: 0 });
+        }
+        let mut served = 0;
+        while served < budget {
+            let Some(record) = self.faults.pop()? else { break };
+            served += 1;
+            self.on_record(record, stop)?;
+        }
+        if served > 0 {
+            return Ok(Served::Worked(served));
+        }
+        if draining {
+            // A command in flight: its result is due from the core, which
+            // answers without the daemon's help. A core that stopped
+            // answering (its machine died) does not hold the handover: what
+            // is still in flight is reported, and the next daemon rebuilds
+            // from the core.
+            if self.draining_since.get_or_insert_with(Instant::now).elapsed() > DRAIN_PATIENCE {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, in_flight = self.pending.len(), "no result within the drain's patience; handing over anyway");
+                return Ok(Served::Finished { in_flight: self.pending.len() });
+            }
+        }
+        Ok(Served::Idle)
+    }
+
+    fn on_record(&mut self, record: Record, stop: &AtomicBool) -> Result<(), RingError> {
         let occupancy = &self.vm.rings[self.vcpu as usize];
-        occupancy.set_capacity(self.faults.view().capacity());
-        let mut draining_since: Option<std::time::Instant> = None;
-        let mut waiter = Waiter::new(wait, occupancy.waits());
-        loop {
-            if end.draining().load(Ordering::Acquire) && !end.stopped() && self.pending.is_empty() {
-                // At a fault boundary: what is still on the ring is the
-                // next daemon's.
-                return Ok(self.pending.len());
+        occupancy.note_faults(self.faults.len()?);
+        match record.kind() {
+            kind::FAULT => {
+                let rec = FaultRecord::decode(&record);
+                if rec.fault_id <= self.last_fault {
+                    debug!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, "fault posted again; already taken");
+                    self.vm.counters.reposted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                self.last_fault = rec.fault_id;
+                self.on_fault(&rec, stop)
             }
-            let record = match waiter.pop(&mut self.faults, end.draining())? {
-                Some(record) => record,
-                None if end.stopped() => break,
-                // Draining with a command in flight: its result is due from
-                // the core, which answers without the daemon's help.
-                None => match self.faults.pop()? {
-                    Some(record) => record,
-                    // A core that stopped answering (its machine died) does
-                    // not hold the handover: what is still in flight is
-                    // reported, and the next daemon rebuilds from the core.
-                    None if draining_since.get_or_insert_with(std::time::Instant::now).elapsed() > DRAIN_PATIENCE => {
-                        warn!(vm = %self.vm.id(), vcpu = self.vcpu, in_flight = self.pending.len(), "no result within the drain's patience; handing over anyway");
-                        return Ok(self.pending.len());
-                    }
-                    None => {
-                        std::thread::sleep(DRAIN_POLL);
-                        continue;
-                    }
-                },
-            };
-            occupancy.note_faults(self.faults.len()?);
-            match record.kind() {
-                kind::FAULT => {
-                    let rec = FaultRecord::decode(&record);
-                    if rec.fault_id <= self.last_fault {
-                        debug!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, "fault posted again; already taken");
-                        self.vm.counters.reposted.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    self.last_fault = rec.fault_id;
-                    self.on_fault(&rec, stop)?
-                }
-                kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop)?,
-                other => {
-                    warn!(vm = %self.vm.id(), vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
-                    self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
+            kind::RESULT => self.on_result(&ResultRecord::decode(&record), stop),
+            other => {
+                warn!(vm = %self.vm.id(), vcpu = self.vcpu, kind = other, "unknown record kind on fault ring");
+                self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
         }
-        // Stopping (the machine detached): settle the results already on the
-        // ring, so their pins and events are accounted for. Nobody waits for
-        // new faults any more.
-        while let Some(record) = self.faults.pop()? {
-            if record.kind() == kind::RESULT {
-                self.on_result(&ResultRecord::decode(&record), stop)?;
-            }
-        }
-        Ok(self.pending.len())
     }
 
     /// Handles one fault and sends its command.

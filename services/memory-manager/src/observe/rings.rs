@@ -1,9 +1,6 @@
-//! How full each vCPU's rings are, as its service thread last saw them,
-//! and how its waits for faults went (spun or slept).
+//! How full each vCPU's rings are, as its service thread last saw them.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-
-use faultline_attach::wait::{WaitCounts, WaitSplit};
 
 /// How full one vCPU's rings are, in records, as its service thread last
 /// saw them (plain stores: a statistic, not a synchronisation point).
@@ -14,7 +11,6 @@ pub struct RingOccupancy {
     faults_high: AtomicU32,
     commands: AtomicU32,
     commands_high: AtomicU32,
-    waits: WaitCounts,
 }
 
 /// A [`RingOccupancy`] reading.
@@ -30,8 +26,6 @@ pub struct OccupancyReading {
     pub commands: u32,
     /// Most commands ever seen waiting.
     pub commands_high: u32,
-    /// How the service's waits for the next fault went.
-    pub waits: WaitSplit,
 }
 
 impl RingOccupancy {
@@ -57,11 +51,6 @@ impl RingOccupancy {
         Self::note(&self.commands, &self.commands_high, n);
     }
 
-    /// Where the service's waits for faults are counted.
-    pub fn waits(&self) -> &WaitCounts {
-        &self.waits
-    }
-
     /// The current reading.
     pub fn read(&self) -> OccupancyReading {
         let l = |a: &AtomicU32| a.load(Ordering::Relaxed);
@@ -71,7 +60,6 @@ impl RingOccupancy {
             faults_high: l(&self.faults_high),
             commands: l(&self.commands),
             commands_high: l(&self.commands_high),
-            waits: self.waits.read(),
         }
     }
 }

@@ -1,0 +1,592 @@
+//! The service pool: a few threads, as many as the daemon has cores, serve
+//! the fault rings of every vCPU of every VM.
+//!
+//! Each pass visits every ring once, round robin from a point that moves on
+//! at every pass, and serves at most [`BATCH`] records of each: a VM whose
+//! vCPUs fault without pause cannot starve another. A vCPU's service is run
+//! by one thread at a time (its lock), so its records keep their order.
+//! When a pass finds nothing, one thread watches the rings as any ring
+//! waiter does ([`Waiter`]): it spins (more passes) while that pays off and
+//! then sleeps on every ring's doorbell at once (futex_waitv), with each
+//! ring's waiting flag set first, exactly as one consumer does in the
+//! protocol the loom model checks. The other idle threads park until a
+//! pass finds more than one ring with work and calls one of them. So at
+//! most one pool thread spins, and a doorbell wakes one thread.
+//!
+//! A VM's services are lent to the pool for the length of a closure
+//! ([`ServicePool::serve`], the shape of `std::thread::scope`): when it
+//! returns (or unwinds), no pool thread can reach them any more.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use faultline_attach::doorbell::{futex_wait_any, sleep_on, wake_one, wake_word, DoorbellWord, WaitPolicy};
+use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
+use hyp_core::ring::{RingError, RingView};
+use tracing::{error, warn};
+
+/// What one [`RingService::serve`] call came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// This many records were served; there may be more.
+    Worked(u32),
+    /// Nothing on the ring.
+    Idle,
+    /// The service is over (drained or stopped), with this many commands
+    /// still in flight.
+    Finished {
+        /// Commands whose results were not read.
+        in_flight: usize,
+    },
+}
+
+/// What the pool serves: one vCPU's rings ([`super::vcpu::VcpuService`]).
+pub trait RingService: Send {
+    /// Serves at most `budget` records.
+    fn serve(&mut self, budget: u32) -> Result<Served, RingError>;
+    /// The ring whose doorbell rings when there is something to serve.
+    fn doorbell(&self) -> RingView<'_>;
+    /// Commands sent whose results have not been read.
+    fn in_flight(&self) -> usize;
+}
+
+/// Records served from one ring before the pass moves on to the next.
+pub const BATCH: u32 = 16;
+
+/// What one pass over one ring costs, in bare ring polls (a lock and a
+/// try-lock more).
+const PASS_COST_IN_POLLS: u32 = 8;
+
+/// A service lent to the pool, with its lifetime erased: valid while its
+/// [`ServicePool::serve`] call runs, which removes it from the pool (and
+/// waits for the thread serving it, if any) before returning.
+struct Lent(NonNull<dyn RingService + 'static>);
+
+// SAFETY: a RingService is Send; the pointer is only dereferenced under the
+// member's lock, by one thread at a time.
+unsafe impl Send for Lent {}
+
+/// One vCPU in the pool.
+struct Member {
+    service: Mutex<Lent>,
+    /// The fault ring, for its doorbell (erased like the service, and only
+    /// touched while the member is listed).
+    doorbell: RingView<'static>,
+    /// Longest sleep while this ring may need serving (short for a machine
+    /// that polls rather than rings).
+    slice: Duration,
+    finished: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Member {
+    fn finish(&self, in_flight: usize) {
+        self.in_flight.store(in_flight, Ordering::Relaxed);
+        self.finished.store(true, Ordering::Release);
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+}
+
+/// What the pool threads share.
+struct Shared {
+    members: RwLock<Vec<Arc<Member>>>,
+    /// Bumped (and woken) when the members change, the pool stops or a
+    /// parked thread is called to help, so a sleeping thread looks again.
+    changed: AtomicU32,
+    /// Held by the one idle thread that watches the rings (spins, then
+    /// sleeps on their doorbells); the other idle threads park.
+    watching: AtomicBool,
+    /// Threads parked until called.
+    parked: AtomicUsize,
+    stopping: AtomicBool,
+    policy: WaitPolicy,
+    waits: WaitCounts,
+}
+
+/// The pool of service threads.
+pub struct ServicePool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The VM's services while they are lent to the pool.
+pub struct Membership {
+    members: Vec<Arc<Member>>,
+}
+
+impl Membership {
+    /// Whether every service is finished (drained or stopped).
+    pub fn finished(&self) -> bool {
+        self.members.iter().all(|m| m.is_finished())
+    }
+
+    /// Commands in flight when the finished services finished.
+    pub fn in_flight(&self) -> usize {
+        self.members.iter().filter(|m| m.is_finished()).map(|m| m.in_flight.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl ServicePool {
+    /// Starts `threads` service threads (at least one): the watching one
+    /// spins at most about `policy.spin_polls` ring polls, and idle ones
+    /// sleep at most `policy.sleep_slice` when no doorbell rings.
+    pub fn start(threads: usize, policy: WaitPolicy) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            members: RwLock::new(Vec::new()),
+            changed: AtomicU32::new(0),
+            watching: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            policy,
+            waits: WaitCounts::default(),
+        });
+        let threads = (0..threads.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new().name(format!("fault-service-{i}")).spawn(move || work(&shared, i))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self { shared, threads })
+    }
+
+    /// Service threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// How the pool's waits for work went.
+    pub fn waits(&self) -> WaitSplit {
+        self.shared.waits.read()
+    }
+
+    /// Serves `services` (their fault rings sleeping at most `slice`) while
+    /// `body` runs, then takes them back: removes them from the pool, then
+    /// runs each unfinished one once more on this thread (a stopped service
+    /// settles the results on its ring). Returns what `body` returned and
+    /// each service's commands still in flight.
+    pub fn serve<'s, S: RingService + 's, R>(
+        &self,
+        services: Vec<S>,
+        slice: Duration,
+        body: impl FnOnce(&Membership) -> R,
+    ) -> (R, Vec<usize>) {
+        let members: Vec<Arc<Member>> = services
+            .into_iter()
+            .map(|service| {
+                let boxed: Box<dyn RingService + 's> = Box::new(service);
+                let lent: *mut (dyn RingService + 's) = Box::into_raw(boxed);
+                // SAFETY: the doorbell is the service's own ring, valid while it is.
+                let doorbell = unsafe { (*lent).doorbell() };
+                // SAFETY: only the lifetime changes. The `Lease` below
+                // removes the member from the pool, and waits for the
+                // thread serving it, before this call returns or unwinds,
+                // so no pool thread uses the service or its doorbell after
+                // the borrows they carry end.
+                let erased = unsafe {
+                    std::mem::transmute::<*mut (dyn RingService + 's), *mut (dyn RingService + 'static)>(lent)
+                };
+                Arc::new(Member {
+                    service: Mutex::new(Lent(NonNull::new(erased).expect("from a Box"))),
+                    // SAFETY: as above: the doorbell is the service's ring.
+                    doorbell: unsafe { std::mem::transmute::<RingView<'_>, RingView<'static>>(doorbell) },
+                    slice,
+                    finished: AtomicBool::new(false),
+                    in_flight: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        let lease = Lease { shared: &self.shared, members: members.clone() };
+        {
+            let mut listed = self.shared.members.write().unwrap_or_else(|e| e.into_inner());
+            listed.extend(members.iter().cloned());
+        }
+        self.shared.wake_all();
+        let membership = Membership { members };
+        let r = body(&membership);
+        (r, lease.end())
+    }
+}
+
+impl Drop for ServicePool {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The members of one [`ServicePool::serve`] call; taking them back is its
+/// drop, so an unwinding `body` takes them back too.
+struct Lease<'p> {
+    shared: &'p Shared,
+    members: Vec<Arc<Member>>,
+}
+
+impl Lease<'_> {
+    /// Takes the services back; each one's commands still in flight.
+    fn end(mut self) -> Vec<usize> {
+        self.take_back()
+    }
+
+    fn take_back(&mut self) -> Vec<usize> {
+        {
+            let mut listed = self.shared.members.write().unwrap_or_else(|e| e.into_inner());
+            listed.retain(|m| !self.members.iter().any(|mine| Arc::ptr_eq(m, mine)));
+        }
+        // Unlisted: a pool thread that was serving one still holds its
+        // lock, and no thread finds it again.
+        self.members
+            .drain(..)
+            .map(|m| {
+                let lent = m.service.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: the pointer came from `Box::into_raw` in `serve`,
+                // and nothing else can reach it now (unlisted, its lock held).
+                let mut service = unsafe { Box::from_raw(lent.0.as_ptr()) };
+                if m.is_finished() {
+                    return m.in_flight.load(Ordering::Relaxed);
+                }
+                loop {
+                    match service.serve(u32::MAX) {
+                        Ok(Served::Worked(_)) => continue,
+                        Ok(Served::Finished { in_flight }) => return in_flight,
+                        Ok(Served::Idle) | Err(_) => return service.in_flight(),
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.members.is_empty() {
+            self.take_back();
+        }
+    }
+}
+
+impl Shared {
+    fn wake_all(&self) {
+        self.changed.fetch_add(1, Ordering::Release);
+        wake_word(&self.changed);
+    }
+
+    /// Calls one parked thread to help, if any is parked.
+    fn call_helper(&self) {
+        if self.parked.load(Ordering::Acquire) > 0 {
+            self.changed.fetch_add(1, Ordering::Release);
+            wake_one(&self.changed);
+        }
+    }
+
+    /// Parks until called (or the members change), at most a sleep slice.
+    fn park(&self) {
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        let seen = self.changed.load(Ordering::Acquire);
+        // The watcher may have given up its watch since this thread looked:
+        // parked, nobody would watch.
+        if !self.watching.load(Ordering::Acquire) {
+            self.parked.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        sleep_on(&self.changed, seen, self.policy.sleep_slice);
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One pool thread: passes while there is work; when there is none, either
+/// watches the rings (the one thread that may spin, then sleeps on their
+/// doorbells) or, if another thread watches, parks until called. So at
+/// most one pool thread spins, and a doorbell wakes one thread.
+fn work(shared: &Shared, index: usize) {
+    let mut waiter = Waiter::new(shared.policy, &shared.waits);
+    let mut cursor = index;
+    while !shared.stopping.load(Ordering::Acquire) {
+        if pass(shared, &mut cursor).is_some() {
+            continue;
+        }
+        if shared.watching.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            shared.park();
+            continue;
+        }
+        // A pass costs about a bare ring poll per ring, and a few more:
+        // the longest spin stays about as long whatever the rings.
+        let rings = shared.members.read().unwrap_or_else(|e| e.into_inner()).len().max(1);
+        waiter.set_spin_limit(shared.policy.spin_polls / (PASS_COST_IN_POLLS * rings as u32));
+        let _ = waiter.wait(&mut cursor, |cursor| Ok::<_, ()>(pass(shared, cursor)), |_| Ok(sleep(shared)));
+        shared.watching.store(false, Ordering::Release);
+    }
+}
+
+/// Serves a batch from every ring, from the one after where the last pass
+/// started; `Some(records)` if any were served.
+fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
+    let members = shared.members.read().unwrap_or_else(|e| e.into_inner());
+    let n = members.len();
+    if n == 0 {
+        return None;
+    }
+    let start = *cursor % n;
+    *cursor = cursor.wrapping_add(1);
+    let (mut served, mut busy_rings) = (0, 0);
+    for k in 0..n {
+        let m = &members[(start + k) % n];
+        if m.is_finished() {
+            continue;
+        }
+        // Another thread serves it: its records are in hand.
+        let Ok(lent) = m.service.try_lock() else { continue };
+        if m.is_finished() {
+            continue;
+        }
+        // SAFETY: listed members' services are valid (see `Lent`), and the
+        // lock makes this thread the only one using it.
+        let service = unsafe { &mut *lent.0.as_ptr() };
+        match catch_unwind(AssertUnwindSafe(|| service.serve(BATCH))) {
+            Ok(Ok(Served::Worked(k))) => {
+                served += k;
+                busy_rings += 1;
+                if busy_rings == 2 {
+                    // More than one ring had work: more than one thread's.
+                    shared.call_helper();
+                }
+            }
+            Ok(Ok(Served::Idle)) => {}
+            Ok(Ok(Served::Finished { in_flight })) => m.finish(in_flight),
+            Ok(Err(e)) => {
+                warn!(cause = ?e, "ring quarantined; vCPU no longer served");
+                m.finish(service.in_flight());
+            }
+            Err(_) => {
+                error!("a vCPU service panicked; vCPU no longer served");
+                m.finish(0);
+            }
+        }
+    }
+    (served > 0).then_some(served)
+}
+
+/// Sleeps on every listed ring's doorbell and the pool's own word until one
+/// rings or the shortest slice passes; `Some(0)` if woken by a doorbell.
+fn sleep(shared: &Shared) -> Option<u32> {
+    let changed = shared.changed.load(Ordering::Acquire);
+    let mut words = vec![DoorbellWord::new(&shared.changed, changed)];
+    let mut slice = shared.policy.sleep_slice;
+    {
+        let members = shared.members.read().unwrap_or_else(|e| e.into_inner());
+        let open = || members.iter().filter(|m| !m.is_finished());
+        for m in open() {
+            m.doorbell.set_consumer_waiting(true);
+            let word = m.doorbell.producer_word();
+            words.push(DoorbellWord::new(word, word.load(Ordering::Acquire)));
+            slice = slice.min(m.slice);
+        }
+        // The re-check after the flags: a record pushed before a flag was
+        // seen is found here, one pushed after it rings the doorbell.
+        if open().any(|m| !m.doorbell.is_drained()) {
+            open().for_each(|m| m.doorbell.set_consumer_waiting(false));
+            return Some(0);
+        }
+    }
+    // More rings than one futex_waitv takes: the rest are seen when the
+    // slice runs out, so keep it short.
+    if words.len() > faultline_attach::doorbell::MAX_DOORBELLS {
+        slice = slice.min(Duration::from_millis(1));
+    }
+    let woken = futex_wait_any(&words, slice);
+    let members = shared.members.read().unwrap_or_else(|e| e.into_inner());
+    members.iter().filter(|m| !m.is_finished()).for_each(|m| m.doorbell.set_consumer_waiting(false));
+    woken.then_some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faultline_attach::doorbell::push_and_ring;
+    use hyp_core::ring::abi::Record;
+    use hyp_core::ring::{Consumer, OwnedRing, Producer};
+    use std::time::Instant;
+
+    /// A service that logs which records it served, in the order served.
+    struct Logging<'r> {
+        id: u64,
+        ring: Consumer<'r>,
+        log: &'r Mutex<Vec<(u64, u64)>>,
+        done: &'r AtomicBool,
+    }
+
+    impl RingService for Logging<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            let mut n = 0;
+            while n < budget {
+                let Some(r) = self.ring.pop()? else { break };
+                self.log.lock().unwrap().push((self.id, r.0[0]));
+                n += 1;
+            }
+            Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn policy(spin_polls: u32) -> WaitPolicy {
+        WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) }
+    }
+
+    /// Services of different kinds in one VM.
+    impl<T: RingService + ?Sized> RingService for Box<T> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            (**self).serve(budget)
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            (**self).doorbell()
+        }
+
+        fn in_flight(&self) -> usize {
+            (**self).in_flight()
+        }
+    }
+
+    /// A service that always has work: every call serves its whole budget.
+    struct Endless<'r> {
+        ring: &'r OwnedRing,
+        log: &'r Mutex<Vec<(u64, u64)>>,
+        done: &'r AtomicBool,
+        served: u64,
+    }
+
+    impl RingService for Endless<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            let mut log = self.log.lock().unwrap();
+            for _ in 0..budget {
+                log.push((1, self.served));
+                self.served += 1;
+            }
+            Ok(Served::Worked(budget))
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_busy_ring_does_not_starve_a_quiet_one() {
+        let (busy, quiet) = (OwnedRing::new(), OwnedRing::new());
+        Producer::attach(quiet.view()).unwrap().push(&Record([7; 8])).unwrap();
+        let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let endless: Box<dyn RingService + '_> = Box::new(Endless { ring: &busy, log: &log, done: &done, served: 0 });
+        let one: Box<dyn RingService + '_> =
+            Box::new(Logging { id: 2, ring: Consumer::attach(quiet.view()).unwrap(), log: &log, done: &done });
+        let pool = ServicePool::start(1, policy(0)).unwrap();
+        // The busy ring comes first: the one thread starts its first pass there.
+        pool.serve(vec![endless, one], Duration::from_millis(500), |_| {
+            wait_until("the quiet ring served", || log.lock().unwrap().iter().any(|&(id, _)| id == 2));
+            done.store(true, Ordering::Release);
+        });
+        let log = log.into_inner().unwrap();
+        let quiet_at = log.iter().position(|&(id, _)| id == 2).unwrap();
+        // Served right after the busy ring's first batch.
+        assert_eq!(quiet_at, BATCH as usize, "{:?}", &log[..quiet_at.min(40)]);
+    }
+
+    #[test]
+    fn many_rings_on_two_threads_are_served_in_order_and_a_doorbell_wakes_the_pool() {
+        const RINGS: u64 = 24;
+        const RECORDS: u64 = 200;
+        let rings: Vec<OwnedRing> = (0..RINGS).map(|_| OwnedRing::new()).collect();
+        let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let services: Vec<Logging<'_>> = rings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Logging { id: i as u64, ring: Consumer::attach(r.view()).unwrap(), log: &log, done: &done })
+            .collect();
+        // No spinning, and slices far longer than this test: every record
+        // after the first pass is found through a doorbell.
+        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        let (_, in_flight) = pool.serve(services, Duration::from_secs(60), |served| {
+            std::thread::scope(|s| {
+                for ring in &rings {
+                    s.spawn(|| {
+                        let mut p = Producer::attach(ring.view()).unwrap();
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        for i in 0..RECORDS {
+                            while push_and_ring(&mut p, &Record([i; 8])).is_err() {
+                                assert!(Instant::now() < deadline, "the ring stayed full: nobody served it");
+                                std::thread::sleep(Duration::from_micros(100));
+                            }
+                            if i % 50 == 0 {
+                                // Let the pool go to sleep now and then.
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                        }
+                    });
+                }
+            });
+            wait_until("every record served", || log.lock().unwrap().len() as u64 == RINGS * RECORDS);
+            assert!(!served.finished());
+            done.store(true, Ordering::Release);
+        });
+        assert_eq!(in_flight, vec![0; RINGS as usize]);
+        let log = log.into_inner().unwrap();
+        for id in 0..RINGS {
+            let got: Vec<u64> = log.iter().filter(|(i, _)| *i == id).map(|&(_, r)| r).collect();
+            assert_eq!(got, (0..RECORDS).collect::<Vec<_>>(), "ring {id}");
+        }
+        assert!(pool.waits().slept >= 1, "{:?}", pool.waits());
+    }
+
+    #[test]
+    fn services_are_given_back_even_when_the_body_panics() {
+        let ring = OwnedRing::new();
+        let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let pool = ServicePool::start(1, policy(100)).unwrap();
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let service = Logging { id: 0, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done };
+            pool.serve(vec![service], Duration::from_millis(5), |_| panic!("the connection's body failed"));
+        }));
+        assert!(unwound.is_err());
+        assert!(pool.shared.members.read().unwrap().is_empty(), "unlisted while unwinding");
+        // The pool goes on serving others.
+        Producer::attach(ring.view()).unwrap().push(&Record([1; 8])).unwrap();
+        let service = Logging { id: 1, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done };
+        pool.serve(vec![service], Duration::from_millis(5), |_| {
+            wait_until("served after the panic", || !log.lock().unwrap().is_empty());
+        });
+        assert_eq!(*log.lock().unwrap(), [(1, 1)]);
+    }
+}
