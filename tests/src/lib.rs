@@ -1,6 +1,7 @@
 //! Helpers for whole-system tests: build and start the real binaries.
 
 pub mod conformance;
+pub mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,246 @@
+//! Density, in one run: the fault path with many more vCPUs than cores.
+//!
+//! Rows: one VM with 1, 2, 4, 8, 16 and 64 vCPUs, and 8 VMs of 8 vCPUs;
+//! each with random 4 KiB faults on populated backing (the daemon
+//! populates guest memory at attach) and on fresh backing (every fault
+//! allocates its page). Every row is the same work: 80,000 accesses split
+//! over the vCPUs. For each: aggregate faults/s, p50 and p99 per fault as
+//! the vCPUs saw it, CPU per 1,000 faults (the daemon's service threads,
+//! and everything: both whole processes from /proc, attach and the
+//! machines' final digest included), and userfaultfd serving the same
+//! number of faults with as many faulting threads on one blocking handler
+//! thread (memfd, MISSING + UFFDIO_COPY: Firecracker's arrangement).
+//! Then a daemon with 64 idle attached vCPUs, over 10 s.
+//!
+//! `cargo bench -p faultline-system-tests --bench scaling` (a few minutes)
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use faultline_attach::shm::MappedRegion;
+use faultline_system_tests::uffd::{self, Page};
+use faultline_system_tests::{binary, machine, wait_paused, Daemon};
+use memfd::MemfdOptions;
+
+/// Accesses per row, split over its vCPUs.
+const ACCESSES: usize = 80_000;
+
+/// Clock ticks per second (`/proc/*/stat` times).
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// utime + stime of `/proc/<stat>`, in seconds.
+fn cpu_of(stat: &str) -> f64 {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / ticks_per_sec()
+}
+
+/// CPU seconds of the whole daemon, and of its fault service threads.
+fn daemon_cpu(pid: u32) -> (f64, f64) {
+    let whole = cpu_of(&format!("/proc/{pid}/stat"));
+    let mut service = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.starts_with("fault-service") {
+            service += cpu_of(&dir.join("stat").to_string_lossy());
+        }
+    }
+    (whole, service)
+}
+
+/// CPU seconds of the children this process waited for.
+fn children_cpu() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills one rusage struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, u.as_mut_ptr()) };
+    // SAFETY: zeroed, then filled by the call; plain integers.
+    let u = unsafe { u.assume_init() };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(u.ru_utime) + s(u.ru_stime)
+}
+
+fn percentile(sorted: &[u64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// One row's measurements.
+struct Measured {
+    faults: u64,
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// CPU ms per 1,000 faults: the daemon's service threads; everything.
+    service_ms: f64,
+    all_ms: f64,
+}
+
+/// `vms` machines of `vcpus` vCPUs at once, 4 KiB random accesses.
+fn faultline(daemon: &Daemon, vms: u32, vcpus: u32) -> Measured {
+    let ops = (ACCESSES / (vms * vcpus) as usize).max(1);
+    let (d0, c0) = (daemon_cpu(daemon.pid()), children_cpu());
+    let children: Vec<_> = (1..=vms)
+        .map(|vm| {
+            machine(daemon)
+                .args(["--vm-id", &vm.to_string(), "--vcpus", &vcpus.to_string(), "--ops", &ops.to_string()])
+                .args(["--pattern", "random", "--ram-page-kib", "4", "--seed", &vm.to_string(), "--latencies"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("sim-machine")
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut faults = 0;
+    let mut run_s: f64 = 0.0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        faults += v["faults"].as_u64().unwrap();
+        run_s = run_s.max(v["run_ms"].as_u64().unwrap() as f64 / 1000.0);
+        latencies.extend(v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()));
+    }
+    let (d1, c1) = (daemon_cpu(daemon.pid()), children_cpu());
+    latencies.sort_unstable();
+    let per_1000 = |s: f64| s * 1000.0 / faults as f64 * 1000.0;
+    Measured {
+        faults,
+        // Over the workloads' own run time (attach and digest excluded).
+        per_sec: faults as f64 / run_s.max(1e-9),
+        p50_us: percentile(&latencies, 50),
+        p99_us: percentile(&latencies, 99),
+        service_ms: per_1000(d1.1 - d0.1),
+        all_ms: per_1000((d1.0 - d0.0) + (c1 - c0)),
+    }
+}
+
+/// `threads` threads fault `faults` distinct fresh pages between them, on
+/// one handler thread blocking in read() and answering with UFFDIO_COPY.
+/// (faults/s, p50 us, p99 us)
+fn userfaultfd(threads: u32, faults: u64) -> (f64, f64, f64) {
+    let per_thread = faults / u64::from(threads);
+    let pages = per_thread * u64::from(threads);
+    // One page more: its fault tells the handler to exit.
+    let len = (pages + 1) * 4096;
+    let memfd = MemfdOptions::default().create("uffd").unwrap();
+    memfd.as_file().set_len(len).unwrap();
+    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, len, 4096).unwrap();
+    let base = map.base().as_ptr() as u64;
+    let fd = uffd::register(base, len, false);
+    let raw = fd.as_raw_fd();
+    let sentinel = base + pages * 4096;
+    let src = Box::new(Page([7; 4096]));
+    let start = Instant::now();
+    let (mut latencies, wall) = std::thread::scope(|s| {
+        let src = &src;
+        let map = &map;
+        s.spawn(move || loop {
+            if let Some(addr) = uffd::read_fault(raw) {
+                uffd::copy(raw, addr, src.0.as_ptr());
+                if addr >= sentinel {
+                    return;
+                }
+            }
+        });
+        let faulting: Vec<_> = (0..u64::from(threads))
+            .map(|t| {
+                s.spawn(move || {
+                    // This thread's own pages in a scattered order (a
+                    // stride by a large prime: each page once).
+                    let mut lat = Vec::with_capacity(per_thread as usize);
+                    for i in 0..per_thread {
+                        let page = t * per_thread + (i * 2_654_435_761) % per_thread;
+                        let t0 = Instant::now();
+                        map.store(page * 4096 + 8, 8, i).unwrap();
+                        lat.push(t0.elapsed().as_nanos() as u64);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let all: Vec<u64> = faulting.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let wall = start.elapsed().as_secs_f64();
+        map.store(pages * 4096, 8, 1).unwrap();
+        (all, wall)
+    });
+    latencies.sort_unstable();
+    (latencies.len() as f64 / wall, percentile(&latencies, 50), percentile(&latencies, 99))
+}
+
+/// A daemon's CPU over 10 s with one 64-vCPU VM attached and idle.
+fn idle_64(daemon: &Daemon) -> f64 {
+    let mut trace = tempfile::NamedTempFile::new().unwrap();
+    for v in 0..64u64 {
+        writeln!(trace, "{v} W {:#x} 8", 0x4000_0000 + v * 4096).unwrap();
+    }
+    writeln!(trace, "PAUSE").unwrap();
+    let mut child = machine(daemon)
+        .args(["--vcpus", "64", "--trace"])
+        .arg(trace.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    wait_paused(&mut lines, 0);
+    let before = daemon_cpu(daemon.pid()).0;
+    std::thread::sleep(Duration::from_secs(10));
+    let used = daemon_cpu(daemon.pid()).0 - before;
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    used / 10.0 * 100.0
+}
+
+fn main() {
+    // Build the release binaries before timing anything.
+    let _ = binary("memory-manager");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("{cores} cores; {ACCESSES} random 4 KiB accesses per row, split over the vCPUs");
+    let shapes: [(u32, u32); 7] = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (1, 64), (8, 8)];
+    for (populated, title) in [(true, "populated backing"), (false, "fresh backing")] {
+        println!();
+        println!("### Random 4 KiB faults, {title}");
+        println!();
+        println!("| VMs x vCPUs | faults | faults/s | p50 us | p99 us | CPU ms/1000 faults: service threads | all | userfaultfd faults/s | uffd p50 us | uffd p99 us | Faultline / uffd |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut args = vec!["--policy", "4k", "--log-filter", "warn"];
+        if populated {
+            args.push("--prefault");
+        }
+        let daemon = Daemon::start(&args);
+        for (vms, vcpus) in shapes {
+            let m = faultline(&daemon, vms, vcpus);
+            let (u_rate, u50, u99) = userfaultfd(vms * vcpus, m.faults);
+            println!(
+                "| {vms} x {vcpus} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1}x |",
+                m.faults,
+                m.per_sec,
+                m.p50_us,
+                m.p99_us,
+                m.service_ms,
+                m.all_ms,
+                u_rate,
+                u50,
+                u99,
+                m.per_sec / u_rate
+            );
+        }
+    }
+    let daemon = Daemon::start(&["--policy", "4k", "--log-filter", "warn"]);
+    println!();
+    println!("daemon CPU with 64 idle attached vCPUs, over 10 s: {:.2}% of one core", idle_64(&daemon));
+}
