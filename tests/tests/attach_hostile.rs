@@ -12,7 +12,7 @@ use faultline_attach::{
 use faultline_system_tests::{machine, Daemon};
 use memfd::{FileSeal, Memfd, MemfdOptions};
 use sim_machine::layout::Layout;
-use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
+use sim_machine::workload::{generate, replay_flat, Pattern};
 
 fn memfd(size: u64, seal: bool) -> Memfd {
     let m = MemfdOptions::default().allow_sealing(true).create("hostile").unwrap();
@@ -241,7 +241,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &generate(Pattern::Sequential, &layout, ops, 3));
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest());
     assert_eq!(summary["faults"].as_u64().unwrap(), flat.expected_faults(true));
     assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0);
 }

@@ -19,7 +19,7 @@ use faultline_proto::v1::{
 use faultline_system_tests::{machine, wait_paused, Daemon, PolicyProcess};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
-use sim_machine::workload::{digest_bytes, generate, replay_flat, Pattern};
+use sim_machine::workload::{generate, replay_flat, Pattern};
 use tonic::transport::Channel;
 
 const RAM_MIB: u64 = 64;
@@ -48,7 +48,7 @@ fn finish(child: Child, pattern: Pattern, ops: usize, seed: u64) -> serde_json::
     assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout(), &generate(pattern, &layout(), ops, seed));
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest data intact");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest data intact");
     assert_eq!(summary["detach"]["pins_remaining"], 0);
     summary
 }
@@ -236,7 +236,7 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&big, &workload);
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest data intact");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest data intact");
     assert_eq!(swaps, 2 * (PHASES - 1));
     let events = events(&daemon, 9).await;
     assert_eq!(events.len() as u64, summary["faults"].as_u64().unwrap(), "every fault has its event");
@@ -498,7 +498,7 @@ async fn a_resident_budget_under_four_vcpus_keeps_every_page() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&four, &generate(Pattern::Random, &four, ops, seed));
     assert!(flat.ram_pages.len() as u64 * 4096 > 4 * (8 << 20), "the working set is well over the budget");
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "every evicted page came back");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "every evicted page came back");
     // Pages mapped, evicted, then faulted back from the store.
     let mut mapped = std::collections::HashSet::new();
     let back = events(&daemon, 31)

@@ -13,7 +13,7 @@ use faultline_proto::v1::{GetDirtyLogRequest, GetVmRequest, ServerStatusRequest,
 use faultline_system_tests::{machine, wait_paused, Daemon, PolicyProcess};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
-use sim_machine::workload::{digest_bytes, generate, replay_flat, OpKind, Pattern};
+use sim_machine::workload::{generate, replay_flat, OpKind, Pattern};
 
 /// Faults this daemon instance has recorded.
 async fn seen(daemon: &Daemon) -> u64 {
@@ -150,8 +150,8 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     // Nothing lost: memory equals the replay (evicted pages came back from
     // the store, on faults and at detach), every fault was served.
     let flat = replay_flat(&layout, &workload);
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
-    assert_eq!(summary["rom_digest"].as_u64().unwrap(), digest_bytes(&flat.rom), "guest ROM intact");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest RAM intact");
+    assert_eq!(summary["rom_digest"].as_u64().unwrap(), flat.rom_digest(), "guest ROM intact");
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(2 * KILLS_PER_PHASE as u64), "one stall per kill");
     assert_eq!(summary["injected"].as_u64(), Some(0), "no fault failed");
     // After the last re-attach, the daemon's pins are exactly what the
@@ -264,7 +264,7 @@ async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
     assert!(daemon.log().contains(&format!("aborting at {point}")), "the crash point was not reached");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact after {point}");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest RAM intact after {point}");
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
     assert_eq!(summary["injected"].as_u64(), Some(0));
     assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
@@ -331,7 +331,7 @@ async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&replay_flat(&layout, &workload).ram));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), replay_flat(&layout, &workload).ram_digest());
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
 }
 
@@ -389,8 +389,8 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
     assert!(out.status.success(), "machine failed: {stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, seed));
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
-    assert_eq!(summary["rom_digest"].as_u64().unwrap(), digest_bytes(&flat.rom), "guest ROM intact");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest RAM intact");
+    assert_eq!(summary["rom_digest"].as_u64().unwrap(), flat.rom_digest(), "guest ROM intact");
     // The machine never lost its connection.
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(0), "a machine reconnected: {stderr}");
     assert_eq!(summary["injected"].as_u64(), Some(0), "no fault failed");
@@ -422,7 +422,7 @@ fn a_daemon_stopped_with_sigterm_leaves_its_guests_to_the_next_one() {
     assert!(log.contains("memory-manager stopped"), "the first daemon stopped cleanly: {log}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &PausedMachine::workload(ops, seed));
-    assert_eq!(summary["ram_digest"].as_u64().unwrap(), digest_bytes(&flat.ram), "guest RAM intact");
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest RAM intact");
     assert_eq!(summary["stalls"]["count"].as_u64(), Some(1));
     assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "daemon records == core tables");
 }

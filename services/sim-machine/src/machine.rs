@@ -26,7 +26,7 @@ use crate::layout::{
 use crate::mmu::{AccessKind, Stage2Regs, Tlb, TlbGeneration};
 use crate::phys::{PhysMemory, Window};
 use crate::syndrome::{self, DataAccess};
-use crate::workload::{digest, value_for, OpKind, Workload};
+use crate::workload::{digest_words, value_for, OpKind, Workload};
 use faultline_attach::session::{Session, Stalls};
 
 /// How to run the machine.
@@ -371,7 +371,16 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         pins_remaining: reply.values[1],
         faults_served: reply.values[2],
     });
-    let word_digest = |w: &Window| digest((0..w.size).step_by(8).map(|off| w.map.load(off, 8).expect("in range")));
+    // Data segments only: a sparse guest is digested without reading (and
+    // so allocating) its holes.
+    let word_digest = |w: &Window| {
+        digest_words(
+            w.data_ranges()
+                .into_iter()
+                .flat_map(|(start, end)| (start..end).step_by(8))
+                .map(|off| (off, w.map.load(off, 8).expect("in range"))),
+        )
+    };
     summary.ram_digest = word_digest(phys.window(ram));
     summary.rom_digest = word_digest(phys.window(rom));
     drop(core);

@@ -64,6 +64,32 @@ impl Window {
         Ok(Self { name, pa_base, size, page_size, memfd, map, hugetlb: want_huge })
     }
 
+    /// The byte ranges of the window that hold data, from the memfd
+    /// (SEEK_DATA / SEEK_HOLE, once over the file): holes read as zeros
+    /// and are skipped without being touched (reading a shmem hole would
+    /// allocate it). A file system that cannot tell gives the whole window.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        use nix::unistd::{lseek, Whence};
+        let fd = self.memfd.as_file().as_fd();
+        let end = self.size as i64;
+        let mut ranges = Vec::new();
+        let mut at = 0i64;
+        while at < end {
+            let data = match lseek(fd, at, Whence::SeekData) {
+                Ok(d) => d,
+                Err(nix::Error::ENXIO) => break,
+                Err(_) => return vec![(0, self.size)],
+            };
+            let hole = match lseek(fd, data, Whence::SeekHole) {
+                Ok(h) => h.min(end),
+                Err(_) => return vec![(0, self.size)],
+            };
+            ranges.push((data as u64, hole as u64));
+            at = hole;
+        }
+        ranges
+    }
+
     /// The memfd, to pass to the daemon.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.memfd.as_file().as_fd()

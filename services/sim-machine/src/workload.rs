@@ -14,7 +14,7 @@
 //! then the machine waits (still attached) for a line on its stdin, so a
 //! test or an operator can inspect the VM between phases.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -246,11 +246,13 @@ pub fn parse_trace(text: &str, nr_vcpus: u32) -> Result<Workload, TraceError> {
     Ok(Workload { per_vcpu, pauses })
 }
 
-/// Guest memory as a flat array after a workload, and what it predicts.
+/// Guest memory after a workload, as the pages it wrote (the rest is
+/// zero), and what it predicts.
 #[derive(Debug)]
 pub struct FlatReplay {
-    /// RAM bytes.
-    pub ram: Vec<u8>,
+    /// RAM pages the workload wrote, by byte offset of the page: only what
+    /// it touched, so the replay of a sparse terabyte guest stays small.
+    pub ram: BTreeMap<u64, Box<[u8; 4096]>>,
     /// ROM bytes.
     pub rom: Vec<u8>,
     /// Exits expected: (vCPU, GPA, size, write), in program order per vCPU.
@@ -264,6 +266,21 @@ pub struct FlatReplay {
 }
 
 impl FlatReplay {
+    /// The digest of RAM ([`digest_words`]), as the machine reports it.
+    pub fn ram_digest(&self) -> u64 {
+        digest_words(self.ram.iter().flat_map(|(&page, bytes)| {
+            bytes
+                .chunks_exact(8)
+                .enumerate()
+                .map(move |(i, c)| (page + i as u64 * 8, u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+        }))
+    }
+
+    /// The digest of ROM.
+    pub fn rom_digest(&self) -> u64 {
+        digest_bytes(&self.rom)
+    }
+
     /// Faults a run must take if every RAM fault maps `ram_granule` bytes.
     pub fn expected_faults(&self, ram_blocks: bool) -> u64 {
         let ram = if ram_blocks { self.ram_blocks.len() } else { self.ram_pages.len() };
@@ -271,12 +288,11 @@ impl FlatReplay {
     }
 }
 
-/// Replays `workload` on flat arrays.
+/// Replays `workload` on plain memory (RAM: the pages it writes).
 pub fn replay_flat(layout: &Layout, workload: &Workload) -> FlatReplay {
-    let mut ram = vec![0u8; layout.ram_size as usize];
     let rom: Vec<u8> = (0..layout.rom_size).map(rom_byte).collect();
     let mut r = FlatReplay {
-        ram: Vec::new(),
+        ram: BTreeMap::new(),
         rom,
         exits: Vec::new(),
         ram_pages: BTreeSet::new(),
@@ -290,8 +306,10 @@ pub fn replay_flat(layout: &Layout, workload: &Workload) -> FlatReplay {
                 r.ram_pages.insert(op.gpa >> 12);
                 r.ram_blocks.insert(op.gpa >> 21);
                 if op.kind == OpKind::Write {
-                    let off = (op.gpa - layout.ram_gpa) as usize;
-                    ram[off..off + op.size as usize]
+                    let off = op.gpa - layout.ram_gpa;
+                    let page = r.ram.entry(off & !0xfff).or_insert_with(|| Box::new([0; 4096]));
+                    let at = (off & 0xfff) as usize;
+                    page[at..at + op.size as usize]
                         .copy_from_slice(&value_for(op.gpa, op.size).to_le_bytes()[..op.size as usize]);
                 }
             } else if layout.in_rom(op.gpa, len) && op.kind != OpKind::Write {
@@ -301,18 +319,27 @@ pub fn replay_flat(layout: &Layout, workload: &Workload) -> FlatReplay {
             }
         }
     }
-    r.ram = ram;
     r
 }
 
-/// A digest of memory read as little-endian u64 words.
-pub fn digest(words: impl Iterator<Item = u64>) -> u64 {
-    words.fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7))
+/// A digest of memory given as its little-endian u64 words and their byte
+/// offsets. Zero words are skipped, so memory that is mostly holes is
+/// digested by visiting only its data, and gives the digest of the same
+/// bytes read whole.
+pub fn digest_words(words: impl Iterator<Item = (u64, u64)>) -> u64 {
+    words.filter(|&(_, word)| word != 0).fold(0xcbf2_9ce4_8422_2325u64, |h, (offset, word)| {
+        (h ^ word ^ offset.rotate_left(29)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7)
+    })
 }
 
 /// The digest of a flat byte array (its length a multiple of 8).
 pub fn digest_bytes(bytes: &[u8]) -> u64 {
-    digest(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+    digest_words(
+        bytes
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, c)| (i as u64 * 8, u64::from_le_bytes(c.try_into().expect("8 bytes")))),
+    )
 }
 
 #[cfg(test)]
@@ -362,5 +389,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_replay_keeps_only_written_pages_and_digests_like_the_whole_memory() {
+        let layout = Layout { ram_size: 1 << 30, ..Layout::default() };
+        let w = parse_trace("0 W 0x40001008 8\n0 W 0x7ff00000 4\n0 R 0x40200000 8\n0 W 0x40001008 8\n", 1).unwrap();
+        let flat = replay_flat(&layout, &w);
+        assert_eq!(flat.ram.keys().copied().collect::<Vec<_>>(), [0x1000, 0x3ff0_0000], "written pages only");
+        // The same bytes as one flat array give the same digest.
+        let mut whole = vec![0u8; layout.ram_size as usize];
+        for (&page, bytes) in &flat.ram {
+            whole[page as usize..page as usize + 4096].copy_from_slice(&bytes[..]);
+        }
+        assert_eq!(flat.ram_digest(), digest_bytes(&whole));
+        // Zero words are skipped; where the data is still counts.
+        let moved = digest_words([(8, 5), (16, 0)].into_iter());
+        assert_eq!(moved, digest_words([(8, 5)].into_iter()));
+        assert_ne!(moved, digest_words([(16, 5)].into_iter()));
     }
 }
