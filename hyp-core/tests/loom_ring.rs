@@ -73,6 +73,39 @@ fn sleeping_consumer_is_never_missed() {
     });
 }
 
+/// The daemon's service pool sleeps on many rings at once: its watching
+/// thread sets every ring's waiting flag, then looks at every ring again
+/// (from the published indices, as a third party) before it sleeps on all
+/// their doorbells. A record pushed on any ring is either seen by that
+/// look or rung by its producer.
+#[test]
+fn a_pool_sleeping_on_two_rings_misses_neither() {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let rings = [Arc::new(OwnedRing::new()), Arc::new(OwnedRing::new())];
+        let producers: Vec<_> = rings
+            .iter()
+            .map(|ring| {
+                let ring = ring.clone();
+                thread::spawn(move || {
+                    let mut p = Producer::attach(ring.view()).unwrap();
+                    p.push(&record(1)).unwrap();
+                    ring.view().consumer_waiting()
+                })
+            })
+            .collect();
+        for ring in &rings {
+            ring.view().set_consumer_waiting(true);
+        }
+        let saw: Vec<bool> = rings.iter().map(|ring| !ring.view().is_drained()).collect();
+        let rang: Vec<bool> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+        for i in 0..2 {
+            assert!(saw[i] || rang[i], "ring {i}: record pushed, pool asleep, no doorbell");
+        }
+    });
+}
+
 /// A daemon that dies may have popped a fault it never answered (`took`),
 /// or died before it did. Its successor attaches from the indices in shared
 /// memory while the vCPU may still be pushing; once it has re-attached, the

@@ -62,6 +62,19 @@ fn demo_runs_daemon_and_machine_and_summarizes() {
     assert!(summary.starts_with(&format!("summary: {faults} faults")), "every fault was shown: {summary}");
     assert!(stdout.contains("by outcome: mapped="), "{stdout}");
     assert!(stdout.contains("pins left after detach: 0"), "{stdout}");
+    // Latencies by kind: the random workload's 2 MiB RAM faults allocate
+    // their pages; their count adds up with the other kinds to every fault.
+    let kinds: Vec<(&str, usize)> = stdout
+        .lines()
+        .filter(|l| l.starts_with("    ") && l.contains(" p50 ") && l.contains(" p99 "))
+        .map(|l| {
+            let (kind, rest) = l.trim().split_at(34);
+            (kind.trim(), rest.split_whitespace().next().unwrap().parse().unwrap())
+        })
+        .collect();
+    assert!(kinds.iter().any(|(k, _)| *k == "2 MiB mapped, page allocated"), "{stdout}");
+    assert_eq!(kinds.iter().map(|(_, n)| n).sum::<usize>(), faults, "{stdout}");
+    assert!(stdout.contains("how the vCPUs waited: spun "), "{stdout}");
 }
 
 #[test]

@@ -79,7 +79,8 @@ impl<'a> RingView<'a> {
 
     /// Whether the consumer has taken every record published so far, as a
     /// third party sees it (a machine waiting for its core to execute what
-    /// a dead daemon left): a hint, neither end's index.
+    /// a dead daemon left; a service pool's last look at a ring before it
+    /// sleeps on the doorbell): a hint, neither end's index.
     pub fn is_drained(&self) -> bool {
         self.consumer.load(Ordering::Acquire) == self.producer.load(Ordering::Acquire)
     }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline::{compact, sibling};
+use faultline::{compact, sibling, LatencyByKind};
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::{GetStatsRequest, ObserveRequest};
@@ -80,6 +80,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let machine = tokio::task::spawn_blocking(move || machine.wait_with_output());
     tokio::pin!(machine);
     let (mut shown, mut seen, mut window_start, mut window_shown) = (0u64, 0u64, Instant::now(), 0u32);
+    let mut by_kind = LatencyByKind::default();
     let mut last_progress = Instant::now();
     let output = loop {
         tokio::select! {
@@ -87,6 +88,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             msg = stream.message() => match msg? {
                 Some(r) => if let Some(ResponseTypes::Fault(e)) = r.response_types {
                     seen += 1;
+                    by_kind.add(&e);
                     if window_start.elapsed() >= Duration::from_secs(1) {
                         (window_start, window_shown) = (Instant::now(), 0);
                     }
@@ -126,10 +128,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             h.max_ns as f64 / 1000.0
         );
     }
+    println!("  daemon latency by kind (a fault that allocates its page pays the kernel for it):");
+    for (kind, count, p50, p99) in by_kind.summary() {
+        println!("    {kind:<34} {count:>6}   p50 {p50:>9.2} us   p99 {p99:>9.2} us");
+    }
     println!(
         "  round trip seen by the vCPUs: p50 {:.2} us, p99 {:.2} us",
         summary["fault_p50_ns"].as_f64().unwrap_or(0.0) / 1000.0,
         summary["fault_p99_ns"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    let waits = &summary["waits"];
+    println!(
+        "  how the vCPUs waited: spun {}, slept {} (spinning gives way when threads outnumber the {} cores)",
+        waits["spun"],
+        waits["slept"],
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
     // Close the connection before stopping the daemon: its graceful shutdown

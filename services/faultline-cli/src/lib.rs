@@ -149,6 +149,50 @@ pub fn compact(e: &FaultEvent) -> String {
     )
 }
 
+/// Which kind of fault an event is, for latencies that are only comparable
+/// within a kind: a mapping of a size whose backing held data already, one
+/// whose page the daemon had to allocate, an exit to the VMM, or another
+/// outcome.
+pub fn fault_kind_label(e: &FaultEvent) -> String {
+    let size = match MappingSize::try_from(e.mapping_size) {
+        Ok(MappingSize::MappingSize4k) => "4 KiB",
+        Ok(MappingSize::MappingSize2m) => "2 MiB",
+        Ok(MappingSize::MappingSize1g) => "1 GiB",
+        _ => "",
+    };
+    match Outcome::try_from(e.outcome) {
+        Ok(Outcome::Mapped) if e.populated => format!("{size} mapped, page allocated"),
+        Ok(Outcome::Mapped) => format!("{size} mapped, data already there"),
+        _ => name::<Outcome>(e.outcome),
+    }
+}
+
+/// Daemon latencies collected by [`fault_kind_label`].
+#[derive(Debug, Default)]
+pub struct LatencyByKind(std::collections::BTreeMap<String, Vec<u64>>);
+
+impl LatencyByKind {
+    /// Adds `e`'s latency under its kind.
+    pub fn add(&mut self, e: &FaultEvent) {
+        self.0.entry(fault_kind_label(e)).or_default().push(e.latency_ns);
+    }
+
+    /// Each kind with its count, p50 and p99 in us, most frequent first.
+    pub fn summary(&mut self) -> Vec<(String, usize, f64, f64)> {
+        let mut rows: Vec<_> = self
+            .0
+            .iter_mut()
+            .map(|(kind, ns)| {
+                ns.sort_unstable();
+                let at = |p: usize| ns[(ns.len() * p / 100).min(ns.len() - 1)] as f64 / 1000.0;
+                (kind.clone(), ns.len(), at(50), at(99))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        rows
+    }
+}
+
 /// The header of table output.
 pub const TABLE_HEADER: &str =
     "VM  VCPU  FAULT       IPA                 ACCESS   KIND          OUTCOME           SIZE  PERM  LATENCY";
@@ -207,6 +251,27 @@ mod tests {
         assert_eq!(compact(&e), "vm1/vcpu2 #7 write ipa=0x40001000 translation L3 -> mapped 4k rw- 1.5us");
         assert_eq!(json(&e)["outcome"], "mapped");
         assert!(row(&e).contains("0x40001000"));
+    }
+
+    #[test]
+    fn latencies_are_kept_apart_by_kind() {
+        let event = |outcome: Outcome, size: MappingSize, populated: bool, latency_ns: u64| FaultEvent {
+            outcome: outcome as i32,
+            mapping_size: size as i32,
+            populated,
+            latency_ns,
+            ..Default::default()
+        };
+        let mut by = LatencyByKind::default();
+        for ns in [1_000, 2_000, 3_000] {
+            by.add(&event(Outcome::Mapped, MappingSize::MappingSize4k, false, ns));
+        }
+        by.add(&event(Outcome::Mapped, MappingSize::MappingSize2m, true, 700_000));
+        by.add(&event(Outcome::MmioExit, MappingSize::Unspecified, false, 100));
+        let rows = by.summary();
+        assert_eq!(rows[0], ("4 KiB mapped, data already there".to_string(), 3, 2.0, 3.0));
+        assert!(rows.contains(&("2 MiB mapped, page allocated".to_string(), 1, 700.0, 700.0)), "{rows:?}");
+        assert!(rows.contains(&("mmio-exit".to_string(), 1, 0.1, 0.1)), "{rows:?}");
     }
 }
 
