@@ -447,6 +447,18 @@ fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wai
     }
 }
 
+fn push_result(p: &mut Producer<'_>, r: &Record, ring: bool, stop: &AtomicBool) -> Result<(), RingError> {
+    if ring {
+        return push(p, r, stop);
+    }
+    loop {
+        match p.push(r) {
+            Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+            other => return other,
+        }
+    }
+}
+
 fn push(p: &mut Producer<'_>, r: &Record, stop: &AtomicBool) -> Result<(), RingError> {
     loop {
         match push_and_ring(p, r) {
@@ -549,7 +561,12 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                             let CoreState { vm, owners, tlb } = &mut *c;
                             vm.execute(v, &cmd, owners, tlb)
                         };
-                        push(&mut faults_out, &executed.result.encode(), stop)
+                        // A result that resumes the vCPU needs no doorbell: the
+                        // daemon reads it with the next record, and nobody
+                        // waits on it. One that leaves the vCPU waiting (a
+                        // fault-around page, a top-up, a refusal) is rung.
+                        let ring = executed.completion.is_none();
+                        push_result(&mut faults_out, &executed.result.encode(), ring, stop)
                             .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;
                         if let Some(c) = executed.completion {
                             break c;

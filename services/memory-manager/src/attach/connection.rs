@@ -373,8 +373,9 @@ impl AttachServer {
                     let draining = std::time::Instant::now();
                     info!("draining the VM's vCPU services for the handover");
                     end.drain();
-                    wake_vcpus();
                     while !served.finished() {
+                        // Results due need not ring: wake the pool to read them.
+                        wake_vcpus();
                         std::thread::sleep(DRAIN_POLL);
                     }
                     let drained_us = draining.elapsed().as_micros() as u64;

@@ -57,6 +57,11 @@ pub trait RingService: Send {
 /// Records served from one ring before the pass moves on to the next.
 pub const BATCH: u32 = 16;
 
+/// Longest sleep while results are due: a machine need not ring the
+/// doorbell for a result that resumes its vCPU (nobody waits on it), so
+/// such results are read with the next record or after this long.
+const RESULTS_DUE_SLICE: Duration = Duration::from_millis(1);
+
 /// What one pass over one ring costs, in bare ring polls (a lock and a
 /// try-lock more).
 const PASS_COST_IN_POLLS: u32 = 8;
@@ -80,6 +85,9 @@ struct Member {
     /// that polls rather than rings).
     slice: Duration,
     finished: AtomicBool,
+    /// Commands in flight: after each batch, a hint that results are due
+    /// (a machine need not ring for a result that resumes the vCPU); once
+    /// finished, the count at the end.
     in_flight: AtomicUsize,
 }
 
@@ -353,6 +361,7 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
         let service = unsafe { &mut *lent.0.as_ptr() };
         match catch_unwind(AssertUnwindSafe(|| service.serve(BATCH))) {
             Ok(Ok(Served::Worked(k))) => {
+                m.in_flight.store(service.in_flight(), Ordering::Relaxed);
                 served += k;
                 busy_rings += 1;
                 if busy_rings == 2 {
@@ -389,6 +398,10 @@ fn sleep(shared: &Shared) -> Option<u32> {
             let word = m.doorbell.producer_word();
             words.push(DoorbellWord::new(word, word.load(Ordering::Acquire)));
             slice = slice.min(m.slice);
+            if m.in_flight.load(Ordering::Relaxed) > 0 {
+                // Results due may come without a doorbell.
+                slice = slice.min(RESULTS_DUE_SLICE);
+            }
         }
         // The re-check after the flags: a record pushed before a flag was
         // seen is found here, one pushed after it rings the doorbell.
@@ -588,5 +601,58 @@ mod tests {
             wait_until("served after the panic", || !log.lock().unwrap().is_empty());
         });
         assert_eq!(*log.lock().unwrap(), [(1, 1)]);
+    }
+
+    /// A service with a command in flight until it has read a record.
+    struct AwaitingResult<'r> {
+        ring: Consumer<'r>,
+        log: &'r Mutex<Vec<(u64, u64)>>,
+        done: &'r AtomicBool,
+        read: bool,
+    }
+
+    impl RingService for AwaitingResult<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            let mut n = 0;
+            while n < budget {
+                let Some(r) = self.ring.pop()? else { break };
+                self.log.lock().unwrap().push((0, r.0[0]));
+                self.read = r.0[0] != 0;
+                n += 1;
+            }
+            Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            usize::from(!self.read)
+        }
+    }
+
+    #[test]
+    fn a_result_due_is_read_without_a_doorbell() {
+        let ring = OwnedRing::new();
+        let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let mut p = Producer::attach(ring.view()).unwrap();
+        let service =
+            AwaitingResult { ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, read: false };
+        // Slices far longer than the test: only "results due" can wake it.
+        let pool = ServicePool::start(1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        pool.serve(vec![service], Duration::from_secs(120), |_| {
+            // The command goes out with a rung record (the fault)...
+            push_and_ring(&mut p, &Record([0; 8])).unwrap();
+            wait_until("the fault served", || log.lock().unwrap().len() == 1);
+            std::thread::sleep(Duration::from_millis(20));
+            // ...and its result comes back without one.
+            p.push(&Record([1; 8])).unwrap();
+            wait_until("the result read within the results-due slice", || log.lock().unwrap().len() == 2);
+            done.store(true, Ordering::Release);
+        });
     }
 }
