@@ -10,7 +10,9 @@
 //! machines' final digest included), and userfaultfd serving the same
 //! number of faults with as many faulting threads on one blocking handler
 //! thread (memfd, MISSING + UFFDIO_COPY: Firecracker's arrangement).
-//! Then a daemon with 64 idle attached vCPUs, over 10 s.
+//! Then guest size against fault cost (1 GiB and 1 TiB sparse guests; a
+//! ROM filled before attach against sparse RAM; the daemon's RSS growth),
+//! and a daemon with 64 idle attached vCPUs, over 10 s.
 //!
 //! `cargo bench -p faultline-system-tests --bench scaling` (a few minutes)
 
@@ -180,6 +182,81 @@ fn userfaultfd(threads: u32, faults: u64) -> (f64, f64, f64) {
     (latencies.len() as f64 / wall, percentile(&latencies, 50), percentile(&latencies, 99))
 }
 
+/// A trace of one vCPU reading `pages` distinct 4 KiB pages scattered over
+/// `span` bytes from `base` (a stride by a large prime: each page once).
+fn read_trace(base: u64, span: u64, pages: u64) -> tempfile::NamedTempFile {
+    let mut trace = tempfile::NamedTempFile::new().unwrap();
+    let in_span = span / 4096;
+    for i in 0..pages {
+        let page = (i * 2_654_435_761) % in_span;
+        writeln!(trace, "0 R {:#x} 8", base + page * 4096).unwrap();
+    }
+    trace
+}
+
+/// Resident set of `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A machine replaying `trace` with `args`: (faults, p50 us, p99 us, the
+/// daemon's RSS growth in KiB).
+fn trace_row(daemon: &Daemon, args: &[&str], trace: &tempfile::NamedTempFile) -> (u64, f64, f64, i64) {
+    let before = rss_kib(daemon.pid());
+    let out = machine(daemon).args(args).arg("--trace").arg(trace.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ns = |k: &str| v[k].as_u64().unwrap() as f64 / 1000.0;
+    (
+        v["faults"].as_u64().unwrap(),
+        ns("fault_p50_ns"),
+        ns("fault_p99_ns"),
+        rss_kib(daemon.pid()) as i64 - before as i64,
+    )
+}
+
+/// Guest size and backing filled before attach, against fault cost.
+fn size_independence() {
+    const RAM_GPA: u64 = 0x4000_0000;
+    const ROM_GPA: u64 = 0x1000_0000;
+    // Each read on the 1 TiB guest lands in its own 2 MiB block and takes
+    // table pages from the machine's 16 MiB of table memory: 2000 fit.
+    const PAGES: u64 = 2000;
+    println!();
+    println!("### Guest size and backing filled before attach (1 vCPU, {PAGES} reads of distinct pages)");
+    println!();
+    println!("| guest | faults | p50 us | p99 us | daemon RSS growth KiB | per GiB touched |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let daemon = Daemon::start(&["--policy", "4k", "--log-filter", "warn"]);
+    let rows: [(&str, u64, u64, &[&str]); 4] = [
+        ("RAM 1 GiB, sparse (each read fills a hole)", RAM_GPA, 1 << 30, &["--ram-mib", "1024", "--ram-page-kib", "4"]),
+        (
+            "RAM 1 TiB, sparse (each read fills a hole)",
+            RAM_GPA,
+            1 << 40,
+            &["--ram-mib", "1048576", "--ram-page-kib", "4"],
+        ),
+        ("ROM 256 MiB, filled before attach", ROM_GPA, 256 << 20, &["--rom-mib", "256"]),
+        (
+            "RAM 256 MiB, sparse (each read fills a hole)",
+            RAM_GPA,
+            256 << 20,
+            &["--ram-mib", "256", "--ram-page-kib", "4"],
+        ),
+    ];
+    for (name, base, span, args) in rows {
+        let trace = read_trace(base, span, PAGES);
+        let (faults, p50, p99, rss) = trace_row(&daemon, args, &trace);
+        let touched_gib = (faults * 4096) as f64 / f64::from(1u32 << 30);
+        println!("| {name} | {faults} | {p50:.2} | {p99:.2} | {rss} | {:.0} KiB |", rss as f64 / touched_gib);
+    }
+}
+
 /// A daemon's CPU over 10 s with one 64-vCPU VM attached and idle.
 fn idle_64(daemon: &Daemon) -> f64 {
     let mut trace = tempfile::NamedTempFile::new().unwrap();
@@ -240,6 +317,7 @@ fn main() {
             );
         }
     }
+    size_independence();
     let daemon = Daemon::start(&["--policy", "4k", "--log-filter", "warn"]);
     println!();
     println!("daemon CPU with 64 idle attached vCPUs, over 10 s: {:.2}% of one core", idle_64(&daemon));

@@ -265,19 +265,19 @@ fn a_vm_faulting_without_pause_does_not_starve_a_quiet_one() {
 }
 
 #[test]
-fn a_sparse_guest_of_hundreds_of_gib_runs_and_matches_the_replay() {
-    // 879 GiB of RAM above the ROM: as much as the core's 40-bit IPA space
-    // holds. The machine digests only the data segments of its memfd and
-    // the replay keeps only the pages written, so neither reads (or, on
-    // shmem, allocates) the holes. (Few accesses: each lands in its own
-    // 2 MiB block, and every block takes a table page from the machine's
-    // 16 MiB of table memory.)
+fn a_sparse_one_tib_guest_runs_and_matches_the_replay() {
+    // 1 TiB of RAM: past the 40-bit IPA space, so the machine's core uses a
+    // 48-bit one (four levels). The machine digests only the data segments
+    // of its memfd and the replay keeps only the pages written, so neither
+    // reads (or, on shmem, allocates) the holes. (Few accesses: each lands
+    // in its own 2 MiB block, and every block takes table pages from the
+    // machine's 16 MiB of table memory.)
     let daemon = Daemon::start(&["--policy", "4k"]);
-    let l = Layout { nr_vcpus: 2, ram_size: 900_000 << 20, ram_page_size: 4096, ..Layout::default() };
+    let l = Layout { nr_vcpus: 2, ram_size: 1 << 40, ram_page_size: 4096, ..Layout::default() };
     let workload = generate(Pattern::Random, &l, 400, 42);
     let mut cmd = machine(&daemon);
     cmd.args(["--vcpus", "2", "--ops", "400", "--seed", "42", "--pattern", "random"]);
-    cmd.args(["--ram-mib", "900000", "--ram-page-kib", "4"]);
+    cmd.args(["--ram-mib", "1048576", "--ram-page-kib", "4"]);
     let summary = run_machine(cmd);
     let flat = replay_flat(&l, &workload);
     assert!(flat.ram.len() > 100 && flat.ram.len() <= 800, "{} pages written", flat.ram.len());

@@ -181,7 +181,13 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     owners
         .transfer(Pa::new(ROM_PA), layout.rom_size, Owner::Host, Owner::Vm(id))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let geometry = Geometry::kvm_default();
+    // KVM's default 40-bit IPA space, or 48 bits (four levels from level
+    // 0) for a guest whose RAM ends above 1 TiB.
+    let geometry = if layout.ram_gpa + layout.ram_size <= 1 << 40 && RAM_PA + layout.ram_size <= 1 << 40 {
+        Geometry::kvm_default()
+    } else {
+        Geometry::new(48, 48).map_err(|e| anyhow::anyhow!("{e:?}"))?
+    };
     let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), n + 1, table_mem, &mut owners)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let regs = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
