@@ -125,38 +125,19 @@ fn first_touch(pages: u64) -> Stats {
 // ---- userfaultfd: memfd, MISSING mode, UFFDIO_COPY ----
 
 fn userfaultfd(pages: u64, spinning: bool) -> Stats {
-    use std::os::fd::AsRawFd;
-    // One page more than measured: its fault tells the handler to exit.
-    let len = (pages + 1) * 4096;
-    let memfd = MemfdOptions::default().create("uffd").unwrap();
-    memfd.as_file().set_len(len).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, len, 4096).unwrap();
-    let base = map.base().as_ptr() as u64;
-    let fd = uffd::register(base, len, spinning);
-    let raw = fd.as_raw_fd();
-    let sentinel = base + pages * 4096;
+    // Non-blocking fd: the handler spins on read(); blocking: sleeps in it.
+    let arena = uffd::Arena::new(pages, spinning);
     let src = Box::new(Page([7; 4096]));
     let mut lat = Vec::with_capacity(pages as usize);
     std::thread::scope(|s| {
-        let src = &src;
-        s.spawn(move || loop {
-            // Non-blocking fd: spin on read(); blocking fd: sleep in read().
-            match uffd::read_fault(raw) {
-                Some(addr) => {
-                    uffd::copy(raw, addr, src.0.as_ptr());
-                    if addr >= sentinel {
-                        return;
-                    }
-                }
-                None => std::hint::spin_loop(),
-            }
-        });
+        let (arena, src) = (&arena, &src);
+        s.spawn(move || arena.serve(src));
         for p in 0..pages {
             let t = Instant::now();
-            map.store(p * 4096 + 8, 8, p).unwrap();
+            arena.map.store(p * 4096 + 8, 8, p).unwrap();
             lat.push(t.elapsed().as_nanos() as u64);
         }
-        map.store(pages * 4096, 8, 1).unwrap();
+        arena.end();
     });
     stats(lat)
 }

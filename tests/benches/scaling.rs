@@ -17,14 +17,11 @@
 //! `cargo bench -p faultline-system-tests --bench scaling` (a few minutes)
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use faultline_attach::shm::MappedRegion;
 use faultline_system_tests::uffd::{self, Page};
 use faultline_system_tests::{binary, machine, wait_paused, Daemon};
-use memfd::MemfdOptions;
 
 /// Accesses per row, split over its vCPUs.
 const ACCESSES: usize = 80_000;
@@ -134,29 +131,12 @@ fn faultline(daemon: &Daemon, vms: u32, vcpus: u32) -> Measured {
 /// (faults/s, p50 us, p99 us)
 fn userfaultfd(threads: u32, faults: u64) -> (f64, f64, f64) {
     let per_thread = faults / u64::from(threads);
-    let pages = per_thread * u64::from(threads);
-    // One page more: its fault tells the handler to exit.
-    let len = (pages + 1) * 4096;
-    let memfd = MemfdOptions::default().create("uffd").unwrap();
-    memfd.as_file().set_len(len).unwrap();
-    let map = MappedRegion::map(memfd.as_file().as_fd(), 0, len, 4096).unwrap();
-    let base = map.base().as_ptr() as u64;
-    let fd = uffd::register(base, len, false);
-    let raw = fd.as_raw_fd();
-    let sentinel = base + pages * 4096;
+    let arena = uffd::Arena::new(per_thread * u64::from(threads), false);
     let src = Box::new(Page([7; 4096]));
     let start = Instant::now();
     let (mut latencies, wall) = std::thread::scope(|s| {
-        let src = &src;
-        let map = &map;
-        s.spawn(move || loop {
-            if let Some(addr) = uffd::read_fault(raw) {
-                uffd::copy(raw, addr, src.0.as_ptr());
-                if addr >= sentinel {
-                    return;
-                }
-            }
-        });
+        let (arena, src) = (&arena, &src);
+        s.spawn(move || arena.serve(src));
         let faulting: Vec<_> = (0..u64::from(threads))
             .map(|t| {
                 s.spawn(move || {
@@ -166,7 +146,7 @@ fn userfaultfd(threads: u32, faults: u64) -> (f64, f64, f64) {
                     for i in 0..per_thread {
                         let page = t * per_thread + (i * 2_654_435_761) % per_thread;
                         let t0 = Instant::now();
-                        map.store(page * 4096 + 8, 8, i).unwrap();
+                        arena.map.store(page * 4096 + 8, 8, i).unwrap();
                         lat.push(t0.elapsed().as_nanos() as u64);
                     }
                     lat
@@ -175,7 +155,7 @@ fn userfaultfd(threads: u32, faults: u64) -> (f64, f64, f64) {
             .collect();
         let all: Vec<u64> = faulting.into_iter().flat_map(|h| h.join().unwrap()).collect();
         let wall = start.elapsed().as_secs_f64();
-        map.store(pages * 4096, 8, 1).unwrap();
+        arena.end();
         (all, wall)
     });
     latencies.sort_unstable();

@@ -429,12 +429,15 @@ mod tests {
     use hyp_core::ring::{Consumer, OwnedRing, Producer};
     use std::time::Instant;
 
-    /// A service that logs which records it served, in the order served.
+    /// A service that logs which records it served, in the order served;
+    /// with `awaiting`, it has a command in flight until a record whose
+    /// first word is not 0 arrives (its result).
     struct Logging<'r> {
         id: u64,
         ring: Consumer<'r>,
         log: &'r Mutex<Vec<(u64, u64)>>,
         done: &'r AtomicBool,
+        awaiting: bool,
     }
 
     impl RingService for Logging<'_> {
@@ -446,6 +449,7 @@ mod tests {
             while n < budget {
                 let Some(r) = self.ring.pop()? else { break };
                 self.log.lock().unwrap().push((self.id, r.0[0]));
+                self.awaiting &= r.0[0] == 0;
                 n += 1;
             }
             Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
@@ -456,7 +460,7 @@ mod tests {
         }
 
         fn in_flight(&self) -> usize {
-            0
+            usize::from(self.awaiting)
         }
     }
 
@@ -523,8 +527,13 @@ mod tests {
         Producer::attach(quiet.view()).unwrap().push(&Record([7; 8])).unwrap();
         let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
         let endless: Box<dyn RingService + '_> = Box::new(Endless { ring: &busy, log: &log, done: &done, served: 0 });
-        let one: Box<dyn RingService + '_> =
-            Box::new(Logging { id: 2, ring: Consumer::attach(quiet.view()).unwrap(), log: &log, done: &done });
+        let one: Box<dyn RingService + '_> = Box::new(Logging {
+            id: 2,
+            ring: Consumer::attach(quiet.view()).unwrap(),
+            log: &log,
+            done: &done,
+            awaiting: false,
+        });
         let pool = ServicePool::start(1, policy(0)).unwrap();
         // The busy ring comes first: the one thread starts its first pass there.
         pool.serve(vec![endless, one], Duration::from_millis(500), |_| {
@@ -546,7 +555,13 @@ mod tests {
         let services: Vec<Logging<'_>> = rings
             .iter()
             .enumerate()
-            .map(|(i, r)| Logging { id: i as u64, ring: Consumer::attach(r.view()).unwrap(), log: &log, done: &done })
+            .map(|(i, r)| Logging {
+                id: i as u64,
+                ring: Consumer::attach(r.view()).unwrap(),
+                log: &log,
+                done: &done,
+                awaiting: false,
+            })
             .collect();
         // No spinning, and slices far longer than this test: every record
         // after the first pass is found through a doorbell.
@@ -589,50 +604,25 @@ mod tests {
         let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
         let pool = ServicePool::start(1, policy(100)).unwrap();
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let service = Logging { id: 0, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done };
+            let service = Logging {
+                id: 0,
+                ring: Consumer::attach(ring.view()).unwrap(),
+                log: &log,
+                done: &done,
+                awaiting: false,
+            };
             pool.serve(vec![service], Duration::from_millis(5), |_| panic!("the connection's body failed"));
         }));
         assert!(unwound.is_err());
         assert!(pool.shared.members.read().unwrap().is_empty(), "unlisted while unwinding");
         // The pool goes on serving others.
         Producer::attach(ring.view()).unwrap().push(&Record([1; 8])).unwrap();
-        let service = Logging { id: 1, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done };
+        let service =
+            Logging { id: 1, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, awaiting: false };
         pool.serve(vec![service], Duration::from_millis(5), |_| {
             wait_until("served after the panic", || !log.lock().unwrap().is_empty());
         });
         assert_eq!(*log.lock().unwrap(), [(1, 1)]);
-    }
-
-    /// A service with a command in flight until it has read a record.
-    struct AwaitingResult<'r> {
-        ring: Consumer<'r>,
-        log: &'r Mutex<Vec<(u64, u64)>>,
-        done: &'r AtomicBool,
-        read: bool,
-    }
-
-    impl RingService for AwaitingResult<'_> {
-        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
-            if self.done.load(Ordering::Acquire) {
-                return Ok(Served::Finished { in_flight: 0 });
-            }
-            let mut n = 0;
-            while n < budget {
-                let Some(r) = self.ring.pop()? else { break };
-                self.log.lock().unwrap().push((0, r.0[0]));
-                self.read = r.0[0] != 0;
-                n += 1;
-            }
-            Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
-        }
-
-        fn doorbell(&self) -> RingView<'_> {
-            self.ring.view()
-        }
-
-        fn in_flight(&self) -> usize {
-            usize::from(!self.read)
-        }
     }
 
     #[test]
@@ -641,7 +631,7 @@ mod tests {
         let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
         let mut p = Producer::attach(ring.view()).unwrap();
         let service =
-            AwaitingResult { ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, read: false };
+            Logging { id: 0, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, awaiting: true };
         // Slices far longer than the test: only "results due" can wake it.
         let pool = ServicePool::start(1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         pool.serve(vec![service], Duration::from_secs(120), |_| {
