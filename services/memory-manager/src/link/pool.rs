@@ -11,7 +11,9 @@
 //! ring's waiting flag set first, exactly as one consumer does in the
 //! protocol the loom model checks. The other idle threads park until a
 //! pass finds more than one ring with work and calls one of them. So at
-//! most one pool thread spins, and a doorbell wakes one thread.
+//! most one pool thread spins, and a doorbell wakes one thread. A service
+//! about to block (a reclaim) says so ([`block_in_place`]): its thread
+//! gives up the watch and calls a parked thread to take it.
 //!
 //! A VM's services are lent to the pool for the length of a closure
 //! ([`ServicePool::serve`], the shape of `std::thread::scope`): when it
@@ -108,9 +110,9 @@ struct Shared {
     /// Bumped (and woken) when the members change, the pool stops or a
     /// parked thread is called to help, so a sleeping thread looks again.
     changed: AtomicU32,
-    /// Held by the one idle thread that watches the rings (spins, then
+    /// Which thread (index + 1; 0: none) watches the rings (spins, then
     /// sleeps on their doorbells); the other idle threads park.
-    watching: AtomicBool,
+    watching: AtomicUsize,
     /// Threads parked until called.
     parked: AtomicUsize,
     stopping: AtomicBool,
@@ -149,7 +151,7 @@ impl ServicePool {
         let shared = Arc::new(Shared {
             members: RwLock::new(Vec::new()),
             changed: AtomicU32::new(0),
-            watching: AtomicBool::new(false),
+            watching: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             policy,
@@ -302,7 +304,7 @@ impl Shared {
         let seen = self.changed.load(Ordering::Acquire);
         // The watcher may have given up its watch since this thread looked:
         // parked, nobody would watch.
-        if !self.watching.load(Ordering::Acquire) {
+        if self.watching.load(Ordering::Acquire) == 0 {
             self.parked.fetch_sub(1, Ordering::AcqRel);
             return;
         }
@@ -315,14 +317,16 @@ impl Shared {
 /// watches the rings (the one thread that may spin, then sleeps on their
 /// doorbells) or, if another thread watches, parks until called. So at
 /// most one pool thread spins, and a doorbell wakes one thread.
-fn work(shared: &Shared, index: usize) {
+fn work(shared: &Arc<Shared>, index: usize) {
+    POOL_THREAD.with(|t| *t.borrow_mut() = Some((shared.clone(), index)));
     let mut waiter = Waiter::new(shared.policy, &shared.waits);
     let mut cursor = index;
+    let me = index + 1;
     while !shared.stopping.load(Ordering::Acquire) {
         if pass(shared, &mut cursor).is_some() {
             continue;
         }
-        if shared.watching.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if shared.watching.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire).is_err() {
             shared.park();
             continue;
         }
@@ -331,8 +335,28 @@ fn work(shared: &Shared, index: usize) {
         let rings = shared.members.read().unwrap_or_else(|e| e.into_inner()).len().max(1);
         waiter.set_spin_limit(shared.policy.spin_polls / (PASS_COST_IN_POLLS * rings as u32));
         let _ = waiter.wait(&mut cursor, |cursor| Ok::<_, ()>(pass(shared, cursor)), |_| Ok(sleep(shared)));
-        shared.watching.store(false, Ordering::Release);
+        // Still ours unless a blocking service gave it up meanwhile.
+        let _ = shared.watching.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     }
+}
+
+thread_local! {
+    /// The pool (and this thread's index in it) a service thread belongs to.
+    static POOL_THREAD: std::cell::RefCell<Option<(Arc<Shared>, usize)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, which may block for a while (a reclaim waiting on the control
+/// ring and the disk), so that the pool goes on serving the other rings
+/// meanwhile: a pool thread gives up the watch if it holds it and calls a
+/// parked thread to take it. Elsewhere it just runs `f`.
+pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
+    POOL_THREAD.with(|t| {
+        if let Some((shared, index)) = t.borrow().as_ref() {
+            let _ = shared.watching.compare_exchange(index + 1, 0, Ordering::AcqRel, Ordering::Acquire);
+            shared.call_helper();
+        }
+    });
+    f()
 }
 
 /// Serves a batch from every ring, from the one after where the last pass
@@ -642,6 +666,73 @@ mod tests {
             // ...and its result comes back without one.
             p.push(&Record([1; 8])).unwrap();
             wait_until("the result read within the results-due slice", || log.lock().unwrap().len() == 2);
+            done.store(true, Ordering::Release);
+        });
+    }
+
+    /// A service whose first record makes it block (a reclaim, say) until
+    /// `release` is set.
+    struct Blocking<'r> {
+        ring: Consumer<'r>,
+        release: &'r AtomicBool,
+        done: &'r AtomicBool,
+    }
+
+    impl RingService for Blocking<'_> {
+        fn serve(&mut self, _budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            if self.ring.pop()?.is_none() {
+                return Ok(Served::Idle);
+            }
+            block_in_place(|| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !self.release.load(Ordering::Acquire) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            Ok(Served::Worked(1))
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_service_that_blocks_does_not_hold_up_the_other_rings() {
+        let (slow, other) = (OwnedRing::new(), OwnedRing::new());
+        let (log, done, release) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicBool::new(false));
+        let blocking: Box<dyn RingService + '_> =
+            Box::new(Blocking { ring: Consumer::attach(slow.view()).unwrap(), release: &release, done: &done });
+        let logging: Box<dyn RingService + '_> = Box::new(Logging {
+            id: 1,
+            ring: Consumer::attach(other.view()).unwrap(),
+            log: &log,
+            done: &done,
+            awaiting: false,
+        });
+        // Slices far longer than the test: a parked thread only helps when called.
+        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        pool.serve(vec![blocking, logging], Duration::from_secs(120), |_| {
+            // Both threads idle: one watches, one parks.
+            std::thread::sleep(Duration::from_millis(50));
+            push_and_ring(&mut Producer::attach(slow.view()).unwrap(), &Record([1; 8])).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            // The thread serving `slow` is blocked; the other ring's
+            // record is served all the same.
+            push_and_ring(&mut Producer::attach(other.view()).unwrap(), &Record([2; 8])).unwrap();
+            let served = Instant::now() + Duration::from_secs(20);
+            while log.lock().unwrap().is_empty() && Instant::now() < served {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            release.store(true, Ordering::Release);
+            assert_eq!(*log.lock().unwrap(), [(1, 2)], "served while the other ring's service blocked");
             done.store(true, Ordering::Release);
         });
     }

@@ -16,7 +16,7 @@ use hyp_core::vm::map_outcome;
 use tracing::{debug, error, warn};
 
 use super::evict;
-use super::pool::{RingService, Served};
+use super::pool::{block_in_place, RingService, Served};
 use super::vm::AttachedVm;
 use super::winddown::Winddown;
 use crate::fault::around::plan_around;
@@ -304,7 +304,9 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     fn check_budget(&self, stop: &AtomicBool) {
         if let Some(budget) = self.policy.load().policy.budget(self.vm.id().raw()) {
             if self.vm.mapping.resident() > budget.max_resident {
-                evict::enforce(self.vm, budget, stop);
+                // Waits on the control ring and the disk: the pool serves
+                // the other rings meanwhile.
+                block_in_place(|| evict::enforce(self.vm, budget, stop));
             }
         }
     }
