@@ -107,8 +107,9 @@ pub fn involuntary_switches() -> u64 {
 /// doubles the window, a sleep longer than that halves it. And it stops
 /// spinning at once when another thread wants its CPU, as KVM's halt
 /// polling does (`single_task_running()`), seen from user space as an
-/// involuntary context switch during the spin; it then sleeps for a
-/// cooldown of waits that doubles while that keeps happening. So spinners
+/// involuntary context switch during the spin, or as a wake-up that then
+/// waited for a CPU ([`run_delay`]); it then sleeps for a cooldown of waits
+/// that doubles while that keeps happening. So spinners
 /// that outnumber the cores stop stealing them from the threads they wait
 /// for, and a waiter with a core to itself spins as before.
 #[derive(Debug)]
