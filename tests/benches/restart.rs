@@ -12,13 +12,12 @@
 //! `cargo bench -p faultline-system-tests --bench restart` (about N
 //! minutes; `RESTART_BENCH_KILLS=5` for a quick look)
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::{observe_response::ResponseTypes, ObserveRequest};
-use faultline_system_tests::{binary, machine, wait_paused, Daemon};
+use faultline_system_tests::{binary, Daemon, TracedMachine};
 use nix::sys::signal::Signal;
 
 const PAGE: u64 = 4096;
@@ -63,45 +62,37 @@ fn trace(vcpus: u64, mapped: u64, ram_pages: u64, phases: u64, per_phase: u64) -
 /// Starts the machine on `trace` and waits until its first phase (the
 /// mapped pages) is done; it then waits for a line on stdin.
 fn start_machine(daemon: &Daemon, vcpus: u64, ram_mib: u64, trace: &tempfile::NamedTempFile) -> Machine {
-    let mut child = machine(daemon)
-        .args(["--vcpus", &vcpus.to_string(), "--ram-mib", &ram_mib.to_string(), "--ram-page-kib", "4"])
-        .args(["--reattach-deadline-s", "60"])
-        .arg("--trace")
-        .arg(trace.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    wait_paused(&mut lines, 0);
-    Machine { child, lines, phase: 0 }
+    let (vcpus, ram_mib) = (vcpus.to_string(), ram_mib.to_string());
+    let args = ["--vcpus", &vcpus, "--ram-mib", &ram_mib, "--ram-page-kib", "4", "--reattach-deadline-s", "60"];
+    let mut machine = TracedMachine::spawn(daemon, &args, trace.path());
+    machine.wait_paused(0);
+    Machine { machine, phase: 0 }
 }
 
 /// A running machine, paused after phase `phase`.
 struct Machine {
-    child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+    machine: TracedMachine,
     phase: usize,
 }
 
 impl Machine {
     /// Lets the machine go on past its pause.
     fn resume(&mut self) {
-        writeln!(self.child.stdin.as_mut().unwrap()).unwrap();
+        self.machine.resume();
     }
 
     /// Waits until the phase after the last pause is done.
     fn wait_paused(&mut self) {
         self.phase += 1;
-        wait_paused(&mut self.lines, self.phase);
+        self.machine.wait_paused(self.phase);
     }
 
     /// Lets it run to the end and detach; panics if the run failed.
-    fn finish(mut self) {
-        drop(self.child.stdin.take());
-        std::thread::spawn(move || self.lines.for_each(drop));
-        let out = self.child.wait_with_output().unwrap();
+    fn finish(self) {
+        let TracedMachine { child, stdin, lines } = self.machine;
+        drop(stdin);
+        std::thread::spawn(move || lines.for_each(drop));
+        let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "machine failed");
     }
 }

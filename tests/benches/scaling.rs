@@ -16,12 +16,12 @@
 //!
 //! `cargo bench -p faultline-system-tests --bench scaling` (a few minutes)
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use faultline_system_tests::uffd::{self, Page};
-use faultline_system_tests::{binary, machine, wait_paused, Daemon};
+use faultline_system_tests::{binary, machine, Daemon, TracedMachine};
 
 /// Accesses per row, split over its vCPUs.
 const ACCESSES: usize = 80_000;
@@ -244,21 +244,13 @@ fn idle_64(daemon: &Daemon) -> f64 {
         writeln!(trace, "{v} W {:#x} 8", 0x4000_0000 + v * 4096).unwrap();
     }
     writeln!(trace, "PAUSE").unwrap();
-    let mut child = machine(daemon)
-        .args(["--vcpus", "64", "--trace"])
-        .arg(trace.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    wait_paused(&mut lines, 0);
+    let mut m = TracedMachine::spawn(daemon, &["--vcpus", "64"], trace.path());
+    m.wait_paused(0);
     let before = daemon_cpu(daemon.pid()).0;
     std::thread::sleep(Duration::from_secs(10));
     let used = daemon_cpu(daemon.pid()).0 - before;
-    child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    assert!(child.wait().unwrap().success());
+    m.resume();
+    assert!(m.child.wait_with_output().unwrap().status.success());
     used / 10.0 * 100.0
 }
 

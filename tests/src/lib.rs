@@ -3,8 +3,9 @@
 pub mod conformance;
 pub mod uffd;
 
+use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -298,6 +299,46 @@ pub fn run_machine(mut cmd: Command) -> serde_json::Value {
     let Output { status, stdout, stderr } = cmd.output().expect("running sim-machine");
     assert!(status.success(), "sim-machine failed: {}", String::from_utf8_lossy(&stderr));
     serde_json::from_slice(&stdout).expect("sim-machine prints JSON")
+}
+
+/// A `sim-machine` replaying a trace with pauses (`PAUSE` lines), its
+/// stdin, stdout and stderr piped: a line on `stdin` lets it go on after a
+/// pause, and `lines`, its stderr, says when it paused.
+pub struct TracedMachine {
+    /// The process (its stdout holds the summary at the end).
+    pub child: Child,
+    /// A line lets it go on after a pause; closing it lets it run to the end.
+    pub stdin: ChildStdin,
+    /// Its stderr.
+    pub lines: Lines<BufReader<ChildStderr>>,
+}
+
+impl TracedMachine {
+    /// `sim-machine` attached to `daemon` with `args`, replaying `trace`.
+    pub fn spawn(daemon: &Daemon, args: &[&str], trace: &Path) -> Self {
+        let mut child = machine(daemon)
+            .args(args)
+            .arg("--trace")
+            .arg(trace)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting sim-machine");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        Self { child, stdin, lines }
+    }
+
+    /// Waits until it says it paused after phase `phase`.
+    pub fn wait_paused(&mut self, phase: usize) {
+        wait_paused(&mut self.lines, phase);
+    }
+
+    /// Lets it go on after a pause.
+    pub fn resume(&mut self) {
+        writeln!(self.stdin).expect("writing to the machine's stdin");
+    }
 }
 
 /// Reads a `sim-machine`'s stderr until it says it paused after phase

@@ -4,7 +4,7 @@
 //! Every test starts the real daemon and machine binaries.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use faultline_proto::v1::{
     lost_events, observe_response::ResponseTypes, GetDirtyLogRequest, GetStatsRequest, ListVmsRequest, ObserveRequest,
     ServerStatusRequest,
 };
-use faultline_system_tests::{machine, run_machine, wait_paused, Daemon};
+use faultline_system_tests::{machine, run_machine, Daemon, TracedMachine};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -344,21 +344,12 @@ async fn dirty_log_fetch_and_clear_rearms_logging() {
     let dir = tempfile::tempdir().unwrap();
     let trace_file = dir.path().join("dirty.trace");
     std::fs::write(&trace_file, text).unwrap();
-    let mut child = machine(&daemon)
-        .args(["--vm-id", "3", "--dirty-log", "--spin-polls", "0", "--trace"])
-        .arg(&trace_file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut m = TracedMachine::spawn(&daemon, &["--vm-id", "3", "--dirty-log", "--spin-polls", "0"], &trace_file);
     let req = |memslot, peek| GetDirtyLogRequest { vm_id: 3, memslot, peek };
     // Memslot 0 is RAM (the machine lists it first), 1 the read-only ROM.
     let ram_slot = 0;
 
-    tokio::task::block_in_place(|| wait_paused(&mut lines, 0));
+    tokio::task::block_in_place(|| m.wait_paused(0));
     let peeked = control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
     assert_eq!((peeked.gpa, peeked.pages, peeked.write_protect_commands), (RAM, 224 * 256, 0));
     assert_eq!(pages(&peeked.bitmap), (0..10).collect::<Vec<_>>());
@@ -368,8 +359,8 @@ async fn dirty_log_fetch_and_clear_rearms_logging() {
     let cleared = control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
     assert_eq!(cleared.dirty_pages, 0);
 
-    writeln!(stdin).unwrap();
-    tokio::task::block_in_place(|| wait_paused(&mut lines, 1));
+    m.resume();
+    tokio::task::block_in_place(|| m.wait_paused(1));
     // Pages 5..10 were writable before the fetch; only re-protection makes
     // their second writes visible.
     let fetched = control.get_dirty_log(req(ram_slot, false)).await.unwrap().into_inner();
@@ -385,9 +376,8 @@ async fn dirty_log_fetch_and_clear_rearms_logging() {
     let other_vm = GetDirtyLogRequest { vm_id: 4, memslot: 0, peek: false };
     assert_eq!(code(control.get_dirty_log(other_vm).await), Some(Code::NotFound));
 
-    writeln!(stdin).unwrap();
-    drop(stdin);
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    m.resume();
+    let out = tokio::task::spawn_blocking(move || m.child.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success());
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Faults: 10 + 5 first touches, then 5 new pages + 5 re-protected +

@@ -5,7 +5,6 @@
 //! or sends malformed rules is dropped for the built-in one within the
 //! watchdog's bound while the workload completes intact.
 
-use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use faultline_proto::v1::{
     FaultEvent, FaultFilter, GetPolicyStatusRequest, MappingSize, ObserveRequest, Outcome, PolicyExitKind,
     PolicyStatus, ServerStatusRequest, UseDefaultRequest, UsePolicyRequest,
 };
-use faultline_system_tests::{machine, wait_paused, Daemon, PolicyProcess};
+use faultline_system_tests::{machine, Daemon, PolicyProcess, TracedMachine};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
 use sim_machine::workload::{generate, replay_flat, Pattern};
@@ -190,16 +189,7 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("phases.trace");
     std::fs::write(&trace, workload.to_trace()).unwrap();
-    let mut child = machine(&daemon)
-        .args(["--vm-id", "9", "--vcpus", "1", "--spin-polls", "0", "--trace"])
-        .arg(&trace)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut m = TracedMachine::spawn(&daemon, &["--vm-id", "9", "--vcpus", "1", "--spin-polls", "0"], &trace);
     let mut trace_client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     let seen = || {
         let mut c = trace_client.clone();
@@ -217,10 +207,10 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
         }
     };
     for k in 0..PHASES - 1 {
-        tokio::task::block_in_place(|| wait_paused(&mut lines, k));
+        tokio::task::block_in_place(|| m.wait_paused(k));
         swap(k % 3).await;
         let before = seen().await;
-        writeln!(stdin).unwrap();
+        m.resume();
         // The policy just swapped in decides the phase's first faults...
         let started = Instant::now();
         while seen().await == before {
@@ -231,8 +221,8 @@ async fn a_swap_in_the_middle_of_a_workload_loses_and_fails_nothing() {
         swap((k + 2) % 3).await;
         swaps += 2;
     }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    drop(m.stdin);
+    let out = m.child.wait_with_output().unwrap();
     assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&big, &workload);

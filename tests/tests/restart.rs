@@ -2,7 +2,7 @@
 //! the guests see a stall and lose nothing.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::{GetDirtyLogRequest, GetVmRequest, ServerStatusRequest, UsePolicyRequest};
-use faultline_system_tests::{machine, wait_paused, Daemon, PolicyProcess};
+use faultline_system_tests::{machine, Daemon, PolicyProcess, TracedMachine};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
 use sim_machine::workload::{generate, replay_flat, OpKind, Pattern};
@@ -92,25 +92,16 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("kills.trace");
     std::fs::write(&trace, workload.to_trace()).unwrap();
-    let mut child = machine(&daemon)
-        .args(["--vm-id", "4", "--vcpus", "4", "--dirty-log", "--spin-polls", "0", "--reattach-deadline-s", "30"])
-        .arg("--trace")
-        .arg(&trace)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let args = ["--vm-id", "4", "--vcpus", "4", "--dirty-log", "--spin-polls", "0", "--reattach-deadline-s", "30"];
+    let mut m = TracedMachine::spawn(&daemon, &args, &trace);
     let mut moments = Moments(0x5eed);
 
     kill_during(&mut daemon, KILLS_PER_PHASE, &mut moments).await;
-    tokio::task::block_in_place(|| wait_paused(&mut lines, 0));
+    tokio::task::block_in_place(|| m.wait_paused(0));
     fetch_dirty(&daemon, 4).await;
-    writeln!(stdin).unwrap();
+    m.resume();
     kill_during(&mut daemon, KILLS_PER_PHASE, &mut moments).await;
-    tokio::task::block_in_place(|| wait_paused(&mut lines, 1));
+    tokio::task::block_in_place(|| m.wait_paused(1));
     // Every page the second phase wrote is in the log, across the kills.
     let fetched = fetch_dirty(&daemon, 4).await;
     let written: BTreeSet<u64> = (0..4)
@@ -128,23 +119,16 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     // The last daemon took the policy back and evicted under its budget.
     let mut vms = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let vm = vms.get_vm(GetVmRequest { vm_id: 4 }).await.unwrap().into_inner();
-    let status = PolicyControlClient::connect(daemon.grpc_addr())
-        .await
-        .unwrap()
-        .get_policy_status(faultline_proto::v1::GetPolicyStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.active, "sequential-4k", "the policy came back with the daemon");
+    assert_eq!(active_policy(&daemon).await, "sequential-4k", "the policy came back with the daemon");
     assert!(vm.resident_bytes <= (32 << 20) + (4 << 12), "over budget: {}", vm.resident_bytes);
     // The last daemon knows it replaced one that died, and took the VM back.
     let mut trace_client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     let st = trace_client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert!(st.recovered_after_crash && !st.took_over, "{st:?}");
     assert_eq!(st.reattached_vms, 1, "{st:?}");
-    writeln!(stdin).unwrap();
+    m.resume();
 
-    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    let out = tokio::task::block_in_place(|| m.child.wait_with_output()).unwrap();
     assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Nothing lost: memory equals the replay (evicted pages came back from
@@ -160,6 +144,12 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     assert!(summary["core_leaves"].as_u64().unwrap() > 1000);
     assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
     println!("stalls: {}", summary["stalls"]);
+}
+
+/// The policy in force on `daemon`, as PolicyControl reports it.
+async fn active_policy(daemon: &Daemon) -> String {
+    let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    pc.get_policy_status(faultline_proto::v1::GetPolicyStatusRequest {}).await.unwrap().into_inner().active
 }
 
 /// A machine paused halfway through its workload, attached.
@@ -180,19 +170,12 @@ impl PausedMachine {
         let dir = tempfile::tempdir().unwrap();
         let trace = dir.path().join("paused.trace");
         std::fs::write(&trace, Self::workload(ops, seed).to_trace()).unwrap();
-        let mut child = machine(daemon)
-            .args(["--vm-id", &vm.to_string(), "--vcpus", "2", "--spin-polls", "0"])
-            .args(extra)
-            .arg("--trace")
-            .arg(&trace)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        wait_paused(&mut lines, 0);
+        let vm = vm.to_string();
+        let args: Vec<&str> =
+            ["--vm-id", &vm, "--vcpus", "2", "--spin-polls", "0"].into_iter().chain(extra.iter().copied()).collect();
+        let mut machine = TracedMachine::spawn(daemon, &args, &trace);
+        machine.wait_paused(0);
+        let TracedMachine { child, stdin, lines } = machine;
         let (tx, stderr) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
@@ -303,17 +286,9 @@ async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("fetch.trace");
     std::fs::write(&trace, workload.to_trace()).unwrap();
-    let mut child = machine(&daemon)
-        .args(["--vm-id", "15", "--vcpus", "2", "--dirty-log", "--spin-polls", "0", "--trace"])
-        .arg(&trace)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::task::block_in_place(|| wait_paused(&mut lines, 0));
+    let mut m =
+        TracedMachine::spawn(&daemon, &["--vm-id", "15", "--vcpus", "2", "--dirty-log", "--spin-polls", "0"], &trace);
+    tokio::task::block_in_place(|| m.wait_paused(0));
     // The fetch dies with its daemon: the caller gets an error.
     let mut c = ControlClient::connect(serving(&daemon, 15).await).await.unwrap();
     let failed = c.get_dirty_log(GetDirtyLogRequest { vm_id: 15, memslot: 0, peek: false }).await;
@@ -327,8 +302,8 @@ async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
         .map(|op| op.gpa & !0xfff)
         .collect();
     assert!(written.is_subset(&fetched), "{} written pages missing", written.difference(&fetched).count());
-    writeln!(stdin).unwrap();
-    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    m.resume();
+    let out = tokio::task::block_in_place(|| m.child.wait_with_output()).unwrap();
     assert!(out.status.success(), "machine failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), replay_flat(&layout, &workload).ram_digest());
@@ -376,14 +351,7 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
         .unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("started:          took over from a running daemon; VMs taken back: 1"), "{status}");
-    let status = PolicyControlClient::connect(daemon.grpc_addr())
-        .await
-        .unwrap()
-        .get_policy_status(faultline_proto::v1::GetPolicyStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.active, "sequential-4k", "the policy came with the VM");
+    assert_eq!(active_policy(&daemon).await, "sequential-4k", "the policy came with the VM");
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "machine failed: {stderr}");
