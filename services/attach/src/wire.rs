@@ -44,7 +44,20 @@ pub enum MsgKind {
     HandoverVm = 6,
     /// Old daemon to new: nothing more (payload: VMs handed over, u32).
     HandoverDone = 7,
+    /// Old daemon to new, once a VM handed over staged
+    /// ([`TAKEOVER_STATE`]) is drained: the VM is the new daemon's (payload:
+    /// the VM id, u32; flags, u32, 1 = a sealed memfd with its mapping
+    /// records comes with it, else the new daemon rebuilds them).
+    HandoverState = 8,
 }
+
+/// TAKEOVER flag (payload: u32 flags; HANDOVER_LISTENER echoes the flags
+/// the old daemon honours): VMs are handed staged, each one's
+/// [`MsgKind::HandoverVm`] as its drain starts (the new daemon maps it
+/// meanwhile) and its [`MsgKind::HandoverState`] once drained, with the
+/// mapping records. An older daemon ignores the payload and hands VMs
+/// drained, without records.
+pub const TAKEOVER_STATE: u32 = 1;
 
 impl MsgKind {
     fn from_u16(v: u16) -> Option<Self> {
@@ -56,6 +69,7 @@ impl MsgKind {
             5 => Some(Self::HandoverListener),
             6 => Some(Self::HandoverVm),
             7 => Some(Self::HandoverDone),
+            8 => Some(Self::HandoverState),
             _ => None,
         }
     }

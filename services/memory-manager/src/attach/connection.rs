@@ -24,12 +24,13 @@ use tracing::{error, info, info_span, warn};
 use super::map::{map, Attached};
 use super::registry::{Registration, VmTable};
 use super::state::VmState;
-use super::takeover::{asks_for_takeover, Handover, HandoverSink};
+use super::takeover::{asks_for_takeover, HandedVm, HandoverSink, PendingState, Takeover};
 use super::validate::{refuse, Refusal};
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
-use crate::link::rebuild::rebuild;
+use crate::link::rebuild::{check_handed, rebuild};
 use crate::link::vcpu::VcpuService;
+use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
@@ -51,6 +52,14 @@ pub struct AttachSettings {
     /// Where a new daemon asks this one to hand everything over (none: no
     /// takeover).
     pub takeover_socket: Option<PathBuf>,
+}
+
+/// How a VM came to be served.
+enum Arrival {
+    /// Its machine attached (or re-attached) on its own.
+    Attached,
+    /// The previous daemon handed it over; its state follows.
+    HandedOver(PendingState),
 }
 
 /// How a served VM's connection ended.
@@ -111,10 +120,10 @@ impl AttachServer {
     /// its VMs served first); returns once [`AttachServer::stop`] is called
     /// and every connection has ended, or once everything was handed over
     /// to a new daemon (the socket stays for it).
-    pub fn serve(&self, path: &Path, taken: Option<Handover>) -> std::io::Result<()> {
+    pub fn serve(&self, path: &Path, taken: Option<Takeover>) -> std::io::Result<()> {
         let (listener, handed) = match taken {
-            Some(Handover { listener, vms }) => (listener, vms),
-            None => (faultline_attach::listen(path)?, Vec::new()),
+            Some(Takeover { listener, vms }) => (listener, Some(vms)),
+            None => (faultline_attach::listen(path)?, None),
         };
         let takeover = self.settings.takeover_socket.as_deref().and_then(|p| match faultline_attach::listen(p) {
             Ok(listener) => Some(listener),
@@ -126,8 +135,17 @@ impl AttachServer {
         info!(socket = %path.display(), "attach socket listening");
         let handed_over = std::thread::scope(|s| {
             let listener = listener;
-            for vm in handed {
-                s.spawn(move || self.serve_vm(vm.conn, vm.request, vm.fds, true));
+            if let Some(handed) = handed {
+                // Each VM is served as soon as it arrives; its state follows.
+                s.spawn(move || {
+                    let received = handed.receive(|HandedVm { conn, request, fds, state }| {
+                        s.spawn(move || self.serve_vm(conn, request, fds, Arrival::HandedOver(state)));
+                    });
+                    if let Err(e) = received {
+                        // The VMs not handed yet re-attach on their own.
+                        warn!(cause = %e, "the takeover broke off");
+                    }
+                });
             }
             while !self.stopping() {
                 let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -175,11 +193,11 @@ impl AttachServer {
     /// socket and tells every connection to hand its VM over.
     fn hand_over(&self, takeover: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> Option<Arc<HandoverSink>> {
         let conn = faultline_attach::accept(takeover).ok()?;
-        if !asks_for_takeover(&conn) {
+        let Some(flags) = asks_for_takeover(&conn) else {
             warn!("a connection on the takeover socket did not ask for a takeover");
             return None;
-        }
-        let sink = Arc::new(HandoverSink::new(conn));
+        };
+        let sink = Arc::new(HandoverSink::new(conn, flags));
         if let Err(e) = sink.listener(listener) {
             warn!(cause = %e, "handing over the attach socket failed; serving on");
             return None;
@@ -190,8 +208,8 @@ impl AttachServer {
     }
 
     /// Takes the request's VM id, opens the VM's state (checking a
-    /// re-attach against the description on record), maps what the request
-    /// describes and makes its swap stores agree with its memory.
+    /// re-attach against the description on record) and maps what the
+    /// request describes.
     #[allow(clippy::type_complexity)]
     fn attach(
         &self,
@@ -209,15 +227,7 @@ impl AttachServer {
             state.check_description(&req).map_err(|e| refuse(Status::Mismatch, e.to_string()))?;
         }
         let attached = map(&req, fds, &state)?;
-        if reattach {
-            for (i, r) in attached.vm.layout.regions.iter().enumerate() {
-                let recovered =
-                    r.recover_store().map_err(|e| refuse(Status::Internal, format!("region {i}'s swap store: {e}")))?;
-                if recovered != Default::default() {
-                    info!(region = i, kept = recovered.kept, dropped = recovered.dropped, "swap store recovered");
-                }
-            }
-        } else {
+        if !reattach {
             state
                 .save_description(&req)
                 .map_err(|e| refuse(Status::Internal, format!("recording the VM's description: {e}")))?;
@@ -232,7 +242,7 @@ impl AttachServer {
             return;
         }
         match receive_attach(&conn) {
-            Ok((req, fds)) => self.serve_vm(conn, req, fds, false),
+            Ok((req, fds)) => self.serve_vm(conn, req, fds, Arrival::Attached),
             Err(refusal) => {
                 warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
                 reply_on(&conn, refusal.status, refusal.message, [0; 3]);
@@ -241,9 +251,13 @@ impl AttachServer {
     }
 
     /// Serves VM `req` on `conn` until it detaches, hangs up or is handed
-    /// over. A VM `handed_over` by a previous daemon is taken back as a
+    /// over. A VM handed over by a previous daemon is taken back as a
     /// re-attach, and the machine is not told (it never reconnected).
-    fn serve_vm(&self, conn: OwnedFd, req: AttachRequest, fds: Vec<OwnedFd>, handed_over: bool) {
+    fn serve_vm(&self, conn: OwnedFd, req: AttachRequest, fds: Vec<OwnedFd>, arrival: Arrival) {
+        let (handed_over, pending) = match arrival {
+            Arrival::Attached => (false, None),
+            Arrival::HandedOver(pending) => (true, Some(pending)),
+        };
         let reply = |status, message: String, values| reply_on(&conn, status, message, values);
         let flags = if handed_over { req.flags | faultline_attach::ATTACH_REATTACH } else { req.flags };
         let request = AttachRequest { flags, ..req };
@@ -263,6 +277,23 @@ impl AttachServer {
         let vm = attached.vm.clone();
         let span = info_span!("vm", id = %vm.id());
         let _enter = span.enter();
+        // A handed VM is this daemon's once the old one drained it (its
+        // records come then); mapped meanwhile.
+        let records = match pending.map(PendingState::wait).transpose() {
+            Ok(records) => records.flatten(),
+            Err(e) => {
+                warn!(cause = %e, "letting the VM go: its machine re-attaches");
+                return;
+            }
+        };
+        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
+        if reattach {
+            if let Err(e) = recover_stores(&vm) {
+                error!(cause = %e, "re-attach refused");
+                reply(Status::Internal, e, [0; 3]);
+                return;
+            }
+        }
         if self.settings.prefault {
             if let Err(e) = vm.mapping.populate_all(&vm.layout) {
                 reply(Status::Internal, format!("prefaulting guest memory failed: {e}"), [0; 3]);
@@ -270,7 +301,6 @@ impl AttachServer {
             }
         }
         let inbox = vm.control.open();
-        let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
         if !reattach {
             registration.attach(vm.clone());
         }
@@ -295,6 +325,9 @@ impl AttachServer {
             Duration::from_millis(500)
         };
         let wait = WaitPolicy { spin_polls: self.settings.spin_polls, sleep_slice };
+        // As first attached, for a new daemon that takes the VM over.
+        let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
+        let mut handed_early = false;
         let ending = std::thread::scope(|s| {
             {
                 let control = req.nr_vcpus as u32;
@@ -318,11 +351,22 @@ impl AttachServer {
                     warn!(cause = %e, "cannot start the control thread; control commands unavailable");
                 }
             }
-            // A VM whose daemon died (or handed it over) is served only once
-            // its mapping state is rebuilt from the core, over the control
-            // ring started above.
-            if reattach {
-                match rebuild(&vm) {
+            // A VM whose daemon died is served only once its mapping state
+            // is rebuilt from the core, over the control ring started above.
+            // One handed over comes with the old daemon's records: once
+            // checked, its vCPUs are served while they are adopted (what
+            // reads them waits).
+            let checked = records.and_then(|r| {
+                check_handed(&vm, r)
+                    .inspect_err(
+                        |e| warn!(cause = %e, "the handed-over records do not fit the VM; rebuilding from the core"),
+                    )
+                    .ok()
+            });
+            let mut adopting = None;
+            match checked {
+                Some(checked) => adopting = Some((checked, vm.mapping.hold_records())),
+                None if reattach => match rebuild(&vm) {
                     Ok(r) => {
                         // Listed (and reachable through the API) once rebuilt.
                         registration.attach(vm.clone());
@@ -343,7 +387,8 @@ impl AttachServer {
                         vm.control.close();
                         return Ending::Gone;
                     }
-                }
+                },
+                None => {}
             }
             let mut services = Vec::with_capacity(req.nr_vcpus as usize);
             for vcpu in 0..req.nr_vcpus as u32 {
@@ -365,8 +410,30 @@ impl AttachServer {
             };
             // The pool serves the vCPUs until the connection ends.
             let (ending, _) = self.pool.serve(services, sleep_slice, |served| {
+                if let Some((checked, held)) = adopting {
+                    let r = checked.adopt(&vm, held);
+                    registration.attach(vm.clone());
+                    self.vms.note_reattached();
+                    let elapsed_us = r.elapsed.as_micros() as u64;
+                    info!(
+                        mappings = r.mappings,
+                        bytes = r.bytes,
+                        elapsed_us,
+                        "taken over: the old daemon's records adopted"
+                    );
+                }
                 let ending = self.wait_for_detach(&conn);
-                if let Ending::HandOver(_) = ending {
+                if let Ending::HandOver(sink) = &ending {
+                    // A new daemon that takes VMs staged maps this one
+                    // while it drains; its state follows.
+                    if sink.staged() {
+                        handed_early = sink
+                            .vm(&conn, &original, &kept)
+                            .inspect_err(
+                                |e| error!(cause = %e, "handing the VM over failed; the machine will re-attach"),
+                            )
+                            .is_ok();
+                    }
                     // Each vCPU's service ends once its fault in flight is
                     // answered; the control ring stays served meanwhile (a
                     // reclaim under way finishes).
@@ -392,11 +459,16 @@ impl AttachServer {
         });
         if let Ending::HandOver(sink) = ending {
             // The service threads are done: the new daemon takes it from
-            // here, state directory, swap stores and all.
-            let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req };
-            match sink.vm(&conn, &original, &kept) {
-                Ok(()) => info!("VM handed over to the new daemon"),
-                Err(e) => error!(cause = %e, "handing the VM over failed; the machine will re-attach"),
+            // here, state directory, swap stores and all, with the records.
+            let handed = if sink.staged() {
+                handed_early.then(|| sink.state(original.vm_id, Some(&vm.mapping.handed_records())))
+            } else {
+                Some(sink.vm(&conn, &original, &kept))
+            };
+            match handed {
+                Some(Ok(())) => info!("VM handed over to the new daemon"),
+                Some(Err(e)) => error!(cause = %e, "handing the VM over failed; the machine will re-attach"),
+                None => {}
             }
             self.vms.note_handed_over();
             drop(registration);
@@ -451,6 +523,18 @@ impl AttachServer {
             }
         }
     }
+}
+
+/// Makes a re-attached VM's swap stores agree with its memory (a reclaim
+/// cut short by a crash left a page in both, or only in the store).
+fn recover_stores(vm: &AttachedVm) -> Result<(), String> {
+    for (i, r) in vm.layout.regions.iter().enumerate() {
+        let recovered = r.recover_store().map_err(|e| format!("region {i}'s swap store: {e}"))?;
+        if recovered != Default::default() {
+            info!(region = i, kept = recovered.kept, dropped = recovered.dropped, "swap store recovered");
+        }
+    }
+    Ok(())
 }
 
 /// Sends a reply on a machine's connection.

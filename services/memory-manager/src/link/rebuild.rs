@@ -14,7 +14,9 @@ use hyp_core::stage2::{MapSize, Perms};
 
 use super::control::ControlError;
 use super::vm::AttachedVm;
-use crate::memory::mapping::Installed;
+use crate::memory::handover::HandedRecords;
+use crate::memory::layout::Backing;
+use crate::memory::mapping::{HeldRecords, Installed};
 use crate::memory::memslot::Memslot;
 use crate::memory::pool::PagePool;
 
@@ -46,6 +48,22 @@ pub enum RebuildError {
         ipa: Ipa,
         /// What is wrong with it.
         why: &'static str,
+    },
+    /// A handed-over mapping record the VM's layout cannot have produced.
+    #[error("the handed-over record of a mapping at {ipa} is not one the VM's layout can have made: {why}")]
+    BadRecord {
+        /// The mapping's IPA.
+        ipa: Ipa,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Handed-over free table pages outside the pool, or listed twice.
+    #[error("the handed-over free table pages {pa}+{bytes:#x} are not the pool's, or listed twice")]
+    BadFreePages {
+        /// First PA.
+        pa: Pa,
+        /// Bytes.
+        bytes: u64,
     },
     /// The core's report did not move forward.
     #[error("the core's leaf report did not advance past {0}")]
@@ -145,15 +163,8 @@ fn checked(vm: &AttachedVm, slot: &Memslot, leaf: &LeafRecord, seq: u64) -> Resu
     if leaf.kind != kind::LEAF || leaf.reserved != [0; 2] {
         return Err(bad("not a well-formed leaf record"));
     }
-    let size = MapSize::from_bytes(leaf.size).ok_or(bad("not a leaf size"))?;
-    if !ipa.is_aligned(leaf.size) || leaf.ipa < slot.gpa.raw() || leaf.ipa + leaf.size > slot.end() {
-        return Err(bad("not an aligned leaf inside its memslot"));
-    }
-    let backing = vm.layout.backing(slot, ipa).ok_or(bad("outside the memslot's region"))?;
+    let (size, backing) = placed(vm, slot, ipa, leaf.size, Pa::new(leaf.pa)).map_err(bad)?;
     let region = &vm.layout.regions[backing.region];
-    if backing.pa.raw() != leaf.pa || backing.offset + leaf.size > region.size {
-        return Err(bad("maps a PA the memslot does not back"));
-    }
     let perms = Perms::from_bits(leaf.flags & !FLAG_DEVICE).filter(|p| p.read()).ok_or(bad("bad permissions"))?;
     let device = leaf.flags & FLAG_DEVICE != 0;
     if device != region.device || (device && perms.exec()) {
@@ -162,8 +173,109 @@ fn checked(vm: &AttachedVm, slot: &Memslot, leaf: &LeafRecord, seq: u64) -> Resu
     if perms.write() && (slot.read_only || !region.writable) {
         return Err(bad("writable in a read-only memslot or region"));
     }
-    let pin = vm.mapping.pin(backing.region, backing.offset, leaf.size).map_err(|_| bad("cannot be pinned"))?;
-    Ok((ipa, Installed::new(size, backing.pa, seq, pin.into_mapping())))
+    Ok((ipa, pinned(vm, size, backing, seq).map_err(bad)?))
+}
+
+/// Checks that a mapping of `size` bytes at `ipa` to `pa` is one `slot`'s
+/// layout can have made: a leaf size, aligned, inside the memslot, at the
+/// PA that backs it. Returns its size and where it lives.
+fn placed(vm: &AttachedVm, slot: &Memslot, ipa: Ipa, size: u64, pa: Pa) -> Result<(MapSize, Backing), &'static str> {
+    let map_size = MapSize::from_bytes(size).ok_or("not a leaf size")?;
+    if !ipa.is_aligned(size) || ipa.raw() < slot.gpa.raw() || ipa.raw().checked_add(size).is_none_or(|e| e > slot.end())
+    {
+        return Err("not an aligned leaf inside its memslot");
+    }
+    let backing = vm.layout.backing(slot, ipa).ok_or("outside the memslot's region")?;
+    if backing.pa != pa || backing.offset + size > vm.layout.regions[backing.region].size {
+        return Err("maps a PA the memslot does not back");
+    }
+    Ok((map_size, backing))
+}
+
+/// Pins a mapping [`placed`] checked: the mapping to record.
+fn pinned(vm: &AttachedVm, size: MapSize, backing: Backing, seq: u64) -> Result<Installed, &'static str> {
+    let pin = vm.mapping.pin(backing.region, backing.offset, size.bytes()).map_err(|_| "cannot be pinned")?;
+    Ok(Installed::new(size, backing.pa, seq, pin.into_mapping()))
+}
+
+/// A takeover's handed-over records, every one of which the VM's layout
+/// explains ([`check_handed`]): only these are adopted.
+#[derive(Debug)]
+pub struct CheckedRecords {
+    records: HandedRecords,
+    started: Instant,
+    done: Rebuilt,
+}
+
+/// Checks the records the daemon that drained `vm` handed over against its
+/// layout, as leaves from the core are checked (they come from another
+/// process), and takes their table-pool free pages and sequence. The first
+/// that fails refuses them all, with nothing taken: the caller rebuilds
+/// from the core instead. Asks the core nothing.
+pub fn check_handed(vm: &AttachedVm, records: HandedRecords) -> Result<CheckedRecords, RebuildError> {
+    let started = Instant::now();
+    let mut done = Rebuilt::default();
+    let mut next_min = 0;
+    for m in &records.mappings {
+        let bad = |why| RebuildError::BadRecord { ipa: m.ipa, why };
+        if m.ipa.raw() < next_min {
+            return Err(bad("out of IPA order or overlapping"));
+        }
+        if m.order >= records.next_order {
+            return Err(bad("install order past the next one"));
+        }
+        let slot = vm.layout.memslots.lookup(m.ipa).ok_or(bad("in no memslot"))?;
+        placed(vm, slot, m.ipa, m.size, m.pa).map_err(bad)?;
+        next_min = m.ipa.raw() + m.size;
+        done.mappings += 1;
+        done.bytes += m.size;
+    }
+    // The free pages must lie in the pool's windows, none twice.
+    let windows = vm.mapping.replace_pool(PagePool::default());
+    let mut free = records.free.clone();
+    free.sort_unstable_by_key(|&(pa, _)| pa.raw());
+    let mut next_free = 0;
+    for &(pa, bytes) in &free {
+        let end =
+            pa.raw().checked_add(bytes).filter(|_| bytes > 0 && pa.is_aligned(PAGE_SIZE) && bytes % PAGE_SIZE == 0);
+        let inside = end.is_some_and(|end| {
+            windows.windows().iter().any(|&(base, len)| base.raw() <= pa.raw() && end <= base.raw() + len)
+        });
+        if !inside || pa.raw() < next_free {
+            vm.mapping.replace_pool(windows);
+            return Err(RebuildError::BadFreePages { pa, bytes });
+        }
+        next_free = end.expect("checked");
+    }
+    let pool_bytes: u64 = windows.windows().iter().map(|&(_, len)| len).sum();
+    done.pool_pages_held = (pool_bytes - free.iter().map(|&(_, b)| b).sum::<u64>()) / PAGE_SIZE;
+    vm.mapping.replace_pool(PagePool::new(records.free.clone()));
+    vm.mapping.note_seq(records.seq);
+    Ok(CheckedRecords { records, started, done })
+}
+
+impl CheckedRecords {
+    /// Pins and records every mapping into `held`, `vm`'s records, held
+    /// since before its vCPUs were served (whatever reads them waits
+    /// until this returns).
+    pub fn adopt(self, vm: &AttachedVm, mut held: HeldRecords<'_>) -> Rebuilt {
+        for m in &self.records.mappings {
+            // Checked: in a memslot, placed inside its region (pinning
+            // cannot fail).
+            let placed = vm.layout.memslots.lookup(m.ipa).and_then(|slot| placed(vm, slot, m.ipa, m.size, m.pa).ok());
+            let Some(installed) = placed.and_then(|(size, backing)| {
+                if !vm.layout.regions[backing.region].device {
+                    vm.mapping.mark_populated(backing.region, backing.offset, size.bytes());
+                }
+                pinned(vm, size, backing, self.records.seq).ok()
+            }) else {
+                continue;
+            };
+            held.insert(m.ipa, Installed { order: m.order, ..installed });
+        }
+        held.release(self.records.next_order);
+        Rebuilt { elapsed: self.started.elapsed(), ..self.done }
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +291,7 @@ mod tests {
 
     use super::*;
     use crate::link::control::ControlLoop;
+    use crate::memory::handover::HandedMapping;
     use crate::memory::layout::VmLayout;
     use crate::memory::memslot::SlotFlags;
 
@@ -291,5 +404,78 @@ mod tests {
     fn a_core_whose_report_does_not_advance_is_refused() {
         let (rebuilt, _vm) = rebuild_from(vec![run(GPA, 1)], Some(GPA));
         assert!(matches!(rebuilt, Err(RebuildError::NoProgress(ipa)) if ipa == Ipa::new(GPA)), "{rebuilt:?}");
+    }
+
+    /// A VM of `bytes` (one memslot at GPA over its whole region) with a
+    /// table pool of 16 pages at 0x1000_0000.
+    fn handed_vm(bytes: u64) -> AttachedVm {
+        let layout = VmLayout::single_region(
+            VmId::new(1).unwrap(),
+            Pa::new(RAM_PA),
+            bytes,
+            4096,
+            &[(GPA, bytes, 0, SlotFlags::default())],
+        )
+        .unwrap();
+        AttachedVm::new(layout, PagePool::new(vec![(Pa::new(0x1000_0000), 16 * PAGE_SIZE)]))
+    }
+
+    fn handed(ipa: u64, size: u64, order: u64) -> HandedMapping {
+        HandedMapping { ipa: Ipa::new(ipa), size, pa: Pa::new(RAM_PA + (ipa - GPA)), order }
+    }
+
+    #[test]
+    fn handed_records_are_adopted_with_their_order_pool_and_sequence() {
+        let vm = handed_vm(4 << 20);
+        let records = HandedRecords {
+            seq: 9,
+            next_order: 40,
+            mappings: vec![handed(GPA, PAGE_SIZE, 31), handed(GPA + (2 << 20), 2 << 20, 7)],
+            free: vec![(Pa::new(0x1000_4000), 12 * PAGE_SIZE)],
+        };
+        let r = check_handed(&vm, records.clone()).unwrap().adopt(&vm, vm.mapping.hold_records());
+        assert_eq!((r.mappings, r.bytes, r.pool_pages_held, r.commands), (2, PAGE_SIZE + (2 << 20), 4, 0));
+        let orders: Vec<(u64, u64)> = vm.mapping.residents().iter().map(|m| (m.ipa.raw(), m.order)).collect();
+        assert_eq!(orders, [(GPA, 31), (GPA + (2 << 20), 7)]);
+        assert_eq!(vm.mapping.pins().total(), 1 + 512);
+        assert!(vm.mapping.is_populated(0, 2 << 20, 2 << 20) && !vm.mapping.is_populated(0, PAGE_SIZE, PAGE_SIZE));
+        assert_eq!(vm.mapping.sample_seq(), 9);
+        assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_4000), 12)));
+        // What the next daemon would be handed is what was adopted.
+        let again = vm.mapping.handed_records();
+        assert_eq!((again.seq, again.next_order, again.mappings), (9, 40, records.mappings));
+    }
+
+    #[test]
+    fn handed_records_the_layout_cannot_explain_are_refused_and_nothing_is_kept() {
+        let ok = || HandedRecords { seq: 1, next_order: 5, mappings: vec![handed(GPA, PAGE_SIZE, 0)], free: vec![] };
+        let with = |m: HandedMapping| HandedRecords { mappings: vec![handed(GPA + 0x8000, PAGE_SIZE, 1), m], ..ok() };
+        let cases: Vec<(HandedRecords, &str)> = vec![
+            (with(HandedMapping { pa: Pa::new(RAM_PA), ..handed(GPA + 0x9000, PAGE_SIZE, 2) }), "maps a PA"),
+            (with(handed(GPA + 0x1000, PAGE_SIZE, 2)), "out of IPA order"),
+            (with(handed(GPA + 0x8000, PAGE_SIZE, 2)), "out of IPA order"),
+            (with(handed(GPA + 0x9000, 8192, 2)), "not a leaf size"),
+            (with(handed(GPA + 0x9000, 2 << 20, 2)), "not an aligned leaf"),
+            (with(handed(GPA + (4 << 20), PAGE_SIZE, 2)), "in no memslot"),
+            (with(handed(GPA + 0x9000, PAGE_SIZE, 5)), "install order"),
+            (HandedRecords { free: vec![(Pa::new(0x1000_f000), 2 * PAGE_SIZE)], ..ok() }, "free table pages"),
+            (HandedRecords { free: vec![(Pa::new(0x2000_0000), PAGE_SIZE)], ..ok() }, "free table pages"),
+            (HandedRecords { free: vec![(Pa::new(0x1000_0000), 0)], ..ok() }, "free table pages"),
+            (HandedRecords { free: vec![(Pa::new(0x1000_0800), PAGE_SIZE)], ..ok() }, "free table pages"),
+            (
+                HandedRecords {
+                    free: vec![(Pa::new(0x1000_0000), 2 * PAGE_SIZE), (Pa::new(0x1000_1000), PAGE_SIZE)],
+                    ..ok()
+                },
+                "free table pages",
+            ),
+        ];
+        for (records, why) in cases {
+            let vm = handed_vm(4 << 20);
+            let err = check_handed(&vm, records).expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+            assert_eq!((vm.mapping.mapping_count(), vm.mapping.pins().total()), (0, 0), "{why}: nothing kept");
+            assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_0000), 16)), "{why}: the pool as it was");
+        }
     }
 }

@@ -24,12 +24,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::stage2::MapSize;
 
 use super::bitmap::{DirtyLog, PageBitmap};
+use super::handover::{HandedMapping, HandedRecords};
 use super::layout::VmLayout;
 use super::memslot::Memslot;
 use super::pin::{MappingPin, PinError, PinGuard, Pins};
@@ -90,6 +91,31 @@ struct Invalidation {
     start: u64,
     len: u64,
     seq_after: u64,
+}
+
+/// A VM's mapping records, held (locked) while handed-over records are
+/// adopted: see [`MappingState::hold_records`].
+pub struct HeldRecords<'a> {
+    state: &'a MappingState,
+    mappings: MutexGuard<'a, BTreeMap<u64, Installed>>,
+}
+
+impl HeldRecords<'_> {
+    /// Records a mapping with its install order. In IPA order, after every
+    /// one recorded so far, it goes in at the map's right edge: no sort, no
+    /// copy of the whole (a takeover's ten thousand mappings are inserted
+    /// while faults wait on them).
+    pub fn insert(&mut self, ipa: Ipa, installed: Installed) {
+        self.state.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+        if let Some(old) = self.mappings.insert(ipa.raw(), installed) {
+            self.state.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+        }
+    }
+
+    /// Lets the records go; the next mapping recorded gets `next_order`.
+    pub fn release(self, next_order: u64) {
+        self.state.installs.fetch_max(next_order, Ordering::Relaxed);
+    }
 }
 
 /// The mapping state of one VM (see the module doc for which of it the
@@ -252,9 +278,9 @@ impl MappingState {
 
     /// Takes `all` (in IPA order, no two at one IPA: a core's leaves) as the
     /// mappings of a VM that has none recorded yet, built in one pass
-    /// rather than inserted one by one (a rebuild of a million mappings);
-    /// returns how many. With mappings already recorded, it records them as
-    /// [`Self::record_all`] does.
+    /// rather than inserted one by one (a rebuild of a million mappings),
+    /// in install order as listed; returns how many. With mappings already
+    /// recorded, it records them as [`Self::record_all`] does.
     pub fn adopt(&self, all: Vec<(Ipa, Installed)>) -> usize {
         let mut mappings = self.installed();
         if !mappings.is_empty() {
@@ -271,6 +297,31 @@ impl MappingState {
             .collect();
         self.resident.fetch_add(bytes, Ordering::AcqRel);
         n
+    }
+
+    /// Holds the records of a VM that has none yet until handed-over ones
+    /// are adopted ([`HeldRecords::release`]); whatever reads them meanwhile
+    /// (a block-size decision, fault-around, a map result, eviction, the
+    /// API) waits, while faults that need none of them are served.
+    pub fn hold_records(&self) -> HeldRecords<'_> {
+        HeldRecords { state: self, mappings: self.installed() }
+    }
+
+    /// What a takeover hands to the next daemon: every recorded mapping,
+    /// the pool's free pages and the sequence (the VM drained: no map
+    /// result is in flight).
+    pub fn handed_records(&self) -> HandedRecords {
+        let installed = self.installed();
+        let mappings = installed
+            .iter()
+            .map(|(&ipa, m)| HandedMapping { ipa: Ipa::new(ipa), size: m.size.bytes(), pa: m.pa, order: m.order })
+            .collect();
+        HandedRecords {
+            seq: self.sample_seq(),
+            next_order: self.installs.load(Ordering::Relaxed),
+            mappings,
+            free: self.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
+        }
     }
 
     /// Records mappings the core installed, as [`Self::record_installed`]
