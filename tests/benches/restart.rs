@@ -90,12 +90,17 @@ impl Machine {
     }
 
     /// Lets it run to the end and detach; panics if the run failed.
-    fn finish(self) {
+    /// Returns the longest fault wait of each phase after the first (the
+    /// ones run across a restart or takeover), as the guest saw it.
+    fn finish(self) -> Vec<Duration> {
         let TracedMachine { child, stdin, lines } = self.machine;
         drop(stdin);
         std::thread::spawn(move || lines.for_each(drop));
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "machine failed");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the machine's summary");
+        let longest = summary["phase_longest_fault_ns"].as_array().expect("phase_longest_fault_ns");
+        longest.iter().skip(1).map(|ns| Duration::from_nanos(ns.as_u64().expect("ns"))).collect()
     }
 }
 
@@ -113,10 +118,29 @@ struct Served {
 }
 
 impl Served {
-    fn after(&self, t: SystemTime) -> (Duration, Duration) {
+    /// The stall from `t`, the guest's side of it to be filled in.
+    fn after(&self, t: SystemTime) -> Stall {
         let since = |x: SystemTime| x.duration_since(t).unwrap_or_default();
-        (since(self.sent), since(self.completed))
+        Stall { guest: Duration::ZERO, sent: since(self.sent), read: since(self.completed) }
     }
+}
+
+/// One stall, three ways: the longest any vCPU waited on one fault in the
+/// phase run across it (the guest's view, from the machine); from the kill
+/// or the drain's start to the new daemon's first map sent; and to that
+/// map's result read.
+#[derive(Clone, Copy)]
+struct Stall {
+    guest: Duration,
+    sent: Duration,
+    read: Duration,
+}
+
+/// Fills in the guest's side of each stall, phase by phase.
+fn with_guest(stalls: &mut [Stall], longest: Vec<Duration>) {
+    // The last phase runs after the last stall, to the end.
+    assert!(longest.len() >= stalls.len(), "one phase per stall");
+    stalls.iter_mut().zip(longest).for_each(|(s, g)| s.guest = g);
 }
 
 /// The first fault the daemon in place served: the earliest map sent and
@@ -197,11 +221,11 @@ fn stats_ms(mut d: Vec<Duration>) -> Stats {
     Stats { p50: ms(d[n / 2]), p99: ms(d[(n * 99 / 100).min(n - 1)]), max: ms(d[n - 1]), n }
 }
 
-/// A stall's two rows: to the first map sent (the guest runs again), and to
-/// its result read by the daemon.
-fn rows(what: &str, stalls: &[(Duration, Duration)]) {
-    row(what, &stats_ms(stalls.iter().map(|s| s.0).collect()));
-    row(&format!("{what}, to its result read"), &stats_ms(stalls.iter().map(|s| s.1).collect()));
+/// A stall's three rows ([`Stall`]).
+fn rows(what: &str, stalls: &[Stall]) {
+    row(&format!("{what}: longest fault wait in the guest"), &stats_ms(stalls.iter().map(|s| s.guest).collect()));
+    row(&format!("{what}: to the first map sent"), &stats_ms(stalls.iter().map(|s| s.sent).collect()));
+    row(&format!("{what}: to its result read"), &stats_ms(stalls.iter().map(|s| s.read).collect()));
 }
 
 fn row(what: &str, s: &Stats) {
@@ -221,10 +245,10 @@ const STEPS: [(&str, &str); 4] = [
     ("records rebuilt", "re-attached: mapping state rebuilt"),
 ];
 
-/// A restart: the stall (to the first map sent, to its result read) and
-/// when each of [`STEPS`] happened, after the kill.
+/// A restart: the stall and when each of [`STEPS`] happened, after the
+/// kill.
 struct Restart {
-    stall: (Duration, Duration),
+    stall: Stall,
     steps: [Duration; 4],
 }
 
@@ -251,14 +275,16 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
         restarts.push(Restart { stall, steps: STEPS.map(|(_, mark)| after(mark)) });
         m.wait_paused();
     }
-    m.finish();
+    let mut stalls: Vec<Stall> = restarts.iter().map(|r| r.stall).collect();
+    with_guest(&mut stalls, m.finish());
+    restarts.iter_mut().zip(stalls).for_each(|(r, s)| r.stall = s);
     (restarts, rebuilds(&daemon.log()))
 }
 
 /// Hands the guest over `takeovers` times: each time the guest, paused,
 /// is resumed as the old daemon starts handing over, so its next fault
 /// waits for the new daemon.
-fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -> Vec<(Duration, Duration)> {
+fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -> Vec<Stall> {
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
     let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, PER_PHASE);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
@@ -286,7 +312,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
         stalls.push(first_served(rt, &daemon).after(log_time(began)));
         m.wait_paused();
     }
-    m.finish();
+    with_guest(&mut stalls, m.finish());
     stalls
 }
 
@@ -305,7 +331,7 @@ fn rebuild_per_mapping(pages: u64, restarts: usize) -> Vec<(u64, u64)> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    m.finish();
+    let _ = m.finish();
     rebuilds(&daemon.log())
 }
 
@@ -340,8 +366,8 @@ fn main() {
         for (i, (name, _)) in STEPS.iter().enumerate() {
             row(name, &stats_ms(steps.iter().map(|r| r.steps[i]).collect()));
         }
-        row("first map sent", &stats_ms(steps.iter().map(|r| r.stall.0).collect()));
-        row("its result read", &stats_ms(steps.iter().map(|r| r.stall.1).collect()));
+        row("first map sent", &stats_ms(steps.iter().map(|r| r.stall.sent).collect()));
+        row("its result read", &stats_ms(steps.iter().map(|r| r.stall.read).collect()));
     }
     println!();
     println!("| rebuild | mappings (mean) | p50 us/mapping | p99 us/mapping | total ms (mean) | n |");

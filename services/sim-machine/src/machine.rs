@@ -120,6 +120,10 @@ pub struct Summary {
     /// Every RAM fault's round trip in ns, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latencies_ns: Option<Vec<u64>>,
+    /// The longest any vCPU waited on one fault, per phase of a trace (ns):
+    /// a phase run across a daemon's restart or takeover shows its stall as
+    /// the guest saw it.
+    pub phase_longest_fault_ns: Vec<u64>,
 }
 
 struct CoreState {
@@ -288,6 +292,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             })
         };
         let mut results = Vec::new();
+        let mut phase_longest = Vec::new();
         for phase in 0..workload.phases() {
             let handles: Vec<_> = (0..n)
                 .map(|v| {
@@ -295,9 +300,13 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                     s.spawn(move || run_vcpu(v, ops, env))
                 })
                 .collect();
-            results.extend(
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked")))),
-            );
+            let joined: Vec<_> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked"))))
+                .collect();
+            let longest = joined.iter().flatten().flat_map(|r| r.latencies.iter().copied()).max();
+            phase_longest.push(longest.unwrap_or(0));
+            results.extend(joined);
             if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) {
                 // Attached and idle until told to go on (or stdin closes).
                 eprintln!("sim-machine: paused after phase {phase}");
@@ -307,9 +316,9 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         stop_all(&stop, &kicks, &shared, n);
         let _ = control.join();
         let supervised = supervisor.join().unwrap_or(Ok(()));
-        (results, supervised)
+        (results, supervised, phase_longest)
     });
-    let (results, supervised) = results;
+    let (results, supervised, phase_longest_fault_ns) = results;
     let run_ms = started.elapsed().as_millis() as u64;
     supervised?;
     let mut summary = Summary {
@@ -333,6 +342,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         core_leaves: 0,
         core_backing_pages: 0,
         latencies_ns: None,
+        phase_longest_fault_ns,
     };
     let mut latencies = Vec::new();
     let mut ram_latencies = Vec::new();
