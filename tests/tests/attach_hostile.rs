@@ -300,3 +300,83 @@ fn a_reattach_the_state_directory_has_no_record_of_is_refused() {
     assert!(r.message.contains("no record of vm 7") && r.message.contains("state_dir"), "{r:?}");
     assert!(closed);
 }
+
+#[test]
+fn a_machine_that_rewrites_its_ring_header_after_attach_is_served_from_the_checked_copy() {
+    // The daemon reads the ring region's header once, at attach, and serves
+    // the rings from that copy. A machine that flips the header between a
+    // good one and a bad one (a geometry that does not fit) while it
+    // attaches and after the reply neither panics nor confuses the daemon:
+    // each attach either is refused or serves and detaches cleanly, and a
+    // bystander VM finishes intact.
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let layout = Layout { nr_vcpus: 1, ..Layout::default() };
+    let ops = 20_000;
+    let bystander = machine(&daemon)
+        .args(["--vcpus", "1", "--pattern", "random", "--ops", &ops.to_string(), "--seed", "5", "--spin-polls", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ram = memfd(4 << 20, true);
+    let rings = memfd(64 << 10, true);
+    let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
+    // SAFETY: the mapping lives until the end of the test; the daemon's
+    // mapping of the same memory is only ever accessed atomically.
+    unsafe { hyp_core_region(map.base(), 64 << 10) };
+    let header = |at: u64| map.word(at * 8).unwrap();
+    let good: Vec<u64> = (0..8).map(|i| header(i).load(std::sync::atomic::Ordering::Acquire)).collect();
+    // 200 ring pairs do not fit in 64 KiB.
+    let bad = hyp_core::ring::RegionHeader::new(200, 16).to_words();
+    let flipping = std::sync::atomic::AtomicBool::new(true);
+    let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
+    let (mut served, mut refused) = (0, 0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while flipping.load(std::sync::atomic::Ordering::Acquire) {
+                for words in [&good[..], &bad[..]] {
+                    for (i, w) in words.iter().enumerate() {
+                        header(i as u64).store(*w, std::sync::atomic::Ordering::Release);
+                    }
+                    // Half the time good, half bad, leaving the CPU to others.
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        });
+        // The flips stop however this ends (a failed assertion included).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _stop = Stop(&flipping);
+        for _ in 0..30 {
+            let (r, conn) = send(&daemon, &good_request().encode(), &fds);
+            match r.status {
+                Status::Ok => {
+                    served += 1;
+                    // A daemon whose VM thread died would never answer.
+                    faultline_attach::set_recv_timeout(conn.as_fd(), Duration::from_secs(10)).unwrap();
+                    // Detached cleanly: the VM was served from the copy.
+                    send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).unwrap();
+                    let msg = recv_message(conn.as_fd()).ok().flatten().expect("a detach reply");
+                    let reply = Reply::decode(decode_header(&msg.bytes).unwrap().1).unwrap();
+                    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+                }
+                _ => {
+                    assert!(r.message.contains("ring region"), "{r:?}");
+                    refused += 1;
+                }
+            }
+        }
+    });
+    assert!(served > 0 && refused > 0, "served {served}, refused {refused}: the flips never landed either way");
+    let log = daemon.log();
+    assert!(!log.contains("panicked"), "{log}");
+    let out = bystander.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, 5));
+    assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest());
+}

@@ -76,6 +76,19 @@ impl<'a> SharedRegion<'a> {
         Ok(Self { base, header, _memory: PhantomData })
     }
 
+    /// The region [`SharedRegion::open`] opened at `base`, seen again
+    /// through `header`, the copy it validated: nothing is read from the
+    /// region, so a peer that rewrote its header since is not believed.
+    ///
+    /// # Safety
+    ///
+    /// As for [`SharedRegion::open`]; and `header` must be the header a
+    /// [`SharedRegion::open`] of this same memory (`base`, the same length)
+    /// returned.
+    pub unsafe fn reopen(base: NonNull<u8>, header: RegionHeader) -> Self {
+        Self { base, header, _memory: PhantomData }
+    }
+
     /// The validated header copy.
     pub fn header(&self) -> &RegionHeader {
         &self.header

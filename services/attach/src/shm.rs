@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
-use hyp_core::ring::{HeaderError, SharedRegion};
+use hyp_core::ring::{HeaderError, RegionHeader, SharedRegion};
 use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 const PAGE_SIZE: u64 = 4096;
@@ -32,6 +32,32 @@ pub enum RegionError {
         /// Alignment.
         align: u64,
     },
+}
+
+/// A ring region's mapping with the header copy validated when it was
+/// opened ([`MappedRegion::into_rings`]): the geometry every ring view
+/// uses, which the peer cannot change by rewriting the region's header.
+#[derive(Debug)]
+pub struct RingMapping {
+    map: MappedRegion,
+    header: RegionHeader,
+}
+
+impl RingMapping {
+    /// The validated header copy.
+    pub fn header(&self) -> &RegionHeader {
+        &self.header
+    }
+
+    /// The ring region, seen through the validated header copy (nothing is
+    /// read from the header in shared memory).
+    pub fn region(&self) -> SharedRegion<'_> {
+        // SAFETY: the header is the copy `SharedRegion::open` returned for
+        // this same mapping (`into_rings`), which stays mapped, readable and
+        // writable, for as long as the borrow of `self` the region holds;
+        // every user accesses it only atomically (the ring ABI).
+        unsafe { SharedRegion::reopen(self.map.base, self.header) }
+    }
 }
 
 /// A shared mapping of part of a file, aligned to `align`; unmapped on drop.
@@ -116,6 +142,14 @@ impl MappedRegion {
         // long as the borrow of `self` the region holds, and it is shared
         // memory every user accesses only atomically (the ring ABI).
         unsafe { SharedRegion::open(self.base, self.len as u64) }
+    }
+
+    /// This mapping as a ring region whose header is read once, now, and
+    /// validated; every later view of its rings comes from that copy
+    /// ([`RingMapping::region`]), whatever the peer writes there since.
+    pub fn into_rings(self) -> Result<RingMapping, HeaderError> {
+        let header = *self.ring_region()?.header();
+        Ok(RingMapping { map: self, header })
     }
 
     /// Loads `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset`,

@@ -316,7 +316,9 @@ impl AttachServer {
         }
 
         let end = Winddown::default();
-        let region = attached.rings.ring_region().expect("validated at attach");
+        // The geometry validated at attach (the machine may have rewritten
+        // the header in shared memory since): nr_vcpus + 1 ring pairs.
+        let region = attached.rings.region();
         let (policy, events) = (&*self.policies, &*self.events);
         // A polled machine never rings doorbells: sleep in short slices.
         let sleep_slice = if req.flags & faultline_attach::ATTACH_POLLED != 0 {
@@ -331,12 +333,14 @@ impl AttachServer {
         let ending = std::thread::scope(|s| {
             {
                 let control = req.nr_vcpus as u32;
-                let results = region.ring(control, RingKind::Fault).expect("validated: nr_vcpus + 1 pairs");
-                let commands = region.ring(control, RingKind::Command).expect("validated: nr_vcpus + 1 pairs");
+                // The control pair is the last of the nr_vcpus + 1 checked at attach.
+                let results = region.ring(control, RingKind::Fault);
+                let commands = region.ring(control, RingKind::Command);
                 let (vm, stop) = (&*vm, end.stopping());
                 let named = std::thread::Builder::new().name(format!("vm{}-control", vm.id().raw()));
                 let spawned = named.spawn_scoped(s, move || {
-                    let (Ok(commands), Ok(results)) = (Producer::attach(commands), Consumer::attach(results)) else {
+                    let attached = commands.zip(results).map(|(c, r)| (Producer::attach(c), Consumer::attach(r)));
+                    let Some((Ok(commands), Ok(results))) = attached else {
                         warn!("control ring indices inconsistent at attach; control commands unavailable");
                         return;
                     };
@@ -392,10 +396,9 @@ impl AttachServer {
             }
             let mut services = Vec::with_capacity(req.nr_vcpus as usize);
             for vcpu in 0..req.nr_vcpus as u32 {
-                let faults = region.ring(vcpu, RingKind::Fault).expect("in range");
-                let commands = region.ring(vcpu, RingKind::Command).expect("in range");
-                match (Consumer::attach(faults), Producer::attach(commands)) {
-                    (Ok(faults), Ok(commands)) => {
+                let rings = region.ring(vcpu, RingKind::Fault).zip(region.ring(vcpu, RingKind::Command));
+                match rings.map(|(faults, commands)| (Consumer::attach(faults), Producer::attach(commands))) {
+                    Some((Ok(faults), Ok(commands))) => {
                         services.push(VcpuService::new(&vm, policy, events, &end, vcpu, faults, commands))
                     }
                     _ => warn!(vcpu, "ring indices inconsistent at attach; vCPU not served"),

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use faultline_attach::shm::MappedRegion;
+use faultline_attach::shm::{MappedRegion, RingMapping};
 use faultline_attach::{AttachRequest, DirtyLogLayout, RegionKind, Status, REGION_DEVICE, REGION_WRITABLE};
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use memfd::{FileSeal, Memfd};
@@ -28,8 +28,9 @@ use crate::memory::vma::Vmas;
 pub struct Attached {
     /// The VM's memory state.
     pub vm: Arc<AttachedVm>,
-    /// The ring region mapping (kept alive while the rings are used).
-    pub rings: MappedRegion,
+    /// The ring region mapping (kept alive while the rings are used), with
+    /// the header copy validated at attach.
+    pub rings: RingMapping,
 }
 
 /// Checks `req` ([`check`]), then its fds, and maps what it describes;
@@ -122,18 +123,18 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>, state: &VmState) -> Result<At
         guest.add_contents(ContentsWindow { offset, len: c.size, file, file_offset: c.fd_offset });
     }
     let rings = rings.expect("exactly one ring region checked");
-    {
-        let region = rings.ring_region().map_err(|e| refuse(Status::Undersized, format!("ring region: {e:?}")))?;
-        if region.header().nr_vcpus != req.nr_vcpus as u32 + 1 {
-            return Err(refuse(
-                Status::Malformed,
-                format!(
-                    "ring region has {} ring pairs, {} vCPUs + 1 control needed",
-                    region.header().nr_vcpus,
-                    req.nr_vcpus
-                ),
-            ));
-        }
+    // The header is read here, once: every ring the VM is served on comes
+    // from this copy, whatever the machine writes there later.
+    let rings = rings.into_rings().map_err(|e| refuse(Status::Undersized, format!("ring region: {e:?}")))?;
+    if rings.header().nr_vcpus != req.nr_vcpus as u32 + 1 {
+        return Err(refuse(
+            Status::Malformed,
+            format!(
+                "ring region has {} ring pairs, {} vCPUs + 1 control needed",
+                rings.header().nr_vcpus,
+                req.nr_vcpus
+            ),
+        ));
     }
     let vmas = Vmas::default();
     for (gi, g) in guests.iter().enumerate() {
