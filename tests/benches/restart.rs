@@ -1,17 +1,19 @@
 //! A daemon replaced under a running guest, in one run:
 //!
 //! - the restart stall: SIGKILL, the supervisor (this bench) starts a new
-//!   daemon at once, and the stall lasts until the successor served its
-//!   first fault (its first FaultTrace event: the map command sent, which
-//!   the core installs and resumes the vCPU with; and, in a second row, its
-//!   result read by the daemon), over 50 kills of a 1 GiB guest with about
-//!   10k 4 KiB mappings, at 1 and 4 vCPUs;
+//!   daemon at once, over 50 kills of a 1 GiB guest with about 10k 4 KiB
+//!   mappings, at 1 and 4 vCPUs;
 //! - the rebuild, per installed mapping, at 10k and 1M mappings (the
 //!   successor's own count and time, from its log);
-//! - the takeover stall: from the old daemon starting the handover to the
-//!   first fault the new one served, over 50 takeovers, at 1 and 4 vCPUs.
+//! - the takeover stall: from the old daemon starting the handover (its
+//!   drain), over 50 takeovers, at 1 and 4 vCPUs.
 //!
-//! `cargo bench -p faultline-system-tests --bench restart` (about N
+//! Each stall three ways ([`Stall`]): the longest any vCPU waited on one
+//! fault in the phase run across it (the machine's summary); to the new
+//! daemon's first map command sent (the core installs it and resumes the
+//! vCPU); to that map's result read by the daemon.
+//!
+//! `cargo bench -p faultline-system-tests --bench restart` (about 20
 //! minutes; `RESTART_BENCH_KILLS=5` for a quick look)
 
 use std::io::Write;
