@@ -331,21 +331,33 @@ mod tests {
         File::open("/dev/null").unwrap().into()
     }
 
+    /// A takeover in which the old daemon (honouring `honour`, or what it
+    /// is asked) does `old` with its sink: what the new daemon's receive
+    /// returned, and the VMs it was handed.
+    fn handover(
+        honour: Option<u32>,
+        old: impl FnOnce(HandoverSink) + Send + 'static,
+    ) -> (Result<u32, TakeoverError>, Vec<HandedVm>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (taken, sink) = exchange(dir.path(), honour);
+        let old = std::thread::spawn(move || old(sink));
+        let mut handed = Vec::new();
+        let received = taken.vms.receive(|vm| handed.push(vm));
+        old.join().unwrap();
+        (received, handed)
+    }
+
     #[test]
     fn a_staged_vm_is_served_once_its_records_follow() {
-        let dir = tempfile::tempdir().unwrap();
-        let (taken, sink) = exchange(dir.path(), None);
-        assert!(sink.staged(), "this daemon asks for staged VMs");
         let (conn, fd) = (some_fd(), some_fd());
-        let old = std::thread::spawn(move || {
+        let (received, mut handed) = handover(None, move |sink| {
+            assert!(sink.staged(), "this daemon asks for staged VMs");
             sink.vm(&conn, &request(7), &[fd]).unwrap();
             // Drained: its state follows.
             sink.state(7, Some(&records())).unwrap();
             sink.done(1);
         });
-        let mut handed = Vec::new();
-        assert_eq!(taken.vms.receive(|vm| handed.push(vm)).unwrap(), 1);
-        old.join().unwrap();
+        assert_eq!(received.unwrap(), 1);
         let vm = handed.pop().unwrap();
         assert_eq!((vm.request.vm_id, vm.fds.len()), (7, 1));
         assert!(vm.conn.as_raw_fd() >= 0);
@@ -354,28 +366,22 @@ mod tests {
 
     #[test]
     fn an_older_daemon_hands_vms_drained_and_without_records() {
-        let dir = tempfile::tempdir().unwrap();
         // It ignores TAKEOVER's flags: no staging, no records.
-        let (taken, sink) = exchange(dir.path(), Some(0));
-        assert!(!sink.staged());
         let conn = some_fd();
-        let old = std::thread::spawn(move || {
+        let (received, mut handed) = handover(Some(0), move |sink| {
+            assert!(!sink.staged());
             sink.vm(&conn, &request(8), &[]).unwrap();
             sink.done(1);
         });
-        let mut handed = Vec::new();
-        taken.vms.receive(|vm| handed.push(vm)).unwrap();
-        old.join().unwrap();
+        received.unwrap();
         // Served at once, rebuilt from the core.
         assert_eq!(handed.pop().unwrap().state.wait().unwrap(), None);
     }
 
     #[test]
     fn records_that_cannot_be_read_mean_a_rebuild_not_a_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let (taken, sink) = exchange(dir.path(), None);
         let conn = some_fd();
-        let old = std::thread::spawn(move || {
+        let (received, mut handed) = handover(None, move |sink| {
             sink.vm(&conn, &request(9), &[]).unwrap();
             // Says records come, sends a file that holds none.
             let mut payload = 9u32.to_le_bytes().to_vec();
@@ -383,25 +389,19 @@ mod tests {
             sink.send(MsgKind::HandoverState, &payload, &[some_fd().as_fd()]).unwrap();
             sink.done(1);
         });
-        let mut handed = Vec::new();
-        taken.vms.receive(|vm| handed.push(vm)).unwrap();
-        old.join().unwrap();
+        received.unwrap();
         assert_eq!(handed.pop().unwrap().state.wait().unwrap(), None);
     }
 
     #[test]
     fn a_handover_that_breaks_off_before_the_drain_lets_the_vm_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let (taken, sink) = exchange(dir.path(), None);
         let conn = some_fd();
-        let old = std::thread::spawn(move || {
+        let (received, mut handed) = handover(None, move |sink| {
             sink.vm(&conn, &request(10), &[]).unwrap();
             // The old daemon dies while draining.
             drop(sink);
         });
-        let mut handed = Vec::new();
-        let err = taken.vms.receive(|vm| handed.push(vm)).unwrap_err();
-        old.join().unwrap();
+        let err = received.unwrap_err();
         assert!(err.to_string().contains("hung up"), "{err}");
         let err = handed.pop().unwrap().state.wait().unwrap_err();
         assert!(err.to_string().contains("before the VM was drained"), "{err}");
@@ -409,11 +409,9 @@ mod tests {
 
     #[test]
     fn state_for_a_vm_not_being_handed_over_breaks_the_takeover() {
-        let dir = tempfile::tempdir().unwrap();
-        let (taken, sink) = exchange(dir.path(), None);
-        let old = std::thread::spawn(move || sink.state(11, Some(&records())).unwrap());
-        let err = taken.vms.receive(|_| panic!("no VM was handed")).unwrap_err();
-        old.join().unwrap();
+        let (received, handed) = handover(None, |sink| sink.state(11, Some(&records())).unwrap());
+        let err = received.unwrap_err();
         assert!(err.to_string().contains("not being handed over"), "{err}");
+        assert!(handed.is_empty());
     }
 }
