@@ -58,6 +58,10 @@ pub fn binary(name: &str) -> PathBuf {
 /// daemon's `fault::failpoint::CRASH_AT_ENV`): `name` or `name:N`.
 pub const CRASH_AT_ENV: &str = "FAULTLINE_CRASH_AT";
 
+/// The environment variable that makes the daemon panic once at a named
+/// point (the daemon's `fault::failpoint::PANIC_AT_ENV`): `name` or `name:N`.
+pub const PANIC_AT_ENV: &str = "FAULTLINE_PANIC_AT";
+
 /// What a daemon logs once its gRPC API listens (its address follows).
 const GRPC_LISTENING: &str = "gRPC listening addr=";
 

@@ -254,6 +254,58 @@ async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
     assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
 }
 
+#[test]
+fn a_panic_in_one_vms_service_lets_that_vm_go_and_touches_no_other() {
+    // The daemon panics once, in whichever VM's service pops the 400th
+    // fault. That VM is let go as after a crash: its machine re-attaches
+    // to the same daemon and is served afresh. The other VM never notices.
+    // Both finish with their memory intact; the daemon keeps running.
+    let spec = std::ffi::OsString::from("fault-popped:400");
+    let env = [(faultline_system_tests::PANIC_AT_ENV, spec.as_os_str())];
+    let daemon = Daemon::start_with_env(&["--spin-polls", "0", "--policy", "4k"], &env);
+    let layout = Layout { nr_vcpus: 2, ..Layout::default() };
+    let ops = 6_000;
+    let spawn = |vm: u16| {
+        machine(&daemon)
+            .args(["--vm-id", &vm.to_string(), "--vcpus", "2", "--pattern", "random", "--ops", &ops.to_string()])
+            .args(["--seed", &vm.to_string(), "--spin-polls", "0", "--reattach-deadline-s", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let machines = [(21u16, spawn(21)), (22u16, spawn(22))];
+    let mut stalls = Vec::new();
+    for (vm, mut child) in machines {
+        // A VM left half-served would wait for its fault forever.
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("vm{vm} never finished: {}", daemon.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "vm{vm} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, u64::from(vm)));
+        assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "vm{vm}'s RAM intact");
+        assert_eq!(summary["injected"].as_u64(), Some(0), "vm{vm}: no fault failed");
+        assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0), "vm{vm}");
+        assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "vm{vm}: records == core");
+        stalls.push(summary["stalls"]["count"].as_u64().unwrap());
+    }
+    let log = daemon.log();
+    assert!(log.contains("panicking at fault-popped"), "the panic point was not reached: {log}");
+    stalls.sort_unstable();
+    assert_eq!(stalls, [0, 1], "exactly one VM was let go and came back: {log}");
+    assert!(log.contains("a vCPU service panicked: the VM is let go"), "{log}");
+    assert!(log.contains("re-attached: mapping state rebuilt from the core"), "{log}");
+    // Still serving: both VMs detached from the daemon that panicked.
+    assert_eq!(daemon.terminate().code(), Some(0), "the daemon survived the panic");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_a_fault_is_popped_and_before_its_map_is_sent() {
     crash_at("fault-popped", 300, 11, None).await;

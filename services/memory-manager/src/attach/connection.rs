@@ -73,6 +73,10 @@ enum Ending {
     Left,
     /// A new daemon takes the VM over.
     HandOver(Arc<HandoverSink>),
+    /// One of its vCPU services panicked: the VM is let go as after a
+    /// crash (its state stays), and its machine re-attaches and is served
+    /// afresh, rebuilt from the core.
+    Failed,
 }
 
 /// The attach server: where VMs are registered and what serves their
@@ -139,7 +143,7 @@ impl AttachServer {
                 // Each VM is served as soon as it arrives; its state follows.
                 s.spawn(move || {
                     let received = handed.receive(|HandedVm { conn, request, fds, state }| {
-                        s.spawn(move || self.serve_vm(conn, request, fds, Arrival::HandedOver(state)));
+                        s.spawn(move || contained(|| self.serve_vm(conn, request, fds, Arrival::HandedOver(state))));
                     });
                     if let Err(e) = received {
                         // The VMs not handed yet re-attach on their own.
@@ -167,7 +171,7 @@ impl AttachServer {
                 }
                 match faultline_attach::accept(listener.as_fd()) {
                     Ok(conn) => {
-                        s.spawn(move || self.serve_connection(conn));
+                        s.spawn(move || contained(|| self.serve_connection(conn)));
                     }
                     Err(e) => warn!(cause = %e, "accept failed"),
                 }
@@ -425,7 +429,7 @@ impl AttachServer {
                         "taken over: the old daemon's records adopted"
                     );
                 }
-                let ending = self.wait_for_detach(&conn);
+                let ending = self.wait_for_detach(&conn, || served.panicked());
                 if let Ending::HandOver(sink) = &ending {
                     // A new daemon that takes VMs staged maps this one
                     // while it drains; its state follows.
@@ -477,6 +481,10 @@ impl AttachServer {
             drop(registration);
             return;
         }
+        if let Ending::Failed = ending {
+            error!("a vCPU service panicked: the VM is let go; its machine re-attaches and is served afresh");
+            return;
+        }
         if let Ending::Left = ending {
             // Like a crash, without the crash: the state directory, the swap
             // stores and the core's tables stay for the next daemon.
@@ -484,7 +492,10 @@ impl AttachServer {
             return;
         }
         // Reclaimed pages go back into the machine's memory before it hears
-        // the VM is detached.
+        // the VM is detached; meanwhile it is no longer listed (what the API
+        // reports of an attached VM, its backing under a budget included,
+        // no longer holds).
+        registration.unlist();
         if let Err(e) = vm.layout.restore_reclaimed() {
             error!(cause = %e, "restoring reclaimed pages at detach failed; they stay in the VM's swap store");
         } else if let Err(e) = state.remove() {
@@ -500,10 +511,13 @@ impl AttachServer {
         }
     }
 
-    /// Waits until the machine detaches or hangs up, the daemon stops, or a
-    /// new daemon takes over.
-    fn wait_for_detach(&self, conn: &OwnedFd) -> Ending {
+    /// Waits until the machine detaches or hangs up, the daemon stops, a
+    /// new daemon takes over, or one of the VM's services `failed`.
+    fn wait_for_detach(&self, conn: &OwnedFd, failed: impl Fn() -> bool) -> Ending {
         loop {
+            if failed() {
+                return Ending::Failed;
+            }
             if let Some(sink) = self.handing_over() {
                 return Ending::HandOver(sink);
             }
@@ -525,6 +539,15 @@ impl AttachServer {
                 Ok(None) | Err(_) => return Ending::Gone,
             }
         }
+    }
+}
+
+/// Runs a connection's thread, its panic contained: logged, and the VM (its
+/// registration, connection and descriptors dropped on the way out) let go,
+/// so its machine re-attaches; no other VM is touched.
+fn contained(serve: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve)).is_err() {
+        error!("a connection's thread panicked: its VM is let go (its machine re-attaches)");
     }
 }
 

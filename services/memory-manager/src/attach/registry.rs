@@ -90,6 +90,12 @@ impl Registration<'_> {
     pub fn attach(&self, vm: Arc<AttachedVm>) {
         self.table.locked().insert(self.id, Some(vm));
     }
+
+    /// The VM is detaching: no longer listed (nor reachable through the
+    /// API), its id still reserved until this is dropped.
+    pub fn unlist(&self) {
+        self.table.locked().insert(self.id, None);
+    }
 }
 
 impl Drop for Registration<'_> {
@@ -128,7 +134,12 @@ mod tests {
         assert!(table.is_empty() && table.get(3).is_none());
         let again = table.reserve(3).expect("free again");
         again.attach(vm(3));
+        // Detaching: unlisted, the id still taken.
+        again.unlist();
+        assert!(table.get(3).is_none() && table.list().is_empty());
+        assert!(table.reserve(3).is_none(), "the id is still taken while it detaches");
         drop(again);
         assert!(table.list().is_empty());
+        assert!(table.reserve(3).is_some());
     }
 }

@@ -87,6 +87,8 @@ struct Member {
     /// that polls rather than rings).
     slice: Duration,
     finished: AtomicBool,
+    /// Its service panicked (and is finished).
+    panicked: AtomicBool,
     /// Commands in flight: after each batch, a hint that results are due
     /// (a machine need not ring for a result that resumes the vCPU); once
     /// finished, the count at the end.
@@ -135,6 +137,12 @@ impl Membership {
     /// Whether every service is finished (drained or stopped).
     pub fn finished(&self) -> bool {
         self.members.iter().all(|m| m.is_finished())
+    }
+
+    /// Whether a service panicked: its vCPU is no longer served, and the
+    /// VM must be let go (its machine re-attaches and is served afresh).
+    pub fn panicked(&self) -> bool {
+        self.members.iter().any(|m| m.panicked.load(Ordering::Acquire))
     }
 
     /// Commands in flight when the finished services finished.
@@ -208,6 +216,7 @@ impl ServicePool {
                     doorbell: unsafe { std::mem::transmute::<RingView<'_>, RingView<'static>>(doorbell) },
                     slice,
                     finished: AtomicBool::new(false),
+                    panicked: AtomicBool::new(false),
                     in_flight: AtomicUsize::new(0),
                 })
             })
@@ -401,6 +410,7 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
             }
             Err(_) => {
                 error!("a vCPU service panicked; vCPU no longer served");
+                m.panicked.store(true, Ordering::Release);
                 m.finish(0);
             }
         }

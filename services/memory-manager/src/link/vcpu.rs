@@ -21,7 +21,7 @@ use super::vm::AttachedVm;
 use super::winddown::Winddown;
 use crate::fault::around::plan_around;
 use crate::fault::clock;
-use crate::fault::failpoint::crash_point;
+use crate::fault::failpoint::{crash_point, panic_point};
 use crate::fault::pipeline::handle_fault;
 use crate::fault::plan::{AroundPlan, Decision, Exit, MapPlan};
 use crate::fault::trace::Trace;
@@ -214,6 +214,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     /// Handles one fault and sends its command.
     pub fn on_fault(&mut self, rec: &FaultRecord, stop: &AtomicBool) -> Result<(), RingError> {
         crash_point("fault-popped");
+        panic_point("fault-popped");
         self.vm.counters.faults.fetch_add(1, Ordering::Relaxed);
         self.vm.mapping.note_seq(rec.inval_seq);
         let mut trace = Trace::start();
