@@ -230,6 +230,13 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        // A daemon that cannot stop (the failure a test found) must not
+        // hang the test run: killed after a grace period.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

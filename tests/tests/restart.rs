@@ -254,13 +254,13 @@ async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
     assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
 }
 
-#[test]
-fn a_panic_in_one_vms_service_lets_that_vm_go_and_touches_no_other() {
-    // The daemon panics once, in whichever VM's service pops the 400th
-    // fault. That VM is let go as after a crash: its machine re-attaches
-    // to the same daemon and is served afresh. The other VM never notices.
-    // Both finish with their memory intact; the daemon keeps running.
-    let spec = std::ffi::OsString::from("fault-popped:400");
+/// The daemon panics once, at panic point `point` (`name:N`), in
+/// whichever of two VMs reaches it. That VM is let go as after a crash
+/// (the daemon logs `let_go`): its machine re-attaches to the same daemon
+/// and is served afresh. The other VM never notices. Both finish with
+/// their memory intact; the daemon keeps running.
+fn panic_in_one_vm(point: &str, let_go: &str) {
+    let spec = std::ffi::OsString::from(point);
     let env = [(faultline_system_tests::PANIC_AT_ENV, spec.as_os_str())];
     let daemon = Daemon::start_with_env(&["--spin-polls", "0", "--policy", "4k"], &env);
     let layout = Layout { nr_vcpus: 2, ..Layout::default() };
@@ -297,13 +297,26 @@ fn a_panic_in_one_vms_service_lets_that_vm_go_and_touches_no_other() {
         stalls.push(summary["stalls"]["count"].as_u64().unwrap());
     }
     let log = daemon.log();
-    assert!(log.contains("panicking at fault-popped"), "the panic point was not reached: {log}");
+    let name = point.split(':').next().unwrap();
+    assert!(log.contains(&format!("panicking at {name}")), "the panic point was not reached: {log}");
     stalls.sort_unstable();
     assert_eq!(stalls, [0, 1], "exactly one VM was let go and came back: {log}");
-    assert!(log.contains("a vCPU service panicked: the VM is let go"), "{log}");
+    assert!(log.contains(let_go), "{log}");
     assert!(log.contains("re-attached: mapping state rebuilt from the core"), "{log}");
     // Still serving: both VMs detached from the daemon that panicked.
     assert_eq!(daemon.terminate().code(), Some(0), "the daemon survived the panic");
+}
+
+#[test]
+fn a_panic_in_one_vms_service_lets_that_vm_go_and_touches_no_other() {
+    // The 400th fault popped, by either VM's service in the pool.
+    panic_in_one_vm("fault-popped:400", "a vCPU service panicked: the VM is let go");
+}
+
+#[test]
+fn a_panic_in_one_vms_connection_thread_lets_that_vm_go_and_touches_no_other() {
+    // The VMs' connection threads check on them every 20 ms.
+    panic_in_one_vm("vm-waiting:10", "a connection's thread panicked: its VM is let go");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ use super::registry::{Registration, VmTable};
 use super::state::VmState;
 use super::takeover::{asks_for_takeover, HandedVm, HandoverSink, PendingState, Takeover};
 use super::validate::{refuse, Refusal};
+use crate::fault::failpoint::panic_point;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
 use crate::link::rebuild::{check_handed, rebuild};
@@ -335,6 +336,10 @@ impl AttachServer {
         let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
         let mut handed_early = false;
         let ending = std::thread::scope(|s| {
+            // Stops the VM's threads when this closure is left, an unwind
+            // included, before the scope waits for its control thread, which
+            // runs until told to stop (a panic in the body must not hang it).
+            let winddown = WindsDown { end: &end, vm: &vm, control: region.ring(req.nr_vcpus as u32, RingKind::Fault) };
             {
                 let control = req.nr_vcpus as u32;
                 // The control pair is the last of the nr_vcpus + 1 checked at attach.
@@ -458,10 +463,7 @@ impl AttachServer {
                 end.stop();
                 ending
             });
-            vm.control.close();
-            if let Some(view) = region.ring(req.nr_vcpus as u32, RingKind::Fault) {
-                faultline_attach::doorbell::wake(&view);
-            }
+            winddown.stop();
             ending
         });
         if let Ending::HandOver(sink) = ending {
@@ -515,6 +517,7 @@ impl AttachServer {
     /// new daemon takes over, or one of the VM's services `failed`.
     fn wait_for_detach(&self, conn: &OwnedFd, failed: impl Fn() -> bool) -> Ending {
         loop {
+            panic_point("vm-waiting");
             if failed() {
                 return Ending::Failed;
             }
@@ -539,6 +542,30 @@ impl AttachServer {
                 Ok(None) | Err(_) => return Ending::Gone,
             }
         }
+    }
+}
+
+/// Stops a VM's service and control threads (see [`Winddown`]) and wakes
+/// its control thread to see it; on drop too.
+struct WindsDown<'a> {
+    end: &'a Winddown,
+    vm: &'a AttachedVm,
+    control: Option<hyp_core::ring::RingView<'a>>,
+}
+
+impl WindsDown<'_> {
+    fn stop(&self) {
+        self.end.stop();
+        self.vm.control.close();
+        if let Some(view) = &self.control {
+            faultline_attach::doorbell::wake(view);
+        }
+    }
+}
+
+impl Drop for WindsDown<'_> {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
