@@ -336,10 +336,11 @@ impl AttachServer {
         let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
         let mut handed_early = false;
         let ending = std::thread::scope(|s| {
-            // Stops the VM's threads when this closure is left, an unwind
-            // included, before the scope waits for its control thread, which
-            // runs until told to stop (a panic in the body must not hang it).
-            let winddown = WindsDown { end: &end, vm: &vm, control: region.ring(req.nr_vcpus as u32, RingKind::Fault) };
+            // Stops the VM's threads when this closure is left (returning,
+            // or unwinding), before the scope waits for its control thread,
+            // which runs until told to stop (a panic must not hang the VM).
+            let _winddown =
+                WindsDown { end: &end, vm: &vm, control: region.ring(req.nr_vcpus as u32, RingKind::Fault) };
             {
                 let control = req.nr_vcpus as u32;
                 // The control pair is the last of the nr_vcpus + 1 checked at attach.
@@ -396,8 +397,6 @@ impl AttachServer {
                     Err(e) => {
                         error!(cause = %e, "re-attach refused: the core's state does not match the VM");
                         reply(Status::Mismatch, format!("re-attach refused: {e}"), [0; 3]);
-                        end.stop();
-                        vm.control.close();
                         return Ending::Gone;
                     }
                 },
@@ -463,7 +462,6 @@ impl AttachServer {
                 end.stop();
                 ending
             });
-            winddown.stop();
             ending
         });
         if let Ending::HandOver(sink) = ending {
@@ -545,27 +543,21 @@ impl AttachServer {
     }
 }
 
-/// Stops a VM's service and control threads (see [`Winddown`]) and wakes
-/// its control thread to see it; on drop too.
+/// Stops a VM's service and control threads (see [`Winddown`]) when
+/// dropped, and wakes its control thread to see it.
 struct WindsDown<'a> {
     end: &'a Winddown,
     vm: &'a AttachedVm,
     control: Option<hyp_core::ring::RingView<'a>>,
 }
 
-impl WindsDown<'_> {
-    fn stop(&self) {
+impl Drop for WindsDown<'_> {
+    fn drop(&mut self) {
         self.end.stop();
         self.vm.control.close();
         if let Some(view) = &self.control {
             faultline_attach::doorbell::wake(view);
         }
-    }
-}
-
-impl Drop for WindsDown<'_> {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

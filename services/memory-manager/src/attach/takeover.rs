@@ -102,9 +102,10 @@ fn broke(what: impl ToString) -> TakeoverError {
     TakeoverError::Protocol(what.to_string())
 }
 
-/// The first u32 of a payload (0 if it has none: an older daemon's).
-fn flags(payload: &[u8]) -> u32 {
-    payload.get(..4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+/// The u32 at byte `at` of a payload (0 if it ends before: an older
+/// daemon's).
+fn u32_at(payload: &[u8], at: usize) -> u32 {
+    payload.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
 }
 
 /// New daemon side: asks the daemon at `path` for everything and receives
@@ -121,7 +122,7 @@ pub fn take_over(path: &Path) -> Result<Takeover, TakeoverError> {
     match decode_header(&msg.bytes).map_err(broke)? {
         (MsgKind::HandoverListener, payload) => {
             let listener = msg.fds.into_iter().next().ok_or_else(|| broke("no listener fd"))?;
-            let staged = flags(payload) & faultline_attach::TAKEOVER_STATE != 0;
+            let staged = u32_at(payload, 0) & faultline_attach::TAKEOVER_STATE != 0;
             info!(staged, "took the attach socket over from the running daemon");
             Ok(Takeover { listener, vms: HandedVms { conn, staged } })
         }
@@ -156,12 +157,12 @@ impl HandedVms {
                     serve(HandedVm { conn, request, fds: fds.collect(), state });
                 }
                 MsgKind::HandoverState => {
-                    let vm_id = flags(payload);
+                    let vm_id = u32_at(payload, 0);
                     let tx = u16::try_from(vm_id)
                         .ok()
                         .and_then(|id| waiting.remove(&id))
                         .ok_or_else(|| broke(format!("state for vm {vm_id}, which is not being handed over")))?;
-                    let attached = payload.get(4..8).is_some_and(|b| b == STATE_RECORDS.to_le_bytes());
+                    let attached = u32_at(payload, 4) == STATE_RECORDS;
                     let records = attached.then(|| read_records(vm_id, fds.next())).flatten();
                     let _ = tx.send(records);
                 }
@@ -169,7 +170,7 @@ impl HandedVms {
                     if !waiting.is_empty() {
                         return Err(broke(format!("done with {} VMs still draining", waiting.len())));
                     }
-                    let vms = flags(payload);
+                    let vms = u32_at(payload, 0);
                     info!(vms, "the running daemon handed every VM over");
                     return Ok(vms);
                 }
@@ -276,7 +277,7 @@ pub fn asks_for_takeover(conn: &OwnedFd) -> Option<u32> {
     let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(5));
     let msg = recv_message(conn.as_fd()).ok().flatten()?;
     match decode_header(&msg.bytes).ok()? {
-        (MsgKind::Takeover, payload) => Some(flags(payload)),
+        (MsgKind::Takeover, payload) => Some(u32_at(payload, 0)),
         _ => None,
     }
 }

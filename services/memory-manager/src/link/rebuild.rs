@@ -212,7 +212,7 @@ pub struct CheckedRecords {
 /// process), and takes their table-pool free pages and sequence. The first
 /// that fails refuses them all, with nothing taken: the caller rebuilds
 /// from the core instead. Asks the core nothing.
-pub fn check_handed(vm: &AttachedVm, records: HandedRecords) -> Result<CheckedRecords, RebuildError> {
+pub fn check_handed(vm: &AttachedVm, mut records: HandedRecords) -> Result<CheckedRecords, RebuildError> {
     let started = Instant::now();
     let mut done = Rebuilt::default();
     let mut next_min = 0;
@@ -249,7 +249,8 @@ pub fn check_handed(vm: &AttachedVm, records: HandedRecords) -> Result<CheckedRe
     }
     let pool_bytes: u64 = windows.windows().iter().map(|&(_, len)| len).sum();
     done.pool_pages_held = (pool_bytes - free.iter().map(|&(_, b)| b).sum::<u64>()) / PAGE_SIZE;
-    vm.mapping.replace_pool(PagePool::new(records.free.clone()));
+    // Taken in the old daemon's order (not the sorted copy's).
+    vm.mapping.replace_pool(PagePool::new(std::mem::take(&mut records.free)));
     vm.mapping.note_seq(records.seq);
     Ok(CheckedRecords { records, started, done })
 }

@@ -106,10 +106,7 @@ impl HeldRecords<'_> {
     /// copy of the whole (a takeover's ten thousand mappings are inserted
     /// while faults wait on them).
     pub fn insert(&mut self, ipa: Ipa, installed: Installed) {
-        self.state.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-        if let Some(old) = self.mappings.insert(ipa.raw(), installed) {
-            self.state.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
-        }
+        self.state.put(&mut self.mappings, ipa, installed);
     }
 
     /// Lets the records go; the next mapping recorded gets `next_order`.
@@ -339,13 +336,19 @@ impl MappingState {
                 continue;
             }
             installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
-            self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-            if let Some(old) = mappings.insert(ipa.raw(), installed) {
-                self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
-            }
+            self.put(&mut mappings, ipa, installed);
             recorded += 1;
         }
         recorded
+    }
+
+    /// Puts a mapping in `mappings` (the records, locked), replacing one at
+    /// the same IPA, and keeps resident bytes in step.
+    fn put(&self, mappings: &mut BTreeMap<u64, Installed>, ipa: Ipa, installed: Installed) {
+        self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+        if let Some(old) = mappings.insert(ipa.raw(), installed) {
+            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+        }
     }
 
     /// Reconciles an unmap or write-protect the core executed over
