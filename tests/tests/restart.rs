@@ -190,9 +190,17 @@ impl PausedMachine {
         workload
     }
 
-    /// Lets it go on and waits for the end: its output and stderr.
+    /// Lets it go on and waits for the end: its output and stderr. A
+    /// machine still running after two minutes (a VM the daemon left
+    /// half-served waits for its fault forever) is killed: its output then
+    /// says it failed.
     fn finish(mut self) -> (std::process::Output, String) {
         writeln!(self.stdin).unwrap();
+        let started = Instant::now();
+        while self.child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let out = self.child.wait_with_output().unwrap();
         (out, self.stderr.recv().unwrap_or_default())
     }
@@ -258,38 +266,33 @@ async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
 /// whichever of two VMs reaches it. That VM is let go as after a crash
 /// (the daemon logs `let_go`): its machine re-attaches to the same daemon
 /// and is served afresh. The other VM never notices. Both finish with
-/// their memory intact; the daemon keeps running.
-fn panic_in_one_vm(point: &str, let_go: &str) {
+/// their memory intact; the daemon keeps running. Both machines start
+/// paused halfway; with `while_paused`, they go on only once the panic
+/// happened (a point that is reached while the VMs idle), otherwise at once
+/// (a point reached by serving faults).
+fn panic_in_one_vm(point: &str, let_go: &str, while_paused: bool) {
     let spec = std::ffi::OsString::from(point);
     let env = [(faultline_system_tests::PANIC_AT_ENV, spec.as_os_str())];
     let daemon = Daemon::start_with_env(&["--spin-polls", "0", "--policy", "4k"], &env);
     let layout = Layout { nr_vcpus: 2, ..Layout::default() };
     let ops = 6_000;
-    let spawn = |vm: u16| {
-        machine(&daemon)
-            .args(["--vm-id", &vm.to_string(), "--vcpus", "2", "--pattern", "random", "--ops", &ops.to_string()])
-            .args(["--seed", &vm.to_string(), "--spin-polls", "0", "--reattach-deadline-s", "30"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let machines = [(21u16, spawn(21)), (22u16, spawn(22))];
-    let mut stalls = Vec::new();
-    for (vm, mut child) in machines {
-        // A VM left half-served would wait for its fault forever.
+    let machines = [21u16, 22]
+        .map(|vm| (vm, PausedMachine::start(&daemon, vm, ops, u64::from(vm), &["--reattach-deadline-s", "30"])));
+    let name = point.split(':').next().unwrap();
+    let panicked = format!("panicking at {name}");
+    if while_paused {
         let started = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > Duration::from_secs(120) {
-                let _ = child.kill();
-                panic!("vm{vm} never finished: {}", daemon.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        while !daemon.log().contains(&panicked) {
+            assert!(started.elapsed() < Duration::from_secs(60), "the panic point was not reached: {}", daemon.log());
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "vm{vm} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut stalls = Vec::new();
+    for (vm, paused) in machines {
+        let (out, stderr) = paused.finish();
+        assert!(out.status.success(), "vm{vm} failed: {stderr}\n{}", daemon.log());
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, u64::from(vm)));
+        let flat = replay_flat(&layout, &PausedMachine::workload(ops, u64::from(vm)));
         assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "vm{vm}'s RAM intact");
         assert_eq!(summary["injected"].as_u64(), Some(0), "vm{vm}: no fault failed");
         assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0), "vm{vm}");
@@ -297,8 +300,7 @@ fn panic_in_one_vm(point: &str, let_go: &str) {
         stalls.push(summary["stalls"]["count"].as_u64().unwrap());
     }
     let log = daemon.log();
-    let name = point.split(':').next().unwrap();
-    assert!(log.contains(&format!("panicking at {name}")), "the panic point was not reached: {log}");
+    assert!(log.contains(&panicked), "the panic point was not reached: {log}");
     stalls.sort_unstable();
     assert_eq!(stalls, [0, 1], "exactly one VM was let go and came back: {log}");
     assert!(log.contains(let_go), "{log}");
@@ -310,13 +312,13 @@ fn panic_in_one_vm(point: &str, let_go: &str) {
 #[test]
 fn a_panic_in_one_vms_service_lets_that_vm_go_and_touches_no_other() {
     // The 400th fault popped, by either VM's service in the pool.
-    panic_in_one_vm("fault-popped:400", "a vCPU service panicked: the VM is let go");
+    panic_in_one_vm("fault-popped:400", "a vCPU service panicked: the VM is let go", false);
 }
 
 #[test]
 fn a_panic_in_one_vms_connection_thread_lets_that_vm_go_and_touches_no_other() {
-    // The VMs' connection threads check on them every 20 ms.
-    panic_in_one_vm("vm-waiting:10", "a connection's thread panicked: its VM is let go");
+    // The VMs' connection threads check on them every 20 ms, paused or not.
+    panic_in_one_vm("vm-waiting:10", "a connection's thread panicked: its VM is let go", true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
