@@ -225,9 +225,14 @@ fn a_machine_whose_daemon_never_returns_exits_with_a_clear_error_after_its_deadl
 /// random workload, with `budget` evicting if given, restarted at once: the
 /// machine finishes with its memory intact after exactly one stall.
 async fn crash_at(point: &str, nth: u32, vm: u16, budget: Option<&str>) {
+    crash_with_store_at(point, nth, vm, budget, "none").await
+}
+
+/// [`crash_at`], with swap stores laid out as `compression` says.
+async fn crash_with_store_at(point: &str, nth: u32, vm: u16, budget: Option<&str>, compression: &str) {
     let spec = std::ffi::OsString::from(format!("{point}:{nth}"));
     let mut daemon = Daemon::start_with_env(
-        &["--spin-polls", "0", "--policy-deadline-ms", "2000"],
+        &["--spin-polls", "0", "--policy-deadline-ms", "2000", "--swap-compression", compression],
         &[(faultline_system_tests::CRASH_AT_ENV, spec.as_os_str())],
     );
     let _policy = match budget {
@@ -339,6 +344,16 @@ async fn killed_between_the_store_write_and_the_unmap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_between_the_unmap_and_the_punch() {
     crash_at("unmapped", 3, 14, Some("14:8:fifo")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_packed_store_write_and_the_unmap() {
+    crash_with_store_at("store-written", 3, 15, Some("15:8:fifo"), "lz4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_unmap_and_the_punch_with_a_packed_store() {
+    crash_with_store_at("unmapped", 3, 16, Some("16:8:fifo"), "lz4").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

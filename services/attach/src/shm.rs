@@ -231,6 +231,37 @@ impl MappedRegion {
         )
     }
 
+    /// Copies `buf.len()` bytes from `offset` of the mapping into `buf`, once:
+    /// what the peer writes meanwhile may or may not be seen, and `buf` is
+    /// the copy to decide on. `None` if the range is outside the mapping.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+        let ptr = self.range(offset, buf.len())?;
+        // SAFETY: `ptr..ptr + buf.len()` lies inside our live mapping
+        // (`range`), `buf` is our own memory and cannot overlap it (no
+        // reference into the mapping is ever handed out); bytes are plain
+        // data, so whatever a concurrent writer leaves is a valid value.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.cast_const(), buf.as_mut_ptr(), buf.len()) };
+        Some(())
+    }
+
+    /// Copies `buf` into the mapping at `offset`. `None` if the range is
+    /// outside the mapping.
+    pub fn write_from(&self, offset: u64, buf: &[u8]) -> Option<()> {
+        let ptr = self.range(offset, buf.len())?;
+        // SAFETY: as in `read_into`, with the copy going the other way.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), ptr, buf.len()) };
+        Some(())
+    }
+
+    /// The address of `[offset, offset + len)`, if it lies inside the mapping.
+    fn range(&self, offset: u64, len: usize) -> Option<*mut u8> {
+        if offset.checked_add(len as u64)? > self.len as u64 {
+            return None;
+        }
+        // SAFETY: offset + len <= self.len: the pointer stays inside the mapping.
+        Some(unsafe { self.base.as_ptr().add(offset as usize) })
+    }
+
     /// Runs `io(pointer, bytes, file offset)` (pread or pwrite) over
     /// `[offset, offset + len)` until all of it is done.
     fn transfer(

@@ -383,8 +383,18 @@ async fn main() -> anyhow::Result<()> {
                     vm.evicted,
                     vm.fault_around_pages
                 );
+                let packed = match vm.swap_store_held_bytes {
+                    held if held != vm.swap_store_bytes && vm.swap_store_bytes > 0 => {
+                        format!(
+                            ", holding {} KiB of guest pages, {:.1}x",
+                            held >> 10,
+                            held as f64 / vm.swap_store_bytes as f64
+                        )
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "  host memory: {} KiB backing, {} KiB in the swap store ({})",
+                    "  host memory: {} KiB backing, {} KiB in the swap store ({}{packed})",
                     vm.backing_bytes >> 10,
                     vm.swap_store_bytes >> 10,
                     if vm.swap_store_in_memory { "in memory" } else { "on disk" }

@@ -75,6 +75,10 @@ struct Args {
     /// Populate all guest memory at attach (overrides the file).
     #[arg(long)]
     prefault: bool,
+    /// How new swap stores keep reclaimed pages: none or lz4 (overrides the
+    /// file).
+    #[arg(long)]
+    swap_compression: Option<memory_manager::memory::swap::SwapCompression>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +129,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.prefault {
         config.prefault = true;
+    }
+    if let Some(v) = args.swap_compression {
+        config.swap_compression = v;
     }
     if let Some(v) = args.log_format {
         config.log_format = v;

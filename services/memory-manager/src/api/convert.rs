@@ -79,6 +79,7 @@ pub fn event(e: &FaultEvent) -> pb::FaultEvent {
 /// The wire form of an attached VM.
 pub fn vm(vm: &AttachedVm) -> pb::Vm {
     let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let stores: Vec<_> = vm.layout.regions.iter().filter(|r| !r.device).map(|r| r.swap_store_usage()).collect();
     pb::Vm {
         vm_id: vm.id().raw() as u32,
         vcpus: vm.layout.nr_vcpus,
@@ -103,8 +104,9 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         evicted_bytes: count(&vm.counters.evicted_bytes),
         fault_around_pages: count(&vm.counters.prefaulted),
         backing_bytes: backing_bytes(vm),
-        swap_store_bytes: vm.layout.regions.iter().map(|r| r.swap_store_usage().0).sum(),
-        swap_store_in_memory: vm.layout.regions.iter().filter(|r| !r.device).any(|r| r.swap_store_usage().1),
+        swap_store_bytes: stores.iter().map(|u| u.stored).sum(),
+        swap_store_in_memory: stores.iter().any(|u| u.in_memory),
+        swap_store_held_bytes: stores.iter().map(|u| u.held).sum(),
     }
 }
 

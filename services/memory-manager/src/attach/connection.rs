@@ -33,6 +33,7 @@ use crate::link::rebuild::{check_handed, rebuild};
 use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
+use crate::memory::swap::SwapCompression;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
 
@@ -50,6 +51,8 @@ pub struct AttachSettings {
     pub spin_polls: u32,
     /// Where VMs keep what outlives the daemon.
     pub state_dir: PathBuf,
+    /// How new swap stores keep reclaimed pages.
+    pub swap_compression: SwapCompression,
     /// Where a new daemon asks this one to hand everything over (none: no
     /// takeover).
     pub takeover_socket: Option<PathBuf>,
@@ -231,7 +234,7 @@ impl AttachServer {
         if reattach {
             state.check_description(&req).map_err(|e| refuse(Status::Mismatch, e.to_string()))?;
         }
-        let attached = map(&req, fds, &state)?;
+        let attached = map(&req, fds, &state, self.settings.swap_compression)?;
         if !reattach {
             state
                 .save_description(&req)

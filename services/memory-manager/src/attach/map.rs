@@ -21,7 +21,8 @@ use crate::memory::layout::VmLayout;
 use crate::memory::mapping::private_dirty_logs;
 use crate::memory::memslot::{Memslot, Memslots, SlotFlags};
 use crate::memory::pool::PagePool;
-use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec, SwapStore};
+use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec};
+use crate::memory::swap::SwapCompression;
 use crate::memory::vma::Vmas;
 
 /// A validated, mapped VM, ready to serve.
@@ -36,7 +37,12 @@ pub struct Attached {
 /// Checks `req` ([`check`]), then its fds, and maps what it describes;
 /// each guest region that is memory keeps reclaimed pages in its store in
 /// `state`.
-pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>, state: &VmState) -> Result<Attached, Refusal> {
+pub fn map(
+    req: &AttachRequest,
+    fds: Vec<OwnedFd>,
+    state: &VmState,
+    compression: SwapCompression,
+) -> Result<Attached, Refusal> {
     let Checked { id, fills } = check(req, fds.len())?;
     // Map: fds must be memfds sealed against shrinking (so nothing the daemon
     // maps can vanish under it) and at least as large as described. Contents
@@ -97,9 +103,9 @@ pub fn map(req: &AttachRequest, fds: Vec<OwnedFd>, state: &VmState) -> Result<At
                 let mut guest = GuestRegion::map(memfd, spec).map_err(internal)?;
                 if !spec.device {
                     let store = state
-                        .swap_store(i, r.size)
+                        .swap_store(i, r.size, compression)
                         .map_err(|e| refuse(Status::Internal, format!("region {i}: opening its swap store: {e}")))?;
-                    guest.set_swap_store(SwapStore::in_file(store));
+                    guest.set_swap_store(store);
                 }
                 guests.push(guest);
             }

@@ -3,11 +3,13 @@
 //! the same one) and a swap store per guest region (the pages reclaimed
 //! from it). `state_dir/vms/vm<id>/`, removed when the VM detaches.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use faultline_attach::{AttachRequest, ATTACH_REATTACH};
+
+use crate::memory::swap::{SwapCompression, SwapStore};
 
 /// One VM's directory.
 #[derive(Debug)]
@@ -89,19 +91,11 @@ impl VmState {
         }
     }
 
-    /// The swap store of guest region `index` (`size` bytes, sparse):
-    /// created empty, or the one a predecessor left.
-    pub fn swap_store(&self, index: usize, size: u64) -> std::io::Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join(format!("region{index}.swap")))?;
-        if f.metadata()?.len() != size {
-            f.set_len(size)?;
-        }
-        Ok(f)
+    /// The swap store of guest region `index` (`size` bytes): created
+    /// empty and laid out as `compression` says, or the one a predecessor
+    /// left, as it left it.
+    pub fn swap_store(&self, index: usize, size: u64, compression: SwapCompression) -> std::io::Result<SwapStore> {
+        SwapStore::in_dir(&self.dir, index, size, compression)
     }
 
     /// Forgets the VM (it detached, and its stores are empty).
@@ -137,8 +131,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let st = VmState::open(dir.path(), 3, false).unwrap();
         st.save_description(&request()).unwrap();
-        let store = st.swap_store(0, 1 << 20).unwrap();
-        assert_eq!(store.metadata().unwrap().len(), 1 << 20);
+        let store = st.swap_store(0, 1 << 20, SwapCompression::None).unwrap();
+        assert_eq!(store.usage().unwrap().held, 0);
+        assert!(dir.path().join("vms/vm3/region0.swap").exists());
         // The same VM comes back.
         let again = VmState::open(dir.path(), 3, true).unwrap();
         let reattach = AttachRequest { flags: ATTACH_REATTACH, ..request() };

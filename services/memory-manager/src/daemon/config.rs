@@ -11,6 +11,7 @@ pub const DEFAULT_METRICS_PORT: u16 = 50_152;
 use serde::Deserialize;
 
 use super::priority::ApiPriority;
+use crate::memory::swap::SwapCompression;
 use crate::policy::builtin::PolicyKind;
 use crate::policy::host::PolicyTiming;
 
@@ -83,6 +84,11 @@ pub struct Config {
     /// Populate every guest page at attach (like QEMU's -mem-prealloc), so
     /// no fault pays for fresh backing.
     pub prefault: bool,
+    /// How a VM's new swap store keeps reclaimed pages: `none` (a page per
+    /// page) or `lz4` (compressed and packed, so a budget saves memory even
+    /// with the state directory on tmpfs). A store a VM already has keeps
+    /// its layout.
+    pub swap_compression: SwapCompression,
 }
 
 impl Config {
@@ -118,6 +124,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             prefault: false,
+            swap_compression: SwapCompression::None,
             api_priority: ApiPriority::Low,
             event_buffer: 65_536,
             policy_deadline_ms: 100,

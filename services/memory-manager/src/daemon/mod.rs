@@ -55,6 +55,7 @@ impl Daemon {
         };
         let settings = AttachSettings {
             prefault: config.prefault,
+            swap_compression: config.swap_compression,
             spin_polls: config.spin_polls,
             state_dir: config.state_dir.clone(),
             takeover_socket: Some(config.takeover_socket()),

@@ -12,4 +12,5 @@ pub mod memslot;
 pub mod pin;
 pub mod pool;
 pub mod region;
+pub mod swap;
 pub mod vma;

@@ -6,10 +6,14 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
+pub use super::swap::{SwapStore, SwapUsage};
+
 use faultline_attach::shm::{MappedRegion, RegionError};
 use hyp_core::addr::{Pa, PAGE_SIZE};
 use memfd::Memfd;
 use nix::fcntl::{fallocate, FallocateFlags};
+
+use super::swap::punch;
 
 use super::addr::Hva;
 use super::vma::Vma;
@@ -40,49 +44,8 @@ pub struct GuestRegion {
     /// Serialises filling holes and reclaiming pages, so a page is filled
     /// once (a second fault finds data, never copies over the guest's
     /// writes) and never filled while it is being reclaimed. Holds the swap
-    /// store (a memfd made on the first reclaim if none was given).
+    /// store (made in memory on the first reclaim if none was given).
     fill_lock: Mutex<Option<SwapStore>>,
-}
-
-/// Where a region's reclaimed pages wait until a fault brings them back: a
-/// sparse file holding each page at its offset in the region. In the
-/// daemon's state directory it outlives the daemon, and a page is written
-/// there (and made durable) before it leaves the guest.
-#[derive(Debug)]
-pub struct SwapStore {
-    file: File,
-    /// Writes are made durable (fdatasync) before a page leaves the guest.
-    durable: bool,
-    /// The store is host memory (a memfd, or a file on tmpfs): eviction
-    /// moves pages, it frees nothing.
-    in_memory: bool,
-}
-
-impl SwapStore {
-    /// A store in `file` (sized to the region by the caller), durable.
-    pub fn in_file(file: File) -> Self {
-        use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
-        let in_memory = fstatfs(&file).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC);
-        Self { file, durable: true, in_memory }
-    }
-
-    /// A store in memory (a memfd of `size` bytes): nothing outlives the
-    /// daemon and no host memory is saved; for a daemon without a state
-    /// directory.
-    fn in_memory(index: usize, size: u64) -> std::io::Result<Self> {
-        let file = memfd::MemfdOptions::default()
-            .create(format!("faultline-swap-{index}"))
-            .map_err(std::io::Error::other)?
-            .into_file();
-        file.set_len(size)?;
-        Ok(Self { file, durable: false, in_memory: true })
-    }
-
-    /// Bytes the store's pages take (its allocated blocks).
-    pub fn bytes(&self) -> std::io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata()?.blocks() * 512)
-    }
 }
 
 /// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
@@ -157,30 +120,6 @@ pub enum FillError {
     },
 }
 
-/// The data segments of `file` in `[offset, end)` (SEEK_DATA / SEEK_HOLE).
-fn data_segments(file: &File, offset: u64, end: u64) -> nix::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{lseek, Whence};
-    let mut out = Vec::new();
-    let mut at = offset as i64;
-    while at < end as i64 {
-        let data = match lseek(file.as_fd(), at, Whence::SeekData) {
-            Ok(d) if d < end as i64 => d,
-            Ok(_) | Err(nix::Error::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        let data_end = lseek(file.as_fd(), data, Whence::SeekHole)?.min(end as i64);
-        out.push((data as u64, data_end as u64));
-        at = data_end;
-    }
-    Ok(out)
-}
-
-/// Punches `[offset, offset + len)` out of `file`, keeping its size.
-fn punch(file: &impl AsFd, offset: u64, len: u64) -> nix::Result<()> {
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    fallocate(file.as_fd(), flags, offset as i64, len as i64)
-}
-
 /// Where a guest region sits and what it is, before it is mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionSpec {
@@ -214,11 +153,12 @@ impl GuestRegion {
         *self.fill_lock.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 
-    /// Bytes the swap store's pages take, and whether they are host
-    /// memory (no store yet: one would be made in memory).
-    pub fn swap_store_usage(&self) -> (u64, bool) {
+    /// What the swap store holds and costs (no store yet: nothing, and one
+    /// would be made in memory).
+    pub fn swap_store_usage(&self) -> SwapUsage {
         let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
-        store.as_ref().map_or((0, true), |s| (s.bytes().unwrap_or(0), s.in_memory))
+        let none = SwapUsage { in_memory: true, ..SwapUsage::default() };
+        store.as_ref().map_or(none, |s| s.usage().unwrap_or(none))
     }
 
     /// Fills holes in `window` from its file from now on.
@@ -264,7 +204,7 @@ impl GuestRegion {
         let found_holes = !holes.is_empty();
         // Reclaimed pages first: back from the swap store, which lets go of them.
         if let (Some(swap), false) = (filling.as_mut(), holes.is_empty()) {
-            if self.restore_from_swap(&swap.file, &holes)? {
+            if self.restore_from_swap(swap, &holes)? {
                 holes = self.holes(offset, end)?;
             }
         }
@@ -290,25 +230,20 @@ impl GuestRegion {
     }
 
     /// Copies the parts of `holes` the swap store holds back into the
-    /// region and punches them out of the store; true if it copied any.
-    fn restore_from_swap(&self, swap: &File, holes: &[(u64, u64)]) -> Result<bool, FillError> {
+    /// region and lets go of them in the store; true if it copied any.
+    fn restore_from_swap(&self, swap: &mut SwapStore, holes: &[(u64, u64)]) -> Result<bool, FillError> {
         let mut copied = false;
         for &(lo, hi) in holes {
-            for (from, to) in data_segments(swap, lo, hi)? {
-                let len = to - from;
-                self.map.fill_from(from, len, swap, from).map_err(|cause| FillError::Swap { offset: from, cause })?;
-                punch(swap, from, len)?;
-                copied = true;
-            }
+            copied |= swap.take(&self.map, lo, hi).map_err(|cause| FillError::Swap { offset: lo, cause })?;
         }
         Ok(copied)
     }
 
     /// Copies every page in the swap store back into the region.
     pub fn restore_all(&self) -> Result<(), FillError> {
-        let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
-        match store.as_ref() {
-            Some(swap) => self.restore_from_swap(&swap.file, &[(0, self.size)]).map(|_| ()),
+        let mut store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match store.as_mut() {
+            Some(swap) => self.restore_from_swap(swap, &[(0, self.size)]).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -316,24 +251,25 @@ impl GuestRegion {
     /// Makes the store agree with the backing after a daemon died: a page
     /// the backing holds too is the backing's (the store copy was written
     /// before a reclaim that never punched, or after a restore that never
-    /// punched the store) and leaves the store; a page only the store holds
-    /// stays there until a fault or the detach brings it back.
+    /// let go of the store's) and leaves the store; a page only the store
+    /// holds stays there until a fault or the detach brings it back.
     pub fn recover_store(&self) -> Result<Recovered, FillError> {
-        let store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(swap) = store.as_ref() else { return Ok(Recovered::default()) };
+        let mut store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(swap) = store.as_mut() else { return Ok(Recovered::default()) };
+        let swap_err = |offset| move |cause| FillError::Swap { offset, cause };
         let mut done = Recovered::default();
-        for (lo, hi) in data_segments(&swap.file, 0, self.size)? {
+        for (lo, hi) in swap.held(0, self.size).map_err(swap_err(0))? {
             let mut at = lo;
             for (hole, hole_end) in self.holes(lo, hi)? {
                 if at < hole {
-                    punch(&swap.file, at, hole - at)?;
+                    swap.discard(at, hole).map_err(swap_err(at))?;
                     done.dropped += hole - at;
                 }
                 done.kept += hole_end - hole;
                 at = hole_end;
             }
             if at < hi {
-                punch(&swap.file, at, hi - at)?;
+                swap.discard(at, hi).map_err(swap_err(at))?;
                 done.dropped += hi - at;
             }
         }
@@ -369,12 +305,9 @@ impl GuestRegion {
             all.iter().copied().zip(steps.protect(&all)).filter(|&(_, p)| p).map(|(i, _)| i).collect();
         for &i in &protected {
             let (offset, len) = ranges[i];
-            self.map.copy_to(offset, len, &swap.file, offset).map_err(|cause| FillError::Swap { offset, cause })?;
+            swap.put(&self.map, offset, len).map_err(|cause| FillError::Swap { offset, cause })?;
         }
-        if swap.durable && !protected.is_empty() {
-            nix::unistd::fdatasync(swap.file.as_fd())
-                .map_err(|e| FillError::Swap { offset: 0, cause: std::io::Error::from(e) })?;
-        }
+        swap.sync().map_err(|cause| FillError::Swap { offset: 0, cause })?;
         steps.stored();
         let mut reclaimed = vec![false; ranges.len()];
         for (&i, unmapped) in protected.iter().zip(steps.unmap(&protected)) {
@@ -384,7 +317,7 @@ impl GuestRegion {
                 reclaimed[i] = true;
             } else {
                 // Still mapped: the backing is the page's; the copy goes.
-                punch(&swap.file, offset, len)?;
+                swap.discard(offset, offset + len).map_err(|cause| FillError::Swap { offset, cause })?;
             }
         }
         Ok(reclaimed)
