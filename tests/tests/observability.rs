@@ -3,8 +3,6 @@
 //! occupancy, and the Control dirty log (fetch-and-clear re-arms logging).
 //! Every test starts the real daemon and machine binaries.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use faultline_proto::v1::{
     lost_events, observe_response::ResponseTypes, GetDirtyLogRequest, GetStatsRequest, ListVmsRequest, ObserveRequest,
     ServerStatusRequest,
 };
-use faultline_system_tests::{machine, run_machine, Daemon, TracedMachine};
+use faultline_system_tests::{machine, metric_samples, run_machine, scrape_metrics, Daemon, TracedMachine};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -100,30 +98,6 @@ async fn tiny_buffers_lose_events_and_say_how_many() {
     assert_eq!(last.len(), 10);
 }
 
-/// `GET /metrics` over a plain TCP connection.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
-    body.to_string()
-}
-
-/// Samples of the exposition text: `name{labels}` -> value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_agree_with_get_stats() {
     let daemon = Daemon::start(&[]);
@@ -135,12 +109,12 @@ async fn metrics_agree_with_get_stats() {
 
     let text = tokio::task::spawn_blocking({
         let addr = daemon.metrics_addr();
-        move || scrape(&addr)
+        move || scrape_metrics(&addr)
     })
     .await
     .unwrap();
     assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
-    let m = samples(&text);
+    let m = metric_samples(&text);
     let stats = client.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
     let mut checked = 0;
     for (family, label, counts) in [
@@ -227,11 +201,11 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
     // The wait split, in /metrics too, while the VM is attached.
     let text = tokio::task::spawn_blocking({
         let addr = daemon.metrics_addr();
-        move || scrape(&addr)
+        move || scrape_metrics(&addr)
     })
     .await
     .unwrap();
-    let m = samples(&text);
+    let m = metric_samples(&text);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(occupancy.iter().map(|r| (r.vm_id, r.vcpu)).collect::<Vec<_>>(), [(7, 0), (7, 1)]);

@@ -10,7 +10,7 @@ use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::{GetDirtyLogRequest, GetVmRequest, ServerStatusRequest, UsePolicyRequest};
-use faultline_system_tests::{machine, Daemon, PolicyProcess, TracedMachine};
+use faultline_system_tests::{machine, metric_samples, scrape_metrics, Daemon, PolicyProcess, TracedMachine};
 use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
 use sim_machine::workload::{generate, replay_flat, OpKind, Pattern};
@@ -121,6 +121,18 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     let vm = vms.get_vm(GetVmRequest { vm_id: 4 }).await.unwrap().into_inner();
     assert_eq!(active_policy(&daemon).await, "sequential-4k", "the policy came back with the daemon");
     assert!(vm.resident_bytes <= (32 << 20) + (4 << 12), "over budget: {}", vm.resident_bytes);
+    // The re-attached store still holds evicted pages, and /metrics says
+    // what GetVm says while the guest is paused.
+    assert!(vm.swap_store_held_bytes > 0, "{vm:?}");
+    let metrics = tokio::task::block_in_place(|| metric_samples(&scrape_metrics(&daemon.metrics_addr())));
+    for (family, want) in [
+        ("faultline_vm_resident_bytes", vm.resident_bytes),
+        ("faultline_vm_backing_bytes", vm.backing_bytes),
+        ("faultline_vm_swap_store_bytes", vm.swap_store_bytes),
+        ("faultline_vm_swap_held_bytes", vm.swap_store_held_bytes),
+    ] {
+        assert_eq!(metrics.get(&format!("{family}{{vm=\"4\"}}")).copied(), Some(want as f64), "{family}");
+    }
     // The last daemon knows it replaced one that died, and took the VM back.
     let mut trace_client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     let st = trace_client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();

@@ -20,6 +20,7 @@ use tracing::info;
 
 use super::convert::{ring_occupancy, service_pool};
 use super::sources::Sources;
+use crate::link::vm::AttachedVm;
 use crate::observe::stats::STAGES;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -68,6 +69,21 @@ fn counter_family(
     Ok(())
 }
 
+fn gauge_family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?;
+    for (value, n) in values {
+        let labels = [(label, value.as_str())];
+        ConstGauge::new(*n as i64).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn gauge(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
     ConstGauge::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
@@ -103,6 +119,7 @@ impl Collector for FaultCollector {
             .map(|vm| (vm.id().raw().to_string(), vm.counters.faults.load(std::sync::atomic::Ordering::Relaxed)))
             .collect();
         counter_family(&mut encoder, "faultline_vm_faults", "Fault records received, by attached VM.", "vm", &by_vm)?;
+        self.encode_vm_memory(&mut encoder, &vms)?;
 
         let mut latency = encoder.encode_descriptor(
             "faultline_fault_latency",
@@ -177,6 +194,34 @@ impl Collector for FaultCollector {
 }
 
 impl FaultCollector {
+    /// Each VM's memory as the host sees it: what its stage-2 mappings
+    /// hold, what its backing files take, and what its swap stores hold
+    /// and take (the same figures as GetVm).
+    fn encode_vm_memory(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        vms: &[Arc<AttachedVm>],
+    ) -> Result<(), std::fmt::Error> {
+        const FAMILIES: [(&str, &str); 4] = [
+            ("faultline_vm_resident", "Guest memory mapped at stage 2 (what a resident budget caps)."),
+            ("faultline_vm_backing", "Host memory the VM's backing files take (allocated blocks)."),
+            ("faultline_vm_swap_store", "Bytes the VM's swap store files take (allocated blocks)."),
+            ("faultline_vm_swap_held", "Guest bytes the VM's swap stores hold (evicted pages)."),
+        ];
+        let mut values: [Vec<(String, u64)>; 4] = Default::default();
+        for vm in vms {
+            let (id, v) = (vm.id().raw().to_string(), super::convert::vm(vm));
+            let figures = [v.resident_bytes, v.backing_bytes, v.swap_store_bytes, v.swap_store_held_bytes];
+            for (family, n) in values.iter_mut().zip(figures) {
+                family.push((id.clone(), n));
+            }
+        }
+        for ((name, help), values) in FAMILIES.into_iter().zip(values) {
+            gauge_family(encoder, name, help, "vm", &values)?;
+        }
+        Ok(())
+    }
+
     /// The policy in force and its watchdog's counters.
     fn encode_policy(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         use faultline_proto::v1::PolicyExitKind;
