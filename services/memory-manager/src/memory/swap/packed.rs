@@ -5,11 +5,13 @@
 //!
 //! Files, in a VM's state directory:
 //! - `region<i>.index`: entry `n` at byte `16 n` describes region page `n`
-//!   (all zeros: not held); sparse, so it takes a block per 256 pages held;
+//!   (all zeros: not held); sparse, and a block whose 256 entries are all
+//!   cleared is punched out again;
 //! - `region<i>.log0` and `region<i>.log1`: the data. Pages are appended to
-//!   the current log. Once more than half of a log of 1 MiB or more is dead
-//!   (its pages came back), compaction copies the live pages to the other
-//!   log, points their entries there and empties the old one.
+//!   the current log. A log nothing points into any more is emptied; once
+//!   more than half of a log of 1 MiB or more is dead (its pages came
+//!   back), compaction copies the live pages to the other log, points their
+//!   entries there and empties the old one.
 //!
 //! Crash consistency, with writes in this order:
 //! - a reclaim appends the data, makes the log durable, writes the entries
@@ -42,6 +44,8 @@ const PAGE: u64 = 4096;
 const ENTRY: u64 = 16;
 /// A log is compacted once it has this many bytes, more than half dead.
 const COMPACT_FROM: u64 = 1 << 20;
+/// Index entries in a 4 KiB block of the index.
+const ENTRIES_PER_BLOCK: u64 = PAGE / ENTRY;
 /// Pages moved per batch of reads and one write while compacting.
 const MOVE_PAGES: usize = 1024;
 
@@ -387,15 +391,28 @@ impl PackedStore {
         Ok(())
     }
 
-    /// Clears the entries of `pages` (ascending), then compacts if it is time.
+    /// Clears the entries of `pages` (ascending) and gives back the index
+    /// blocks left empty, then empties or compacts the log if it is time.
     fn forget(&mut self, pages: &[(u64, Entry)], durable: bool) -> io::Result<()> {
         self.write_entries(pages.iter().map(|&(p, _)| (p, None)))?;
         for (p, e) in pages {
             self.entries.remove(p);
             self.live[e.log] -= e.len;
         }
+        let mut blocks: Vec<u64> = pages.iter().map(|&(p, _)| p / ENTRIES_PER_BLOCK).collect();
+        blocks.dedup();
+        for b in blocks {
+            let first = b * ENTRIES_PER_BLOCK;
+            if self.entries.range(first..first + ENTRIES_PER_BLOCK).next().is_none() {
+                super::punch(&self.index, first * ENTRY, PAGE)?;
+            }
+        }
         let (from, to) = (self.current, 1 - self.current);
-        if self.tails[from] >= COMPACT_FROM && self.live[from] * 2 < self.tails[from] && self.live[to] == 0 {
+        if self.live[from] == 0 && self.tails[from] > 0 {
+            // Nothing points into it (zero pages have no data): no copy.
+            self.logs[from].set_len(0)?;
+            self.tails[from] = 0;
+        } else if self.tails[from] >= COMPACT_FROM && self.live[from] * 2 < self.tails[from] && self.live[to] == 0 {
             self.logs[to].set_len(0)?;
             self.tails[to] = 0;
             self.move_pages(from, to, durable)?;
@@ -538,6 +555,10 @@ mod tests {
         assert_eq!(store.held(0, 96 * PAGE), [(0, 10 * PAGE), (20 * PAGE, 96 * PAGE)]);
         store.discard(0, 10 * PAGE, true).unwrap();
         assert_eq!(store.held_bytes(), 76 * PAGE);
+        // All back: the files take nothing any more.
+        assert!(store.allocated().unwrap() > 0);
+        store.take(&map, 0, 96 * PAGE, true).unwrap();
+        assert_eq!((store.held_bytes(), store.allocated().unwrap()), (0, 0));
     }
 
     #[test]
