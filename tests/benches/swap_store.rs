@@ -106,7 +106,7 @@ fn row(map: &MappedRegion, kind: &str, base: &Path, compression: SwapCompression
 }
 
 fn main() {
-    println!("{PAGES} pages of 4 KiB per row ({} MiB)", PAGES * PAGE >> 20);
+    println!("{PAGES} pages of 4 KiB per row ({} MiB)", (PAGES * PAGE) >> 20);
     println!(
         "| pages | store on | layout | put, 1 per sync (us/page) | put, 64 per sync (us/page) | take (us/page) | stored (KiB) | held/stored | stored after all came back (KiB) |"
     );
