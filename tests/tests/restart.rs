@@ -409,8 +409,9 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
     // One 4-vCPU random workload with dirty logging and a resident budget
     // that evicts (from a policy service each new daemon takes back),
     // handed over three times, each at a random moment (a number of faults
-    // served by the daemon in place).
-    let mut daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
+    // served by the daemon in place). The evicted pages go to lz4-packed
+    // stores, which each new daemon reads only once the VM is its own.
+    let mut daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000", "--swap-compression", "lz4"]);
     let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "16:32:fifo"]);
     let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };

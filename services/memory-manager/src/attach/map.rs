@@ -8,7 +8,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use faultline_attach::shm::{MappedRegion, RingMapping};
-use faultline_attach::{AttachRequest, DirtyLogLayout, RegionKind, Status, REGION_DEVICE, REGION_WRITABLE};
+use faultline_attach::{
+    AttachRequest, DirtyLogLayout, RegionKind, Status, ATTACH_REATTACH, REGION_DEVICE, REGION_WRITABLE,
+};
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use memfd::{FileSeal, Memfd};
 
@@ -103,7 +105,7 @@ pub fn map(
                 let mut guest = GuestRegion::map(memfd, spec).map_err(internal)?;
                 if !spec.device {
                     let store = state
-                        .swap_store(i, r.size, compression)
+                        .swap_store(i, r.size, compression, req.flags & ATTACH_REATTACH != 0)
                         .map_err(|e| refuse(Status::Internal, format!("region {i}: opening its swap store: {e}")))?;
                     guest.set_swap_store(store);
                 }

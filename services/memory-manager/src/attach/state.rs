@@ -91,11 +91,21 @@ impl VmState {
         }
     }
 
-    /// The swap store of guest region `index` (`size` bytes): created
-    /// empty and laid out as `compression` says, or the one a predecessor
-    /// left, as it left it.
-    pub fn swap_store(&self, index: usize, size: u64, compression: SwapCompression) -> std::io::Result<SwapStore> {
-        SwapStore::in_dir(&self.dir, index, size, compression)
+    /// The swap store of guest region `index` (`size` bytes): for a fresh
+    /// attach created empty now, laid out as `compression` says; for a VM
+    /// that comes back (`reattach`), the one a predecessor left, as it left
+    /// it, read once the VM is this daemon's ([`SwapStore::deferred`]).
+    pub fn swap_store(
+        &self,
+        index: usize,
+        size: u64,
+        compression: SwapCompression,
+        reattach: bool,
+    ) -> std::io::Result<SwapStore> {
+        match reattach {
+            true => Ok(SwapStore::deferred(&self.dir, index, size, compression)),
+            false => SwapStore::in_dir(&self.dir, index, size, compression),
+        }
     }
 
     /// Forgets the VM (it detached, and its stores are empty).
@@ -131,7 +141,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let st = VmState::open(dir.path(), 3, false).unwrap();
         st.save_description(&request()).unwrap();
-        let store = st.swap_store(0, 1 << 20, SwapCompression::None).unwrap();
+        let store = st.swap_store(0, 1 << 20, SwapCompression::None, false).unwrap();
         assert_eq!(store.usage().unwrap().held, 0);
         assert!(dir.path().join("vms/vm3/region0.swap").exists());
         // The same VM comes back.

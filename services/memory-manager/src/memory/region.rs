@@ -253,10 +253,12 @@ impl GuestRegion {
     /// before a reclaim that never punched, or after a restore that never
     /// let go of the store's) and leaves the store; a page only the store
     /// holds stays there until a fault or the detach brings it back.
+    /// It opens a deferred store: the VM is this daemon's from now on.
     pub fn recover_store(&self) -> Result<Recovered, FillError> {
         let mut store = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
         let Some(swap) = store.as_mut() else { return Ok(Recovered::default()) };
         let swap_err = |offset| move |cause| FillError::Swap { offset, cause };
+        swap.open().map_err(swap_err(0))?;
         let mut done = Recovered::default();
         for (lo, hi) in swap.held(0, self.size).map_err(swap_err(0))? {
             let mut at = lo;

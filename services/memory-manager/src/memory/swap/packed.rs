@@ -210,11 +210,6 @@ impl PackedStore {
         Ok(total)
     }
 
-    /// The index file (to tell where the store lives).
-    pub fn index_file(&self) -> &File {
-        &self.index
-    }
-
     /// Guest bytes held.
     pub fn held_bytes(&self) -> u64 {
         self.entries.len() as u64 * PAGE
