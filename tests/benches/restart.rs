@@ -93,8 +93,9 @@ impl Machine {
 
     /// Lets it run to the end and detach; panics if the run failed.
     /// Returns the longest fault wait of each phase after the first (the
-    /// ones run across a restart or takeover), as the guest saw it.
-    fn finish(self) -> Vec<Duration> {
+    /// ones run across a restart or takeover), as the guest saw it, and
+    /// that fault (posted when, where).
+    fn finish(self) -> (Vec<Duration>, Vec<serde_json::Value>) {
         let TracedMachine { child, stdin, lines } = self.machine;
         drop(stdin);
         std::thread::spawn(move || lines.for_each(drop));
@@ -102,7 +103,11 @@ impl Machine {
         assert!(out.status.success(), "machine failed");
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the machine's summary");
         let longest = summary["phase_longest_fault_ns"].as_array().expect("phase_longest_fault_ns");
-        longest.iter().skip(1).map(|ns| Duration::from_nanos(ns.as_u64().expect("ns"))).collect()
+        let slowest = summary["phase_slowest_fault"].as_array().expect("phase_slowest_fault");
+        (
+            longest.iter().skip(1).map(|ns| Duration::from_nanos(ns.as_u64().expect("ns"))).collect(),
+            slowest.iter().skip(1).cloned().collect(),
+        )
     }
 }
 
@@ -117,6 +122,8 @@ fn runtime() -> tokio::runtime::Runtime {
 struct Served {
     sent: SystemTime,
     completed: SystemTime,
+    /// The events looked at: vCPU, IPA, arrived, map sent, result read.
+    events: Vec<(u32, u64, SystemTime, SystemTime, SystemTime)>,
 }
 
 impl Served {
@@ -157,6 +164,7 @@ fn first_served(rt: &tokio::runtime::Runtime, daemon: &Daemon) -> Served {
             let req = ObserveRequest { number: LOOK_AT, first: true, ..Default::default() };
             let mut stream = c.observe(req).await.ok()?.into_inner();
             let mut served: Option<Served> = None;
+            let mut events = Vec::new();
             // Every phase faults more than LOOK_AT times; a short wait
             // bounds a phase that does not.
             while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
@@ -165,13 +173,14 @@ fn first_served(rt: &tokio::runtime::Runtime, daemon: &Daemon) -> Served {
                     let arrived = UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32);
                     let sent = arrived + Duration::from_nanos(e.stages.map_or(e.latency_ns, |s| s.command_sent_ns));
                     let completed = arrived + Duration::from_nanos(e.latency_ns);
+                    events.push((e.vcpu, e.ipa, arrived, sent, completed));
                     served = Some(match served {
-                        None => Served { sent, completed },
-                        Some(s) => Served { sent: s.sent.min(sent), completed: s.completed.min(completed) },
+                        None => Served { sent, completed, events: Vec::new() },
+                        Some(s) => Served { sent: s.sent.min(sent), completed: s.completed.min(completed), ..s },
                     });
                 }
             }
-            served
+            served.map(|s| Served { events, ..s })
         });
         if let Some(t) = first {
             return t;
@@ -278,7 +287,7 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
         m.wait_paused();
     }
     let mut stalls: Vec<Stall> = restarts.iter().map(|r| r.stall).collect();
-    with_guest(&mut stalls, m.finish());
+    with_guest(&mut stalls, m.finish().0);
     restarts.iter_mut().zip(stalls).for_each(|(r, s)| r.stall = s);
     (restarts, rebuilds(&daemon.log()))
 }
@@ -290,7 +299,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
     let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, PER_PHASE);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
-    let mut stalls = Vec::new();
+    let (mut stalls, mut served_at) = (Vec::new(), Vec::new());
     // When the old daemon stops serving: its vCPU services start draining.
     const MARK: &str = "draining the VM's vCPU services for the handover";
     for _ in 0..takeovers {
@@ -310,11 +319,46 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
             resumer.join().unwrap();
         });
         let log = daemon.log();
-        let began = log.lines().rfind(|l| l.contains(MARK)).expect("a handover");
-        stalls.push(first_served(rt, &daemon).after(log_time(began)));
+        let began = log_time(log.lines().rfind(|l| l.contains(MARK)).expect("a handover"));
+        let served = first_served(rt, &daemon);
+        stalls.push(served.after(began));
+        served_at.push((began, served.events));
         m.wait_paused();
     }
-    with_guest(&mut stalls, m.finish());
+    let (guest, slowest) = m.finish();
+    with_guest(&mut stalls, guest);
+    // Where the time went in a long stall: the guest's slowest fault of
+    // the phase, posted when (after the drain began), and the first faults
+    // the new daemon served: arrived, map sent, result read.
+    let ms = |t: SystemTime, from: SystemTime| match t.duration_since(from) {
+        Ok(d) => format!("{:.2}", d.as_secs_f64() * 1e3),
+        Err(e) => format!("-{:.2}", e.duration().as_secs_f64() * 1e3),
+    };
+    for (i, ((began, events), (stall, f))) in served_at.iter().zip(stalls.iter().zip(&slowest)).enumerate() {
+        if stall.guest < Duration::from_millis(5) {
+            continue;
+        }
+        let at = |what: &str| UNIX_EPOCH + Duration::from_nanos(f[what].as_u64().unwrap_or(0));
+        println!(
+            "takeover {i} ({vcpus} vCPUs): guest waited {:.2} ms on vCPU {} GPA {:#x}, posted at {} ms, on the ring at {} ms",
+            stall.guest.as_secs_f64() * 1e3,
+            f["vcpu"],
+            f["gpa"].as_u64().unwrap_or(0),
+            ms(at("posted_unix_ns"), *began),
+            ms(at("pushed_unix_ns"), *began)
+        );
+        for (vcpu, ipa, arrived, sent, read) in events {
+            println!(
+                "  vCPU {vcpu} IPA {ipa:#x}: arrived {} sent {} read {} ms",
+                ms(*arrived, *began),
+                ms(*sent, *began),
+                ms(*read, *began)
+            );
+        }
+    }
+    if let Ok(path) = std::env::var("RESTART_BENCH_LOG") {
+        std::fs::write(format!("{path}.takeover-{vcpus}"), daemon.log()).unwrap();
+    }
     stalls
 }
 
@@ -342,22 +386,27 @@ fn main() {
     let rt = runtime();
     // Fewer for a quick look: RESTART_BENCH_KILLS=5 (the 1M-mapping rebuild
     // is then skipped); RESTART_BENCH_ONLY=restart|takeover|rebuild for one
-    // part.
+    // part; RESTART_BENCH_VCPUS=4 for one vCPU count; RESTART_BENCH_LOG=path
+    // keeps the takeover daemons' log (path.takeover-<vCPUs>).
     let kills: usize = std::env::var("RESTART_BENCH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let only = std::env::var("RESTART_BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only == name;
+    let vcpu_counts: Vec<u64> = match std::env::var("RESTART_BENCH_VCPUS") {
+        Ok(v) => v.split(',').map(|n| n.parse().expect("RESTART_BENCH_VCPUS: numbers")).collect(),
+        Err(_) => vec![1, 4],
+    };
     println!("| stall | p50 ms | p99 ms | max ms | n |");
     println!("| --- | --- | --- | --- | --- |");
     let mut rebuilt_10k = Vec::new();
     let mut steps = Vec::new();
-    for vcpus in [1, 4].into_iter().filter(|_| part("restart")) {
+    for &vcpus in vcpu_counts.iter().filter(|_| part("restart")) {
         let (restarts, rebuilt) = restart_stalls(&rt, vcpus, kills);
         let what = format!("restart (SIGKILL), 1 GiB guest, ~10k mappings, {vcpus} vCPU");
         rows(&what, &restarts.iter().map(|r| r.stall).collect::<Vec<_>>());
         rebuilt_10k.extend(rebuilt);
         steps.extend(restarts);
     }
-    for vcpus in [1, 4].into_iter().filter(|_| part("takeover")) {
+    for &vcpus in vcpu_counts.iter().filter(|_| part("takeover")) {
         let stalls = takeover_stalls(&rt, vcpus, kills);
         rows(&format!("takeover, 1 GiB guest, ~10k mappings, {vcpus} vCPU"), &stalls);
     }

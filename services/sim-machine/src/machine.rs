@@ -124,6 +124,24 @@ pub struct Summary {
     /// a phase run across a daemon's restart or takeover shows its stall as
     /// the guest saw it.
     pub phase_longest_fault_ns: Vec<u64>,
+    /// That fault, per phase: when it was posted and where (to line it up
+    /// with the daemon's events).
+    pub phase_slowest_fault: Vec<Option<SlowestFault>>,
+}
+
+/// The fault a vCPU waited on longest.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SlowestFault {
+    /// Its round trip (ns).
+    pub ns: u64,
+    /// When it was taken, ns since the Unix epoch.
+    pub posted_unix_ns: u64,
+    /// When its record was on the fault ring, ns since the Unix epoch.
+    pub pushed_unix_ns: u64,
+    /// Its guest address.
+    pub gpa: u64,
+    /// The vCPU.
+    pub vcpu: u32,
 }
 
 struct CoreState {
@@ -141,6 +159,7 @@ struct VcpuResult {
     ram_latencies: Vec<u64>,
     tlb_hits: u64,
     tlb_misses: u64,
+    slowest: Option<SlowestFault>,
 }
 
 /// Builds the machine, attaches, runs `workload`, detaches.
@@ -304,8 +323,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("vCPU panicked"))))
                 .collect();
-            let longest = joined.iter().flatten().flat_map(|r| r.latencies.iter().copied()).max();
-            phase_longest.push(longest.unwrap_or(0));
+            let slowest = joined.iter().flatten().filter_map(|r| r.slowest).max_by_key(|f| f.ns);
+            phase_longest.push((slowest.map_or(0, |f| f.ns), slowest));
             results.extend(joined);
             if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) {
                 // Attached and idle until told to go on (or stdin closes).
@@ -318,7 +337,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         let supervised = supervisor.join().unwrap_or(Ok(()));
         (results, supervised, phase_longest)
     });
-    let (results, supervised, phase_longest_fault_ns) = results;
+    let (results, supervised, phase_longest) = results;
+    let (phase_longest_fault_ns, phase_slowest_fault) = phase_longest.into_iter().unzip();
     let run_ms = started.elapsed().as_millis() as u64;
     supervised?;
     let mut summary = Summary {
@@ -343,6 +363,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         core_backing_pages: 0,
         latencies_ns: None,
         phase_longest_fault_ns,
+        phase_slowest_fault,
     };
     let mut latencies = Vec::new();
     let mut ram_latencies = Vec::new();
@@ -518,6 +539,7 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
         ram_latencies: Vec::with_capacity(ops.len() / 4),
         tlb_hits: 0,
         tlb_misses: 0,
+        slowest: None,
     };
     let register = (1 + v % 30) as u8;
     let now_ns = || epoch.elapsed().as_nanos() as u64;
@@ -543,7 +565,7 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                 }
                 Err(fault) => {
                     let in_ram = layout.in_ram(op.gpa, op.size as u64);
-                    let t0 = Instant::now();
+                    let (t0, posted) = (Instant::now(), std::time::SystemTime::now());
                     let syn =
                         syndrome::encode(fault, access, op.gpa, DataAccess { size: op.size, register, isv: true });
                     let rec = {
@@ -554,6 +576,7 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                     r.faults += 1;
                     push(&mut faults_out, &rec.encode(), stop)
                         .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;
+                    let pushed = std::time::SystemTime::now();
                     let completion = loop {
                         let Some(cmd) = waiter
                             .pop(&mut commands, kick)
@@ -589,6 +612,14 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                         }
                     };
                     let elapsed = t0.elapsed().as_nanos() as u64;
+                    if r.slowest.is_none_or(|f| f.ns < elapsed) {
+                        let unix_ns = |t: std::time::SystemTime| {
+                            t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+                        };
+                        let (posted_unix_ns, pushed_unix_ns) = (unix_ns(posted), unix_ns(pushed));
+                        r.slowest =
+                            Some(SlowestFault { ns: elapsed, posted_unix_ns, pushed_unix_ns, gpa: op.gpa, vcpu: v });
+                    }
                     r.latencies.push(elapsed);
                     if in_ram {
                         r.ram_latencies.push(elapsed);

@@ -23,7 +23,7 @@
 //!   in flight when an invalidation ran (none survive a restart).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
@@ -94,7 +94,9 @@ struct Invalidation {
 }
 
 /// A VM's mapping records, held (locked) while handed-over records are
-/// adopted: see [`MappingState::hold_records`].
+/// adopted: see [`MappingState::hold_records`]. Mappings the core reports
+/// installed meanwhile are queued, and recorded when it is let go (dropped,
+/// unwinding included).
 pub struct HeldRecords<'a> {
     state: &'a MappingState,
     mappings: MutexGuard<'a, BTreeMap<u64, Installed>>,
@@ -109,9 +111,19 @@ impl HeldRecords<'_> {
         self.state.put(&mut self.mappings, ipa, installed);
     }
 
-    /// Lets the records go; the next mapping recorded gets `next_order`.
+    /// Lets the records go; the next mapping recorded gets `next_order` or
+    /// later.
     pub fn release(self, next_order: u64) {
         self.state.installs.fetch_max(next_order, Ordering::Relaxed);
+    }
+}
+
+impl Drop for HeldRecords<'_> {
+    fn drop(&mut self) {
+        let mut queued = self.state.queued.lock().unwrap_or_else(|e| e.into_inner());
+        self.state.adopting.store(false, Ordering::Release);
+        let queued = std::mem::take(&mut *queued);
+        self.state.record_locked(&mut self.mappings, queued);
     }
 }
 
@@ -137,6 +149,12 @@ pub struct MappingState {
     resident: AtomicU64,
     /// Mappings recorded so far (the next one's order).
     installs: AtomicU64,
+    /// Handed-over records are being adopted ([`HeldRecords`]): mappings
+    /// the core reports installed go to `queued`, so a map result never
+    /// waits for the adoption.
+    adopting: AtomicBool,
+    /// Mappings installed while records were adopted, to record after.
+    queued: Mutex<Vec<(Ipa, Installed)>>,
 }
 
 impl MappingState {
@@ -161,6 +179,8 @@ impl MappingState {
             invalidations: Mutex::new(VecDeque::new()),
             resident: AtomicU64::new(0),
             installs: AtomicU64::new(0),
+            adopting: AtomicBool::new(false),
+            queued: Mutex::new(Vec::new()),
         }
     }
 
@@ -298,10 +318,13 @@ impl MappingState {
 
     /// Holds the records of a VM that has none yet until handed-over ones
     /// are adopted ([`HeldRecords::release`]); whatever reads them meanwhile
-    /// (a block-size decision, fault-around, a map result, eviction, the
-    /// API) waits, while faults that need none of them are served.
+    /// (a block-size decision, fault-around, eviction, the API) waits, while
+    /// faults that need none of them are served, and the mappings their
+    /// results report are queued ([`Self::record_all`]).
     pub fn hold_records(&self) -> HeldRecords<'_> {
-        HeldRecords { state: self, mappings: self.installed() }
+        let mappings = self.installed();
+        self.adopting.store(true, Ordering::Release);
+        HeldRecords { state: self, mappings }
     }
 
     /// What a takeover hands to the next daemon: every recorded mapping,
@@ -323,8 +346,29 @@ impl MappingState {
 
     /// Records mappings the core installed, as [`Self::record_installed`]
     /// does one by one, under one lock; returns how many were recorded.
+    /// While handed-over records are adopted they are queued instead, and
+    /// all count: the invalidation check runs when the adoption ends.
     pub fn record_all(&self, all: impl IntoIterator<Item = (Ipa, Installed)>) -> usize {
+        if self.adopting.load(Ordering::Acquire) {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            // Still adopting under the queue's lock: the adoption's end
+            // records the queue after taking it.
+            if self.adopting.load(Ordering::Acquire) {
+                let before = queued.len();
+                queued.extend(all);
+                return queued.len() - before;
+            }
+        }
         let mut mappings = self.installed();
+        self.record_locked(&mut mappings, all)
+    }
+
+    /// [`Self::record_all`] into `mappings`, the records, locked.
+    fn record_locked(
+        &self,
+        mappings: &mut BTreeMap<u64, Installed>,
+        all: impl IntoIterator<Item = (Ipa, Installed)>,
+    ) -> usize {
         let invalidations = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
         let mut recorded = 0;
         for (ipa, mut installed) in all {
@@ -336,7 +380,7 @@ impl MappingState {
                 continue;
             }
             installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
-            self.put(&mut mappings, ipa, installed);
+            self.put(mappings, ipa, installed);
             recorded += 1;
         }
         recorded
@@ -439,5 +483,44 @@ mod tests {
         assert!(!m.record_installed(Ipa::new(0x4000_1000), late));
         assert_eq!(m.pins().total(), 0);
         assert!(!m.is_mapped(Ipa::new(0x4000_1000)));
+    }
+
+    #[test]
+    fn a_map_result_during_an_adoption_is_queued_not_waited_for() {
+        let (_, m) = state(4096);
+        let installed = |off: u64, seq| {
+            Installed::new(
+                MapSize::Page4K,
+                Pa::new(0x4000_0000 + off),
+                seq,
+                m.pin(0, off, 4096).unwrap().into_mapping(),
+            )
+        };
+        let mut held = m.hold_records();
+        held.insert(Ipa::new(0x4000_0000), Installed { order: 3, ..installed(0, 0) });
+        // A service thread records a result while the adoption runs: it
+        // does not wait (this thread holds the records), it is queued.
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (result, m) = (installed(0x5000, 0), &m);
+            s.spawn(move || tx.send(m.record_installed(Ipa::new(0x4000_5000), result)).unwrap());
+            let recorded = rx.recv_timeout(std::time::Duration::from_secs(10));
+            // Let a blocked thread go: a regression fails, it does not hang.
+            held.release(10);
+            assert_eq!(recorded, Ok(true), "the result waited for the adoption");
+        });
+        assert_eq!((m.mapping_count(), m.resident()), (2, 8192));
+        let orders: Vec<(u64, u64)> = m.residents().iter().map(|r| (r.ipa.raw(), r.order)).collect();
+        assert_eq!(orders, [(0x4000_0000, 3), (0x4000_5000, 10)], "queued ones come after the handed ones");
+        // An adoption that unwinds lets the records go and records the queue.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = m.hold_records();
+            assert!(m.record_installed(Ipa::new(0x4000_6000), installed(0x6000, 0)));
+            panic!("adoption failed");
+        }));
+        assert!(unwound.is_err());
+        assert!(m.is_mapped(Ipa::new(0x4000_6000)));
+        assert!(m.record_installed(Ipa::new(0x4000_7000), installed(0x7000, 0)), "no adoption: recorded at once");
+        assert_eq!(m.mapping_count(), 4);
     }
 }
