@@ -122,9 +122,12 @@ fn runtime() -> tokio::runtime::Runtime {
 struct Served {
     sent: SystemTime,
     completed: SystemTime,
-    /// The events looked at: vCPU, IPA, arrived, map sent, result read.
-    events: Vec<(u32, u64, SystemTime, SystemTime, SystemTime)>,
+    /// The events looked at.
+    events: Events,
 }
+
+/// Fault events: vCPU, IPA, arrived, map sent, result read.
+type Events = Vec<(u32, u64, SystemTime, SystemTime, SystemTime)>;
 
 impl Served {
     /// The stall from `t`, the guest's side of it to be filled in.
@@ -270,14 +273,16 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
     let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, kills as u64, PER_PHASE);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
-    let mut restarts = Vec::new();
+    let (mut restarts, mut served_at) = (Vec::new(), Vec::new());
     for _ in 0..kills {
         let logged = daemon.log().len();
         let killed = SystemTime::now();
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), Signal::SIGKILL);
         m.resume();
         daemon.kill_and_restart(Signal::SIGKILL);
-        let stall = first_served(rt, &daemon).after(killed);
+        let served = first_served(rt, &daemon);
+        let stall = served.after(killed);
+        served_at.push((killed, served.events));
         let log = daemon.log();
         let after = |mark: &str| {
             let line = log[logged..].lines().find(|l| l.contains(mark)).expect("a restart step");
@@ -287,7 +292,10 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
         m.wait_paused();
     }
     let mut stalls: Vec<Stall> = restarts.iter().map(|r| r.stall).collect();
-    with_guest(&mut stalls, m.finish().0);
+    let (guest, slowest) = m.finish();
+    with_guest(&mut stalls, guest);
+    print_slow(&format!("restart ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
+    keep_log(&daemon, &format!("restart-{vcpus}"));
     restarts.iter_mut().zip(stalls).for_each(|(r, s)| r.stall = s);
     (restarts, rebuilds(&daemon.log()))
 }
@@ -327,20 +335,33 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     }
     let (guest, slowest) = m.finish();
     with_guest(&mut stalls, guest);
-    // Where the time went in a long stall: the guest's slowest fault of
-    // the phase, posted when (after the drain began), and the first faults
-    // the new daemon served: arrived, map sent, result read.
+    print_slow(&format!("takeover ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
+    keep_log(&daemon, &format!("takeover-{vcpus}"));
+    stalls
+}
+
+/// Keeps the daemons' log as `$RESTART_BENCH_LOG.<what>`, if asked to.
+fn keep_log(daemon: &Daemon, what: &str) {
+    if let Ok(path) = std::env::var("RESTART_BENCH_LOG") {
+        std::fs::write(format!("{path}.{what}"), daemon.log()).unwrap();
+    }
+}
+
+/// Where the time went in each stall over 5 ms: the guest's slowest fault
+/// of the phase (posted, and on the fault ring, after the stall began) and
+/// the first faults the new daemon served (arrived, map sent, result read).
+fn print_slow(what: &str, stalls: &[Stall], served_at: &[(SystemTime, Events)], slowest: &[serde_json::Value]) {
     let ms = |t: SystemTime, from: SystemTime| match t.duration_since(from) {
         Ok(d) => format!("{:.2}", d.as_secs_f64() * 1e3),
         Err(e) => format!("-{:.2}", e.duration().as_secs_f64() * 1e3),
     };
-    for (i, ((began, events), (stall, f))) in served_at.iter().zip(stalls.iter().zip(&slowest)).enumerate() {
+    for (i, ((began, events), (stall, f))) in served_at.iter().zip(stalls.iter().zip(slowest)).enumerate() {
         if stall.guest < Duration::from_millis(5) {
             continue;
         }
-        let at = |what: &str| UNIX_EPOCH + Duration::from_nanos(f[what].as_u64().unwrap_or(0));
+        let at = |field: &str| UNIX_EPOCH + Duration::from_nanos(f[field].as_u64().unwrap_or(0));
         println!(
-            "takeover {i} ({vcpus} vCPUs): guest waited {:.2} ms on vCPU {} GPA {:#x}, posted at {} ms, on the ring at {} ms",
+            "{what} {i}: guest waited {:.2} ms on vCPU {} GPA {:#x}, posted at {} ms, on the ring at {} ms",
             stall.guest.as_secs_f64() * 1e3,
             f["vcpu"],
             f["gpa"].as_u64().unwrap_or(0),
@@ -356,10 +377,6 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
             );
         }
     }
-    if let Ok(path) = std::env::var("RESTART_BENCH_LOG") {
-        std::fs::write(format!("{path}.takeover-{vcpus}"), daemon.log()).unwrap();
-    }
-    stalls
 }
 
 /// Rebuild time per mapping for a guest with `pages` 4 KiB mappings.

@@ -9,7 +9,7 @@ use faultline_attach::{
     connect, decode_header, recv_message, send_message, AttachRequest, MemslotDesc, MsgKind, RegionDesc, RegionKind,
     Reply, Status, NO_FD, REGION_WRITABLE,
 };
-use faultline_system_tests::{machine, Daemon};
+use faultline_system_tests::{machine, Daemon, TracedMachine};
 use memfd::{FileSeal, Memfd, MemfdOptions};
 use sim_machine::layout::Layout;
 use sim_machine::workload::{generate, replay_flat, Pattern};
@@ -379,4 +379,39 @@ fn a_machine_that_rewrites_its_ring_header_after_attach_is_served_from_the_check
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flat = replay_flat(&layout, &generate(Pattern::Random, &layout, ops, 5));
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest());
+}
+
+#[test]
+fn an_attach_over_an_admission_limit_is_refused_with_the_limit_named() {
+    // A daemon that takes one VM and 300 MiB of guest memory at most, and
+    // sets its own oom_score_adj from its configuration (raised here: a
+    // test may lack CAP_SYS_RESOURCE, which lowering it below 0 needs).
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("memory-manager.toml");
+    std::fs::write(&config, "[limits]\nmax_vms = 1\nmax_guest_memory_mib = 300\n").unwrap();
+    let daemon = Daemon::start(&["--config", config.to_str().unwrap(), "--spin-polls", "0", "--oom-score-adj", "300"]);
+    let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", daemon.pid())).unwrap();
+    assert_eq!(adj.trim(), "300", "the daemon set its oom_score_adj");
+    // The first VM (256 MiB: 224 of RAM, 32 of ROM) attaches and pauses.
+    let trace = dir.path().join("paused.trace");
+    std::fs::write(&trace, "0 W 0x40000000 8\nPAUSE\n0 W 0x40001000 8\n").unwrap();
+    let mut first = TracedMachine::spawn(&daemon, &["--vm-id", "41", "--vcpus", "1", "--spin-polls", "0"], &trace);
+    first.wait_paused(0);
+    let refused = |args: &[&str]| {
+        let out = machine(&daemon).args(args).args(["--ops", "10", "--spin-polls", "0"]).output().unwrap();
+        assert!(!out.status.success(), "attached over a limit");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let second = refused(&["--vm-id", "42", "--ram-mib", "8"]);
+    assert!(second.contains("OverLimit") && second.contains("max_vms = 1"), "{second}");
+    first.resume();
+    drop(first.stdin);
+    let out = first.child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the first VM finished");
+    // Alone now, but 512 MiB of RAM and 32 of ROM pass 300 MiB.
+    let big = refused(&["--vm-id", "43", "--ram-mib", "512"]);
+    assert!(big.contains("max_guest_memory_mib = 300") && big.contains("544 MiB"), "{big}");
+    // The first VM's claim went with it: one of the same size attaches.
+    let out = machine(&daemon).args(["--vm-id", "44", "--ops", "100", "--spin-polls", "0"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -78,6 +78,10 @@ fn the_daemonset_manifest_parses_and_matches_its_configuration() {
     assert_eq!(annotations["prometheus.io/port"].as_str(), Some(config.metrics_listen.port().to_string().as_str()));
     assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
     assert_eq!(spec["hostNetwork"].as_bool(), Some(true), "loopback ports are the node's");
+    // It may lower its own oom_score_adj, as its configuration asks.
+    assert!(config.oom_score_adj.is_some_and(|v| v < 0));
+    let caps = container["securityContext"]["capabilities"]["add"].as_vec().unwrap();
+    assert!(caps.iter().any(|c| c.as_str() == Some("SYS_RESOURCE")), "{caps:?}");
 }
 
 #[test]
@@ -91,6 +95,8 @@ fn the_systemd_unit_waits_for_readiness_and_reads_the_example_configuration() {
     assert_eq!(value("RuntimeDirectoryPreserve"), Some("restart"), "machines re-attach to the same socket path");
     assert_eq!(value("StateDirectory"), Some("faultline"), "/var/lib/faultline outlives the daemon");
     let example = Config::from_toml(include_str!("../../deploy/memory-manager.toml")).unwrap();
+    assert_eq!(value("OOMScoreAdjust"), example.oom_score_adj.map(|v| v.to_string()).as_deref());
+    assert!(example.oom_score_adj.is_some_and(|v| v < 0), "the daemon is not the OOM killer's first choice");
     assert!(example.attach_socket.starts_with("/run/faultline"));
     assert_eq!(example.state_dir, std::path::Path::new("/var/lib/faultline"));
 }

@@ -203,6 +203,9 @@ pub enum Status {
     /// A re-attach that does not match the VM as it was attached: another
     /// description, or a core whose state the description cannot explain.
     Mismatch = 8,
+    /// Attaching the VM would pass one of the daemon's admission limits
+    /// (VMs, vCPUs, memslots, regions, guest memory); the message names it.
+    OverLimit = 9,
 }
 
 impl Status {
@@ -218,6 +221,7 @@ impl Status {
             Self::AlreadyAttached,
             Self::Internal,
             Self::Mismatch,
+            Self::OverLimit,
         ]
         .into_iter()
         .find(|s| *s as u16 == v)

@@ -79,6 +79,9 @@ struct Args {
     /// file).
     #[arg(long)]
     swap_compression: Option<memory_manager::memory::swap::SwapCompression>,
+    /// The daemon's oom_score_adj, -1000 to 1000 (overrides the file).
+    #[arg(long, allow_negative_numbers = true)]
+    oom_score_adj: Option<i32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,6 +135,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.swap_compression {
         config.swap_compression = v;
+    }
+    if let Some(v) = args.oom_score_adj {
+        config.oom_score_adj = Some(v);
     }
     if let Some(v) = args.log_format {
         config.log_format = v;

@@ -21,7 +21,9 @@ use hyp_core::ring::{Consumer, Producer, RingKind};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{error, info, info_span, warn};
 
+use super::admission::{Claim, Limits, OverLimit};
 use super::map::{map, Attached};
+use super::registry::ReserveError;
 use super::registry::{Registration, VmTable};
 use super::state::VmState;
 use super::takeover::{asks_for_takeover, HandedVm, HandoverSink, PendingState, Takeover};
@@ -53,6 +55,8 @@ pub struct AttachSettings {
     pub state_dir: PathBuf,
     /// How new swap stores keep reclaimed pages.
     pub swap_compression: SwapCompression,
+    /// What the daemon takes on before it refuses a new VM.
+    pub limits: Limits,
     /// Where a new daemon asks this one to hand everything over (none: no
     /// takeover).
     pub takeover_socket: Option<PathBuf>,
@@ -224,11 +228,17 @@ impl AttachServer {
         req: AttachRequest,
         fds: Vec<OwnedFd>,
     ) -> Result<(AttachRequest, Attached, Registration<'_>, VmState), Refusal> {
-        let registration = self
-            .vms
-            .reserve(req.vm_id)
-            .ok_or_else(|| refuse(Status::AlreadyAttached, format!("vm{} is already attached", req.vm_id)))?;
         let reattach = req.flags & faultline_attach::ATTACH_REATTACH != 0;
+        // A VM that comes back runs already: no limit refuses it.
+        let limits = (!reattach).then_some(&self.settings.limits);
+        let over = |e: OverLimit| refuse(Status::OverLimit, format!("vm{}: {e}", req.vm_id));
+        if let Some(limits) = limits {
+            limits.check_request(&req).map_err(over)?;
+        }
+        let registration = self.vms.reserve(req.vm_id, Claim::of(&req), limits).map_err(|e| match e {
+            ReserveError::Taken => refuse(Status::AlreadyAttached, format!("vm{} is already attached", req.vm_id)),
+            ReserveError::OverLimit(e) => over(e),
+        })?;
         let state = VmState::open(&self.settings.state_dir, req.vm_id, reattach)
             .map_err(|e| refuse(Status::Internal, format!("the VM's state directory: {e}")))?;
         if reattach {

@@ -1,8 +1,9 @@
 //! Attaching machines: a request's description checked by pure functions
-//! ([`validate`]), its fds checked and mapped into a VM ([`map`]), the VM
-//! registered ([`registry`]) and served for as long as its connection
-//! lives ([`connection`]).
+//! ([`validate`]) and against the daemon's limits ([`admission`]), its fds
+//! checked and mapped into a VM ([`map`]), the VM registered ([`registry`])
+//! and served for as long as its connection lives ([`connection`]).
 
+pub mod admission;
 pub mod connection;
 pub mod map;
 pub mod registry;

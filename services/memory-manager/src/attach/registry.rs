@@ -8,13 +8,32 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::admission::{Claim, Limits, OverLimit};
 use crate::link::vm::AttachedVm;
 
-/// The attached VMs, by id (`None`: reserved by a connection still
-/// attaching it).
+/// One id's entry: the VM (`None`: reserved by a connection still
+/// attaching it, or detaching it) and what it claims of the limits.
+#[derive(Debug)]
+struct Entry {
+    vm: Option<Arc<AttachedVm>>,
+    claim: Claim,
+}
+
+/// Why an id could not be reserved.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// The id is taken.
+    #[error("the VM id is already attached")]
+    Taken,
+    /// The VM would pass an admission limit.
+    #[error(transparent)]
+    OverLimit(#[from] OverLimit),
+}
+
+/// The attached VMs, by id.
 #[derive(Debug, Default)]
 pub struct VmTable {
-    vms: Mutex<HashMap<u16, Option<Arc<AttachedVm>>>>,
+    vms: Mutex<HashMap<u16, Entry>>,
     /// VMs taken back from a predecessor since the daemon started.
     reattached: AtomicU64,
     /// VMs handed over to a successor.
@@ -22,33 +41,39 @@ pub struct VmTable {
 }
 
 impl VmTable {
-    fn locked(&self) -> MutexGuard<'_, HashMap<u16, Option<Arc<AttachedVm>>>> {
+    fn locked(&self) -> MutexGuard<'_, HashMap<u16, Entry>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes id `id` for a VM about to attach, or `None` if it is taken.
-    pub fn reserve(&self, id: u16) -> Option<Registration<'_>> {
+    /// Takes id `id` for a VM about to attach that claims `claim`, checked
+    /// against the host-wide `limits` (none for a VM that comes back: it
+    /// runs already) beside every VM attached or attaching.
+    pub fn reserve(&self, id: u16, claim: Claim, limits: Option<&Limits>) -> Result<Registration<'_>, ReserveError> {
         let mut vms = self.locked();
         if vms.contains_key(&id) {
-            return None;
+            return Err(ReserveError::Taken);
         }
-        vms.insert(id, None);
-        Some(Registration { table: self, id })
+        if let Some(limits) = limits {
+            let claimed = Claim { guest_bytes: vms.values().map(|e| e.claim.guest_bytes).sum() };
+            limits.check_host(claim, vms.len(), claimed)?;
+        }
+        vms.insert(id, Entry { vm: None, claim });
+        Ok(Registration { table: self, id })
     }
 
     /// The VM with id `id`, if attached.
     pub fn get(&self, id: u32) -> Option<Arc<AttachedVm>> {
-        u16::try_from(id).ok().and_then(|id| self.locked().get(&id).cloned().flatten())
+        u16::try_from(id).ok().and_then(|id| self.locked().get(&id).and_then(|e| e.vm.clone()))
     }
 
     /// Every attached VM.
     pub fn list(&self) -> Vec<Arc<AttachedVm>> {
-        self.locked().values().flatten().cloned().collect()
+        self.locked().values().filter_map(|e| e.vm.clone()).collect()
     }
 
     /// VMs attached.
     pub fn len(&self) -> usize {
-        self.locked().values().flatten().count()
+        self.locked().values().filter(|e| e.vm.is_some()).count()
     }
 
     /// True if none is attached.
@@ -88,13 +113,17 @@ pub struct Registration<'t> {
 impl Registration<'_> {
     /// The VM attached under the reserved id (listed from now on).
     pub fn attach(&self, vm: Arc<AttachedVm>) {
-        self.table.locked().insert(self.id, Some(vm));
+        if let Some(entry) = self.table.locked().get_mut(&self.id) {
+            entry.vm = Some(vm);
+        }
     }
 
     /// The VM is detaching: no longer listed (nor reachable through the
     /// API), its id still reserved until this is dropped.
     pub fn unlist(&self) {
-        self.table.locked().insert(self.id, None);
+        if let Some(entry) = self.table.locked().get_mut(&self.id) {
+            entry.vm = None;
+        }
     }
 }
 
@@ -120,8 +149,9 @@ mod tests {
     #[test]
     fn an_id_is_taken_exactly_while_its_registration_lives() {
         let table = VmTable::default();
-        let first = table.reserve(3).expect("a free id");
-        assert!(table.reserve(3).is_none(), "the id is taken");
+        let reserve = |id| table.reserve(id, Claim::default(), None);
+        let first = reserve(3).expect("a free id");
+        assert_eq!(reserve(3).err(), Some(ReserveError::Taken), "the id is taken");
         assert!(table.get(3).is_none() && table.is_empty(), "reserved, not yet listed");
         first.attach(vm(3));
         assert_eq!((table.len(), table.get(3).map(|v| v.id().raw())), (1, Some(3)));
@@ -132,14 +162,34 @@ mod tests {
         }));
         assert!(unwound.is_err());
         assert!(table.is_empty() && table.get(3).is_none());
-        let again = table.reserve(3).expect("free again");
+        let again = reserve(3).expect("free again");
         again.attach(vm(3));
         // Detaching: unlisted, the id still taken.
         again.unlist();
         assert!(table.get(3).is_none() && table.list().is_empty());
-        assert!(table.reserve(3).is_none(), "the id is still taken while it detaches");
+        assert!(reserve(3).is_err(), "the id is still taken while it detaches");
         drop(again);
         assert!(table.list().is_empty());
-        assert!(table.reserve(3).is_some());
+        assert!(reserve(3).is_ok());
+    }
+
+    #[test]
+    fn host_wide_limits_count_every_vm_attached_or_attaching_until_it_lets_go() {
+        let table = VmTable::default();
+        let limits = Limits { max_vms: Some(2), max_guest_memory_mib: Some(100), ..Limits::default() };
+        let mib = |m: u64| Claim { guest_bytes: m << 20 };
+        let first = table.reserve(1, mib(60), Some(&limits)).unwrap();
+        // Reserved, not yet listed: it counts.
+        let e = table.reserve(2, mib(41), Some(&limits)).unwrap_err();
+        assert!(matches!(e, ReserveError::OverLimit(OverLimit::GuestMemory { attached_mib: 60, .. })), "{e}");
+        let second = table.reserve(2, mib(40), Some(&limits)).unwrap();
+        let e = table.reserve(3, mib(0), Some(&limits)).unwrap_err();
+        assert_eq!(e, ReserveError::OverLimit(OverLimit::Vms { limit: 2, attached: 2 }));
+        // A VM that comes back is not refused; it counts from then on.
+        let back = table.reserve(4, mib(50), None).unwrap();
+        drop((first, second));
+        assert!(table.reserve(5, mib(51), Some(&limits)).is_err(), "the returned VM's 50 MiB count");
+        drop(back);
+        assert!(table.reserve(5, mib(100), Some(&limits)).is_ok());
     }
 }

@@ -11,6 +11,7 @@ pub const DEFAULT_METRICS_PORT: u16 = 50_152;
 use serde::Deserialize;
 
 use super::priority::ApiPriority;
+use crate::attach::admission::Limits;
 use crate::memory::swap::SwapCompression;
 use crate::policy::builtin::PolicyKind;
 use crate::policy::host::PolicyTiming;
@@ -89,6 +90,15 @@ pub struct Config {
     /// with the state directory on tmpfs). A store a VM already has keeps
     /// its layout.
     pub swap_compression: SwapCompression,
+    /// Admission limits (`[limits]`): a fresh attach that would pass one
+    /// is refused with a status that names it.
+    pub limits: Limits,
+    /// The daemon's own `oom_score_adj` (-1000 to 1000), set at start: by
+    /// default -900, so that under host memory pressure the OOM killer
+    /// takes guests' processes before the daemon that serves all of them
+    /// (its death stalls every guest until it is back). None leaves it as
+    /// inherited.
+    pub oom_score_adj: Option<i32>,
 }
 
 impl Config {
@@ -125,6 +135,8 @@ impl Default for Config {
             log_filter: "info".into(),
             prefault: false,
             swap_compression: SwapCompression::None,
+            limits: Limits::default(),
+            oom_score_adj: Some(-900),
             api_priority: ApiPriority::Low,
             event_buffer: 65_536,
             policy_deadline_ms: 100,

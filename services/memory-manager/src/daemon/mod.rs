@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod notify;
+pub mod oom;
 pub mod priority;
 
 use std::future::Future;
@@ -34,6 +35,11 @@ impl Daemon {
     /// A daemon with `config`; starts the policy host's thread (call from a
     /// thread at the fault path's priority).
     pub fn new(config: Config) -> std::io::Result<Self> {
+        if let Some(adj) = config.oom_score_adj {
+            if let Err(e) = oom::set_oom_score_adj(adj) {
+                tracing::warn!(oom_score_adj = adj, cause = %e, "cannot set the daemon's oom_score_adj (needs CAP_SYS_RESOURCE to lower it)");
+            }
+        }
         std::fs::create_dir_all(&config.state_dir)?;
         let running = RunningMarker::create(&config.state_dir)?;
         let state_file = Some(config.state_dir.join("policy"));
@@ -56,6 +62,7 @@ impl Daemon {
         let settings = AttachSettings {
             prefault: config.prefault,
             swap_compression: config.swap_compression,
+            limits: config.limits,
             spin_polls: config.spin_polls,
             state_dir: config.state_dir.clone(),
             takeover_socket: Some(config.takeover_socket()),
