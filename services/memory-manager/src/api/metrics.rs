@@ -54,6 +54,7 @@ impl EncodeMetric for Bucketed {
     }
 }
 
+/// A family of one counter per value of `label`.
 fn counter_family(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -61,25 +62,35 @@ fn counter_family(
     label: &str,
     values: &[(String, u64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, n) in values {
-        let labels = [(label, value.as_str())];
-        ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let descriptor = (name, help, None, MetricType::Counter);
+    labelled(encoder, descriptor, label, values, ConstCounter::new)
 }
 
-fn gauge_family(
+/// A family of one gauge of bytes per value of `label`.
+fn bytes_family(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     label: &str,
     values: &[(String, u64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?;
+    let descriptor = (name, help, Some(&Unit::Bytes), MetricType::Gauge);
+    labelled(encoder, descriptor, label, values, |n| ConstGauge::new(n as i64))
+}
+
+/// A family described by `(name, help, unit, type)` with one `metric(n)`
+/// per `(value of label, n)`.
+fn labelled<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    (name, help, unit, kind): (&str, &str, Option<&Unit>, MetricType),
+    label: &str,
+    values: &[(String, u64)],
+    metric: impl Fn(u64) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, unit, kind)?;
     for (value, n) in values {
         let labels = [(label, value.as_str())];
-        ConstGauge::new(*n as i64).encode(family.encode_family(&labels)?)?;
+        metric(*n).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -217,7 +228,7 @@ impl FaultCollector {
             }
         }
         for ((name, help), values) in FAMILIES.into_iter().zip(values) {
-            gauge_family(encoder, name, help, "vm", &values)?;
+            bytes_family(encoder, name, help, "vm", &values)?;
         }
         Ok(())
     }

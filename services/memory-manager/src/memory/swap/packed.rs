@@ -116,9 +116,10 @@ impl Entry {
         Ok(Some(Self { form, log, offset, len, check }))
     }
 
-    /// Where its bytes end in its log.
+    /// Where its bytes end in its log (saturated: an entry read back from
+    /// a damaged index may hold any offset).
     fn end(&self) -> u64 {
-        self.offset + self.len
+        self.offset.saturating_add(self.len)
     }
 }
 
@@ -604,8 +605,13 @@ mod tests {
     #[test]
     fn an_index_entry_that_cannot_be_right_refuses_the_store() {
         let map = guest(4);
-        let cases: [(usize, u8, &str); 3] =
-            [(10, 9, "unknown form"), (11, 2, "unknown log"), (7, 0x7f, "past the end of its log")];
+        let cases: [(usize, &[u8], &str); 4] = [
+            (10, &[9], "unknown form"),
+            (11, &[2], "unknown log"),
+            (7, &[0x7f], "past the end of its log"),
+            // An offset whose end overflows.
+            (0, &[0xff; 8], "past the end of its log"),
+        ];
         for (byte, value, why) in cases {
             let dir = tempfile::tempdir().unwrap();
             let mut store = PackedStore::in_dir(dir.path(), 0, 4 * PAGE).unwrap();
@@ -613,7 +619,7 @@ mod tests {
             store.sync(true).unwrap();
             drop(store);
             let index = OpenOptions::new().write(true).open(dir.path().join("region0.index")).unwrap();
-            index.write_all_at(&[value], ENTRY + byte as u64).unwrap();
+            index.write_all_at(value, ENTRY + byte as u64).unwrap();
             let err = PackedStore::in_dir(dir.path(), 0, 4 * PAGE).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             assert!(err.to_string().contains("page 0x1") && err.to_string().contains(why), "{err}");
