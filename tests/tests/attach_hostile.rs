@@ -415,3 +415,29 @@ fn an_attach_over_an_admission_limit_is_refused_with_the_limit_named() {
     let out = machine(&daemon).args(["--vm-id", "44", "--ops", "100", "--spin-polls", "0"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn an_attach_from_a_user_not_allowed_is_refused_with_its_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // The attach socket is open to everyone (mode 0666), but only root's
+    // processes may attach.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("memory-manager.toml");
+    std::fs::write(&config, "[attach_access]\nsocket_mode = 0o666\nallowed_uids = [0]\n").unwrap();
+    let daemon = Daemon::start(&["--config", config.to_str().unwrap(), "--spin-polls", "0"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&daemon.socket), 0o666);
+    assert_eq!(mode(&daemon.socket.with_file_name("takeover.sock")), 0o600, "the takeover socket is the daemon's own");
+    // Another user can reach the socket: its directory is open too.
+    let parent = daemon.socket.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = machine(&daemon).args(["--vm-id", "45", "--ops", "10"]).uid(65534).gid(65534).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody attached: {stderr}");
+    assert!(stderr.contains("Forbidden") && stderr.contains("uid 65534 gid 65534"), "{stderr}");
+    assert!(daemon.log().contains("may not attach"), "{}", daemon.log());
+    // Root's machine attaches.
+    let out = machine(&daemon).args(["--vm-id", "46", "--ops", "100", "--spin-polls", "0"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -18,5 +18,7 @@ mod socket;
 pub mod wait;
 mod wire;
 
-pub use socket::{accept, connect, listen, recv_message, send_message, set_recv_timeout, Received};
+pub use socket::{
+    accept, connect, listen, peer_credentials, recv_message, send_message, set_recv_timeout, PeerCredentials, Received,
+};
 pub use wire::*;

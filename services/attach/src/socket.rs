@@ -37,6 +37,24 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Who is at the other end of a connected socket, as the kernel saw them
+/// when they connected (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Their process.
+    pub pid: i32,
+    /// Their effective user id.
+    pub uid: u32,
+    /// Their effective group id.
+    pub gid: u32,
+}
+
+/// The credentials of the peer of `sock`.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
+    let c = socket::getsockopt(&sock, sockopt::PeerCredentials)?;
+    Ok(PeerCredentials { pid: c.pid(), uid: c.uid(), gid: c.gid() })
+}
+
 /// Accepts one connection.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;

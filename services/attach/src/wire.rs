@@ -206,6 +206,8 @@ pub enum Status {
     /// Attaching the VM would pass one of the daemon's admission limits
     /// (VMs, vCPUs, memslots, regions, guest memory); the message names it.
     OverLimit = 9,
+    /// The peer's credentials (SO_PEERCRED) may not attach.
+    Forbidden = 10,
 }
 
 impl Status {
@@ -222,6 +224,7 @@ impl Status {
             Self::Internal,
             Self::Mismatch,
             Self::OverLimit,
+            Self::Forbidden,
         ]
         .into_iter()
         .find(|s| *s as u16 == v)

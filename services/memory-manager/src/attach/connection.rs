@@ -21,6 +21,7 @@ use hyp_core::ring::{Consumer, Producer, RingKind};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{error, info, info_span, warn};
 
+use super::access::{may_take_over, restrict_takeover_socket, AttachAccess};
 use super::admission::{Claim, Limits, OverLimit};
 use super::map::{map, Attached};
 use super::registry::ReserveError;
@@ -57,6 +58,8 @@ pub struct AttachSettings {
     pub swap_compression: SwapCompression,
     /// What the daemon takes on before it refuses a new VM.
     pub limits: Limits,
+    /// Who may attach.
+    pub access: AttachAccess,
     /// Where a new daemon asks this one to hand everything over (none: no
     /// takeover).
     pub takeover_socket: Option<PathBuf>,
@@ -137,11 +140,14 @@ impl AttachServer {
             Some(Takeover { listener, vms }) => (listener, Some(vms)),
             None => (faultline_attach::listen(path)?, None),
         };
-        let takeover = self.settings.takeover_socket.as_deref().and_then(|p| match faultline_attach::listen(p) {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                warn!(socket = %p.display(), cause = %e, "cannot listen for a successor: upgrades by takeover are off");
-                None
+        self.settings.access.apply(path)?;
+        let takeover = self.settings.takeover_socket.as_deref().and_then(|p| {
+            match faultline_attach::listen(p).and_then(|l| restrict_takeover_socket(p).map(|()| l)) {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    warn!(socket = %p.display(), cause = %e, "cannot listen for a successor: upgrades by takeover are off");
+                    None
+                }
             }
         });
         info!(socket = %path.display(), "attach socket listening");
@@ -205,6 +211,13 @@ impl AttachServer {
     /// socket and tells every connection to hand its VM over.
     fn hand_over(&self, takeover: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> Option<Arc<HandoverSink>> {
         let conn = faultline_attach::accept(takeover).ok()?;
+        match faultline_attach::peer_credentials(conn.as_fd()) {
+            Ok(peer) if may_take_over(peer) => {}
+            peer => {
+                warn!(?peer, "a process of another user asked to take the VMs over; refused");
+                return None;
+            }
+        }
         let Some(flags) = asks_for_takeover(&conn) else {
             warn!("a connection on the takeover socket did not ask for a takeover");
             return None;
@@ -257,6 +270,19 @@ impl AttachServer {
     fn serve_connection(&self, conn: OwnedFd) {
         if self.stopping() {
             // No reply: a re-attaching machine tries the next daemon.
+            return;
+        }
+        let admitted = faultline_attach::peer_credentials(conn.as_fd())
+            .map_err(|e| refuse(Status::Internal, format!("reading the peer's credentials: {e}")))
+            .and_then(|peer| self.settings.access.admits(peer).map_err(|e| refuse(Status::Forbidden, e.to_string())));
+        if let Err(refusal) = admitted {
+            warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
+            // The request is taken off the socket (closing over unread data
+            // would reset the connection, and the reply with it), and
+            // dropped undecoded, its fds closed.
+            let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(1));
+            let _ = recv_message(conn.as_fd());
+            reply_on(&conn, refusal.status, refusal.message, [0; 3]);
             return;
         }
         match receive_attach(&conn) {

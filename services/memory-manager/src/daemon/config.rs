@@ -11,6 +11,7 @@ pub const DEFAULT_METRICS_PORT: u16 = 50_152;
 use serde::Deserialize;
 
 use super::priority::ApiPriority;
+use crate::attach::access::AttachAccess;
 use crate::attach::admission::Limits;
 use crate::memory::swap::SwapCompression;
 use crate::policy::builtin::PolicyKind;
@@ -93,6 +94,9 @@ pub struct Config {
     /// Admission limits (`[limits]`): a fresh attach that would pass one
     /// is refused with a status that names it.
     pub limits: Limits,
+    /// Who may attach (`[attach_access]`): the attach socket's mode and
+    /// group, and the uids and gids allowed.
+    pub attach_access: AttachAccess,
     /// The daemon's own `oom_score_adj` (-1000 to 1000), set at start: by
     /// default -900, so that under host memory pressure the OOM killer
     /// takes guests' processes before the daemon that serves all of them
@@ -136,6 +140,7 @@ impl Default for Config {
             prefault: false,
             swap_compression: SwapCompression::None,
             limits: Limits::default(),
+            attach_access: AttachAccess::default(),
             oom_score_adj: Some(-900),
             api_priority: ApiPriority::Low,
             event_buffer: 65_536,

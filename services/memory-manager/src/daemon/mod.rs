@@ -63,6 +63,7 @@ impl Daemon {
             prefault: config.prefault,
             swap_compression: config.swap_compression,
             limits: config.limits,
+            access: config.attach_access.clone(),
             spin_polls: config.spin_polls,
             state_dir: config.state_dir.clone(),
             takeover_socket: Some(config.takeover_socket()),
