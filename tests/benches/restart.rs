@@ -307,7 +307,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
     let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, PER_PHASE);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
-    let (mut stalls, mut served_at) = (Vec::new(), Vec::new());
+    let (mut stalls, mut served_at, mut samples) = (Vec::new(), Vec::new(), Vec::new());
     // When the old daemon stops serving: its vCPU services start draining.
     const MARK: &str = "draining the VM's vCPU services for the handover";
     for _ in 0..takeovers {
@@ -322,9 +322,10 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
                     std::thread::sleep(Duration::from_micros(100));
                 }
                 m.resume();
+                sample_threads(Duration::from_millis(300))
             });
             daemon.take_over();
-            resumer.join().unwrap();
+            samples.push(resumer.join().unwrap());
         });
         let log = daemon.log();
         let began = log_time(log.lines().rfind(|l| l.contains(MARK)).expect("a handover"));
@@ -336,8 +337,87 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     let (guest, slowest) = m.finish();
     with_guest(&mut stalls, guest);
     print_slow(&format!("takeover ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
+    // The new daemon's threads, for the stalls over 20 ms.
+    for (i, (stall, (began, changes))) in stalls.iter().zip(served_at.iter().map(|s| s.0).zip(&samples)).enumerate() {
+        if stall.guest < Duration::from_millis(20) {
+            continue;
+        }
+        println!("takeover {i}: the new daemon's threads, from the drain's start");
+        for c in changes {
+            let at = c.at.duration_since(began).map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+            println!("  {at:8.2} ms {} {} {} {}", c.thread, c.state, c.wchan, c.stack);
+        }
+    }
     keep_log(&daemon, &format!("takeover-{vcpus}"));
     stalls
+}
+
+/// A change in one thread's state, as `/proc` showed it.
+struct ThreadChange {
+    at: SystemTime,
+    thread: String,
+    state: String,
+    wchan: String,
+    /// The kernel stack's top frames, for a thread asleep.
+    stack: String,
+}
+
+/// Samples, every 0.5 ms for `span`, the threads of the newest
+/// memory-manager started with `--takeover` (the new daemon): each
+/// thread's state and wait channel, kept when they change.
+fn sample_threads(span: Duration) -> Vec<ThreadChange> {
+    let newest = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("memory-manager") && cmd.contains("--takeover")
+        })
+        .max();
+    let Some(pid) = newest else { return Vec::new() };
+    let started = Instant::now();
+    let mut last = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    while started.elapsed() < span {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+        for t in tasks {
+            let dir = t.path();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default().trim().to_string();
+            let comm = read("comm");
+            if !(comm.starts_with("fault-service") || comm.starts_with("vm")) {
+                continue;
+            }
+            let stat = read("stat");
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("?");
+            let key = format!("{comm}/{}", t.file_name().to_string_lossy());
+            let now = (state.to_string(), read("wchan"));
+            if last.get(&key) != Some(&now) {
+                let stack = if now.0 == "R" {
+                    String::new()
+                } else {
+                    read("stack")
+                        .lines()
+                        .take(4)
+                        .map(|l| l.split_whitespace().last().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                        .join(" < ")
+                };
+                out.push(ThreadChange {
+                    at: SystemTime::now(),
+                    thread: key.clone(),
+                    state: now.0.clone(),
+                    wchan: now.1.clone(),
+                    stack,
+                });
+                last.insert(key, now);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    out
 }
 
 /// Keeps the daemons' log as `$RESTART_BENCH_LOG.<what>`, if asked to.

@@ -374,6 +374,9 @@ impl AttachServer {
         // As first attached, for a new daemon that takes the VM over.
         let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
         let mut handed_early = false;
+        // Commands still in flight when the drain ended (a core that did not
+        // answer within the drain's patience).
+        let mut in_flight_at_handover = 0;
         let ending = std::thread::scope(|s| {
             // Stops the VM's threads when this closure is left (returning,
             // or unwinding), before the scope waits for its control thread,
@@ -496,7 +499,8 @@ impl AttachServer {
                         std::thread::sleep(DRAIN_POLL);
                     }
                     let drained_us = draining.elapsed().as_micros() as u64;
-                    info!(drained_us, in_flight = served.in_flight(), "vCPU services drained for the handover");
+                    in_flight_at_handover = served.in_flight();
+                    info!(drained_us, in_flight = in_flight_at_handover, "vCPU services drained for the handover");
                 }
                 end.stop();
                 ending
@@ -507,7 +511,17 @@ impl AttachServer {
             // The service threads are done: the new daemon takes it from
             // here, state directory, swap stores and all, with the records.
             let handed = if sink.staged() {
-                handed_early.then(|| sink.state(original.vm_id, Some(&vm.mapping.handed_records())))
+                // The records are exact only with nothing in flight: a map
+                // the core installs after the drain would be in no one's
+                // records. Otherwise the new daemon rebuilds from the core.
+                let records = (in_flight_at_handover == 0).then(|| vm.mapping.handed_records());
+                if records.is_none() {
+                    warn!(
+                        in_flight = in_flight_at_handover,
+                        "commands in flight: the new daemon rebuilds from the core"
+                    );
+                }
+                handed_early.then(|| sink.state(original.vm_id, records.as_ref()))
             } else {
                 Some(sink.vm(&conn, &original, &kept))
             };

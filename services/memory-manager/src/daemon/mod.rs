@@ -35,11 +35,6 @@ impl Daemon {
     /// A daemon with `config`; starts the policy host's thread (call from a
     /// thread at the fault path's priority).
     pub fn new(config: Config) -> std::io::Result<Self> {
-        if let Some(adj) = config.oom_score_adj {
-            if let Err(e) = oom::set_oom_score_adj(adj) {
-                tracing::warn!(oom_score_adj = adj, cause = %e, "cannot set the daemon's oom_score_adj (needs CAP_SYS_RESOURCE to lower it)");
-            }
-        }
         std::fs::create_dir_all(&config.state_dir)?;
         let running = RunningMarker::create(&config.state_dir)?;
         let state_file = Some(config.state_dir.join("policy"));
@@ -102,6 +97,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         service_threads = daemon.sources.pool.threads(),
         "memory-manager starting"
     );
+    if let Some(adj) = daemon.config().oom_score_adj {
+        if let Err(e) = oom::set_oom_score_adj(adj) {
+            tracing::warn!(oom_score_adj = adj, cause = %e, "cannot set the daemon's oom_score_adj (needs CAP_SYS_RESOURCE to lower it)");
+        }
+    }
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }

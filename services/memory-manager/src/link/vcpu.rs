@@ -34,7 +34,7 @@ use crate::policy::host::PolicyHost;
 const TOPUP_PAGES: u64 = 64;
 
 /// How long a draining vCPU service waits for a result before it gives up.
-const DRAIN_PATIENCE: Duration = Duration::from_secs(1);
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A map command in flight and the event it will complete.
 struct PendingMap {
