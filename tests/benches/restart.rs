@@ -345,7 +345,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
         println!("takeover {i}: the new daemon's threads, from the drain's start");
         for c in changes {
             let at = c.at.duration_since(began).map_or(-1.0, |d| d.as_secs_f64() * 1e3);
-            println!("  {at:8.2} ms {} {} {} {}", c.thread, c.state, c.wchan, c.stack);
+            println!("  {at:8.2} ms {} {} [{}] {} {}", c.thread, c.state, c.schedstat, c.wchan, c.stack);
         }
     }
     keep_log(&daemon, &format!("takeover-{vcpus}"));
@@ -360,6 +360,9 @@ struct ThreadChange {
     wchan: String,
     /// The kernel stack's top frames, for a thread asleep.
     stack: String,
+    /// `schedstat`: ns on a CPU, ns runnable waiting for one, timeslices
+    /// (a thread runnable for long: running, or starved?).
+    schedstat: String,
 }
 
 /// Samples, every 0.5 ms for `span`, the threads of the newest
@@ -411,6 +414,7 @@ fn sample_threads(span: Duration) -> Vec<ThreadChange> {
                     state: now.0.clone(),
                     wchan: now.1.clone(),
                     stack,
+                    schedstat: read("schedstat"),
                 });
                 last.insert(key, now);
             }
