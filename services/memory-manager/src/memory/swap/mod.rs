@@ -49,8 +49,7 @@ pub struct SwapUsage {
 #[derive(Debug)]
 pub struct SwapStore {
     state: State,
-    /// Writes are made durable (fdatasync) before a page leaves the guest.
-    durable: bool,
+    /// Its files are host memory (a memfd, or a state directory on tmpfs).
     in_memory: bool,
 }
 
@@ -110,7 +109,7 @@ impl SwapStore {
         use nix::sys::statfs::{statfs, TMPFS_MAGIC};
         let in_memory = statfs(dir).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC);
         let site = Site { dir: dir.to_path_buf(), index, size, compression };
-        Self { state: State::Deferred(site), durable: true, in_memory }
+        Self { state: State::Deferred(site), in_memory }
     }
 
     /// A page-slot store in a memfd: nothing outlives the daemon, and no
@@ -118,7 +117,7 @@ impl SwapStore {
     /// directory (tests).
     pub fn in_memory(index: usize, size: u64) -> io::Result<Self> {
         let layout = Layout::Slots(SlotStore::in_memory(index, size)?);
-        Ok(Self { state: State::Open(layout), durable: false, in_memory: true })
+        Ok(Self { state: State::Open(layout), in_memory: true })
     }
 
     /// Reads the store if it was deferred (a packed store checks every
@@ -151,10 +150,9 @@ impl SwapStore {
     /// Makes every page put since the last sync held, and durable if the
     /// store is: from here a page may leave the guest.
     pub fn sync(&mut self) -> io::Result<()> {
-        let durable = self.durable;
         match self.opened()? {
-            Layout::Slots(s) => s.sync(durable),
-            Layout::Packed(p) => p.sync(durable),
+            Layout::Slots(s) => s.sync(),
+            Layout::Packed(p) => p.sync(),
         }
     }
 
@@ -170,19 +168,17 @@ impl SwapStore {
     /// offsets, then lets go of it; true if it held any. A page whose copy
     /// fails its check is an `InvalidData` error and stays held.
     pub fn take(&mut self, map: &MappedRegion, lo: u64, hi: u64) -> io::Result<bool> {
-        let durable = self.durable;
         match self.opened()? {
             Layout::Slots(s) => s.take(map, lo, hi),
-            Layout::Packed(p) => p.take(map, lo, hi, durable),
+            Layout::Packed(p) => p.take(map, lo, hi),
         }
     }
 
     /// Lets go of what the store holds of `[lo, hi)` (the backing has it).
     pub fn discard(&mut self, lo: u64, hi: u64) -> io::Result<()> {
-        let durable = self.durable;
         match self.opened()? {
             Layout::Slots(s) => s.discard(lo, hi),
-            Layout::Packed(p) => p.discard(lo, hi, durable),
+            Layout::Packed(p) => p.discard(lo, hi),
         }
     }
 

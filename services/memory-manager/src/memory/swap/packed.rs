@@ -169,7 +169,7 @@ impl PackedStore {
         let index_file = open(Self::index_name(index))?;
         let logs = [open(format!("region{index}.log0"))?, open(format!("region{index}.log1"))?];
         let mut store = Self::load(index_file, logs, size)?;
-        store.finish_compaction(true)?;
+        store.finish_compaction()?;
         Ok(store)
     }
 
@@ -259,22 +259,17 @@ impl PackedStore {
         Ok(())
     }
 
-    /// Holds the pages put since the last sync: their data made durable
-    /// (if `durable`), then their entries written, then the index made
-    /// durable.
-    pub fn sync(&mut self, durable: bool) -> io::Result<()> {
+    /// Holds the pages put since the last sync: their data made durable,
+    /// then their entries written, then the index made durable.
+    pub fn sync(&mut self) -> io::Result<()> {
         let mut pending = std::mem::take(&mut self.pending);
         if pending.is_empty() {
             return Ok(());
         }
-        if durable {
-            datasync(&self.logs[self.current])?;
-        }
+        datasync(&self.logs[self.current])?;
         pending.sort_unstable_by_key(|&(p, _)| p);
         self.write_entries(pending.iter().map(|&(p, e)| (p, Some(e))))?;
-        if durable {
-            datasync(&self.index)?;
-        }
+        datasync(&self.index)?;
         for (p, e) in pending {
             self.live[e.log] += e.len;
             if let Some(old) = self.entries.insert(p, e) {
@@ -307,10 +302,15 @@ impl PackedStore {
         Ok(())
     }
 
+    /// The entries of the pages `[lo, hi)` touches, in page order.
+    fn entries_in(&self, lo: u64, hi: u64) -> Vec<(u64, Entry)> {
+        self.entries.range(lo / PAGE..hi.div_ceil(PAGE)).map(|(&p, &e)| (p, e)).collect()
+    }
+
     /// The held ranges of `[lo, hi)`.
     pub fn held(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (&p, _) in self.entries.range(lo / PAGE..hi.div_ceil(PAGE)) {
+        for (p, _) in self.entries_in(lo, hi) {
             let (from, to) = ((p * PAGE).max(lo), ((p + 1) * PAGE).min(hi));
             match out.last_mut() {
                 Some(last) if last.1 == from => last.1 = to,
@@ -322,7 +322,7 @@ impl PackedStore {
 
     /// Unpacks the held pages of `[lo, hi)` into `map`, then clears their
     /// entries; true if it held any.
-    pub fn take(&mut self, map: &MappedRegion, lo: u64, hi: u64, durable: bool) -> io::Result<bool> {
+    pub fn take(&mut self, map: &MappedRegion, lo: u64, hi: u64) -> io::Result<bool> {
         let pages: Vec<(u64, Entry)> =
             self.entries.range(lo / PAGE..hi.div_ceil(PAGE)).map(|(&p, &e)| (p, e)).collect();
         if pages.is_empty() {
@@ -340,15 +340,15 @@ impl PackedStore {
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page outside the region"))?;
             }
         }
-        self.forget(&pages, durable)?;
+        self.forget(&pages)?;
         Ok(true)
     }
 
     /// Clears the entries of `[lo, hi)`.
-    pub fn discard(&mut self, lo: u64, hi: u64, durable: bool) -> io::Result<()> {
+    pub fn discard(&mut self, lo: u64, hi: u64) -> io::Result<()> {
         let pages: Vec<(u64, Entry)> =
             self.entries.range(lo / PAGE..hi.div_ceil(PAGE)).map(|(&p, &e)| (p, e)).collect();
-        self.forget(&pages, durable)
+        self.forget(&pages)
     }
 
     /// Reads the data of `pages` (ascending), one read per run of pages
@@ -389,7 +389,7 @@ impl PackedStore {
 
     /// Clears the entries of `pages` (ascending) and gives back the index
     /// blocks left empty, then empties or compacts the log if it is time.
-    fn forget(&mut self, pages: &[(u64, Entry)], durable: bool) -> io::Result<()> {
+    fn forget(&mut self, pages: &[(u64, Entry)]) -> io::Result<()> {
         self.write_entries(pages.iter().map(|&(p, _)| (p, None)))?;
         for (p, e) in pages {
             self.entries.remove(p);
@@ -411,7 +411,7 @@ impl PackedStore {
         } else if self.tails[from] >= COMPACT_FROM && self.live[from] * 2 < self.tails[from] && self.live[to] == 0 {
             self.logs[to].set_len(0)?;
             self.tails[to] = 0;
-            self.move_pages(from, to, durable)?;
+            self.move_pages(from, to)?;
             self.current = to;
         }
         Ok(())
@@ -420,10 +420,10 @@ impl PackedStore {
     /// After a crash during compaction both logs are in use: moves the
     /// pages of the other log into the current one. Then empties a log
     /// nothing points into (dead bytes of a reclaim that never synced).
-    fn finish_compaction(&mut self, durable: bool) -> io::Result<()> {
+    fn finish_compaction(&mut self) -> io::Result<()> {
         let other = 1 - self.current;
         if self.live[other] > 0 {
-            self.move_pages(other, self.current, durable)?;
+            self.move_pages(other, self.current)?;
         }
         for log in [other, self.current] {
             if self.live[log] == 0 && self.tails[log] > 0 {
@@ -437,7 +437,7 @@ impl PackedStore {
     /// Copies the data of every page in log `from` to the end of log `to`,
     /// makes it durable, points the entries there, makes the index durable,
     /// and empties `from`.
-    fn move_pages(&mut self, from: usize, to: usize, durable: bool) -> io::Result<()> {
+    fn move_pages(&mut self, from: usize, to: usize) -> io::Result<()> {
         let moving: Vec<(u64, Entry)> =
             self.entries.iter().filter(|(_, e)| e.log == from && e.len > 0).map(|(&p, &e)| (p, e)).collect();
         let mut moved = Vec::with_capacity(moving.len());
@@ -455,9 +455,7 @@ impl PackedStore {
             self.logs[to].write_all_at(&out, self.tails[to])?;
             self.tails[to] += out.len() as u64;
         }
-        if durable {
-            datasync(&self.logs[to])?;
-        }
+        datasync(&self.logs[to])?;
         // Zero pages have no data; they move by their entry alone.
         moved.extend(
             self.entries
@@ -467,9 +465,7 @@ impl PackedStore {
         );
         moved.sort_unstable_by_key(|&(p, _)| p);
         self.write_entries(moved.iter().map(|&(p, e)| (p, Some(e))))?;
-        if durable {
-            datasync(&self.index)?;
-        }
+        datasync(&self.index)?;
         for (p, e) in moved {
             self.entries.insert(p, e);
         }
@@ -533,7 +529,7 @@ mod tests {
         let mut store = PackedStore::in_dir(dir.path(), 0, 96 * PAGE).unwrap();
         store.put(&map, 0, 96 * PAGE).unwrap();
         assert_eq!(store.held(0, 96 * PAGE), [], "not held before the sync");
-        store.sync(true).unwrap();
+        store.sync().unwrap();
         assert_eq!(store.held(0, 96 * PAGE), [(0, 96 * PAGE)]);
         assert_eq!(store.held(PAGE + 100, 3 * PAGE), [(PAGE + 100, 3 * PAGE)]);
         // 32 pages of noise take a page each, 32 of a pattern a few hundred
@@ -542,18 +538,18 @@ mod tests {
         assert!((32 * PAGE..36 * PAGE).contains(&logged), "{logged} bytes logged");
         assert_eq!(store.held_bytes(), 96 * PAGE);
         wipe(&map, 0, 96);
-        assert!(store.take(&map, 10 * PAGE, 20 * PAGE, true).unwrap());
-        assert!(!store.take(&map, 10 * PAGE, 20 * PAGE, true).unwrap(), "let go of");
+        assert!(store.take(&map, 10 * PAGE, 20 * PAGE).unwrap());
+        assert!(!store.take(&map, 10 * PAGE, 20 * PAGE).unwrap(), "let go of");
         for p in 0..96 {
             let want = if (10..20).contains(&p) { contents(p) } else { vec![0xee; PAGE as usize] };
             assert!(page(&map, p) == want, "page {p}");
         }
         assert_eq!(store.held(0, 96 * PAGE), [(0, 10 * PAGE), (20 * PAGE, 96 * PAGE)]);
-        store.discard(0, 10 * PAGE, true).unwrap();
+        store.discard(0, 10 * PAGE).unwrap();
         assert_eq!(store.held_bytes(), 76 * PAGE);
         // All back: the files take nothing any more.
         assert!(store.allocated().unwrap() > 0);
-        store.take(&map, 0, 96 * PAGE, true).unwrap();
+        store.take(&map, 0, 96 * PAGE).unwrap();
         assert_eq!((store.held_bytes(), store.allocated().unwrap()), (0, 0));
     }
 
@@ -564,14 +560,14 @@ mod tests {
         {
             let mut store = PackedStore::in_dir(dir.path(), 2, 30 * PAGE).unwrap();
             store.put(&map, 4 * PAGE, 8 * PAGE).unwrap();
-            store.sync(true).unwrap();
+            store.sync().unwrap();
             // Put and never synced: dead bytes, not held.
             store.put(&map, 20 * PAGE, 2 * PAGE).unwrap();
         }
         wipe(&map, 0, 30);
         let mut store = PackedStore::in_dir(dir.path(), 2, 30 * PAGE).unwrap();
         assert_eq!(store.held(0, 30 * PAGE), [(4 * PAGE, 12 * PAGE)]);
-        assert!(store.take(&map, 0, 30 * PAGE, true).unwrap());
+        assert!(store.take(&map, 0, 30 * PAGE).unwrap());
         for p in 4..12 {
             assert!(page(&map, p) == contents(p), "page {p}");
         }
@@ -584,14 +580,14 @@ mod tests {
         let map = guest(6);
         let mut store = PackedStore::in_dir(dir.path(), 0, 6 * PAGE).unwrap();
         store.put(&map, 0, 6 * PAGE).unwrap();
-        store.sync(true).unwrap();
+        store.sync().unwrap();
         assert_eq!((store.entries[&2].form, store.entries[&2].len), (Form::Zero, 0));
         // Page 1 is noise, kept raw: a flipped byte fails the checksum.
         let raw = store.entries[&1];
         assert_eq!(raw.form, Form::Raw);
         store.logs[0].write_all_at(&[0x5a], raw.offset + 7).unwrap();
         wipe(&map, 0, 6);
-        let err = store.take(&map, PAGE, 2 * PAGE, true).unwrap_err();
+        let err = store.take(&map, PAGE, 2 * PAGE).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("0x1000") && err.to_string().contains("checksum"), "{err}");
         assert_eq!(store.held(PAGE, 2 * PAGE), [(PAGE, 2 * PAGE)]);
@@ -599,7 +595,7 @@ mod tests {
         let lz = store.entries[&0];
         assert_eq!(lz.form, Form::Lz4);
         store.logs[0].write_all_at(&vec![0xff; lz.len as usize], lz.offset).unwrap();
-        assert_eq!(store.take(&map, 0, PAGE, true).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(store.take(&map, 0, PAGE).unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
@@ -616,7 +612,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut store = PackedStore::in_dir(dir.path(), 0, 4 * PAGE).unwrap();
             store.put(&map, 0, 4 * PAGE).unwrap();
-            store.sync(true).unwrap();
+            store.sync().unwrap();
             drop(store);
             let index = OpenOptions::new().write(true).open(dir.path().join("region0.index")).unwrap();
             index.write_all_at(value, ENTRY + byte as u64).unwrap();
@@ -633,13 +629,13 @@ mod tests {
         let map = guest(pages);
         let mut store = PackedStore::in_dir(dir.path(), 0, pages * PAGE).unwrap();
         store.put(&map, 0, pages * PAGE).unwrap();
-        store.sync(true).unwrap();
+        store.sync().unwrap();
         let before = store.tails[0];
         assert!(before >= COMPACT_FROM);
         wipe(&map, 0, pages);
         // Take back all but every 10th page: the log is mostly dead.
         for p in (0..pages).filter(|p| p % 10 != 0) {
-            store.take(&map, p * PAGE, (p + 1) * PAGE, true).unwrap();
+            store.take(&map, p * PAGE, (p + 1) * PAGE).unwrap();
         }
         assert_eq!(store.current, 1, "compacted into the other log");
         assert_eq!(store.tails[0], 0);
@@ -648,7 +644,7 @@ mod tests {
         wipe(&map, 0, pages);
         let mut store = PackedStore::in_dir(dir.path(), 0, pages * PAGE).unwrap();
         assert_eq!(store.held_bytes(), pages / 10 * PAGE);
-        store.take(&map, 0, pages * PAGE, true).unwrap();
+        store.take(&map, 0, pages * PAGE).unwrap();
         for p in (0..pages).step_by(10) {
             assert!(page(&map, p) == contents(p), "page {p}");
         }
@@ -660,7 +656,7 @@ mod tests {
         let map = guest(12);
         let mut store = PackedStore::in_dir(dir.path(), 0, 12 * PAGE).unwrap();
         store.put(&map, 0, 12 * PAGE).unwrap();
-        store.sync(true).unwrap();
+        store.sync().unwrap();
         // The crash left the odd pages' entries pointing at a copy in log 1.
         let len = store.tails[0];
         let mut data = vec![0u8; len as usize];
@@ -674,7 +670,7 @@ mod tests {
         let mut store = PackedStore::in_dir(dir.path(), 0, 12 * PAGE).unwrap();
         assert_eq!((store.live[1], store.tails[1]), (0, 0), "log 1 moved and emptied");
         assert!(store.entries.values().all(|e| e.log == store.current));
-        store.take(&map, 0, 12 * PAGE, true).unwrap();
+        store.take(&map, 0, 12 * PAGE).unwrap();
         for p in 0..12 {
             assert!(page(&map, p) == contents(p), "page {p}");
         }

@@ -14,6 +14,9 @@ use super::{data_segments, datasync, memfd_file, punch};
 #[derive(Debug)]
 pub struct SlotStore {
     file: File,
+    /// Writes are made durable (fdatasync) before a page leaves the guest:
+    /// a file in a state directory, not a memfd.
+    durable: bool,
 }
 
 impl SlotStore {
@@ -33,12 +36,12 @@ impl SlotStore {
         if file.metadata()?.len() != size {
             file.set_len(size)?;
         }
-        Ok(Self { file })
+        Ok(Self { file, durable: true })
     }
 
     /// A memfd of the region's size.
     pub fn in_memory(index: usize, size: u64) -> io::Result<Self> {
-        Ok(Self { file: memfd_file(format!("faultline-swap-{index}"), size)? })
+        Ok(Self { file: memfd_file(format!("faultline-swap-{index}"), size)?, durable: false })
     }
 
     /// The file.
@@ -51,9 +54,9 @@ impl SlotStore {
         map.copy_to(offset, len, &self.file, offset)
     }
 
-    /// Makes the writes durable if `durable`.
-    pub fn sync(&mut self, durable: bool) -> io::Result<()> {
-        if durable {
+    /// Makes the writes durable (a memfd has nothing to sync to).
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.durable {
             datasync(&self.file)?;
         }
         Ok(())
