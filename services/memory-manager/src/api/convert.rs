@@ -15,6 +15,7 @@ use tonic::Status;
 use crate::fault::trace::Stage;
 use crate::link::pool::ServicePool;
 use crate::link::vm::AttachedVm;
+use crate::memory::swap::SwapUsage;
 use crate::observe::events::{FaultEvent, Outcome};
 use crate::observe::stats::{self, Summary};
 
@@ -79,7 +80,7 @@ pub fn event(e: &FaultEvent) -> pb::FaultEvent {
 /// The wire form of an attached VM.
 pub fn vm(vm: &AttachedVm) -> pb::Vm {
     let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let stores: Vec<_> = vm.layout.regions.iter().filter(|r| !r.device).map(|r| r.swap_store_usage()).collect();
+    let swap = swap_usage(vm);
     pb::Vm {
         vm_id: vm.id().raw() as u32,
         vcpus: vm.layout.nr_vcpus,
@@ -104,10 +105,18 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         evicted_bytes: count(&vm.counters.evicted_bytes),
         fault_around_pages: count(&vm.counters.prefaulted),
         backing_bytes: backing_bytes(vm),
-        swap_store_bytes: stores.iter().map(|u| u.stored).sum(),
-        swap_store_in_memory: stores.iter().any(|u| u.in_memory),
-        swap_store_held_bytes: stores.iter().map(|u| u.held).sum(),
+        swap_store_bytes: swap.stored,
+        swap_store_in_memory: swap.in_memory,
+        swap_store_held_bytes: swap.held,
     }
+}
+
+/// What the swap stores of the VM's memory regions hold and take, summed
+/// (in memory if any of them is).
+pub fn swap_usage(vm: &AttachedVm) -> SwapUsage {
+    vm.layout.regions.iter().filter(|r| !r.device).map(|r| r.swap_store_usage()).fold(SwapUsage::default(), |sum, u| {
+        SwapUsage { held: sum.held + u.held, stored: sum.stored + u.stored, in_memory: sum.in_memory || u.in_memory }
+    })
 }
 
 /// Host memory the VM's backing files take, each file counted once.

@@ -18,7 +18,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::convert::{ring_occupancy, service_pool};
+use super::convert::{backing_bytes, ring_occupancy, service_pool, swap_usage};
 use super::sources::Sources;
 use crate::link::vm::AttachedVm;
 use crate::observe::stats::STAGES;
@@ -207,7 +207,7 @@ impl Collector for FaultCollector {
 impl FaultCollector {
     /// Each VM's memory as the host sees it: what its stage-2 mappings
     /// hold, what its backing files take, and what its swap stores hold
-    /// and take (the same figures as GetVm).
+    /// and take (the same figures as GetVm, without the rest of it).
     fn encode_vm_memory(
         &self,
         encoder: &mut DescriptorEncoder<'_>,
@@ -221,8 +221,8 @@ impl FaultCollector {
         ];
         let mut values: [Vec<(String, u64)>; 4] = Default::default();
         for vm in vms {
-            let (id, v) = (vm.id().raw().to_string(), super::convert::vm(vm));
-            let figures = [v.resident_bytes, v.backing_bytes, v.swap_store_bytes, v.swap_store_held_bytes];
+            let (id, swap) = (vm.id().raw().to_string(), swap_usage(vm));
+            let figures = [vm.mapping.resident(), backing_bytes(vm), swap.stored, swap.held];
             for (family, n) in values.iter_mut().zip(figures) {
                 family.push((id.clone(), n));
             }
