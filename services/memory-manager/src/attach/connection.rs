@@ -271,26 +271,28 @@ impl AttachServer {
             // No reply: a re-attaching machine tries the next daemon.
             return;
         }
-        let admitted = faultline_attach::peer_credentials(conn.as_fd())
-            .map_err(|e| refuse(Status::Internal, format!("reading the peer's credentials: {e}")))
-            .and_then(|peer| self.settings.access.admits(peer).map_err(|e| refuse(Status::Forbidden, e.to_string())));
-        if let Err(refusal) = admitted {
-            warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
-            // The request is taken off the socket (closing over unread data
-            // would reset the connection, and the reply with it), and
-            // dropped undecoded, its fds closed.
-            let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(1));
-            let _ = recv_message(conn.as_fd());
-            reply_on(&conn, refusal.status, refusal.message, [0; 3]);
-            return;
-        }
-        match receive_attach(&conn) {
+        match self.admit_peer(&conn).and_then(|()| receive_attach(&conn)) {
             Ok((req, fds)) => self.serve_vm(conn, req, fds, Arrival::Attached),
             Err(refusal) => {
                 warn!(status = ?refusal.status, reason = %refusal.message, "attach refused");
                 reply_on(&conn, refusal.status, refusal.message, [0; 3]);
             }
         }
+    }
+
+    /// Checks that the process at the other end of `conn` may attach. If it
+    /// may not (or cannot be told), its request is taken off the socket (closing over unread
+    /// data would reset the connection, and the reply with it) and dropped
+    /// undecoded, its fds closed.
+    fn admit_peer(&self, conn: &OwnedFd) -> Result<(), Refusal> {
+        let admitted = faultline_attach::peer_credentials(conn.as_fd())
+            .map_err(|e| refuse(Status::Internal, format!("reading the peer's credentials: {e}")))
+            .and_then(|peer| self.settings.access.admits(peer).map_err(|e| refuse(Status::Forbidden, e.to_string())));
+        if admitted.is_err() {
+            let _ = set_recv_timeout(conn.as_fd(), Duration::from_secs(1));
+            let _ = recv_message(conn.as_fd());
+        }
+        admitted
     }
 
     /// Serves VM `req` on `conn` until it detaches, hangs up or is handed
