@@ -19,17 +19,17 @@ pub fn set_oom_score_adj(value: i32) -> io::Result<()> {
     std::fs::write("/proc/self/oom_score_adj", value.to_string())
 }
 
-/// This process's `oom_score_adj`.
-pub fn oom_score_adj() -> io::Result<i32> {
-    std::fs::read_to_string("/proc/self/oom_score_adj")?
-        .trim()
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("oom_score_adj: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This process's `oom_score_adj`.
+    fn oom_score_adj() -> io::Result<i32> {
+        std::fs::read_to_string("/proc/self/oom_score_adj")?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("oom_score_adj: {e}")))
+    }
 
     #[test]
     fn a_value_out_of_range_is_refused_and_the_current_one_reads_back() {
