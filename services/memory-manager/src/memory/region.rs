@@ -6,16 +6,13 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
-pub use super::swap::{SwapStore, SwapUsage};
-
 use faultline_attach::shm::{MappedRegion, RegionError};
 use hyp_core::addr::{Pa, PAGE_SIZE};
 use memfd::Memfd;
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use super::swap::punch;
-
 use super::addr::Hva;
+use super::swap::{punch, SwapStore, SwapUsage};
 use super::vma::Vma;
 
 /// A PA window that belongs to the VM (guest memory) as the daemon knows it.
