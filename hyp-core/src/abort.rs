@@ -36,6 +36,10 @@ const ISS_SRT_SHIFT: u32 = 16;
 const ISS_SSE: u64 = 1 << 21;
 const ISS_SAS_SHIFT: u32 = 22;
 const ISS_ISV: u64 = 1 << 24;
+/// HPFAR_EL2.FIPA is bits [47:4] (IPA[55:12]); aarch64-cpu's field runs to
+/// bit 51, over bits that are RES0 (Linux's HPFAR_EL2_FIPA is
+/// GENMASK(47, 4)).
+const FIPA_MASK: u64 = (1 << 44) - 1;
 
 /// Which kind of abort the guest took.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -269,7 +273,7 @@ impl Abort {
         let far = if bit(ISS_FNV) { None } else { Some(far) };
         let ipa = if s1ptw || status.writes_hpfar() {
             let hpfar = LocalRegisterCopy::<u64, HPFAR_EL2::Register>::new(hpfar);
-            let page = hpfar.read(HPFAR_EL2::FIPA) << 12;
+            let page = (hpfar.read(HPFAR_EL2::FIPA) & FIPA_MASK) << 12;
             let offset = far.map_or(0, |far| far & (PAGE_SIZE - 1));
             FaultIpa::Valid(Ipa::new(page | offset))
         } else {
@@ -337,6 +341,14 @@ mod tests {
     // EC in [31:26], IL at 25.
     const DABT: u64 = (0x24 << 26) | (1 << 25);
     const IABT: u64 = (0x20 << 26) | (1 << 25);
+
+    #[test]
+    fn the_ipa_comes_from_fipa_bits_47_to_4_only() {
+        // IPA 0x0123_4567_8000 (56 bits' worth) with RES0 bits [51:48] set.
+        let hpfar = (0x0123_4567_8000u64 >> 12) << 4 | 0xf << 48;
+        let abort = Abort::decode(DABT | 0b000111, 0xabc, hpfar).unwrap();
+        assert_eq!(abort.reported_ipa(), Some(Ipa::new(0x0123_4567_8abc)));
+    }
 
     #[test]
     fn a_table_walk_needs_the_walkers_access_not_the_instructions() {
