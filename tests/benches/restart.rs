@@ -383,6 +383,8 @@ fn sample_threads(span: Duration) -> Vec<ThreadChange> {
     let Some(pid) = newest else { return Vec::new() };
     let started = Instant::now();
     let mut last = std::collections::HashMap::new();
+    let mut runnable_since = std::collections::HashMap::new();
+    let mut stacks_taken = false;
     let mut out = Vec::new();
     while started.elapsed() < span {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
@@ -397,6 +399,23 @@ fn sample_threads(span: Duration) -> Vec<ThreadChange> {
             let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("?");
             let key = format!("{comm}/{}", t.file_name().to_string_lossy());
             let now = (state.to_string(), read("wchan"));
+            if now.0 == "R" && comm.starts_with("fault-service") {
+                let since = *runnable_since.entry(key.clone()).or_insert_with(Instant::now);
+                if !stacks_taken && since.elapsed() > Duration::from_millis(15) {
+                    // Runnable this long and no fault served: where is it?
+                    stacks_taken = true;
+                    out.push(ThreadChange {
+                        at: SystemTime::now(),
+                        thread: key.clone(),
+                        state: "stacks".into(),
+                        wchan: String::new(),
+                        stack: user_stacks(pid),
+                        schedstat: read("schedstat"),
+                    });
+                }
+            } else {
+                runnable_since.remove(&key);
+            }
             if last.get(&key) != Some(&now) {
                 let stack = if now.0 == "R" {
                     String::new()
@@ -422,6 +441,21 @@ fn sample_threads(span: Duration) -> Vec<ThreadChange> {
         std::thread::sleep(Duration::from_micros(500));
     }
     out
+}
+
+/// Every thread's user-space stack in `pid` (gdb, if installed).
+fn user_stacks(pid: u32) -> String {
+    let out = std::process::Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("gdb: {e}"),
+    }
 }
 
 /// Keeps the daemons' log as `$RESTART_BENCH_LOG.<what>`, if asked to.
