@@ -42,3 +42,7 @@ scripts/build-el2.sh
 scripts/build-el2-image.sh >/dev/null
 RUSTFLAGS="--cfg loom" cargo test --locked --release -p hyp-core --test loom_ring --target-dir target/loom
 cargo nextest run --workspace --locked --no-fail-fast
+# Every fuzz target, about 30 s each, from the checked-in corpora (nightly;
+# installs cargo-fuzz if missing). A crash fails the run.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+scripts/fuzz.sh

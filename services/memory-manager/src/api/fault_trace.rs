@@ -120,6 +120,18 @@ const MASKABLE: &[&str] = &[
     "fault_around",
 ];
 
+/// Validates `request` as Observe does and, if it is valid, runs its
+/// filters and field mask over `event`: whether the event matches. For the
+/// fuzz targets (feature `fuzzing`): the same code the service runs.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn check_observe(request: ObserveRequest, event: &FaultEvent) -> Result<bool, Status> {
+    let query = Query::parse(request, |vm| vm <= u32::from(u8::MAX))?;
+    let matched = query.matches(event);
+    query.response(event);
+    Ok(matched)
+}
+
 impl Query {
     fn parse(r: ObserveRequest, known_vm: impl Fn(u32) -> bool) -> Result<Self, Status> {
         if r.first && r.follow {
