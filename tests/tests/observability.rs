@@ -359,3 +359,47 @@ async fn dirty_log_fetch_and_clear_rearms_logging() {
     assert_eq!(summary["faults"].as_u64(), Some(15 + 10 + 2));
     assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_streams_past_the_maximum_are_refused_and_idle_ones_stall_nothing() {
+    let daemon = Daemon::start(&["--max-observe-streams", "4", "--policy", "4k"]);
+    let follow = || ObserveRequest { follow: true, ..Default::default() };
+    // Four follow streams, each on its own connection, that never read.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+        let stream = c.observe(follow()).await.unwrap().into_inner();
+        idle.push((c, stream));
+    }
+    let mut extra = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let refused = extra.observe(follow()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_observe_streams"), "{}", refused.message());
+    // Faults flow past the streams that do not read.
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--pattern", "zipf", "--ops", "5000", "--ram-page-kib", "4"]);
+    let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    assert!(summary["faults"].as_u64().unwrap() > 0);
+    let m = metric_samples(
+        &tokio::task::spawn_blocking({
+            let addr = daemon.metrics_addr();
+            move || scrape_metrics(&addr)
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(m.get("faultline_observe_streams").copied(), Some(4.0));
+    assert_eq!(m.get("faultline_observe_streams_refused_total").copied(), Some(1.0));
+    // A stream closed makes room for another.
+    drop(idle.pop());
+    let started = std::time::Instant::now();
+    loop {
+        match extra.observe(follow()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted && started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("a closed stream's place was not given back: {e:?}"),
+        }
+    }
+}

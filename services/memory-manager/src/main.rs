@@ -61,6 +61,10 @@ struct Args {
     /// Fault events kept for "last N" queries (overrides the file).
     #[arg(long)]
     event_buffer: Option<usize>,
+    /// Observe streams served at once; more get RESOURCE_EXHAUSTED
+    /// (overrides the file).
+    #[arg(long)]
+    max_observe_streams: Option<usize>,
     /// Scheduling of the gRPC/metrics threads: normal, low (nice 19) or idle
     /// (SCHED_IDLE) (overrides the file).
     #[arg(long)]
@@ -108,6 +112,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.metrics_listen {
         config.metrics_listen = v;
+    }
+    if let Some(v) = args.max_observe_streams {
+        config.max_observe_streams = v;
     }
     if let Some(v) = args.event_buffer {
         config.event_buffer = v;

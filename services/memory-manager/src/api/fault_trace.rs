@@ -265,6 +265,8 @@ impl FaultTrace for FaultTraceService {
 
     #[instrument(skip(self, request), fields(peer = ?request.remote_addr()))]
     async fn observe(&self, request: Request<ObserveRequest>) -> Result<Response<EventStream>, Status> {
+        // Held by the stream, so it closes with it.
+        let open = self.sources.streams.open()?;
         let hub = &self.sources.events;
         let exits = self.sources.policies.subscribe_exits();
         // Followers go on from what the history snapshot ends with.
@@ -328,6 +330,10 @@ impl FaultTrace for FaultTraceService {
             let until_shutdown = async move { shutdown.cancelled().await };
             stream = Box::pin(futures_util::StreamExt::take_until(stream.chain(follow), until_shutdown));
         }
+        let stream: EventStream = Box::pin(stream.map(move |r| {
+            let _open = &open;
+            r
+        }));
         Ok(Response::new(stream))
     }
 

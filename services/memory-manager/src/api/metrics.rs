@@ -131,6 +131,13 @@ impl Collector for FaultCollector {
             .collect();
         counter_family(&mut encoder, "faultline_vm_faults", "Fault records received, by attached VM.", "vm", &by_vm)?;
         self.encode_vm_memory(&mut encoder, &vms)?;
+        gauge(&mut encoder, "faultline_observe_streams", "Observe streams open.", sources.streams.in_use() as i64)?;
+        counter(
+            &mut encoder,
+            "faultline_observe_streams_refused",
+            "Observe streams refused at max_observe_streams.",
+            sources.streams.refused(),
+        )?;
 
         let mut latency = encoder.encode_descriptor(
             "faultline_fault_latency",

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod policy_control;
 pub mod server;
 pub mod sources;
+pub mod streams;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::streams::StreamLimit;
 use crate::attach::registry::VmTable;
 use crate::link::pool::ServicePool;
 use crate::observe::hub::EventHub;
@@ -31,4 +32,6 @@ pub struct Sources {
     pub policies: Arc<PolicyHost>,
     /// The threads serving every VM's fault rings.
     pub pool: Arc<ServicePool>,
+    /// The Observe streams open, against their maximum.
+    pub streams: Arc<StreamLimit>,
 }

@@ -103,6 +103,10 @@ pub struct Config {
     /// (its death stalls every guest until it is back). None leaves it as
     /// inherited.
     pub oom_score_adj: Option<i32>,
+    /// Observe streams served at once (follow streams stay open); more get
+    /// RESOURCE_EXHAUSTED. Each holds at most what its connection's flow
+    /// control lets the daemon send ahead.
+    pub max_observe_streams: usize,
 }
 
 impl Config {
@@ -142,6 +146,7 @@ impl Default for Config {
             limits: Limits::default(),
             attach_access: AttachAccess::default(),
             oom_score_adj: Some(-900),
+            max_observe_streams: 256,
             api_priority: ApiPriority::Low,
             event_buffer: 65_536,
             policy_deadline_ms: 100,

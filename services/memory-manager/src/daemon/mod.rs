@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::sources::{Lifecycle, Sources};
+use crate::api::streams::StreamLimit;
 use crate::attach::connection::{AttachServer, AttachSettings};
 use crate::attach::registry::VmTable;
 use crate::link::pool::ServicePool;
@@ -53,6 +54,7 @@ impl Daemon {
             events: Arc::new(EventHub::new(config.event_buffer)),
             policies,
             pool,
+            streams: Arc::new(StreamLimit::new(config.max_observe_streams)),
         };
         let settings = AttachSettings {
             prefault: config.prefault,
