@@ -12,6 +12,7 @@ use faultline_proto::v1::{
     self as pb, lost_events, observe_response, Count, FaultFilter, GetStatsRequest, GetStatsResponse, LostEvents,
     ObserveRequest, ObserveResponse, ServerStatusRequest, ServerStatusResponse,
 };
+use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -20,7 +21,7 @@ use tracing::instrument;
 use super::convert::{self, kind_of, outcome_of, request_time};
 use super::sources::Sources;
 use crate::observe::events::FaultEvent;
-use crate::observe::hub::Reader;
+use crate::observe::hub::{EventHub, Reader};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ObserveResponse, Status>> + Send>>;
 
@@ -28,14 +29,39 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ObserveResponse, Status>> + 
 pub struct FaultTraceService {
     sources: Sources,
     shutdown: CancellationToken,
+    /// The events recorded, as last looked at: caught-up followers wait
+    /// for it to change.
+    grew: watch::Receiver<u64>,
 }
 
 impl FaultTraceService {
     /// The service over `sources`; follow streams end when `shutdown` is
-    /// cancelled.
+    /// cancelled. Starts the task that tells followers the history grew
+    /// (so it must be called within a tokio runtime).
     pub fn new(sources: Sources, shutdown: CancellationToken) -> Self {
-        Self { sources, shutdown }
+        let grew = watch_history(sources.events.clone(), shutdown.clone());
+        Self { sources, shutdown, grew }
     }
+}
+
+/// Looks at the history every [`FOLLOW_POLL`] and tells the followers
+/// waiting on the returned receiver when it grew: one timer for every
+/// follower, and none of them woken while no event comes.
+fn watch_history(events: Arc<EventHub>, shutdown: CancellationToken) -> watch::Receiver<u64> {
+    let (grew, rx) = watch::channel(events.seen());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FOLLOW_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let seen = events.seen();
+            grew.send_if_modified(|last| std::mem::replace(last, seen) != seen);
+        }
+    });
+    rx
 }
 
 /// A validated filter: the proto filter with its enums checked.
@@ -174,7 +200,7 @@ impl Query {
     }
 }
 
-/// How often a follower that has caught up looks for new events.
+/// How often the history is looked at for followers that caught up.
 const FOLLOW_POLL: Duration = Duration::from_millis(5);
 
 /// A follower: its own reader in the history, so it copies events only as
@@ -186,6 +212,7 @@ struct Follow {
     reader: Reader,
     query: Arc<Query>,
     shutdown: CancellationToken,
+    grew: watch::Receiver<u64>,
 }
 
 impl Follow {
@@ -202,10 +229,13 @@ impl Follow {
                 return Some(out);
             }
             if chunk.events.is_empty() {
-                // Caught up.
+                // Caught up: until the history grows (a change since the
+                // last look wakes at once, so none is missed), or, waiting
+                // for an event being written, shortly.
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    changed = self.grew.changed(), if !self.reader.stalled() => if changed.is_err() { return None },
+                    _ = tokio::time::sleep(FOLLOW_POLL), if self.reader.stalled() => {}
                 }
             } else {
                 // A batch that matched nothing: read on, fairly.
@@ -312,6 +342,7 @@ impl FaultTrace for FaultTraceService {
                 reader: hub.reader_at(follow_from),
                 query: query.clone(),
                 shutdown: self.shutdown.clone(),
+                grew: self.grew.clone(),
             };
             let batches =
                 futures_util::stream::unfold(follow, |mut f| async move { f.next_batch().await.map(|b| (b, f)) });

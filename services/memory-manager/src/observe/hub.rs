@@ -64,6 +64,12 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// Waiting for a claimed slot to be written: read again shortly,
+    /// whether or not more events come.
+    pub fn stalled(&self) -> bool {
+        self.stalled_since.is_some()
+    }
+
     /// The same reader, waiting `grace` for an unwritten slot.
     pub fn with_grace(self, grace: std::time::Duration) -> Self {
         Self { grace, ..self }
@@ -230,6 +236,11 @@ impl EventHub {
             }
         }
         out
+    }
+
+    /// Events recorded so far (the next event's sequence number).
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
     }
 
     /// Counters.
