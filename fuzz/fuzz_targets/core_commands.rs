@@ -24,14 +24,15 @@ use hyp_core::vm::{Outstanding, Vm};
 use libfuzzer_sys::fuzz_target;
 
 const OWN_BASE: u64 = 0x4000_0000;
-/// 16 MiB donated to the VM under test.
+/// 8 MiB donated to the VM under test (kept small: every step counts the
+/// owner of each page tracked).
 const VM_MEM: u64 = 0x4000_0000;
-const VM_MEM_LEN: u64 = 16 << 20;
+const VM_MEM_LEN: u64 = 8 << 20;
 /// 2 MiB donated to another VM.
-const OTHER_MEM: u64 = 0x4100_0000;
-/// 4 MiB never donated.
-const HOST_MEM: u64 = 0x4120_0000;
-const TABLES: u64 = 0x4160_0000;
+const OTHER_MEM: u64 = 0x4080_0000;
+/// 2 MiB never donated.
+const HOST_MEM: u64 = 0x40a0_0000;
+const TABLES: u64 = 0x40c0_0000;
 const TABLE_PAGES: usize = 96;
 const GUEST_BASE: u64 = 0x8000_0000;
 
@@ -77,10 +78,10 @@ enum PaSel {
 impl PaSel {
     fn get(self) -> u64 {
         match self {
-            Self::Mine(n) => VM_MEM + u64::from(n % 4096) * PAGE_SIZE,
-            Self::MineBlock(n) => VM_MEM + u64::from(n % 8) * (2 << 20),
+            Self::Mine(n) => VM_MEM + u64::from(n % 2048) * PAGE_SIZE,
+            Self::MineBlock(n) => VM_MEM + u64::from(n % 4) * (2 << 20),
             Self::Other(n) => OTHER_MEM + u64::from(n % 512) * PAGE_SIZE,
-            Self::Host(n) => HOST_MEM + u64::from(n % 1024) * PAGE_SIZE,
+            Self::Host(n) => HOST_MEM + u64::from(n % 512) * PAGE_SIZE,
             Self::Table(n) => TABLES + u64::from(n) * PAGE_SIZE,
             Self::Raw(v) => v,
         }

@@ -12,6 +12,10 @@
 //! each observer's HTTP/2 window (~15k events encoded per observer, once).
 //! `OBSERVERS_BENCH_API_PRIORITY` sets the daemon's `--api-priority`.
 //!
+//! A third configuration is abuse: 1000 follow streams (`OBSERVERS_BENCH_IDLE`),
+//! each on its own connection, that never read, and 100 malformed
+//! requests; reported with the daemon's resident memory after it.
+//!
 //! `cargo bench -p faultline-system-tests --bench observers`
 
 use std::process::Command;
@@ -25,6 +29,8 @@ use memory_manager::daemon::priority::{apply_to_current_thread, ApiPriority};
 /// Rounds per configuration (`OBSERVERS_BENCH_ROUNDS` overrides).
 const ROUNDS: usize = 8;
 const OBSERVERS: usize = 8;
+/// Follow streams that never read, in the abuse configuration.
+const IDLE: usize = 1000;
 /// Sequential, 1 KiB apart: 40k distinct 4 KiB pages per run.
 const OPS: usize = 160_000;
 
@@ -45,6 +51,17 @@ fn run_machine(daemon: &Daemon, pinned: bool) -> Vec<u64> {
 /// Faults per second of fault time in one run.
 fn throughput(ns: &[u64]) -> f64 {
     ns.len() as f64 * 1e9 / ns.iter().sum::<u64>() as f64
+}
+
+/// Anonymous resident memory of `pid`, KiB: the daemon's own, without the
+/// guest memory it maps (shared with the machine).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -101,7 +118,11 @@ fn main() {
         if std::env::var_os("OBSERVERS_BENCH_PINNED_ONLY").is_some() { &[true] } else { &[false, true] };
     for &pinned in configs {
         let priority = std::env::var("OBSERVERS_BENCH_API_PRIORITY").unwrap_or_else(|_| "low".into());
+        let idle_streams = std::env::var("OBSERVERS_BENCH_IDLE").ok().and_then(|n| n.parse().ok()).unwrap_or(IDLE);
+        let max_streams = (idle_streams + OBSERVERS + 8).to_string();
         let daemon = Daemon::start(&[
+            "--max-observe-streams",
+            &max_streams,
             "--policy",
             "4k",
             "--prefault",
@@ -122,6 +143,7 @@ fn main() {
         // Warm up: the first attach maps and prefaults the guest memory file.
         run_machine(&daemon, pinned);
         let (mut none, mut fill, mut eight) = (Series::default(), Series::default(), Series::default());
+        let (mut idle, mut idle_rss_kib, mut rss_before_kib) = (Series::default(), 0u64, 0u64);
         let rounds = std::env::var("OBSERVERS_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS);
         for _ in 0..rounds {
             none.add(run_machine(&daemon, pinned));
@@ -149,6 +171,35 @@ fn main() {
                 o.abort();
             }
             std::thread::sleep(Duration::from_millis(100));
+            // Abuse: streams that never read, and requests that are refused.
+            // Memory in the first round (later rounds start with what the
+            // allocator kept of earlier streams).
+            let first_round = rss_before_kib == 0;
+            if first_round {
+                rss_before_kib = rss_kib(daemon.pid());
+            }
+            let held = runtime.block_on(async {
+                let mut held = Vec::new();
+                for _ in 0..idle_streams {
+                    let mut client = FaultTraceClient::connect(addr.clone()).await.unwrap();
+                    let req = ObserveRequest { follow: true, ..Default::default() };
+                    let stream = client.observe(req).await.unwrap().into_inner();
+                    held.push((client, stream));
+                }
+                let mut client = FaultTraceClient::connect(addr.clone()).await.unwrap();
+                for _ in 0..100 {
+                    let bad = ObserveRequest { first: true, follow: true, ..Default::default() };
+                    assert_eq!(client.observe(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+                }
+                held
+            });
+            run_machine(&daemon, pinned);
+            idle.add(run_machine(&daemon, pinned));
+            if first_round {
+                idle_rss_kib = rss_kib(daemon.pid());
+            }
+            drop(held);
+            std::thread::sleep(Duration::from_millis(300));
         }
         let tag = if pinned { "pinned" } else { "unpinned" };
         let a = none.row(&format!("{tag}, no observers"));
@@ -158,6 +209,13 @@ fn main() {
             "| {tag}: throughput with observers connected {:.1}% of without ({:.1}% in the run that fills their windows) | | | | | |",
             100.0 * b / a,
             100.0 * f / a
+        );
+        let c = idle.row(&format!("{tag}, {idle_streams} follow streams that never read, after their first run"));
+        println!(
+            "| {tag}: throughput with {idle_streams} idle streams {:.1}% of without; daemon anonymous RSS {} MiB with them, {} MiB before (first round) | | | | | |",
+            100.0 * c / a,
+            idle_rss_kib / 1024,
+            rss_before_kib / 1024
         );
     }
 }
