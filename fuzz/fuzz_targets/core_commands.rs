@@ -19,8 +19,8 @@ use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{kind, CommandRecord, FLAG_DEVICE};
 use hyp_core::ring::{Consumer, OwnedRing, Producer};
 use hyp_core::stage2::{Descriptor, Geometry, Perms, Walk};
-use hyp_core::testing::{HostMemory, NoTlb};
-use hyp_core::vm::{Outstanding, Vm};
+use hyp_core::testing::{CoreSnapshot, HostMemory, NoTlb};
+use hyp_core::vm::Vm;
 use libfuzzer_sys::fuzz_target;
 
 const OWN_BASE: u64 = 0x4000_0000;
@@ -306,31 +306,6 @@ fn esr(kind: FaultKind) -> u64 {
     }
 }
 
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    leaves: Vec<(u64, u8, u64)>,
-    table_pages: u64,
-    memcache: usize,
-    inval_seq: u64,
-    outstanding: Vec<Option<Outstanding>>,
-    hyp_pages: usize,
-    vm_pages: usize,
-}
-
-fn snapshot(vm: &Vm<&HostMemory>, owners: &PageOwnership<'_>, me: VmId) -> Snapshot {
-    let mut leaves = Vec::new();
-    vm.stage2().for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw()))).unwrap();
-    Snapshot {
-        leaves,
-        table_pages: vm.stage2().table_pages().unwrap(),
-        memcache: vm.memcache_len(),
-        inval_seq: vm.inval_seq(),
-        outstanding: (0..vm.nr_vcpus()).map(|v| vm.outstanding(v)).collect(),
-        hyp_pages: owners.count(Owner::Hyp),
-        vm_pages: owners.count(Owner::Vm(me)),
-    }
-}
-
 /// Commands executed, reported every 100,000 (scripts/fuzz.sh reports the last count).
 static COMMANDS: AtomicU64 = AtomicU64::new(0);
 
@@ -360,7 +335,7 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
     let control_results = OwnedRing::new();
     let mut results = Producer::attach(control_results.view()).unwrap();
     let mut drained = Consumer::attach(control_results.view()).unwrap();
-    let mut before = snapshot(&vm, &owners, me);
+    let mut before = CoreSnapshot::of(&vm, &owners);
     for op in ops {
         match op {
             Op::Fault { vcpu, ipa, kind } => {
@@ -405,7 +380,7 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
                         }
                     }
                     Some(reason) => {
-                        let mut after = snapshot(&vm, &owners, me);
+                        let mut after = CoreSnapshot::of(&vm, &owners);
                         if reason == Reject::StaleSequence && executed.completion.is_some() {
                             // The fault ends (the guest retries), nothing else.
                             assert_eq!(before.outstanding[vcpu as usize].map(|o| o.fault_id), Some(cmd.fault_id));
@@ -418,7 +393,7 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
             }
         }
         // The invariants, after every step.
-        let now = snapshot(&vm, &owners, me);
+        let now = CoreSnapshot::of(&vm, &owners);
         before = now;
         let now = &before;
         assert_eq!(

@@ -16,8 +16,9 @@ use core::ptr::NonNull;
 use crate::addr::{Ipa, Pa, PAGE_SIZE};
 use crate::ownership::{Owner, PageOwnership, VmId};
 use crate::ring::abi::{kind, CommandRecord};
+use crate::stage2::Descriptor;
 use crate::stage2::{Geometry, LinearMap, Memcache, Table, TableMemory, TlbMaintenance, MEMCACHE_CAPACITY};
-use crate::vm::{Executed, Vm};
+use crate::vm::{Executed, Outstanding, Vm};
 
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
@@ -129,5 +130,44 @@ impl HostCore {
     /// Executes `cmd` as if it arrived on `vcpu`'s command ring.
     pub fn execute(&mut self, vcpu: u32, cmd: &CommandRecord) -> Executed {
         self.vm.execute(vcpu, &cmd.encode(), &mut self.owners, &mut NoTlb)
+    }
+}
+
+/// Everything a command can change in one VM's core, to compare before and
+/// after: a refused command must change none of it.
+#[derive(Debug, PartialEq)]
+pub struct CoreSnapshot {
+    /// Every leaf: IPA, level, raw descriptor, in IPA order.
+    pub leaves: Vec<(u64, u8, u64)>,
+    /// Table pages below the root.
+    pub table_pages: u64,
+    /// Pages in the memcache.
+    pub memcache: usize,
+    /// The invalidation sequence.
+    pub inval_seq: u64,
+    /// Each vCPU's outstanding fault.
+    pub outstanding: Vec<Option<Outstanding>>,
+    /// Pages the hypervisor owns.
+    pub hyp_pages: usize,
+    /// Pages the VM owns.
+    pub vm_pages: usize,
+}
+
+impl CoreSnapshot {
+    /// The state of `vm`, whose pages `owners` tracks.
+    pub fn of<M: TableMemory>(vm: &Vm<M>, owners: &PageOwnership<'_>) -> Self {
+        let mut leaves = Vec::new();
+        vm.stage2()
+            .for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw())))
+            .expect("the VM's own tables walk");
+        Self {
+            leaves,
+            table_pages: vm.stage2().table_pages().expect("the VM's own tables walk"),
+            memcache: vm.memcache_len(),
+            inval_seq: vm.inval_seq(),
+            outstanding: (0..vm.nr_vcpus()).map(|v| vm.outstanding(v)).collect(),
+            hyp_pages: owners.count(Owner::Hyp),
+            vm_pages: owners.count(Owner::Vm(vm.id())),
+        }
     }
 }

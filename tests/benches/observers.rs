@@ -56,12 +56,7 @@ fn throughput(ns: &[u64]) -> f64 {
 /// Anonymous resident memory of `pid`, KiB: the daemon's own, without the
 /// guest memory it maps (shared with the machine).
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    faultline_system_tests::proc_status_kib(pid, "RssAnon")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

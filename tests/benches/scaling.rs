@@ -176,12 +176,7 @@ fn read_trace(base: u64, span: u64, pages: u64) -> tempfile::NamedTempFile {
 
 /// Resident set of `pid`, KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    faultline_system_tests::proc_status_kib(pid, "VmRSS")
 }
 
 /// A machine replaying `trace` with `args`: (faults, p50 us, p99 us, the

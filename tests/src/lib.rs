@@ -392,3 +392,14 @@ pub fn metric_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// A `/proc/<pid>/status` memory figure (`VmRSS`, `RssAnon`, ...), KiB;
+/// 0 if the process is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -8,8 +8,7 @@ use std::vec::Vec;
 
 use super::*;
 use crate::ring::{OwnedRing, OWNED_RING_ENTRIES};
-use crate::stage2::Descriptor;
-use crate::testing::{HostMemory, RecordingTlb};
+use crate::testing::{CoreSnapshot, HostMemory, RecordingTlb};
 
 const OWN_BASE: u64 = 0x4000_0000;
 const VM1_MEM: u64 = 0x4000_0000; // 16 MiB donated to vm1
@@ -71,29 +70,8 @@ fn map_cmd(fault_id: u64, ipa: u64, pa: u64, size: u64, perms: Perms) -> Command
     }
 }
 
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    leaves: Vec<(u64, u8, u64)>,
-    table_pages: u64,
-    memcache: usize,
-    inval_seq: u64,
-    outstanding: Vec<Option<Outstanding>>,
-    hyp_pages: usize,
-    vm1_pages: usize,
-}
-
-fn snapshot(vm: &Vm<&HostMemory>, owners: &PageOwnership<'_>) -> Snapshot {
-    let mut leaves = Vec::new();
-    vm.stage2().for_each_leaf(&mut |ipa, level, d: Descriptor| leaves.push((ipa.raw(), level, d.raw()))).unwrap();
-    Snapshot {
-        leaves,
-        table_pages: vm.stage2().table_pages().unwrap(),
-        memcache: vm.memcache_len(),
-        inval_seq: vm.inval_seq(),
-        outstanding: (0..vm.nr_vcpus()).map(|v| vm.outstanding(v)).collect(),
-        hyp_pages: owners.count(Owner::Hyp),
-        vm1_pages: owners.count(Owner::Vm(vm1())),
-    }
+fn snapshot(vm: &Vm<&HostMemory>, owners: &PageOwnership<'_>) -> CoreSnapshot {
+    CoreSnapshot::of(vm, owners)
 }
 
 #[test]
