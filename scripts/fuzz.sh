@@ -43,7 +43,7 @@ for t in "${targets[@]}"; do
   fi
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   line="$t: ${runs:-?} executions in ${seconds}s"
-  # core_commands reports the commands it executed, every million.
+  # core_commands reports the commands it executed, every 100,000.
   commands=$(sed -n 's/^core_commands: \([0-9]*\) commands executed$/\1/p' "$log" | tail -1)
   [ -n "$commands" ] && line="$line, $commands+ core commands"
   report+=("$line")
