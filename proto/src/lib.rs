@@ -7,6 +7,7 @@ pub mod v1 {
     tonic::include_proto!("faultline.v1");
 }
 
+pub mod client;
 pub mod convert;
 
 /// The pages (IPAs) a `DirtyLog` bitmap names: bit i of byte b is page

@@ -64,7 +64,7 @@ async fn main() {
     let daemon = Daemon::start(&["--policy", "4k"]);
     let rules = PolicyProcess::start("policy-sequential", &["--window", "0"]);
     let consult = PolicyProcess::start("policy-sequential", &["--window", "0", "--consult"]);
-    let mut control = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut control = PolicyControlClient::new(daemon.unix_channel().await);
     let names = ["built-in 4k", "rules", "consult"];
     // [config] -> per round: (rt p50, rt p99, decision p50, decision p99)
     let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); 3];

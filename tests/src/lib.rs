@@ -186,6 +186,26 @@ impl Daemon {
         format!("http://{}", self.logged_addr(GRPC_LISTENING))
     }
 
+    /// The daemon's gRPC Unix socket (its default, next to the attach
+    /// socket): it serves every call, those that change the daemon included.
+    pub fn grpc_socket(&self) -> PathBuf {
+        self.socket.with_file_name("grpc.sock")
+    }
+
+    /// [`Daemon::grpc_socket`] as a client address (`unix:PATH`).
+    pub fn grpc_unix_addr(&self) -> String {
+        format!("unix:{}", self.grpc_socket().display())
+    }
+
+    /// A channel to the daemon's gRPC Unix socket: every call, mutating
+    /// ones included (plain TCP serves observation only).
+    pub async fn unix_channel(&self) -> tonic::transport::Channel {
+        let address = faultline_proto::client::Address::Unix(self.grpc_socket());
+        faultline_proto::client::connect(&address, &Default::default())
+            .await
+            .expect("connecting to the gRPC Unix socket")
+    }
+
     /// The `host:port` of the Prometheus endpoint the daemon logged.
     pub fn metrics_addr(&self) -> String {
         self.logged_addr("metrics listening addr=")

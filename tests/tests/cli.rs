@@ -5,7 +5,8 @@ use std::process::Command;
 use faultline_system_tests::{binary, machine, run_machine, Daemon};
 
 fn faultline(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary("faultline")).arg("--server").arg(daemon.grpc_addr()).args(args).output().unwrap();
+    let out =
+        Command::new(binary("faultline")).arg("--server").arg(daemon.grpc_unix_addr()).args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -158,7 +158,7 @@ async fn metrics_agree_with_get_stats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
-    use hyper_util::rt::TokioIo;
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("grpc.sock");
     let daemon = Daemon::start(&["--grpc-unix-socket", path.to_str().unwrap(), "--spin-polls", "0"]);
@@ -167,19 +167,15 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
         assert!(std::time::Instant::now() < deadline, "no gRPC Unix socket");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let p = path.clone();
-    // The URI is required but unused: the connector dials the socket.
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50151")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap();
+    let address = faultline_proto::client::Address::Unix(path.clone());
+    let channel = faultline_proto::client::connect(&address, &Default::default()).await.unwrap();
     let mut health = HealthClient::new(channel.clone());
     let serving = health.check(HealthCheckRequest { service: "faultline.v1.FaultTrace".into() }).await.unwrap();
     assert_eq!(serving.into_inner().status(), ServingStatus::Serving, "over the Unix socket");
+    // [grpc_access]'s default mode (set before the daemon serves on it):
+    // the daemon's user and group.
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
 
     let mut control = ControlClient::new(channel.clone());
     let mut child = machine(&daemon)
@@ -300,7 +296,10 @@ fn pages(bitmap: &[u8]) -> Vec<u64> {
 async fn dirty_log_fetch_and_clear_rearms_logging() {
     const RAM: u64 = 0x4000_0000;
     let daemon = Daemon::start(&[]);
-    let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    // Clearing a log changes the daemon: the Unix socket serves it, plain
+    // TCP only peeks.
+    let mut control = ControlClient::new(daemon.unix_channel().await);
+    let mut tcp_control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     // Phase 0 writes pages 0..10 and reads 20..25; phase 1 writes 5..15 and
     // reads 0..5; phase 2 writes page 40 and rewrites 5.
@@ -327,6 +326,11 @@ async fn dirty_log_fetch_and_clear_rearms_logging() {
     let peeked = control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
     assert_eq!((peeked.gpa, peeked.pages, peeked.write_protect_commands), (RAM, 224 * 256, 0));
     assert_eq!(pages(&peeked.bitmap), (0..10).collect::<Vec<_>>());
+    let peeked_over_tcp = tcp_control.get_dirty_log(req(ram_slot, true)).await.unwrap().into_inner();
+    assert_eq!(peeked_over_tcp, peeked);
+    let denied = tcp_control.get_dirty_log(req(ram_slot, false)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains(&format!("unix:{}", daemon.grpc_socket().display())), "{}", denied.message());
     let fetched = control.get_dirty_log(req(ram_slot, false)).await.unwrap().into_inner();
     assert_eq!(pages(&fetched.bitmap), (0..10).collect::<Vec<_>>());
     assert_eq!((fetched.dirty_pages, fetched.write_protect_commands), (10, 1), "one run, one WRITE_PROTECT");

@@ -53,7 +53,7 @@ fn finish(child: Child, pattern: Pattern, ops: usize, seed: u64) -> serde_json::
 }
 
 async fn control(daemon: &Daemon) -> PolicyControlClient<Channel> {
-    PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap()
+    PolicyControlClient::new(daemon.unix_channel().await)
 }
 
 async fn use_policy(daemon: &Daemon, endpoint: &str, reconnect: Option<bool>) -> PolicyStatus {
@@ -531,9 +531,9 @@ async fn a_resident_budget_under_four_vcpus_keeps_every_page() {
 fn the_cli_lists_uses_shows_and_drops_policies() {
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
     let policy = PolicyProcess::start("policy-sequential", &["--window", "3"]);
-    let cli = |args: &[&str]| {
+    let cli_at = |server: &str, args: &[&str]| {
         let out = std::process::Command::new(faultline_system_tests::binary("faultline"))
-            .args(["--server", &daemon.grpc_addr()])
+            .args(["--server", server])
             .args(args)
             .output()
             .unwrap();
@@ -542,6 +542,16 @@ fn the_cli_lists_uses_shows_and_drops_policies() {
             String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     };
+    // Over plain TCP: listed, not changed; the error says where to go.
+    let tcp = daemon.grpc_addr();
+    let (ok, out) = cli_at(&tcp, &["policy", "use", &policy.endpoint]);
+    let socket = daemon.grpc_unix_addr();
+    assert!(!ok && out.contains("PermissionDenied: UsePolicy changes the daemon"), "{out}");
+    assert!(out.contains(&socket) && out.lines().count() == 1, "{out}");
+    let (ok, out) = cli_at(&tcp, &["policy", "list"]);
+    assert!(ok && out.contains("* default"), "{out}");
+    // On the Unix socket, everything.
+    let cli = |args: &[&str]| cli_at(&socket, args);
     let (ok, out) = cli(&["policy", "use", &policy.endpoint]);
     assert!(ok, "{out}");
     assert!(out.contains("policy: sequential-4k") && out.contains("decides: mapping-size, fault-around"), "{out}");
@@ -554,5 +564,5 @@ fn the_cli_lists_uses_shows_and_drops_policies() {
     assert!(out.contains("left: replaced: UseDefault; default in force"), "{out}");
     // A bad endpoint: a clear error, non-zero exit.
     let (ok, out) = cli(&["policy", "use", "http://127.0.0.1:1"]);
-    assert!(!ok && out.contains("unavailable"), "{out}");
+    assert!(!ok && out.contains("Unavailable: ") && out.contains("unavailable"), "{out}");
 }

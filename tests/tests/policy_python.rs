@@ -51,7 +51,7 @@ async fn the_python_policy_example_decides_a_workload() {
     let endpoint = line.trim().strip_prefix("LISTENING ").unwrap_or_else(|| panic!("policy said {line:?}")).to_string();
 
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
-    let mut control = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut control = PolicyControlClient::new(daemon.unix_channel().await);
     let status = control.use_policy(UsePolicyRequest { endpoint, reconnect: None }).await.unwrap().into_inner();
     assert_eq!((status.active.as_str(), status.rules), ("python-window", 1));
 

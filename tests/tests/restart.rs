@@ -51,7 +51,8 @@ async fn serving(daemon: &Daemon, vm: u32) -> String {
 
 /// Fetches (and clears) the dirty log of `vm`'s RAM memslot; the pages.
 async fn fetch_dirty(daemon: &Daemon, vm: u32) -> BTreeSet<u64> {
-    let mut c = ControlClient::connect(serving(daemon, vm).await).await.unwrap();
+    serving(daemon, vm).await;
+    let mut c = ControlClient::new(daemon.unix_channel().await);
     let log = c.get_dirty_log(GetDirtyLogRequest { vm_id: vm, memslot: 0, peek: false }).await.unwrap().into_inner();
     faultline_proto::dirty_pages(log.gpa, &log.bitmap).collect()
 }
@@ -82,7 +83,7 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
     const KILLS_PER_PHASE: usize = 10;
     let mut daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
     let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "4:32:fifo"]);
-    let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut pc = PolicyControlClient::new(daemon.unix_channel().await);
     let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
     assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
     let layout = Layout { nr_vcpus: 4, ..Layout::default() };
@@ -160,7 +161,7 @@ async fn sigkilled_daemons_are_replaced_under_a_running_guest_and_nothing_is_los
 
 /// The policy in force on `daemon`, as PolicyControl reports it.
 async fn active_policy(daemon: &Daemon) -> String {
-    let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut pc = PolicyControlClient::new(daemon.unix_channel().await);
     pc.get_policy_status(faultline_proto::v1::GetPolicyStatusRequest {}).await.unwrap().into_inner().active
 }
 
@@ -250,7 +251,7 @@ async fn crash_with_store_at(point: &str, nth: u32, vm: u16, budget: Option<&str
     let _policy = match budget {
         Some(b) => {
             let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", b]);
-            let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+            let mut pc = PolicyControlClient::new(daemon.unix_channel().await);
             let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
             assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
             Some(policy)
@@ -384,7 +385,8 @@ async fn killed_during_a_dirty_log_fetch_loses_no_dirty_page() {
         TracedMachine::spawn(&daemon, &["--vm-id", "15", "--vcpus", "2", "--dirty-log", "--spin-polls", "0"], &trace);
     tokio::task::block_in_place(|| m.wait_paused(0));
     // The fetch dies with its daemon: the caller gets an error.
-    let mut c = ControlClient::connect(serving(&daemon, 15).await).await.unwrap();
+    serving(&daemon, 15).await;
+    let mut c = ControlClient::new(daemon.unix_channel().await);
     let failed = c.get_dirty_log(GetDirtyLogRequest { vm_id: 15, memslot: 0, peek: false }).await;
     assert!(failed.is_err(), "the fetch should have died with the daemon");
     tokio::task::block_in_place(|| daemon.restart_after_exit(faultline_system_tests::CRASH_AT_ENV));
@@ -413,7 +415,7 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
     // stores, which each new daemon reads only once the VM is its own.
     let mut daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000", "--swap-compression", "lz4"]);
     let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "16:32:fifo"]);
-    let mut pc = PolicyControlClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut pc = PolicyControlClient::new(daemon.unix_channel().await);
     let req = UsePolicyRequest { endpoint: policy.endpoint.clone(), reconnect: None };
     assert_eq!(pc.use_policy(req).await.unwrap().into_inner().budgets, 1);
     let layout = Layout { nr_vcpus: 4, ..Layout::default() };

@@ -55,10 +55,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines.next().context("the daemon exited before listening")??;
-        if let Some(rest) = line.split("gRPC listening").nth(1) {
-            let addr =
-                rest.split("addr=").nth(1).context("address in log line")?.split_whitespace().next().unwrap_or("");
-            break format!("http://{addr}");
+        // The TCP listener's line (the Unix socket's says path=).
+        if let Some(rest) = line.split("gRPC listening addr=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap_or(""));
         }
     };
     // Keep draining the daemon's log so it never blocks on a full pipe.

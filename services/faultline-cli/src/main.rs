@@ -3,9 +3,12 @@
 
 mod demo;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use faultline::{compact, dirty_ranges, json, parse_time, row, Format, TABLE_HEADER};
+use faultline_proto::client::{Address, ClientTls};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
@@ -18,9 +21,20 @@ use faultline_proto::v1::{
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// The daemon's gRPC address.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:50151")]
-    server: String,
+    /// The daemon's gRPC address: unix:PATH, http://HOST:PORT (read-only
+    /// calls) or https://HOST:PORT (mutual TLS). Default: the Unix socket
+    /// /run/faultline/grpc.sock if it exists, else http://127.0.0.1:50151.
+    #[arg(long, global = true)]
+    server: Option<Address>,
+    /// https://: PEM of the CA that signed the daemon's certificate.
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// https://: PEM of this client's certificate (mutual TLS).
+    #[arg(long, global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// https://: PEM of this client's private key.
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -150,6 +164,12 @@ enum VmCommand {
     },
 }
 
+/// A call the daemon refused or failed, as one line: the status code and
+/// the daemon's reason.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
 fn outcome(name: &str) -> anyhow::Result<i32> {
     let wanted = name.replace('-', "_").to_uppercase();
     (1..=8)
@@ -160,8 +180,22 @@ fn outcome(name: &str) -> anyhow::Result<i32> {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with its causes, whatever RUST_BACKTRACE says: the
+            // error is for the operator, not a report of a bug.
+            eprintln!("faultline: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let server = cli.server.clone().unwrap_or_else(Address::default_for_host);
+    let tls = ClientTls { ca: cli.tls_ca.clone(), cert: cli.tls_cert.clone(), key: cli.tls_key.clone() };
+    let channel = || faultline_proto::client::connect(&server, &tls);
     match cli.command {
         Command::Demo { vcpus, ops, pattern, lines_per_second } => {
             demo::run(demo::DemoArgs { vcpus, ops, pattern, max_lines_per_second: lines_per_second }).await?;
@@ -172,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
                 v.map(|v| parse_time(&v, now).map(prost_types::Timestamp::from)).transpose().map_err(Into::into)
             };
             let (since, until) = (stamp(since)?, stamp(until)?);
-            let mut client = FaultTraceClient::connect(cli.server.clone()).await.context("connecting to the daemon")?;
+            let mut client = FaultTraceClient::new(channel().await?);
             let outcome_filter = FaultFilter {
                 outcome: outcomes.iter().map(|o| outcome(o)).collect::<anyhow::Result<_>>()?,
                 ..Default::default()
@@ -215,11 +249,11 @@ async fn main() -> anyhow::Result<()> {
                 denylist,
                 ..Default::default()
             };
-            let mut stream = client.observe(req).await.context("observe")?.into_inner();
+            let mut stream = client.observe(req).await.map_err(refused)?.into_inner();
             if output == Format::Table {
                 println!("{TABLE_HEADER}");
             }
-            while let Some(r) = stream.message().await? {
+            while let Some(r) = stream.message().await.map_err(refused)? {
                 match r.response_types {
                     Some(ResponseTypes::Fault(e)) => match output {
                         Format::Compact => println!("{}", compact(&e)),
@@ -236,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
             let mut machine = std::process::Command::new(faultline::sibling("qemu-machine")?);
             // The daemon's gRPC address, unless the arguments name one.
             if !args.iter().any(|a| a == "--grpc" || a.starts_with("--grpc=")) {
-                machine.args(["--grpc", &cli.server]);
+                machine.arg("--grpc").arg(server.to_string());
             }
             let status = machine.args(&args).status().context("running qemu-machine")?;
             if !status.success() {
@@ -244,8 +278,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status => {
-            let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
-            let s = client.server_status(ServerStatusRequest {}).await?.into_inner();
+            let mut client = FaultTraceClient::new(channel().await?);
+            let s = client.server_status(ServerStatusRequest {}).await.map_err(refused)?.into_inner();
             println!("events in buffer: {} / {}", s.num_events, s.max_events);
             println!("events seen:      {}", s.seen_events);
             println!("events lost:      {}", s.lost_events);
@@ -260,8 +294,8 @@ async fn main() -> anyhow::Result<()> {
             println!("started:          {started}; VMs taken back: {}", s.reattached_vms);
         }
         Command::Stats => {
-            let mut client = FaultTraceClient::connect(cli.server).await.context("connecting to the daemon")?;
-            let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
+            let mut client = FaultTraceClient::new(channel().await?);
+            let s = client.get_stats(GetStatsRequest {}).await.map_err(refused)?.into_inner();
             println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
             if let Some(p) = &s.pool {
                 println!(
@@ -309,8 +343,12 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::DirtyLog { vm, memslot, peek, output } => {
-            let mut client = ControlClient::connect(cli.server).await.context("connecting to the daemon")?;
-            let log = client.get_dirty_log(GetDirtyLogRequest { vm_id: vm, memslot, peek }).await?.into_inner();
+            let mut client = ControlClient::new(channel().await?);
+            let log = client
+                .get_dirty_log(GetDirtyLogRequest { vm_id: vm, memslot, peek })
+                .await
+                .map_err(refused)?
+                .into_inner();
             let ranges = dirty_ranges(log.gpa, &log.bitmap);
             match output {
                 Format::Json => println!(
@@ -345,10 +383,11 @@ async fn main() -> anyhow::Result<()> {
             use faultline_proto::v1::{
                 GetPolicyStatusRequest, ListPoliciesRequest, UseDefaultRequest, UsePolicyRequest,
             };
-            let mut client = PolicyControlClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let mut client = PolicyControlClient::new(channel().await?);
             let status = match command {
                 PolicyCommand::List => {
-                    for p in client.list_policies(ListPoliciesRequest {}).await?.into_inner().policies {
+                    for p in client.list_policies(ListPoliciesRequest {}).await.map_err(refused)?.into_inner().policies
+                    {
                         let mark = if p.active { "*" } else { " " };
                         let at = if p.endpoint.is_empty() { "built-in".to_string() } else { p.endpoint };
                         println!("{mark} {} {} ({at})", p.name, p.version);
@@ -358,18 +397,22 @@ async fn main() -> anyhow::Result<()> {
                 PolicyCommand::Use { endpoint, reconnect, no_reconnect } => {
                     let reconnect = (reconnect || no_reconnect).then_some(reconnect);
                     let req = UsePolicyRequest { endpoint, reconnect };
-                    client.use_policy(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner()
+                    client.use_policy(req).await.map_err(refused)?.into_inner()
                 }
-                PolicyCommand::Status => client.get_policy_status(GetPolicyStatusRequest {}).await?.into_inner(),
-                PolicyCommand::Default => client.use_default(UseDefaultRequest {}).await?.into_inner(),
+                PolicyCommand::Status => {
+                    client.get_policy_status(GetPolicyStatusRequest {}).await.map_err(refused)?.into_inner()
+                }
+                PolicyCommand::Default => client.use_default(UseDefaultRequest {}).await.map_err(refused)?.into_inner(),
             };
             print!("{}", faultline::policy_status(&status));
         }
         Command::Vm { command } => {
-            let mut client = ControlClient::connect(cli.server).await.context("connecting to the daemon")?;
+            let mut client = ControlClient::new(channel().await?);
             let vms = match command {
-                VmCommand::List => client.list_vms(ListVmsRequest {}).await?.into_inner().vms,
-                VmCommand::Show { id } => vec![client.get_vm(GetVmRequest { vm_id: id }).await?.into_inner()],
+                VmCommand::List => client.list_vms(ListVmsRequest {}).await.map_err(refused)?.into_inner().vms,
+                VmCommand::Show { id } => {
+                    vec![client.get_vm(GetVmRequest { vm_id: id }).await.map_err(refused)?.into_inner()]
+                }
             };
             for vm in vms {
                 println!(

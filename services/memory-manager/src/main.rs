@@ -35,7 +35,8 @@ struct Args {
     /// gRPC listen address, e.g. 127.0.0.1:50151 (overrides the file).
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
-    /// Also serve gRPC on this Unix socket (overrides the file).
+    /// The gRPC Unix socket, which serves every call (default: grpc.sock
+    /// next to the attach socket; overrides the file).
     #[arg(long)]
     grpc_unix_socket: Option<PathBuf>,
     /// Prometheus /metrics listen address, e.g. 127.0.0.1:50152 (overrides the file).

@@ -124,7 +124,7 @@ pub struct QemuArgs {
     pub timeout: Duration,
     /// The daemon's gRPC address, to read logged memslots' dirty bitmaps
     /// before detaching (the stage-1 probe with a dirty-log memslot).
-    pub grpc: String,
+    pub grpc: faultline_proto::client::Address,
     /// How long a daemon that went away is waited for.
     pub reattach_deadline: Duration,
     /// Pause the guest before this fault (1 is the first) until a line
@@ -146,11 +146,12 @@ const DATA_SLOT: u32 = 1;
 const TABLES_SLOT: u32 = 3;
 
 /// The dirty pages of memslot `slot` (at `gpa`), read without clearing.
-fn dirty_pages(grpc: &str, slot: u32, gpa: u64) -> anyhow::Result<Vec<u64>> {
+fn dirty_pages(grpc: &faultline_proto::client::Address, slot: u32, gpa: u64) -> anyhow::Result<Vec<u64>> {
     use faultline_proto::v1::control_client::ControlClient;
     use faultline_proto::v1::GetDirtyLogRequest;
     let log = tokio::runtime::Handle::current().block_on(async {
-        let mut client = ControlClient::connect(grpc.to_string()).await?;
+        let channel = faultline_proto::client::connect(grpc, &Default::default()).await?;
+        let mut client = ControlClient::new(channel);
         let req = GetDirtyLogRequest { vm_id: 1, memslot: slot, peek: true };
         anyhow::Ok(client.get_dirty_log(req).await?.into_inner())
     })?;

@@ -16,9 +16,10 @@ struct Args {
     /// The daemon's attach socket.
     #[arg(long, default_value = "/run/faultline/attach.sock")]
     attach_socket: PathBuf,
-    /// The daemon's gRPC address (dirty logs are read there before detach).
-    #[arg(long, default_value = "http://127.0.0.1:50151")]
-    grpc: String,
+    /// The daemon's gRPC address, unix:PATH or http://HOST:PORT (dirty logs
+    /// are read there before detach).
+    #[arg(long, default_value = faultline_proto::client::DEFAULT_TCP)]
+    grpc: faultline_proto::client::Address,
     /// The EL2 image (default: the one scripts/build-el2-image.sh builds
     /// next to this binary's target directory).
     #[arg(long)]

@@ -7,6 +7,7 @@ use faultline_proto::v1::{self as pb, GetDirtyLogRequest, GetVmRequest, ListVmsR
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::access::Transport;
 use super::convert;
 use crate::attach::registry::VmTable;
 use crate::link::dirty;
@@ -14,12 +15,13 @@ use crate::link::dirty;
 /// The Control service.
 pub struct ControlService {
     vms: Arc<VmTable>,
+    transport: Transport,
 }
 
 impl ControlService {
-    /// The service over the attached `vms`.
-    pub fn new(vms: Arc<VmTable>) -> Self {
-        Self { vms }
+    /// The service over the attached `vms`, reached over `transport`.
+    pub fn new(vms: Arc<VmTable>, transport: Transport) -> Self {
+        Self { vms, transport }
     }
 }
 
@@ -42,6 +44,10 @@ impl Control for ControlService {
     #[instrument(skip(self, request))]
     async fn get_dirty_log(&self, request: Request<GetDirtyLogRequest>) -> Result<Response<pb::DirtyLog>, Status> {
         let GetDirtyLogRequest { vm_id, memslot, peek } = request.into_inner();
+        // Before any lookup: a denied caller learns nothing about the VMs.
+        if !peek {
+            self.transport.permit_mutation("GetDirtyLog without peek (it clears the log)")?;
+        }
         let vm = self.vms.get(vm_id).ok_or_else(|| Status::not_found(format!("vm {vm_id} is not attached")))?;
         let Some(slot) = vm.layout.memslots.by_id(memslot as usize) else {
             return Err(Status::not_found(format!("vm {vm_id} has no memslot {memslot}")));

@@ -3,6 +3,7 @@
 //! Prometheus metrics. It reads the daemon's state only through the
 //! [`sources::Sources`] the daemon hands it.
 
+pub mod access;
 pub mod control;
 pub mod convert;
 pub mod fault_trace;

@@ -8,17 +8,19 @@ use faultline_proto::v1::policy_control_server::PolicyControl;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::access::Transport;
 use crate::policy::host::{PolicyHost, UseError};
 
 /// The PolicyControl service.
 pub struct PolicyControlService {
     policies: Arc<PolicyHost>,
+    transport: Transport,
 }
 
 impl PolicyControlService {
-    /// The service over the policy host.
-    pub fn new(policies: Arc<PolicyHost>) -> Self {
-        Self { policies }
+    /// The service over the policy host, reached over `transport`.
+    pub fn new(policies: Arc<PolicyHost>, transport: Transport) -> Self {
+        Self { policies, transport }
     }
 }
 
@@ -44,6 +46,7 @@ impl PolicyControl for PolicyControlService {
 
     #[instrument(skip(self, request), fields(endpoint = %request.get_ref().endpoint))]
     async fn use_policy(&self, request: Request<pb::UsePolicyRequest>) -> Result<Response<pb::PolicyStatus>, Status> {
+        self.transport.permit_mutation("UsePolicy")?;
         let req = request.into_inner();
         if req.endpoint.is_empty() {
             return Err(Status::invalid_argument("endpoint is empty"));
@@ -57,6 +60,7 @@ impl PolicyControl for PolicyControlService {
         &self,
         _request: Request<pb::UseDefaultRequest>,
     ) -> Result<Response<pb::PolicyStatus>, Status> {
+        self.transport.permit_mutation("UseDefault")?;
         Ok(Response::new(self.policies.use_default()))
     }
 

@@ -1,6 +1,7 @@
 //! The gRPC server: FaultTrace, Control and PolicyControl, with
 //! grpc.health.v1 and server reflection (v1 and v1alpha), so `grpcurl` can
-//! list and call everything; served on TCP and optionally on a Unix socket.
+//! list and call everything; served on a Unix socket and on TCP. Calls that
+//! change the daemon are served on TCP only with mutual TLS ([`access`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,43 +13,63 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::access::{GrpcAccess, Transport};
 use super::control::ControlService;
 use super::fault_trace::FaultTraceService;
 use super::policy_control::PolicyControlService;
 use super::sources::Sources;
 
-/// Serves gRPC on `addr` (and on the Unix socket `unix`, if given) until
-/// `shutdown` is cancelled (follow streams end then too, so the server stops
-/// promptly); sends the bound TCP address to `bound` once listening.
+/// Where and how gRPC is served.
+pub struct Listeners {
+    /// The TCP address.
+    pub tcp: SocketAddr,
+    /// Mutual TLS on TCP, if configured
+    /// ([`GrpcTls::server_config`](super::access::GrpcTls::server_config)).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The Unix socket.
+    pub unix: std::path::PathBuf,
+    /// The Unix socket's mode and group.
+    pub unix_access: GrpcAccess,
+}
+
+/// Serves gRPC on `listeners` until `shutdown` is cancelled (follow streams
+/// end then too, so the server stops promptly); sends the bound TCP address
+/// to `bound` once listening.
 pub async fn serve(
     sources: Sources,
-    addr: SocketAddr,
-    unix: Option<std::path::PathBuf>,
+    listeners: Listeners,
     shutdown: CancellationToken,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let listener = bind(addr, "gRPC", sources.lifecycle.took_over).await?;
+    let tls = listeners.tls;
+    let listener = bind(listeners.tcp, "gRPC", sources.lifecycle.took_over).await?;
     let local = listener.local_addr()?;
-    let unix_listener = match &unix {
-        Some(path) => {
-            // A socket left by a daemon that did not exit cleanly.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            {
-                std::fs::remove_file(path)?;
-            }
-            let l = tokio::net::UnixListener::bind(path)
-                .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {}: {e}", path.display()))?;
-            info!(path = %path.display(), "gRPC listening on Unix socket");
-            Some(l)
-        }
-        None => None,
+    let path = &listeners.unix;
+    // A socket left by a daemon that did not exit cleanly. A daemon taking
+    // over replaces its predecessor's: new clients reach the new daemon.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        std::fs::remove_file(path)?;
+    }
+    let unix_listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {}: {e}", path.display()))?;
+    let ours = socket_identity(path)?;
+    listeners
+        .unix_access
+        .apply(path)
+        .map_err(|e| anyhow::anyhow!("setting the gRPC Unix socket's mode and group ([grpc_access]): {e}"))?;
+    info!(path = %path.display(), "gRPC listening on Unix socket");
+    let tcp_transport = match tls {
+        Some(_) => Transport::MutualTls,
+        None => Transport::plain_tcp(path),
     };
-    info!(addr = %local, "gRPC listening");
+    info!(addr = %local, mutual_tls = tls.is_some(), "gRPC listening");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
     health.set_serving::<ControlServer<ControlService>>().await;
     health.set_serving::<PolicyControlServer<PolicyControlService>>().await;
-    let router = || -> anyhow::Result<tonic::transport::server::Router> {
+    let router = |transport: Transport,
+                  tls: Option<tonic::transport::ServerTlsConfig>|
+     -> anyhow::Result<tonic::transport::server::Router> {
         // Each version lists every service served, the other version included.
         // Only what is served: policy.proto also defines MemoryPolicy, which
         // policy services serve and the daemon calls.
@@ -72,10 +93,14 @@ pub async fn serve(
         let reflection_v1alpha = reflection()
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let control = ControlService::new(sources.vms.clone());
+        let control = ControlService::new(sources.vms.clone(), transport.clone());
         let service = FaultTraceService::new(sources.clone(), shutdown.clone());
-        let policy = PolicyControlService::new(sources.policies.clone());
-        Ok(tonic::transport::Server::builder()
+        let policy = PolicyControlService::new(sources.policies.clone(), transport);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        Ok(builder
             .add_service(health_service.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -84,20 +109,25 @@ pub async fn serve(
             .add_service(PolicyControlServer::new(policy)))
     };
     let stopped = |t: CancellationToken| async move { t.cancelled().await };
-    let tcp = router()?.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));
+    let tcp = router(tcp_transport, tls)?
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));
+    let uds = router(Transport::UnixSocket, None)?
+        .serve_with_incoming_shutdown(UnixListenerStream::new(unix_listener), stopped(shutdown.clone()));
     let _ = bound.send(local);
-    match unix_listener {
-        Some(l) => {
-            let uds = router()?.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped(shutdown.clone()));
-            let served = tokio::try_join!(tcp, uds).map(|_| ());
-            if let Some(path) = &unix {
-                let _ = std::fs::remove_file(path);
-            }
-            served?;
-        }
-        None => tcp.await?,
+    let served = tokio::try_join!(tcp, uds).map(|_| ());
+    // Only if it is still ours: a daemon that took over may have bound
+    // its own socket at the same path by now.
+    if socket_identity(path).ok() == Some(ours) {
+        let _ = std::fs::remove_file(path);
     }
+    served?;
     Ok(())
+}
+
+/// The device and inode of the socket file at `path`.
+fn socket_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
 /// How long a daemon that takes over waits for its predecessor to let go

@@ -11,6 +11,7 @@ pub const DEFAULT_METRICS_PORT: u16 = 50_152;
 use serde::Deserialize;
 
 use super::priority::ApiPriority;
+use crate::api::access::{GrpcAccess, GrpcTls};
 use crate::attach::access::AttachAccess;
 use crate::attach::admission::Limits;
 use crate::memory::swap::SwapCompression;
@@ -45,10 +46,16 @@ pub struct Config {
     /// instead of binding the attach socket (an upgrade without a restart).
     #[serde(skip)]
     pub takeover_from: Option<PathBuf>,
-    /// Address the gRPC API listens on (FaultTrace, health, reflection).
+    /// Address the gRPC API listens on. Plain TCP serves the read-only
+    /// calls; with `[grpc_tls]`, every call to clients with a certificate.
     pub grpc_listen: SocketAddr,
-    /// Also serve the gRPC API on this Unix socket (none by default).
+    /// The gRPC Unix socket, which serves every call, those that change the
+    /// daemon included; by default `grpc.sock` next to the attach socket.
     pub grpc_unix_socket: Option<PathBuf>,
+    /// The gRPC Unix socket's file mode and group (`[grpc_access]`).
+    pub grpc_access: GrpcAccess,
+    /// Mutual TLS on the gRPC TCP listener (`[grpc_tls]`); none: plain TCP.
+    pub grpc_tls: Option<GrpcTls>,
     /// Address of the Prometheus `/metrics` HTTP endpoint.
     pub metrics_listen: SocketAddr,
     /// The built-in policy in force.
@@ -120,6 +127,11 @@ impl Config {
         }
     }
 
+    /// The gRPC Unix socket.
+    pub fn grpc_unix_socket(&self) -> PathBuf {
+        self.grpc_unix_socket.clone().unwrap_or_else(|| self.attach_socket.with_file_name("grpc.sock"))
+    }
+
     /// Where this daemon listens for a successor that takes over.
     pub fn takeover_socket(&self) -> PathBuf {
         self.takeover_socket.clone().unwrap_or_else(|| self.attach_socket.with_file_name("takeover.sock"))
@@ -135,6 +147,8 @@ impl Default for Config {
             takeover_from: None,
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             grpc_unix_socket: None,
+            grpc_access: GrpcAccess::default(),
+            grpc_tls: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
             policy: PolicyKind::Default,
             spin_polls: 20_000,

@@ -92,6 +92,9 @@ const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 /// Runs the daemon until `shutdown` completes, then stops serving, detaches
 /// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before anything listens: a daemon that cannot serve TLS as told
+    // must not take VMs first.
+    let grpc_tls = config.grpc_tls.as_ref().map(crate::api::access::GrpcTls::server_config).transpose()?;
     let daemon = Arc::new(Daemon::new(config)?);
     info!(
         policy = daemon.sources.policies.load().policy.name(),
@@ -139,13 +142,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let grpc_stop = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let grpc = tokio::spawn(crate::api::server::serve(
-        daemon.sources.clone(),
-        daemon.config().grpc_listen,
-        daemon.config().grpc_unix_socket.clone(),
-        grpc_stop.clone(),
-        bound_tx,
-    ));
+    let listeners = crate::api::server::Listeners {
+        tcp: daemon.config().grpc_listen,
+        tls: grpc_tls,
+        unix: daemon.config().grpc_unix_socket(),
+        unix_access: daemon.config().grpc_access.clone(),
+    };
+    let grpc = tokio::spawn(crate::api::server::serve(daemon.sources.clone(), listeners, grpc_stop.clone(), bound_tx));
     let (metrics_tx, metrics_rx) = tokio::sync::oneshot::channel();
     let metrics = tokio::spawn(crate::api::metrics::serve(
         daemon.sources.clone(),
