@@ -192,14 +192,18 @@ impl Daemon {
         self.socket.with_file_name("grpc.sock")
     }
 
-    /// [`Daemon::grpc_socket`] as a client address (`unix:PATH`).
+    /// [`Daemon::grpc_socket`] as a client address (`unix:PATH`), once the
+    /// daemon serves it.
     pub fn grpc_unix_addr(&self) -> String {
+        self.logged_addr(GRPC_LISTENING);
         format!("unix:{}", self.grpc_socket().display())
     }
 
     /// A channel to the daemon's gRPC Unix socket: every call, mutating
     /// ones included (plain TCP serves observation only).
     pub async fn unix_channel(&self) -> tonic::transport::Channel {
+        // The socket is bound before the TCP listener logs its address.
+        self.logged_addr(GRPC_LISTENING);
         let address = faultline_proto::client::Address::Unix(self.grpc_socket());
         faultline_proto::client::connect(&address, &Default::default())
             .await

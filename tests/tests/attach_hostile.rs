@@ -441,3 +441,67 @@ fn an_attach_from_a_user_not_allowed_is_refused_with_its_credentials() {
     let out = machine(&daemon).args(["--vm-id", "46", "--ops", "100", "--spin-polls", "0"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn under_host_memory_pressure_fresh_backing_past_the_reserve_is_refused_until_the_pressure_ends() {
+    use faultline_system_tests::{metric_samples, scrape_metrics};
+    // The daemon reads PSI from a file the test writes (the kernel's
+    // format), every 20 ms; pressure from some avg10 = 30%, 1 MiB reserve.
+    let dir = tempfile::tempdir().unwrap();
+    let psi = dir.path().join("memory.pressure");
+    let calm = "some avg10=0.50 avg60=0.10 avg300=0.00 total=1000\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=10\n";
+    let pressed =
+        "some avg10=80.00 avg60=20.00 avg300=5.00 total=90000\nfull avg10=40.00 avg60=9.00 avg300=1.00 total=500\n";
+    std::fs::write(&psi, calm).unwrap();
+    let config = dir.path().join("memory-manager.toml");
+    std::fs::write(
+        &config,
+        format!("[host_memory]\npsi_file = {psi:?}\nsome_avg10_percent = 30\nreserve_mib = 1\npoll_ms = 20\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&["--config", config.to_str().unwrap(), "--spin-polls", "0", "--policy", "4k"]);
+    let metrics = daemon.metrics_addr();
+    let sample = |name: &str| metric_samples(&scrape_metrics(&metrics)).get(name).copied().unwrap_or(-1.0);
+    let wait_for = |name: &str, want: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while sample(name) != want {
+            assert!(std::time::Instant::now() < deadline, "{name} never became {want}: {}", daemon.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Writes to fresh 4 KiB pages: 16 while calm, 512 under pressure (the
+    // reserve is 256 pages), 100 once it is over.
+    const RAM: u64 = 0x4000_0000;
+    let writes =
+        |pages: std::ops::Range<u64>| -> String { pages.map(|p| format!("0 W {:#x} 8\n", RAM + p * 4096)).collect() };
+    let text = [writes(0..16), writes(100..612), writes(1000..1100)].join("PAUSE\n");
+    let trace = dir.path().join("grow.trace");
+    std::fs::write(&trace, text).unwrap();
+    let args = ["--vm-id", "45", "--vcpus", "1", "--spin-polls", "0", "--ram-page-kib", "4"];
+    let mut m = TracedMachine::spawn(&daemon, &args, &trace);
+    m.wait_paused(0);
+    assert_eq!(sample("faultline_host_memory_pressure"), 0.0);
+
+    std::fs::write(&psi, pressed).unwrap();
+    wait_for("faultline_host_memory_pressure", 1.0);
+    assert_eq!(sample("faultline_host_memory_reserve_left_bytes"), (1 << 20) as f64);
+    m.resume();
+    m.wait_paused(1);
+    assert_eq!(sample("faultline_host_memory_refused_faults_total"), 256.0);
+    assert_eq!(sample("faultline_faults_total{outcome=\"refused-host-pressure\"}"), 256.0);
+    assert_eq!(sample("faultline_host_memory_reserve_left_bytes"), 0.0);
+    assert_eq!(sample("faultline_host_memory_psi_some_avg10"), 80.0);
+    assert!(daemon.log().contains("host memory pressure: fresh backing is limited to the reserve"), "{}", daemon.log());
+
+    std::fs::write(&psi, calm).unwrap();
+    wait_for("faultline_host_memory_pressure", 0.0);
+    m.resume();
+    drop(m.stdin);
+    let out = m.child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["injected"].as_u64(), Some(256), "only the writes past the reserve were refused");
+    assert_eq!(summary["faults"].as_u64(), Some(16 + 512 + 100));
+    assert_eq!(sample("faultline_host_memory_pressure_episodes_total"), 1.0);
+    assert!(daemon.log().contains("host memory pressure over"), "{}", daemon.log());
+}

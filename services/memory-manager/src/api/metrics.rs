@@ -138,6 +138,7 @@ impl Collector for FaultCollector {
             "Observe streams refused at max_observe_streams.",
             sources.streams.refused(),
         )?;
+        self.encode_host_memory(&mut encoder)?;
 
         let mut latency = encoder.encode_descriptor(
             "faultline_fault_latency",
@@ -241,6 +242,39 @@ impl FaultCollector {
     }
 
     /// The policy in force and its watchdog's counters.
+    fn encode_host_memory(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let host = &self.0.host;
+        let pressure =
+            "1 while the host is under memory pressure (PSI some avg10 at or over host_memory.some_avg10_percent).";
+        gauge(encoder, "faultline_host_memory_pressure", pressure, i64::from(host.under_pressure()))?;
+        let psi = encoder.encode_descriptor(
+            "faultline_host_memory_psi_some_avg10",
+            "PSI memory some avg10 as last read, percent.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(host.some_avg10()).encode(psi)?;
+        counter(
+            encoder,
+            "faultline_host_memory_pressure_episodes",
+            "Episodes of host memory pressure.",
+            host.episodes(),
+        )?;
+        counter(
+            encoder,
+            "faultline_host_memory_refused_faults",
+            "Faults refused fresh backing under host memory pressure, past the reserve.",
+            host.refused(),
+        )?;
+        let left = encoder.encode_descriptor(
+            "faultline_host_memory_reserve_left",
+            "Fresh backing still handed out in this episode of pressure.",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(host.reserve_left() as i64).encode(left)
+    }
+
     fn encode_policy(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         use faultline_proto::v1::PolicyExitKind;
         let host = &self.0.policies;

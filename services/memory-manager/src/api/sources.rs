@@ -1,6 +1,7 @@
 //! What the API reads and acts on, handed to it by the daemon: the
 //! attached VMs, the fault history, the policy host and the service pool.
 
+use crate::memory::pressure::HostMemory;
 use std::sync::Arc;
 
 use super::streams::StreamLimit;
@@ -34,4 +35,6 @@ pub struct Sources {
     pub pool: Arc<ServicePool>,
     /// The Observe streams open, against their maximum.
     pub streams: Arc<StreamLimit>,
+    /// The host's memory pressure and the reserve left.
+    pub host: Arc<HostMemory>,
 }

@@ -35,6 +35,7 @@ use crate::link::rebuild::{check_handed, rebuild};
 use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
+use crate::memory::pressure::HostMemory;
 use crate::memory::swap::SwapCompression;
 use crate::observe::hub::EventHub;
 use crate::policy::host::PolicyHost;
@@ -98,22 +99,27 @@ pub struct AttachServer {
     /// The threads that serve the vCPUs' rings.
     pool: Arc<ServicePool>,
     settings: AttachSettings,
+    /// The host's memory pressure, which every VM's fresh backing is
+    /// admitted under.
+    host: Arc<HostMemory>,
     stopping: AtomicBool,
     /// Set when a new daemon takes over: every connection hands its VM to it.
     handover: Mutex<Option<Arc<HandoverSink>>>,
 }
 
 impl AttachServer {
-    /// A server registering VMs in `vms`, serving them with `policies` and
-    /// recording their faults in `events`.
+    /// A server registering VMs in `vms` (on `host`), serving them with
+    /// `policies` and recording their faults in `events`.
     pub fn new(
         vms: Arc<VmTable>,
         policies: Arc<PolicyHost>,
         events: Arc<EventHub>,
         pool: Arc<ServicePool>,
+        host: Arc<HostMemory>,
         settings: AttachSettings,
     ) -> Self {
-        Self { vms, policies, events, pool, settings, stopping: AtomicBool::new(false), handover: Mutex::new(None) }
+        let (stopping, handover) = (AtomicBool::new(false), Mutex::new(None));
+        Self { vms, policies, events, pool, settings, host, stopping, handover }
     }
 
     /// Begins shutdown: the accept loop returns and every VM is left as it
@@ -256,7 +262,7 @@ impl AttachServer {
         if reattach {
             state.check_description(&req).map_err(|e| refuse(Status::Mismatch, e.to_string()))?;
         }
-        let attached = map(&req, fds, &state, self.settings.swap_compression)?;
+        let attached = map(&req, fds, &state, self.settings.swap_compression, self.host.clone())?;
         if !reattach {
             state
                 .save_description(&req)

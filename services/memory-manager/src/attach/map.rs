@@ -23,6 +23,7 @@ use crate::memory::layout::VmLayout;
 use crate::memory::mapping::private_dirty_logs;
 use crate::memory::memslot::{Memslot, Memslots, SlotFlags};
 use crate::memory::pool::PagePool;
+use crate::memory::pressure::HostMemory;
 use crate::memory::region::{ContentsWindow, GuestRegion, RegionSpec};
 use crate::memory::swap::SwapCompression;
 use crate::memory::vma::Vmas;
@@ -44,6 +45,7 @@ pub fn map(
     fds: Vec<OwnedFd>,
     state: &VmState,
     compression: SwapCompression,
+    host: Arc<HostMemory>,
 ) -> Result<Attached, Refusal> {
     let Checked { id, fills } = check(req, fds.len())?;
     // Map: fds must be memfds sealed against shrinking (so nothing the daemon
@@ -171,7 +173,7 @@ pub fn map(
         Some(map) => shared_dirty_logs(req, map)?,
         None => private_dirty_logs(&layout),
     };
-    Ok(Attached { vm: Arc::new(AttachedVm::with_dirty_logs(layout, PagePool::new(pool), logs)), rings })
+    Ok(Attached { vm: Arc::new(AttachedVm::with_dirty_logs(layout, PagePool::new(pool), logs, host)), rings })
 }
 
 /// The memslots' dirty logs in the machine's dirty-log region (checked to

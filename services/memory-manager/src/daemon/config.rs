@@ -14,6 +14,7 @@ use super::priority::ApiPriority;
 use crate::api::access::{GrpcAccess, GrpcTls};
 use crate::attach::access::AttachAccess;
 use crate::attach::admission::Limits;
+use crate::memory::pressure::HostMemoryConfig;
 use crate::memory::swap::SwapCompression;
 use crate::policy::builtin::PolicyKind;
 use crate::policy::host::PolicyTiming;
@@ -104,6 +105,9 @@ pub struct Config {
     /// Who may attach (`[attach_access]`): the attach socket's mode and
     /// group, and the uids and gids allowed.
     pub attach_access: AttachAccess,
+    /// Host memory pressure (`[host_memory]`): the PSI file, the pressure
+    /// at which fresh backing is limited, and the reserve still handed out.
+    pub host_memory: HostMemoryConfig,
     /// The daemon's own `oom_score_adj` (-1000 to 1000), set at start: by
     /// default -900, so that under host memory pressure the OOM killer
     /// takes guests' processes before the daemon that serves all of them
@@ -159,6 +163,7 @@ impl Default for Config {
             swap_compression: SwapCompression::None,
             limits: Limits::default(),
             attach_access: AttachAccess::default(),
+            host_memory: HostMemoryConfig::default(),
             oom_score_adj: Some(-900),
             max_observe_streams: 256,
             api_priority: ApiPriority::Low,

@@ -8,6 +8,7 @@ pub mod notify;
 pub mod oom;
 pub mod priority;
 
+use crate::memory::pressure::HostMemory;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -55,6 +56,7 @@ impl Daemon {
             policies,
             pool,
             streams: Arc::new(StreamLimit::new(config.max_observe_streams)),
+            host: Arc::new(HostMemory::new(config.host_memory.reserve_mib << 20)),
         };
         let settings = AttachSettings {
             prefault: config.prefault,
@@ -70,6 +72,7 @@ impl Daemon {
             sources.policies.clone(),
             sources.events.clone(),
             sources.pool.clone(),
+            sources.host.clone(),
             settings,
         );
         Ok(Self { config, sources, attach, running })
@@ -107,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             tracing::warn!(oom_score_adj = adj, cause = %e, "cannot set the daemon's oom_score_adj (needs CAP_SYS_RESOURCE to lower it)");
         }
     }
+    crate::memory::pressure::watch(daemon.sources.host.clone(), &daemon.config().host_memory)?;
     if let Some(dir) = daemon.config().attach_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }

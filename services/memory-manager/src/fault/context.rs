@@ -8,6 +8,7 @@ use hyp_core::ring::abi::{FaultRecord, NO_IPA};
 use super::plan::InjectReason;
 use crate::memory::layout::VmLayout;
 use crate::memory::mapping::MappingState;
+use crate::memory::pressure::HostMemory;
 
 /// The VM a fault is resolved in: the parts of it the pipeline reads.
 #[derive(Clone, Copy, Debug)]
@@ -16,6 +17,8 @@ pub struct VmView<'a> {
     pub layout: &'a VmLayout,
     /// Pins, populated pages, installed mappings, the sequence.
     pub mapping: &'a MappingState,
+    /// The host's memory pressure: fresh backing is admitted under it.
+    pub host: &'a HostMemory,
 }
 
 /// A stage-2 abort as the core reported it, decoded once.

@@ -4,6 +4,7 @@
 use super::failpoint::Failpoint;
 use crate::memory::addr::Hva;
 use crate::memory::pin::PinError;
+use crate::memory::pressure::Refused;
 use crate::memory::region::FillError;
 
 /// Why the pipeline failed (the daemon's fault, not the guest's).
@@ -21,6 +22,9 @@ pub enum PipelineError {
     /// Faulting in fresh backing failed.
     #[error("populating backing pages failed: {0}")]
     Populate(#[from] FillError),
+    /// Fresh backing was needed and the host's memory pressure refused it.
+    #[error(transparent)]
+    HostPressure(#[from] Refused),
     /// A test asked for a failure here.
     #[error("injected failure at {0:?}")]
     Injected(Failpoint),

@@ -172,7 +172,7 @@ pub struct Pinned {
 }
 
 /// Stage 5: pin the pages a mapping of `size` around `ipa` covers,
-/// faulting fresh backing in.
+/// faulting fresh backing in (if the host's memory pressure admits it).
 pub fn pin(
     vm: VmView<'_>,
     slot: &Memslot,
@@ -191,6 +191,8 @@ pub fn pin(
     fail.check(Failpoint::Populate)?;
     let mut filled_hole = false;
     if !region.device && !vm.mapping.is_populated(vma.region, offset, size.bytes()) {
+        // Counted at the mapping's size: at most what the fill allocates.
+        vm.host.admit(size.bytes())?;
         filled_hole = region.fill(offset, size.bytes())?;
         vm.mapping.mark_populated(vma.region, offset, size.bytes());
     }

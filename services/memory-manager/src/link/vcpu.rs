@@ -21,6 +21,7 @@ use super::vm::AttachedVm;
 use super::winddown::Winddown;
 use crate::fault::around::plan_around;
 use crate::fault::clock;
+use crate::fault::error::PipelineError;
 use crate::fault::failpoint::{crash_point, panic_point};
 use crate::fault::pipeline::handle_fault;
 use crate::fault::plan::{AroundPlan, Decision, Exit, MapPlan};
@@ -223,6 +224,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         trace.policy = policy.policy.name();
         let decision = match handle_fault(self.vm.view(), &*policy.policy, rec, &mut trace) {
             Ok(d) => d,
+            Err(PipelineError::HostPressure(refused)) => {
+                // Said once per episode by the pressure watcher, not per fault.
+                debug!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, cause = %refused, "injecting abort");
+                self.vm.counters.injected.fetch_add(1, Ordering::Relaxed);
+                self.hub.record(self.event(rec, &trace, Outcome::RefusedHostPressure));
+                return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
+            }
             Err(e) => {
                 error!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
                 self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! occupancy of its rings and the client of its control ring. Each part is
 //! handed on alone: the pipeline gets only a [`VmView`] of the first two.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use hyp_core::addr::Ipa;
 use hyp_core::ownership::VmId;
@@ -14,6 +14,7 @@ use crate::memory::bitmap::DirtyLog;
 use crate::memory::layout::VmLayout;
 use crate::memory::mapping::{private_dirty_logs, Installed, MappingState};
 use crate::memory::pool::PagePool;
+use crate::memory::pressure::HostMemory;
 use crate::observe::counters::VmCounters;
 use crate::observe::rings::RingOccupancy;
 
@@ -30,6 +31,8 @@ pub struct AttachedVm {
     pub rings: Vec<RingOccupancy>,
     /// Commands the daemon starts itself, over the control ring pair.
     pub control: ControlClient,
+    /// The host's memory pressure, which fresh backing is admitted under.
+    pub host: Arc<HostMemory>,
     /// Held by the one thread reclaiming for the VM's budget: two would
     /// pick the same victims (a page one punched, the other would copy over
     /// its good copy in the store).
@@ -38,14 +41,16 @@ pub struct AttachedVm {
 
 impl AttachedVm {
     /// A VM with `layout` and nothing mapped, with `pool` for its core
-    /// and dirty logs in the daemon's memory.
+    /// and dirty logs in the daemon's memory, on a host whose memory
+    /// pressure is not watched.
     pub fn new(layout: VmLayout, pool: PagePool) -> Self {
         let dirty = private_dirty_logs(&layout);
-        Self::with_dirty_logs(layout, pool, dirty)
+        Self::with_dirty_logs(layout, pool, dirty, HostMemory::unwatched())
     }
 
-    /// [`AttachedVm::new`] with the given dirty logs (one per memslot id).
-    pub fn with_dirty_logs(layout: VmLayout, pool: PagePool, dirty: Vec<DirtyLog>) -> Self {
+    /// [`AttachedVm::new`] with the given dirty logs (one per memslot id),
+    /// on `host`.
+    pub fn with_dirty_logs(layout: VmLayout, pool: PagePool, dirty: Vec<DirtyLog>, host: Arc<HostMemory>) -> Self {
         let mapping = MappingState::with_dirty_logs(&layout, pool, dirty);
         let rings = (0..layout.nr_vcpus).map(|_| RingOccupancy::default()).collect();
         Self {
@@ -54,6 +59,7 @@ impl AttachedVm {
             counters: VmCounters::default(),
             rings,
             control: ControlClient::default(),
+            host,
             reclaiming: Mutex::new(()),
         }
     }
@@ -65,7 +71,7 @@ impl AttachedVm {
 
     /// What the pipeline reads.
     pub fn view(&self) -> VmView<'_> {
-        VmView { layout: &self.layout, mapping: &self.mapping }
+        VmView { layout: &self.layout, mapping: &self.mapping, host: &self.host }
     }
 
     /// Counts and records a mapping the core installed

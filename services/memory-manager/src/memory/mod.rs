@@ -11,6 +11,7 @@ pub mod mapping;
 pub mod memslot;
 pub mod pin;
 pub mod pool;
+pub mod pressure;
 pub mod region;
 pub mod swap;
 pub mod vma;

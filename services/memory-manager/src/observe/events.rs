@@ -28,6 +28,9 @@ pub enum Outcome {
     InjectedAbort,
     /// The core refused the command.
     Rejected(Option<Reject>),
+    /// Fresh backing was needed under host memory pressure, past the
+    /// reserve: an abort was injected.
+    RefusedHostPressure,
 }
 
 /// One fault, as the daemon handled it.

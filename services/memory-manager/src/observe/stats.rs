@@ -20,7 +20,7 @@ use crate::fault::trace::Stage;
 pub const KINDS: [&str; 7] =
     ["unknown", "translation", "access-flag", "permission", "address-size", "external", "other"];
 /// Outcomes counted.
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "mapped",
     "relaxed",
     "already-present",
@@ -29,6 +29,7 @@ pub const OUTCOMES: [&str; 8] = [
     "no-syndrome-exit",
     "injected-abort",
     "rejected",
+    "refused-host-pressure",
 ];
 /// Mapping sizes counted.
 pub const SIZES: [&str; 4] = ["none", "4k", "2m", "1g"];
@@ -62,6 +63,7 @@ pub fn outcome_index(o: Outcome) -> usize {
         Outcome::NoSyndromeExit => 5,
         Outcome::InjectedAbort => 6,
         Outcome::Rejected(_) => 7,
+        Outcome::RefusedHostPressure => 8,
     }
 }
 
