@@ -6,6 +6,9 @@
 #   scripts/fuzz.sh              every target, FUZZ_SECONDS (30) each
 #   scripts/fuzz.sh --soak 600   every target 600 s, reporting executions
 #   scripts/fuzz.sh core_commands ring_peer   only these
+#   FUZZ_SANITIZER=none scripts/fuzz.sh --soak 2400 core_commands
+#                                about 3x the executions of the default
+#                                (address), without its checks of unsafe code
 #
 # New inputs found go to a scratch corpus, not fuzz/corpus: merge them in
 # with `cargo +nightly fuzz cmin <target>` when they are worth keeping.
@@ -13,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 seconds=${FUZZ_SECONDS:-30}
+sanitizer=${FUZZ_SANITIZER:-address}
 if [ "${1:-}" = "--soak" ]; then
   seconds=${2:?--soak needs a number of seconds}
   shift 2
@@ -25,7 +29,7 @@ fi
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 
-cargo +nightly fuzz build -O
+cargo +nightly fuzz build -O -s "$sanitizer"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 report=()
@@ -35,7 +39,7 @@ for t in "${targets[@]}"; do
   echo "fuzz: $t for ${seconds}s" >&2
   # The scratch corpus first: new inputs land there; the checked-in one
   # is read only.
-  if ! cargo +nightly fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- \
+  if ! cargo +nightly fuzz run -O -s "$sanitizer" "$t" "$scratch/$t" "corpus/$t" -- \
       -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
     tail -n 60 "$log" >&2
     echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
