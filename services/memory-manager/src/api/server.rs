@@ -9,7 +9,7 @@ use std::time::Duration;
 use faultline_proto::v1::control_server::ControlServer;
 use faultline_proto::v1::fault_trace_server::FaultTraceServer;
 use faultline_proto::v1::policy_control_server::PolicyControlServer;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -109,8 +109,8 @@ pub async fn serve(
             .add_service(PolicyControlServer::new(policy)))
     };
     let stopped = |t: CancellationToken| async move { t.cancelled().await };
-    let tcp = router(tcp_transport, tls)?
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown.clone()));
+    let tcp =
+        router(tcp_transport, tls)?.serve_with_incoming_shutdown(tcp_incoming(listener), stopped(shutdown.clone()));
     let uds = router(Transport::UnixSocket, None)?
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix_listener), stopped(shutdown.clone()));
     let _ = bound.send(local);
@@ -122,6 +122,14 @@ pub async fn serve(
     }
     served?;
     Ok(())
+}
+
+/// Connections accepted on `listener`, with Nagle off: HTTP/2 writes its
+/// frames in small segments, and with Nagle each waits for the client's
+/// delayed ACK (40 ms per call or connection setup). tonic sets this only
+/// for listeners it binds itself.
+fn tcp_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The device and inode of the socket file at `path`.
