@@ -10,9 +10,11 @@ use faultline_proto::v1::{FaultEvent, Outcome};
 /// What a probe row ends with.
 #[derive(Debug, Clone, Copy)]
 pub enum End {
-    /// The guest reported this value (read, written, or PAR_EL1 for AT).
+    /// The guest reported this value, computed from memory after its access
+    /// (see `faultline_board::PROBE_MAGIC`), or PAR_EL1 for AT.
     Value(u64),
-    /// An MMIO exit (valid syndrome) at this IPA, completed at EL2; then the value.
+    /// An MMIO exit (valid syndrome) at this IPA, completed at EL2; then the
+    /// value the guest read back from memory.
     Mmio(u64, u64),
     /// An exit without a valid syndrome at this IPA: the vCPU stops, as
     /// KVM_RUN fails with ENOSYS.
@@ -36,8 +38,8 @@ pub struct ProbeRow {
     pub relaxed: u64,
     /// Faults that found a hole in the backing and filled it: the
     /// selftest's userfaultfd faults. The data page is a never-written hole
-    /// unless the machine wrote it (the exec probe's RET, or contents to be
-    /// punched); punched table pages are three (root, level 2, level 3: the
+    /// unless the machine wrote it (the exec probe's code, DC ZVA's block,
+    /// or contents to be punched); punched table pages are three (root, level 2, level 3: the
     /// selftest's guest keeps one table page in its PT memslot, so it
     /// counts one).
     pub populated: u64,
@@ -51,18 +53,28 @@ pub fn rows() -> Vec<ProbeRow> {
     const PAR: u64 = 0xff00_0000_8400_0b80;
     /// What the probed word holds when the data memslot is punched.
     const PUNCHED: u64 = faultline_probe::PROBE_CONTENTS;
+    /// What the write probes store at the probe (and read back).
+    const WRITTEN: u64 = PROBE ^ faultline_board::PROBE_MAGIC;
+    /// What the exec probe's code returns.
+    const EXEC: u64 = faultline_board::PROBE_EXEC_IMM as u64;
     use End::*;
     vec![
         // Every access, plain memslots.
         ProbeRow { args: &["--stage1-probe", "read64"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
-        ProbeRow { args: &["--stage1-probe", "write64"], faults: 5, end: Value(PROBE), relaxed: 0, populated: 1 },
-        ProbeRow { args: &["--stage1-probe", "cas"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
-        ProbeRow { args: &["--stage1-probe", "ld-preidx"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
-        ProbeRow { args: &["--stage1-probe", "st-preidx"], faults: 5, end: Value(PROBE), relaxed: 0, populated: 1 },
-        ProbeRow { args: &["--stage1-probe", "dc-zva"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
+        ProbeRow { args: &["--stage1-probe", "write64"], faults: 5, end: Value(WRITTEN), relaxed: 0, populated: 1 },
+        ProbeRow { args: &["--stage1-probe", "cas"], faults: 5, end: Value(WRITTEN), relaxed: 0, populated: 1 },
+        ProbeRow { args: &["--stage1-probe", "ld-preidx"], faults: 5, end: Value(PROBE), relaxed: 0, populated: 1 },
+        ProbeRow {
+            args: &["--stage1-probe", "st-preidx"],
+            faults: 5,
+            end: Value(WRITTEN ^ PROBE),
+            relaxed: 0,
+            populated: 1,
+        },
+        ProbeRow { args: &["--stage1-probe", "dc-zva"], faults: 5, end: Value(0), relaxed: 0, populated: 0 },
         // AT walks stage 1 only: the table pages fault, the data page does not.
         ProbeRow { args: &["--stage1-probe", "at"], faults: 4, end: Value(PAR), relaxed: 0, populated: 0 },
-        ProbeRow { args: &["--stage1-probe", "exec"], faults: 5, end: Value(0xe7ec), relaxed: 0, populated: 0 },
+        ProbeRow { args: &["--stage1-probe", "exec"], faults: 5, end: Value(EXEC), relaxed: 0, populated: 0 },
         // The access flag clear in the leaf (the selftest's first rows,
         // with_af): the walker sets it through the writable table page.
         ProbeRow {
@@ -75,22 +87,28 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--af-clear"],
             faults: 5,
-            end: Value(0),
+            end: Value(PROBE),
             relaxed: 0,
             populated: 1,
         },
-        ProbeRow { args: &["--stage1-probe", "cas", "--af-clear"], faults: 5, end: Value(0), relaxed: 0, populated: 1 },
+        ProbeRow {
+            args: &["--stage1-probe", "cas", "--af-clear"],
+            faults: 5,
+            end: Value(WRITTEN),
+            relaxed: 0,
+            populated: 1,
+        },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--af-clear"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 0,
             populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "st-preidx", "--af-clear"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN ^ PROBE),
             relaxed: 0,
             populated: 1,
         },
@@ -99,12 +117,12 @@ pub fn rows() -> Vec<ProbeRow> {
             faults: 5,
             end: Value(0),
             relaxed: 0,
-            populated: 1,
+            populated: 0,
         },
         ProbeRow {
             args: &["--stage1-probe", "exec", "--af-clear"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 0,
         },
@@ -120,10 +138,10 @@ pub fn rows() -> Vec<ProbeRow> {
         },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--data", "read-only", "--tables", "read-only"],
-            faults: 5,
-            end: Mmio(PROBE, PROBE),
+            faults: 6,
+            end: Mmio(0, PROBE),
             relaxed: 0,
-            populated: 0,
+            populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "cas", "--data", "read-only", "--tables", "read-only"],
@@ -135,7 +153,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
-            end: Value(0),
+            end: Value(PROBE),
             relaxed: 0,
             populated: 1,
         },
@@ -163,7 +181,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "exec", "--data", "read-only", "--tables", "read-only"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 0,
         },
@@ -173,7 +191,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "write64", "--af-clear", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 1,
             populated: 1,
         },
@@ -197,28 +215,28 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "write64", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 0,
             populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 1,
             populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "cas", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(0),
+            end: Value(WRITTEN),
             relaxed: 1,
             populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "st-preidx", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN ^ PROBE),
             relaxed: 0,
             populated: 1,
         },
@@ -227,19 +245,19 @@ pub fn rows() -> Vec<ProbeRow> {
             faults: 5,
             end: Value(0),
             relaxed: 0,
-            populated: 1,
+            populated: 0,
         },
         ProbeRow {
             args: &["--stage1-probe", "exec", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 1,
             populated: 0,
         },
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(0),
+            end: Value(PROBE),
             relaxed: 1,
             populated: 1,
         },
@@ -253,7 +271,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "cas", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 7,
-            end: Value(0),
+            end: Value(WRITTEN),
             relaxed: 2,
             populated: 1,
         },
@@ -262,12 +280,12 @@ pub fn rows() -> Vec<ProbeRow> {
             faults: 6,
             end: Value(0),
             relaxed: 1,
-            populated: 1,
+            populated: 0,
         },
         ProbeRow {
             args: &["--stage1-probe", "st-preidx", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
             faults: 6,
-            end: Value(PROBE),
+            end: Value(WRITTEN ^ PROBE),
             relaxed: 1,
             populated: 1,
         },
@@ -284,7 +302,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
             faults: 5,
-            end: Value(0),
+            end: Value(PROBE),
             relaxed: 0,
             populated: 1,
         },
@@ -298,16 +316,16 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "exec", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 0,
         },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
-            faults: 5,
-            end: Mmio(PROBE, PROBE),
+            faults: 6,
+            end: Mmio(0, PROBE),
             relaxed: 0,
-            populated: 0,
+            populated: 1,
         },
         ProbeRow {
             args: &["--stage1-probe", "dc-zva", "--data", "read-only-dirty-log", "--tables", "read-only-dirty-log"],
@@ -368,7 +386,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "cas", "--af-clear", "--holes", "both"],
             faults: 5,
-            end: Value(PUNCHED),
+            end: Value(WRITTEN),
             relaxed: 0,
             populated: 4,
         },
@@ -382,14 +400,14 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--af-clear", "--holes", "both"],
             faults: 5,
-            end: Value(PUNCHED),
+            end: Value(PUNCHED ^ PROBE),
             relaxed: 0,
             populated: 4,
         },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--af-clear", "--holes", "both"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 0,
             populated: 4,
         },
@@ -403,14 +421,14 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "st-preidx", "--af-clear", "--holes", "both"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN ^ PROBE),
             relaxed: 0,
             populated: 4,
         },
         ProbeRow {
             args: &["--stage1-probe", "exec", "--af-clear", "--holes", "both"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 4,
         },
@@ -453,7 +471,7 @@ pub fn rows() -> Vec<ProbeRow> {
                 "both",
             ],
             faults: 6,
-            end: Value(PUNCHED),
+            end: Value(PUNCHED ^ PROBE),
             relaxed: 1,
             populated: 4,
         },
@@ -477,7 +495,7 @@ pub fn rows() -> Vec<ProbeRow> {
                 "both",
             ],
             faults: 6,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 1,
             populated: 4,
         },
@@ -494,7 +512,7 @@ pub fn rows() -> Vec<ProbeRow> {
                 "both",
             ],
             faults: 6,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 1,
             populated: 4,
         },
@@ -511,7 +529,7 @@ pub fn rows() -> Vec<ProbeRow> {
                 "both",
             ],
             faults: 7,
-            end: Value(PUNCHED),
+            end: Value(WRITTEN),
             relaxed: 2,
             populated: 4,
         },
@@ -545,7 +563,7 @@ pub fn rows() -> Vec<ProbeRow> {
                 "both",
             ],
             faults: 6,
-            end: Value(PROBE),
+            end: Value(WRITTEN ^ PROBE),
             relaxed: 1,
             populated: 4,
         },
@@ -584,7 +602,7 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "ld-preidx", "--data", "read-only", "--tables", "read-only", "--holes", "both"],
             faults: 5,
-            end: Value(PUNCHED),
+            end: Value(PUNCHED ^ PROBE),
             relaxed: 0,
             populated: 4,
         },
@@ -598,16 +616,16 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "exec", "--data", "read-only", "--tables", "read-only", "--holes", "both"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 4,
         },
         ProbeRow {
             args: &["--stage1-probe", "write64", "--data", "read-only", "--tables", "read-only", "--holes", "both"],
-            faults: 5,
-            end: Mmio(PROBE, PROBE),
+            faults: 6,
+            end: Mmio(PUNCHED, PROBE),
             relaxed: 0,
-            populated: 3,
+            populated: 4,
         },
         ProbeRow {
             args: &["--stage1-probe", "cas", "--data", "read-only", "--tables", "read-only", "--holes", "both"],
@@ -634,14 +652,14 @@ pub fn rows() -> Vec<ProbeRow> {
         ProbeRow {
             args: &["--stage1-probe", "write64", "--holes", "tables"],
             faults: 5,
-            end: Value(PROBE),
+            end: Value(WRITTEN),
             relaxed: 0,
             populated: 4,
         },
         ProbeRow {
             args: &["--stage1-probe", "exec", "--holes", "data"],
             faults: 5,
-            end: Value(0xe7ec),
+            end: Value(EXEC),
             relaxed: 0,
             populated: 1,
         },
@@ -685,16 +703,19 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     }
     // Holes filled (the selftest's userfaultfd faults): each page once, by
     // the first fault that maps it. The data page is a hole unless the
-    // machine wrote it unpunched (the exec probe's RET); table pages are
-    // holes only when punched.
+    // machine wrote it unpunched (the exec probe's code, DC ZVA's block);
+    // table pages are holes only when punched.
     let has = |a: &str| row.args.contains(&a);
     let holes = |slot: &str| row.args.windows(2).any(|w| w[0] == "--holes" && (w[1] == slot || w[1] == "both"));
     let maps_data = match row.end {
         Value(_) => !has("at"),
         NoSyndrome(_) => has("cas"),
-        Mmio(..) | Injected => false,
+        // The guest reads the word back after the exit.
+        Mmio(..) => true,
+        Injected => false,
     };
-    let data_hole = holes("data") || !has("exec");
+    // The machine writes the exec probe's code and DC ZVA's block.
+    let data_hole = holes("data") || !(has("exec") || has("dc-zva"));
     let populated = |lo: u64, hi: u64| events.iter().filter(|e| e.populated && (lo..hi).contains(&e.ipa)).count();
     // (The code block is the machine's business: the simulator never writes it.)
     let in_slots = populated(0x8400_0000, 0x8480_0000) + populated(0x8800_0000, 0x8820_0000);
@@ -705,7 +726,11 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     match row.end {
         Injected => assert!(s1ptw(last) && last.outcome == Outcome::InjectedAbort as i32, "{name}"),
         NoSyndrome(_) => assert_eq!(last.outcome, Outcome::NoSyndromeExit as i32, "{name}"),
-        Mmio(..) => assert_eq!(last.outcome, Outcome::MmioExit as i32, "{name}"),
+        // The write exits; the read back maps the page.
+        Mmio(..) => {
+            let exit = &events[events.len() - 2];
+            assert_eq!((exit.outcome, last.outcome), (Outcome::MmioExit as i32, Outcome::Mapped as i32), "{name}");
+        }
         // The access itself was resolved: mapped, or relaxed after a read (CAS).
         Value(_) => {
             assert!([Outcome::Mapped, Outcome::Relaxed].iter().any(|o| last.outcome == *o as i32), "{name}")

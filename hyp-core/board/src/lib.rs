@@ -61,10 +61,17 @@ pub const PROBE_IPA: u64 = PAGES_IPA + 8;
 /// write-back inner shareable, 4 KiB granule, TTBR1 walks off (EPD1), IPS
 /// 40 bits, hardware access-flag updates on (HA, bit 39).
 pub const PROBE_TCR: u64 = 25 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23 | 2 << 32 | 1 << 39;
-/// What the exec probe leaves in x3 after returning from the probed word.
-pub const PROBE_EXEC_MARK: u64 = 0xe7ec;
-/// `RET`: what the machine writes at the probed word for the exec probe.
+/// The write probes store the probed address XOR this, and report what
+/// they read back.
+pub const PROBE_MAGIC: u64 = 0x5bd1_e995_5bd1_e995;
+/// What the exec probe's code at the probed word puts in X3, which the
+/// guest then reports.
+pub const PROBE_EXEC_IMM: u16 = 0x5eed;
+/// `RET`.
 pub const PROBE_RET: u32 = 0xd65f_03c0;
+/// The exec probe's code, which the machine writes at the probed word:
+/// `MOVZ X3, #PROBE_EXEC_IMM` then `RET`.
+pub const PROBE_EXEC_CODE: [u32; 2] = [0xd280_0003 | (PROBE_EXEC_IMM as u32) << 5, PROBE_RET];
 
 // The image (linked at RAM_PA, at most 2 MiB) ends before the mailbox, and
 // everything fits in RAM.

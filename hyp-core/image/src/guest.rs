@@ -10,7 +10,7 @@
 
 use core::arch::global_asm;
 
-use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_EXEC_MARK, PROBE_IPA, PROBE_TCR, PT_IPA, ROM_IPA};
+use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_TCR, PT_IPA, ROM_IPA};
 
 /// MAIR_EL1: attribute 0 Normal write-back.
 const MAIR: u64 = 0xff;
@@ -75,11 +75,12 @@ guest_entry:
     hvc #0
 3:  b 3b
 
-    // The stage-1 probe: x0 = 0 read, 1 write. Turns the MMU on with the
-    // tables the launcher wrote in the page-table memslot, makes one access
-    // to the probe word, reports it (x0 = value read, or written) and powers
-    // off. Every walk of a table page not yet mapped at stage 2 is a stage-2
-    // abort with S1PTW set; an access-flag update is a write by the walker.
+    // The stage-1 probe. Turns the MMU on with the tables the launcher
+    // wrote in the page-table memslot, makes one access to the probe word,
+    // reports a value computed from memory (and registers the access wrote
+    // back) and powers off. Every walk of a table page not yet mapped at
+    // stage 2 is a stage-2 abort with S1PTW set; an access-flag update is a
+    // write by the walker.
     .global guest_s1_entry
 guest_s1_entry:
     movl64 x1, {mair}
@@ -95,6 +96,9 @@ guest_s1_entry:
     msr sctlr_el1, x1
     isb
     movl64 x2, {probe}
+    // x5: what the write probes store, the probed address ^ PROBE_MAGIC.
+    movl64 x5, {probe_magic}
+    eor x5, x5, x2
     mov x3, #0
     // x0: 0 read64, 1 write64, 2 CAS, 3 load pre-index, 4 store pre-index,
     // 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch. Result in x3.
@@ -112,31 +116,51 @@ guest_s1_entry:
     b.eq 16f
     cmp x0, #7
     b.eq 17f
+    // read64: the word.
     ldr x3, [x2]
     b 5f
-11: str x2, [x2]
-    mov x3, x2
+    // write64: store, then read back.
+11: str x5, [x2]
+    ldr x3, [x2]
     b 5f
+    // CAS expecting 0: the old value returned ^ the word read back after.
 12: mov x4, #0
-    cas x4, x2, [x2]
-    mov x3, x4
+    cas x4, x5, [x2]
+    ldr x7, [x2]
+    eor x3, x4, x7
     b 5f
+    // Load pre-index: the word ^ the written-back base (the probe address).
 13: sub x6, x2, #8
     ldr x3, [x6, #8]!
+    eor x3, x3, x6
     b 5f
+    // Store pre-index: the word read back ^ the written-back base.
 14: sub x6, x2, #8
-    str x2, [x6, #8]!
-    mov x3, x2
+    str x5, [x6, #8]!
+    ldr x3, [x2]
+    eor x3, x3, x6
     b 5f
+    // DC ZVA: the OR of the block's eight words after it (none was zero).
 15: bic x6, x2, #63
     dc zva, x6
+    ldp x7, x8, [x6]
+    orr x3, x7, x8
+    ldp x7, x8, [x6, #16]
+    orr x3, x3, x7
+    orr x3, x3, x8
+    ldp x7, x8, [x6, #32]
+    orr x3, x3, x7
+    orr x3, x3, x8
+    ldp x7, x8, [x6, #48]
+    orr x3, x3, x7
+    orr x3, x3, x8
     b 5f
 16: at s1e1r, x2
     isb
     mrs x3, par_el1
     b 5f
-17: movl64 x3, {exec_mark}
-    blr x2
+    // Fetch: run the code at the probe word; it sets x3.
+17: blr x2
 5:  mov x0, x3
     hvc #1
     movl64 x0, 0x84000008
@@ -145,10 +169,10 @@ guest_s1_entry:
 "#,
     mair = const MAIR,
     tcr = const PROBE_TCR,
-    exec_mark = const PROBE_EXEC_MARK,
     ttbr = const PT_IPA,
     probe = const PROBE_IPA,
     magic = const MAGIC,
+    probe_magic = const PROBE_MAGIC,
     block1 = const BLOCKS_IPA + (2 << 20) + 0x10000,
     pages = const PAGES_IPA + 8,
     rom = const ROM_IPA + 0x40,

@@ -153,19 +153,20 @@ extern "C" fn el2_main() -> ! {
         mailbox::SCENARIO_STAGE1_PROBE => {
             let access = read_mailbox(mailbox::PROBE_ACCESS);
             // The exec probe branches to the probed word: it must hold the
-            // RET the machine writes there, or the guest would run garbage.
+            // code the machine writes there, or the guest would run garbage.
             // Only then is it read, and not when the slot is punched:
             // reading a hole in the shared RAM file would allocate the page
             // the daemon is to find as a hole (and fill from the launcher's
-            // copy, which holds the RET).
+            // copy, which holds the code).
             let punched = read_mailbox(mailbox::PROBE_FLAGS) & mailbox::PROBE_DATA_PUNCHED != 0;
             if access == mailbox::PROBE_ACCESS_EXEC && !punched {
-                // SAFETY: the probed word is in the page memslot's backing,
-                // RAM this image reads with the MMU off; the guest has not
-                // run yet.
-                let word = unsafe { ((PAGES_PA + (PROBE_IPA - PAGES_IPA)) as *const u32).read_volatile() };
-                if word != PROBE_RET {
-                    println!("FAULTLINE-EL2 ERROR exec probe: the probed word is {:#x}, not RET", word);
+                let code = (PAGES_PA + (PROBE_IPA - PAGES_IPA)) as *const [u32; 2];
+                // SAFETY: the two probed words are in the page memslot's
+                // backing, RAM this image reads with the MMU off (aligned
+                // to 8); the guest has not run yet.
+                let words = unsafe { code.read_volatile() };
+                if words != PROBE_EXEC_CODE {
+                    println!("FAULTLINE-EL2 ERROR exec probe: the probed words are {:x?}, not the probe's code", words);
                     power_off()
                 }
             }

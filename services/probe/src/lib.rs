@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 
 use anyhow::Context;
 use faultline_attach::{MEMSLOT_DIRTY_LOG, MEMSLOT_READ_ONLY};
-use faultline_board::{BLOCKS_IPA, PROBE_IPA, PROBE_RET, PT_IPA};
+use faultline_board::{BLOCKS_IPA, PROBE_EXEC_CODE, PROBE_IPA, PT_IPA};
 use serde::Serialize;
 
 /// The probe's access (page_fault_test's guest accesses), in the order of
@@ -112,14 +112,24 @@ impl Holes {
 pub const PROBE_CONTENTS: u64 = 0xc0_47e4_7500;
 
 /// What the machine writes into the data memslot before the guest runs, as
-/// `(IPA, bytes, value)`: RET at the probed word for the exec probe, else
-/// [`PROBE_CONTENTS`] if the slot is to be punched; otherwise nothing (the
-/// page stays a never-written hole, zero-filled when faulted in).
-pub fn data_contents(access: ProbeAccess, holes: Holes) -> Option<(u64, u8, u64)> {
+/// `(IPA, bytes, value)` stores:
+/// - exec: the code at the probed word ([`PROBE_EXEC_CODE`]);
+/// - DC ZVA: the probed 64-byte block's eight words, none zero
+///   (`PROBE_CONTENTS + i`), so that only zeroing reads back as zero;
+/// - CAS: nothing: it expects 0, which a hole and its copy hold (as the
+///   selftest's contents hold the CAS's expected old value);
+/// - otherwise [`PROBE_CONTENTS`] at the probed word if the slot is to be
+///   punched, else nothing (a never-written hole, zero-filled when faulted
+///   in).
+pub fn data_contents(access: ProbeAccess, holes: Holes) -> Vec<(u64, u8, u64)> {
     match access {
-        ProbeAccess::Exec => Some((PROBE_IPA, 4, PROBE_RET as u64)),
-        _ if holes.data() => Some((PROBE_IPA, 8, PROBE_CONTENTS)),
-        _ => None,
+        ProbeAccess::Exec => {
+            PROBE_EXEC_CODE.iter().enumerate().map(|(i, &w)| (PROBE_IPA + 4 * i as u64, 4, u64::from(w))).collect()
+        }
+        ProbeAccess::DcZva => (0..8).map(|i| ((PROBE_IPA & !63) + 8 * i, 8, PROBE_CONTENTS + i)).collect(),
+        ProbeAccess::Cas => Vec::new(),
+        _ if holes.data() => vec![(PROBE_IPA, 8, PROBE_CONTENTS)],
+        _ => Vec::new(),
     }
 }
 

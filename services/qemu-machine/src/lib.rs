@@ -245,7 +245,7 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
         for (ipa, desc) in stage1_tables(probe.af_clear) {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
         }
-        if let Some((ipa, size, value)) = data_contents(probe.access, probe.holes) {
+        for (ipa, size, value) in data_contents(probe.access, probe.holes) {
             ram.store(PAGES_PA - RAM_PA + (ipa - PAGES_IPA), size, value).expect("in range");
         }
     }

@@ -26,7 +26,7 @@ use crate::phys::{PhysMemory, Window};
 use crate::stage1::{Stage1Regs, WalkError, Walker};
 use crate::syndrome::{encode_stage2, DataAccess};
 
-use faultline_board::{BLOCKS_IPA, PAGES_IPA, PROBE_EXEC_MARK, PROBE_IPA, PROBE_TCR, PT_IPA};
+use faultline_board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_RET, PROBE_TCR, PT_IPA};
 pub use faultline_probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
 
 use crate::layout::{RINGS_PA, RING_ENTRIES, TABLES_PA, TABLES_SIZE};
@@ -178,34 +178,45 @@ impl Vcpu<'_> {
         self.s1 = Stage1Regs { mmu_on: true, ttbr0: PT_IPA, tcr: PROBE_TCR };
         step!(self.access(BLOCKS_IPA + 0x40, AccessKind::Fetch, false, false));
         let phys = self.phys;
+        // An access that exited to the VMM reads as zero and writes nothing.
         let load = |pa: Option<u64>| pa.map_or(Ok(0), |pa| phys.load(pa, 8).context("PA is not memory"));
         let store = |pa: Option<u64>, v: u64| pa.map_or(Ok(()), |pa| phys.store(pa, 8, v).context("PA is not memory"));
         let p = PROBE_IPA;
+        // What the write probes store; each reports what memory then holds
+        // (as the EL2 guest in hyp-core/image/src/guest.rs does).
+        let written = p ^ PROBE_MAGIC;
         Ok(Ok(match probe {
             ProbeAccess::Read64 => load(step!(self.access(p, AccessKind::Read, true, false)))?,
-            ProbeAccess::LdPreidx => load(step!(self.access(p, AccessKind::Read, false, false)))?,
+            // The word ^ the written-back base register (the probe address).
+            ProbeAccess::LdPreidx => load(step!(self.access(p, AccessKind::Read, false, false)))? ^ p,
             ProbeAccess::Write64 => {
-                store(step!(self.access(p, AccessKind::Write, true, false)), p)?;
-                p
+                store(step!(self.access(p, AccessKind::Write, true, false)), written)?;
+                load(step!(self.access(p, AccessKind::Read, true, false)))?
             }
             ProbeAccess::StPreidx => {
-                store(step!(self.access(p, AccessKind::Write, false, false)), p)?;
-                p
+                store(step!(self.access(p, AccessKind::Write, false, false)), written)?;
+                load(step!(self.access(p, AccessKind::Read, true, false)))? ^ p
             }
+            // CAS expecting 0: the old value ^ the word read back after.
             ProbeAccess::Cas => {
                 let old = load(step!(self.access(p, AccessKind::Read, false, false)))?;
                 let pa = step!(self.access(p, AccessKind::Write, false, false));
                 if old == 0 {
-                    store(pa, p)?;
+                    store(pa, written)?;
                 }
-                old
+                old ^ load(step!(self.access(p, AccessKind::Read, true, false)))?
             }
+            // The OR of the block's eight words after zeroing it.
             ProbeAccess::DcZva => {
                 let pa = step!(self.access(p & !63, AccessKind::Write, false, false));
                 for off in (0..64).step_by(8) {
                     store(pa.map(|pa| pa + off), 0)?;
                 }
-                0
+                let mut or = 0;
+                for off in (0..64).step_by(8) {
+                    or |= load(step!(self.access((p & !63) + off, AccessKind::Read, true, false)))?;
+                }
+                or
             }
             ProbeAccess::At => {
                 let ipa = step!(self.access(p, AccessKind::Read, false, true)).unwrap_or(0);
@@ -213,11 +224,25 @@ impl Vcpu<'_> {
                 // inner shareable, the output page.
                 0xff << 56 | (ipa & !0xfff) | 0xb80
             }
+            // Runs the code at the probe word: what it leaves in X3.
             ProbeAccess::Exec => {
-                step!(self.access(p, AccessKind::Fetch, false, false));
-                PROBE_EXEC_MARK
+                let pa = step!(self.access(p, AccessKind::Fetch, false, false)).context("a fetch that exited")?;
+                let word = |at: u64| phys.load(at, 4).context("PA is not memory").map(|w| w as u32);
+                run_exec_probe([word(pa)?, word(pa + 4)?])?
             }
         }))
+    }
+}
+
+/// The exec probe's code, run as a CPU would: `MOVZ X3, #imm` (or
+/// nothing) then `RET`; X3 is 0 before it. Anything else is code this
+/// machine does not run (at EL2 it would be an undefined instruction).
+fn run_exec_probe(code: [u32; 2]) -> anyhow::Result<u64> {
+    const MOVZ_X3: (u32, u32) = (0xffe0_001f, 0xd280_0003);
+    match code {
+        [PROBE_RET, _] => Ok(0),
+        [movz, PROBE_RET] if movz & MOVZ_X3.0 == MOVZ_X3.1 => Ok(u64::from(movz >> 5 & 0xffff)),
+        other => anyhow::bail!("the exec probe's page holds {other:x?}, code this machine does not run"),
     }
 }
 
@@ -233,7 +258,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     for (ipa, desc) in stage1_tables(config.af_clear) {
         phys.window(pt).map.store(ipa - PT_IPA, 8, desc).expect("in range");
     }
-    if let Some((ipa, size, value)) = data_contents(config.access, config.holes) {
+    for (ipa, size, value) in data_contents(config.access, config.holes) {
         phys.window(data).map.store(ipa - PAGES_IPA, size, value).expect("in range");
     }
     let punch = |w, yes| if yes { punch_to_contents(&phys.window(w).memfd, 0, SLOT).map(Some) } else { Ok(None) };
