@@ -738,21 +738,35 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     }
 }
 
-/// Dirty logging on both memslots: the data page is dirty iff the access
-/// writes it (and the memslot is writable); the table page iff the walker
-/// set its access flag. `data` and `tables` are the dirty pages' IPAs.
-pub fn check_dirty(row: &ProbeRow, data: &[u64], tables: &[u64]) {
-    let name = row.args.join(" ");
-    let has = |a: &str| row.args.contains(&a);
-    let writes = !has("read-only-dirty-log") && ["write64", "cas", "st-preidx", "dc-zva"].iter().any(|a| has(a));
-    let want_data: &[u64] = if writes { &[0x8400_0000] } else { &[] };
-    let want_tables: &[u64] = if has("--af-clear") { &[0x8800_2000] } else { &[] };
-    assert_eq!((data, tables), (want_data, want_tables), "{name}: dirty pages (data, tables)");
+/// The setup the row gives memslot `flag` (`--data` or `--tables`).
+fn setup<'a>(row: &'a ProbeRow, flag: &str) -> &'a str {
+    row.args.windows(2).find(|w| w[0] == flag).map_or("plain", |w| w[1])
 }
 
-/// True if the row logs both memslots (so [`check_dirty`] applies).
-pub fn logs_both(row: &ProbeRow) -> bool {
-    row.args.iter().filter(|a| a.ends_with("dirty-log")).count() == 2
+/// Whether the row logs memslot `flag` (`--data` or `--tables`).
+pub fn logs(row: &ProbeRow, flag: &str) -> bool {
+    setup(row, flag).ends_with("dirty-log")
+}
+
+/// Dirty logging, for each memslot the row logs (`None`: not logged), the
+/// dirty pages' IPAs: the data page is dirty iff the access writes it and
+/// the memslot is writable; the last-level table page iff the walker set
+/// its access flag and that memslot is writable.
+pub fn check_dirty(row: &ProbeRow, data: Option<&[u64]>, tables: Option<&[u64]>) {
+    let name = row.args.join(" ");
+    assert_eq!((data.is_some(), tables.is_some()), (logs(row, "--data"), logs(row, "--tables")), "{name}");
+    let has = |a: &str| row.args.contains(&a);
+    let writable = |flag: &str| !setup(row, flag).starts_with("read-only");
+    let writes = writable("--data") && ["write64", "cas", "st-preidx", "dc-zva"].iter().any(|a| has(a));
+    let want_data: &[u64] = if writes { &[0x8400_0000] } else { &[] };
+    let want_tables: &[u64] = if has("--af-clear") && writable("--tables") { &[0x8800_2000] } else { &[] };
+    let want = (data.map(|_| want_data), tables.map(|_| want_tables));
+    assert_eq!((data, tables), want, "{name}: dirty pages (data, tables)");
+}
+
+/// True if the row logs either memslot (so [`check_dirty`] applies).
+pub fn logs_any(row: &ProbeRow) -> bool {
+    logs(row, "--data") || logs(row, "--tables")
 }
 
 /// The events the daemon recorded since the last call (`seen` counts them).
