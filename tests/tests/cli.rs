@@ -1,7 +1,12 @@
 //! The `faultline` command against a real daemon.
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::observe_response::ResponseTypes;
+use faultline_proto::v1::{Access, FaultFilter, FaultKind, IpaRange, MappingSize, ObserveRequest, Outcome};
 use faultline_system_tests::{binary, machine, run_machine, Daemon};
 
 fn faultline(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
@@ -33,7 +38,7 @@ fn observe_status_stats_and_vm_commands_show_the_run() {
     assert!(ok);
     assert_eq!(out.lines().count(), exits);
     assert!(out.lines().all(|l| l.contains("-> mmio-exit")), "{out}");
-    let (ok, out, _) = faultline(&daemon, &["observe", "--all", "--outcome", "mmio-exit", "--not", "-o", "table"]);
+    let (ok, out, _) = faultline(&daemon, &["observe", "--all", "--not", "--outcome", "mmio-exit", "-o", "table"]);
     assert!(ok);
     assert_eq!(out.lines().count(), 1 + faults as usize - exits, "header plus every mapped fault");
 
@@ -131,4 +136,159 @@ fn observe_time_windows_and_dirty_log_commands() {
 
     writeln!(child.stdin.take().unwrap()).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// Runs `faultline ARGS` with its stdout a pipe this test closes after the
+/// first line, as `| head -1` does; the exit status and stderr.
+fn first_line_then_close(daemon: &Daemon, args: &[&str]) -> (String, std::process::ExitStatus, String) {
+    let mut child = Command::new(binary("faultline"))
+        .arg("--server")
+        .arg(daemon.grpc_unix_addr())
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    // The reader is dropped: the pipe's read end is closed.
+    let out = child.wait_with_output().unwrap();
+    (first, out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_closed_stdout_ends_observe_quietly_with_status_0() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    // Far more output than a pipe holds (64 KiB): the CLI is still writing
+    // when the reader goes.
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "1", "--pattern", "random", "--ram-page-kib", "4", "--ops", "20000"]);
+    let faults = run_machine(cmd)["faults"].as_u64().unwrap();
+    assert!(faults > 2000, "only {faults} faults");
+    let (first, status, stderr) = first_line_then_close(&daemon, &["observe", "--all"]);
+    assert!(first.starts_with("vm1/vcpu0 #"), "{first}");
+    assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
+    let (_, status, stderr) = first_line_then_close(&daemon, &["observe", "--all", "-o", "json"]);
+    assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
+
+    // Following a live machine: the next event after the reader went ends
+    // the command, and with it the stream.
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vm-id", "2", "--vcpus", "1", "--pattern", "random", "--ram-page-kib", "4", "--ops", "400000"]);
+    let mut live = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // (Observe refuses a VM that is neither attached nor in the history.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !faultline(&daemon, &["vm", "list"]).1.contains("vm2:") {
+        assert!(std::time::Instant::now() < deadline, "vm2 never attached");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (first, status, stderr) = first_line_then_close(&daemon, &["observe", "--follow", "--vm", "2"]);
+    assert!(first.starts_with("vm2/vcpu0 #"), "{first:?} {status:?} {stderr}");
+    assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
+    let _ = live.kill();
+    let _ = live.wait();
+    let metrics = faultline_system_tests::scrape_metrics(&daemon.metrics_addr());
+    let open = faultline_system_tests::metric_samples(&metrics)["faultline_observe_streams"];
+    assert_eq!(open, 0.0, "the follow stream was left open");
+}
+
+/// The fault ids Observe returns with `allow` and `deny`, from everything
+/// in the buffer.
+async fn api_ids(daemon: &Daemon, allow: Vec<FaultFilter>, deny: Vec<FaultFilter>) -> BTreeSet<(u64, u64, u64)> {
+    let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let req = ObserveRequest { allowlist: allow, denylist: deny, ..Default::default() };
+    let mut stream = client.observe(req).await.unwrap().into_inner();
+    let mut ids = BTreeSet::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(ResponseTypes::Fault(e)) = r.response_types {
+            ids.insert((u64::from(e.vm_id), u64::from(e.vcpu), e.fault_id));
+        }
+    }
+    ids
+}
+
+/// The same as `faultline observe --all -o json ARGS`.
+fn cli_ids(daemon: &Daemon, args: &[&str]) -> BTreeSet<(u64, u64, u64)> {
+    let (ok, out, err) = faultline(daemon, &[&["observe", "--all", "-o", "json"], args].concat());
+    assert!(ok, "{args:?}: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| (e["vm_id"].as_u64().unwrap(), e["vcpu"].as_u64().unwrap(), e["fault_id"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_filter_flag_selects_what_the_api_filter_selects_and_not_inverts_it() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    // Two VMs: reads and writes, 4 KiB and 2 MiB mappings, MMIO exits on
+    // the read-only slot, translation faults, and permission faults (writes
+    // after reads in VM 1, whose RAM is dirty-logged).
+    for (vm, page_kib, logged) in [("1", "4", true), ("2", "2048", false)] {
+        let mut cmd = machine(&daemon);
+        cmd.args(["--vm-id", vm, "--vcpus", "2", "--pattern", "read-then-write", "--ops", "3000"]);
+        cmd.args(["--ram-page-kib", page_kib]);
+        if logged {
+            cmd.arg("--dirty-log");
+        }
+        run_machine(cmd);
+    }
+    let all = api_ids(&daemon, vec![], vec![]).await;
+    assert!(all.len() > 100, "{}", all.len());
+    let cases: Vec<(Vec<&str>, FaultFilter)> = vec![
+        (vec!["--vm", "2"], FaultFilter { vm_id: vec![2], ..Default::default() }),
+        (vec!["--vcpu", "1"], FaultFilter { vcpu: vec![1], ..Default::default() }),
+        (vec!["--memslot", "1"], FaultFilter { memslot: vec![1], ..Default::default() }),
+        (
+            vec!["--ipa", "0x40000000/2M", "--ipa", "0x41000000-0x42000000"],
+            FaultFilter {
+                ipa_range: vec![
+                    IpaRange { start: 0x4000_0000, end: 0x4020_0000 },
+                    IpaRange { start: 0x4100_0000, end: 0x4200_0000 },
+                ],
+                ..Default::default()
+            },
+        ),
+        (vec!["--kind", "permission"], FaultFilter { kind: vec![FaultKind::Permission as i32], ..Default::default() }),
+        (vec!["--access", "write"], FaultFilter { access: vec![Access::Write as i32], ..Default::default() }),
+        (vec!["--outcome", "mmio-exit"], FaultFilter { outcome: vec![Outcome::MmioExit as i32], ..Default::default() }),
+        (
+            vec!["--size", "2m"],
+            FaultFilter { mapping_size: vec![MappingSize::MappingSize2m as i32], ..Default::default() },
+        ),
+        (vec!["--min-latency", "20us"], FaultFilter { min_latency_ns: 20_000, ..Default::default() }),
+        // Kinds AND, values OR.
+        (
+            vec!["--vm", "1", "--access", "read", "--access", "write"],
+            FaultFilter {
+                vm_id: vec![1],
+                access: vec![Access::Read as i32, Access::Write as i32],
+                ..Default::default()
+            },
+        ),
+    ];
+    for (args, filter) in cases {
+        let kept = cli_ids(&daemon, &args);
+        assert_eq!(kept, api_ids(&daemon, vec![filter.clone()], vec![]).await, "{args:?}");
+        assert!(!kept.is_empty() && kept.len() < all.len(), "{args:?} selects {} of {}", kept.len(), all.len());
+        // `--not` before every flag: the denylist, the rest of the events.
+        let negated: Vec<&str> = args.chunks(2).flat_map(|f| ["--not", f[0], f[1]]).collect();
+        let left = cli_ids(&daemon, &negated);
+        assert_eq!(left, api_ids(&daemon, vec![], vec![filter]).await, "{negated:?}");
+        assert!(left.is_disjoint(&kept), "{negated:?}: an event on both sides");
+        assert_eq!(left.len() + kept.len(), all.len(), "{negated:?}: the two sides cover everything");
+    }
+    // --not covers one flag: vm 1's events that are not writes.
+    let mixed = cli_ids(&daemon, &["--vm", "1", "--not", "--access", "write"]);
+    let want = api_ids(
+        &daemon,
+        vec![FaultFilter { vm_id: vec![1], ..Default::default() }],
+        vec![FaultFilter { access: vec![Access::Write as i32], ..Default::default() }],
+    )
+    .await;
+    assert_eq!(mixed, want);
+    let (ok, _, err) = faultline(&daemon, &["observe", "--all", "--vm", "1", "--not"]);
+    assert!(!ok && err.contains("--not must come right before a filter flag"), "{err}");
+    let (ok, _, err) = faultline(&daemon, &["observe", "--ipa", "0x2000-0x1000"]);
+    assert!(!ok && err.contains("START-END or START/LEN"), "{err}");
 }

@@ -2,6 +2,7 @@
 //! side from the binaries next to this one, with faults streamed while the
 //! guest runs and a summary at the end.
 
+use crate::out::outln;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -62,9 +63,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     // Keep draining the daemon's log so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    println!(
+    outln!(
         "faultline demo: daemon at {addr}, {} vCPUs, {} accesses each, pattern {}",
-        args.vcpus, args.ops, args.pattern
+        args.vcpus,
+        args.ops,
+        args.pattern
     );
     let mut client = FaultTraceClient::connect(addr.clone()).await?;
     let mut stream = client.observe(ObserveRequest { follow: true, ..Default::default() }).await?.into_inner();
@@ -92,11 +95,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                         (window_start, window_shown) = (Instant::now(), 0);
                     }
                     if window_shown < args.max_lines_per_second {
-                        println!("{}", compact(&e));
+                        outln!("{}", compact(&e));
                         shown += 1;
                         window_shown += 1;
                     } else if last_progress.elapsed() >= Duration::from_secs(1) {
-                        println!("... {seen} faults so far ({} not shown)", seen - shown);
+                        outln!("... {seen} faults so far ({} not shown)", seen - shown);
                         last_progress = Instant::now();
                     }
                 },
@@ -109,41 +112,44 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).context("machine summary")?;
     let stats = client.get_stats(GetStatsRequest {}).await?.into_inner();
-    println!();
-    println!(
+    outln!();
+    outln!(
         "summary: {} faults ({} shown), {} accesses in {} ms",
-        summary["faults"], shown, summary["accesses"], summary["run_ms"]
+        summary["faults"],
+        shown,
+        summary["accesses"],
+        summary["run_ms"]
     );
     let nonzero = |v: &[faultline_proto::v1::Count]| {
         v.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect::<Vec<_>>().join(" ")
     };
-    println!("  by outcome: {}", nonzero(&stats.by_outcome));
-    println!("  by size:    {}", nonzero(&stats.by_mapping_size));
+    outln!("  by outcome: {}", nonzero(&stats.by_outcome));
+    outln!("  by size:    {}", nonzero(&stats.by_mapping_size));
     if let Some(h) = stats.latency.iter().find(|h| h.stage == "end_to_end") {
-        println!(
+        outln!(
             "  daemon latency: p50 {:.2} us, p99 {:.2} us, max {:.2} us",
             h.p50_ns as f64 / 1000.0,
             h.p99_ns as f64 / 1000.0,
             h.max_ns as f64 / 1000.0
         );
     }
-    println!("  daemon latency by kind (a fault that allocates its page pays the kernel for it):");
+    outln!("  daemon latency by kind (a fault that allocates its page pays the kernel for it):");
     for (kind, count, p50, p99) in by_kind.summary() {
-        println!("    {kind:<34} {count:>6}   p50 {p50:>9.2} us   p99 {p99:>9.2} us");
+        outln!("    {kind:<34} {count:>6}   p50 {p50:>9.2} us   p99 {p99:>9.2} us");
     }
-    println!(
+    outln!(
         "  round trip seen by the vCPUs: p50 {:.2} us, p99 {:.2} us",
         summary["fault_p50_ns"].as_f64().unwrap_or(0.0) / 1000.0,
         summary["fault_p99_ns"].as_f64().unwrap_or(0.0) / 1000.0
     );
     let waits = &summary["waits"];
-    println!(
+    outln!(
         "  how the vCPUs waited: spun {}, slept {} (spinning gives way when threads outnumber the {} cores)",
         waits["spun"],
         waits["slept"],
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
+    outln!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
     // Close the connection before stopping the daemon: its graceful shutdown
     // waits for clients, and this thread blocks while reaping it.
     drop(stream);

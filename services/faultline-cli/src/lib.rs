@@ -1,6 +1,8 @@
 //! The `faultline` command's formatting (how a fault event reads in
 //! compact, JSON and table form), and where its sibling binaries are.
 
+pub mod filter;
+
 use faultline_proto::v1::{
     Access, Decision, FaultEvent, FaultKind, MappingSize, Outcome, PolicyExit, PolicyExitKind, PolicyStatus,
 };
@@ -18,7 +20,7 @@ pub enum Format {
 
 /// The short name of a proto enum value: its protobuf name without the enum
 /// prefix, lowercase, dashed (`OUTCOME_MMIO_EXIT` reads `mmio-exit`).
-trait ShortName: TryFrom<i32> {
+pub(crate) trait ShortName: TryFrom<i32> {
     const PREFIX: &'static str;
     fn proto_name(&self) -> &'static str;
 }
@@ -42,7 +44,7 @@ short_name!(
     PolicyExitKind => "POLICY_EXIT_KIND_"
 );
 
-fn name<T: ShortName>(v: i32) -> String {
+pub(crate) fn name<T: ShortName>(v: i32) -> String {
     match T::try_from(v) {
         Ok(e) => e.proto_name().trim_start_matches(T::PREFIX).to_lowercase().replace('_', "-"),
         Err(_) => v.to_string(),

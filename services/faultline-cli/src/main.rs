@@ -2,20 +2,20 @@
 //! its gRPC API.
 
 mod demo;
+mod observe;
+mod out;
+
+use out::{out, outln};
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use faultline::{compact, dirty_ranges, json, parse_time, row, Format, TABLE_HEADER};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use faultline::{dirty_ranges, Format};
 use faultline_proto::client::{Address, ClientTls};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
-use faultline_proto::v1::observe_response::ResponseTypes;
-use faultline_proto::v1::{
-    FaultFilter, GetDirtyLogRequest, GetStatsRequest, GetVmRequest, ListVmsRequest, ObserveRequest, Outcome,
-    ServerStatusRequest,
-};
+use faultline_proto::v1::{GetDirtyLogRequest, GetStatsRequest, GetVmRequest, ListVmsRequest, ServerStatusRequest};
 
 /// Observe stage-2 faults served by the Faultline memory-manager.
 #[derive(Parser, Debug)]
@@ -35,6 +35,9 @@ struct Cli {
     /// https://: PEM of this client's private key.
     #[arg(long, global = true, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// On an error, each cause on a line of its own.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,41 +45,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Stream fault events (Hubble-style).
-    Observe {
-        /// The last N events from the buffer.
-        #[arg(long, conflicts_with_all = ["first", "all"])]
-        last: Option<u64>,
-        /// The first N events in the buffer.
-        #[arg(long, conflicts_with_all = ["all", "follow"])]
-        first: Option<u64>,
-        /// Everything in the buffer.
-        #[arg(long)]
-        all: bool,
-        /// Keep streaming new events.
-        #[arg(long, short)]
-        follow: bool,
-        /// Only events at or after this time: RFC 3339 or a duration ago (5m).
-        #[arg(long)]
-        since: Option<String>,
-        /// Only events at or before this time: RFC 3339 or a duration ago.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only these VMs.
-        #[arg(long)]
-        vm: Vec<u32>,
-        /// Only these vCPUs.
-        #[arg(long)]
-        vcpu: Vec<u32>,
-        /// Only these outcomes (mapped, relaxed, mmio-exit, ...).
-        #[arg(long)]
-        outcome: Vec<String>,
-        /// Exclude events matching the outcome filters instead.
-        #[arg(long)]
-        not: bool,
-        /// Output format.
-        #[arg(long, short, value_enum, default_value_t = Format::Compact)]
-        output: Format,
-    },
+    Observe(Box<observe::ObserveArgs>),
     /// Start the daemon and a simulated machine, stream its faults, summarize.
     Demo {
         /// vCPUs.
@@ -166,33 +135,39 @@ enum VmCommand {
 
 /// A call the daemon refused or failed, as one line: the status code and
 /// the daemon's reason.
-fn refused(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-fn outcome(name: &str) -> anyhow::Result<i32> {
-    let wanted = name.replace('-', "_").to_uppercase();
-    (1..)
-        .map_while(|v| Outcome::try_from(v).ok())
-        .find(|o| o.as_str_name().trim_start_matches("OUTCOME_") == wanted)
-        .map(|o| o as i32)
-        .with_context(|| format!("unknown outcome {name:?}"))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    match run(Cli::parse()).await {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let verbose = cli.verbose;
+    match run(cli, &matches).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A closed stdout (`| head`): the reader has what it wanted.
+        Err(e) if out::closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line with its causes, whatever RUST_BACKTRACE says: the
-            // error is for the operator, not a report of a bug.
-            eprintln!("faultline: {e:#}");
+            // error is for the operator, not a report of a bug. -v: each
+            // cause on a line of its own.
+            match verbose {
+                false => eprintln!("faultline: {e:#}"),
+                true => {
+                    eprintln!("faultline: {e}");
+                    e.chain().skip(1).for_each(|c| eprintln!("  caused by: {c}"));
+                }
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let server = cli.server.clone().unwrap_or_else(Address::default_for_host);
     let tls = ClientTls { ca: cli.tls_ca.clone(), cert: cli.tls_cert.clone(), key: cli.tls_key.clone() };
     let channel = || faultline_proto::client::connect(&server, &tls);
@@ -200,71 +175,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { vcpus, ops, pattern, lines_per_second } => {
             demo::run(demo::DemoArgs { vcpus, ops, pattern, max_lines_per_second: lines_per_second }).await?;
         }
-        Command::Observe { last, first, all, follow, since, until, vm, vcpu, outcome: outcomes, not, output } => {
-            let now = std::time::SystemTime::now();
-            let stamp = |v: Option<String>| -> anyhow::Result<Option<prost_types::Timestamp>> {
-                v.map(|v| parse_time(&v, now).map(prost_types::Timestamp::from)).transpose().map_err(Into::into)
-            };
-            let (since, until) = (stamp(since)?, stamp(until)?);
-            let mut client = FaultTraceClient::new(channel().await?);
-            let outcome_filter = FaultFilter {
-                outcome: outcomes.iter().map(|o| outcome(o)).collect::<anyhow::Result<_>>()?,
-                ..Default::default()
-            };
-            let scope = FaultFilter { vm_id: vm, vcpu, ..Default::default() };
-            let mut allowlist = vec![];
-            let mut denylist = vec![];
-            let has_scope = !scope.vm_id.is_empty() || !scope.vcpu.is_empty();
-            match (outcome_filter.outcome.is_empty(), not) {
-                (true, _) => {
-                    if has_scope {
-                        allowlist.push(scope)
-                    }
-                }
-                (false, false) => allowlist.push(FaultFilter { outcome: outcome_filter.outcome, ..scope }),
-                (false, true) => {
-                    if has_scope {
-                        allowlist.push(scope);
-                    }
-                    denylist.push(outcome_filter);
-                }
-            }
-            let (number, first_flag) = match (last, first, all, follow) {
-                (Some(n), _, _, _) => (n, false),
-                (_, Some(n), _, _) => (n, true),
-                (_, _, true, _) => (0, false),
-                (_, _, false, true) => (0, false),
-                _ => (20, false),
-            };
-            // A time window alone means everything in it.
-            let number =
-                if (since.is_some() || until.is_some()) && last.is_none() && first.is_none() { 0 } else { number };
-            let req = ObserveRequest {
-                number,
-                first: first_flag,
-                follow,
-                since,
-                until,
-                allowlist,
-                denylist,
-                ..Default::default()
-            };
-            let mut stream = client.observe(req).await.map_err(refused)?.into_inner();
-            if output == Format::Table {
-                println!("{TABLE_HEADER}");
-            }
-            while let Some(r) = stream.message().await.map_err(refused)? {
-                match r.response_types {
-                    Some(ResponseTypes::Fault(e)) => match output {
-                        Format::Compact => println!("{}", compact(&e)),
-                        Format::Json => println!("{}", json(&e)),
-                        Format::Table => println!("{}", row(&e)),
-                    },
-                    Some(ResponseTypes::LostEvents(l)) => eprintln!("lost {} events", l.num_events_lost),
-                    Some(ResponseTypes::PolicyExit(x)) => eprintln!("{}", faultline::policy_exit(&x)),
-                    None => {}
-                }
-            }
+        Command::Observe(args) => {
+            let negated = observe::negations(matches.subcommand_matches("observe").expect("the observe subcommand"))?;
+            observe::run(*args, &negated, channel().await?).await?;
         }
         Command::Qemu { args } => {
             let mut machine = std::process::Command::new(faultline::sibling("qemu-machine")?);
@@ -280,31 +193,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             let mut client = FaultTraceClient::new(channel().await?);
             let s = client.server_status(ServerStatusRequest {}).await.map_err(refused)?.into_inner();
-            println!("events in buffer: {} / {}", s.num_events, s.max_events);
-            println!("events seen:      {}", s.seen_events);
-            println!("events lost:      {}", s.lost_events);
-            println!("uptime:           {:.1}s", s.uptime_ns as f64 / 1e9);
-            println!("rate (1 min):     {:.1} events/s", s.events_per_second);
-            println!("attached VMs:     {}", s.attached_vms);
+            outln!("events in buffer: {} / {}", s.num_events, s.max_events);
+            outln!("events seen:      {}", s.seen_events);
+            outln!("events lost:      {}", s.lost_events);
+            outln!("uptime:           {:.1}s", s.uptime_ns as f64 / 1e9);
+            outln!("rate (1 min):     {:.1} events/s", s.events_per_second);
+            outln!("attached VMs:     {}", s.attached_vms);
             let started = match (s.took_over, s.recovered_after_crash) {
                 (true, _) => "took over from a running daemon",
                 (false, true) => "after a crash (its predecessor's state found)",
                 (false, false) => "fresh",
             };
-            println!("started:          {started}; VMs taken back: {}", s.reattached_vms);
+            outln!("started:          {started}; VMs taken back: {}", s.reattached_vms);
         }
         Command::Stats => {
             let mut client = FaultTraceClient::new(channel().await?);
             let s = client.get_stats(GetStatsRequest {}).await.map_err(refused)?.into_inner();
-            println!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
+            outln!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
             if let Some(p) = &s.pool {
-                println!(
+                outln!(
                     "service threads: {}   waits: spun {} slept {} (spins given up for other threads: {})",
-                    p.threads, p.waits_spun, p.waits_slept, p.spins_yielded
+                    p.threads,
+                    p.waits_spun,
+                    p.waits_slept,
+                    p.spins_yielded
                 );
             }
             for r in &s.rings {
-                println!(
+                outln!(
                     "rings vm{}/vcpu{}: faults {} (max {}) commands {} (max {}) of {}",
                     r.vm_id,
                     r.vcpu,
@@ -323,15 +239,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ] {
                 let nonzero: Vec<String> =
                     counts.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect();
-                println!("{title}: {}", nonzero.join(" "));
+                outln!("{title}: {}", nonzero.join(" "));
             }
-            println!(
+            outln!(
                 "{:<13} {:>9} {:>10} {:>10} {:>10} {:>10}",
-                "stage", "count", "p50 us", "p99 us", "p99.9 us", "max us"
+                "stage",
+                "count",
+                "p50 us",
+                "p99 us",
+                "p99.9 us",
+                "max us"
             );
             for h in &s.latency {
                 let us = |ns: u64| ns as f64 / 1000.0;
-                println!(
+                outln!(
                     "{:<13} {:>9} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                     h.stage,
                     h.count,
@@ -351,7 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             let ranges = dirty_ranges(log.gpa, &log.bitmap);
             match output {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({
                         "vm_id": log.vm_id,
@@ -364,7 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 ),
                 _ => {
-                    println!(
+                    outln!(
                         "vm{} memslot {}: {} of {} pages dirty{}",
                         log.vm_id,
                         log.memslot,
@@ -373,7 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         if peek { " (peek: not cleared)" } else { ", cleared and write-protected" }
                     );
                     for (s, e) in ranges {
-                        println!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
+                        outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
                     }
                 }
             }
@@ -390,7 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     {
                         let mark = if p.active { "*" } else { " " };
                         let at = if p.endpoint.is_empty() { "built-in".to_string() } else { p.endpoint };
-                        println!("{mark} {} {} ({at})", p.name, p.version);
+                        outln!("{mark} {} {} ({at})", p.name, p.version);
                     }
                     return Ok(());
                 }
@@ -404,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 PolicyCommand::Default => client.use_default(UseDefaultRequest {}).await.map_err(refused)?.into_inner(),
             };
-            print!("{}", faultline::policy_status(&status));
+            out!("{}", faultline::policy_status(&status));
         }
         Command::Vm { command } => {
             let mut client = ControlClient::new(channel().await?);
@@ -415,7 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             for vm in vms {
-                println!(
+                outln!(
                     "vm{}: {} vCPUs, {} faults, {} mappings, {} pinned pages, {} KiB resident, {} evicted, {} fault-around pages",
                     vm.vm_id,
                     vm.vcpus,
@@ -436,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     _ => String::new(),
                 };
-                println!(
+                outln!(
                     "  host memory: {} KiB backing, {} KiB in the swap store ({}{packed})",
                     vm.backing_bytes >> 10,
                     vm.swap_store_bytes >> 10,
@@ -450,9 +371,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect::<Vec<_>>()
                         .join(",");
                     let flags = if flags.is_empty() { String::new() } else { format!(" {flags}") };
-                    println!(
+                    outln!(
                         "  memslot {}: gpa {:#x} size {:#x}{flags}, {} dirty pages",
-                        m.id, m.gpa, m.size, m.dirty_pages
+                        m.id,
+                        m.gpa,
+                        m.size,
+                        m.dirty_pages
                     );
                 }
             }
