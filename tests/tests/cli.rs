@@ -34,6 +34,16 @@ fn observe_status_stats_and_vm_commands_show_the_run() {
     assert_eq!(lines.len(), 3);
     assert!(lines.iter().all(|e| e["vm_id"] == 1 && e["esr"].as_str().unwrap().starts_with("0x")));
 
+    // JSON for tools: RFC 3339 times, and nothing that does not apply.
+    let (ok, out, err) = faultline(&daemon, &["observe", "--all", "-o", "json"]);
+    assert!(ok && out.lines().count() as u64 == faults, "{err}");
+    assert!(!out.contains("unspecified") && !out.contains("time_ns"), "{out}");
+    let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for e in &events {
+        let time = e["time"].as_str().unwrap();
+        assert!(time.ends_with('Z') && time.len() == "2026-12-02T15:00:00.123456789Z".len(), "{time}");
+        assert_eq!(e.get("mapping_size").is_some(), e["outcome"] == "mapped", "{e}");
+    }
     let (ok, out, _) = faultline(&daemon, &["observe", "--all", "--outcome", "mmio-exit"]);
     assert!(ok);
     assert_eq!(out.lines().count(), exits);

@@ -102,29 +102,50 @@ pub fn policy_status(s: &PolicyStatus) -> String {
     out
 }
 
-/// The event as a JSON object.
+/// The event as a JSON object: `time` in RFC 3339 with nanoseconds (UTC),
+/// and fields that do not apply left out rather than given the proto's
+/// defaults (an exit has no mapping size, PA or permissions; a fault
+/// outside every memslot has no memslot or HVA).
 pub fn json(e: &FaultEvent) -> serde_json::Value {
-    serde_json::json!({
-        "time_ns": e.time.map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128),
-        "fault_id": e.fault_id,
-        "vm_id": e.vm_id,
-        "vcpu": e.vcpu,
-        "ipa": format!("{:#x}", e.ipa),
-        "esr": format!("{:#x}", e.esr),
-        "kind": name::<FaultKind>(e.kind),
-        "level": e.level,
-        "access": name::<Access>(e.access),
-        "memslot": e.memslot,
-        "hva": format!("{:#x}", e.hva),
-        "vma_page_size": e.vma_page_size,
-        "mapping_size": name::<MappingSize>(e.mapping_size),
-        "permissions": perms(e.permissions),
-        "pa": format!("{:#x}", e.pa),
-        "outcome": name::<Outcome>(e.outcome),
-        "reject_reason": e.reject_reason,
-        "policy": e.policy,
-        "latency_ns": e.latency_ns,
-    })
+    use serde_json::{json, Value};
+    let mut o = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        o.insert(k.to_string(), v);
+    };
+    if let Some(Ok(t)) = e.time.map(std::time::SystemTime::try_from) {
+        put("time", json!(humantime::format_rfc3339_nanos(t).to_string()));
+    }
+    put("fault_id", json!(e.fault_id));
+    put("vm_id", json!(e.vm_id));
+    put("vcpu", json!(e.vcpu));
+    put("ipa", json!(format!("{:#x}", e.ipa)));
+    put("esr", json!(format!("{:#x}", e.esr)));
+    if FaultKind::try_from(e.kind).is_ok_and(|k| k != FaultKind::Unspecified) {
+        put("kind", json!(name::<FaultKind>(e.kind)));
+        put("level", json!(e.level));
+    }
+    if Access::try_from(e.access).is_ok_and(|a| a != Access::Unspecified) {
+        put("access", json!(name::<Access>(e.access)));
+    }
+    if let Some(slot) = e.memslot {
+        put("memslot", json!(slot));
+        put("hva", json!(format!("{:#x}", e.hva)));
+        put("vma_page_size", json!(e.vma_page_size));
+    }
+    if MappingSize::try_from(e.mapping_size).is_ok_and(|m| m != MappingSize::Unspecified) {
+        put("mapping_size", json!(name::<MappingSize>(e.mapping_size)));
+        put("permissions", json!(perms(e.permissions)));
+        put("pa", json!(format!("{:#x}", e.pa)));
+    }
+    put("outcome", json!(name::<Outcome>(e.outcome)));
+    if !e.reject_reason.is_empty() {
+        put("reject_reason", json!(e.reject_reason));
+    }
+    if !e.policy.is_empty() {
+        put("policy", json!(e.policy));
+    }
+    put("latency_ns", json!(e.latency_ns));
+    Value::Object(o)
 }
 
 /// The event as one compact line.
@@ -253,6 +274,29 @@ mod tests {
         assert_eq!(compact(&e), "vm1/vcpu2 #7 write ipa=0x40001000 translation L3 -> mapped 4k rw- 1.5us");
         assert_eq!(json(&e)["outcome"], "mapped");
         assert!(row(&e).contains("0x40001000"));
+    }
+
+    #[test]
+    fn json_times_are_rfc3339_and_what_does_not_apply_is_left_out() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_000_000, 123_456_789);
+        let exit = FaultEvent {
+            time: Some(time.into()),
+            kind: FaultKind::Permission as i32,
+            access: Access::Write as i32,
+            memslot: Some(1),
+            outcome: Outcome::MmioExit as i32,
+            ..Default::default()
+        };
+        let j = json(&exit);
+        assert_eq!(j["time"], "2026-11-30T00:53:20.123456789Z");
+        assert_eq!(humantime::parse_rfc3339(j["time"].as_str().unwrap()).unwrap(), time);
+        for absent in ["mapping_size", "pa", "permissions", "reject_reason", "time_ns"] {
+            assert!(j.get(absent).is_none(), "{absent}: {j}");
+        }
+        assert_eq!((&j["memslot"], &j["kind"], &j["outcome"]), (&1.into(), &"permission".into(), &"mmio-exit".into()));
+        let outside = json(&FaultEvent { outcome: Outcome::InjectedAbort as i32, ..Default::default() });
+        assert!(!outside.to_string().contains("unspecified"), "{outside}");
+        assert!(outside.get("memslot").is_none() && outside.get("hva").is_none(), "{outside}");
     }
 
     #[test]
