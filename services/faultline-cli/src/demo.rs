@@ -36,6 +36,19 @@ impl Drop for Reaper {
     }
 }
 
+/// Kills the machine (by pid: its `Child` is being waited on elsewhere) if
+/// the demo ends first, a closed stdout or an error: it would otherwise
+/// wait out its re-attach deadline for the daemon the demo stopped.
+struct Unfinished(Option<nix::unistd::Pid>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("faultline-demo-{}", std::process::id()));
@@ -79,6 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting sim-machine")?;
+    let mut unfinished = Unfinished(Some(nix::unistd::Pid::from_raw(machine.id() as i32)));
     let machine = tokio::task::spawn_blocking(move || machine.wait_with_output());
     tokio::pin!(machine);
     let (mut shown, mut seen, mut window_start, mut window_shown) = (0u64, 0u64, Instant::now(), 0u32);
@@ -86,7 +100,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut last_progress = Instant::now();
     let output = loop {
         tokio::select! {
-            done = &mut machine => break done??,
+            done = &mut machine => {
+                // Reaped: its pid is no longer its own.
+                unfinished.0 = None;
+                break done??;
+            }
             msg = stream.message() => match msg? {
                 Some(r) => if let Some(ResponseTypes::Fault(e)) = r.response_types {
                     seen += 1;
