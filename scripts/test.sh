@@ -16,7 +16,8 @@ command -v cargo >/dev/null || {
 # Debian's Rust toolchain with library sources builds hyp-core for
 # aarch64-unknown-none (docs/architecture.md, scripts/build-el2.sh); QEMU
 # boots the EL2 image; protoc with the gRPC Python plugin, grpcio and
-# protobuf run the Python policy example's test.
+# protobuf run the Python policy example's test; man renders the CLI's
+# man page.
 need=()
 [ -x /usr/bin/rustc ] || need+=(rustc-web)
 [ -x /usr/bin/cargo ] || need+=(cargo-web)
@@ -26,6 +27,9 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -x /usr/bin/grpc_python_plugin ] || need+=(protobuf-compiler-grpc)
 /usr/bin/python3 -c 'import grpc' 2>/dev/null || need+=(python3-grpcio)
 /usr/bin/python3 -c 'import google.protobuf' 2>/dev/null || need+=(python3-protobuf)
+# The CLI's man page test renders it with man (groff underneath).
+command -v man >/dev/null || need+=(man-db)
+command -v groff >/dev/null || need+=(groff-base)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}" >&2
   sudo=()

@@ -302,3 +302,56 @@ async fn each_filter_flag_selects_what_the_api_filter_selects_and_not_inverts_it
     let (ok, _, err) = faultline(&daemon, &["observe", "--ipa", "0x2000-0x1000"]);
     assert!(!ok && err.contains("START-END or START/LEN"), "{err}");
 }
+
+#[test]
+fn completions_for_three_shells_and_man_pages_are_generated_and_installed() {
+    let run = |args: &[&str]| {
+        let out = Command::new(binary("faultline")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // bash loads the script, and its function completes a subcommand.
+    let script = dir.path().join("faultline.bash");
+    std::fs::write(&script, run(&["completions", "bash"])).unwrap();
+    let complete = format!(
+        "source {} && complete -p faultline && COMP_WORDS=(faultline obs) COMP_CWORD=1 COMP_LINE='faultline obs' \
+         COMP_POINT=13 && _faultline faultline obs faultline && echo \"offered: ${{COMPREPLY[*]}}\"",
+        script.display()
+    );
+    let out = Command::new("bash").arg("-c").arg(&complete).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("-F _faultline faultline"), "{text}");
+    assert!(text.contains("offered: observe"), "{text}");
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef faultline"));
+    let fish = run(&["completions", "fish"]);
+    assert!(fish.contains("complete -c faultline") && fish.contains("observe"), "{fish}");
+
+    // The man page, rendered as man renders it.
+    let page = dir.path().join("faultline.1");
+    std::fs::write(&page, run(&["man"])).unwrap();
+    let out = Command::new("man").arg("-l").arg(&page).env("MANPAGER", "cat").env("MANWIDTH", "100").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("NAME") && text.contains("faultline"), "{text}");
+    assert!(text.contains("observe") && text.contains("--server"), "{text}");
+
+    // The install script, into a staging root.
+    let root = dir.path().join("root");
+    let out = Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-cli.sh"))
+        .arg(binary("faultline"))
+        .env("DESTDIR", &root)
+        .env("PREFIX", "/usr")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for file in [
+        "bash-completion/completions/faultline",
+        "zsh/site-functions/_faultline",
+        "fish/vendor_completions.d/faultline.fish",
+        "man/man1/faultline.1",
+        "man/man1/faultline-observe.1",
+    ] {
+        let path = root.join("usr/share").join(file);
+        assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0), "{} missing or empty", path.display());
+    }
+}

@@ -99,6 +99,19 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Format::Compact)]
         output: Format,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...):
+    /// `source <(faultline completions bash)`; deploy/install-cli.sh
+    /// installs them.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command to DIR.
+    Man {
+        /// Write faultline.1, faultline-observe.1, ... here instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -299,6 +312,24 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Completions { shell } => {
+            // Generated whole first: a closed stdout is then one error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "faultline", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+        }
+        Command::Man { out_dir } => match out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing to {}", dir.display()))?;
+            }
+            None => {
+                let mut page = Vec::new();
+                clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+                std::io::Write::write_all(&mut std::io::stdout(), &page)?;
+            }
+        },
         Command::Policy { command } => {
             use faultline_proto::v1::policy_control_client::PolicyControlClient;
             use faultline_proto::v1::{
