@@ -6,7 +6,8 @@
 //! backing draw on a reserve; once it is spent they are refused (the guest
 //! that wants more memory gets an abort at that access) until the pressure
 //! ends. The daemon chooses what to refuse, rather than the OOM killer
-//! choosing what to kill. Backing already populated is never refused.
+//! choosing what to kill. Backing already populated is never refused; a
+//! page coming back from a swap store needs fresh backing like any other.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
