@@ -84,16 +84,13 @@ const FILTER_IDS: [&str; 9] = ["vm", "vcpu", "memslot", "ipa", "kind", "access",
 pub fn negations(m: &ArgMatches) -> anyhow::Result<Vec<Vec<bool>>> {
     // One index per --not (a flag that takes no value, appended each time).
     let nots: Vec<usize> = m.indices_of("not").map(Iterator::collect).unwrap_or_default();
-    // A value's index is its flag's plus one (`--kind x` and `--kind=x`).
-    let flag_at = |value: usize| value.checked_sub(1);
+    // A value's index is its flag's plus one (`--kind x` and `--kind=x`
+    // alike), so a --not right before the flag is two before the value.
     let negated: Vec<Vec<bool>> = FILTER_IDS
         .iter()
         .map(|id| {
-            let indices = m.indices_of(id).map(Iterator::collect::<Vec<_>>).unwrap_or_default();
-            indices
-                .iter()
-                .map(|&i| flag_at(i).and_then(|f| f.checked_sub(1)).is_some_and(|n| nots.contains(&n)))
-                .collect()
+            let values = m.indices_of(id).into_iter().flatten();
+            values.map(|i| i.checked_sub(2).is_some_and(|n| nots.contains(&n))).collect()
         })
         .collect();
     let used = negated.iter().flatten().filter(|&&n| n).count();

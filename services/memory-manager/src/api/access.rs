@@ -9,7 +9,6 @@
 //! Plain TCP serves observation only; a mutating call there gets
 //! `PERMISSION_DENIED` naming where to make it instead.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,10 +36,7 @@ impl Default for GrpcAccess {
 impl GrpcAccess {
     /// Gives the socket at `path` its mode and group.
     pub fn apply(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(gid) = self.socket_gid {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.socket_mode & 0o777))
+        crate::attach::access::set_socket_access(path, self.socket_mode, self.socket_gid)
     }
 }
 
@@ -117,6 +113,8 @@ impl Transport {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

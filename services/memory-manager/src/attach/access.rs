@@ -56,11 +56,18 @@ impl AttachAccess {
 
     /// Gives the attach socket at `path` its mode and group.
     pub fn apply(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(gid) = self.socket_gid {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.socket_mode & 0o777))
+        set_socket_access(path, self.socket_mode, self.socket_gid)
     }
+}
+
+/// Gives the socket at `path` file mode `mode` (permission bits only) and,
+/// if given, group `gid`: who can connect to it (the attach socket's and
+/// the gRPC socket's).
+pub fn set_socket_access(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<()> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
 }
 
 /// Whether `peer` may take this daemon's VMs over: its own user, or root.
