@@ -30,6 +30,8 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 # The CLI's man page test renders it with man (groff underneath).
 command -v man >/dev/null || need+=(man-db)
 command -v groff >/dev/null || need+=(groff-base)
+# The CLI's terminal tests drive it in a tmux pane, as a person sees it.
+command -v tmux >/dev/null || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}" >&2
   sudo=()

@@ -93,14 +93,14 @@ pub struct ClientTls {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// A TLS file could not be read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}: {cause}")]
     ReadTls {
         /// Which file (CA, certificate, key).
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// TLS settings for an address that is not `https://`, or a
     /// certificate without its key.
@@ -131,7 +131,7 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
-    std::fs::read(path).map_err(|source| ConnectError::ReadTls { what, path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|cause| ConnectError::ReadTls { what, path: path.to_path_buf(), cause })
 }
 
 impl ClientTls {

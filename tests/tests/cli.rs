@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::{Access, FaultFilter, FaultKind, IpaRange, MappingSize, ObserveRequest, Outcome};
-use faultline_system_tests::{binary, machine, run_machine, Daemon};
+use faultline_system_tests::{binary, machine, run_machine, Daemon, TracedMachine};
+use sim_machine::layout::Layout;
+use sim_machine::workload::{generate, Pattern};
 
 fn faultline(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
     let out =
@@ -72,7 +74,7 @@ fn demo_runs_daemon_and_machine_and_summarizes() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let faults = stdout.lines().filter(|l| l.starts_with("vm1/vcpu0 #")).count();
+    let faults = stdout.lines().filter(|l| l.contains(" vm1/vcpu0 #")).count();
     assert!(faults > 100, "faults streamed while the guest ran: {stdout}");
     let summary = stdout.lines().find(|l| l.starts_with("summary:")).expect("summary line");
     assert!(summary.starts_with(&format!("summary: {faults} faults")), "every fault was shown: {summary}");
@@ -177,7 +179,7 @@ fn a_closed_stdout_ends_observe_quietly_with_status_0() {
     let faults = run_machine(cmd)["faults"].as_u64().unwrap();
     assert!(faults > 2000, "only {faults} faults");
     let (first, status, stderr) = first_line_then_close(&daemon, &["observe", "--all"]);
-    assert!(first.starts_with("vm1/vcpu0 #"), "{first}");
+    assert!(first.contains(" vm1/vcpu0 #"), "{first}");
     assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
     let (_, status, stderr) = first_line_then_close(&daemon, &["observe", "--all", "-o", "json"]);
     assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
@@ -194,7 +196,7 @@ fn a_closed_stdout_ends_observe_quietly_with_status_0() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let (first, status, stderr) = first_line_then_close(&daemon, &["observe", "--follow", "--vm", "2"]);
-    assert!(first.starts_with("vm2/vcpu0 #"), "{first:?} {status:?} {stderr}");
+    assert!(first.contains(" vm2/vcpu0 #"), "{first:?} {status:?} {stderr}");
     assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
     let _ = live.kill();
     let _ = live.wait();
@@ -353,5 +355,276 @@ fn completions_for_three_shells_and_man_pages_are_generated_and_installed() {
     ] {
         let path = root.join("usr/share").join(file);
         assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0), "{} missing or empty", path.display());
+    }
+}
+
+/// A machine attached as `vm` (2 vCPUs, its RAM 4 KiB-paged and
+/// dirty-logged) that runs a random workload's first half and pauses,
+/// attached, until [`PausedMachine::resume`] lets it run the second half
+/// (the same pages again: after a dirty-log fetch, permission faults);
+/// killed on drop.
+struct PausedMachine {
+    machine: TracedMachine,
+    _trace_dir: tempfile::TempDir,
+}
+
+impl PausedMachine {
+    fn start(daemon: &Daemon, vm: u32) -> Self {
+        let layout = Layout { nr_vcpus: 2, ..Layout::default() };
+        let half = generate(Pattern::Random, &layout, 2_000, u64::from(vm));
+        let mut workload = generate(Pattern::Random, &layout, 4_000, u64::from(vm));
+        for (whole, half) in workload.per_vcpu.iter_mut().zip(&half.per_vcpu) {
+            *whole = [half.as_slice(), half.as_slice()].concat();
+        }
+        workload.pauses = vec![half.per_vcpu.iter().map(Vec::len).collect()];
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("halves.trace");
+        std::fs::write(&trace, workload.to_trace()).unwrap();
+        let vm_id = vm.to_string();
+        let args = ["--vm-id", &vm_id, "--vcpus", "2", "--ram-page-kib", "4", "--dirty-log", "--spin-polls", "0"];
+        let mut m = TracedMachine::spawn(daemon, &args, &trace);
+        m.wait_paused(0);
+        Self { machine: m, _trace_dir: dir }
+    }
+
+    fn resume(&mut self) {
+        self.machine.resume();
+    }
+}
+
+impl Drop for PausedMachine {
+    fn drop(&mut self) {
+        let _ = self.machine.child.kill();
+        let _ = self.machine.child.wait();
+    }
+}
+
+#[test]
+fn outputs_for_people_and_for_tools() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "2", "--pattern", "random", "--ram-page-kib", "4", "--ops", "3000"]);
+    let faults = run_machine(cmd)["faults"].as_u64().unwrap();
+    let _live = PausedMachine::start(&daemon, 2);
+
+    // Compact lines begin with the local time (TZ, here five and a half
+    // hours east of UTC), the JSON with UTC: the same event read both ways.
+    let out = Command::new(binary("faultline"))
+        .args(["--server", &daemon.grpc_unix_addr(), "observe", "--first", "1", "--vm", "1"])
+        .env("TZ", "IST-5:30")
+        .output()
+        .unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    let (_, json, _) = faultline(&daemon, &["observe", "--first", "1", "--vm", "1", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let utc: prost_types::Timestamp = json["time"].as_str().unwrap().parse().unwrap();
+    let of_day = (utc.seconds + 5 * 3600 + 1800).rem_euclid(86_400);
+    let ist = format!("{:02}:{:02}:{:02}.{:06}", of_day / 3600, of_day / 60 % 60, of_day % 60, utc.nanos / 1000);
+    assert!(line.contains(&format!(" {ist} vm1/vcpu")), "{line} vs {ist} ({})", json["time"]);
+
+    // jsonpb: the proto's JSON mapping, for every event, field for field
+    // the same event as -o json.
+    let (ok, pb, err) = faultline(&daemon, &["observe", "--all", "--vm", "1", "-o", "jsonpb"]);
+    let (_, js, _) = faultline(&daemon, &["observe", "--all", "--vm", "1", "-o", "json"]);
+    assert!(ok, "{err}");
+    assert_eq!(pb.lines().count() as u64, faults);
+    for (pb, js) in pb.lines().zip(js.lines()) {
+        let (pb, js): (serde_json::Value, serde_json::Value) =
+            (serde_json::from_str(pb).unwrap(), serde_json::from_str(js).unwrap());
+        assert_eq!(pb["faultId"].as_str().unwrap(), js["fault_id"].to_string(), "{pb}");
+        let time = |v: &serde_json::Value| v["time"].as_str().unwrap().parse::<prost_types::Timestamp>().unwrap();
+        assert_eq!(time(&pb), time(&js));
+        assert_eq!(format!("{:#x}", pb["ipa"].as_str().unwrap().parse::<u64>().unwrap()), js["ipa"]);
+        let outcome = pb["outcome"].as_str().unwrap().trim_start_matches("OUTCOME_").to_lowercase().replace('_', "-");
+        assert_eq!(outcome, js["outcome"], "{pb}");
+    }
+
+    // A table's columns line up: every row's IPA column ends where the
+    // header's does, whatever the widths of its cells.
+    let (ok, table, _) = faultline(&daemon, &["observe", "--all", "--vm", "1", "-o", "table"]);
+    assert!(ok);
+    let header = table.lines().next().unwrap();
+    let ipa_end = header.find("IPA").unwrap() + 3;
+    for row in table.lines().skip(1) {
+        let cell_end = row[..ipa_end].rfind(' ').unwrap() + 1;
+        assert!(row[cell_end..ipa_end].starts_with("0x"), "{header}\n{row}");
+        assert_eq!(row.as_bytes()[ipa_end], b' ', "{header}\n{row}");
+    }
+    assert!(table.lines().any(|l| l.contains(" mapped ")), "{table}");
+
+    // Every report in the proto's JSON mapping, naming the VMs and counts.
+    let report = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = faultline(&daemon, args);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let status = report(&["status", "-o", "json"]);
+    assert_eq!(status["attachedVms"], 1, "{status}");
+    let stats = report(&["stats", "-o", "jsonpb"]);
+    assert!(stats["latency"].as_array().unwrap().iter().any(|h| h["stage"] == "end_to_end"), "{stats}");
+    let vms = report(&["vm", "list", "-o", "json"]);
+    assert_eq!(vms["vms"][0]["vmId"], 2, "{vms}");
+    let vm = report(&["vm", "show", "2", "-o", "json"]);
+    assert_eq!(vm["memslots"].as_array().unwrap().len(), 2, "{vm}");
+    assert_eq!(report(&["policy", "status", "-o", "json"])["active"], "default");
+    assert_eq!(report(&["policy", "list", "-o", "json"])["policies"][0]["name"], "default");
+    let log = report(&["dirty-log", "2", "0", "--peek", "-o", "jsonpb"]);
+    assert_eq!((&log["vmId"], &log["memslot"]), (&2.into(), &serde_json::Value::Null), "{log}");
+    assert!(log["bitmap"].as_str().is_some_and(|b| !b.is_empty()), "base64 bitmap: {log}");
+}
+
+/// A tmux server of its own (`tmux -L`) with one 160x40 pane running an
+/// interactive bash, as a person's terminal would; killed on drop.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(env: &[(&str, &str)]) -> Self {
+        let socket = format!("faultline-test-{}-{}", std::process::id(), rand_suffix());
+        let t = Self { socket };
+        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let shell = format!("env {} PS1='$ ' bash --norc --noprofile -i", env.join(" "));
+        t.tmux(&["new-session", "-d", "-x", "160", "-y", "40", &shell]);
+        t
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux installed");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Types `line` and Enter.
+    fn type_line(&self, line: &str) {
+        self.tmux(&["send-keys", "-l", line]);
+        self.tmux(&["send-keys", "Enter"]);
+    }
+
+    /// The screen once `ready` holds for it (30 s at most: a hang guard).
+    fn screen_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let screen = self.tmux(&["capture-pane", "-p", "-J", "-S", "-200"]);
+            if ready(&screen) {
+                return screen;
+            }
+            assert!(std::time::Instant::now() < deadline, "the screen never got there:\n{screen}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").arg("-L").arg(&self.socket).arg("kill-server").output();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos().into()
+}
+
+#[test]
+fn observe_follow_in_a_terminal_ends_on_ctrl_c_and_leaves_it_sane() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut live = PausedMachine::start(&daemon, 3);
+    let term = Terminal::start(&[("FAULTLINE_SERVER", &daemon.grpc_unix_addr()), ("RUST_BACKTRACE", "1")]);
+    term.type_line(&format!("{} observe --follow --vm 3", binary("faultline").display()));
+    // Following from now: the machine's second half streams in.
+    wait_for_streams(&daemon, 1);
+    live.resume();
+    term.screen_when(|s| s.matches(" vm3/vcpu").count() >= 5);
+    term.tmux(&["send-keys", "C-c"]);
+    // The shell has its prompt back, the status is SIGINT's, and the line
+    // discipline is as it was: canonical, echoing.
+    term.type_line("echo \"status=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo|isig)' | tr '\\n' ' '; echo; echo \"sum=$((6*7))\"");
+    let screen = term.screen_when(|s| s.contains("sum=42"));
+    assert!(screen.contains("status=130"), "{screen}");
+    assert!(screen.contains("icanon echo isig") || screen.contains("isig icanon echo"), "{screen}");
+    assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
+    // The stream was closed with it.
+    wait_for_streams(&daemon, 0);
+}
+
+/// Waits until `daemon` has `open` Observe streams open (30 s at most: a
+/// hang guard).
+fn wait_for_streams(daemon: &Daemon, open: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let metrics = faultline_system_tests::scrape_metrics(&daemon.metrics_addr());
+        let streams = faultline_system_tests::metric_samples(&metrics)["faultline_observe_streams"];
+        if streams == f64::from(open) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{streams} Observe streams open, not {open}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// README's "Operators' cheat sheet": each command in its block, run as
+/// written (bash, pipefail, `faultline` on PATH) against a live daemon
+/// serving a machine, exits 0, prints something and no error.
+#[test]
+fn the_readme_cheat_sheet_runs_against_a_live_daemon() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("## Operators' cheat sheet").nth(1).expect("the cheat sheet section");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("its sh block");
+    let commands: Vec<&str> = block.lines().filter(|l| l.starts_with("faultline ")).collect();
+    assert!(commands.len() >= 10, "{commands:?}");
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    let mut live = PausedMachine::start(&daemon, 1);
+    let path = format!("{}:{}", binary("faultline").parent().unwrap().display(), std::env::var("PATH").unwrap());
+    let mut resumed = false;
+    for command in commands {
+        let child = Command::new("bash")
+            .args(["-o", "pipefail", "-c", command])
+            .env("PATH", &path)
+            .env("FAULTLINE_SERVER", daemon.grpc_unix_addr())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if command.contains("--follow") {
+            // Live events for it: the machine's second half, once the
+            // stream is open.
+            assert!(!resumed, "one --follow command: the machine resumes once");
+            wait_for_streams(&daemon, 1);
+            live.resume();
+            resumed = true;
+        }
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stderr.is_empty(), "{command}: {:?}\n{stderr}", out.status);
+        assert!(!stdout.trim().is_empty(), "{command}: printed nothing");
+    }
+}
+
+/// Each binary's error, whatever RUST_BACKTRACE says, is one line: its
+/// name, what failed and why, each cause once.
+#[test]
+fn every_binary_reports_an_error_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    for (bin, args, says) in [
+        ("faultline", vec!["--server", &format!("unix:{missing}"), "status"], "cannot reach the daemon at unix:"),
+        ("sim-machine", vec!["--attach-socket", missing], "connecting to the daemon: No such file or directory"),
+        ("sim-machine", vec!["--ops", "10000000000", "--vcpus", "2"], "use fewer --ops"),
+        ("qemu-machine", vec!["--attach-socket", missing], "no daemon at"),
+        ("memory-manager", vec!["--config", missing], "loading configuration: cannot read"),
+        ("policy-largest", vec!["--listen", "192.0.2.1:1"], "listening on 192.0.2.1:1 (--listen): "),
+    ] {
+        let out = Command::new(binary(bin)).args(&args).env("RUST_BACKTRACE", "full").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} {args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{bin} {args:?}:\n{stderr}");
+        assert!(stderr.starts_with(&format!("{bin}: ")) && stderr.contains(says), "{bin} {args:?}: {stderr}");
+        // No cause told twice ("...: No such file (os error 2): No such file (os error 2)").
+        let causes: Vec<&str> = stderr.trim_end().split(": ").collect();
+        let mut unique = causes.clone();
+        unique.dedup();
+        assert_eq!(causes, unique, "{bin} {args:?}: {stderr}");
     }
 }

@@ -57,20 +57,28 @@ impl Stalls {
     }
 }
 
+// By hand rather than `#[from]`, which would make the wire error the
+// source as well as part of the message, and print it twice in a chain.
+impl From<WireError> for SessionError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
 /// How the connection ended, or never began.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The socket or the exchange on it failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// Why it failed.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The daemon sent something that is not a reply.
     #[error("the daemon's answer: {0}")]
-    Wire(#[from] WireError),
+    Wire(WireError),
     /// The daemon closed the connection without answering.
     #[error("the daemon closed the connection")]
     Closed,
@@ -124,7 +132,7 @@ impl<'f> Session<'f> {
             conn: Mutex::new(None),
             stalls: Mutex::new(Stalls::default()),
         };
-        let conn = s.connect().map_err(|source| SessionError::Io { what: "connecting to the daemon", source })?;
+        let conn = s.connect().map_err(|cause| SessionError::Io { what: "connecting to the daemon", cause })?;
         let reply = s.exchange(&conn, &s.request)?;
         if reply.status != Status::Ok {
             return Err(SessionError::AttachRefused { status: reply.status, message: reply.message });
@@ -149,7 +157,7 @@ impl<'f> Session<'f> {
     /// Sends `request` on `conn` and reads the reply.
     fn exchange(&self, conn: &OwnedFd, request: &AttachRequest) -> Result<Reply, SessionError> {
         send_message(conn.as_fd(), &request.encode(), &self.fds)
-            .map_err(|source| SessionError::Io { what: "sending the attach request", source })?;
+            .map_err(|cause| SessionError::Io { what: "sending the attach request", cause })?;
         read_reply(conn)
     }
 
@@ -276,7 +284,7 @@ impl<'f> Session<'f> {
             let lost = match conn {
                 Some(conn) => {
                     let sent = send_message(conn.as_fd(), &crate::encode_detach(), &[]);
-                    let sent = sent.map_err(|source| SessionError::Io { what: "sending detach", source });
+                    let sent = sent.map_err(|cause| SessionError::Io { what: "sending detach", cause });
                     match sent.and_then(|()| read_reply(&conn)) {
                         Ok(reply) => return Ok(reply),
                         Err(e) => {
@@ -302,7 +310,7 @@ enum Watch {
 /// Reads one reply from the daemon.
 pub fn read_reply(conn: &OwnedFd) -> Result<Reply, SessionError> {
     let msg = recv_message(conn.as_fd())
-        .map_err(|source| SessionError::Io { what: "reading the daemon's reply", source })?
+        .map_err(|cause| SessionError::Io { what: "reading the daemon's reply", cause })?
         .ok_or(SessionError::Closed)?;
     let (kind, payload) = decode_header(&msg.bytes)?;
     if kind != MsgKind::Reply {

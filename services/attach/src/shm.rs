@@ -17,12 +17,12 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     /// mmap failed.
-    #[error("mmap of {len} bytes failed: {source}")]
+    #[error("mmap of {len} bytes failed: {cause}")]
     Map {
         /// Bytes requested.
         len: u64,
         /// errno.
-        source: nix::Error,
+        cause: nix::Error,
     },
     /// The length or alignment cannot be mapped.
     #[error("region of {len} bytes with alignment {align} cannot be mapped")]
@@ -85,7 +85,7 @@ impl MappedRegion {
         let reserve = NonZeroUsize::new((len + align) as usize).ok_or_else(bad)?;
         // SAFETY: an anonymous PROT_NONE reservation touches no existing memory.
         let hole = unsafe { mman::mmap_anonymous(None, reserve, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE) }
-            .map_err(|source| RegionError::Map { len, source })?;
+            .map_err(|cause| RegionError::Map { len, cause })?;
         let start = hole.as_ptr() as usize;
         let aligned = (start + align as usize - 1) & !(align as usize - 1);
         // SAFETY: [aligned, aligned + len) lies inside the reservation we own,
@@ -113,9 +113,9 @@ impl MappedRegion {
                 trim(aligned + len as usize, end);
                 Ok(Self { base: p.cast(), len: len as usize })
             }
-            Err(source) => {
+            Err(cause) => {
                 trim(start, end);
-                Err(RegionError::Map { len, source })
+                Err(RegionError::Map { len, cause })
             }
         }
     }

@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tokio::pin!(machine);
     let (mut shown, mut seen, mut window_start, mut window_shown) = (0u64, 0u64, Instant::now(), 0u32);
     let mut by_kind = LatencyByKind::default();
+    let tz = jiff::tz::TimeZone::system();
     let mut last_progress = Instant::now();
     let output = loop {
         tokio::select! {
@@ -113,7 +114,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                         (window_start, window_shown) = (Instant::now(), 0);
                     }
                     if window_shown < args.max_lines_per_second {
-                        outln!("{}", compact(&e));
+                        outln!("{}", compact(&e, &tz));
                         shown += 1;
                         window_shown += 1;
                     } else if last_progress.elapsed() >= Duration::from_secs(1) {

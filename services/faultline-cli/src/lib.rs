@@ -10,12 +10,56 @@ use faultline_proto::v1::{
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// One short line per event.
+    /// One short line per event, local time first.
     Compact,
-    /// One JSON object per line.
+    /// One JSON object per line, times in RFC 3339 (UTC), fields that do
+    /// not apply left out.
     Json,
-    /// Aligned columns.
+    /// The proto's canonical JSON mapping (lowerCamelCase names, enum
+    /// names, 64-bit integers as strings), one object per line: for tools
+    /// that decode it back into the proto.
+    Jsonpb,
+    /// Aligned columns sized to the rows, local time first.
     Table,
+}
+
+/// Output formats of the commands that print one response (status, stats,
+/// vm, policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Lines for people.
+    Text,
+    /// The response in the proto's canonical JSON mapping, on one line.
+    #[value(alias = "jsonpb")]
+    Json,
+}
+
+/// Output formats of `faultline dirty-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirtyLogFormat {
+    /// The dirty ranges, one per line.
+    #[value(alias = "compact")]
+    Text,
+    /// The dirty ranges as JSON, addresses in hex.
+    Json,
+    /// The DirtyLog message in the proto's canonical JSON mapping (the
+    /// bitmap in base64).
+    Jsonpb,
+}
+
+/// The message `m`, whose proto name is `full_name`
+/// (`faultline.v1.FaultEvent`), in the proto's canonical JSON mapping.
+pub fn jsonpb<M: prost::Message>(full_name: &str, m: &M) -> anyhow::Result<String> {
+    use prost_reflect::{DescriptorPool, DynamicMessage};
+    static POOL: std::sync::OnceLock<Result<DescriptorPool, String>> = std::sync::OnceLock::new();
+    let pool = POOL
+        .get_or_init(|| DescriptorPool::decode(faultline_proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the built-in proto descriptors: {e}"))?;
+    let descriptor =
+        pool.get_message_by_name(full_name).ok_or_else(|| anyhow::anyhow!("no message {full_name} in faultline.v1"))?;
+    let message = DynamicMessage::decode(descriptor, m.encode_to_vec().as_slice())?;
+    Ok(serde_json::to_string(&message)?)
 }
 
 /// The short name of a proto enum value: its protobuf name without the enum
@@ -148,8 +192,20 @@ pub fn json(e: &FaultEvent) -> serde_json::Value {
     Value::Object(o)
 }
 
-/// The event as one compact line.
-pub fn compact(e: &FaultEvent) -> String {
+/// When the event happened, in `tz`, to the microsecond (`Dec 02
+/// 17:05:08.123456`), or `-` without a time.
+pub fn local_time(e: &FaultEvent, tz: &jiff::tz::TimeZone) -> String {
+    match e.time.map(std::time::SystemTime::try_from) {
+        Some(Ok(t)) => match jiff::Timestamp::try_from(t) {
+            Ok(t) => t.to_zoned_datetime(tz.clone()).strftime("%b %d %H:%M:%S%.6f").to_string(),
+            Err(_) => "-".into(),
+        },
+        _ => "-".into(),
+    }
+}
+
+/// The event as one compact line, its time in `tz`.
+pub fn compact(e: &FaultEvent, tz: &jiff::tz::TimeZone) -> String {
     let size = match MappingSize::try_from(e.mapping_size) {
         Ok(MappingSize::MappingSize4k) => " 4k",
         Ok(MappingSize::MappingSize2m) => " 2m",
@@ -157,7 +213,8 @@ pub fn compact(e: &FaultEvent) -> String {
         _ => "",
     };
     format!(
-        "vm{}/vcpu{} #{} {} ipa={:#x} {} L{} -> {}{} {} {:.1}us",
+        "{} vm{}/vcpu{} #{} {} ipa={:#x} {} L{} -> {}{} {} {:.1}us",
+        local_time(e, tz),
         e.vm_id,
         e.vcpu,
         e.fault_id,
@@ -216,25 +273,98 @@ impl LatencyByKind {
     }
 }
 
-/// The header of table output.
-pub const TABLE_HEADER: &str =
-    "VM  VCPU  FAULT       IPA                 ACCESS   KIND          OUTCOME           SIZE  PERM  LATENCY";
+/// Fault events as aligned columns: rows are held until [`Table::flush`],
+/// which sizes each column to the widest cell seen so far (columns only
+/// grow, so batches of a stream stay aligned with the header when they can).
+#[derive(Debug)]
+pub struct Table {
+    tz: jiff::tz::TimeZone,
+    widths: [usize; TABLE_COLUMNS.len()],
+    rows: Vec<[String; TABLE_COLUMNS.len()]>,
+    header_written: bool,
+}
 
-/// The event as a table row.
-pub fn row(e: &FaultEvent) -> String {
-    format!(
-        "{:<3} {:<5} {:<11} {:<19} {:<8} {:<13} {:<17} {:<5} {:<5} {:.1}us",
-        e.vm_id,
-        e.vcpu,
-        e.fault_id,
-        format!("{:#x}", e.ipa),
-        name::<Access>(e.access),
-        name::<FaultKind>(e.kind),
-        name::<Outcome>(e.outcome),
-        name::<MappingSize>(e.mapping_size),
-        perms(e.permissions),
-        e.latency_ns as f64 / 1000.0
-    )
+/// The columns of [`Table`], and whether each is right-aligned.
+const TABLE_COLUMNS: [(&str, bool); 11] = [
+    ("TIME", false),
+    ("VM", true),
+    ("VCPU", true),
+    ("FAULT", true),
+    ("IPA", true),
+    ("ACCESS", false),
+    ("KIND", false),
+    ("OUTCOME", false),
+    ("SIZE", false),
+    ("PERM", false),
+    ("LATENCY", true),
+];
+
+impl Table {
+    /// An empty table whose times read in `tz`.
+    pub fn new(tz: jiff::tz::TimeZone) -> Self {
+        Self { tz, widths: TABLE_COLUMNS.map(|(h, _)| h.len()), rows: Vec::new(), header_written: false }
+    }
+
+    /// Holds `e` as a row until the next flush.
+    pub fn push(&mut self, e: &FaultEvent) {
+        let size = match MappingSize::try_from(e.mapping_size) {
+            Ok(MappingSize::Unspecified) | Err(_) => "-".to_string(),
+            Ok(_) => name::<MappingSize>(e.mapping_size),
+        };
+        let row = [
+            local_time(e, &self.tz),
+            e.vm_id.to_string(),
+            e.vcpu.to_string(),
+            e.fault_id.to_string(),
+            format!("{:#x}", e.ipa),
+            name::<Access>(e.access),
+            name::<FaultKind>(e.kind),
+            name::<Outcome>(e.outcome),
+            size,
+            perms(e.permissions),
+            format!("{:.1}us", e.latency_ns as f64 / 1000.0),
+        ];
+        for (w, cell) in self.widths.iter_mut().zip(&row) {
+            *w = (*w).max(cell.chars().count());
+        }
+        self.rows.push(row);
+    }
+
+    /// Rows held since the last flush.
+    pub fn pending(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The rows held, laid out, each line ending in a newline; the header
+    /// first on the first flush that has rows.
+    pub fn flush(&mut self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if self.rows.is_empty() {
+            return out;
+        }
+        let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+            let mut first = true;
+            for ((cell, &(_, right)), &w) in cells.zip(&TABLE_COLUMNS).zip(&self.widths) {
+                let sep = if first { "" } else { "  " };
+                first = false;
+                let _ = match right {
+                    true => write!(out, "{sep}{cell:>w$}"),
+                    false => write!(out, "{sep}{cell:<w$}"),
+                };
+            }
+            out.truncate(out.trim_end().len());
+            out.push('\n');
+        };
+        if !self.header_written {
+            self.header_written = true;
+            line(&mut out, &mut TABLE_COLUMNS.iter().map(|(h, _)| *h));
+        }
+        for row in std::mem::take(&mut self.rows) {
+            line(&mut out, &mut row.iter().map(String::as_str));
+        }
+        out
+    }
 }
 
 /// The workspace binary `name` next to this one (`faultline demo` starts
@@ -271,9 +401,71 @@ mod tests {
             latency_ns: 1500,
             ..Default::default()
         };
-        assert_eq!(compact(&e), "vm1/vcpu2 #7 write ipa=0x40001000 translation L3 -> mapped 4k rw- 1.5us");
+        let utc = jiff::tz::TimeZone::UTC;
+        assert_eq!(compact(&e, &utc), "- vm1/vcpu2 #7 write ipa=0x40001000 translation L3 -> mapped 4k rw- 1.5us");
         assert_eq!(json(&e)["outcome"], "mapped");
-        assert!(row(&e).contains("0x40001000"));
+        let time = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_000_000, 123_456_789);
+        let e = FaultEvent { time: Some(time.into()), ..e };
+        // 00:53:20 UTC is 06:23:20 at +05:30.
+        let india = jiff::tz::TimeZone::fixed(jiff::tz::Offset::from_seconds(5 * 3600 + 1800).unwrap());
+        assert!(compact(&e, &india).starts_with("Nov 30 06:23:20.123456 vm1/vcpu2 #7"), "{}", compact(&e, &india));
+    }
+
+    #[test]
+    fn table_columns_fit_the_widest_cell_and_only_grow() {
+        let e = |fault_id: u64, ipa: u64, latency_ns: u64| FaultEvent {
+            fault_id,
+            vm_id: 1,
+            ipa,
+            access: Access::Read as i32,
+            kind: FaultKind::Translation as i32,
+            outcome: Outcome::Mapped as i32,
+            mapping_size: MappingSize::MappingSize4k as i32,
+            permissions: 1,
+            latency_ns,
+            ..Default::default()
+        };
+        let mut t = Table::new(jiff::tz::TimeZone::UTC);
+        assert_eq!(t.flush(), "", "no rows, no header");
+        t.push(&e(1, 0x1000, 900));
+        t.push(&e(22, 0x4000_0000, 1_234_500));
+        let first = t.flush();
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(lines[0], "TIME  VM  VCPU  FAULT         IPA  ACCESS  KIND         OUTCOME  SIZE  PERM   LATENCY");
+        assert_eq!(lines[1], "-      1     0      1      0x1000  read    translation  mapped   4k    r--      0.9us");
+        assert_eq!(lines[2], "-      1     0     22  0x40000000  read    translation  mapped   4k    r--   1234.5us");
+        // A later batch keeps the widths and adds no header.
+        t.push(&e(3, 0x2000, 100));
+        assert_eq!(
+            t.flush(),
+            "-      1     0      3      0x2000  read    translation  mapped   4k    r--      0.1us\n"
+        );
+    }
+
+    #[test]
+    fn jsonpb_is_the_canonical_mapping_and_decodes_back() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_000_000, 123_456_789);
+        let e = FaultEvent {
+            time: Some(time.into()),
+            fault_id: 1 << 40,
+            vm_id: 3,
+            outcome: Outcome::MmioExit as i32,
+            memslot: Some(0),
+            ..Default::default()
+        };
+        let text = jsonpb("faultline.v1.FaultEvent", &e).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["faultId"], "1099511627776", "64-bit integers are strings: {text}");
+        assert_eq!(v["outcome"], "OUTCOME_MMIO_EXIT");
+        assert_eq!(v["time"], "2026-11-30T00:53:20.123456789Z");
+        assert_eq!(v["memslot"], 0, "an optional field set to its default is kept: {text}");
+        assert!(v.get("ipa").is_none(), "zero scalars are left out: {text}");
+        let pool = prost_reflect::DescriptorPool::decode(faultline_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let desc = pool.get_message_by_name("faultline.v1.FaultEvent").unwrap();
+        let mut de = serde_json::Deserializer::from_str(&text);
+        let back = prost_reflect::DynamicMessage::deserialize(desc, &mut de).unwrap();
+        assert_eq!(back.transcode_to::<FaultEvent>().unwrap(), e);
+        assert!(jsonpb("faultline.v1.NoSuchThing", &e).is_err());
     }
 
     #[test]

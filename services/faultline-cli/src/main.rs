@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use faultline::{dirty_ranges, Format};
+use faultline::{dirty_ranges, jsonpb, DirtyLogFormat, ReportFormat};
 use faultline_proto::client::{Address, ClientTls};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
@@ -24,7 +24,7 @@ struct Cli {
     /// The daemon's gRPC address: unix:PATH, http://HOST:PORT (read-only
     /// calls) or https://HOST:PORT (mutual TLS). Default: the Unix socket
     /// /run/faultline/grpc.sock if it exists, else http://127.0.0.1:50151.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "FAULTLINE_SERVER")]
     server: Option<Address>,
     /// https://: PEM of the CA that signed the daemon's certificate.
     #[arg(long, global = true)]
@@ -72,18 +72,33 @@ enum Command {
         args: Vec<String>,
     },
     /// Buffer and rate.
-    Status,
-    /// Counters and latency histograms.
-    Stats,
+    Status {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = ReportFormat::Text)]
+        output: ReportFormat,
+    },
+    /// Counters and latency histograms (daemon-wide: the API keeps no
+    /// per-VM histograms), ring occupancy and the service threads.
+    Stats {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = ReportFormat::Text)]
+        output: ReportFormat,
+    },
     /// Attached VMs.
     Vm {
         #[command(subcommand)]
         command: VmCommand,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = ReportFormat::Text, global = true)]
+        output: ReportFormat,
     },
     /// Memory policy services: list, use, status, default.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = ReportFormat::Text, global = true)]
+        output: ReportFormat,
     },
     /// Fetch a memslot's dirty log and clear it (pages written since the
     /// last fetch), re-arming logging; --peek only reads it.
@@ -95,9 +110,9 @@ enum Command {
         /// Read without clearing or write-protecting.
         #[arg(long)]
         peek: bool,
-        /// Output format: compact (ranges) or json.
-        #[arg(long, short, value_enum, default_value_t = Format::Compact)]
-        output: Format,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = DirtyLogFormat::Text)]
+        output: DirtyLogFormat,
     },
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...):
     /// `source <(faultline completions bash)`; deploy/install-cli.sh
@@ -161,7 +176,7 @@ async fn main() -> std::process::ExitCode {
     };
     let verbose = cli.verbose;
     match run(cli, &matches).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         // A closed stdout (`| head`): the reader has what it wanted.
         Err(e) if out::closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -180,7 +195,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::process::ExitCode> {
     let server = cli.server.clone().unwrap_or_else(Address::default_for_host);
     let tls = ClientTls { ca: cli.tls_ca.clone(), cert: cli.tls_cert.clone(), key: cli.tls_key.clone() };
     let channel = || faultline_proto::client::connect(&server, &tls);
@@ -190,7 +205,9 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         }
         Command::Observe(args) => {
             let negated = observe::negations(matches.subcommand_matches("observe").expect("the observe subcommand"))?;
-            observe::run(*args, &negated, channel().await?).await?;
+            if observe::run(*args, &negated, channel().await?).await? == observe::Ended::Interrupted {
+                return Ok(std::process::ExitCode::from(130));
+            }
         }
         Command::Qemu { args } => {
             let mut machine = std::process::Command::new(faultline::sibling("qemu-machine")?);
@@ -203,9 +220,13 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 std::process::exit(status.code().unwrap_or(1));
             }
         }
-        Command::Status => {
+        Command::Status { output } => {
             let mut client = FaultTraceClient::new(channel().await?);
             let s = client.server_status(ServerStatusRequest {}).await.map_err(refused)?.into_inner();
+            if output == ReportFormat::Json {
+                outln!("{}", jsonpb("faultline.v1.ServerStatusResponse", &s)?);
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
             outln!("events in buffer: {} / {}", s.num_events, s.max_events);
             outln!("events seen:      {}", s.seen_events);
             outln!("events lost:      {}", s.lost_events);
@@ -219,9 +240,13 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             };
             outln!("started:          {started}; VMs taken back: {}", s.reattached_vms);
         }
-        Command::Stats => {
+        Command::Stats { output } => {
             let mut client = FaultTraceClient::new(channel().await?);
             let s = client.get_stats(GetStatsRequest {}).await.map_err(refused)?.into_inner();
+            if output == ReportFormat::Json {
+                outln!("{}", jsonpb("faultline.v1.GetStatsResponse", &s)?);
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
             outln!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
             if let Some(p) = &s.pool {
                 outln!(
@@ -285,7 +310,8 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 .into_inner();
             let ranges = dirty_ranges(log.gpa, &log.bitmap);
             match output {
-                Format::Json => outln!(
+                DirtyLogFormat::Jsonpb => outln!("{}", jsonpb("faultline.v1.DirtyLog", &log)?),
+                DirtyLogFormat::Json => outln!(
                     "{}",
                     serde_json::json!({
                         "vm_id": log.vm_id,
@@ -297,7 +323,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                         "dirty": ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect::<Vec<_>>(),
                     })
                 ),
-                _ => {
+                DirtyLogFormat::Text => {
                     outln!(
                         "vm{} memslot {}: {} of {} pages dirty{}",
                         log.vm_id,
@@ -330,7 +356,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 std::io::Write::write_all(&mut std::io::stdout(), &page)?;
             }
         },
-        Command::Policy { command } => {
+        Command::Policy { command, output } => {
             use faultline_proto::v1::policy_control_client::PolicyControlClient;
             use faultline_proto::v1::{
                 GetPolicyStatusRequest, ListPoliciesRequest, UseDefaultRequest, UsePolicyRequest,
@@ -338,13 +364,17 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             let mut client = PolicyControlClient::new(channel().await?);
             let status = match command {
                 PolicyCommand::List => {
-                    for p in client.list_policies(ListPoliciesRequest {}).await.map_err(refused)?.into_inner().policies
-                    {
+                    let list = client.list_policies(ListPoliciesRequest {}).await.map_err(refused)?.into_inner();
+                    if output == ReportFormat::Json {
+                        outln!("{}", jsonpb("faultline.v1.ListPoliciesResponse", &list)?);
+                        return Ok(std::process::ExitCode::SUCCESS);
+                    }
+                    for p in list.policies {
                         let mark = if p.active { "*" } else { " " };
                         let at = if p.endpoint.is_empty() { "built-in".to_string() } else { p.endpoint };
                         outln!("{mark} {} {} ({at})", p.name, p.version);
                     }
-                    return Ok(());
+                    return Ok(std::process::ExitCode::SUCCESS);
                 }
                 PolicyCommand::Use { endpoint, reconnect, no_reconnect } => {
                     let reconnect = (reconnect || no_reconnect).then_some(reconnect);
@@ -356,14 +386,29 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 }
                 PolicyCommand::Default => client.use_default(UseDefaultRequest {}).await.map_err(refused)?.into_inner(),
             };
-            out!("{}", faultline::policy_status(&status));
+            match output {
+                ReportFormat::Json => outln!("{}", jsonpb("faultline.v1.PolicyStatus", &status)?),
+                ReportFormat::Text => out!("{}", faultline::policy_status(&status)),
+            }
         }
-        Command::Vm { command } => {
+        Command::Vm { command, output } => {
             let mut client = ControlClient::new(channel().await?);
             let vms = match command {
-                VmCommand::List => client.list_vms(ListVmsRequest {}).await.map_err(refused)?.into_inner().vms,
+                VmCommand::List => {
+                    let list = client.list_vms(ListVmsRequest {}).await.map_err(refused)?.into_inner();
+                    if output == ReportFormat::Json {
+                        outln!("{}", jsonpb("faultline.v1.ListVmsResponse", &list)?);
+                        return Ok(std::process::ExitCode::SUCCESS);
+                    }
+                    list.vms
+                }
                 VmCommand::Show { id } => {
-                    vec![client.get_vm(GetVmRequest { vm_id: id }).await.map_err(refused)?.into_inner()]
+                    let vm = client.get_vm(GetVmRequest { vm_id: id }).await.map_err(refused)?.into_inner();
+                    if output == ReportFormat::Json {
+                        outln!("{}", jsonpb("faultline.v1.Vm", &vm)?);
+                        return Ok(std::process::ExitCode::SUCCESS);
+                    }
+                    vec![vm]
                 }
             };
             for vm in vms {
@@ -413,5 +458,5 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -3,13 +3,13 @@
 
 use clap::ArgMatches;
 use faultline::filter::{self, Flag};
-use faultline::{compact, json, parse_time, row, Format, TABLE_HEADER};
+use faultline::{compact, json, jsonpb, parse_time, Format, Table};
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::{IpaRange, ObserveRequest};
 use tonic::transport::Channel;
 
-use crate::out::outln;
+use crate::out::{out, outln};
 use crate::refused;
 
 /// `faultline observe`'s arguments.
@@ -118,8 +118,18 @@ impl ObserveArgs {
     }
 }
 
+/// How a run of `observe` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The stream ended: the buffer was read, or the daemon went away.
+    StreamDone,
+    /// Ctrl-C (SIGINT): the rows held were printed and the stream dropped;
+    /// the command exits 130, as a process ended by SIGINT reads to a shell.
+    Interrupted,
+}
+
 /// Runs `observe` with `args` (`negated`: [`negations`]) over `channel`.
-pub async fn run(args: ObserveArgs, negated: &[Vec<bool>], channel: Channel) -> anyhow::Result<()> {
+pub async fn run(args: ObserveArgs, negated: &[Vec<bool>], channel: Channel) -> anyhow::Result<Ended> {
     let now = std::time::SystemTime::now();
     let stamp = |v: &Option<String>| -> anyhow::Result<Option<prost_types::Timestamp>> {
         v.as_ref().map(|v| parse_time(v, now).map(prost_types::Timestamp::from)).transpose().map_err(Into::into)
@@ -139,23 +149,42 @@ pub async fn run(args: ObserveArgs, negated: &[Vec<bool>], channel: Channel) -> 
         ObserveRequest { number, first, follow: args.follow, since, until, allowlist, denylist, ..Default::default() };
     let mut client = FaultTraceClient::new(channel);
     let mut stream = client.observe(req).await.map_err(refused)?.into_inner();
-    if args.output == Format::Table {
-        outln!("{TABLE_HEADER}");
-    }
+    let tz = jiff::tz::TimeZone::system();
+    let mut table = Table::new(tz.clone());
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
     // A closed stdout returns from here, which drops the stream.
-    while let Some(r) = stream.message().await.map_err(refused)? {
+    let ended = loop {
+        // A table is laid out per batch: what arrived together, sized to
+        // fit, once the stream pauses (or after 1000 rows when it does not).
+        let pause = match (args.output, table.pending()) {
+            (Format::Table, 1000..) => std::time::Duration::ZERO,
+            (Format::Table, 1..) => std::time::Duration::from_millis(100),
+            _ => std::time::Duration::MAX,
+        };
+        let next = tokio::select! {
+            next = stream.message() => next,
+            _ = tokio::time::sleep(pause), if pause != std::time::Duration::MAX => {
+                out!("{}", table.flush());
+                continue;
+            }
+            _ = &mut interrupt => break Ended::Interrupted,
+        };
+        let Some(r) = next.map_err(refused)? else { break Ended::StreamDone };
         match r.response_types {
             Some(ResponseTypes::Fault(e)) => match args.output {
-                Format::Compact => outln!("{}", compact(&e)),
+                Format::Compact => outln!("{}", compact(&e, &tz)),
                 Format::Json => outln!("{}", json(&e)),
-                Format::Table => outln!("{}", row(&e)),
+                Format::Jsonpb => outln!("{}", jsonpb("faultline.v1.FaultEvent", &e)?),
+                Format::Table => table.push(&e),
             },
             Some(ResponseTypes::LostEvents(l)) => eprintln!("lost {} events", l.num_events_lost),
             Some(ResponseTypes::PolicyExit(x)) => eprintln!("{}", faultline::policy_exit(&x)),
             None => {}
         }
-    }
-    Ok(())
+    };
+    out!("{}", table.flush());
+    Ok(ended)
 }
 
 #[cfg(test)]

@@ -89,7 +89,19 @@ struct Args {
     oom_score_adj: Option<i32>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error and its causes on one line, whatever RUST_BACKTRACE says:
+    // it is for the operator, not a report of a bug.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e:#}", env!("CARGO_BIN_NAME"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::load(path).context("loading configuration")?,

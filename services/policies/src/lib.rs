@@ -174,6 +174,21 @@ pub fn everywhere() -> pb::Rule {
     pb::Rule::default()
 }
 
+/// A policy binary's exit status for what its `run` returned: an error is
+/// printed as one line with its causes (`policy-largest: ...`), whatever
+/// RUST_BACKTRACE says.
+pub fn exit_status(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let bin = std::env::args().next().unwrap_or_default();
+            let name = std::path::Path::new(&bin).file_name().map(|n| n.to_string_lossy().into_owned());
+            eprintln!("{}: {e:#}", name.unwrap_or_else(|| "policy".into()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Sets up logging to stderr (RUST_LOG, default info).
 pub fn init_logging() {
     tracing_subscriber::fmt()
@@ -186,7 +201,9 @@ pub fn init_logging() {
 /// `LISTENING http://ADDR` once bound. With `--malformed-after-ms`, publishes
 /// a malformed rule set then.
 pub async fn serve(server: PolicyServer, common: &Common) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(common.listen).await?;
+    let listener = tokio::net::TcpListener::bind(common.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {} (--listen): {e}", common.listen))?;
     let addr = listener.local_addr()?;
     // A fault-around window the daemon's limit refuses.
     let malformed = |server: &PolicyServer| {

@@ -57,7 +57,19 @@ struct Args {
     pause_at_fault: Option<u32>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error and its causes on one line, whatever RUST_BACKTRACE says:
+    // it is for the operator, not a report of a bug.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e:#}", env!("CARGO_BIN_NAME"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let scenario = match a.stage1_probe {
         Some(access) => Scenario::Stage1(Stage1Probe {

@@ -37,7 +37,8 @@ struct Args {
     /// Built-in workload pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Sequential)]
     pattern: Pattern,
-    /// Accesses per vCPU.
+    /// Accesses per vCPU, generated before the guest runs (16 bytes each,
+    /// 8 GiB at most in all).
     #[arg(long, default_value_t = 100_000)]
     ops: usize,
     /// Workload seed.
@@ -92,7 +93,19 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     .map_err(|e| e.to_string())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error and its causes on one line, whatever RUST_BACKTRACE says:
+    // it is for the operator, not a report of a bug.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e:#}", env!("CARGO_BIN_NAME"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -125,7 +138,10 @@ fn main() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             workload::parse_trace(&text, args.vcpus)?
         }
-        None => workload::generate(args.pattern, &layout, args.ops, args.seed),
+        None => {
+            workload::check_size(args.ops as u64, args.vcpus.into())?;
+            workload::generate(args.pattern, &layout, args.ops, args.seed)
+        }
     };
     let config = MachineConfig {
         attach_socket: args.attach_socket,

@@ -28,20 +28,20 @@ pub struct Window {
 #[derive(Debug, thiserror::Error)]
 pub enum PhysError {
     /// memfd creation or sizing failed.
-    #[error("{name}: {source}")]
+    #[error("{name}: {cause}")]
     Memfd {
         /// Window.
         name: &'static str,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Mapping failed.
-    #[error("{name}: {source}")]
+    #[error("{name}: {cause}")]
     Map {
         /// Window.
         name: &'static str,
         /// Cause.
-        source: faultline_attach::shm::RegionError,
+        cause: faultline_attach::shm::RegionError,
     },
 }
 
@@ -50,7 +50,7 @@ impl Window {
     /// 2 MiB and enough free huge pages on the host, the memfd is hugetlb;
     /// otherwise the page size is only declared.
     pub fn create(name: &'static str, pa_base: u64, size: u64, page_size: u64) -> Result<Self, PhysError> {
-        let io = |source| PhysError::Memfd { name, source };
+        let io = |cause| PhysError::Memfd { name, cause };
         let want_huge = page_size == 2 << 20 && free_huge_pages_2m() * (2 << 20) >= size;
         let mut opts = MemfdOptions::default().allow_sealing(true).close_on_exec(true);
         if want_huge {
@@ -60,7 +60,7 @@ impl Window {
         memfd.as_file().set_len(size).map_err(io)?;
         memfd.add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow]).map_err(|e| io(std::io::Error::other(e)))?;
         let map = MappedRegion::map(memfd.as_file().as_fd(), 0, size, page_size)
-            .map_err(|source| PhysError::Map { name, source })?;
+            .map_err(|cause| PhysError::Map { name, cause })?;
         Ok(Self { name, pa_base, size, page_size, memfd, map, hugetlb: want_huge })
     }
 

@@ -130,6 +130,35 @@ impl Rng {
     }
 }
 
+/// The most memory [`generate`] may take for a workload: it is generated
+/// before the guest runs, [`Op`] by [`Op`].
+pub const MAX_GENERATED_BYTES: u64 = 8 << 30;
+
+/// A workload too large to generate up front.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{ops} accesses per vCPU x {vcpus} vCPUs would take {} MiB to generate before the guest runs, more than {} MiB: \
+     use fewer --ops",
+    .bytes >> 20,
+    MAX_GENERATED_BYTES >> 20
+)]
+pub struct TooLarge {
+    ops: u64,
+    vcpus: u64,
+    bytes: u64,
+}
+
+/// Whether `ops` accesses per vCPU on `vcpus` vCPUs fit in
+/// [`MAX_GENERATED_BYTES`].
+pub fn check_size(ops: u64, vcpus: u64) -> Result<(), TooLarge> {
+    let per_vcpu = ops.saturating_add(ops / 32 + 1);
+    let bytes = per_vcpu.saturating_mul(vcpus).saturating_mul(std::mem::size_of::<Op>() as u64);
+    match bytes <= MAX_GENERATED_BYTES {
+        true => Ok(()),
+        false => Err(TooLarge { ops, vcpus, bytes }),
+    }
+}
+
 /// Generates `ops` accesses per vCPU of `pattern` over `layout`'s RAM, with
 /// reads and writes of the read-only slot and one MMIO read mixed in.
 pub fn generate(pattern: Pattern, layout: &Layout, ops: usize, seed: u64) -> Workload {
@@ -345,6 +374,15 @@ pub fn digest_bytes(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workload_too_large_to_generate_is_refused_with_the_reason() {
+        assert!(check_size(100_000, 64).is_ok());
+        let err = check_size(10_000_000_000, 2).unwrap_err().to_string();
+        assert!(err.starts_with("10000000000 accesses per vCPU x 2 vCPUs would take 314"), "{err}");
+        assert!(err.ends_with("more than 8192 MiB: use fewer --ops"), "{err}");
+        assert!(check_size(u64::MAX, u64::MAX).is_err(), "no overflow");
+    }
 
     #[test]
     fn trace_parses_and_reports_bad_lines() {

@@ -56,19 +56,19 @@ pub struct GrpcTls {
 
 /// Why `[grpc_tls]` could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("grpc_tls: cannot read {path}: {source}")]
+#[error("grpc_tls: cannot read {path}: {cause}")]
 pub struct TlsFileError {
     /// The file.
     pub path: PathBuf,
     /// The I/O error.
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 impl GrpcTls {
     /// The server's TLS configuration: its identity, and client
     /// certificates required and checked against `client_ca`.
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsFileError> {
-        let read = |path: &PathBuf| std::fs::read(path).map_err(|source| TlsFileError { path: path.clone(), source });
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|cause| TlsFileError { path: path.clone(), cause });
         Ok(ServerTlsConfig::new()
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
             .client_ca_root(Certificate::from_pem(read(&self.client_ca)?)))

@@ -40,12 +40,12 @@ pub enum DescriptionMismatch {
         dir: PathBuf,
     },
     /// The record cannot be read.
-    #[error("vm {vm}'s record: {source}")]
+    #[error("vm {vm}'s record: {cause}")]
     Unreadable {
         /// The VM.
         vm: u16,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -87,7 +87,7 @@ impl VmState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(DescriptionMismatch::NoRecord { vm: req.vm_id, dir: self.dir.clone() })
             }
-            Err(source) => Err(DescriptionMismatch::Unreadable { vm: req.vm_id, source }),
+            Err(cause) => Err(DescriptionMismatch::Unreadable { vm: req.vm_id, cause }),
         }
     }
 

@@ -181,20 +181,20 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid configuration.
-    #[error("invalid configuration in {path}: {source}")]
+    #[error("invalid configuration in {path}: {cause}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// The parse error.
-        source: toml::de::Error,
+        cause: toml::de::Error,
     },
 }
 
@@ -218,8 +218,8 @@ impl Config {
 
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.into(), cause })?;
+        Self::from_toml(&text).map_err(|cause| ConfigError::Parse { path: path.into(), cause })
     }
 }
 

@@ -89,12 +89,12 @@ pub enum UseError {
         reason: String,
     },
     /// Its first rule set was refused.
-    #[error("policy at {endpoint} sent malformed rules: {source}")]
+    #[error("policy at {endpoint} sent malformed rules: {cause}")]
     Malformed {
         /// Where.
         endpoint: String,
         /// Why.
-        source: RulesError,
+        cause: RulesError,
     },
     /// The daemon is shutting down, or the request was superseded.
     #[error("cancelled")]
@@ -535,8 +535,7 @@ impl PolicyHost {
             .map_err(|_| unavailable(format!("no rule set within {deadline:?}")))?
             .map_err(|s| unavailable(format!("rules stream: {}", s.message())))?
             .ok_or_else(|| unavailable("rules stream ended before the first set".into()))?;
-        let rules =
-            Rules::try_from(&set).map_err(|source| UseError::Malformed { endpoint: endpoint.into(), source })?;
+        let rules = Rules::try_from(&set).map_err(|cause| UseError::Malformed { endpoint: endpoint.into(), cause })?;
         let consult = Arc::new(Consulter {
             client: client.clone(),
             rt: self.rt.clone(),

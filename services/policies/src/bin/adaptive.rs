@@ -118,7 +118,11 @@ async fn follow(server: PolicyServer, daemon: String, sample: usize, budgets: Ve
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    faultline_policies::exit_status(run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     faultline_policies::init_logging();
     let args = Args::parse();
     if args.common.consult {

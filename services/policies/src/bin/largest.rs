@@ -14,7 +14,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    faultline_policies::exit_status(run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     faultline_policies::init_logging();
     let args = Args::parse();
     let decisions = args.common.decisions(&[pb::Decision::MappingSize, pb::Decision::WritableOnRead]);
