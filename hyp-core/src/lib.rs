@@ -15,6 +15,7 @@
 pub mod abort;
 pub mod addr;
 pub mod arch;
+pub mod mmio;
 pub mod ownership;
 pub mod reject;
 pub mod ring;

@@ -3,6 +3,7 @@
 
 use std::mem::{offset_of, size_of_val};
 
+use hyp_core::mmio::MmioExit;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{self, kind, CommandRecord, FaultRecord, LeafRecord, RegionHeader, ResultRecord};
 
@@ -63,6 +64,7 @@ fn record_layouts_in_the_doc_match_the_code() {
             [kind, flags, cmd_id, fault_id, ipa, pa, size, inval_seq, reserved]
         ),
     );
+    check("### MmioExit", layout!(MmioExit, MmioExit::default(), [ipa, data, len, is_write]));
     check(
         "### LeafRecord",
         layout!(LeafRecord, LeafRecord::default(), [kind, flags, cmd_id, ipa, pa, size, count, reserved]),

@@ -13,9 +13,14 @@ pub enum End {
     /// The guest reported this value, computed from memory after its access
     /// (see `faultline_board::PROBE_MAGIC`), or PAR_EL1 for AT.
     Value(u64),
-    /// An MMIO exit (valid syndrome) at this IPA, completed at EL2; then the
-    /// value the guest read back from memory.
+    /// A write64 exit (valid syndrome) at this IPA, its data the value
+    /// stored, emulated by the machine; then the value the guest read back
+    /// from memory.
     Mmio(u64, u64),
+    /// The MMIO probe: a store to the machine's device (an exit carrying
+    /// the value stored), then a load it answers (an exit), whose value the
+    /// guest reports.
+    Device(u64),
     /// An exit without a valid syndrome at this IPA: the vCPU stops, as
     /// KVM_RUN fails with ENOSYS.
     NoSyndrome(u64),
@@ -57,6 +62,9 @@ pub fn rows() -> Vec<ProbeRow> {
     const WRITTEN: u64 = PROBE ^ faultline_board::PROBE_MAGIC;
     /// What the exec probe's code returns.
     const EXEC: u64 = faultline_board::PROBE_EXEC_IMM as u64;
+    /// What the MMIO probe's load returns: the device answers a read with
+    /// the last value written ^ the address ^ its tag.
+    const DEVICE: u64 = WRITTEN ^ faultline_board::PROBE_MMIO_IPA ^ faultline_probe::MMIO_READ_TAG;
     use End::*;
     vec![
         // Every access, plain memslots.
@@ -648,6 +656,25 @@ pub fn rows() -> Vec<ProbeRow> {
             relaxed: 0,
             populated: 3,
         },
+        // MMIO both ways: the store's value reaches the machine, the load
+        // returns the machine's answer. The walk stops at the level-2
+        // block, so the probed page's leaf keeps its access flag as
+        // written, clear or set.
+        ProbeRow { args: &["--stage1-probe", "mmio"], faults: 5, end: Device(DEVICE), relaxed: 0, populated: 0 },
+        ProbeRow {
+            args: &["--stage1-probe", "mmio", "--af-clear", "--data", "dirty-log", "--tables", "dirty-log"],
+            faults: 5,
+            end: Device(DEVICE),
+            relaxed: 0,
+            populated: 0,
+        },
+        ProbeRow {
+            args: &["--stage1-probe", "mmio", "--data", "read-only", "--tables", "read-only", "--holes", "both"],
+            faults: 5,
+            end: Device(DEVICE),
+            relaxed: 0,
+            populated: 2,
+        },
         // One memslot punched at a time.
         ProbeRow {
             args: &["--stage1-probe", "write64", "--holes", "tables"],
@@ -673,9 +700,18 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     let name = row.args.join(" ");
     assert_eq!(report["faults"], row.faults, "{name}");
     assert_eq!(report["detach"][1], 0, "{name}: pins remaining");
+    const WRITTEN: u64 = 0x8400_0008 ^ faultline_board::PROBE_MAGIC;
+    const MMIO: u64 = faultline_board::PROBE_MMIO_IPA;
     let (value, exits, no_syndrome, injected) = match row.end {
         Value(v) => (Some(v), vec![], None, false),
-        Mmio(v, ipa) => (Some(v), vec![serde_json::json!([ipa, true])], None, false),
+        // The exit carries the 8 bytes stored.
+        Mmio(v, ipa) => (Some(v), vec![serde_json::json!([ipa, true, 8, WRITTEN])], None, false),
+        Device(v) => (
+            Some(v),
+            vec![serde_json::json!([MMIO, true, 8, WRITTEN]), serde_json::json!([MMIO, false, 8, v])],
+            None,
+            false,
+        ),
         NoSyndrome(ipa) => (None, vec![], Some(serde_json::json!([ipa, true])), false),
         Injected => (None, vec![], None, true),
     };
@@ -683,15 +719,29 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     assert_eq!(report["exits"].as_array().unwrap(), &exits, "{name}");
     assert_eq!(report["no_syndrome_exit"], no_syndrome.unwrap_or(serde_json::Value::Null), "{name}");
     assert_eq!(!report["injected"].is_null(), injected, "{name}");
-    // The leaf's access flag after the run (guest_check_pte_af): set by the
-    // walker unless its write was refused.
-    assert_eq!(report["leaf_af"], !injected, "{name}: access flag in the leaf");
+    let has = |a: &str| row.args.contains(&a);
+    // The MMIO page is a level-2 block: its walk never reaches the probed
+    // page's level-3 table.
+    let walks_leaf = !has("mmio");
+    // The leaf after the run (guest_check_pte_af): as the machine wrote it
+    // (normal memory, a page, the probed page's address), its access flag
+    // set unless it was written clear and the walker could not set it.
+    let af = !has("--af-clear") || (walks_leaf && !injected);
+    let holes = |slot: &str| row.args.windows(2).any(|w| w[0] == "--holes" && (w[1] == slot || w[1] == "both"));
+    // (A punched table page the walk never reached is still a hole.)
+    let leaf = match holes("tables") && !walks_leaf {
+        true => 0,
+        false => 0x8400_0000 | 3 << 8 | 3 | u64::from(af) << 10,
+    };
+    assert_eq!(report["leaf"], leaf, "{name}: the probed page's leaf (access flag {af})");
 
     assert_eq!(events.len() as u64, row.faults, "{name}");
     let s1ptw = |e: &FaultEvent| e.esr >> 7 & 1 == 1;
     // The table pages each faulted on a walk (S1PTW set by the CPU).
     let walked: Vec<u64> = events.iter().filter(|e| s1ptw(e) && e.kind == 1).map(|e| e.ipa & !0xfff).collect();
-    assert_eq!(walked, [0x8800_0000, 0x8800_1000, 0x8800_2000], "{name}");
+    let tables: &[u64] =
+        if walks_leaf { &[0x8800_0000, 0x8800_1000, 0x8800_2000] } else { &[0x8800_0000, 0x8800_1000] };
+    assert_eq!(walked, tables, "{name}");
     // Table pages are never mapped executable, whatever walked them.
     assert!(events.iter().filter(|e| s1ptw(e)).all(|e| e.permissions & 4 == 0), "{name}");
     let relaxed = events.iter().filter(|e| e.outcome == Outcome::Relaxed as i32).count() as u64;
@@ -705,14 +755,12 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     // the first fault that maps it. The data page is a hole unless the
     // machine wrote it unpunched (the exec probe's code, DC ZVA's block);
     // table pages are holes only when punched.
-    let has = |a: &str| row.args.contains(&a);
-    let holes = |slot: &str| row.args.windows(2).any(|w| w[0] == "--holes" && (w[1] == slot || w[1] == "both"));
     let maps_data = match row.end {
         Value(_) => !has("at"),
         NoSyndrome(_) => has("cas"),
         // The guest reads the word back after the exit.
         Mmio(..) => true,
-        Injected => false,
+        Device(_) | Injected => false,
     };
     // The machine writes the exec probe's code and DC ZVA's block.
     let data_hole = holes("data") || !(has("exec") || has("dc-zva"));
@@ -720,12 +768,18 @@ pub fn check(row: &ProbeRow, report: &serde_json::Value, events: &[FaultEvent]) 
     // (The code block is the machine's business: the simulator never writes it.)
     let in_slots = populated(0x8400_0000, 0x8480_0000) + populated(0x8800_0000, 0x8820_0000);
     assert_eq!(in_slots as u64, row.populated, "{name}: holes filled in the data and table memslots");
-    assert_eq!(populated(0x8800_0000, 0x8820_0000), if holes("tables") { 3 } else { 0 }, "{name}: table pages filled");
+    let tables_filled = if holes("tables") { tables.len() } else { 0 };
+    assert_eq!(populated(0x8800_0000, 0x8820_0000), tables_filled, "{name}: table pages filled");
     assert_eq!(populated(0x8400_0000, 0x8400_1000), (maps_data && data_hole) as usize, "{name}: data page filled");
     let last = events.last().unwrap();
     match row.end {
         Injected => assert!(s1ptw(last) && last.outcome == Outcome::InjectedAbort as i32, "{name}"),
         NoSyndrome(_) => assert_eq!(last.outcome, Outcome::NoSyndromeExit as i32, "{name}"),
+        // Both accesses exit.
+        Device(_) => {
+            let exits = &events[events.len() - 2..];
+            assert!(exits.iter().all(|e| e.outcome == Outcome::MmioExit as i32 && e.ipa == MMIO), "{name}");
+        }
         // The write exits; the read back maps the page.
         Mmio(..) => {
             let exit = &events[events.len() - 2];
@@ -759,7 +813,9 @@ pub fn check_dirty(row: &ProbeRow, data: Option<&[u64]>, tables: Option<&[u64]>)
     let writable = |flag: &str| !setup(row, flag).starts_with("read-only");
     let writes = writable("--data") && ["write64", "cas", "st-preidx", "dc-zva"].iter().any(|a| has(a));
     let want_data: &[u64] = if writes { &[0x8400_0000] } else { &[] };
-    let want_tables: &[u64] = if has("--af-clear") && writable("--tables") { &[0x8800_2000] } else { &[] };
+    // (The MMIO probe's walk ends at a level-2 block: no leaf to update.)
+    let sets_af = has("--af-clear") && !has("mmio");
+    let want_tables: &[u64] = if sets_af && writable("--tables") { &[0x8800_2000] } else { &[] };
     let want = (data.map(|_| want_data), tables.map(|_| want_tables));
     assert_eq!((data, tables), want, "{name}: dirty pages (data, tables)");
 }

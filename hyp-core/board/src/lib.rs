@@ -90,7 +90,8 @@ pub mod mailbox {
     /// The stage-1 probe: MMU on with tables in their own memslot, one access.
     pub const SCENARIO_STAGE1_PROBE: u32 = 1;
     /// The probe's access: 0 read64, 1 write64, 2 CAS, 3 load pre-index,
-    /// 4 store pre-index, 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch.
+    /// 4 store pre-index, 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch, 8 an
+    /// MMIO store then load.
     pub const PROBE_ACCESS: u64 = 8;
     /// The instruction-fetch probe's access code.
     pub const PROBE_ACCESS_EXEC: u32 = 7;
@@ -111,4 +112,18 @@ pub mod mailbox {
     pub const RESUME: u64 = 24;
     /// The value that ends a pause.
     pub const RESUME_VALUE: u32 = 0x474f_4f4e;
+    /// The MMIO exit the vCPU waits on: a `hyp_core::mmio::MmioExit` (24
+    /// bytes) the image writes before it bumps [`MMIO_SEQ`]; the launcher
+    /// writes a read's value into its `data` word before it answers in
+    /// [`MMIO_DONE`].
+    pub const MMIO_EXIT: u64 = 32;
+    /// The image's count of MMIO exits, the last one's number.
+    pub const MMIO_SEQ: u64 = 56;
+    /// The launcher's answer: the number of the exit it emulated.
+    pub const MMIO_DONE: u64 = 60;
 }
+
+/// The stage-1 probe's MMIO page: outside every memslot, mapped by the
+/// guest's stage 1 (a 2 MiB block) so that its accesses reach stage 2 and
+/// exit to the machine.
+pub const PROBE_MMIO_IPA: u64 = OUTSIDE_IPA;

@@ -1,8 +1,9 @@
 //! The guest: a small EL1 program, stage-1 MMU off, copied to the start of
 //! the block memslot and entered there. It writes and reads across a memslot
 //! mapped with 2 MiB blocks and one mapped page by page, reads a read-only
-//! memslot and writes it (an MMIO exit), reads outside every memslot (an
-//! exit that reads as zero), sums what it read, reports the sum with
+//! memslot and writes it (an MMIO exit carrying the running sum), reads
+//! outside every memslot (an exit whose value the machine supplies), sums
+//! what it read, reports the sum with
 //! `HVC #1` and powers off with PSCI SYSTEM_OFF (`HVC #0`).
 //!
 //! Every value written is `address ^ 0x5bd1_e995_5bd1_e995`, so the host
@@ -10,7 +11,9 @@
 
 use core::arch::global_asm;
 
-use crate::layout::{BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_TCR, PT_IPA, ROM_IPA};
+use crate::layout::{
+    BLOCKS_IPA, OUTSIDE_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_MMIO_IPA, PROBE_TCR, PT_IPA, ROM_IPA,
+};
 
 /// MAIR_EL1: attribute 0 Normal write-back.
 const MAIR: u64 = 0xff;
@@ -64,7 +67,8 @@ guest_entry:
     ldr x6, [x1]
     add x20, x20, x6
     str x20, [x1]
-    // Outside every memslot: the read exits and reads as zero.
+    // Outside every memslot: the read exits and reads what the machine's
+    // device answers (a function of the value the ROM write stored).
     movl64 x1, {outside}
     ldr x6, [x1]
     add x20, x20, x6
@@ -101,7 +105,8 @@ guest_s1_entry:
     eor x5, x5, x2
     mov x3, #0
     // x0: 0 read64, 1 write64, 2 CAS, 3 load pre-index, 4 store pre-index,
-    // 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch. Result in x3.
+    // 5 DC ZVA, 6 AT S1E1R, 7 instruction fetch, 8 MMIO store and load.
+    // Result in x3.
     cmp x0, #1
     b.eq 11f
     cmp x0, #2
@@ -116,6 +121,8 @@ guest_s1_entry:
     b.eq 16f
     cmp x0, #7
     b.eq 17f
+    cmp x0, #8
+    b.eq 18f
     // read64: the word.
     ldr x3, [x2]
     b 5f
@@ -161,6 +168,11 @@ guest_s1_entry:
     b 5f
     // Fetch: run the code at the probe word; it sets x3.
 17: blr x2
+    b 5f
+    // MMIO: store x5 to the device, then load what it answers.
+18: movl64 x6, {mmio}
+    str x5, [x6]
+    ldr x3, [x6]
 5:  mov x0, x3
     hvc #1
     movl64 x0, 0x84000008
@@ -171,6 +183,7 @@ guest_s1_entry:
     tcr = const PROBE_TCR,
     ttbr = const PT_IPA,
     probe = const PROBE_IPA,
+    mmio = const PROBE_MMIO_IPA,
     magic = const MAGIC,
     probe_magic = const PROBE_MAGIC,
     block1 = const BLOCKS_IPA + (2 << 20) + 0x10000,

@@ -6,8 +6,12 @@
 //! daemon and write GO. Then it enters the guest at EL1. Every stage-2 abort
 //! goes through the same hyp-core calls the simulated machine makes
 //! (`Vm::take_fault`, the fault ring, `Vm::execute` for each command until
-//! the fault completes); MMIO exits are completed here (recorded on the
-//! UART, the instruction skipped, reads return zero). The guest reports its
+//! the fault completes). An MMIO exit goes to the launcher, the VMM here,
+//! through the mailbox: the image writes the `MmioExit` (a store's value
+//! in it), says EXIT on the UART and waits, serving the control ring, until
+//! the launcher answered (a load's value in the record's data word); then
+//! it completes the load into the guest's register and skips the
+//! instruction. The guest reports its
 //! checksum with HVC #1 and powers off with PSCI SYSTEM_OFF.
 //!
 //! The daemon may die and be replaced while the guest runs: a vCPU waiting
@@ -27,13 +31,14 @@ use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::panic::PanicInfo;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// The board layout, shared with the launcher and the simulated machine.
 use faultline_board as layout;
 use hyp_core::abort::{Abort, FaultIpa};
-use hyp_core::addr::Pa;
+use hyp_core::addr::{Ipa, Pa};
 use hyp_core::arch::{translate_el1_va, El2Tlb};
+use hyp_core::mmio::MmioExit;
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
 use hyp_core::stage2::{Geometry, LinearMap};
@@ -194,6 +199,37 @@ fn read_mailbox(offset: u64) -> u32 {
     unsafe { AtomicU32::from_ptr((MAILBOX_PA + offset) as *mut u32) }.load(Ordering::Acquire)
 }
 
+fn write_mailbox(offset: u64, value: u32) {
+    // SAFETY: as `read_mailbox`.
+    unsafe { AtomicU32::from_ptr((MAILBOX_PA + offset) as *mut u32) }.store(value, Ordering::Release)
+}
+
+/// A 64-bit word of the mailbox page (8-byte aligned `offset`).
+fn mailbox_u64(offset: u64) -> &'static AtomicU64 {
+    // SAFETY: as `read_mailbox`; the offsets used are 8-byte aligned.
+    unsafe { AtomicU64::from_ptr((MAILBOX_PA + offset) as *mut u64) }
+}
+
+/// Hands `exit` to the launcher and waits for its answer, serving the
+/// control ring meanwhile; returns the record's data word as the launcher
+/// left it (a load's value), read once.
+fn exit_to_launcher(s: &mut State, exit: &MmioExit) -> u64 {
+    let seq = read_mailbox(mailbox::MMIO_SEQ).wrapping_add(1);
+    for (i, word) in exit.encode().iter().enumerate() {
+        mailbox_u64(mailbox::MMIO_EXIT + 8 * i as u64).store(*word, Ordering::Relaxed);
+    }
+    write_mailbox(mailbox::MMIO_SEQ, seq);
+    println!(
+        "FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} data={:#x} seq={}",
+        exit.ipa, exit.is_write, exit.len, exit.data, seq
+    );
+    while read_mailbox(mailbox::MMIO_DONE) != seq {
+        serve_control(s);
+        core::hint::spin_loop();
+    }
+    mailbox_u64(mailbox::MMIO_EXIT + 8).load(Ordering::Acquire)
+}
+
 fn state() -> &'static mut State {
     // SAFETY: written in el2_main before the guest first ran; only this
     // handler uses it afterwards, never nested (see `Once`).
@@ -316,26 +352,31 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
                 Completion::Resume => {}
                 Completion::ExitToVmm => {
                     s.exits += 1;
-                    let ipa = match Abort::decode(esr, far, hpfar).map(|a| a.ipa) {
+                    let abort = Abort::decode(esr, far, hpfar);
+                    let ipa = match abort.map(|a| a.ipa) {
                         Ok(FaultIpa::Valid(ipa)) => ipa.raw(),
                         _ => translate_el1_va(far).map_or(far, |ipa| ipa.raw()),
                     };
-                    let iss = esr & 0x1ff_ffff;
-                    let (isv, write, sas, srt) =
-                        (iss >> 24 & 1, iss >> 6 & 1, iss >> 22 & 3, (iss >> 16 & 31) as usize);
-                    if isv == 0 {
+                    let regs: &[u64; 31] = frame.x[..31].try_into().expect("x0..x30");
+                    let Some((abort, exit)) =
+                        abort.ok().and_then(|a| Some((a, MmioExit::new(&a, Ipa::new(ipa), regs)?)))
+                    else {
                         // Nothing to emulate with: KVM_RUN fails (ENOSYS) here,
                         // and so does this vCPU.
                         println!(
                             "FAULTLINE-EL2 NOSYNDROME ipa={:#x} write={} faults={} exits={}",
-                            ipa, write, s.faults, s.exits
+                            ipa,
+                            esr >> 6 & 1,
+                            s.faults,
+                            s.exits
                         );
                         power_off()
-                    }
-                    println!("FAULTLINE-EL2 EXIT ipa={:#x} write={} size={} isv={}", ipa, write, 1u32 << sas, isv);
-                    if isv == 1 && write == 0 && srt != 31 {
-                        // An emulated read of nothing: zero.
-                        frame.x[srt] = 0;
+                    };
+                    let data = exit_to_launcher(s, &exit);
+                    if exit.is_write == 0 {
+                        if let Some((reg, value)) = abort.syndrome.and_then(|syn| syn.load_result(data)) {
+                            frame.x[reg] = value;
+                        }
                     }
                     skip_instruction(elr);
                 }

@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 
 use anyhow::Context;
 use faultline_attach::{MEMSLOT_DIRTY_LOG, MEMSLOT_READ_ONLY};
-use faultline_board::{BLOCKS_IPA, PROBE_EXEC_CODE, PROBE_IPA, PT_IPA};
+use faultline_board::{BLOCKS_IPA, PROBE_EXEC_CODE, PROBE_IPA, PROBE_MMIO_IPA, PT_IPA};
 use serde::Serialize;
 
 /// The probe's access (page_fault_test's guest accesses), in the order of
@@ -33,6 +33,9 @@ pub enum ProbeAccess {
     At,
     /// An instruction fetch from the probed word.
     Exec,
+    /// A store to the MMIO page, then a load from it: two exits, data out
+    /// and data in.
+    Mmio,
 }
 
 impl ProbeAccess {
@@ -149,11 +152,48 @@ pub fn punch_to_contents(memfd: &memfd::Memfd, offset: u64, len: u64) -> anyhow:
     Ok(contents)
 }
 
+/// An MMIO exit as the machines report it: `(IPA, write, bytes, data)`,
+/// the data being the value the guest stored or the one the device
+/// answered its load with.
+pub type MmioDone = (u64, bool, u32, u64);
+
+/// What an MMIO read returns besides the last value written (see
+/// [`MmioDevice`]).
+pub const MMIO_READ_TAG: u64 = 0x6d6d_696f_0000_0000;
+
+/// The device both machines emulate behind every MMIO exit, the VMM's side
+/// of it: one register that keeps the last value written to it, and
+/// answers a read at `ipa` with `last ^ ipa ^ MMIO_READ_TAG` (zero before
+/// any write). A value the guest reads back so shows both that the machine
+/// supplied it and that the store before it reached the machine.
+#[derive(Debug, Default)]
+pub struct MmioDevice {
+    last_written: u64,
+}
+
+impl MmioDevice {
+    /// An MMIO exit at `ipa`: a write of `data`, or a read, whose value
+    /// this returns (a write returns what it stored).
+    pub fn access(&mut self, ipa: u64, is_write: bool, data: u64) -> u64 {
+        match is_write {
+            true => {
+                self.last_written = data;
+                data
+            }
+            false => self.last_written ^ ipa ^ MMIO_READ_TAG,
+        }
+    }
+}
+
+// One level-1 entry (one level-2 table) covers the code, the probed page
+// and the MMIO page.
+const _: () = assert!(PROBE_IPA >> 30 == BLOCKS_IPA >> 30 && PROBE_MMIO_IPA >> 30 == BLOCKS_IPA >> 30);
+
 /// The guest's stage-1 tables as `(IPA, descriptor)`: identity for the
-/// code's 2 MiB block and the probed page, at the page-table memslot's IPAs.
-/// Both machines write these before the guest runs (`faultline qemu` for the
-/// EL2 image).
-pub fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
+/// code's 2 MiB block, the probed page (the leaf, index 3) and the MMIO
+/// page's 2 MiB block, at the page-table memslot's IPAs. Both machines
+/// write these before the guest runs (`faultline qemu` for the EL2 image).
+pub fn stage1_tables(af_clear: bool) -> [(u64, u64); 5] {
     let (l1, l2, l3) = (PT_IPA, PT_IPA + 0x1000, PT_IPA + 0x2000);
     let page = PROBE_IPA & !0xfff;
     let (normal, af) = (3 << 8, 1 << 10);
@@ -162,6 +202,7 @@ pub fn stage1_tables(af_clear: bool) -> [(u64, u64); 4] {
         (l2 + 8 * ((BLOCKS_IPA >> 21) & 511), BLOCKS_IPA | normal | af | 1),
         (l2 + 8 * ((page >> 21) & 511), l3 | 3),
         (l3 + 8 * ((page >> 12) & 511), page | normal | if af_clear { 0 } else { af } | 3),
+        (l2 + 8 * ((PROBE_MMIO_IPA >> 21) & 511), PROBE_MMIO_IPA | normal | af | 1),
     ]
 }
 

@@ -36,7 +36,9 @@ use faultline_attach::{
 use serde::Serialize;
 // The probe's vocabulary and tables: both machines take the same
 // arguments and write the same tables.
-pub use faultline_probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
+pub use faultline_probe::{
+    data_contents, punch_to_contents, stage1_tables, Holes, MmioDevice, MmioDone, ProbeAccess, SlotSetup,
+};
 
 // The board layout, the EL2 image's own; the image's READY line is still
 // checked against it (a stale image binary).
@@ -55,8 +57,8 @@ pub struct Prediction {
     pub checksum: u64,
     /// Stage-2 faults: one per 2 MiB block, one per 4 KiB page, plus exits.
     pub faults: u64,
-    /// Exits: `(IPA, write)`.
-    pub exits: Vec<(u64, bool)>,
+    /// Exits with their data ([`MmioDone`]).
+    pub exits: Vec<MmioDone>,
 }
 
 /// What the guest program in the image does, computed on the host.
@@ -75,12 +77,17 @@ pub fn predict() -> Prediction {
         checksum = checksum.wrapping_add(addr ^ MAGIC);
         faults += 1;
     }
-    // The read-only memslot: one fault maps it for the read; the write exits.
+    // The read-only memslot: one fault maps it for the read; the write of
+    // the sum so far exits, and the device keeps it.
     checksum = checksum.wrapping_add(ROM_TAG | 0x40);
     faults += 2;
-    // Outside every memslot: an exit reading zero.
+    let mut device = MmioDevice::default();
+    let stored = device.access(ROM_IPA + 0x40, true, checksum);
+    // Outside every memslot: an exit the device answers.
+    let read = device.access(OUTSIDE_IPA, false, 0);
     faults += 1;
-    Prediction { checksum, faults, exits: vec![(ROM_IPA + 0x40, true), (OUTSIDE_IPA, false)] }
+    let exits = vec![(ROM_IPA + 0x40, true, 8, stored), (OUTSIDE_IPA, false, 8, read)];
+    Prediction { checksum: checksum.wrapping_add(read), faults, exits }
 }
 
 /// The stage-1 probe: the guest turns its MMU on with page tables in their
@@ -177,13 +184,13 @@ pub struct QemuReport {
     pub dirty: Option<DirtyPages>,
     /// Faults the EL2 core served.
     pub faults: u64,
-    /// Exits completed at EL2: `(IPA, write)`.
-    pub exits: Vec<(u64, bool)>,
+    /// MMIO exits the launcher emulated, with their data ([`MmioDone`]).
+    pub exits: Vec<MmioDone>,
     /// From starting QEMU to the guest's result, ms.
     pub boot_to_result_ms: u64,
-    /// The stage-1 probe: the probed page's leaf has its access flag set
-    /// after the run (the selftest's guest_check_pte_af).
-    pub leaf_af: Option<bool>,
+    /// The stage-1 probe: the probed page's stage-1 leaf descriptor after
+    /// the run (its access flag is the selftest's guest_check_pte_af).
+    pub leaf: Option<u64>,
     /// The daemon's detach report: pages released, pins remaining, faults served.
     pub detach: [u64; 3],
     /// Times the daemon went away until a successor took the VM back.
@@ -472,10 +479,10 @@ fn serve(
     } else {
         None
     };
-    let leaf_af = match args.scenario {
+    let leaf = match args.scenario {
         Scenario::Stage1(p) => {
             let (leaf, _) = stage1_tables(p.af_clear)[3];
-            Some(ram.load(PT_PA - RAM_PA + (leaf - PT_IPA), 8).context("leaf")? & 1 << 10 != 0)
+            Some(ram.load(PT_PA - RAM_PA + (leaf - PT_IPA), 8).context("leaf")?)
         }
         Scenario::Checksum => None,
     };
@@ -496,7 +503,7 @@ fn serve(
         faults,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
-        leaf_af,
+        leaf,
         detach: detach.values,
         stalls: session.stalls(),
     })
@@ -505,7 +512,7 @@ fn serve(
 /// What the guest did, from the UART.
 struct Ran {
     checksum: Option<u64>,
-    exits: Vec<(u64, bool)>,
+    exits: Vec<MmioDone>,
     result_at: Option<Duration>,
     injected: Option<u64>,
     no_syndrome: Option<(u64, bool)>,
@@ -521,6 +528,7 @@ fn run_guest(
     mut next_line: impl FnMut(&str, &mut Qemu) -> anyhow::Result<String>,
 ) -> anyhow::Result<Ran> {
     let (mut checksum, mut exits, mut result_at, mut injected, mut no_syndrome) = (None, Vec::new(), None, None, None);
+    let mut device = MmioDevice::default();
     let faults = loop {
         let line = next_line("the guest to power off", qemu)?;
         if line.contains("FAULTLINE-EL2 PAUSED") {
@@ -529,8 +537,7 @@ fn run_guest(
             let _ = std::io::stdin().read_line(&mut String::new());
             mailbox_store(ram, mailbox::RESUME, mailbox::RESUME_VALUE);
         } else if line.contains("FAULTLINE-EL2 EXIT") {
-            let ipa = hex_field(&line, "ipa=").context("EXIT line without ipa")?;
-            exits.push((ipa, dec_field(&line, "write=") == Some(1)));
+            exits.push(emulate_exit(ram, &mut device, &line)?);
         } else if line.contains("FAULTLINE-EL2 RESULT") {
             checksum = hex_field(&line, "checksum=");
             result_at = Some(started.elapsed());
@@ -548,6 +555,28 @@ fn run_guest(
         }
     };
     Ok(Ran { checksum, exits, result_at, injected, no_syndrome, faults })
+}
+
+/// The VMM's half of an MMIO exit the image announced with `line`: reads
+/// its record from the mailbox (once), lets the device take the store or
+/// answer the load (its value into the record's data word), then answers
+/// the image with the exit's number.
+fn emulate_exit(ram: &MappedRegion, device: &mut MmioDevice, line: &str) -> anyhow::Result<MmioDone> {
+    let seq = dec_field(line, "seq=").context("EXIT line without seq")?;
+    let said_ipa = hex_field(line, "ipa=").context("EXIT line without ipa")?;
+    let at = MAILBOX_PA - RAM_PA + mailbox::MMIO_EXIT;
+    let words = [0, 1, 2].map(|i| ram.load(at + 8 * i, 8).expect("the mailbox is in RAM"));
+    let exit = hyp_core::mmio::MmioExit::decode(words);
+    if exit.ipa != said_ipa || ![1, 2, 4, 8].contains(&exit.len) || exit.is_write > 1 {
+        bail!("the image's MMIO exit record {exit:?} does not match its EXIT line: {line}");
+    }
+    let write = exit.is_write == 1;
+    let data = device.access(exit.ipa, write, exit.data);
+    if !write {
+        ram.store(at + 8, 8, data).expect("the mailbox is in RAM");
+    }
+    mailbox_store(ram, mailbox::MMIO_DONE, seq as u32);
+    Ok((exit.ipa, write, exit.len, data))
 }
 
 fn guest_region(fd_index: u32, pa: u64, size: u64, page_size: u64, flags: u32) -> RegionDesc {

@@ -26,8 +26,12 @@ use crate::phys::{PhysMemory, Window};
 use crate::stage1::{Stage1Regs, WalkError, Walker};
 use crate::syndrome::{encode_stage2, DataAccess};
 
-use faultline_board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_RET, PROBE_TCR, PT_IPA};
-pub use faultline_probe::{data_contents, punch_to_contents, stage1_tables, Holes, ProbeAccess, SlotSetup};
+use faultline_board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_MMIO_IPA, PROBE_RET, PROBE_TCR, PT_IPA};
+pub use faultline_probe::{
+    data_contents, punch_to_contents, stage1_tables, Holes, MmioDevice, MmioDone, ProbeAccess, SlotSetup,
+};
+use hyp_core::abort::Abort;
+use hyp_core::mmio::MmioExit;
 
 use crate::layout::{RINGS_PA, RING_ENTRIES, TABLES_PA, TABLES_SIZE};
 /// Backing of the three memslots, 2 MiB each: code (2 MiB pages), data, tables.
@@ -65,17 +69,26 @@ pub struct ProbeReport {
     pub checksum: Option<u64>,
     /// Stage-2 faults served.
     pub faults: u64,
-    /// MMIO exits `(IPA, write)`, completed (skipped).
-    pub exits: Vec<(u64, bool)>,
+    /// MMIO exits the machine emulated, with their data.
+    pub exits: Vec<MmioDone>,
     /// An exit without a valid syndrome `(IPA, write)`: the vCPU stops.
     pub no_syndrome_exit: Option<(u64, bool)>,
     /// The VA of an injected abort (the vCPU stops).
     pub injected: Option<u64>,
-    /// The probed page's stage-1 leaf has its access flag set after the
-    /// run (the selftest's guest_check_pte_af).
-    pub leaf_af: bool,
+    /// The probed page's stage-1 leaf descriptor after the run: its access
+    /// flag is the selftest's guest_check_pte_af.
+    pub leaf: u64,
     /// The daemon's detach report.
     pub detach: [u64; 3],
+}
+
+/// Where an access the vCPU completed went.
+#[derive(Clone, Copy)]
+enum Target {
+    /// Memory at this PA.
+    Memory(u64),
+    /// The machine's device, through an MMIO exit for this abort at this IPA.
+    Mmio(Abort, u64),
 }
 
 /// Why the guest stopped before its result.
@@ -97,6 +110,7 @@ struct Vcpu<'a> {
     stop: AtomicBool,
     epoch: Instant,
     report: ProbeReport,
+    device: MmioDevice,
 }
 
 impl Vcpu<'_> {
@@ -129,21 +143,21 @@ impl Vcpu<'_> {
     }
 
     /// Translates `va` for `access` (stage 1 and 2, or stage 1 only for
-    /// AT), serving stage-2 aborts until it succeeds. `Ok(None)`: an MMIO
-    /// exit completed the access without memory.
+    /// AT), serving stage-2 aborts until it succeeds: the PA (for AT, the
+    /// IPA), or the abort that exited to the machine's device.
     fn access(
         &mut self,
         va: u64,
         access: AccessKind,
         isv: bool,
         stage1_only: bool,
-    ) -> anyhow::Result<Result<Option<u64>, Stop>> {
+    ) -> anyhow::Result<Result<Target, Stop>> {
         let data = DataAccess { size: 8, register: 3, isv };
         loop {
             let walked =
                 if stage1_only { self.walker().stage1(va, access) } else { self.walker().translate(va, access) };
             let (fault, s1ptw, ipa) = match walked {
-                Ok(out) => return Ok(Ok(Some(out))),
+                Ok(out) => return Ok(Ok(Target::Memory(out))),
                 Err(WalkError::Stage1(f)) => bail!("the guest's own stage 1 faulted: {f:?}"),
                 Err(WalkError::Stage2 { fault, s1ptw, ipa }) => (fault, s1ptw, ipa),
             };
@@ -152,13 +166,43 @@ impl Vcpu<'_> {
                 Completion::Resume => continue,
                 Completion::InjectAbort => return Ok(Err(Stop::Injected(va))),
                 Completion::ExitToVmm => {
-                    let write = access == AccessKind::Write;
-                    if syn.esr >> 24 & 1 == 0 {
-                        return Ok(Err(Stop::NoSyndrome(ipa, write)));
+                    let abort = Abort::decode(syn.esr, syn.far, syn.hpfar)
+                        .map_err(|e| anyhow::anyhow!("the machine's own syndrome: {e:?}"))?;
+                    if abort.syndrome.is_none() {
+                        return Ok(Err(Stop::NoSyndrome(ipa, access == AccessKind::Write)));
                     }
-                    self.report.exits.push((ipa, write));
-                    return Ok(Ok(None));
+                    return Ok(Ok(Target::Mmio(abort, ipa)));
                 }
+            }
+        }
+    }
+
+    /// A load of the guest's 8-byte word at `target` into X3: memory, or
+    /// the device's answer through an exit.
+    fn load(&mut self, target: Target) -> anyhow::Result<u64> {
+        match target {
+            Target::Memory(pa) => self.phys.load(pa, 8).context("PA is not memory"),
+            Target::Mmio(abort, ipa) => {
+                let exit = MmioExit::new(&abort, Ipa::new(ipa), &[0; 31]).context("an exit without a syndrome")?;
+                let data = self.device.access(exit.ipa, false, 0);
+                self.report.exits.push((exit.ipa, false, exit.len, data));
+                let syndrome = abort.syndrome.context("an exit without a syndrome")?;
+                Ok(syndrome.load_result(data).map_or(0, |(_, value)| value))
+            }
+        }
+    }
+
+    /// A store of `value` (from X5, as the guest's STR) at `target`.
+    fn store(&mut self, target: Target, value: u64) -> anyhow::Result<()> {
+        match target {
+            Target::Memory(pa) => self.phys.store(pa, 8, value).context("PA is not memory"),
+            Target::Mmio(abort, ipa) => {
+                let mut x = [0; 31];
+                x[usize::from(abort.syndrome.map_or(31, |s| s.register)).min(30)] = value;
+                let exit = MmioExit::new(&abort, Ipa::new(ipa), &x).context("an exit without a syndrome")?;
+                let data = self.device.access(exit.ipa, true, exit.data);
+                self.report.exits.push((exit.ipa, true, exit.len, data));
+                Ok(())
             }
         }
     }
@@ -177,58 +221,80 @@ impl Vcpu<'_> {
         step!(self.access(BLOCKS_IPA, AccessKind::Fetch, false, false));
         self.s1 = Stage1Regs { mmu_on: true, ttbr0: PT_IPA, tcr: PROBE_TCR };
         step!(self.access(BLOCKS_IPA + 0x40, AccessKind::Fetch, false, false));
-        let phys = self.phys;
-        // An access that exited to the VMM reads as zero and writes nothing.
-        let load = |pa: Option<u64>| pa.map_or(Ok(0), |pa| phys.load(pa, 8).context("PA is not memory"));
-        let store = |pa: Option<u64>, v: u64| pa.map_or(Ok(()), |pa| phys.store(pa, 8, v).context("PA is not memory"));
         let p = PROBE_IPA;
         // What the write probes store; each reports what memory then holds
         // (as the EL2 guest in hyp-core/image/src/guest.rs does).
         let written = p ^ PROBE_MAGIC;
         Ok(Ok(match probe {
-            ProbeAccess::Read64 => load(step!(self.access(p, AccessKind::Read, true, false)))?,
+            ProbeAccess::Read64 => {
+                let at = step!(self.access(p, AccessKind::Read, true, false));
+                self.load(at)?
+            }
             // The word ^ the written-back base register (the probe address).
-            ProbeAccess::LdPreidx => load(step!(self.access(p, AccessKind::Read, false, false)))? ^ p,
+            ProbeAccess::LdPreidx => {
+                let at = step!(self.access(p, AccessKind::Read, false, false));
+                self.load(at)? ^ p
+            }
             ProbeAccess::Write64 => {
-                store(step!(self.access(p, AccessKind::Write, true, false)), written)?;
-                load(step!(self.access(p, AccessKind::Read, true, false)))?
+                let at = step!(self.access(p, AccessKind::Write, true, false));
+                self.store(at, written)?;
+                let at = step!(self.access(p, AccessKind::Read, true, false));
+                self.load(at)?
             }
             ProbeAccess::StPreidx => {
-                store(step!(self.access(p, AccessKind::Write, false, false)), written)?;
-                load(step!(self.access(p, AccessKind::Read, true, false)))? ^ p
+                let at = step!(self.access(p, AccessKind::Write, false, false));
+                self.store(at, written)?;
+                let at = step!(self.access(p, AccessKind::Read, true, false));
+                self.load(at)? ^ p
             }
             // CAS expecting 0: the old value ^ the word read back after.
             ProbeAccess::Cas => {
-                let old = load(step!(self.access(p, AccessKind::Read, false, false)))?;
-                let pa = step!(self.access(p, AccessKind::Write, false, false));
+                let at = step!(self.access(p, AccessKind::Read, false, false));
+                let old = self.load(at)?;
+                let at = step!(self.access(p, AccessKind::Write, false, false));
                 if old == 0 {
-                    store(pa, written)?;
+                    self.store(at, written)?;
                 }
-                old ^ load(step!(self.access(p, AccessKind::Read, true, false)))?
+                let at = step!(self.access(p, AccessKind::Read, true, false));
+                old ^ self.load(at)?
             }
             // The OR of the block's eight words after zeroing it.
             ProbeAccess::DcZva => {
-                let pa = step!(self.access(p & !63, AccessKind::Write, false, false));
+                let Target::Memory(pa) = step!(self.access(p & !63, AccessKind::Write, false, false)) else {
+                    bail!("DC ZVA completed without memory");
+                };
                 for off in (0..64).step_by(8) {
-                    store(pa.map(|pa| pa + off), 0)?;
+                    self.store(Target::Memory(pa + off), 0)?;
                 }
                 let mut or = 0;
                 for off in (0..64).step_by(8) {
-                    or |= load(step!(self.access((p & !63) + off, AccessKind::Read, true, false)))?;
+                    let at = step!(self.access((p & !63) + off, AccessKind::Read, true, false));
+                    or |= self.load(at)?;
                 }
                 or
             }
             ProbeAccess::At => {
-                let ipa = step!(self.access(p, AccessKind::Read, false, true)).unwrap_or(0);
+                let Target::Memory(ipa) = step!(self.access(p, AccessKind::Read, false, true)) else {
+                    bail!("AT completed without a translation");
+                };
                 // PAR_EL1 as QEMU's CPU reports it: attributes 0xff, NS,
                 // inner shareable, the output page.
                 0xff << 56 | (ipa & !0xfff) | 0xb80
             }
             // Runs the code at the probe word: what it leaves in X3.
             ProbeAccess::Exec => {
-                let pa = step!(self.access(p, AccessKind::Fetch, false, false)).context("a fetch that exited")?;
-                let word = |at: u64| phys.load(at, 4).context("PA is not memory").map(|w| w as u32);
+                let Target::Memory(pa) = step!(self.access(p, AccessKind::Fetch, false, false)) else {
+                    bail!("a fetch that exited");
+                };
+                let word = |at: u64| self.phys.load(at, 4).context("PA is not memory").map(|w| w as u32);
                 run_exec_probe([word(pa)?, word(pa + 4)?])?
+            }
+            // A store to the device, then a load of its answer.
+            ProbeAccess::Mmio => {
+                let at = step!(self.access(PROBE_MMIO_IPA, AccessKind::Write, true, false));
+                self.store(at, written)?;
+                let at = step!(self.access(PROBE_MMIO_IPA, AccessKind::Read, true, false));
+                self.load(at)?
             }
         }))
     }
@@ -337,6 +403,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
         report: ProbeReport::default(),
+        device: MmioDevice::default(),
     };
     match vcpu.run(config.access)? {
         Ok(value) => vcpu.report.checksum = Some(value),
@@ -348,11 +415,11 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         let _ = std::io::stdin().read_line(&mut String::new());
     }
     let (leaf, _) = stage1_tables(config.af_clear)[3];
-    let leaf_af = phys.window(pt).map.load(leaf - PT_IPA, 8).context("leaf")? & 1 << 10 != 0;
+    let leaf = phys.window(pt).map.load(leaf - PT_IPA, 8).context("leaf")?;
     send_message(conn.as_fd(), &faultline_attach::encode_detach(), &[]).context("sending detach")?;
     let detach = faultline_attach::session::read_reply(&conn).context("reading the detach reply")?;
     let mut report = vcpu.report;
-    report.leaf_af = leaf_af;
+    report.leaf = leaf;
     report.detach = detach.values;
     Ok(report)
 }
