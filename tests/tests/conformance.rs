@@ -1,5 +1,7 @@
 //! KVM's page_fault_test matrix on the simulated machine: every row of
-//! `faultline_system_tests::conformance::rows()` run by `sim-machine
+//! `faultline_system_tests::conformance::rows()`, in every configuration
+//! (`conformance::CONFIGS`: 4 KiB and 2 MiB backing, 40- and 48-bit IPA),
+//! run by `sim-machine
 //! --stage1-probe` (the guest's stage 1 walked in software) against the real
 //! daemon. The same rows run at real EL2 under QEMU in tests/tests/el2_qemu.rs;
 //! both must meet the row's expectations, so they agree with each other.
@@ -27,12 +29,15 @@ async fn the_page_fault_test_matrix_on_the_simulated_machine() {
     let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
     let mut seen = 0usize;
-    for row in conformance::rows() {
-        let name = row.args.join(" ");
+    let runs =
+        conformance::CONFIGS.iter().flat_map(|&config| conformance::rows().into_iter().map(move |row| (config, row)));
+    for (config, row) in runs {
+        let name = format!("{} {}", row.args.join(" "), config.args().join(" "));
         let mut child = Command::new(binary("sim-machine"))
             .arg("--attach-socket")
             .arg(&daemon.socket)
             .args(row.args)
+            .args(config.args())
             .arg("--pause-before-detach")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -72,6 +77,6 @@ async fn the_page_fault_test_matrix_on_the_simulated_machine() {
         assert!(out.status.success(), "{name}: the machine failed");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let events = conformance::new_events(&mut client, &mut seen).await;
-        conformance::check(&row, &report, &events);
+        conformance::check(&row, config, &report, &events);
     }
 }

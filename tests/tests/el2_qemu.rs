@@ -132,22 +132,24 @@ fn the_launcher_reports_what_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage1_probes_at_el2_are_resolved_as_kvm_resolves_them() {
-    let rows = conformance::rows();
     let image = image();
     let daemon = Daemon::start(&[]);
     let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
     let mut seen = 0usize;
-    for row in rows {
+    let runs =
+        conformance::CONFIGS.iter().flat_map(|&config| conformance::rows().into_iter().map(move |row| (config, row)));
+    for (config, row) in runs {
         let grpc = daemon.grpc_addr();
         let mut args = vec!["--server", &grpc, "qemu"];
         args.extend(["--attach-socket", daemon.socket.to_str().unwrap(), "--image", image.to_str().unwrap()]);
         args.extend(row.args);
+        args.extend(config.args());
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let (ok, out, err) =
             tokio::task::spawn_blocking(move || faultline(&args.iter().map(String::as_str).collect::<Vec<_>>()))
                 .await
                 .unwrap();
-        let name = row.args.join(" ");
+        let name = format!("{} {}", row.args.join(" "), config.args().join(" "));
         assert!(ok, "{name}: {err}\n{out}");
         let report: serde_json::Value = serde_json::from_str(&out).unwrap();
         // This row's events, from the daemon's history.
@@ -161,7 +163,7 @@ async fn stage1_probes_at_el2_are_resolved_as_kvm_resolves_them() {
             let (data, tables) = (pages("data", "--data"), pages("tables", "--tables"));
             conformance::check_dirty(&row, data.as_deref(), tables.as_deref());
         }
-        conformance::check(&row, &report, &events);
+        conformance::check(&row, config, &report, &events);
     }
 }
 

@@ -121,6 +121,10 @@ pub mod mailbox {
     pub const MMIO_SEQ: u64 = 56;
     /// The launcher's answer: the number of the exit it emulated.
     pub const MMIO_DONE: u64 = 60;
+    /// The guest's IPA space in bits, 40 (the default, also for 0) or 48:
+    /// written by the launcher before QEMU starts, read by the image at
+    /// boot, before it builds the VM's stage 2.
+    pub const IPA_BITS: u64 = 64;
 }
 
 /// The stage-1 probe's MMIO page: outside every memslot, mapped by the

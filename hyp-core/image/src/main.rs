@@ -124,7 +124,10 @@ extern "C" fn el2_main() -> ! {
     for (pa, len) in [(ROM_PA, ROM_BYTES), (BLOCKS_PA, BLOCKS_BYTES), (PAGES_PA, PAGES_BYTES), (PT_PA, PT_BYTES)] {
         owners.transfer(Pa::new(pa), len, Owner::Host, Owner::Vm(id)).expect("guest memory is the host's");
     }
-    let geometry = Geometry::kvm_default();
+    let geometry = match read_mailbox(mailbox::IPA_BITS) {
+        48 => Geometry::new(48, 48).expect("a 48-bit geometry"),
+        _ => Geometry::kvm_default(),
+    };
     let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), RING_PAIRS, tables, &mut owners).expect("VM");
     // SAFETY: the ring window is RAM shared with the daemon through QEMU's
     // memory file, used only through the ring ABI's atomics from now on.
@@ -147,8 +150,15 @@ extern "C" fn el2_main() -> ! {
     unsafe { (*STATE.0.get()).write(state) };
 
     println!(
-        "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x}",
-        RINGS_PA, RINGS_BYTES, TABLES_PA, TABLES_BYTES, ROOT_RESERVE, MAILBOX_PA, vttbr
+        "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x} ipa_bits={}",
+        RINGS_PA,
+        RINGS_BYTES,
+        TABLES_PA,
+        TABLES_BYTES,
+        ROOT_RESERVE,
+        MAILBOX_PA,
+        vttbr,
+        geometry.ipa_bits()
     );
     while read_mailbox(mailbox::GO) != mailbox::GO_VALUE {
         core::hint::spin_loop();

@@ -77,6 +77,58 @@ impl SlotSetup {
     }
 }
 
+/// The page size of the data and page-table memslots' backing (the
+/// selftest's backing types): 4 KiB pages (anonymous, shmem), or 2 MiB
+/// pages (THP, hugetlb), which the daemon maps with blocks where it may.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Backing {
+    /// 4 KiB pages.
+    #[default]
+    #[value(name = "4k")]
+    #[serde(rename = "4k")]
+    Pages4k,
+    /// 2 MiB pages.
+    #[value(name = "2m")]
+    #[serde(rename = "2m")]
+    Pages2m,
+}
+
+impl Backing {
+    /// Bytes per page.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Self::Pages4k => 4 << 10,
+            Self::Pages2m => 2 << 20,
+        }
+    }
+}
+
+/// The guest's IPA space (the selftest's guest modes): KVM's default 40
+/// bits (stage 2 starts at level 1, two concatenated root tables), or 48
+/// bits (stage 2 starts at level 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum IpaBits {
+    /// 40 bits.
+    #[default]
+    #[value(name = "40")]
+    #[serde(rename = "40")]
+    Bits40,
+    /// 48 bits.
+    #[value(name = "48")]
+    #[serde(rename = "48")]
+    Bits48,
+}
+
+impl IpaBits {
+    /// The number of bits.
+    pub fn bits(self) -> u32 {
+        match self {
+            Self::Bits40 => 40,
+            Self::Bits48 => 48,
+        }
+    }
+}
+
 /// Which memslots' backing is punched before the guest runs (the
 /// selftest's CMD_HOLE_DATA / CMD_HOLE_PT with userfaultfd handlers): the
 /// machine moves the slot's contents to a file it hands the daemon as a

@@ -37,7 +37,8 @@ use serde::Serialize;
 // The probe's vocabulary and tables: both machines take the same
 // arguments and write the same tables.
 pub use faultline_probe::{
-    data_contents, punch_to_contents, stage1_tables, Holes, MmioDevice, MmioDone, ProbeAccess, SlotSetup,
+    data_contents, punch_to_contents, stage1_tables, Backing, Holes, IpaBits, MmioDevice, MmioDone, ProbeAccess,
+    SlotSetup,
 };
 
 // The board layout, the EL2 image's own; the image's READY line is still
@@ -105,6 +106,10 @@ pub struct Stage1Probe {
     pub tables: SlotSetup,
     /// Memslots whose backing is punched (filled from the launcher's copy).
     pub holes: Holes,
+    /// Page size of the data and page-table memslots' backing.
+    pub backing: Backing,
+    /// The guest's IPA space (the image reads it from the mailbox at boot).
+    pub ipa_bits: IpaBits,
 }
 
 /// Which guest the image runs.
@@ -218,14 +223,27 @@ fn dec_field(line: &str, key: &str) -> Option<u64> {
 
 /// The ring-region and table layout on the image's READY line must be the
 /// launcher's.
-fn check_ready(line: &str) -> anyhow::Result<()> {
+/// The image must also have built the IPA space asked for (an image that
+/// predates the mailbox's IPA_BITS word builds 40 bits whatever it says).
+fn check_ready(line: &str, ipa_bits: IpaBits) -> anyhow::Result<()> {
     let want = format!(
         "rings={RINGS_PA:#x}+{RINGS_BYTES:#x} tables={TABLES_PA:#x}+{TABLES_BYTES:#x} root={ROOT_RESERVE:#x} mailbox={MAILBOX_PA:#x}"
     );
     if !line.contains(&want) {
         bail!("the EL2 image's layout is not the launcher's: image says {line:?}, launcher expects {want:?}");
     }
+    if dec_field(line, "ipa_bits=") != Some(u64::from(ipa_bits.bits())) {
+        bail!("the EL2 image built another IPA space than {} bits: {line:?}", ipa_bits.bits());
+    }
     Ok(())
+}
+
+/// The IPA space of the scenario's guest (the checksum guest's is 40 bits).
+fn ipa_bits(scenario: Scenario) -> IpaBits {
+    match scenario {
+        Scenario::Stage1(p) => p.ipa_bits,
+        Scenario::Checksum => IpaBits::Bits40,
+    }
 }
 
 /// Boots the image, serves its guest from the daemon, returns the report.
@@ -248,6 +266,8 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     for off in (0..ROM_BYTES).step_by(8) {
         ram.store(ROM_PA - RAM_PA + off, 8, ROM_TAG | off).expect("in range");
     }
+    // Read by the image at boot, before it builds the VM's stage 2.
+    mailbox_store(&ram, mailbox::IPA_BITS, ipa_bits(args.scenario).bits());
     if let Scenario::Stage1(probe) = args.scenario {
         for (ipa, desc) in stage1_tables(probe.af_clear) {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
@@ -371,22 +391,23 @@ fn serve(
             bail!("the EL2 image failed while booting: {line}");
         }
     };
-    check_ready(&ready)?;
+    check_ready(&ready, ipa_bits(args.scenario))?;
 
-    let (tables, data) = match args.scenario {
-        Scenario::Stage1(p) => (p.tables, p.data),
-        Scenario::Checksum => (SlotSetup::Plain, SlotSetup::Plain),
+    let (tables, data, backing) = match args.scenario {
+        Scenario::Stage1(p) => (p.tables, p.data, p.backing),
+        Scenario::Checksum => (SlotSetup::Plain, SlotSetup::Plain, Backing::Pages4k),
     };
+    let page = backing.page_size();
     let mut request = AttachRequest {
         vm_id: 1,
         nr_vcpus: 1,
-        ipa_bits: 40,
+        ipa_bits: ipa_bits(args.scenario).bits() as u8,
         flags: ATTACH_POLLED,
         regions: vec![
             guest_region(0, BLOCKS_PA, BLOCKS_BYTES, 2 << 20, REGION_WRITABLE),
-            guest_region(1, PAGES_PA, PAGES_BYTES, 4096, REGION_WRITABLE),
+            guest_region(1, PAGES_PA, PAGES_BYTES, page, REGION_WRITABLE),
             guest_region(2, ROM_PA, ROM_BYTES, 4096, 0),
-            guest_region(3, PT_PA, PT_BYTES, 4096, REGION_WRITABLE),
+            guest_region(3, PT_PA, PT_BYTES, page, REGION_WRITABLE),
             RegionDesc {
                 kind: RegionKind::Rings,
                 flags: 0,
@@ -597,9 +618,10 @@ mod tests {
 
     #[test]
     fn ready_lines_are_parsed_and_checked() {
-        let line = "FAULTLINE-EL2 READY rings=0x40210000+0x10000 tables=0x40400000+0x400000 root=0x10000 mailbox=0x40200000 vttbr=0x1";
-        assert!(check_ready(line).is_ok());
-        assert!(check_ready(&line.replace("0x40210000", "0x40220000")).is_err());
+        let line = "FAULTLINE-EL2 READY rings=0x40210000+0x10000 tables=0x40400000+0x400000 root=0x10000 mailbox=0x40200000 vttbr=0x1 ipa_bits=40";
+        assert!(check_ready(line, IpaBits::Bits40).is_ok());
+        assert!(check_ready(&line.replace("0x40210000", "0x40220000"), IpaBits::Bits40).is_err());
+        assert!(check_ready(line, IpaBits::Bits48).is_err(), "the image built 40 bits");
         assert_eq!(hex_field("EXIT ipa=0x90000040 write=1", "ipa="), Some(0x9000_0040));
         assert_eq!(dec_field("EXIT ipa=0x90000040 write=1", "write="), Some(1));
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use qemu_machine::{Holes, ProbeAccess, QemuArgs, Scenario, SlotSetup, Stage1Probe};
+use qemu_machine::{Backing, Holes, IpaBits, ProbeAccess, QemuArgs, Scenario, SlotSetup, Stage1Probe};
 
 /// Boot hyp-core at EL2 under qemu-system-aarch64 and serve its guest from
 /// the running daemon; prints a JSON report.
@@ -47,6 +47,12 @@ struct Args {
     /// runs (the daemon fills each page from the launcher's copy).
     #[arg(long, value_enum, default_value_t = Holes::None, requires = "stage1_probe")]
     holes: Holes,
+    /// Stage-1 probe: page size of the data and page-table memslots' backing.
+    #[arg(long, value_enum, default_value_t = Backing::Pages4k, requires = "stage1_probe")]
+    backing: Backing,
+    /// Stage-1 probe: the guest's IPA space, in bits.
+    #[arg(long, value_enum, default_value_t = IpaBits::Bits40, requires = "stage1_probe")]
+    ipa_bits: IpaBits,
     /// Seconds to wait for a daemon that went away to come back (its
     /// successor takes the VM back) before giving up.
     #[arg(long, default_value_t = 60)]
@@ -78,6 +84,8 @@ fn run() -> anyhow::Result<()> {
             af_clear: a.af_clear,
             tables: a.tables,
             holes: a.holes,
+            backing: a.backing,
+            ipa_bits: a.ipa_bits,
         }),
         None => Scenario::Checksum,
     };

@@ -79,6 +79,12 @@ struct Args {
     /// (the daemon fills each page from the machine's copy on fault).
     #[arg(long, value_enum, default_value_t = sim_machine::probe::Holes::None, requires = "stage1_probe")]
     holes: sim_machine::probe::Holes,
+    /// Stage-1 probe: page size of the data and page-table memslots' backing.
+    #[arg(long, value_enum, default_value_t = sim_machine::probe::Backing::Pages4k, requires = "stage1_probe")]
+    backing: sim_machine::probe::Backing,
+    /// Stage-1 probe: the guest's IPA space, in bits.
+    #[arg(long, value_enum, default_value_t = sim_machine::probe::IpaBits::Bits40, requires = "stage1_probe")]
+    ipa_bits: sim_machine::probe::IpaBits,
     /// Stage-1 probe: stay attached after the guest stops until a line
     /// arrives on stdin.
     #[arg(long, requires = "stage1_probe")]
@@ -120,6 +126,8 @@ fn run() -> anyhow::Result<()> {
             tables: args.tables,
             af_clear: args.af_clear,
             holes: args.holes,
+            backing: args.backing,
+            ipa_bits: args.ipa_bits,
             pause_before_detach: args.pause_before_detach,
         };
         let report = sim_machine::probe::run(&config)?;

@@ -28,7 +28,8 @@ use crate::syndrome::{encode_stage2, DataAccess};
 
 use faultline_board::{BLOCKS_IPA, PAGES_IPA, PROBE_IPA, PROBE_MAGIC, PROBE_MMIO_IPA, PROBE_RET, PROBE_TCR, PT_IPA};
 pub use faultline_probe::{
-    data_contents, punch_to_contents, stage1_tables, Holes, MmioDevice, MmioDone, ProbeAccess, SlotSetup,
+    data_contents, punch_to_contents, stage1_tables, Backing, Holes, IpaBits, MmioDevice, MmioDone, ProbeAccess,
+    SlotSetup,
 };
 use hyp_core::abort::Abort;
 use hyp_core::mmio::MmioExit;
@@ -57,6 +58,10 @@ pub struct ProbeConfig {
     pub af_clear: bool,
     /// Memslots whose backing is punched (filled from a contents file).
     pub holes: Holes,
+    /// Page size of the data and page-table memslots' backing.
+    pub backing: Backing,
+    /// The guest's IPA space.
+    pub ipa_bits: IpaBits,
     /// Stay attached after the guest stops until a line arrives on stdin
     /// (so the VM's state, its dirty logs among it, can be read).
     pub pause_before_detach: bool,
@@ -319,6 +324,10 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     let ring_bytes = hyp_core::ring::RegionHeader::new(2, RING_ENTRIES).region_bytes().next_multiple_of(4096);
     let rings = phys.add(Window::create("rings", RINGS_PA, ring_bytes, 4096)?);
     let code = phys.add(Window::create("code", CODE_PA, SLOT, 2 << 20)?);
+    // The data and table windows are plain memfds whatever the backing's
+    // page size, as QEMU's RAM is for `faultline qemu`: the daemon maps a
+    // 2 MiB-paged region with blocks (THP-like), filling what is a hole.
+    let page = config.backing.page_size();
     let data = phys.add(Window::create("data", DATA_PA, SLOT, 4096)?);
     let pt = phys.add(Window::create("tables-s1", PT_PA, SLOT, 4096)?);
     for (ipa, desc) in stage1_tables(config.af_clear) {
@@ -345,7 +354,10 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     for pa in [CODE_PA, DATA_PA, PT_PA] {
         owners.transfer(Pa::new(pa), SLOT, Owner::Host, Owner::Vm(id)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
-    let geometry = Geometry::kvm_default();
+    let geometry = match config.ipa_bits {
+        IpaBits::Bits40 => Geometry::kvm_default(),
+        IpaBits::Bits48 => Geometry::new(48, 48).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+    };
     let vm =
         Vm::new(id, geometry, Pa::new(TABLES_PA), 2, table_mem, &mut owners).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let s2 = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
@@ -369,8 +381,8 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
         flags: 0,
         regions: vec![
             guest(0, CODE_PA, 2 << 20),
-            guest(1, DATA_PA, 4096),
-            guest(2, PT_PA, 4096),
+            guest(1, DATA_PA, page),
+            guest(2, PT_PA, page),
             crate::machine::rings_region(ring_bytes, 3),
             crate::machine::table_pool_region(),
         ],
