@@ -129,5 +129,6 @@ pub mod mailbox {
 
 /// The stage-1 probe's MMIO page: outside every memslot, mapped by the
 /// guest's stage 1 (a 2 MiB block) so that its accesses reach stage 2 and
-/// exit to the machine.
-pub const PROBE_MMIO_IPA: u64 = OUTSIDE_IPA;
+/// exit to the machine. Its block is the level-2 table's last entry: a
+/// table page copied back without its last bytes loses it.
+pub const PROBE_MMIO_IPA: u64 = 0xbfe0_0000;

@@ -240,6 +240,8 @@ impl MmioDevice {
 // One level-1 entry (one level-2 table) covers the code, the probed page
 // and the MMIO page.
 const _: () = assert!(PROBE_IPA >> 30 == BLOCKS_IPA >> 30 && PROBE_MMIO_IPA >> 30 == BLOCKS_IPA >> 30);
+// The MMIO block is the level-2 table's last entry (its last 8 bytes).
+const _: () = assert!((PROBE_MMIO_IPA >> 21) & 511 == 511);
 
 /// The guest's stage-1 tables as `(IPA, descriptor)`: identity for the
 /// code's 2 MiB block, the probed page (the leaf, index 3) and the MMIO
