@@ -158,7 +158,11 @@ impl Vcpu<'_> {
         stage1_only: bool,
     ) -> anyhow::Result<Result<Target, Stop>> {
         let data = DataAccess { size: 8, register: 3, isv };
-        loop {
+        // An access completes within a few faults (its walk's table pages,
+        // its page, an access-flag update, a permission relaxed); more is a
+        // daemon whose answers never let it through.
+        const MOST_FAULTS: u32 = 8;
+        for _ in 0..=MOST_FAULTS {
             let walked =
                 if stage1_only { self.walker().stage1(va, access) } else { self.walker().translate(va, access) };
             let (fault, s1ptw, ipa) = match walked {
@@ -180,6 +184,10 @@ impl Vcpu<'_> {
                 }
             }
         }
+        bail!(
+            "{access:?} at {va:#x} faulted {} times without completing: the daemon's answers never let it through",
+            MOST_FAULTS + 1
+        )
     }
 
     /// A load of the guest's 8-byte word at `target` into X3: memory, or
