@@ -184,7 +184,7 @@ async fn main() -> std::process::ExitCode {
             // error is for the operator, not a report of a bug. -v: each
             // cause on a line of its own.
             match verbose {
-                false => eprintln!("faultline: {e:#}"),
+                false => eprintln!("{}", faultline_exit_status::one_line("faultline", &e)),
                 true => {
                     eprintln!("faultline: {e}");
                     e.chain().skip(1).for_each(|c| eprintln!("  caused by: {c}"));

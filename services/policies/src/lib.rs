@@ -174,21 +174,6 @@ pub fn everywhere() -> pb::Rule {
     pb::Rule::default()
 }
 
-/// A policy binary's exit status for what its `run` returned: an error is
-/// printed as one line with its causes (`policy-largest: ...`), whatever
-/// RUST_BACKTRACE says.
-pub fn exit_status(result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let bin = std::env::args().next().unwrap_or_default();
-            let name = std::path::Path::new(&bin).file_name().map(|n| n.to_string_lossy().into_owned());
-            eprintln!("{}: {e:#}", name.unwrap_or_else(|| "policy".into()));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
 /// Sets up logging to stderr (RUST_LOG, default info).
 pub fn init_logging() {
     tracing_subscriber::fmt()

@@ -100,15 +100,7 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    // The error and its causes on one line, whatever RUST_BACKTRACE says:
-    // it is for the operator, not a report of a bug.
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{}: {e:#}", env!("CARGO_BIN_NAME"));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    faultline_exit_status::exit_status(env!("CARGO_BIN_NAME"), run())
 }
 
 fn run() -> anyhow::Result<()> {

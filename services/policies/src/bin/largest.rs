@@ -15,7 +15,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    faultline_policies::exit_status(run().await)
+    faultline_exit_status::exit_status(env!("CARGO_BIN_NAME"), run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
