@@ -210,8 +210,12 @@ impl Vcpu<'_> {
         match target {
             Target::Memory(pa) => self.phys.store(pa, 8, value).context("PA is not memory"),
             Target::Mmio(abort, ipa) => {
+                // The guest's registers as the store left them: the value in
+                // its transfer register (none for XZR).
                 let mut x = [0; 31];
-                x[usize::from(abort.syndrome.map_or(31, |s| s.register)).min(30)] = value;
+                if let Some(reg) = x.get_mut(usize::from(abort.syndrome.map_or(31, |s| s.register))) {
+                    *reg = value;
+                }
                 let exit = MmioExit::new(&abort, Ipa::new(ipa), &x).context("an exit without a syndrome")?;
                 let data = self.device.access(exit.ipa, true, exit.data);
                 self.report.exits.push((exit.ipa, true, exit.len, data));
