@@ -7,8 +7,8 @@ use crate::addr::{Ipa, Pa, Range, PAGE_SIZE};
 use crate::ownership::{Owner, OwnershipError, PageOwnership, VmId};
 use crate::reject::Reject;
 use crate::ring::abi::{
-    action, kind, CommandRecord, FaultRecord, LeafRecord, Record, ResultRecord, FLAG_DEVICE, MAX_OWNED_PAGES,
-    MAX_VCPUS, NO_IPA,
+    action, kind, CommandRecord, FaultRecord, LeafRecord, Record, ResultRecord, FLAG_DEVICE, MAX_AGED_PAGES,
+    MAX_OWNED_PAGES, MAX_VCPUS, NO_IPA,
 };
 use crate::ring::{Consumer, Producer, RingError};
 use crate::stage2::{
@@ -107,6 +107,18 @@ pub struct Vm<M: TableMemory> {
     outstanding: [Option<Outstanding>; MAX_VCPUS as usize],
     next_fault_id: u64,
     inval_seq: u64,
+    access_flag_faults: u64,
+}
+
+/// What the core did with a stage-2 abort ([`Vm::handle_abort`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Taken {
+    /// An access-flag fault on a mapped leaf: the core set the flag itself
+    /// (KVM's `handle_access_fault()`), and the vCPU retries the access
+    /// with no round trip to the daemon.
+    Young,
+    /// A fault for the daemon: send this record.
+    Fault(FaultRecord),
 }
 
 impl<M: TableMemory> core::fmt::Debug for Vm<M> {
@@ -185,6 +197,7 @@ impl<M: TableMemory> Vm<M> {
             nr_vcpus,
             outstanding: [None; MAX_VCPUS as usize],
             next_fault_id: 1,
+            access_flag_faults: 0,
             inval_seq: 0,
         })
     }
@@ -217,6 +230,41 @@ impl<M: TableMemory> Vm<M> {
     /// The fault outstanding on `vcpu`, if any.
     pub fn outstanding(&self, vcpu: u32) -> Option<Outstanding> {
         self.outstanding.get(vcpu as usize).copied().flatten()
+    }
+
+    /// Handles a stage-2 abort on `vcpu`: an access-flag fault on a mapped
+    /// leaf is resolved here, the flag set ([`Taken::Young`]; the daemon
+    /// reads it back with AGE); anything else is recorded for the daemon
+    /// ([`Vm::take_fault`]). An access-flag fault on a leaf another vCPU
+    /// already made young is resolved too; one on nothing mapped (a race
+    /// with an unmap) goes to the daemon.
+    pub fn handle_abort(
+        &mut self,
+        vcpu: u32,
+        esr: u64,
+        far: u64,
+        hpfar: u64,
+        now_ns: u64,
+        resolve: impl FnOnce(u64) -> Option<Ipa>,
+    ) -> Result<Taken, FaultError> {
+        if vcpu >= self.nr_vcpus {
+            return Err(FaultError::BadVcpu(vcpu));
+        }
+        let abort = Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)?;
+        if let (FaultStatus::AccessFlag { .. }, Some(ipa), None) =
+            (abort.status, abort.reported_ipa(), self.outstanding[vcpu as usize])
+        {
+            if self.stage2.mark_young(ipa).is_ok() {
+                self.access_flag_faults += 1;
+                return Ok(Taken::Young);
+            }
+        }
+        self.take_fault(vcpu, esr, far, hpfar, now_ns, resolve).map(Taken::Fault)
+    }
+
+    /// Access-flag faults resolved at the core ([`Taken::Young`]).
+    pub fn access_flag_faults(&self) -> u64 {
+        self.access_flag_faults
     }
 
     /// Records a stage-2 abort on `vcpu` and returns the fault record to send.
@@ -286,6 +334,7 @@ impl<M: TableMemory> Vm<M> {
                 kind::TOPUP => self.topup(&cmd, owners),
                 kind::PREFAULT => self.prefault(&cmd, owners, tlb),
                 kind::OWNED => self.owned(&cmd, owners),
+                kind::AGE => self.age(&cmd),
                 _ => Err(refuse(Reject::Malformed, 0)),
             }
         };
@@ -624,6 +673,31 @@ impl<M: TableMemory> Vm<M> {
             }
         }
         Ok(Done::value(bits, pages))
+    }
+
+    /// AGE: clears the access flag over the range (at most
+    /// [`MAX_AGED_PAGES`] pages); the value is a bitmap, bit i set if page
+    /// `ipa + i * 4096` was mapped by a leaf whose flag was set (every page
+    /// of a young block in the range), the detail the leaves cleared.
+    fn age(&mut self, cmd: &CommandRecord) -> CmdResult {
+        let range = Self::range_of(cmd)?;
+        let pages = range.len() / PAGE_SIZE;
+        if pages == 0 || pages > MAX_AGED_PAGES {
+            return Err(refuse(Reject::BadRange, MAX_AGED_PAGES));
+        }
+        let (start, end) = (range.start().raw(), range.end().raw());
+        let mut bits = 0u64;
+        let cleared = self
+            .stage2
+            .test_clear_young(range, &mut |ipa, level| {
+                let leaf_end = ipa.raw().saturating_add(Geometry::level_size(level));
+                let (from, to) = (ipa.raw().max(start), leaf_end.min(end));
+                for page in (from..to).step_by(PAGE_SIZE as usize) {
+                    bits |= 1 << ((page - start) / PAGE_SIZE);
+                }
+            })
+            .map_err(|e| refuse(Reject::from(e), 0))?;
+        Ok(Done::value(bits, cleared))
     }
 
     /// LEAVES: up to `max` leaves overlapping `[ipa, ipa + size)`, in IPA

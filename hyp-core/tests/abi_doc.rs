@@ -104,6 +104,7 @@ fn ring_control_offsets_and_kinds_match() {
         ("PREFAULT", kind::PREFAULT),
         ("LEAVES", kind::LEAVES),
         ("OWNED", kind::OWNED),
+        ("AGE", kind::AGE),
     ];
     assert_eq!(kinds, code.map(|(n, k)| (n.to_string(), k)).to_vec());
     assert!(d.contains(&format!("`{:#x}`", abi::MAGIC)));

@@ -42,7 +42,7 @@ use hyp_core::mmio::MmioExit;
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
 use hyp_core::stage2::{Geometry, LinearMap};
-use hyp_core::vm::{Completion, Vm};
+use hyp_core::vm::{Completion, Taken, Vm};
 
 use boot::Frame;
 use layout::*;
@@ -270,8 +270,10 @@ fn power_off() -> ! {
 
 /// Serves one stage-2 abort through the daemon; returns how it completed.
 fn serve_fault(s: &mut State, esr: u64, far: u64, hpfar: u64) -> Completion {
-    let rec = match s.vm.take_fault(0, esr, far, hpfar, counter(), translate_el1_va) {
-        Ok(r) => r,
+    let rec = match s.vm.handle_abort(0, esr, far, hpfar, counter(), translate_el1_va) {
+        // An access-flag fault the core resolved: the guest retries.
+        Ok(Taken::Young) => return Completion::Resume,
+        Ok(Taken::Fault(r)) => r,
         Err(e) => {
             println!("FAULTLINE-EL2 ERROR core refused the fault: {:?}", e);
             power_off()

@@ -222,7 +222,14 @@ pub mod kind {
     /// Daemon to core: which pages of a PA range (at most 64) the
     /// hypervisor owns (table pages and the memcache), as a bitmap.
     pub const OWNED: u32 = 0x17;
+    /// Daemon to core: test and clear the access flag of the leaves over an
+    /// IPA range (at most [`MAX_AGED_PAGES`] pages); which pages were
+    /// accessed since the last AGE, as a bitmap.
+    pub const AGE: u32 = 0x18;
 }
+
+/// The most pages one AGE covers (its bitmap's bits).
+pub const MAX_AGED_PAGES: u64 = 64;
 
 /// Leaves a [`kind::LEAVES`] command reports at most (one ring's worth).
 pub const MAX_LEAVES_PER_COMMAND: u32 = 4095;

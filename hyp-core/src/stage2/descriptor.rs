@@ -241,6 +241,14 @@ impl Descriptor {
         self.0 & AF != 0
     }
 
+    /// The same leaf with its access flag set (`young`) or clear.
+    pub const fn with_access_flag(self, young: bool) -> Self {
+        match young {
+            true => Self(self.0 | AF),
+            false => Self(self.0 & !AF),
+        }
+    }
+
     /// The same leaf with its permissions replaced by `perms` (XN follows
     /// `perms.exec()`).
     pub const fn with_perms(self, perms: Perms) -> Self {

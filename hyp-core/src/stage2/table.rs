@@ -299,6 +299,42 @@ impl<M: TableMemory> Stage2<M> {
         Ok(level)
     }
 
+    /// Clears the access flag of every leaf intersecting `range` (whole
+    /// blocks, even where the range covers only part of one), calling
+    /// `young(leaf_ipa, level)` for each that had it set; returns how many
+    /// that was. KVM's `kvm_pgtable_stage2_test_clear_young()`: an
+    /// access-flag change needs no break-before-make, and like KVM this
+    /// invalidates nothing. A TLB entry cached while the flag was set may
+    /// let a later access through without a fault, so a page can read as
+    /// idle though touched, never as touched though idle.
+    pub fn test_clear_young(&mut self, range: Range<Ipa>, young: &mut impl FnMut(Ipa, u8)) -> Result<u64, TableError> {
+        self.check_range(range)?;
+        let mut cleared = 0;
+        self.visit_leaves(range, &mut |entry, ipa, level| {
+            let old = Descriptor::from_raw(entry.load(Ordering::Acquire));
+            if old.access_flag() {
+                entry.store(old.with_access_flag(false).raw(), Ordering::Release);
+                young(ipa, level);
+                cleared += 1;
+            }
+        })?;
+        Ok(cleared)
+    }
+
+    /// Sets the access flag of the leaf that maps `ipa` (KVM's
+    /// `kvm_pgtable_stage2_mkyoung()`, for an access-flag fault). Returns
+    /// the leaf's level, or `None` if the flag was already set. No TLB
+    /// maintenance: an entry with the flag clear is never cached.
+    pub fn mark_young(&mut self, ipa: Ipa) -> Result<Option<u8>, TableError> {
+        let (entry, level) = self.leaf_entry(ipa)?.ok_or(TableError::NotMapped)?;
+        let old = Descriptor::from_raw(entry.load(Ordering::Acquire));
+        if old.access_flag() {
+            return Ok(None);
+        }
+        entry.store(old.with_access_flag(true).raw(), Ordering::Release);
+        Ok(Some(level))
+    }
+
     /// Removes write permission from every leaf that intersects `range`
     /// (whole blocks, even where the range covers only part of one).
     /// Returns the number of leaves changed.

@@ -622,3 +622,118 @@ mod reattach {
         assert_eq!(reader.pop().unwrap(), None);
     }
 }
+
+/// vm1 with a 4 KiB page at 0x8000_1000 and a 2 MiB block at 0x20_0000,
+/// both mapped through faults, access flags set.
+fn mapped_page_and_block<'m>(w: &'m mut World) -> (Vm<&'m HostMemory>, PageOwnership<'m>) {
+    let (mut vm, mut owners) = setup(w, Geometry::kvm_default());
+    let mut tlb = RecordingTlb::default();
+    for (ipa, pa, size, esr) in
+        [(0x8000_1000, VM1_MEM + 0x5000, 4096, ESR_WRITE_L3), (0x20_0000, VM1_MEM, 2 << 20, ESR_READ_L2)]
+    {
+        let f = vm.take_fault(0, esr, ipa, hpfar(ipa), 0, |_| None).unwrap();
+        let ex = vm.execute(0, &map_cmd(f.fault_id, ipa, pa, size, Perms::RW).encode(), &mut owners, &mut tlb);
+        assert_eq!(ex.result.status, 0, "{ex:?}");
+    }
+    (vm, owners)
+}
+
+fn age_cmd(ipa: u64, size: u64) -> CommandRecord {
+    CommandRecord { kind: kind::AGE, cmd_id: 9, ipa, size, ..Default::default() }
+}
+
+fn young(vm: &Vm<&HostMemory>, ipa: u64) -> bool {
+    match vm.stage2().walk(Ipa::new(ipa)).unwrap() {
+        Walk::Mapped { descriptor, .. } => descriptor.access_flag(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn age_clears_the_access_flag_and_reports_the_pages_that_had_it() {
+    let mut w = world();
+    let (mut vm, mut owners) = mapped_page_and_block(&mut w);
+    let mut tlb = RecordingTlb::default();
+    // 64 pages from 0x8000_0000: only page 1 is mapped, and young.
+    let ex = vm.execute(0, &age_cmd(0x8000_0000, 64 * 4096).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value, ex.result.detail), (0, 1 << 1, 1), "{ex:?}");
+    assert!(!young(&vm, 0x8000_1000));
+    // Aged again: nothing was touched since.
+    let ex = vm.execute(0, &age_cmd(0x8000_0000, 64 * 4096).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value, ex.result.detail), (0, 0, 0));
+    // A range over the block's last 8 pages and 8 pages past it: the young
+    // block sets every page of it the range covers, and is cleared whole.
+    let ex = vm.execute(0, &age_cmd(0x40_0000 - 8 * 4096, 16 * 4096).encode(), &mut owners, &mut tlb);
+    assert_eq!((ex.result.status, ex.result.value, ex.result.detail), (0, 0xff, 1));
+    assert!(!young(&vm, 0x20_0000));
+    // Clearing the flag changes no permission, output or sequence, and
+    // invalidates nothing (as KVM's test_clear_young).
+    assert_eq!((tlb.invalidated.len(), tlb.syncs), (0, 0), "{:?}", tlb.invalidated);
+    match vm.stage2().walk(Ipa::new(0x8000_1000)).unwrap() {
+        Walk::Mapped { pa, descriptor, .. } => {
+            assert_eq!((pa, descriptor.perms()), (Pa::new(VM1_MEM + 0x5000), Perms::RW))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_access_flag_fault_on_a_mapped_leaf_is_resolved_at_the_core() {
+    let mut w = world();
+    let (mut vm, mut owners) = mapped_page_and_block(&mut w);
+    let mut tlb = RecordingTlb::default();
+    vm.execute(0, &age_cmd(0x8000_1000, 4096).encode(), &mut owners, &mut tlb);
+    // A read of the aged page: an access-flag fault at level 3 (DFSC 0b001011).
+    const ESR_READ_AF_L3: u64 = (0x24 << 26) | (1 << 25) | 0b001011;
+    let fault_ids = vm.take_fault(3, ESR_READ_L2, 0x9000_0000, hpfar(0x9000_0000), 0, |_| None).unwrap().fault_id;
+    assert_eq!(vm.handle_abort(1, ESR_READ_AF_L3, 0x8000_1010, hpfar(0x8000_1000), 5, |_| None), Ok(Taken::Young));
+    assert!(young(&vm, 0x8000_1000));
+    assert_eq!((vm.access_flag_faults(), vm.outstanding(1)), (1, None), "no fault for the daemon");
+    // Made young by another vCPU meanwhile: resolved as well.
+    assert_eq!(vm.handle_abort(2, ESR_READ_AF_L3, 0x8000_1010, hpfar(0x8000_1000), 5, |_| None), Ok(Taken::Young));
+    // On nothing mapped (an unmap raced it): the daemon's.
+    match vm.handle_abort(1, ESR_READ_AF_L3, 0x8000_7000, hpfar(0x8000_7000), 6, |_| None) {
+        Ok(Taken::Fault(f)) => assert_eq!((f.ipa, f.fault_id), (0x8000_7000, fault_ids + 1)),
+        other => panic!("{other:?}"),
+    }
+    // Any other fault is the daemon's, as take_fault records it.
+    match vm.handle_abort(2, ESR_WRITE_L3, 0x8000_2000, hpfar(0x8000_2000), 7, |_| None) {
+        Ok(Taken::Fault(f)) => assert_eq!(vm.outstanding(2).map(|o| o.fault_id), Some(f.fault_id)),
+        other => panic!("{other:?}"),
+    }
+    // A vCPU with a fault outstanding takes no other; a bad vCPU is refused.
+    assert!(matches!(
+        vm.handle_abort(1, ESR_READ_AF_L3, 0, hpfar(0x8000_1000), 0, |_| None),
+        Err(FaultError::AlreadyOutstanding { .. })
+    ));
+    assert_eq!(vm.handle_abort(9, ESR_READ_AF_L3, 0, 0, 0, |_| None), Err(FaultError::BadVcpu(9)));
+}
+
+#[test]
+fn hostile_age_commands_are_refused_and_change_nothing() {
+    let mut w = world();
+    let (mut vm, mut owners) = mapped_page_and_block(&mut w);
+    let mut tlb = RecordingTlb::default();
+    let before = snapshot(&vm, &owners);
+    let young_before = (young(&vm, 0x8000_1000), young(&vm, 0x20_0000));
+    let bad = [
+        (CommandRecord { flags: 1, ..age_cmd(0x8000_1000, 4096) }, Reject::Malformed),
+        (CommandRecord { fault_id: 3, ..age_cmd(0x8000_1000, 4096) }, Reject::Malformed),
+        (CommandRecord { pa: 0x1000, ..age_cmd(0x8000_1000, 4096) }, Reject::Malformed),
+        (CommandRecord { inval_seq: 1, ..age_cmd(0x8000_1000, 4096) }, Reject::Malformed),
+        (CommandRecord { reserved: 1, ..age_cmd(0x8000_1000, 4096) }, Reject::Malformed),
+        (age_cmd(0x8000_1000, 0), Reject::BadRange),
+        (age_cmd(0x8000_1000, 65 * 4096), Reject::BadRange),
+        (age_cmd(0x8000_1800, 4096), Reject::BadRange),
+        (age_cmd(0x8000_1000, 100), Reject::BadRange),
+        (age_cmd(!0xfff, 2 * 4096), Reject::BadRange),
+        (age_cmd(1 << 40, 4096), Reject::IpaOutOfRange),
+    ];
+    for (cmd, reason) in bad {
+        let ex = vm.execute(0, &cmd.encode(), &mut owners, &mut tlb);
+        assert_eq!(ex.result.status, reason.code(), "{cmd:?}: {ex:?}");
+        assert_eq!(ex.completion, None);
+    }
+    assert_eq!(snapshot(&vm, &owners), before);
+    assert_eq!((young(&vm, 0x8000_1000), young(&vm, 0x20_0000)), young_before, "no flag cleared");
+}

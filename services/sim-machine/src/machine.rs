@@ -16,7 +16,7 @@ use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, Record, RingError, RingKind, SharedRegion};
 use hyp_core::stage2::{Geometry, LinearMap};
-use hyp_core::vm::{Completion, Vm};
+use hyp_core::vm::{Completion, Taken, Vm};
 use serde::Serialize;
 use tracing::info;
 
@@ -85,6 +85,9 @@ pub struct Summary {
     pub accesses: u64,
     /// Stage-2 faults the core forwarded.
     pub faults: u64,
+    /// Access-flag faults the core resolved itself (pages the daemon aged
+    /// and the guest touched again), never forwarded.
+    pub access_flag_faults: u64,
     /// Exits to the VMM.
     pub exits: Vec<ExitRecord>,
     /// Aborts injected into the guest.
@@ -153,6 +156,7 @@ struct CoreState {
 struct VcpuResult {
     accesses: u64,
     faults: u64,
+    access_flag_faults: u64,
     injected: u64,
     exits: Vec<ExitRecord>,
     latencies: Vec<u64>,
@@ -346,6 +350,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         vcpus: n,
         accesses: 0,
         faults: 0,
+        access_flag_faults: 0,
         exits: Vec::new(),
         injected: 0,
         ram_digest: 0,
@@ -375,6 +380,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         summary.exits.extend(r.exits);
         summary.tlb_hits += r.tlb_hits;
         summary.tlb_misses += r.tlb_misses;
+        summary.access_flag_faults += r.access_flag_faults;
         latencies.extend(r.latencies);
         ram_latencies.extend(r.ram_latencies);
     }
@@ -533,6 +539,7 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
     let mut r = VcpuResult {
         accesses: 0,
         faults: 0,
+        access_flag_faults: 0,
         injected: 0,
         exits: Vec::new(),
         latencies: Vec::with_capacity(ops.len() / 4),
@@ -568,11 +575,19 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
                     let (t0, posted) = (Instant::now(), std::time::SystemTime::now());
                     let syn =
                         syndrome::encode(fault, access, op.gpa, DataAccess { size: op.size, register, isv: true });
-                    let rec = {
+                    let taken = {
                         let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
-                        c.vm.take_fault(v, syn.esr, syn.far, syn.hpfar, now_ns(), |far| Some(Ipa::new(far)))
+                        c.vm.handle_abort(v, syn.esr, syn.far, syn.hpfar, now_ns(), |far| Some(Ipa::new(far)))
                     }
                     .map_err(|e| anyhow::anyhow!("vCPU {v}: core refused the fault: {e:?}"))?;
+                    let rec = match taken {
+                        // The core set the access flag: retry, no round trip.
+                        Taken::Young => {
+                            r.access_flag_faults += 1;
+                            continue;
+                        }
+                        Taken::Fault(rec) => rec,
+                    };
                     r.faults += 1;
                     push(&mut faults_out, &rec.encode(), stop)
                         .map_err(|e| anyhow::anyhow!("vCPU {v}: fault ring: {e:?}"))?;

@@ -18,7 +18,7 @@ use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
 use hyp_core::stage2::{Geometry, LinearMap};
-use hyp_core::vm::{Completion, Vm};
+use hyp_core::vm::{Completion, Taken, Vm};
 use serde::Serialize;
 
 use crate::mmu::{AccessKind, Stage2Regs, TlbGeneration};
@@ -127,10 +127,12 @@ impl Vcpu<'_> {
     fn serve(&mut self, esr: u64, far: u64, hpfar: u64) -> anyhow::Result<Completion> {
         let s1 = Walker { s1: self.s1, s2: self.s2, mem: self.phys };
         let now = self.epoch.elapsed().as_nanos() as u64;
-        let rec = self
+        let taken = self
             .vm
-            .take_fault(0, esr, far, hpfar, now, |va| s1.stage1(va, AccessKind::Read).ok().map(Ipa::new))
+            .handle_abort(0, esr, far, hpfar, now, |va| s1.stage1(va, AccessKind::Read).ok().map(Ipa::new))
             .map_err(|e| anyhow::anyhow!("core refused the fault: {e:?}"))?;
+        // An access-flag fault the core resolved: the access retries.
+        let Taken::Fault(rec) = taken else { return Ok(Completion::Resume) };
         self.report.faults += 1;
         push_and_ring(&mut self.faults_out, &rec.encode()).map_err(|e| anyhow::anyhow!("fault ring: {e:?}"))?;
         let wait = WaitPolicy { spin_polls: 1000, sleep_slice: Duration::from_millis(50) };
