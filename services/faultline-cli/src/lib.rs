@@ -34,16 +34,16 @@ pub enum ReportFormat {
     Json,
 }
 
-/// Output formats of `faultline dirty-log`.
+/// Output formats of `faultline dirty-log` and `faultline access-log`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DirtyLogFormat {
-    /// The dirty ranges, one per line.
+    /// The page ranges, one per line.
     #[value(alias = "compact")]
     Text,
-    /// The dirty ranges as JSON, addresses in hex.
+    /// The page ranges as JSON, addresses in hex.
     Json,
-    /// The DirtyLog message in the proto's canonical JSON mapping (the
-    /// bitmap in base64).
+    /// The DirtyLog (AccessLog) message in the proto's canonical JSON
+    /// mapping (the bitmap in base64).
     Jsonpb,
 }
 
@@ -532,8 +532,8 @@ pub fn parse_time(value: &str, now: std::time::SystemTime) -> Result<std::time::
     now.checked_sub(ago).ok_or_else(err)
 }
 
-/// Dirty pages of a bitmap (64-bit little-endian words, as the daemon sends
-/// it) as `[first GPA, end GPA)` ranges.
+/// Pages of a dirty or access bitmap (64-bit little-endian words, as the
+/// daemon sends it) as `[first GPA, end GPA)` ranges.
 pub fn dirty_ranges(gpa: u64, bitmap: &[u8]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for page in faultline_proto::dirty_pages(gpa, bitmap) {

@@ -15,7 +15,9 @@ use faultline::{dirty_ranges, jsonpb, DirtyLogFormat, ReportFormat};
 use faultline_proto::client::{Address, ClientTls};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
-use faultline_proto::v1::{GetDirtyLogRequest, GetStatsRequest, GetVmRequest, ListVmsRequest, ServerStatusRequest};
+use faultline_proto::v1::{
+    GetAccessLogRequest, GetDirtyLogRequest, GetStatsRequest, GetVmRequest, ListVmsRequest, ServerStatusRequest,
+};
 
 /// Observe stage-2 faults served by the Faultline memory-manager.
 #[derive(Parser, Debug)]
@@ -110,6 +112,17 @@ enum Command {
         /// Read without clearing or write-protecting.
         #[arg(long)]
         peek: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = DirtyLogFormat::Text)]
+        output: DirtyLogFormat,
+    },
+    /// Fetch the pages of a memslot the guest accessed since the last
+    /// fetch (or since they were mapped), clearing the stage-2 access flags.
+    AccessLog {
+        /// VM id.
+        vm: u32,
+        /// Memslot id (see `faultline vm show`).
+        memslot: u32,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = DirtyLogFormat::Text)]
         output: DirtyLogFormat,
@@ -331,6 +344,38 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                         log.dirty_pages,
                         log.pages,
                         if peek { " (peek: not cleared)" } else { ", cleared and write-protected" }
+                    );
+                    for (s, e) in ranges {
+                        outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
+                    }
+                }
+            }
+        }
+        Command::AccessLog { vm, memslot, output } => {
+            let mut client = ControlClient::new(channel().await?);
+            let log =
+                client.get_access_log(GetAccessLogRequest { vm_id: vm, memslot }).await.map_err(refused)?.into_inner();
+            let ranges = dirty_ranges(log.gpa, &log.bitmap);
+            match output {
+                DirtyLogFormat::Jsonpb => outln!("{}", jsonpb("faultline.v1.AccessLog", &log)?),
+                DirtyLogFormat::Json => outln!(
+                    "{}",
+                    serde_json::json!({
+                        "vm_id": log.vm_id,
+                        "memslot": log.memslot,
+                        "gpa": format!("{:#x}", log.gpa),
+                        "pages": log.pages,
+                        "accessed_pages": log.accessed_pages,
+                        "accessed": ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect::<Vec<_>>(),
+                    })
+                ),
+                DirtyLogFormat::Text => {
+                    outln!(
+                        "vm{} memslot {}: {} of {} pages accessed since the last fetch (flags cleared)",
+                        log.vm_id,
+                        log.memslot,
+                        log.accessed_pages,
+                        log.pages
                     );
                     for (s, e) in ranges {
                         outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);

@@ -1,5 +1,6 @@
 //! Who may change the daemon over gRPC. Mutating calls (`PolicyControl`'s
-//! UsePolicy and UseDefault, `Control.GetDirtyLog` that clears) are served
+//! UsePolicy and UseDefault, `Control.GetDirtyLog` that clears,
+//! `Control.GetAccessLog`) are served
 //! only where the transport vouches for the caller:
 //! - the Unix socket, whose file mode and group decide who can connect
 //!   (containerd's `grpc.uid/gid`);

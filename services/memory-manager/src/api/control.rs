@@ -1,16 +1,18 @@
-//! The Control service: what is attached, and dirty logs.
+//! The Control service: what is attached, dirty logs and access logs.
 
 use std::sync::Arc;
 
 use faultline_proto::v1::control_server::Control;
-use faultline_proto::v1::{self as pb, GetDirtyLogRequest, GetVmRequest, ListVmsRequest, ListVmsResponse};
+use faultline_proto::v1::{
+    self as pb, GetAccessLogRequest, GetDirtyLogRequest, GetVmRequest, ListVmsRequest, ListVmsResponse,
+};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::access::Transport;
 use super::convert;
 use crate::attach::registry::VmTable;
-use crate::link::dirty;
+use crate::link::{access, dirty};
 
 /// The Control service.
 pub struct ControlService {
@@ -76,6 +78,35 @@ impl Control for ControlService {
             dirty_pages: bitmap.iter().map(|w| w.count_ones() as u64).sum(),
             bitmap: bitmap.iter().flat_map(|w| w.to_le_bytes()).collect(),
             write_protect_commands: write_protects,
+        }))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn get_access_log(&self, request: Request<GetAccessLogRequest>) -> Result<Response<pb::AccessLog>, Status> {
+        let GetAccessLogRequest { vm_id, memslot } = request.into_inner();
+        // Before any lookup: a denied caller learns nothing about the VMs.
+        self.transport.permit_mutation("GetAccessLog (it clears the access flags)")?;
+        let vm = self.vms.get(vm_id).ok_or_else(|| Status::not_found(format!("vm {vm_id} is not attached")))?;
+        let Some(slot) = vm.layout.memslots.by_id(memslot as usize) else {
+            return Err(Status::not_found(format!("vm {vm_id} has no memslot {memslot}")));
+        };
+        let (gpa, pages, id) = (slot.gpa.raw(), slot.pages(), slot.id);
+        // Waits for the core: off the async workers.
+        let log = tokio::task::spawn_blocking(move || {
+            let slot = vm.layout.memslots.by_id(id).expect("memslots never change after attach");
+            access::fetch_and_clear(&vm.control, slot)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("access log task failed: {e}")))?
+        .map_err(|e| Status::unavailable(format!("reading the access flags failed: {e}")))?;
+        Ok(Response::new(pb::AccessLog {
+            vm_id,
+            memslot,
+            gpa,
+            pages,
+            accessed_pages: log.bitmap.iter().map(|w| w.count_ones() as u64).sum(),
+            bitmap: log.bitmap.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            age_commands: log.commands,
         }))
     }
 }

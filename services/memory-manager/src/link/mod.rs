@@ -5,6 +5,7 @@
 //! re-arming, reclaim). A VM's service ends at once or, when a new daemon
 //! takes it over, drained to a fault boundary ([`winddown`]).
 
+pub mod access;
 pub mod control;
 pub mod dirty;
 pub mod evict;
