@@ -8,8 +8,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
-use faultline_proto::v1::{observe_response::ResponseTypes, FaultEvent, MappingSize, ObserveRequest, Outcome};
+use faultline_proto::v1::{
+    observe_response::ResponseTypes, FaultEvent, GetAccessLogRequest, MappingSize, ObserveRequest, Outcome,
+};
 use faultline_system_tests::{binary, conformance, Daemon};
 
 /// Builds the EL2 image once per test process; returns its path.
@@ -241,4 +244,39 @@ fn the_el2_guest_survives_a_daemon_that_dies_holding_its_fault() {
     check_survived(out);
     let log = daemon.log();
     assert!(log.contains("aborting at fault-popped"), "{log}");
+}
+
+#[test]
+fn pages_aged_at_el2_take_their_access_flag_faults_at_the_core() {
+    use std::io::{BufRead, BufReader, Write};
+    // The guest pauses before its last fault (44, the read outside every
+    // memslot): its 32 pages are mapped and accessed. The daemon ages the
+    // page memslot there (GetAccessLog: AGE through the paused image's
+    // control ring). The guest then flushes its TLB and reads the 32 pages
+    // again: each read is an access-flag fault the EL2 core resolves, none
+    // reaches the daemon.
+    let daemon = Daemon::start(&[]);
+    let mut child = spawn_checksum_guest(&daemon, &["--pause-at-fault", "44"]);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the launcher ended before pausing").unwrap();
+        if line.contains("paused before fault 44") {
+            break;
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let log = runtime.block_on(async {
+        let mut control = ControlClient::new(daemon.unix_channel().await);
+        control.get_access_log(GetAccessLogRequest { vm_id: 1, memslot: 1 }).await.unwrap().into_inner()
+    });
+    let pages: Vec<u64> = faultline_proto::dirty_pages(0, &log.bitmap).map(|p| p / 4096).collect();
+    assert_eq!(pages, (0..32).collect::<Vec<_>>(), "the 32 pages the guest wrote and read");
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "faultline qemu failed: {}", rest.join("\n"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["checksum"], report["expected"]["checksum"], "the checksum is the prediction");
+    assert_eq!(report["faults"], 44, "no access-flag fault reached the daemon");
+    assert_eq!(report["access_flag_faults"], 32, "{report}");
 }

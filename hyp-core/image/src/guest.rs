@@ -2,8 +2,9 @@
 //! the block memslot and entered there. It writes and reads across a memslot
 //! mapped with 2 MiB blocks and one mapped page by page, reads a read-only
 //! memslot and writes it (an MMIO exit carrying the running sum), reads
-//! outside every memslot (an exit whose value the machine supplies), sums
-//! what it read, reports the sum with
+//! outside every memslot (an exit whose value the machine supplies), reads
+//! the 32 pages again after flushing its TLB (aged pages fault on their
+//! access flag, resolved at EL2), sums what it read, reports the sum with
 //! `HVC #1` and powers off with PSCI SYSTEM_OFF (`HVC #0`).
 //!
 //! Every value written is `address ^ 0x5bd1_e995_5bd1_e995`, so the host
@@ -72,6 +73,19 @@ guest_entry:
     movl64 x1, {outside}
     ldr x6, [x1]
     add x20, x20, x6
+    // Flush this VM's TLB entries (as an OS does), then read the 32 pages
+    // again: a page whose access flag the daemon cleared meanwhile (AGE)
+    // takes an access-flag fault, which the core resolves itself.
+    tlbi vmalle1
+    dsb ish
+    isb
+    movl64 x1, {pages}
+    mov x2, #32
+4:  ldr x6, [x1]
+    add x20, x20, x6
+    add x1, x1, #1, lsl #12
+    subs x2, x2, #1
+    b.ne 4b
     // Report, then power off.
     mov x0, x20
     hvc #1

@@ -407,7 +407,12 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
         0x16 => match esr & 0xffff {
             1 => println!("FAULTLINE-EL2 RESULT checksum={:#x} faults={} exits={}", frame.x[0], s.faults, s.exits),
             0 if frame.x[0] == 0x8400_0008 => {
-                println!("FAULTLINE-EL2 POWEROFF faults={} exits={}", s.faults, s.exits);
+                println!(
+                    "FAULTLINE-EL2 POWEROFF faults={} exits={} young={}",
+                    s.faults,
+                    s.exits,
+                    s.vm.access_flag_faults()
+                );
                 power_off()
             }
             other => println!("FAULTLINE-EL2 WARN unknown HVC #{} x0={:#x}", other, frame.x[0]),
