@@ -174,6 +174,40 @@ enum VmCommand {
     },
 }
 
+/// A dirty or access log as `dirty-log` and `access-log` print it.
+struct PageLog {
+    /// The text output's first line.
+    title: String,
+    /// The JSON output's fields, but the ranges.
+    json: serde_json::Value,
+    /// The JSON key of the ranges.
+    ranges_key: &'static str,
+    /// `[first GPA, end GPA)` of each run of pages.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl PageLog {
+    /// Prints the log as `output` says (`jsonpb`: the message itself).
+    fn print(mut self, output: DirtyLogFormat, jsonpb: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+        match output {
+            DirtyLogFormat::Jsonpb => outln!("{}", jsonpb()?),
+            DirtyLogFormat::Json => {
+                let ranges: Vec<[String; 2]> =
+                    self.ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect();
+                self.json[self.ranges_key] = serde_json::json!(ranges);
+                outln!("{}", self.json);
+            }
+            DirtyLogFormat::Text => {
+                outln!("{}", self.title);
+                for (s, e) in self.ranges {
+                    outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A call the daemon refused or failed, as one line: the status code and
 /// the daemon's reason.
 pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
@@ -321,67 +355,42 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                 .await
                 .map_err(refused)?
                 .into_inner();
-            let ranges = dirty_ranges(log.gpa, &log.bitmap);
-            match output {
-                DirtyLogFormat::Jsonpb => outln!("{}", jsonpb("faultline.v1.DirtyLog", &log)?),
-                DirtyLogFormat::Json => outln!(
-                    "{}",
-                    serde_json::json!({
-                        "vm_id": log.vm_id,
-                        "memslot": log.memslot,
-                        "gpa": format!("{:#x}", log.gpa),
-                        "pages": log.pages,
-                        "dirty_pages": log.dirty_pages,
-                        "write_protect_commands": log.write_protect_commands,
-                        "dirty": ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect::<Vec<_>>(),
-                    })
-                ),
-                DirtyLogFormat::Text => {
-                    outln!(
-                        "vm{} memslot {}: {} of {} pages dirty{}",
-                        log.vm_id,
-                        log.memslot,
-                        log.dirty_pages,
-                        log.pages,
-                        if peek { " (peek: not cleared)" } else { ", cleared and write-protected" }
-                    );
-                    for (s, e) in ranges {
-                        outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
-                    }
-                }
-            }
+            let cleared = if peek { " (peek: not cleared)" } else { ", cleared and write-protected" };
+            let page_log = PageLog {
+                title: format!("vm{vm} memslot {memslot}: {} of {} pages dirty{cleared}", log.dirty_pages, log.pages),
+                json: serde_json::json!({
+                    "vm_id": log.vm_id,
+                    "memslot": log.memslot,
+                    "gpa": format!("{:#x}", log.gpa),
+                    "pages": log.pages,
+                    "dirty_pages": log.dirty_pages,
+                    "write_protect_commands": log.write_protect_commands,
+                }),
+                ranges_key: "dirty",
+                ranges: dirty_ranges(log.gpa, &log.bitmap),
+            };
+            page_log.print(output, || jsonpb("faultline.v1.DirtyLog", &log))?;
         }
         Command::AccessLog { vm, memslot, output } => {
             let mut client = ControlClient::new(channel().await?);
             let log =
                 client.get_access_log(GetAccessLogRequest { vm_id: vm, memslot }).await.map_err(refused)?.into_inner();
-            let ranges = dirty_ranges(log.gpa, &log.bitmap);
-            match output {
-                DirtyLogFormat::Jsonpb => outln!("{}", jsonpb("faultline.v1.AccessLog", &log)?),
-                DirtyLogFormat::Json => outln!(
-                    "{}",
-                    serde_json::json!({
-                        "vm_id": log.vm_id,
-                        "memslot": log.memslot,
-                        "gpa": format!("{:#x}", log.gpa),
-                        "pages": log.pages,
-                        "accessed_pages": log.accessed_pages,
-                        "accessed": ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect::<Vec<_>>(),
-                    })
+            let page_log = PageLog {
+                title: format!(
+                    "vm{vm} memslot {memslot}: {} of {} pages accessed since the last fetch (flags cleared)",
+                    log.accessed_pages, log.pages
                 ),
-                DirtyLogFormat::Text => {
-                    outln!(
-                        "vm{} memslot {}: {} of {} pages accessed since the last fetch (flags cleared)",
-                        log.vm_id,
-                        log.memslot,
-                        log.accessed_pages,
-                        log.pages
-                    );
-                    for (s, e) in ranges {
-                        outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
-                    }
-                }
-            }
+                json: serde_json::json!({
+                    "vm_id": log.vm_id,
+                    "memslot": log.memslot,
+                    "gpa": format!("{:#x}", log.gpa),
+                    "pages": log.pages,
+                    "accessed_pages": log.accessed_pages,
+                }),
+                ranges_key: "accessed",
+                ranges: dirty_ranges(log.gpa, &log.bitmap),
+            };
+            page_log.print(output, || jsonpb("faultline.v1.AccessLog", &log))?;
         }
         Command::Completions { shell } => {
             // Generated whole first: a closed stdout is then one error.
