@@ -247,19 +247,14 @@ impl<M: TableMemory> Vm<M> {
         now_ns: u64,
         resolve: impl FnOnce(u64) -> Option<Ipa>,
     ) -> Result<Taken, FaultError> {
-        if vcpu >= self.nr_vcpus {
-            return Err(FaultError::BadVcpu(vcpu));
-        }
-        let abort = Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)?;
-        if let (FaultStatus::AccessFlag { .. }, Some(ipa), None) =
-            (abort.status, abort.reported_ipa(), self.outstanding[vcpu as usize])
-        {
+        let abort = self.admit(vcpu, esr, far, hpfar)?;
+        if let (FaultStatus::AccessFlag { .. }, Some(ipa)) = (abort.status, abort.reported_ipa()) {
             if self.stage2.mark_young(ipa).is_ok() {
                 self.access_flag_faults += 1;
                 return Ok(Taken::Young);
             }
         }
-        self.take_fault(vcpu, esr, far, hpfar, now_ns, resolve).map(Taken::Fault)
+        Ok(Taken::Fault(self.record(vcpu, &abort, far, hpfar, now_ns, resolve)))
     }
 
     /// Access-flag faults resolved at the core ([`Taken::Young`]).
@@ -280,13 +275,33 @@ impl<M: TableMemory> Vm<M> {
         now_ns: u64,
         resolve: impl FnOnce(u64) -> Option<Ipa>,
     ) -> Result<FaultRecord, FaultError> {
+        let abort = self.admit(vcpu, esr, far, hpfar)?;
+        Ok(self.record(vcpu, &abort, far, hpfar, now_ns, resolve))
+    }
+
+    /// An abort `vcpu` may take: a vCPU of this VM with no fault
+    /// outstanding, and a syndrome that decodes.
+    fn admit(&self, vcpu: u32, esr: u64, far: u64, hpfar: u64) -> Result<Abort, FaultError> {
         if vcpu >= self.nr_vcpus {
             return Err(FaultError::BadVcpu(vcpu));
         }
         if let Some(o) = self.outstanding[vcpu as usize] {
             return Err(FaultError::AlreadyOutstanding { fault_id: o.fault_id });
         }
-        let abort = Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)?;
+        Abort::decode(esr, far, hpfar).map_err(FaultError::Decode)
+    }
+
+    /// Makes `abort` (decoded from its ESR with `far` and `hpfar`) `vcpu`'s
+    /// outstanding fault and returns its record.
+    fn record(
+        &mut self,
+        vcpu: u32,
+        abort: &Abort,
+        far: u64,
+        hpfar: u64,
+        now_ns: u64,
+        resolve: impl FnOnce(u64) -> Option<Ipa>,
+    ) -> FaultRecord {
         let ipa = abort.reported_ipa().or_else(|| abort.far.and_then(resolve));
         let fault_id = self.next_fault_id;
         self.next_fault_id += 1;
@@ -294,7 +309,7 @@ impl<M: TableMemory> Vm<M> {
             kind: kind::FAULT,
             vcpu,
             fault_id,
-            esr,
+            esr: abort.esr,
             far,
             hpfar,
             ipa: ipa.map_or(NO_IPA, Ipa::raw),
@@ -303,7 +318,7 @@ impl<M: TableMemory> Vm<M> {
         };
         self.outstanding[vcpu as usize] =
             Some(Outstanding { fault_id, ipa, status: abort.status, access: abort.stage2_access(), record });
-        Ok(record)
+        record
     }
 
     /// The record of `vcpu`'s outstanding fault, to send again: a daemon
