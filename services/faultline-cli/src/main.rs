@@ -175,31 +175,47 @@ enum VmCommand {
 }
 
 /// A dirty or access log as `dirty-log` and `access-log` print it.
-struct PageLog {
+struct PageLog<'a> {
     /// The text output's first line.
     title: String,
-    /// The JSON output's fields, but the ranges.
-    json: serde_json::Value,
-    /// The JSON key of the ranges.
+    vm_id: u32,
+    memslot: u32,
+    /// The memslot's first GPA.
+    gpa: u64,
+    /// Pages in the memslot.
+    pages: u64,
+    /// The JSON output's counts, after the memslot's fields.
+    counts: &'a [(&'static str, u64)],
+    /// The JSON key of the page ranges.
     ranges_key: &'static str,
-    /// `[first GPA, end GPA)` of each run of pages.
-    ranges: Vec<(u64, u64)>,
+    /// The bitmap as the daemon sent it.
+    bitmap: &'a [u8],
 }
 
-impl PageLog {
+impl PageLog<'_> {
     /// Prints the log as `output` says (`jsonpb`: the message itself).
-    fn print(mut self, output: DirtyLogFormat, jsonpb: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+    fn print(self, output: DirtyLogFormat, jsonpb: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+        let ranges = dirty_ranges(self.gpa, self.bitmap);
         match output {
             DirtyLogFormat::Jsonpb => outln!("{}", jsonpb()?),
             DirtyLogFormat::Json => {
-                let ranges: Vec<[String; 2]> =
-                    self.ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect();
-                self.json[self.ranges_key] = serde_json::json!(ranges);
-                outln!("{}", self.json);
+                let mut json = serde_json::json!({
+                    "vm_id": self.vm_id,
+                    "memslot": self.memslot,
+                    "gpa": format!("{:#x}", self.gpa),
+                    "pages": self.pages,
+                });
+                for &(key, count) in self.counts {
+                    json[key] = count.into();
+                }
+                let hex: Vec<[String; 2]> =
+                    ranges.iter().map(|(s, e)| [format!("{s:#x}"), format!("{e:#x}")]).collect();
+                json[self.ranges_key] = serde_json::json!(hex);
+                outln!("{json}");
             }
             DirtyLogFormat::Text => {
                 outln!("{}", self.title);
-                for (s, e) in self.ranges {
+                for (s, e) in ranges {
                     outln!("  {s:#x}-{e:#x} ({} pages)", (e - s) / 4096);
                 }
             }
@@ -356,41 +372,36 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                 .map_err(refused)?
                 .into_inner();
             let cleared = if peek { " (peek: not cleared)" } else { ", cleared and write-protected" };
-            let page_log = PageLog {
+            PageLog {
                 title: format!("vm{vm} memslot {memslot}: {} of {} pages dirty{cleared}", log.dirty_pages, log.pages),
-                json: serde_json::json!({
-                    "vm_id": log.vm_id,
-                    "memslot": log.memslot,
-                    "gpa": format!("{:#x}", log.gpa),
-                    "pages": log.pages,
-                    "dirty_pages": log.dirty_pages,
-                    "write_protect_commands": log.write_protect_commands,
-                }),
+                vm_id: log.vm_id,
+                memslot: log.memslot,
+                gpa: log.gpa,
+                pages: log.pages,
+                counts: &[("dirty_pages", log.dirty_pages), ("write_protect_commands", log.write_protect_commands)],
                 ranges_key: "dirty",
-                ranges: dirty_ranges(log.gpa, &log.bitmap),
-            };
-            page_log.print(output, || jsonpb("faultline.v1.DirtyLog", &log))?;
+                bitmap: &log.bitmap,
+            }
+            .print(output, || jsonpb("faultline.v1.DirtyLog", &log))?;
         }
         Command::AccessLog { vm, memslot, output } => {
             let mut client = ControlClient::new(channel().await?);
             let log =
                 client.get_access_log(GetAccessLogRequest { vm_id: vm, memslot }).await.map_err(refused)?.into_inner();
-            let page_log = PageLog {
+            PageLog {
                 title: format!(
                     "vm{vm} memslot {memslot}: {} of {} pages accessed since the last fetch (flags cleared)",
                     log.accessed_pages, log.pages
                 ),
-                json: serde_json::json!({
-                    "vm_id": log.vm_id,
-                    "memslot": log.memslot,
-                    "gpa": format!("{:#x}", log.gpa),
-                    "pages": log.pages,
-                    "accessed_pages": log.accessed_pages,
-                }),
+                vm_id: log.vm_id,
+                memslot: log.memslot,
+                gpa: log.gpa,
+                pages: log.pages,
+                counts: &[("accessed_pages", log.accessed_pages)],
                 ranges_key: "accessed",
-                ranges: dirty_ranges(log.gpa, &log.bitmap),
-            };
-            page_log.print(output, || jsonpb("faultline.v1.AccessLog", &log))?;
+                bitmap: &log.bitmap,
+            }
+            .print(output, || jsonpb("faultline.v1.AccessLog", &log))?;
         }
         Command::Completions { shell } => {
             // Generated whole first: a closed stdout is then one error.
