@@ -199,6 +199,15 @@ impl Daemon {
         format!("unix:{}", self.grpc_socket().display())
     }
 
+    /// Faults this daemon instance has recorded (ServerStatus's
+    /// `seen_events`), over a fresh connection.
+    pub async fn seen_events(&self) -> u64 {
+        use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+        let mut c = FaultTraceClient::connect(self.grpc_addr()).await.expect("connecting to FaultTrace");
+        let status = c.server_status(faultline_proto::v1::ServerStatusRequest {}).await.expect("ServerStatus");
+        status.into_inner().seen_events
+    }
+
     /// A channel to the daemon's gRPC Unix socket: every call, mutating
     /// ones included (plain TCP serves observation only).
     pub async fn unix_channel(&self) -> tonic::transport::Channel {

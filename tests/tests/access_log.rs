@@ -4,8 +4,7 @@
 //! fault for the daemon. Real daemon, real machine, real gRPC client.
 
 use faultline_proto::v1::control_client::ControlClient;
-use faultline_proto::v1::fault_trace_client::FaultTraceClient;
-use faultline_proto::v1::{GetAccessLogRequest, ServerStatusRequest};
+use faultline_proto::v1::GetAccessLogRequest;
 use faultline_system_tests::{Daemon, TracedMachine};
 use sim_machine::layout::Layout;
 use sim_machine::workload::{parse_trace, replay_flat};
@@ -21,11 +20,6 @@ async fn accessed(daemon: &Daemon, vm: u32) -> Vec<u64> {
     let pages: Vec<u64> = faultline_proto::dirty_pages(0, &log.bitmap).map(|p| p / 4096).collect();
     assert_eq!(log.accessed_pages, pages.len() as u64);
     pages
-}
-
-async fn seen(daemon: &Daemon) -> u64 {
-    let mut c = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
-    c.server_status(ServerStatusRequest {}).await.unwrap().into_inner().seen_events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,12 +56,12 @@ async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
         "vm6 memslot 0: 10 of 57344 pages accessed since the last fetch (flags cleared)\n  0x40000000-0x4000a000 (10 pages)\n"
     );
     assert_eq!(accessed(&daemon, 6).await, Vec::<u64>::new(), "read and cleared");
-    let faults_before = seen(&daemon).await;
+    let faults_before = daemon.seen_events().await;
     m.resume();
     m.wait_paused(1);
     // Six accesses to pages whose flags were cleared: the core set them
     // again, and the daemon saw no fault.
-    assert_eq!(seen(&daemon).await, faults_before, "no fault reached the daemon");
+    assert_eq!(daemon.seen_events().await, faults_before, "no fault reached the daemon");
     assert_eq!(accessed(&daemon, 6).await, [0, 1, 2, 3, 4, 7]);
     // Plain TCP may not clear the flags.
     let mut tcp = ControlClient::connect(daemon.grpc_addr()).await.unwrap();

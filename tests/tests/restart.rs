@@ -15,12 +15,6 @@ use nix::sys::signal::Signal;
 use sim_machine::layout::Layout;
 use sim_machine::workload::{generate, replay_flat, OpKind, Pattern};
 
-/// Faults this daemon instance has recorded.
-async fn seen(daemon: &Daemon) -> u64 {
-    let mut c = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
-    c.server_status(ServerStatusRequest {}).await.unwrap().into_inner().seen_events
-}
-
 /// A small deterministic generator (xorshift) for kill moments.
 struct Moments(u64);
 
@@ -64,7 +58,7 @@ async fn kill_during(daemon: &mut Daemon, kills: usize, moments: &mut Moments) {
     for kill in 0..kills {
         let after = moments.next(50, 600);
         let started = Instant::now();
-        while seen(daemon).await < after {
+        while daemon.seen_events().await < after {
             assert!(started.elapsed() < Duration::from_secs(60), "kill {kill}: the daemon served no faults");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -431,7 +425,7 @@ async fn a_running_guest_is_handed_to_a_new_daemon_three_times_without_reconnect
     for takeover in 0..3 {
         let after = moments.next(100, 1500);
         let started = Instant::now();
-        while seen(&daemon).await < after {
+        while daemon.seen_events().await < after {
             assert!(started.elapsed() < Duration::from_secs(60), "takeover {takeover}: no faults served");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
