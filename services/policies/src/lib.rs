@@ -43,7 +43,7 @@ pub struct Common {
     /// (to exercise the daemon's refusal).
     #[arg(long)]
     pub malformed_after_ms: Option<u64>,
-    /// A resident budget for a VM: VM:MIB[:fifo|lifo|lowest-ipa|highest-ipa].
+    /// A resident budget for a VM: VM:MIB[:fifo|lifo|lowest-ipa|highest-ipa|coldest].
     #[arg(long, value_parser = parse_budget)]
     pub budget: Vec<pb::ResidentBudget>,
 }
@@ -73,6 +73,7 @@ pub fn parse_budget(s: &str) -> Result<pb::ResidentBudget, String> {
         "lifo" => pb::EvictionOrder::Lifo,
         "lowest-ipa" => pb::EvictionOrder::LowestIpa,
         "highest-ipa" => pb::EvictionOrder::HighestIpa,
+        "coldest" => pb::EvictionOrder::Coldest,
         other => return Err(format!("unknown eviction order {other:?}")),
     };
     Ok(pb::ResidentBudget { vm_id, max_resident_bytes: mib << 20, order: order as i32 })
@@ -104,7 +105,7 @@ impl PolicyServer {
         consult: Option<Box<ConsultFn>>,
         consult_delay: Duration,
     ) -> Self {
-        let first = pb::RuleSet { generation: 1, rules, budgets };
+        let first = pb::RuleSet { generation: 1, rules, budgets, ..Default::default() };
         let inner = Inner {
             description,
             rules: watch::channel(first).0,
@@ -118,8 +119,14 @@ impl PolicyServer {
     /// Publishes a new rule set (replacing the last) to every daemon
     /// watching; returns its generation.
     pub fn publish(&self, rules: Vec<pb::Rule>, budgets: Vec<pb::ResidentBudget>) -> u64 {
+        self.publish_set(pb::RuleSet { rules, budgets, ..Default::default() })
+    }
+
+    /// Publishes `set` (its generation replaced by the next one), cold
+    /// reclaims and all; returns its generation.
+    pub fn publish_set(&self, set: pb::RuleSet) -> u64 {
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.inner.rules.send_replace(pb::RuleSet { generation, rules, budgets });
+        self.inner.rules.send_replace(pb::RuleSet { generation, ..set });
         generation
     }
 

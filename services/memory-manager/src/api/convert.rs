@@ -18,6 +18,7 @@ use crate::link::vm::AttachedVm;
 use crate::memory::swap::SwapUsage;
 use crate::observe::events::{FaultEvent, Outcome};
 use crate::observe::stats::{self, Summary};
+use crate::observe::workingset::{Aggregation, MonitorSettings};
 
 /// The time a request's timestamp names; INVALID_ARGUMENT if it cannot be one.
 pub fn request_time(t: &prost_types::Timestamp) -> Result<SystemTime, Status> {
@@ -108,7 +109,66 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         swap_store_bytes: swap.stored,
         swap_store_in_memory: swap.in_memory,
         swap_store_held_bytes: swap.held,
+        refaults: vm.layout.refaults(),
+        working_set_bytes: vm.working_set.latest().map_or(0, |a| a.working_set_bytes()),
     }
+}
+
+/// The wire form of `vm`'s aggregation `seen`.
+pub fn working_set(vm: &AttachedVm, seen: &Aggregation) -> pb::WorkingSetAggregation {
+    let s = &seen.settings;
+    pb::WorkingSetAggregation {
+        vm_id: vm.id().raw() as u32,
+        index: seen.index,
+        time: Some(timestamp(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(seen.time_ns))),
+        sample_us: s.sample_us,
+        aggregate_ms: s.aggregate_ms,
+        samples_per_aggregation: s.samples_per_aggregation(),
+        regions: seen
+            .regions
+            .iter()
+            .map(|r| pb::WorkingSetRegion {
+                start: r.range.start().raw(),
+                end: r.range.end().raw(),
+                frequency: r.frequency,
+                idle_aggregations: r.idle_aggregations,
+                idle_ms: seen.idle(r).as_millis() as u64,
+            })
+            .collect(),
+        working_set_bytes: seen.working_set_bytes(),
+        working_set_window_ms: s.working_set_window_ms,
+        resident_bytes: vm.mapping.resident(),
+        monitor_cpu_ns: vm.counters.monitor_cpu_ns.load(Ordering::Relaxed),
+        monitored_bytes: seen.regions.iter().map(|r| r.range.len()).sum(),
+        cold_evicted: vm.counters.cold_evicted.load(Ordering::Relaxed),
+        refaults: vm.layout.refaults(),
+    }
+}
+
+/// The wire form of the monitor's settings.
+pub fn monitor_settings(s: &MonitorSettings) -> pb::WorkingSetMonitorSettings {
+    pb::WorkingSetMonitorSettings {
+        enabled: s.enabled,
+        sample_us: s.sample_us,
+        aggregate_ms: s.aggregate_ms,
+        min_regions: s.min_regions,
+        max_regions: s.max_regions,
+        working_set_window_ms: s.working_set_window_ms,
+    }
+}
+
+/// Monitor settings from the wire, checked.
+pub fn monitor_settings_from(s: &pb::WorkingSetMonitorSettings) -> Result<MonitorSettings, Status> {
+    MonitorSettings {
+        enabled: s.enabled,
+        sample_us: s.sample_us,
+        aggregate_ms: s.aggregate_ms,
+        min_regions: s.min_regions,
+        max_regions: s.max_regions,
+        working_set_window_ms: s.working_set_window_ms,
+    }
+    .validated()
+    .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// What the swap stores of the VM's memory regions hold and take, summed

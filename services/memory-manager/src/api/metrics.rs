@@ -131,6 +131,7 @@ impl Collector for FaultCollector {
             .collect();
         counter_family(&mut encoder, "faultline_vm_faults", "Fault records received, by attached VM.", "vm", &by_vm)?;
         self.encode_vm_memory(&mut encoder, &vms)?;
+        self.encode_working_sets(&mut encoder, &vms)?;
         gauge(&mut encoder, "faultline_observe_streams", "Observe streams open.", sources.streams.in_use() as i64)?;
         counter(
             &mut encoder,
@@ -239,6 +240,66 @@ impl FaultCollector {
             bytes_family(encoder, name, help, "vm", &values)?;
         }
         Ok(())
+    }
+
+    /// What each monitored VM's working-set monitor last saw: the
+    /// working set, idle bytes by age, its CPU time; and every VM's
+    /// refaults and cold reclaims.
+    fn encode_working_sets(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        vms: &[Arc<AttachedVm>],
+    ) -> Result<(), std::fmt::Error> {
+        use crate::observe::workingset::IDLE_BUCKETS_S;
+        use std::sync::atomic::Ordering::Relaxed;
+        let seen: Vec<_> =
+            vms.iter().filter_map(|vm| Some((vm.id().raw().to_string(), vm.working_set.latest()?))).collect();
+        let working: Vec<(String, u64)> = seen.iter().map(|(id, a)| (id.clone(), a.working_set_bytes())).collect();
+        bytes_family(
+            encoder,
+            "faultline_vm_working_set",
+            "Guest memory the working-set monitor saw accessed within its window (monitored VMs).",
+            "vm",
+            &working,
+        )?;
+        let mut idle = encoder.encode_descriptor(
+            "faultline_vm_idle",
+            "Guest memory by how long the working-set monitor has seen it idle: under `idle_le` seconds and at \
+             least the bucket before (monitored VMs).",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for (id, a) in &seen {
+            for (bound, bytes) in IDLE_BUCKETS_S.iter().zip(a.idle_bytes_by_bucket()) {
+                let le = if *bound == u64::MAX { "+Inf".to_string() } else { bound.to_string() };
+                let labels = [("vm", id.as_str()), ("idle_le", le.as_str())];
+                ConstGauge::new(bytes as i64).encode(idle.encode_family(&labels)?)?;
+            }
+        }
+        let per_vm = |f: &dyn Fn(&AttachedVm) -> u64| -> Vec<(String, u64)> {
+            vms.iter().map(|vm| (vm.id().raw().to_string(), f(vm))).collect()
+        };
+        counter_family(
+            encoder,
+            "faultline_vm_refaults",
+            "Faults that brought evicted pages back from the swap store.",
+            "vm",
+            &per_vm(&|vm| vm.layout.refaults()),
+        )?;
+        counter_family(
+            encoder,
+            "faultline_vm_cold_evicted",
+            "Mappings reclaimed by cold reclaim.",
+            "vm",
+            &per_vm(&|vm| vm.counters.cold_evicted.load(Relaxed)),
+        )?;
+        counter_family(
+            encoder,
+            "faultline_vm_monitor_cpu_ns",
+            "CPU time of the VM's working-set monitor thread, nanoseconds.",
+            "vm",
+            &per_vm(&|vm| vm.counters.monitor_cpu_ns.load(Relaxed)),
+        )
     }
 
     /// The policy in force and its watchdog's counters.

@@ -1,4 +1,4 @@
-//! The API: gRPC services (FaultTrace, Control, PolicyControl, health,
+//! The API: gRPC services (FaultTrace, Control, PolicyControl, WorkingSet, health,
 //! reflection), their proto conversions in one place ([`convert`]), and
 //! Prometheus metrics. It reads the daemon's state only through the
 //! [`sources::Sources`] the daemon hands it.
@@ -12,3 +12,4 @@ pub mod policy_control;
 pub mod server;
 pub mod sources;
 pub mod streams;
+pub mod working_set;

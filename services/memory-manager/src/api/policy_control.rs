@@ -1,5 +1,6 @@
 //! PolicyControl: which memory policy is in force (list, use, default,
-//! status), over the [`PolicyHost`].
+//! status), over the [`PolicyHost`], and the working-set monitor's
+//! settings.
 
 use std::sync::Arc;
 
@@ -9,18 +10,22 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::access::Transport;
+use super::convert;
+use crate::observe::workingset::SharedSettings;
 use crate::policy::host::{PolicyHost, UseError};
 
 /// The PolicyControl service.
 pub struct PolicyControlService {
     policies: Arc<PolicyHost>,
+    monitor: Arc<SharedSettings>,
     transport: Transport,
 }
 
 impl PolicyControlService {
-    /// The service over the policy host, reached over `transport`.
-    pub fn new(policies: Arc<PolicyHost>, transport: Transport) -> Self {
-        Self { policies, transport }
+    /// The service over the policy host and the monitor's settings,
+    /// reached over `transport`.
+    pub fn new(policies: Arc<PolicyHost>, monitor: Arc<SharedSettings>, transport: Transport) -> Self {
+        Self { policies, monitor, transport }
     }
 }
 
@@ -70,5 +75,25 @@ impl PolicyControl for PolicyControlService {
         _request: Request<pb::GetPolicyStatusRequest>,
     ) -> Result<Response<pb::PolicyStatus>, Status> {
         Ok(Response::new(self.policies.status()))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn get_working_set_monitor(
+        &self,
+        _request: Request<pb::GetWorkingSetMonitorRequest>,
+    ) -> Result<Response<pb::WorkingSetMonitorSettings>, Status> {
+        Ok(Response::new(convert::monitor_settings(&self.monitor.get())))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn set_working_set_monitor(
+        &self,
+        request: Request<pb::WorkingSetMonitorSettings>,
+    ) -> Result<Response<pb::WorkingSetMonitorSettings>, Status> {
+        self.transport.permit_mutation("SetWorkingSetMonitor")?;
+        let settings = convert::monitor_settings_from(request.get_ref())?;
+        self.monitor.set(settings);
+        tracing::info!(?settings, "working-set monitor settings changed");
+        Ok(Response::new(convert::monitor_settings(&settings)))
     }
 }

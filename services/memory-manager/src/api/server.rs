@@ -9,6 +9,7 @@ use std::time::Duration;
 use faultline_proto::v1::control_server::ControlServer;
 use faultline_proto::v1::fault_trace_server::FaultTraceServer;
 use faultline_proto::v1::policy_control_server::PolicyControlServer;
+use faultline_proto::v1::working_set_server::WorkingSetServer;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -18,6 +19,7 @@ use super::control::ControlService;
 use super::fault_trace::FaultTraceService;
 use super::policy_control::PolicyControlService;
 use super::sources::Sources;
+use super::working_set::WorkingSetService;
 
 /// Where and how gRPC is served.
 pub struct Listeners {
@@ -67,6 +69,7 @@ pub async fn serve(
     health.set_serving::<FaultTraceServer<FaultTraceService>>().await;
     health.set_serving::<ControlServer<ControlService>>().await;
     health.set_serving::<PolicyControlServer<PolicyControlService>>().await;
+    health.set_serving::<WorkingSetServer<WorkingSetService>>().await;
     let router = |transport: Transport,
                   tls: Option<tonic::transport::ServerTlsConfig>|
      -> anyhow::Result<tonic::transport::server::Router> {
@@ -78,6 +81,7 @@ pub async fn serve(
                 "faultline.v1.FaultTrace",
                 "faultline.v1.Control",
                 "faultline.v1.PolicyControl",
+                "faultline.v1.WorkingSet",
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1.ServerReflection",
                 "grpc.reflection.v1alpha.ServerReflection",
@@ -95,7 +99,8 @@ pub async fn serve(
             .build_v1alpha()?;
         let control = ControlService::new(sources.vms.clone(), transport.clone());
         let service = FaultTraceService::new(sources.clone(), shutdown.clone());
-        let policy = PolicyControlService::new(sources.policies.clone(), transport);
+        let working_set = WorkingSetService::new(sources.vms.clone(), shutdown.clone());
+        let policy = PolicyControlService::new(sources.policies.clone(), sources.monitor.clone(), transport);
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
@@ -106,7 +111,8 @@ pub async fn serve(
             .add_service(reflection_v1alpha)
             .add_service(FaultTraceServer::new(service))
             .add_service(ControlServer::new(control))
-            .add_service(PolicyControlServer::new(policy)))
+            .add_service(PolicyControlServer::new(policy))
+            .add_service(WorkingSetServer::new(working_set)))
     };
     let stopped = |t: CancellationToken| async move { t.cancelled().await };
     let tcp =

@@ -8,6 +8,7 @@ use super::streams::StreamLimit;
 use crate::attach::registry::VmTable;
 use crate::link::pool::ServicePool;
 use crate::observe::hub::EventHub;
+use crate::observe::workingset::SharedSettings;
 use crate::policy::host::PolicyHost;
 
 /// How this daemon came to run: what ServerStatus says about restarts.
@@ -37,4 +38,6 @@ pub struct Sources {
     pub streams: Arc<StreamLimit>,
     /// The host's memory pressure and the reserve left.
     pub host: Arc<HostMemory>,
+    /// The working-set monitor's settings.
+    pub monitor: Arc<SharedSettings>,
 }

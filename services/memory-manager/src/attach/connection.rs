@@ -38,6 +38,7 @@ use crate::link::winddown::Winddown;
 use crate::memory::pressure::HostMemory;
 use crate::memory::swap::SwapCompression;
 use crate::observe::hub::EventHub;
+use crate::observe::workingset::SharedSettings;
 use crate::policy::host::PolicyHost;
 
 /// How long a ring thread of a polled machine sleeps between polls.
@@ -102,6 +103,8 @@ pub struct AttachServer {
     /// The host's memory pressure, which every VM's fresh backing is
     /// admitted under.
     host: Arc<HostMemory>,
+    /// The working-set monitor's settings, which every VM's monitor reads.
+    monitor: Arc<SharedSettings>,
     stopping: AtomicBool,
     /// Set when a new daemon takes over: every connection hands its VM to it.
     handover: Mutex<Option<Arc<HandoverSink>>>,
@@ -109,17 +112,19 @@ pub struct AttachServer {
 
 impl AttachServer {
     /// A server registering VMs in `vms` (on `host`), serving them with
-    /// `policies` and recording their faults in `events`.
+    /// `policies`, recording their faults in `events` and monitoring their
+    /// working sets as `monitor` says.
     pub fn new(
         vms: Arc<VmTable>,
         policies: Arc<PolicyHost>,
         events: Arc<EventHub>,
         pool: Arc<ServicePool>,
         host: Arc<HostMemory>,
+        monitor: Arc<SharedSettings>,
         settings: AttachSettings,
     ) -> Self {
         let (stopping, handover) = (AtomicBool::new(false), Mutex::new(None));
-        Self { vms, policies, events, pool, settings, host, stopping, handover }
+        Self { vms, policies, events, pool, settings, host, monitor, stopping, handover }
     }
 
     /// Begins shutdown: the accept loop returns and every VM is left as it
@@ -412,6 +417,11 @@ impl AttachServer {
                 });
                 if let Err(e) = spawned {
                     warn!(cause = %e, "cannot start the control thread; control commands unavailable");
+                }
+                let (settings, policies) = (&*self.monitor, &*self.policies);
+                let named = std::thread::Builder::new().name(format!("vm{}-monitor", vm.id().raw()));
+                if let Err(e) = named.spawn_scoped(s, move || crate::link::monitor::run(vm, settings, policies, stop)) {
+                    warn!(cause = %e, "cannot start the working-set monitor thread; the VM is not monitored");
                 }
             }
             // A VM whose daemon died is served only once its mapping state

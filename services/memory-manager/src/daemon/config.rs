@@ -16,6 +16,7 @@ use crate::attach::access::AttachAccess;
 use crate::attach::admission::Limits;
 use crate::memory::pressure::HostMemoryConfig;
 use crate::memory::swap::SwapCompression;
+use crate::observe::workingset::MonitorSettings;
 use crate::policy::builtin::PolicyKind;
 use crate::policy::host::PolicyTiming;
 
@@ -118,6 +119,10 @@ pub struct Config {
     /// RESOURCE_EXHAUSTED. Each holds at most what its connection's flow
     /// control lets the daemon send ahead.
     pub max_observe_streams: usize,
+    /// The working-set monitor (`[working_set]`): whether every VM is
+    /// monitored, its sampling and aggregation intervals and region
+    /// bounds. PolicyControl.SetWorkingSetMonitor changes it at run time.
+    pub working_set: MonitorSettings,
 }
 
 impl Config {
@@ -166,6 +171,7 @@ impl Default for Config {
             host_memory: HostMemoryConfig::default(),
             oom_score_adj: Some(-900),
             max_observe_streams: 256,
+            working_set: MonitorSettings::default(),
             api_priority: ApiPriority::Low,
             event_buffer: 65_536,
             policy_deadline_ms: 100,

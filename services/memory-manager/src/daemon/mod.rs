@@ -21,6 +21,7 @@ use crate::attach::connection::{AttachServer, AttachSettings};
 use crate::attach::registry::VmTable;
 use crate::link::pool::ServicePool;
 use crate::observe::hub::EventHub;
+use crate::observe::workingset::SharedSettings;
 use crate::policy::host::PolicyHost;
 use config::Config;
 use faultline_attach::doorbell::WaitPolicy;
@@ -37,6 +38,7 @@ impl Daemon {
     /// A daemon with `config`; starts the policy host's thread (call from a
     /// thread at the fault path's priority).
     pub fn new(config: Config) -> std::io::Result<Self> {
+        config.working_set.validated().map_err(|e| std::io::Error::other(format!("[working_set]: {e}")))?;
         std::fs::create_dir_all(&config.state_dir)?;
         let running = RunningMarker::create(&config.state_dir)?;
         let state_file = Some(config.state_dir.join("policy"));
@@ -57,6 +59,7 @@ impl Daemon {
             pool,
             streams: Arc::new(StreamLimit::new(config.max_observe_streams)),
             host: Arc::new(HostMemory::new(config.host_memory.reserve_mib << 20)),
+            monitor: Arc::new(SharedSettings::new(config.working_set)),
         };
         let settings = AttachSettings {
             prefault: config.prefault,
@@ -73,6 +76,7 @@ impl Daemon {
             sources.events.clone(),
             sources.pool.clone(),
             sources.host.clone(),
+            sources.monitor.clone(),
             settings,
         );
         Ok(Self { config, sources, attach, running })

@@ -75,6 +75,17 @@ pub enum EvictionOrder {
     LowestIpa,
     /// Highest IPA first.
     HighestIpa,
+    /// Longest idle first, by the working-set monitor; least often
+    /// accessed among equals, then oldest mapping.
+    Coldest,
+}
+
+/// Proactive reclaim for one VM: mappings idle this long go, even under
+/// budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColdReclaim {
+    /// How long a region must have been idle.
+    pub min_idle: std::time::Duration,
 }
 
 /// A memory policy.
@@ -86,5 +97,13 @@ pub trait Policy: Send + Sync {
     /// VM `vm_id`'s resident budget, if the policy sets one.
     fn budget(&self, _vm_id: u16) -> Option<Budget> {
         None
+    }
+    /// VM `vm_id`'s proactive reclaim, if the policy sets one.
+    fn cold_reclaim(&self, _vm_id: u16) -> Option<ColdReclaim> {
+        None
+    }
+    /// Whether the policy needs VM `vm_id`'s working set monitored.
+    fn needs_working_set(&self, vm_id: u16) -> bool {
+        self.cold_reclaim(vm_id).is_some() || self.budget(vm_id).is_some_and(|b| b.order == EvictionOrder::Coldest)
     }
 }

@@ -13,10 +13,14 @@
 //! vCPU's next fault, so a VM passes its budget by at most one mapping (and
 //! its fault-around pages) per vCPU. It brings the VM down to 7/8 of the
 //! budget, so reclaim runs in batches rather than on every fault.
+//!
+//! Cold reclaim takes the same path for mappings the working-set monitor
+//! saw idle long enough, from the VM's monitor thread (`link::monitor`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use hyp_core::addr::Ipa;
+use hyp_core::addr::{Ipa, Range};
 use hyp_core::ring::abi::{kind, CommandRecord, ResultRecord};
 use tracing::{debug, warn};
 
@@ -26,6 +30,7 @@ use crate::fault::choices::{Budget, EvictionOrder};
 use crate::fault::failpoint::crash_point;
 use crate::memory::mapping::Resident;
 use crate::memory::region::{FillError, ReclaimSteps};
+use crate::observe::workingset::Aggregation;
 
 /// Mappings reclaimed together: one durable write of the store for them.
 const BATCH: usize = 64;
@@ -46,11 +51,63 @@ pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
         EvictionOrder::Lifo => victims.sort_unstable_by_key(|v| std::cmp::Reverse(v.order)),
         EvictionOrder::LowestIpa => {}
         EvictionOrder::HighestIpa => victims.reverse(),
+        EvictionOrder::Coldest => coldest_first(&mut victims, vm.working_set.latest().as_deref()),
     }
-    let (mut freed, mut planned) = (0, 0);
+    let (_, freed) = reclaim_until(vm, victims, |planned| resident - planned <= target, stop);
+    debug!(vm = %vm.id(), freed, resident = vm.mapping.resident(), "resident budget enforced");
+    freed
+}
+
+/// Reclaims every mapping whose memory the monitor saw idle for at least
+/// `min_idle` in `seen` (proactive reclaim, under budget or not); returns
+/// the mappings and bytes reclaimed.
+pub fn reclaim_cold(vm: &AttachedVm, seen: &Aggregation, min_idle: Duration, stop: &AtomicBool) -> (u64, u64) {
+    let Ok(_reclaiming) = vm.reclaiming.try_lock() else { return (0, 0) };
+    let mut victims: Vec<Resident> = vm
+        .mapping
+        .residents()
+        .into_iter()
+        .filter(|v| range_of(v).and_then(|r| seen.least_idle(r)).is_some_and(|idle| idle >= min_idle))
+        .collect();
+    victims.sort_unstable_by_key(|v| v.ipa);
+    let (mappings, bytes) = reclaim_until(vm, victims, |_| false, stop);
+    vm.counters.cold_evicted.fetch_add(mappings, Ordering::Relaxed);
+    if mappings > 0 {
+        debug!(vm = %vm.id(), mappings, bytes, ?min_idle, "cold memory reclaimed");
+    }
+    (mappings, bytes)
+}
+
+fn range_of(v: &Resident) -> Option<Range<Ipa>> {
+    Range::<Ipa>::new(v.ipa, v.size)
+}
+
+/// Orders `victims` longest idle first, then least often accessed, then
+/// oldest mapping. Without an aggregation yet (or for memory the monitor
+/// does not cover), nothing is known to be idle: those go last, oldest
+/// first.
+fn coldest_first(victims: &mut [Resident], seen: Option<&Aggregation>) {
+    victims.sort_by_cached_key(|v| {
+        let (idle, frequency) = seen
+            .zip(range_of(v))
+            .and_then(|(a, r)| Some((a.least_idle(r)?, a.most_frequent(r)?)))
+            .unwrap_or((Duration::ZERO, u32::MAX));
+        (std::cmp::Reverse(idle), frequency, v.order)
+    });
+}
+
+/// Reclaims `victims` in order, in batches, until `enough(bytes planned)`
+/// or `stop`; returns the mappings and bytes reclaimed.
+fn reclaim_until(
+    vm: &AttachedVm,
+    victims: Vec<Resident>,
+    enough: impl Fn(u64) -> bool,
+    stop: &AtomicBool,
+) -> (u64, u64) {
+    let (mut done, mut planned) = ((0, 0), 0);
     let mut batch = Vec::with_capacity(BATCH);
     for Resident { ipa, size, .. } in victims {
-        if resident - planned <= target || stop.load(Ordering::Acquire) {
+        if enough(planned) || stop.load(Ordering::Acquire) {
             break;
         }
         let Some(victim) = Victim::of(vm, ipa, size) else { continue };
@@ -58,21 +115,20 @@ pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
         batch.push(victim);
         if batch.len() == BATCH {
             match reclaim(vm, &batch) {
-                Ok(bytes) => freed += bytes,
+                Ok((n, bytes)) => done = (done.0 + n, done.1 + bytes),
                 Err(e) => {
                     warn!(vm = %vm.id(), cause = %e, "reclaim failed; stopping this round");
-                    return freed;
+                    return done;
                 }
             }
             batch.clear();
         }
     }
     match reclaim(vm, &batch) {
-        Ok(bytes) => freed += bytes,
+        Ok((n, bytes)) => done = (done.0 + n, done.1 + bytes),
         Err(e) => warn!(vm = %vm.id(), cause = %e, "reclaim failed; stopping this round"),
     }
-    debug!(vm = %vm.id(), freed, resident = vm.mapping.resident(), "resident budget enforced");
-    freed
+    done
 }
 
 /// Why a batch could not be reclaimed.
@@ -113,9 +169,9 @@ impl Victim {
 
 /// Reclaims `victims`, region by region, in the store's crash-consistent
 /// order ([`crate::memory::region::GuestRegion::reclaim`]); returns the
-/// bytes reclaimed.
-fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<u64, ReclaimError> {
-    let mut freed = 0;
+/// mappings and bytes reclaimed.
+fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<(u64, u64), ReclaimError> {
+    let (mut mappings, mut freed) = (0, 0);
     let mut regions: Vec<usize> = victims.iter().map(|v| v.region).collect();
     regions.sort_unstable();
     regions.dedup();
@@ -127,13 +183,14 @@ fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<u64, ReclaimError> {
         for (v, _) in mine.iter().zip(&reclaimed).filter(|(_, &done)| done) {
             vm.counters.evicted.fetch_add(1, Ordering::Relaxed);
             vm.counters.evicted_bytes.fetch_add(v.size, Ordering::Relaxed);
+            mappings += 1;
             freed += v.size;
         }
         if let Some(e) = steps.error {
             return Err(e.into());
         }
     }
-    Ok(freed)
+    Ok((mappings, freed))
 }
 
 /// The core's part of a reclaim, over the control ring.

@@ -9,6 +9,7 @@ pub mod access;
 pub mod control;
 pub mod dirty;
 pub mod evict;
+pub mod monitor;
 pub mod pool;
 pub mod rebuild;
 pub mod vcpu;

@@ -17,6 +17,7 @@ use crate::memory::pool::PagePool;
 use crate::memory::pressure::HostMemory;
 use crate::observe::counters::VmCounters;
 use crate::observe::rings::RingOccupancy;
+use crate::observe::workingset::WorkingSet;
 
 /// One attached VM.
 #[derive(Debug)]
@@ -29,6 +30,8 @@ pub struct AttachedVm {
     pub counters: VmCounters,
     /// Ring occupancy per vCPU.
     pub rings: Vec<RingOccupancy>,
+    /// What the working-set monitor last saw.
+    pub working_set: WorkingSet,
     /// Commands the daemon starts itself, over the control ring pair.
     pub control: ControlClient,
     /// The host's memory pressure, which fresh backing is admitted under.
@@ -58,6 +61,7 @@ impl AttachedVm {
             mapping,
             counters: VmCounters::default(),
             rings,
+            working_set: WorkingSet::default(),
             control: ControlClient::default(),
             host,
             reclaiming: Mutex::new(()),

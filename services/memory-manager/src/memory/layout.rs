@@ -3,7 +3,7 @@
 //! regions the daemon mapped. A daemon that restarts finds all of it again
 //! in the machine's attach request.
 
-use hyp_core::addr::{Ipa, Pa};
+use hyp_core::addr::{Ipa, Pa, Range};
 use hyp_core::ownership::VmId;
 
 use super::memslot::{Memslot, Memslots, SlotFlags};
@@ -72,6 +72,24 @@ impl VmLayout {
         let offset = slot.region_offset.checked_add(ipa.raw().checked_sub(slot.gpa.raw())?)?;
         let pa = self.regions.get(slot.region)?.pa_at(offset)?;
         Some(Backing { region: slot.region, offset, pa })
+    }
+
+    /// Faults that brought evicted pages back, over every region.
+    pub fn refaults(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::refaults).sum()
+    }
+
+    /// Guest memory a working-set monitor samples: each memslot backed by
+    /// memory (not device memory), by IPA.
+    pub fn guest_memory(&self) -> Vec<Range<Ipa>> {
+        let mut ranges: Vec<Range<Ipa>> = self
+            .memslots
+            .iter()
+            .filter(|s| self.regions.get(s.region).is_some_and(|r| !r.device))
+            .filter_map(|s| Range::<Ipa>::new(s.gpa, s.size))
+            .collect();
+        ranges.sort_by_key(|r| r.start());
+        ranges
     }
 
     /// Puts every reclaimed page back into guest memory (the VM is

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use faultline_attach::shm::{MappedRegion, RegionError};
@@ -43,6 +44,8 @@ pub struct GuestRegion {
     /// writes) and never filled while it is being reclaimed. Holds the swap
     /// store (made in memory on the first reclaim if none was given).
     fill_lock: Mutex<Option<SwapStore>>,
+    /// Fills that brought reclaimed pages back from the swap store.
+    refaults: AtomicU64,
 }
 
 /// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
@@ -142,7 +145,21 @@ impl GuestRegion {
         let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
         let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
-        Ok(Self { index, pa_base, size, page_size, writable, device, map, memfd, fd_offset, contents, fill_lock })
+        let refaults = AtomicU64::new(0);
+        Ok(Self {
+            index,
+            pa_base,
+            size,
+            page_size,
+            writable,
+            device,
+            map,
+            memfd,
+            fd_offset,
+            contents,
+            fill_lock,
+            refaults,
+        })
     }
 
     /// Keeps reclaimed pages in `store` from now on.
@@ -202,6 +219,7 @@ impl GuestRegion {
         // Reclaimed pages first: back from the swap store, which lets go of them.
         if let (Some(swap), false) = (filling.as_mut(), holes.is_empty()) {
             if self.restore_from_swap(swap, &holes)? {
+                self.refaults.fetch_add(1, Ordering::Relaxed);
                 holes = self.holes(offset, end)?;
             }
         }
@@ -224,6 +242,12 @@ impl GuestRegion {
         let start = (self.fd_offset + offset) as i64;
         fallocate(self.memfd.as_file().as_fd(), FallocateFlags::empty(), start, len as i64)?;
         Ok(found_holes)
+    }
+
+    /// Fills that brought reclaimed pages back from the swap store (a
+    /// fault on an evicted page: a refault).
+    pub fn refaults(&self) -> u64 {
+        self.refaults.load(Ordering::Relaxed)
     }
 
     /// Copies the parts of `holes` the swap store holds back into the

@@ -38,6 +38,10 @@ pub struct VmCounters {
     pub evicted: AtomicU64,
     /// Bytes copied to the swap store by those reclaims.
     pub evicted_bytes: AtomicU64,
+    /// Mappings reclaimed by cold reclaim (idle, under budget or not).
+    pub cold_evicted: AtomicU64,
+    /// CPU time of the VM's working-set monitor thread (ns).
+    pub monitor_cpu_ns: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
     /// Fault records dropped as posted again (after a re-attach) while

@@ -7,3 +7,4 @@ pub mod events;
 pub mod hub;
 pub mod rings;
 pub mod stats;
+pub mod workingset;

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use super::rules::{clamps, Rules};
 use super::stats::PolicyStats;
-use crate::fault::choices::{Budget, Decisions, FaultContext, Policy, MAX_FAULT_AROUND};
+use crate::fault::choices::{Budget, ColdReclaim, Decisions, FaultContext, Policy, MAX_FAULT_AROUND};
 
 /// Per-fault questions to a policy, under a deadline.
 pub(super) struct Consulter {
@@ -104,5 +104,9 @@ impl Policy for RemotePolicy {
 
     fn budget(&self, vm_id: u16) -> Option<Budget> {
         self.rules.budget(vm_id)
+    }
+
+    fn cold_reclaim(&self, vm_id: u16) -> Option<ColdReclaim> {
+        self.rules.cold_reclaim(vm_id)
     }
 }

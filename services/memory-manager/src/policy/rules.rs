@@ -6,12 +6,14 @@ use faultline_proto::convert::map_size;
 use faultline_proto::v1 as pb;
 use hyp_core::stage2::MapSize;
 
-use crate::fault::choices::{Budget, Decisions, EvictionOrder, FaultContext, MAX_FAULT_AROUND};
+use crate::fault::choices::{Budget, ColdReclaim, Decisions, EvictionOrder, FaultContext, MAX_FAULT_AROUND};
 
 /// Most rules in a set.
 pub const MAX_RULES: usize = 4096;
 /// Smallest resident budget.
 pub const MIN_BUDGET: u64 = 2 << 20;
+/// Shortest idle time cold reclaim may be given (ms).
+pub const MIN_COLD_IDLE_MS: u64 = 100;
 
 /// One rule: which faults, and the decisions it sets for them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub struct Rules {
     pub rules: Vec<Rule>,
     /// Resident budgets by VM.
     pub budgets: Vec<(u16, Budget)>,
+    /// Proactive reclaim by VM.
+    pub cold_reclaims: Vec<(u16, ColdReclaim)>,
 }
 
 /// Why a rule set was refused.
@@ -133,6 +137,30 @@ pub enum RulesError {
         /// The VM.
         vm_id: u16,
     },
+    /// A cold reclaim for a VM that cannot exist, or for every VM.
+    #[error("cold reclaim {index}: vm_id {vm_id} is not in 1..=255")]
+    ColdVm {
+        /// Index of the cold reclaim.
+        index: usize,
+        /// The id.
+        vm_id: u32,
+    },
+    /// A cold reclaim idle time below [`MIN_COLD_IDLE_MS`].
+    #[error("cold reclaim {index}: min_idle_ms {ms}; at least {MIN_COLD_IDLE_MS}")]
+    ColdTooSoon {
+        /// Index of the cold reclaim.
+        index: usize,
+        /// The idle time asked for.
+        ms: u64,
+    },
+    /// Two cold reclaims for one VM.
+    #[error("cold reclaim {index}: a second one for VM {vm_id}")]
+    DuplicateCold {
+        /// Index of the cold reclaim.
+        index: usize,
+        /// The VM.
+        vm_id: u16,
+    },
 }
 
 impl TryFrom<&pb::RuleSet> for Rules {
@@ -192,6 +220,7 @@ impl TryFrom<&pb::RuleSet> for Rules {
                 Ok(pb::EvictionOrder::Lifo) => EvictionOrder::Lifo,
                 Ok(pb::EvictionOrder::LowestIpa) => EvictionOrder::LowestIpa,
                 Ok(pb::EvictionOrder::HighestIpa) => EvictionOrder::HighestIpa,
+                Ok(pb::EvictionOrder::Coldest) => EvictionOrder::Coldest,
                 Ok(pb::EvictionOrder::Unspecified) | Err(_) => {
                     return Err(RulesError::BadOrder { index: i, value: b.order })
                 }
@@ -201,7 +230,22 @@ impl TryFrom<&pb::RuleSet> for Rules {
             }
             budgets.push((vm_id, Budget { max_resident: b.max_resident_bytes, order }));
         }
-        Ok(Self { generation: set.generation, rules, budgets })
+        let mut cold_reclaims: Vec<(u16, ColdReclaim)> = Vec::new();
+        for (i, c) in set.cold_reclaims.iter().enumerate() {
+            let vm_id = match c.vm_id {
+                v @ 1..=255 => v as u16,
+                v => return Err(RulesError::ColdVm { index: i, vm_id: v }),
+            };
+            if c.min_idle_ms < MIN_COLD_IDLE_MS {
+                return Err(RulesError::ColdTooSoon { index: i, ms: c.min_idle_ms });
+            }
+            if cold_reclaims.iter().any(|(v, _)| *v == vm_id) {
+                return Err(RulesError::DuplicateCold { index: i, vm_id });
+            }
+            let min_idle = std::time::Duration::from_millis(c.min_idle_ms);
+            cold_reclaims.push((vm_id, ColdReclaim { min_idle }));
+        }
+        Ok(Self { generation: set.generation, rules, budgets, cold_reclaims })
     }
 }
 
@@ -244,6 +288,11 @@ impl Rules {
     /// VM `vm_id`'s budget.
     pub fn budget(&self, vm_id: u16) -> Option<Budget> {
         self.budgets.iter().find(|(v, _)| *v == vm_id).map(|(_, b)| *b)
+    }
+
+    /// VM `vm_id`'s proactive reclaim.
+    pub fn cold_reclaim(&self, vm_id: u16) -> Option<ColdReclaim> {
+        self.cold_reclaims.iter().find(|(v, _)| *v == vm_id).map(|(_, c)| *c)
     }
 }
 
@@ -297,7 +346,7 @@ mod tests {
                     ..rule(0, 0, 0)
                 },
             ],
-            budgets: vec![],
+            ..Default::default()
         };
         let rules = Rules::try_from(&set).unwrap();
         let m = rules.decide(&ctx(1, 0, 0x1800));
@@ -318,7 +367,7 @@ mod tests {
     #[test]
     fn malformed_sets_are_refused_with_the_reason() {
         let bad = |rules: Vec<pb::Rule>, budgets: Vec<pb::ResidentBudget>| {
-            Rules::try_from(&pb::RuleSet { generation: 1, rules, budgets }).unwrap_err()
+            Rules::try_from(&pb::RuleSet { generation: 1, rules, budgets, ..Default::default() }).unwrap_err()
         };
         let around = |n| pb::Rule { fault_around_pages: Some(n), ..rule(0, 0, 0) };
         assert_eq!(bad(vec![around(1), around(65)], vec![]), RulesError::FaultAroundTooLarge { rule: 1, pages: 65 });
@@ -347,9 +396,25 @@ mod tests {
         ));
         let two = vec![budget(1, 4 << 20, fifo), budget(1, 8 << 20, fifo)];
         assert_eq!(bad(vec![], two), RulesError::DuplicateBudget { index: 1, vm_id: 1 });
-        let ok =
-            Rules::try_from(&pb::RuleSet { generation: 1, rules: vec![], budgets: vec![budget(3, 4 << 20, fifo)] });
+        let ok = Rules::try_from(&pb::RuleSet { budgets: vec![budget(3, 4 << 20, fifo)], ..Default::default() });
         assert_eq!(ok.unwrap().budget(3), Some(Budget { max_resident: 4 << 20, order: EvictionOrder::Fifo }));
+    }
+
+    #[test]
+    fn cold_reclaims_are_checked_and_name_the_working_set() {
+        let cold = |vm_id, min_idle_ms| pb::ColdReclaim { vm_id, min_idle_ms };
+        let with = |cold_reclaims| Rules::try_from(&pb::RuleSet { cold_reclaims, ..Default::default() });
+        assert_eq!(with(vec![cold(0, 1000)]), Err(RulesError::ColdVm { index: 0, vm_id: 0 }));
+        assert_eq!(with(vec![cold(2, 1000), cold(2, 99)]), Err(RulesError::ColdTooSoon { index: 1, ms: 99 }));
+        assert_eq!(with(vec![cold(2, 1000), cold(2, 500)]), Err(RulesError::DuplicateCold { index: 1, vm_id: 2 }));
+        let rules = with(vec![cold(2, 1500)]).unwrap();
+        assert_eq!(rules.cold_reclaim(2), Some(ColdReclaim { min_idle: std::time::Duration::from_millis(1500) }));
+        assert_eq!(rules.cold_reclaim(3), None);
+        // Coldest-first orders by the monitor too.
+        let coldest =
+            pb::ResidentBudget { vm_id: 4, max_resident_bytes: 4 << 20, order: pb::EvictionOrder::Coldest as i32 };
+        let rules = Rules::try_from(&pb::RuleSet { budgets: vec![coldest], ..Default::default() }).unwrap();
+        assert_eq!(rules.budget(4).map(|b| b.order), Some(EvictionOrder::Coldest));
     }
 
     #[test]
@@ -362,7 +427,7 @@ mod tests {
         let set = pb::RuleSet {
             generation: 1,
             rules: vec![pb::Rule { fault_around_pages: Some(4), ..rule(0, 0, 0) }],
-            budgets: vec![],
+            ..Default::default()
         };
         assert_eq!(Rules::try_from(&set).unwrap().decide(&c).clamped, 0);
     }

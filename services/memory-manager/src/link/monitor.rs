@@ -1,0 +1,112 @@
+//! A VM's working-set monitor thread: each sampling interval it reads and
+//! clears the access flag of one page per region through the core (two
+//! single-page AGE commands a region, one batch), each aggregation
+//! interval it publishes what the regions saw and runs the policy's cold
+//! reclaim on it. It runs while the settings or the VM's policy want the
+//! VM monitored, and starts afresh when they want it again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyp_core::addr::PAGE_SIZE;
+use hyp_core::ring::abi::{kind, CommandRecord};
+use tracing::{debug, warn};
+
+use super::control::ControlError;
+use super::evict;
+use super::vm::AttachedVm;
+use crate::observe::workingset::{Monitor, SampleRound, SharedSettings};
+use crate::policy::host::PolicyHost;
+
+/// How often a VM that is not monitored looks at the settings again.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Monitors `vm` until `stop`.
+pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, stop: &AtomicBool) {
+    let cpu = ThreadCpu::start();
+    let mut monitor: Option<Monitor> = None;
+    let mut failing = false;
+    while !stop.load(Ordering::Acquire) {
+        let s = settings.get();
+        if !(s.enabled || policies.load().policy.needs_working_set(vm.id().raw())) {
+            if monitor.take().is_some() {
+                debug!(vm = %vm.id(), "working-set monitor stopped");
+            }
+            std::thread::sleep(IDLE_POLL);
+            continue;
+        }
+        let m = monitor.get_or_insert_with(|| {
+            debug!(vm = %vm.id(), "working-set monitor started");
+            Monitor::new(&vm.layout.guest_memory(), s.min_regions, u64::from(vm.id().raw()) ^ now_ns())
+        });
+        let mut next = Instant::now();
+        for _ in 0..s.samples_per_aggregation() {
+            match sample(vm, m.sample()) {
+                Ok(accessed) => {
+                    m.record(&accessed);
+                    failing = false;
+                }
+                Err(e) => {
+                    // A core that does not answer now may later; said once.
+                    if !failing {
+                        warn!(vm = %vm.id(), cause = %e, "working-set sampling failed; retrying");
+                    }
+                    failing = true;
+                    m.record(&[]);
+                }
+            }
+            next += s.sample();
+            let now = Instant::now();
+            match next.checked_duration_since(now) {
+                Some(wait) => std::thread::sleep(wait),
+                // Behind: the next sample is now, not a burst to catch up.
+                None => next = now,
+            }
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        let seen = m.aggregate(&s, now_ns());
+        if let Some(cold) = policies.load().policy.cold_reclaim(vm.id().raw()) {
+            evict::reclaim_cold(vm, &seen, cold.min_idle, stop);
+        }
+        vm.counters.monitor_cpu_ns.store(cpu.used_ns(), Ordering::Relaxed);
+        vm.working_set.publish(seen);
+    }
+}
+
+/// Runs one round's AGE commands as one batch; returns whether each
+/// checked page was accessed.
+fn sample(vm: &AttachedVm, round: SampleRound) -> Result<Vec<bool>, ControlError> {
+    let checks = round.checks.len();
+    let age = |ipa: hyp_core::addr::Ipa| CommandRecord {
+        kind: kind::AGE,
+        ipa: ipa.raw(),
+        size: PAGE_SIZE,
+        ..Default::default()
+    };
+    let cmds = round.checks.into_iter().chain(round.arms).map(age).collect();
+    let answers = vm.control.execute_all(cmds)?;
+    answers.into_iter().take(checks).map(|a| a.map(|r| r.value & 1 != 0)).collect()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The calling thread's CPU time since [`ThreadCpu::start`].
+struct ThreadCpu(Duration);
+
+impl ThreadCpu {
+    fn now() -> Duration {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+    }
+
+    fn start() -> Self {
+        Self(Self::now())
+    }
+
+    fn used_ns(&self) -> u64 {
+        Self::now().saturating_sub(self.0).as_nanos() as u64
+    }
+}
