@@ -367,6 +367,85 @@ impl Table {
     }
 }
 
+/// Bytes as people read them: `512 KiB`, `1.5 MiB`, `2.0 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{} KiB", b >> 10),
+    }
+}
+
+/// A working-set aggregation for people: a summary line, then each
+/// region (IPA range, size, how often sampled accessed, how long idle)
+/// with a bar of its frequency, columns sized to the rows.
+pub fn workingset_table(a: &faultline_proto::v1::WorkingSetAggregation) -> String {
+    use std::fmt::Write;
+    let monitored: u64 = a.regions.iter().map(|r| r.end - r.start).sum();
+    let mut out = format!(
+        "vm{}: {} regions over {}, aggregation #{} ({} samples in {} ms); working set {} (accessed within {} ms), \
+         resident {}; monitor CPU {:.2} s; refaults {}, cold-evicted {}\n",
+        a.vm_id,
+        a.regions.len(),
+        human_bytes(monitored),
+        a.index,
+        a.samples_per_aggregation,
+        a.aggregate_ms,
+        human_bytes(a.working_set_bytes),
+        a.working_set_window_ms,
+        human_bytes(a.resident_bytes),
+        a.monitor_cpu_ns as f64 / 1e9,
+        a.refaults,
+        a.cold_evicted,
+    );
+    let max = a.samples_per_aggregation.max(1);
+    let rows: Vec<[String; 6]> = a
+        .regions
+        .iter()
+        .map(|r| {
+            let bar = "#".repeat((r.frequency.min(max) * 10).div_ceil(max) as usize);
+            let idle = match r.idle_ms {
+                ms if ms >= 10_000 => format!("{} s", ms / 1000),
+                ms => format!("{ms} ms"),
+            };
+            [
+                format!("{:#x}", r.start),
+                format!("{:#x}", r.end),
+                human_bytes(r.end - r.start),
+                format!("{}/{max}", r.frequency),
+                idle,
+                bar,
+            ]
+        })
+        .collect();
+    const HEAD: [(&str, bool); 6] =
+        [("START", true), ("END", true), ("SIZE", true), ("FREQ", true), ("IDLE", true), ("", false)];
+    let mut widths = HEAD.map(|(h, _)| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: [&str; 6]| {
+        let mut l = String::new();
+        for (i, ((cell, &(_, right)), &w)) in cells.iter().zip(&HEAD).zip(&widths).enumerate() {
+            let sep = if i == 0 { "" } else { "  " };
+            let _ = match right {
+                true => write!(l, "{sep}{cell:>w$}"),
+                false => write!(l, "{sep}{cell:<w$}"),
+            };
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(HEAD.map(|(h, _)| h));
+    for row in &rows {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]].map(String::as_str));
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
 /// The workspace binary `name` next to this one (`faultline demo` starts
 /// the daemon and sim-machine, `faultline qemu` runs qemu-machine).
 pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {

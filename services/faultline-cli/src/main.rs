@@ -4,6 +4,7 @@
 mod demo;
 mod observe;
 mod out;
+mod workingset;
 
 use out::{out, outln};
 
@@ -127,6 +128,11 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = DirtyLogFormat::Text)]
         output: DirtyLogFormat,
     },
+    /// What the working-set monitor sees of a VM: its regions, how often
+    /// each was found accessed and how long each has been idle.
+    Workingset(workingset::WorkingSetArgs),
+    /// The working-set monitor's settings; with flags, change them.
+    Monitor(workingset::MonitorArgs),
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...):
     /// `source <(faultline completions bash)`; deploy/install-cli.sh
     /// installs them.
@@ -384,6 +390,8 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
             }
             .print(output, || jsonpb("faultline.v1.DirtyLog", &log))?;
         }
+        Command::Workingset(args) => workingset::show(args, channel().await?).await?,
+        Command::Monitor(args) => workingset::monitor(args, channel().await?).await?,
         Command::AccessLog { vm, memslot, output } => {
             let mut client = ControlClient::new(channel().await?);
             let log =

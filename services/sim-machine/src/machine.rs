@@ -2,7 +2,7 @@
 //! daemon, runs the vCPUs, detaches and reports.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,10 @@ pub struct MachineConfig {
     pub dirty_log: bool,
     /// How long to wait for a daemon that went away to come back.
     pub reattach_deadline: Duration,
+    /// Repeat each phase until a line arrives on stdin (instead of running
+    /// it once and, at a pause, waiting for the line), so a monitor sees a
+    /// running workload for as long as it needs, however fast the host.
+    pub loop_phases: bool,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -284,6 +288,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     let epoch = Instant::now();
     let started = Instant::now();
     let waits = WaitCounts::default();
+    let lines = config.loop_phases.then(stdin_lines);
     let env = VcpuEnv {
         core: &core,
         shared: &shared,
@@ -296,6 +301,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         kicks: &kicks,
         epoch,
         layout,
+        lines: lines.as_deref(),
     };
     let results = std::thread::scope(|s| {
         let control = {
@@ -320,7 +326,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             let handles: Vec<_> = (0..n)
                 .map(|v| {
                     let (env, ops) = (&env, workload.phase(phase, v as usize));
-                    s.spawn(move || run_vcpu(v, ops, env))
+                    s.spawn(move || run_vcpu(v, phase, ops, env))
                 })
                 .collect();
             let joined: Vec<_> = handles
@@ -330,7 +336,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             let slowest = joined.iter().flatten().filter_map(|r| r.slowest).max_by_key(|f| f.ns);
             phase_longest.push((slowest.map_or(0, |f| f.ns), slowest));
             results.extend(joined);
-            if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) {
+            if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) && !config.loop_phases {
                 // Attached and idle until told to go on (or stdin closes).
                 eprintln!("sim-machine: paused after phase {phase}");
                 let _ = std::io::stdin().read_line(&mut String::new());
@@ -524,10 +530,29 @@ struct VcpuEnv<'a> {
     kicks: &'a [AtomicBool],
     epoch: Instant,
     layout: Layout,
+    /// With `--loop-phases`: lines read from stdin (phase k repeats while
+    /// fewer than k + 1 have arrived).
+    lines: Option<&'a AtomicU64>,
 }
 
-fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
-    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, waits, stop, kicks, epoch, layout } = *env;
+/// Counts lines arriving on stdin, on a thread of its own (it may block
+/// past the machine's end); at end of file the count jumps to the maximum.
+fn stdin_lines() -> std::sync::Arc<AtomicU64> {
+    let lines = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = lines.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+            counted.fetch_add(1, Ordering::AcqRel);
+            line.clear();
+        }
+        counted.store(u64::MAX, Ordering::Release);
+    });
+    lines
+}
+
+fn run_vcpu(v: u32, phase: usize, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
+    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, waits, stop, kicks, epoch, layout, lines } = *env;
     let mut waiter = Waiter::new(wait, waits);
     let kick = &kicks[v as usize];
     let tlb_gen = tlb_gen.clone();
@@ -550,7 +575,10 @@ fn run_vcpu(v: u32, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::R
     };
     let register = (1 + v % 30) as u8;
     let now_ns = || epoch.elapsed().as_nanos() as u64;
-    for op in ops {
+    let passes = std::iter::from_fn(|| Some(ops)).enumerate().take_while(|(pass, _)| {
+        *pass == 0 || lines.is_some_and(|l| l.load(Ordering::Acquire) <= phase as u64 && !stop.load(Ordering::Acquire))
+    });
+    for op in passes.flat_map(|(_, ops)| ops) {
         let access = match op.kind {
             OpKind::Read => AccessKind::Read,
             OpKind::Write => AccessKind::Write,

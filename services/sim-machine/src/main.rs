@@ -51,6 +51,12 @@ struct Args {
     /// polls (0: never spin; the window adapts below it).
     #[arg(long, default_value_t = 20_000)]
     spin_polls: u32,
+    /// Repeat each phase (the whole workload, or a trace's accesses
+    /// between PAUSE lines) until a line arrives on stdin, then go on to
+    /// the next: the workload runs for as long as whoever watches it
+    /// needs. Memory ends the same as after one pass.
+    #[arg(long)]
+    loop_phases: bool,
     /// Include every fault's round-trip time in the summary.
     #[arg(long)]
     latencies: bool,
@@ -151,6 +157,7 @@ fn run() -> anyhow::Result<()> {
         keep_latencies: args.latencies,
         dirty_log: args.dirty_log,
         reattach_deadline: std::time::Duration::from_secs_f64(args.reattach_deadline_s),
+        loop_phases: args.loop_phases,
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -381,8 +381,8 @@ impl Monitor {
                         && prev.pages() + r.pages() <= size_limit =>
                 {
                     let (a, b) = (prev.pages(), r.pages());
-                    let weigh = |x: u32, y: u32| ((u64::from(x) * a + u64::from(y) * b) / (a + b)) as u32;
-                    prev.frequency = weigh(prev.frequency, r.frequency);
+                    let weighed = u64::from(prev.frequency) * a + u64::from(r.frequency) * b;
+                    prev.frequency = (weighed / (a + b)) as u32;
                     // Idle at least as long as its least idle part: what
                     // reclaim reads never overstates how cold a page is.
                     prev.idle = prev.idle.min(r.idle);
