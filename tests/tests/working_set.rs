@@ -121,3 +121,100 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(summary["access_flag_faults"].as_u64().unwrap() > 0, "the monitor's clears were taken at the core");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::GetVmRequest;
+    use sim_machine::layout::Layout;
+    use sim_machine::workload::{parse_trace, replay_flat};
+
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
+    // Fast, but not enabled: the VM is monitored because its policy names
+    // the working set.
+    cli(&daemon, &["monitor", "--sample-us", "1000", "--aggregate-ms", "20"]);
+    // Phase 0 writes A (4 MiB at the start of RAM) and B (1 MiB at 32
+    // MiB); phase 1 touches only B; phase 2 reads A back. Each repeats
+    // until a line on the machine's stdin.
+    let (a, b) = (RAM, RAM + 32 * MIB);
+    let mut trace = String::new();
+    for p in 0..1024 {
+        trace += &format!("0 W {:#x} 8\n", a + p * 4096 + (p % 512) * 8);
+    }
+    let touch_b = |kind: &str| (0..256).map(|p| format!("0 {kind} {:#x} 8\n", b + p * 4096 + 64)).collect::<String>();
+    trace += &touch_b("W");
+    trace += "PAUSE\n";
+    trace += &touch_b("R");
+    trace += "PAUSE\n";
+    for p in 0..1024 {
+        trace += &format!("0 R {:#x} 8\n", a + p * 4096);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cold.trace");
+    std::fs::write(&path, &trace).unwrap();
+    let args = ["--vm-id", "8", "--vcpus", "1", "--ram-mib", "64", "--ram-page-kib", "4", "--spin-polls", "0"];
+    let (child, mut stdin) = looping_machine(&daemon, &[&args[..], &["--trace", path.to_str().unwrap()]].concat());
+    let mut control = ControlClient::new(daemon.unix_channel().await);
+    let vm = || async { ControlClient::new(daemon.unix_channel().await).get_vm(GetVmRequest { vm_id: 8 }).await };
+    while vm().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ws = WorkingSetClient::new(daemon.unix_channel().await);
+    let unmonitored = ws.get_working_set(GetWorkingSetRequest { vm_id: 8 }).await.unwrap_err();
+    assert_eq!(unmonitored.code(), tonic::Code::FailedPrecondition, "{unmonitored:?}");
+
+    let policy = faultline_system_tests::PolicyProcess::start(
+        "policy-cold",
+        &["--daemon", &daemon.grpc_unix_addr(), "--vm", "8", "--idle-ms", "400", "--interval-ms", "100"],
+    );
+    let used = cli(&daemon, &["policy", "use", &policy.endpoint]);
+    assert!(used.contains("cold"), "{used}");
+    // Phase 1: A is left alone. Its age grows past the threshold and the
+    // policy's rule reclaims it; B stays.
+    writeln!(stdin).unwrap();
+    let aged = wait_for(&daemon, 8, Duration::from_secs(120), |s| {
+        s.regions.iter().filter(|r| r.start < a + 4 * MIB && r.end > a).all(|r| r.idle_ms >= 400)
+    })
+    .await;
+    let later = wait_for(&daemon, 8, Duration::from_secs(120), |s| s.index > aged.index + 5).await;
+    let idle_at_a = |s: &WorkingSetAggregation| s.regions.iter().find(|r| r.start <= a && a < r.end).unwrap().idle_ms;
+    assert!(idle_at_a(&later) > idle_at_a(&aged), "A's age grows: {} then {}", idle_at_a(&aged), idle_at_a(&later));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let evicted = loop {
+        let v = control.get_vm(GetVmRequest { vm_id: 8 }).await.unwrap().into_inner();
+        if v.evicted >= 1024 && v.resident_bytes <= 2 * MIB {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "A was not reclaimed: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(evicted.swap_store_held_bytes >= 4 * MIB, "A's pages are in the swap store: {evicted:#?}");
+    assert!(evicted.resident_bytes >= MIB, "B, in use, stays resident: {evicted:#?}");
+    let metrics =
+        faultline_system_tests::metric_samples(&faultline_system_tests::scrape_metrics(&daemon.metrics_addr()));
+    assert!(metrics.get("faultline_vm_cold_evicted_total{vm=\"8\"}").is_some_and(|&n| n >= 1024.0), "{metrics:?}");
+
+    // Phase 2 reads A back: every page refaults from the swap store.
+    writeln!(stdin).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = control.get_vm(GetVmRequest { vm_id: 8 }).await.unwrap().into_inner();
+        if v.refaults >= 1024 {
+            assert!(v.refault_bytes >= 4 * MIB, "{v:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "A did not come back: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writeln!(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layout = Layout { nr_vcpus: 1, ram_size: 64 * MIB, ram_page_size: 4096, ..Layout::default() };
+    let flat = replay_flat(&layout, &parse_trace(&trace, 1).unwrap());
+    assert_eq!(
+        summary["ram_digest"].as_u64().unwrap(),
+        flat.ram_digest(),
+        "guest RAM intact after reclaim and refault"
+    );
+}

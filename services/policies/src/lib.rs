@@ -7,7 +7,10 @@
 //! function. [`Common`] holds the flags every policy binary here takes, and
 //! [`serve`] binds, prints the address on stdout and serves until SIGTERM.
 //! `docs/policies.md` explains the contract; the three binaries are
-//! examples (largest, sequential-4k, adaptive).
+//! examples (largest, sequential-4k, adaptive), and `policy-cold` does
+//! proactive reclaim from the working set ([`cold`]).
+
+pub mod cold;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

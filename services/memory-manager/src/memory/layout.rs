@@ -79,6 +79,11 @@ impl VmLayout {
         self.regions.iter().map(GuestRegion::refaults).sum()
     }
 
+    /// The bytes those faults brought back (their mappings' sizes).
+    pub fn refault_bytes(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::refault_bytes).sum()
+    }
+
     /// Guest memory a working-set monitor samples: each memslot backed by
     /// memory (not device memory), by IPA.
     pub fn guest_memory(&self) -> Vec<Range<Ipa>> {

@@ -44,8 +44,10 @@ pub struct GuestRegion {
     /// writes) and never filled while it is being reclaimed. Holds the swap
     /// store (made in memory on the first reclaim if none was given).
     fill_lock: Mutex<Option<SwapStore>>,
-    /// Fills that brought reclaimed pages back from the swap store.
+    /// Fills that brought reclaimed pages back from the swap store, and
+    /// the bytes those fills covered.
     refaults: AtomicU64,
+    refault_bytes: AtomicU64,
 }
 
 /// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
@@ -145,7 +147,7 @@ impl GuestRegion {
         let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
         let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
-        let refaults = AtomicU64::new(0);
+        let (refaults, refault_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         Ok(Self {
             index,
             pa_base,
@@ -159,6 +161,7 @@ impl GuestRegion {
             contents,
             fill_lock,
             refaults,
+            refault_bytes,
         })
     }
 
@@ -220,6 +223,7 @@ impl GuestRegion {
         if let (Some(swap), false) = (filling.as_mut(), holes.is_empty()) {
             if self.restore_from_swap(swap, &holes)? {
                 self.refaults.fetch_add(1, Ordering::Relaxed);
+                self.refault_bytes.fetch_add(len, Ordering::Relaxed);
                 holes = self.holes(offset, end)?;
             }
         }
@@ -248,6 +252,11 @@ impl GuestRegion {
     /// fault on an evicted page: a refault).
     pub fn refaults(&self) -> u64 {
         self.refaults.load(Ordering::Relaxed)
+    }
+
+    /// The bytes those fills covered.
+    pub fn refault_bytes(&self) -> u64 {
+        self.refault_bytes.load(Ordering::Relaxed)
     }
 
     /// Copies the parts of `holes` the swap store holds back into the

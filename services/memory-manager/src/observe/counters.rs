@@ -42,6 +42,9 @@ pub struct VmCounters {
     pub cold_evicted: AtomicU64,
     /// CPU time of the VM's working-set monitor thread (ns).
     pub monitor_cpu_ns: AtomicU64,
+    /// Time the daemon took over the VM's faults, summed (ns): what its
+    /// vCPUs stalled on faults, less the rings' transit.
+    pub fault_stall_ns: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
     /// Fault records dropped as posted again (after a re-attach) while
