@@ -51,6 +51,16 @@ async fn wait_for(
     panic!("no aggregation of vm {vm} as wanted within {patience:?}; the last: {last:#?}");
 }
 
+/// An RGB PNG's width and pixels.
+fn decode_png(path: &std::path::Path) -> (usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut px = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut px).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    (info.width as usize, px)
+}
+
 /// A `sim-machine` whose phases repeat until a line on its stdin.
 fn looping_machine(daemon: &Daemon, args: &[&str]) -> (Child, std::process::ChildStdin) {
     let mut child = machine(daemon)
@@ -81,7 +91,6 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     // Thirty aggregations of the workload running (its first pass maps
     // most pages; the monitor follows it from attach).
     let seen = wait_for(&daemon, 7, Duration::from_secs(120), |a| a.index >= 30).await;
-    writeln!(stdin).unwrap();
     let hot_end = RAM + 16 * 4096;
     let hot: Vec<_> = seen.regions.iter().filter(|r| r.end > RAM && r.start < hot_end).collect();
     let coldest_part: Vec<_> = seen.regions.iter().filter(|r| r.start >= RAM + 8 * MIB).collect();
@@ -108,6 +117,28 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["START", "END", "SIZE", "FREQ", "IDLE"], "{table}");
     assert!(lines.len() >= 12, "{table}");
     assert!(lines[2..].iter().all(|l| l.starts_with("0x")), "{table}");
+    // The heatmap, drawn live: the hot set is the bright band at the
+    // start of RAM, the far end of RAM dark.
+    let dir = tempfile::tempdir().unwrap();
+    let png_path = dir.path().join("heat.png");
+    let said =
+        cli(&daemon, &["heatmap", "7", "--aggregations", "8", "--rows", "64", "--out", png_path.to_str().unwrap()]);
+    assert!(said.contains("8 aggregations") && said.contains("IPA 0x40000000-0x44000000 in 64 rows"), "{said}");
+    let (w, px) = decode_png(&png_path);
+    // Row 0 of 64 holds the first MiB of RAM: at the bottom of the plot,
+    // whose place and size the CLI says ("plot WxH at (84, 12)").
+    let size = said.split("plot ").nth(1).and_then(|r| r.split(' ').next()).unwrap();
+    let (plot_w, plot_h) =
+        size.split_once('x').map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap())).unwrap();
+    assert!(said.ends_with("at (84, 12)\n") && plot_h == 64 * 3, "{said}");
+    let luma = |y: usize| {
+        let row = &px[(y * w + 84) * 3..(y * w + 84 + plot_w) * 3];
+        row.chunks(3).map(|p| 0.2126 * p[0] as f64 + 0.7152 * p[1] as f64 + 0.0722 * p[2] as f64).sum::<f64>()
+            / plot_w as f64
+    };
+    let (bottom, top) = (12 + 63 * 3, 12);
+    let (hot_row, cold_row) = (luma(bottom), luma(top));
+    assert!(hot_row > cold_row + 60.0, "the first MiB of RAM is brighter ({hot_row:.0}) than the last ({cold_row:.0})");
     // And the metrics.
     let metrics =
         faultline_system_tests::metric_samples(&faultline_system_tests::scrape_metrics(&daemon.metrics_addr()));
@@ -116,6 +147,7 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
         metrics.iter().filter(|(k, _)| k.starts_with("faultline_vm_idle_bytes{vm=\"7\"")).map(|(_, v)| v).sum();
     assert!(idle > 0.0, "{metrics:?}");
 
+    writeln!(stdin).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

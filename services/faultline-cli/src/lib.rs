@@ -2,6 +2,7 @@
 //! compact, JSON and table form), and where its sibling binaries are.
 
 pub mod filter;
+pub mod heatmap;
 
 use faultline_proto::v1::{
     Access, Decision, FaultEvent, FaultKind, MappingSize, Outcome, PolicyExit, PolicyExitKind, PolicyStatus,
@@ -47,19 +48,31 @@ pub enum DirtyLogFormat {
     Jsonpb,
 }
 
-/// The message `m`, whose proto name is `full_name`
-/// (`faultline.v1.FaultEvent`), in the proto's canonical JSON mapping.
-pub fn jsonpb<M: prost::Message>(full_name: &str, m: &M) -> anyhow::Result<String> {
-    use prost_reflect::{DescriptorPool, DynamicMessage};
+/// The descriptor of message `full_name` (`faultline.v1.FaultEvent`).
+fn descriptor(full_name: &str) -> anyhow::Result<prost_reflect::MessageDescriptor> {
+    use prost_reflect::DescriptorPool;
     static POOL: std::sync::OnceLock<Result<DescriptorPool, String>> = std::sync::OnceLock::new();
     let pool = POOL
         .get_or_init(|| DescriptorPool::decode(faultline_proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| anyhow::anyhow!("the built-in proto descriptors: {e}"))?;
-    let descriptor =
-        pool.get_message_by_name(full_name).ok_or_else(|| anyhow::anyhow!("no message {full_name} in faultline.v1"))?;
-    let message = DynamicMessage::decode(descriptor, m.encode_to_vec().as_slice())?;
+    pool.get_message_by_name(full_name).ok_or_else(|| anyhow::anyhow!("no message {full_name} in faultline.v1"))
+}
+
+/// The message `m`, whose proto name is `full_name`
+/// (`faultline.v1.FaultEvent`), in the proto's canonical JSON mapping.
+pub fn jsonpb<M: prost::Message>(full_name: &str, m: &M) -> anyhow::Result<String> {
+    let message = prost_reflect::DynamicMessage::decode(descriptor(full_name)?, m.encode_to_vec().as_slice())?;
     Ok(serde_json::to_string(&message)?)
+}
+
+/// A message `full_name` read back from its canonical JSON mapping
+/// ([`jsonpb`]'s output).
+pub fn from_jsonpb<M: prost::Message + Default>(full_name: &str, json: &str) -> anyhow::Result<M> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let message = prost_reflect::DynamicMessage::deserialize(descriptor(full_name)?, &mut de)?;
+    de.end()?;
+    Ok(message.transcode_to::<M>()?)
 }
 
 /// The short name of a proto enum value: its protobuf name without the enum

@@ -131,6 +131,9 @@ enum Command {
     /// What the working-set monitor sees of a VM: its regions, how often
     /// each was found accessed and how long each has been idle.
     Workingset(workingset::WorkingSetArgs),
+    /// Draw access frequency over IPA and time as a heatmap (PNG, or SVG),
+    /// from a live VM or from a recorded `workingset --follow -o json`.
+    Heatmap(workingset::HeatmapArgs),
     /// The working-set monitor's settings; with flags, change them.
     Monitor(workingset::MonitorArgs),
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...):
@@ -391,6 +394,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
             .print(output, || jsonpb("faultline.v1.DirtyLog", &log))?;
         }
         Command::Workingset(args) => workingset::show(args, channel().await?).await?,
+        Command::Heatmap(args) => workingset::heatmap(args, async { anyhow::Ok(channel().await?) }).await?,
         Command::Monitor(args) => workingset::monitor(args, channel().await?).await?,
         Command::AccessLog { vm, memslot, output } => {
             let mut client = ControlClient::new(channel().await?);

@@ -1,10 +1,17 @@
-//! `faultline workingset` and `faultline monitor`: what the working-set
-//! monitor sees of a VM, and its settings.
+//! `faultline workingset`, `faultline heatmap` and `faultline monitor`:
+//! what the working-set monitor sees of a VM, drawn or not, and its
+//! settings.
 
-use faultline::{jsonpb, workingset_table, ReportFormat};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use faultline::heatmap::Heatmap;
+use faultline::{from_jsonpb, jsonpb, workingset_table, ReportFormat};
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::working_set_client::WorkingSetClient;
-use faultline_proto::v1::{GetWorkingSetMonitorRequest, GetWorkingSetRequest, WorkingSetMonitorSettings};
+use faultline_proto::v1::{
+    GetWorkingSetMonitorRequest, GetWorkingSetRequest, WorkingSetAggregation, WorkingSetMonitorSettings,
+};
 use tonic::transport::Channel;
 
 use crate::out::outln;
@@ -48,6 +55,94 @@ pub async fn show(args: WorkingSetArgs, channel: Channel) -> anyhow::Result<()> 
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// `faultline heatmap`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct HeatmapArgs {
+    /// VM id: follow its aggregations live.
+    #[arg(required_unless_present = "from", conflicts_with = "from")]
+    vm: Option<u32>,
+    /// Draw a recorded stream instead: the lines
+    /// `faultline workingset VM --follow -o json` printed.
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+    /// Live: aggregations to draw (one column each).
+    #[arg(long, default_value_t = 50)]
+    aggregations: usize,
+    /// The image: PNG, or SVG if the name ends in .svg.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The IPA range drawn, START-END (hex or decimal); default: the
+    /// largest contiguous monitored range (the RAM memslot, usually).
+    #[arg(long, value_parser = parse_range)]
+    ipa: Option<(u64, u64)>,
+    /// Rows (slices of the IPA range).
+    #[arg(long, default_value_t = 128)]
+    rows: usize,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let num = |v: &str| match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => v.parse(),
+    };
+    let (a, b) = s.split_once('-').ok_or("expected START-END")?;
+    Ok((num(a).map_err(|e| format!("{a}: {e}"))?, num(b).map_err(|e| format!("{b}: {e}"))?))
+}
+
+/// Draws the heatmap of a live VM or a recorded stream.
+pub async fn heatmap(
+    args: HeatmapArgs,
+    channel: impl std::future::Future<Output = anyhow::Result<Channel>>,
+) -> anyhow::Result<()> {
+    let seen: Vec<WorkingSetAggregation> = match (&args.from, args.vm) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, l)| {
+                    from_jsonpb("faultline.v1.WorkingSetAggregation", l)
+                        .with_context(|| format!("{} line {}: not a working-set aggregation", path.display(), i + 1))
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        (None, Some(vm)) => {
+            let mut client = WorkingSetClient::new(channel.await?);
+            let mut stream =
+                client.watch_working_set(GetWorkingSetRequest { vm_id: vm }).await.map_err(refused)?.into_inner();
+            let mut seen = Vec::with_capacity(args.aggregations);
+            while seen.len() < args.aggregations {
+                tokio::select! {
+                    next = stream.message() => match next.map_err(refused)? {
+                        Some(a) => seen.push(a),
+                        None => break,
+                    },
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+            seen
+        }
+        (None, None) => unreachable!("clap requires a VM or --from"),
+    };
+    let map = Heatmap::new(&seen, args.ipa, args.rows)?;
+    let svg = args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    let bytes = if svg { map.to_svg().into_bytes() } else { map.to_png() };
+    std::fs::write(&args.out, bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    let (w, h) = map.plot_size();
+    outln!(
+        "{}: {} aggregations over {:.1} s, IPA {:#x}-{:#x} in {} rows; plot {w}x{h} at ({}, {})",
+        args.out.display(),
+        seen.len(),
+        map.times_s.last().copied().unwrap_or(0.0),
+        map.ipa.0,
+        map.ipa.1,
+        map.cells.len(),
+        faultline::heatmap::LEFT,
+        faultline::heatmap::TOP
+    );
+    Ok(())
 }
 
 /// `faultline monitor`'s arguments: what to change (nothing: print).

@@ -5,8 +5,9 @@
 //! - refaults: evicted pages brought back, in bytes per minute, at most a
 //!   fraction of the working set (Google's far memory bounds promotions
 //!   to 0.2% of the working set per minute);
-//! - stall: the share of vCPU time spent waiting on faults (Meta's TMO
-//!   steers offload by PSI, the share of time tasks stall on memory).
+//! - stall: the share of vCPU time spent waiting for evicted pages to
+//!   come back (Meta's TMO steers offload by PSI, the share of time tasks
+//!   stall on memory).
 //!
 //! Over either bound the idle threshold doubles (up to a maximum): less
 //! is reclaimed. Under half of both it comes back a quarter of the way
@@ -37,7 +38,7 @@ pub struct Interval {
     pub refault_bytes: u64,
     /// The working set at its end (bytes).
     pub working_set: u64,
-    /// vCPU time spent waiting on faults in it, over all vCPUs.
+    /// vCPU time spent waiting for refaults in it, over all vCPUs.
     pub stall: Duration,
     /// vCPUs.
     pub vcpus: u32,

@@ -50,6 +50,10 @@ pub struct MachineConfig {
     /// it once and, at a pause, waiting for the line), so a monitor sees a
     /// running workload for as long as it needs, however fast the host.
     pub loop_phases: bool,
+    /// After the workload, stay attached until a line arrives on stdin
+    /// (what the daemon holds of the VM can be read then); `run_ms` ends
+    /// before the wait.
+    pub hold_before_detach: bool,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -342,14 +346,18 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 let _ = std::io::stdin().read_line(&mut String::new());
             }
         }
+        let run_ms = started.elapsed().as_millis() as u64;
+        if config.hold_before_detach && !stop.load(Ordering::Acquire) {
+            eprintln!("sim-machine: holding before detach");
+            let _ = std::io::stdin().read_line(&mut String::new());
+        }
         stop_all(&stop, &kicks, &shared, n);
         let _ = control.join();
         let supervised = supervisor.join().unwrap_or(Ok(()));
-        (results, supervised, phase_longest)
+        (results, supervised, phase_longest, run_ms)
     });
-    let (results, supervised, phase_longest) = results;
+    let (results, supervised, phase_longest, run_ms) = results;
     let (phase_longest_fault_ns, phase_slowest_fault) = phase_longest.into_iter().unzip();
-    let run_ms = started.elapsed().as_millis() as u64;
     supervised?;
     let mut summary = Summary {
         vm_id: config.vm_id,

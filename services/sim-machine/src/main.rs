@@ -57,6 +57,10 @@ struct Args {
     /// needs. Memory ends the same as after one pass.
     #[arg(long)]
     loop_phases: bool,
+    /// After the workload, stay attached until a line arrives on stdin
+    /// (`run_ms` in the summary ends before the wait).
+    #[arg(long)]
+    hold_before_detach: bool,
     /// Include every fault's round-trip time in the summary.
     #[arg(long)]
     latencies: bool,
@@ -158,6 +162,7 @@ fn run() -> anyhow::Result<()> {
         dirty_log: args.dirty_log,
         reattach_deadline: std::time::Duration::from_secs_f64(args.reattach_deadline_s),
         loop_phases: args.loop_phases,
+        hold_before_detach: args.hold_before_detach,
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

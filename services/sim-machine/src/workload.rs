@@ -36,6 +36,12 @@ pub enum Pattern {
     ReadThenWrite,
     /// Zipf(1.0) over pages: a hot few, a long cold tail.
     Zipf,
+    /// A working set beside a streaming scan: Zipf(1.0) over the first
+    /// quarter of the vCPU's share, and one pass of writes through the
+    /// rest (a file read once, memory filled at boot), one write per page,
+    /// spread evenly over the run. Recency says the scan is hot; frequency
+    /// says it is not. No accesses to the read-only slot.
+    ZipfScan,
     /// Instruction fetches, 256 bytes apart.
     Fetch,
 }
@@ -173,9 +179,13 @@ fn generate_vcpu(pattern: Pattern, layout: &Layout, ops: usize, seed: u64, v: u6
     let at = |vaddr: u64| layout.ram_gpa + chunks[(vaddr / CHUNK) as usize] * CHUNK + vaddr % CHUNK;
     let mut rng = Rng(seed.wrapping_mul(2 * v + 1) | 1);
     let pages = space / 4096;
-    let zipf_cdf: Vec<f64> = if pattern == Pattern::Zipf {
+    // ZipfScan: the working set's pages, and how many accesses apart the
+    // scan's writes are.
+    let hot_pages = if pattern == Pattern::ZipfScan { (pages / 4).max(1) } else { pages };
+    let scan_every = (ops as u64 / (pages - hot_pages).max(1)).max(2);
+    let zipf_cdf: Vec<f64> = if matches!(pattern, Pattern::Zipf | Pattern::ZipfScan) {
         let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=pages)
+        let mut cdf: Vec<f64> = (1..=hot_pages)
             .map(|r| {
                 acc += 1.0 / r as f64;
                 acc
@@ -201,17 +211,22 @@ fn generate_vcpu(pattern: Pattern, layout: &Layout, ops: usize, seed: u64, v: u6
                 let kind = if i % 2 == 0 { OpKind::Read } else { OpKind::Write };
                 (kind, (page * 4096 + (page * 64) % 4096) % space, 4)
             }
-            Pattern::Zipf => {
+            Pattern::ZipfScan if i % scan_every == 0 && hot_pages + i / scan_every < pages => {
+                let page = hot_pages + i / scan_every;
+                (OpKind::Write, page * 4096 + (page % 512) * 8, 8)
+            }
+            Pattern::Zipf | Pattern::ZipfScan => {
                 let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-                let page = zipf_cdf.partition_point(|&c| c < u).min(pages as usize - 1) as u64;
+                let page = zipf_cdf.partition_point(|&c| c < u).min(hot_pages as usize - 1) as u64;
                 let kind = if rng.next() % 2 == 0 { OpKind::Write } else { OpKind::Read };
                 (kind, page * 4096 + (rng.next() % 512) * 8, 8)
             }
             Pattern::Fetch => (OpKind::Fetch, (i * 256) % space, 4),
         };
         out.push(Op { kind, gpa: at(vaddr), size });
-        // The read-only slot: reads map it, writes exit to the VMM.
-        if i % 64 == 63 {
+        // The read-only slot: reads map it, writes exit to the VMM (not in
+        // ZipfScan, whose memory is its working set and its scan only).
+        if i % 64 == 63 && pattern != Pattern::ZipfScan {
             let k = i / 64;
             let page = (k * n + v) % rom_pages;
             let kind = if i % 256 == 255 { OpKind::Write } else { OpKind::Read };
@@ -409,6 +424,24 @@ mod tests {
     }
 
     #[test]
+    fn zipf_scan_writes_each_cold_page_once_and_keeps_the_rest_in_the_first_quarter() {
+        let layout = Layout { ram_size: 64 << 20, ..Layout::default() };
+        let w = generate(Pattern::ZipfScan, &layout, 200_000, 5);
+        let ram: Vec<u64> =
+            w.per_vcpu[0].iter().filter(|o| layout.in_ram(o.gpa, 1)).map(|o| (o.gpa - layout.ram_gpa) >> 12).collect();
+        let (hot, scan): (Vec<u64>, Vec<u64>) = ram.iter().partition(|&&p| p < 4096);
+        let mut scanned = scan.clone();
+        scanned.dedup();
+        assert_eq!((scan.len(), scanned.len()), (12_288, 12_288), "each of the other 48 MiB written once, in order");
+        assert!(scan.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(hot.len() + scan.len(), 200_000, "RAM only, but for the one MMIO read at the end");
+        assert!(
+            hot.iter().filter(|&&p| p < 16).count() * 4 > hot.len(),
+            "zipf: the first 16 pages take a quarter or more"
+        );
+    }
+
+    #[test]
     fn vcpus_never_share_a_2mib_chunk() {
         let layout = Layout { nr_vcpus: 4, ..Layout::default() };
         for p in [
@@ -417,6 +450,7 @@ mod tests {
             Pattern::Strided,
             Pattern::ReadThenWrite,
             Pattern::Zipf,
+            Pattern::ZipfScan,
             Pattern::Fetch,
         ] {
             let w = generate(p, &layout, 2000, 7);

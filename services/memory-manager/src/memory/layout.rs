@@ -84,6 +84,11 @@ impl VmLayout {
         self.regions.iter().map(GuestRegion::refault_bytes).sum()
     }
 
+    /// The time those faults spent bringing pages back (ns).
+    pub fn refault_ns(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::refault_ns).sum()
+    }
+
     /// Guest memory a working-set monitor samples: each memslot backed by
     /// memory (not device memory), by IPA.
     pub fn guest_memory(&self) -> Vec<Range<Ipa>> {

@@ -48,6 +48,8 @@ pub struct GuestRegion {
     /// the bytes those fills covered.
     refaults: AtomicU64,
     refault_bytes: AtomicU64,
+    /// Time those fills took (ns): what the vCPUs stalled on reclaim.
+    refault_ns: AtomicU64,
 }
 
 /// The steps of a reclaim that need the core, run by [`GuestRegion::reclaim`]
@@ -147,7 +149,7 @@ impl GuestRegion {
         let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
         let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
-        let (refaults, refault_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (refaults, refault_bytes, refault_ns) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         Ok(Self {
             index,
             pa_base,
@@ -162,6 +164,7 @@ impl GuestRegion {
             fill_lock,
             refaults,
             refault_bytes,
+            refault_ns,
         })
     }
 
@@ -216,6 +219,7 @@ impl GuestRegion {
         }
         let end = offset + len;
         let copies = self.contents.iter().any(|w| w.offset < end && offset < w.offset + w.len);
+        let started = std::time::Instant::now();
         let mut filling = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut holes = self.holes(offset, end)?;
         let found_holes = !holes.is_empty();
@@ -224,6 +228,7 @@ impl GuestRegion {
             if self.restore_from_swap(swap, &holes)? {
                 self.refaults.fetch_add(1, Ordering::Relaxed);
                 self.refault_bytes.fetch_add(len, Ordering::Relaxed);
+                self.refault_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 holes = self.holes(offset, end)?;
             }
         }
@@ -257,6 +262,11 @@ impl GuestRegion {
     /// The bytes those fills covered.
     pub fn refault_bytes(&self) -> u64 {
         self.refault_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The time those fills took, waiting for the fill lock included (ns).
+    pub fn refault_ns(&self) -> u64 {
+        self.refault_ns.load(Ordering::Relaxed)
     }
 
     /// Copies the parts of `holes` the swap store holds back into the

@@ -40,7 +40,8 @@ pub struct VmCounters {
     pub evicted_bytes: AtomicU64,
     /// Mappings reclaimed by cold reclaim (idle, under budget or not).
     pub cold_evicted: AtomicU64,
-    /// CPU time of the VM's working-set monitor thread (ns).
+    /// CPU time the VM's working-set monitor took sampling and
+    /// aggregating (ns; cold reclaim on its thread not included).
     pub monitor_cpu_ns: AtomicU64,
     /// Time the daemon took over the VM's faults, summed (ns): what its
     /// vCPUs stalled on faults, less the rings' transit.

@@ -272,6 +272,8 @@ pub struct Monitor {
     last_split_count: usize,
     /// Regions with an armed page, in `regions` order, as of the last round.
     checked: Vec<usize>,
+    /// The next round arms a fresh page in every region.
+    repick: bool,
 }
 
 impl Monitor {
@@ -292,7 +294,15 @@ impl Monitor {
             }
         }
         let last_split_count = regions.len();
-        Self { regions, total_pages, rng: seed | 1, aggregations: 0, last_split_count, checked: Vec::new() }
+        Self {
+            regions,
+            total_pages,
+            rng: seed | 1,
+            aggregations: 0,
+            last_split_count,
+            checked: Vec::new(),
+            repick: true,
+        }
     }
 
     /// Regions now.
@@ -313,8 +323,12 @@ impl Monitor {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    /// This round's pages: each region's armed page is checked, and a fresh
-    /// random page of it armed.
+    /// This round's pages: each region's armed page is checked (the check
+    /// clears its flag again, so it stays armed for the next round). After
+    /// an aggregation, and for a region with none, a fresh random page is
+    /// armed instead: one command per region and sample, not DAMON's two,
+    /// at the price of watching one page per region for an aggregation
+    /// rather than a new one every sample.
     pub fn sample(&mut self) -> SampleRound {
         let mut round = SampleRound::default();
         self.checked.clear();
@@ -323,11 +337,14 @@ impl Monitor {
                 round.checks.push(Ipa::new(page << PAGE_SHIFT));
                 self.checked.push(i);
             }
-            let r = self.regions[i];
-            let page = r.start + self.random() % r.pages();
-            self.regions[i].armed = Some(page);
-            round.arms.push(Ipa::new(page << PAGE_SHIFT));
+            if self.repick || self.regions[i].armed.is_none() {
+                let r = self.regions[i];
+                let page = r.start + self.random() % r.pages();
+                self.regions[i].armed = Some(page);
+                round.arms.push(Ipa::new(page << PAGE_SHIFT));
+            }
         }
+        self.repick = false;
         round
     }
 
@@ -362,13 +379,16 @@ impl Monitor {
             .collect();
         self.merge(settings);
         self.split(settings);
+        self.repick = true;
         Aggregation { index: self.aggregations, time_ns, settings: *settings, regions }
     }
 
     /// Merges neighbours whose frequencies differ by at most a tenth of
-    /// the highest possible, while the result stays under the size limit
-    /// (DAMON's `damon_merge_regions_of()`): the frequency is weighted by
-    /// size, the idle age is the smaller.
+    /// the highest possible and whose idle ages are alike, while the result
+    /// stays under the size limit (DAMON's `damon_merge_regions_of()`,
+    /// which does not look at ages): the frequency is weighted by size,
+    /// the idle age is the smaller. Without the age test, memory a scan
+    /// left long ago would merge with what it just left, and never age.
     fn merge(&mut self, settings: &MonitorSettings) {
         let threshold = (settings.samples_per_aggregation() / 10).max(1);
         let size_limit = (self.total_pages / u64::from(settings.min_regions.max(1))).max(1);
@@ -378,6 +398,7 @@ impl Monitor {
                 Some(prev)
                     if prev.end == r.start
                         && prev.frequency.abs_diff(r.frequency) <= threshold
+                        && same_age(prev.idle, r.idle)
                         && prev.pages() + r.pages() <= size_limit =>
                 {
                     let (a, b) = (prev.pages(), r.pages());
@@ -426,6 +447,12 @@ impl Monitor {
         self.regions = out;
         self.last_split_count = self.regions.len();
     }
+}
+
+/// Idle ages close enough to merge regions: within a quarter of the
+/// larger, plus one aggregation.
+fn same_age(a: u32, b: u32) -> bool {
+    a.abs_diff(b) <= a.max(b) / 4 + 1
 }
 
 /// What a VM's monitor last saw, for the API and the policies to read.
@@ -532,6 +559,31 @@ mod tests {
         let buckets = agg.idle_bytes_by_bucket();
         assert_eq!(buckets.iter().sum::<u64>(), 256 << 20);
         assert_eq!(buckets[1], 256 << 20, "everything idle 1.5 s or more, under 10 s: {buckets:?}");
+    }
+
+    #[test]
+    fn memory_a_scan_left_behind_ages_while_the_scan_goes_on() {
+        let s = settings();
+        let mut m = Monitor::new(&[target(0, 256 << 20)], s.min_regions, 5);
+        // A scan front moves 8 MiB an aggregation and never comes back.
+        let mut last = None;
+        for a in 0..30u64 {
+            let front = a * (8 << 20);
+            for _ in 0..s.samples_per_aggregation() {
+                let round = m.sample();
+                let hits: Vec<bool> =
+                    round.checks.iter().map(|p| (front..front + (8 << 20)).contains(&p.raw())).collect();
+                m.record(&hits);
+            }
+            last = Some(m.aggregate(&s, a));
+        }
+        let seen = last.unwrap();
+        // The first 32 MiB were passed 26 or more aggregations ago (a
+        // region is seen left only once its sampled page is).
+        let idle = seen.least_idle(Range::<Ipa>::new(Ipa::new(0), 32 << 20).unwrap()).unwrap();
+        assert!(idle >= Duration::from_millis(100) * 20, "{idle:?}: {:?}", seen.regions);
+        let front = seen.least_idle(Range::<Ipa>::new(Ipa::new(232 << 20), 8 << 20).unwrap()).unwrap();
+        assert!(front <= Duration::from_millis(200), "where the scan is: {front:?}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! store even under budget (a cold-reclaim rule per VM), and the idle
 //! threshold backs off while reclaiming costs the guest more than its
 //! bounds allow: refaults over a fraction of the working set per minute,
-//! or fault stall over a share of vCPU time (`faultline_policies::cold`).
+//! or stall on refaults over a share of vCPU time
+//! (`faultline_policies::cold`). First-touch faults are not reclaim's
+//! cost and do not count, as PSI does not count them.
 //! It reads what it steers by from the daemon's API (`--daemon`).
 
 use std::collections::BTreeMap;
@@ -119,14 +121,14 @@ async fn steer(server: PolicyServer, bounds: ColdBounds, args: Args) {
             let s = seen.entry(vm.vm_id).or_insert_with(|| Seen {
                 at: now,
                 refault_bytes: vm.refault_bytes,
-                stall_ns: vm.fault_stall_ns,
+                stall_ns: vm.refault_stall_ns,
                 controller: ColdController::new(bounds),
             });
             let interval = Interval {
                 elapsed: now - s.at,
                 refault_bytes: vm.refault_bytes.saturating_sub(s.refault_bytes),
                 working_set: vm.working_set_bytes,
-                stall: Duration::from_nanos(vm.fault_stall_ns.saturating_sub(s.stall_ns)),
+                stall: Duration::from_nanos(vm.refault_stall_ns.saturating_sub(s.stall_ns)),
                 vcpus: vm.vcpus,
             };
             if !interval.elapsed.is_zero() {
@@ -143,7 +145,7 @@ async fn steer(server: PolicyServer, bounds: ColdBounds, args: Args) {
                     );
                 }
             }
-            (s.at, s.refault_bytes, s.stall_ns) = (now, vm.refault_bytes, vm.fault_stall_ns);
+            (s.at, s.refault_bytes, s.stall_ns) = (now, vm.refault_bytes, vm.refault_stall_ns);
             thresholds.insert(vm.vm_id, s.controller.threshold());
         }
         seen.retain(|id, _| thresholds.contains_key(id));

@@ -1,0 +1,172 @@
+//! Reclaim by the working set, in one run: the same zipf-scan workload
+//! (a zipf working set in the first quarter of guest memory, beside one
+//! pass of writes through the rest) under
+//! - no reclaim (the baseline),
+//! - a resident budget of half the guest, FIFO eviction,
+//! - the same budget, coldest-first eviction (the working-set monitor),
+//! - `policy-cold` and no budget (memory idle 1 s reclaimed, backing off
+//!   on refaults and stall at its default bounds).
+//!
+//! Each row: a fresh daemon, and the machine held attached after its
+//! workload, so what the daemon holds can be read. Reported (median over
+//! rounds): refaults, the workload's run time, host memory the guest
+//! takes (its memfd's allocated blocks, plus the swap store's where it is
+//! in memory; here it is on the disk the state directory is on) and what
+//! that frees against the baseline, and the monitor thread's CPU per GiB
+//! it samples.
+//!
+//! `cargo bench -p faultline-system-tests --bench working_set`
+//! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
+//! per vCPU.)
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+
+use faultline_proto::v1::control_client::ControlClient;
+use faultline_proto::v1::policy_control_client::PolicyControlClient;
+use faultline_proto::v1::working_set_client::WorkingSetClient;
+use faultline_proto::v1::{GetVmRequest, GetWorkingSetRequest, UsePolicyRequest};
+use faultline_system_tests::{machine, Daemon, PolicyProcess};
+
+const VM: u32 = 9;
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Row {
+    Baseline,
+    Fifo,
+    Coldest,
+    Cold,
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct Measured {
+    refaults: f64,
+    run_ms: f64,
+    host_bytes: f64,
+    evicted: f64,
+    monitor_cpu_ns: f64,
+    monitored_bytes: f64,
+}
+
+async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let budget = format!("{VM}:{}", ram_mib / 2);
+    let policy = match row {
+        Row::Baseline => None,
+        Row::Fifo => {
+            Some(PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", &format!("{budget}:fifo")]))
+        }
+        Row::Coldest => Some(PolicyProcess::start(
+            "policy-sequential",
+            &["--window", "0", "--budget", &format!("{budget}:coldest")],
+        )),
+        Row::Cold => Some(PolicyProcess::start(
+            "policy-cold",
+            &[
+                "--daemon",
+                &daemon.grpc_unix_addr(),
+                "--vm",
+                &VM.to_string(),
+                "--idle-ms",
+                "1000",
+                "--interval-ms",
+                "500",
+            ],
+        )),
+    };
+    if let Some(p) = &policy {
+        let mut control = PolicyControlClient::new(daemon.unix_channel().await);
+        control.use_policy(UsePolicyRequest { endpoint: p.endpoint.clone(), reconnect: Some(false) }).await.unwrap();
+    }
+    let mut child = machine(&daemon)
+        .args(["--vm-id", &VM.to_string(), "--vcpus", &vcpus.to_string(), "--ram-mib", &ram_mib.to_string()])
+        .args(["--ram-page-kib", "4", "--pattern", "zipf-scan", "--ops", &ops.to_string(), "--hold-before-detach"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("holding before detach") {
+            break;
+        }
+        said += &line;
+    }
+    let vm = ControlClient::new(daemon.unix_channel().await)
+        .get_vm(GetVmRequest { vm_id: VM })
+        .await
+        .unwrap_or_else(|e| panic!("{row:?}: {e}; the machine said {said}"))
+        .into_inner();
+    let seen = WorkingSetClient::new(daemon.unix_channel().await)
+        .get_working_set(GetWorkingSetRequest { vm_id: VM })
+        .await
+        .ok()
+        .map(|r| r.into_inner());
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{row:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Measured {
+        refaults: vm.refaults as f64,
+        run_ms: summary["run_ms"].as_u64().unwrap() as f64,
+        // The swap store takes host memory only where it is in memory.
+        host_bytes: (vm.backing_bytes + if vm.swap_store_in_memory { vm.swap_store_bytes } else { 0 }) as f64,
+        evicted: vm.evicted as f64,
+        monitor_cpu_ns: seen.as_ref().map_or(0.0, |s| s.monitor_cpu_ns as f64),
+        monitored_bytes: seen.as_ref().map_or(0.0, |s| s.monitored_bytes as f64),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (rounds, ops) = (env("WS_BENCH_ROUNDS", 3) as usize, env("WS_BENCH_OPS", 10_000_000));
+    let rows = [Row::Baseline, Row::Fifo, Row::Coldest, Row::Cold];
+    println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
+    println!(
+        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>14}",
+        "guest", "vcpus", "row", "refaults", "evicted", "run ms", "run cost", "host MiB", "freed", "monitor CPU"
+    );
+    for (ram_mib, vcpus) in [(64, 1), (64, 2), (256, 2)] {
+        let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
+        for _ in 0..rounds {
+            // Rows alternate within a round, so drift on the host spreads
+            // over all of them.
+            for (i, &row) in rows.iter().enumerate() {
+                measured[i].push(run(row, vcpus, ram_mib, ops).await);
+            }
+        }
+        let med = |i: usize, f: fn(&Measured) -> f64| median(measured[i].iter().map(f).collect());
+        let (base_ms, base_host) = (med(0, |m| m.run_ms), med(0, |m| m.host_bytes));
+        for (i, row) in rows.iter().enumerate() {
+            let run_ms = med(i, |m| m.run_ms);
+            let host = med(i, |m| m.host_bytes);
+            let freed = (base_host - host) / (ram_mib * MIB) as f64;
+            let cpu =
+                med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
+            let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
+            println!(
+                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>+9.1}% {:>10.1} {:>7.0}% {:>14}",
+                format!("{ram_mib} MiB"),
+                vcpus,
+                format!("{row:?}").to_lowercase(),
+                med(i, |m| m.refaults),
+                med(i, |m| m.evicted),
+                run_ms,
+                (run_ms / base_ms - 1.0) * 100.0,
+                host / MIB as f64,
+                freed * 100.0,
+                cpu
+            );
+        }
+    }
+}
