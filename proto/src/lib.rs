@@ -36,7 +36,7 @@ mod tests {
         let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
         let file = fds.file.iter().find(|f| f.package() == "faultline.v1").unwrap();
         let services: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
-        assert_eq!(services, ["FaultTrace", "Control"]);
+        assert_eq!(services, ["FaultTrace", "Control", "WorkingSet"]);
         let e = super::v1::FaultEvent { fault_id: 7, esr: 0x9200_0047, memslot: Some(1), ..Default::default() };
         let back = super::v1::FaultEvent::decode(e.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back, e);

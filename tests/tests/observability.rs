@@ -228,7 +228,9 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
     let daemon = Daemon::start(&[]);
     let channel = tonic::transport::Endpoint::from_shared(daemon.grpc_addr()).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "faultline.v1.FaultTrace", "faultline.v1.Control", "faultline.v1.PolicyControl"] {
+    for service in
+        ["", "faultline.v1.FaultTrace", "faultline.v1.Control", "faultline.v1.PolicyControl", "faultline.v1.WorkingSet"]
+    {
         let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
     }
@@ -239,6 +241,7 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
         "faultline.v1.Control",
         "faultline.v1.FaultTrace",
         "faultline.v1.PolicyControl",
+        "faultline.v1.WorkingSet",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -15,6 +15,7 @@ pub mod rebuild;
 pub mod vcpu;
 pub mod vm;
 pub mod winddown;
+pub mod working_set;
 
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -9,6 +9,7 @@ use hyp_core::addr::Ipa;
 use hyp_core::ownership::VmId;
 
 use super::control::ControlClient;
+use super::working_set::WorkingSet;
 use crate::fault::context::VmView;
 use crate::memory::bitmap::DirtyLog;
 use crate::memory::layout::VmLayout;
@@ -17,7 +18,6 @@ use crate::memory::pool::PagePool;
 use crate::memory::pressure::HostMemory;
 use crate::observe::counters::VmCounters;
 use crate::observe::rings::RingOccupancy;
-use crate::observe::workingset::WorkingSet;
 
 /// One attached VM.
 #[derive(Debug)]

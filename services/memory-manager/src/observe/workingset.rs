@@ -14,7 +14,7 @@
 //! Reading and clearing the flags is the ring link's job
 //! (`link::monitor`); this is the arithmetic, with no I/O.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hyp_core::addr::{Ipa, Range, PAGE_SHIFT, PAGE_SIZE};
@@ -453,35 +453,6 @@ impl Monitor {
 /// larger, plus one aggregation.
 fn same_age(a: u32, b: u32) -> bool {
     a.abs_diff(b) <= a.max(b) / 4 + 1
-}
-
-/// What a VM's monitor last saw, for the API and the policies to read.
-#[derive(Debug)]
-pub struct WorkingSet {
-    latest: tokio::sync::watch::Sender<Option<Arc<Aggregation>>>,
-}
-
-impl Default for WorkingSet {
-    fn default() -> Self {
-        Self { latest: tokio::sync::watch::Sender::new(None) }
-    }
-}
-
-impl WorkingSet {
-    /// Publishes an aggregation; followers see it.
-    pub fn publish(&self, aggregation: Aggregation) {
-        self.latest.send_replace(Some(Arc::new(aggregation)));
-    }
-
-    /// The latest aggregation, if the monitor has run.
-    pub fn latest(&self) -> Option<Arc<Aggregation>> {
-        self.latest.borrow().clone()
-    }
-
-    /// Follows the aggregations as they are published.
-    pub fn follow(&self) -> tokio::sync::watch::Receiver<Option<Arc<Aggregation>>> {
-        self.latest.subscribe()
-    }
 }
 
 #[cfg(test)]
