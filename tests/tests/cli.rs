@@ -200,9 +200,9 @@ fn a_closed_stdout_ends_observe_quietly_with_status_0() {
     assert!(status.success() && stderr.is_empty(), "{status:?}: {stderr}");
     let _ = live.kill();
     let _ = live.wait();
-    let metrics = faultline_system_tests::scrape_metrics(&daemon.metrics_addr());
-    let open = faultline_system_tests::metric_samples(&metrics)["faultline_observe_streams"];
-    assert_eq!(open, 0.0, "the follow stream was left open");
+    // The daemon drops the stream once it sees the connection close, which
+    // may be a moment after the CLI exited: waited for, not raced.
+    wait_for_streams(&daemon, 0);
 }
 
 /// The fault ids Observe returns with `allow` and `deny`, from everything
