@@ -111,7 +111,6 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         swap_store_held_bytes: swap.held,
         refaults: vm.layout.refaults(),
         working_set_bytes: vm.working_set.latest().map_or(0, |a| a.working_set_bytes()),
-        fault_stall_ns: count(&vm.counters.fault_stall_ns),
         refault_bytes: vm.layout.refault_bytes(),
         refault_stall_ns: vm.layout.refault_ns(),
     }

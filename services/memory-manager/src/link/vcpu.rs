@@ -146,12 +146,6 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         }
     }
 
-    /// Records `event`, and counts its latency as the vCPU's stall.
-    fn record(&self, event: FaultEvent) {
-        self.vm.counters.fault_stall_ns.fetch_add(event.completed_ns, Ordering::Relaxed);
-        self.hub.record(event);
-    }
-
     fn serve_batch(&mut self, budget: u32) -> Result<Served, RingError> {
         let end = self.end;
         let stop = end.stopping();
@@ -234,13 +228,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 // Said once per episode by the pressure watcher, not per fault.
                 debug!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, cause = %refused, "injecting abort");
                 self.vm.counters.injected.fetch_add(1, Ordering::Relaxed);
-                self.record(self.event(rec, &trace, Outcome::RefusedHostPressure));
+                self.hub.record(self.event(rec, &trace, Outcome::RefusedHostPressure));
                 return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
             }
             Err(e) => {
                 error!(vm = %self.vm.id(), vcpu = self.vcpu, fault = rec.fault_id, cause = %e, "fault pipeline failed; injecting abort");
                 self.vm.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.record(self.event(rec, &trace, Outcome::InjectedAbort));
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
                 return self.complete(rec.fault_id, action::INJECT_ABORT, stop);
             }
         };
@@ -275,13 +269,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 debug!(vm = %self.vm.id(), vcpu = self.vcpu, ?exit, "exit to VMM");
-                self.record(self.event(rec, &trace, outcome));
+                self.hub.record(self.event(rec, &trace, outcome));
                 self.complete(rec.fault_id, action::EXIT_TO_VMM, stop)
             }
             Decision::Inject(reason) => {
                 self.vm.counters.injected.fetch_add(1, Ordering::Relaxed);
                 debug!(vm = %self.vm.id(), vcpu = self.vcpu, ?reason, "injecting abort");
-                self.record(self.event(rec, &trace, Outcome::InjectedAbort));
+                self.hub.record(self.event(rec, &trace, Outcome::InjectedAbort));
                 self.complete(rec.fault_id, action::INJECT_ABORT, stop)
             }
         }
@@ -413,7 +407,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         };
         event.completed_ns = trace.elapsed_ns();
         let mapped = event.outcome == Outcome::Mapped;
-        self.record(event);
+        self.hub.record(event);
         if mapped {
             self.check_budget(stop);
         }

@@ -43,9 +43,6 @@ pub struct VmCounters {
     /// CPU time the VM's working-set monitor took sampling and
     /// aggregating (ns; cold reclaim on its thread not included).
     pub monitor_cpu_ns: AtomicU64,
-    /// Time the daemon took over the VM's faults, summed (ns): what its
-    /// vCPUs stalled on faults, less the rings' transit.
-    pub fault_stall_ns: AtomicU64,
     /// Pipeline errors.
     pub errors: AtomicU64,
     /// Fault records dropped as posted again (after a re-attach) while
