@@ -351,33 +351,40 @@ impl Table {
     /// The rows held, laid out, each line ending in a newline; the header
     /// first on the first flush that has rows.
     pub fn flush(&mut self) -> String {
-        use std::fmt::Write;
         let mut out = String::new();
         if self.rows.is_empty() {
             return out;
         }
-        let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
-            let mut first = true;
-            for ((cell, &(_, right)), &w) in cells.zip(&TABLE_COLUMNS).zip(&self.widths) {
-                let sep = if first { "" } else { "  " };
-                first = false;
-                let _ = match right {
-                    true => write!(out, "{sep}{cell:>w$}"),
-                    false => write!(out, "{sep}{cell:<w$}"),
-                };
-            }
-            out.truncate(out.trim_end().len());
-            out.push('\n');
-        };
         if !self.header_written {
             self.header_written = true;
-            line(&mut out, &mut TABLE_COLUMNS.iter().map(|(h, _)| *h));
+            push_aligned(&mut out, TABLE_COLUMNS.iter().map(|(h, _)| *h), &TABLE_COLUMNS, &self.widths);
         }
         for row in std::mem::take(&mut self.rows) {
-            line(&mut out, &mut row.iter().map(String::as_str));
+            push_aligned(&mut out, row.iter().map(String::as_str), &TABLE_COLUMNS, &self.widths);
         }
         out
     }
+}
+
+/// Appends a line of `cells` laid out as `columns` say (each `(header,
+/// right-aligned)`) at `widths`, two spaces apart, trailing blanks trimmed.
+fn push_aligned<'c>(
+    out: &mut String,
+    cells: impl IntoIterator<Item = &'c str>,
+    columns: &[(&str, bool)],
+    widths: &[usize],
+) {
+    use std::fmt::Write;
+    let start = out.len();
+    for (i, ((cell, &(_, right)), &w)) in cells.into_iter().zip(columns).zip(widths).enumerate() {
+        let sep = if i == 0 { "" } else { "  " };
+        let _ = match right {
+            true => write!(out, "{sep}{cell:>w$}"),
+            false => write!(out, "{sep}{cell:<w$}"),
+        };
+    }
+    out.truncate(start + out[start..].trim_end().len());
+    out.push('\n');
 }
 
 /// Bytes as people read them: `512 KiB`, `1.5 MiB`, `2.0 GiB`.
@@ -393,7 +400,6 @@ pub fn human_bytes(bytes: u64) -> String {
 /// region (IPA range, size, how often sampled accessed, how long idle)
 /// with a bar of its frequency, columns sized to the rows.
 pub fn workingset_table(a: &faultline_proto::v1::WorkingSetAggregation) -> String {
-    use std::fmt::Write;
     let monitored: u64 = a.regions.iter().map(|r| r.end - r.start).sum();
     let mut out = format!(
         "vm{}: {} regions over {}, aggregation #{} ({} samples in {} ms); working set {} (accessed within {} ms), \
@@ -439,21 +445,9 @@ pub fn workingset_table(a: &faultline_proto::v1::WorkingSetAggregation) -> Strin
             *w = (*w).max(cell.len());
         }
     }
-    let mut line = |cells: [&str; 6]| {
-        let mut l = String::new();
-        for (i, ((cell, &(_, right)), &w)) in cells.iter().zip(&HEAD).zip(&widths).enumerate() {
-            let sep = if i == 0 { "" } else { "  " };
-            let _ = match right {
-                true => write!(l, "{sep}{cell:>w$}"),
-                false => write!(l, "{sep}{cell:<w$}"),
-            };
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(HEAD.map(|(h, _)| h));
+    push_aligned(&mut out, HEAD.map(|(h, _)| h), &HEAD, &widths);
     for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]].map(String::as_str));
+        push_aligned(&mut out, row.iter().map(String::as_str), &HEAD, &widths);
     }
     out.truncate(out.trim_end().len());
     out
