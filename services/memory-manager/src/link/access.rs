@@ -4,11 +4,17 @@
 //! clears young bits. A cleared page's next access sets its flag again at
 //! the core, with no fault for the daemon (`Vm::handle_abort`).
 
-use hyp_core::addr::PAGE_SIZE;
+use hyp_core::addr::{Ipa, PAGE_SIZE};
 use hyp_core::ring::abi::{kind, CommandRecord, MAX_AGED_PAGES};
 
 use super::control::{ControlClient, ControlError};
 use crate::memory::memslot::Memslot;
+
+/// The AGE command that reads and clears the access flags of `pages`
+/// pages from `ipa` (at most [`MAX_AGED_PAGES`]).
+pub fn age(ipa: Ipa, pages: u64) -> CommandRecord {
+    CommandRecord { kind: kind::AGE, ipa: ipa.raw(), size: pages * PAGE_SIZE, ..Default::default() }
+}
 
 /// What a fetch-and-clear of an access log returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,12 +32,7 @@ pub fn fetch_and_clear(control: &ControlClient, slot: &Memslot) -> Result<Access
     let pages = slot.pages();
     let cmds: Vec<CommandRecord> = (0..pages)
         .step_by(MAX_AGED_PAGES as usize)
-        .map(|page| CommandRecord {
-            kind: kind::AGE,
-            ipa: slot.gpa.raw() + page * PAGE_SIZE,
-            size: (pages - page).min(MAX_AGED_PAGES) * PAGE_SIZE,
-            ..Default::default()
-        })
+        .map(|page| age(Ipa::new(slot.gpa.raw() + page * PAGE_SIZE), (pages - page).min(MAX_AGED_PAGES)))
         .collect();
     let commands = cmds.len() as u64;
     // One answer per 64 pages: word i of the bitmap is answer i.

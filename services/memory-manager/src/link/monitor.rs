@@ -8,10 +8,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hyp_core::addr::PAGE_SIZE;
-use hyp_core::ring::abi::{kind, CommandRecord};
 use tracing::{debug, warn};
 
+use super::access;
 use super::control::ControlError;
 use super::evict;
 use super::vm::AttachedVm;
@@ -82,13 +81,7 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
 /// checked page was accessed.
 fn sample(vm: &AttachedVm, round: SampleRound) -> Result<Vec<bool>, ControlError> {
     let checks = round.checks.len();
-    let age = |ipa: hyp_core::addr::Ipa| CommandRecord {
-        kind: kind::AGE,
-        ipa: ipa.raw(),
-        size: PAGE_SIZE,
-        ..Default::default()
-    };
-    let cmds = round.checks.into_iter().chain(round.arms).map(age).collect();
+    let cmds = round.checks.into_iter().chain(round.arms).map(|ipa| access::age(ipa, 1)).collect();
     let answers = vm.control.execute_all(cmds)?;
     answers.into_iter().take(checks).map(|a| a.map(|r| r.value & 1 != 0)).collect()
 }
