@@ -61,6 +61,27 @@ fn decode_png(path: &std::path::Path) -> (usize, Vec<u8>) {
     (info.width as usize, px)
 }
 
+/// Waits (polling GetVm) until VM `vm` is as `ready` wants; panics with
+/// `not` and the last answer after 120 s.
+async fn vm_when(
+    daemon: &Daemon,
+    vm: u32,
+    not: &str,
+    ready: impl Fn(&faultline_proto::v1::Vm) -> bool,
+) -> faultline_proto::v1::Vm {
+    use faultline_proto::v1::control_client::ControlClient;
+    let mut control = ControlClient::new(daemon.unix_channel().await);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = control.get_vm(faultline_proto::v1::GetVmRequest { vm_id: vm }).await.unwrap().into_inner();
+        if ready(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{not}: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A `sim-machine` whose phases repeat until a line on its stdin.
 fn looping_machine(daemon: &Daemon, args: &[&str]) -> (Child, std::process::ChildStdin) {
     let mut child = machine(daemon)
@@ -186,7 +207,6 @@ async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
     std::fs::write(&path, &trace).unwrap();
     let args = ["--vm-id", "8", "--vcpus", "1", "--ram-mib", "64", "--ram-page-kib", "4", "--spin-polls", "0"];
     let (child, mut stdin) = looping_machine(&daemon, &[&args[..], &["--trace", path.to_str().unwrap()]].concat());
-    let mut control = ControlClient::new(daemon.unix_channel().await);
     let vm = || async { ControlClient::new(daemon.unix_channel().await).get_vm(GetVmRequest { vm_id: 8 }).await };
     while vm().await.is_err() {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -211,15 +231,8 @@ async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
     let later = wait_for(&daemon, 8, Duration::from_secs(120), |s| s.index > aged.index + 5).await;
     let idle_at_a = |s: &WorkingSetAggregation| s.regions.iter().find(|r| r.start <= a && a < r.end).unwrap().idle_ms;
     assert!(idle_at_a(&later) > idle_at_a(&aged), "A's age grows: {} then {}", idle_at_a(&aged), idle_at_a(&later));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let evicted = loop {
-        let v = control.get_vm(GetVmRequest { vm_id: 8 }).await.unwrap().into_inner();
-        if v.evicted >= 1024 && v.resident_bytes <= 2 * MIB {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "A was not reclaimed: {v:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let evicted =
+        vm_when(&daemon, 8, "A was not reclaimed", |v| v.evicted >= 1024 && v.resident_bytes <= 2 * MIB).await;
     assert!(evicted.swap_store_held_bytes >= 4 * MIB, "A's pages are in the swap store: {evicted:#?}");
     assert!(evicted.resident_bytes >= MIB, "B, in use, stays resident: {evicted:#?}");
     let metrics =
@@ -228,16 +241,8 @@ async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
 
     // Phase 2 reads A back: every page refaults from the swap store.
     writeln!(stdin).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = control.get_vm(GetVmRequest { vm_id: 8 }).await.unwrap().into_inner();
-        if v.refaults >= 1024 {
-            assert!(v.refault_bytes >= 4 * MIB, "{v:#?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "A did not come back: {v:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let back = vm_when(&daemon, 8, "A did not come back", |v| v.refaults >= 1024).await;
+    assert!(back.refault_bytes >= 4 * MIB, "{back:#?}");
     writeln!(stdin).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
