@@ -361,8 +361,8 @@ fn completions_for_three_shells_and_man_pages_are_generated_and_installed() {
 /// A machine attached as `vm` (2 vCPUs, its RAM 4 KiB-paged and
 /// dirty-logged) that runs a random workload's first half and pauses,
 /// attached, until [`PausedMachine::resume`] lets it run the second half
-/// (the same pages again: after a dirty-log fetch, permission faults);
-/// killed on drop.
+/// (the same pages again: after a dirty-log fetch, permission faults),
+/// and then holds, still attached; killed on drop.
 struct PausedMachine {
     machine: TracedMachine,
     _trace_dir: tempfile::TempDir,
@@ -382,6 +382,7 @@ impl PausedMachine {
         std::fs::write(&trace, workload.to_trace()).unwrap();
         let vm_id = vm.to_string();
         let args = ["--vm-id", &vm_id, "--vcpus", "2", "--ram-page-kib", "4", "--dirty-log", "--spin-polls", "0"];
+        let args = [&args[..], &["--hold-before-detach"]].concat();
         let mut m = TracedMachine::spawn(daemon, &args, &trace);
         m.wait_paused(0);
         Self { machine: m, _trace_dir: dir }
@@ -545,6 +546,48 @@ fn observe_follow_in_a_terminal_ends_on_ctrl_c_and_leaves_it_sane() {
     assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
     // The stream was closed with it.
     wait_for_streams(&daemon, 0);
+}
+
+#[test]
+fn top_in_a_terminal_shows_the_vm_toggles_its_vcpus_and_quits_on_q() {
+    let daemon = Daemon::start(&["--spin-polls", "0"]);
+    // Without a terminal: a clear error, before it connects.
+    let (drawn, _, err) = faultline(&daemon, &["top"]);
+    assert!(!drawn && err.contains("top draws on a terminal") && err.contains("-o json"), "{err}");
+    let mut live = PausedMachine::start(&daemon, 4);
+    let term = Terminal::start(&[("FAULTLINE_SERVER", &daemon.grpc_unix_addr()), ("RUST_BACKTRACE", "1")]);
+    term.type_line(&format!("{} top", binary("faultline").display()));
+    // Refreshed once: the VM, its memory, the policy.
+    term.screen_when(|s| s.contains("policy: default") && s.contains("RESIDENT") && vm_row(s, "vm4").is_some());
+    // Faults stream in once top follows them (write-protected by a dirty
+    // log fetch, the second half's writes are relaxed): the VM's row shows
+    // their rate by outcome for the second they came in.
+    wait_for_streams(&daemon, 1);
+    let (fetched, _, err) = faultline(&daemon, &["dirty-log", "4", "0"]);
+    assert!(fetched, "{err}");
+    live.resume();
+    let screen = term.screen_when(|s| vm_row(s, "vm4").is_some_and(|row| row.contains("relaxed")));
+    let row = vm_row(&screen, "vm4").unwrap();
+    let rate: f64 = row.split_whitespace().nth(2).and_then(|r| r.parse().ok()).unwrap_or_default();
+    assert!(rate > 0.0 && row.contains("us") && row.contains("MiB"), "{row}");
+    // v: a row per vCPU; again: gone.
+    term.tmux(&["send-keys", "v"]);
+    term.screen_when(|s| s.contains("vcpu0") && s.contains("vcpu1") && s.contains("v: VMs only"));
+    term.tmux(&["send-keys", "v"]);
+    term.screen_when(|s| !s.contains("vcpu0") && s.contains("v: per-vCPU breakdown"));
+    // q: the shell is back, top exited 0, and the terminal is sane.
+    term.tmux(&["send-keys", "q"]);
+    term.type_line("echo \"status=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo|isig)' | tr '\\n' ' '; echo; echo \"sum=$((6*7))\"");
+    let screen = term.screen_when(|s| s.contains("sum=42"));
+    assert!(screen.contains("status=0"), "{screen}");
+    assert!(screen.contains("icanon echo isig") || screen.contains("isig icanon echo"), "{screen}");
+    assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
+    wait_for_streams(&daemon, 0);
+}
+
+/// The line of `screen` that starts with `vm` (a VM's row in `top`).
+fn vm_row<'s>(screen: &'s str, vm: &str) -> Option<&'s str> {
+    screen.lines().find(|l| l.trim_start().starts_with(&format!("{vm} ")))
 }
 
 /// Waits until `daemon` has `open` Observe streams open (30 s at most: a

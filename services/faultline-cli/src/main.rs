@@ -4,6 +4,7 @@
 mod demo;
 mod observe;
 mod out;
+mod top;
 mod workingset;
 
 use out::{out, outln};
@@ -136,6 +137,10 @@ enum Command {
     Heatmap(workingset::HeatmapArgs),
     /// The working-set monitor's settings; with flags, change them.
     Monitor(workingset::MonitorArgs),
+    /// A live terminal view of every VM: fault rate by outcome, p50/p99,
+    /// rings, resident and working-set bytes, the policy; `v` toggles a
+    /// per-vCPU breakdown, `q` quits.
+    Top(top::TopArgs),
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...):
     /// `source <(faultline completions bash)`; deploy/install-cli.sh
     /// installs them.
@@ -396,6 +401,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
         Command::Workingset(args) => workingset::show(args, channel().await?).await?,
         Command::Heatmap(args) => workingset::heatmap(args, async { anyhow::Ok(channel().await?) }).await?,
         Command::Monitor(args) => workingset::monitor(args, channel().await?).await?,
+        Command::Top(args) => top::run(args, async { anyhow::Ok(channel().await?) }).await?,
         Command::AccessLog { vm, memslot, output } => {
             let mut client = ControlClient::new(channel().await?);
             let log =
