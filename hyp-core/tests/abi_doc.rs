@@ -85,9 +85,10 @@ fn ring_control_offsets_and_kinds_match() {
     let ring: Vec<(usize, String)> =
         table(&d, "## Ring").into_iter().map(|r| (r[0].parse().unwrap(), r[1].clone())).collect();
     assert_eq!(ring[0].0, abi::PRODUCER_INDEX_OFFSET);
-    assert_eq!(ring[1].0, abi::CONSUMER_INDEX_OFFSET);
-    assert_eq!(ring[2].0, abi::CONSUMER_WAITING_OFFSET);
-    assert_eq!(ring[3].0, abi::RING_CONTROL_SIZE);
+    assert_eq!(ring[1].0, abi::PRODUCER_YOUNG_OFFSET);
+    assert_eq!(ring[2].0, abi::CONSUMER_INDEX_OFFSET);
+    assert_eq!(ring[3].0, abi::CONSUMER_WAITING_OFFSET);
+    assert_eq!(ring[4].0, abi::RING_CONTROL_SIZE);
     let kinds: Vec<(String, u32)> = table(&d, "## Records")
         .into_iter()
         .map(|r| (r[0].clone(), u32::from_str_radix(r[1].trim_start_matches("0x"), 16).unwrap()))

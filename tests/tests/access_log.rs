@@ -4,7 +4,8 @@
 //! fault for the daemon. Real daemon, real machine, real gRPC client.
 
 use faultline_proto::v1::control_client::ControlClient;
-use faultline_proto::v1::GetAccessLogRequest;
+use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+use faultline_proto::v1::{GetAccessLogRequest, GetStatsRequest, GetVmRequest};
 use faultline_system_tests::{Daemon, TracedMachine};
 use sim_machine::layout::Layout;
 use sim_machine::workload::{parse_trace, replay_flat};
@@ -20,6 +21,25 @@ async fn accessed(daemon: &Daemon, vm: u32) -> Vec<u64> {
     let pages: Vec<u64> = faultline_proto::dirty_pages(0, &log.bitmap).map(|p| p / 4096).collect();
     assert_eq!(log.accessed_pages, pages.len() as u64);
     pages
+}
+
+/// Waits until GetVm and GetStats both say `vm`'s core resolved
+/// `expected` access-flag faults (the daemon reads the core's count every
+/// 20 ms; 30 s at most: a hang guard); returns GetStats' count per vCPU.
+async fn access_flag_faults_reach(daemon: &Daemon, vm: u32, expected: u64) -> Vec<u64> {
+    let mut control = ControlClient::new(daemon.unix_channel().await);
+    let mut trace = FaultTraceClient::new(daemon.unix_channel().await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let of_vm = control.get_vm(GetVmRequest { vm_id: vm }).await.unwrap().into_inner().access_flag_faults;
+        let stats = trace.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+        let per_vcpu: Vec<u64> = stats.rings.iter().filter(|r| r.vm_id == vm).map(|r| r.access_flag_faults).collect();
+        if of_vm == expected && stats.access_flag_faults_at_core == expected {
+            return per_vcpu;
+        }
+        assert!(std::time::Instant::now() < deadline, "GetVm {of_vm}, GetStats {stats:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,8 +80,18 @@ async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
     m.resume();
     m.wait_paused(1);
     // Six accesses to pages whose flags were cleared: the core set them
-    // again, and the daemon saw no fault.
+    // again, and the daemon saw no fault, only the core's count of them,
+    // per VM and vCPU, in the CLI and in /metrics.
     assert_eq!(daemon.seen_events().await, faults_before, "no fault reached the daemon");
+    assert_eq!(access_flag_faults_reach(&daemon, 6, 6).await, [6], "one vCPU took them all");
+    let shown = std::process::Command::new(faultline_system_tests::binary("faultline"))
+        .args(["--server", &daemon.grpc_unix_addr(), "vm", "show", "6"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("access-flag faults resolved at the core (no record): 6\n"), "{shown}");
+    let metrics = faultline_system_tests::scrape_metrics(&daemon.metrics_addr());
+    assert!(metrics.contains("faultline_vm_access_flag_faults_total{vm=\"6\"} 6\n"), "{metrics}");
     assert_eq!(accessed(&daemon, 6).await, [0, 1, 2, 3, 4, 7]);
     // Plain TCP may not clear the flags.
     let mut tcp = ControlClient::connect(daemon.grpc_addr()).await.unwrap();

@@ -272,7 +272,10 @@ fn power_off() -> ! {
 fn serve_fault(s: &mut State, esr: u64, far: u64, hpfar: u64) -> Completion {
     let rec = match s.vm.handle_abort(0, esr, far, hpfar, counter(), translate_el1_va) {
         // An access-flag fault the core resolved: the guest retries.
-        Ok(Taken::Young) => return Completion::Resume,
+        Ok(Taken::Young) => {
+            s.faults_out.count_access_flag_fault();
+            return Completion::Resume;
+        }
         Ok(Taken::Fault(r)) => r,
         Err(e) => {
             println!("FAULTLINE-EL2 ERROR core refused the fault: {:?}", e);

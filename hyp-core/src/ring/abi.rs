@@ -22,6 +22,10 @@ pub const HEADER_SIZE: usize = 64;
 pub const RING_CONTROL_SIZE: usize = 128;
 /// Offset of the producer index in a ring.
 pub const PRODUCER_INDEX_OFFSET: usize = 0;
+/// Offset of the producer's count of access-flag faults the core resolved
+/// without a record (fault rings; a statistic for the daemon, next to the
+/// producer index on the producer's line).
+pub const PRODUCER_YOUNG_OFFSET: usize = 8;
 /// Offset of the consumer index in a ring (its own cache line).
 pub const CONSUMER_INDEX_OFFSET: usize = 64;
 /// Offset of the consumer's "I am going to sleep" word, next to its index.
@@ -541,6 +545,7 @@ const _: () = {
 
     assert!(RING_CONTROL_SIZE == 2 * RECORD_SIZE);
     assert!(CONSUMER_INDEX_OFFSET == 64 && CONSUMER_WAITING_OFFSET == 68 && PRODUCER_INDEX_OFFSET == 0);
+    assert!(PRODUCER_YOUNG_OFFSET == 8 && PRODUCER_YOUNG_OFFSET % 8 == 0 && PRODUCER_YOUNG_OFFSET + 8 <= 64);
     assert!(MAGIC == 0x3145_4e49_4c54_4c46);
 };
 

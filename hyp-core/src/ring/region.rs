@@ -9,7 +9,7 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 use super::abi::{
     HeaderError, RegionHeader, RingKind, CONSUMER_INDEX_OFFSET, CONSUMER_WAITING_OFFSET, HEADER_SIZE,
-    PRODUCER_INDEX_OFFSET, RECORD_SIZE, RING_CONTROL_SIZE,
+    PRODUCER_INDEX_OFFSET, PRODUCER_YOUNG_OFFSET, RECORD_SIZE, RING_CONTROL_SIZE,
 };
 use super::spsc::{RingView, Slot};
 
@@ -117,6 +117,7 @@ impl<'a> SharedRegion<'a> {
         let slots: &'a [Slot] = unsafe { core::slice::from_raw_parts(slots_ptr.as_ptr(), entries) };
         RingView::new(
             self.word32(off + PRODUCER_INDEX_OFFSET as u64),
+            self.word(off + PRODUCER_YOUNG_OFFSET as u64),
             self.word32(off + CONSUMER_INDEX_OFFSET as u64),
             self.word32(off + CONSUMER_WAITING_OFFSET as u64),
             slots,

@@ -18,10 +18,11 @@ use super::abi::Record;
 pub type Slot = [AtomicU64; 8];
 
 /// A ring's shared memory: the two published indices, the consumer's
-/// waiting flag and the slots.
+/// waiting flag, the producer's access-flag fault count and the slots.
 #[derive(Clone, Copy, Debug)]
 pub struct RingView<'a> {
     producer: &'a AtomicU32,
+    young: &'a AtomicU64,
     consumer: &'a AtomicU32,
     waiting: &'a AtomicU32,
     slots: &'a [Slot],
@@ -61,6 +62,7 @@ impl<'a> RingView<'a> {
     /// A view over shared memory. `slots.len()` must be a power of two.
     pub fn new(
         producer: &'a AtomicU32,
+        young: &'a AtomicU64,
         consumer: &'a AtomicU32,
         waiting: &'a AtomicU32,
         slots: &'a [Slot],
@@ -68,7 +70,15 @@ impl<'a> RingView<'a> {
         if !slots.len().is_power_of_two() || slots.len() > u32::MAX as usize / 2 {
             return None;
         }
-        Some(Self { producer, consumer, waiting, slots })
+        Some(Self { producer, young, consumer, waiting, slots })
+    }
+
+    /// Access-flag faults the core resolved on this (fault) ring's vCPU
+    /// without sending a record, as the producer last published it: a
+    /// statistic, which a hostile producer can make say anything, so
+    /// nothing but a count shown to people may depend on it.
+    pub fn access_flag_faults(&self) -> u64 {
+        self.young.load(Ordering::Relaxed)
     }
 
     /// The published producer index word, for a doorbell that sleeps until
@@ -119,6 +129,7 @@ impl<'a> RingView<'a> {
 pub struct Producer<'a> {
     ring: RingView<'a>,
     head: u32,
+    young: u64,
     quarantined: Option<Violation>,
 }
 
@@ -127,7 +138,8 @@ impl<'a> Producer<'a> {
     /// (zero for a new ring, or where a restarted producer left off).
     pub fn attach(ring: RingView<'a>) -> Result<Self, Violation> {
         let head = ring.producer.load(Ordering::Acquire);
-        let mut p = Self { ring, head, quarantined: None };
+        let young = ring.young.load(Ordering::Relaxed);
+        let mut p = Self { ring, head, young, quarantined: None };
         p.peer_index()?;
         Ok(p)
     }
@@ -161,6 +173,13 @@ impl<'a> Producer<'a> {
         // Release: the slot's words are visible before the new index.
         self.ring.producer.store(self.head, Ordering::Release);
         Ok(())
+    }
+
+    /// Counts an access-flag fault the core resolved without a record, and
+    /// publishes the count (a statistic: no ordering with the records).
+    pub fn count_access_flag_fault(&mut self) {
+        self.young = self.young.wrapping_add(1);
+        self.ring.young.store(self.young, Ordering::Relaxed);
     }
 
     /// Records published and not yet consumed.
@@ -258,6 +277,7 @@ impl<'a> Consumer<'a> {
 #[derive(Debug)]
 pub struct OwnedRing {
     producer: AtomicU32,
+    young: AtomicU64,
     consumer: AtomicU32,
     waiting: AtomicU32,
     slots: [Slot; OWNED_RING_ENTRIES],
@@ -278,6 +298,7 @@ impl OwnedRing {
         let slot = || core::array::from_fn(|_| AtomicU64::new(0));
         Self {
             producer: AtomicU32::new(0),
+            young: AtomicU64::new(0),
             consumer: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
             slots: core::array::from_fn(|_| slot()),
@@ -286,7 +307,13 @@ impl OwnedRing {
 
     /// The ring's view.
     pub fn view(&self) -> RingView<'_> {
-        RingView { producer: &self.producer, consumer: &self.consumer, waiting: &self.waiting, slots: &self.slots }
+        RingView {
+            producer: &self.producer,
+            young: &self.young,
+            consumer: &self.consumer,
+            waiting: &self.waiting,
+            slots: &self.slots,
+        }
     }
 
     /// Overwrites the published producer index, as a hostile peer would.
@@ -311,6 +338,22 @@ mod tests {
 
     fn rec(n: u64) -> Record {
         Record([n, n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7])
+    }
+
+    #[test]
+    fn the_access_flag_count_is_published_and_resumed_and_moves_no_index() {
+        let ring = OwnedRing::new();
+        let mut p = Producer::attach(ring.view()).unwrap();
+        let mut c = Consumer::attach(ring.view()).unwrap();
+        p.count_access_flag_fault();
+        p.count_access_flag_fault();
+        assert_eq!(ring.view().access_flag_faults(), 2);
+        assert_eq!((c.pop(), p.len()), (Ok(None), Ok(0)), "a count is no record");
+        // A producer attached again (a machine's core re-attaching) goes on
+        // from the published count.
+        let mut again = Producer::attach(ring.view()).unwrap();
+        again.count_access_flag_fault();
+        assert_eq!(c.view().access_flag_faults(), 3);
     }
 
     #[test]

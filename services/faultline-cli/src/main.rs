@@ -356,6 +356,9 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                     counts.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect();
                 outln!("{title}: {}", nonzero.join(" "));
             }
+            if s.access_flag_faults_at_core > 0 {
+                outln!("access-flag faults resolved at the cores (no record): {}", s.access_flag_faults_at_core);
+            }
             outln!(
                 "{:<13} {:>9} {:>10} {:>10} {:>10} {:>10}",
                 "stage",
@@ -522,6 +525,9 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                     vm.swap_store_bytes >> 10,
                     if vm.swap_store_in_memory { "in memory" } else { "on disk" }
                 );
+                if vm.access_flag_faults > 0 {
+                    outln!("  access-flag faults resolved at the core (no record): {}", vm.access_flag_faults);
+                }
                 for m in vm.memslots {
                     let flags = [(m.read_only, "read-only"), (m.dirty_log, "dirty-log")]
                         .iter()

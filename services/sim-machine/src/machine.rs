@@ -620,6 +620,7 @@ fn run_vcpu(v: u32, phase: usize, ops: &[crate::workload::Op], env: &VcpuEnv<'_>
                         // The core set the access flag: retry, no round trip.
                         Taken::Young => {
                             r.access_flag_faults += 1;
+                            faults_out.count_access_flag_fault();
                             continue;
                         }
                         Taken::Fault(rec) => rec,

@@ -113,6 +113,7 @@ pub fn vm(vm: &AttachedVm) -> pb::Vm {
         working_set_bytes: vm.working_set.latest().map_or(0, |a| a.working_set_bytes()),
         refault_bytes: vm.layout.refault_bytes(),
         refault_stall_ns: vm.layout.refault_ns(),
+        access_flag_faults: vm.access_flag_faults(),
     }
 }
 
@@ -204,6 +205,7 @@ pub fn ring_occupancy(vms: &[Arc<AttachedVm>]) -> Vec<pb::RingOccupancy> {
                     fault_ring_high_water: r.faults_high,
                     command_ring: r.commands,
                     command_ring_high_water: r.commands_high,
+                    access_flag_faults: r.access_flag_faults,
                 }
             })
         })

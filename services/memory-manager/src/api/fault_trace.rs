@@ -392,6 +392,7 @@ impl FaultTrace for FaultTraceService {
             policy: self.sources.policies.load().policy.name().to_string(),
             rings: convert::ring_occupancy(&vms),
             pool: Some(convert::service_pool(&self.sources.pool)),
+            access_flag_faults_at_core: vms.iter().map(|vm| vm.access_flag_faults()).fold(0, u64::wrapping_add),
         }))
     }
 

@@ -244,7 +244,7 @@ impl FaultCollector {
 
     /// What each monitored VM's working-set monitor last saw: the
     /// working set, idle bytes by age, its CPU time; and every VM's
-    /// refaults and cold reclaims.
+    /// refaults, access-flag faults and cold reclaims.
     fn encode_working_sets(
         &self,
         encoder: &mut DescriptorEncoder<'_>,
@@ -285,6 +285,13 @@ impl FaultCollector {
             "Faults that brought evicted pages back from the swap store.",
             "vm",
             &per_vm(&|vm| vm.layout.refaults()),
+        )?;
+        counter_family(
+            encoder,
+            "faultline_vm_access_flag_faults",
+            "Access-flag faults the core resolved itself (aged pages touched again; no fault record).",
+            "vm",
+            &per_vm(&|vm| vm.access_flag_faults()),
         )?;
         counter_family(
             encoder,

@@ -492,7 +492,17 @@ impl AttachServer {
                         "taken over: the old daemon's records adopted"
                     );
                 }
-                let ending = self.wait_for_detach(&conn, || served.panicked());
+                // Between polls, the core's access-flag counts for the API.
+                let read_core_counts = || {
+                    for (vcpu, occupancy) in vm.rings.iter().enumerate() {
+                        if let Some(view) = region.ring(vcpu as u32, RingKind::Fault) {
+                            occupancy.note_access_flag_faults(view.access_flag_faults());
+                        }
+                    }
+                };
+                let ending = self.wait_for_detach(&conn, || served.panicked(), read_core_counts);
+                // The last count, for the detach's log line.
+                read_core_counts();
                 if let Ending::HandOver(sink) = &ending {
                     // A new daemon that takes VMs staged maps this one
                     // while it drains; its state follows.
@@ -575,17 +585,20 @@ impl AttachServer {
         let remaining = vm.mapping.pins().total();
         let faults = vm.counters.faults.load(Ordering::Relaxed);
         drop(registration);
-        info!(pages_released = released, pins_remaining = remaining, faults, "VM detached");
+        let access_flag_faults = vm.access_flag_faults();
+        info!(pages_released = released, pins_remaining = remaining, faults, access_flag_faults, "VM detached");
         if matches!(ending, Ending::Detached) {
             reply(Status::Ok, "detached".into(), [released, remaining, faults]);
         }
     }
 
     /// Waits until the machine detaches or hangs up, the daemon stops, a
-    /// new daemon takes over, or one of the VM's services `failed`.
-    fn wait_for_detach(&self, conn: &OwnedFd, failed: impl Fn() -> bool) -> Ending {
+    /// new daemon takes over, or one of the VM's services `failed`;
+    /// `between_polls` runs every 20 ms meanwhile.
+    fn wait_for_detach(&self, conn: &OwnedFd, failed: impl Fn() -> bool, between_polls: impl Fn()) -> Ending {
         loop {
             panic_point("vm-waiting");
+            between_polls();
             if failed() {
                 return Ending::Failed;
             }

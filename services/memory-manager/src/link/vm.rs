@@ -73,6 +73,12 @@ impl AttachedVm {
         self.layout.id
     }
 
+    /// Access-flag faults the VM's core resolved without a record, as its
+    /// fault rings last said (a statistic; see [`RingOccupancy`]).
+    pub fn access_flag_faults(&self) -> u64 {
+        self.rings.iter().map(|r| r.read().access_flag_faults).fold(0, u64::wrapping_add)
+    }
+
     /// What the pipeline reads.
     pub fn view(&self) -> VmView<'_> {
         VmView { layout: &self.layout, mapping: &self.mapping, host: &self.host }

@@ -1,9 +1,12 @@
-//! How full each vCPU's rings are, as its service thread last saw them.
+//! How full each vCPU's rings are, as its service thread last saw them,
+//! and what the core counts on them.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// How full one vCPU's rings are, in records, as its service thread last
-/// saw them (plain stores: a statistic, not a synchronisation point).
+/// saw them, and the access-flag faults the core resolved on that vCPU, as
+/// its fault ring last said (plain stores: statistics, not synchronisation
+/// points).
 #[derive(Debug, Default)]
 pub struct RingOccupancy {
     capacity: AtomicU32,
@@ -11,6 +14,7 @@ pub struct RingOccupancy {
     faults_high: AtomicU32,
     commands: AtomicU32,
     commands_high: AtomicU32,
+    access_flag_faults: AtomicU64,
 }
 
 /// A [`RingOccupancy`] reading.
@@ -26,6 +30,9 @@ pub struct OccupancyReading {
     pub commands: u32,
     /// Most commands ever seen waiting.
     pub commands_high: u32,
+    /// Access-flag faults the core resolved without a record (its count on
+    /// the fault ring: the producer's word, shown and never acted on).
+    pub access_flag_faults: u64,
 }
 
 impl RingOccupancy {
@@ -51,6 +58,11 @@ impl RingOccupancy {
         Self::note(&self.commands, &self.commands_high, n);
     }
 
+    /// Notes the core's access-flag fault count, read from the fault ring.
+    pub fn note_access_flag_faults(&self, n: u64) {
+        self.access_flag_faults.store(n, Ordering::Relaxed);
+    }
+
     /// The current reading.
     pub fn read(&self) -> OccupancyReading {
         let l = |a: &AtomicU32| a.load(Ordering::Relaxed);
@@ -60,6 +72,7 @@ impl RingOccupancy {
             faults_high: l(&self.faults_high),
             commands: l(&self.commands),
             commands_high: l(&self.commands_high),
+            access_flag_faults: self.access_flag_faults.load(Ordering::Relaxed),
         }
     }
 }
