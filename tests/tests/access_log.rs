@@ -44,6 +44,26 @@ async fn access_flag_faults_reach(daemon: &Daemon, vm: u32, expected: u64) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
+    accessed_pages_are_logged(AccessFlags::Fault).await;
+}
+
+/// With FEAT_HAFDBS (the machine's MMU sets the flags, `VTCR_EL2.HA`) the
+/// log is the same and the core takes no access-flag fault at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hardware_access_flags_the_walker_sets_them_and_nothing_faults() {
+    accessed_pages_are_logged(AccessFlags::Hardware).await;
+}
+
+/// Who sets an aged page's access flag when the guest touches it again.
+#[derive(Clone, Copy, PartialEq)]
+enum AccessFlags {
+    /// The core, on an access-flag fault.
+    Fault,
+    /// The machine's MMU (`sim-machine --hardware-access-flag`).
+    Hardware,
+}
+
+async fn accessed_pages_are_logged(flags: AccessFlags) {
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
     // Phase 0 writes pages 0..10; phase 1 reads pages 0..5 and writes page
     // 7; phase 2 is empty: the machine waits, attached, before it ends.
@@ -59,8 +79,14 @@ async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("access.trace");
     std::fs::write(&trace, &trace_text).unwrap();
-    let args = ["--vm-id", "6", "--vcpus", "1", "--ram-page-kib", "4", "--spin-polls", "0"];
+    let mut args = vec!["--vm-id", "6", "--vcpus", "1", "--ram-page-kib", "4", "--spin-polls", "0"];
+    if flags == AccessFlags::Hardware {
+        args.push("--hardware-access-flag");
+    }
     let mut m = TracedMachine::spawn(&daemon, &args, &trace);
+    // Six accesses to pages whose flags the log cleared: each an
+    // access-flag fault at the core, or none with hardware updates.
+    let af_faults = if flags == AccessFlags::Hardware { 0 } else { 6 };
 
     m.wait_paused(0);
     // Mapped by their faults, with the access flag set: all ten, as the
@@ -79,19 +105,21 @@ async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
     let faults_before = daemon.seen_events().await;
     m.resume();
     m.wait_paused(1);
-    // Six accesses to pages whose flags were cleared: the core set them
-    // again, and the daemon saw no fault, only the core's count of them,
-    // per VM and vCPU, in the CLI and in /metrics.
+    // The six accesses set the flags again (the core on a fault, or the
+    // MMU), and the daemon saw no fault, only the core's count of its
+    // access-flag faults, per VM and vCPU, in the CLI and in /metrics.
     assert_eq!(daemon.seen_events().await, faults_before, "no fault reached the daemon");
-    assert_eq!(access_flag_faults_reach(&daemon, 6, 6).await, [6], "one vCPU took them all");
+    assert_eq!(access_flag_faults_reach(&daemon, 6, af_faults).await, [af_faults], "one vCPU took them all");
     let shown = std::process::Command::new(faultline_system_tests::binary("faultline"))
         .args(["--server", &daemon.grpc_unix_addr(), "vm", "show", "6"])
         .output()
         .unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("access-flag faults resolved at the core (no record): 6\n"), "{shown}");
+    let line = format!("access-flag faults resolved at the core (no record): {af_faults}\n");
+    assert_eq!(shown.contains(&line), af_faults > 0, "{shown}");
     let metrics = faultline_system_tests::scrape_metrics(&daemon.metrics_addr());
-    assert!(metrics.contains("faultline_vm_access_flag_faults_total{vm=\"6\"} 6\n"), "{metrics}");
+    let metric = format!("faultline_vm_access_flag_faults_total{{vm=\"6\"}} {af_faults}\n");
+    assert!(metrics.contains(&metric), "{metrics}");
     assert_eq!(accessed(&daemon, 6).await, [0, 1, 2, 3, 4, 7]);
     // Plain TCP may not clear the flags.
     let mut tcp = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
@@ -105,7 +133,8 @@ async fn accessed_pages_are_logged_and_reaccesses_stay_at_the_core() {
     let out = m.child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((summary["faults"].as_u64(), summary["access_flag_faults"].as_u64()), (Some(10), Some(6)));
+    assert_eq!((summary["faults"].as_u64(), summary["access_flag_faults"].as_u64()), (Some(10), Some(af_faults)));
+    assert_eq!(summary["hardware_access_flag"], flags == AccessFlags::Hardware);
     let layout = Layout { nr_vcpus: 1, ram_page_size: 4096, ..Layout::default() };
     let flat = replay_flat(&layout, &parse_trace(&trace_text, 1).unwrap());
     assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "guest RAM intact");

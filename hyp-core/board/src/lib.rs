@@ -125,6 +125,10 @@ pub mod mailbox {
     /// written by the launcher before QEMU starts, read by the image at
     /// boot, before it builds the VM's stage 2.
     pub const IPA_BITS: u64 = 64;
+    /// Nonzero: the image may let the MMU set stage-2 access flags itself
+    /// (FEAT_HAFDBS, `VTCR_EL2.HA`) if the CPU has it. Written by the
+    /// launcher before QEMU starts, read by the image at boot.
+    pub const HW_ACCESS_FLAG: u64 = 68;
 }
 
 /// The stage-1 probe's MMIO page: outside every memslot, mapped by the

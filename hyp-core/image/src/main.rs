@@ -41,7 +41,7 @@ use hyp_core::arch::{translate_el1_va, El2Tlb};
 use hyp_core::mmio::MmioExit;
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
-use hyp_core::stage2::{Geometry, LinearMap};
+use hyp_core::stage2::{AccessFlagUpdate, Geometry, LinearMap};
 use hyp_core::vm::{Completion, Taken, Vm};
 
 use boot::Frame;
@@ -145,12 +145,19 @@ extern "C" fn el2_main() -> ! {
         faults: 0,
         exits: 0,
     };
-    let (vtcr, vttbr) = (geometry.vtcr(), state.vm.stage2().vttbr());
+    // Hardware access-flag updates when the launcher allows them and the
+    // CPU has them (ID_AA64MMFR1_EL1.HAFDBS, bits [3:0], nonzero).
+    let af = if read_mailbox(mailbox::HW_ACCESS_FLAG) != 0 && id_aa64mmfr1() & 0xf != 0 {
+        AccessFlagUpdate::Hardware
+    } else {
+        AccessFlagUpdate::Fault
+    };
+    let (vtcr, vttbr) = (geometry.vtcr(af), state.vm.stage2().vttbr());
     // SAFETY: first and only initialisation, before the guest can trap.
     unsafe { (*STATE.0.get()).write(state) };
 
     println!(
-        "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x} ipa_bits={}",
+        "FAULTLINE-EL2 READY rings={:#x}+{:#x} tables={:#x}+{:#x} root={:#x} mailbox={:#x} vttbr={:#x} ipa_bits={} hw_af={}",
         RINGS_PA,
         RINGS_BYTES,
         TABLES_PA,
@@ -158,7 +165,8 @@ extern "C" fn el2_main() -> ! {
         ROOT_RESERVE,
         MAILBOX_PA,
         vttbr,
-        geometry.ipa_bits()
+        geometry.ipa_bits(),
+        (af == AccessFlagUpdate::Hardware) as u8
     );
     while read_mailbox(mailbox::GO) != mailbox::GO_VALUE {
         core::hint::spin_loop();
@@ -203,6 +211,14 @@ extern "C" fn el2_main() -> ! {
 
 /// A word of the mailbox page, which the launcher writes through the shared
 /// memory file.
+/// ID_AA64MMFR1_EL1: the CPU's memory-model features.
+fn id_aa64mmfr1() -> u64 {
+    let v: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { core::arch::asm!("mrs {0}, id_aa64mmfr1_el1", out(reg) v) };
+    v
+}
+
 fn read_mailbox(offset: u64) -> u32 {
     // SAFETY: the mailbox page is RAM shared with the launcher, inside the
     // image's identity-mapped RAM; its words are only accessed atomically.
@@ -410,11 +426,19 @@ extern "C" fn el2_lower_sync(frame: &mut Frame) {
         0x16 => match esr & 0xffff {
             1 => println!("FAULTLINE-EL2 RESULT checksum={:#x} faults={} exits={}", frame.x[0], s.faults, s.exits),
             0 if frame.x[0] == 0x8400_0008 => {
+                // Leaves of the page memslot with the access flag set, by
+                // whoever set it (the MMU, or the core on a fault).
+                let pages = PAGES_IPA..PAGES_IPA + PAGES_BYTES;
+                let mut young_leaves = 0u64;
+                let _ = s.vm.stage2().for_each_leaf(&mut |ipa, _, d| {
+                    young_leaves += (pages.contains(&ipa.raw()) && d.access_flag()) as u64;
+                });
                 println!(
-                    "FAULTLINE-EL2 POWEROFF faults={} exits={} young={}",
+                    "FAULTLINE-EL2 POWEROFF faults={} exits={} young={} young_leaves={}",
                     s.faults,
                     s.exits,
-                    s.vm.access_flag_faults()
+                    s.vm.access_flag_faults(),
+                    young_leaves
                 );
                 power_off()
             }

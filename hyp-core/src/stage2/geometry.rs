@@ -134,8 +134,9 @@ impl Geometry {
     }
 
     /// VTCR_EL2 for this geometry: 4 KiB granule, inner-shareable write-back
-    /// walks, 8-bit VMID, RES1 bit 31.
-    pub fn vtcr(&self) -> u64 {
+    /// walks, 8-bit VMID, RES1 bit 31, and access flags updated as `af`
+    /// says.
+    pub fn vtcr(&self, af: AccessFlagUpdate) -> u64 {
         let sl0 = match self.start_level {
             0 => VTCR_EL2::SL0::Granule4KBLevel0,
             1 => VTCR_EL2::SL0::Granule4KBLevel1,
@@ -159,7 +160,11 @@ impl Geometry {
                 + VTCR_EL2::SH0::Inner
                 + VTCR_EL2::TG0::Granule4KB
                 + ps
-                + VTCR_EL2::VS::Bits8,
+                + VTCR_EL2::VS::Bits8
+                + match af {
+                    AccessFlagUpdate::Fault => VTCR_EL2::HA::Disabled,
+                    AccessFlagUpdate::Hardware => VTCR_EL2::HA::Enabled,
+                },
         );
         reg.get()
     }
@@ -172,6 +177,23 @@ impl Geometry {
     }
 }
 
+/// Who sets a stage-2 leaf's access flag when the guest touches a page
+/// whose flag is clear (after AGE cleared it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AccessFlagUpdate {
+    /// The access faults and the core sets the flag
+    /// ([`crate::vm::Vm::handle_abort`], KVM's `handle_access_fault()`).
+    #[default]
+    Fault,
+    /// The walker sets it, with no fault (FEAT_HAFDBS, `VTCR_EL2.HA`): for
+    /// a machine that checked the CPU has it (ID_AA64MMFR1_EL1.HAFDBS != 0)
+    /// and chose it. The core's read-then-store updates of a leaf (relax,
+    /// write-protect, AGE) may then drop a flag the walker set between the
+    /// two: the page reads idle though touched, the direction AGE already
+    /// allows (KVM's exclusive stage-2 walks do the same).
+    Hardware,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +204,9 @@ mod tests {
         assert_eq!((g.start_level(), g.root_tables()), (1, 2));
         // The value KVM programs for a 40-bit IPA on a 40-bit PA host:
         // T0SZ=24, SL0=1, IRGN0=ORGN0=WBWA, SH0=inner, TG0=4K, PS=0b010, RES1.
-        assert_eq!(g.vtcr(), 0x8002_3558);
+        assert_eq!(g.vtcr(AccessFlagUpdate::Fault), 0x8002_3558);
+        // VTCR_EL2.HA is bit 21.
+        assert_eq!(g.vtcr(AccessFlagUpdate::Hardware), 0x8002_3558 | 1 << 21);
         assert_eq!(g.index(Ipa::new((1 << 40) - 1), 1), 1023);
     }
 
@@ -191,7 +215,7 @@ mod tests {
         let g = Geometry::new(48, 48).unwrap();
         assert_eq!((g.start_level(), g.root_tables()), (0, 1));
         // T0SZ=16 (0x10), SL0=2 (0x80), PS=0b101 (0x50000).
-        assert_eq!(g.vtcr(), 0x8005_3590);
+        assert_eq!(g.vtcr(AccessFlagUpdate::Fault), 0x8005_3590);
     }
 
     #[test]

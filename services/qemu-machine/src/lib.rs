@@ -147,6 +147,9 @@ pub struct QemuArgs {
     /// Pause the guest before this fault (1 is the first) until a line
     /// arrives on stdin.
     pub pause_at_fault: Option<u32>,
+    /// Let the image's core have the MMU set stage-2 access flags itself
+    /// (FEAT_HAFDBS, `VTCR_EL2.HA`) if the CPU has it.
+    pub hardware_access_flag: bool,
 }
 
 /// Dirty pages (IPAs) of the probe's logged memslots, read before detach.
@@ -197,6 +200,11 @@ pub struct QemuReport {
     /// Access-flag faults the EL2 core resolved itself (pages aged with
     /// AGE, accessed again), never sent to the daemon.
     pub access_flag_faults: u64,
+    /// The image let the MMU set access flags (asked for, and the CPU has
+    /// FEAT_HAFDBS).
+    pub hardware_access_flag: bool,
+    /// Leaves of the page memslot with the access flag set at power-off.
+    pub young_leaves: u64,
     /// MMIO exits the launcher emulated, with their data ([`MmioDone`]).
     pub exits: Vec<MmioDone>,
     /// From starting QEMU to the guest's result, ms.
@@ -276,6 +284,7 @@ pub fn run(args: &QemuArgs) -> anyhow::Result<QemuReport> {
     }
     // Read by the image at boot, before it builds the VM's stage 2.
     mailbox_store(&ram, mailbox::IPA_BITS, ipa_bits(args.scenario).bits());
+    mailbox_store(&ram, mailbox::HW_ACCESS_FLAG, args.hardware_access_flag as u32);
     if let Scenario::Stage1(probe) = args.scenario {
         for (ipa, desc) in stage1_tables(probe.af_clear) {
             ram.store(PT_PA - RAM_PA + (ipa - PT_IPA), 8, desc).expect("in range");
@@ -400,6 +409,10 @@ fn serve(
         }
     };
     check_ready(&ready, ipa_bits(args.scenario))?;
+    let hardware_access_flag = dec_field(&ready, "hw_af=") == Some(1);
+    if args.hardware_access_flag && !hardware_access_flag {
+        eprintln!("qemu-machine: the CPU has no FEAT_HAFDBS: aged pages take access-flag faults at the core");
+    }
 
     let (tables, data, backing) = match args.scenario {
         Scenario::Stage1(p) => (p.tables, p.data, p.backing),
@@ -491,7 +504,7 @@ fn serve(
         (ran, supervisor.join().unwrap_or(Ok(())))
     });
     supervised.context("the VM's daemon")?;
-    let Ran { checksum, exits, result_at, injected, no_syndrome, faults, access_flag_faults } = ran?;
+    let Ran { checksum, exits, result_at, injected, no_syndrome, faults, access_flag_faults, young_leaves } = ran?;
     let status = qemu.0.wait()?;
     if !status.success() {
         bail!("QEMU exited with {status}");
@@ -531,6 +544,8 @@ fn serve(
         dirty,
         faults,
         access_flag_faults,
+        hardware_access_flag,
+        young_leaves,
         exits,
         boot_to_result_ms: result_at.unwrap_or_default().as_millis() as u64,
         leaf,
@@ -548,6 +563,7 @@ struct Ran {
     no_syndrome: Option<(u64, bool)>,
     faults: u64,
     access_flag_faults: u64,
+    young_leaves: u64,
 }
 
 /// Reads the UART until the guest powers off (or stops), pausing where the
@@ -560,7 +576,7 @@ fn run_guest(
 ) -> anyhow::Result<Ran> {
     let (mut checksum, mut exits, mut result_at, mut injected, mut no_syndrome) = (None, Vec::new(), None, None, None);
     let mut device = MmioDevice::default();
-    let mut access_flag_faults = 0;
+    let (mut access_flag_faults, mut young_leaves) = (0, 0);
     let faults = loop {
         let line = next_line("the guest to power off", qemu)?;
         if line.contains("FAULTLINE-EL2 PAUSED") {
@@ -575,6 +591,7 @@ fn run_guest(
             result_at = Some(started.elapsed());
         } else if line.contains("FAULTLINE-EL2 POWEROFF") {
             access_flag_faults = dec_field(&line, "young=").context("POWEROFF line without young")?;
+            young_leaves = dec_field(&line, "young_leaves=").context("POWEROFF line without young_leaves")?;
             break dec_field(&line, "faults=").context("POWEROFF line without faults")?;
         } else if line.contains("FAULTLINE-EL2 NOSYNDROME") {
             let ipa = hex_field(&line, "ipa=").context("NOSYNDROME line without ipa")?;
@@ -587,7 +604,7 @@ fn run_guest(
             bail!("the EL2 image failed: {line}");
         }
     };
-    Ok(Ran { checksum, exits, result_at, injected, no_syndrome, faults, access_flag_faults })
+    Ok(Ran { checksum, exits, result_at, injected, no_syndrome, faults, access_flag_faults, young_leaves })
 }
 
 /// The VMM's half of an MMIO exit the image announced with `line`: reads

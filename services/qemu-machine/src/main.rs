@@ -61,6 +61,11 @@ struct Args {
     /// stdin (to replace the daemon at a known point).
     #[arg(long)]
     pause_at_fault: Option<u32>,
+    /// Let the MMU set stage-2 access flags itself (FEAT_HAFDBS,
+    /// VTCR_EL2.HA) if the CPU has it: pages the daemon aged take no
+    /// access-flag faults.
+    #[arg(long)]
+    hardware_access_flag: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -98,6 +103,7 @@ fn run() -> anyhow::Result<()> {
         timeout: Duration::from_secs(a.timeout),
         reattach_deadline: Duration::from_secs(a.reattach_deadline_s),
         pause_at_fault: a.pause_at_fault,
+        hardware_access_flag: a.hardware_access_flag,
     };
     // The dirty-log reads are gRPC calls made from the launcher's thread.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;

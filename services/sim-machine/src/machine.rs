@@ -15,7 +15,7 @@ use faultline_attach::{
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, Record, RingError, RingKind, SharedRegion};
-use hyp_core::stage2::{Geometry, LinearMap};
+use hyp_core::stage2::{AccessFlagUpdate, Geometry, LinearMap};
 use hyp_core::vm::{Completion, Taken, Vm};
 use serde::Serialize;
 use tracing::info;
@@ -54,6 +54,10 @@ pub struct MachineConfig {
     /// (what the daemon holds of the VM can be read then); `run_ms` ends
     /// before the wait.
     pub hold_before_detach: bool,
+    /// Let the MMU set stage-2 access flags itself (FEAT_HAFDBS,
+    /// `VTCR_EL2.HA`), as a machine whose CPU has it may tell its core:
+    /// an aged page touched again takes no access-flag fault.
+    pub hardware_access_flag: bool,
 }
 
 /// One exit to the VMM as the machine saw it.
@@ -116,6 +120,8 @@ pub struct Summary {
     pub run_ms: u64,
     /// RAM is hugetlb-backed.
     pub ram_hugetlb: bool,
+    /// The MMU set access flags itself (`--hardware-access-flag`).
+    pub hardware_access_flag: bool,
     /// The daemon's detach report.
     pub detach: Option<DetachReport>,
     /// Times the daemon went away until a daemon took the VM back.
@@ -225,7 +231,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     };
     let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), n + 1, table_mem, &mut owners)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let regs = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
+    let af = if config.hardware_access_flag { AccessFlagUpdate::Hardware } else { AccessFlagUpdate::Fault };
+    let regs = Stage2Regs { vtcr: geometry.vtcr(af), vttbr: vm.stage2().vttbr() };
     let tlb_gen = TlbGeneration::new(n);
     let core = Mutex::new(CoreState { vm, owners, tlb: tlb_gen.clone() });
 
@@ -375,6 +382,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         tlb_misses: 0,
         run_ms,
         ram_hugetlb: phys.window(ram).hugetlb,
+        hardware_access_flag: regs.hardware_access_flag(),
         detach: None,
         stalls: Stalls::default(),
         waits: waits.read(),

@@ -61,6 +61,10 @@ struct Args {
     /// (`run_ms` in the summary ends before the wait).
     #[arg(long)]
     hold_before_detach: bool,
+    /// Let the MMU set stage-2 access flags itself (FEAT_HAFDBS,
+    /// VTCR_EL2.HA): pages the daemon aged take no access-flag faults.
+    #[arg(long)]
+    hardware_access_flag: bool,
     /// Include every fault's round-trip time in the summary.
     #[arg(long)]
     latencies: bool,
@@ -163,6 +167,7 @@ fn run() -> anyhow::Result<()> {
         reattach_deadline: std::time::Duration::from_secs_f64(args.reattach_deadline_s),
         loop_phases: args.loop_phases,
         hold_before_detach: args.hold_before_detach,
+        hardware_access_flag: args.hardware_access_flag,
     };
     let summary = machine::run(&config, &workload)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -52,6 +52,24 @@ pub struct Translation {
 }
 
 const OA_MASK: u64 = 0x0000_ffff_ffff_f000;
+/// A leaf's access flag.
+const AF: u64 = 1 << 10;
+/// VTCR_EL2.HA: the walker sets access flags (FEAT_HAFDBS).
+const VTCR_HA: u64 = 1 << 21;
+
+/// How one walk ended without a leaf.
+enum Walked {
+    /// A stage-2 fault.
+    Fault(Stage2Fault),
+    /// The descriptor changed under the walker's access-flag update.
+    Changed,
+}
+
+impl From<Stage2Fault> for Walked {
+    fn from(f: Stage2Fault) -> Self {
+        Self::Fault(f)
+    }
+}
 
 /// The stage-2 registers the core programs.
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +117,26 @@ impl Stage2Regs {
     }
 
     /// Walks `ipa` to its leaf (translation and access-flag faults only).
+    /// With `VTCR_EL2.HA` set (FEAT_HAFDBS), a leaf with the access flag
+    /// clear gets it set by the walk, atomically as the hardware does,
+    /// instead of an access-flag fault; a descriptor that changed under the
+    /// update is walked again.
     pub fn walk_leaf(&self, mem: &PhysMemory, ipa: u64) -> Result<Leaf, Stage2Fault> {
+        loop {
+            match self.walk_once(mem, ipa) {
+                Err(Walked::Changed) => continue,
+                Err(Walked::Fault(f)) => return Err(f),
+                Ok(leaf) => return Ok(leaf),
+            }
+        }
+    }
+
+    /// True if the walker sets access flags itself (`VTCR_EL2.HA`).
+    pub fn hardware_access_flag(&self) -> bool {
+        self.vtcr & VTCR_HA != 0
+    }
+
+    fn walk_once(&self, mem: &PhysMemory, ipa: u64) -> Result<Leaf, Walked> {
         let t0sz = (self.vtcr & 0x3f) as u32;
         let ipa_bits = 64 - t0sz;
         // VTCR_EL2.SL0 with a 4 KiB granule: 0 = level 2, 1 = level 1, 2 = level 0.
@@ -109,7 +146,7 @@ impl Stage2Regs {
             _ => 0,
         };
         if ipa >> ipa_bits != 0 {
-            return Err(Stage2Fault::Translation { level: start });
+            return Err(Stage2Fault::Translation { level: start }.into());
         }
         let mut table = self.vttbr & 0x0000_ffff_ffff_fffe;
         let mut level = start;
@@ -119,7 +156,7 @@ impl Stage2Regs {
             let index = (ipa >> shift) & ((1 << bits) - 1);
             let desc = mem.load(table + index * 8, 8).ok_or(Stage2Fault::Translation { level })?;
             if desc & 1 == 0 {
-                return Err(Stage2Fault::Translation { level });
+                return Err(Stage2Fault::Translation { level }.into());
             }
             let table_or_page = desc & 2 != 0;
             if level < 3 && table_or_page {
@@ -129,10 +166,16 @@ impl Stage2Regs {
             }
             if (level == 3 && !table_or_page) || level == 0 {
                 // Reserved encodings fault as translation faults.
-                return Err(Stage2Fault::Translation { level });
+                return Err(Stage2Fault::Translation { level }.into());
             }
-            if desc & (1 << 10) == 0 {
-                return Err(Stage2Fault::AccessFlag { level });
+            if desc & AF == 0 {
+                if !self.hardware_access_flag() {
+                    return Err(Stage2Fault::AccessFlag { level }.into());
+                }
+                let word = mem.word(table + index * 8).ok_or(Stage2Fault::Translation { level })?;
+                if word.compare_exchange(desc, desc | AF, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    return Err(Walked::Changed);
+                }
             }
             let s2ap = (desc >> 6) & 3;
             let block_mask = (1u64 << shift) - 1;

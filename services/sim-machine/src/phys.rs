@@ -136,6 +136,14 @@ impl PhysMemory {
         w.map.load(pa - w.pa_base, size)
     }
 
+    /// The 64-bit word at `pa`, for an atomic read-modify-write (the
+    /// walker's hardware access-flag update): `None` outside the windows
+    /// or unaligned.
+    pub fn word(&self, pa: u64) -> Option<&std::sync::atomic::AtomicU64> {
+        let w = self.find(pa, 8)?;
+        w.map.word(pa - w.pa_base)
+    }
+
     /// Stores `size` bytes at `pa`.
     pub fn store(&self, pa: u64, size: u8, value: u64) -> Option<()> {
         let w = self.find(pa, size as u64)?;

@@ -17,7 +17,7 @@ use faultline_attach::{send_message, AttachRequest, MemslotDesc, RegionDesc, Reg
 use hyp_core::addr::{Ipa, Pa};
 use hyp_core::ownership::{Owner, PageOwnership, VmId};
 use hyp_core::ring::{Consumer, Producer, RingKind, SharedRegion};
-use hyp_core::stage2::{Geometry, LinearMap};
+use hyp_core::stage2::{AccessFlagUpdate, Geometry, LinearMap};
 use hyp_core::vm::{Completion, Taken, Vm};
 use serde::Serialize;
 
@@ -374,7 +374,7 @@ pub fn run(config: &ProbeConfig) -> anyhow::Result<ProbeReport> {
     };
     let vm =
         Vm::new(id, geometry, Pa::new(TABLES_PA), 2, table_mem, &mut owners).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let s2 = Stage2Regs { vtcr: geometry.vtcr(), vttbr: vm.stage2().vttbr() };
+    let s2 = Stage2Regs { vtcr: geometry.vtcr(AccessFlagUpdate::Fault), vttbr: vm.stage2().vttbr() };
 
     let conn = faultline_attach::connect(&config.attach_socket)
         .with_context(|| format!("connecting to the daemon at {}", config.attach_socket.display()))?;

@@ -145,7 +145,7 @@ impl Walker<'_> {
 mod tests {
     use super::*;
     use crate::phys::Window;
-    use hyp_core::stage2::Geometry;
+    use hyp_core::stage2::{AccessFlagUpdate, Geometry};
 
     const TABLES_PA: u64 = 0x2000_0000;
     const RAM_PA: u64 = 0x4000_0000;
@@ -171,7 +171,7 @@ mod tests {
         }
 
         fn s2(&self) -> Stage2Regs {
-            Stage2Regs { vtcr: Geometry::kvm_default().vtcr(), vttbr: TABLES_PA }
+            Stage2Regs { vtcr: Geometry::kvm_default().vtcr(AccessFlagUpdate::Fault), vttbr: TABLES_PA }
         }
 
         fn table_at(&self, slot: u64) -> u64 {
