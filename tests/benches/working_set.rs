@@ -2,6 +2,7 @@
 //! (a zipf working set in the first quarter of guest memory, beside one
 //! pass of writes through the rest) under
 //! - no reclaim (the baseline),
+//! - no reclaim, the working-set monitor on (what monitoring costs),
 //! - a resident budget of half the guest, FIFO eviction,
 //! - the same budget, coldest-first eviction (the working-set monitor),
 //! - `policy-cold` and no budget (memory idle 1 s reclaimed, backing off
@@ -17,7 +18,7 @@
 //!
 //! `cargo bench -p faultline-system-tests --bench working_set`
 //! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
-//! per vCPU.)
+//! per vCPU; `WS_BENCH_SHAPES=64x1,256x2` the guests, MiB x vCPUs.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
@@ -25,7 +26,7 @@ use std::process::Stdio;
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::working_set_client::WorkingSetClient;
-use faultline_proto::v1::{GetVmRequest, GetWorkingSetRequest, UsePolicyRequest};
+use faultline_proto::v1::{GetVmRequest, GetWorkingSetMonitorRequest, GetWorkingSetRequest, UsePolicyRequest};
 use faultline_system_tests::{machine, Daemon, PolicyProcess};
 
 const VM: u32 = 9;
@@ -34,6 +35,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Row {
     Baseline,
+    Monitored,
     Fifo,
     Coldest,
     Cold,
@@ -55,6 +57,14 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
     let budget = format!("{VM}:{}", ram_mib / 2);
     let policy = match row {
         Row::Baseline => None,
+        Row::Monitored => {
+            let mut control = PolicyControlClient::new(daemon.unix_channel().await);
+            let mut settings =
+                control.get_working_set_monitor(GetWorkingSetMonitorRequest {}).await.unwrap().into_inner();
+            settings.enabled = true;
+            control.set_working_set_monitor(settings).await.unwrap();
+            None
+        }
         Row::Fifo => {
             Some(PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", &format!("{budget}:fifo")]))
         }
@@ -130,13 +140,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (rounds, ops) = (env("WS_BENCH_ROUNDS", 3) as usize, env("WS_BENCH_OPS", 10_000_000));
-    let rows = [Row::Baseline, Row::Fifo, Row::Coldest, Row::Cold];
+    let rows = [Row::Baseline, Row::Monitored, Row::Fifo, Row::Coldest, Row::Cold];
+    let shapes: Vec<(u64, u32)> = match std::env::var("WS_BENCH_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (mib, vcpus) = s.split_once('x').expect("WS_BENCH_SHAPES: MIBxVCPUS,...");
+                (mib.parse().expect("MiB"), vcpus.parse().expect("vCPUs"))
+            })
+            .collect(),
+        Err(_) => vec![(64, 1), (64, 2), (256, 2)],
+    };
     println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
     println!(
         "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>14}",
         "guest", "vcpus", "row", "refaults", "evicted", "run ms", "run cost", "host MiB", "freed", "monitor CPU"
     );
-    for (ram_mib, vcpus) in [(64, 1), (64, 2), (256, 2)] {
+    for (ram_mib, vcpus) in shapes {
         let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
         for _ in 0..rounds {
             // Rows alternate within a round, so drift on the host spreads

@@ -209,10 +209,10 @@ impl ReclaimSteps for CoreSteps<'_> {
             .iter()
             .map(|&i| {
                 let v = self.victims[i];
-                // Bits first: a fault that finds them clear waits on the fill
-                // lock the reclaim holds; one that found them set sampled its
-                // sequence before this write-protect, so its map is refused
-                // as stale.
+                // Bits first: a fault that finds them clear waits for the
+                // reclaim's claim on the range; one that found them set
+                // sampled its sequence before this write-protect, so its map
+                // is refused as stale.
                 self.vm.mapping.clear_populated(v.region, v.offset, v.size);
                 CommandRecord { kind: kind::WRITE_PROTECT, ipa: v.ipa.raw(), size: v.size, ..Default::default() }
             })

@@ -13,6 +13,7 @@ use memfd::Memfd;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::addr::Hva;
+use super::claims::{Claims, FillPath};
 use super::swap::{punch, SwapStore, SwapUsage};
 use super::vma::Vma;
 
@@ -39,11 +40,15 @@ pub struct GuestRegion {
     pub fd_offset: u64,
     /// Where holes get their contents from, if not zeros.
     contents: Vec<ContentsWindow>,
-    /// Serialises filling holes and reclaiming pages, so a page is filled
-    /// once (a second fault finds data, never copies over the guest's
-    /// writes) and never filled while it is being reclaimed. Holds the swap
-    /// store (made in memory on the first reclaim if none was given).
+    /// Serialises reclaims, and the fills that copy pages in (from the
+    /// swap store or a contents file), so a page is filled once (a second
+    /// fault finds data, never copies over the guest's writes) and never
+    /// filled while it is being reclaimed. Holds the swap store (made in
+    /// memory on the first reclaim if none was given).
     fill_lock: Mutex<Option<SwapStore>>,
+    /// What fills and the reclaim in flight claim: a fresh page's fill
+    /// claims its range here and skips the fill lock.
+    claims: Claims,
     /// Fills that brought reclaimed pages back from the swap store, and
     /// the bytes those fills covered.
     refaults: AtomicU64,
@@ -148,7 +153,7 @@ impl GuestRegion {
     pub fn map(memfd: Memfd, spec: RegionSpec) -> Result<Self, RegionError> {
         let map = MappedRegion::map(memfd.as_file().as_fd(), spec.fd_offset, spec.size, spec.page_size)?;
         let RegionSpec { index, pa_base, size, page_size, fd_offset, writable, device } = spec;
-        let (contents, fill_lock) = (Vec::new(), Mutex::new(None));
+        let (contents, fill_lock, claims) = (Vec::new(), Mutex::new(None), Claims::default());
         let (refaults, refault_bytes, refault_ns) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         Ok(Self {
             index,
@@ -162,14 +167,20 @@ impl GuestRegion {
             fd_offset,
             contents,
             fill_lock,
+            claims,
             refaults,
             refault_bytes,
             refault_ns,
         })
     }
 
-    /// Keeps reclaimed pages in `store` from now on.
+    /// Keeps reclaimed pages in `store` from now on. One not read yet (a
+    /// predecessor's) may hold any page until [`Self::recover_store`]
+    /// reads it: every fill copies from it until then.
     pub fn set_swap_store(&mut self, store: SwapStore) {
+        if store.is_deferred() {
+            self.claims = Claims::all_stored(self.size);
+        }
         *self.fill_lock.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 
@@ -213,6 +224,9 @@ impl GuestRegion {
     /// touching it through the mapping and 5.4 us for MADV_POPULATE_WRITE.
     /// On shmem a page allocated by fallocate but never written still reads
     /// as a hole, so the answer is only meaningful the first time.
+    ///
+    /// A fresh page's fill (nothing to copy in, nothing of it in the swap
+    /// store) runs beside a reclaim of other pages; any other waits for it.
     pub fn fill(&self, offset: u64, len: u64) -> Result<bool, FillError> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(FillError::OutOfRange { offset, len });
@@ -220,6 +234,12 @@ impl GuestRegion {
         let end = offset + len;
         let copies = self.contents.iter().any(|w| w.offset < end && offset < w.offset + w.len);
         let started = std::time::Instant::now();
+        if let FillPath::Unlocked(_claim) = self.claims.for_fill((offset, end), !copies) {
+            let found_holes = !self.holes(offset, end)?.is_empty();
+            let start = (self.fd_offset + offset) as i64;
+            fallocate(self.memfd.as_file().as_fd(), FallocateFlags::empty(), start, len as i64)?;
+            return Ok(found_holes);
+        }
         let mut filling = self.fill_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut holes = self.holes(offset, end)?;
         let found_holes = !holes.is_empty();
@@ -275,6 +295,7 @@ impl GuestRegion {
         let mut copied = false;
         for &(lo, hi) in holes {
             copied |= swap.take(&self.map, lo, hi).map_err(|cause| FillError::Swap { offset: lo, cause })?;
+            self.claims.unstored((lo, hi));
         }
         Ok(copied)
     }
@@ -300,6 +321,7 @@ impl GuestRegion {
         let swap_err = |offset| move |cause| FillError::Swap { offset, cause };
         swap.open().map_err(swap_err(0))?;
         let mut done = Recovered::default();
+        let mut kept = Vec::new();
         for (lo, hi) in swap.held(0, self.size).map_err(swap_err(0))? {
             let mut at = lo;
             for (hole, hole_end) in self.holes(lo, hi)? {
@@ -308,6 +330,7 @@ impl GuestRegion {
                     done.dropped += hole - at;
                 }
                 done.kept += hole_end - hole;
+                kept.push((hole, hole_end));
                 at = hole_end;
             }
             if at < hi {
@@ -315,6 +338,7 @@ impl GuestRegion {
                 done.dropped += hi - at;
             }
         }
+        self.claims.stored_exactly(&kept);
         Ok(done)
     }
 
@@ -325,8 +349,9 @@ impl GuestRegion {
     /// made durable once; then each range is unmapped through the core and
     /// punched out of the backing. At every moment a page is whole in the
     /// backing, or in the store, or in both with the same bytes. It all runs
-    /// under the fill lock: no fault fills the ranges meanwhile. Returns
-    /// which ranges were reclaimed.
+    /// under the fill lock and a claim on the ranges: no fault fills them
+    /// meanwhile (a fresh page's fill elsewhere goes on). Returns which
+    /// ranges were reclaimed.
     pub fn reclaim(&self, ranges: &[(u64, u64)], steps: &mut impl ReclaimSteps) -> Result<Vec<bool>, FillError> {
         if let Some(&(offset, len)) =
             ranges.iter().find(|&&(offset, len)| offset.checked_add(len).is_none_or(|end| end > self.size))
@@ -342,6 +367,8 @@ impl GuestRegion {
                 store.insert(swap)
             }
         };
+        let spans: Vec<(u64, u64)> = ranges.iter().map(|&(offset, len)| (offset, offset + len)).collect();
+        let _claim = self.claims.for_reclaim(&spans);
         let all: Vec<usize> = (0..ranges.len()).collect();
         let protected: Vec<usize> =
             all.iter().copied().zip(steps.protect(&all)).filter(|&(_, p)| p).map(|(i, _)| i).collect();
@@ -361,6 +388,10 @@ impl GuestRegion {
                 // Still mapped: the backing is the page's; the copy goes.
                 swap.discard(offset, offset + len).map_err(|cause| FillError::Swap { offset, cause })?;
             }
+        }
+        // Not protected (never copied) or still mapped (copy discarded).
+        for (&span, _) in spans.iter().zip(&reclaimed).filter(|(_, &done)| !done) {
+            self.claims.unstored(span);
         }
         Ok(reclaimed)
     }

@@ -120,6 +120,12 @@ impl SwapStore {
         Ok(Self { state: State::Open(layout), in_memory: true })
     }
 
+    /// True until the store is read ([`Self::deferred`]): it may hold any
+    /// page a predecessor left.
+    pub fn is_deferred(&self) -> bool {
+        matches!(self.state, State::Deferred(_))
+    }
+
     /// Reads the store if it was deferred (a packed store checks every
     /// index entry, and finishes a compaction a crash cut short).
     pub fn open(&mut self) -> io::Result<()> {
