@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
 use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
@@ -499,7 +499,11 @@ fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wai
     let (Ok(mut commands), Ok(mut results)) = (Consumer::attach(cmd_view), Producer::attach(res_view)) else {
         return;
     };
-    while let Ok(Some(cmd)) = wait_pop(&mut commands, wait, stop) {
+    // Waiting adapts as the vCPUs' does: a monitor's commands every few ms
+    // must not keep a thread spinning against the vCPUs.
+    let counts = WaitCounts::default();
+    let mut waiter = Waiter::new(wait, &counts);
+    while let Ok(Some(cmd)) = waiter.pop(&mut commands, stop) {
         let executed = {
             let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
             let CoreState { vm, owners, tlb } = &mut *c;

@@ -10,7 +10,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use faultline_attach::doorbell::{push_and_ring, wait_pop, WaitPolicy};
+use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
+use faultline_attach::wait::{WaitCounts, Waiter};
 use hyp_core::addr::Ipa;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{kind, CommandRecord, LeafRecord, ResultRecord};
@@ -173,13 +174,19 @@ impl<'r> ControlLoop<'r> {
     }
 
     /// Runs until `stop` is set or the peer breaks the ring protocol. Each
-    /// result is passed to `settled` before the caller hears of it.
+    /// result is passed to `settled` before the caller hears of it. Results
+    /// are waited for as the vCPUs' faults are ([`Waiter`]): a spin only
+    /// while spinning pays off and no other thread wants the CPU (a monitor
+    /// sampling every 5 ms, or a reclaim's batches, must not spin against
+    /// the vCPUs on a full host).
     pub fn run(
         mut self,
         wait: WaitPolicy,
         stop: &AtomicBool,
         mut settled: impl FnMut(&ResultRecord),
     ) -> Result<(), RingError> {
+        let counts = WaitCounts::default();
+        let mut waiter = Waiter::new(wait, &counts);
         while !stop.load(Ordering::Acquire) {
             let Request { mut cmds, reply } = match self.inbox.0.recv_timeout(Duration::from_millis(100)) {
                 Ok(r) => r,
@@ -202,7 +209,7 @@ impl<'r> ControlLoop<'r> {
                         Err(e) => return Err(e),
                     }
                 }
-                let Some(record) = wait_pop(&mut self.results, wait, stop)? else { return Ok(()) };
+                let Some(record) = waiter.pop(&mut self.results, stop)? else { return Ok(()) };
                 // Results of commands whose callers gave up are skipped, and
                 // so are leaves that are not this batch's.
                 let index = |id: u64| id.checked_sub(first).map(|i| i as usize).filter(|&i| i < sent);

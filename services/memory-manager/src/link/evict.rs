@@ -61,14 +61,22 @@ pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
 /// Reclaims every mapping whose memory the monitor saw idle for at least
 /// `min_idle` in `seen` (proactive reclaim, under budget or not); returns
 /// the mappings and bytes reclaimed.
+///
+/// The candidates are found region by region: only the mappings that start
+/// in a region idle long enough are looked at (one that starts before it
+/// is found from the region it starts in, or is not idle), so an
+/// aggregation that finds nothing idle costs nothing per mapping.
 pub fn reclaim_cold(vm: &AttachedVm, seen: &Aggregation, min_idle: Duration, stop: &AtomicBool) -> (u64, u64) {
     let Ok(_reclaiming) = vm.reclaiming.try_lock() else { return (0, 0) };
-    let mut victims: Vec<Resident> = vm
-        .mapping
-        .residents()
-        .into_iter()
-        .filter(|v| range_of(v).and_then(|r| seen.least_idle(r)).is_some_and(|idle| idle >= min_idle))
-        .collect();
+    let mut victims: Vec<Resident> = Vec::new();
+    for region in seen.regions.iter().filter(|r| seen.idle(r) >= min_idle) {
+        victims.extend(
+            vm.mapping
+                .residents_in(region.range)
+                .into_iter()
+                .filter(|v| range_of(v).and_then(|r| seen.least_idle(r)).is_some_and(|idle| idle >= min_idle)),
+        );
+    }
     victims.sort_unstable_by_key(|v| v.ipa);
     let (mappings, bytes) = reclaim_until(vm, victims, |_| false, stop);
     vm.counters.cold_evicted.fetch_add(mappings, Ordering::Relaxed);
@@ -167,6 +175,36 @@ impl Victim {
     }
 }
 
+/// Victims next to each other in one region (IPAs and backing offsets
+/// continuing one another), reclaimed as one range: one write-protect, one
+/// unmap and one punch for all of them. Memory a scan left idle is
+/// reclaimed in runs of a batch's length, not page by page.
+#[derive(Clone, Debug)]
+struct Run {
+    ipa: Ipa,
+    size: u64,
+    region: usize,
+    offset: u64,
+    /// The mappings it is made of.
+    mappings: Vec<Ipa>,
+}
+
+/// `victims` (one region's) in IPA order, joined into runs.
+fn runs(mut victims: Vec<Victim>) -> Vec<Run> {
+    victims.sort_unstable_by_key(|v| v.ipa);
+    let mut out: Vec<Run> = Vec::new();
+    for v in victims {
+        match out.last_mut() {
+            Some(r) if r.ipa.raw() + r.size == v.ipa.raw() && r.offset + r.size == v.offset => {
+                r.size += v.size;
+                r.mappings.push(v.ipa);
+            }
+            _ => out.push(Run { ipa: v.ipa, size: v.size, region: v.region, offset: v.offset, mappings: vec![v.ipa] }),
+        }
+    }
+    out
+}
+
 /// Reclaims `victims`, region by region, in the store's crash-consistent
 /// order ([`crate::memory::region::GuestRegion::reclaim`]); returns the
 /// mappings and bytes reclaimed.
@@ -176,15 +214,16 @@ fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<(u64, u64), ReclaimErr
     regions.sort_unstable();
     regions.dedup();
     for r in regions {
-        let mine: Vec<Victim> = victims.iter().copied().filter(|v| v.region == r).collect();
-        let ranges: Vec<(u64, u64)> = mine.iter().map(|v| (v.offset, v.size)).collect();
-        let mut steps = CoreSteps { vm, victims: &mine, error: None };
+        let mine = runs(victims.iter().copied().filter(|v| v.region == r).collect());
+        let ranges: Vec<(u64, u64)> = mine.iter().map(|run| (run.offset, run.size)).collect();
+        let mut steps = CoreSteps { vm, runs: &mine, error: None };
         let reclaimed = vm.layout.regions[r].reclaim(&ranges, &mut steps)?;
-        for (v, _) in mine.iter().zip(&reclaimed).filter(|(_, &done)| done) {
-            vm.counters.evicted.fetch_add(1, Ordering::Relaxed);
-            vm.counters.evicted_bytes.fetch_add(v.size, Ordering::Relaxed);
-            mappings += 1;
-            freed += v.size;
+        for (run, _) in mine.iter().zip(&reclaimed).filter(|(_, &done)| done) {
+            let n = run.mappings.len() as u64;
+            vm.counters.evicted.fetch_add(n, Ordering::Relaxed);
+            vm.counters.evicted_bytes.fetch_add(run.size, Ordering::Relaxed);
+            mappings += n;
+            freed += run.size;
         }
         if let Some(e) = steps.error {
             return Err(e.into());
@@ -193,28 +232,32 @@ fn reclaim(vm: &AttachedVm, victims: &[Victim]) -> Result<(u64, u64), ReclaimErr
     Ok((mappings, freed))
 }
 
-/// The core's part of a reclaim, over the control ring.
+/// The core's part of a reclaim, over the control ring, one command per run.
 struct CoreSteps<'a> {
     vm: &'a AttachedVm,
-    victims: &'a [Victim],
+    runs: &'a [Run],
     error: Option<ControlError>,
 }
 
 impl ReclaimSteps for CoreSteps<'_> {
     fn protect(&mut self, ranges: &[usize]) -> Vec<bool> {
-        // Gone since they were picked: nothing to reclaim there.
-        let live: Vec<usize> =
-            ranges.iter().copied().filter(|&i| self.vm.mapping.is_mapped(self.victims[i].ipa)).collect();
+        // A run with a mapping gone since they were picked is left alone
+        // this time (its hole would be copied as a page).
+        let live: Vec<usize> = ranges
+            .iter()
+            .copied()
+            .filter(|&i| self.runs[i].mappings.iter().all(|&ipa| self.vm.mapping.is_mapped(ipa)))
+            .collect();
         let cmds = live
             .iter()
             .map(|&i| {
-                let v = self.victims[i];
+                let run = &self.runs[i];
                 // Bits first: a fault that finds them clear waits for the
                 // reclaim's claim on the range; one that found them set
                 // sampled its sequence before this write-protect, so its map
                 // is refused as stale.
-                self.vm.mapping.clear_populated(v.region, v.offset, v.size);
-                CommandRecord { kind: kind::WRITE_PROTECT, ipa: v.ipa.raw(), size: v.size, ..Default::default() }
+                self.vm.mapping.clear_populated(run.region, run.offset, run.size);
+                CommandRecord { kind: kind::WRITE_PROTECT, ipa: run.ipa.raw(), size: run.size, ..Default::default() }
             })
             .collect();
         let done = self.run(&live, cmds, |vm, _, res| vm.mapping.note_seq(res.inval_seq));
@@ -233,12 +276,12 @@ impl ReclaimSteps for CoreSteps<'_> {
         let cmds = ranges
             .iter()
             .map(|&i| {
-                let v = self.victims[i];
-                CommandRecord { kind: kind::UNMAP, ipa: v.ipa.raw(), size: v.size, ..Default::default() }
+                let run = &self.runs[i];
+                CommandRecord { kind: kind::UNMAP, ipa: run.ipa.raw(), size: run.size, ..Default::default() }
             })
             .collect();
-        let done = self.run(ranges, cmds, |vm, v, res| {
-            vm.mapping.forget_range(v.ipa, v.size, res.inval_seq);
+        let done = self.run(ranges, cmds, |vm, run, res| {
+            vm.mapping.forget_range(run.ipa, run.size, res.inval_seq);
         });
         if done.iter().any(|&d| d) {
             crash_point("unmapped");
@@ -248,14 +291,14 @@ impl ReclaimSteps for CoreSteps<'_> {
 }
 
 impl CoreSteps<'_> {
-    /// Sends `cmds` (one per victim of `ranges`) as one batch; `settle`
-    /// runs for each that succeeded. A victim whose command failed keeps
-    /// its pages populated (it stays mapped, read-only at worst).
+    /// Sends `cmds` (one per run of `ranges`) as one batch; `settle` runs
+    /// for each that succeeded. A run whose command failed keeps its pages
+    /// populated (it stays mapped, read-only at worst).
     fn run(
         &mut self,
         ranges: &[usize],
         cmds: Vec<CommandRecord>,
-        settle: impl Fn(&AttachedVm, &Victim, &ResultRecord),
+        settle: impl Fn(&AttachedVm, &Run, &ResultRecord),
     ) -> Vec<bool> {
         let results = match self.vm.control.execute_all(cmds) {
             Ok(results) => results,
@@ -265,19 +308,53 @@ impl CoreSteps<'_> {
             .iter()
             .zip(results)
             .map(|(&i, result)| {
-                let v = self.victims[i];
+                let run = &self.runs[i];
                 match result {
                     Ok(res) => {
-                        settle(self.vm, &v, &res);
+                        settle(self.vm, run, &res);
                         true
                     }
                     Err(e) => {
-                        self.vm.mapping.mark_populated(v.region, v.offset, v.size);
+                        self.vm.mapping.mark_populated(run.region, run.offset, run.size);
                         self.error.get_or_insert(e);
                         false
                     }
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn victim(ipa: u64, size: u64, offset: u64) -> Victim {
+        Victim { ipa: Ipa::new(ipa), size, region: 0, offset }
+    }
+
+    #[test]
+    fn neighbours_in_ipa_and_backing_join_one_run_and_nothing_else_does() {
+        let page = 4096;
+        let joined = runs(vec![
+            victim(0x4000_2000, page, 0x2000),
+            victim(0x4000_0000, page, 0x0000),
+            victim(0x4000_1000, page, 0x1000),
+            // Next in IPA, not in the backing (another memslot's alias).
+            victim(0x4000_3000, page, 0x9000),
+            // A page and the block right after it, in both.
+            victim(0x401f_f000, page, 0x1f_f000),
+            victim(0x4020_0000, 2 << 20, 0x20_0000),
+        ]);
+        let shape: Vec<(u64, u64, u64, usize)> =
+            joined.iter().map(|r| (r.ipa.raw(), r.size, r.offset, r.mappings.len())).collect();
+        assert_eq!(
+            shape,
+            [
+                (0x4000_0000, 3 * page, 0, 3),
+                (0x4000_3000, page, 0x9000, 1),
+                (0x401f_f000, page + (2 << 20), 0x1f_f000, 2)
+            ]
+        );
     }
 }

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
+use hyp_core::addr::{Ipa, Pa, Range, PAGE_SIZE};
 use hyp_core::stage2::MapSize;
 
 use super::bitmap::{DirtyLog, PageBitmap};
@@ -285,6 +285,15 @@ impl MappingState {
             .collect()
     }
 
+    /// The recorded mappings that start inside `range`, in IPA order.
+    pub fn residents_in(&self, range: Range<Ipa>) -> Vec<Resident> {
+        let installed = self.installed();
+        installed
+            .range(range.start().raw()..range.end().raw())
+            .map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order })
+            .collect()
+    }
+
     /// Records a mapping the core installed. Returns false, releasing its
     /// pin, if an invalidation the core executed after installing it has
     /// already been reconciled (the result of the map arrived late): the
@@ -410,8 +419,11 @@ impl MappingState {
             log.push_back(Invalidation { start: start.raw(), len, seq_after });
         }
         let end = start.raw() + len;
+        // Mappings never overlap: of those that start before `start`, only
+        // the last can reach into the range. The rest start inside it.
+        let first = mappings.range(..start.raw()).next_back().map_or(start.raw(), |(&ipa, _)| ipa);
         let doomed: Vec<u64> = mappings
-            .range(..end)
+            .range(first..end)
             .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
             .map(|(&ipa, _)| ipa)
             .collect();
@@ -465,6 +477,28 @@ mod tests {
         m.mark_dirty(second, Ipa::new(0x8000_3000));
         assert_eq!(m.dirty_log(second).peek()[0], 1 << 3);
         assert_eq!(m.dirty_log(layout.memslots.by_id(0).unwrap()).count(), 0);
+    }
+
+    #[test]
+    fn an_invalidation_forgets_exactly_the_mappings_it_reaches() {
+        let (_, m) = state(4096);
+        let record = |ipa: u64, size: MapSize| {
+            let pin = m.pin(0, ipa - 0x4000_0000, size.bytes()).unwrap().into_mapping();
+            assert!(m.record_installed(Ipa::new(ipa), Installed::new(size, Pa::new(ipa), 0, pin)));
+        };
+        for page in [0, 1, 3] {
+            record(0x4000_0000 + page * 4096, MapSize::Page4K);
+        }
+        record(0x4020_0000, MapSize::Block2M);
+        // The page between two others.
+        assert_eq!(m.forget_range(Ipa::new(0x4000_1000), 4096, 1), 1);
+        assert!(m.is_mapped(Ipa::new(0x4000_0000)) && m.is_mapped(Ipa::new(0x4000_3000)));
+        // A range inside a block, which starts before it: the block goes.
+        assert_eq!(m.forget_range(Ipa::new(0x4030_0000), 4096, 2), 512);
+        assert!(!m.is_mapped(Ipa::new(0x4020_0000)) && m.is_mapped(Ipa::new(0x4000_3000)));
+        // Nothing there.
+        assert_eq!(m.forget_range(Ipa::new(0x4000_2000), 4096, 3), 0);
+        assert_eq!((m.mapping_count(), m.resident()), (2, 8192));
     }
 
     #[test]
