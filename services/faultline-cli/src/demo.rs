@@ -49,17 +49,43 @@ impl Drop for Unfinished {
     }
 }
 
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as u32
+}
+
+/// The demo's vCPUs unless asked: 2, or 1 where that leaves no core for
+/// the daemon's service thread.
+pub fn default_vcpus() -> u32 {
+    vcpus_for(cores())
+}
+
+fn vcpus_for(cores: u32) -> u32 {
+    cores.saturating_sub(1).clamp(1, 2)
+}
+
+/// The daemon's service threads for a demo of `vcpus` vCPUs on `cores`:
+/// the cores the vCPUs leave, at least one. The daemon's own default (a
+/// thread per core) is for a host of many VMs; beside one small VM,
+/// threads waiting for its faults on the cores its vCPUs need would turn
+/// every wait into a sleep, and the demo would show a crowded host's
+/// latency rather than a fault's.
+fn service_threads_for(vcpus: u32, cores: u32) -> u32 {
+    cores.saturating_sub(vcpus).max(1)
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("faultline-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("attach.sock");
+    let threads = service_threads_for(args.vcpus, cores());
     let mut daemon = Command::new(sibling("memory-manager")?)
         .arg("--attach-socket")
         .arg(&socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--grpc-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-filter", "info"])
+        .args(["--service-threads", &threads.to_string()])
         .stderr(Stdio::piped())
         .spawn()
         .context("starting memory-manager")?;
@@ -77,7 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Keep draining the daemon's log so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     outln!(
-        "faultline demo: daemon at {addr}, {} vCPUs, {} accesses each, pattern {}",
+        "faultline demo: daemon at {addr}, service threads: {threads}, vCPUs: {}, accesses per vCPU: {}, pattern {}",
         args.vcpus,
         args.ops,
         args.pattern
@@ -166,7 +192,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  how the vCPUs waited: spun {}, slept {} (spinning gives way when threads outnumber the {} cores)",
         waits["spun"],
         waits["slept"],
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        cores()
     );
     outln!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
     // Close the connection before stopping the daemon: its graceful shutdown
@@ -176,4 +202,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vcpus_and_service_threads_fit_the_cores_where_they_can() {
+        for (cores, vcpus, threads) in [(1, 1, 1), (2, 1, 1), (3, 2, 1), (4, 2, 2), (16, 2, 14)] {
+            assert_eq!((vcpus_for(cores), service_threads_for(vcpus_for(cores), cores)), (vcpus, threads), "{cores}");
+        }
+        // Asked for more vCPUs than cores: one service thread.
+        assert_eq!(service_threads_for(8, 2), 1);
+    }
 }

@@ -52,9 +52,11 @@ enum Command {
     Observe(Box<observe::ObserveArgs>),
     /// Start the daemon and a simulated machine, stream its faults, summarize.
     Demo {
-        /// vCPUs.
-        #[arg(long, default_value_t = 2)]
-        vcpus: u32,
+        /// vCPUs (default: 2, or 1 on a machine of 2 cores or fewer, so
+        /// that the vCPUs and the daemon's service thread each have a core
+        /// and the latencies shown are a fault's, not a crowded host's).
+        #[arg(long)]
+        vcpus: Option<u32>,
         /// Accesses per vCPU.
         #[arg(long, default_value_t = 200_000)]
         ops: u64,
@@ -278,6 +280,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
     let channel = || faultline_proto::client::connect(&server, &tls);
     match cli.command {
         Command::Demo { vcpus, ops, pattern, lines_per_second } => {
+            let vcpus = vcpus.unwrap_or_else(demo::default_vcpus);
             demo::run(demo::DemoArgs { vcpus, ops, pattern, max_lines_per_second: lines_per_second }).await?;
         }
         Command::Observe(args) => {
