@@ -125,7 +125,10 @@ impl ControlClient {
         Ok(answer)
     }
 
-    fn ask_all(&self, cmds: Vec<CommandRecord>) -> Result<Vec<Answer>, ControlError> {
+    /// Sends `cmds` as one batch, as [`Self::execute_all`] does, without
+    /// waiting: the caller collects the results later ([`Pending::results`])
+    /// and may sleep meanwhile instead of waking twice.
+    pub fn submit_all(&self, cmds: Vec<CommandRecord>) -> Result<Pending, ControlError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ControlError::Closed)?;
         let (reply, answer) = mpsc::sync_channel(1);
         // Never block: a core that stopped answering must not hold callers.
@@ -133,7 +136,28 @@ impl ControlClient {
             mpsc::TrySendError::Full(_) => ControlError::Busy,
             mpsc::TrySendError::Disconnected(_) => ControlError::Closed,
         })?;
-        answer.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
+        Ok(Pending(answer))
+    }
+
+    fn ask_all(&self, cmds: Vec<CommandRecord>) -> Result<Vec<Answer>, ControlError> {
+        self.submit_all(cmds)?.answers()
+    }
+}
+
+/// A batch sent by [`ControlClient::submit_all`], its results to come.
+#[derive(Debug)]
+#[must_use = "the batch runs anyway; its results are only read through this"]
+pub struct Pending(Receiver<Vec<Answer>>);
+
+impl Pending {
+    /// Waits for the batch's results, at most [`CONTROL_DEADLINE`] from
+    /// now: one result or refusal per command, in order.
+    pub fn results(self) -> Result<Vec<Result<ResultRecord, ControlError>>, ControlError> {
+        Ok(self.answers()?.into_iter().map(|a| refused(a.result)).collect())
+    }
+
+    fn answers(self) -> Result<Vec<Answer>, ControlError> {
+        self.0.recv_timeout(CONTROL_DEADLINE).map_err(|e| match e {
             RecvTimeoutError::Timeout => ControlError::Timeout(CONTROL_DEADLINE),
             RecvTimeoutError::Disconnected => ControlError::Closed,
         })

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 
 use super::access;
-use super::control::ControlError;
+use super::control::{ControlError, Pending};
 use super::evict;
 use super::vm::AttachedVm;
 use crate::observe::workingset::{Monitor, SampleRound, SharedSettings};
@@ -40,7 +40,19 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
         });
         let mut next = Instant::now();
         for _ in 0..s.samples_per_aggregation() {
-            match sample(vm, m.sample()) {
+            // Sent now, read after the sleep to the next sample: the core
+            // answers meanwhile, and the thread wakes once a sample.
+            let round = m.sample();
+            let checks = round.checks.len();
+            let sent = submit(vm, round);
+            next += s.sample();
+            let now = Instant::now();
+            match next.checked_duration_since(now) {
+                Some(wait) => std::thread::sleep(wait),
+                // Behind: the next sample is now, not a burst to catch up.
+                None => next = now,
+            }
+            match sent.and_then(|p| accessed(p, checks)) {
                 Ok(accessed) => {
                     m.record(&accessed);
                     failing = false;
@@ -53,13 +65,6 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
                     failing = true;
                     m.record(&[]);
                 }
-            }
-            next += s.sample();
-            let now = Instant::now();
-            match next.checked_duration_since(now) {
-                Some(wait) => std::thread::sleep(wait),
-                // Behind: the next sample is now, not a burst to catch up.
-                None => next = now,
             }
             if stop.load(Ordering::Acquire) {
                 return;
@@ -77,13 +82,14 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
     }
 }
 
-/// Runs one round's AGE commands as one batch; returns whether each
-/// checked page was accessed.
-fn sample(vm: &AttachedVm, round: SampleRound) -> Result<Vec<bool>, ControlError> {
-    let checks = round.checks.len();
-    let cmds = round.checks.into_iter().chain(round.arms).map(|ipa| access::age(ipa, 1)).collect();
-    let answers = vm.control.execute_all(cmds)?;
-    answers.into_iter().take(checks).map(|a| a.map(|r| r.value & 1 != 0)).collect()
+/// Sends one round's AGE commands as one batch.
+fn submit(vm: &AttachedVm, round: SampleRound) -> Result<Pending, ControlError> {
+    vm.control.submit_all(round.checks.into_iter().chain(round.arms).map(|ipa| access::age(ipa, 1)).collect())
+}
+
+/// Whether each of a round's `checks` checked pages was accessed.
+fn accessed(sent: Pending, checks: usize) -> Result<Vec<bool>, ControlError> {
+    sent.results()?.into_iter().take(checks).map(|a| a.map(|r| r.value & 1 != 0)).collect()
 }
 
 fn now_ns() -> u64 {
