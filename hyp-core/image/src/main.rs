@@ -209,8 +209,6 @@ extern "C" fn el2_main() -> ! {
     boot::enter_guest(entry, x0)
 }
 
-/// A word of the mailbox page, which the launcher writes through the shared
-/// memory file.
 /// ID_AA64MMFR1_EL1: the CPU's memory-model features.
 fn id_aa64mmfr1() -> u64 {
     let v: u64;
@@ -219,6 +217,8 @@ fn id_aa64mmfr1() -> u64 {
     v
 }
 
+/// A word of the mailbox page, which the launcher writes through the shared
+/// memory file.
 fn read_mailbox(offset: u64) -> u32 {
     // SAFETY: the mailbox page is RAM shared with the launcher, inside the
     // image's identity-mapped RAM; its words are only accessed atomically.
