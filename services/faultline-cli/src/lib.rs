@@ -260,6 +260,20 @@ pub fn fault_kind_label(e: &FaultEvent) -> String {
     }
 }
 
+/// The `p`th percentile of `sorted_ns` (ascending nanoseconds), in us; 0
+/// for none.
+pub fn percentile_us(sorted_ns: &[u64], p: usize) -> f64 {
+    match sorted_ns.len() {
+        0 => 0.0,
+        n => sorted_ns[(n * p / 100).min(n - 1)] as f64 / 1000.0,
+    }
+}
+
+/// A fault outcome's short name (`OUTCOME_MMIO_EXIT` reads `mmio-exit`).
+pub fn outcome_name(outcome: i32) -> String {
+    name::<Outcome>(outcome)
+}
+
 /// Daemon latencies collected by [`fault_kind_label`].
 #[derive(Debug, Default)]
 pub struct LatencyByKind(std::collections::BTreeMap<String, Vec<u64>>);
@@ -277,8 +291,7 @@ impl LatencyByKind {
             .iter_mut()
             .map(|(kind, ns)| {
                 ns.sort_unstable();
-                let at = |p: usize| ns[(ns.len() * p / 100).min(ns.len() - 1)] as f64 / 1000.0;
-                (kind.clone(), ns.len(), at(50), at(99))
+                (kind.clone(), ns.len(), percentile_us(ns, 50), percentile_us(ns, 99))
             })
             .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -470,6 +483,14 @@ pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_in_us() {
+        let ns: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!((percentile_us(&ns, 50), percentile_us(&ns, 99), percentile_us(&ns, 100)), (51.0, 100.0, 100.0));
+        assert_eq!(percentile_us(&[], 99), 0.0);
+        assert_eq!((outcome_name(5), outcome_name(99)), ("mmio-exit".to_string(), "99".to_string()));
+    }
 
     #[test]
     fn compact_line_reads_like_the_fault() {

@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use faultline::human_bytes;
+use faultline::{human_bytes, outcome_name, percentile_us};
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
 use faultline_proto::v1::observe_response::ResponseTypes;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
-use faultline_proto::v1::{GetPolicyStatusRequest, GetStatsRequest, ListVmsRequest, ObserveRequest, Outcome};
+use faultline_proto::v1::{GetPolicyStatusRequest, GetStatsRequest, ListVmsRequest, ObserveRequest};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
@@ -95,13 +95,12 @@ fn figures(windows: &[&Window], seconds: f64) -> Figures {
         lat.extend(&w.latencies_ns);
     }
     lat.sort_unstable();
-    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e3 };
     let total: u64 = outcomes.values().sum();
     Figures {
         rate: total as f64 / seconds,
         by_outcome: outcomes.into_iter().map(|(k, n)| (k, n as f64 / seconds)).collect(),
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
+        p50_us: percentile_us(&lat, 50),
+        p99_us: percentile_us(&lat, 99),
         ..Default::default()
     }
 }
@@ -148,10 +147,7 @@ pub async fn run(
                     match r.response_types {
                         Some(ResponseTypes::Fault(e)) => {
                             let w = windows.entry((e.vm_id, e.vcpu)).or_default();
-                            let outcome = Outcome::try_from(e.outcome).map_or("unknown".into(), |o| {
-                                o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase().replace('_', "-")
-                            });
-                            *w.outcomes.entry(outcome).or_default() += 1;
+                            *w.outcomes.entry(outcome_name(e.outcome)).or_default() += 1;
                             w.latencies_ns.push(e.latency_ns);
                         }
                         Some(ResponseTypes::LostEvents(l)) => lost += l.num_events_lost,
