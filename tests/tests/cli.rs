@@ -502,6 +502,17 @@ impl Terminal {
         self.tmux(&["send-keys", "Enter"]);
     }
 
+    /// Asserts the shell has its prompt back after a command that exited
+    /// with `status`, with the line discipline as it was (canonical,
+    /// echoing, signals on) and no panic or error on the screen.
+    fn assert_shell_back(&self, status: i32) {
+        self.type_line("echo \"status=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo|isig)' | tr '\\n' ' '; echo; echo \"sum=$((6*7))\"");
+        let screen = self.screen_when(|s| s.contains("sum=42"));
+        assert!(screen.contains(&format!("status={status}")), "{screen}");
+        assert!(screen.contains("icanon echo isig") || screen.contains("isig icanon echo"), "{screen}");
+        assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
+    }
+
     /// The screen once `ready` holds for it (30 s at most: a hang guard).
     fn screen_when(&self, ready: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -539,11 +550,7 @@ fn observe_follow_in_a_terminal_ends_on_ctrl_c_and_leaves_it_sane() {
     term.tmux(&["send-keys", "C-c"]);
     // The shell has its prompt back, the status is SIGINT's, and the line
     // discipline is as it was: canonical, echoing.
-    term.type_line("echo \"status=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo|isig)' | tr '\\n' ' '; echo; echo \"sum=$((6*7))\"");
-    let screen = term.screen_when(|s| s.contains("sum=42"));
-    assert!(screen.contains("status=130"), "{screen}");
-    assert!(screen.contains("icanon echo isig") || screen.contains("isig icanon echo"), "{screen}");
-    assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
+    term.assert_shell_back(130);
     // The stream was closed with it.
     wait_for_streams(&daemon, 0);
 }
@@ -577,11 +584,7 @@ fn top_in_a_terminal_shows_the_vm_toggles_its_vcpus_and_quits_on_q() {
     term.screen_when(|s| !s.contains("vcpu0") && s.contains("v: per-vCPU breakdown"));
     // q: the shell is back, top exited 0, and the terminal is sane.
     term.tmux(&["send-keys", "q"]);
-    term.type_line("echo \"status=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo|isig)' | tr '\\n' ' '; echo; echo \"sum=$((6*7))\"");
-    let screen = term.screen_when(|s| s.contains("sum=42"));
-    assert!(screen.contains("status=0"), "{screen}");
-    assert!(screen.contains("icanon echo isig") || screen.contains("isig icanon echo"), "{screen}");
-    assert!(!screen.contains("panicked") && !screen.contains("faultline:"), "{screen}");
+    term.assert_shell_back(0);
     wait_for_streams(&daemon, 0);
 }
 
