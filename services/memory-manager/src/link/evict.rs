@@ -65,7 +65,8 @@ pub fn enforce(vm: &AttachedVm, budget: Budget, stop: &AtomicBool) -> u64 {
 /// The candidates are found region by region: only the mappings that start
 /// in a region idle long enough are looked at (one that starts before it
 /// is found from the region it starts in, or is not idle), so an
-/// aggregation that finds nothing idle costs nothing per mapping.
+/// aggregation that finds nothing idle costs nothing per mapping. Regions
+/// come in IPA order and so do their mappings: the victims are in IPA order.
 pub fn reclaim_cold(vm: &AttachedVm, seen: &Aggregation, min_idle: Duration, stop: &AtomicBool) -> (u64, u64) {
     let Ok(_reclaiming) = vm.reclaiming.try_lock() else { return (0, 0) };
     let mut victims: Vec<Resident> = Vec::new();
@@ -77,7 +78,6 @@ pub fn reclaim_cold(vm: &AttachedVm, seen: &Aggregation, min_idle: Duration, sto
                 .filter(|v| range_of(v).and_then(|r| seen.least_idle(r)).is_some_and(|idle| idle >= min_idle)),
         );
     }
-    victims.sort_unstable_by_key(|v| v.ipa);
     let (mappings, bytes) = reclaim_until(vm, victims, |_| false, stop);
     vm.counters.cold_evicted.fetch_add(mappings, Ordering::Relaxed);
     if mappings > 0 {

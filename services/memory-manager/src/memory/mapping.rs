@@ -85,6 +85,13 @@ pub struct Resident {
     pub order: u64,
 }
 
+impl Resident {
+    /// A recorded mapping's entry, as the record table holds it.
+    fn of((&ipa, m): (&u64, &Installed)) -> Self {
+        Self { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order }
+    }
+}
+
 /// An unmap or write-protect the core executed.
 #[derive(Clone, Copy, Debug)]
 struct Invalidation {
@@ -278,20 +285,12 @@ impl MappingState {
 
     /// Every recorded mapping, in IPA order.
     pub fn residents(&self) -> Vec<Resident> {
-        let installed = self.installed();
-        installed
-            .iter()
-            .map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order })
-            .collect()
+        self.installed().iter().map(Resident::of).collect()
     }
 
     /// The recorded mappings that start inside `range`, in IPA order.
     pub fn residents_in(&self, range: Range<Ipa>) -> Vec<Resident> {
-        let installed = self.installed();
-        installed
-            .range(range.start().raw()..range.end().raw())
-            .map(|(&ipa, m)| Resident { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order })
-            .collect()
+        self.installed().range(range.start().raw()..range.end().raw()).map(Resident::of).collect()
     }
 
     /// Records a mapping the core installed. Returns false, releasing its
