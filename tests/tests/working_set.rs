@@ -102,8 +102,14 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     // Not monitored until asked: the API says why.
     let text = cli(&daemon, &["monitor"]);
     assert!(text.starts_with("monitoring:  VMs whose policy names the working set\n"), "{text}");
-    let text = cli(&daemon, &["monitor", "--enable", "--sample-us", "1000", "--aggregate-ms", "40"]);
-    assert!(text.contains("monitoring:  every VM\nsampling:    every 1000 us; aggregating every 40 ms"), "{text}");
+    assert!(text.contains("\ncpu budget:  0.50% of a core per GiB monitored"), "{text}");
+    // DAMON's intervals, as set (no CPU budget to stretch them).
+    let text = cli(
+        &daemon,
+        &["monitor", "--enable", "--sample-us", "5000", "--aggregate-ms", "100", "--cpu-budget-per-gib-bp", "0"],
+    );
+    assert!(text.contains("monitoring:  every VM\nsampling:    every 5000 us; aggregating every 100 ms"), "{text}");
+    assert!(text.contains("\ncpu budget:  none"), "{text}");
     // Zipf(1.0) over the 64 MiB of RAM: page r (from the start of RAM) is
     // accessed with probability 1 / (r H), so the first 16 pages take a
     // third of all accesses, and the last 56 MiB a fifth between them.
@@ -114,10 +120,15 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     let seen = wait_for(&daemon, 7, Duration::from_secs(120), |a| a.index >= 30).await;
     let hot_end = RAM + 16 * 4096;
     let hot: Vec<_> = seen.regions.iter().filter(|r| r.end > RAM && r.start < hot_end).collect();
-    let coldest_part: Vec<_> = seen.regions.iter().filter(|r| r.start >= RAM + 8 * MIB).collect();
+    // The far half takes 1/15 of the accesses between its 8192 pages: a
+    // page there is hit at least 500 times less often than a hot one. At
+    // 5 ms a sample that holds whether the guest makes a hundred accesses
+    // a sample or ten thousand (the far half's pages are then hit in about
+    // a tenth of the samples, the hot set's in all).
+    let coldest_part: Vec<_> = seen.regions.iter().filter(|r| r.start >= RAM + 32 * MIB).collect();
     let f_hot = hot.iter().map(|r| r.frequency).min().unwrap();
     let f_cold = coldest_part.iter().map(|r| r.frequency).max().unwrap();
-    assert!(f_hot > f_cold, "the hot set is seen more often ({f_hot}) than anything past 8 MiB ({f_cold}): {seen:#?}");
+    assert!(f_hot > f_cold, "the hot set is seen more often ({f_hot}) than anything past 32 MiB ({f_cold}): {seen:#?}");
     let hotter = seen.regions.iter().filter(|r| r.frequency > f_hot).count();
     assert!(
         hotter * 4 < seen.regions.len(),
@@ -185,7 +196,7 @@ async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
     let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
     // Fast, but not enabled: the VM is monitored because its policy names
     // the working set.
-    cli(&daemon, &["monitor", "--sample-us", "1000", "--aggregate-ms", "20"]);
+    cli(&daemon, &["monitor", "--sample-us", "1000", "--aggregate-ms", "20", "--cpu-budget-per-gib-bp", "0"]);
     // Phase 0 writes A (4 MiB at the start of RAM) and B (1 MiB at 32
     // MiB); phase 1 touches only B; phase 2 reads A back. Each repeats
     // until a line on the machine's stdin.
@@ -254,4 +265,29 @@ async fn policy_cold_reclaims_a_range_left_idle_and_it_comes_back_intact() {
         flat.ram_digest(),
         "guest RAM intact after reclaim and refault"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_vm_over_the_monitors_cpu_budget_is_sampled_less_often_and_as_set_without_one() {
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy", "4k"]);
+    // 1 ms samples of a 16 MiB VM under 0.5% of a core per GiB: 78 ns of
+    // CPU a sample, less than any wake costs. The monitor stretches both
+    // intervals alike.
+    cli(&daemon, &["monitor", "--enable", "--sample-us", "1000", "--aggregate-ms", "20"]);
+    let args = ["--vm-id", "6", "--vcpus", "1", "--ram-mib", "16", "--ram-page-kib", "4", "--spin-polls", "0"];
+    let (child, mut stdin) = looping_machine(&daemon, &[&args[..], &["--pattern", "zipf", "--ops", "20000"]].concat());
+    let paced = wait_for(&daemon, 6, Duration::from_secs(120), |a| a.sample_us > 1000).await;
+    assert_eq!(paced.samples_per_aggregation, 20, "both intervals stretch: {paced:#?}");
+    assert!(paced.aggregate_ms * 1000 >= 20 * paced.sample_us, "{paced:#?}");
+    let table = cli(&daemon, &["workingset", "6"]);
+    assert!(table.contains("(20 samples in ") && !table.contains("(20 samples in 20 ms)"), "{table}");
+    // Without a budget the next aggregations are at the intervals set.
+    let text = cli(&daemon, &["monitor", "--cpu-budget-per-gib-bp", "0"]);
+    assert!(text.contains("\ncpu budget:  none"), "{text}");
+    let unpaced =
+        wait_for(&daemon, 6, Duration::from_secs(120), |a| a.index > paced.index && a.sample_us == 1000).await;
+    assert_eq!(unpaced.aggregate_ms, 20, "{unpaced:#?}");
+    writeln!(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

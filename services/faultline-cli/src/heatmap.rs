@@ -26,9 +26,14 @@ pub struct Heatmap {
     pub ipa: (u64, u64),
     /// Each column's time, seconds after the first.
     pub times_s: Vec<f64>,
-    /// `cells[row][column]`: frequency out of the samples, 0 to 1; row 0
-    /// is the lowest IPA.
+    /// `cells[row][column]`: frequency relative to the hottest cell, 0 to
+    /// 1; row 0 is the lowest IPA.
     pub cells: Vec<Vec<f32>>,
+    /// The hottest cell's frequency out of the samples, 0 to 1: what the
+    /// brightest colour stands for (damo scales its heats to the data's
+    /// range too, so a pattern shows however fast the guest touches
+    /// memory against the sampling interval).
+    pub peak: f32,
 }
 
 /// Why no heatmap could be drawn.
@@ -78,7 +83,11 @@ impl Heatmap {
                 }
             }
         }
-        Ok(Self { ipa: (lo, hi), times_s: seen.iter().map(|a| time_s(a) - t0).collect(), cells })
+        let peak = cells.iter().flatten().copied().fold(0f32, f32::max);
+        if peak > 0.0 {
+            cells.iter_mut().flatten().for_each(|c| *c /= peak);
+        }
+        Ok(Self { ipa: (lo, hi), times_s: seen.iter().map(|a| time_s(a) - t0).collect(), cells, peak })
     }
 
     /// Pixels per column.
@@ -325,6 +334,23 @@ mod tests {
         let row = &px[(y * w + LEFT) * 3..(y * w + LEFT + plot_w) * 3];
         row.chunks(3).map(|p| 0.2126 * p[0] as f64 + 0.7152 * p[1] as f64 + 0.0722 * p[2] as f64).sum::<f64>()
             / plot_w as f64
+    }
+
+    #[test]
+    fn the_scale_is_the_hottest_cell_so_a_dim_pattern_still_shows() {
+        // Hit in 2 samples of 20: as bright as 20 of 20 would be, and said.
+        let seen: Vec<_> = (0..10).map(|s| aggregation(100 + s, 2)).collect();
+        let map = Heatmap::new(&seen, None, 64).unwrap();
+        assert_eq!(map.peak, 0.1);
+        let (w, _, px) = map.raster();
+        let (pw, _) = map.plot_size();
+        let hot = row_luma(w, &px, map.pixel_row(0x4000_0000).unwrap(), pw);
+        assert!(hot > 200.0, "hot {hot}");
+        // Nothing accessed: dark, and no division by zero.
+        let seen: Vec<_> = (0..10).map(|s| aggregation(100 + s, 0)).collect();
+        let map = Heatmap::new(&seen, None, 8).unwrap();
+        assert_eq!(map.peak, 0.0);
+        assert!(map.cells.iter().flatten().all(|&c| c == 0.0));
     }
 
     #[test]

@@ -132,13 +132,15 @@ pub async fn heatmap(
     std::fs::write(&args.out, bytes).with_context(|| format!("writing {}", args.out.display()))?;
     let (w, h) = map.plot_size();
     outln!(
-        "{}: {} aggregations over {:.1} s, IPA {:#x}-{:#x} in {} rows; plot {w}x{h} at ({}, {})",
+        "{}: {} aggregations over {:.1} s, IPA {:#x}-{:#x} in {} rows, brightest = accessed in {:.0}% of samples; \
+         plot {w}x{h} at ({}, {})",
         args.out.display(),
         seen.len(),
         map.times_s.last().copied().unwrap_or(0.0),
         map.ipa.0,
         map.ipa.1,
         map.cells.len(),
+        map.peak * 100.0,
         faultline::heatmap::LEFT,
         faultline::heatmap::TOP
     );
@@ -169,6 +171,10 @@ pub struct MonitorArgs {
     /// A region accessed within this long is in the working set (ms).
     #[arg(long)]
     window_ms: Option<u64>,
+    /// Most CPU a VM's monitor may take per GiB monitored, in basis points
+    /// of a core (50: 0.5%); over it the intervals stretch. 0: no bound.
+    #[arg(long)]
+    cpu_budget_per_gib_bp: Option<u32>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = ReportFormat::Text)]
     output: ReportFormat,
@@ -183,6 +189,7 @@ impl MonitorArgs {
             || self.min_regions.is_some()
             || self.max_regions.is_some()
             || self.window_ms.is_some()
+            || self.cpu_budget_per_gib_bp.is_some()
     }
 }
 
@@ -198,6 +205,7 @@ pub async fn monitor(args: MonitorArgs, channel: Channel) -> anyhow::Result<()> 
             min_regions: args.min_regions.unwrap_or(s.min_regions),
             max_regions: args.max_regions.unwrap_or(s.max_regions),
             working_set_window_ms: args.window_ms.unwrap_or(s.working_set_window_ms),
+            cpu_budget_per_gib_bp: args.cpu_budget_per_gib_bp.unwrap_or(s.cpu_budget_per_gib_bp),
         };
         s = client.set_working_set_monitor(s).await.map_err(refused)?.into_inner();
     }
@@ -209,6 +217,13 @@ pub async fn monitor(args: MonitorArgs, channel: Channel) -> anyhow::Result<()> 
             outln!("sampling:    every {} us; aggregating every {} ms", s.sample_us, s.aggregate_ms);
             outln!("regions:     {} to {} per VM", s.min_regions, s.max_regions);
             outln!("working set: accessed within {} ms", s.working_set_window_ms);
+            match s.cpu_budget_per_gib_bp {
+                0 => outln!("cpu budget:  none (the intervals as set)"),
+                bp => outln!(
+                    "cpu budget:  {:.2}% of a core per GiB monitored (a VM over it is sampled less often)",
+                    f64::from(bp) / 100.0
+                ),
+            }
         }
     }
     Ok(())

@@ -157,6 +157,7 @@ pub fn monitor_settings(s: &MonitorSettings) -> pb::WorkingSetMonitorSettings {
         min_regions: s.min_regions,
         max_regions: s.max_regions,
         working_set_window_ms: s.working_set_window_ms,
+        cpu_budget_per_gib_bp: s.cpu_budget_per_gib_bp,
     }
 }
 
@@ -169,6 +170,7 @@ pub fn monitor_settings_from(s: &pb::WorkingSetMonitorSettings) -> Result<Monito
         min_regions: s.min_regions,
         max_regions: s.max_regions,
         working_set_window_ms: s.working_set_window_ms,
+        cpu_budget_per_gib_bp: s.cpu_budget_per_gib_bp,
     }
     .validated()
     .map_err(|e| Status::invalid_argument(e.to_string()))

@@ -400,7 +400,7 @@ impl AttachServer {
                 // The control pair is the last of the nr_vcpus + 1 checked at attach.
                 let results = region.ring(control, RingKind::Fault);
                 let commands = region.ring(control, RingKind::Command);
-                let (vm, stop) = (&*vm, end.stopping());
+                let (vm, stop, end) = (&*vm, end.stopping(), &end);
                 let named = std::thread::Builder::new().name(format!("vm{}-control", vm.id().raw()));
                 let spawned = named.spawn_scoped(s, move || {
                     let attached = commands.zip(results).map(|(c, r)| (Producer::attach(c), Consumer::attach(r)));
@@ -420,7 +420,7 @@ impl AttachServer {
                 }
                 let (settings, policies) = (&*self.monitor, &*self.policies);
                 let named = std::thread::Builder::new().name(format!("vm{}-monitor", vm.id().raw()));
-                if let Err(e) = named.spawn_scoped(s, move || crate::link::monitor::run(vm, settings, policies, stop)) {
+                if let Err(e) = named.spawn_scoped(s, move || crate::link::monitor::run(vm, settings, policies, end)) {
                     warn!(cause = %e, "cannot start the working-set monitor thread; the VM is not monitored");
                 }
             }

@@ -2,10 +2,11 @@
 //! clears the access flag of one page per region through the core (one
 //! single-page AGE command a region, one batch), each aggregation
 //! interval it publishes what the regions saw and runs the policy's cold
-//! reclaim on it. It runs while the settings or the VM's policy want the
-//! VM monitored, and starts afresh when they want it again.
+//! reclaim on it, and paces the next aggregation to its CPU budget
+//! ([`Pace`]). It runs while the settings or the VM's policy want the VM
+//! monitored, and starts afresh when they want it again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, warn};
@@ -14,16 +15,20 @@ use super::access;
 use super::control::{ControlError, Pending};
 use super::evict;
 use super::vm::AttachedVm;
+use super::winddown::Winddown;
+use crate::observe::pace::Pace;
 use crate::observe::workingset::{Monitor, SampleRound, SharedSettings};
 use crate::policy::host::PolicyHost;
 
 /// How often a VM that is not monitored looks at the settings again.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
-/// Monitors `vm` until `stop`.
-pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, stop: &AtomicBool) {
+/// Monitors `vm` until `end` stops it.
+pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, end: &Winddown) {
+    let stop = end.stopping();
     let mut cpu = ThreadCpu::start();
     let mut monitor: Option<Monitor> = None;
+    let mut pace = Pace::default();
     let mut failing = false;
     while !stop.load(Ordering::Acquire) {
         let s = settings.get();
@@ -31,14 +36,20 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
             if monitor.take().is_some() {
                 debug!(vm = %vm.id(), "working-set monitor stopped");
             }
-            std::thread::sleep(IDLE_POLL);
+            pace = Pace::default();
+            end.sleep(IDLE_POLL);
             continue;
         }
         let m = monitor.get_or_insert_with(|| {
             debug!(vm = %vm.id(), "working-set monitor started");
             Monitor::new(&vm.layout.guest_memory(), s.min_regions, u64::from(vm.id().raw()) ^ now_ns())
         });
-        let mut next = Instant::now();
+        // As set; `s` is as paced.
+        let asked = s;
+        let s = pace.apply(&asked);
+        let started = Instant::now();
+        let mut next = started;
+        let mut changed = false;
         for _ in 0..s.samples_per_aggregation() {
             // Sent now, read after the sleep to the next sample: the core
             // answers meanwhile, and the thread wakes once a sample.
@@ -48,7 +59,11 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
             next += s.sample();
             let now = Instant::now();
             match next.checked_duration_since(now) {
-                Some(wait) => std::thread::sleep(wait),
+                Some(wait) => {
+                    if !end.sleep(wait) {
+                        return;
+                    }
+                }
                 // Behind: the next sample is now, not a burst to catch up.
                 None => next = now,
             }
@@ -69,11 +84,29 @@ pub fn run(vm: &AttachedVm, settings: &SharedSettings, policies: &PolicyHost, st
             if stop.load(Ordering::Acquire) {
                 return;
             }
+            // New settings start a new aggregation now, not after a
+            // stretched one runs out, and are paced afresh.
+            if settings.get() != asked {
+                changed = true;
+                break;
+            }
+        }
+        if changed {
+            m.restart_aggregation();
+            pace = Pace::default();
+            continue;
         }
         let seen = m.aggregate(&s, now_ns());
         // Monitoring's CPU is what sampling and aggregating took; cold
         // reclaim's (copies, syncs) is reclaim's, as for budgets.
-        vm.counters.monitor_cpu_ns.fetch_add(cpu.lap_ns(), Ordering::Relaxed);
+        let spent = cpu.lap_ns();
+        vm.counters.monitor_cpu_ns.fetch_add(spent, Ordering::Relaxed);
+        let before = pace.stretch();
+        let monitored = seen.regions.iter().map(|r| r.range.len()).sum();
+        pace.observe(&asked, Duration::from_nanos(spent), started.elapsed(), monitored);
+        if pace.stretch() != before {
+            debug!(vm = %vm.id(), stretch = pace.stretch(), sample_us = pace.apply(&asked).sample_us, "working-set monitor paced to its CPU budget");
+        }
         if let Some(cold) = policies.load().policy.cold_reclaim(vm.id().raw()) {
             evict::reclaim_cold(vm, &seen, cold.min_idle, stop);
             cpu.lap_ns();

@@ -5,6 +5,7 @@
 pub mod counters;
 pub mod events;
 pub mod hub;
+pub mod pace;
 pub mod rings;
 pub mod stats;
 pub mod workingset;

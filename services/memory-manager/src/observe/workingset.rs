@@ -42,11 +42,16 @@ pub struct MonitorSettings {
     pub max_regions: u32,
     /// A region accessed within this long is in the working set (ms).
     pub working_set_window_ms: u64,
+    /// Most CPU a VM's monitor may take per GiB it monitors, in basis
+    /// points of one core (50: 0.5% of a core per GiB). Over it, the
+    /// monitor stretches both intervals alike ([`super::pace::Pace`]);
+    /// 0: the intervals as set, whatever they cost.
+    pub cpu_budget_per_gib_bp: u32,
 }
 
 impl Default for MonitorSettings {
     /// DAMON's defaults: 5 ms sampling, 100 ms aggregation, 10 to 1000
-    /// regions.
+    /// regions; at most 0.5% of a core per GiB monitored.
     fn default() -> Self {
         Self {
             enabled: false,
@@ -55,6 +60,7 @@ impl Default for MonitorSettings {
             min_regions: 10,
             max_regions: 1_000,
             working_set_window_ms: 1_000,
+            cpu_budget_per_gib_bp: 50,
         }
     }
 }
@@ -148,6 +154,9 @@ pub struct RegionStat {
     pub frequency: u32,
     /// Aggregations since a sample last found it accessed (0: in this one).
     pub idle_aggregations: u32,
+    /// How long those aggregations lasted: its idle age (0 if accessed in
+    /// this one). Kept as time, since the intervals stretch and shrink.
+    pub idle: Duration,
 }
 
 /// Idle-age buckets the metrics report, in seconds (the last is open).
@@ -170,7 +179,7 @@ pub struct Aggregation {
 impl Aggregation {
     /// How long `r` has been idle.
     pub fn idle(&self, r: &RegionStat) -> Duration {
-        self.settings.aggregate() * r.idle_aggregations
+        r.idle
     }
 
     /// Bytes accessed within the working-set window.
@@ -207,8 +216,8 @@ impl Aggregation {
             .iter()
             .map(|r| r.range.end().raw().min(range.end().raw()) - r.range.start().raw().max(range.start().raw()))
             .sum();
-        let least = over.iter().map(|r| r.idle_aggregations).min()?;
-        (covered == range.len()).then(|| self.settings.aggregate() * least)
+        let least = over.iter().map(|r| r.idle).min()?;
+        (covered == range.len()).then_some(least)
     }
 
     /// The highest frequency over the regions that overlap `range`.
@@ -234,12 +243,15 @@ struct Region {
     armed: Option<u64>,
     hits: u32,
     frequency: u32,
+    /// Aggregations idle.
     idle: u32,
+    /// Their length.
+    idle_for: Duration,
 }
 
 impl Region {
     fn new(start: u64, end: u64) -> Self {
-        Self { start, end, armed: None, hits: 0, frequency: 0, idle: 0 }
+        Self { start, end, armed: None, hits: 0, frequency: 0, idle: 0, idle_for: Duration::ZERO }
     }
 
     fn pages(&self) -> u64 {
@@ -357,15 +369,27 @@ impl Monitor {
         self.checked.clear();
     }
 
+    /// Forgets the hits since the last aggregation: the next one starts
+    /// now (its settings changed).
+    pub fn restart_aggregation(&mut self) {
+        self.regions.iter_mut().for_each(|r| r.hits = 0);
+        self.repick = true;
+    }
+
     /// Rolls the hits since the last aggregation up into each region's
-    /// frequency and idle age, then merges and splits as `settings` say.
-    /// Returns the aggregation, taken before the merge and split.
+    /// frequency and idle age, then merges and splits as `settings` (the
+    /// intervals it was sampled at) say. Returns the aggregation, taken
+    /// before the merge and split.
     pub fn aggregate(&mut self, settings: &MonitorSettings, time_ns: u64) -> Aggregation {
         self.aggregations += 1;
         for r in &mut self.regions {
             r.frequency = r.hits;
             r.hits = 0;
-            r.idle = if r.frequency > 0 { 0 } else { r.idle.saturating_add(1) };
+            (r.idle, r.idle_for) = if r.frequency > 0 {
+                (0, Duration::ZERO)
+            } else {
+                (r.idle.saturating_add(1), r.idle_for + settings.aggregate())
+            };
         }
         let regions = self
             .regions
@@ -375,6 +399,7 @@ impl Monitor {
                     .expect("a region is never empty"),
                 frequency: r.frequency,
                 idle_aggregations: r.idle,
+                idle: r.idle_for,
             })
             .collect();
         self.merge(settings);
@@ -407,6 +432,7 @@ impl Monitor {
                     // Idle at least as long as its least idle part: what
                     // reclaim reads never overstates how cold a page is.
                     prev.idle = prev.idle.min(r.idle);
+                    prev.idle_for = prev.idle_for.min(r.idle_for);
                     prev.end = r.end;
                     prev.armed = prev.armed.or(r.armed);
                 }
@@ -555,6 +581,23 @@ mod tests {
         assert!(idle >= Duration::from_millis(100) * 20, "{idle:?}: {:?}", seen.regions);
         let front = seen.least_idle(Range::<Ipa>::new(Ipa::new(232 << 20), 8 << 20).unwrap()).unwrap();
         assert!(front <= Duration::from_millis(200), "where the scan is: {front:?}");
+    }
+
+    #[test]
+    fn an_idle_age_is_the_time_its_aggregations_took_when_the_intervals_change() {
+        let s = settings();
+        let mut m = Monitor::new(&[target(0, 64 << 20)], s.min_regions, 9);
+        drive(&mut m, &s, 2, |_| false);
+        // Paced: the same samples, five times apart.
+        let slow = MonitorSettings { sample_us: 25_000, aggregate_ms: 500, ..s };
+        let seen = drive(&mut m, &slow, 3, |_| false);
+        let r = seen.region_of(Ipa::new(0)).unwrap();
+        assert_eq!(r.idle_aggregations, 5);
+        assert_eq!(seen.idle(r), Duration::from_millis(2 * 100 + 3 * 500), "not 5 of the latest length");
+        assert_eq!(
+            seen.least_idle(Range::<Ipa>::new(Ipa::new(0), 64 << 20).unwrap()),
+            Some(Duration::from_millis(1700))
+        );
     }
 
     #[test]
