@@ -1,18 +1,26 @@
 //! A bitmap of 4 KiB pages that threads set and clear without locks: the
 //! populated pages of a region, the dirty pages of a memslot. Its words are
-//! the daemon's own, or lie in memory the machine shares (a dirty log that
-//! must outlive the daemon).
+//! the daemon's own, made a chunk at a time as bits are first set in them
+//! (a 1 TiB guest whose workload touches a few pages costs a few chunks,
+//! not 32 MiB), or lie in memory the machine shares (a dirty log that must
+//! outlive the daemon).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use faultline_attach::shm::MappedRegion;
 
+use super::chunked::Chunked;
+
+/// Words per chunk of an owned bitmap: 4 KiB of words, 128 MiB of guest.
+const CHUNK_WORDS: usize = 512;
+
 /// Where a bitmap's words are.
 #[derive(Debug)]
 enum Words {
-    /// The daemon's own memory.
-    Owned(Box<[AtomicU64]>),
+    /// The daemon's own memory, in chunks of [`CHUNK_WORDS`] made when a
+    /// bit is first set in them (one not made is all clear).
+    Owned(Chunked<AtomicU64, CHUNK_WORDS>),
     /// `len` words at `offset` of a mapping shared with the machine.
     Shared { map: Arc<MappedRegion>, offset: u64, len: usize },
 }
@@ -24,9 +32,10 @@ pub struct PageBitmap {
 }
 
 impl PageBitmap {
-    /// An all-clear bitmap of `pages` pages in the daemon's memory.
+    /// An all-clear bitmap of `pages` pages in the daemon's memory (no
+    /// chunk made yet).
     pub fn new(pages: u64) -> Self {
-        Self { words: Words::Owned((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()) }
+        Self { words: Words::Owned(Chunked::new(pages.div_ceil(64) as usize)) }
     }
 
     /// A bitmap of `pages` pages whose words lie at `offset` of `map`
@@ -48,9 +57,10 @@ impl PageBitmap {
         }
     }
 
+    /// Word `i`, its chunk made if it was not.
     fn word(&self, i: usize) -> &AtomicU64 {
         match &self.words {
-            Words::Owned(w) => &w[i],
+            Words::Owned(w) => w.get_or_make(i),
             Words::Shared { map, offset, len } => {
                 assert!(i < *len, "word {i} of a {len}-word bitmap");
                 map.word(offset + i as u64 * 8).expect("checked to fit when the bitmap was made")
@@ -58,8 +68,26 @@ impl PageBitmap {
         }
     }
 
-    fn each(&self) -> impl Iterator<Item = &AtomicU64> {
-        (0..self.len()).map(|i| self.word(i))
+    /// Word `i` if it can hold a set bit (`None`: an owned chunk not made,
+    /// all clear), without making it.
+    fn existing(&self, i: usize) -> Option<&AtomicU64> {
+        match &self.words {
+            Words::Owned(w) => w.get(i),
+            Words::Shared { .. } => Some(self.word(i)),
+        }
+    }
+
+    /// The bits of word `i`.
+    fn load(&self, i: usize) -> u64 {
+        self.existing(i).map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// Owned chunks made so far (0 for a shared bitmap).
+    pub fn chunks_made(&self) -> usize {
+        match &self.words {
+            Words::Owned(w) => w.chunks_made(),
+            Words::Shared { .. } => 0,
+        }
     }
 
     /// Sets the bit of `page`.
@@ -69,7 +97,7 @@ impl PageBitmap {
 
     /// True if the bit of `page` is set.
     pub fn is_set(&self, page: u64) -> bool {
-        self.word((page / 64) as usize).load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        self.load((page / 64) as usize) & (1 << (page % 64)) != 0
     }
 
     /// Sets the bits of `pages` pages from `first`; true if any was clear.
@@ -85,7 +113,9 @@ impl PageBitmap {
     /// Clears the bits of `pages` pages from `first`.
     pub fn clear_range(&self, first: u64, pages: u64) {
         for page in first..first + pages {
-            self.word((page / 64) as usize).fetch_and(!(1u64 << (page % 64)), Ordering::AcqRel);
+            if let Some(w) = self.existing((page / 64) as usize) {
+                w.fetch_and(!(1u64 << (page % 64)), Ordering::AcqRel);
+            }
         }
     }
 
@@ -96,7 +126,7 @@ impl PageBitmap {
             let bit = page % 64;
             let take = (64 - bit).min(end - page);
             let mask = if take == 64 { u64::MAX } else { ((1u64 << take) - 1) << bit };
-            if self.word((page / 64) as usize).load(Ordering::Acquire) & mask != mask {
+            if self.load((page / 64) as usize) & mask != mask {
                 return false;
             }
             page += take;
@@ -106,24 +136,24 @@ impl PageBitmap {
 
     /// Bits set.
     pub fn count(&self) -> u64 {
-        self.each().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        (0..self.len()).map(|i| self.load(i).count_ones() as u64).sum()
     }
 
     /// A copy of the words.
     pub fn words(&self) -> Vec<u64> {
-        self.each().map(|w| w.load(Ordering::Relaxed)).collect()
+        (0..self.len()).map(|i| self.load(i)).collect()
     }
 
     /// The words, clearing them one by one atomically: a bit set
     /// concurrently lands either in the returned copy or in the bitmap.
     pub fn take(&self) -> Vec<u64> {
-        self.each().map(|w| w.swap(0, Ordering::AcqRel)).collect()
+        (0..self.len()).map(|i| self.existing(i).map_or(0, |w| w.swap(0, Ordering::AcqRel))).collect()
     }
 
     /// Sets again the bits of words taken by [`PageBitmap::take`].
     pub fn restore(&self, words: &[u64]) {
-        for (w, &bits) in self.each().zip(words) {
-            w.fetch_or(bits, Ordering::AcqRel);
+        for (i, &bits) in words.iter().enumerate().take(self.len()).filter(|(_, &b)| b != 0) {
+            self.word(i).fetch_or(bits, Ordering::AcqRel);
         }
     }
 }
@@ -163,11 +193,7 @@ impl DirtyLog {
 
     /// The pages the next fetch reports, without clearing them.
     pub fn peek(&self) -> Vec<u64> {
-        self.dirty
-            .each()
-            .zip(self.fetching.each())
-            .map(|(d, f)| d.load(Ordering::Acquire) | f.load(Ordering::Acquire))
-            .collect()
+        (0..self.dirty.len()).map(|i| self.dirty.load(i) | self.fetching.load(i)).collect()
     }
 
     /// Pages the next fetch reports.
@@ -179,22 +205,24 @@ impl DirtyLog {
     /// (set there before cleared here: a page is in one bitmap or both at
     /// every moment) and returns all of the fetch's pages.
     pub fn stage(&self) -> Vec<u64> {
-        self.dirty
-            .each()
-            .zip(self.fetching.each())
-            .map(|(d, f)| {
-                let bits = d.load(Ordering::Acquire);
-                let staged = f.fetch_or(bits, Ordering::AcqRel) | bits;
-                d.fetch_and(!bits, Ordering::AcqRel);
-                staged
+        (0..self.dirty.len())
+            .map(|i| match self.dirty.load(i) {
+                0 => self.fetching.load(i),
+                bits => {
+                    let staged = self.fetching.word(i).fetch_or(bits, Ordering::AcqRel) | bits;
+                    self.dirty.word(i).fetch_and(!bits, Ordering::AcqRel);
+                    staged
+                }
             })
             .collect()
     }
 
     /// Finishes a fetch that delivered `words`: they leave the log.
     pub fn settle(&self, words: &[u64]) {
-        for (f, &bits) in self.fetching.each().zip(words) {
-            f.fetch_and(!bits, Ordering::AcqRel);
+        for (i, &bits) in words.iter().enumerate().filter(|(_, &b)| b != 0) {
+            if let Some(f) = self.fetching.existing(i) {
+                f.fetch_and(!bits, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -274,6 +302,32 @@ mod tests {
         let map = Arc::new(MappedRegion::map(std::os::fd::AsFd::as_fd(memfd.as_file()), 0, 4096, 4096).unwrap());
         assert!(PageBitmap::shared(map.clone(), 4090, 100).is_none(), "past the end");
         assert!(PageBitmap::shared(map, 4, 100).is_none(), "unaligned");
+    }
+
+    #[test]
+    fn an_owned_bitmap_makes_a_chunk_only_where_a_bit_is_set() {
+        // 1 TiB of 4 KiB pages: 8192 chunks, none made.
+        let bitmap = PageBitmap::new(1 << 28);
+        assert_eq!(bitmap.chunks_made(), 0);
+        // Reads, clears and range tests of clear memory make nothing.
+        assert!(!bitmap.is_set(12345) && !bitmap.all_set(0, 1 << 20));
+        bitmap.clear_range(1 << 27, 64);
+        assert_eq!(bitmap.count(), 0);
+        assert_eq!(bitmap.chunks_made(), 0);
+        // Two pages far apart: two chunks; a range over a chunk boundary
+        // (page 32768 starts the second chunk): one more.
+        bitmap.set(7);
+        bitmap.set((1 << 28) - 1);
+        assert_eq!(bitmap.chunks_made(), 2);
+        assert!(bitmap.set_range(32766, 4));
+        assert_eq!(bitmap.chunks_made(), 3);
+        assert!(bitmap.is_set(7) && bitmap.is_set((1 << 28) - 1) && bitmap.all_set(32766, 32770));
+        assert_eq!(bitmap.count(), 6);
+        // A bitmap whose last chunk is short.
+        let short = PageBitmap::new(64 * 512 + 65);
+        short.set(64 * 512 + 64);
+        assert!(short.is_set(64 * 512 + 64));
+        assert_eq!(runs(&short.take()), vec![(64 * 512 + 64, 1)]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod bitmap;
+pub mod chunked;
 pub mod claims;
 pub mod handover;
 pub mod layout;

@@ -13,6 +13,11 @@ use std::sync::Arc;
 
 use hyp_core::addr::PAGE_SIZE;
 
+use super::chunked::Chunked;
+
+/// Counts per chunk: 4 KiB of counts, made at the first pin in them.
+const CHUNK_COUNTS: usize = 1024;
+
 /// Pin counts of every guest region of a VM.
 #[derive(Debug)]
 pub struct Pins {
@@ -23,8 +28,9 @@ pub struct Pins {
 struct RegionPins {
     /// log2 of the backing page size.
     shift: u32,
-    /// One count per backing page.
-    counts: Vec<AtomicU32>,
+    /// One count per backing page, made a chunk at a time (a 1 TiB
+    /// region costs its chunk table until pages are pinned, not 1 GiB).
+    counts: Chunked<AtomicU32, CHUNK_COUNTS>,
 }
 
 /// Why pages could not be pinned.
@@ -49,7 +55,7 @@ impl Pins {
             .iter()
             .map(|&(size, page_size)| {
                 let shift = page_size.max(PAGE_SIZE).trailing_zeros();
-                RegionPins { shift, counts: (0..size.div_ceil(1 << shift)).map(|_| AtomicU32::new(0)).collect() }
+                RegionPins { shift, counts: Chunked::new(size.div_ceil(1 << shift) as usize) }
             })
             .collect();
         Arc::new(Self { regions })
@@ -64,8 +70,8 @@ impl Pins {
         let end = end.ok_or(err)?;
         let first = (offset >> r.shift) as usize;
         let pages = (((end - 1) >> r.shift) + 1) as usize - first;
-        for c in &r.counts[first..first + pages] {
-            c.fetch_add(1, Ordering::AcqRel);
+        for i in first..first + pages {
+            r.counts.get_or_make(i).fetch_add(1, Ordering::AcqRel);
         }
         Ok(PinGuard { pins: self.clone(), region, first, pages })
     }
@@ -73,17 +79,19 @@ impl Pins {
     /// Pin count of the backing page holding `offset`.
     pub fn count(&self, region: usize, offset: u64) -> u32 {
         let r = &self.regions[region];
-        r.counts[(offset >> r.shift) as usize].load(Ordering::Acquire)
+        r.counts.get((offset >> r.shift) as usize).map_or(0, |c| c.load(Ordering::Acquire))
     }
 
     /// Sum of all pin counts (backing pages x pins).
     pub fn total(&self) -> u64 {
-        self.regions.iter().flat_map(|r| &r.counts).map(|c| c.load(Ordering::Acquire) as u64).sum()
+        self.regions.iter().flat_map(|r| r.counts.made()).map(|c| c.load(Ordering::Acquire) as u64).sum()
     }
 
     fn release(&self, region: usize, first: usize, pages: usize) {
-        for c in &self.regions[region].counts[first..first + pages] {
-            c.fetch_sub(1, Ordering::AcqRel);
+        let counts = &self.regions[region].counts;
+        for i in first..first + pages {
+            // Made by the pin this releases.
+            counts.get_or_make(i).fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -130,6 +138,20 @@ impl MappingPin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_region_costs_counts_only_where_pages_are_pinned() {
+        // 1 TiB of 4 KiB pages: 256 Mi counts, none made.
+        let pins = Pins::new(&[(1 << 40, 4096)]);
+        assert_eq!(pins.regions[0].counts.chunks_made(), 0);
+        assert_eq!((pins.count(0, 1 << 39), pins.total()), (0, 0));
+        let far = pins.pin(0, (1 << 40) - 4096, 4096).unwrap();
+        let near = pins.pin(0, 0, 8192).unwrap();
+        assert_eq!(pins.regions[0].counts.chunks_made(), 2);
+        assert_eq!((pins.count(0, (1 << 40) - 4096), pins.total()), (1, 3));
+        drop((far, near));
+        assert_eq!(pins.total(), 0);
+    }
 
     #[test]
     fn huge_backing_pages_have_one_count() {
