@@ -51,7 +51,7 @@ pub struct MonitorSettings {
 
 impl Default for MonitorSettings {
     /// DAMON's defaults: 5 ms sampling, 100 ms aggregation, 10 to 1000
-    /// regions; at most 0.5% of a core per GiB monitored.
+    /// regions; at most 0.75% of a core per GiB monitored.
     fn default() -> Self {
         Self {
             enabled: false,
@@ -60,7 +60,7 @@ impl Default for MonitorSettings {
             min_regions: 10,
             max_regions: 1_000,
             working_set_window_ms: 1_000,
-            cpu_budget_per_gib_bp: 50,
+            cpu_budget_per_gib_bp: 75,
         }
     }
 }
