@@ -142,7 +142,7 @@ async fn the_hottest_regions_of_a_zipf_workload_hold_its_hot_set() {
     // accessed with probability 1 / (r H), so the first 16 pages take a
     // third of all accesses, and the last 56 MiB a fifth between them.
     let args = ["--vm-id", "7", "--vcpus", "1", "--ram-mib", "64", "--ram-page-kib", "4", "--spin-polls", "0"];
-    let mut guest = LoopingMachine::start(&daemon, &[&args[..], &["--pattern", "zipf", "--ops", "200000"]].concat());
+    let guest = LoopingMachine::start(&daemon, &[&args[..], &["--pattern", "zipf", "--ops", "200000"]].concat());
     // Thirty aggregations of the workload running (its first pass maps
     // most pages; the monitor follows it from attach).
     let seen = wait_for(&daemon, 7, Duration::from_secs(120), |a| a.index >= 30).await;
@@ -301,7 +301,7 @@ async fn a_small_vm_over_the_monitors_cpu_budget_is_sampled_less_often_and_as_se
     // intervals alike.
     cli(&daemon, &["monitor", "--enable", "--sample-us", "1000", "--aggregate-ms", "20"]);
     let args = ["--vm-id", "6", "--vcpus", "1", "--ram-mib", "16", "--ram-page-kib", "4", "--spin-polls", "0"];
-    let mut guest = LoopingMachine::start(&daemon, &[&args[..], &["--pattern", "zipf", "--ops", "20000"]].concat());
+    let guest = LoopingMachine::start(&daemon, &[&args[..], &["--pattern", "zipf", "--ops", "20000"]].concat());
     let paced = wait_for(&daemon, 6, Duration::from_secs(120), |a| a.sample_us > 1000).await;
     assert_eq!(paced.samples_per_aggregation, 20, "both intervals stretch: {paced:#?}");
     assert!(paced.aggregate_ms * 1000 >= 20 * paced.sample_us, "{paced:#?}");
