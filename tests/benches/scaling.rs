@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use faultline_system_tests::uffd::{self, Page};
-use faultline_system_tests::{binary, machine, Daemon, TracedMachine};
+use faultline_system_tests::{binary, machine, Daemon, HeldMachine, TracedMachine};
 
 /// Accesses per row, split over its vCPUs.
 const ACCESSES: usize = 80_000;
@@ -186,29 +186,15 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 /// p50 us, p99 us, the daemon's RSS and private RSS while it holds the VM
 /// less what they were before the attach, in KiB).
 fn trace_row(daemon: &Daemon, args: &[&str], trace: &tempfile::NamedTempFile) -> (u64, f64, f64, i64, i64) {
-    use std::io::BufRead;
     let before = rss_kib(daemon.pid());
-    let mut child = machine(daemon)
-        .args(args)
-        .arg("--trace")
-        .arg(trace.path())
-        .arg("--hold-before-detach")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.contains("holding before detach") {
-            break;
-        }
-        said += &line;
-    }
-    let held = rss_kib(daemon.pid());
-    writeln!(child.stdin.take().unwrap()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let held = HeldMachine::start({
+        let mut m = machine(daemon);
+        m.args(args).arg("--trace").arg(trace.path());
+        m
+    });
+    let during = rss_kib(daemon.pid());
+    let said = held.said.clone();
+    let out = held.release();
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ns = |k: &str| v[k].as_u64().unwrap() as f64 / 1000.0;
@@ -217,8 +203,8 @@ fn trace_row(daemon: &Daemon, args: &[&str], trace: &tempfile::NamedTempFile) ->
         v["faults"].as_u64().unwrap(),
         ns("fault_p50_ns"),
         ns("fault_p99_ns"),
-        grew(held.0, before.0),
-        grew(held.1, before.1),
+        grew(during.0, before.0),
+        grew(during.1, before.1),
     )
 }
 

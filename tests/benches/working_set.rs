@@ -20,14 +20,11 @@
 //! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
 //! per vCPU; `WS_BENCH_SHAPES=64x1,256x2` the guests, MiB x vCPUs.)
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
-
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::working_set_client::WorkingSetClient;
 use faultline_proto::v1::{GetVmRequest, GetWorkingSetMonitorRequest, GetWorkingSetRequest, UsePolicyRequest};
-use faultline_system_tests::{machine, Daemon, PolicyProcess};
+use faultline_system_tests::{machine, Daemon, HeldMachine, PolicyProcess};
 
 const VM: u32 = 9;
 const MIB: u64 = 1 << 20;
@@ -90,34 +87,24 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         let mut control = PolicyControlClient::new(daemon.unix_channel().await);
         control.use_policy(UsePolicyRequest { endpoint: p.endpoint.clone(), reconnect: Some(false) }).await.unwrap();
     }
-    let mut child = machine(&daemon)
-        .args(["--vm-id", &VM.to_string(), "--vcpus", &vcpus.to_string(), "--ram-mib", &ram_mib.to_string()])
-        .args(["--ram-page-kib", "4", "--pattern", "zipf-scan", "--ops", &ops.to_string(), "--hold-before-detach"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.contains("holding before detach") {
-            break;
-        }
-        said += &line;
-    }
+    let held =
+        HeldMachine::start({
+            let mut m = machine(&daemon);
+            m.args(["--vm-id", &VM.to_string(), "--vcpus", &vcpus.to_string(), "--ram-mib", &ram_mib.to_string()])
+                .args(["--ram-page-kib", "4", "--pattern", "zipf-scan", "--ops", &ops.to_string()]);
+            m
+        });
     let vm = ControlClient::new(daemon.unix_channel().await)
         .get_vm(GetVmRequest { vm_id: VM })
         .await
-        .unwrap_or_else(|e| panic!("{row:?}: {e}; the machine said {said}"))
+        .unwrap_or_else(|e| panic!("{row:?}: {e}; the machine said {}", held.said))
         .into_inner();
     let seen = WorkingSetClient::new(daemon.unix_channel().await)
         .get_working_set(GetWorkingSetRequest { vm_id: VM })
         .await
         .ok()
         .map(|r| r.into_inner());
-    writeln!(child.stdin.take().unwrap()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = held.release();
     assert!(out.status.success(), "{row:?}: {}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     Measured {

@@ -321,6 +321,46 @@ impl Drop for PolicyProcess {
     }
 }
 
+/// A `sim-machine` run with `--hold-before-detach`, read up to its hold:
+/// its workload is done and the VM still attached, so what the daemon
+/// holds of it can be read until [`HeldMachine::release`].
+pub struct HeldMachine {
+    child: Child,
+    /// What the machine said on stderr before the hold.
+    pub said: String,
+}
+
+impl HeldMachine {
+    /// Runs `machine` (a [`machine`] command with its arguments) with
+    /// `--hold-before-detach` until it holds; panics if it ends first.
+    pub fn start(mut machine: Command) -> Self {
+        let mut child = machine
+            .arg("--hold-before-detach")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting sim-machine");
+        let mut said = String::new();
+        for line in BufReader::new(child.stderr.take().expect("stderr")).lines() {
+            let line = line.expect("reading the machine's stderr");
+            if line.contains("holding before detach") {
+                return Self { child, said };
+            }
+            said += &line;
+            said.push('\n');
+        }
+        let out = child.wait_with_output().expect("waiting for the machine");
+        panic!("the machine ended before holding ({}): {said}", out.status);
+    }
+
+    /// Lets it detach and exit; its output.
+    pub fn release(mut self) -> Output {
+        writeln!(self.child.stdin.take().expect("stdin")).expect("telling the machine");
+        self.child.wait_with_output().expect("waiting for the machine")
+    }
+}
+
 /// The `sim-machine` command for `daemon`, ready for more arguments.
 pub fn machine(daemon: &Daemon) -> Command {
     let mut cmd = Command::new(binary("sim-machine"));
