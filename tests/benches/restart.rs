@@ -384,7 +384,9 @@ fn sample_threads(span: Duration) -> Vec<ThreadChange> {
     let started = Instant::now();
     let mut last = std::collections::HashMap::new();
     let mut runnable_since = std::collections::HashMap::new();
-    let mut stacks_taken = false;
+    // gdb stops the daemon while it reads the stacks, which lengthens the
+    // very stall it looks at: only when asked (RESTART_BENCH_STACKS=1).
+    let mut stacks_taken = std::env::var_os("RESTART_BENCH_STACKS").is_none();
     let mut out = Vec::new();
     while started.elapsed() < span {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
@@ -522,7 +524,9 @@ fn main() {
     // Fewer for a quick look: RESTART_BENCH_KILLS=5 (the 1M-mapping rebuild
     // is then skipped); RESTART_BENCH_ONLY=restart|takeover|rebuild for one
     // part; RESTART_BENCH_VCPUS=4 for one vCPU count; RESTART_BENCH_LOG=path
-    // keeps the takeover daemons' log (path.takeover-<vCPUs>).
+    // keeps the takeover daemons' log (path.takeover-<vCPUs>);
+    // RESTART_BENCH_STACKS=1 adds gdb's stacks of a new daemon whose
+    // service thread runs 15 ms without serving (gdb stops it meanwhile).
     let kills: usize = std::env::var("RESTART_BENCH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let only = std::env::var("RESTART_BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only == name;

@@ -99,6 +99,9 @@ const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 /// Runs the daemon until `shutdown` completes, then stops serving, detaches
 /// every VM, ends gRPC streams and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Anchored now, the fault clock's rate is estimated over the time
+    // until the first fault, which then waits for nothing.
+    crate::fault::clock::start();
     // Before anything listens: a daemon that cannot serve TLS as told
     // must not take VMs first.
     let grpc_tls = config.grpc_tls.as_ref().map(crate::api::access::GrpcTls::server_config).transpose()?;
