@@ -106,6 +106,58 @@ fn a_pool_sleeping_on_two_rings_misses_neither() {
     });
 }
 
+/// The pool's watcher leaves a ring another pool thread is serving (holds
+/// its lock) to that thread, rather than pass over it again and again: it
+/// notes the ring, then (a SeqCst fence) tries its lock. The holder lets
+/// the lock go, then (a fence) looks for the note, and serves the ring
+/// again if it is set. A record pushed while the ring was held is served:
+/// its producer rang, or the watcher saw it and found the lock free, or
+/// the holder popped it (before letting go, or after the note).
+#[test]
+fn a_ring_left_to_the_thread_serving_it_is_served() {
+    use loom::sync::atomic::{fence, AtomicBool, Ordering};
+    use loom::sync::Mutex;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let ring = Arc::new(OwnedRing::new());
+        let lock = Arc::new(Mutex::new(()));
+        let note = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let ring = ring.clone();
+            thread::spawn(move || {
+                Producer::attach(ring.view()).unwrap().push(&record(1)).unwrap();
+                ring.view().consumer_waiting()
+            })
+        };
+        let holder = {
+            let (ring, lock, note) = (ring.clone(), lock.clone(), note.clone());
+            thread::spawn(move || {
+                let mut c = Consumer::attach(ring.view()).unwrap();
+                let held = lock.lock().unwrap();
+                let mut got = c.pop().unwrap().is_some();
+                drop(held);
+                fence(Ordering::SeqCst);
+                if note.swap(false, Ordering::AcqRel) {
+                    got |= c.pop().unwrap().is_some();
+                }
+                got
+            })
+        };
+        // The watcher, about to sleep.
+        ring.view().set_consumer_waiting(true);
+        let saw = !ring.view().is_drained();
+        let mut free = false;
+        if saw {
+            note.store(true, Ordering::Release);
+            fence(Ordering::SeqCst);
+            free = lock.try_lock().is_ok();
+        }
+        let (rang, got) = (producer.join().unwrap(), holder.join().unwrap());
+        assert!(rang || (saw && free) || got, "record pushed, its ring held, the pool asleep");
+    });
+}
+
 /// A daemon that dies may have popped a fault it never answered (`took`),
 /// or died before it did. Its successor attaches from the indices in shared
 /// memory while the vCPU may still be pushing; once it has re-attached, the

@@ -21,7 +21,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -89,6 +89,10 @@ struct Member {
     finished: AtomicBool,
     /// Its service panicked (and is finished).
     panicked: AtomicBool,
+    /// The watcher found records on this ring while another thread served
+    /// it, and left them to that thread ([`sleep`]): it looks again after
+    /// letting the ring go ([`pass`]).
+    recheck: AtomicBool,
     /// Commands in flight: after each batch, a hint that results are due
     /// (a machine need not ring for a result that resumes the vCPU); once
     /// finished, the count at the end.
@@ -217,6 +221,7 @@ impl ServicePool {
                     slice,
                     finished: AtomicBool::new(false),
                     panicked: AtomicBool::new(false),
+                    recheck: AtomicBool::new(false),
                     in_flight: AtomicUsize::new(0),
                 })
             })
@@ -369,7 +374,8 @@ pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Serves a batch from every ring, from the one after where the last pass
-/// started; `Some(records)` if any were served.
+/// started; `Some(records)` if any were served, or if a ring this pass
+/// served has records the watcher left to it.
 fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
     let members = shared.members.read().unwrap_or_else(|e| e.into_inner());
     let n = members.len();
@@ -378,7 +384,7 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
     }
     let start = *cursor % n;
     *cursor = cursor.wrapping_add(1);
-    let (mut served, mut busy_rings) = (0, 0);
+    let (mut served, mut busy_rings, mut left_to_us) = (0, 0, false);
     for k in 0..n {
         let m = &members[(start + k) % n];
         if m.is_finished() {
@@ -414,8 +420,14 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
                 m.finish(0);
             }
         }
+        drop(lent);
+        // Let go, then look for the watcher's note (the other half of the
+        // fence in `sleep`): either it saw the ring free, or this thread
+        // sees its note and passes again.
+        fence(Ordering::SeqCst);
+        left_to_us |= m.recheck.swap(false, Ordering::AcqRel);
     }
-    (served > 0).then_some(served)
+    (served > 0 || left_to_us).then_some(served)
 }
 
 /// Sleeps on every listed ring's doorbell and the pool's own word until one
@@ -438,8 +450,17 @@ fn sleep(shared: &Shared) -> Option<u32> {
             }
         }
         // The re-check after the flags: a record pushed before a flag was
-        // seen is found here, one pushed after it rings the doorbell.
-        if open().any(|m| !m.doorbell.is_drained()) {
+        // seen is found here, one pushed after it rings the doorbell. A
+        // ring another thread is serving is left to it (passing over it
+        // again and again would only burn a CPU while, say, its service
+        // waits on a reclaim): the note is set before its lock is looked
+        // at, and its holder looks for the note after letting it go.
+        let waiting = open().filter(|m| !m.doorbell.is_drained()).any(|m| {
+            m.recheck.store(true, Ordering::Release);
+            fence(Ordering::SeqCst);
+            m.service.try_lock().is_ok()
+        });
+        if waiting {
             open().for_each(|m| m.doorbell.set_consumer_waiting(false));
             return Some(0);
         }
@@ -743,6 +764,105 @@ mod tests {
             }
             release.store(true, Ordering::Release);
             assert_eq!(*log.lock().unwrap(), [(1, 2)], "served while the other ring's service blocked");
+            done.store(true, Ordering::Release);
+        });
+    }
+
+    /// A service with nothing to serve that counts the looks it was given.
+    struct Counting<'r> {
+        ring: &'r OwnedRing,
+        looks: &'r AtomicUsize,
+        done: &'r AtomicBool,
+    }
+
+    impl RingService for Counting<'_> {
+        fn serve(&mut self, _budget: u32) -> Result<Served, RingError> {
+            self.looks.fetch_add(1, Ordering::Relaxed);
+            Ok(if self.done.load(Ordering::Acquire) { Served::Finished { in_flight: 0 } } else { Served::Idle })
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    /// A service that takes what is on its ring and then, while `closed`
+    /// is set, blocks (as one waiting on a reclaim), holding its ring.
+    struct Gate<'r> {
+        ring: Consumer<'r>,
+        closed: &'r AtomicBool,
+        blocked: &'r AtomicBool,
+        popped: &'r AtomicUsize,
+        done: &'r AtomicBool,
+    }
+
+    impl RingService for Gate<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            let mut n = 0;
+            while n < budget && self.ring.pop()?.is_some() {
+                n += 1;
+                self.popped.fetch_add(1, Ordering::AcqRel);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                self.blocked.store(true, Ordering::Release);
+                block_in_place(|| {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while self.closed.load(Ordering::Acquire) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+            }
+            Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn records_on_a_ring_whose_service_blocks_are_left_to_it_and_the_watcher_sleeps() {
+        let (slow, quiet) = (OwnedRing::new(), OwnedRing::new());
+        let (done, closed, blocked) = (AtomicBool::new(false), AtomicBool::new(true), AtomicBool::new(false));
+        let (popped, looks) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let gate: Box<dyn RingService + '_> = Box::new(Gate {
+            ring: Consumer::attach(slow.view()).unwrap(),
+            closed: &closed,
+            blocked: &blocked,
+            popped: &popped,
+            done: &done,
+        });
+        let counting: Box<dyn RingService + '_> = Box::new(Counting { ring: &quiet, looks: &looks, done: &done });
+        // No spinning, and slices far longer than the test: a record left
+        // behind would wait for a slice, past the test's deadline.
+        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        pool.serve(vec![gate, counting], Duration::from_secs(120), |_| {
+            // Its service blocks with the ring empty; then its vCPU posts.
+            wait_until("the service blocked", || blocked.load(Ordering::Acquire));
+            push_and_ring(&mut Producer::attach(slow.view()).unwrap(), &Record([1; 8])).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let before = looks.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+            let passes = looks.load(Ordering::Relaxed) - before;
+            // Passing over the held ring again and again: about 100,000.
+            assert!(passes < 50, "the watcher passed {passes} times in 50 ms instead of sleeping");
+            // It lets the ring go having served nothing: only the watcher's
+            // note sends it back for the record.
+            closed.store(false, Ordering::Release);
+            wait_until("the record left to the blocked service served once it let go", || {
+                popped.load(Ordering::Acquire) == 1
+            });
             done.store(true, Ordering::Release);
         });
     }
