@@ -216,3 +216,44 @@ async fn control_lists_the_attached_vms_and_their_memslots() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Context switches, so far, of the daemon's gRPC threads (`api`).
+fn api_thread_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "api"))
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_wakes_its_api_threads_only_while_someone_follows_and_a_late_follower_is_served_live() {
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = api_thread_switches(daemon.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let woken = api_thread_switches(daemon.pid()) - before;
+    // A timer polling the event history for followers nobody has: about
+    // 400 switches a second (each 5 ms tick and the wake it hands on).
+    assert!(woken < 40, "an idle daemon's API threads switched {woken} times in a second");
+
+    // The first follower after that idle second still sees faults live.
+    let mut follower = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let mut live = follower.observe(ObserveRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "1", "--pattern", "sequential", "--ops", "200"]);
+    let summary = tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    assert!(summary["faults"].as_u64().unwrap() > 0);
+    let first = tokio::time::timeout(Duration::from_secs(30), live.message())
+        .await
+        .expect("no live event for a follower that came after an idle spell");
+    assert!(matches!(first.unwrap().and_then(|r| r.response_types), Some(ResponseTypes::Fault(_))));
+}
