@@ -138,7 +138,7 @@ fn a_ring_left_to_the_thread_serving_it_is_served() {
                 let mut got = c.pop().unwrap().is_some();
                 drop(held);
                 fence(Ordering::SeqCst);
-                if note.swap(false, Ordering::AcqRel) {
+                if note.load(Ordering::Acquire) && note.swap(false, Ordering::AcqRel) {
                     got |= c.pop().unwrap().is_some();
                 }
                 got

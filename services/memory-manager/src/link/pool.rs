@@ -424,8 +424,9 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
         // Let go, then look for the watcher's note (the other half of the
         // fence in `sleep`): either it saw the ring free, or this thread
         // sees its note and passes again.
+        // (A load first: the swap, a locked instruction, only when set.)
         fence(Ordering::SeqCst);
-        left_to_us |= m.recheck.swap(false, Ordering::AcqRel);
+        left_to_us |= m.recheck.load(Ordering::Acquire) && m.recheck.swap(false, Ordering::AcqRel);
     }
     (served > 0 || left_to_us).then_some(served)
 }
