@@ -132,7 +132,15 @@ impl Rate {
             return known;
         }
         let (since, ns) = estimate();
-        let rate = if since == 0 || ns <= 0.0 { known.max(1.0) } else { ns / since as f64 };
+        if since == 0 || ns <= 0.0 {
+            // Too soon after the anchor to tell: the next conversion tries
+            // again, and this one uses what is known (or 1 ns a tick).
+            if claimed {
+                self.next.store(next, Ordering::Release);
+            }
+            return if known > 0.0 { known } else { 1.0 };
+        }
+        let rate = ns / since as f64;
         if claimed {
             self.ns_per_tick.store(rate.to_bits(), Ordering::Relaxed);
             let longest = (MAX_REFINE_NS / rate) as u64;
@@ -215,6 +223,9 @@ mod tests {
                 (ticks, ticks as f64 / 2.5)
             }
         };
+        // Right at the anchor nothing can be told: nothing is kept.
+        assert_eq!(rate.at(10, || (10, 0.0)), 1.0);
+        assert_eq!(rate.ns_per_tick.load(Ordering::Relaxed), 0, "no rate kept from no time");
         assert_eq!(rate.at(1_000, exact(1_000)), 0.4, "the first conversion estimates");
         assert_eq!(rate.at(1_999, exact(1_999)), 0.4);
         assert_eq!(estimates.get(), 1, "not again before twice as long");
