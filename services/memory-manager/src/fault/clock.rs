@@ -63,27 +63,28 @@ impl Anchor {
             Source::Instant => self.at.elapsed().as_nanos() as u64,
         }
     }
+}
 
-    /// A counter reading and the `Instant` it was taken at, read between
-    /// two `Instant`s close enough to pair (a few tries, then the closest).
-    fn paired(&self) -> (u64, Instant) {
-        let mut best: Option<(Duration, u64, Instant)> = None;
-        for _ in 0..4 {
-            let before = Instant::now();
-            let ticks = self.read();
-            let after = Instant::now();
-            let spread = after - before;
-            let mid = before + spread / 2;
-            if best.is_none_or(|(s, ..)| spread < s) {
-                best = Some((spread, ticks, mid));
-            }
-            if spread <= PAIR_SLACK {
-                break;
-            }
+/// A time-stamp counter reading and the `Instant` it was taken at, read
+/// between two `Instant`s close enough to pair (a few tries, then the
+/// closest).
+fn paired_tsc() -> (u64, Instant) {
+    let mut best: Option<(Duration, u64, Instant)> = None;
+    for _ in 0..4 {
+        let before = Instant::now();
+        let ticks = tsc();
+        let after = Instant::now();
+        let spread = after - before;
+        let mid = before + spread / 2;
+        if best.is_none_or(|(s, ..)| spread < s) {
+            best = Some((spread, ticks, mid));
         }
-        let (_, ticks, at) = best.expect("at least one try");
-        (ticks, at)
+        if spread <= PAIR_SLACK {
+            break;
+        }
     }
+    let (_, ticks, at) = best.expect("at least one try");
+    (ticks, at)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -154,12 +155,12 @@ fn anchor() -> &'static Anchor {
     static ANCHOR: OnceLock<Anchor> = OnceLock::new();
     ANCHOR.get_or_init(|| {
         let source = Source::detect();
-        let (at, wall) = (Instant::now(), SystemTime::now());
-        let mut a = Anchor { source, ticks: 0, at, wall, rate: Rate::new() };
-        if source == Source::Tsc {
-            (a.ticks, a.at) = a.paired();
-        }
-        a
+        let (ticks, at) = match source {
+            Source::Tsc => paired_tsc(),
+            Source::Instant => (0, Instant::now()),
+        };
+        // Taken with the anchor's reading, which wall times count from.
+        Anchor { source, ticks, at, wall: SystemTime::now(), rate: Rate::new() }
     })
 }
 
@@ -182,7 +183,7 @@ pub fn nanos_between(start: u64, end: u64) -> u64 {
         Source::Instant => ticks,
         Source::Tsc => {
             let rate = a.rate.at(end.wrapping_sub(a.ticks), || {
-                let (now, at) = a.paired();
+                let (now, at) = paired_tsc();
                 (now.wrapping_sub(a.ticks), (at - a.at).as_nanos() as f64)
             });
             (ticks as f64 * rate) as u64
