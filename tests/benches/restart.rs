@@ -17,6 +17,7 @@
 //! minutes; `RESTART_BENCH_KILLS=5` for a quick look)
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use faultline_proto::v1::fault_trace_client::FaultTraceClient;
@@ -310,19 +311,24 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     let (mut stalls, mut served_at, mut samples) = (Vec::new(), Vec::new(), Vec::new());
     // When the old daemon stops serving: its vCPU services start draining.
     const MARK: &str = "draining the VM's vCPU services for the handover";
+    // Watching the new daemon's threads reads /proc hundreds of times a
+    // millisecond, on the cores the stall is measured on: only when asked.
+    let watch_threads = ["RESTART_BENCH_THREADS", "RESTART_BENCH_STACKS"].iter().any(|v| std::env::var_os(v).is_some());
     for _ in 0..takeovers {
-        let before = daemon.log().matches(MARK).count();
         let log = daemon.log_path();
+        let seen = std::fs::metadata(&log).map_or(0, |m| m.len());
         std::thread::scope(|s| {
             let resumer = s.spawn(|| {
                 let started = Instant::now();
-                while std::fs::read_to_string(&log).unwrap_or_default().matches(MARK).count() == before
-                    && started.elapsed() < Duration::from_secs(30)
-                {
+                while !appended(&log, seen).contains(MARK) && started.elapsed() < Duration::from_secs(30) {
                     std::thread::sleep(Duration::from_micros(100));
                 }
                 m.resume();
-                sample_threads(Duration::from_millis(300))
+                if watch_threads {
+                    sample_threads(Duration::from_millis(300))
+                } else {
+                    Vec::new()
+                }
             });
             daemon.take_over();
             samples.push(resumer.join().unwrap());
@@ -350,6 +356,17 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
     }
     keep_log(&daemon, &format!("takeover-{vcpus}"));
     stalls
+}
+
+/// What was appended to the file at `path` after its first `from` bytes
+/// (read from there: the whole log is not read again at each look).
+fn appended(path: &Path, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut out = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.seek(SeekFrom::Start(from)).and_then(|_| f.read_to_string(&mut out));
+    }
+    out
 }
 
 /// A change in one thread's state, as `/proc` showed it.
@@ -525,8 +542,11 @@ fn main() {
     // is then skipped); RESTART_BENCH_ONLY=restart|takeover|rebuild for one
     // part; RESTART_BENCH_VCPUS=4 for one vCPU count; RESTART_BENCH_LOG=path
     // keeps the takeover daemons' log (path.takeover-<vCPUs>);
-    // RESTART_BENCH_STACKS=1 adds gdb's stacks of a new daemon whose
-    // service thread runs 15 ms without serving (gdb stops it meanwhile).
+    // RESTART_BENCH_THREADS=1 prints the new daemon's thread states in each
+    // takeover stall over 20 ms (sampled from /proc, which takes CPU from
+    // the stall); RESTART_BENCH_STACKS=1 adds gdb's stacks of a new daemon
+    // whose service thread runs 15 ms without serving (gdb stops it
+    // meanwhile).
     let kills: usize = std::env::var("RESTART_BENCH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let only = std::env::var("RESTART_BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only == name;

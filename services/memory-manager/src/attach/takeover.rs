@@ -17,8 +17,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -35,6 +35,8 @@ use crate::memory::handover::HandedRecords;
 const HANDOVER_PATIENCE: Duration = Duration::from_secs(30);
 /// Largest records accepted (32 bytes a mapping: 16M mappings).
 const MAX_RECORDS_BYTES: u64 = 512 << 20;
+/// The buffer records are written and read through.
+const RECORDS_BUFFER: usize = 64 << 10;
 
 /// What the running daemon hands over: its attach socket, then its VMs.
 #[derive(Debug)]
@@ -193,9 +195,10 @@ fn read_records(vm_id: u32, fd: Option<OwnedFd>) -> Option<HandedRecords> {
         if len > MAX_RECORDS_BYTES {
             return Err(format!("{len} bytes of records"));
         }
-        let mut bytes = vec![0; len as usize];
-        file.read_exact_at(&mut bytes, 0).map_err(|e| e.to_string())?;
-        HandedRecords::decode(&bytes).map_err(|e| e.to_string())
+        // Decoded as read: no copy of the whole to fault in.
+        let mut reader = std::io::BufReader::with_capacity(RECORDS_BUFFER, &file);
+        reader.seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        HandedRecords::decode_from(&mut reader, len).map_err(|e| e.to_string())
     };
     read().map_err(|e| warn!(vm = vm_id, cause = %e, "handed-over records unusable; rebuilding from the core")).ok()
 }
@@ -265,7 +268,13 @@ fn records_memfd(records: &HandedRecords) -> std::io::Result<File> {
         .close_on_exec(true)
         .create("faultline-handover")
         .map_err(std::io::Error::other)?;
-    memfd.as_file().write_all_at(&records.encode(), 0)?;
+    // Encoded straight into the memfd (no copy of the whole to fault in),
+    // from its start: the receiver reads from there, whatever the offset
+    // the description the two share was left at.
+    let mut writer = std::io::BufWriter::with_capacity(RECORDS_BUFFER, memfd.as_file());
+    records.encode_to(&mut writer)?;
+    writer.flush()?;
+    drop(writer);
     let seals = [FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealWrite, FileSeal::SealSeal];
     memfd.add_seals(&seals).map_err(std::io::Error::other)?;
     Ok(memfd.into_file())

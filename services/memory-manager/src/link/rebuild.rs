@@ -260,6 +260,7 @@ impl CheckedRecords {
     /// since before its vCPUs were served (whatever reads them waits
     /// until this returns).
     pub fn adopt(self, vm: &AttachedVm, mut held: HeldRecords<'_>) -> Rebuilt {
+        let mut adopted = Vec::with_capacity(self.records.mappings.len());
         for m in &self.records.mappings {
             // Checked: in a memslot, placed inside its region (pinning
             // cannot fail).
@@ -272,8 +273,9 @@ impl CheckedRecords {
             }) else {
                 continue;
             };
-            held.insert(m.ipa, Installed { order: m.order, ..installed });
+            adopted.push((m.ipa, Installed { order: m.order, ..installed }));
         }
+        held.adopt(adopted);
         held.release(self.records.next_order);
         Rebuilt { elapsed: self.started.elapsed(), ..self.done }
     }

@@ -11,6 +11,8 @@
 //! checked against the VM's layout by whoever adopts them: they come from
 //! another process.
 
+use std::io::{Read, Write};
+
 use hyp_core::addr::{Ipa, Pa};
 
 /// "FLHANDV1".
@@ -62,32 +64,55 @@ pub enum HandoverDecodeError {
         /// Bytes the counts describe (None: they overflow).
         expected: Option<usize>,
     },
+    /// Reading the records failed before their length was reached.
+    #[error("reading the records: {0}")]
+    Read(std::io::ErrorKind),
 }
 
 impl HandedRecords {
     /// Encodes the records.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.mappings.len() * MAPPING_LEN + self.free.len() * FREE_LEN);
-        let header = [MAGIC, self.seq, self.next_order, self.mappings.len() as u64, self.free.len() as u64, 0];
-        let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
-        header.into_iter().for_each(&mut put);
-        for m in &self.mappings {
-            [m.ipa.raw(), m.size, m.pa.raw(), m.order].into_iter().for_each(&mut put);
-        }
-        for &(pa, bytes) in &self.free {
-            [pa.raw(), bytes].into_iter().for_each(&mut put);
-        }
+        self.encode_to(&mut out).expect("writing to a Vec cannot fail");
         out
     }
 
+    /// Encodes the records into `out` as they are walked: a takeover writes
+    /// them straight to the memfd it hands over, not through a copy of the
+    /// whole (each copy is memory to fault in while the guests wait).
+    pub fn encode_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let header = [MAGIC, self.seq, self.next_order, self.mappings.len() as u64, self.free.len() as u64, 0];
+        let mut put = |v: u64| out.write_all(&v.to_le_bytes());
+        header.into_iter().try_for_each(&mut put)?;
+        for m in &self.mappings {
+            [m.ipa.raw(), m.size, m.pa.raw(), m.order].into_iter().try_for_each(&mut put)?;
+        }
+        for &(pa, bytes) in &self.free {
+            [pa.raw(), bytes].into_iter().try_for_each(&mut put)?;
+        }
+        Ok(())
+    }
+
     /// Decodes records [`HandedRecords::encode`] wrote.
-    pub fn decode(bytes: &[u8]) -> Result<Self, HandoverDecodeError> {
-        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if bytes.len() < 8 || word(0) != MAGIC {
+    pub fn decode(mut bytes: &[u8]) -> Result<Self, HandoverDecodeError> {
+        let len = bytes.len() as u64;
+        Self::decode_from(&mut bytes, len)
+    }
+
+    /// Decodes the `len` bytes of records [`HandedRecords::encode_to`]
+    /// wrote, read from `input` as they are decoded (no copy of the whole).
+    /// Nothing is allocated before the length matches the header's counts.
+    pub fn decode_from(input: &mut impl Read, len: u64) -> Result<Self, HandoverDecodeError> {
+        let mut header = [0u8; HEADER_LEN];
+        let head = &mut header[..len.min(HEADER_LEN as u64) as usize];
+        input.read_exact(head).map_err(|e| HandoverDecodeError::Read(e.kind()))?;
+        let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        if len < 8 || word(0) != MAGIC {
             return Err(HandoverDecodeError::Magic);
         }
-        if bytes.len() < HEADER_LEN {
-            return Err(HandoverDecodeError::Length { got: bytes.len(), expected: None });
+        let got = usize::try_from(len).unwrap_or(usize::MAX);
+        if got < HEADER_LEN {
+            return Err(HandoverDecodeError::Length { got, expected: None });
         }
         if word(40) != 0 {
             // A later version's header.
@@ -99,28 +124,28 @@ impl HandedRecords {
             .and_then(|m| m.checked_mul(MAPPING_LEN))
             .zip(usize::try_from(free).ok().and_then(|f| f.checked_mul(FREE_LEN)))
             .and_then(|(m, f)| m.checked_add(f)?.checked_add(HEADER_LEN));
-        if expected != Some(bytes.len()) {
-            return Err(HandoverDecodeError::Length { got: bytes.len(), expected });
+        if expected != Some(got) {
+            return Err(HandoverDecodeError::Length { got, expected });
         }
-        let at_mappings = HEADER_LEN;
-        let at_free = at_mappings + mappings as usize * MAPPING_LEN;
-        Ok(Self {
+        let mut next = || -> Result<u64, HandoverDecodeError> {
+            let mut w = [0u8; 8];
+            input.read_exact(&mut w).map_err(|e| HandoverDecodeError::Read(e.kind()))?;
+            Ok(u64::from_le_bytes(w))
+        };
+        let mut out = Self {
             seq: word(8),
             next_order: word(16),
-            mappings: (0..mappings as usize)
-                .map(|i| at_mappings + i * MAPPING_LEN)
-                .map(|at| HandedMapping {
-                    ipa: Ipa::new(word(at)),
-                    size: word(at + 8),
-                    pa: Pa::new(word(at + 16)),
-                    order: word(at + 24),
-                })
-                .collect(),
-            free: (0..free as usize)
-                .map(|i| at_free + i * FREE_LEN)
-                .map(|at| (Pa::new(word(at)), word(at + 8)))
-                .collect(),
-        })
+            mappings: Vec::with_capacity(mappings as usize),
+            free: Vec::with_capacity(free as usize),
+        };
+        for _ in 0..mappings {
+            let (ipa, size, pa, order) = (next()?, next()?, next()?, next()?);
+            out.mappings.push(HandedMapping { ipa: Ipa::new(ipa), size, pa: Pa::new(pa), order });
+        }
+        for _ in 0..free {
+            out.free.push((Pa::new(next()?), next()?));
+        }
+        Ok(out)
     }
 }
 
@@ -164,5 +189,11 @@ mod tests {
         let mut huge = bytes[..HEADER_LEN].to_vec();
         huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(HandedRecords::decode(&huge), Err(HandoverDecodeError::Length { got: HEADER_LEN, expected: None }));
+        // A file that ends before the length it reported.
+        let short = &mut &bytes[..bytes.len() - 8];
+        assert_eq!(
+            HandedRecords::decode_from(short, bytes.len() as u64),
+            Err(HandoverDecodeError::Read(std::io::ErrorKind::UnexpectedEof))
+        );
     }
 }
