@@ -160,14 +160,19 @@ impl<'r, 'v> VcpuService<'r, 'v> {
             }
             return Ok(Served::Finished { in_flight: self.pending.len() });
         }
-        let draining = end.draining().load(Ordering::Acquire);
-        if draining && self.pending.is_empty() {
-            // At a fault boundary: what is still on the ring is the next
-            // daemon's.
-            return Ok(Served::Finished { in_flight: 0 });
-        }
         let mut served = 0;
+        let mut draining = false;
         while served < budget {
+            // Looked at before each record: a drain that starts mid-batch
+            // ends it at the next fault boundary, and a result that ends the
+            // last command in flight is that boundary. A fault behind it
+            // (the vCPU resumed by that very map) is the next daemon's:
+            // served here, it would send another map and keep the service,
+            // and the handover, going for as long as the vCPU keeps faulting.
+            draining = end.draining().load(Ordering::Acquire);
+            if draining && self.pending.is_empty() {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
             let Some(record) = self.faults.pop()? else { break };
             served += 1;
             self.on_record(record, stop)?;
@@ -450,5 +455,73 @@ impl<'r, 'v> VcpuService<'r, 'v> {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyp_core::addr::{Pa, PAGE_SIZE};
+    use hyp_core::ownership::VmId;
+    use hyp_core::ring::OwnedRing;
+
+    use super::*;
+    use crate::memory::layout::VmLayout;
+    use crate::memory::memslot::SlotFlags;
+    use crate::memory::pool::PagePool;
+    use crate::policy::builtin::Pages4k;
+
+    const GPA: u64 = 0x8000_0000;
+    /// A stage-2 translation fault at level 3 on a read.
+    const READ_L3: u64 = (0x24 << 26) | (1 << 25) | 0b00_0111;
+
+    fn fault(fault_id: u64, ipa: u64) -> Record {
+        let far = ipa;
+        let hpfar = (ipa >> 12) << 4;
+        FaultRecord {
+            kind: kind::FAULT,
+            vcpu: 0,
+            fault_id,
+            esr: READ_L3,
+            far,
+            hpfar,
+            ipa,
+            inval_seq: 0,
+            timestamp_ns: 0,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_drain_ends_at_the_result_of_the_last_command_and_leaves_the_fault_behind_it() {
+        let slots = [(GPA, 1 << 20, 0, SlotFlags::default())];
+        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &slots);
+        let pool = PagePool::new(vec![(Pa::new(0x1000_0000), 64 * PAGE_SIZE)]);
+        let vm = AttachedVm::new(layout.unwrap(), pool);
+        let policy = PolicyHost::new(Box::new(Pages4k), Default::default(), None).unwrap();
+        let (hub, end) = (EventHub::new(16), Winddown::default());
+        let (fault_ring, command_ring) = (OwnedRing::new(), OwnedRing::new());
+        let (mut core_faults, mut core_commands) =
+            (Producer::attach(fault_ring.view()).unwrap(), Consumer::attach(command_ring.view()).unwrap());
+        let (faults, commands) =
+            (Consumer::attach(fault_ring.view()).unwrap(), Producer::attach(command_ring.view()).unwrap());
+        let mut service = VcpuService::new(&vm, &policy, &hub, &end, 0, faults, commands);
+        core_faults.push(&fault(1, GPA)).unwrap();
+        assert_eq!(service.serve(8).unwrap(), Served::Worked(1));
+        assert!(service.in_flight() > 0, "its map (and any top-up) in flight");
+        // The core answers every command, which resumes the vCPU; it
+        // faults again at once; then the drain starts.
+        while let Some(r) = core_commands.pop().unwrap() {
+            let cmd = CommandRecord::decode(&r);
+            let value = if cmd.kind == kind::MAP { map_outcome::INSTALLED } else { 0 };
+            core_faults
+                .push(&ResultRecord { kind: kind::RESULT, cmd_id: cmd.cmd_id, value, ..Default::default() }.encode())
+                .unwrap();
+        }
+        core_faults.push(&fault(2, GPA + PAGE_SIZE)).unwrap();
+        end.drain();
+        assert_eq!(service.serve(8).unwrap(), Served::Finished { in_flight: 0 });
+        assert_eq!(vm.counters.faults.load(Ordering::Relaxed), 1, "the second fault is the next daemon's");
+        assert!(core_commands.pop().unwrap().is_none(), "no command sent for it");
+        assert_eq!(vm.mapping.mapping_count(), 1, "the first fault's map recorded");
     }
 }
