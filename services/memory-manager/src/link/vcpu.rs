@@ -460,7 +460,7 @@ impl<'r, 'v> VcpuService<'r, 'v> {
 
 #[cfg(test)]
 mod tests {
-    use hyp_core::addr::{Pa, PAGE_SIZE};
+    use hyp_core::addr::Pa;
     use hyp_core::ownership::VmId;
     use hyp_core::ring::OwnedRing;
 
