@@ -121,9 +121,7 @@ impl HeldRecords<'_> {
             all.into_iter().for_each(|(ipa, installed)| self.state.put(&mut self.mappings, ipa, installed));
             return;
         }
-        let bytes: u64 = all.iter().map(|(_, m)| m.size.bytes()).sum();
-        *self.mappings = all.into_iter().map(|(ipa, installed)| (ipa.raw(), installed)).collect();
-        self.state.resident.fetch_add(bytes, Ordering::AcqRel);
+        self.state.fill(&mut self.mappings, all);
     }
 
     /// Lets the records go; the next mapping recorded gets `next_order` or
@@ -322,14 +320,25 @@ impl MappingState {
         }
         let n = all.len();
         let first = self.installs.fetch_add(n as u64, Ordering::Relaxed);
-        let bytes: u64 = all.iter().map(|(_, m)| m.size.bytes()).sum();
+        let ordered = all.into_iter().enumerate();
+        self.fill(&mut mappings, ordered.map(|(i, (ipa, m))| (ipa, Installed { order: first + i as u64, ..m })));
+        n
+    }
+
+    /// Fills `mappings` (the records, locked and empty) with `all`, in IPA
+    /// order with no two at one IPA, in one pass: the table built with its
+    /// nodes full rather than inserted into one by one. Keeps resident bytes
+    /// in step.
+    fn fill(&self, mappings: &mut BTreeMap<u64, Installed>, all: impl IntoIterator<Item = (Ipa, Installed)>) {
+        let mut bytes = 0;
         *mappings = all
             .into_iter()
-            .enumerate()
-            .map(|(i, (ipa, installed))| (ipa.raw(), Installed { order: first + i as u64, ..installed }))
+            .map(|(ipa, installed)| {
+                bytes += installed.size.bytes();
+                (ipa.raw(), installed)
+            })
             .collect();
         self.resident.fetch_add(bytes, Ordering::AcqRel);
-        n
     }
 
     /// Holds the records of a VM that has none yet until handed-over ones
