@@ -49,6 +49,10 @@ pub enum MsgKind {
     /// the VM id, u32; flags, u32, 1 = a sealed memfd with its mapping
     /// records comes with it, else the new daemon rebuilds them).
     HandoverState = 8,
+    /// New daemon to old, with [`TAKEOVER_WARM`]: a VM's snapshot of
+    /// records is adopted; the old daemon may drain it (payload: the VM id,
+    /// u32).
+    HandoverReady = 9,
 }
 
 /// TAKEOVER flag (payload: u32 flags; HANDOVER_LISTENER echoes the flags
@@ -58,6 +62,14 @@ pub enum MsgKind {
 /// mapping records. An older daemon ignores the payload and hands VMs
 /// drained, without records.
 pub const TAKEOVER_STATE: u32 = 1;
+
+/// TAKEOVER flag, with [`TAKEOVER_STATE`]: each VM's records come twice.
+/// A snapshot follows its [`MsgKind::HandoverVm`] while the old daemon
+/// still serves it; the new daemon adopts it and answers
+/// [`MsgKind::HandoverReady`]; only then does the old daemon drain the VM,
+/// and its [`MsgKind::HandoverState`] carries what changed since the
+/// snapshot. The adoption is off the guests' stall.
+pub const TAKEOVER_WARM: u32 = 2;
 
 impl MsgKind {
     fn from_u16(v: u16) -> Option<Self> {
@@ -70,6 +82,7 @@ impl MsgKind {
             6 => Some(Self::HandoverVm),
             7 => Some(Self::HandoverDone),
             8 => Some(Self::HandoverState),
+            9 => Some(Self::HandoverReady),
             _ => None,
         }
     }

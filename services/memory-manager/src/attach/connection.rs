@@ -26,15 +26,16 @@ use super::admission::{Claim, Limits, OverLimit};
 use super::map::{map, Attached};
 use super::registry::{Registration, ReserveError, VmTable};
 use super::state::VmState;
-use super::takeover::{asks_for_takeover, HandedVm, HandoverSink, PendingState, Takeover};
+use super::takeover::{asks_for_takeover, Handed, HandedVm, HandoverSink, PendingState, Takeover, TakeoverError};
 use super::validate::{refuse, Refusal};
 use crate::fault::failpoint::panic_point;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
-use crate::link::rebuild::{check_handed, rebuild};
+use crate::link::rebuild::{check_handed, rebuild, Rebuilt};
 use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
+use crate::memory::handover::{HandedDelta, HandedRecords};
 use crate::memory::pressure::HostMemory;
 use crate::memory::swap::SwapCompression;
 use crate::observe::hub::EventHub;
@@ -340,9 +341,10 @@ impl AttachServer {
         let span = info_span!("vm", id = %vm.id());
         let _enter = span.enter();
         // A handed VM is this daemon's once the old one drained it (its
-        // records come then); mapped meanwhile.
-        let records = match pending.map(PendingState::wait).transpose() {
-            Ok(records) => records.flatten(),
+        // records come then, or, warm, a snapshot before and a delta then);
+        // mapped meanwhile.
+        let handed = match pending.map(|p| receive_state(&vm, p)).transpose() {
+            Ok(handed) => handed,
             Err(e) => {
                 warn!(cause = %e, "letting the VM go: its machine re-attaches");
                 return;
@@ -392,6 +394,8 @@ impl AttachServer {
         // As first attached, for a new daemon that takes the VM over.
         let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
         let mut handed_early = false;
+        // Warm: the records as the new daemon adopted them before the drain.
+        let mut snapshot = None;
         // Commands still in flight when the drain ended (a core that did not
         // answer within the drain's patience).
         let mut in_flight_at_handover = 0;
@@ -435,6 +439,11 @@ impl AttachServer {
             // One handed over comes with the old daemon's records: once
             // checked, its vCPUs are served while they are adopted (what
             // reads them waits).
+            let (records, warm) = match handed {
+                Some(HandedState::Drained(records)) => (records, None),
+                Some(HandedState::Warm(adopted)) => (None, Some(adopted)),
+                None => (None, None),
+            };
             let checked = records.and_then(|r| {
                 check_handed(&vm, r)
                     .inspect_err(
@@ -442,10 +451,23 @@ impl AttachServer {
                     )
                     .ok()
             });
+            let warm = warm.and_then(|adopted| {
+                adopted.inspect_err(|e| warn!(cause = %e, "the warm handover failed; rebuilding from the core")).ok()
+            });
             let mut adopting = None;
-            match checked {
-                Some(checked) => adopting = Some((checked, vm.mapping.hold_records())),
-                None if reattach => match rebuild(&vm) {
+            match (checked, warm) {
+                (_, Some(r)) => {
+                    registration.attach(vm.clone());
+                    self.vms.note_reattached();
+                    info!(
+                        mappings = r.mappings,
+                        bytes = r.bytes,
+                        amend_us = r.elapsed.as_micros() as u64,
+                        "taken over: the old daemon's records adopted (warm: the snapshot before the drain, the delta after)"
+                    );
+                }
+                (Some(checked), None) => adopting = Some((checked, vm.mapping.hold_records())),
+                (None, None) if reattach => match rebuild(&vm) {
                     Ok(r) => {
                         // Listed (and reachable through the API) once rebuilt.
                         registration.attach(vm.clone());
@@ -465,7 +487,7 @@ impl AttachServer {
                         return Ending::Gone;
                     }
                 },
-                None => {}
+                (None, None) => {}
             }
             let mut services = Vec::with_capacity(req.nr_vcpus as usize);
             for vcpu in 0..req.nr_vcpus as u32 {
@@ -520,6 +542,24 @@ impl AttachServer {
                             )
                             .is_ok();
                     }
+                    // Warm: the new daemon adopts a snapshot of the records
+                    // while this one still serves the VM.
+                    if handed_early && sink.warm() {
+                        let records = vm.mapping.handed_records();
+                        let (started, mappings) = (std::time::Instant::now(), records.mappings.len());
+                        match sink.snapshot(original.vm_id, &records) {
+                            Ok(adopted) => {
+                                let waited_us = started.elapsed().as_micros() as u64;
+                                if adopted {
+                                    info!(mappings, waited_us, "the new daemon adopted the records' snapshot");
+                                } else {
+                                    warn!(mappings, waited_us, "the new daemon did not adopt the snapshot in time");
+                                }
+                                snapshot = Some(records);
+                            }
+                            Err(e) => error!(cause = %e, "handing the snapshot over failed"),
+                        }
+                    }
                     // Each vCPU's service ends once its fault in flight is
                     // answered; the control ring stays served meanwhile (a
                     // reclaim under way finishes).
@@ -554,7 +594,13 @@ impl AttachServer {
                         "commands in flight: the new daemon rebuilds from the core"
                     );
                 }
-                handed_early.then(|| sink.state(original.vm_id, records.as_ref()))
+                handed_early.then(|| match &snapshot {
+                    Some(snapshot) => {
+                        let delta = records.map(|now| HandedDelta::between(snapshot, now));
+                        sink.delta(original.vm_id, delta.as_ref())
+                    }
+                    None => sink.state(original.vm_id, records.as_ref()),
+                })
             } else {
                 Some(sink.vm(&conn, &original, &kept))
             };
@@ -661,6 +707,41 @@ fn contained(serve: impl FnOnce()) {
 
 /// Makes a re-attached VM's swap stores agree with its memory (a reclaim
 /// cut short by a crash left a page in both, or only in the store).
+/// What a handed VM comes with, once it is this daemon's.
+enum HandedState {
+    /// Records to check and adopt while its vCPUs are served (None:
+    /// rebuild from the core).
+    Drained(Option<HandedRecords>),
+    /// A warm takeover's records, adopted (the snapshot) and amended (the
+    /// delta), or why the VM must be rebuilt from the core instead.
+    Warm(Result<Rebuilt, String>),
+}
+
+/// Waits for a handed VM's state. Warm, the snapshot is checked and
+/// adopted while the old daemon still serves the VM; then the old daemon is
+/// told to drain, and the delta amends what was adopted.
+fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, TakeoverError> {
+    let (snapshot, delta) = match pending.wait()? {
+        Handed::Drained(records) => return Ok(HandedState::Drained(records)),
+        Handed::Warm(snapshot, delta) => (snapshot, delta),
+    };
+    let adopted = match snapshot.map(|s| check_handed(vm, s)) {
+        Some(Ok(checked)) => Ok(checked.adopt_snapshot(vm)),
+        Some(Err(e)) => Err(format!("the snapshot does not fit the VM: {e}")),
+        None => Err("the snapshot could not be read".to_string()),
+    };
+    // Not this daemon's VM if this fails: what was adopted goes with it.
+    let delta = delta.ready()?;
+    Ok(HandedState::Warm(match (adopted, delta) {
+        (Ok(warm), Some(delta)) => warm.amend(vm, delta).map_err(|e| format!("the delta does not fit: {e}")),
+        (Ok(warm), None) => {
+            warm.undo(vm);
+            Err("the old daemon sent no delta (commands were in flight at the drain's end)".to_string())
+        }
+        (Err(e), _) => Err(e),
+    }))
+}
+
 fn recover_stores(vm: &AttachedVm) -> Result<(), String> {
     for (i, r) in vm.layout.regions.iter().enumerate() {
         let recovered = r.recover_store().map_err(|e| format!("region {i}'s swap store: {e}"))?;

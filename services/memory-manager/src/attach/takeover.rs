@@ -13,14 +13,20 @@
 //! maps it while the old one drains, then HANDOVER_STATE once drained, with
 //! its mapping records in a sealed memfd, so the new daemon need not ask the
 //! core for them; HANDOVER_DONE with the count. An older daemon hands each
-//! VM drained, without records: the new one rebuilds it from the core.
+//! VM drained, without records: the new daemon rebuilds it from the core.
+//!
+//! Warm ([`faultline_attach::TAKEOVER_WARM`]): a snapshot of the records
+//! follows HANDOVER_VM while the old daemon still serves the VM; the new
+//! daemon adopts it and answers HANDOVER_READY, and only then is the VM
+//! drained, its HANDOVER_STATE carrying what changed since the snapshot.
+//! The adoption, the bulk of the new daemon's work, is then off the stall.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Seek, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use faultline_attach::{
@@ -29,7 +35,7 @@ use faultline_attach::{
 use memfd::FileSeal;
 use tracing::{info, warn};
 
-use crate::memory::handover::HandedRecords;
+use crate::memory::handover::{HandedDelta, HandedRecords, HandoverDecodeError};
 
 /// How long the new daemon waits for each message of the handover.
 const HANDOVER_PATIENCE: Duration = Duration::from_secs(30);
@@ -55,6 +61,9 @@ pub struct HandedVms {
     /// state ([`faultline_attach::TAKEOVER_STATE`]); an older one hands it
     /// drained, without state.
     staged: bool,
+    /// Each VM's records come first as a snapshot, and the old daemon waits
+    /// for HANDOVER_READY before it drains ([`faultline_attach::TAKEOVER_WARM`]).
+    warm: bool,
 }
 
 /// One VM handed over.
@@ -70,20 +79,78 @@ pub struct HandedVm {
     pub state: PendingState,
 }
 
-/// A handed VM's state, which follows it once the old daemon drained it.
+/// What the old daemon sends about one VM, as it arrives.
 #[derive(Debug)]
-pub struct PendingState(Option<mpsc::Receiver<Option<HandedRecords>>>);
+enum StateMsg {
+    /// Drained, with its records (None: rebuild from the core).
+    Records(Option<HandedRecords>),
+    /// Still served: a snapshot of its records (None: unreadable).
+    Snapshot(Option<HandedRecords>),
+    /// Drained after a snapshot: what changed since (None: rebuild).
+    Delta(Option<HandedDelta>),
+}
+
+/// A handed VM's state, which follows it.
+#[derive(Debug)]
+pub struct PendingState {
+    vm_id: u16,
+    rx: Option<mpsc::Receiver<StateMsg>>,
+    /// The takeover connection (a copy), to say a snapshot is adopted.
+    ready: Option<OwnedFd>,
+}
+
+/// A handed VM's state as it first arrives ([`PendingState::wait`]).
+#[derive(Debug)]
+pub enum Handed {
+    /// Drained: the VM is this daemon's, with its mapping records (None:
+    /// rebuild them from the core).
+    Drained(Option<HandedRecords>),
+    /// Still served by the old daemon: a snapshot of its records (None:
+    /// unreadable) to adopt now, then [`PendingDelta::ready`].
+    Warm(Option<HandedRecords>, PendingDelta),
+}
+
+/// A warm VM's delta, which the old daemon sends once told the snapshot is
+/// adopted and the VM drained.
+#[derive(Debug)]
+pub struct PendingDelta {
+    vm_id: u16,
+    rx: mpsc::Receiver<StateMsg>,
+    conn: OwnedFd,
+}
+
+fn broke_before_drained() -> TakeoverError {
+    broke("the handover broke off before the VM was drained")
+}
 
 impl PendingState {
-    /// Waits until the old daemon has drained the VM: its mapping records,
-    /// or None to rebuild them from the core. An error means the handover
-    /// broke off before: the VM is not this daemon's to serve (its machine
-    /// re-attaches once the old daemon lets go of it).
-    pub fn wait(self) -> Result<Option<HandedRecords>, TakeoverError> {
-        match self.0 {
-            // An older daemon hands VMs over drained.
-            None => Ok(None),
-            Some(rx) => rx.recv().map_err(|_| broke("the handover broke off before the VM was drained")),
+    /// Waits for the VM's state: drained, or (warm) a snapshot while the old
+    /// daemon still serves it. An error means the handover broke off
+    /// before: the VM is not this daemon's to serve (its machine re-attaches
+    /// once the old daemon lets go of it).
+    pub fn wait(self) -> Result<Handed, TakeoverError> {
+        // An older daemon hands VMs over drained.
+        let Some(rx) = self.rx else { return Ok(Handed::Drained(None)) };
+        match rx.recv().map_err(|_| broke_before_drained())? {
+            StateMsg::Records(records) => Ok(Handed::Drained(records)),
+            StateMsg::Snapshot(snapshot) => {
+                let conn = self.ready.ok_or_else(|| broke("a snapshot in a takeover that is not warm"))?;
+                Ok(Handed::Warm(snapshot, PendingDelta { vm_id: self.vm_id, rx, conn }))
+            }
+            StateMsg::Delta(_) => Err(broke("a delta before its snapshot")),
+        }
+    }
+}
+
+impl PendingDelta {
+    /// Tells the old daemon the snapshot is adopted (it drains the VM now)
+    /// and waits for what changed since: None means rebuild from the core.
+    pub fn ready(self) -> Result<Option<HandedDelta>, TakeoverError> {
+        let msg = encode_message(MsgKind::HandoverReady, &u32::from(self.vm_id).to_le_bytes());
+        send_message(self.conn.as_fd(), &msg, &[]).map_err(broke)?;
+        match self.rx.recv().map_err(|_| broke_before_drained())? {
+            StateMsg::Delta(delta) => Ok(delta),
+            other => Err(broke(format!("expected the delta of vm{}, got {other:?}", self.vm_id))),
         }
     }
 }
@@ -118,15 +185,18 @@ pub fn take_over(path: &Path) -> Result<Takeover, TakeoverError> {
     // is waited for at most a second): a daemon that says nothing for this
     // long is not handing over.
     let _ = set_recv_timeout(conn.as_fd(), HANDOVER_PATIENCE);
-    let ask = encode_message(MsgKind::Takeover, &faultline_attach::TAKEOVER_STATE.to_le_bytes());
+    let flags = faultline_attach::TAKEOVER_STATE | faultline_attach::TAKEOVER_WARM;
+    let ask = encode_message(MsgKind::Takeover, &flags.to_le_bytes());
     send_message(conn.as_fd(), &ask, &[]).map_err(broke)?;
     let msg = recv_message(conn.as_fd()).map_err(broke)?.ok_or_else(|| broke("the running daemon hung up"))?;
     match decode_header(&msg.bytes).map_err(broke)? {
         (MsgKind::HandoverListener, payload) => {
             let listener = msg.fds.into_iter().next().ok_or_else(|| broke("no listener fd"))?;
-            let staged = u32_at(payload, 0) & faultline_attach::TAKEOVER_STATE != 0;
-            info!(staged, "took the attach socket over from the running daemon");
-            Ok(Takeover { listener, vms: HandedVms { conn, staged } })
+            let honoured = u32_at(payload, 0);
+            let staged = honoured & faultline_attach::TAKEOVER_STATE != 0;
+            let warm = staged && honoured & faultline_attach::TAKEOVER_WARM != 0;
+            info!(staged, warm, "took the attach socket over from the running daemon");
+            Ok(Takeover { listener, vms: HandedVms { conn, staged, warm } })
         }
         (other, _) => Err(broke(format!("expected the attach socket, got {other:?}"))),
     }
@@ -137,7 +207,9 @@ impl HandedVms {
     /// follows), until the old daemon says it handed the last one. On an
     /// error, the VMs still waiting for their state are let go.
     pub fn receive(self, mut serve: impl FnMut(HandedVm)) -> Result<u32, TakeoverError> {
-        let mut waiting: HashMap<u16, mpsc::Sender<Option<HandedRecords>>> = HashMap::new();
+        // Each VM handed staged, until its state is final; whether its
+        // snapshot came.
+        let mut waiting: HashMap<u16, (mpsc::Sender<StateMsg>, bool)> = HashMap::new();
         loop {
             let msg =
                 recv_message(self.conn.as_fd()).map_err(broke)?.ok_or_else(|| broke("the running daemon hung up"))?;
@@ -147,26 +219,49 @@ impl HandedVms {
                 MsgKind::HandoverVm => {
                     let request = AttachRequest::decode(payload).map_err(broke)?;
                     let conn = fds.next().ok_or_else(|| broke("a VM without its connection"))?;
+                    let vm_id = request.vm_id;
                     let state = if self.staged {
                         let (tx, rx) = mpsc::channel();
-                        if waiting.insert(request.vm_id, tx).is_some() {
-                            return Err(broke(format!("vm{} handed over twice", request.vm_id)));
+                        if waiting.insert(vm_id, (tx, false)).is_some() {
+                            return Err(broke(format!("vm{vm_id} handed over twice")));
                         }
-                        PendingState(Some(rx))
+                        let ready = self.warm.then(|| self.conn.try_clone()).transpose().map_err(broke)?;
+                        PendingState { vm_id, rx: Some(rx), ready }
                     } else {
-                        PendingState(None)
+                        PendingState { vm_id, rx: None, ready: None }
                     };
                     serve(HandedVm { conn, request, fds: fds.collect(), state });
                 }
                 MsgKind::HandoverState => {
                     let vm_id = u32_at(payload, 0);
-                    let tx = u16::try_from(vm_id)
+                    let id = u16::try_from(vm_id)
                         .ok()
-                        .and_then(|id| waiting.remove(&id))
+                        .filter(|id| waiting.contains_key(id))
                         .ok_or_else(|| broke(format!("state for vm {vm_id}, which is not being handed over")))?;
-                    let attached = u32_at(payload, 4) == STATE_RECORDS;
-                    let records = attached.then(|| read_records(vm_id, fds.next())).flatten();
-                    let _ = tx.send(records);
+                    let flags = u32_at(payload, 4);
+                    let with_records = flags & STATE_RECORDS != 0;
+                    let snapshot_came = waiting[&id].1;
+                    let msg = match (flags & STATE_SNAPSHOT != 0, flags & STATE_DELTA != 0) {
+                        (true, false) if self.warm && !snapshot_came => {
+                            StateMsg::Snapshot(with_records.then(|| read_records(vm_id, fds.next())).flatten())
+                        }
+                        (false, true) if snapshot_came => {
+                            StateMsg::Delta(with_records.then(|| read_delta(vm_id, fds.next())).flatten())
+                        }
+                        (false, false) if !snapshot_came => {
+                            StateMsg::Records(with_records.then(|| read_records(vm_id, fds.next())).flatten())
+                        }
+                        _ => return Err(broke(format!("vm{vm_id}: state flags {flags:#x} out of turn"))),
+                    };
+                    let tx = match msg {
+                        StateMsg::Snapshot(_) => {
+                            let entry = waiting.get_mut(&id).expect("checked");
+                            entry.1 = true;
+                            entry.0.clone()
+                        }
+                        _ => waiting.remove(&id).expect("checked").0,
+                    };
+                    let _ = tx.send(msg);
                 }
                 MsgKind::HandoverDone => {
                     if !waiting.is_empty() {
@@ -185,11 +280,26 @@ impl HandedVms {
 /// HANDOVER_STATE flag (second u32): a memfd with the VM's mapping records
 /// comes with it; without it, the new daemon rebuilds them from the core.
 const STATE_RECORDS: u32 = 1;
+/// HANDOVER_STATE flag: the records are a snapshot of a VM still served
+/// (warm); its delta follows.
+const STATE_SNAPSHOT: u32 = 2;
+/// HANDOVER_STATE flag: the VM is drained, and the memfd (if any) holds
+/// what changed since its snapshot (warm).
+const STATE_DELTA: u32 = 4;
 
-/// Reads a VM's records once from the memfd HANDOVER_STATE carried. Records
-/// that cannot be read are not fatal: the VM is rebuilt from the core.
-fn read_records(vm_id: u32, fd: Option<OwnedFd>) -> Option<HandedRecords> {
-    let read = || -> Result<HandedRecords, String> {
+/// How long the old daemon keeps serving a VM while the new one adopts its
+/// snapshot: past this it drains anyway (the new daemon then adopts the
+/// snapshot during the stall).
+const READY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Reads what a HANDOVER_STATE's memfd holds, once, with `decode`. What
+/// cannot be read is not fatal: the VM is rebuilt from the core.
+fn read_memfd<T>(
+    vm_id: u32,
+    fd: Option<OwnedFd>,
+    decode: impl FnOnce(&mut std::io::BufReader<&File>, u64) -> Result<T, HandoverDecodeError>,
+) -> Option<T> {
+    let read = || -> Result<T, String> {
         let file = File::from(fd.ok_or("no records fd")?);
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         if len > MAX_RECORDS_BYTES {
@@ -198,9 +308,17 @@ fn read_records(vm_id: u32, fd: Option<OwnedFd>) -> Option<HandedRecords> {
         // Decoded as read: no copy of the whole to fault in.
         let mut reader = std::io::BufReader::with_capacity(RECORDS_BUFFER, &file);
         reader.seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-        HandedRecords::decode_from(&mut reader, len).map_err(|e| e.to_string())
+        decode(&mut reader, len).map_err(|e| e.to_string())
     };
     read().map_err(|e| warn!(vm = vm_id, cause = %e, "handed-over records unusable; rebuilding from the core")).ok()
+}
+
+fn read_records(vm_id: u32, fd: Option<OwnedFd>) -> Option<HandedRecords> {
+    read_memfd(vm_id, fd, |r, len| HandedRecords::decode_from(r, len))
+}
+
+fn read_delta(vm_id: u32, fd: Option<OwnedFd>) -> Option<HandedDelta> {
+    read_memfd(vm_id, fd, |r, len| HandedDelta::decode_from(r, len))
 }
 
 /// Old daemon side: where connection threads send their VM.
@@ -210,13 +328,104 @@ pub struct HandoverSink {
     /// Each VM goes as its drain starts, its state once drained
     /// ([`faultline_attach::TAKEOVER_STATE`]).
     staged: bool,
+    /// The VMs whose snapshot the new daemon adopted, as its listener
+    /// thread hears ([`faultline_attach::TAKEOVER_WARM`]; None: not warm).
+    ready: Option<Arc<Readiness>>,
+}
+
+/// The HANDOVER_READYs heard on the takeover connection.
+#[derive(Debug, Default)]
+struct Readiness {
+    heard: Mutex<Heard>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Heard {
+    vms: HashSet<u16>,
+    /// The connection ended: nothing more will be heard.
+    closed: bool,
+}
+
+impl Readiness {
+    /// Reads HANDOVER_READYs from `conn` until it ends.
+    fn listen(&self, conn: OwnedFd) {
+        loop {
+            let heard = match recv_message(conn.as_fd()) {
+                Ok(Some(msg)) => match decode_header(&msg.bytes) {
+                    Ok((MsgKind::HandoverReady, payload)) => u16::try_from(u32_at(payload, 0)).ok(),
+                    _ => {
+                        warn!("an unexpected message on the takeover connection; ignored");
+                        None
+                    }
+                },
+                // The receive timeout: nothing said for a while.
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+                Ok(None) | Err(_) => break,
+            };
+            if let Some(vm) = heard {
+                self.heard.lock().unwrap_or_else(|e| e.into_inner()).vms.insert(vm);
+                self.changed.notify_all();
+            }
+        }
+        self.heard.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `patience` for `vm`'s HANDOVER_READY; false if it did
+    /// not come (or the connection ended first).
+    fn wait(&self, vm: u16, patience: Duration) -> bool {
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut heard, _) = self
+            .changed
+            .wait_timeout_while(heard, patience, |h| !h.closed && !h.vms.contains(&vm))
+            .unwrap_or_else(|e| e.into_inner());
+        heard.vms.remove(&vm)
+    }
 }
 
 impl HandoverSink {
     /// A sink over the new daemon's takeover connection, which asked with
-    /// `flags`.
+    /// `flags`. Warm, a thread listens there for HANDOVER_READYs (if it
+    /// cannot be started, the takeover is not warm).
     pub fn new(conn: OwnedFd, flags: u32) -> Self {
-        Self { conn: Mutex::new(conn), staged: flags & faultline_attach::TAKEOVER_STATE != 0 }
+        let staged = flags & faultline_attach::TAKEOVER_STATE != 0;
+        let warm = staged && flags & faultline_attach::TAKEOVER_WARM != 0;
+        let ready = warm.then(|| Self::listen_for_ready(&conn)).flatten();
+        Self { conn: Mutex::new(conn), staged, ready }
+    }
+
+    fn listen_for_ready(conn: &OwnedFd) -> Option<Arc<Readiness>> {
+        let ready = Arc::new(Readiness::default());
+        let (copy, listener) = (conn.try_clone().ok()?, ready.clone());
+        let named = std::thread::Builder::new().name("takeover-ready".into());
+        named.spawn(move || listener.listen(copy)).inspect_err(|e| warn!(cause = %e, "takeover not warm")).ok()?;
+        Some(ready)
+    }
+
+    /// Whether each VM's records go first as a snapshot, while it is still
+    /// served ([`HandoverSink::snapshot`]).
+    pub fn warm(&self) -> bool {
+        self.ready.is_some()
+    }
+
+    /// Warm: hands over a snapshot of a VM's records (it was just handed
+    /// staged and is still served), then waits until the new daemon says it
+    /// adopted them, or [`READY_PATIENCE`]; false if it did not say so.
+    pub fn snapshot(&self, vm_id: u16, records: &HandedRecords) -> std::io::Result<bool> {
+        let ready = self.ready.as_ref().ok_or_else(|| std::io::Error::other("the takeover is not warm"))?;
+        let memfd = sealed_memfd(|w| records.encode_to(w))?;
+        self.send(MsgKind::HandoverState, &state_payload(vm_id, STATE_SNAPSHOT | STATE_RECORDS), &[memfd.as_fd()])?;
+        Ok(ready.wait(vm_id, READY_PATIENCE))
+    }
+
+    /// Warm: a VM whose snapshot went is drained: hands over what changed
+    /// since (None: the new daemon rebuilds from the core).
+    pub fn delta(&self, vm_id: u16, delta: Option<&HandedDelta>) -> std::io::Result<()> {
+        let memfd = delta.map(|d| sealed_memfd(|w| d.encode_to(w))).transpose()?;
+        let flags = STATE_DELTA | if memfd.is_some() { STATE_RECORDS } else { 0 };
+        let fds: Vec<BorrowedFd<'_>> = memfd.iter().map(|f| f.as_fd()).collect();
+        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &fds)
     }
 
     fn send(&self, kind: MsgKind, payload: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -231,7 +440,8 @@ impl HandoverSink {
 
     /// Hands over the attach socket (and says whether VMs come staged).
     pub fn listener(&self, listener: BorrowedFd<'_>) -> std::io::Result<()> {
-        let flags = if self.staged { faultline_attach::TAKEOVER_STATE } else { 0 };
+        let staged = if self.staged { faultline_attach::TAKEOVER_STATE } else { 0 };
+        let flags = staged | if self.warm() { faultline_attach::TAKEOVER_WARM } else { 0 };
         self.send(MsgKind::HandoverListener, &flags.to_le_bytes(), &[listener])
     }
 
@@ -246,11 +456,10 @@ impl HandoverSink {
     /// A staged VM is drained: hands over its mapping records (None: the
     /// new daemon rebuilds them from the core).
     pub fn state(&self, vm_id: u16, records: Option<&HandedRecords>) -> std::io::Result<()> {
-        let memfd = records.map(records_memfd).transpose()?;
-        let mut payload = (vm_id as u32).to_le_bytes().to_vec();
-        payload.extend_from_slice(&(if memfd.is_some() { STATE_RECORDS } else { 0 }).to_le_bytes());
+        let memfd = records.map(|r| sealed_memfd(|w| r.encode_to(w))).transpose()?;
+        let flags = if memfd.is_some() { STATE_RECORDS } else { 0 };
         let fds: Vec<BorrowedFd<'_>> = memfd.iter().map(|f| f.as_fd()).collect();
-        self.send(MsgKind::HandoverState, &payload, &fds)
+        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &fds)
     }
 
     /// Ends the handover.
@@ -261,8 +470,22 @@ impl HandoverSink {
     }
 }
 
-/// A sealed memfd holding `records`.
-fn records_memfd(records: &HandedRecords) -> std::io::Result<File> {
+impl Drop for HandoverSink {
+    /// Ends the connection for both sides, although the listener thread
+    /// holds a copy of it: a sink dropped part-way is a handover broken off.
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = nix::sys::socket::shutdown(conn.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+/// A HANDOVER_STATE payload: the VM id and the flags.
+fn state_payload(vm_id: u16, flags: u32) -> Vec<u8> {
+    [u32::from(vm_id), flags].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A sealed memfd holding what `write` writes (records or a delta).
+fn sealed_memfd(write: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>) -> std::io::Result<File> {
     let memfd = memfd::MemfdOptions::default()
         .allow_sealing(true)
         .close_on_exec(true)
@@ -272,7 +495,7 @@ fn records_memfd(records: &HandedRecords) -> std::io::Result<File> {
     // from its start: the receiver reads from there, whatever the offset
     // the description the two share was left at.
     let mut writer = std::io::BufWriter::with_capacity(RECORDS_BUFFER, memfd.as_file());
-    records.encode_to(&mut writer)?;
+    write(&mut writer)?;
     writer.flush()?;
     drop(writer);
     let seals = [FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealWrite, FileSeal::SealSeal];
@@ -293,7 +516,8 @@ pub fn asks_for_takeover(conn: &OwnedFd) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
+
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use faultline_attach::MemslotDesc;
     use hyp_core::addr::{Ipa, Pa};
@@ -357,11 +581,19 @@ mod tests {
         (received, handed)
     }
 
+    /// A VM's state that must have come drained.
+    fn drained(state: PendingState) -> Option<HandedRecords> {
+        match state.wait().unwrap() {
+            Handed::Drained(records) => records,
+            warm => panic!("{warm:?}"),
+        }
+    }
+
     #[test]
     fn a_staged_vm_is_served_once_its_records_follow() {
         let (conn, fd) = (some_fd(), some_fd());
-        let (received, mut handed) = handover(None, move |sink| {
-            assert!(sink.staged(), "this daemon asks for staged VMs");
+        let (received, mut handed) = handover(Some(faultline_attach::TAKEOVER_STATE), move |sink| {
+            assert!(sink.staged() && !sink.warm(), "an old daemon that stages VMs, not warm");
             sink.vm(&conn, &request(7), &[fd]).unwrap();
             // Drained: its state follows.
             sink.state(7, Some(&records())).unwrap();
@@ -371,7 +603,7 @@ mod tests {
         let vm = handed.pop().unwrap();
         assert_eq!((vm.request.vm_id, vm.fds.len()), (7, 1));
         assert!(vm.conn.as_raw_fd() >= 0);
-        assert_eq!(vm.state.wait().unwrap(), Some(records()));
+        assert_eq!(drained(vm.state), Some(records()));
     }
 
     #[test]
@@ -385,7 +617,7 @@ mod tests {
         });
         received.unwrap();
         // Served at once, rebuilt from the core.
-        assert_eq!(handed.pop().unwrap().state.wait().unwrap(), None);
+        assert_eq!(drained(handed.pop().unwrap().state), None);
     }
 
     #[test]
@@ -400,7 +632,7 @@ mod tests {
             sink.done(1);
         });
         received.unwrap();
-        assert_eq!(handed.pop().unwrap().state.wait().unwrap(), None);
+        assert_eq!(drained(handed.pop().unwrap().state), None);
     }
 
     #[test]
@@ -423,5 +655,78 @@ mod tests {
         let err = received.unwrap_err();
         assert!(err.to_string().contains("not being handed over"), "{err}");
         assert!(handed.is_empty());
+    }
+
+    #[test]
+    fn a_warm_vm_is_drained_only_once_the_new_daemon_adopted_its_snapshot() {
+        let conn = some_fd();
+        let said_ready = Arc::new(AtomicBool::new(false));
+        let heard = said_ready.clone();
+        let delta = HandedDelta { seq: 4, next_order: 2, removed: vec![Ipa::new(0x4000_0000)], ..Default::default() };
+        let sent = delta.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let (taken, sink) = exchange(dir.path(), None);
+        let old = std::thread::spawn(move || {
+            assert!(sink.warm(), "this daemon asks for warm takeovers");
+            sink.vm(&conn, &request(12), &[]).unwrap();
+            // Served meanwhile; drained only once the new daemon said so.
+            assert!(sink.snapshot(12, &records()).unwrap(), "the new daemon adopted the snapshot");
+            assert!(heard.load(Ordering::SeqCst), "not before it said so");
+            sink.delta(12, Some(&sent)).unwrap();
+            sink.done(1);
+        });
+        let mut adopting = Vec::new();
+        let received = taken.vms.receive(|vm| {
+            let said_ready = said_ready.clone();
+            adopting.push(std::thread::spawn(move || match vm.state.wait().unwrap() {
+                Handed::Warm(snapshot, delta) => {
+                    assert_eq!(snapshot, Some(records()));
+                    said_ready.store(true, Ordering::SeqCst);
+                    delta.ready().unwrap()
+                }
+                drained => panic!("{drained:?}"),
+            }))
+        });
+        old.join().unwrap();
+        assert_eq!(received.unwrap(), 1);
+        assert_eq!(adopting.pop().unwrap().join().unwrap(), Some(delta));
+    }
+
+    #[test]
+    fn state_out_of_turn_breaks_the_takeover() {
+        // A delta with no snapshot before it.
+        let conn = some_fd();
+        let (received, _) = handover(None, move |sink| {
+            sink.vm(&conn, &request(13), &[]).unwrap();
+            sink.delta(13, None).unwrap();
+        });
+        assert!(received.unwrap_err().to_string().contains("out of turn"));
+        // A snapshot when the takeover is not warm.
+        let conn = some_fd();
+        let (received, _) = handover(Some(faultline_attach::TAKEOVER_STATE), move |sink| {
+            sink.vm(&conn, &request(14), &[]).unwrap();
+            let payload = state_payload(14, STATE_SNAPSHOT | STATE_RECORDS);
+            let memfd = sealed_memfd(|w| records().encode_to(w)).unwrap();
+            sink.send(MsgKind::HandoverState, &payload, &[memfd.as_fd()]).unwrap();
+        });
+        assert!(received.unwrap_err().to_string().contains("out of turn"));
+    }
+
+    #[test]
+    fn readiness_is_heard_per_vm_and_not_waited_for_once_the_connection_ends() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let ready = Arc::new(Readiness::default());
+        let listener = ready.clone();
+        let listening = std::thread::spawn(move || listener.listen(OwnedFd::from(ours)));
+        let theirs = OwnedFd::from(theirs);
+        let say = |vm: u32| send_message(theirs.as_fd(), &encode_message(MsgKind::HandoverReady, &vm.to_le_bytes()), &[]);
+        say(5).unwrap();
+        assert!(ready.wait(5, Duration::from_secs(60)));
+        // Heard once: a second wait for it does not find it.
+        assert!(!ready.wait(5, Duration::from_millis(20)));
+        drop(theirs);
+        listening.join().unwrap();
+        // Closed: no wait, whatever the patience.
+        assert!(!ready.wait(6, Duration::from_secs(3600)));
     }
 }

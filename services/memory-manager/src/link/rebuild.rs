@@ -14,7 +14,7 @@ use hyp_core::stage2::{MapSize, Perms};
 
 use super::control::ControlError;
 use super::vm::AttachedVm;
-use crate::memory::handover::HandedRecords;
+use crate::memory::handover::{HandedDelta, HandedMapping, HandedRecords};
 use crate::memory::layout::Backing;
 use crate::memory::mapping::{HeldRecords, Installed};
 use crate::memory::memslot::Memslot;
@@ -203,6 +203,9 @@ fn pinned(vm: &AttachedVm, size: MapSize, backing: Backing, seq: u64) -> Result<
 #[derive(Debug)]
 pub struct CheckedRecords {
     records: HandedRecords,
+    /// The table pool's windows as attached, which every free list handed
+    /// over must lie in.
+    windows: Vec<(Pa, u64)>,
     started: Instant,
     done: Rebuilt,
 }
@@ -217,42 +220,70 @@ pub fn check_handed(vm: &AttachedVm, mut records: HandedRecords) -> Result<Check
     let mut done = Rebuilt::default();
     let mut next_min = 0;
     for m in &records.mappings {
-        let bad = |why| RebuildError::BadRecord { ipa: m.ipa, why };
-        if m.ipa.raw() < next_min {
-            return Err(bad("out of IPA order or overlapping"));
-        }
-        if m.order >= records.next_order {
-            return Err(bad("install order past the next one"));
-        }
-        let slot = vm.layout.memslots.lookup(m.ipa).ok_or(bad("in no memslot"))?;
-        placed(vm, slot, m.ipa, m.size, m.pa).map_err(bad)?;
-        next_min = m.ipa.raw() + m.size;
+        check_mapping(vm, m, &mut next_min, records.next_order)?;
         done.mappings += 1;
         done.bytes += m.size;
     }
-    // The free pages must lie in the pool's windows, none twice.
-    let windows = vm.mapping.replace_pool(PagePool::default());
-    let mut free = records.free.clone();
+    let windows = vm.mapping.replace_pool(PagePool::default()).windows().to_vec();
+    match check_free(&windows, &records.free) {
+        Ok(held) => done.pool_pages_held = held,
+        Err(e) => {
+            vm.mapping.replace_pool(PagePool::new(windows));
+            return Err(e);
+        }
+    }
+    // Taken in the old daemon's order (not a sorted copy's).
+    vm.mapping.replace_pool(PagePool::new(std::mem::take(&mut records.free)));
+    vm.mapping.note_seq(records.seq);
+    Ok(CheckedRecords { records, windows, started, done })
+}
+
+/// Checks one handed-over mapping: after `next_min` (which it moves past
+/// it), installed before `next_order`, and one the layout can have made.
+fn check_mapping(vm: &AttachedVm, m: &HandedMapping, next_min: &mut u64, next_order: u64) -> Result<(), RebuildError> {
+    let bad = |why| RebuildError::BadRecord { ipa: m.ipa, why };
+    if m.ipa.raw() < *next_min {
+        return Err(bad("out of IPA order or overlapping"));
+    }
+    if m.order >= next_order {
+        return Err(bad("install order past the next one"));
+    }
+    let slot = vm.layout.memslots.lookup(m.ipa).ok_or(bad("in no memslot"))?;
+    placed(vm, slot, m.ipa, m.size, m.pa).map_err(bad)?;
+    *next_min = m.ipa.raw() + m.size;
+    Ok(())
+}
+
+/// Checks that the free table-pool pages handed over lie in the pool's
+/// `windows`, none twice; returns how many pages the core holds.
+fn check_free(windows: &[(Pa, u64)], free: &[(Pa, u64)]) -> Result<u64, RebuildError> {
+    let mut free = free.to_vec();
     free.sort_unstable_by_key(|&(pa, _)| pa.raw());
     let mut next_free = 0;
     for &(pa, bytes) in &free {
         let end =
             pa.raw().checked_add(bytes).filter(|_| bytes > 0 && pa.is_aligned(PAGE_SIZE) && bytes % PAGE_SIZE == 0);
-        let inside = end.is_some_and(|end| {
-            windows.windows().iter().any(|&(base, len)| base.raw() <= pa.raw() && end <= base.raw() + len)
-        });
+        let inside =
+            end.is_some_and(|end| windows.iter().any(|&(base, len)| base.raw() <= pa.raw() && end <= base.raw() + len));
         if !inside || pa.raw() < next_free {
-            vm.mapping.replace_pool(windows);
             return Err(RebuildError::BadFreePages { pa, bytes });
         }
         next_free = end.expect("checked");
     }
-    let pool_bytes: u64 = windows.windows().iter().map(|&(_, len)| len).sum();
-    done.pool_pages_held = (pool_bytes - free.iter().map(|&(_, b)| b).sum::<u64>()) / PAGE_SIZE;
-    // Taken in the old daemon's order (not the sorted copy's).
-    vm.mapping.replace_pool(PagePool::new(std::mem::take(&mut records.free)));
-    vm.mapping.note_seq(records.seq);
-    Ok(CheckedRecords { records, started, done })
+    let pool_bytes: u64 = windows.iter().map(|&(_, len)| len).sum();
+    Ok((pool_bytes - free.iter().map(|&(_, b)| b).sum::<u64>()) / PAGE_SIZE)
+}
+
+/// Pins a checked mapping and marks its pages populated: what to record.
+fn adopted(vm: &AttachedVm, m: &HandedMapping, seq: u64) -> Option<(Ipa, Installed)> {
+    // Checked: in a memslot, placed inside its region (pinning cannot fail).
+    let placed = vm.layout.memslots.lookup(m.ipa).and_then(|slot| placed(vm, slot, m.ipa, m.size, m.pa).ok());
+    let (size, backing) = placed?;
+    if !vm.layout.regions[backing.region].device {
+        vm.mapping.mark_populated(backing.region, backing.offset, size.bytes());
+    }
+    let installed = pinned(vm, size, backing, seq).ok()?;
+    Some((m.ipa, Installed { order: m.order, ..installed }))
 }
 
 impl CheckedRecords {
@@ -260,24 +291,87 @@ impl CheckedRecords {
     /// since before its vCPUs were served (whatever reads them waits
     /// until this returns).
     pub fn adopt(self, vm: &AttachedVm, mut held: HeldRecords<'_>) -> Rebuilt {
-        let mut adopted = Vec::with_capacity(self.records.mappings.len());
-        for m in &self.records.mappings {
-            // Checked: in a memslot, placed inside its region (pinning
-            // cannot fail).
-            let placed = vm.layout.memslots.lookup(m.ipa).and_then(|slot| placed(vm, slot, m.ipa, m.size, m.pa).ok());
-            let Some(installed) = placed.and_then(|(size, backing)| {
-                if !vm.layout.regions[backing.region].device {
-                    vm.mapping.mark_populated(backing.region, backing.offset, size.bytes());
-                }
-                pinned(vm, size, backing, self.records.seq).ok()
-            }) else {
-                continue;
-            };
-            adopted.push((m.ipa, Installed { order: m.order, ..installed }));
-        }
-        held.adopt(adopted);
+        let seq = self.records.seq;
+        held.adopt(self.records.mappings.iter().filter_map(|m| adopted(vm, m, seq)).collect());
         held.release(self.records.next_order);
         Rebuilt { elapsed: self.started.elapsed(), ..self.done }
+    }
+
+    /// Adopts a warm takeover's snapshot, before `vm` is served (the old
+    /// daemon still serves it): its delta follows ([`WarmRecords::amend`]).
+    pub fn adopt_snapshot(self, vm: &AttachedVm) -> WarmRecords {
+        let windows = self.windows.clone();
+        let done = self.adopt(vm, vm.mapping.hold_records());
+        WarmRecords { windows, done }
+    }
+}
+
+/// A warm takeover's snapshot of records, adopted while the old daemon
+/// still served the VM; what changed since follows once it is drained.
+#[derive(Debug)]
+pub struct WarmRecords {
+    windows: Vec<(Pa, u64)>,
+    done: Rebuilt,
+}
+
+impl WarmRecords {
+    /// Amends the adopted snapshot with `delta`, each change checked as the
+    /// records were (and a removal must name a mapping the snapshot has).
+    /// On a refusal everything adopted is let go ([`WarmRecords::undo`]):
+    /// the caller rebuilds from the core. `elapsed` is the amendment's
+    /// time alone (the guests' wait); the counts are the records' now.
+    pub fn amend(self, vm: &AttachedVm, delta: HandedDelta) -> Result<Rebuilt, RebuildError> {
+        let started = Instant::now();
+        let amended = self.try_amend(vm, delta);
+        let Ok(held) = amended else {
+            self.undo(vm);
+            return amended.map(|_| Rebuilt::default());
+        };
+        let mappings = vm.mapping.mapping_count() as u64;
+        let (bytes, elapsed) = (vm.mapping.resident(), started.elapsed());
+        Ok(Rebuilt { mappings, bytes, pool_pages_held: held, elapsed, ..self.done })
+    }
+
+    fn try_amend(&self, vm: &AttachedVm, delta: HandedDelta) -> Result<u64, RebuildError> {
+        let mut next_min = 0;
+        for m in &delta.put {
+            check_mapping(vm, m, &mut next_min, delta.next_order)?;
+        }
+        let held = check_free(&self.windows, &delta.free)?;
+        let put = delta.put.iter().filter_map(|m| adopted(vm, m, delta.seq)).collect();
+        let gone = vm.mapping.amend(&delta.removed, put, delta.next_order).map_err(|ipa| RebuildError::BadRecord {
+            ipa,
+            why: "a change the snapshot cannot take (removes what it lacks, or overlaps)",
+        })?;
+        // A mapping that went may have been reclaimed (its backing punched,
+        // the page in the swap store): its next fault must fill it. The
+        // ones put since are marked again.
+        for (ipa, bytes) in gone {
+            let backing = vm.layout.memslots.lookup(ipa).and_then(|slot| vm.layout.backing(slot, ipa));
+            if let Some(b) = backing.filter(|b| !vm.layout.regions[b.region].device) {
+                vm.mapping.clear_populated(b.region, b.offset, bytes);
+            }
+        }
+        for m in &delta.put {
+            let backing = vm.layout.memslots.lookup(m.ipa).and_then(|slot| vm.layout.backing(slot, m.ipa));
+            if let Some(b) = backing.filter(|b| !vm.layout.regions[b.region].device) {
+                vm.mapping.mark_populated(b.region, b.offset, m.size);
+            }
+        }
+        vm.mapping.replace_pool(PagePool::new(delta.free));
+        vm.mapping.note_seq(delta.seq);
+        Ok(held)
+    }
+
+    /// Lets go of everything adopted (pins, records, populated marks, the
+    /// snapshot's pool) and puts the pool's windows back: the VM is then
+    /// rebuilt from the core.
+    pub fn undo(self, vm: &AttachedVm) {
+        vm.mapping.release_all();
+        for (i, r) in vm.layout.regions.iter().enumerate() {
+            vm.mapping.clear_populated(i, 0, r.size);
+        }
+        vm.mapping.replace_pool(PagePool::new(self.windows));
     }
 }
 
@@ -479,6 +573,75 @@ mod tests {
             assert!(err.to_string().contains(why), "{why}: {err}");
             assert_eq!((vm.mapping.mapping_count(), vm.mapping.pins().total()), (0, 0), "{why}: nothing kept");
             assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_0000), 16)), "{why}: the pool as it was");
+        }
+    }
+
+    /// A warm snapshot of three mappings (two 4 KiB, one 2 MiB) adopted
+    /// into a fresh 4 MiB VM.
+    fn warm_vm() -> (AttachedVm, HandedRecords, WarmRecords) {
+        let vm = handed_vm(4 << 20);
+        let snapshot = HandedRecords {
+            seq: 3,
+            next_order: 3,
+            mappings: vec![handed(GPA, PAGE_SIZE, 0), handed(GPA + PAGE_SIZE, PAGE_SIZE, 1), handed(GPA + (2 << 20), 2 << 20, 2)],
+            free: vec![(Pa::new(0x1000_0000), 16 * PAGE_SIZE)],
+        };
+        let warm = check_handed(&vm, snapshot.clone()).unwrap().adopt_snapshot(&vm);
+        (vm, snapshot, warm)
+    }
+
+    #[test]
+    fn a_warm_snapshot_amended_with_its_delta_is_what_the_old_daemon_held_at_the_drain() {
+        let (vm, snapshot, warm) = warm_vm();
+        assert_eq!(vm.mapping.pins().total(), 2 + 512);
+        // Meanwhile the old daemon evicted the second page and the 2 MiB
+        // block, installed a page in a hole, and gave the core a pool page.
+        let drained = HandedRecords {
+            seq: 8,
+            next_order: 5,
+            mappings: vec![handed(GPA, PAGE_SIZE, 0), handed(GPA + 0x5000, PAGE_SIZE, 4)],
+            free: vec![(Pa::new(0x1000_1000), 15 * PAGE_SIZE)],
+        };
+        let delta = HandedDelta::between(&snapshot, drained.clone());
+        let r = warm.amend(&vm, delta).unwrap();
+        assert_eq!((r.mappings, r.bytes, r.pool_pages_held), (2, 2 * PAGE_SIZE, 1));
+        // Exactly the old daemon's records, pins and all.
+        let now = vm.mapping.handed_records();
+        assert_eq!((now.seq, now.next_order, now.mappings), (8, 5, drained.mappings));
+        assert_eq!(vm.mapping.pins().total(), 2);
+        assert_eq!(vm.mapping.resident(), 2 * PAGE_SIZE);
+        assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_1000), 15)));
+        // What went may have been reclaimed: its next fault fills it.
+        assert!(!vm.mapping.is_populated(0, PAGE_SIZE, PAGE_SIZE));
+        assert!(!vm.mapping.is_populated(0, 2 << 20, PAGE_SIZE));
+        assert!(vm.mapping.is_populated(0, 0, PAGE_SIZE) && vm.mapping.is_populated(0, 0x5000, PAGE_SIZE));
+    }
+
+    #[test]
+    fn a_delta_the_snapshot_cannot_take_lets_everything_go_for_a_rebuild() {
+        let put = |m: HandedMapping| HandedDelta { seq: 4, next_order: 9, put: vec![m], ..HandedDelta::default() };
+        let cases: Vec<(HandedDelta, &str)> = vec![
+            // Removes what the snapshot lacks.
+            (HandedDelta { next_order: 9, removed: vec![Ipa::new(GPA + 0x9000)], ..HandedDelta::default() }, "cannot take"),
+            // Overlaps the 2 MiB block from below, and from inside it.
+            (put(handed(GPA, 2 << 20, 5)), "cannot take"),
+            (put(handed(GPA + (2 << 20) + PAGE_SIZE, PAGE_SIZE, 5)), "cannot take"),
+            // Checked as records are.
+            (put(handed(GPA + (4 << 20), PAGE_SIZE, 5)), "in no memslot"),
+            (put(handed(GPA + 0x9000, PAGE_SIZE, 9)), "install order"),
+            (
+                HandedDelta { next_order: 9, free: vec![(Pa::new(0x2000_0000), PAGE_SIZE)], ..HandedDelta::default() },
+                "free table pages",
+            ),
+        ];
+        for (delta, why) in cases {
+            let (vm, _, warm) = warm_vm();
+            let err = warm.amend(&vm, delta).expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+            assert_eq!((vm.mapping.mapping_count(), vm.mapping.pins().total()), (0, 0), "{why}: nothing kept");
+            assert_eq!(vm.mapping.resident(), 0, "{why}");
+            assert!(!vm.mapping.is_populated(0, 0, 4 << 20), "{why}");
+            assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_0000), 16)), "{why}: the pool as attached");
         }
     }
 }

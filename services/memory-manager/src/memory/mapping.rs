@@ -448,6 +448,39 @@ impl MappingState {
         removed.iter().map(|m| m.pin.pages() as u64).sum()
     }
 
+    /// Amends records adopted from a warm takeover's snapshot with its
+    /// delta: the mappings at `removed` go (their pins released) and each
+    /// of `put` goes in, replacing one at its IPA; the next mapping
+    /// recorded gets `next_order` or later. Returns the IPA and bytes of
+    /// each mapping that went (removed or replaced), or the IPA of the first
+    /// change that does not fit: a removal of what is not recorded, or a
+    /// mapping that would overlap another. What was done before an error
+    /// stays: the caller lets every record go.
+    pub fn amend(&self, removed: &[Ipa], put: Vec<(Ipa, Installed)>, next_order: u64) -> Result<Vec<(Ipa, u64)>, Ipa> {
+        let mut mappings = self.installed();
+        let mut gone = Vec::with_capacity(removed.len());
+        for &ipa in removed {
+            let old = mappings.remove(&ipa.raw()).ok_or(ipa)?;
+            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+            gone.push((ipa, old.size.bytes()));
+        }
+        for (ipa, installed) in put {
+            let (start, end) = (ipa.raw(), ipa.raw() + installed.size.bytes());
+            let below = mappings.range(..start).next_back().is_some_and(|(&at, m)| at + m.size.bytes() > start);
+            let above = mappings.range(start + 1..end).next().is_some();
+            if below || above {
+                return Err(ipa);
+            }
+            self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
+            if let Some(old) = mappings.insert(start, installed) {
+                self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+                gone.push((ipa, old.size.bytes()));
+            }
+        }
+        self.installs.fetch_max(next_order, Ordering::Relaxed);
+        Ok(gone)
+    }
+
     /// Drops every mapping record (the VM is going away); returns the pages
     /// whose pins were released.
     pub fn release_all(&self) -> u64 {
