@@ -44,13 +44,14 @@ impl Rng {
 /// `phases` phases of `per_phase` writes per vCPU to random pages of
 /// `ram_pages` (nearly every one a fault on a page not yet mapped), each
 /// phase between pauses.
-fn trace(vcpus: u64, mapped: u64, ram_pages: u64, phases: u64, per_phase: u64) -> tempfile::NamedTempFile {
-    let mut text = String::with_capacity((mapped + phases * vcpus * per_phase) as usize * 24);
+fn trace(vcpus: u64, mapped: u64, ram_pages: u64, rounds: u64, per_round: &[u64]) -> tempfile::NamedTempFile {
+    let writes: u64 = per_round.iter().sum();
+    let mut text = String::with_capacity((mapped + rounds * vcpus * writes) as usize * 24);
     for p in 0..mapped {
         text.push_str(&format!("{} W {:#x} 8\n", p % vcpus, RAM_GPA + p * PAGE));
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for _ in 0..phases {
+    for &per_phase in (0..rounds).flat_map(|_| per_round) {
         text.push_str("PAUSE\n");
         for i in 0..vcpus * per_phase {
             text.push_str(&format!("{} W {:#x} 8\n", i % vcpus, RAM_GPA + rng.next() % ram_pages * PAGE));
@@ -150,10 +151,11 @@ struct Stall {
 }
 
 /// Fills in the guest's side of each stall, phase by phase.
-fn with_guest(stalls: &mut [Stall], longest: Vec<Duration>) {
+fn with_guest(stalls: &mut [Stall], longest: Vec<Duration>, phases_per_stall: usize) {
     // The last phase runs after the last stall, to the end.
-    assert!(longest.len() >= stalls.len(), "one phase per stall");
-    stalls.iter_mut().zip(longest).for_each(|(s, g)| s.guest = g);
+    assert!(longest.len() >= stalls.len() * phases_per_stall, "{phases_per_stall} phases per stall");
+    let per_stall = longest.chunks(phases_per_stall).map(|c| c.iter().copied().max().unwrap_or_default());
+    stalls.iter_mut().zip(per_stall).for_each(|(s, g)| s.guest = g);
 }
 
 /// The first fault the daemon in place served: the earliest map sent and
@@ -272,7 +274,7 @@ struct Restart {
 /// fault waits from the kill to the successor.
 fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Vec<Restart>, Vec<(u64, u64)>) {
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
-    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, kills as u64, PER_PHASE);
+    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, kills as u64, &[PER_PHASE]);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
     let (mut restarts, mut served_at) = (Vec::new(), Vec::new());
     for _ in 0..kills {
@@ -294,23 +296,33 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
     }
     let mut stalls: Vec<Stall> = restarts.iter().map(|r| r.stall).collect();
     let (guest, slowest) = m.finish();
-    with_guest(&mut stalls, guest);
+    with_guest(&mut stalls, guest, 1);
     print_slow(&format!("restart ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
     keep_log(&daemon, &format!("restart-{vcpus}"));
     restarts.iter_mut().zip(stalls).for_each(|(r, s)| r.stall = s);
     (restarts, rebuilds(&daemon.log()))
 }
 
-/// Hands the guest over `takeovers` times: each time the guest, paused,
-/// is resumed as the old daemon starts handing over, so its next fault
-/// waits for the new daemon.
-fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -> Vec<Stall> {
+/// Random writes per vCPU while the new daemon adopts the records'
+/// snapshot, in a takeover of a guest that keeps faulting.
+const BUSY_PHASE: u64 = 200;
+
+/// Hands the guest over `takeovers` times: each time the guest, paused, is
+/// resumed as the old daemon stops serving (its drain starts), so its next
+/// fault waits for the new daemon. `busy`: before that, it also faults
+/// while the old daemon serves on and the new one adopts the records'
+/// snapshot (resumed as the snapshot goes), so what the old daemon hands
+/// over after the drain is a change of a few hundred mappings, not none.
+fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize, busy: bool) -> Vec<Stall> {
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
-    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, PER_PHASE);
+    let per_round: &[u64] = if busy { &[BUSY_PHASE, PER_PHASE] } else { &[PER_PHASE] };
+    let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, per_round);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
     let (mut stalls, mut served_at, mut samples) = (Vec::new(), Vec::new(), Vec::new());
     // When the old daemon stops serving: its vCPU services start draining.
     const MARK: &str = "draining the VM's vCPU services for the handover";
+    // When the old daemon hands the snapshot over and serves on.
+    const SNAPSHOT: &str = "handing a snapshot of the records over";
     // Watching the new daemon's threads reads /proc hundreds of times a
     // millisecond, on the cores the stall is measured on: only when asked.
     let watch_threads = ["RESTART_BENCH_THREADS", "RESTART_BENCH_STACKS"].iter().any(|v| std::env::var_os(v).is_some());
@@ -320,9 +332,17 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
         std::thread::scope(|s| {
             let resumer = s.spawn(|| {
                 let started = Instant::now();
-                while !appended(&log, seen).contains(MARK) && started.elapsed() < Duration::from_secs(30) {
-                    std::thread::sleep(Duration::from_micros(100));
+                let wait_for = |mark: &str| {
+                    while !appended(&log, seen).contains(mark) && started.elapsed() < Duration::from_secs(30) {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                };
+                if busy {
+                    wait_for(SNAPSHOT);
+                    m.resume();
+                    m.wait_paused();
                 }
+                wait_for(MARK);
                 m.resume();
                 if watch_threads {
                     sample_threads(Duration::from_millis(300))
@@ -341,7 +361,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
         m.wait_paused();
     }
     let (guest, slowest) = m.finish();
-    with_guest(&mut stalls, guest);
+    with_guest(&mut stalls, guest, per_round.len());
     print_slow(&format!("takeover ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
     // The new daemon's threads, for the stalls over 20 ms.
     for (i, (stall, (began, changes))) in stalls.iter().zip(served_at.iter().map(|s| s.0).zip(&samples)).enumerate() {
@@ -354,7 +374,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize) -
             println!("  {at:8.2} ms {} {} [{}] {} {}", c.thread, c.state, c.schedstat, c.wchan, c.stack);
         }
     }
-    keep_log(&daemon, &format!("takeover-{vcpus}"));
+    keep_log(&daemon, &format!("takeover-{vcpus}{}", if busy { "-busy" } else { "" }));
     stalls
 }
 
@@ -520,7 +540,7 @@ fn print_slow(what: &str, stalls: &[Stall], served_at: &[(SystemTime, Events)], 
 fn rebuild_per_mapping(pages: u64, restarts: usize) -> Vec<(u64, u64)> {
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
     let ram_mib = (pages * PAGE).div_ceil(2 << 20) * 2 + 2;
-    let file = trace(1, pages, pages, 1, 0);
+    let file = trace(1, pages, pages, 1, &[0]);
     let m = start_machine(&daemon, 1, ram_mib, &file);
     for _ in 0..restarts {
         let before = rebuilds(&daemon.log()).len();
@@ -566,8 +586,10 @@ fn main() {
         steps.extend(restarts);
     }
     for &vcpus in vcpu_counts.iter().filter(|_| part("takeover")) {
-        let stalls = takeover_stalls(&rt, vcpus, kills);
+        let stalls = takeover_stalls(&rt, vcpus, kills, false);
         rows(&format!("takeover, 1 GiB guest, ~10k mappings, {vcpus} vCPU"), &stalls);
+        let stalls = takeover_stalls(&rt, vcpus, kills, true);
+        rows(&format!("takeover, 1 GiB guest, ~10k mappings, {vcpus} vCPU faulting throughout"), &stalls);
     }
     if !steps.is_empty() {
         println!();

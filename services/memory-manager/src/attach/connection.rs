@@ -547,6 +547,7 @@ impl AttachServer {
                     if handed_early && sink.warm() {
                         let records = vm.mapping.handed_records();
                         let (started, mappings) = (std::time::Instant::now(), records.mappings.len());
+                        info!(mappings, "handing a snapshot of the records over; serving on meanwhile");
                         match sink.snapshot(original.vm_id, &records) {
                             Ok(adopted) => {
                                 let waited_us = started.elapsed().as_micros() as u64;
@@ -732,6 +733,9 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
     };
     // Not this daemon's VM if this fails: what was adopted goes with it.
     let delta = delta.ready()?;
+    if let Some(d) = &delta {
+        info!(put = d.put.len(), removed = d.removed.len(), "the old daemon's change since the snapshot arrived");
+    }
     Ok(HandedState::Warm(match (adopted, delta) {
         (Ok(warm), Some(delta)) => warm.amend(vm, delta).map_err(|e| format!("the delta does not fit: {e}")),
         (Ok(warm), None) => {
