@@ -135,7 +135,7 @@ impl Served {
     /// The stall from `t`, the guest's side of it to be filled in.
     fn after(&self, t: SystemTime) -> Stall {
         let since = |x: SystemTime| x.duration_since(t).unwrap_or_default();
-        Stall { guest: Duration::ZERO, sent: since(self.sent), read: since(self.completed) }
+        Stall { guest: Duration::ZERO, sent: since(self.sent), read: since(self.completed), served_on: None }
     }
 }
 
@@ -148,14 +148,21 @@ struct Stall {
     guest: Duration,
     sent: Duration,
     read: Duration,
+    /// A takeover of a guest that keeps faulting: its longest fault wait
+    /// while the old daemon served on and the new one adopted the records.
+    served_on: Option<Duration>,
 }
 
-/// Fills in the guest's side of each stall, phase by phase.
+/// Fills in the guest's side of each stall, phase by phase: its longest
+/// wait in any phase of the stall's round (with two, the first is the one
+/// run while the old daemon served on).
 fn with_guest(stalls: &mut [Stall], longest: Vec<Duration>, phases_per_stall: usize) {
     // The last phase runs after the last stall, to the end.
     assert!(longest.len() >= stalls.len() * phases_per_stall, "{phases_per_stall} phases per stall");
-    let per_stall = longest.chunks(phases_per_stall).map(|c| c.iter().copied().max().unwrap_or_default());
-    stalls.iter_mut().zip(per_stall).for_each(|(s, g)| s.guest = g);
+    for (s, round) in stalls.iter_mut().zip(longest.chunks(phases_per_stall)) {
+        s.guest = round.iter().copied().max().unwrap_or_default();
+        s.served_on = (phases_per_stall == 2).then_some(round[0]);
+    }
 }
 
 /// The first fault the daemon in place served: the earliest map sent and
@@ -243,6 +250,10 @@ fn rows(what: &str, stalls: &[Stall]) {
     row(&format!("{what}: longest fault wait in the guest"), &stats_ms(stalls.iter().map(|s| s.guest).collect()));
     row(&format!("{what}: to the first map sent"), &stats_ms(stalls.iter().map(|s| s.sent).collect()));
     row(&format!("{what}: to its result read"), &stats_ms(stalls.iter().map(|s| s.read).collect()));
+    let served_on: Vec<Duration> = stalls.iter().filter_map(|s| s.served_on).collect();
+    if !served_on.is_empty() {
+        row(&format!("{what}: longest fault wait while the old daemon served on"), &stats_ms(served_on));
+    }
 }
 
 fn row(what: &str, s: &Stats) {

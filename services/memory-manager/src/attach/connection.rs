@@ -26,12 +26,14 @@ use super::admission::{Claim, Limits, OverLimit};
 use super::map::{map, Attached};
 use super::registry::{Registration, ReserveError, VmTable};
 use super::state::VmState;
-use super::takeover::{asks_for_takeover, Handed, HandedVm, HandoverSink, PendingState, Takeover, TakeoverError};
+use super::takeover::{
+    asks_for_takeover, Change, Handed, HandedVm, HandoverSink, PendingState, Takeover, TakeoverError,
+};
 use super::validate::{refuse, Refusal};
 use crate::fault::failpoint::panic_point;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
-use crate::link::rebuild::{check_handed, rebuild, Rebuilt};
+use crate::link::rebuild::{check_handed, rebuild, Rebuilt, WarmRecords};
 use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
@@ -545,21 +547,7 @@ impl AttachServer {
                     // Warm: the new daemon adopts a snapshot of the records
                     // while this one still serves the VM.
                     if handed_early && sink.warm() {
-                        let records = vm.mapping.handed_records();
-                        let (started, mappings) = (std::time::Instant::now(), records.mappings.len());
-                        info!(mappings, "handing a snapshot of the records over; serving on meanwhile");
-                        match sink.snapshot(original.vm_id, &records) {
-                            Ok(adopted) => {
-                                let waited_us = started.elapsed().as_micros() as u64;
-                                if adopted {
-                                    info!(mappings, waited_us, "the new daemon adopted the records' snapshot");
-                                } else {
-                                    warn!(mappings, waited_us, "the new daemon did not adopt the snapshot in time");
-                                }
-                                snapshot = Some(records);
-                            }
-                            Err(e) => error!(cause = %e, "handing the snapshot over failed"),
-                        }
+                        snapshot = hand_snapshot(sink, &vm, original.vm_id);
                     }
                     // Each vCPU's service ends once its fault in flight is
                     // answered; the control ring stays served meanwhile (a
@@ -597,7 +585,7 @@ impl AttachServer {
                 }
                 handed_early.then(|| match &snapshot {
                     Some(snapshot) => {
-                        let delta = records.map(|now| HandedDelta::between(snapshot, now));
+                        let delta = records.map(|now| HandedDelta::between(snapshot, &now));
                         sink.delta(original.vm_id, delta.as_ref())
                     }
                     None => sink.state(original.vm_id, records.as_ref()),
@@ -708,6 +696,53 @@ fn contained(serve: impl FnOnce()) {
 
 /// Makes a re-attached VM's swap stores agree with its memory (a reclaim
 /// cut short by a crash left a page in both, or only in the store).
+/// Changes handed over while a VM is still served, at most, before its drain.
+const CHANGE_ROUNDS: u32 = 3;
+/// A change this small is left for after the drain (a few microseconds a
+/// mapping to adopt then).
+const SMALL_CHANGE: usize = 32;
+
+/// Warm takeover, old daemon side: hands a snapshot of `vm`'s records over
+/// while still serving it, and waits until the new daemon adopted it. The
+/// faults served meanwhile change the records: while the change is not
+/// small, it is handed over too, and adopted, still serving (pre-copy, as
+/// live migration does with memory), so the change left for after the
+/// drain, which the guests wait for, is a few mappings. Returns the records
+/// as last handed (None: the snapshot could not be sent).
+fn hand_snapshot(sink: &HandoverSink, vm: &AttachedVm, vm_id: u16) -> Option<HandedRecords> {
+    let mut last = vm.mapping.handed_records();
+    let (started, mappings) = (std::time::Instant::now(), last.mappings.len());
+    info!(mappings, "handing a snapshot of the records over; serving on meanwhile");
+    let mut adopted =
+        sink.snapshot(vm_id, &last).inspect_err(|e| error!(cause = %e, "handing the snapshot over failed")).ok()?;
+    let mut rounds = 0;
+    let mut changes = Vec::new();
+    while adopted && rounds < CHANGE_ROUNDS {
+        let now = vm.mapping.handed_records();
+        let change = HandedDelta::between(&last, &now);
+        if change.changes() <= SMALL_CHANGE {
+            break;
+        }
+        changes.push(change.changes());
+        adopted = match sink.changed(vm_id, &change) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                error!(cause = %e, "handing a change over failed");
+                false
+            }
+        };
+        last = now;
+        rounds += 1;
+    }
+    let waited_us = started.elapsed().as_micros() as u64;
+    if adopted {
+        info!(mappings, waited_us, ?changes, "the new daemon adopted the records' snapshot");
+    } else {
+        warn!(mappings, waited_us, ?changes, "the new daemon did not adopt the snapshot in time");
+    }
+    Some(last)
+}
+
 /// What a handed VM comes with, once it is this daemon's.
 enum HandedState {
     /// Records to check and adopt while its vCPUs are served (None:
@@ -726,24 +761,38 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
         Handed::Drained(records) => return Ok(HandedState::Drained(records)),
         Handed::Warm(snapshot, delta) => (snapshot, delta),
     };
-    let adopted = match snapshot.map(|s| check_handed(vm, s)) {
+    let mut adopted = match snapshot.map(|s| check_handed(vm, s)) {
         Some(Ok(checked)) => Ok(checked.adopt_snapshot(vm)),
         Some(Err(e)) => Err(format!("the snapshot does not fit the VM: {e}")),
         None => Err("the snapshot could not be read".to_string()),
     };
-    // Not this daemon's VM if this fails: what was adopted goes with it.
-    let delta = delta.ready()?;
-    if let Some(d) = &delta {
-        info!(put = d.put.len(), removed = d.removed.len(), "the old daemon's change since the snapshot arrived");
-    }
-    Ok(HandedState::Warm(match (adopted, delta) {
-        (Ok(warm), Some(delta)) => warm.amend(vm, delta).map_err(|e| format!("the delta does not fit: {e}")),
+    let amend = |adopted: Result<WarmRecords, String>, change: Option<HandedDelta>, why: &str| match (adopted, change) {
+        (Ok(warm), Some(change)) => warm.amend(vm, change).map_err(|e| format!("a change does not fit: {e}")),
         (Ok(warm), None) => {
             warm.undo(vm);
-            Err("the old daemon sent no delta (commands were in flight at the drain's end)".to_string())
+            Err(why.to_string())
         }
         (Err(e), _) => Err(e),
-    }))
+    };
+    // Each change while the VM is still served, adopted in turn, then the
+    // last, after its drain. Not this daemon's VM if the exchange breaks:
+    // what was adopted goes with it.
+    let mut pending = delta;
+    let last = loop {
+        match pending.ready()? {
+            Change::Served(change, next) => {
+                adopted = amend(adopted, change, "a change could not be read");
+                pending = next;
+            }
+            Change::Drained(last) => break last,
+        }
+    };
+    if let Some(d) = &last {
+        info!(put = d.put.len(), removed = d.removed.len(), "the old daemon's last change arrived");
+    }
+    let started = std::time::Instant::now();
+    let adopted = amend(adopted, last, "the old daemon sent no change (commands were in flight at the drain's end)");
+    Ok(HandedState::Warm(adopted.map(|warm| Rebuilt { elapsed: started.elapsed(), ..warm.adopted(vm) })))
 }
 
 fn recover_stores(vm: &AttachedVm) -> Result<(), String> {

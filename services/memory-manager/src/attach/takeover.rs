@@ -86,7 +86,11 @@ enum StateMsg {
     Records(Option<HandedRecords>),
     /// Still served: a snapshot of its records (None: unreadable).
     Snapshot(Option<HandedRecords>),
-    /// Drained after a snapshot: what changed since (None: rebuild).
+    /// Still served, after a snapshot: what changed since the last one
+    /// (None: unreadable).
+    Changed(Option<HandedDelta>),
+    /// Drained after a snapshot: what changed since the last one (None:
+    /// rebuild).
     Delta(Option<HandedDelta>),
 }
 
@@ -137,19 +141,32 @@ impl PendingState {
                 let conn = self.ready.ok_or_else(|| broke("a snapshot in a takeover that is not warm"))?;
                 Ok(Handed::Warm(snapshot, PendingDelta { vm_id: self.vm_id, rx, conn }))
             }
-            StateMsg::Delta(_) => Err(broke("a delta before its snapshot")),
+            StateMsg::Changed(_) | StateMsg::Delta(_) => Err(broke("a delta before its snapshot")),
         }
     }
 }
 
+/// What follows a warm VM's snapshot ([`PendingDelta::ready`]).
+#[derive(Debug)]
+pub enum Change {
+    /// The VM is still served: what changed while the last was adopted
+    /// (None: unreadable), to adopt before saying ready again.
+    Served(Option<HandedDelta>, PendingDelta),
+    /// The VM is drained and this daemon's: the last change (None: rebuild
+    /// from the core).
+    Drained(Option<HandedDelta>),
+}
+
 impl PendingDelta {
-    /// Tells the old daemon the snapshot is adopted (it drains the VM now)
-    /// and waits for what changed since: None means rebuild from the core.
-    pub fn ready(self) -> Result<Option<HandedDelta>, TakeoverError> {
+    /// Tells the old daemon the snapshot (or the last change) is adopted
+    /// and waits for what changed since: while it still serves the VM, or
+    /// once it drained it.
+    pub fn ready(self) -> Result<Change, TakeoverError> {
         let msg = encode_message(MsgKind::HandoverReady, &u32::from(self.vm_id).to_le_bytes());
         send_message(self.conn.as_fd(), &msg, &[]).map_err(broke)?;
         match self.rx.recv().map_err(|_| broke_before_drained())? {
-            StateMsg::Delta(delta) => Ok(delta),
+            StateMsg::Changed(delta) => Ok(Change::Served(delta, self)),
+            StateMsg::Delta(delta) => Ok(Change::Drained(delta)),
             other => Err(broke(format!("expected the delta of vm{}, got {other:?}", self.vm_id))),
         }
     }
@@ -245,6 +262,9 @@ impl HandedVms {
                         (true, false) if self.warm && !snapshot_came => {
                             StateMsg::Snapshot(with_records.then(|| read_records(vm_id, fds.next())).flatten())
                         }
+                        (true, true) if snapshot_came => {
+                            StateMsg::Changed(with_records.then(|| read_delta(vm_id, fds.next())).flatten())
+                        }
                         (false, true) if snapshot_came => {
                             StateMsg::Delta(with_records.then(|| read_delta(vm_id, fds.next())).flatten())
                         }
@@ -254,7 +274,7 @@ impl HandedVms {
                         _ => return Err(broke(format!("vm{vm_id}: state flags {flags:#x} out of turn"))),
                     };
                     let tx = match msg {
-                        StateMsg::Snapshot(_) => {
+                        StateMsg::Snapshot(_) | StateMsg::Changed(_) => {
                             let entry = waiting.get_mut(&id).expect("checked");
                             entry.1 = true;
                             entry.0.clone()
@@ -280,11 +300,13 @@ impl HandedVms {
 /// HANDOVER_STATE flag (second u32): a memfd with the VM's mapping records
 /// comes with it; without it, the new daemon rebuilds them from the core.
 const STATE_RECORDS: u32 = 1;
-/// HANDOVER_STATE flag: the records are a snapshot of a VM still served
-/// (warm); its delta follows.
+/// HANDOVER_STATE flag: the VM is still served (warm): the memfd holds a
+/// snapshot of its records, or with [`STATE_DELTA`] what changed since the
+/// last; more follows.
 const STATE_SNAPSHOT: u32 = 2;
-/// HANDOVER_STATE flag: the VM is drained, and the memfd (if any) holds
-/// what changed since its snapshot (warm).
+/// HANDOVER_STATE flag: the memfd (if any) holds what changed since the
+/// last snapshot or change (warm); without [`STATE_SNAPSHOT`], the VM is
+/// drained.
 const STATE_DELTA: u32 = 4;
 
 /// How long the old daemon keeps serving a VM while the new one adopts its
@@ -419,8 +441,20 @@ impl HandoverSink {
         Ok(ready.wait(vm_id, READY_PATIENCE))
     }
 
+    /// Warm: hands over what changed in a VM still served since its last
+    /// snapshot or change went, then waits as [`HandoverSink::snapshot`]
+    /// does.
+    pub fn changed(&self, vm_id: u16, delta: &HandedDelta) -> std::io::Result<bool> {
+        let ready = self.ready.as_ref().ok_or_else(|| std::io::Error::other("the takeover is not warm"))?;
+        let memfd = sealed_memfd(|w| delta.encode_to(w))?;
+        let flags = STATE_SNAPSHOT | STATE_DELTA | STATE_RECORDS;
+        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &[memfd.as_fd()])?;
+        Ok(ready.wait(vm_id, READY_PATIENCE))
+    }
+
     /// Warm: a VM whose snapshot went is drained: hands over what changed
-    /// since (None: the new daemon rebuilds from the core).
+    /// since the last snapshot or change (None: the new daemon rebuilds
+    /// from the core).
     pub fn delta(&self, vm_id: u16, delta: Option<&HandedDelta>) -> std::io::Result<()> {
         let memfd = delta.map(|d| sealed_memfd(|w| d.encode_to(w))).transpose()?;
         let flags = STATE_DELTA | if memfd.is_some() { STATE_RECORDS } else { 0 };
@@ -672,6 +706,7 @@ mod tests {
             // Served meanwhile; drained only once the new daemon said so.
             assert!(sink.snapshot(12, &records()).unwrap(), "the new daemon adopted the snapshot");
             assert!(heard.load(Ordering::SeqCst), "not before it said so");
+            assert!(sink.changed(12, &HandedDelta::default()).unwrap(), "the new daemon adopted the change");
             sink.delta(12, Some(&sent)).unwrap();
             sink.done(1);
         });
@@ -682,7 +717,13 @@ mod tests {
                 Handed::Warm(snapshot, delta) => {
                     assert_eq!(snapshot, Some(records()));
                     said_ready.store(true, Ordering::SeqCst);
-                    delta.ready().unwrap()
+                    // A change while still served, then the last.
+                    let Change::Served(changed, delta) = delta.ready().unwrap() else { panic!("a change") };
+                    assert_eq!(changed, Some(HandedDelta::default()));
+                    match delta.ready().unwrap() {
+                        Change::Drained(delta) => delta,
+                        served => panic!("{served:?}"),
+                    }
                 }
                 drained => panic!("{drained:?}"),
             }))
@@ -699,6 +740,16 @@ mod tests {
         let (received, _) = handover(None, move |sink| {
             sink.vm(&conn, &request(13), &[]).unwrap();
             sink.delta(13, None).unwrap();
+        });
+        assert!(received.unwrap_err().to_string().contains("out of turn"));
+        // A change while still served, with no snapshot before it.
+        let conn = some_fd();
+        let (received, _) = handover(None, move |sink| {
+            sink.vm(&conn, &request(15), &[]).unwrap();
+            // (Sent, not waited on: `changed` would wait for a READY.)
+            let payload = state_payload(15, STATE_SNAPSHOT | STATE_DELTA | STATE_RECORDS);
+            let memfd = sealed_memfd(|w| HandedDelta::default().encode_to(w)).unwrap();
+            sink.send(MsgKind::HandoverState, &payload, &[memfd.as_fd()]).unwrap();
         });
         assert!(received.unwrap_err().to_string().contains("out of turn"));
         // A snapshot when the takeover is not warm.
@@ -719,7 +770,8 @@ mod tests {
         let listener = ready.clone();
         let listening = std::thread::spawn(move || listener.listen(OwnedFd::from(ours)));
         let theirs = OwnedFd::from(theirs);
-        let say = |vm: u32| send_message(theirs.as_fd(), &encode_message(MsgKind::HandoverReady, &vm.to_le_bytes()), &[]);
+        let say =
+            |vm: u32| send_message(theirs.as_fd(), &encode_message(MsgKind::HandoverReady, &vm.to_le_bytes()), &[]);
         say(5).unwrap();
         assert!(ready.wait(5, Duration::from_secs(60)));
         // Heard once: a second wait for it does not find it.

@@ -315,21 +315,26 @@ pub struct WarmRecords {
 }
 
 impl WarmRecords {
-    /// Amends the adopted snapshot with `delta`, each change checked as the
-    /// records were (and a removal must name a mapping the snapshot has).
-    /// On a refusal everything adopted is let go ([`WarmRecords::undo`]):
-    /// the caller rebuilds from the core. `elapsed` is the amendment's
-    /// time alone (the guests' wait); the counts are the records' now.
-    pub fn amend(self, vm: &AttachedVm, delta: HandedDelta) -> Result<Rebuilt, RebuildError> {
-        let started = Instant::now();
-        let amended = self.try_amend(vm, delta);
-        let Ok(held) = amended else {
-            self.undo(vm);
-            return amended.map(|_| Rebuilt::default());
-        };
-        let mappings = vm.mapping.mapping_count() as u64;
-        let (bytes, elapsed) = (vm.mapping.resident(), started.elapsed());
-        Ok(Rebuilt { mappings, bytes, pool_pages_held: held, elapsed, ..self.done })
+    /// Amends the adopted records with `delta` (what changed since the
+    /// snapshot, or since the last change), each change checked as the
+    /// records were (and a removal must name a mapping they have). On a
+    /// refusal everything adopted is let go ([`WarmRecords::undo`]): the
+    /// caller rebuilds from the core.
+    pub fn amend(self, vm: &AttachedVm, delta: HandedDelta) -> Result<Self, RebuildError> {
+        match self.try_amend(vm, delta) {
+            Ok(held) => Ok(Self { done: Rebuilt { pool_pages_held: held, ..self.done }, ..self }),
+            Err(e) => {
+                self.undo(vm);
+                Err(e)
+            }
+        }
+    }
+
+    /// What `vm` holds now, adopted and amended (`elapsed` left to the
+    /// caller: the part the guests waited for).
+    pub fn adopted(&self, vm: &AttachedVm) -> Rebuilt {
+        let (mappings, bytes) = (vm.mapping.mapping_count() as u64, vm.mapping.resident());
+        Rebuilt { mappings, bytes, elapsed: Duration::ZERO, ..self.done }
     }
 
     fn try_amend(&self, vm: &AttachedVm, delta: HandedDelta) -> Result<u64, RebuildError> {
@@ -339,6 +344,7 @@ impl WarmRecords {
         }
         let held = check_free(&self.windows, &delta.free)?;
         let put = delta.put.iter().filter_map(|m| adopted(vm, m, delta.seq)).collect();
+        // (Marked populated again below: what goes may overlap them.)
         let gone = vm.mapping.amend(&delta.removed, put, delta.next_order).map_err(|ipa| RebuildError::BadRecord {
             ipa,
             why: "a change the snapshot cannot take (removes what it lacks, or overlaps)",
@@ -583,7 +589,11 @@ mod tests {
         let snapshot = HandedRecords {
             seq: 3,
             next_order: 3,
-            mappings: vec![handed(GPA, PAGE_SIZE, 0), handed(GPA + PAGE_SIZE, PAGE_SIZE, 1), handed(GPA + (2 << 20), 2 << 20, 2)],
+            mappings: vec![
+                handed(GPA, PAGE_SIZE, 0),
+                handed(GPA + PAGE_SIZE, PAGE_SIZE, 1),
+                handed(GPA + (2 << 20), 2 << 20, 2),
+            ],
             free: vec![(Pa::new(0x1000_0000), 16 * PAGE_SIZE)],
         };
         let warm = check_handed(&vm, snapshot.clone()).unwrap().adopt_snapshot(&vm);
@@ -602,8 +612,8 @@ mod tests {
             mappings: vec![handed(GPA, PAGE_SIZE, 0), handed(GPA + 0x5000, PAGE_SIZE, 4)],
             free: vec![(Pa::new(0x1000_1000), 15 * PAGE_SIZE)],
         };
-        let delta = HandedDelta::between(&snapshot, drained.clone());
-        let r = warm.amend(&vm, delta).unwrap();
+        let delta = HandedDelta::between(&snapshot, &drained);
+        let r = warm.amend(&vm, delta).unwrap().adopted(&vm);
         assert_eq!((r.mappings, r.bytes, r.pool_pages_held), (2, 2 * PAGE_SIZE, 1));
         // Exactly the old daemon's records, pins and all.
         let now = vm.mapping.handed_records();
@@ -622,7 +632,10 @@ mod tests {
         let put = |m: HandedMapping| HandedDelta { seq: 4, next_order: 9, put: vec![m], ..HandedDelta::default() };
         let cases: Vec<(HandedDelta, &str)> = vec![
             // Removes what the snapshot lacks.
-            (HandedDelta { next_order: 9, removed: vec![Ipa::new(GPA + 0x9000)], ..HandedDelta::default() }, "cannot take"),
+            (
+                HandedDelta { next_order: 9, removed: vec![Ipa::new(GPA + 0x9000)], ..HandedDelta::default() },
+                "cannot take",
+            ),
             // Overlaps the 2 MiB block from below, and from inside it.
             (put(handed(GPA, 2 << 20, 5)), "cannot take"),
             (put(handed(GPA + (2 << 20) + PAGE_SIZE, PAGE_SIZE, 5)), "cannot take"),
@@ -636,12 +649,16 @@ mod tests {
         ];
         for (delta, why) in cases {
             let (vm, _, warm) = warm_vm();
-            let err = warm.amend(&vm, delta).expect_err(why);
+            let err = warm.amend(&vm, delta).map(|_| ()).expect_err(why);
             assert!(err.to_string().contains(why), "{why}: {err}");
             assert_eq!((vm.mapping.mapping_count(), vm.mapping.pins().total()), (0, 0), "{why}: nothing kept");
             assert_eq!(vm.mapping.resident(), 0, "{why}");
             assert!(!vm.mapping.is_populated(0, 0, 4 << 20), "{why}");
-            assert_eq!(vm.mapping.take_table_pages(64), Some((Pa::new(0x1000_0000), 16)), "{why}: the pool as attached");
+            assert_eq!(
+                vm.mapping.take_table_pages(64),
+                Some((Pa::new(0x1000_0000), 16)),
+                "{why}: the pool as attached"
+            );
         }
     }
 }

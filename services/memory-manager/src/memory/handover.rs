@@ -138,10 +138,10 @@ pub struct HandedDelta {
 impl HandedDelta {
     /// What turns `snapshot` into `now` (both in IPA order, as
     /// [`HandedRecords`] are): one walk over the two.
-    pub fn between(snapshot: &HandedRecords, now: HandedRecords) -> Self {
-        let mut delta = Self { seq: now.seq, next_order: now.next_order, free: now.free, ..Self::default() };
+    pub fn between(snapshot: &HandedRecords, now: &HandedRecords) -> Self {
+        let mut delta = Self { seq: now.seq, next_order: now.next_order, free: now.free.clone(), ..Self::default() };
         let mut before = snapshot.mappings.iter().peekable();
-        for m in now.mappings {
+        for &m in &now.mappings {
             // The snapshot's mappings below this one are gone.
             while let Some(old) = before.next_if(|old| old.ipa.raw() < m.ipa.raw()) {
                 delta.removed.push(old.ipa);
@@ -152,6 +152,11 @@ impl HandedDelta {
         }
         delta.removed.extend(before.map(|old| old.ipa));
         delta
+    }
+
+    /// How many mappings it puts or removes.
+    pub fn changes(&self) -> usize {
+        self.put.len() + self.removed.len()
     }
 
     /// Encodes the delta into `out` as it is walked.
@@ -171,7 +176,13 @@ impl HandedDelta {
     /// read from `input`.
     pub fn decode_from(input: &mut impl Read, len: u64) -> Result<Self, HandoverDecodeError> {
         let read = Decoded::read(input, len, DELTA_MAGIC)?;
-        Ok(Self { seq: read.seq, next_order: read.next_order, put: read.mappings, removed: read.removed, free: read.free })
+        Ok(Self {
+            seq: read.seq,
+            next_order: read.next_order,
+            put: read.mappings,
+            removed: read.removed,
+            free: read.free,
+        })
     }
 
     /// Decodes a delta [`HandedDelta::encode`] wrote.
@@ -332,15 +343,15 @@ mod tests {
             mappings: vec![at(0x1000, 0xa000, 0), at(0x3000, 0xc000, 5), at(0x4000, 0xd000, 4), at(0x9000, 0xf000, 6)],
             free: vec![(Pa::new(0x10_0000), 4096)],
         };
-        let delta = HandedDelta::between(&snapshot, now.clone());
+        let delta = HandedDelta::between(&snapshot, &now);
         assert_eq!(delta.put, vec![at(0x3000, 0xc000, 5), at(0x4000, 0xd000, 4), at(0x9000, 0xf000, 6)]);
         assert_eq!(delta.removed, vec![Ipa::new(0x2000), Ipa::new(0x5000)]);
         assert_eq!((delta.seq, delta.next_order, delta.free.clone()), (5, 7, now.free.clone()));
         // Nothing changed: nothing to put or remove.
-        let same = HandedDelta::between(&now, now.clone());
+        let same = HandedDelta::between(&now, &now);
         assert!(same.put.is_empty() && same.removed.is_empty());
         // Everything gone.
-        let gone = HandedDelta::between(&snapshot, HandedRecords::default());
+        let gone = HandedDelta::between(&snapshot, &HandedRecords::default());
         assert_eq!(gone.removed.len(), 4);
         assert_eq!(HandedDelta::decode(&delta.encode()), Ok(delta));
     }
