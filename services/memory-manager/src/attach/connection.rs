@@ -694,8 +694,6 @@ fn contained(serve: impl FnOnce()) {
     }
 }
 
-/// Makes a re-attached VM's swap stores agree with its memory (a reclaim
-/// cut short by a crash left a page in both, or only in the store).
 /// Changes handed over while a VM is still served, at most, before its drain.
 const CHANGE_ROUNDS: u32 = 3;
 /// A change this small is left for after the drain (a few microseconds a
@@ -795,6 +793,8 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
     Ok(HandedState::Warm(adopted.map(|warm| Rebuilt { elapsed: started.elapsed(), ..warm.adopted(vm) })))
 }
 
+/// Makes a re-attached VM's swap stores agree with its memory (a reclaim
+/// cut short by a crash left a page in both, or only in the store).
 fn recover_stores(vm: &AttachedVm) -> Result<(), String> {
     for (i, r) in vm.layout.regions.iter().enumerate() {
         let recovered = r.recover_store().map_err(|e| format!("region {i}'s swap store: {e}"))?;
