@@ -31,6 +31,7 @@ use super::takeover::{
 };
 use super::validate::{refuse, Refusal};
 use crate::fault::failpoint::panic_point;
+use crate::link::background::run_in_background;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
 use crate::link::rebuild::{check_handed, rebuild, Rebuilt, WarmRecords};
@@ -759,19 +760,16 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
         Handed::Drained(records) => return Ok(HandedState::Drained(records)),
         Handed::Warm(snapshot, delta) => (snapshot, delta),
     };
-    let mut adopted = match snapshot.map(|s| check_handed(vm, s)) {
+    // Adopted beside the old daemon still serving the VM, on the same
+    // cores: in the background, so the faults it serves meanwhile come
+    // first. Waiting for what comes next is not: the last change, which the
+    // guests wait for, is taken at once.
+    let background = || format!("vm{}-adopt", vm.id().raw());
+    let mut adopted = run_in_background(background(), || match snapshot.map(|s| check_handed(vm, s)) {
         Some(Ok(checked)) => Ok(checked.adopt_snapshot(vm)),
         Some(Err(e)) => Err(format!("the snapshot does not fit the VM: {e}")),
         None => Err("the snapshot could not be read".to_string()),
-    };
-    let amend = |adopted: Result<WarmRecords, String>, change: Option<HandedDelta>, why: &str| match (adopted, change) {
-        (Ok(warm), Some(change)) => warm.amend(vm, change).map_err(|e| format!("a change does not fit: {e}")),
-        (Ok(warm), None) => {
-            warm.undo(vm);
-            Err(why.to_string())
-        }
-        (Err(e), _) => Err(e),
-    };
+    });
     // Each change while the VM is still served, adopted in turn, then the
     // last, after its drain. Not this daemon's VM if the exchange breaks:
     // what was adopted goes with it.
@@ -779,7 +777,7 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
     let last = loop {
         match pending.ready()? {
             Change::Served(change, next) => {
-                adopted = amend(adopted, change, "a change could not be read");
+                adopted = run_in_background(background(), || amend(vm, adopted, change, "a change could not be read"));
                 pending = next;
             }
             Change::Drained(last) => break last,
@@ -789,8 +787,27 @@ fn receive_state(vm: &AttachedVm, pending: PendingState) -> Result<HandedState, 
         info!(put = d.put.len(), removed = d.removed.len(), "the old daemon's last change arrived");
     }
     let started = std::time::Instant::now();
-    let adopted = amend(adopted, last, "the old daemon sent no change (commands were in flight at the drain's end)");
+    let why = "the old daemon sent no change (commands were in flight at the drain's end)";
+    let adopted = amend(vm, adopted, last, why);
     Ok(HandedState::Warm(adopted.map(|warm| Rebuilt { elapsed: started.elapsed(), ..warm.adopted(vm) })))
+}
+
+/// Amends what a warm takeover adopted so far with `change` (None: it could
+/// not be read, `why`, and all is let go for a rebuild from the core).
+fn amend(
+    vm: &AttachedVm,
+    adopted: Result<WarmRecords, String>,
+    change: Option<HandedDelta>,
+    why: &str,
+) -> Result<WarmRecords, String> {
+    match (adopted, change) {
+        (Ok(warm), Some(change)) => warm.amend(vm, change).map_err(|e| format!("a change does not fit: {e}")),
+        (Ok(warm), None) => {
+            warm.undo(vm);
+            Err(why.to_string())
+        }
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// Makes a re-attached VM's swap stores agree with its memory (a reclaim

@@ -23,16 +23,7 @@ pub enum ApiPriority {
 pub fn apply_to_current_thread(priority: ApiPriority) -> std::io::Result<()> {
     match priority {
         ApiPriority::Normal => Ok(()),
-        ApiPriority::Low => {
-            // SAFETY: setpriority takes plain integers; `who` = 0 is the
-            // calling thread on Linux (nice values are per thread).
-            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        }
+        ApiPriority::Low => crate::link::background::renice_current_thread(19),
         ApiPriority::Idle => {
             let param = libc::sched_param { sched_priority: 0 };
             // SAFETY: `param` is a valid sched_param that outlives the call;

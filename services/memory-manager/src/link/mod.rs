@@ -6,6 +6,7 @@
 //! takes it over, drained to a fault boundary ([`winddown`]).
 
 pub mod access;
+pub mod background;
 pub mod control;
 pub mod dirty;
 pub mod evict;
