@@ -435,31 +435,39 @@ impl HandoverSink {
     /// staged and is still served), then waits until the new daemon says it
     /// adopted them, or [`READY_PATIENCE`]; false if it did not say so.
     pub fn snapshot(&self, vm_id: u16, records: &HandedRecords) -> std::io::Result<bool> {
-        let ready = self.ready.as_ref().ok_or_else(|| std::io::Error::other("the takeover is not warm"))?;
-        let memfd = sealed_memfd(|w| records.encode_to(w))?;
-        self.send(MsgKind::HandoverState, &state_payload(vm_id, STATE_SNAPSHOT | STATE_RECORDS), &[memfd.as_fd()])?;
-        Ok(ready.wait(vm_id, READY_PATIENCE))
+        self.state_while_served(vm_id, STATE_SNAPSHOT, &|w| records.encode_to(w))
     }
 
     /// Warm: hands over what changed in a VM still served since its last
     /// snapshot or change went, then waits as [`HandoverSink::snapshot`]
     /// does.
     pub fn changed(&self, vm_id: u16, delta: &HandedDelta) -> std::io::Result<bool> {
+        self.state_while_served(vm_id, STATE_SNAPSHOT | STATE_DELTA, &|w| delta.encode_to(w))
+    }
+
+    /// Warm: a HANDOVER_STATE of a VM still served, then the wait for the
+    /// new daemon's READY ([`HandoverSink::snapshot`]).
+    fn state_while_served(&self, vm_id: u16, flags: u32, encode: Encode<'_>) -> std::io::Result<bool> {
         let ready = self.ready.as_ref().ok_or_else(|| std::io::Error::other("the takeover is not warm"))?;
-        let memfd = sealed_memfd(|w| delta.encode_to(w))?;
-        let flags = STATE_SNAPSHOT | STATE_DELTA | STATE_RECORDS;
-        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &[memfd.as_fd()])?;
+        self.send_state(vm_id, flags, Some(encode))?;
         Ok(ready.wait(vm_id, READY_PATIENCE))
+    }
+
+    /// Sends a VM's HANDOVER_STATE with `flags`, and with what `encode`
+    /// writes in a sealed memfd ([`STATE_RECORDS`]) if there is anything.
+    fn send_state(&self, vm_id: u16, flags: u32, encode: Option<Encode<'_>>) -> std::io::Result<()> {
+        let memfd = encode.map(sealed_memfd).transpose()?;
+        let flags = flags | if memfd.is_some() { STATE_RECORDS } else { 0 };
+        let fds: Vec<BorrowedFd<'_>> = memfd.iter().map(|f| f.as_fd()).collect();
+        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &fds)
     }
 
     /// Warm: a VM whose snapshot went is drained: hands over what changed
     /// since the last snapshot or change (None: the new daemon rebuilds
     /// from the core).
     pub fn delta(&self, vm_id: u16, delta: Option<&HandedDelta>) -> std::io::Result<()> {
-        let memfd = delta.map(|d| sealed_memfd(|w| d.encode_to(w))).transpose()?;
-        let flags = STATE_DELTA | if memfd.is_some() { STATE_RECORDS } else { 0 };
-        let fds: Vec<BorrowedFd<'_>> = memfd.iter().map(|f| f.as_fd()).collect();
-        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &fds)
+        let encode = delta.map(|d| move |w: &mut Writer<'_>| d.encode_to(w));
+        self.send_state(vm_id, STATE_DELTA, encode.as_ref().map(|e| e as Encode<'_>))
     }
 
     fn send(&self, kind: MsgKind, payload: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -490,10 +498,8 @@ impl HandoverSink {
     /// A staged VM is drained: hands over its mapping records (None: the
     /// new daemon rebuilds them from the core).
     pub fn state(&self, vm_id: u16, records: Option<&HandedRecords>) -> std::io::Result<()> {
-        let memfd = records.map(|r| sealed_memfd(|w| r.encode_to(w))).transpose()?;
-        let flags = if memfd.is_some() { STATE_RECORDS } else { 0 };
-        let fds: Vec<BorrowedFd<'_>> = memfd.iter().map(|f| f.as_fd()).collect();
-        self.send(MsgKind::HandoverState, &state_payload(vm_id, flags), &fds)
+        let encode = records.map(|r| move |w: &mut Writer<'_>| r.encode_to(w));
+        self.send_state(vm_id, 0, encode.as_ref().map(|e| e as Encode<'_>))
     }
 
     /// Ends the handover.
@@ -518,8 +524,13 @@ fn state_payload(vm_id: u16, flags: u32) -> Vec<u8> {
     [u32::from(vm_id), flags].iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// What records and deltas are written into a memfd through.
+type Writer<'f> = std::io::BufWriter<&'f File>;
+/// Writes records or a delta.
+type Encode<'a> = &'a dyn Fn(&mut Writer<'_>) -> std::io::Result<()>;
+
 /// A sealed memfd holding what `write` writes (records or a delta).
-fn sealed_memfd(write: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>) -> std::io::Result<File> {
+fn sealed_memfd(write: impl FnOnce(&mut Writer<'_>) -> std::io::Result<()>) -> std::io::Result<File> {
     let memfd = memfd::MemfdOptions::default()
         .allow_sealing(true)
         .close_on_exec(true)

@@ -274,16 +274,27 @@ fn check_free(windows: &[(Pa, u64)], free: &[(Pa, u64)]) -> Result<u64, RebuildE
     Ok((pool_bytes - free.iter().map(|&(_, b)| b).sum::<u64>()) / PAGE_SIZE)
 }
 
-/// Pins a checked mapping and marks its pages populated: what to record.
-fn adopted(vm: &AttachedVm, m: &HandedMapping, seq: u64) -> Option<(Ipa, Installed)> {
+/// Pins a checked mapping: what to record, and where its pages are (to
+/// mark them populated, [`populated`]).
+fn adopted(vm: &AttachedVm, m: &HandedMapping, seq: u64) -> Option<((Ipa, Installed), Backing)> {
     // Checked: in a memslot, placed inside its region (pinning cannot fail).
     let placed = vm.layout.memslots.lookup(m.ipa).and_then(|slot| placed(vm, slot, m.ipa, m.size, m.pa).ok());
     let (size, backing) = placed?;
-    if !vm.layout.regions[backing.region].device {
-        vm.mapping.mark_populated(backing.region, backing.offset, size.bytes());
-    }
     let installed = pinned(vm, size, backing, seq).ok()?;
-    Some((m.ipa, Installed { order: m.order, ..installed }))
+    Some(((m.ipa, Installed { order: m.order, ..installed }), backing))
+}
+
+/// Marks (or clears) the `bytes` at `backing` as holding data, unless they
+/// are device memory.
+fn populated(vm: &AttachedVm, backing: Backing, bytes: u64, holds_data: bool) {
+    if vm.layout.regions[backing.region].device {
+        return;
+    }
+    if holds_data {
+        vm.mapping.mark_populated(backing.region, backing.offset, bytes);
+    } else {
+        vm.mapping.clear_populated(backing.region, backing.offset, bytes);
+    }
 }
 
 impl CheckedRecords {
@@ -292,7 +303,12 @@ impl CheckedRecords {
     /// until this returns).
     pub fn adopt(self, vm: &AttachedVm, mut held: HeldRecords<'_>) -> Rebuilt {
         let seq = self.records.seq;
-        held.adopt(self.records.mappings.iter().filter_map(|m| adopted(vm, m, seq)).collect());
+        let adopt = |m| {
+            let (mapping, backing) = adopted(vm, m, seq)?;
+            populated(vm, backing, mapping.1.size.bytes(), true);
+            Some(mapping)
+        };
+        held.adopt(self.records.mappings.iter().filter_map(adopt).collect());
         held.release(self.records.next_order);
         Rebuilt { elapsed: self.started.elapsed(), ..self.done }
     }
@@ -343,26 +359,29 @@ impl WarmRecords {
             check_mapping(vm, m, &mut next_min, delta.next_order)?;
         }
         let held = check_free(&self.windows, &delta.free)?;
-        let put = delta.put.iter().filter_map(|m| adopted(vm, m, delta.seq)).collect();
-        // (Marked populated again below: what goes may overlap them.)
+        let (put, backings): (Vec<_>, Vec<_>) = delta
+            .put
+            .iter()
+            .filter_map(|m| adopted(vm, m, delta.seq))
+            .map(|(mapping, backing)| {
+                let bytes = mapping.1.size.bytes();
+                (mapping, (backing, bytes))
+            })
+            .unzip();
         let gone = vm.mapping.amend(&delta.removed, put, delta.next_order).map_err(|ipa| RebuildError::BadRecord {
             ipa,
             why: "a change the snapshot cannot take (removes what it lacks, or overlaps)",
         })?;
         // A mapping that went may have been reclaimed (its backing punched,
-        // the page in the swap store): its next fault must fill it. The
-        // ones put since are marked again.
+        // the page in the swap store): its next fault must fill it. Then
+        // the ones put (which may overlap what went) are marked.
         for (ipa, bytes) in gone {
-            let backing = vm.layout.memslots.lookup(ipa).and_then(|slot| vm.layout.backing(slot, ipa));
-            if let Some(b) = backing.filter(|b| !vm.layout.regions[b.region].device) {
-                vm.mapping.clear_populated(b.region, b.offset, bytes);
+            if let Some(backing) = vm.layout.memslots.lookup(ipa).and_then(|slot| vm.layout.backing(slot, ipa)) {
+                populated(vm, backing, bytes, false);
             }
         }
-        for m in &delta.put {
-            let backing = vm.layout.memslots.lookup(m.ipa).and_then(|slot| vm.layout.backing(slot, m.ipa));
-            if let Some(b) = backing.filter(|b| !vm.layout.regions[b.region].device) {
-                vm.mapping.mark_populated(b.region, b.offset, m.size);
-            }
+        for (backing, bytes) in backings {
+            populated(vm, backing, bytes, true);
         }
         vm.mapping.replace_pool(PagePool::new(delta.free));
         vm.mapping.note_seq(delta.seq);

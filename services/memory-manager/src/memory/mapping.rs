@@ -118,7 +118,9 @@ impl HeldRecords<'_> {
     /// faults are served beside it).
     pub fn adopt(&mut self, all: Vec<(Ipa, Installed)>) {
         if !self.mappings.is_empty() {
-            all.into_iter().for_each(|(ipa, installed)| self.state.put(&mut self.mappings, ipa, installed));
+            for (ipa, installed) in all {
+                self.state.put(&mut self.mappings, ipa, installed);
+            }
             return;
         }
         self.state.fill(&mut self.mappings, all);
@@ -412,12 +414,14 @@ impl MappingState {
     }
 
     /// Puts a mapping in `mappings` (the records, locked), replacing one at
-    /// the same IPA, and keeps resident bytes in step.
-    fn put(&self, mappings: &mut BTreeMap<u64, Installed>, ipa: Ipa, installed: Installed) {
+    /// the same IPA (returned), and keeps resident bytes in step.
+    fn put(&self, mappings: &mut BTreeMap<u64, Installed>, ipa: Ipa, installed: Installed) -> Option<Installed> {
         self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-        if let Some(old) = mappings.insert(ipa.raw(), installed) {
+        let old = mappings.insert(ipa.raw(), installed);
+        if let Some(old) = &old {
             self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
         }
+        old
     }
 
     /// Reconciles an unmap or write-protect the core executed over
@@ -471,9 +475,7 @@ impl MappingState {
             if below || above {
                 return Err(ipa);
             }
-            self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-            if let Some(old) = mappings.insert(start, installed) {
-                self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+            if let Some(old) = self.put(&mut mappings, ipa, installed) {
                 gone.push((ipa, old.size.bytes()));
             }
         }
