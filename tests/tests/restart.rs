@@ -308,10 +308,11 @@ fn panic_in_one_vm(point: &str, let_go: &str, while_paused: bool) {
         assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "vm{vm}'s RAM intact");
         assert_eq!(summary["injected"].as_u64(), Some(0), "vm{vm}: no fault failed");
         assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0), "vm{vm}");
-        assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "vm{vm}: records == core");
+        assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "vm{vm}: records == core: {stderr}\n{}", daemon.log());
         stalls.push(summary["stalls"]["count"].as_u64().unwrap());
     }
     let log = daemon.log();
+    eprintln!("DEBUGLOG\n{log}");
     assert!(log.contains(&panicked), "the panic point was not reached: {log}");
     stalls.sort_unstable();
     assert_eq!(stalls, [0, 1], "exactly one VM was let go and came back: {log}");

@@ -54,6 +54,12 @@ pub trait RingService: Send {
     fn doorbell(&self) -> RingView<'_>;
     /// Commands sent whose results have not been read.
     fn in_flight(&self) -> usize;
+    /// Ends the service: its next [`RingService::serve`] settles what is
+    /// on its ring and finishes, however much the ring still holds. The
+    /// pool calls it when [`ServicePool::serve`]'s body unwinds, before it
+    /// takes the services back (they would otherwise serve on for as long
+    /// as their vCPUs fault).
+    fn stop(&self);
 }
 
 /// Records served from one ring before the pass moves on to the next.
@@ -191,7 +197,8 @@ impl ServicePool {
     /// Serves `services` (their fault rings sleeping at most `slice`) while
     /// `body` runs, then takes them back: removes them from the pool, then
     /// runs each unfinished one once more on this thread (a stopped service
-    /// settles the results on its ring). Returns what `body` returned and
+    /// settles the results on its ring; `body` stops them, or, if it
+    /// unwinds, the pool does). Returns what `body` returned and
     /// each service's commands still in flight.
     pub fn serve<'s, S: RingService + 's, R>(
         &self,
@@ -262,6 +269,8 @@ impl Lease<'_> {
     }
 
     fn take_back(&mut self) -> Vec<usize> {
+        // Returning, the body ended its services; unwinding, it did not.
+        let unwinding = std::thread::panicking();
         {
             let mut listed = self.shared.members.write().unwrap_or_else(|e| e.into_inner());
             listed.retain(|m| !self.members.iter().any(|mine| Arc::ptr_eq(m, mine)));
@@ -277,6 +286,9 @@ impl Lease<'_> {
                 let mut service = unsafe { Box::from_raw(lent.0.as_ptr()) };
                 if m.is_finished() {
                     return m.in_flight.load(Ordering::Relaxed);
+                }
+                if unwinding {
+                    service.stop();
                 }
                 loop {
                     match service.serve(u32::MAX) {
@@ -518,6 +530,10 @@ mod tests {
         fn in_flight(&self) -> usize {
             usize::from(self.awaiting)
         }
+
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
+        }
     }
 
     fn wait_until(what: &str, done: impl Fn() -> bool) {
@@ -544,6 +560,10 @@ mod tests {
 
         fn in_flight(&self) -> usize {
             (**self).in_flight()
+        }
+
+        fn stop(&self) {
+            (**self).stop()
         }
     }
 
@@ -574,6 +594,10 @@ mod tests {
 
         fn in_flight(&self) -> usize {
             0
+        }
+
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
         }
     }
 
@@ -657,7 +681,7 @@ mod tests {
     #[test]
     fn services_are_given_back_even_when_the_body_panics() {
         let ring = OwnedRing::new();
-        let (log, done) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let (log, done, done_after) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicBool::new(false));
         let pool = ServicePool::start(1, policy(100)).unwrap();
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let service = Logging {
@@ -671,14 +695,73 @@ mod tests {
         }));
         assert!(unwound.is_err());
         assert!(pool.shared.members.read().unwrap().is_empty(), "unlisted while unwinding");
+        assert!(done.load(Ordering::Acquire), "stopped before it was taken back");
         // The pool goes on serving others.
         Producer::attach(ring.view()).unwrap().push(&Record([1; 8])).unwrap();
-        let service =
-            Logging { id: 1, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, awaiting: false };
+        let service = Logging {
+            id: 1,
+            ring: Consumer::attach(ring.view()).unwrap(),
+            log: &log,
+            done: &done_after,
+            awaiting: false,
+        };
         pool.serve(vec![service], Duration::from_millis(5), |_| {
             wait_until("served after the panic", || !log.lock().unwrap().is_empty());
         });
         assert_eq!(*log.lock().unwrap(), [(1, 1)]);
+    }
+
+    #[test]
+    fn a_busy_service_is_stopped_not_served_on_when_the_body_panics() {
+        // A vCPU that keeps faulting while its connection unwinds: taken
+        // back unstopped, its service would be served on the unwinding
+        // thread for as long as it faults (the VM never let go). Stopped,
+        // it finishes at the first call there.
+        let ring = OwnedRing::new();
+        let (log, done, unwinding_calls) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicU32::new(0));
+        let pool = ServicePool::start(1, policy(100)).unwrap();
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let endless = Endless { ring: &ring, log: &log, done: &done, served: 0 };
+            let service = Bounded { inner: endless, owner: std::thread::current().id(), calls: &unwinding_calls };
+            pool.serve(vec![service], Duration::from_millis(5), |_| {
+                wait_until("served", || !log.lock().unwrap().is_empty());
+                panic!("the connection's body failed");
+            });
+        }));
+        assert!(unwound.is_err());
+        assert!(done.load(Ordering::Acquire), "stopped");
+        assert_eq!(unwinding_calls.load(Ordering::Relaxed), 1, "served on while unwinding");
+    }
+
+    /// [`Endless`], a batch at most a call, counting the calls made on its
+    /// `owner` thread (the pool's are not), and finishing after 256 of
+    /// them (a broken stop must fail the test, not hang it).
+    struct Bounded<'r> {
+        inner: Endless<'r>,
+        owner: std::thread::ThreadId,
+        calls: &'r AtomicU32,
+    }
+
+    impl RingService for Bounded<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            if std::thread::current().id() == self.owner && self.calls.fetch_add(1, Ordering::Relaxed) >= 256 {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            // Taking a service back asks for u32::MAX records.
+            self.inner.serve(budget.min(BATCH))
+        }
+
+        fn doorbell(&self) -> RingView<'_> {
+            self.inner.doorbell()
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+
+        fn stop(&self) {
+            self.inner.stop()
+        }
     }
 
     #[test]
@@ -733,6 +816,10 @@ mod tests {
 
         fn in_flight(&self) -> usize {
             0
+        }
+
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
         }
     }
 
@@ -789,6 +876,10 @@ mod tests {
         fn in_flight(&self) -> usize {
             0
         }
+
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
+        }
     }
 
     /// A service that takes what is on its ring and then, while `closed`
@@ -829,6 +920,10 @@ mod tests {
 
         fn in_flight(&self) -> usize {
             0
+        }
+
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
         }
     }
 

@@ -88,6 +88,12 @@ impl RingService for VcpuService<'_, '_> {
     fn in_flight(&self) -> usize {
         self.pending.len()
     }
+
+    /// Stops the whole VM's service (its [`Winddown`]): a VM whose
+    /// connection unwinds is let go.
+    fn stop(&self) {
+        self.end.stop();
+    }
 }
 
 impl<'r, 'v> VcpuService<'r, 'v> {
