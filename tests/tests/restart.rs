@@ -308,11 +308,15 @@ fn panic_in_one_vm(point: &str, let_go: &str, while_paused: bool) {
         assert_eq!(summary["ram_digest"].as_u64().unwrap(), flat.ram_digest(), "vm{vm}'s RAM intact");
         assert_eq!(summary["injected"].as_u64(), Some(0), "vm{vm}: no fault failed");
         assert_eq!(summary["detach"]["pins_remaining"].as_u64(), Some(0), "vm{vm}");
-        assert_eq!(summary["detach"]["pages_released"], summary["core_backing_pages"], "vm{vm}: records == core: {stderr}\n{}", daemon.log());
+        assert_eq!(
+            summary["detach"]["pages_released"],
+            summary["core_backing_pages"],
+            "vm{vm}: records == core: {stderr}\n{}",
+            daemon.log()
+        );
         stalls.push(summary["stalls"]["count"].as_u64().unwrap());
     }
     let log = daemon.log();
-    eprintln!("DEBUGLOG\n{log}");
     assert!(log.contains(&panicked), "the panic point was not reached: {log}");
     stalls.sort_unstable();
     assert_eq!(stalls, [0, 1], "exactly one VM was let go and came back: {log}");
@@ -342,6 +346,13 @@ async fn killed_after_a_fault_is_popped_and_before_its_map_is_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_a_map_is_sent_and_before_its_result_is_read() {
     crash_at("map-sent", 300, 12, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_when_the_machine_asks_to_detach() {
+    // The machine re-attaches to detach; the successor rebuilds its records
+    // over the control ring, which the machine serves until it is detached.
+    crash_at("detach-asked", 1, 17, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,7 +286,12 @@ impl<'f> Session<'f> {
                     let sent = send_message(conn.as_fd(), &crate::encode_detach(), &[]);
                     let sent = sent.map_err(|cause| SessionError::Io { what: "sending detach", cause });
                     match sent.and_then(|()| read_reply(&conn)) {
-                        Ok(reply) => return Ok(reply),
+                        Ok(reply) if reply.status == Status::Ok => return Ok(reply),
+                        // Not a report: a daemon that took the VM back and
+                        // then refused it (its records did not fit the core).
+                        Ok(reply) => {
+                            return Err(SessionError::Refused { status: reply.status, message: reply.message })
+                        }
                         Err(e) => {
                             warn!(cause = %e, "the daemon went away during detach");
                             Instant::now()
@@ -368,6 +373,35 @@ mod tests {
             let (_conn, looked) = daemon.join().unwrap();
             assert!(looked >= 3, "re-attached after {looked} looks at the rings");
             assert_eq!(session.stalls().count, 1);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_detach_answered_by_a_refusal_is_an_error_not_a_report() {
+        let dir = std::env::temp_dir().join(format!("faultline-session-detach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("attach.sock");
+        let listener = listen(&path).unwrap();
+        std::thread::scope(|s| {
+            let daemon = s.spawn(|| {
+                let (first, _) = answer(&listener);
+                // Asked to detach, the daemon dies without a report.
+                let detach = recv_message(first.as_fd()).unwrap().unwrap();
+                assert_eq!(decode_header(&detach.bytes).unwrap().0, MsgKind::Detach);
+                drop(first);
+                // Its successor takes the VM back, then refuses it: that
+                // reply (values all 0) is what the detach reads next.
+                let (second, req) = answer(&listener);
+                assert_ne!(req.flags & crate::ATTACH_REATTACH, 0);
+                let refused = Reply { status: Status::Mismatch, message: "records do not fit".into(), values: [0; 3] };
+                send_message(second.as_fd(), &refused.encode(), &[]).unwrap();
+                second
+            });
+            let session = Session::attach(&path, request(), Vec::new(), Duration::from_secs(30)).unwrap();
+            let detached = session.detach();
+            assert!(matches!(detached, Err(SessionError::Refused { status: Status::Mismatch, .. })), "{detached:?}");
+            drop(daemon.join().unwrap());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

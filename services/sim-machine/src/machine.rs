@@ -314,9 +314,13 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         layout,
         lines: lines.as_deref(),
     };
+    // The control ring is served until the VM is detached: a daemon that
+    // goes away during the detach is re-attached to, and its successor
+    // rebuilds its records from the core over this ring.
+    let control_stop = AtomicBool::new(false);
     let results = std::thread::scope(|s| {
         let control = {
-            let (core, shared, stop) = (&core, &shared, &stop);
+            let (core, shared, stop) = (&core, &shared, &control_stop);
             s.spawn(move || serve_control(core, shared, n, wait, stop))
         };
         let supervisor = {
@@ -359,13 +363,24 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             let _ = std::io::stdin().read_line(&mut String::new());
         }
         stop_all(&stop, &kicks, &shared, n);
-        let _ = control.join();
         let supervised = supervisor.join().unwrap_or(Ok(()));
-        (results, supervised, phase_longest, run_ms)
+        // What the daemon's records must agree with (the core's tables),
+        // then the detach and the daemon's report (from a daemon that took
+        // the VM back, if its own went away).
+        let detached = supervised.map_err(anyhow::Error::from).and_then(|()| {
+            let tables = CoreTables::walk(&core.lock().unwrap_or_else(|e| e.into_inner()), &layout)?;
+            Ok((tables, session.detach().context("detaching")?))
+        });
+        control_stop.store(true, Ordering::Release);
+        if let Some(view) = shared.ring(n, RingKind::Command) {
+            faultline_attach::doorbell::wake(&view);
+        }
+        let _ = control.join();
+        (results, detached, phase_longest, run_ms)
     });
-    let (results, supervised, phase_longest, run_ms) = results;
+    let (results, detached, phase_longest, run_ms) = results;
     let (phase_longest_fault_ns, phase_slowest_fault) = phase_longest.into_iter().unzip();
-    supervised?;
+    let (tables, reply) = detached?;
     let mut summary = Summary {
         vm_id: config.vm_id,
         vcpus: n,
@@ -386,8 +401,8 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         detach: None,
         stalls: Stalls::default(),
         waits: waits.read(),
-        core_leaves: 0,
-        core_backing_pages: 0,
+        core_leaves: tables.leaves,
+        core_backing_pages: tables.backing_pages,
         latencies_ns: None,
         phase_longest_fault_ns,
         phase_slowest_fault,
@@ -414,22 +429,6 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     if config.keep_latencies {
         summary.latencies_ns = Some(ram_latencies);
     }
-    // What the daemon's records must agree with: the core's tables.
-    {
-        let c = core.lock().unwrap_or_else(|e| e.into_inner());
-        let (ram_pa, ram_page) = (RAM_PA, layout.ram_page_size);
-        let mut count = |_: Ipa, level: u8, d: hyp_core::stage2::Descriptor| {
-            let bytes = hyp_core::stage2::MapSize::from_level(level).map_or(4096, |s| s.bytes());
-            let pa = d.output().raw();
-            let page = if (ram_pa..ram_pa + layout.ram_size).contains(&pa) { ram_page } else { 4096 };
-            summary.core_leaves += 1;
-            summary.core_backing_pages += bytes.div_ceil(page);
-        };
-        c.vm.stage2().for_each_leaf(&mut count).map_err(|e| anyhow::anyhow!("walking the core's tables: {e:?}"))?;
-    }
-    // Detach and collect the daemon's report (from a daemon that took the
-    // VM back, if its own went away).
-    let reply = session.detach().context("detaching")?;
     summary.stalls = session.stalls();
     summary.detach = Some(DetachReport {
         pages_released: reply.values[0],
@@ -469,6 +468,29 @@ pub(crate) fn table_pool_region() -> RegionDesc {
         page_size: 4096,
         fd_index: NO_FD,
         fd_offset: 0,
+    }
+}
+
+/// What the core's stage-2 tables map: what the daemon's records must
+/// agree with.
+struct CoreTables {
+    leaves: u64,
+    /// Backing pages (of the RAM's page size in RAM, 4 KiB elsewhere).
+    backing_pages: u64,
+}
+
+impl CoreTables {
+    fn walk(core: &CoreState, layout: &Layout) -> anyhow::Result<Self> {
+        let mut tables = Self { leaves: 0, backing_pages: 0 };
+        let ram = RAM_PA..RAM_PA + layout.ram_size;
+        let mut count = |_: Ipa, level: u8, d: hyp_core::stage2::Descriptor| {
+            let bytes = hyp_core::stage2::MapSize::from_level(level).map_or(4096, |s| s.bytes());
+            let page = if ram.contains(&d.output().raw()) { layout.ram_page_size } else { 4096 };
+            tables.leaves += 1;
+            tables.backing_pages += bytes.div_ceil(page);
+        };
+        core.vm.stage2().for_each_leaf(&mut count).map_err(|e| anyhow::anyhow!("walking the core's tables: {e:?}"))?;
+        Ok(tables)
     }
 }
 

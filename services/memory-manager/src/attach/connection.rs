@@ -30,7 +30,7 @@ use super::takeover::{
     asks_for_takeover, Change, Handed, HandedVm, HandoverSink, PendingState, Takeover, TakeoverError,
 };
 use super::validate::{refuse, Refusal};
-use crate::fault::failpoint::panic_point;
+use crate::fault::failpoint::{crash_point, panic_point};
 use crate::link::background::run_in_background;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
@@ -659,7 +659,10 @@ impl AttachServer {
             }
             match recv_message(conn.as_fd()) {
                 Ok(Some(msg)) => match decode_header(&msg.bytes) {
-                    Ok((MsgKind::Detach, _)) => return Ending::Detached,
+                    Ok((MsgKind::Detach, _)) => {
+                        crash_point("detach-asked");
+                        return Ending::Detached;
+                    }
                     other => warn!(fd = conn.as_raw_fd(), ?other, "unexpected message while attached; ignored"),
                 },
                 Ok(None) | Err(_) => return Ending::Gone,
