@@ -13,8 +13,10 @@
 //! rounds): refaults, the workload's run time, host memory the guest
 //! takes (its memfd's allocated blocks, plus the swap store's where it is
 //! in memory; here it is on the disk the state directory is on) and what
-//! that frees against the baseline, and the monitor thread's CPU per GiB
-//! it samples.
+//! that frees against the baseline, the monitor thread's CPU per GiB
+//! it samples, the daemon's CPU time over the workload (all its threads:
+//! on a host whose cores the vCPUs fill, what reclaim costs shows up in
+//! the run time), and the machine's TLB misses.
 //!
 //! `cargo bench -p faultline-system-tests --bench working_set`
 //! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
@@ -47,6 +49,21 @@ struct Measured {
     evicted: f64,
     monitor_cpu_ns: f64,
     monitored_bytes: f64,
+    /// The daemon's CPU time (all its threads) over the workload.
+    daemon_cpu_ms: f64,
+    /// The machine's TLB misses (walks).
+    tlb_misses: f64,
+}
+
+/// CPU time process `pid` has used (user and system, all threads), in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon's stat");
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e3 / hz
 }
 
 async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
@@ -87,6 +104,7 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         let mut control = PolicyControlClient::new(daemon.unix_channel().await);
         control.use_policy(UsePolicyRequest { endpoint: p.endpoint.clone(), reconnect: Some(false) }).await.unwrap();
     }
+    let cpu_before = cpu_ms(daemon.pid());
     let held =
         HeldMachine::start({
             let mut m = machine(&daemon);
@@ -99,6 +117,8 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         .await
         .unwrap_or_else(|e| panic!("{row:?}: {e}; the machine said {}", held.said))
         .into_inner();
+    // The workload is over: the machine holds the VM.
+    let daemon_cpu_ms = cpu_ms(daemon.pid()) - cpu_before;
     let seen = WorkingSetClient::new(daemon.unix_channel().await)
         .get_working_set(GetWorkingSetRequest { vm_id: VM })
         .await
@@ -115,6 +135,8 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         evicted: vm.evicted as f64,
         monitor_cpu_ns: seen.as_ref().map_or(0.0, |s| s.monitor_cpu_ns as f64),
         monitored_bytes: seen.as_ref().map_or(0.0, |s| s.monitored_bytes as f64),
+        daemon_cpu_ms,
+        tlb_misses: summary["tlb_misses"].as_u64().unwrap() as f64,
     }
 }
 
@@ -140,8 +162,19 @@ async fn main() {
     };
     println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
     println!(
-        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>14}",
-        "guest", "vcpus", "row", "refaults", "evicted", "run ms", "run cost", "host MiB", "freed", "monitor CPU"
+        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>14} {:>11} {:>10}",
+        "guest",
+        "vcpus",
+        "row",
+        "refaults",
+        "evicted",
+        "run ms",
+        "run cost",
+        "host MiB",
+        "freed",
+        "monitor CPU",
+        "daemon CPU",
+        "TLB misses"
     );
     for (ram_mib, vcpus) in shapes {
         let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
@@ -162,7 +195,7 @@ async fn main() {
                 med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
             let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
             println!(
-                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>+9.1}% {:>10.1} {:>7.0}% {:>14}",
+                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>+9.1}% {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
                 format!("{ram_mib} MiB"),
                 vcpus,
                 format!("{row:?}").to_lowercase(),
@@ -172,7 +205,9 @@ async fn main() {
                 (run_ms / base_ms - 1.0) * 100.0,
                 host / MIB as f64,
                 freed * 100.0,
-                cpu
+                cpu,
+                med(i, |m| m.daemon_cpu_ms),
+                med(i, |m| m.tlb_misses) / 1e6
             );
         }
     }
