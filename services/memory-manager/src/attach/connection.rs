@@ -39,6 +39,7 @@ use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
 use crate::memory::handover::{HandedDelta, HandedRecords};
+use crate::memory::mapping::ChangeJournal;
 use crate::memory::pressure::HostMemory;
 use crate::memory::swap::SwapCompression;
 use crate::observe::hub::EventHub;
@@ -397,8 +398,9 @@ impl AttachServer {
         // As first attached, for a new daemon that takes the VM over.
         let original = AttachRequest { flags: req.flags & !faultline_attach::ATTACH_REATTACH, ..req.clone() };
         let mut handed_early = false;
-        // Warm: the records as the new daemon adopted them before the drain.
-        let mut snapshot = None;
+        // Warm: the journal of what changed since the new daemon last
+        // adopted the records (a snapshot or a change) before the drain.
+        let mut journal = None;
         // Commands still in flight when the drain ended (a core that did not
         // answer within the drain's patience).
         let mut in_flight_at_handover = 0;
@@ -548,7 +550,7 @@ impl AttachServer {
                     // Warm: the new daemon adopts a snapshot of the records
                     // while this one still serves the VM.
                     if handed_early && sink.warm() {
-                        snapshot = hand_snapshot(sink, &vm, original.vm_id);
+                        journal = hand_snapshot(sink, &vm, original.vm_id);
                     }
                     // Each vCPU's service ends once its fault in flight is
                     // answered; the control ring stays served meanwhile (a
@@ -577,19 +579,17 @@ impl AttachServer {
                 // The records are exact only with nothing in flight: a map
                 // the core installs after the drain would be in no one's
                 // records. Otherwise the new daemon rebuilds from the core.
-                let records = (in_flight_at_handover == 0).then(|| vm.mapping.handed_records());
-                if records.is_none() {
+                let exact = in_flight_at_handover == 0;
+                if !exact {
                     warn!(
                         in_flight = in_flight_at_handover,
                         "commands in flight: the new daemon rebuilds from the core"
                     );
                 }
-                handed_early.then(|| match &snapshot {
-                    Some(snapshot) => {
-                        let delta = records.map(|now| HandedDelta::between(snapshot, &now));
-                        sink.delta(original.vm_id, delta.as_ref())
-                    }
-                    None => sink.state(original.vm_id, records.as_ref()),
+                handed_early.then(|| match &mut journal {
+                    // Warm: what changed since the snapshot or the last change.
+                    Some(journal) => sink.delta(original.vm_id, exact.then(|| journal.change()).as_ref()),
+                    None => sink.state(original.vm_id, exact.then(|| vm.mapping.handed_records()).as_ref()),
                 })
             } else {
                 Some(sink.vm(&conn, &original, &kept))
@@ -709,22 +709,21 @@ const SMALL_CHANGE: usize = 32;
 /// faults served meanwhile change the records: while the change is not
 /// small, it is handed over too, and adopted, still serving (pre-copy, as
 /// live migration does with memory), so the change left for after the
-/// drain, which the guests wait for, is a few mappings. Returns the records
-/// as last handed (None: the snapshot could not be sent).
-fn hand_snapshot(sink: &HandoverSink, vm: &AttachedVm, vm_id: u16) -> Option<HandedRecords> {
-    let mut last = vm.mapping.handed_records();
-    let (started, mappings) = (std::time::Instant::now(), last.mappings.len());
+/// drain, which the guests wait for, is a few mappings. Returns the journal
+/// of what changed since what was last handed (None: the snapshot could
+/// not be sent).
+fn hand_snapshot<'v>(sink: &HandoverSink, vm: &'v AttachedVm, vm_id: u16) -> Option<ChangeJournal<'v>> {
+    let (snapshot, mut journal) = vm.mapping.journal();
+    let (started, mappings) = (std::time::Instant::now(), snapshot.mappings.len());
     info!(mappings, "handing a snapshot of the records over; serving on meanwhile");
     let mut adopted =
-        sink.snapshot(vm_id, &last).inspect_err(|e| error!(cause = %e, "handing the snapshot over failed")).ok()?;
+        sink.snapshot(vm_id, &snapshot).inspect_err(|e| error!(cause = %e, "handing the snapshot over failed")).ok()?;
+    drop(snapshot);
     let mut rounds = 0;
     let mut changes = Vec::new();
-    while adopted && rounds < CHANGE_ROUNDS {
-        let now = vm.mapping.handed_records();
-        let change = HandedDelta::between(&last, &now);
-        if change.changes() <= SMALL_CHANGE {
-            break;
-        }
+    // A small change stays in the journal, for after the drain.
+    while adopted && rounds < CHANGE_ROUNDS && journal.touched() > SMALL_CHANGE {
+        let change = journal.change();
         changes.push(change.changes());
         adopted = match sink.changed(vm_id, &change) {
             Ok(adopted) => adopted,
@@ -733,7 +732,6 @@ fn hand_snapshot(sink: &HandoverSink, vm: &AttachedVm, vm_id: u16) -> Option<Han
                 false
             }
         };
-        last = now;
         rounds += 1;
     }
     let waited_us = started.elapsed().as_micros() as u64;
@@ -742,7 +740,7 @@ fn hand_snapshot(sink: &HandoverSink, vm: &AttachedVm, vm_id: u16) -> Option<Han
     } else {
         warn!(mappings, waited_us, ?changes, "the new daemon did not adopt the snapshot in time");
     }
-    Some(last)
+    Some(journal)
 }
 
 /// What a handed VM comes with, once it is this daemon's.

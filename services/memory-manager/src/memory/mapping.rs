@@ -30,7 +30,7 @@ use hyp_core::addr::{Ipa, Pa, Range, PAGE_SIZE};
 use hyp_core::stage2::MapSize;
 
 use super::bitmap::{DirtyLog, PageBitmap};
-use super::handover::{HandedMapping, HandedRecords};
+use super::handover::{HandedDelta, HandedMapping, HandedRecords};
 use super::layout::VmLayout;
 use super::memslot::Memslot;
 use super::pin::{MappingPin, PinError, PinGuard, Pins};
@@ -68,6 +68,11 @@ pub struct Installed {
 }
 
 impl Installed {
+    /// As handed over, at `ipa`.
+    fn handed(&self, ipa: u64) -> HandedMapping {
+        HandedMapping { ipa: Ipa::new(ipa), size: self.size.bytes(), pa: self.pa, order: self.order }
+    }
+
     /// A mapping the core reports installed, to record.
     pub fn new(size: MapSize, pa: Pa, seq: u64, pin: MappingPin) -> Self {
         Self { size, pa, seq, pin, order: 0 }
@@ -142,6 +147,57 @@ impl Drop for HeldRecords<'_> {
     }
 }
 
+/// What changes in a VM's records after a warm takeover's snapshot
+/// ([`MappingState::journal`]), so the old daemon hands over each change,
+/// the last one after the drain included, in O(changes) rather than
+/// O(mappings). Dropping it stops the journal.
+#[derive(Debug)]
+#[must_use = "dropping the journal stops it"]
+pub struct ChangeJournal<'s> {
+    state: &'s MappingState,
+}
+
+impl ChangeJournal<'_> {
+    /// IPAs changed since the snapshot or the last change: at least the
+    /// mappings the next change puts or removes.
+    pub fn touched(&self) -> usize {
+        let _installed = self.state.installed();
+        self.state.journal.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, BTreeMap::len)
+    }
+
+    /// What turns the records as of the snapshot or the last change into
+    /// the records now (as [`HandedDelta::between`] the two would); the
+    /// journal starts again from now.
+    pub fn change(&mut self) -> HandedDelta {
+        let installed = self.state.installed();
+        let touched =
+            self.state.journal.lock().unwrap_or_else(|e| e.into_inner()).replace(BTreeMap::new()).unwrap_or_default();
+        let mut delta = HandedDelta {
+            seq: self.state.sample_seq(),
+            next_order: self.state.installs.load(Ordering::Relaxed),
+            free: self.state.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
+            ..HandedDelta::default()
+        };
+        // In IPA order, as the journal is.
+        for (ipa, before) in touched {
+            match (before, installed.get(&ipa).map(|m| m.handed(ipa))) {
+                (before, Some(now)) if before != Some(now) => delta.put.push(now),
+                (Some(_), None) => delta.removed.push(Ipa::new(ipa)),
+                _ => {}
+            }
+        }
+        delta
+    }
+}
+
+impl Drop for ChangeJournal<'_> {
+    fn drop(&mut self) {
+        let _installed = self.state.installed();
+        self.state.journaling.store(false, Ordering::Relaxed);
+        *self.state.journal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
 /// The mapping state of one VM (see the module doc for which of it the
 /// core could rebuild).
 #[derive(Debug)]
@@ -170,6 +226,13 @@ pub struct MappingState {
     adopting: AtomicBool,
     /// Mappings installed while records were adopted, to record after.
     queued: Mutex<Vec<(Ipa, Installed)>>,
+    /// While a warm takeover hands the records over ([`ChangeJournal`]):
+    /// each IPA whose record changed since the last snapshot or change,
+    /// with what it recorded then. Changed only under `installed`'s lock.
+    journal: Mutex<Option<BTreeMap<u64, Option<HandedMapping>>>>,
+    /// `journal` is on (read under `installed`'s lock, so a record that
+    /// changes without a journal entry is never missed).
+    journaling: AtomicBool,
 }
 
 impl MappingState {
@@ -196,6 +259,8 @@ impl MappingState {
             installs: AtomicU64::new(0),
             adopting: AtomicBool::new(false),
             queued: Mutex::new(Vec::new()),
+            journal: Mutex::new(None),
+            journaling: AtomicBool::new(false),
         }
     }
 
@@ -358,16 +423,37 @@ impl MappingState {
     /// the pool's free pages and the sequence (the VM drained: no map
     /// result is in flight).
     pub fn handed_records(&self) -> HandedRecords {
-        let installed = self.installed();
-        let mappings = installed
-            .iter()
-            .map(|(&ipa, m)| HandedMapping { ipa: Ipa::new(ipa), size: m.size.bytes(), pa: m.pa, order: m.order })
-            .collect();
+        Self::records_of(&self.installed(), self)
+    }
+
+    /// [`Self::handed_records`] of `installed`, the records, locked.
+    fn records_of(installed: &BTreeMap<u64, Installed>, state: &Self) -> HandedRecords {
         HandedRecords {
-            seq: self.sample_seq(),
-            next_order: self.installs.load(Ordering::Relaxed),
-            mappings,
-            free: self.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
+            seq: state.sample_seq(),
+            next_order: state.installs.load(Ordering::Relaxed),
+            mappings: installed.iter().map(|(&ipa, m)| m.handed(ipa)).collect(),
+            free: state.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
+        }
+    }
+
+    /// A warm takeover's snapshot of the records ([`Self::handed_records`]),
+    /// and the journal of what changes after it, taken at one instant.
+    pub fn journal(&self) -> (HandedRecords, ChangeJournal<'_>) {
+        let installed = self.installed();
+        let snapshot = Self::records_of(&installed, self);
+        *self.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(BTreeMap::new());
+        self.journaling.store(true, Ordering::Relaxed);
+        (snapshot, ChangeJournal { state: self })
+    }
+
+    /// Notes in the journal, if on, that the record at `ipa` changes from
+    /// `before` (`installed`'s lock held). The first note since the last
+    /// mark keeps what the IPA recorded then.
+    fn journal_change(&self, ipa: u64, before: Option<&Installed>) {
+        if self.journaling.load(Ordering::Relaxed) {
+            if let Some(journal) = self.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                journal.entry(ipa).or_insert_with(|| before.map(|m| m.handed(ipa)));
+            }
         }
     }
 
@@ -416,6 +502,7 @@ impl MappingState {
     /// Puts a mapping in `mappings` (the records, locked), replacing one at
     /// the same IPA (returned), and keeps resident bytes in step.
     fn put(&self, mappings: &mut BTreeMap<u64, Installed>, ipa: Ipa, installed: Installed) -> Option<Installed> {
+        self.journal_change(ipa.raw(), mappings.get(&ipa.raw()));
         self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
         let old = mappings.insert(ipa.raw(), installed);
         if let Some(old) = &old {
@@ -447,6 +534,9 @@ impl MappingState {
             .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
             .map(|(&ipa, _)| ipa)
             .collect();
+        for &ipa in &doomed {
+            self.journal_change(ipa, mappings.get(&ipa));
+        }
         let removed: Vec<Installed> = doomed.iter().filter_map(|ipa| mappings.remove(ipa)).collect();
         self.resident.fetch_sub(removed.iter().map(|m| m.size.bytes()).sum(), Ordering::AcqRel);
         removed.iter().map(|m| m.pin.pages() as u64).sum()
@@ -550,6 +640,52 @@ mod tests {
         // Nothing there.
         assert_eq!(m.forget_range(Ipa::new(0x4000_2000), 4096, 3), 0);
         assert_eq!((m.mapping_count(), m.resident()), (2, 8192));
+    }
+
+    #[test]
+    fn a_journal_hands_over_exactly_what_changed_since_the_last_mark() {
+        let (_, m) = state(4096);
+        let mut seq = 0;
+        let record = |page: u64, seq: u64| {
+            let pin = m.pin(0, page * 4096, 4096).unwrap().into_mapping();
+            let ipa = 0x4000_0000 + page * 4096;
+            m.record_installed(Ipa::new(ipa), Installed::new(MapSize::Page4K, Pa::new(ipa), seq, pin));
+        };
+        for page in 0..32 {
+            record(page, seq);
+        }
+        let (mut last, mut journal) = m.journal();
+        assert_eq!(last, m.handed_records());
+        // Rounds of installs (new pages, and pages recorded again) and
+        // unmaps (some of pages installed since the mark), each checked
+        // against the whole records compared.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..20 {
+            for _ in 0..next(40) {
+                if next(3) == 0 {
+                    seq += 1;
+                    m.forget_range(Ipa::new(0x4000_0000 + next(64) * 4096), (1 + next(4)) * 4096, seq);
+                } else {
+                    record(next(64), seq);
+                }
+            }
+            let touched = journal.touched();
+            let change = journal.change();
+            let now = m.handed_records();
+            assert_eq!(change, HandedDelta::between(&last, &now), "round {round}");
+            assert!(touched >= change.changes(), "round {round}: {touched} touched");
+            last = now;
+        }
+        assert_eq!(journal.change().changes(), 0, "nothing changed since");
+        drop(journal);
+        record(63, seq);
+        assert!(m.journal.lock().unwrap().is_none(), "stopped with its journal");
     }
 
     #[test]
