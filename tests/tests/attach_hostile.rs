@@ -282,6 +282,38 @@ fn a_reattach_with_another_description_is_refused_with_the_reason() {
 }
 
 #[test]
+fn a_reattach_whose_core_never_answers_fails_as_internal_not_as_a_mismatch() {
+    // The VM comes back with its description, but nothing serves its
+    // control ring (no core): the rebuild's questions go unanswered. The
+    // daemon accepts the re-attach, then, once the core's deadline passes,
+    // says the core did not answer; it does not claim a mismatch.
+    let mut daemon = Daemon::start(&["--spin-polls", "0"]);
+    let ram = memfd(4 << 20, true);
+    let rings = memfd(64 << 10, true);
+    {
+        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
+        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
+        unsafe { hyp_core_region(map.base(), 64 << 10) };
+    }
+    let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
+    let (r, attached) = send(&daemon, &good_request().encode(), &fds);
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    daemon.kill_and_restart(nix::sys::signal::Signal::SIGKILL);
+    let again = AttachRequest { flags: faultline_attach::ATTACH_REATTACH, ..good_request() };
+    let (r, conn) = send(&daemon, &again.encode(), &fds);
+    assert_eq!(r.status, Status::Ok, "accepted, then rebuilt: {r:?}");
+    let msg = recv_message(conn.as_fd()).unwrap().expect("the rebuild's outcome");
+    let (kind, payload) = decode_header(&msg.bytes).unwrap();
+    assert_eq!(kind, MsgKind::Reply);
+    let r = Reply::decode(payload).unwrap();
+    assert_eq!(r.status, Status::Internal, "{r:?}");
+    assert!(r.message.contains("re-attach failed") && r.message.contains("did not answer"), "{r:?}");
+    assert!(matches!(recv_message(conn.as_fd()), Ok(None)), "and the connection closed");
+    assert!(daemon.log().contains("the core did not answer the rebuild's questions"), "{}", daemon.log());
+    drop(attached);
+}
+
+#[test]
 fn a_reattach_the_state_directory_has_no_record_of_is_refused() {
     // A successor with another state directory cannot find what the VM's
     // previous daemon evicted: it refuses rather than serve zeros.

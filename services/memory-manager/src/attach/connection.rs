@@ -34,7 +34,7 @@ use crate::fault::failpoint::{crash_point, panic_point};
 use crate::link::background::run_in_background;
 use crate::link::control::ControlLoop;
 use crate::link::pool::ServicePool;
-use crate::link::rebuild::{check_handed, rebuild, Rebuilt, WarmRecords};
+use crate::link::rebuild::{check_handed, rebuild, RebuildError, Rebuilt, WarmRecords};
 use crate::link::vcpu::VcpuService;
 use crate::link::vm::AttachedVm;
 use crate::link::winddown::Winddown;
@@ -485,6 +485,12 @@ impl AttachServer {
                             elapsed_us = r.elapsed.as_micros() as u64,
                             "re-attached: mapping state rebuilt from the core"
                         )
+                    }
+                    // A core that does not answer is not one that mismatches.
+                    Err(e @ RebuildError::Control(_)) => {
+                        error!(cause = %e, "re-attach failed: the core did not answer the rebuild's questions");
+                        reply(Status::Internal, format!("re-attach failed: {e}"), [0; 3]);
+                        return Ending::Gone;
                     }
                     Err(e) => {
                         error!(cause = %e, "re-attach refused: the core's state does not match the VM");
