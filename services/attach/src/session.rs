@@ -279,6 +279,13 @@ impl<'f> Session<'f> {
     /// goes away before it answers (the machine's vCPUs are stopped: there
     /// is nothing left to settle). Returns the daemon's detach report.
     pub fn detach(&self) -> Result<Reply, SessionError> {
+        self.detach_with(|| {})
+    }
+
+    /// [`Session::detach`], calling `before_reattach` before each re-attach
+    /// it needs (a machine that stopped serving its control ring serves it
+    /// again: the new daemon rebuilds its records over it).
+    pub fn detach_with(&self, before_reattach: impl Fn()) -> Result<Reply, SessionError> {
         loop {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
             let lost = match conn {
@@ -300,6 +307,7 @@ impl<'f> Session<'f> {
                 }
                 None => Instant::now(),
             };
+            before_reattach();
             self.reattach(lost, None, &|| true)?;
         }
     }

@@ -314,14 +314,11 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         layout,
         lines: lines.as_deref(),
     };
-    // The control ring is served until the VM is detached: a daemon that
-    // goes away during the detach is re-attached to, and its successor
-    // rebuilds its records from the core over this ring.
-    let control_stop = AtomicBool::new(false);
+    let gate = ControlGate::default();
     let results = std::thread::scope(|s| {
         let control = {
-            let (core, shared, stop) = (&core, &shared, &control_stop);
-            s.spawn(move || serve_control(core, shared, n, wait, stop))
+            let (core, shared, gate) = (&core, &shared, &gate);
+            s.spawn(move || serve_control(core, shared, n, wait, gate))
         };
         let supervisor = {
             let (session, stop, kicks, shared) = (&session, &stop, &kicks, &shared);
@@ -364,23 +361,27 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         }
         stop_all(&stop, &kicks, &shared, n);
         let supervised = supervisor.join().unwrap_or(Ok(()));
-        // What the daemon's records must agree with (the core's tables),
-        // then the detach and the daemon's report (from a daemon that took
-        // the VM back, if its own went away).
-        let detached = supervised.map_err(anyhow::Error::from).and_then(|()| {
-            let tables = CoreTables::walk(&core.lock().unwrap_or_else(|e| e.into_inner()), &layout)?;
-            Ok((tables, session.detach().context("detaching")?))
-        });
-        control_stop.store(true, Ordering::Release);
-        if let Some(view) = shared.ring(n, RingKind::Command) {
-            faultline_attach::doorbell::wake(&view);
-        }
+        // The core's tables stop changing: the daemon's commands on the
+        // control ring (a reclaim under way) wait, unexecuted, so its
+        // records at the detach are what the tables hold.
+        gate.halt(&shared, n);
+        // The detach and the daemon's report, from a daemon that took the
+        // VM back if its own went away: that one rebuilds its records over
+        // the control ring, served again for it (the dead daemon's commands
+        // still on the ring first).
+        let detached = supervised
+            .map_err(anyhow::Error::from)
+            .and_then(|()| session.detach_with(|| gate.resume()).context("detaching"));
+        gate.end(&shared, n);
         let _ = control.join();
         (results, detached, phase_longest, run_ms)
     });
     let (results, detached, phase_longest, run_ms) = results;
     let (phase_longest_fault_ns, phase_slowest_fault) = phase_longest.into_iter().unzip();
-    let (tables, reply) = detached?;
+    let reply = detached?;
+    // What the daemon's records must agree with: the core's tables, as
+    // they were at the detach.
+    let tables = CoreTables::walk(&core.lock().unwrap_or_else(|e| e.into_inner()), &layout)?;
     let mut summary = Summary {
         vm_id: config.vm_id,
         vcpus: n,
@@ -513,8 +514,56 @@ fn kick_all(kicks: &[AtomicBool], shared: &SharedRegion<'_>, n: u32) {
     }
 }
 
-/// Serves the control ring pair (commands not tied to a fault).
-fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wait: WaitPolicy, stop: &AtomicBool) {
+/// When the control thread executes the control ring's commands: the
+/// core's tables are walked, for the daemon's records to be checked
+/// against, only while no daemon can change them.
+#[derive(Default)]
+struct ControlGate {
+    /// Set: no command is taken off the ring (those on it wait).
+    halt: AtomicBool,
+    /// Set by the control thread once it has stopped taking commands
+    /// (halted, or gone).
+    parked: AtomicBool,
+    /// Set: the control thread ends.
+    end: AtomicBool,
+}
+
+impl ControlGate {
+    /// Halts the control thread and waits until it executes nothing more.
+    fn halt(&self, shared: &SharedRegion<'_>, n: u32) {
+        self.halt.store(true, Ordering::Release);
+        if let Some(view) = shared.ring(n, RingKind::Command) {
+            faultline_attach::doorbell::wake(&view);
+        }
+        while !self.parked.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Lets a halted control thread take commands again.
+    fn resume(&self) {
+        self.parked.store(false, Ordering::Release);
+        self.halt.store(false, Ordering::Release);
+    }
+
+    /// Ends the control thread (halting it first).
+    fn end(&self, shared: &SharedRegion<'_>, n: u32) {
+        self.end.store(true, Ordering::Release);
+        self.halt(shared, n);
+    }
+}
+
+/// Serves the control ring pair (commands not tied to a fault) as `gate`
+/// allows.
+fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wait: WaitPolicy, gate: &ControlGate) {
+    /// Marks the thread parked however it leaves.
+    struct Parked<'g>(&'g AtomicBool);
+    impl Drop for Parked<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _parked = Parked(&gate.parked);
     let (Some(cmd_view), Some(res_view)) = (shared.ring(n, RingKind::Command), shared.ring(n, RingKind::Fault)) else {
         return;
     };
@@ -525,14 +574,27 @@ fn serve_control(core: &Mutex<CoreState>, shared: &SharedRegion<'_>, n: u32, wai
     // must not keep a thread spinning against the vCPUs.
     let counts = WaitCounts::default();
     let mut waiter = Waiter::new(wait, &counts);
-    while let Ok(Some(cmd)) = waiter.pop(&mut commands, stop) {
-        let executed = {
-            let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
-            let CoreState { vm, owners, tlb } = &mut *c;
-            vm.execute_control(n, &cmd, owners, tlb, &mut results)
-        };
-        let Ok(executed) = executed else { return };
-        if push(&mut results, &executed.result.encode(), stop).is_err() {
+    loop {
+        // Halted, it finishes the command it took, then parks.
+        while !gate.halt.load(Ordering::Acquire) {
+            let Ok(Some(cmd)) = waiter.pop(&mut commands, &gate.halt) else { break };
+            let executed = {
+                let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
+                let CoreState { vm, owners, tlb } = &mut *c;
+                vm.execute_control(n, &cmd, owners, tlb, &mut results)
+            };
+            let Ok(executed) = executed else { return };
+            // A daemon that stopped reading results (gone) is not waited
+            // for once halted: the thread ends, parked.
+            if push(&mut results, &executed.result.encode(), &gate.halt).is_err() {
+                return;
+            }
+        }
+        gate.parked.store(true, Ordering::Release);
+        while gate.halt.load(Ordering::Acquire) && !gate.end.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if gate.end.load(Ordering::Acquire) {
             return;
         }
     }
