@@ -10,6 +10,11 @@
 //! the dead daemon left on the rings (the caller's `settled` says when): a
 //! command executed after the successor rebuilt its records would change
 //! the tables behind its back.
+//!
+//! A detach whose daemon goes away before it answers re-attaches to
+//! detach ([`Session::detach_with`]): the successor rebuilds its records
+//! over the control ring, so a machine that stopped serving that ring at
+//! the end of its workload serves it again first.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
