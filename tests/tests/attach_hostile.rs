@@ -111,14 +111,7 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let ram = memfd(4 << 20, true);
-    let rings = memfd(64 << 10, true);
-    {
-        // Lay out a valid ring region for 1 vCPU + control.
-        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
-        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
-        unsafe { hyp_core_region(map.base(), 64 << 10) };
-    }
+    let (ram, rings) = ram_and_rings();
     let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
     let good = good_request();
 
@@ -246,6 +239,16 @@ fn each_hostile_attach_is_refused_while_another_vm_runs() {
     assert_eq!(summary["detach"]["pins_remaining"].as_u64().unwrap(), 0);
 }
 
+/// The fds of `good_request()`'s VM: 4 MiB of RAM, and 64 KiB of rings
+/// laid out empty (1 vCPU + control).
+fn ram_and_rings() -> (Memfd, Memfd) {
+    let (ram, rings) = (memfd(4 << 20, true), memfd(64 << 10, true));
+    let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
+    // SAFETY: the mapping lives until the end of this function and nobody else uses it yet.
+    unsafe { hyp_core_region(map.base(), 64 << 10) };
+    (ram, rings)
+}
+
 /// Lays out an empty ring region (1 vCPU + control, 16 entries).
 ///
 /// # Safety
@@ -259,13 +262,7 @@ unsafe fn hyp_core_region(base: std::ptr::NonNull<u8>, len: u64) {
 #[test]
 fn a_reattach_with_another_description_is_refused_with_the_reason() {
     let mut daemon = Daemon::start(&["--spin-polls", "0"]);
-    let ram = memfd(4 << 20, true);
-    let rings = memfd(64 << 10, true);
-    {
-        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
-        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
-        unsafe { hyp_core_region(map.base(), 64 << 10) };
-    }
+    let (ram, rings) = ram_and_rings();
     let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
     let (r, attached) = send(&daemon, &good_request().encode(), &fds);
     assert_eq!(r.status, Status::Ok, "{r:?}");
@@ -288,13 +285,7 @@ fn a_reattach_whose_core_never_answers_fails_as_internal_not_as_a_mismatch() {
     // daemon accepts the re-attach, then, once the core's deadline passes,
     // says the core did not answer; it does not claim a mismatch.
     let mut daemon = Daemon::start(&["--spin-polls", "0"]);
-    let ram = memfd(4 << 20, true);
-    let rings = memfd(64 << 10, true);
-    {
-        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
-        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
-        unsafe { hyp_core_region(map.base(), 64 << 10) };
-    }
+    let (ram, rings) = ram_and_rings();
     let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
     let (r, attached) = send(&daemon, &good_request().encode(), &fds);
     assert_eq!(r.status, Status::Ok, "{r:?}");
@@ -318,13 +309,7 @@ fn a_reattach_the_state_directory_has_no_record_of_is_refused() {
     // A successor with another state directory cannot find what the VM's
     // previous daemon evicted: it refuses rather than serve zeros.
     let daemon = Daemon::start(&["--spin-polls", "0"]);
-    let ram = memfd(4 << 20, true);
-    let rings = memfd(64 << 10, true);
-    {
-        let map = faultline_attach::shm::MappedRegion::map(rings.as_file().as_fd(), 0, 64 << 10, 4096).unwrap();
-        // SAFETY: the mapping lives until the end of this block and nobody else uses it yet.
-        unsafe { hyp_core_region(map.base(), 64 << 10) };
-    }
+    let (ram, rings) = ram_and_rings();
     let fds = [ram.as_file().as_fd(), rings.as_file().as_fd()];
     let req = AttachRequest { flags: faultline_attach::ATTACH_REATTACH, ..good_request() };
     let (r, closed) = attempt(&daemon, &req.encode(), &fds);

@@ -423,16 +423,16 @@ impl MappingState {
     /// the pool's free pages and the sequence (the VM drained: no map
     /// result is in flight).
     pub fn handed_records(&self) -> HandedRecords {
-        Self::records_of(&self.installed(), self)
+        self.records_of(&self.installed())
     }
 
     /// [`Self::handed_records`] of `installed`, the records, locked.
-    fn records_of(installed: &BTreeMap<u64, Installed>, state: &Self) -> HandedRecords {
+    fn records_of(&self, installed: &BTreeMap<u64, Installed>) -> HandedRecords {
         HandedRecords {
-            seq: state.sample_seq(),
-            next_order: state.installs.load(Ordering::Relaxed),
+            seq: self.sample_seq(),
+            next_order: self.installs.load(Ordering::Relaxed),
             mappings: installed.iter().map(|(&ipa, m)| m.handed(ipa)).collect(),
-            free: state.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
+            free: self.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
         }
     }
 
@@ -440,7 +440,7 @@ impl MappingState {
     /// and the journal of what changes after it, taken at one instant.
     pub fn journal(&self) -> (HandedRecords, ChangeJournal<'_>) {
         let installed = self.installed();
-        let snapshot = Self::records_of(&installed, self);
+        let snapshot = self.records_of(&installed);
         *self.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(BTreeMap::new());
         self.journaling.store(true, Ordering::Relaxed);
         (snapshot, ChangeJournal { state: self })
