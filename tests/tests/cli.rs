@@ -582,8 +582,12 @@ fn top_in_a_terminal_shows_the_vm_toggles_its_vcpus_and_quits_on_q() {
     term.screen_when(|s| s.contains("vcpu0") && s.contains("vcpu1") && s.contains("v: VMs only"));
     term.tmux(&["send-keys", "v"]);
     term.screen_when(|s| !s.contains("vcpu0") && s.contains("v: per-vCPU breakdown"));
-    // q: the shell is back, top exited 0, and the terminal is sane.
+    // q: the shell is back, top exited 0, and the terminal is sane. What
+    // is typed while top still reads the terminal is top's (keys read with
+    // the q are dropped, as in any full-screen program), so the check is
+    // typed once top has left its screen, which it does after raw mode.
     term.tmux(&["send-keys", "q"]);
+    term.screen_when(|s| !s.contains("RESIDENT"));
     term.assert_shell_back(0);
     wait_for_streams(&daemon, 0);
 }
