@@ -11,7 +11,10 @@
 //! Each stall three ways ([`Stall`]): the longest any vCPU waited on one
 //! fault in the phase run across it (the machine's summary); to the new
 //! daemon's first map command sent (the core installs it and resumes the
-//! vCPU); to that map's result read by the daemon.
+//! vCPU); to that map's result read by the daemon. An idle guest's
+//! takeover is held against the same phase run just before it with no
+//! takeover: on 2 cores shared by 4 vCPUs, a phase's longest fault wait
+//! is the scheduler's tail as much as the takeover's.
 //!
 //! `cargo bench -p faultline-system-tests --bench restart` (about 20
 //! minutes; `RESTART_BENCH_KILLS=5` for a quick look)
@@ -135,7 +138,13 @@ impl Served {
     /// The stall from `t`, the guest's side of it to be filled in.
     fn after(&self, t: SystemTime) -> Stall {
         let since = |x: SystemTime| x.duration_since(t).unwrap_or_default();
-        Stall { guest: Duration::ZERO, sent: since(self.sent), read: since(self.completed), served_on: None }
+        Stall {
+            guest: Duration::ZERO,
+            sent: since(self.sent),
+            read: since(self.completed),
+            served_on: None,
+            unstalled: None,
+        }
     }
 }
 
@@ -151,18 +160,62 @@ struct Stall {
     /// A takeover of a guest that keeps faulting: its longest fault wait
     /// while the old daemon served on and the new one adopted the records.
     served_on: Option<Duration>,
+    /// The longest fault wait of the same phase run just before, with no
+    /// stall: one daemon serving throughout. On a host whose cores the
+    /// vCPUs share, a phase's longest wait is the scheduler's tail as much
+    /// as the stall's; this is that tail alone.
+    unstalled: Option<Duration>,
+}
+
+/// The phases of one stall's round in the trace.
+#[derive(Clone, Copy, PartialEq)]
+enum Round {
+    /// One phase, run across the stall.
+    Stall,
+    /// The same phase twice: once with no stall (the control), then once
+    /// across it.
+    ControlThenStall,
+    /// A phase while the old daemon serves on and the new one adopts the
+    /// records' snapshot, then one across the drain: both are the stall's.
+    ServedOnThenStall,
+}
+
+impl Round {
+    fn phases(self) -> usize {
+        if self == Round::Stall {
+            1
+        } else {
+            2
+        }
+    }
 }
 
 /// Fills in the guest's side of each stall, phase by phase: its longest
-/// wait in any phase of the stall's round (with two, the first is the one
-/// run while the old daemon served on).
-fn with_guest(stalls: &mut [Stall], longest: Vec<Duration>, phases_per_stall: usize) {
+/// wait in the phases of the stall's round that run across it. Returns
+/// that wait's fault (the machine's `phase_slowest_fault`) for each stall.
+fn with_guest(
+    stalls: &mut [Stall],
+    longest: Vec<Duration>,
+    slowest: Vec<serde_json::Value>,
+    round: Round,
+) -> Vec<serde_json::Value> {
+    let n = round.phases();
     // The last phase runs after the last stall, to the end.
-    assert!(longest.len() >= stalls.len() * phases_per_stall, "{phases_per_stall} phases per stall");
-    for (s, round) in stalls.iter_mut().zip(longest.chunks(phases_per_stall)) {
-        s.guest = round.iter().copied().max().unwrap_or_default();
-        s.served_on = (phases_per_stall == 2).then_some(round[0]);
+    assert!(longest.len() >= stalls.len() * n && slowest.len() == longest.len(), "{n} phases per stall");
+    let across: &[usize] = match round {
+        Round::Stall => &[0],
+        Round::ControlThenStall => &[1],
+        Round::ServedOnThenStall => &[0, 1],
+    };
+    let mut faults = Vec::with_capacity(stalls.len());
+    for ((s, waits), slow) in stalls.iter_mut().zip(longest.chunks(n)).zip(slowest.chunks(n)) {
+        let worst = across.iter().copied().max_by_key(|&i| waits[i]).expect("a phase across the stall");
+        s.guest = waits[worst];
+        s.served_on = (round == Round::ServedOnThenStall).then_some(waits[0]);
+        s.unstalled = (round == Round::ControlThenStall).then_some(waits[0]);
+        faults.push(slow[worst].clone());
     }
+    faults
 }
 
 /// The first fault the daemon in place served: the earliest map sent and
@@ -254,6 +307,10 @@ fn rows(what: &str, stalls: &[Stall]) {
     if !served_on.is_empty() {
         row(&format!("{what}: longest fault wait while the old daemon served on"), &stats_ms(served_on));
     }
+    let unstalled: Vec<Duration> = stalls.iter().filter_map(|s| s.unstalled).collect();
+    if !unstalled.is_empty() {
+        row(&format!("{what}: the same phase with no takeover, longest fault wait"), &stats_ms(unstalled));
+    }
 }
 
 fn row(what: &str, s: &Stats) {
@@ -307,7 +364,7 @@ fn restart_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, kills: usize) -> (Ve
     }
     let mut stalls: Vec<Stall> = restarts.iter().map(|r| r.stall).collect();
     let (guest, slowest) = m.finish();
-    with_guest(&mut stalls, guest, 1);
+    let slowest = with_guest(&mut stalls, guest, slowest, Round::Stall);
     print_slow(&format!("restart ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
     keep_log(&daemon, &format!("restart-{vcpus}"));
     restarts.iter_mut().zip(stalls).for_each(|(r, s)| r.stall = s);
@@ -326,7 +383,13 @@ const BUSY_PHASE: u64 = 200;
 /// over after the drain is a change of a few hundred mappings, not none.
 fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize, busy: bool) -> Vec<Stall> {
     let mut daemon = Daemon::start(&["--policy", "4k", "--log-filter", "info"]);
-    let per_round: &[u64] = if busy { &[BUSY_PHASE, PER_PHASE] } else { &[PER_PHASE] };
+    // Idle, each takeover's phase follows the same phase with no takeover
+    // (the control); busy, the phase while the old daemon serves on.
+    let (round, per_round): (Round, &[u64]) = if busy {
+        (Round::ServedOnThenStall, &[BUSY_PHASE, PER_PHASE])
+    } else {
+        (Round::ControlThenStall, &[PER_PHASE, PER_PHASE])
+    };
     let file = trace(vcpus, MAPPED, (1 << 30) / PAGE, takeovers as u64, per_round);
     let mut m = start_machine(&daemon, vcpus, 1024, &file);
     let (mut stalls, mut served_at, mut samples) = (Vec::new(), Vec::new(), Vec::new());
@@ -338,6 +401,11 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize, b
     // millisecond, on the cores the stall is measured on: only when asked.
     let watch_threads = ["RESTART_BENCH_THREADS", "RESTART_BENCH_STACKS"].iter().any(|v| std::env::var_os(v).is_some());
     for _ in 0..takeovers {
+        if round == Round::ControlThenStall {
+            // The control: the same phase, served by the daemon in place.
+            m.resume();
+            m.wait_paused();
+        }
         let log = daemon.log_path();
         let seen = std::fs::metadata(&log).map_or(0, |m| m.len());
         std::thread::scope(|s| {
@@ -372,7 +440,7 @@ fn takeover_stalls(rt: &tokio::runtime::Runtime, vcpus: u64, takeovers: usize, b
         m.wait_paused();
     }
     let (guest, slowest) = m.finish();
-    with_guest(&mut stalls, guest, per_round.len());
+    let slowest = with_guest(&mut stalls, guest, slowest, round);
     print_slow(&format!("takeover ({vcpus} vCPUs)"), &stalls, &served_at, &slowest);
     // The new daemon's threads, for the stalls over 20 ms.
     for (i, (stall, (began, changes))) in stalls.iter().zip(served_at.iter().map(|s| s.0).zip(&samples)).enumerate() {

@@ -18,9 +18,17 @@
 //! on a host whose cores the vCPUs fill, what reclaim costs shows up in
 //! the run time), and the machine's TLB misses.
 //!
+//! The run cost is each row's run time against the baseline's *of the
+//! same round* (the median of those ratios, and their range): rows run
+//! one after the other within a round, in reverse order every other
+//! round, so the host's drift over minutes cancels out of the ratio
+//! instead of landing on whichever row ran in a slow stretch.
+//!
 //! `cargo bench -p faultline-system-tests --bench working_set`
 //! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
-//! per vCPU; `WS_BENCH_SHAPES=64x1,256x2` the guests, MiB x vCPUs.)
+//! per vCPU; `WS_BENCH_SHAPES=64x1,256x2` the guests, MiB x vCPUs;
+//! `WS_BENCH_ROWS=baseline,cold` the rows, the baseline always among
+//! them.)
 
 use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
@@ -31,7 +39,7 @@ use faultline_system_tests::{machine, Daemon, HeldMachine, PolicyProcess};
 const VM: u32 = 9;
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Row {
     Baseline,
     Monitored,
@@ -145,11 +153,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The rows `WS_BENCH_ROWS` names (all of them when unset), the baseline
+/// first whether named or not: every run cost is against it.
+fn rows_to_run() -> Vec<Row> {
+    let all = [Row::Baseline, Row::Monitored, Row::Fifo, Row::Coldest, Row::Cold];
+    let Ok(list) = std::env::var("WS_BENCH_ROWS") else { return all.to_vec() };
+    let named: Vec<Row> = list
+        .split(',')
+        .map(|name| {
+            *all.iter()
+                .find(|r| format!("{r:?}").eq_ignore_ascii_case(name.trim()))
+                .unwrap_or_else(|| panic!("WS_BENCH_ROWS: no row {name:?}; rows: {all:?}"))
+        })
+        .collect();
+    all.into_iter().filter(|r| *r == Row::Baseline || named.contains(r)).collect()
+}
+
+/// Each round's run time of `row` against the baseline's in that round:
+/// the median ratio minus one, and the smallest and largest, in percent.
+fn paired_cost(row: &[Measured], baseline: &[Measured]) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| r.run_ms / b.run_ms).collect();
+    let pct = |r: f64| (r - 1.0) * 100.0;
+    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    (pct(median(ratios)), pct(lo), pct(hi))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (rounds, ops) = (env("WS_BENCH_ROUNDS", 3) as usize, env("WS_BENCH_OPS", 10_000_000));
-    let rows = [Row::Baseline, Row::Monitored, Row::Fifo, Row::Coldest, Row::Cold];
+    let rows = rows_to_run();
     let shapes: Vec<(u64, u32)> = match std::env::var("WS_BENCH_SHAPES") {
         Ok(list) => list
             .split(',')
@@ -161,8 +194,9 @@ async fn main() {
         Err(_) => vec![(64, 1), (64, 2), (256, 2)],
     };
     println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
+    println!("run cost: against the baseline of the same round, median (smallest .. largest)");
     println!(
-        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>14} {:>11} {:>10}",
+        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>25} {:>10} {:>8} {:>14} {:>11} {:>10}",
         "guest",
         "vcpus",
         "row",
@@ -178,31 +212,36 @@ async fn main() {
     );
     for (ram_mib, vcpus) in shapes {
         let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
-        for _ in 0..rounds {
-            // Rows alternate within a round, so drift on the host spreads
-            // over all of them.
-            for (i, &row) in rows.iter().enumerate() {
-                measured[i].push(run(row, vcpus, ram_mib, ops).await);
+        for round in 0..rounds {
+            // Rows alternate within a round, and every other round runs
+            // them backwards, so drift on the host spreads over all of
+            // them rather than over the last ones.
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                measured[i].push(run(rows[i], vcpus, ram_mib, ops).await);
             }
         }
         let med = |i: usize, f: fn(&Measured) -> f64| median(measured[i].iter().map(f).collect());
-        let (base_ms, base_host) = (med(0, |m| m.run_ms), med(0, |m| m.host_bytes));
+        let base_host = med(0, |m| m.host_bytes);
         for (i, row) in rows.iter().enumerate() {
-            let run_ms = med(i, |m| m.run_ms);
             let host = med(i, |m| m.host_bytes);
             let freed = (base_host - host) / (ram_mib * MIB) as f64;
             let cpu =
                 med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
             let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
+            let (cost, lo, hi) = paired_cost(&measured[i], &measured[0]);
             println!(
-                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>+9.1}% {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
+                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>25} {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
                 format!("{ram_mib} MiB"),
                 vcpus,
                 format!("{row:?}").to_lowercase(),
                 med(i, |m| m.refaults),
                 med(i, |m| m.evicted),
-                run_ms,
-                (run_ms / base_ms - 1.0) * 100.0,
+                med(i, |m| m.run_ms),
+                format!("{cost:+.1}% ({lo:+.1} .. {hi:+.1})"),
                 host / MIB as f64,
                 freed * 100.0,
                 cpu,
