@@ -176,7 +176,7 @@ enum Round {
     /// across it.
     ControlThenStall,
     /// A phase while the old daemon serves on and the new one adopts the
-    /// records' snapshot, then one across the drain: both are the stall's.
+    /// records' snapshot, then one across the drain (each reported apart).
     ServedOnThenStall,
 }
 
@@ -191,8 +191,9 @@ impl Round {
 }
 
 /// Fills in the guest's side of each stall, phase by phase: its longest
-/// wait in the phases of the stall's round that run across it. Returns
-/// that wait's fault (the machine's `phase_slowest_fault`) for each stall.
+/// wait in the phase run across it, and in the phase before it where the
+/// round has one. Returns the first's fault (the machine's
+/// `phase_slowest_fault`) for each stall.
 fn with_guest(
     stalls: &mut [Stall],
     longest: Vec<Duration>,
@@ -202,18 +203,13 @@ fn with_guest(
     let n = round.phases();
     // The last phase runs after the last stall, to the end.
     assert!(longest.len() >= stalls.len() * n && slowest.len() == longest.len(), "{n} phases per stall");
-    let across: &[usize] = match round {
-        Round::Stall => &[0],
-        Round::ControlThenStall => &[1],
-        Round::ServedOnThenStall => &[0, 1],
-    };
     let mut faults = Vec::with_capacity(stalls.len());
     for ((s, waits), slow) in stalls.iter_mut().zip(longest.chunks(n)).zip(slowest.chunks(n)) {
-        let worst = across.iter().copied().max_by_key(|&i| waits[i]).expect("a phase across the stall");
-        s.guest = waits[worst];
+        // The round's last phase is the one across the stall.
+        s.guest = waits[n - 1];
         s.served_on = (round == Round::ServedOnThenStall).then_some(waits[0]);
         s.unstalled = (round == Round::ControlThenStall).then_some(waits[0]);
-        faults.push(slow[worst].clone());
+        faults.push(slow[n - 1].clone());
     }
     faults
 }
