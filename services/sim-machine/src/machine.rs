@@ -180,6 +180,24 @@ struct VcpuResult {
     slowest: Option<SlowestFault>,
 }
 
+/// The stage-2 geometry for a guest whose IPAs end at `ipa_end` and whose
+/// memory's PAs end at `pa_end`: KVM's default 40-bit IPA space, or as few
+/// bits more as the guest needs, with as few levels as concatenated roots
+/// allow (as KVM sizes a VM's stage 2 to its IPA size): up to 43 bits
+/// still start at level 1 (a 1 TiB guest above 1 GiB takes 41 bits, four
+/// level-1 roots), and only beyond that at level 0.
+fn geometry_for(ipa_end: u64, pa_end: u64) -> anyhow::Result<Geometry> {
+    let bits = |end: u64| 64 - end.saturating_sub(1).leading_zeros();
+    let ipa_bits = bits(ipa_end).max(40);
+    anyhow::ensure!(ipa_bits <= 48, "the guest's IPAs end at {ipa_end:#x}, beyond a 48-bit IPA space");
+    // PA sizes come in the steps ID_AA64MMFR0_EL1.PARange names.
+    let pa_bits = [40, 42, 44, 48]
+        .into_iter()
+        .find(|&b| b >= ipa_bits.max(bits(pa_end)))
+        .ok_or_else(|| anyhow::anyhow!("the guest's PAs end at {pa_end:#x}, beyond 48 bits"))?;
+    Geometry::new(ipa_bits as u8, pa_bits as u8).map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 /// Builds the machine, attaches, runs `workload`, detaches.
 pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summary> {
     let layout = config.layout;
@@ -222,13 +240,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     owners
         .transfer(Pa::new(ROM_PA), layout.rom_size, Owner::Host, Owner::Vm(id))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // KVM's default 40-bit IPA space, or 48 bits (four levels from level
-    // 0) for a guest whose RAM ends above 1 TiB.
-    let geometry = if layout.ram_gpa + layout.ram_size <= 1 << 40 && RAM_PA + layout.ram_size <= 1 << 40 {
-        Geometry::kvm_default()
-    } else {
-        Geometry::new(48, 48).map_err(|e| anyhow::anyhow!("{e:?}"))?
-    };
+    let geometry = geometry_for(layout.ram_gpa + layout.ram_size, RAM_PA + layout.ram_size)?;
     let vm = Vm::new(id, geometry, Pa::new(TABLES_PA), n + 1, table_mem, &mut owners)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let af = if config.hardware_access_flag { AccessFlagUpdate::Hardware } else { AccessFlagUpdate::Fault };
@@ -796,4 +808,29 @@ fn run_vcpu(v: u32, phase: usize, ops: &[crate::workload::Op], env: &VcpuEnv<'_>
     r.tlb_hits = tlb.hits;
     r.tlb_misses = tlb.misses;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_gets_the_fewest_ipa_bits_and_levels_it_fits_in() {
+        const GIB: u64 = 1 << 30;
+        let shape = |ipa_end, pa_end| {
+            let g = geometry_for(ipa_end, pa_end).unwrap();
+            (g.ipa_bits(), g.pa_bits(), g.start_level(), g.root_tables())
+        };
+        // Up to 1 TiB: KVM's default, two level-1 roots.
+        assert_eq!(shape(RAM_PA + GIB, RAM_PA + GIB), (40, 40, 1, 2));
+        assert_eq!(shape(1 << 40, 1 << 40), (40, 40, 1, 2));
+        // 1 TiB of RAM above 1 GiB: one bit more, still three levels.
+        assert_eq!(shape(RAM_PA + (1 << 40), RAM_PA + (1 << 40)), (41, 42, 1, 4));
+        // Up to 8 TiB concatenation keeps level 1; past it, level 0.
+        assert_eq!(shape(1 << 43, 1 << 43), (43, 44, 1, 16));
+        assert_eq!(shape((1 << 43) + GIB, 1 << 40), (44, 44, 0, 1));
+        // The PA size follows PARange's steps, however small the IPA space.
+        assert_eq!(shape(RAM_PA + GIB, 1 << 41), (40, 42, 1, 2));
+        assert!(geometry_for((1 << 48) + 1, 1 << 40).is_err());
+    }
 }
