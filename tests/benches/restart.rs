@@ -192,8 +192,8 @@ impl Round {
 
 /// Fills in the guest's side of each stall, phase by phase: its longest
 /// wait in the phase run across it, and in the phase before it where the
-/// round has one. Returns the first's fault (the machine's
-/// `phase_slowest_fault`) for each stall.
+/// round has one. Returns, for each stall, the slowest fault of the phase
+/// across it (the machine's `phase_slowest_fault`).
 fn with_guest(
     stalls: &mut [Stall],
     longest: Vec<Duration>,
