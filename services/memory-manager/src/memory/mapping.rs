@@ -27,14 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyp_core::addr::{Ipa, Pa, Range, PAGE_SIZE};
-use hyp_core::stage2::MapSize;
 
 use super::bitmap::{DirtyLog, PageBitmap};
 use super::handover::{HandedDelta, HandedMapping, HandedRecords};
 use super::layout::VmLayout;
 use super::memslot::Memslot;
-use super::pin::{MappingPin, PinError, PinGuard, Pins};
+use super::pin::{PinError, PinGuard, Pins};
 use super::pool::PagePool;
+pub use super::records::Installed;
+use super::records::{Record, RecordTable};
 use super::region::FillError;
 
 /// Dirty logs in the daemon's memory: one per memslot id, empty for the
@@ -51,34 +52,6 @@ pub fn private_dirty_logs(layout: &VmLayout) -> Vec<DirtyLog> {
 /// Invalidations remembered for late map results.
 const INVALIDATION_LOG: usize = 256;
 
-/// A mapping the core confirmed, with the pin that keeps its pages.
-#[derive(Debug)]
-pub struct Installed {
-    /// Mapping size.
-    pub size: MapSize,
-    /// Output PA.
-    pub pa: Pa,
-    /// The core's invalidation sequence when it was installed.
-    pub seq: u64,
-    /// The pages' pin.
-    pub pin: MappingPin,
-    /// Install order within the VM, set by [`MappingState::record_installed`]
-    /// (FIFO/LIFO eviction).
-    pub order: u64,
-}
-
-impl Installed {
-    /// As handed over, at `ipa`.
-    fn handed(&self, ipa: u64) -> HandedMapping {
-        HandedMapping { ipa: Ipa::new(ipa), size: self.size.bytes(), pa: self.pa, order: self.order }
-    }
-
-    /// A mapping the core reports installed, to record.
-    pub fn new(size: MapSize, pa: Pa, seq: u64, pin: MappingPin) -> Self {
-        Self { size, pa, seq, pin, order: 0 }
-    }
-}
-
 /// An installed mapping as eviction sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resident {
@@ -91,9 +64,9 @@ pub struct Resident {
 }
 
 impl Resident {
-    /// A recorded mapping's entry, as the record table holds it.
-    fn of((&ipa, m): (&u64, &Installed)) -> Self {
-        Self { ipa: Ipa::new(ipa), size: m.size.bytes(), order: m.order }
+    /// A recorded mapping, as eviction sees it.
+    fn of(m: Record) -> Self {
+        Self { ipa: m.ipa, size: m.size.bytes(), order: m.order }
     }
 }
 
@@ -111,24 +84,17 @@ struct Invalidation {
 /// unwinding included).
 pub struct HeldRecords<'a> {
     state: &'a MappingState,
-    mappings: MutexGuard<'a, BTreeMap<u64, Installed>>,
+    mappings: MutexGuard<'a, RecordTable>,
 }
 
 impl HeldRecords<'_> {
     /// Records `all`, each with its install order: in IPA order, no two at
-    /// one IPA (checked handed-over records). Into records that are empty,
-    /// as held ones are, the table is built in one pass with its nodes full
-    /// rather than inserted one by one (half-full nodes, twice the memory
-    /// to fault in: a takeover's ten thousand mappings are adopted while
-    /// faults are served beside it).
+    /// one IPA (checked handed-over records).
     pub fn adopt(&mut self, all: Vec<(Ipa, Installed)>) {
-        if !self.mappings.is_empty() {
-            for (ipa, installed) in all {
-                self.state.put(&mut self.mappings, ipa, installed);
-            }
-            return;
+        for (ipa, installed) in all {
+            // One not placed is logged by `put`; the rest go on.
+            let _ = self.state.put(&mut self.mappings, ipa, installed);
         }
-        self.state.fill(&mut self.mappings, all);
     }
 
     /// Lets the records go; the next mapping recorded gets `next_order` or
@@ -180,7 +146,7 @@ impl ChangeJournal<'_> {
         };
         // In IPA order, as the journal is.
         for (ipa, before) in touched {
-            match (before, installed.get(&ipa).map(|m| m.handed(ipa))) {
+            match (before, installed.get(ipa).map(|m| installed.handed(&m))) {
                 (before, Some(now)) if before != Some(now) => delta.put.push(now),
                 (Some(_), None) => delta.removed.push(Ipa::new(ipa)),
                 _ => {}
@@ -209,7 +175,7 @@ pub struct MappingState {
     /// Each memslot's dirty log (by memslot id).
     dirty: Vec<DirtyLog>,
     /// Installed mappings by IPA.
-    installed: Mutex<BTreeMap<u64, Installed>>,
+    installed: Mutex<RecordTable>,
     /// Table pages not yet handed to the core.
     pool: Mutex<PagePool>,
     /// Latest invalidation sequence the core reported.
@@ -247,11 +213,12 @@ impl MappingState {
     /// daemon).
     pub fn with_dirty_logs(layout: &VmLayout, pool: PagePool, dirty: Vec<DirtyLog>) -> Self {
         let sizes: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.size, r.page_size)).collect();
+        let pins = Pins::new(&sizes);
         Self {
-            pins: Pins::new(&sizes),
+            installed: Mutex::new(RecordTable::new(layout, pins.clone())),
+            pins,
             populated: layout.regions.iter().map(|r| PageBitmap::new(r.size.div_ceil(PAGE_SIZE))).collect(),
             dirty,
-            installed: Mutex::new(BTreeMap::new()),
             pool: Mutex::new(pool),
             core_seq: AtomicU64::new(0),
             invalidations: Mutex::new(VecDeque::new()),
@@ -334,7 +301,7 @@ impl MappingState {
         self.core_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
-    fn installed(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Installed>> {
+    fn installed(&self) -> MutexGuard<'_, RecordTable> {
         self.installed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -342,13 +309,12 @@ impl MappingState {
     /// `[start, start + len)`: a block there would overlap its table (the
     /// core refuses that; KVM would tear the table down).
     pub fn has_smaller_mapping(&self, start: Ipa, len: u64) -> bool {
-        self.installed().range(start.raw()..start.raw() + len).any(|(_, m)| m.size.bytes() < len)
+        self.installed().range(start.raw()..start.raw() + len).any(|m| m.size.bytes() < len)
     }
 
     /// True if a recorded mapping covers `ipa`.
     pub fn is_mapped(&self, ipa: Ipa) -> bool {
-        let installed = self.installed();
-        installed.range(..=ipa.raw()).next_back().is_some_and(|(&start, m)| ipa.raw() < start + m.size.bytes())
+        self.installed().last_before(ipa.raw() + 1).is_some_and(|m| ipa.raw() < m.end())
     }
 
     /// Mappings recorded.
@@ -375,9 +341,8 @@ impl MappingState {
     }
 
     /// Takes `all` (in IPA order, no two at one IPA: a core's leaves) as the
-    /// mappings of a VM that has none recorded yet, built in one pass
-    /// rather than inserted one by one (a rebuild of a million mappings),
-    /// in install order as listed; returns how many. With mappings already
+    /// mappings of a VM that has none recorded yet, in install order as
+    /// listed; returns how many were recorded. With mappings already
     /// recorded, it records them as [`Self::record_all`] does.
     pub fn adopt(&self, all: Vec<(Ipa, Installed)>) -> usize {
         let mut mappings = self.installed();
@@ -385,27 +350,12 @@ impl MappingState {
             drop(mappings);
             return self.record_all(all);
         }
-        let n = all.len();
-        let first = self.installs.fetch_add(n as u64, Ordering::Relaxed);
-        let ordered = all.into_iter().enumerate();
-        self.fill(&mut mappings, ordered.map(|(i, (ipa, m))| (ipa, Installed { order: first + i as u64, ..m })));
-        n
-    }
-
-    /// Fills `mappings` (the records, locked and empty) with `all`, in IPA
-    /// order with no two at one IPA, in one pass: the table built with its
-    /// nodes full rather than inserted into one by one. Keeps resident bytes
-    /// in step.
-    fn fill(&self, mappings: &mut BTreeMap<u64, Installed>, all: impl IntoIterator<Item = (Ipa, Installed)>) {
-        let mut bytes = 0;
-        *mappings = all
-            .into_iter()
-            .map(|(ipa, installed)| {
-                bytes += installed.size.bytes();
-                (ipa.raw(), installed)
-            })
-            .collect();
-        self.resident.fetch_add(bytes, Ordering::AcqRel);
+        let first = self.installs.fetch_add(all.len() as u64, Ordering::Relaxed);
+        let mut recorded = 0;
+        for (i, (ipa, m)) in all.into_iter().enumerate() {
+            recorded += usize::from(self.put(&mut mappings, ipa, Installed { order: first + i as u64, ..m }).is_ok());
+        }
+        recorded
     }
 
     /// Holds the records of a VM that has none yet until handed-over ones
@@ -427,11 +377,11 @@ impl MappingState {
     }
 
     /// [`Self::handed_records`] of `installed`, the records, locked.
-    fn records_of(&self, installed: &BTreeMap<u64, Installed>) -> HandedRecords {
+    fn records_of(&self, installed: &RecordTable) -> HandedRecords {
         HandedRecords {
             seq: self.sample_seq(),
             next_order: self.installs.load(Ordering::Relaxed),
-            mappings: installed.iter().map(|(&ipa, m)| m.handed(ipa)).collect(),
+            mappings: installed.iter().map(|m| installed.handed(&m)).collect(),
             free: self.pool.lock().unwrap_or_else(|e| e.into_inner()).windows().to_vec(),
         }
     }
@@ -449,10 +399,10 @@ impl MappingState {
     /// Notes in the journal, if on, that the record at `ipa` changes from
     /// `before` (`installed`'s lock held). The first note since the last
     /// mark keeps what the IPA recorded then.
-    fn journal_change(&self, ipa: u64, before: Option<&Installed>) {
+    fn journal_change(&self, ipa: u64, before: Option<HandedMapping>) {
         if self.journaling.load(Ordering::Relaxed) {
             if let Some(journal) = self.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                journal.entry(ipa).or_insert_with(|| before.map(|m| m.handed(ipa)));
+                journal.entry(ipa).or_insert(before);
             }
         }
     }
@@ -477,11 +427,7 @@ impl MappingState {
     }
 
     /// [`Self::record_all`] into `mappings`, the records, locked.
-    fn record_locked(
-        &self,
-        mappings: &mut BTreeMap<u64, Installed>,
-        all: impl IntoIterator<Item = (Ipa, Installed)>,
-    ) -> usize {
+    fn record_locked(&self, mappings: &mut RecordTable, all: impl IntoIterator<Item = (Ipa, Installed)>) -> usize {
         let invalidations = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
         let mut recorded = 0;
         for (ipa, mut installed) in all {
@@ -493,22 +439,34 @@ impl MappingState {
                 continue;
             }
             installed.order = self.installs.fetch_add(1, Ordering::Relaxed);
-            self.put(mappings, ipa, installed);
-            recorded += 1;
+            recorded += usize::from(self.put(mappings, ipa, installed).is_ok());
         }
         recorded
     }
 
     /// Puts a mapping in `mappings` (the records, locked), replacing one at
-    /// the same IPA (returned), and keeps resident bytes in step.
-    fn put(&self, mappings: &mut BTreeMap<u64, Installed>, ipa: Ipa, installed: Installed) -> Option<Installed> {
-        self.journal_change(ipa.raw(), mappings.get(&ipa.raw()));
-        self.resident.fetch_add(installed.size.bytes(), Ordering::AcqRel);
-        let old = mappings.insert(ipa.raw(), installed);
-        if let Some(old) = &old {
-            self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+    /// the same IPA (returned), and keeps resident bytes in step. A mapping
+    /// its memslot does not place at its PA with its pin (never made by a
+    /// fault or a checked rebuild) is not recorded, and its pages stay
+    /// pinned for good: the core maps them.
+    fn put(&self, mappings: &mut RecordTable, ipa: Ipa, installed: Installed) -> Result<Option<Record>, Ipa> {
+        let before = mappings.get(ipa.raw()).map(|m| mappings.handed(&m));
+        let bytes = installed.size.bytes();
+        match mappings.insert(ipa, installed) {
+            Ok(old) => {
+                self.journal_change(ipa.raw(), before);
+                self.resident.fetch_add(bytes, Ordering::AcqRel);
+                if let Some((old, _)) = &old {
+                    self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
+                }
+                Ok(old.map(|(old, _)| old))
+            }
+            Err(unplaced) => {
+                tracing::error!(%ipa, bytes, pa = %unplaced.pa, "not recording a mapping its memslot does not place so; its pages stay pinned");
+                std::mem::forget(unplaced.pin);
+                Err(ipa)
+            }
         }
-        old
     }
 
     /// Reconciles an unmap or write-protect the core executed over
@@ -528,18 +486,18 @@ impl MappingState {
         let end = start.raw() + len;
         // Mappings never overlap: of those that start before `start`, only
         // the last can reach into the range. The rest start inside it.
-        let first = mappings.range(..start.raw()).next_back().map_or(start.raw(), |(&ipa, _)| ipa);
-        let doomed: Vec<u64> = mappings
-            .range(first..end)
-            .filter(|(&ipa, m)| ipa + m.size.bytes() > start.raw() && m.seq < seq_after)
-            .map(|(&ipa, _)| ipa)
-            .collect();
-        for &ipa in &doomed {
-            self.journal_change(ipa, mappings.get(&ipa));
+        let first = mappings.last_before(start.raw()).map_or(start.raw(), |m| m.ipa.raw());
+        let doomed: Vec<Record> =
+            mappings.range(first..end).filter(|m| m.end() > start.raw() && m.seq < seq_after).collect();
+        let mut pages = 0;
+        for m in doomed {
+            self.journal_change(m.ipa.raw(), Some(mappings.handed(&m)));
+            if let Some((removed, released)) = mappings.remove(m.ipa.raw()) {
+                self.resident.fetch_sub(removed.size.bytes(), Ordering::AcqRel);
+                pages += released as u64;
+            }
         }
-        let removed: Vec<Installed> = doomed.iter().filter_map(|ipa| mappings.remove(ipa)).collect();
-        self.resident.fetch_sub(removed.iter().map(|m| m.size.bytes()).sum(), Ordering::AcqRel);
-        removed.iter().map(|m| m.pin.pages() as u64).sum()
+        pages
     }
 
     /// Amends records adopted from a warm takeover's snapshot with its
@@ -554,18 +512,18 @@ impl MappingState {
         let mut mappings = self.installed();
         let mut gone = Vec::with_capacity(removed.len());
         for &ipa in removed {
-            let old = mappings.remove(&ipa.raw()).ok_or(ipa)?;
+            let (old, _) = mappings.remove(ipa.raw()).ok_or(ipa)?;
             self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
             gone.push((ipa, old.size.bytes()));
         }
         for (ipa, installed) in put {
             let (start, end) = (ipa.raw(), ipa.raw() + installed.size.bytes());
-            let below = mappings.range(..start).next_back().is_some_and(|(&at, m)| at + m.size.bytes() > start);
+            let below = mappings.last_before(start).is_some_and(|m| m.end() > start);
             let above = mappings.range(start + 1..end).next().is_some();
             if below || above {
                 return Err(ipa);
             }
-            if let Some(old) = self.put(&mut mappings, ipa, installed) {
+            if let Some(old) = self.put(&mut mappings, ipa, installed)? {
                 gone.push((ipa, old.size.bytes()));
             }
         }
@@ -576,9 +534,7 @@ impl MappingState {
     /// Drops every mapping record (the VM is going away); returns the pages
     /// whose pins were released.
     pub fn release_all(&self) -> u64 {
-        let mut m = self.installed();
-        let pages = m.values().map(|i| i.pin.pages() as u64).sum();
-        m.clear();
+        let pages = self.installed().clear();
         self.resident.store(0, Ordering::Release);
         pages
     }
@@ -589,6 +545,7 @@ mod tests {
     use super::*;
     use crate::memory::memslot::SlotFlags;
     use hyp_core::ownership::VmId;
+    use hyp_core::stage2::MapSize;
 
     fn state(page_size: u64) -> (VmLayout, MappingState) {
         let logged = SlotFlags { read_only: false, dirty_log: true };
@@ -746,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn adopted_records_are_built_in_one_pass_or_merged_into_ones_already_there() {
+    fn adopted_records_are_recorded_in_order_or_merged_into_ones_already_there() {
         let (_, m) = state(4096);
         let installed = |off: u64, order| Installed {
             order,

@@ -14,6 +14,7 @@ pub mod memslot;
 pub mod pin;
 pub mod pool;
 pub mod pressure;
+pub mod records;
 pub mod region;
 pub mod swap;
 pub mod vma;

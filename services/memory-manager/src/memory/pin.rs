@@ -61,8 +61,9 @@ impl Pins {
         Arc::new(Self { regions })
     }
 
-    /// Pins the pages of `[offset, offset + len)` of `region`.
-    pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
+    /// The backing pages a pin of `[offset, offset + len)` of `region`
+    /// holds.
+    pub fn span(&self, region: usize, offset: u64, len: u64) -> Result<PinSpan, PinError> {
         let err = PinError::OutOfRange { region, offset, len };
         let r = self.regions.get(region).ok_or(err)?;
         let limit = r.counts.len() as u64 * (1u64 << r.shift);
@@ -70,10 +71,24 @@ impl Pins {
         let end = end.ok_or(err)?;
         let first = (offset >> r.shift) as usize;
         let pages = (((end - 1) >> r.shift) + 1) as usize - first;
-        for i in first..first + pages {
-            r.counts.get_or_make(i).fetch_add(1, Ordering::AcqRel);
+        Ok(PinSpan { region, first, pages })
+    }
+
+    /// Pins the pages of `[offset, offset + len)` of `region`.
+    pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
+        let span = self.span(region, offset, len)?;
+        let counts = &self.regions[region].counts;
+        for i in span.first..span.first + span.pages {
+            counts.get_or_make(i).fetch_add(1, Ordering::AcqRel);
         }
-        Ok(PinGuard { pins: self.clone(), region, first, pages })
+        Ok(PinGuard { pins: self.clone(), region, first: span.first, pages: span.pages })
+    }
+
+    /// The pin [`MappingPin::into_span`] let go of, as a guard again. Only
+    /// the owner of that span may take it back (the memory module's record
+    /// table): taken twice, it would release counts another pin holds.
+    pub(super) fn take_back(self: &Arc<Self>, span: PinSpan) -> MappingPin {
+        MappingPin(PinGuard { pins: self.clone(), region: span.region, first: span.first, pages: span.pages })
     }
 
     /// Pin count of the backing page holding `offset`.
@@ -94,6 +109,19 @@ impl Pins {
             counts.get_or_make(i).fetch_sub(1, Ordering::AcqRel);
         }
     }
+}
+
+/// The backing pages one pin holds: what the record table keeps of an
+/// installed mapping's pin instead of its guard (it follows from the
+/// mapping's IPA, so the table keeps nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinSpan {
+    /// Region index.
+    pub region: usize,
+    /// First backing page.
+    pub first: usize,
+    /// Backing pages.
+    pub pages: usize,
 }
 
 /// Pages pinned for a fault in progress; released on drop.
@@ -132,6 +160,21 @@ impl MappingPin {
     /// Pages held.
     pub fn pages(&self) -> usize {
         self.0.pages
+    }
+
+    /// The pages held, without the guard: they stay pinned until
+    /// [`Pins::take_back`] makes a guard of the span again.
+    pub(super) fn into_span(self) -> PinSpan {
+        let span = self.span();
+        let mut guard = self.0;
+        // Dropped holding no page: nothing released.
+        guard.pages = 0;
+        span
+    }
+
+    /// The pages held.
+    pub fn span(&self) -> PinSpan {
+        PinSpan { region: self.0.region, first: self.0.first, pages: self.0.pages }
     }
 }
 

@@ -1,0 +1,414 @@
+//! A VM's installed-mapping records, kept compact: a guest with every
+//! 4 KiB page of 1 TiB mapped has 268 million of them, and KVM keeps
+//! nothing per mapping beyond its stage-2 leaf.
+//!
+//! A record keeps only what nothing else tells: the mapping's size, the
+//! core's invalidation sequence when it was installed, and its install
+//! order. Its output PA and the backing pages its pin holds follow from
+//! its IPA through the VM's memslots, the way a fault and a rebuild place
+//! a mapping: the table checks that each mapping it takes is placed so,
+//! keeps its pin as counts taken (no guard), and makes a guard of them
+//! again when the record goes, so the pin is released exactly once.
+//!
+//! Records are grouped by the 2 MiB block of IPA they start in, each block
+//! a vector sorted by IPA: 24 bytes a 4 KiB mapping in a full block, where
+//! a B-tree of whole records (PA and pin guard included) took about 150.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
+use hyp_core::stage2::MapSize;
+
+use super::handover::HandedMapping;
+use super::layout::VmLayout;
+use super::pin::{MappingPin, PinSpan, Pins};
+
+/// log2 of the IPA span of one block of records (2 MiB).
+const BLOCK_SHIFT: u32 = 21;
+/// log2 of the page a record's place in its block counts in.
+const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+
+/// A mapping the core confirmed, with the pin that keeps its pages: what
+/// the table takes.
+#[derive(Debug)]
+pub struct Installed {
+    /// Mapping size.
+    pub size: MapSize,
+    /// Output PA.
+    pub pa: Pa,
+    /// The core's invalidation sequence when it was installed.
+    pub seq: u64,
+    /// The pages' pin.
+    pub pin: MappingPin,
+    /// Install order within the VM, set when it is recorded (FIFO/LIFO
+    /// eviction).
+    pub order: u64,
+}
+
+impl Installed {
+    /// A mapping the core reports installed, to record.
+    pub fn new(size: MapSize, pa: Pa, seq: u64, pin: MappingPin) -> Self {
+        Self { size, pa, seq, pin, order: 0 }
+    }
+}
+
+/// A recorded mapping, as the table reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// First IPA.
+    pub ipa: Ipa,
+    /// Mapping size.
+    pub size: MapSize,
+    /// The core's invalidation sequence when it was installed.
+    pub seq: u64,
+    /// Install order.
+    pub order: u64,
+}
+
+impl Record {
+    /// One past the last byte of IPA it maps.
+    pub fn end(&self) -> u64 {
+        self.ipa.raw() + self.size.bytes()
+    }
+}
+
+/// A record in its block: the page it starts at within the block.
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    page: u16,
+    size: MapSize,
+    seq: u64,
+    order: u64,
+}
+
+// The table's cost per 4 KiB mapping.
+const _: () = assert!(std::mem::size_of::<Row>() == 24);
+
+/// A memslot as placement reads it.
+#[derive(Clone, Copy, Debug)]
+struct SlotPlace {
+    gpa: u64,
+    end: u64,
+    region: usize,
+    region_offset: u64,
+    region_pa: u64,
+    region_size: u64,
+}
+
+/// Where a recorded mapping's IPA lives.
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    region: usize,
+    offset: u64,
+    pa: u64,
+}
+
+/// A VM's installed mappings by IPA.
+#[derive(Debug)]
+pub struct RecordTable {
+    /// Rows by block index (IPA >> 21), each sorted, none empty.
+    blocks: BTreeMap<u64, Vec<Row>>,
+    len: usize,
+    /// The VM's memslots, in IPA order.
+    slots: Vec<SlotPlace>,
+    pins: Arc<Pins>,
+}
+
+impl RecordTable {
+    /// No records, for a VM with `layout` whose pins are `pins`.
+    pub fn new(layout: &VmLayout, pins: Arc<Pins>) -> Self {
+        let slots = layout
+            .memslots
+            .iter()
+            .filter_map(|m| {
+                let region = layout.regions.get(m.region)?;
+                Some(SlotPlace {
+                    gpa: m.gpa.raw(),
+                    end: m.end(),
+                    region: m.region,
+                    region_offset: m.region_offset,
+                    region_pa: region.pa_base.raw(),
+                    region_size: region.size,
+                })
+            })
+            .collect();
+        Self { blocks: BTreeMap::new(), len: 0, slots, pins }
+    }
+
+    /// Records.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region, offset and PA of `ipa`, as its memslot places it.
+    fn placed(&self, ipa: u64) -> Option<Placed> {
+        let slot = self.slots[..self.slots.partition_point(|s| s.gpa <= ipa)].last().filter(|s| ipa < s.end)?;
+        let offset = slot.region_offset + (ipa - slot.gpa);
+        (offset < slot.region_size).then(|| Placed { region: slot.region, offset, pa: slot.region_pa + offset })
+    }
+
+    /// The pin a mapping of `size` at `ipa` holds, as placed.
+    fn span(&self, ipa: u64, size: MapSize) -> Option<(Placed, PinSpan)> {
+        let placed = self.placed(ipa)?;
+        Some((placed, self.pins.span(placed.region, placed.offset, size.bytes()).ok()?))
+    }
+
+    /// Records `m` at `ipa`, replacing the record there (returned, its pin
+    /// released, with the pages it held). A mapping its memslot does not
+    /// place at its PA with that pin, or that is not aligned to its size, is
+    /// given back unrecorded.
+    pub fn insert(&mut self, ipa: Ipa, m: Installed) -> Result<Option<(Record, usize)>, Installed> {
+        let placed = ipa.is_aligned(m.size.bytes()).then(|| self.span(ipa.raw(), m.size)).flatten();
+        if !placed.is_some_and(|(at, span)| at.pa == m.pa.raw() && span == m.pin.span()) {
+            return Err(m);
+        }
+        let Installed { size, seq, order, pin, .. } = m;
+        // Held by the table from here: taken back when the record goes.
+        let _ = pin.into_span();
+        let (block, page) = Self::place_in_block(ipa.raw());
+        let row = Row { page, size, seq, order };
+        let rows = self.blocks.entry(block).or_default();
+        match rows.binary_search_by_key(&page, |r| r.page) {
+            Ok(i) => {
+                let old = std::mem::replace(&mut rows[i], row);
+                Ok(Some(self.release(block, old)))
+            }
+            Err(i) => {
+                rows.insert(i, row);
+                self.len += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the record at `ipa`: it and the pages its pin held (now
+    /// released).
+    pub fn remove(&mut self, ipa: u64) -> Option<(Record, usize)> {
+        if ipa % PAGE_SIZE != 0 {
+            return None;
+        }
+        let (block, page) = Self::place_in_block(ipa);
+        let rows = self.blocks.get_mut(&block)?;
+        let i = rows.binary_search_by_key(&page, |r| r.page).ok()?;
+        let row = rows.remove(i);
+        if rows.is_empty() {
+            self.blocks.remove(&block);
+        } else if rows.len() * 4 < rows.capacity() {
+            rows.shrink_to(rows.len() * 2);
+        }
+        self.len -= 1;
+        Some(self.release(block, row))
+    }
+
+    /// The record at `ipa`.
+    pub fn get(&self, ipa: u64) -> Option<Record> {
+        let (block, page) = Self::place_in_block(ipa);
+        let rows = self.blocks.get(&block).filter(|_| ipa % PAGE_SIZE == 0)?;
+        let i = rows.binary_search_by_key(&page, |r| r.page).ok()?;
+        Some(record(block, &rows[i]))
+    }
+
+    /// The records that start inside `range`, in IPA order.
+    pub fn range(&self, range: Range<u64>) -> impl Iterator<Item = Record> + '_ {
+        let Range { start, end } = range;
+        let blocks = if start < end { (start >> BLOCK_SHIFT)..((end - 1) >> BLOCK_SHIFT) + 1 } else { 0..0 };
+        self.blocks.range(blocks).flat_map(move |(&block, rows)| {
+            let lo = rows.partition_point(|r| record(block, r).ipa.raw() < start);
+            let hi = rows.partition_point(|r| record(block, r).ipa.raw() < end);
+            rows[lo..hi].iter().map(move |r| record(block, r))
+        })
+    }
+
+    /// Every record, in IPA order.
+    pub fn iter(&self) -> impl Iterator<Item = Record> + '_ {
+        self.blocks.iter().flat_map(|(&block, rows)| rows.iter().map(move |r| record(block, r)))
+    }
+
+    /// The last record that starts below `ipa`.
+    pub fn last_before(&self, ipa: u64) -> Option<Record> {
+        let last = ipa.checked_sub(1)?;
+        // Blocks hold at least one row: only the first looked at can hold
+        // none below `ipa`.
+        self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, rows)| {
+            let n = rows.partition_point(|r| record(block, r).ipa.raw() <= last);
+            n.checked_sub(1).map(|i| record(block, &rows[i]))
+        })
+    }
+
+    /// `record` as handed over in a takeover.
+    pub fn handed(&self, record: &Record) -> HandedMapping {
+        // Recorded only where placed (memslots do not change).
+        let pa = self.placed(record.ipa.raw()).map_or(0, |p| p.pa);
+        HandedMapping { ipa: record.ipa, size: record.size.bytes(), pa: Pa::new(pa), order: record.order }
+    }
+
+    /// Removes every record; returns the pages their pins held.
+    pub fn clear(&mut self) -> u64 {
+        let blocks = std::mem::take(&mut self.blocks);
+        self.len = 0;
+        blocks
+            .into_iter()
+            .flat_map(|(block, rows)| rows.into_iter().map(move |r| (block, r)))
+            .fold(0, |pages, (b, r)| pages + self.release(b, r).1 as u64)
+    }
+
+    /// The block and page in it of `ipa`.
+    fn place_in_block(ipa: u64) -> (u64, u16) {
+        (ipa >> BLOCK_SHIFT, ((ipa >> PAGE_SHIFT) & ((1 << (BLOCK_SHIFT - PAGE_SHIFT)) - 1)) as u16)
+    }
+
+    /// The record of `row` in `block`, its pin released.
+    fn release(&self, block: u64, row: Row) -> (Record, usize) {
+        let record = record(block, &row);
+        // Recorded only where placed, with this span's pin taken.
+        let pages = self.span(record.ipa.raw(), record.size).map_or(0, |(_, span)| {
+            // Dropped here: released.
+            self.pins.take_back(span).pages()
+        });
+        (record, pages)
+    }
+}
+
+impl Drop for RecordTable {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The record of `row` in `block`.
+fn record(block: u64, row: &Row) -> Record {
+    let ipa = (block << BLOCK_SHIFT) | (u64::from(row.page) << PAGE_SHIFT);
+    Record { ipa: Ipa::new(ipa), size: row.size, seq: row.seq, order: row.order }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::memslot::SlotFlags;
+    use hyp_core::ownership::VmId;
+
+    const RAM: u64 = 0x4000_0000;
+    const HIGH: u64 = 0x1_0000_0000;
+
+    /// 64 MiB of region at PA 0x4000_0000: RAM at its IPA, and its second
+    /// half again at 4 GiB (another memslot, another offset).
+    fn table() -> (VmLayout, RecordTable, Arc<Pins>) {
+        let slots = [(RAM, 64 << 20, 0, SlotFlags::default()), (HIGH, 32 << 20, 32 << 20, SlotFlags::default())];
+        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(RAM), 64 << 20, 4096, &slots).unwrap();
+        let pins = Pins::new(&[(64 << 20, 4096)]);
+        let table = RecordTable::new(&layout, pins.clone());
+        (layout, table, pins)
+    }
+
+    /// A mapping as a fault makes it: placed by its memslot, pinned.
+    fn installed(layout: &VmLayout, pins: &Arc<Pins>, ipa: u64, size: MapSize, seq: u64, order: u64) -> Installed {
+        let slot = layout.memslots.lookup(Ipa::new(ipa)).unwrap();
+        let b = layout.backing(slot, Ipa::new(ipa)).unwrap();
+        let pin = pins.pin(b.region, b.offset, size.bytes()).unwrap().into_mapping();
+        Installed { order, ..Installed::new(size, b.pa, seq, pin) }
+    }
+
+    #[test]
+    fn records_read_back_as_a_sorted_map_would_hold_them() {
+        let (layout, mut table, pins) = table();
+        let mut model: BTreeMap<u64, (MapSize, u64, u64)> = BTreeMap::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for step in 0..4000u64 {
+            let base = if next(4) == 0 { HIGH } else { RAM };
+            let span = if base == HIGH { 32 << 20 } else { 64 << 20 };
+            let size = if next(8) == 0 { MapSize::Block2M } else { MapSize::Page4K };
+            let ipa = base + next(span / size.bytes()) * size.bytes();
+            if next(3) == 0 {
+                let removed = table.remove(ipa).map(|(r, pages)| (r.size, r.seq, r.order, pages));
+                let expected = model.remove(&ipa).map(|(s, q, o)| (s, q, o, (s.bytes() / 4096) as usize));
+                assert_eq!(removed, expected, "step {step}: remove {ipa:#x}");
+            } else {
+                let m = installed(&layout, &pins, ipa, size, step, step + 1000);
+                let old = table.insert(Ipa::new(ipa), m).expect("placed").map(|(r, _)| (r.size, r.seq, r.order));
+                assert_eq!(old, model.insert(ipa, (size, step, step + 1000)), "step {step}: insert {ipa:#x}");
+            }
+            assert_eq!(table.len(), model.len());
+            // Bounds on and off page boundaries (records start on them).
+            let (lo, hi) = (RAM + next(128 << 20), RAM + next(HIGH));
+            let (lo, hi) = if next(2) == 0 { (lo & !0xfff, hi & !0xfff) } else { (lo, hi) };
+            let got: Vec<u64> = table.range(lo..hi).map(|r| r.ipa.raw()).collect();
+            let want: Vec<u64> = model.range(lo..hi.max(lo)).map(|(&ipa, _)| ipa).collect();
+            assert_eq!(got, want, "step {step}: range {lo:#x}..{hi:#x}");
+            // Below a bound, and at or below it (is a page mapped).
+            for below in [hi, hi + 1] {
+                let before = table.last_before(below).map(|r| r.ipa.raw());
+                let want = model.range(..below).next_back().map(|(&ipa, _)| ipa);
+                assert_eq!(before, want, "step {step}: before {below:#x}");
+            }
+        }
+        let all: Vec<(u64, MapSize, u64, u64)> = table.iter().map(|r| (r.ipa.raw(), r.size, r.seq, r.order)).collect();
+        let want: Vec<(u64, MapSize, u64, u64)> = model.iter().map(|(&ipa, &(s, q, o))| (ipa, s, q, o)).collect();
+        assert_eq!(all, want);
+        // Each record holds its own pin: the pages of what is recorded.
+        let pages: u64 = model.values().map(|(s, _, _)| s.bytes() / 4096).sum();
+        assert_eq!(pins.total(), pages);
+        assert_eq!(table.clear(), pages);
+        assert_eq!((pins.total(), table.len(), table.iter().count()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_record_knows_its_pa_from_its_memslot() {
+        let (layout, mut table, pins) = table();
+        let ipa = HIGH + (2 << 20);
+        table.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Block2M, 7, 3)).unwrap();
+        let r = table.get(ipa).unwrap();
+        let handed = table.handed(&r);
+        assert_eq!((handed.pa, handed.size, handed.order), (Pa::new(RAM + (34 << 20)), 2 << 20, 3));
+        assert_eq!(table.get(ipa + 4096), None);
+    }
+
+    #[test]
+    fn a_mapping_its_memslot_does_not_place_so_is_given_back() {
+        let (layout, mut table, pins) = table();
+        // The PA of another page.
+        let mut wrong_pa = installed(&layout, &pins, RAM, MapSize::Page4K, 0, 0);
+        wrong_pa.pa = Pa::new(RAM + 4096);
+        // The pin of another page.
+        let other = pins.pin(0, 8192, 4096).unwrap().into_mapping();
+        let wrong_pin = Installed::new(MapSize::Page4K, Pa::new(RAM + 4096), 0, other);
+        // Not aligned to its size, or outside every memslot.
+        let misaligned = installed(&layout, &pins, RAM + 4096, MapSize::Page4K, 0, 0);
+        let misaligned = Installed { size: MapSize::Block2M, ..misaligned };
+        for (ipa, m) in [(RAM, wrong_pa), (RAM + 4096, wrong_pin), (RAM + 4096, misaligned)] {
+            let back = table.insert(Ipa::new(ipa), m).expect_err("not placed so");
+            drop(back);
+        }
+        assert_eq!((table.len(), pins.total()), (0, 0), "nothing kept, every pin released with what was given back");
+    }
+
+    #[test]
+    fn a_full_block_of_4k_mappings_costs_24_bytes_each() {
+        let (layout, mut table, pins) = table();
+        for page in 0..512 {
+            let ipa = RAM + page * 4096;
+            table.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, page)).unwrap();
+        }
+        let rows = &table.blocks[&(RAM >> BLOCK_SHIFT)];
+        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 24));
+        // Emptied, a block gives its memory back.
+        for page in 0..500 {
+            table.remove(RAM + page * 4096).unwrap();
+        }
+        assert!(table.blocks[&(RAM >> BLOCK_SHIFT)].capacity() <= 48);
+        drop(table);
+        assert_eq!(pins.total(), 0, "a dropped table releases its pins");
+    }
+}
