@@ -450,7 +450,9 @@ impl MappingState {
     /// fault or a checked rebuild) is not recorded, and its pages stay
     /// pinned for good: the core maps them.
     fn put(&self, mappings: &mut RecordTable, ipa: Ipa, installed: Installed) -> Result<Option<Record>, Ipa> {
-        let before = mappings.get(ipa.raw()).map(|m| mappings.handed(&m));
+        // What the journal keeps, if on (it changes only under this lock).
+        let journaling = self.journaling.load(Ordering::Relaxed);
+        let before = journaling.then(|| mappings.get(ipa.raw()).map(|m| mappings.handed(&m))).flatten();
         let bytes = installed.size.bytes();
         match mappings.insert(ipa, installed) {
             Ok(old) => {

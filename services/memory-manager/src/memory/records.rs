@@ -174,6 +174,14 @@ impl RecordTable {
         let _ = pin.into_span();
         let (block, page) = Self::place_in_block(ipa.raw());
         let row = Row { page, size, seq, order };
+        // Past the last record (a rebuild's leaves, in IPA order): appended.
+        if let Some(mut last) = self.blocks.last_entry().filter(|l| *l.key() == block) {
+            if last.get().last().is_some_and(|r| r.page < page) {
+                last.get_mut().push(row);
+                self.len += 1;
+                return Ok(None);
+            }
+        }
         let rows = self.blocks.entry(block).or_default();
         match rows.binary_search_by_key(&page, |r| r.page) {
             Ok(i) => {
