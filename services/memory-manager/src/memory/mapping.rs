@@ -335,7 +335,9 @@ impl MappingState {
     /// Records a mapping the core installed. Returns false, releasing its
     /// pin, if an invalidation the core executed after installing it has
     /// already been reconciled (the result of the map arrived late): the
-    /// mapping is gone from the tables.
+    /// mapping is gone from the tables. Also false, its pin kept and the
+    /// error logged, for a mapping the memslots do not place at its PA with
+    /// its pin, which neither a fault nor a checked rebuild makes.
     pub fn record_installed(&self, ipa: Ipa, installed: Installed) -> bool {
         self.record_all([(ipa, installed)]) == 1
     }
