@@ -401,10 +401,10 @@ impl MappingState {
     /// Notes in the journal, if on, that the record at `ipa` changes from
     /// `before` (`installed`'s lock held). The first note since the last
     /// mark keeps what the IPA recorded then.
-    fn journal_change(&self, ipa: u64, before: Option<HandedMapping>) {
+    fn journal_change(&self, ipa: u64, before: impl FnOnce() -> Option<HandedMapping>) {
         if self.journaling.load(Ordering::Relaxed) {
             if let Some(journal) = self.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                journal.entry(ipa).or_insert(before);
+                journal.entry(ipa).or_insert_with(before);
             }
         }
     }
@@ -458,7 +458,7 @@ impl MappingState {
         let bytes = installed.size.bytes();
         match mappings.insert(ipa, installed) {
             Ok(old) => {
-                self.journal_change(ipa.raw(), before);
+                self.journal_change(ipa.raw(), || before);
                 self.resident.fetch_add(bytes, Ordering::AcqRel);
                 if let Some((old, _)) = &old {
                     self.resident.fetch_sub(old.size.bytes(), Ordering::AcqRel);
@@ -495,7 +495,7 @@ impl MappingState {
             mappings.range(first..end).filter(|m| m.end() > start.raw() && m.seq < seq_after).collect();
         let mut pages = 0;
         for m in doomed {
-            self.journal_change(m.ipa.raw(), Some(mappings.handed(&m)));
+            self.journal_change(m.ipa.raw(), || Some(mappings.handed(&m)));
             if let Some((removed, released)) = mappings.remove(m.ipa.raw()) {
                 self.resident.fetch_sub(removed.size.bytes(), Ordering::AcqRel);
                 pages += released as u64;
@@ -647,6 +647,17 @@ mod tests {
         drop(journal);
         record(63, seq);
         assert!(m.journal.lock().unwrap().is_none(), "stopped with its journal");
+    }
+
+    #[test]
+    fn a_mapping_its_memslot_does_not_place_so_is_not_recorded_and_keeps_its_pin() {
+        let (_, m) = state(4096);
+        let pin = m.pin(0, 0, 4096).unwrap().into_mapping();
+        // The page at 0x4000_0000 is at PA 0x4000_0000, not one page on.
+        let wrong = Installed::new(MapSize::Page4K, Pa::new(0x4000_1000), 0, pin);
+        assert!(!m.record_installed(Ipa::new(0x4000_0000), wrong));
+        assert_eq!((m.mapping_count(), m.resident()), (0, 0));
+        assert_eq!(m.pins().count(0, 0), 1, "the core may map it: its page stays pinned");
     }
 
     #[test]
