@@ -182,7 +182,9 @@ impl RecordTable {
                 return Ok(None);
             }
         }
-        let rows = self.blocks.entry(block).or_default();
+        // A block's first row gets room for itself only: a 2 MiB or 1 GiB
+        // mapping is alone in its block.
+        let rows = self.blocks.entry(block).or_insert_with(|| Vec::with_capacity(1));
         match rows.binary_search_by_key(&page, |r| r.page) {
             Ok(i) => {
                 let old = std::mem::replace(&mut rows[i], row);
@@ -411,6 +413,10 @@ mod tests {
         }
         let rows = &table.blocks[&(RAM >> BLOCK_SHIFT)];
         assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 24));
+        // A block mapping's block holds one row.
+        let block = RAM + (2 << 20);
+        table.insert(Ipa::new(block), installed(&layout, &pins, block, MapSize::Block2M, 0, 0)).unwrap();
+        assert_eq!(table.blocks[&(block >> BLOCK_SHIFT)].capacity(), 1);
         // Emptied, a block gives its memory back.
         for page in 0..500 {
             table.remove(RAM + page * 4096).unwrap();
