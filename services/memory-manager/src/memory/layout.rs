@@ -21,6 +21,15 @@ pub struct Backing {
     pub pa: Pa,
 }
 
+impl Backing {
+    /// Where `ipa` (in `slot`) lives, `slot`'s region being `region_size`
+    /// bytes at PA `region_pa`.
+    pub fn of(slot: &Memslot, ipa: Ipa, region_pa: Pa, region_size: u64) -> Option<Self> {
+        let offset = slot.region_offset.checked_add(ipa.raw().checked_sub(slot.gpa.raw())?)?;
+        (offset < region_size).then(|| Self { region: slot.region, offset, pa: Pa::new(region_pa.raw() + offset) })
+    }
+}
+
 /// The fixed part of one VM.
 #[derive(Debug)]
 pub struct VmLayout {
@@ -69,9 +78,8 @@ impl VmLayout {
 
     /// Where `ipa` (in `slot`) lives: its region, the offset in it, its PA.
     pub fn backing(&self, slot: &Memslot, ipa: Ipa) -> Option<Backing> {
-        let offset = slot.region_offset.checked_add(ipa.raw().checked_sub(slot.gpa.raw())?)?;
-        let pa = self.regions.get(slot.region)?.pa_at(offset)?;
-        Some(Backing { region: slot.region, offset, pa })
+        let region = self.regions.get(slot.region)?;
+        Backing::of(slot, ipa, region.pa_base, region.size)
     }
 
     /// Faults that brought evicted pages back, over every region.

@@ -19,7 +19,7 @@ pub struct SlotFlags {
 }
 
 /// One memslot.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Memslot {
     /// Index in the attach request.
     pub id: usize,
@@ -73,7 +73,7 @@ impl Memslot {
 }
 
 /// The memslots of one VM, by GPA.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Memslots {
     by_gpa: BTreeMap<u64, Memslot>,
 }

@@ -22,7 +22,8 @@ use hyp_core::addr::{Ipa, Pa, PAGE_SIZE};
 use hyp_core::stage2::MapSize;
 
 use super::handover::HandedMapping;
-use super::layout::VmLayout;
+use super::layout::{Backing, VmLayout};
+use super::memslot::Memslots;
 use super::pin::{MappingPin, PinSpan, Pins};
 
 /// log2 of the IPA span of one block of records (2 MiB).
@@ -86,55 +87,24 @@ struct Row {
 // The table's cost per 4 KiB mapping.
 const _: () = assert!(std::mem::size_of::<Row>() == 24);
 
-/// A memslot as placement reads it.
-#[derive(Clone, Copy, Debug)]
-struct SlotPlace {
-    gpa: u64,
-    end: u64,
-    region: usize,
-    region_offset: u64,
-    region_pa: u64,
-    region_size: u64,
-}
-
-/// Where a recorded mapping's IPA lives.
-#[derive(Clone, Copy, Debug)]
-struct Placed {
-    region: usize,
-    offset: u64,
-    pa: u64,
-}
-
 /// A VM's installed mappings by IPA.
 #[derive(Debug)]
 pub struct RecordTable {
     /// Rows by block index (IPA >> 21), each sorted, none empty.
     blocks: BTreeMap<u64, Vec<Row>>,
     len: usize,
-    /// The VM's memslots, in IPA order.
-    slots: Vec<SlotPlace>,
+    /// The VM's memslots.
+    memslots: Memslots,
+    /// Each guest region's PA and bytes.
+    regions: Vec<(Pa, u64)>,
     pins: Arc<Pins>,
 }
 
 impl RecordTable {
     /// No records, for a VM with `layout` whose pins are `pins`.
     pub fn new(layout: &VmLayout, pins: Arc<Pins>) -> Self {
-        let slots = layout
-            .memslots
-            .iter()
-            .filter_map(|m| {
-                let region = layout.regions.get(m.region)?;
-                Some(SlotPlace {
-                    gpa: m.gpa.raw(),
-                    end: m.end(),
-                    region: m.region,
-                    region_offset: m.region_offset,
-                    region_pa: region.pa_base.raw(),
-                    region_size: region.size,
-                })
-            })
-            .collect();
-        Self { blocks: BTreeMap::new(), len: 0, slots, pins }
+        let regions = layout.regions.iter().map(|r| (r.pa_base, r.size)).collect();
+        Self { blocks: BTreeMap::new(), len: 0, memslots: layout.memslots.clone(), regions, pins }
     }
 
     /// Records.
@@ -147,15 +117,17 @@ impl RecordTable {
         self.len == 0
     }
 
-    /// The region, offset and PA of `ipa`, as its memslot places it.
-    fn placed(&self, ipa: u64) -> Option<Placed> {
-        let slot = self.slots[..self.slots.partition_point(|s| s.gpa <= ipa)].last().filter(|s| ipa < s.end)?;
-        let offset = slot.region_offset + (ipa - slot.gpa);
-        (offset < slot.region_size).then(|| Placed { region: slot.region, offset, pa: slot.region_pa + offset })
+    /// The region, offset and PA of `ipa`, as its memslot places it
+    /// ([`VmLayout::backing`]).
+    fn placed(&self, ipa: u64) -> Option<Backing> {
+        let ipa = Ipa::new(ipa);
+        let slot = self.memslots.lookup(ipa)?;
+        let &(region_pa, region_size) = self.regions.get(slot.region)?;
+        Backing::of(slot, ipa, region_pa, region_size)
     }
 
     /// The pin a mapping of `size` at `ipa` holds, as placed.
-    fn span(&self, ipa: u64, size: MapSize) -> Option<(Placed, PinSpan)> {
+    fn span(&self, ipa: u64, size: MapSize) -> Option<(Backing, PinSpan)> {
         let placed = self.placed(ipa)?;
         Some((placed, self.pins.span(placed.region, placed.offset, size.bytes()).ok()?))
     }
@@ -166,7 +138,7 @@ impl RecordTable {
     /// given back unrecorded.
     pub fn insert(&mut self, ipa: Ipa, m: Installed) -> Result<Option<(Record, usize)>, Installed> {
         let placed = ipa.is_aligned(m.size.bytes()).then(|| self.span(ipa.raw(), m.size)).flatten();
-        if !placed.is_some_and(|(at, span)| at.pa == m.pa.raw() && span == m.pin.span()) {
+        if !placed.is_some_and(|(at, span)| at.pa == m.pa && span == m.pin.span()) {
             return Err(m);
         }
         let Installed { size, seq, order, pin, .. } = m;
@@ -255,8 +227,8 @@ impl RecordTable {
     /// `record` as handed over in a takeover.
     pub fn handed(&self, record: &Record) -> HandedMapping {
         // Recorded only where placed (memslots do not change).
-        let pa = self.placed(record.ipa.raw()).map_or(0, |p| p.pa);
-        HandedMapping { ipa: record.ipa, size: record.size.bytes(), pa: Pa::new(pa), order: record.order }
+        let pa = self.placed(record.ipa.raw()).map_or(Pa::new(0), |p| p.pa);
+        HandedMapping { ipa: record.ipa, size: record.size.bytes(), pa, order: record.order }
     }
 
     /// Removes every record; returns the pages their pins held.
