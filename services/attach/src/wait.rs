@@ -85,6 +85,39 @@ pub fn run_delay() -> Option<Duration> {
     })
 }
 
+/// Whether more threads are runnable on the host than it has CPUs online
+/// (`/proc/loadavg`'s running count, the reader included); `false` where
+/// the kernel does not say.
+///
+/// A wake-up that waited for a CPU means contention only when this holds:
+/// in a virtual machine, a CPU that went idle halts, and waking a thread
+/// on it waits for the hypervisor to run that vCPU again (a halt exit).
+/// That wait shows in `run_delay` too, and it is what spinning avoids.
+pub fn host_crowded() -> bool {
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static LOADAVG: Option<std::fs::File> = std::fs::File::open("/proc/loadavg").ok();
+    }
+    static ONLINE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let online = *ONLINE.get_or_init(|| {
+        // SAFETY: sysconf reads a system constant and has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        u32::try_from(n).unwrap_or(1).max(1)
+    });
+    LOADAVG.with(|file| {
+        let mut buf = [0u8; 128];
+        let Some(n) = file.as_ref().and_then(|f| f.read_at(&mut buf, 0).ok()) else {
+            return false;
+        };
+        std::str::from_utf8(&buf[..n]).ok().and_then(runnable_in_loadavg).is_some_and(|running| running > online)
+    })
+}
+
+/// The running count in a `/proc/loadavg` line (`0.50 0.40 0.30 3/456 789`: 3).
+fn runnable_in_loadavg(text: &str) -> Option<u32> {
+    text.split_whitespace().nth(3)?.split_once('/')?.0.parse().ok()
+}
+
 /// This thread's involuntary context switches so far: a rise while it spun
 /// means another runnable thread wanted its CPU.
 pub fn involuntary_switches() -> u64 {
@@ -100,6 +133,23 @@ pub fn involuntary_switches() -> u64 {
     unsafe { usage.assume_init() }.ru_nivcsw as u64
 }
 
+/// Where a [`Waiter`] looks for other threads wanting the CPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct Probes {
+    /// This thread's involuntary context switches so far.
+    pub switches: fn() -> u64,
+    /// This thread's time spent runnable, waiting for a CPU, so far.
+    pub run_delay: fn() -> Option<Duration>,
+    /// Whether the host has more runnable threads than CPUs right now.
+    pub crowded: fn() -> bool,
+}
+
+impl Probes {
+    /// The host's own counters: [`involuntary_switches`], [`run_delay`],
+    /// [`host_crowded`].
+    pub const HOST: Probes = Probes { switches: involuntary_switches, run_delay, crowded: host_crowded };
+}
+
 /// A waiter that spins only while spinning pays off.
 ///
 /// The spin window adapts as the haltpoll cpuidle governor's does: a sleep
@@ -108,10 +158,11 @@ pub fn involuntary_switches() -> u64 {
 /// spinning at once when another thread wants its CPU, as KVM's halt
 /// polling does (`single_task_running()`), seen from user space as an
 /// involuntary context switch during the spin, or as a wake-up that then
-/// waited for a CPU ([`run_delay`]); it then sleeps for a cooldown of waits
-/// that doubles while that keeps happening. So spinners
-/// that outnumber the cores stop stealing them from the threads they wait
-/// for, and a waiter with a core to itself spins as before.
+/// waited for a CPU ([`run_delay`]) while the host had more runnable
+/// threads than CPUs ([`host_crowded`]); it then sleeps for a cooldown of
+/// waits that doubles while that keeps happening. So spinners that
+/// outnumber the cores stop stealing them from the threads they wait for,
+/// and a waiter with a core to itself spins as before.
 #[derive(Debug)]
 pub struct Waiter<'c> {
     policy: WaitPolicy,
@@ -121,8 +172,7 @@ pub struct Waiter<'c> {
     /// Nanoseconds one poll takes, as last measured over a whole window.
     poll_ns: f64,
     counts: &'c WaitCounts,
-    switches: fn() -> u64,
-    delays: fn() -> Option<Duration>,
+    probes: Probes,
     /// [`run_delay`] after the last sleep.
     delayed: Option<Duration>,
     /// When spinning was last given up.
@@ -132,17 +182,11 @@ pub struct Waiter<'c> {
 impl<'c> Waiter<'c> {
     /// A waiter spinning at most `policy.spin_polls` polls, counting into `counts`.
     pub fn new(policy: WaitPolicy, counts: &'c WaitCounts) -> Self {
-        Self::with_probes(policy, counts, involuntary_switches, run_delay)
+        Self::with_probes(policy, counts, Probes::HOST)
     }
 
-    /// [`Waiter::new`] with other sources of involuntary switches and of
-    /// time spent waiting for a CPU (tests).
-    pub fn with_probes(
-        policy: WaitPolicy,
-        counts: &'c WaitCounts,
-        switches: fn() -> u64,
-        delays: fn() -> Option<Duration>,
-    ) -> Self {
+    /// [`Waiter::new`] looking at other [`Probes`] (tests).
+    pub fn with_probes(policy: WaitPolicy, counts: &'c WaitCounts, probes: Probes) -> Self {
         Self {
             policy,
             window: policy.spin_polls.min(GROW_START_POLLS),
@@ -150,8 +194,7 @@ impl<'c> Waiter<'c> {
             cooldown_len: MIN_COOLDOWN_WAITS,
             poll_ns: 5.0,
             counts,
-            switches,
-            delays,
+            probes,
             delayed: None,
             last_cut: None,
         }
@@ -209,15 +252,17 @@ impl<'c> Waiter<'c> {
         let slept = std::time::Instant::now();
         let got = sleep(on)?;
         if got.is_some() && self.policy.spin_polls > 0 {
-            // Woken, and then kept waiting for a CPU: the host has more
-            // runnable threads than cores, and spinning would take one.
-            let delayed = (self.delays)();
+            // Woken, and then kept waiting for a CPU while the host has
+            // more runnable threads than CPUs: spinning would take one. (A
+            // wait with CPUs to spare was an idle CPU waking up, which
+            // spinning avoids: see [`host_crowded`].)
+            let delayed = (self.probes.run_delay)();
             let waited = match (self.delayed, delayed) {
                 (Some(before), Some(now)) => now.saturating_sub(before),
                 _ => Duration::ZERO,
             };
             self.delayed = delayed;
-            if waited > OVERSUBSCRIBED_RUN_DELAY {
+            if waited > OVERSUBSCRIBED_RUN_DELAY && (self.probes.crowded)() {
                 WaitCounts::add(&self.counts.yielded);
                 self.cool_down();
             } else {
@@ -245,7 +290,7 @@ impl<'c> Waiter<'c> {
         poll: &mut impl FnMut(&mut S) -> Result<Option<T>, E>,
     ) -> Result<Spin<T>, E> {
         let start = std::time::Instant::now();
-        let mut switches = (self.switches)();
+        let mut switches = (self.probes.switches)();
         for i in 1..=self.window {
             if let Some(r) = poll(on)? {
                 // A spin that pays off: the cuts in a row are over.
@@ -253,7 +298,7 @@ impl<'c> Waiter<'c> {
                 return Ok(Spin::Got(r));
             }
             if i % CONTENTION_CHECK_POLLS == 0 || i == self.window {
-                let now = (self.switches)();
+                let now = (self.probes.switches)();
                 if now != switches {
                     return Ok(Spin::CutShort);
                 }
@@ -309,17 +354,17 @@ mod tests {
     static DELAY_MS: AtomicU64 = AtomicU64::new(0);
 
     /// Every wake-up then waits 1 ms for a CPU.
-    fn crowded() -> Option<Duration> {
+    fn slow_wake_ups() -> Option<Duration> {
         Some(Duration::from_millis(DELAY_MS.fetch_add(1, Ordering::Relaxed)))
     }
 
-    #[test]
-    fn a_wake_up_that_waits_for_a_cpu_stops_the_spinning() {
+    const QUIET: Probes = Probes { switches: never_preempted, run_delay: no_delay, crowded: || false };
+
+    /// Sleeps three times on `w`, each woken 5 ms later by another thread,
+    /// after three records that were there before the wait.
+    fn three_sleeps(w: &mut Waiter<'_>) {
         let ring = Arc::new(OwnedRing::new());
         let stop = AtomicBool::new(false);
-        let counts = WaitCounts::default();
-        let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_secs(10) };
-        let mut w = Waiter::with_probes(policy, &counts, never_preempted, crowded);
         w.window = 0; // sleep at once
         let mut p = Producer::attach(ring.view()).unwrap();
         let mut c = Consumer::attach(ring.view()).unwrap();
@@ -328,7 +373,7 @@ mod tests {
             assert_eq!(w.pop(&mut c, &stop).unwrap(), Some(Record([round; 8])));
         }
         // The record was there before the wait: no wait at all, no verdict.
-        assert_eq!(counts.read(), WaitSplit::default());
+        assert_eq!(w.counts.read(), WaitSplit::default());
         for round in 3..6u64 {
             let r2 = ring.clone();
             let producer = std::thread::spawn(move || {
@@ -339,11 +384,46 @@ mod tests {
             assert_eq!(w.pop(&mut c, &stop).unwrap(), Some(Record([round; 8])));
             producer.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_wake_up_that_waits_for_a_cpu_on_a_crowded_host_stops_the_spinning() {
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_secs(10) };
+        let probes = Probes { run_delay: slow_wake_ups, crowded: || true, ..QUIET };
+        let mut w = Waiter::with_probes(policy, &counts, probes);
+        three_sleeps(&mut w);
         // The first sleep only takes the first reading; each later one saw
         // 1 ms of waiting for a CPU and stopped the spinning.
         assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 3, yielded: 2 });
         assert_eq!(w.window(), 0);
         assert!(w.cooldown > 0);
+    }
+
+    #[test]
+    fn a_wake_up_that_waits_for_an_idle_cpu_does_not_stop_the_spinning() {
+        // Under a hypervisor an idle CPU halts, and waking a thread on it
+        // waits for that vCPU to run again: not contention.
+        let counts = WaitCounts::default();
+        let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_secs(10) };
+        let probes = Probes { run_delay: slow_wake_ups, ..QUIET };
+        let mut w = Waiter::with_probes(policy, &counts, probes);
+        three_sleeps(&mut w);
+        assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 3, yielded: 0 });
+        assert_eq!(w.cooldown, 0, "cooling down with CPUs to spare");
+        // So a sleep that a spin would have caught opens the window again.
+        w.adapt(Duration::from_nanos(1));
+        assert!(w.window() > 0);
+    }
+
+    #[test]
+    fn the_loadavg_line_gives_the_running_count() {
+        assert_eq!(runnable_in_loadavg("0.82 1.34 1.65 3/84 1246\n"), Some(3));
+        assert_eq!(runnable_in_loadavg("0.82 1.34 1.65"), None);
+        assert_eq!(runnable_in_loadavg("0.82 1.34 1.65 x/84 1246"), None);
+        // The host's own line parses, and counts at least its reader.
+        let line = std::fs::read_to_string("/proc/loadavg").unwrap();
+        assert!(runnable_in_loadavg(&line).unwrap() >= 1, "{line}");
     }
 
     #[test]
@@ -353,7 +433,7 @@ mod tests {
         let mut c = Consumer::attach(ring.view()).unwrap();
         let counts = WaitCounts::default();
         let policy = WaitPolicy { spin_polls: 20_000, sleep_slice: Duration::from_millis(5) };
-        let mut w = Waiter::with_probes(policy, &counts, always_preempted, no_delay);
+        let mut w = Waiter::with_probes(policy, &counts, Probes { switches: always_preempted, ..QUIET });
         assert!(w.window() > 0, "spins at first");
         assert_eq!(w.pop(&mut c, &stop).unwrap(), None);
         assert_eq!(counts.read(), WaitSplit { spun: 0, slept: 1, yielded: 1 });
@@ -377,7 +457,7 @@ mod tests {
     fn the_window_grows_on_short_sleeps_and_shrinks_on_long_ones() {
         let counts = WaitCounts::default();
         let policy = WaitPolicy { spin_polls: 2_000, sleep_slice: Duration::from_millis(5) };
-        let mut w = Waiter::with_probes(policy, &counts, never_preempted, no_delay);
+        let mut w = Waiter::with_probes(policy, &counts, QUIET);
         w.poll_ns = 10.0; // the longest window: 20 us
         let start = w.window();
         w.adapt(Duration::from_micros(5));
@@ -389,7 +469,7 @@ mod tests {
         w.adapt(Duration::from_micros(100));
         assert_eq!(w.window(), 1_000, "no spin would have caught it");
         // A policy that never spins never starts to.
-        let mut never = Waiter::with_probes(WaitPolicy { spin_polls: 0, ..policy }, &counts, never_preempted, no_delay);
+        let mut never = Waiter::with_probes(WaitPolicy { spin_polls: 0, ..policy }, &counts, QUIET);
         never.adapt(Duration::from_nanos(1));
         assert_eq!(never.window(), 0);
     }
@@ -400,7 +480,7 @@ mod tests {
         let stop = AtomicBool::new(false);
         let counts = WaitCounts::default();
         let policy = WaitPolicy { spin_polls: u32::MAX, sleep_slice: Duration::from_secs(10) };
-        let mut w = Waiter::with_probes(policy, &counts, never_preempted, no_delay);
+        let mut w = Waiter::with_probes(policy, &counts, QUIET);
         w.window = u32::MAX;
         let r2 = ring.clone();
         let producer = std::thread::spawn(move || {

@@ -189,9 +189,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let waits = &summary["waits"];
     outln!(
-        "  how the vCPUs waited: spun {}, slept {} (spinning gives way when threads outnumber the {} cores)",
+        "  how the vCPUs waited: spun {}, slept {}, gave up spinning {} times (when threads outnumber the {} cores)",
         waits["spun"],
         waits["slept"],
+        waits["yielded"],
         cores()
     );
     outln!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
