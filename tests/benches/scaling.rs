@@ -218,9 +218,21 @@ fn trace_row(daemon: &Daemon, args: &[&str], trace: &tempfile::NamedTempFile) ->
     )
 }
 
+/// Where the simulated machine puts its RAM.
+const RAM_GPA: u64 = 0x4000_0000;
+
+/// A daemon started with `args`, warmed by a first VM on `page_kib` pages:
+/// what a daemon makes once, not per VM (its event history, filled a second
+/// after start; the first VM's allocations), is then not in the rows.
+fn warm_daemon(args: &[&str], page_kib: &str) -> Daemon {
+    let daemon = Daemon::start(args);
+    std::thread::sleep(Duration::from_secs(2));
+    trace_row(&daemon, &["--ram-mib", "64", "--ram-page-kib", page_kib], &read_trace(RAM_GPA, 64 << 20, 100));
+    daemon
+}
+
 /// Guest size and backing filled before attach, against fault cost.
 fn size_independence() {
-    const RAM_GPA: u64 = 0x4000_0000;
     const ROM_GPA: u64 = 0x1000_0000;
     const GIB: u64 = 1 << 30;
     // Scattered over 1 TiB, each read lands in its own 2 MiB block and
@@ -231,11 +243,7 @@ fn size_independence() {
     println!();
     println!("| guest | pages read over | faults | p50 us | p99 us | daemon RSS growth KiB | of it private | private per GiB touched | of what is touched |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let daemon = Daemon::start(&["--policy", "4k", "--log-filter", "warn"]);
-    // What a daemon makes once, not per VM (its event history, filled a
-    // second after start; the first VM's allocations): made before the rows.
-    std::thread::sleep(Duration::from_secs(2));
-    trace_row(&daemon, &["--ram-mib", "64", "--ram-page-kib", "4"], &read_trace(RAM_GPA, 64 << 20, 100));
+    let daemon = warm_daemon(&["--policy", "4k", "--log-filter", "warn"], "4");
     let tib: &[&str] = &["--ram-mib", "1048576", "--ram-page-kib", "4"];
     let rows: [(&str, u64, u64, &[&str]); 5] = [
         ("RAM 1 GiB, sparse (each read fills a hole)", RAM_GPA, GIB, &["--ram-mib", "1024", "--ram-page-kib", "4"]),
@@ -262,17 +270,18 @@ fn size_independence() {
     for (name, base, span, args) in rows {
         row(name, &daemon, args, span, &read_trace(base, span, PAGES), PAGES);
     }
+    drop(daemon);
     // Touched densely: every page of 256 MiB, in order. What each mapping
     // costs the daemon, once per 4 KiB page and once per 2 MiB block (the
-    // default policy on 2 MiB backing pages).
+    // default policy on 2 MiB backing pages). Each on a daemon of its own:
+    // memory the rows above freed, still resident, would hide the cost.
     const DENSE: u64 = 256 << 20;
     let dense = dense_trace(RAM_GPA, DENSE);
     let ram = |page_kib: &'static str| -> [&'static str; 4] { ["--ram-mib", "1024", "--ram-page-kib", page_kib] };
+    let pages = warm_daemon(&["--policy", "4k", "--log-filter", "warn"], "4");
     let name = "RAM 1 GiB, every page of 256 MiB (4 KiB mappings)";
-    row(name, &daemon, &ram("4"), DENSE, &dense, DENSE / 4096);
-    let blocks = Daemon::start(&["--log-filter", "warn"]);
-    std::thread::sleep(Duration::from_secs(2));
-    trace_row(&blocks, &ram("2048"), &read_trace(RAM_GPA, 64 << 20, 100));
+    row(name, &pages, &ram("4"), DENSE, &dense, DENSE / 4096);
+    let blocks = warm_daemon(&["--log-filter", "warn"], "2048");
     let name = "RAM 1 GiB on 2 MiB pages, every page of 256 MiB (2 MiB mappings)";
     row(name, &blocks, &ram("2048"), DENSE, &dense, DENSE / 4096);
 }
