@@ -367,6 +367,14 @@ impl AttachServer {
                 reply(Status::Internal, format!("prefaulting guest memory failed: {e}"), [0; 3]);
                 return;
             }
+        } else if !reattach {
+            // Before the first fault, so not on a stall a re-attach or a
+            // takeover holds the guest in (their leaves say what is
+            // populated; the rest is found by the fill, as it is unseeded).
+            if let Err(e) = vm.mapping.seed_populated(&vm.layout) {
+                reply(Status::Internal, format!("reading which guest pages hold data failed: {e}"), [0; 3]);
+                return;
+            }
         }
         let inbox = vm.control.open();
         if !reattach {

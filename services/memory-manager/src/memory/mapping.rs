@@ -266,6 +266,24 @@ impl MappingState {
         Ok(())
     }
 
+    /// Marks the pages of `layout`'s guest regions that hold data already
+    /// (a ROM the machine filled, a restored snapshot) populated, so their
+    /// first faults skip the fill's look for holes. Pages filled later are
+    /// found by the fill as before.
+    pub fn seed_populated(&self, layout: &VmLayout) -> std::io::Result<()> {
+        for (i, r) in layout.regions.iter().enumerate().filter(|(_, r)| !r.device) {
+            for (lo, hi) in r.data_ranges()? {
+                // A page partly data (a file not a page multiple) is not
+                // whole: only whole pages are marked.
+                let (lo, hi) = (lo.next_multiple_of(PAGE_SIZE), hi / PAGE_SIZE * PAGE_SIZE);
+                if lo < hi {
+                    self.mark_populated(i, lo, hi - lo);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `slot`'s dirty log.
     pub fn dirty_log(&self, slot: &Memslot) -> &DirtyLog {
         &self.dirty[slot.id]
@@ -570,6 +588,18 @@ mod tests {
         assert!(!m.mark_populated(0, 4096 * 64, 4096));
         m.clear_populated(0, 4096 * 64, 4096);
         assert!(!m.is_populated(0, 4096 * 63, 4096 * 3));
+    }
+
+    #[test]
+    fn pages_holding_data_at_attach_are_seeded_populated_and_holes_are_not() {
+        use std::os::unix::fs::FileExt;
+        let (layout, m) = state(4096);
+        let file = layout.regions[0].memfd.as_file();
+        file.write_all_at(&[1; 4096], 3 * 4096).unwrap();
+        file.write_all_at(&[2; 3 * 4096], 100 * 4096).unwrap();
+        m.seed_populated(&layout).unwrap();
+        let populated: Vec<u64> = (0..2048).filter(|&p| m.is_populated(0, p * 4096, 4096)).collect();
+        assert_eq!(populated, [3, 100, 101, 102]);
     }
 
     #[test]

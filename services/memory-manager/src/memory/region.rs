@@ -429,6 +429,16 @@ impl GuestRegion {
         Ok(holes)
     }
 
+    /// The ranges of the region that hold data now, as region offsets
+    /// (SEEK_DATA / SEEK_HOLE over the memfd, once: a hole is skipped at
+    /// once, a range of data costs a walk of its pages). Holes may be
+    /// filled meanwhile; data stays data until the daemon punches it.
+    pub fn data_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let base = self.fd_offset;
+        let segments = super::swap::data_segments(self.memfd.as_file(), base, base + self.size)?;
+        Ok(segments.into_iter().map(|(lo, hi)| (lo - base, hi - base)).collect())
+    }
+
     /// Bytes of the backing file the guest's pages take (its allocated
     /// blocks: the host memory a shmem backing uses), and its inode, to
     /// count a file shared by several regions once.
@@ -482,6 +492,22 @@ mod tests {
         assert!(!region.fill(0x5000, 0x1000).unwrap());
         assert_eq!(region.map.load(0x5000, 8), Some(7), "data is left alone");
         assert!(matches!(region.fill(2 << 20, 4096), Err(FillError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn data_ranges_are_region_offsets_within_the_window() {
+        use std::os::unix::fs::FileExt;
+        let region = region(1 << 20);
+        assert_eq!(region.data_ranges().unwrap(), []);
+        // Before the window (the memfd's first 1 MiB is not this region's)
+        // and in it, at its first page, in a run, and at its last page.
+        let file = region.memfd.as_file();
+        file.write_all_at(&[1; 4096], 0x3000).unwrap();
+        region.map.store(0, 8, 7).unwrap();
+        region.map.store(0x8000, 8, 7).unwrap();
+        region.map.store(0x9000, 8, 7).unwrap();
+        region.map.store((1 << 20) - 8, 8, 7).unwrap();
+        assert_eq!(region.data_ranges().unwrap(), [(0, 0x1000), (0x8000, 0xa000), ((1 << 20) - 0x1000, 1 << 20)]);
     }
 
     #[test]
