@@ -177,6 +177,33 @@ async fn observe_returns_every_fault_with_filters_and_refuses_bad_arguments() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rom_filled_before_attach_reports_its_data_there_and_ram_holes_report_allocated() {
+    use sim_machine::layout::{Layout, ROM_GPA};
+    // The machine fills its read-only slot before it attaches (the daemon
+    // seeds its populated bits from that); its RAM is holes. A fault on
+    // the ROM maps data that was there; a first fault on a RAM page
+    // allocates it.
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let mut cmd = machine(&daemon);
+    cmd.args(["--vcpus", "1", "--pattern", "random", "--ops", "3000", "--seed", "5"]);
+    tokio::task::spawn_blocking(move || run_machine(cmd)).await.unwrap();
+    let mut client = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+    let all = faults(&observe(&mut client, ObserveRequest::default()).await.unwrap());
+    let rom = ROM_GPA..ROM_GPA + Layout::default().rom_size;
+    let mut seen = std::collections::HashSet::new();
+    let (rom_faults, ram_faults): (Vec<_>, Vec<_>) = all
+        .iter()
+        .filter(|e| e.outcome == Outcome::Mapped as i32 && seen.insert(e.ipa >> 12))
+        .partition(|e| rom.contains(&e.ipa));
+    assert!(rom_faults.len() > 20 && ram_faults.len() > 20, "{} ROM, {} RAM", rom_faults.len(), ram_faults.len());
+    let wrong = |faults: &[&faultline_proto::v1::FaultEvent], populated: bool| {
+        faults.iter().filter(|e| e.populated != populated).map(|e| format!("{:#x}", e.ipa)).collect::<Vec<_>>()
+    };
+    assert_eq!(wrong(&rom_faults, false), Vec::<String>::new(), "ROM pages reported allocated");
+    assert_eq!(wrong(&ram_faults, true), Vec::<String>::new(), "RAM holes reported as data there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_lists_the_attached_vms_and_their_memslots() {
     use faultline_proto::v1::control_client::ControlClient;
     use faultline_proto::v1::{GetVmRequest, ListVmsRequest};
