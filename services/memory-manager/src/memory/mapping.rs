@@ -650,13 +650,8 @@ mod tests {
         // Rounds of installs (new pages, and pages recorded again) and
         // unmaps (some of pages installed since the mark), each checked
         // against the whole records compared.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::memory::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: u64| rng.below(n);
         for round in 0..20 {
             for _ in 0..next(40) {
                 if next(3) == 0 {

@@ -17,4 +17,6 @@ pub mod pressure;
 pub mod records;
 pub mod region;
 pub mod swap;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod vma;

@@ -301,13 +301,8 @@ mod tests {
     fn records_read_back_as_a_sorted_map_would_hold_them() {
         let (layout, mut table, pins) = table();
         let mut model: BTreeMap<u64, (MapSize, u64, u64)> = BTreeMap::new();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::memory::test_rng::XorShift::new(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: u64| rng.below(n);
         for step in 0..4000u64 {
             let base = if next(4) == 0 { HIGH } else { RAM };
             let span = if base == HIGH { 32 << 20 } else { 64 << 20 };

@@ -495,16 +495,11 @@ mod tests {
     }
 
     fn contents(p: u64) -> Vec<u8> {
-        let mut x = p.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rng = crate::memory::test_rng::XorShift::new(p.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         (0..PAGE)
             .map(|i| match p % 3 {
                 0 => (i / 64 + p) as u8,
-                1 => {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                }
+                1 => rng.next_u64() as u8,
                 _ => 0,
             })
             .collect()
