@@ -269,10 +269,12 @@ impl MappingState {
     /// Marks the pages of `layout`'s guest regions that hold data already
     /// (a ROM the machine filled, a restored snapshot) populated, so their
     /// first faults skip the fill's look for holes. Pages filled later are
-    /// found by the fill as before.
+    /// found by the fill as before. A region whose backing cannot tell its
+    /// holes (hugetlbfs) is left unseeded: its fills allocate as before.
     pub fn seed_populated(&self, layout: &VmLayout) -> std::io::Result<()> {
         for (i, r) in layout.regions.iter().enumerate().filter(|(_, r)| !r.device) {
-            for (lo, hi) in r.data_ranges()? {
+            let Some(ranges) = r.data_ranges()? else { continue };
+            for (lo, hi) in ranges {
                 // A page partly data (a file not a page multiple) is not
                 // whole: only whole pages are marked.
                 let (lo, hi) = (lo.next_multiple_of(PAGE_SIZE), hi / PAGE_SIZE * PAGE_SIZE);

@@ -431,12 +431,17 @@ impl GuestRegion {
 
     /// The ranges of the region that hold data now, as region offsets
     /// (SEEK_DATA / SEEK_HOLE over the memfd, once: a hole is skipped at
-    /// once, a range of data costs a walk of its pages). Holes may be
-    /// filled meanwhile; data stays data until the daemon punches it.
-    pub fn data_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
+    /// once, a range of data costs a walk of its pages), or `None` where
+    /// the backing cannot tell ([`tells_holes`]). Holes may be filled
+    /// meanwhile; data stays data until the daemon punches it.
+    pub fn data_ranges(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        let file = self.memfd.as_file();
+        if !tells_holes(file)? {
+            return Ok(None);
+        }
         let base = self.fd_offset;
-        let segments = super::swap::data_segments(self.memfd.as_file(), base, base + self.size)?;
-        Ok(segments.into_iter().map(|(lo, hi)| (lo - base, hi - base)).collect())
+        let segments = super::swap::data_segments(file, base, base + self.size)?;
+        Ok(Some(segments.into_iter().map(|(lo, hi)| (lo - base, hi - base)).collect()))
     }
 
     /// Bytes of the backing file the guest's pages take (its allocated
@@ -454,10 +459,32 @@ impl GuestRegion {
     }
 }
 
+/// Whether `file`'s file system tells holes from data. hugetlbfs does not:
+/// its generic llseek calls every byte of the file data, allocated or not
+/// (a hugetlb memfd backs a guest on 2 MiB pages when the host has them).
+pub fn tells_holes(file: &File) -> std::io::Result<bool> {
+    use nix::sys::statfs::{fstatfs, HUGETLBFS_MAGIC};
+    Ok(fstatfs(file)?.filesystem_type() != HUGETLBFS_MAGIC)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use hyp_core::addr::Pa;
+
+    #[test]
+    fn a_hugetlb_file_cannot_tell_its_holes_and_shmem_can() {
+        use memfd::{HugetlbSize, MemfdOptions};
+        // Made without a huge page on the host: nothing is allocated, and
+        // SEEK_DATA still calls all of it data.
+        let huge = MemfdOptions::default().hugetlb(Some(HugetlbSize::Huge2MB)).create("huge").unwrap();
+        huge.as_file().set_len(4 << 20).unwrap();
+        assert_eq!(crate::memory::swap::data_segments(huge.as_file(), 0, 4 << 20).unwrap(), [(0, 4 << 20)]);
+        assert!(!tells_holes(huge.as_file()).unwrap());
+        let shmem = MemfdOptions::default().create("shmem").unwrap();
+        shmem.as_file().set_len(4 << 20).unwrap();
+        assert!(tells_holes(shmem.as_file()).unwrap());
+    }
 
     fn region(size: u64) -> GuestRegion {
         let memfd = memfd::MemfdOptions::default().create("holes").unwrap();
@@ -498,7 +525,7 @@ mod tests {
     fn data_ranges_are_region_offsets_within_the_window() {
         use std::os::unix::fs::FileExt;
         let region = region(1 << 20);
-        assert_eq!(region.data_ranges().unwrap(), []);
+        assert_eq!(region.data_ranges().unwrap(), Some(vec![]));
         // Before the window (the memfd's first 1 MiB is not this region's)
         // and in it, at its first page, in a run, and at its last page.
         let file = region.memfd.as_file();
@@ -507,7 +534,8 @@ mod tests {
         region.map.store(0x8000, 8, 7).unwrap();
         region.map.store(0x9000, 8, 7).unwrap();
         region.map.store((1 << 20) - 8, 8, 7).unwrap();
-        assert_eq!(region.data_ranges().unwrap(), [(0, 0x1000), (0x8000, 0xa000), ((1 << 20) - 0x1000, 1 << 20)]);
+        let data = vec![(0, 0x1000), (0x8000, 0xa000), ((1 << 20) - 0x1000, 1 << 20)];
+        assert_eq!(region.data_ranges().unwrap(), Some(data));
     }
 
     #[test]
