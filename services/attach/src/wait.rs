@@ -85,32 +85,43 @@ pub fn run_delay() -> Option<Duration> {
     })
 }
 
-/// Whether more threads are runnable on the host than it has CPUs online
-/// (`/proc/loadavg`'s running count, the reader included); `false` where
-/// the kernel does not say.
+/// Whether more threads are runnable on the host than this process has
+/// CPUs (`/proc/loadavg`'s running count, the reader included, against
+/// the CPUs online or, if fewer, those its affinity and cgroup quota
+/// allow, as read once); `false` where the kernel does not say.
 ///
 /// A wake-up that waited for a CPU means contention only when this holds:
 /// in a virtual machine, a CPU that went idle halts, and waking a thread
 /// on it waits for the hypervisor to run that vCPU again (a halt exit).
-/// That wait shows in `run_delay` too, and it is what spinning avoids.
+/// That wait shows in `run_delay` too, and it is what spinning avoids. A
+/// process held to fewer CPUs than the host has compares the host's
+/// running count with its own share, which errs towards crowded: a quota
+/// spun away throttles the whole process.
 pub fn host_crowded() -> bool {
     use std::os::unix::fs::FileExt;
     thread_local! {
         static LOADAVG: Option<std::fs::File> = std::fs::File::open("/proc/loadavg").ok();
     }
-    static ONLINE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let online = *ONLINE.get_or_init(|| {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| {
         // SAFETY: sysconf reads a system constant and has no preconditions.
-        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        u32::try_from(n).unwrap_or(1).max(1)
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        cpus_of(online, std::thread::available_parallelism().ok().map(|n| n.get()))
     });
     LOADAVG.with(|file| {
         let mut buf = [0u8; 128];
         let Some(n) = file.as_ref().and_then(|f| f.read_at(&mut buf, 0).ok()) else {
             return false;
         };
-        std::str::from_utf8(&buf[..n]).ok().and_then(runnable_in_loadavg).is_some_and(|running| running > online)
+        std::str::from_utf8(&buf[..n]).ok().and_then(runnable_in_loadavg).is_some_and(|running| running > cpus)
     })
+}
+
+/// The CPUs a process has: those `online` (sysconf; at least 1, and 1 if
+/// unknown), or fewer if its affinity and quota `allowed` fewer.
+fn cpus_of(online: i64, allowed: Option<usize>) -> u32 {
+    let online = u32::try_from(online).unwrap_or(1).max(1);
+    allowed.map_or(online, |a| online.min(u32::try_from(a).unwrap_or(u32::MAX)).max(1))
 }
 
 /// The running count in a `/proc/loadavg` line (`0.50 0.40 0.30 3/456 789`: 3).
@@ -414,6 +425,15 @@ mod tests {
         // So a sleep that a spin would have caught opens the window again.
         w.adapt(Duration::from_nanos(1));
         assert!(w.window() > 0);
+    }
+
+    #[test]
+    fn a_process_has_the_cpus_online_or_fewer_if_held_to_fewer() {
+        assert_eq!(cpus_of(2, Some(2)), 2);
+        assert_eq!(cpus_of(64, Some(2)), 2, "a cgroup quota or an affinity of 2");
+        assert_eq!(cpus_of(2, Some(8)), 2, "never more than are online");
+        assert_eq!(cpus_of(4, None), 4);
+        assert_eq!(cpus_of(-1, None), 1, "sysconf failed");
     }
 
     #[test]
