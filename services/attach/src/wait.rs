@@ -72,17 +72,21 @@ const OVERSUBSCRIBED_RUN_DELAY: Duration = Duration::from_micros(50);
 /// (`/proc/thread-self/schedstat`'s run_delay); `None` where the kernel
 /// does not report it.
 pub fn run_delay() -> Option<Duration> {
-    use std::os::unix::fs::FileExt;
     thread_local! {
         static SCHEDSTAT: Option<std::fs::File> = std::fs::File::open("/proc/thread-self/schedstat").ok();
     }
     SCHEDSTAT.with(|file| {
-        let mut buf = [0u8; 96];
-        let n = file.as_ref()?.read_at(&mut buf, 0).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        let ns = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some(Duration::from_nanos(ns))
+        read_proc(file.as_ref(), |text| Some(Duration::from_nanos(text.split_whitespace().nth(1)?.parse().ok()?)))
     })
+}
+
+/// Reads a one-line `/proc` file kept open, from its start (the kernel
+/// makes it again at each read), and parses it.
+fn read_proc<T>(file: Option<&std::fs::File>, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 128];
+    let n = file?.read_at(&mut buf, 0).ok()?;
+    parse(std::str::from_utf8(&buf[..n]).ok()?)
 }
 
 /// Whether more threads are runnable on the host than this process has
@@ -98,7 +102,6 @@ pub fn run_delay() -> Option<Duration> {
 /// running count with its own share, which errs towards crowded: a quota
 /// spun away throttles the whole process.
 pub fn host_crowded() -> bool {
-    use std::os::unix::fs::FileExt;
     thread_local! {
         static LOADAVG: Option<std::fs::File> = std::fs::File::open("/proc/loadavg").ok();
     }
@@ -108,13 +111,7 @@ pub fn host_crowded() -> bool {
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         cpus_of(online, std::thread::available_parallelism().ok().map(|n| n.get()))
     });
-    LOADAVG.with(|file| {
-        let mut buf = [0u8; 128];
-        let Some(n) = file.as_ref().and_then(|f| f.read_at(&mut buf, 0).ok()) else {
-            return false;
-        };
-        std::str::from_utf8(&buf[..n]).ok().and_then(runnable_in_loadavg).is_some_and(|running| running > cpus)
-    })
+    LOADAVG.with(|file| read_proc(file.as_ref(), runnable_in_loadavg)).is_some_and(|running| running > cpus)
 }
 
 /// The CPUs a process has: those `online` (sysconf; at least 1, and 1 if
