@@ -1,6 +1,7 @@
 //! A VM's working-set monitor thread: each sampling interval it reads and
-//! clears the access flag of one page per region through the core (one
-//! single-page AGE command a region, one batch), each aggregation
+//! clears the access flag of one page per region and clears that of the
+//! next sample's page through the core (two single-page AGE commands a
+//! region, one batch), each aggregation
 //! interval it publishes what the regions saw and runs the policy's cold
 //! reclaim on it, and paces the next aggregation to its CPU budget
 //! ([`Pace`]). It runs while the settings or the VM's policy want the VM
