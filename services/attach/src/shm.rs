@@ -298,6 +298,29 @@ impl MappedRegion {
     }
 }
 
+/// The data segments of `file` in `[offset, end)`, as `(start, end)` file
+/// offsets (SEEK_DATA / SEEK_HOLE, once over the range: a hole is skipped
+/// at once, a segment of data costs a walk of its pages on shmem). Holes
+/// are neither read nor allocated. A file system that cannot tell holes
+/// (hugetlbfs) calls all of it data.
+pub fn data_segments(file: impl AsFd, offset: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{lseek, Whence};
+    let fd = file.as_fd();
+    let mut out = Vec::new();
+    let mut at = offset as i64;
+    while at < end as i64 {
+        let data = match lseek(fd, at, Whence::SeekData) {
+            Ok(d) if d < end as i64 => d,
+            Ok(_) | Err(nix::Error::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let data_end = lseek(fd, data, Whence::SeekHole)?.min(end as i64);
+        out.push((data as u64, data_end as u64));
+        at = data_end;
+    }
+    Ok(out)
+}
+
 impl Drop for MappedRegion {
     fn drop(&mut self) {
         // SAFETY: we own this mapping; no reference into it outlives self.
@@ -330,6 +353,20 @@ mod tests {
         let fd = memfd::MemfdOptions::default().create("shm-test").unwrap().into_file();
         fd.set_len(len).unwrap();
         fd
+    }
+
+    #[test]
+    fn data_segments_skip_holes_and_are_cut_to_the_range() {
+        let file = memfd(8 * PAGE_SIZE);
+        assert_eq!(data_segments(&file, 0, 8 * PAGE_SIZE).unwrap(), []);
+        file.write_all_at(&[1], PAGE_SIZE).unwrap();
+        file.write_all_at(&[1; 8192], 3 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            data_segments(&file, 0, 8 * PAGE_SIZE).unwrap(),
+            [(PAGE_SIZE, 2 * PAGE_SIZE), (3 * PAGE_SIZE, 5 * PAGE_SIZE)]
+        );
+        assert_eq!(data_segments(&file, 2 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap(), [(3 * PAGE_SIZE, 4 * PAGE_SIZE)]);
+        assert_eq!(data_segments(&file, 5 * PAGE_SIZE, 8 * PAGE_SIZE).unwrap(), []);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use faultline_attach::shm::MappedRegion;
+use faultline_attach::shm::{data_segments, MappedRegion};
 use memfd::{FileSeal, HugetlbSize, Memfd, MemfdOptions};
 
 /// One PA window backed by a memfd.
@@ -69,25 +69,7 @@ impl Window {
     /// and are skipped without being touched (reading a shmem hole would
     /// allocate it). A file system that cannot tell gives the whole window.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        use nix::unistd::{lseek, Whence};
-        let fd = self.memfd.as_file().as_fd();
-        let end = self.size as i64;
-        let mut ranges = Vec::new();
-        let mut at = 0i64;
-        while at < end {
-            let data = match lseek(fd, at, Whence::SeekData) {
-                Ok(d) => d,
-                Err(nix::Error::ENXIO) => break,
-                Err(_) => return vec![(0, self.size)],
-            };
-            let hole = match lseek(fd, data, Whence::SeekHole) {
-                Ok(h) => h.min(end),
-                Err(_) => return vec![(0, self.size)],
-            };
-            ranges.push((data as u64, hole as u64));
-            at = hole;
-        }
-        ranges
+        data_segments(self.memfd.as_file(), 0, self.size).unwrap_or_else(|_| vec![(0, self.size)])
     }
 
     /// The memfd, to pass to the daemon.

@@ -440,7 +440,7 @@ impl GuestRegion {
             return Ok(None);
         }
         let base = self.fd_offset;
-        let segments = super::swap::data_segments(file, base, base + self.size)?;
+        let segments = faultline_attach::shm::data_segments(file, base, base + self.size)?;
         Ok(Some(segments.into_iter().map(|(lo, hi)| (lo - base, hi - base)).collect()))
     }
 
@@ -479,7 +479,7 @@ mod tests {
         // SEEK_DATA still calls all of it data.
         let huge = MemfdOptions::default().hugetlb(Some(HugetlbSize::Huge2MB)).create("huge").unwrap();
         huge.as_file().set_len(4 << 20).unwrap();
-        assert_eq!(crate::memory::swap::data_segments(huge.as_file(), 0, 4 << 20).unwrap(), [(0, 4 << 20)]);
+        assert_eq!(faultline_attach::shm::data_segments(huge.as_file(), 0, 4 << 20).unwrap(), [(0, 4 << 20)]);
         assert!(!tells_holes(huge.as_file()).unwrap());
         let shmem = MemfdOptions::default().create("shmem").unwrap();
         shmem.as_file().set_len(4 << 20).unwrap();

@@ -228,24 +228,6 @@ pub(crate) fn punch(file: &File, offset: u64, len: u64) -> nix::Result<()> {
     fallocate(file, flags, offset as i64, len as i64)
 }
 
-/// The data segments of `file` in `[offset, end)` (SEEK_DATA / SEEK_HOLE).
-pub(crate) fn data_segments(file: &File, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{lseek, Whence};
-    let mut out = Vec::new();
-    let mut at = offset as i64;
-    while at < end as i64 {
-        let data = match lseek(file, at, Whence::SeekData) {
-            Ok(d) if d < end as i64 => d,
-            Ok(_) | Err(nix::Error::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let data_end = lseek(file, data, Whence::SeekHole)?.min(end as i64);
-        out.push((data as u64, data_end as u64));
-        at = data_end;
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

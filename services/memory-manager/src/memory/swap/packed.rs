@@ -34,9 +34,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use faultline_attach::shm::MappedRegion;
+use faultline_attach::shm::{data_segments, MappedRegion};
 
-use super::{data_segments, datasync};
+use super::datasync;
 
 /// Bytes of a page as the store keeps it.
 const PAGE: u64 = 4096;

@@ -6,9 +6,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 
-use faultline_attach::shm::MappedRegion;
+use faultline_attach::shm::{data_segments, MappedRegion};
 
-use super::{data_segments, datasync, memfd_file, punch};
+use super::{datasync, memfd_file, punch};
 
 /// A region's page-slot file.
 #[derive(Debug)]
