@@ -13,7 +13,6 @@ pub mod evict;
 pub mod monitor;
 pub mod pool;
 pub mod rebuild;
-pub mod slice;
 pub mod vcpu;
 pub mod vm;
 pub mod winddown;

@@ -31,8 +31,6 @@ use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use hyp_core::ring::{RingError, RingView};
 use tracing::{error, warn};
 
-use super::slice::SliceSwitch;
-
 /// What one [`RingService::serve`] call came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
@@ -71,11 +69,6 @@ pub const BATCH: u32 = 16;
 /// doorbell for a result that resumes its vCPU (nobody waits on it), so
 /// such results are read with the next record or after this long.
 const RESULTS_DUE_SLICE: Duration = Duration::from_millis(1);
-
-/// Rings with work in one pass, per pool thread, from which the thread
-/// takes a short scheduler slice ([`SliceSwitch`]): vCPUs then outnumber
-/// the cores several times over.
-const DEEP_RINGS_PER_THREAD: usize = 4;
 
 /// What one pass over one ring costs, in bare ring polls (a lock and a
 /// try-lock more).
@@ -185,7 +178,7 @@ impl ServicePool {
         let threads = (0..threads.max(1))
             .map(|i| {
                 let shared = shared.clone();
-                std::thread::Builder::new().name(format!("fault-service-{i}")).spawn(move || work(&shared, i, threads))
+                std::thread::Builder::new().name(format!("fault-service-{i}")).spawn(move || work(&shared, i))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { shared, threads })
@@ -350,14 +343,13 @@ impl Shared {
 /// watches the rings (the one thread that may spin, then sleeps on their
 /// doorbells) or, if another thread watches, parks until called. So at
 /// most one pool thread spins, and a doorbell wakes one thread.
-fn work(shared: &Arc<Shared>, index: usize, threads: usize) {
+fn work(shared: &Arc<Shared>, index: usize) {
     POOL_THREAD.with(|t| *t.borrow_mut() = Some((shared.clone(), index)));
     let mut waiter = Waiter::new(shared.policy, &shared.waits);
-    let deep = u32::try_from(threads.saturating_mul(DEEP_RINGS_PER_THREAD)).unwrap_or(u32::MAX);
-    let mut place = Place { cursor: index, slice: SliceSwitch::new(deep) };
+    let mut cursor = index;
     let me = index + 1;
     while !shared.stopping.load(Ordering::Acquire) {
-        if pass(shared, &mut place).is_some() {
+        if pass(shared, &mut cursor).is_some() {
             continue;
         }
         if shared.watching.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -368,7 +360,7 @@ fn work(shared: &Arc<Shared>, index: usize, threads: usize) {
         // the longest spin stays about as long whatever the rings.
         let rings = shared.members.read().unwrap_or_else(|e| e.into_inner()).len().max(1);
         waiter.set_spin_limit(shared.policy.spin_polls / (PASS_COST_IN_POLLS * rings as u32));
-        let _ = waiter.wait(&mut place, |place| Ok::<_, ()>(pass(shared, place)), |_| Ok(sleep(shared)));
+        let _ = waiter.wait(&mut cursor, |cursor| Ok::<_, ()>(pass(shared, cursor)), |_| Ok(sleep(shared)));
         // Still ours unless a blocking service gave it up meanwhile.
         let _ = shared.watching.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     }
@@ -393,25 +385,17 @@ pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// One pool thread's place: where its next pass starts, and its slice.
-struct Place {
-    cursor: usize,
-    slice: SliceSwitch,
-}
-
 /// Serves a batch from every ring, from the one after where the last pass
 /// started; `Some(records)` if any were served, or if a ring this pass
-/// served has records the watcher left to it. How many rings had work
-/// sets the thread's slice ([`SliceSwitch`]).
-fn pass(shared: &Shared, place: &mut Place) -> Option<u32> {
+/// served has records the watcher left to it.
+fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
     let members = shared.members.read().unwrap_or_else(|e| e.into_inner());
     let n = members.len();
     if n == 0 {
-        place.slice.after_pass(0);
         return None;
     }
-    let start = place.cursor % n;
-    place.cursor = place.cursor.wrapping_add(1);
+    let start = *cursor % n;
+    *cursor = cursor.wrapping_add(1);
     let (mut served, mut busy_rings, mut left_to_us) = (0, 0, false);
     for k in 0..n {
         let m = &members[(start + k) % n];
@@ -456,8 +440,6 @@ fn pass(shared: &Shared, place: &mut Place) -> Option<u32> {
         fence(Ordering::SeqCst);
         left_to_us |= m.recheck.load(Ordering::Acquire) && m.recheck.swap(false, Ordering::AcqRel);
     }
-    drop(members);
-    place.slice.after_pass(busy_rings);
     (served > 0 || left_to_us).then_some(served)
 }
 
