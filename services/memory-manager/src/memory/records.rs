@@ -11,8 +11,12 @@
 //! again when the record goes, so the pin is released exactly once.
 //!
 //! Records are grouped by the 2 MiB block of IPA they start in, each block
-//! a vector sorted by IPA: 24 bytes a 4 KiB mapping in a full block, where
+//! a vector sorted by IPA: 16 bytes a 4 KiB mapping in a full block, where
 //! a B-tree of whole records (PA and pin guard included) took about 150.
+//! The install order is kept as an offset from one base for the table
+//! (32 bits, not 64): when orders spread past that, the base moves and the
+//! oldest records share the oldest order kept, which only ties FIFO/LIFO
+//! eviction among mappings four billion installs old.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -81,11 +85,16 @@ struct Row {
     page: u16,
     size: MapSize,
     seq: u64,
-    order: u64,
+    /// Install order, from the table's `order_base`.
+    order: u32,
 }
 
 // The table's cost per 4 KiB mapping.
-const _: () = assert!(std::mem::size_of::<Row>() == 24);
+const _: () = assert!(std::mem::size_of::<Row>() == 16);
+
+/// How far below the newest order the base moves when orders outgrow 32
+/// bits: room for that many installs before it moves again.
+const ORDER_HEADROOM: u64 = 1 << 31;
 
 /// A VM's installed mappings by IPA.
 #[derive(Debug)]
@@ -93,6 +102,8 @@ pub struct RecordTable {
     /// Rows by block index (IPA >> 21), each sorted, none empty.
     blocks: BTreeMap<u64, Vec<Row>>,
     len: usize,
+    /// The order every row's counts from.
+    order_base: u64,
     /// The VM's memslots.
     memslots: Memslots,
     /// Each guest region's PA and bytes.
@@ -104,7 +115,7 @@ impl RecordTable {
     /// No records, for a VM with `layout` whose pins are `pins`.
     pub fn new(layout: &VmLayout, pins: Arc<Pins>) -> Self {
         let regions = layout.regions.iter().map(|r| (r.pa_base, r.size)).collect();
-        Self { blocks: BTreeMap::new(), len: 0, memslots: layout.memslots.clone(), regions, pins }
+        Self { blocks: BTreeMap::new(), len: 0, order_base: 0, memslots: layout.memslots.clone(), regions, pins }
     }
 
     /// Records.
@@ -145,7 +156,7 @@ impl RecordTable {
         // Held by the table from here: taken back when the record goes.
         let _ = pin.into_span();
         let (block, page) = Self::place_in_block(ipa.raw());
-        let row = Row { page, size, seq, order };
+        let row = Row { page, size, seq, order: self.order_offset(order) };
         // Past the last record (a rebuild's leaves, in IPA order): appended.
         if let Some(mut last) = self.blocks.last_entry().filter(|l| *l.key() == block) {
             if last.get().last().is_some_and(|r| r.page < page) {
@@ -194,23 +205,25 @@ impl RecordTable {
         let (block, page) = Self::place_in_block(ipa);
         let rows = self.blocks.get(&block).filter(|_| ipa % PAGE_SIZE == 0)?;
         let i = rows.binary_search_by_key(&page, |r| r.page).ok()?;
-        Some(record(block, &rows[i]))
+        Some(record(block, &rows[i], self.order_base))
     }
 
     /// The records that start inside `range`, in IPA order.
     pub fn range(&self, range: Range<u64>) -> impl Iterator<Item = Record> + '_ {
         let Range { start, end } = range;
         let blocks = if start < end { (start >> BLOCK_SHIFT)..((end - 1) >> BLOCK_SHIFT) + 1 } else { 0..0 };
+        let base = self.order_base;
         self.blocks.range(blocks).flat_map(move |(&block, rows)| {
-            let lo = rows.partition_point(|r| record(block, r).ipa.raw() < start);
-            let hi = rows.partition_point(|r| record(block, r).ipa.raw() < end);
-            rows[lo..hi].iter().map(move |r| record(block, r))
+            let lo = rows.partition_point(|r| ipa_of(block, r) < start);
+            let hi = rows.partition_point(|r| ipa_of(block, r) < end);
+            rows[lo..hi].iter().map(move |r| record(block, r, base))
         })
     }
 
     /// Every record, in IPA order.
     pub fn iter(&self) -> impl Iterator<Item = Record> + '_ {
-        self.blocks.iter().flat_map(|(&block, rows)| rows.iter().map(move |r| record(block, r)))
+        let base = self.order_base;
+        self.blocks.iter().flat_map(move |(&block, rows)| rows.iter().map(move |r| record(block, r, base)))
     }
 
     /// The last record that starts below `ipa`.
@@ -219,8 +232,8 @@ impl RecordTable {
         // Blocks hold at least one row: only the first looked at can hold
         // none below `ipa`.
         self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, rows)| {
-            let n = rows.partition_point(|r| record(block, r).ipa.raw() <= last);
-            n.checked_sub(1).map(|i| record(block, &rows[i]))
+            let n = rows.partition_point(|r| ipa_of(block, r) <= last);
+            n.checked_sub(1).map(|i| record(block, &rows[i], self.order_base))
         })
     }
 
@@ -241,6 +254,30 @@ impl RecordTable {
             .fold(0, |pages, (b, r)| pages + self.release(b, r).1 as u64)
     }
 
+    /// `order` as a row keeps it, from the base; moves the base (and
+    /// every row's offset) first if `order` is below it or too far above.
+    fn order_offset(&mut self, order: u64) -> u32 {
+        if self.len == 0 {
+            self.order_base = order;
+        } else if order < self.order_base {
+            self.rebase_orders(order);
+        } else if order - self.order_base > u64::from(u32::MAX) {
+            self.rebase_orders(order - ORDER_HEADROOM);
+        }
+        (order - self.order_base) as u32
+    }
+
+    /// Counts every row's order from `base`: an order below it becomes
+    /// `base`, one more than 32 bits above it the highest kept.
+    fn rebase_orders(&mut self, base: u64) {
+        let old = self.order_base;
+        for row in self.blocks.values_mut().flatten() {
+            let order = old + u64::from(row.order);
+            row.order = order.saturating_sub(base).min(u64::from(u32::MAX)) as u32;
+        }
+        self.order_base = base;
+    }
+
     /// The block and page in it of `ipa`.
     fn place_in_block(ipa: u64) -> (u64, u16) {
         (ipa >> BLOCK_SHIFT, ((ipa >> PAGE_SHIFT) & ((1 << (BLOCK_SHIFT - PAGE_SHIFT)) - 1)) as u16)
@@ -248,7 +285,7 @@ impl RecordTable {
 
     /// The record of `row` in `block`, its pin released.
     fn release(&self, block: u64, row: Row) -> (Record, usize) {
-        let record = record(block, &row);
+        let record = record(block, &row, self.order_base);
         // Recorded only where placed, with this span's pin taken.
         let pages = self.span(record.ipa.raw(), record.size).map_or(0, |(_, span)| {
             // Dropped here: released.
@@ -264,10 +301,14 @@ impl Drop for RecordTable {
     }
 }
 
-/// The record of `row` in `block`.
-fn record(block: u64, row: &Row) -> Record {
-    let ipa = (block << BLOCK_SHIFT) | (u64::from(row.page) << PAGE_SHIFT);
-    Record { ipa: Ipa::new(ipa), size: row.size, seq: row.seq, order: row.order }
+/// The first IPA of `row` in `block`.
+fn ipa_of(block: u64, row: &Row) -> u64 {
+    (block << BLOCK_SHIFT) | (u64::from(row.page) << PAGE_SHIFT)
+}
+
+/// The record of `row` in `block`, its order counted from `order_base`.
+fn record(block: u64, row: &Row, order_base: u64) -> Record {
+    Record { ipa: Ipa::new(ipa_of(block, row)), size: row.size, seq: row.seq, order: order_base + u64::from(row.order) }
 }
 
 #[cfg(test)]
@@ -342,6 +383,32 @@ mod tests {
     }
 
     #[test]
+    fn install_orders_read_back_exactly_within_32_bits_and_the_oldest_tie_beyond() {
+        let (layout, mut table, pins) = table();
+        let orders = |t: &RecordTable| t.iter().map(|r| r.order).collect::<Vec<_>>();
+        let put = |t: &mut RecordTable, page: u64, order: u64| {
+            let ipa = RAM + page * 4096;
+            t.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, order)).unwrap();
+        };
+        // A first order far from zero, one below it (an adopted record),
+        // one 32 bits above that: all exact.
+        let first = 1 << 40;
+        put(&mut table, 0, first);
+        put(&mut table, 1, first - 1000);
+        put(&mut table, 2, first - 1000 + u64::from(u32::MAX));
+        assert_eq!(orders(&table), [first, first - 1000, first - 1000 + u64::from(u32::MAX)]);
+        // Eight billion installs on: the newest is exact, and the three
+        // older ones, now too far below it, share the oldest order kept.
+        let later = first + (1 << 33);
+        put(&mut table, 3, later);
+        assert_eq!(orders(&table), [later - ORDER_HEADROOM, later - ORDER_HEADROOM, later - ORDER_HEADROOM, later]);
+        // Emptied, the table counts from its next record again.
+        table.clear();
+        put(&mut table, 0, 7);
+        assert_eq!(orders(&table), [7]);
+    }
+
+    #[test]
     fn a_record_knows_its_pa_from_its_memslot() {
         let (layout, mut table, pins) = table();
         let ipa = HIGH + (2 << 20);
@@ -372,14 +439,14 @@ mod tests {
     }
 
     #[test]
-    fn a_full_block_of_4k_mappings_costs_24_bytes_each() {
+    fn a_full_block_of_4k_mappings_costs_16_bytes_each() {
         let (layout, mut table, pins) = table();
         for page in 0..512 {
             let ipa = RAM + page * 4096;
             table.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, page)).unwrap();
         }
         let rows = &table.blocks[&(RAM >> BLOCK_SHIFT)];
-        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 24));
+        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 16));
         // A block mapping's block holds one row.
         let block = RAM + (2 << 20);
         table.insert(Ipa::new(block), installed(&layout, &pins, block, MapSize::Block2M, 0, 0)).unwrap();
