@@ -13,10 +13,8 @@
 //! Records are grouped by the 2 MiB block of IPA they start in, each block
 //! a vector sorted by IPA: 16 bytes a 4 KiB mapping in a full block, where
 //! a B-tree of whole records (PA and pin guard included) took about 150.
-//! The install order is kept as an offset from one base for the table
-//! (32 bits, not 64): when orders spread past that, the base moves and the
-//! oldest records share the oldest order kept, which only ties FIFO/LIFO
-//! eviction among mappings four billion installs old.
+//! The sequence and the install order are 64-bit counts kept in 32 bits a
+//! row, as offsets from a base for the table ([`Bases`]).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -84,17 +82,66 @@ impl Record {
 struct Row {
     page: u16,
     size: MapSize,
-    seq: u64,
-    /// Install order, from the table's `order_base`.
+    /// Sequence, from the table's base.
+    seq: u32,
+    /// Install order, from the table's base.
     order: u32,
 }
 
 // The table's cost per 4 KiB mapping.
-const _: () = assert!(std::mem::size_of::<Row>() == 16);
+const _: () = assert!(std::mem::size_of::<Row>() == 12);
 
-/// How far below the newest order the base moves when orders outgrow 32
-/// bits: room for that many installs before it moves again.
-const ORDER_HEADROOM: u64 = 1 << 31;
+/// How far below a value a base is put: values that come that much out of
+/// order still fit, and a base moved up leaves room for that many more.
+const HEADROOM: u64 = 1 << 31;
+
+/// The bases a table's rows count their sequence and order from.
+///
+/// A base starts [`HEADROOM`] below the first value. A value more than 32
+/// bits above its base moves the base up to [`HEADROOM`] below it, and a
+/// row whose value is then below the base reads as the base. A value below
+/// the base reads as the base too. Either way a value reads newer than it
+/// is, never older, and only when it is 2^31 or more below the newest
+/// value recorded: a sequence is compared with an unmap's, which is
+/// never that far behind (reading newer keeps the record, where reading
+/// older would forget a mapping the core still has), and orders that far
+/// apart only tie in FIFO/LIFO eviction.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bases {
+    seq: u64,
+    order: u64,
+}
+
+/// Which count of a row.
+#[derive(Clone, Copy)]
+enum Count {
+    Seq,
+    Order,
+}
+
+impl Bases {
+    fn base(&mut self, count: Count) -> &mut u64 {
+        match count {
+            Count::Seq => &mut self.seq,
+            Count::Order => &mut self.order,
+        }
+    }
+}
+
+/// `value` counted from `base`, in 32 bits: a value below it as the base,
+/// one too far above it as the highest.
+fn offset_from(base: u64, value: u64) -> u32 {
+    value.saturating_sub(base).min(u64::from(u32::MAX)) as u32
+}
+
+impl Row {
+    fn count(&mut self, count: Count) -> &mut u32 {
+        match count {
+            Count::Seq => &mut self.seq,
+            Count::Order => &mut self.order,
+        }
+    }
+}
 
 /// A VM's installed mappings by IPA.
 #[derive(Debug)]
@@ -102,8 +149,8 @@ pub struct RecordTable {
     /// Rows by block index (IPA >> 21), each sorted, none empty.
     blocks: BTreeMap<u64, Vec<Row>>,
     len: usize,
-    /// The order every row's counts from.
-    order_base: u64,
+    /// What every row's sequence and order count from.
+    bases: Bases,
     /// The VM's memslots.
     memslots: Memslots,
     /// Each guest region's PA and bytes.
@@ -115,7 +162,14 @@ impl RecordTable {
     /// No records, for a VM with `layout` whose pins are `pins`.
     pub fn new(layout: &VmLayout, pins: Arc<Pins>) -> Self {
         let regions = layout.regions.iter().map(|r| (r.pa_base, r.size)).collect();
-        Self { blocks: BTreeMap::new(), len: 0, order_base: 0, memslots: layout.memslots.clone(), regions, pins }
+        Self {
+            blocks: BTreeMap::new(),
+            len: 0,
+            bases: Bases::default(),
+            memslots: layout.memslots.clone(),
+            regions,
+            pins,
+        }
     }
 
     /// Records.
@@ -156,7 +210,7 @@ impl RecordTable {
         // Held by the table from here: taken back when the record goes.
         let _ = pin.into_span();
         let (block, page) = Self::place_in_block(ipa.raw());
-        let row = Row { page, size, seq, order: self.order_offset(order) };
+        let row = Row { page, size, seq: self.offset(Count::Seq, seq), order: self.offset(Count::Order, order) };
         // Past the last record (a rebuild's leaves, in IPA order): appended.
         if let Some(mut last) = self.blocks.last_entry().filter(|l| *l.key() == block) {
             if last.get().last().is_some_and(|r| r.page < page) {
@@ -205,25 +259,25 @@ impl RecordTable {
         let (block, page) = Self::place_in_block(ipa);
         let rows = self.blocks.get(&block).filter(|_| ipa % PAGE_SIZE == 0)?;
         let i = rows.binary_search_by_key(&page, |r| r.page).ok()?;
-        Some(record(block, &rows[i], self.order_base))
+        Some(record(block, &rows[i], self.bases))
     }
 
     /// The records that start inside `range`, in IPA order.
     pub fn range(&self, range: Range<u64>) -> impl Iterator<Item = Record> + '_ {
         let Range { start, end } = range;
         let blocks = if start < end { (start >> BLOCK_SHIFT)..((end - 1) >> BLOCK_SHIFT) + 1 } else { 0..0 };
-        let base = self.order_base;
+        let bases = self.bases;
         self.blocks.range(blocks).flat_map(move |(&block, rows)| {
             let lo = rows.partition_point(|r| ipa_of(block, r) < start);
             let hi = rows.partition_point(|r| ipa_of(block, r) < end);
-            rows[lo..hi].iter().map(move |r| record(block, r, base))
+            rows[lo..hi].iter().map(move |r| record(block, r, bases))
         })
     }
 
     /// Every record, in IPA order.
     pub fn iter(&self) -> impl Iterator<Item = Record> + '_ {
-        let base = self.order_base;
-        self.blocks.iter().flat_map(move |(&block, rows)| rows.iter().map(move |r| record(block, r, base)))
+        let bases = self.bases;
+        self.blocks.iter().flat_map(move |(&block, rows)| rows.iter().map(move |r| record(block, r, bases)))
     }
 
     /// The last record that starts below `ipa`.
@@ -233,7 +287,7 @@ impl RecordTable {
         // none below `ipa`.
         self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, rows)| {
             let n = rows.partition_point(|r| ipa_of(block, r) <= last);
-            n.checked_sub(1).map(|i| record(block, &rows[i], self.order_base))
+            n.checked_sub(1).map(|i| record(block, &rows[i], self.bases))
         })
     }
 
@@ -254,28 +308,22 @@ impl RecordTable {
             .fold(0, |pages, (b, r)| pages + self.release(b, r).1 as u64)
     }
 
-    /// `order` as a row keeps it, from the base; moves the base (and
-    /// every row's offset) first if `order` is below it or too far above.
-    fn order_offset(&mut self, order: u64) -> u32 {
+    /// `value` of `count` as a row keeps it ([`Bases`]): the first value
+    /// of an empty table sets the base; one too far above it moves the base
+    /// (and every row's offset) up first.
+    fn offset(&mut self, count: Count, value: u64) -> u32 {
+        let base = *self.bases.base(count);
         if self.len == 0 {
-            self.order_base = order;
-        } else if order < self.order_base {
-            self.rebase_orders(order);
-        } else if order - self.order_base > u64::from(u32::MAX) {
-            self.rebase_orders(order - ORDER_HEADROOM);
+            *self.bases.base(count) = value.saturating_sub(HEADROOM);
+        } else if value.saturating_sub(base) > u64::from(u32::MAX) {
+            let to = value - HEADROOM;
+            for row in self.blocks.values_mut().flatten() {
+                let c = row.count(count);
+                *c = offset_from(to, base + u64::from(*c));
+            }
+            *self.bases.base(count) = to;
         }
-        (order - self.order_base) as u32
-    }
-
-    /// Counts every row's order from `base`: an order below it becomes
-    /// `base`, one more than 32 bits above it the highest kept.
-    fn rebase_orders(&mut self, base: u64) {
-        let old = self.order_base;
-        for row in self.blocks.values_mut().flatten() {
-            let order = old + u64::from(row.order);
-            row.order = order.saturating_sub(base).min(u64::from(u32::MAX)) as u32;
-        }
-        self.order_base = base;
+        offset_from(*self.bases.base(count), value)
     }
 
     /// The block and page in it of `ipa`.
@@ -285,7 +333,7 @@ impl RecordTable {
 
     /// The record of `row` in `block`, its pin released.
     fn release(&self, block: u64, row: Row) -> (Record, usize) {
-        let record = record(block, &row, self.order_base);
+        let record = record(block, &row, self.bases);
         // Recorded only where placed, with this span's pin taken.
         let pages = self.span(record.ipa.raw(), record.size).map_or(0, |(_, span)| {
             // Dropped here: released.
@@ -306,9 +354,10 @@ fn ipa_of(block: u64, row: &Row) -> u64 {
     (block << BLOCK_SHIFT) | (u64::from(row.page) << PAGE_SHIFT)
 }
 
-/// The record of `row` in `block`, its order counted from `order_base`.
-fn record(block: u64, row: &Row, order_base: u64) -> Record {
-    Record { ipa: Ipa::new(ipa_of(block, row)), size: row.size, seq: row.seq, order: order_base + u64::from(row.order) }
+/// The record of `row` in `block`, its counts from `bases`.
+fn record(block: u64, row: &Row, bases: Bases) -> Record {
+    let (seq, order) = (bases.seq + u64::from(row.seq), bases.order + u64::from(row.order));
+    Record { ipa: Ipa::new(ipa_of(block, row)), size: row.size, seq, order }
 }
 
 #[cfg(test)]
@@ -383,29 +432,42 @@ mod tests {
     }
 
     #[test]
-    fn install_orders_read_back_exactly_within_32_bits_and_the_oldest_tie_beyond() {
+    fn counts_read_back_exactly_within_2_31_of_the_newest_and_never_older() {
         let (layout, mut table, pins) = table();
-        let orders = |t: &RecordTable| t.iter().map(|r| r.order).collect::<Vec<_>>();
-        let put = |t: &mut RecordTable, page: u64, order: u64| {
-            let ipa = RAM + page * 4096;
-            t.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, order)).unwrap();
+        // Sequence and order alike: the same value for both.
+        let counts = |t: &RecordTable| {
+            t.iter()
+                .map(|r| {
+                    assert_eq!(r.seq, r.order);
+                    r.order
+                })
+                .collect::<Vec<_>>()
         };
-        // A first order far from zero, one below it (an adopted record),
-        // one 32 bits above that: all exact.
+        let put = |t: &mut RecordTable, page: u64, value: u64| {
+            let ipa = RAM + page * 4096;
+            t.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, value, value)).unwrap();
+        };
+        // A first value far from zero, one below it (recorded out of
+        // order), one 2^31 above it: all exact.
         let first = 1 << 40;
         put(&mut table, 0, first);
         put(&mut table, 1, first - 1000);
-        put(&mut table, 2, first - 1000 + u64::from(u32::MAX));
-        assert_eq!(orders(&table), [first, first - 1000, first - 1000 + u64::from(u32::MAX)]);
-        // Eight billion installs on: the newest is exact, and the three
-        // older ones, now too far below it, share the oldest order kept.
+        put(&mut table, 2, first + HEADROOM - 1);
+        assert_eq!(counts(&table), [first, first - 1000, first + HEADROOM - 1]);
+        // Eight billion on: the newest is exact, and the three older ones,
+        // now more than 2^31 below it, read as the oldest value kept:
+        // newer than they are, never older.
         let later = first + (1 << 33);
         put(&mut table, 3, later);
-        assert_eq!(orders(&table), [later - ORDER_HEADROOM, later - ORDER_HEADROOM, later - ORDER_HEADROOM, later]);
+        let oldest = later - HEADROOM;
+        assert_eq!(counts(&table), [oldest, oldest, oldest, later]);
+        // So does a value that comes in that far below.
+        put(&mut table, 4, first);
+        assert_eq!(counts(&table)[4], oldest);
         // Emptied, the table counts from its next record again.
         table.clear();
         put(&mut table, 0, 7);
-        assert_eq!(orders(&table), [7]);
+        assert_eq!(counts(&table), [7]);
     }
 
     #[test]
@@ -439,14 +501,14 @@ mod tests {
     }
 
     #[test]
-    fn a_full_block_of_4k_mappings_costs_16_bytes_each() {
+    fn a_full_block_of_4k_mappings_costs_12_bytes_each() {
         let (layout, mut table, pins) = table();
         for page in 0..512 {
             let ipa = RAM + page * 4096;
             table.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, page)).unwrap();
         }
         let rows = &table.blocks[&(RAM >> BLOCK_SHIFT)];
-        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 16));
+        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 12));
         // A block mapping's block holds one row.
         let block = RAM + (2 << 20);
         table.insert(Ipa::new(block), installed(&layout, &pins, block, MapSize::Block2M, 0, 0)).unwrap();
