@@ -11,7 +11,7 @@
 //! again when the record goes, so the pin is released exactly once.
 //!
 //! Records are grouped by the 2 MiB block of IPA they start in, each block
-//! a vector sorted by IPA: 16 bytes a 4 KiB mapping in a full block, where
+//! a vector sorted by IPA: 12 bytes a 4 KiB mapping in a full block, where
 //! a B-tree of whole records (PA and pin guard included) took about 150.
 //! The sequence and the install order are 64-bit counts kept in 32 bits a
 //! row, as offsets from a base for the table ([`Bases`]).
