@@ -8,7 +8,7 @@
 //! the mapping installed does the guard become a [`MappingPin`], held until
 //! the mapping is removed.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use hyp_core::addr::PAGE_SIZE;
@@ -16,7 +16,7 @@ use hyp_core::addr::PAGE_SIZE;
 use super::chunked::Chunked;
 
 /// Counts per chunk: 4 KiB of counts, made at the first pin in them.
-const CHUNK_COUNTS: usize = 1024;
+const CHUNK_COUNTS: usize = 2048;
 
 /// Pin counts of every guest region of a VM.
 #[derive(Debug)]
@@ -29,8 +29,10 @@ struct RegionPins {
     /// log2 of the backing page size.
     shift: u32,
     /// One count per backing page, made a chunk at a time (a 1 TiB
-    /// region costs its chunk table until pages are pinned, not 1 GiB).
-    counts: Chunked<AtomicU32, CHUNK_COUNTS>,
+    /// region costs its chunk table until pages are pinned, not 512 MiB).
+    /// 16 bits: a page is pinned once per mapping of it and per fault
+    /// about to map it, a handful of times, not 65,535.
+    counts: Chunked<AtomicU16, CHUNK_COUNTS>,
 }
 
 /// Why pages could not be pinned.
@@ -45,6 +47,14 @@ pub enum PinError {
         offset: u64,
         /// Bytes.
         len: u64,
+    },
+    /// A page's count would pass 65,535: nothing of the range is pinned.
+    #[error("page {page} of region {region} is pinned {} times already", u16::MAX)]
+    Saturated {
+        /// Region index.
+        region: usize,
+        /// Backing page.
+        page: usize,
     },
 }
 
@@ -74,12 +84,17 @@ impl Pins {
         Ok(PinSpan { region, first, pages })
     }
 
-    /// Pins the pages of `[offset, offset + len)` of `region`.
+    /// Pins the pages of `[offset, offset + len)` of `region`: all of
+    /// them, or none if one is pinned as often as a count can say.
     pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
         let span = self.span(region, offset, len)?;
         let counts = &self.regions[region].counts;
-        for i in span.first..span.first + span.pages {
-            counts.get_or_make(i).fetch_add(1, Ordering::AcqRel);
+        for (taken, i) in (span.first..span.first + span.pages).enumerate() {
+            let count = counts.get_or_make(i);
+            if count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_add(1)).is_err() {
+                self.release(region, span.first, taken);
+                return Err(PinError::Saturated { region, page: i });
+            }
         }
         Ok(PinGuard { pins: self.clone(), region, first: span.first, pages: span.pages })
     }
@@ -94,7 +109,7 @@ impl Pins {
     /// Pin count of the backing page holding `offset`.
     pub fn count(&self, region: usize, offset: u64) -> u32 {
         let r = &self.regions[region];
-        r.counts.get((offset >> r.shift) as usize).map_or(0, |c| c.load(Ordering::Acquire))
+        r.counts.get((offset >> r.shift) as usize).map_or(0, |c| c.load(Ordering::Acquire).into())
     }
 
     /// Sum of all pin counts (backing pages x pins).
@@ -223,5 +238,21 @@ mod tests {
         assert_eq!(pins.count(0, 0), 1);
         assert!(pins.pin(0, 4 << 20, 4096).is_err());
         assert!(pins.pin(1, 0, 4096).is_err());
+    }
+
+    #[test]
+    fn a_page_pinned_as_often_as_a_count_says_refuses_the_whole_range() {
+        let pins = Pins::new(&[(4 << 20, 4096)]);
+        // Page 3 at the most a count holds.
+        let held: Vec<PinGuard> = (0..u16::MAX).map(|_| pins.pin(0, 3 * 4096, 4096).unwrap()).collect();
+        assert_eq!(pins.count(0, 3 * 4096), u32::from(u16::MAX));
+        let err = pins.pin(0, 0, 8 * 4096).unwrap_err();
+        assert_eq!(err, PinError::Saturated { region: 0, page: 3 });
+        // Pages 0-2, taken before page 3 refused, were given back.
+        assert_eq!((pins.count(0, 0), pins.count(0, 2 * 4096), pins.count(0, 4 * 4096)), (0, 0, 0));
+        assert_eq!(pins.total(), u64::from(u16::MAX));
+        drop(held);
+        assert_eq!(pins.total(), 0);
+        assert_eq!(pins.pin(0, 0, 8 * 4096).unwrap().pages(), 8);
     }
 }
