@@ -192,11 +192,28 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (faultline_system_tests::proc_status_kib(pid, "VmRSS"), faultline_system_tests::proc_status_kib(pid, "RssAnon"))
 }
 
+/// [`rss_kib`] once it holds still: the same over 100 ms (the daemon
+/// lets go of a VM that detached after the machine has its answer, and
+/// a row measured from before that reads the freed memory as its own
+/// growth, even as negative), or after 5 s.
+fn settled_rss_kib(pid: u32) -> (u64, u64) {
+    let mut last = rss_kib(pid);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = rss_kib(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 /// A machine replaying `trace` with `args`, held attached after it: (faults,
 /// p50 us, p99 us, the daemon's RSS and private RSS while it holds the VM
 /// less what they were before the attach, in KiB).
 fn trace_row(daemon: &Daemon, args: &[&str], trace: &tempfile::NamedTempFile) -> (u64, f64, f64, i64, i64) {
-    let before = rss_kib(daemon.pid());
+    let before = settled_rss_kib(daemon.pid());
     let held = HeldMachine::start({
         let mut m = machine(daemon);
         m.args(args).arg("--trace").arg(trace.path());
