@@ -147,11 +147,13 @@ fn race(core: &Mutex<HostCore>, vm: &AttachedVm, order: Order, ipa: u64, fault_i
             sync(&sampled, order == Order::UnmapBetweenSampleAndMap);
             sync(&mapped, order == Order::UnmapAfterMap);
             let cmd = CommandRecord { kind: kind::UNMAP, ipa: ipa & !0xfff, size: 4096, ..Default::default() };
+            let in_flight = vm.mapping.unmap_in_flight();
             let ex = core.lock().unwrap().execute(1, &cmd);
             assert_eq!(ex.result.status, 0);
             // The memory is now taken away: the daemon forgets the mapping and
             // its pin (the reclaim would punch the hole here).
-            vm.mapping.forget_range(Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
+            vm.mapping.forget_range(&in_flight, Ipa::new(ipa & !0xfff), 4096, ex.result.inval_seq);
+            drop(in_flight);
             sync(&unmapped, matches!(order, Order::UnmapBetweenSampleAndMap | Order::UnmapBeforeSample));
             ex.result.inval_seq
         });
@@ -193,8 +195,9 @@ fn a_map_racing_an_unmap_never_leaves_the_guest_mapped_to_memory_taken_away() {
         // Clean up for the next use of this page.
         if mapped {
             let cmd = CommandRecord { kind: kind::UNMAP, ipa, size: 4096, ..Default::default() };
+            let in_flight = vm.mapping.unmap_in_flight();
             let seq = core.lock().unwrap().execute(1, &cmd).result.inval_seq;
-            vm.mapping.forget_range(Ipa::new(ipa), 4096, seq);
+            vm.mapping.forget_range(&in_flight, Ipa::new(ipa), 4096, seq);
         }
     }
     assert!(stale_seen >= 200, "the stale path ran {stale_seen} times");

@@ -280,9 +280,12 @@ impl ReclaimSteps for CoreSteps<'_> {
                 CommandRecord { kind: kind::UNMAP, ipa: run.ipa.raw(), size: run.size, ..Default::default() }
             })
             .collect();
+        // Out from before the unmaps are sent until they are reconciled.
+        let in_flight = self.vm.mapping.unmap_in_flight();
         let done = self.run(ranges, cmds, |vm, run, res| {
-            vm.mapping.forget_range(run.ipa, run.size, res.inval_seq);
+            vm.mapping.forget_range(&in_flight, run.ipa, run.size, res.inval_seq);
         });
+        drop(in_flight);
         if done.iter().any(|&d| d) {
             crash_point("unmapped");
         }

@@ -113,6 +113,20 @@ impl Drop for HeldRecords<'_> {
     }
 }
 
+/// An unmap sent to the core and not yet reconciled: see
+/// [`MappingState::unmap_in_flight`]. Dropped once it is reconciled or
+/// given up on.
+#[must_use = "an unmap is in flight only while its guard lives"]
+pub struct UnmapInFlight<'a> {
+    state: &'a MappingState,
+}
+
+impl Drop for UnmapInFlight<'_> {
+    fn drop(&mut self) {
+        self.state.installed().end_unmap();
+    }
+}
+
 /// What changes in a VM's records after a warm takeover's snapshot
 /// ([`MappingState::journal`]), so the old daemon hands over each change,
 /// the last one after the drain included, in O(changes) rather than
@@ -493,11 +507,20 @@ impl MappingState {
         }
     }
 
-    /// Reconciles an unmap or write-protect the core executed over
-    /// `[start, start + len)`, leaving its sequence at `seq_after`: mappings
-    /// installed before it are forgotten and their pins released. Returns the
-    /// pages released.
-    pub fn forget_range(&self, start: Ipa, len: u64, seq_after: u64) -> u64 {
+    /// Notes an unmap about to be sent to the core, until the guard goes:
+    /// it is dropped once the unmap is reconciled ([`Self::forget_range`])
+    /// or given up on. Meanwhile the mappings recorded keep their
+    /// invalidation sequence ([`RecordTable::begin_unmap`]).
+    pub fn unmap_in_flight(&self) -> UnmapInFlight<'_> {
+        self.installed().begin_unmap();
+        UnmapInFlight { state: self }
+    }
+
+    /// Reconciles an unmap the core executed over `[start, start + len)`,
+    /// leaving its sequence at `seq_after`, sent under `_unmap`: mappings
+    /// installed before it are forgotten and their pins released. Returns
+    /// the pages released.
+    pub fn forget_range(&self, _unmap: &UnmapInFlight<'_>, start: Ipa, len: u64, seq_after: u64) -> u64 {
         self.note_seq(seq_after);
         let mut mappings = self.installed();
         {
@@ -512,7 +535,7 @@ impl MappingState {
         // the last can reach into the range. The rest start inside it.
         let first = mappings.last_before(start.raw()).map_or(start.raw(), |m| m.ipa.raw());
         let doomed: Vec<Record> =
-            mappings.range(first..end).filter(|m| m.end() > start.raw() && m.seq < seq_after).collect();
+            mappings.range(first..end).filter(|m| m.end() > start.raw() && m.installed_before(seq_after)).collect();
         let mut pages = 0;
         for m in doomed {
             self.journal_change(m.ipa.raw(), || Some(mappings.handed(&m)));
@@ -624,15 +647,48 @@ mod tests {
             record(0x4000_0000 + page * 4096, MapSize::Page4K);
         }
         record(0x4020_0000, MapSize::Block2M);
+        let unmap = m.unmap_in_flight();
         // The page between two others.
-        assert_eq!(m.forget_range(Ipa::new(0x4000_1000), 4096, 1), 1);
+        assert_eq!(m.forget_range(&unmap, Ipa::new(0x4000_1000), 4096, 1), 1);
         assert!(m.is_mapped(Ipa::new(0x4000_0000)) && m.is_mapped(Ipa::new(0x4000_3000)));
         // A range inside a block, which starts before it: the block goes.
-        assert_eq!(m.forget_range(Ipa::new(0x4030_0000), 4096, 2), 512);
+        assert_eq!(m.forget_range(&unmap, Ipa::new(0x4030_0000), 4096, 2), 512);
         assert!(!m.is_mapped(Ipa::new(0x4020_0000)) && m.is_mapped(Ipa::new(0x4000_3000)));
         // Nothing there.
-        assert_eq!(m.forget_range(Ipa::new(0x4000_2000), 4096, 3), 0);
+        assert_eq!(m.forget_range(&unmap, Ipa::new(0x4000_2000), 4096, 3), 0);
         assert_eq!((m.mapping_count(), m.resident()), (2, 8192));
+    }
+
+    #[test]
+    fn a_mapping_installed_after_an_unmap_ran_and_recorded_before_it_is_reconciled_stays() {
+        let (_, m) = state(4096);
+        let record = |page: u64, seq: u64| {
+            let ipa = 0x4000_0000 + page * 4096;
+            let pin = m.pin(0, page * 4096, 4096).unwrap().into_mapping();
+            assert!(m.record_installed(Ipa::new(ipa), Installed::new(MapSize::Page4K, Pa::new(ipa), seq, pin)));
+        };
+        // Pages 0 and 1 mapped at sequence 0, with no unmap in flight.
+        record(0, 0);
+        record(1, 0);
+        // An unmap of pages 0-3 is sent; the core runs it (sequence 1) and
+        // then installs page 1 again and page 2, whose results are recorded
+        // before the unmap's is reconciled.
+        let unmap = m.unmap_in_flight();
+        record(1, 1);
+        record(2, 1);
+        assert_eq!(m.installed().sequences_kept(), 2);
+        // The reconcile forgets page 0 only: 1 and 2 came after it.
+        assert_eq!(m.forget_range(&unmap, Ipa::new(0x4000_0000), 4 * 4096, 1), 1);
+        let mapped: Vec<u64> = m.residents().iter().map(|r| (r.ipa.raw() - 0x4000_0000) / 4096).collect();
+        assert_eq!(mapped, [1, 2]);
+        // With no unmap left in flight, no sequence is kept, and the next
+        // unmap (sent after now, so run after every mapping recorded)
+        // forgets them.
+        drop(unmap);
+        assert_eq!(m.installed().sequences_kept(), 0);
+        let unmap = m.unmap_in_flight();
+        assert_eq!(m.forget_range(&unmap, Ipa::new(0x4000_0000), 4 * 4096, 2), 2);
+        assert_eq!((m.mapping_count(), m.pins().total()), (0, 0));
     }
 
     #[test]
@@ -658,7 +714,8 @@ mod tests {
             for _ in 0..next(40) {
                 if next(3) == 0 {
                     seq += 1;
-                    m.forget_range(Ipa::new(0x4000_0000 + next(64) * 4096), (1 + next(4)) * 4096, seq);
+                    let unmap = m.unmap_in_flight();
+                    m.forget_range(&unmap, Ipa::new(0x4000_0000 + next(64) * 4096), (1 + next(4)) * 4096, seq);
                 } else {
                     record(next(64), seq);
                 }
@@ -696,7 +753,7 @@ mod tests {
         );
         assert_eq!((m.resident(), m.mapping_count()), (4096, 1));
         // Unmapped at sequence 1: the mapping and its pin go.
-        assert_eq!(m.forget_range(Ipa::new(0x4000_0000), 8192, 1), 1);
+        assert_eq!(m.forget_range(&m.unmap_in_flight(), Ipa::new(0x4000_0000), 8192, 1), 1);
         assert_eq!((m.resident(), m.pins().total(), m.sample_seq()), (0, 0, 1));
         // A map installed at sequence 0 whose result arrives now is gone from the tables.
         let late = Installed::new(MapSize::Page4K, Pa::new(0x4000_1000), 0, pin(4096));
