@@ -358,9 +358,11 @@ impl Monitor {
     }
 
     /// Forgets the hits since the last aggregation: the next one starts
-    /// now (its settings changed).
+    /// now (its settings changed). The armed pages are let go too: an
+    /// access to one before now is not this aggregation's. The next sample
+    /// arms fresh ones.
     pub fn restart_aggregation(&mut self) {
-        self.regions.iter_mut().for_each(|r| r.hits = 0);
+        self.regions.iter_mut().for_each(|r| (r.hits, r.armed) = (0, None));
     }
 
     /// Rolls the hits since the last aggregation up into each region's
@@ -563,6 +565,26 @@ mod tests {
         }
         assert!(missed < 30, "{missed} aggregations of 100 saw the region idle");
         assert!(longest <= 4, "idle {longest} aggregations in a row");
+    }
+
+    #[test]
+    fn a_restarted_aggregation_counts_no_access_from_before_it() {
+        let s = MonitorSettings { min_regions: 4, max_regions: 4, ..settings() };
+        let mut m = Monitor::new(&[target(0, 4 << 20)], 4, 3);
+        // Armed, then (as far as the pages tell) accessed; then the
+        // settings change.
+        let armed = m.sample();
+        assert!(armed.checks.is_empty() && armed.arms.len() == 4);
+        m.restart_aggregation();
+        // The next round checks none of the pages armed before: it arms
+        // fresh ones, and an aggregation after it counts no hit.
+        let round = m.sample();
+        assert!(round.checks.is_empty(), "checked pages armed before the restart: {:?}", round.checks);
+        assert_eq!(round.arms.len(), 4);
+        // Every page checked was accessed.
+        m.record(&vec![true; round.checks.len()]);
+        let seen = m.aggregate(&s, 1);
+        assert!(seen.regions.iter().all(|r| r.frequency == 0), "{:?}", seen.regions);
     }
 
     #[test]
