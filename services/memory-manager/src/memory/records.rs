@@ -16,12 +16,12 @@
 //! from a base for the table ([`OrderBase`]).
 //!
 //! The core's invalidation sequence at install is kept only while it can
-//! matter ([`RecordTable::begin_unmap`]): an unmap reconciled after a
-//! mapping was recorded forgets it unless the core installed it after the
-//! unmap ran. Every unmap reconciled later than that ran later too, so a
-//! mapping recorded while no unmap is in flight, or kept past the last of
-//! those in flight, is older than any unmap still to come: its sequence is
-//! not needed, and not kept.
+//! matter: an unmap the core ran before it installed a mapping may be
+//! reconciled after the mapping is recorded, and must not forget it.
+//! Unmaps are bracketed ([`RecordTable::begin_unmap`]); a mapping recorded
+//! while none is in flight, or kept past the last one that was, was
+//! installed before any unmap sent from then on runs, and its sequence is
+//! not kept.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -71,9 +71,9 @@ pub struct Record {
     pub ipa: Ipa,
     /// Mapping size.
     pub size: MapSize,
-    /// The core's invalidation sequence when it was installed, while an
-    /// unmap recorded before it may still be reconciled; `None` once it is
-    /// older than every unmap still to be reconciled.
+    /// The core's invalidation sequence when it was installed, kept while
+    /// an unmap sent before it was recorded is still to be reconciled;
+    /// `None` once none is (every unmap still to come runs after it).
     pub seq: Option<u64>,
     /// Install order.
     pub order: u64,
