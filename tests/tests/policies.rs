@@ -414,6 +414,40 @@ struct StorePeak {
     held: u64,
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_budget_evicts_the_mappings_installed_first() {
+    // A 2 MiB budget (512 pages, the least a budget may be) and 640 pages
+    // read from the highest IPA down, so the first installed are not the
+    // lowest: FIFO evicts the 130 read first (at the 513th install down to
+    // 448, at the 578th again), the highest 130. Then the lowest 32 are
+    // read again (still mapped: no fault) and the highest 32 (evicted: each
+    // faults back in).
+    let daemon = Daemon::start(&["--spin-polls", "0", "--policy-deadline-ms", "2000"]);
+    let policy = PolicyProcess::start("policy-sequential", &["--window", "0", "--budget", "40:2:fifo"]);
+    assert_eq!(use_policy(&daemon, &policy.endpoint, None).await.budgets, 1);
+    let page = |p: u64| RAM.start + p * 4096;
+    let mut trace: Vec<String> = (0..640).rev().map(|p| format!("0 R {:#x} 8", page(p))).collect();
+    trace.push("PAUSE".into());
+    trace.extend((0..32).chain(608..640).map(|p| format!("0 R {:#x} 8", page(p))));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("descending.trace");
+    std::fs::write(&path, trace.join("\n") + "\n").unwrap();
+    let args = ["--vm-id", "40", "--vcpus", "1", "--ram-mib", "64", "--ram-page-kib", "4", "--spin-polls", "0"];
+    let mut m = TracedMachine::spawn(&daemon, &args, &path);
+    m.wait_paused(0);
+    m.resume();
+    drop(m.stdin);
+    let out = m.child.wait_with_output().unwrap();
+    assert!(out.status.success(), "machine failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut mapped = std::collections::HashMap::<u64, u32>::new();
+    for e in events(&daemon, 40).await.iter().filter(|e| e.outcome == Outcome::Mapped as i32 && RAM.contains(&e.ipa)) {
+        *mapped.entry((e.ipa - RAM.start) >> 12).or_default() += 1;
+    }
+    let times = |pages: std::ops::Range<u64>| pages.map(|p| mapped.get(&p).copied().unwrap_or(0)).collect::<Vec<_>>();
+    assert_eq!(times(608..640), vec![2; 32], "the first installed were evicted and faulted back");
+    assert_eq!(times(0..32), vec![1; 32], "the last installed stayed mapped");
+}
+
 /// An 8 MiB budget over a 64 MiB random workload, with the daemon's swap
 /// store laid out as `compression` says: resident bytes and host memory
 /// stay within the budget, and the guest's memory survives.

@@ -76,8 +76,16 @@ pub enum EvictionOrder {
     /// Highest IPA first.
     HighestIpa,
     /// Longest idle first, by the working-set monitor; least often
-    /// accessed among equals, then oldest mapping.
+    /// accessed among equals, then lowest IPA.
     Coldest,
+}
+
+impl EvictionOrder {
+    /// True if it goes by the order mappings were installed in, which the
+    /// records keep only while an order that reads it is in force.
+    pub fn reads_install_order(self) -> bool {
+        matches!(self, Self::Fifo | Self::Lifo)
+    }
 }
 
 /// Proactive reclaim for one VM: mappings idle this long go, even under

@@ -91,8 +91,8 @@ fn range_of(v: &Resident) -> Option<Range<Ipa>> {
 }
 
 /// Orders `victims` longest idle first, then least often accessed, then
-/// oldest mapping. Without an aggregation yet (or for memory the monitor
-/// does not cover), nothing is known to be idle: those go last, oldest
+/// lowest IPA. Without an aggregation yet (or for memory the monitor does
+/// not cover), nothing is known to be idle: those go last, lowest IPA
 /// first.
 fn coldest_first(victims: &mut [Resident], seen: Option<&Aggregation>) {
     victims.sort_by_cached_key(|v| {
@@ -100,7 +100,7 @@ fn coldest_first(victims: &mut [Resident], seen: Option<&Aggregation>) {
             .zip(range_of(v))
             .and_then(|(a, r)| Some((a.least_idle(r)?, a.most_frequent(r)?)))
             .unwrap_or((Duration::ZERO, u32::MAX));
-        (std::cmp::Reverse(idle), frequency, v.order)
+        (std::cmp::Reverse(idle), frequency, v.ipa)
     });
 }
 

@@ -320,9 +320,13 @@ impl<'r, 'v> VcpuService<'r, 'v> {
     }
 
     /// Reclaims (directly, before this vCPU's next fault is served) if an
-    /// install took the VM over its budget.
+    /// install took the VM over its budget; keeps install orders while the
+    /// budget evicts by them.
     fn check_budget(&self, stop: &AtomicBool) {
-        if let Some(budget) = self.policy.load().policy.budget(self.vm.id().raw()) {
+        let policy = &self.policy.load().policy;
+        let budget = policy.budget(self.vm.id().raw());
+        self.vm.mapping.keep_install_orders(budget.is_some_and(|b| b.order.reads_install_order()));
+        if let Some(budget) = budget {
             if self.vm.mapping.resident() > budget.max_resident {
                 // Waits on the control ring and the disk: the pool serves
                 // the other rings meanwhile.

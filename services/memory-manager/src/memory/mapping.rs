@@ -190,6 +190,9 @@ pub struct MappingState {
     dirty: Vec<DirtyLog>,
     /// Installed mappings by IPA.
     installed: Mutex<RecordTable>,
+    /// Whether the records keep install orders, as last set
+    /// ([`Self::keep_install_orders`]): read without their lock.
+    keeps_orders: AtomicBool,
     /// Table pages not yet handed to the core.
     pool: Mutex<PagePool>,
     /// Latest invalidation sequence the core reported.
@@ -230,6 +233,7 @@ impl MappingState {
         let pins = Pins::new(&sizes);
         Self {
             installed: Mutex::new(RecordTable::new(layout, pins.clone())),
+            keeps_orders: AtomicBool::new(true),
             pins,
             populated: layout.regions.iter().map(|r| PageBitmap::new(r.size.div_ceil(PAGE_SIZE))).collect(),
             dirty,
@@ -333,6 +337,21 @@ impl MappingState {
     /// Notes a sequence the core reported (fault records and results).
     pub fn note_seq(&self, seq: u64) {
         self.core_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Keeps the install order of each mapping from now on, or stops (the
+    /// orders kept go): FIFO and LIFO eviction need it, nothing else does
+    /// ([`RecordTable::keep_orders`]). Kept from the start. A change waits
+    /// for the records' lock only if it is free (not while an adoption
+    /// holds them): the caller asks again at its next mapping.
+    pub fn keep_install_orders(&self, keep: bool) {
+        if self.keeps_orders.load(Ordering::Relaxed) == keep {
+            return;
+        }
+        if let Ok(mut records) = self.installed.try_lock() {
+            records.keep_orders(keep);
+            self.keeps_orders.store(keep, Ordering::Relaxed);
+        }
     }
 
     fn installed(&self) -> MutexGuard<'_, RecordTable> {

@@ -35,6 +35,10 @@ use super::layout::{Backing, VmLayout};
 use super::memslot::Memslots;
 use super::pin::{MappingPin, PinSpan, Pins};
 
+mod block;
+
+use block::{Block, Place};
+
 /// log2 of the IPA span of one block of records (2 MiB).
 const BLOCK_SHIFT: u32 = 21;
 /// log2 of the page a record's place in its block counts in.
@@ -92,40 +96,8 @@ impl Record {
     }
 }
 
-/// A record in its block: its install order, and the page it starts at in
-/// the block with its size, in 6 bytes.
-#[derive(Clone, Copy, Debug)]
-#[repr(C, packed(2))]
-struct Row {
-    /// Install order, from the table's base.
-    order: u32,
-    /// The page it starts at in its block (the low 9 bits) and its size
-    /// (the top 2: [`MapSize::ALL`]'s index).
-    at: u16,
-}
-
-// The table's cost per 4 KiB mapping.
-const _: () = assert!(std::mem::size_of::<Row>() == 6);
-
-/// Pages in a block: a row's page takes the bits below [`Row::SIZE_SHIFT`].
-const _: () = assert!(1 << (BLOCK_SHIFT - PAGE_SHIFT) <= 1 << Row::SIZE_SHIFT);
-
-impl Row {
-    const SIZE_SHIFT: u32 = 14;
-
-    fn new(page: u16, size: MapSize, order: u32) -> Self {
-        let size_index = MapSize::ALL.iter().position(|&s| s == size).expect("every size is listed") as u16;
-        Self { order, at: page | size_index << Self::SIZE_SHIFT }
-    }
-
-    fn page(&self) -> u16 {
-        self.at & ((1 << Self::SIZE_SHIFT) - 1)
-    }
-
-    fn size(&self) -> MapSize {
-        MapSize::ALL[usize::from(self.at >> Self::SIZE_SHIFT)]
-    }
-}
+// Pages in a block: a place's page holds them.
+const _: () = assert!(1 << (BLOCK_SHIFT - PAGE_SHIFT) <= Place::PAGES);
 
 /// How far below a value the base is put: values that come that much out
 /// of order still fit, and a base moved up leaves room for that many more.
@@ -159,10 +131,12 @@ impl OrderBase {
 /// A VM's installed mappings by IPA.
 #[derive(Debug)]
 pub struct RecordTable {
-    /// Rows by block index (IPA >> 21), each sorted, none empty.
-    blocks: BTreeMap<u64, Vec<Row>>,
+    /// Records by block index (IPA >> 21), none empty.
+    blocks: BTreeMap<u64, Block>,
     len: usize,
-    /// What every row's order counts from.
+    /// Whether install orders are kept ([`Self::keep_orders`]).
+    keep_orders: bool,
+    /// What every kept order counts from.
     base: OrderBase,
     /// Unmaps sent and not yet reconciled ([`Self::begin_unmap`]).
     unmaps_in_flight: usize,
@@ -183,6 +157,7 @@ impl RecordTable {
         Self {
             blocks: BTreeMap::new(),
             len: 0,
+            keep_orders: true,
             base: OrderBase::default(),
             unmaps_in_flight: 0,
             young: BTreeMap::new(),
@@ -232,25 +207,25 @@ impl RecordTable {
         // No sequence is kept while no unmap is in flight (none is then).
         let old_seq = if self.unmaps_in_flight > 0 { self.young.insert(ipa.raw(), seq) } else { None };
         let (block, page) = Self::place_in_block(ipa.raw());
-        let row = Row::new(page, size, self.offset(order));
+        let place = Place::new(page, size);
+        let order = self.keep_orders.then(|| self.offset(order));
         // Past the last record (a rebuild's leaves, in IPA order): appended.
         if let Some(mut last) = self.blocks.last_entry().filter(|l| *l.key() == block) {
-            if last.get().last().is_some_and(|r| r.page() < page) {
-                last.get_mut().push(row);
+            let at_end = last.get().len();
+            if last.get().last().is_some_and(|p| p.page() < page) {
+                last.get_mut().insert(at_end, place, order);
                 self.len += 1;
                 return Ok(None);
             }
         }
-        // A block's first row gets room for itself only: a 2 MiB or 1 GiB
-        // mapping is alone in its block.
-        let rows = self.blocks.entry(block).or_insert_with(|| Vec::with_capacity(1));
-        match rows.binary_search_by_key(&page, |r| r.page()) {
+        let records = self.blocks.entry(block).or_insert_with(Block::new);
+        match records.find(page) {
             Ok(i) => {
-                let old = std::mem::replace(&mut rows[i], row);
+                let old = records.replace(i, place, order);
                 Ok(Some(self.release(block, old, old_seq)))
             }
             Err(i) => {
-                rows.insert(i, row);
+                records.insert(i, place, order);
                 self.len += 1;
                 Ok(None)
             }
@@ -264,41 +239,41 @@ impl RecordTable {
             return None;
         }
         let (block, page) = Self::place_in_block(ipa);
-        let rows = self.blocks.get_mut(&block)?;
-        let i = rows.binary_search_by_key(&page, |r| r.page()).ok()?;
-        let row = rows.remove(i);
-        if rows.is_empty() {
+        let records = self.blocks.get_mut(&block)?;
+        let i = records.find(page).ok()?;
+        let record = records.remove(i);
+        if records.is_empty() {
             self.blocks.remove(&block);
-        } else if rows.len() * 4 < rows.capacity() {
-            rows.shrink_to(rows.len() * 2);
         }
         self.len -= 1;
         let seq = self.young.remove(&ipa);
-        Some(self.release(block, row, seq))
+        Some(self.release(block, record, seq))
     }
 
     /// The record at `ipa`.
     pub fn get(&self, ipa: u64) -> Option<Record> {
         let (block, page) = Self::place_in_block(ipa);
-        let rows = self.blocks.get(&block).filter(|_| ipa % PAGE_SIZE == 0)?;
-        let i = rows.binary_search_by_key(&page, |r| r.page()).ok()?;
-        Some(self.record(block, &rows[i]))
+        let records = self.blocks.get(&block).filter(|_| ipa % PAGE_SIZE == 0)?;
+        let i = records.find(page).ok()?;
+        Some(self.record(block, records.get(i)))
     }
 
     /// The records that start inside `range`, in IPA order.
     pub fn range(&self, range: Range<u64>) -> impl Iterator<Item = Record> + '_ {
         let Range { start, end } = range;
         let blocks = if start < end { (start >> BLOCK_SHIFT)..((end - 1) >> BLOCK_SHIFT) + 1 } else { 0..0 };
-        self.blocks.range(blocks).flat_map(move |(&block, rows)| {
-            let lo = rows.partition_point(|r| ipa_of(block, r) < start);
-            let hi = rows.partition_point(|r| ipa_of(block, r) < end);
-            rows[lo..hi].iter().map(move |r| self.record(block, r))
+        self.blocks.range(blocks).flat_map(move |(&block, records)| {
+            let lo = records.partition_point(|p| ipa_of(block, p) < start);
+            let hi = records.partition_point(|p| ipa_of(block, p) < end);
+            (lo..hi).map(move |i| self.record(block, records.get(i)))
         })
     }
 
     /// Every record, in IPA order.
     pub fn iter(&self) -> impl Iterator<Item = Record> + '_ {
-        self.blocks.iter().flat_map(move |(&block, rows)| rows.iter().map(move |r| self.record(block, r)))
+        self.blocks
+            .iter()
+            .flat_map(move |(&block, records)| (0..records.len()).map(move |i| self.record(block, records.get(i))))
     }
 
     /// The last record that starts below `ipa`.
@@ -306,9 +281,9 @@ impl RecordTable {
         let last = ipa.checked_sub(1)?;
         // Blocks hold at least one row: only the first looked at can hold
         // none below `ipa`.
-        self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, rows)| {
-            let n = rows.partition_point(|r| ipa_of(block, r) <= last);
-            n.checked_sub(1).map(|i| self.record(block, &rows[i]))
+        self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, records)| {
+            let n = records.partition_point(|p| ipa_of(block, p) <= last);
+            n.checked_sub(1).map(|i| self.record(block, records.get(i)))
         })
     }
 
@@ -326,7 +301,7 @@ impl RecordTable {
         self.young.clear();
         blocks
             .into_iter()
-            .flat_map(|(block, rows)| rows.into_iter().map(move |r| (block, r)))
+            .flat_map(|(block, records)| records.into_records().map(move |r| (block, r)))
             .fold(0, |pages, (b, r)| pages + self.release(b, r, None).1 as u64)
     }
 
@@ -354,6 +329,25 @@ impl RecordTable {
         self.young.len()
     }
 
+    /// Keeps install orders from now on, or stops keeping them (those kept
+    /// go): only FIFO and LIFO eviction read them, and they are the larger
+    /// part of a record. Orders kept again start with every record there
+    /// as the oldest (tied, so in IPA order); a record's order reads as 0
+    /// while none is kept.
+    pub fn keep_orders(&mut self, keep: bool) {
+        if keep == self.keep_orders {
+            return;
+        }
+        self.keep_orders = keep;
+        let oldest = 0;
+        self.blocks.values_mut().for_each(|b| b.keep_orders(keep, oldest));
+    }
+
+    /// Whether install orders are kept.
+    pub fn keeps_orders(&self) -> bool {
+        self.keep_orders
+    }
+
     /// `order` as a row keeps it ([`OrderBase`]): the first order of an
     /// empty table sets the base; one too far above it moves the base (and
     /// every row's offset) up first.
@@ -363,8 +357,8 @@ impl RecordTable {
             self.base = OrderBase(order.saturating_sub(HEADROOM));
         } else if order.saturating_sub(base.0) > u64::from(u32::MAX) {
             let to = OrderBase(order - HEADROOM);
-            for row in self.blocks.values_mut().flatten() {
-                row.order = to.offset(base.order(row.order));
+            for order in self.blocks.values_mut().flat_map(|b| b.orders_mut().iter_mut()) {
+                *order = to.offset(base.order(*order));
             }
             self.base = to;
         }
@@ -377,16 +371,17 @@ impl RecordTable {
     }
 
     /// The record of `row` in `block`, recorded at `seq` if kept.
-    fn record(&self, block: u64, row: &Row) -> Record {
-        let ipa = ipa_of(block, row);
+    fn record(&self, block: u64, (place, order): (Place, Option<u32>)) -> Record {
+        let ipa = ipa_of(block, place);
         let seq = if self.young.is_empty() { None } else { self.young.get(&ipa).copied() };
-        Record { ipa: Ipa::new(ipa), size: row.size(), seq, order: self.base.order(row.order) }
+        let order = order.map_or(0, |o| self.base.order(o));
+        Record { ipa: Ipa::new(ipa), size: place.size(), seq, order }
     }
 
     /// The record of `row` in `block`, gone from the table with the
     /// sequence `seq` if kept, its pin released.
-    fn release(&self, block: u64, row: Row, seq: Option<u64>) -> (Record, usize) {
-        let record = Record { seq, ..self.record(block, &row) };
+    fn release(&self, block: u64, record: (Place, Option<u32>), seq: Option<u64>) -> (Record, usize) {
+        let record = Record { seq, ..self.record(block, record) };
         // Recorded only where placed, with this span's pin taken.
         let pages = self.span(record.ipa.raw(), record.size).map_or(0, |(_, span)| {
             // Dropped here: released.
@@ -402,9 +397,9 @@ impl Drop for RecordTable {
     }
 }
 
-/// The first IPA of `row` in `block`.
-fn ipa_of(block: u64, row: &Row) -> u64 {
-    (block << BLOCK_SHIFT) | (u64::from(row.page()) << PAGE_SHIFT)
+/// The first IPA of a record at `place` in `block`.
+fn ipa_of(block: u64, place: Place) -> u64 {
+    (block << BLOCK_SHIFT) | (u64::from(place.page()) << PAGE_SHIFT)
 }
 
 #[cfg(test)]
@@ -436,7 +431,20 @@ mod tests {
 
     #[test]
     fn records_read_back_as_a_sorted_map_would_hold_them() {
+        read_back_as_a_sorted_map(true);
+    }
+
+    #[test]
+    fn records_without_orders_read_back_as_a_sorted_map_would_hold_them() {
+        read_back_as_a_sorted_map(false);
+    }
+
+    /// Random inserts and removes, with orders kept or not, against a
+    /// B-tree of whole records.
+    fn read_back_as_a_sorted_map(keep_orders: bool) {
         let (layout, mut table, pins) = table();
+        table.keep_orders(keep_orders);
+        let order = |step: u64| if keep_orders { step + 1000 } else { 0 };
         // Size, sequence kept, order.
         let mut model: BTreeMap<u64, (MapSize, Option<u64>, u64)> = BTreeMap::new();
         let mut in_flight = 0;
@@ -471,7 +479,7 @@ mod tests {
                 let m = installed(&layout, &pins, ipa, size, step, step + 1000);
                 let old = table.insert(Ipa::new(ipa), m).expect("placed").map(|(r, _)| (r.size, r.seq, r.order));
                 let kept = (in_flight > 0).then_some(step);
-                assert_eq!(old, model.insert(ipa, (size, kept, step + 1000)), "step {step}: insert {ipa:#x}");
+                assert_eq!(old, model.insert(ipa, (size, kept, order(step))), "step {step}: insert {ipa:#x}");
             }
             assert_eq!(table.len(), model.len());
             assert_eq!(table.sequences_kept(), model.values().filter(|(_, seq, _)| seq.is_some()).count());
@@ -531,16 +539,6 @@ mod tests {
     }
 
     #[test]
-    fn a_row_keeps_every_size_and_page_apart() {
-        for size in MapSize::ALL {
-            for page in [0, 1, 255, 511] {
-                let row = Row::new(page, size, 7);
-                assert_eq!((row.page(), row.size(), { row.order }), (page, size, 7));
-            }
-        }
-    }
-
-    #[test]
     fn a_record_knows_its_pa_from_its_memslot() {
         let (layout, mut table, pins) = table();
         let ipa = HIGH + (2 << 20);
@@ -571,24 +569,51 @@ mod tests {
     }
 
     #[test]
-    fn a_full_block_of_4k_mappings_costs_6_bytes_each() {
+    fn a_full_block_of_4k_mappings_costs_6_bytes_each_and_2_without_orders() {
         let (layout, mut table, pins) = table();
         for page in 0..512 {
             let ipa = RAM + page * 4096;
             table.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, page)).unwrap();
         }
-        let rows = &table.blocks[&(RAM >> BLOCK_SHIFT)];
-        assert_eq!((rows.len(), rows.capacity() * std::mem::size_of::<Row>()), (512, 512 * 6));
-        // A block mapping's block holds one row.
+        let full = |t: &RecordTable| t.blocks[&(RAM >> BLOCK_SHIFT)].bytes();
+        assert_eq!((table.blocks[&(RAM >> BLOCK_SHIFT)].len(), full(&table)), (512, 512 * 6));
+        // A block mapping's block holds one record.
         let block = RAM + (2 << 20);
         table.insert(Ipa::new(block), installed(&layout, &pins, block, MapSize::Block2M, 0, 0)).unwrap();
-        assert_eq!(table.blocks[&(block >> BLOCK_SHIFT)].capacity(), 1);
+        assert_eq!(table.blocks[&(block >> BLOCK_SHIFT)].bytes(), 6);
+        // Orders no longer kept: their room goes.
+        table.keep_orders(false);
+        assert_eq!(full(&table), 512 * 2);
         // Emptied, a block gives its memory back.
         for page in 0..500 {
             table.remove(RAM + page * 4096).unwrap();
         }
-        assert!(table.blocks[&(RAM >> BLOCK_SHIFT)].capacity() <= 48);
+        assert!(full(&table) <= 48 * 2, "room for 48 records at most");
         drop(table);
         assert_eq!(pins.total(), 0, "a dropped table releases its pins");
+    }
+
+    #[test]
+    fn orders_not_kept_read_as_0_and_kept_again_start_tied_as_the_oldest() {
+        let (layout, mut table, pins) = table();
+        let put = |t: &mut RecordTable, page: u64, order: u64| {
+            let ipa = RAM + page * 4096;
+            t.insert(Ipa::new(ipa), installed(&layout, &pins, ipa, MapSize::Page4K, 0, order)).unwrap();
+        };
+        let orders = |t: &RecordTable| t.iter().map(|r| r.order).collect::<Vec<_>>();
+        put(&mut table, 0, 100);
+        put(&mut table, 1, 101);
+        table.keep_orders(false);
+        assert!(!table.keeps_orders());
+        put(&mut table, 2, 102);
+        assert_eq!(orders(&table), [0, 0, 0]);
+        // Kept again: those there tie below every order recorded from now.
+        table.keep_orders(true);
+        put(&mut table, 3, 103);
+        put(&mut table, 1, 104);
+        let o = orders(&table);
+        assert!(o[0] == o[2] && o[0] < 103, "{o:?}");
+        assert_eq!((o[1], o[3]), (104, 103));
+        assert_eq!(table.len(), 4);
     }
 }
