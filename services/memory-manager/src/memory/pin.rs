@@ -8,15 +8,20 @@
 //! the mapping installed does the guard become a [`MappingPin`], held until
 //! the mapping is removed.
 
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hyp_core::addr::PAGE_SIZE;
 
 use super::chunked::Chunked;
 
-/// Counts per chunk: 4 KiB of counts, made at the first pin in them.
+/// Counts per chunk: 2 KiB of counts (8 MiB of 4 KiB pages), made at the
+/// first pin in them.
 const CHUNK_COUNTS: usize = 2048;
+
+/// The most a page's count holds; pins past it wait in the overflow.
+const TOP: u8 = u8::MAX;
 
 /// Pin counts of every guest region of a VM.
 #[derive(Debug)]
@@ -29,10 +34,66 @@ struct RegionPins {
     /// log2 of the backing page size.
     shift: u32,
     /// One count per backing page, made a chunk at a time (a 1 TiB
-    /// region costs its chunk table until pages are pinned, not 512 MiB).
-    /// 16 bits: a page is pinned once per mapping of it and per fault
-    /// about to map it, a handful of times, not 65,535.
-    counts: Chunked<AtomicU16, CHUNK_COUNTS>,
+    /// region costs its chunk table until pages are pinned, not 256 MiB).
+    /// 8 bits: a page is pinned once per mapping of it and per fault
+    /// about to map it, a handful of times; past [`TOP`] the rest are
+    /// counted in `overflow`.
+    counts: Chunked<AtomicU8, CHUNK_COUNTS>,
+    /// Pins past [`TOP`] by page, for pages whose count is at it. A count
+    /// leaves [`TOP`] only under this lock, and only with none of its
+    /// page's pins here.
+    overflow: Mutex<HashMap<usize, u32>>,
+}
+
+impl RegionPins {
+    fn overflow(&self) -> std::sync::MutexGuard<'_, HashMap<usize, u32>> {
+        self.overflow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins page `i` once more.
+    fn pin_page(&self, i: usize) {
+        let count = self.counts.get_or_make(i);
+        loop {
+            if count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < TOP).then(|| c + 1)).is_ok() {
+                return;
+            }
+            let mut overflow = self.overflow();
+            // At the top under the lock: it stays there while it is held.
+            if count.load(Ordering::Acquire) == TOP {
+                *overflow.entry(i).or_default() += 1;
+                return;
+            }
+        }
+    }
+
+    /// Lets go of one pin of page `i` (which it holds).
+    fn unpin_page(&self, i: usize) {
+        // Made by the pin this lets go of.
+        let count = self.counts.get_or_make(i);
+        loop {
+            let below_top = |c: u8| (c < TOP).then(|| c.checked_sub(1).expect("a pinned page has a count"));
+            if count.fetch_update(Ordering::AcqRel, Ordering::Acquire, below_top).is_ok() {
+                return;
+            }
+            let mut overflow = self.overflow();
+            if count.load(Ordering::Acquire) == TOP {
+                match overflow.get_mut(&i) {
+                    Some(1) => drop(overflow.remove(&i)),
+                    Some(n) => *n -= 1,
+                    None => count.store(TOP - 1, Ordering::Release),
+                }
+                return;
+            }
+        }
+    }
+
+    /// Page `i`'s pins.
+    fn count(&self, i: usize) -> u32 {
+        match self.counts.get(i).map_or(0, |c| c.load(Ordering::Acquire)) {
+            TOP => u32::from(TOP) + self.overflow().get(&i).copied().unwrap_or(0),
+            c => c.into(),
+        }
+    }
 }
 
 /// Why pages could not be pinned.
@@ -48,14 +109,6 @@ pub enum PinError {
         /// Bytes.
         len: u64,
     },
-    /// A page's count would pass 65,535: nothing of the range is pinned.
-    #[error("page {page} of region {region} is pinned {} times already", u16::MAX)]
-    Saturated {
-        /// Region index.
-        region: usize,
-        /// Backing page.
-        page: usize,
-    },
 }
 
 impl Pins {
@@ -65,7 +118,8 @@ impl Pins {
             .iter()
             .map(|&(size, page_size)| {
                 let shift = page_size.max(PAGE_SIZE).trailing_zeros();
-                RegionPins { shift, counts: Chunked::new(size.div_ceil(1 << shift) as usize) }
+                let counts = Chunked::new(size.div_ceil(1 << shift) as usize);
+                RegionPins { shift, counts, overflow: Mutex::default() }
             })
             .collect();
         Arc::new(Self { regions })
@@ -84,18 +138,11 @@ impl Pins {
         Ok(PinSpan { region, first, pages })
     }
 
-    /// Pins the pages of `[offset, offset + len)` of `region`: all of
-    /// them, or none if one is pinned as often as a count can say.
+    /// Pins the pages of `[offset, offset + len)` of `region`.
     pub fn pin(self: &Arc<Self>, region: usize, offset: u64, len: u64) -> Result<PinGuard, PinError> {
         let span = self.span(region, offset, len)?;
-        let counts = &self.regions[region].counts;
-        for (taken, i) in (span.first..span.first + span.pages).enumerate() {
-            let count = counts.get_or_make(i);
-            if count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_add(1)).is_err() {
-                self.release(region, span.first, taken);
-                return Err(PinError::Saturated { region, page: i });
-            }
-        }
+        let r = &self.regions[region];
+        (span.first..span.first + span.pages).for_each(|i| r.pin_page(i));
         Ok(PinGuard { pins: self.clone(), region, first: span.first, pages: span.pages })
     }
 
@@ -109,20 +156,21 @@ impl Pins {
     /// Pin count of the backing page holding `offset`.
     pub fn count(&self, region: usize, offset: u64) -> u32 {
         let r = &self.regions[region];
-        r.counts.get((offset >> r.shift) as usize).map_or(0, |c| c.load(Ordering::Acquire).into())
+        r.count((offset >> r.shift) as usize)
     }
 
     /// Sum of all pin counts (backing pages x pins).
     pub fn total(&self) -> u64 {
-        self.regions.iter().flat_map(|r| r.counts.made()).map(|c| c.load(Ordering::Acquire) as u64).sum()
+        let counted = |r: &RegionPins| {
+            let counts: u64 = r.counts.made().map(|c| u64::from(c.load(Ordering::Acquire))).sum();
+            counts + r.overflow().values().map(|&n| u64::from(n)).sum::<u64>()
+        };
+        self.regions.iter().map(counted).sum()
     }
 
     fn release(&self, region: usize, first: usize, pages: usize) {
-        let counts = &self.regions[region].counts;
-        for i in first..first + pages {
-            // Made by the pin this releases.
-            counts.get_or_make(i).fetch_sub(1, Ordering::AcqRel);
-        }
+        let r = &self.regions[region];
+        (first..first + pages).for_each(|i| r.unpin_page(i));
     }
 }
 
@@ -241,18 +289,39 @@ mod tests {
     }
 
     #[test]
-    fn a_page_pinned_as_often_as_a_count_says_refuses_the_whole_range() {
+    fn a_page_pinned_past_what_its_count_holds_keeps_counting_and_lets_go_exactly() {
         let pins = Pins::new(&[(4 << 20, 4096)]);
-        // Page 3 at the most a count holds.
-        let held: Vec<PinGuard> = (0..u16::MAX).map(|_| pins.pin(0, 3 * 4096, 4096).unwrap()).collect();
-        assert_eq!(pins.count(0, 3 * 4096), u32::from(u16::MAX));
-        let err = pins.pin(0, 0, 8 * 4096).unwrap_err();
-        assert_eq!(err, PinError::Saturated { region: 0, page: 3 });
-        // Pages 0-2, taken before page 3 refused, were given back.
-        assert_eq!((pins.count(0, 0), pins.count(0, 2 * 4096), pins.count(0, 4 * 4096)), (0, 0, 0));
-        assert_eq!(pins.total(), u64::from(u16::MAX));
+        // Page 3 pinned 300 times: 255 in its count, 45 past it.
+        let held: Vec<PinGuard> = (0..300).map(|_| pins.pin(0, 3 * 4096, 4096).unwrap()).collect();
+        let range = pins.pin(0, 0, 8 * 4096).unwrap();
+        assert_eq!((pins.count(0, 3 * 4096), pins.count(0, 2 * 4096), pins.total()), (301, 1, 308));
+        assert_eq!(pins.regions[0].overflow().get(&3), Some(&46));
+        drop(range);
+        drop(held);
+        assert_eq!((pins.count(0, 3 * 4096), pins.total()), (0, 0));
+        assert!(pins.regions[0].overflow().is_empty(), "nothing left past the top");
+    }
+
+    #[test]
+    fn pins_racing_across_the_top_of_a_count_lose_none() {
+        let pins = Pins::new(&[(1 << 20, 4096)]);
+        // 250 held: four threads pinning and letting go 4 at a time cross
+        // the top (255) over and over.
+        let held: Vec<PinGuard> = (0..250).map(|_| pins.pin(0, 0, 4096).unwrap()).collect();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        let some: Vec<PinGuard> = (0..4).map(|_| pins.pin(0, 0, 4096).unwrap()).collect();
+                        assert!(pins.count(0, 0) >= 254);
+                        drop(some);
+                    }
+                });
+            }
+        });
+        assert_eq!(pins.count(0, 0), 250);
+        assert!(pins.regions[0].overflow().is_empty());
         drop(held);
         assert_eq!(pins.total(), 0);
-        assert_eq!(pins.pin(0, 0, 8 * 4096).unwrap().pages(), 8);
     }
 }
