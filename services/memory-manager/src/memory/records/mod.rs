@@ -325,6 +325,7 @@ impl RecordTable {
     }
 
     /// Sequences kept ([`Self::begin_unmap`]).
+    #[cfg(test)]
     pub fn sequences_kept(&self) -> usize {
         self.young.len()
     }
@@ -344,6 +345,7 @@ impl RecordTable {
     }
 
     /// Whether install orders are kept.
+    #[cfg(test)]
     pub fn keeps_orders(&self) -> bool {
         self.keep_orders
     }
