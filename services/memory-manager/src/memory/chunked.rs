@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 /// `T::default()`.
 #[derive(Debug)]
 pub struct Chunked<T, const N: usize> {
-    chunks: Box<[OnceLock<Box<[T]>>]>,
+    /// Each chunk's elements once made (a thin pointer: the table is 16
+    /// bytes a chunk, where a slice's would be 24).
+    chunks: Box<[OnceLock<Box<[T; N]>>]>,
     len: usize,
 }
 
@@ -40,16 +42,24 @@ impl<T: Default, const N: usize> Chunked<T, N> {
     /// the end.
     pub fn get_or_make(&self, i: usize) -> &T {
         assert!(i < self.len, "element {i} of {}", self.len);
-        let first = i / N * N;
-        let chunk =
-            self.chunks[i / N].get_or_init(|| (first..(first + N).min(self.len)).map(|_| T::default()).collect());
+        let chunk = self.chunks[i / N].get_or_init(|| {
+            // Made on the heap: a chunk may be larger than a stack. The last
+            // is made whole too; what lies past the end is never read.
+            let elements: Box<[T]> = (0..N).map(|_| T::default()).collect();
+            elements.try_into().unwrap_or_else(|_| unreachable!("N elements"))
+        });
         &chunk[i % N]
     }
 
     /// The elements of the chunks made, in order (the rest hold the
     /// default).
     pub fn made(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().filter_map(|c| c.get()).flat_map(|c| c.iter())
+        let len = self.len;
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| Some((k, c.get()?)))
+            .flat_map(move |(k, c)| c[..N.min(len - k * N)].iter())
     }
 
     /// Chunks made so far.
@@ -78,5 +88,11 @@ mod tests {
         a.get_or_make(0).fetch_add(1, Ordering::Relaxed);
         assert_eq!(a.made().map(|v| v.load(Ordering::Relaxed)).sum::<u32>(), 8);
         assert!(std::panic::catch_unwind(|| a.get(10)).is_err(), "past the end");
+    }
+
+    #[test]
+    fn the_chunk_table_costs_16_bytes_a_chunk() {
+        let a: Chunked<AtomicU32, 2048> = Chunked::new(1 << 20);
+        assert_eq!(std::mem::size_of_val(&*a.chunks), 512 * 16);
     }
 }
