@@ -2,18 +2,20 @@
 //! 4 KiB page of 1 TiB mapped has 268 million of them, and KVM keeps
 //! nothing per mapping beyond its stage-2 leaf.
 //!
-//! A record keeps only what nothing else tells: the mapping's size and its
-//! install order. Its output PA and the backing pages its pin holds follow
+//! A record keeps only what nothing else tells: where the mapping starts
+//! and its size, and while FIFO or LIFO eviction reads it, its install
+//! order ([`RecordTable::keep_orders`]). Its output PA and the backing pages its pin holds follow
 //! from its IPA through the VM's memslots, the way a fault and a rebuild
 //! place a mapping: the table checks that each mapping it takes is placed
 //! so, keeps its pin as counts taken (no guard), and makes a guard of them
 //! again when the record goes, so the pin is released exactly once.
 //!
 //! Records are grouped by the 2 MiB block of IPA they start in, each block
-//! a vector sorted by IPA: 6 bytes a 4 KiB mapping in a full block, where
-//! a B-tree of whole records (PA and pin guard included) took about 150.
-//! The install order is a 64-bit count kept in 32 bits a row, as an offset
-//! from a base for the table ([`OrderBase`]).
+//! a vector sorted by IPA ([`block`]): 2 bytes a 4 KiB mapping in a full
+//! block, 6 with its order, where a B-tree of whole records (PA and pin
+//! guard included) took about 150. The install order is a 64-bit count
+//! kept in 32 bits, as an offset from a base for the table
+//! ([`OrderBase`]).
 //!
 //! The core's invalidation sequence at install is kept only while it can
 //! matter: an unmap the core ran before it installed a mapping may be
@@ -79,7 +81,7 @@ pub struct Record {
     /// an unmap sent before it was recorded is still to be reconciled;
     /// `None` once none is (every unmap still to come runs after it).
     pub seq: Option<u64>,
-    /// Install order.
+    /// Install order (0 while orders are not kept).
     pub order: u64,
 }
 
@@ -103,11 +105,11 @@ const _: () = assert!(1 << (BLOCK_SHIFT - PAGE_SHIFT) <= Place::PAGES);
 /// of order still fit, and a base moved up leaves room for that many more.
 const HEADROOM: u64 = 1 << 31;
 
-/// The base a table's rows count their install order from.
+/// The base a table's kept orders count from.
 ///
 /// The base starts [`HEADROOM`] below the first order. An order more than
 /// 32 bits above the base moves it up to [`HEADROOM`] below that order,
-/// and a row whose order is then below the base reads as the base. An
+/// and a record whose order is then below the base reads as the base. An
 /// order below the base reads as the base too. Either way an order reads
 /// newer than it is, never older, and only when it is 2^31 or more below
 /// the newest recorded: orders that far apart only tie in FIFO/LIFO
@@ -122,7 +124,7 @@ impl OrderBase {
         order.saturating_sub(self.0).min(u64::from(u32::MAX)) as u32
     }
 
-    /// The order a row's offset stands for.
+    /// The order an offset stands for.
     fn order(self, offset: u32) -> u64 {
         self.0 + u64::from(offset)
     }
@@ -279,7 +281,7 @@ impl RecordTable {
     /// The last record that starts below `ipa`.
     pub fn last_before(&self, ipa: u64) -> Option<Record> {
         let last = ipa.checked_sub(1)?;
-        // Blocks hold at least one row: only the first looked at can hold
+        // Blocks hold at least one record: only the first looked at can hold
         // none below `ipa`.
         self.blocks.range(..=last >> BLOCK_SHIFT).rev().find_map(|(&block, records)| {
             let n = records.partition_point(|p| ipa_of(block, p) <= last);
@@ -350,9 +352,9 @@ impl RecordTable {
         self.keep_orders
     }
 
-    /// `order` as a row keeps it ([`OrderBase`]): the first order of an
+    /// `order` as a block keeps it ([`OrderBase`]): the first order of an
     /// empty table sets the base; one too far above it moves the base (and
-    /// every row's offset) up first.
+    /// every kept offset) up first.
     fn offset(&mut self, order: u64) -> u32 {
         let base = self.base;
         if self.len == 0 {
@@ -372,7 +374,8 @@ impl RecordTable {
         (ipa >> BLOCK_SHIFT, ((ipa >> PAGE_SHIFT) & ((1 << (BLOCK_SHIFT - PAGE_SHIFT)) - 1)) as u16)
     }
 
-    /// The record of `row` in `block`, recorded at `seq` if kept.
+    /// The record at `place` in `block`, with its order if kept and its
+    /// sequence if kept.
     fn record(&self, block: u64, (place, order): (Place, Option<u32>)) -> Record {
         let ipa = ipa_of(block, place);
         let seq = if self.young.is_empty() { None } else { self.young.get(&ipa).copied() };
@@ -380,7 +383,7 @@ impl RecordTable {
         Record { ipa: Ipa::new(ipa), size: place.size(), seq, order }
     }
 
-    /// The record of `row` in `block`, gone from the table with the
+    /// The record at `place` in `block`, gone from the table with the
     /// sequence `seq` if kept, its pin released.
     fn release(&self, block: u64, record: (Place, Option<u32>), seq: Option<u64>) -> (Record, usize) {
         let record = Record { seq, ..self.record(block, record) };
