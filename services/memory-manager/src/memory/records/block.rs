@@ -119,9 +119,10 @@ impl Block {
         (place, order)
     }
 
-    /// Starts keeping orders (each record's `oldest`) or stops (they go).
-    pub fn keep_orders(&mut self, keep: bool, oldest: u32) {
-        self.orders = if keep { vec![oldest; self.places.len()] } else { Vec::new() };
+    /// Starts keeping orders, each record's at offset 0 (the table's base:
+    /// the oldest), or stops (they go).
+    pub fn keep_orders(&mut self, keep: bool) {
+        self.orders = if keep { vec![0; self.places.len()] } else { Vec::new() };
     }
 
     /// The orders kept (none if not kept).
@@ -171,15 +172,15 @@ mod tests {
             b.insert(at, Place::new(page, MapSize::Page4K), Some(10 + i as u32));
         }
         assert_eq!((b.get(0).1, b.get(1).1, b.get(2).1), (Some(11), Some(12), Some(10)));
-        b.keep_orders(false, 0);
+        b.keep_orders(false);
         assert_eq!(b.get(1), (Place::new(2, MapSize::Page4K), None));
         let at = b.find(0).unwrap_err();
         b.insert(at, Place::new(0, MapSize::Page4K), None);
         assert_eq!(b.remove(2), (Place::new(2, MapSize::Page4K), None));
-        b.keep_orders(true, 5);
+        b.keep_orders(true);
         let at = b.find(7).unwrap_err();
         b.insert(at, Place::new(7, MapSize::Page4K), Some(9));
         let all: Vec<(u16, Option<u32>)> = b.into_records().map(|(p, o)| (p.page(), o)).collect();
-        assert_eq!(all, [(0, Some(5)), (1, Some(5)), (3, Some(5)), (7, Some(9))]);
+        assert_eq!(all, [(0, Some(0)), (1, Some(0)), (3, Some(0)), (7, Some(9))]);
     }
 }

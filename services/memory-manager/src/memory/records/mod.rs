@@ -322,7 +322,7 @@ impl RecordTable {
     pub fn end_unmap(&mut self) {
         self.unmaps_in_flight = self.unmaps_in_flight.checked_sub(1).expect("an unmap was begun");
         if self.unmaps_in_flight == 0 {
-            self.young = BTreeMap::new();
+            self.young.clear();
         }
     }
 
@@ -342,8 +342,7 @@ impl RecordTable {
             return;
         }
         self.keep_orders = keep;
-        let oldest = 0;
-        self.blocks.values_mut().for_each(|b| b.keep_orders(keep, oldest));
+        self.blocks.values_mut().for_each(|b| b.keep_orders(keep));
     }
 
     /// Whether install orders are kept.
