@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
+use faultline_attach::wait::{vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
@@ -307,7 +307,11 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     // A vCPU is kicked when it must stop or post its outstanding fault
     // again (a new daemon took the VM).
     let kicks: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
-    let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: Duration::from_millis(500) };
+    let spin_polls = vcpu_spin_polls(config.spin_polls, n);
+    if spin_polls < config.spin_polls {
+        info!(vcpus = n, "the vCPUs outnumber this process's CPUs: their waits sleep without spinning");
+    }
+    let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
     let started = Instant::now();
     let waits = WaitCounts::default();
