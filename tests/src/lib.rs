@@ -45,6 +45,16 @@ pub fn binary(name: &str) -> PathBuf {
             "--target-dir",
         ])
         .arg(&target_dir);
+        // Cargo describes the test's own package to the test process
+        // (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...). Passed on, that reads
+        // as a changed environment to build scripts that watch it (ring's),
+        // and every first build after `cargo test` rebuilt the TLS stack
+        // and all above it (11 s here) for nothing.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(describes_the_test_package) {
+                cmd.env_remove(key);
+            }
+        }
         if profile_release {
             cmd.arg("--release");
         }
@@ -52,6 +62,13 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "building the daemon, machines and policy binaries failed");
     });
     bin_dir().join(name)
+}
+
+/// Whether `var` is one of what Cargo sets to describe the package being
+/// built or tested (not the user's own Cargo settings).
+fn describes_the_test_package(var: &str) -> bool {
+    const PREFIXES: [&str; 4] = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"];
+    PREFIXES.iter().any(|p| var.starts_with(p)) || matches!(var, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR")
 }
 
 /// The environment variable that arms a daemon's crash point (the
@@ -475,4 +492,19 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describes_the_test_package;
+
+    #[test]
+    fn the_builds_of_the_binaries_drop_the_test_package_and_keep_the_users_cargo_settings() {
+        for var in ["CARGO_PKG_NAME", "CARGO_MANIFEST_DIR", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE"] {
+            assert!(describes_the_test_package(var), "{var}");
+        }
+        for var in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "CARGO_INCREMENTAL", "PATH"] {
+            assert!(!describes_the_test_package(var), "{var}");
+        }
+    }
 }
