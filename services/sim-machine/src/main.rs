@@ -48,7 +48,8 @@ struct Args {
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Longest spin on a command ring before sleeping on its doorbell, in
-    /// polls (0: never spin; the window adapts below it).
+    /// polls (0: never spin; the window adapts below it). vCPUs that
+    /// outnumber this process's CPUs never spin.
     #[arg(long, default_value_t = 20_000)]
     spin_polls: u32,
     /// Repeat each phase (the whole workload, or a trace's accesses
