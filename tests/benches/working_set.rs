@@ -19,7 +19,9 @@
 //! the run time), and the machine's TLB misses.
 //!
 //! The run cost is each row's run time against the baseline's *of the
-//! same round* (the median of those ratios, and their range): rows run
+//! same round* (the median of those ratios, and their range), and the CPU
+//! cost the same for the CPU time of every process the row runs (daemon,
+//! policy service, machine), which a noisy host moves less: rows run
 //! one after the other within a round, in reverse order every other
 //! round, so the host's drift over minutes cancels out of the ratio
 //! instead of landing on whichever row ran in a slow stretch.
@@ -59,6 +61,10 @@ struct Measured {
     monitored_bytes: f64,
     /// The daemon's CPU time (all its threads) over the workload.
     daemon_cpu_ms: f64,
+    /// CPU time of everything the row runs, over the workload: the
+    /// daemon's, the policy service's, and the machine's (from its start:
+    /// its attach is the same in every row).
+    all_cpu_ms: f64,
     /// The machine's TLB misses (walks).
     tlb_misses: f64,
 }
@@ -112,7 +118,8 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         let mut control = PolicyControlClient::new(daemon.unix_channel().await);
         control.use_policy(UsePolicyRequest { endpoint: p.endpoint.clone(), reconnect: Some(false) }).await.unwrap();
     }
-    let cpu_before = cpu_ms(daemon.pid());
+    let policy_cpu = || policy.as_ref().map_or(0.0, |p| cpu_ms(p.pid().as_raw() as u32));
+    let (cpu_before, policy_cpu_before) = (cpu_ms(daemon.pid()), policy_cpu());
     let held =
         HeldMachine::start({
             let mut m = machine(&daemon);
@@ -127,6 +134,7 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         .into_inner();
     // The workload is over: the machine holds the VM.
     let daemon_cpu_ms = cpu_ms(daemon.pid()) - cpu_before;
+    let all_cpu_ms = daemon_cpu_ms + (policy_cpu() - policy_cpu_before) + cpu_ms(held.pid());
     let seen = WorkingSetClient::new(daemon.unix_channel().await)
         .get_working_set(GetWorkingSetRequest { vm_id: VM })
         .await
@@ -144,6 +152,7 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         monitor_cpu_ns: seen.as_ref().map_or(0.0, |s| s.monitor_cpu_ns as f64),
         monitored_bytes: seen.as_ref().map_or(0.0, |s| s.monitored_bytes as f64),
         daemon_cpu_ms,
+        all_cpu_ms,
         tlb_misses: summary["tlb_misses"].as_u64().unwrap() as f64,
     }
 }
@@ -169,10 +178,11 @@ fn rows_to_run() -> Vec<Row> {
     all.into_iter().filter(|r| *r == Row::Baseline || named.contains(r)).collect()
 }
 
-/// Each round's run time of `row` against the baseline's in that round:
-/// the median ratio minus one, and the smallest and largest, in percent.
-fn paired_cost(row: &[Measured], baseline: &[Measured]) -> (f64, f64, f64) {
-    let ratios: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| r.run_ms / b.run_ms).collect();
+/// Each round's `what` (run time, CPU time) of `row` against the
+/// baseline's in that round: the median ratio minus one, and the smallest
+/// and largest, in percent.
+fn paired_cost(row: &[Measured], baseline: &[Measured], what: fn(&Measured) -> f64) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| what(r) / what(b)).collect();
     let pct = |r: f64| (r - 1.0) * 100.0;
     let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     (pct(median(ratios)), pct(lo), pct(hi))
@@ -196,7 +206,7 @@ async fn main() {
     println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
     println!("run cost: against the baseline of the same round, median (smallest .. largest)");
     println!(
-        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>25} {:>10} {:>8} {:>14} {:>11} {:>10}",
+        "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>25} {:>25} {:>10} {:>8} {:>14} {:>11} {:>10}",
         "guest",
         "vcpus",
         "row",
@@ -204,6 +214,7 @@ async fn main() {
         "evicted",
         "run ms",
         "run cost",
+        "CPU cost (all processes)",
         "host MiB",
         "freed",
         "monitor CPU",
@@ -232,9 +243,10 @@ async fn main() {
             let cpu =
                 med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
             let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
-            let (cost, lo, hi) = paired_cost(&measured[i], &measured[0]);
+            let (cost, lo, hi) = paired_cost(&measured[i], &measured[0], |m| m.run_ms);
+            let (cpu_cost, cpu_lo, cpu_hi) = paired_cost(&measured[i], &measured[0], |m| m.all_cpu_ms);
             println!(
-                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>25} {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
+                "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>25} {:>25} {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
                 format!("{ram_mib} MiB"),
                 vcpus,
                 format!("{row:?}").to_lowercase(),
@@ -242,6 +254,7 @@ async fn main() {
                 med(i, |m| m.evicted),
                 med(i, |m| m.run_ms),
                 format!("{cost:+.1}% ({lo:+.1} .. {hi:+.1})"),
+                format!("{cpu_cost:+.1}% ({cpu_lo:+.1} .. {cpu_hi:+.1})"),
                 host / MIB as f64,
                 freed * 100.0,
                 cpu,

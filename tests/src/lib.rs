@@ -371,6 +371,11 @@ impl HeldMachine {
         panic!("the machine ended before holding ({}): {said}", out.status);
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Lets it detach and exit; its output.
     pub fn release(mut self) -> Output {
         writeln!(self.child.stdin.take().expect("stdin")).expect("telling the machine");
