@@ -21,7 +21,8 @@
 //! The run cost is each row's run time against the baseline's *of the
 //! same round* (the median of those ratios, and their range), and the CPU
 //! cost the same for the CPU time of every process the row runs (daemon,
-//! policy service, machine), which a noisy host moves less: rows run
+//! policy service, machine; on this shared VM it spreads about as much
+//! as the run time does): rows run
 //! one after the other within a round, in reverse order every other
 //! round, so the host's drift over minutes cancels out of the ratio
 //! instead of landing on whichever row ran in a slow stretch.
