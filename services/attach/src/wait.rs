@@ -130,8 +130,8 @@ fn process_cpus() -> u32 {
 /// three rounds): never spinning against spinning at 16 vCPUs 176-203k
 /// faults/s against 133-166k, at 64 156-198k against 132-182k with p99.9
 /// 4.2-5.4 ms against 4.5-8.3; at 4 vCPUs the same throughput with p99.9
-/// 0.4-1.0 ms against 1.5-2.8. As many vCPUs as CPUs still spin (2 on 2:
-/// the fastest row).
+/// 0.4-1.0 ms against 1.5-2.8. As many vCPUs as CPUs still spin (2 on 2
+/// cores: spinning pays there).
 pub fn vcpu_spin_polls(spin_polls: u32, vcpus: u32) -> u32 {
     spin_polls_for(spin_polls, vcpus, process_cpus())
 }
