@@ -30,10 +30,28 @@ fn seqpacket() -> io::Result<OwnedFd> {
 
 /// A listening socket bound at `path` (an existing file there is removed).
 pub fn listen(path: &Path) -> io::Result<OwnedFd> {
-    let _ = std::fs::remove_file(path);
+    listen_prepared(path, |_| Ok(()))
+}
+
+/// A listening socket that appears at `path` only once `prepare` (say, a
+/// chmod) has run on it: bound under a temporary name in the same
+/// directory, prepared, then renamed into place (replacing what was
+/// there). Whoever sees the path sees the socket as it will stay: there
+/// is no moment at which it listens with the mode it was bound with.
+pub fn listen_prepared(path: &Path, prepare: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<OwnedFd> {
+    // Short, so a path that fits a socket address still fits with it.
+    let staging = path.with_file_name(format!(".{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
     let fd = seqpacket()?;
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    socket::listen(&fd, Backlog::new(64)?)?;
+    let bound = socket::bind(fd.as_raw_fd(), &UnixAddr::new(&staging)?)
+        .map_err(io::Error::from)
+        .and_then(|()| prepare(&staging))
+        .and_then(|()| Ok(socket::listen(&fd, Backlog::new(64)?)?))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = bound {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     Ok(fd)
 }
 
@@ -116,4 +134,38 @@ pub fn recv_message(sock: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let truncated = flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) || len > MAX_MESSAGE_LEN;
     buf.truncate(len.min(MAX_MESSAGE_LEN));
     Ok(Some(Received { bytes: buf, fds, truncated }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_prepared_socket_appears_at_its_path_only_as_prepared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("attach.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        let listener = listen_prepared(&path, |staged| {
+            assert_ne!(staged, path.as_path());
+            assert_eq!(std::fs::read(&path).unwrap(), b"stale", "the path changed before the socket was ready");
+            std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o640))
+        })
+        .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        // It listens at the path, and nothing else is left in the directory.
+        let _client = connect(&path).unwrap();
+        accept(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["attach.sock"]);
+    }
+
+    #[test]
+    fn a_socket_whose_preparation_fails_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("attach.sock");
+        let e = listen_prepared(&path, |_| Err(io::Error::other("no"))).unwrap_err();
+        assert_eq!(e.to_string(), "no");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

@@ -157,13 +157,10 @@ impl AttachServer {
     /// and every connection has ended, or once everything was handed over
     /// to a new daemon (the socket stays for it).
     pub fn serve(&self, path: &Path, taken: Option<Takeover>) -> std::io::Result<()> {
-        let (listener, handed) = match taken {
-            Some(Takeover { listener, vms }) => (listener, Some(vms)),
-            None => (faultline_attach::listen(path)?, None),
-        };
-        self.settings.access.apply(path)?;
+        // The takeover socket first, and each socket in place only with
+        // its mode set: once the attach socket is there, everything is.
         let takeover = self.settings.takeover_socket.as_deref().and_then(|p| {
-            match faultline_attach::listen(p).and_then(|l| restrict_takeover_socket(p).map(|()| l)) {
+            match faultline_attach::listen_prepared(p, restrict_takeover_socket) {
                 Ok(listener) => Some(listener),
                 Err(e) => {
                     warn!(socket = %p.display(), cause = %e, "cannot listen for a successor: upgrades by takeover are off");
@@ -171,6 +168,13 @@ impl AttachServer {
                 }
             }
         });
+        let (listener, handed) = match taken {
+            Some(Takeover { listener, vms }) => {
+                self.settings.access.apply(path)?;
+                (listener, Some(vms))
+            }
+            None => (faultline_attach::listen_prepared(path, |p| self.settings.access.apply(p))?, None),
+        };
         info!(socket = %path.display(), "attach socket listening");
         let handed_over = std::thread::scope(|s| {
             let listener = listener;
