@@ -19,7 +19,7 @@ pub mod wait;
 mod wire;
 
 pub use socket::{
-    accept, connect, listen, listen_prepared, peer_credentials, recv_message, send_message, set_recv_timeout,
-    PeerCredentials, Received,
+    accept, bind_prepared, connect, listen, listen_prepared, peer_credentials, recv_message, send_message,
+    set_recv_timeout, PeerCredentials, Received,
 };
 pub use wire::*;

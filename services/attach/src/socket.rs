@@ -34,25 +34,46 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// A listening socket that appears at `path` only once `prepare` (say, a
-/// chmod) has run on it: bound under a temporary name in the same
-/// directory, prepared, then renamed into place (replacing what was
-/// there). Whoever sees the path sees the socket as it will stay: there
-/// is no moment at which it listens with the mode it was bound with.
+/// chmod) has run on it; see [`bind_prepared`].
 pub fn listen_prepared(path: &Path, prepare: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<OwnedFd> {
-    // Short, so a path that fits a socket address still fits with it.
-    let staging = path.with_file_name(format!(".{}.sock", std::process::id()));
+    bind_prepared(
+        path,
+        |staged| {
+            let fd = seqpacket()?;
+            socket::bind(fd.as_raw_fd(), &UnixAddr::new(staged)?)?;
+            socket::listen(&fd, Backlog::new(64)?)?;
+            Ok(fd)
+        },
+        prepare,
+    )
+}
+
+/// A Unix socket that `bind` binds (and listens on), which appears at
+/// `path` only once `prepare` (say, a chmod) has run on it: bound under a
+/// temporary name in the same directory, prepared, then renamed into
+/// place (replacing what was there). Whoever sees the path sees the socket
+/// as it will stay: there is no moment at which it takes connections with
+/// the mode it was bound with.
+pub fn bind_prepared<S>(
+    path: &Path,
+    bind: impl FnOnce(&Path) -> io::Result<S>,
+    prepare: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<S> {
+    // Short, so a path that fits a socket address still fits with it, and
+    // one of its own for each socket (threads place theirs at once).
+    static PLACED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PLACED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = path.with_file_name(format!(".{}-{n}.sock", std::process::id()));
     let _ = std::fs::remove_file(&staging);
-    let fd = seqpacket()?;
-    let bound = socket::bind(fd.as_raw_fd(), &UnixAddr::new(&staging)?)
-        .map_err(io::Error::from)
-        .and_then(|()| prepare(&staging))
-        .and_then(|()| Ok(socket::listen(&fd, Backlog::new(64)?)?))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = bound {
+    let placed = bind(&staging).and_then(|bound| {
+        prepare(&staging)?;
+        std::fs::rename(&staging, path)?;
+        Ok(bound)
+    });
+    if placed.is_err() {
         let _ = std::fs::remove_file(&staging);
-        return Err(e);
     }
-    Ok(fd)
+    placed
 }
 
 /// Who is at the other end of a connected socket, as the kernel saw them

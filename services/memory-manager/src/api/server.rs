@@ -47,18 +47,25 @@ pub async fn serve(
     let listener = bind(listeners.tcp, "gRPC", sources.lifecycle.took_over).await?;
     let local = listener.local_addr()?;
     let path = &listeners.unix;
-    // A socket left by a daemon that did not exit cleanly. A daemon taking
-    // over replaces its predecessor's: new clients reach the new daemon.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        std::fs::remove_file(path)?;
+    // A socket left by a daemon that did not exit cleanly is replaced, and
+    // so is a predecessor's when taking over (new clients reach the new
+    // daemon); anything else there is not.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        anyhow::bail!("the gRPC Unix socket's path {} holds something else", path.display());
     }
-    let unix_listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {}: {e}", path.display()))?;
+    // In place only with its mode and group set ([grpc_access]).
+    let unix_listener = faultline_attach::bind_prepared(
+        path,
+        |staged| {
+            let listener = std::os::unix::net::UnixListener::bind(staged)?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        },
+        |staged| listeners.unix_access.apply(staged),
+    )
+    .and_then(tokio::net::UnixListener::from_std)
+    .map_err(|e| anyhow::anyhow!("binding the gRPC Unix socket {} ([grpc_access]): {e}", path.display()))?;
     let ours = socket_identity(path)?;
-    listeners
-        .unix_access
-        .apply(path)
-        .map_err(|e| anyhow::anyhow!("setting the gRPC Unix socket's mode and group ([grpc_access]): {e}"))?;
     info!(path = %path.display(), "gRPC listening on Unix socket");
     let tcp_transport = match tls {
         Some(_) => Transport::MutualTls,
