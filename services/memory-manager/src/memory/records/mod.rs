@@ -4,11 +4,12 @@
 //!
 //! A record keeps only what nothing else tells: where the mapping starts
 //! and its size, and while FIFO or LIFO eviction reads it, its install
-//! order ([`RecordTable::keep_orders`]). Its output PA and the backing pages its pin holds follow
-//! from its IPA through the VM's memslots, the way a fault and a rebuild
-//! place a mapping: the table checks that each mapping it takes is placed
-//! so, keeps its pin as counts taken (no guard), and makes a guard of them
-//! again when the record goes, so the pin is released exactly once.
+//! order ([`RecordTable::keep_orders`]). Its output PA and the backing
+//! pages its pin holds follow from its IPA through the VM's memslots, the
+//! way a fault and a rebuild place a mapping: the table checks that each
+//! mapping it takes is placed so, keeps its pin as counts taken (no
+//! guard), and makes a guard of them again when the record goes, so the
+//! pin is released exactly once.
 //!
 //! Records are grouped by the 2 MiB block of IPA they start in, each block
 //! a vector sorted by IPA ([`block`]): 2 bytes a 4 KiB mapping in a full
