@@ -18,14 +18,21 @@
 //! on a host whose cores the vCPUs fill, what reclaim costs shows up in
 //! the run time), and the machine's TLB misses.
 //!
-//! The run cost is each row's run time against the baseline's *of the
-//! same round* (the median of those ratios, and their range), and the CPU
-//! cost the same for the CPU time of every process the row runs (daemon,
-//! policy service, machine; on this shared VM it spreads about as much
-//! as the run time does): rows run
-//! one after the other within a round, in reverse order every other
-//! round, so the host's drift over minutes cancels out of the ratio
-//! instead of landing on whichever row ran in a slow stretch.
+//! The run cost is each row's run time against a baseline's run *beside
+//! it* (the median of those ratios, and their range), and the CPU cost
+//! the same for the CPU time of every process the row runs (daemon,
+//! policy service, machine). On a host of two CPUs or more, each row
+//! runs at the same time as a baseline of its own, each held to half the
+//! CPUs (all of a row's processes: its daemon and policy service share
+//! the vCPUs' CPUs, so what they cost lands on the guest), the halves
+//! swapped every other run and both workloads started together: this
+//! shared VM's speed drifts by tens of percent within seconds, and a
+//! drift both sides see cancels out of the ratio (two identical 1-vCPU
+//! workloads run one after the other differed by -15..+53% over six
+//! pairs, run side by side by -9..+4%). On one CPU, or with
+//! `WS_BENCH_SIDE_BY_SIDE=0`, rows run one after the other within a
+//! round, in reverse order every other round, against the round's one
+//! baseline.
 //!
 //! `cargo bench -p faultline-system-tests --bench working_set`
 //! (`WS_BENCH_ROUNDS`, `WS_BENCH_OPS` override the rounds and accesses
@@ -37,7 +44,8 @@ use faultline_proto::v1::control_client::ControlClient;
 use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::working_set_client::WorkingSetClient;
 use faultline_proto::v1::{GetVmRequest, GetWorkingSetMonitorRequest, GetWorkingSetRequest, UsePolicyRequest};
-use faultline_system_tests::{machine, Daemon, HeldMachine, PolicyProcess};
+use faultline_system_tests::{binary, machine, on_cpus, Daemon, HeldMachine, PolicyProcess};
+use std::sync::Barrier;
 
 const VM: u32 = 9;
 const MIB: u64 = 1 << 20;
@@ -81,7 +89,9 @@ fn cpu_ms(pid: u32) -> f64 {
     ticks * 1e3 / hz
 }
 
-async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
+/// Runs `row` once; with `start`, its workload starts when the row beside
+/// it is ready to start its own.
+async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64, start: Option<&Barrier>) -> Measured {
     let daemon = Daemon::start(&["--policy", "4k"]);
     let budget = format!("{VM}:{}", ram_mib / 2);
     let policy = match row {
@@ -120,6 +130,9 @@ async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64) -> Measured {
         control.use_policy(UsePolicyRequest { endpoint: p.endpoint.clone(), reconnect: Some(false) }).await.unwrap();
     }
     let policy_cpu = || policy.as_ref().map_or(0.0, |p| cpu_ms(p.pid().as_raw() as u32));
+    if let Some(start) = start {
+        start.wait();
+    }
     let (cpu_before, policy_cpu_before) = (cpu_ms(daemon.pid()), policy_cpu());
     let held =
         HeldMachine::start({
@@ -179,9 +192,29 @@ fn rows_to_run() -> Vec<Row> {
     all.into_iter().filter(|r| *r == Row::Baseline || named.contains(r)).collect()
 }
 
-/// Each round's `what` (run time, CPU time) of `row` against the
-/// baseline's in that round: the median ratio minus one, and the smallest
-/// and largest, in percent.
+/// Runs `row` and a baseline at the same time, each on half of `cores`
+/// CPUs (`row` on the upper half if `swap`); what each measured.
+fn side_by_side(row: Row, vcpus: u32, ram_mib: u64, ops: u64, cores: usize, swap: bool) -> (Measured, Measured) {
+    let (lower, upper) = (0..cores / 2, cores / 2..cores);
+    let (row_cpus, base_cpus) = if swap { (upper, lower) } else { (lower, upper) };
+    let start = Barrier::new(2);
+    let on = |cpus: std::ops::Range<usize>, row: Row| {
+        let start = &start;
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            on_cpus(cpus, || rt.block_on(run(row, vcpus, ram_mib, ops, Some(start))))
+        }
+    };
+    std::thread::scope(|s| {
+        let base = s.spawn(on(base_cpus, Row::Baseline));
+        let row = s.spawn(on(row_cpus, row));
+        (row.join().expect("the row"), base.join().expect("the baseline"))
+    })
+}
+
+/// Each run's `what` (run time, CPU time) of `row` against its
+/// baseline's: the median ratio minus one, and the smallest and largest,
+/// in percent.
 fn paired_cost(row: &[Measured], baseline: &[Measured], what: fn(&Measured) -> f64) -> (f64, f64, f64) {
     let ratios: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| what(r) / what(b)).collect();
     let pct = |r: f64| (r - 1.0) * 100.0;
@@ -189,8 +222,9 @@ fn paired_cost(row: &[Measured], baseline: &[Measured], what: fn(&Measured) -> f
     (pct(median(ratios)), pct(lo), pct(hi))
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+fn main() {
+    // Build the binaries before timing anything (and on every CPU).
+    let _ = binary("memory-manager");
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (rounds, ops) = (env("WS_BENCH_ROUNDS", 3) as usize, env("WS_BENCH_OPS", 10_000_000));
     let rows = rows_to_run();
@@ -204,8 +238,18 @@ async fn main() {
             .collect(),
         Err(_) => vec![(64, 1), (64, 2), (256, 2)],
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let beside = cores >= 2 && std::env::var("WS_BENCH_SIDE_BY_SIDE").map_or(true, |v| v != "0");
     println!("zipf-scan, {ops} accesses per vCPU, 4 KiB pages; median of {rounds} rounds; budget: half the guest");
-    println!("run cost: against the baseline of the same round, median (smallest .. largest)");
+    if beside {
+        println!(
+            "each row beside a baseline of its own, each held to {} of the {cores} CPUs (swapped every other run)",
+            cores / 2
+        );
+        println!("run cost: against the baseline beside it, median (smallest .. largest)");
+    } else {
+        println!("run cost: against the baseline of the same round, median (smallest .. largest)");
+    }
     println!(
         "{:<8} {:>5} {:<9} {:>9} {:>9} {:>8} {:>25} {:>25} {:>10} {:>8} {:>14} {:>11} {:>10}",
         "guest",
@@ -223,7 +267,10 @@ async fn main() {
         "TLB misses"
     );
     for (ram_mib, vcpus) in shapes {
+        // Each row's runs, and the baselines its costs are against.
         let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
+        let mut against: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
+        let sequential = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         for round in 0..rounds {
             // Rows alternate within a round, and every other round runs
             // them backwards, so drift on the host spreads over all of
@@ -232,8 +279,24 @@ async fn main() {
             if round % 2 == 1 {
                 order.reverse();
             }
-            for i in order {
-                measured[i].push(run(rows[i], vcpus, ram_mib, ops).await);
+            if beside {
+                for (k, i) in order.into_iter().filter(|&i| i > 0).enumerate() {
+                    let (m, base) = side_by_side(rows[i], vcpus, ram_mib, ops, cores, (round + k) % 2 == 1);
+                    measured[i].push(m);
+                    against[i].push(base);
+                    measured[0].push(base);
+                    against[0].push(base);
+                }
+            } else {
+                let mut this_round = vec![Measured::default(); rows.len()];
+                for i in order {
+                    this_round[i] = sequential.block_on(run(rows[i], vcpus, ram_mib, ops, None));
+                }
+                for (i, m) in this_round.into_iter().enumerate() {
+                    measured[i].push(m);
+                }
+                let base = measured[0][round];
+                against.iter_mut().for_each(|a| a.push(base));
             }
         }
         let med = |i: usize, f: fn(&Measured) -> f64| median(measured[i].iter().map(f).collect());
@@ -244,8 +307,8 @@ async fn main() {
             let cpu =
                 med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
             let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
-            let (cost, lo, hi) = paired_cost(&measured[i], &measured[0], |m| m.run_ms);
-            let (cpu_cost, cpu_lo, cpu_hi) = paired_cost(&measured[i], &measured[0], |m| m.all_cpu_ms);
+            let (cost, lo, hi) = paired_cost(&measured[i], &against[i], |m| m.run_ms);
+            let (cpu_cost, cpu_lo, cpu_hi) = paired_cost(&measured[i], &against[i], |m| m.all_cpu_ms);
             println!(
                 "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>25} {:>25} {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
                 format!("{ram_mib} MiB"),

@@ -499,6 +499,26 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs `f` with the calling thread held to `cpus`, so that the processes
+/// it starts inherit them; the thread's own CPUs come back after.
+pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let (mut before, mut held): (libc::cpu_set_t, libc::cpu_set_t) = unsafe { std::mem::zeroed() };
+    // SAFETY: `before` is a valid cpu_set_t of `size` bytes; pid 0 is this thread.
+    assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut before) }, 0, "sched_getaffinity");
+    for cpu in cpus {
+        // SAFETY: `cpu` is below the CPUs online, far below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut held) };
+    }
+    // SAFETY: `held` is a valid cpu_set_t of `size` bytes; pid 0 is this thread.
+    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &held) }, 0, "sched_setaffinity");
+    let result = f();
+    // SAFETY: as above, with the set read before.
+    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &before) }, 0, "sched_setaffinity");
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::describes_the_test_package;
