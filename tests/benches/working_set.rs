@@ -326,5 +326,19 @@ fn main() {
                 med(i, |m| m.tlb_misses) / 1e6
             );
         }
+        // Every run's cost, for the spread the medians hide.
+        for (i, row) in rows.iter().enumerate().skip(1) {
+            let mut costs: Vec<f64> =
+                measured[i].iter().zip(&against[i]).map(|(r, b)| (r.run_ms / b.run_ms - 1.0) * 100.0).collect();
+            costs.sort_by(f64::total_cmp);
+            let listed: Vec<String> = costs.iter().map(|c| format!("{c:+.1}")).collect();
+            println!(
+                "  {:<9} run cost of each run, %: {} ({} of {} at or under +3%)",
+                format!("{row:?}").to_lowercase(),
+                listed.join(" "),
+                costs.iter().filter(|&&c| c <= 3.0).count(),
+                costs.len()
+            );
+        }
     }
 }
