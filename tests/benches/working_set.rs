@@ -45,7 +45,8 @@ use faultline_proto::v1::policy_control_client::PolicyControlClient;
 use faultline_proto::v1::working_set_client::WorkingSetClient;
 use faultline_proto::v1::{GetVmRequest, GetWorkingSetMonitorRequest, GetWorkingSetRequest, UsePolicyRequest};
 use faultline_system_tests::{binary, machine, on_cpus, Daemon, HeldMachine, PolicyProcess};
-use std::sync::Barrier;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 const VM: u32 = 9;
 const MIB: u64 = 1 << 20;
@@ -89,9 +90,31 @@ fn cpu_ms(pid: u32) -> f64 {
     ticks * 1e3 / hz
 }
 
+/// Two runs whose workloads start together.
+#[derive(Default)]
+struct StartTogether {
+    ready: Mutex<u32>,
+    both: Condvar,
+}
+
+impl StartTogether {
+    /// Waits for the other run to be ready too; panics if it never is (it
+    /// failed: a panic there poisons the lock, or it hangs).
+    fn wait(&self) {
+        let mut ready = self.ready.lock().expect("the run beside failed");
+        *ready += 1;
+        self.both.notify_all();
+        let (_ready, waited) = self
+            .both
+            .wait_timeout_while(ready, Duration::from_secs(120), |ready| *ready < 2)
+            .expect("the run beside failed");
+        assert!(!waited.timed_out(), "the run beside never got ready to start its workload");
+    }
+}
+
 /// Runs `row` once; with `start`, its workload starts when the row beside
 /// it is ready to start its own.
-async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64, start: Option<&Barrier>) -> Measured {
+async fn run(row: Row, vcpus: u32, ram_mib: u64, ops: u64, start: Option<&StartTogether>) -> Measured {
     let daemon = Daemon::start(&["--policy", "4k"]);
     let budget = format!("{VM}:{}", ram_mib / 2);
     let policy = match row {
@@ -197,7 +220,7 @@ fn rows_to_run() -> Vec<Row> {
 fn side_by_side(row: Row, vcpus: u32, ram_mib: u64, ops: u64, cores: usize, swap: bool) -> (Measured, Measured) {
     let (lower, upper) = (0..cores / 2, cores / 2..cores);
     let (row_cpus, base_cpus) = if swap { (upper, lower) } else { (lower, upper) };
-    let start = Barrier::new(2);
+    let start = StartTogether::default();
     let on = |cpus: std::ops::Range<usize>, row: Row| {
         let start = &start;
         move || {
