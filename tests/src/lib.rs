@@ -500,28 +500,53 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// Runs `f` with the calling thread held to `cpus`, so that the processes
-/// it starts inherit them; the thread's own CPUs come back after.
+/// it starts inherit them; the thread's own CPUs come back after. `cpus`
+/// are positions among the CPUs the thread may run on (0: the first of
+/// them), so a bench held to CPUs 2-3 splits those.
 pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
-    let size = std::mem::size_of::<libc::cpu_set_t>();
+    let before = thread_cpus();
+    let allowed: Vec<usize> = (0..CPU_SETSIZE).filter(|&c| is_set(&before, c)).collect();
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let (mut before, mut held): (libc::cpu_set_t, libc::cpu_set_t) = unsafe { std::mem::zeroed() };
-    // SAFETY: `before` is a valid cpu_set_t of `size` bytes; pid 0 is this thread.
-    assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut before) }, 0, "sched_getaffinity");
-    for cpu in cpus {
-        // SAFETY: `cpu` is below the CPUs online, far below CPU_SETSIZE.
+    let mut held: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for i in cpus {
+        let cpu = *allowed.get(i).unwrap_or_else(|| panic!("CPU #{i}: this thread may run on {allowed:?} only"));
+        // SAFETY: `cpu` came from `allowed`, below CPU_SETSIZE.
         unsafe { libc::CPU_SET(cpu, &mut held) };
     }
-    // SAFETY: `held` is a valid cpu_set_t of `size` bytes; pid 0 is this thread.
-    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &held) }, 0, "sched_setaffinity");
+    set_thread_cpus(&held);
     let result = f();
-    // SAFETY: as above, with the set read before.
-    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &before) }, 0, "sched_setaffinity");
+    set_thread_cpus(&before);
     result
+}
+
+const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
+
+/// The CPUs the calling thread may run on.
+fn thread_cpus() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    set
+}
+
+/// Whether `cpu` is in `set`.
+fn is_set(set: &libc::cpu_set_t, cpu: usize) -> bool {
+    // SAFETY: CPU_ISSET reads one bit; `cpu` is bounded to the set's size.
+    cpu < CPU_SETSIZE && unsafe { libc::CPU_ISSET(cpu, set) }
+}
+
+/// Holds the calling thread to `set`.
+fn set_thread_cpus(set: &libc::cpu_set_t) {
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    assert_eq!(rc, 0, "sched_setaffinity");
 }
 
 #[cfg(test)]
 mod tests {
-    use super::describes_the_test_package;
+    use super::{describes_the_test_package, is_set, on_cpus, thread_cpus, CPU_SETSIZE};
 
     #[test]
     fn the_builds_of_the_binaries_drop_the_test_package_and_keep_the_users_cargo_settings() {
@@ -531,5 +556,16 @@ mod tests {
         for var in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "CARGO_INCREMENTAL", "PATH"] {
             assert!(!describes_the_test_package(var), "{var}");
         }
+    }
+
+    #[test]
+    fn a_thread_held_to_one_cpu_runs_on_its_first_and_gets_its_cpus_back() {
+        let count = |set: &libc::cpu_set_t| (0..CPU_SETSIZE).filter(|&c| is_set(set, c)).count();
+        let before = thread_cpus();
+        let first = (0..CPU_SETSIZE).find(|&c| is_set(&before, c)).unwrap();
+        let held = on_cpus(0..1, thread_cpus);
+        assert_eq!(count(&held), 1);
+        assert!(is_set(&held, first), "the first CPU it may run on");
+        assert_eq!(count(&thread_cpus()), count(&before), "its CPUs back");
     }
 }
