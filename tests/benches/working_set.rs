@@ -236,13 +236,17 @@ fn side_by_side(row: Row, vcpus: u32, ram_mib: u64, ops: u64, cores: usize, swap
 }
 
 /// Each run's `what` (run time, CPU time) of `row` against its
-/// baseline's: the median ratio minus one, and the smallest and largest,
-/// in percent.
-fn paired_cost(row: &[Measured], baseline: &[Measured], what: fn(&Measured) -> f64) -> (f64, f64, f64) {
-    let ratios: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| what(r) / what(b)).collect();
-    let pct = |r: f64| (r - 1.0) * 100.0;
-    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-    (pct(median(ratios)), pct(lo), pct(hi))
+/// baseline's, in percent, smallest first.
+fn run_costs(row: &[Measured], baseline: &[Measured], what: fn(&Measured) -> f64) -> Vec<f64> {
+    let mut costs: Vec<f64> = row.iter().zip(baseline).map(|(r, b)| (what(r) / what(b) - 1.0) * 100.0).collect();
+    costs.sort_by(f64::total_cmp);
+    costs
+}
+
+/// `costs` (smallest first) as the table shows them: median (smallest .. largest).
+fn spread(costs: &[f64]) -> String {
+    let (lo, hi) = (costs.first().copied().unwrap_or(0.0), costs.last().copied().unwrap_or(0.0));
+    format!("{:+.1}% ({lo:+.1} .. {hi:+.1})", median(costs.to_vec()))
 }
 
 fn main() {
@@ -289,11 +293,11 @@ fn main() {
         "daemon CPU",
         "TLB misses"
     );
+    let sequential = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     for (ram_mib, vcpus) in shapes {
         // Each row's runs, and the baselines its costs are against.
         let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
         let mut against: Vec<Vec<Measured>> = vec![Vec::new(); rows.len()];
-        let sequential = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         for round in 0..rounds {
             // Rows alternate within a round, and every other round runs
             // them backwards, so drift on the host spreads over all of
@@ -330,8 +334,6 @@ fn main() {
             let cpu =
                 med(i, |m| m.monitor_cpu_ns / 1e6 / m.run_ms / (m.monitored_bytes / (1u64 << 30) as f64).max(1e-9));
             let cpu = if med(i, |m| m.monitored_bytes) > 0.0 { format!("{:.2}%/GiB", cpu * 100.0) } else { "-".into() };
-            let (cost, lo, hi) = paired_cost(&measured[i], &against[i], |m| m.run_ms);
-            let (cpu_cost, cpu_lo, cpu_hi) = paired_cost(&measured[i], &against[i], |m| m.all_cpu_ms);
             println!(
                 "{:<8} {:>5} {:<9} {:>9.0} {:>9.0} {:>8.0} {:>25} {:>25} {:>10.1} {:>7.0}% {:>14} {:>8.0} ms {:>9.2}M",
                 format!("{ram_mib} MiB"),
@@ -340,8 +342,8 @@ fn main() {
                 med(i, |m| m.refaults),
                 med(i, |m| m.evicted),
                 med(i, |m| m.run_ms),
-                format!("{cost:+.1}% ({lo:+.1} .. {hi:+.1})"),
-                format!("{cpu_cost:+.1}% ({cpu_lo:+.1} .. {cpu_hi:+.1})"),
+                spread(&run_costs(&measured[i], &against[i], |m| m.run_ms)),
+                spread(&run_costs(&measured[i], &against[i], |m| m.all_cpu_ms)),
                 host / MIB as f64,
                 freed * 100.0,
                 cpu,
@@ -351,9 +353,7 @@ fn main() {
         }
         // Every run's cost, for the spread the medians hide.
         for (i, row) in rows.iter().enumerate().skip(1) {
-            let mut costs: Vec<f64> =
-                measured[i].iter().zip(&against[i]).map(|(r, b)| (r.run_ms / b.run_ms - 1.0) * 100.0).collect();
-            costs.sort_by(f64::total_cmp);
+            let costs = run_costs(&measured[i], &against[i], |m| m.run_ms);
             let listed: Vec<String> = costs.iter().map(|c| format!("{c:+.1}")).collect();
             println!(
                 "  {:<9} run cost of each run, %: {} ({} of {} at or under +3%)",

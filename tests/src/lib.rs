@@ -505,12 +505,12 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// them), so a bench held to CPUs 2-3 splits those.
 pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
     let before = thread_cpus();
-    let allowed: Vec<usize> = (0..CPU_SETSIZE).filter(|&c| is_set(&before, c)).collect();
+    let allowed = cpus_in(&before);
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut held: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for i in cpus {
         let cpu = *allowed.get(i).unwrap_or_else(|| panic!("CPU #{i}: this thread may run on {allowed:?} only"));
-        // SAFETY: `cpu` came from `allowed`, below CPU_SETSIZE.
+        // SAFETY: `cpu` came from a set of this size.
         unsafe { libc::CPU_SET(cpu, &mut held) };
     }
     set_thread_cpus(&held);
@@ -518,8 +518,6 @@ pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
     set_thread_cpus(&before);
     result
 }
-
-const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
 
 /// The CPUs the calling thread may run on.
 fn thread_cpus() -> libc::cpu_set_t {
@@ -531,10 +529,10 @@ fn thread_cpus() -> libc::cpu_set_t {
     set
 }
 
-/// Whether `cpu` is in `set`.
-fn is_set(set: &libc::cpu_set_t, cpu: usize) -> bool {
-    // SAFETY: CPU_ISSET reads one bit; `cpu` is bounded to the set's size.
-    cpu < CPU_SETSIZE && unsafe { libc::CPU_ISSET(cpu, set) }
+/// The CPUs in `set`, lowest first.
+fn cpus_in(set: &libc::cpu_set_t) -> Vec<usize> {
+    // SAFETY: CPU_ISSET reads one bit of the set; `c` is below its size.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, set) }).collect()
 }
 
 /// Holds the calling thread to `set`.
@@ -546,7 +544,7 @@ fn set_thread_cpus(set: &libc::cpu_set_t) {
 
 #[cfg(test)]
 mod tests {
-    use super::{describes_the_test_package, is_set, on_cpus, thread_cpus, CPU_SETSIZE};
+    use super::{cpus_in, describes_the_test_package, on_cpus, thread_cpus};
 
     #[test]
     fn the_builds_of_the_binaries_drop_the_test_package_and_keep_the_users_cargo_settings() {
@@ -560,12 +558,9 @@ mod tests {
 
     #[test]
     fn a_thread_held_to_one_cpu_runs_on_its_first_and_gets_its_cpus_back() {
-        let count = |set: &libc::cpu_set_t| (0..CPU_SETSIZE).filter(|&c| is_set(set, c)).count();
-        let before = thread_cpus();
-        let first = (0..CPU_SETSIZE).find(|&c| is_set(&before, c)).unwrap();
-        let held = on_cpus(0..1, thread_cpus);
-        assert_eq!(count(&held), 1);
-        assert!(is_set(&held, first), "the first CPU it may run on");
-        assert_eq!(count(&thread_cpus()), count(&before), "its CPUs back");
+        let before = cpus_in(&thread_cpus());
+        let held = cpus_in(&on_cpus(0..1, thread_cpus));
+        assert_eq!(held, [before[0]], "the first CPU it may run on, alone");
+        assert_eq!(cpus_in(&thread_cpus()), before, "its CPUs back");
     }
 }
