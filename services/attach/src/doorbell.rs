@@ -164,11 +164,17 @@ pub fn wake(view: &RingView<'_>) {
 /// Publishes `record` and rings the consumer's doorbell if it sleeps.
 pub fn push_and_ring(producer: &mut Producer<'_>, record: &Record) -> Result<(), RingError> {
     producer.push(record)?;
-    let view = producer.view();
+    ring(&producer.view());
+    Ok(())
+}
+
+/// Rings `view`'s doorbell if its consumer sleeps (or is about to): the
+/// producer's half of the protocol, for records already published. It may
+/// come any time after the pushes it rings for.
+pub fn ring(view: &RingView<'_>) {
     if view.consumer_waiting() {
         wake_word(view.producer_word());
     }
-    Ok(())
 }
 
 /// Pops the next record, spinning and then sleeping until one arrives or

@@ -15,6 +15,14 @@
 //! about to block (a reclaim) says so ([`block_in_place`]): its thread
 //! gives up the watch and calls a parked thread to take it.
 //!
+//! A service pushes its answers without ringing their doorbell; the pool
+//! rings it once it has let the service go ([`RingService::answers`]). A
+//! vCPU woken while its service is still held faults again into the same
+//! batch and is served at once, up to [`BATCH`] times ahead of the rings
+//! the pass has not reached; or, having taken the serving thread's CPU, it
+//! waits on a ring no other thread may serve until that thread's next
+//! slice. So the answers come back in the order the pass served them.
+//!
 //! A VM's services are lent to the pool for the length of a closure
 //! ([`ServicePool::serve`], the shape of `std::thread::scope`): when it
 //! returns (or unwinds), no pool thread can reach them any more.
@@ -26,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use faultline_attach::doorbell::{futex_wait_any, sleep_on, wake_one, wake_word, DoorbellWord, WaitPolicy};
+use faultline_attach::doorbell::{self, futex_wait_any, sleep_on, wake_one, wake_word, DoorbellWord, WaitPolicy};
 use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use hyp_core::ring::{RingError, RingView};
 use tracing::{error, warn};
@@ -52,6 +60,10 @@ pub trait RingService: Send {
     fn serve(&mut self, budget: u32) -> Result<Served, RingError>;
     /// The ring whose doorbell rings when there is something to serve.
     fn doorbell(&self) -> RingView<'_>;
+    /// The ring its answers go on, if any. A service pushes onto it without
+    /// ringing its doorbell ([`RingService::serve`]'s caller rings it
+    /// once it has let the service go).
+    fn answers(&self) -> Option<RingView<'_>>;
     /// Commands sent whose results have not been read.
     fn in_flight(&self) -> usize;
     /// Ends the service: its next [`RingService::serve`] settles what is
@@ -89,6 +101,9 @@ struct Member {
     /// The fault ring, for its doorbell (erased like the service, and only
     /// touched while the member is listed).
     doorbell: RingView<'static>,
+    /// The answer ring, rung after each batch (erased and touched like
+    /// `doorbell`).
+    answers: Option<RingView<'static>>,
     /// Longest sleep while this ring may need serving (short for a machine
     /// that polls rather than rings).
     slice: Duration,
@@ -211,8 +226,10 @@ impl ServicePool {
             .map(|service| {
                 let boxed: Box<dyn RingService + 's> = Box::new(service);
                 let lent: *mut (dyn RingService + 's) = Box::into_raw(boxed);
-                // SAFETY: the doorbell is the service's own ring, valid while it is.
-                let doorbell = unsafe { (*lent).doorbell() };
+                // SAFETY: `lent` came from the Box just above; the rings
+                // its methods return are the service's own, valid while it is.
+                let service = unsafe { &*lent };
+                let (doorbell, answers) = (service.doorbell(), service.answers());
                 // SAFETY: only the lifetime changes. The `Lease` below
                 // removes the member from the pool, and waits for the
                 // thread serving it, before this call returns or unwinds,
@@ -225,6 +242,8 @@ impl ServicePool {
                     service: Mutex::new(Lent(NonNull::new(erased).expect("from a Box"))),
                     // SAFETY: as above: the doorbell is the service's ring.
                     doorbell: unsafe { std::mem::transmute::<RingView<'_>, RingView<'static>>(doorbell) },
+                    // SAFETY: as above: the answer ring is the service's ring.
+                    answers: answers.map(|a| unsafe { std::mem::transmute::<RingView<'_>, RingView<'static>>(a) }),
                     slice,
                     finished: AtomicBool::new(false),
                     panicked: AtomicBool::new(false),
@@ -290,13 +309,17 @@ impl Lease<'_> {
                 if unwinding {
                     service.stop();
                 }
-                loop {
+                let in_flight = loop {
                     match service.serve(u32::MAX) {
                         Ok(Served::Worked(_)) => continue,
-                        Ok(Served::Finished { in_flight }) => return in_flight,
-                        Ok(Served::Idle) | Err(_) => return service.in_flight(),
+                        Ok(Served::Finished { in_flight }) => break in_flight,
+                        Ok(Served::Idle) | Err(_) => break service.in_flight(),
                     }
+                };
+                if let Some(answers) = service.answers() {
+                    doorbell::ring(&answers);
                 }
+                in_flight
             })
             .collect()
     }
@@ -410,7 +433,11 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
         // SAFETY: listed members' services are valid (see `Lent`), and the
         // lock makes this thread the only one using it.
         let service = unsafe { &mut *lent.0.as_ptr() };
-        match catch_unwind(AssertUnwindSafe(|| service.serve(BATCH))) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| service.serve(BATCH)));
+        // Whatever else came of it, a call that found records may have
+        // answered some.
+        let answered = !matches!(outcome, Ok(Ok(Served::Idle)));
+        match outcome {
             Ok(Ok(Served::Worked(k))) => {
                 m.in_flight.store(service.in_flight(), Ordering::Relaxed);
                 served += k;
@@ -433,6 +460,9 @@ fn pass(shared: &Shared, cursor: &mut usize) -> Option<u32> {
             }
         }
         drop(lent);
+        if let Some(answers) = m.answers.as_ref().filter(|_| answered) {
+            doorbell::ring(answers);
+        }
         // Let go, then look for the watcher's note (the other half of the
         // fence in `sleep`): either it saw the ring free, or this thread
         // sees its note and passes again.
@@ -489,10 +519,37 @@ fn sleep(shared: &Shared) -> Option<u32> {
     woken.then_some(0)
 }
 
+/// What tests of ring services share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::{Duration, Instant};
+
+    /// The calling thread's id.
+    pub fn thread_id() -> i32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    }
+
+    /// Waits until thread `tid` of this process sleeps (state `S`): a
+    /// consumer that reached its futex, not one still re-checking its ring.
+    pub fn wait_asleep(tid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            // The state follows the name, which is in parentheses.
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('S')) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "thread {tid} never slept");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use faultline_attach::doorbell::push_and_ring;
+    use faultline_attach::doorbell::{push_and_ring, sleep_pop};
     use hyp_core::ring::abi::Record;
     use hyp_core::ring::{Consumer, OwnedRing, Producer};
     use std::time::Instant;
@@ -526,6 +583,9 @@ mod tests {
         fn doorbell(&self) -> RingView<'_> {
             self.ring.view()
         }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
 
         fn in_flight(&self) -> usize {
             usize::from(self.awaiting)
@@ -556,6 +616,9 @@ mod tests {
 
         fn doorbell(&self) -> RingView<'_> {
             (**self).doorbell()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            (**self).answers()
         }
 
         fn in_flight(&self) -> usize {
@@ -590,6 +653,9 @@ mod tests {
 
         fn doorbell(&self) -> RingView<'_> {
             self.ring.view()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
         }
 
         fn in_flight(&self) -> usize {
@@ -754,6 +820,9 @@ mod tests {
         fn doorbell(&self) -> RingView<'_> {
             self.inner.doorbell()
         }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
 
         fn in_flight(&self) -> usize {
             0
@@ -812,6 +881,9 @@ mod tests {
 
         fn doorbell(&self) -> RingView<'_> {
             self.ring.view()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
         }
 
         fn in_flight(&self) -> usize {
@@ -872,6 +944,9 @@ mod tests {
         fn doorbell(&self) -> RingView<'_> {
             self.ring.view()
         }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
 
         fn in_flight(&self) -> usize {
             0
@@ -917,6 +992,9 @@ mod tests {
         fn doorbell(&self) -> RingView<'_> {
             self.ring.view()
         }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
 
         fn in_flight(&self) -> usize {
             0
@@ -961,5 +1039,89 @@ mod tests {
             });
             done.store(true, Ordering::Release);
         });
+    }
+
+    /// A vCPU's service that answers each record on its answer ring without
+    /// ringing, once its vCPU (thread `vcpu`) sleeps, then works on for a
+    /// while (the rest of a batch), logging how many records each call
+    /// served.
+    struct Answering<'r> {
+        faults: Consumer<'r>,
+        answers: Producer<'r>,
+        vcpu: &'r std::sync::atomic::AtomicI32,
+        calls: &'r Mutex<Vec<u32>>,
+    }
+
+    impl RingService for Answering<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            let mut n = 0;
+            while n < budget {
+                let Some(r) = self.faults.pop()? else { break };
+                testing::wait_asleep(self.vcpu.load(Ordering::Acquire));
+                self.answers.push(&r)?;
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if n == 0 {
+                return Ok(Served::Idle);
+            }
+            self.calls.lock().unwrap().push(n);
+            Ok(Served::Worked(n))
+        }
+        fn doorbell(&self) -> RingView<'_> {
+            self.faults.view()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            Some(self.answers.view())
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn stop(&self) {}
+    }
+
+    #[test]
+    fn an_answer_rings_once_the_pool_lets_its_service_go_so_the_next_fault_waits_for_the_next_batch() {
+        const FAULTS: u64 = 4;
+        let (faults, answers) = (OwnedRing::new(), OwnedRing::new());
+        let (calls, vcpu) = (Mutex::new(Vec::new()), std::sync::atomic::AtomicI32::new(0));
+        let service = Answering {
+            faults: Consumer::attach(faults.view()).unwrap(),
+            answers: Producer::attach(answers.view()).unwrap(),
+            vcpu: &vcpu,
+            calls: &calls,
+        };
+        // No spinning, and slices far longer than the test.
+        let slices = WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) };
+        let pool = ServicePool::start(1, slices).unwrap();
+        pool.serve(vec![service], Duration::from_secs(120), |_| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::scope(|s| {
+                // The vCPU: faults, sleeps on its answer ring (longer than
+                // the wait below, so only a doorbell wakes it in time),
+                // faults again the moment it is woken.
+                s.spawn(|| {
+                    vcpu.store(testing::thread_id(), Ordering::Release);
+                    let (mut p, mut c) =
+                        (Producer::attach(faults.view()).unwrap(), Consumer::attach(answers.view()).unwrap());
+                    let never = AtomicBool::new(false);
+                    for i in 0..FAULTS {
+                        push_and_ring(&mut p, &Record([i; 8])).unwrap();
+                        let answer = sleep_pop(&mut c, Duration::from_secs(30), &never).unwrap();
+                        if tx.send(answer.map(|r| r.0[0])).is_err() {
+                            return;
+                        }
+                    }
+                });
+                for i in 0..FAULTS {
+                    let answer = rx.recv_timeout(Duration::from_secs(20));
+                    assert_eq!(answer, Ok(Some(i)), "answer {i}: its doorbell never rang");
+                }
+            });
+        });
+        // Woken inside the call, the vCPU would fault again while the call
+        // still worked (20 ms a record), and be served in the same batch.
+        let calls = calls.into_inner().unwrap();
+        assert_eq!(calls, vec![1; FAULTS as usize], "records served per call");
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use faultline_attach::doorbell::push_and_ring;
+use faultline_attach::doorbell;
 use hyp_core::addr::PAGE_SIZE;
 use hyp_core::reject::Reject;
 use hyp_core::ring::abi::{action, kind, CommandRecord, FaultRecord, Record, ResultRecord};
@@ -83,6 +83,11 @@ impl RingService for VcpuService<'_, '_> {
     /// The fault ring, whose doorbell rings when the core posts to it.
     fn doorbell(&self) -> RingView<'_> {
         self.faults.view()
+    }
+
+    /// The command ring, whose doorbell the pool rings after each batch.
+    fn answers(&self) -> Option<RingView<'_>> {
+        Some(self.commands.view())
     }
 
     fn in_flight(&self) -> usize {
@@ -454,10 +459,16 @@ impl<'r, 'v> VcpuService<'r, 'v> {
         self.next_cmd
     }
 
+    /// Pushes `cmd` without ringing: the pool rings the command ring once
+    /// it has let this service go ([`RingService::answers`]). A full ring is
+    /// rung at once, so that a sleeping core makes room.
     fn send(&mut self, cmd: &CommandRecord, stop: &AtomicBool) -> Result<(), RingError> {
         loop {
-            match push_and_ring(&mut self.commands, &cmd.encode()) {
-                Err(RingError::Full) if !stop.load(Ordering::Acquire) => std::thread::yield_now(),
+            match self.commands.push(&cmd.encode()) {
+                Err(RingError::Full) if !stop.load(Ordering::Acquire) => {
+                    doorbell::ring(&self.commands.view());
+                    std::thread::yield_now();
+                }
                 Ok(()) => {
                     self.vm.rings[self.vcpu as usize].note_commands(self.commands.len()?);
                     return Ok(());
@@ -475,6 +486,7 @@ mod tests {
     use hyp_core::ring::OwnedRing;
 
     use super::*;
+    use crate::link::pool::testing;
     use crate::memory::layout::VmLayout;
     use crate::memory::memslot::SlotFlags;
     use crate::memory::pool::PagePool;
@@ -533,5 +545,38 @@ mod tests {
         assert_eq!(vm.counters.faults.load(Ordering::Relaxed), 1, "the second fault is the next daemon's");
         assert!(core_commands.pop().unwrap().is_none(), "no command sent for it");
         assert_eq!(vm.mapping.mapping_count(), 1, "the first fault's map recorded");
+    }
+
+    #[test]
+    fn a_map_is_sent_without_waking_the_core_until_the_pool_rings_it() {
+        let slots = [(GPA, 1 << 20, 0, SlotFlags::default())];
+        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &slots);
+        let pool = PagePool::new(vec![(Pa::new(0x1000_0000), 64 * PAGE_SIZE)]);
+        let vm = AttachedVm::new(layout.unwrap(), pool);
+        let policy = PolicyHost::new(Box::new(Pages4k), Default::default(), None).unwrap();
+        let (hub, end) = (EventHub::new(16), Winddown::default());
+        let (fault_ring, command_ring) = (OwnedRing::new(), OwnedRing::new());
+        let mut core_faults = Producer::attach(fault_ring.view()).unwrap();
+        let (faults, commands) =
+            (Consumer::attach(fault_ring.view()).unwrap(), Producer::attach(command_ring.view()).unwrap());
+        let mut service = VcpuService::new(&vm, &policy, &hub, &end, 0, faults, commands);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            // The core's vCPU, asleep on its command ring.
+            let vcpu = s.spawn(|| {
+                tx.send(testing::thread_id()).unwrap();
+                let mut commands = Consumer::attach(command_ring.view()).unwrap();
+                let never = AtomicBool::new(false);
+                doorbell::sleep_pop(&mut commands, Duration::from_secs(30), &never).unwrap().map(|r| r.0[0])
+            });
+            testing::wait_asleep(rx.recv().unwrap());
+            core_faults.push(&fault(1, GPA)).unwrap();
+            assert_eq!(service.serve(8).unwrap(), Served::Worked(1));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!vcpu.is_finished(), "the core was woken while its service was held");
+            doorbell::ring(&service.answers().unwrap());
+            let first = vcpu.join().unwrap();
+            assert!(first.is_some(), "the command waited on the ring for the doorbell");
+        });
     }
 }
