@@ -112,11 +112,20 @@ pub fn host_crowded() -> bool {
 /// The CPUs this process has (see [`cpus_of`]), as read once.
 fn process_cpus() -> u32 {
     static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| {
-        // SAFETY: sysconf reads a system constant and has no preconditions.
-        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        cpus_of(online, std::thread::available_parallelism().ok().map(|n| n.get()))
-    })
+    *CPUS.get_or_init(|| cpus_of(online_cpus(), std::thread::available_parallelism().ok().map(|n| n.get())))
+}
+
+/// The CPUs online (sysconf).
+fn online_cpus() -> i64 {
+    // SAFETY: sysconf reads a system constant and has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+}
+
+/// Whether this process may run on fewer CPUs than are online (an
+/// affinity mask or a cgroup quota): its cores were set apart from the
+/// rest of the host's threads.
+pub fn held_to_fewer_cpus() -> bool {
+    process_cpus() < cpus_of(online_cpus(), None)
 }
 
 /// The longest spin for the waiters of a machine's `vcpus` vCPU threads:

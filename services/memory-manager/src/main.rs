@@ -53,6 +53,11 @@ struct Args {
     /// the daemon may run on; overrides the file).
     #[arg(long)]
     service_threads: Option<usize>,
+    /// Most service threads that serve at once for load, the rest standing
+    /// by for services that block (default: all of them when the daemon is
+    /// held to fewer CPUs than are online, else one fewer; overrides the file).
+    #[arg(long)]
+    serving_threads: Option<usize>,
     /// Log format (overrides the file).
     #[arg(long)]
     log_format: Option<LogFormat>,
@@ -141,6 +146,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.service_threads {
         config.service_threads = v;
+    }
+    if let Some(v) = args.serving_threads {
+        config.serving_threads = v;
     }
     if args.prefault {
         config.prefault = true;

@@ -47,7 +47,7 @@ impl Daemon {
         // asked for (reconnecting or not).
         policies.resume();
         let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: std::time::Duration::from_millis(500) };
-        let pool = Arc::new(ServicePool::start(config.service_threads(), wait)?);
+        let pool = Arc::new(ServicePool::start(config.service_threads(), config.serving_threads(), wait)?);
         let sources = Sources {
             lifecycle: Lifecycle {
                 recovered_after_crash: running.predecessor_crashed && config.takeover_from.is_none(),
@@ -110,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         policy = daemon.sources.policies.load().policy.name(),
         socket = %daemon.config().attach_socket.display(),
         service_threads = daemon.sources.pool.threads(),
+        serving_threads = daemon.sources.pool.serving_limit(),
         "memory-manager starting"
     );
     if let Some(adj) = daemon.config().oom_score_adj {

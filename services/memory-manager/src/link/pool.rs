@@ -10,7 +10,9 @@
 //! then sleeps on every ring's doorbell at once (futex_waitv), with each
 //! ring's waiting flag set first, exactly as one consumer does in the
 //! protocol the loom model checks. The other idle threads park until a
-//! pass finds more than one ring with work and calls one of them. So at
+//! pass finds more than one ring with work and calls one of them, while
+//! fewer than a limit serve (the rest stand by for services that block:
+//! [`ServicePool::start`]). So at
 //! most one pool thread spins, and a doorbell wakes one thread. A service
 //! about to block (a reclaim) says so ([`block_in_place`]): its thread
 //! gives up the watch and calls a parked thread to take it.
@@ -142,6 +144,13 @@ struct Shared {
     watching: AtomicUsize,
     /// Threads parked until called.
     parked: AtomicUsize,
+    /// Threads running a service that blocks ([`block_in_place`]).
+    blocked: AtomicUsize,
+    /// Threads in the pool.
+    threads: usize,
+    /// Most threads that serve at once for load; the others stand by for
+    /// the services that block.
+    serving_limit: usize,
     stopping: AtomicBool,
     policy: WaitPolicy,
     waits: WaitCounts,
@@ -177,20 +186,26 @@ impl Membership {
 }
 
 impl ServicePool {
-    /// Starts `threads` service threads (at least one): the watching one
-    /// spins at most about `policy.spin_polls` ring polls, and idle ones
-    /// sleep at most `policy.sleep_slice` when no doorbell rings.
-    pub fn start(threads: usize, policy: WaitPolicy) -> std::io::Result<Self> {
+    /// Starts `threads` service threads (at least one), of which at most
+    /// `serving` (at least one) serve at once for load, the rest standing
+    /// by for services that block: the watching one spins at most about
+    /// `policy.spin_polls` ring polls, and idle ones sleep at most
+    /// `policy.sleep_slice` when no doorbell rings.
+    pub fn start(threads: usize, serving: usize, policy: WaitPolicy) -> std::io::Result<Self> {
+        let threads = threads.max(1);
         let shared = Arc::new(Shared {
             members: RwLock::new(Vec::new()),
             changed: AtomicU32::new(0),
             watching: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
+            blocked: AtomicUsize::new(0),
+            threads,
+            serving_limit: serving.clamp(1, threads),
             stopping: AtomicBool::new(false),
             policy,
             waits: WaitCounts::default(),
         });
-        let threads = (0..threads.max(1))
+        let threads = (0..threads)
             .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new().name(format!("fault-service-{i}")).spawn(move || work(&shared, i))
@@ -202,6 +217,11 @@ impl ServicePool {
     /// Service threads.
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Most service threads that serve at once for load.
+    pub fn serving_limit(&self) -> usize {
+        self.shared.serving_limit
     }
 
     /// How the pool's waits for work went.
@@ -339,12 +359,41 @@ impl Shared {
         wake_word(&self.changed);
     }
 
-    /// Calls one parked thread to help, if any is parked.
+    /// Threads neither parked nor blocked in a service.
+    fn serving(&self, parked: usize) -> usize {
+        self.threads.saturating_sub(parked + self.blocked.load(Ordering::Acquire))
+    }
+
+    /// Calls one parked thread to help, if any is parked and fewer than
+    /// the limit serve.
     fn call_helper(&self) {
-        if self.parked.load(Ordering::Acquire) > 0 {
+        let parked = self.parked.load(Ordering::Acquire);
+        if parked > 0 && self.serving(parked) < self.serving_limit {
             self.changed.fetch_add(1, Ordering::Release);
             wake_one(&self.changed);
         }
+    }
+
+    /// Parks this thread, which has work, if more than the limit serve (it
+    /// came back from a service that blocked, or a slice woke it while
+    /// parked), until called, at most a sleep slice; false if it is needed.
+    /// The count of parked threads is claimed first, so threads stepping
+    /// down at once never leave fewer than the limit serving.
+    fn step_down(&self) -> bool {
+        let seen = self.changed.load(Ordering::Acquire);
+        let mut parked = self.parked.load(Ordering::Acquire);
+        loop {
+            if self.serving(parked) <= self.serving_limit {
+                return false;
+            }
+            match self.parked.compare_exchange(parked, parked + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => parked = now,
+            }
+        }
+        sleep_on(&self.changed, seen, self.policy.sleep_slice);
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+        true
     }
 
     /// Parks until called (or the members change), at most a sleep slice.
@@ -373,6 +422,7 @@ fn work(shared: &Arc<Shared>, index: usize) {
     let me = index + 1;
     while !shared.stopping.load(Ordering::Acquire) {
         if pass(shared, &mut cursor).is_some() {
+            shared.step_down();
             continue;
         }
         if shared.watching.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -396,16 +446,29 @@ thread_local! {
 
 /// Runs `f`, which may block for a while (a reclaim waiting on the control
 /// ring and the disk), so that the pool goes on serving the other rings
-/// meanwhile: a pool thread gives up the watch if it holds it and calls a
-/// parked thread to take it. Elsewhere it just runs `f`.
+/// meanwhile: a pool thread gives up the watch if it holds it, counts
+/// itself blocked, and calls a parked thread to take its place. Elsewhere
+/// it just runs `f`.
 pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
-    POOL_THREAD.with(|t| {
-        if let Some((shared, index)) = t.borrow().as_ref() {
+    let _blocked = POOL_THREAD.with(|t| {
+        t.borrow().as_ref().map(|(shared, index)| {
             let _ = shared.watching.compare_exchange(index + 1, 0, Ordering::AcqRel, Ordering::Acquire);
+            shared.blocked.fetch_add(1, Ordering::AcqRel);
             shared.call_helper();
-        }
+            Blocked(shared.clone())
+        })
     });
     f()
+}
+
+/// A pool thread counted blocked until this drops (also when the service
+/// unwinds).
+struct Blocked(Arc<Shared>);
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        self.0.blocked.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves a batch from every ring, from the one after where the last pass
@@ -680,7 +743,7 @@ mod tests {
             done: &done,
             awaiting: false,
         });
-        let pool = ServicePool::start(1, policy(0)).unwrap();
+        let pool = ServicePool::start(1, 1, policy(0)).unwrap();
         // The busy ring comes first: the one thread starts its first pass there.
         pool.serve(vec![endless, one], Duration::from_millis(500), |_| {
             wait_until("the quiet ring served", || log.lock().unwrap().iter().any(|&(id, _)| id == 2));
@@ -711,7 +774,8 @@ mod tests {
             .collect();
         // No spinning, and slices far longer than this test: every record
         // after the first pass is found through a doorbell.
-        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        let pool =
+            ServicePool::start(2, 2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         let (_, in_flight) = pool.serve(services, Duration::from_secs(60), |served| {
             std::thread::scope(|s| {
                 for ring in &rings {
@@ -748,7 +812,7 @@ mod tests {
     fn services_are_given_back_even_when_the_body_panics() {
         let ring = OwnedRing::new();
         let (log, done, done_after) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicBool::new(false));
-        let pool = ServicePool::start(1, policy(100)).unwrap();
+        let pool = ServicePool::start(1, 1, policy(100)).unwrap();
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let service = Logging {
                 id: 0,
@@ -785,7 +849,7 @@ mod tests {
         // it finishes at the first call there.
         let ring = OwnedRing::new();
         let (log, done, unwinding_calls) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicU32::new(0));
-        let pool = ServicePool::start(1, policy(100)).unwrap();
+        let pool = ServicePool::start(1, 1, policy(100)).unwrap();
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let endless = Endless { ring: &ring, log: &log, done: &done, served: 0 };
             let service = Bounded { inner: endless, owner: std::thread::current().id(), calls: &unwinding_calls };
@@ -841,7 +905,8 @@ mod tests {
         let service =
             Logging { id: 0, ring: Consumer::attach(ring.view()).unwrap(), log: &log, done: &done, awaiting: true };
         // Slices far longer than the test: only "results due" can wake it.
-        let pool = ServicePool::start(1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        let pool =
+            ServicePool::start(1, 1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         pool.serve(vec![service], Duration::from_secs(120), |_| {
             // The command goes out with a rung record (the fault)...
             push_and_ring(&mut p, &Record([0; 8])).unwrap();
@@ -896,7 +961,7 @@ mod tests {
     }
 
     #[test]
-    fn a_service_that_blocks_does_not_hold_up_the_other_rings() {
+    fn a_service_that_blocks_has_a_standby_thread_serve_the_other_rings() {
         let (slow, other) = (OwnedRing::new(), OwnedRing::new());
         let (log, done, release) = (Mutex::new(Vec::new()), AtomicBool::new(false), AtomicBool::new(false));
         let blocking: Box<dyn RingService + '_> =
@@ -908,8 +973,10 @@ mod tests {
             done: &done,
             awaiting: false,
         });
-        // Slices far longer than the test: a parked thread only helps when called.
-        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        // Slices far longer than the test: a parked thread only helps when
+        // called. One thread serves for load; the other stands by.
+        let pool =
+            ServicePool::start(2, 1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         pool.serve(vec![blocking, logging], Duration::from_secs(120), |_| {
             // Both threads idle: one watches, one parks.
             std::thread::sleep(Duration::from_millis(50));
@@ -1020,7 +1087,8 @@ mod tests {
         let counting: Box<dyn RingService + '_> = Box::new(Counting { ring: &quiet, looks: &looks, done: &done });
         // No spinning, and slices far longer than the test: a record left
         // behind would wait for a slice, past the test's deadline.
-        let pool = ServicePool::start(2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        let pool =
+            ServicePool::start(2, 2, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         pool.serve(vec![gate, counting], Duration::from_secs(120), |_| {
             // Its service blocks with the ring empty; then its vCPU posts.
             wait_until("the service blocked", || blocked.load(Ordering::Acquire));
@@ -1093,7 +1161,7 @@ mod tests {
         };
         // No spinning, and slices far longer than the test.
         let slices = WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) };
-        let pool = ServicePool::start(1, slices).unwrap();
+        let pool = ServicePool::start(1, 1, slices).unwrap();
         pool.serve(vec![service], Duration::from_secs(120), |_| {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::scope(|s| {
@@ -1123,5 +1191,70 @@ mod tests {
         // still worked (20 ms a record), and be served in the same batch.
         let calls = calls.into_inner().unwrap();
         assert_eq!(calls, vec![1; FAULTS as usize], "records served per call");
+    }
+
+    /// A service that takes a millisecond a record and logs which thread
+    /// served it.
+    struct Slow<'r> {
+        ring: Consumer<'r>,
+        threads: &'r Mutex<Vec<String>>,
+    }
+
+    impl RingService for Slow<'_> {
+        fn serve(&mut self, budget: u32) -> Result<Served, RingError> {
+            let mut n = 0;
+            while n < budget {
+                let Some(_) = self.ring.pop()? else { break };
+                std::thread::sleep(Duration::from_millis(1));
+                self.threads.lock().unwrap().push(std::thread::current().name().unwrap_or_default().to_owned());
+                n += 1;
+            }
+            Ok(if n > 0 { Served::Worked(n) } else { Served::Idle })
+        }
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn stop(&self) {}
+    }
+
+    #[test]
+    fn no_more_threads_than_the_serving_limit_serve_for_load() {
+        // A full ring each (an owned ring holds 4).
+        const RINGS: usize = 8;
+        const RECORDS: usize = 4 * RINGS;
+        let rings: [OwnedRing; RINGS] = std::array::from_fn(|_| OwnedRing::new());
+        let threads = Mutex::new(Vec::new());
+        let services = rings
+            .iter()
+            .map(|r| Slow { ring: Consumer::attach(r.view()).unwrap(), threads: &threads })
+            .collect::<Vec<_>>();
+        // Three threads, one serving for load; slices far longer than the
+        // test, so a parked thread serves only when called.
+        let pool =
+            ServicePool::start(3, 1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        assert_eq!(pool.serving_limit(), 1);
+        pool.serve(services, Duration::from_secs(120), |_| {
+            // All three idle: one watches, two park.
+            std::thread::sleep(Duration::from_millis(50));
+            for ring in &rings {
+                let mut p = Producer::attach(ring.view()).unwrap();
+                for i in 0..RECORDS / rings.len() {
+                    push_and_ring(&mut p, &Record([i as u64; 8])).unwrap();
+                }
+            }
+            wait_until("every record served", || threads.lock().unwrap().len() >= RECORDS);
+        });
+        let mut names = threads.into_inner().unwrap();
+        names.sort();
+        names.dedup();
+        // Every pass found work on several rings: with no limit, it would
+        // call the parked threads to help.
+        assert_eq!(names.len(), 1, "threads that served: {names:?}");
     }
 }
