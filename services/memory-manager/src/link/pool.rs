@@ -376,15 +376,15 @@ impl Shared {
 
     /// Parks this thread, which has work, if more than the limit serve (it
     /// came back from a service that blocked, or a slice woke it while
-    /// parked), until called, at most a sleep slice; false if it is needed.
-    /// The count of parked threads is claimed first, so threads stepping
-    /// down at once never leave fewer than the limit serving.
-    fn step_down(&self) -> bool {
+    /// parked), until called, at most a sleep slice. The count of parked
+    /// threads is claimed first, so threads stepping down at once never
+    /// leave fewer than the limit serving.
+    fn step_down(&self) {
         let seen = self.changed.load(Ordering::Acquire);
         let mut parked = self.parked.load(Ordering::Acquire);
         loop {
             if self.serving(parked) <= self.serving_limit {
-                return false;
+                return;
             }
             match self.parked.compare_exchange(parked, parked + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
@@ -393,7 +393,6 @@ impl Shared {
         }
         sleep_on(&self.changed, seen, self.policy.sleep_slice);
         self.parked.fetch_sub(1, Ordering::AcqRel);
-        true
     }
 
     /// Parks until called (or the members change), at most a sleep slice.
@@ -1240,8 +1239,13 @@ mod tests {
             ServicePool::start(3, 1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
         assert_eq!(pool.serving_limit(), 1);
         pool.serve(services, Duration::from_secs(120), |_| {
-            // All three idle: one watches, two park.
+            // All three idle: one watches, two park (and stay parked: a
+            // thread woken by the members' change counts as parked until
+            // it runs).
+            let two_parked = || pool.shared.parked.load(Ordering::Acquire) == 2;
+            wait_until("two threads parked", two_parked);
             std::thread::sleep(Duration::from_millis(50));
+            wait_until("two threads still parked", two_parked);
             for ring in &rings {
                 let mut p = Producer::attach(ring.view()).unwrap();
                 for i in 0..RECORDS / rings.len() {
@@ -1256,5 +1260,53 @@ mod tests {
         // Every pass found work on several rings: with no limit, it would
         // call the parked threads to help.
         assert_eq!(names.len(), 1, "threads that served: {names:?}");
+    }
+
+    /// A service that always has one more record, and counts them.
+    struct Unending<'r> {
+        ring: &'r OwnedRing,
+        served: &'r AtomicUsize,
+        done: &'r AtomicBool,
+    }
+
+    impl RingService for Unending<'_> {
+        fn serve(&mut self, _budget: u32) -> Result<Served, RingError> {
+            if self.done.load(Ordering::Acquire) {
+                return Ok(Served::Finished { in_flight: 0 });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+            self.served.fetch_add(1, Ordering::Relaxed);
+            Ok(Served::Worked(1))
+        }
+        fn doorbell(&self) -> RingView<'_> {
+            self.ring.view()
+        }
+        fn answers(&self) -> Option<RingView<'_>> {
+            None
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn stop(&self) {
+            self.done.store(true, Ordering::Release);
+        }
+    }
+
+    #[test]
+    fn a_thread_beyond_the_serving_limit_steps_down_though_there_is_work() {
+        let rings = [OwnedRing::new(), OwnedRing::new()];
+        let (served, done) = (AtomicUsize::new(0), AtomicBool::new(false));
+        let services = rings.iter().map(|ring| Unending { ring, served: &served, done: &done }).collect::<Vec<_>>();
+        // Both threads start serving, and both rings always have work: only
+        // stepping down parks one. Slices far longer than the test.
+        let pool =
+            ServicePool::start(2, 1, WaitPolicy { spin_polls: 0, sleep_slice: Duration::from_secs(120) }).unwrap();
+        pool.serve(services, Duration::from_secs(120), |_| {
+            wait_until("one thread stepped down", || pool.shared.parked.load(Ordering::Acquire) == 1);
+            let before = served.load(Ordering::Relaxed);
+            wait_until("the other serves on", || served.load(Ordering::Relaxed) > before + 10);
+            assert_eq!(pool.shared.parked.load(Ordering::Acquire), 1);
+            done.store(true, Ordering::Release);
+        });
     }
 }
