@@ -146,7 +146,7 @@ impl Config {
     /// when it may run on every CPU: a pool thread on each core takes
     /// every core from the vCPUs its answers wake. Measured on 2 cores
     /// (docs/performance.md): at 64 vCPUs a p99 of 0.6-0.8 ms with one
-    /// serving against 0.7-2.3 with two, at the same throughput.
+    /// serving against 0.7-1.7 with two, at the same throughput.
     pub fn serving_threads(&self) -> usize {
         let threads = self.service_threads();
         match self.serving_threads {
