@@ -513,14 +513,20 @@ mod tests {
         .encode()
     }
 
-    #[test]
-    fn a_drain_ends_at_the_result_of_the_last_command_and_leaves_the_fault_behind_it() {
+    /// A VM with 1 MiB of RAM at [`GPA`] under the 4 KiB policy, its event
+    /// hub and its winddown.
+    fn one_vm() -> (AttachedVm, PolicyHost, EventHub, Winddown) {
         let slots = [(GPA, 1 << 20, 0, SlotFlags::default())];
         let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &slots);
         let pool = PagePool::new(vec![(Pa::new(0x1000_0000), 64 * PAGE_SIZE)]);
         let vm = AttachedVm::new(layout.unwrap(), pool);
         let policy = PolicyHost::new(Box::new(Pages4k), Default::default(), None).unwrap();
-        let (hub, end) = (EventHub::new(16), Winddown::default());
+        (vm, policy, EventHub::new(16), Winddown::default())
+    }
+
+    #[test]
+    fn a_drain_ends_at_the_result_of_the_last_command_and_leaves_the_fault_behind_it() {
+        let (vm, policy, hub, end) = one_vm();
         let (fault_ring, command_ring) = (OwnedRing::new(), OwnedRing::new());
         let (mut core_faults, mut core_commands) =
             (Producer::attach(fault_ring.view()).unwrap(), Consumer::attach(command_ring.view()).unwrap());
@@ -549,12 +555,7 @@ mod tests {
 
     #[test]
     fn a_map_is_sent_without_waking_the_core_until_the_pool_rings_it() {
-        let slots = [(GPA, 1 << 20, 0, SlotFlags::default())];
-        let layout = VmLayout::single_region(VmId::new(1).unwrap(), Pa::new(0x4000_0000), 1 << 20, 4096, &slots);
-        let pool = PagePool::new(vec![(Pa::new(0x1000_0000), 64 * PAGE_SIZE)]);
-        let vm = AttachedVm::new(layout.unwrap(), pool);
-        let policy = PolicyHost::new(Box::new(Pages4k), Default::default(), None).unwrap();
-        let (hub, end) = (EventHub::new(16), Winddown::default());
+        let (vm, policy, hub, end) = one_vm();
         let (fault_ring, command_ring) = (OwnedRing::new(), OwnedRing::new());
         let mut core_faults = Producer::attach(fault_ring.view()).unwrap();
         let (faults, commands) =
