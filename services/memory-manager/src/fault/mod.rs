@@ -5,6 +5,7 @@
 //! nothing of rings, processes or protocols.
 
 pub mod around;
+pub mod blocking;
 pub mod choices;
 pub mod clock;
 pub mod context;

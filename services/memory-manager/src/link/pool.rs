@@ -14,7 +14,7 @@
 //! fewer than a limit serve (the rest stand by for services that block:
 //! [`ServicePool::start`]). So at
 //! most one pool thread spins, and a doorbell wakes one thread. A service
-//! about to block (a reclaim) says so ([`block_in_place`]): its thread
+//! about to block (a reclaim) says so ([`blocking::block_in_place`]): its thread
 //! gives up the watch and calls a parked thread to take it.
 //!
 //! A service pushes its answers without ringing their doorbell; the pool
@@ -40,6 +40,8 @@ use faultline_attach::doorbell::{self, futex_wait_any, sleep_on, wake_one, wake_
 use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use hyp_core::ring::{RingError, RingView};
 use tracing::{error, warn};
+
+use crate::fault::blocking::{self, Blocker};
 
 /// What one [`RingService::serve`] call came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +146,7 @@ struct Shared {
     watching: AtomicUsize,
     /// Threads parked until called.
     parked: AtomicUsize,
-    /// Threads running a service that blocks ([`block_in_place`]).
+    /// Threads running a service that blocks ([`blocking::block_in_place`]).
     blocked: AtomicUsize,
     /// Threads in the pool.
     threads: usize,
@@ -415,7 +417,7 @@ impl Shared {
 /// doorbells) or, if another thread watches, parks until called. So at
 /// most one pool thread spins, and a doorbell wakes one thread.
 fn work(shared: &Arc<Shared>, index: usize) {
-    POOL_THREAD.with(|t| *t.borrow_mut() = Some((shared.clone(), index)));
+    blocking::set_blocker(Box::new(PoolThread { shared: shared.clone(), index }));
     let mut waiter = Waiter::new(shared.policy, &shared.waits);
     let mut cursor = index;
     let me = index + 1;
@@ -438,35 +440,26 @@ fn work(shared: &Arc<Shared>, index: usize) {
     }
 }
 
-thread_local! {
-    /// The pool (and this thread's index in it) a service thread belongs to.
-    static POOL_THREAD: std::cell::RefCell<Option<(Arc<Shared>, usize)>> = const { std::cell::RefCell::new(None) };
+/// A pool thread, as its services' waits tell it ([`blocking::block_in_place`]): one
+/// about to block (a reclaim waiting on the control ring and the disk, a
+/// policy consult) gives up the watch if it holds it, counts itself
+/// blocked, and calls a parked thread to take its place, so that the pool
+/// goes on serving the other rings meanwhile.
+struct PoolThread {
+    shared: Arc<Shared>,
+    index: usize,
 }
 
-/// Runs `f`, which may block for a while (a reclaim waiting on the control
-/// ring and the disk), so that the pool goes on serving the other rings
-/// meanwhile: a pool thread gives up the watch if it holds it, counts
-/// itself blocked, and calls a parked thread to take its place. Elsewhere
-/// it just runs `f`.
-pub fn block_in_place<R>(f: impl FnOnce() -> R) -> R {
-    let _blocked = POOL_THREAD.with(|t| {
-        t.borrow().as_ref().map(|(shared, index)| {
-            let _ = shared.watching.compare_exchange(index + 1, 0, Ordering::AcqRel, Ordering::Acquire);
-            shared.blocked.fetch_add(1, Ordering::AcqRel);
-            shared.call_helper();
-            Blocked(shared.clone())
-        })
-    });
-    f()
-}
+impl Blocker for PoolThread {
+    fn enter(&self) {
+        let shared = &self.shared;
+        let _ = shared.watching.compare_exchange(self.index + 1, 0, Ordering::AcqRel, Ordering::Acquire);
+        shared.blocked.fetch_add(1, Ordering::AcqRel);
+        shared.call_helper();
+    }
 
-/// A pool thread counted blocked until this drops (also when the service
-/// unwinds).
-struct Blocked(Arc<Shared>);
-
-impl Drop for Blocked {
-    fn drop(&mut self) {
-        self.0.blocked.fetch_sub(1, Ordering::AcqRel);
+    fn leave(&self) {
+        self.shared.blocked.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -611,6 +604,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::blocking::block_in_place;
     use faultline_attach::doorbell::{push_and_ring, sleep_pop};
     use hyp_core::ring::abi::Record;
     use hyp_core::ring::{Consumer, OwnedRing, Producer};

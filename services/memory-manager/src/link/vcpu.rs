@@ -16,10 +16,11 @@ use hyp_core::vm::map_outcome;
 use tracing::{debug, error, warn};
 
 use super::evict;
-use super::pool::{block_in_place, RingService, Served};
+use super::pool::{RingService, Served};
 use super::vm::AttachedVm;
 use super::winddown::Winddown;
 use crate::fault::around::plan_around;
+use crate::fault::blocking::block_in_place;
 use crate::fault::clock;
 use crate::fault::error::PipelineError;
 use crate::fault::failpoint::{crash_point, panic_point};

@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 
 use super::rules::{clamps, Rules};
 use super::stats::PolicyStats;
+use crate::fault::blocking::block_in_place;
 use crate::fault::choices::{Budget, ColdReclaim, Decisions, FaultContext, Policy, MAX_FAULT_AROUND};
 
 /// Per-fault questions to a policy, under a deadline.
@@ -47,7 +48,8 @@ impl Consulter {
             let answer = tokio::time::timeout(deadline, client.consult(req)).await;
             let _ = tx.send(answer.ok().and_then(Result::ok).map(tonic::Response::into_inner));
         });
-        match rx.recv_timeout(deadline + Duration::from_millis(1)).ok().flatten() {
+        // The pool serves the other rings while this thread waits.
+        match block_in_place(|| rx.recv_timeout(deadline + Duration::from_millis(1))).ok().flatten() {
             Some(answer) => {
                 self.late_in_row.store(0, Ordering::Relaxed);
                 Some(answer)
@@ -108,5 +110,50 @@ impl Policy for RemotePolicy {
 
     fn cold_reclaim(&self, vm_id: u16) -> Option<ColdReclaim> {
         self.rules.cold_reclaim(vm_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyp_core::abort::Access;
+    use hyp_core::stage2::MapSize;
+    use tonic::transport::Endpoint;
+
+    use super::*;
+    use crate::fault::blocking::{set_blocker, testing::Logged};
+
+    #[test]
+    fn a_consult_waits_in_place_so_the_pool_serves_on() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        // Nothing listens there: the consult fails, late.
+        let channel = {
+            let _entered = rt.enter();
+            Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+        };
+        let consulter = Consulter {
+            client: MemoryPolicyClient::new(channel),
+            rt: rt.handle().clone(),
+            deadline: Duration::from_millis(5),
+            strikes: 3,
+            late_in_row: AtomicU32::new(0),
+            trip: Notify::new(),
+            stats: Arc::default(),
+        };
+        let log = Logged::default();
+        set_blocker(Box::new(log.clone()));
+        let ctx = FaultContext {
+            vm_id: 1,
+            vcpu: 0,
+            fault_id: 1,
+            ipa: 0x4000_0000,
+            memslot: 0,
+            access: Access::Read,
+            allowed: MapSize::Block2M,
+            may_write: true,
+            may_exec: true,
+        };
+        assert!(consulter.ask(&ctx).is_none(), "nobody answered");
+        assert_eq!(*log.0.lock().unwrap(), ["enter", "leave"], "the wait was said aloud");
+        assert_eq!(consulter.stats.consults_late.load(Ordering::Relaxed), 1);
     }
 }
