@@ -12,10 +12,10 @@
 //! protocol the loom model checks. The other idle threads park until a
 //! pass finds more than one ring with work and calls one of them, while
 //! fewer than a limit serve (the rest stand by for services that block:
-//! [`ServicePool::start`]). So at
-//! most one pool thread spins, and a doorbell wakes one thread. A service
-//! about to block (a reclaim) says so ([`blocking::block_in_place`]): its thread
-//! gives up the watch and calls a parked thread to take it.
+//! [`ServicePool::start`]). So at most one pool thread spins, and a
+//! doorbell wakes one thread. A service about to block (a reclaim, a
+//! policy consult) says so ([`blocking::block_in_place`]): its thread gives
+//! up the watch and calls a parked thread to take its place.
 //!
 //! A service pushes its answers without ringing their doorbell; the pool
 //! rings it once it has let the service go ([`RingService::answers`]). A
@@ -146,7 +146,8 @@ struct Shared {
     watching: AtomicUsize,
     /// Threads parked until called.
     parked: AtomicUsize,
-    /// Threads running a service that blocks ([`blocking::block_in_place`]).
+    /// Threads waiting in a service that blocks
+    /// ([`blocking::block_in_place`]).
     blocked: AtomicUsize,
     /// Threads in the pool.
     threads: usize,
@@ -440,11 +441,11 @@ fn work(shared: &Arc<Shared>, index: usize) {
     }
 }
 
-/// A pool thread, as its services' waits tell it ([`blocking::block_in_place`]): one
-/// about to block (a reclaim waiting on the control ring and the disk, a
-/// policy consult) gives up the watch if it holds it, counts itself
-/// blocked, and calls a parked thread to take its place, so that the pool
-/// goes on serving the other rings meanwhile.
+/// A pool thread, as its services' waits tell it
+/// ([`blocking::block_in_place`]): one about to block (a reclaim waiting on
+/// the control ring and the disk, a policy consult) gives up the watch if
+/// it holds it, counts itself blocked, and calls a parked thread to take
+/// its place, so that the pool goes on serving the other rings meanwhile.
 struct PoolThread {
     shared: Arc<Shared>,
     index: usize,
