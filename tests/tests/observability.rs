@@ -161,7 +161,16 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("grpc.sock");
-    let daemon = Daemon::start(&["--grpc-unix-socket", path.to_str().unwrap(), "--spin-polls", "0"]);
+    let daemon = Daemon::start(&[
+        "--grpc-unix-socket",
+        path.to_str().unwrap(),
+        "--spin-polls",
+        "0",
+        "--service-threads",
+        "3",
+        "--serving-threads",
+        "2",
+    ]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !path.exists() {
         assert!(std::time::Instant::now() < deadline, "no gRPC Unix socket");
@@ -213,9 +222,11 @@ async fn grpc_is_served_on_a_unix_socket_too_and_reports_ring_occupancy() {
     }
     // --spin-polls 0: every wait for work sleeps on the doorbells.
     let pool = pool.expect("the service pool is reported");
-    assert!(pool.threads >= 1 && pool.waits_slept >= 1, "{pool:?}");
+    assert!(pool.waits_slept >= 1, "{pool:?}");
+    assert_eq!((pool.threads, pool.serving_limit), (3, 2), "as configured: {pool:?}");
     assert_eq!((pool.waits_spun, pool.spins_yielded), (0, 0), "{pool:?}");
     assert_eq!(m["faultline_service_threads"], f64::from(pool.threads));
+    assert_eq!(m["faultline_serving_threads"], f64::from(pool.serving_limit));
     assert!(m["faultline_fault_waits_total{how=\"slept\"}"] >= pool.waits_slept as f64);
     assert_eq!(m["faultline_fault_waits_total{how=\"spun\"}"], 0.0);
     drop(daemon);

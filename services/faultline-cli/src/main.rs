@@ -330,8 +330,9 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
             outln!("policy: {}   pinned pages: {}", s.policy, s.pinned_pages);
             if let Some(p) = &s.pool {
                 outln!(
-                    "service threads: {}   waits: spun {} slept {} (spins given up for other threads: {})",
+                    "service threads: {}, at most {} serving at once   waits: spun {} slept {} (spins given up for other threads: {})",
                     p.threads,
+                    p.serving_limit,
                     p.waits_spun,
                     p.waits_slept,
                     p.spins_yielded

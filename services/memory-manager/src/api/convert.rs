@@ -224,6 +224,7 @@ pub fn service_pool(pool: &ServicePool) -> pb::ServicePool {
         waits_spun: w.spun,
         waits_slept: w.slept,
         spins_yielded: w.yielded,
+        serving_limit: pool.serving_limit() as u32,
     }
 }
 

@@ -199,6 +199,12 @@ impl Collector for FaultCollector {
             "Threads serving every VM's fault rings.",
             pool.threads as i64,
         )?;
+        gauge(
+            &mut encoder,
+            "faultline_serving_threads",
+            "The most service threads that serve for load at once; the rest stand by for a service that waits.",
+            pool.serving_limit as i64,
+        )?;
         let mut waits = encoder.encode_descriptor(
             "faultline_fault_waits",
             "Service threads' waits for faults, by how they ended: spun (work arrived while spinning), \
