@@ -338,9 +338,12 @@ impl Drop for PolicyProcess {
     }
 }
 
-/// A `sim-machine` run with `--hold-before-detach`, read up to its hold:
-/// its workload is done and the VM still attached, so what the daemon
-/// holds of it can be read until [`HeldMachine::release`].
+/// A `sim-machine` read up to a hold: with `--hold-before-detach`
+/// ([`HeldMachine::start`]) its workload is done and the VM still
+/// attached, so what the daemon holds of it can be read until
+/// [`HeldMachine::release`]; with `--hold-before-run`
+/// ([`HeldMachine::before_run`]) the VM is attached and its workload not
+/// yet started.
 pub struct HeldMachine {
     child: Child,
     /// What the machine said on stderr before the hold.
@@ -350,9 +353,19 @@ pub struct HeldMachine {
 impl HeldMachine {
     /// Runs `machine` (a [`machine`] command with its arguments) with
     /// `--hold-before-detach` until it holds; panics if it ends first.
-    pub fn start(mut machine: Command) -> Self {
+    pub fn start(machine: Command) -> Self {
+        Self::held(machine, "--hold-before-detach", "holding before detach")
+    }
+
+    /// Runs `machine` with `--hold-before-run` until it holds, attached;
+    /// panics if it ends first.
+    pub fn before_run(machine: Command) -> Self {
+        Self::held(machine, "--hold-before-run", "holding before the run")
+    }
+
+    fn held(mut machine: Command, flag: &str, hold: &str) -> Self {
         let mut child = machine
-            .arg("--hold-before-detach")
+            .arg(flag)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -361,7 +374,7 @@ impl HeldMachine {
         let mut said = String::new();
         for line in BufReader::new(child.stderr.take().expect("stderr")).lines() {
             let line = line.expect("reading the machine's stderr");
-            if line.contains("holding before detach") {
+            if line.contains(hold) {
                 return Self { child, said };
             }
             said += &line;
@@ -376,7 +389,8 @@ impl HeldMachine {
         self.child.id()
     }
 
-    /// Lets it detach and exit; its output.
+    /// Lets it go on to its end (held before its run: the workload, then
+    /// the detach) and exit; its output.
     pub fn release(mut self) -> Output {
         writeln!(self.child.stdin.take().expect("stdin")).expect("telling the machine");
         self.child.wait_with_output().expect("waiting for the machine")

@@ -2,7 +2,7 @@
 //! machine binary. Guest memory and fault counts are checked against a flat
 //! replay of the same workload.
 
-use faultline_system_tests::{machine, run_machine, Daemon};
+use faultline_system_tests::{machine, run_machine, Daemon, HeldMachine};
 use serde_json::Value;
 use sim_machine::layout::{Layout, ROM_GPA};
 use sim_machine::workload::{generate, replay_flat, FlatReplay, Pattern, Workload};
@@ -274,6 +274,31 @@ fn a_vm_faulting_without_pause_does_not_starve_a_quiet_one() {
     assert!(attached && after > before, "the quiet VM ended only once the busy one stopped faulting");
     let flat = replay_flat(&l, &generate(Pattern::Random, &l, 2_000, 42));
     check(&summary, &flat, false);
+}
+
+#[test]
+fn a_machine_held_before_its_run_is_attached_and_faults_only_once_told() {
+    use faultline_proto::v1::control_client::ControlClient;
+    use faultline_proto::v1::fault_trace_client::FaultTraceClient;
+    use faultline_proto::v1::{GetStatsRequest, ListVmsRequest};
+    let daemon = Daemon::start(&["--policy", "4k"]);
+    let held = HeldMachine::before_run(random_machine(&daemon, 3, 2, 500));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (attached, faults) = rt.block_on(async {
+        let mut control = ControlClient::connect(daemon.grpc_addr()).await.unwrap();
+        let vms = control.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
+        let mut trace = FaultTraceClient::connect(daemon.grpc_addr()).await.unwrap();
+        let stats = trace.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
+        (vms.iter().any(|v| v.vm_id == 3), stats.by_vm.iter().find(|c| c.key == "vm3").map_or(0, |c| c.count))
+    });
+    assert!(attached, "attached at the hold");
+    assert_eq!(faults, 0, "no fault before it is told to run");
+    let out = held.release();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["faults"].as_u64().unwrap() > 0, "the workload ran once told");
+    let l = layout(2);
+    check(&summary, &replay_flat(&l, &generate(Pattern::Random, &l, 500, 42)), false);
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub struct MachineConfig {
     /// (what the daemon holds of the VM can be read then); `run_ms` ends
     /// before the wait.
     pub hold_before_detach: bool,
+    /// Once attached, wait for a line on stdin before running the
+    /// workload (`run_ms` starts after the wait).
+    pub hold_before_run: bool,
     /// Let the MMU set stage-2 access flags itself (FEAT_HAFDBS,
     /// `VTCR_EL2.HA`), as a machine whose CPU has it may tell its core:
     /// an aged page touched again takes no access-flag fault.
@@ -313,7 +316,6 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     }
     let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
-    let started = Instant::now();
     let waits = WaitCounts::default();
     let lines = config.loop_phases.then(stdin_lines);
     let env = VcpuEnv {
@@ -348,6 +350,12 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
                 supervised
             })
         };
+        if config.hold_before_run && !stop.load(Ordering::Acquire) {
+            // Attached (its daemon supervised), the vCPUs not yet started.
+            eprintln!("sim-machine: holding before the run");
+            let _ = std::io::stdin().read_line(&mut String::new());
+        }
+        let started = Instant::now();
         let mut results = Vec::new();
         let mut phase_longest = Vec::new();
         for phase in 0..workload.phases() {

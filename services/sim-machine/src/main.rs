@@ -62,6 +62,11 @@ struct Args {
     /// (`run_ms` in the summary ends before the wait).
     #[arg(long)]
     hold_before_detach: bool,
+    /// Once attached, wait for a line on stdin before running the
+    /// workload (`run_ms` starts after the wait): machines started one
+    /// after another run their workloads together.
+    #[arg(long, conflicts_with = "loop_phases")]
+    hold_before_run: bool,
     /// Let the MMU set stage-2 access flags itself (FEAT_HAFDBS,
     /// VTCR_EL2.HA): pages the daemon aged take no access-flag faults.
     #[arg(long)]
@@ -168,6 +173,7 @@ fn run() -> anyhow::Result<()> {
         reattach_deadline: std::time::Duration::from_secs_f64(args.reattach_deadline_s),
         loop_phases: args.loop_phases,
         hold_before_detach: args.hold_before_detach,
+        hold_before_run: args.hold_before_run,
         hardware_access_flag: args.hardware_access_flag,
     };
     let summary = machine::run(&config, &workload)?;
