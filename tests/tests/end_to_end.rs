@@ -2,7 +2,7 @@
 //! machine binary. Guest memory and fault counts are checked against a flat
 //! replay of the same workload.
 
-use faultline_system_tests::{machine, run_machine, Daemon, HeldMachine};
+use faultline_system_tests::{machine, on_cpus, run_machine, Daemon, HeldMachine};
 use serde_json::Value;
 use sim_machine::layout::{Layout, ROM_GPA};
 use sim_machine::workload::{generate, replay_flat, FlatReplay, Pattern, Workload};
@@ -207,6 +207,27 @@ fn sixty_four_vcpus_served_by_two_threads_match_the_flat_replay() {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 64 {
         assert_eq!(summary["waits"]["spun"].as_u64(), Some(0), "{}", summary["waits"]);
     }
+}
+
+#[test]
+fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_runs_on_other_cpus() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: the daemon and the machine need a CPU each");
+        return;
+    }
+    let l = layout(8);
+    let flat = replay_flat(&l, &generate(Pattern::Random, &l, 300, 42));
+    let passes = |daemon: &Daemon| {
+        // The machine on the second CPU, its 8 vCPUs outnumbering it.
+        let summary = on_cpus(1..2, || run_machine(random_machine(daemon, 1, 8, 300)));
+        check(&summary, &flat, false);
+        (summary["wait_passes"].as_u64().unwrap(), summary["waits"]["passed"].as_u64().unwrap())
+    };
+    let apart = on_cpus(0..1, || Daemon::start(&["--policy", "4k"]));
+    let (configured, _) = passes(&apart);
+    assert_eq!(configured, 4, "the daemon on CPU 0 alone: the vCPUs pass the CPU before sleeping");
+    let sharing = Daemon::start(&["--policy", "4k"]);
+    assert_eq!(passes(&sharing), (0, 0), "the daemon may run on the machine's CPU: the vCPUs sleep");
 }
 
 #[test]

@@ -146,6 +146,14 @@ impl<'f> Session<'f> {
         Ok(s)
     }
 
+    /// The process id of the daemon serving the VM now (SO_PEERCRED of
+    /// the connection); `None` while there is none, or where the kernel
+    /// cannot say (a daemon in another pid namespace).
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        crate::peer_credentials(conn.as_fd()).ok().map(|c| c.pid).filter(|&pid| pid > 0)
+    }
+
     /// The stalls so far.
     pub fn stalls(&self) -> Stalls {
         *self.stalls.lock().unwrap_or_else(|e| e.into_inner())

@@ -195,6 +195,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         waits["yielded"],
         cores()
     );
+    if waits["passed"].as_u64().is_some_and(|n| n > 0) {
+        outln!(
+            "  let the other vCPUs run and found the answer on coming back: {} times (the daemon on other cores)",
+            waits["passed"]
+        );
+    }
     outln!("  pins left after detach: {}", summary["detach"]["pins_remaining"]);
     // Close the connection before stopping the daemon: its graceful shutdown
     // waits for clients, and this thread blocks while reaping it.

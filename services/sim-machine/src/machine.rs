@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::wait::{vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
+use faultline_attach::wait::{cpus_apart_from, vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
@@ -129,9 +129,14 @@ pub struct Summary {
     pub detach: Option<DetachReport>,
     /// Times the daemon went away until a daemon took the VM back.
     pub stalls: Stalls,
-    /// How the vCPUs waited for the daemon's answers: spun, slept, or cut
-    /// a spin short because another thread wanted the CPU.
+    /// How the vCPUs waited for the daemon's answers: spun, slept, cut
+    /// a spin short because another thread wanted the CPU, or passed the
+    /// CPU to the other vCPUs and found the answer on coming back.
     pub waits: WaitSplit,
+    /// Times a waiting vCPU passes the CPU to the others before it sleeps
+    /// (0 unless the vCPUs outnumber this process's CPUs and the daemon
+    /// ran on none of them at the attach).
+    pub wait_passes: u32,
     /// What the core's stage-2 tables held at detach: leaves, and the
     /// backing pages they cover (what the daemon's pins must count).
     pub core_leaves: u64,
@@ -315,6 +320,12 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         info!(vcpus = n, "the vCPUs outnumber this process's CPUs: their waits sleep without spinning");
     }
     let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
+    // As the daemon stood at the attach (one that takes the VM over later
+    // on other cores does not change it).
+    let passes = vcpu_passes(n, session.daemon_pid().is_some_and(cpus_apart_from));
+    if passes > 0 {
+        info!(vcpus = n, "the daemon runs on other CPUs: a waiting vCPU lets the others run before it sleeps");
+    }
     let epoch = Instant::now();
     let waits = WaitCounts::default();
     let lines = config.loop_phases.then(stdin_lines);
@@ -325,6 +336,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         regs,
         tlb_gen: tlb_gen.clone(),
         wait,
+        passes,
         waits: &waits,
         stop: &stop,
         kicks: &kicks,
@@ -426,6 +438,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         detach: None,
         stalls: Stalls::default(),
         waits: waits.read(),
+        wait_passes: passes,
         core_leaves: tables.leaves,
         core_backing_pages: tables.backing_pages,
         latencies_ns: None,
@@ -653,6 +666,8 @@ struct VcpuEnv<'a> {
     regs: Stage2Regs,
     tlb_gen: TlbGeneration,
     wait: WaitPolicy,
+    /// Passes of the CPU to the other vCPUs before a wait sleeps.
+    passes: u32,
     waits: &'a WaitCounts,
     stop: &'a AtomicBool,
     kicks: &'a [AtomicBool],
@@ -680,8 +695,9 @@ fn stdin_lines() -> std::sync::Arc<AtomicU64> {
 }
 
 fn run_vcpu(v: u32, phase: usize, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
-    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, waits, stop, kicks, epoch, layout, lines } = *env;
-    let mut waiter = Waiter::new(wait, waits);
+    let VcpuEnv { core, shared, phys, regs, ref tlb_gen, wait, passes, waits, stop, kicks, epoch, layout, lines } =
+        *env;
+    let mut waiter = Waiter::new(wait, waits).passing(passes);
     let kick = &kicks[v as usize];
     let tlb_gen = tlb_gen.clone();
     let mut faults_out =
