@@ -1,5 +1,6 @@
 //! Adaptive waiting for a ring: spin while spinning pays off, sleep on the
-//! doorbell otherwise, and stop spinning when other threads want the CPUs.
+//! doorbell otherwise, and stop spinning when other threads want the CPUs;
+//! vCPUs whose daemon runs elsewhere let each other run before they sleep.
 
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -334,9 +335,8 @@ impl<'c> Waiter<'c> {
 
     /// Waits for what `poll` finds in `on`: polls once, then for the
     /// current spin window (unless cooling down), then after each pass of
-    /// the CPU to other threads (see [`Waiter::passing`]), then calls `sleep`, which
-    /// blocks until something arrives (`Some`) or the wait is called off
-    /// (`None`).
+    /// the CPU (see [`Waiter::passing`]), then calls `sleep`, which blocks
+    /// until something arrives (`Some`) or the wait is called off (`None`).
     pub fn wait<S: ?Sized, T, E>(
         &mut self,
         on: &mut S,
