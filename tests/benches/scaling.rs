@@ -5,15 +5,14 @@
 //! populates guest memory at attach) and on fresh backing (every fault
 //! allocates its page). Every row is the same work: 80,000 accesses split
 //! over the vCPUs; a row's machines attach first and run together (none
-//! attaches, populates or digests while another runs). For each: aggregate faults/s, p50 and p99 per fault as
-//! the vCPUs saw it, CPU per 1,000 faults (the daemon's service threads,
-//! and everything: the daemon and the machines, whole processes from
-//! /proc, over the run alone), and userfaultfd serving the same
-//! number of faults with as many faulting threads on one blocking handler
-//! thread (memfd, MISSING + UFFDIO_COPY: Firecracker's arrangement).
-//! Then 64 vCPUs' throughput against the best of 1 and 2, as medians of
-//! rows run in turn.
-//! Then the crowded shapes (16 and 64 vCPUs, 8 x 8) on populated backing
+//! attaches, populates or digests while another runs). For each:
+//! aggregate faults/s, p50 and p99 per fault as the vCPUs saw it, CPU per
+//! 1,000 faults (the daemon's service threads, and everything: the daemon
+//! and the machines, whole processes from /proc, over the run alone), and
+//! userfaultfd serving the same number of faults with as many faulting
+//! threads on one blocking handler thread (memfd, MISSING + UFFDIO_COPY:
+//! Firecracker's arrangement). Then 64 vCPUs' throughput against the best
+//! of 1 and 2, as medians of rows run in turn. Then the crowded shapes (16 and 64 vCPUs, 8 x 8) on populated backing
 //! with the cores split: the daemon held to CPU 0, the machines to the
 //! rest. Then guest size against fault cost (1 GiB and 1 TiB sparse guests; a
 //! ROM filled before attach against sparse RAM; the daemon's RSS growth),
@@ -138,7 +137,8 @@ impl InStep {
         self.go();
         drop(self.stdin);
         let out = self.child.wait_with_output().unwrap();
-        self.said.extend(self.lines.try_iter().map(|l| l + "\n"));
+        // The reader ends with the pipe, now the machine has exited.
+        self.said.extend(self.lines.iter().map(|l| l + "\n"));
         assert!(out.status.success(), "{}", self.said);
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -151,15 +151,8 @@ fn faultline(daemon: &Daemon, vms: u32, vcpus: u32) -> Measured {
     let mut machines: Vec<_> = (1..=vms)
         .map(|vm| {
             let mut m = machine(daemon);
-            m.args(["--vm-id", &vm.to_string(), "--vcpus", &vcpus.to_string(), "--ops", &ops.to_string()]).args([
-                "--pattern",
-                "random",
-                "--ram-page-kib",
-                "4",
-                "--seed",
-                &vm.to_string(),
-                "--latencies",
-            ]);
+            m.args(["--vm-id", &vm.to_string(), "--vcpus", &vcpus.to_string(), "--ops", &ops.to_string()]);
+            m.args(["--pattern", "random", "--ram-page-kib", "4", "--seed", &vm.to_string(), "--latencies"]);
             InStep::start(m)
         })
         .collect();
