@@ -5,8 +5,12 @@
 //! The fault path never waits for an observer, and never wakes one: it only
 //! writes the history. The history is a ring of slots, each behind its own
 //! lock: a writer claims the next slot with an atomic counter and only
-//! `try_lock`s it (an observer copying that one slot right then makes it
-//! count the event as lost instead); observers lock one slot at a time.
+//! `try_lock`s it; observers lock one slot at a time, and only a slot
+//! already written with the event they want (each slot says which it
+//! holds), so a follower waiting at the head of the history never holds
+//! the slot its next event is being written to. A writer finds its slot
+//! busy only when an observer is copying the event the slot held a whole
+//! history earlier, and counts its event as lost.
 //! Each follower keeps its own position in the history ([`Reader`]) and
 //! copies events only as fast as it sends them, so a slow follower costs
 //! nothing but what it reads; events overwritten before it reads them are
@@ -85,7 +89,13 @@ impl Reader {
 const SLOTS_PER_PART: usize = 1024;
 
 /// One slot of the history.
-type Slot = Mutex<Option<FaultEvent>>;
+#[derive(Default)]
+struct Slot {
+    /// The sequence number of the event written to it, plus one (0: none
+    /// yet); set after the event, so a reader looks at it before locking.
+    written: AtomicU64,
+    event: Mutex<Option<FaultEvent>>,
+}
 
 /// The history's slots, made a part at a time when an event first needs
 /// one (or by [`EventHub::prefill`] off the fault path): a daemon that
@@ -109,7 +119,7 @@ impl Slots {
     fn part(&self, index: usize) -> &[Slot] {
         self.parts[index].get_or_init(|| {
             let n = SLOTS_PER_PART.min(self.len - index * SLOTS_PER_PART);
-            (0..n).map(|_| Mutex::new(None)).collect()
+            (0..n).map(|_| Slot::default()).collect()
         })
     }
 
@@ -119,11 +129,16 @@ impl Slots {
         &self.part(i / SLOTS_PER_PART)[i % SLOTS_PER_PART]
     }
 
-    /// The event in `seq`'s slot, if its part was made (readers).
+    /// The event in `seq`'s slot (`seq`'s, or a later one's that
+    /// overwrote it), or `None` while `seq` is not written yet (readers).
+    /// An unwritten slot is not locked: its writer must find it free.
     fn event(&self, seq: u64) -> Option<FaultEvent> {
         let i = (seq % self.len as u64) as usize;
-        let part = self.parts[i / SLOTS_PER_PART].get()?;
-        *part[i % SLOTS_PER_PART].lock().unwrap_or_else(|e| e.into_inner())
+        let slot = &self.parts[i / SLOTS_PER_PART].get()?[i % SLOTS_PER_PART];
+        if slot.written.load(Ordering::Acquire) <= seq {
+            return None;
+        }
+        *slot.event.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -165,12 +180,17 @@ impl EventHub {
     pub fn record(&self, mut event: FaultEvent) {
         event.seq = self.seen.fetch_add(1, Ordering::Relaxed);
         // The slot first: readers wait for a claimed slot to be written.
-        match self.slots.slot(event.seq).try_lock() {
-            Ok(mut s) => *s = Some(event),
-            Err(TryLockError::Poisoned(p)) => *p.into_inner() = Some(event),
-            Err(TryLockError::WouldBlock) => {
-                self.lost.fetch_add(1, Ordering::Relaxed);
-            }
+        let slot = self.slots.slot(event.seq);
+        let held = match slot.event.try_lock() {
+            Ok(held) => Some(held),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut s) = held {
+            *s = Some(event);
+            slot.written.store(event.seq + 1, Ordering::Release);
+        } else {
+            self.lost.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.record(&event);
         let second = self.start.elapsed().as_secs();
@@ -310,8 +330,8 @@ mod tests {
         }
         let ids: Vec<u64> = hub.history().iter().map(|e| e.fault_id).collect();
         assert_eq!(ids, [2, 3, 4]);
-        // An observer holding the slot the next event goes to.
-        let guard = hub.slots.slot(5).lock().unwrap();
+        // An observer copying the event the next one's slot held before.
+        let guard = hub.slots.slot(5).event.lock().unwrap();
         hub.record(event(5));
         drop(guard);
         let s = hub.status();
@@ -344,7 +364,7 @@ mod tests {
         assert_eq!((ids(&c), c.lost), (vec![6, 7, 8, 9], 4));
         // A writer that finds its slot held drops the event: a read waits
         // for it (here: one read), the next reports it lost and goes on.
-        let guard = hub.slots.slot(11).lock().unwrap();
+        let guard = hub.slots.slot(11).event.lock().unwrap();
         hub.record(event(10));
         drop(guard);
         hub.record(event(11));
@@ -365,5 +385,39 @@ mod tests {
         assert_eq!(hub.read(&mut r).events.len(), BATCH);
         assert_eq!(ids(&hub.read(&mut r)), [BATCH as u64, BATCH as u64 + 1, BATCH as u64 + 2]);
         assert!(hub.read(&mut r).events.is_empty());
+    }
+
+    #[test]
+    fn a_follower_waiting_at_the_head_never_holds_the_slot_being_written() {
+        use std::sync::atomic::AtomicBool;
+        let hub = EventHub::new(8);
+        hub.prefill();
+        hub.record(event(0));
+        // A writer has claimed the next event's slot and not written it yet.
+        let claimed = hub.seen.fetch_add(1, Ordering::Relaxed);
+        let (done, reads) = (AtomicBool::new(false), AtomicU64::new(0));
+        let busy = std::thread::scope(|s| {
+            s.spawn(|| {
+                // A follower at the head, reading again and again.
+                let mut r = hub.reader_at(claimed);
+                while !done.load(Ordering::Relaxed) {
+                    assert!(hub.read(&mut r).events.is_empty());
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // The writer's view: its try_lock must never find the slot
+            // busy, however the follower's reads fall (tried until the
+            // follower has read many times, however it is scheduled).
+            let slot = hub.slots.slot(claimed);
+            let mut busy = 0;
+            let mut tries = 0;
+            while tries < 100_000 || reads.load(Ordering::Relaxed) < 100_000 {
+                busy += usize::from(slot.event.try_lock().is_err());
+                tries += 1;
+            }
+            done.store(true, Ordering::Relaxed);
+            busy
+        });
+        assert_eq!(busy, 0, "the follower locked the slot its next event was being written to");
     }
 }
