@@ -364,8 +364,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         };
         if config.hold_before_run && !stop.load(Ordering::Acquire) {
             // Attached (its daemon supervised), the vCPUs not yet started.
-            eprintln!("sim-machine: holding before the run");
-            let _ = std::io::stdin().read_line(&mut String::new());
+            hold(format_args!("holding before the run"));
         }
         let started = Instant::now();
         let mut results = Vec::new();
@@ -386,14 +385,12 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             results.extend(joined);
             if phase < workload.pauses.len() && !stop.load(Ordering::Acquire) && !config.loop_phases {
                 // Attached and idle until told to go on (or stdin closes).
-                eprintln!("sim-machine: paused after phase {phase}");
-                let _ = std::io::stdin().read_line(&mut String::new());
+                hold(format_args!("paused after phase {phase}"));
             }
         }
         let run_ms = started.elapsed().as_millis() as u64;
         if config.hold_before_detach && !stop.load(Ordering::Acquire) {
-            eprintln!("sim-machine: holding before detach");
-            let _ = std::io::stdin().read_line(&mut String::new());
+            hold(format_args!("holding before detach"));
         }
         stop_all(&stop, &kicks, &shared, n);
         let supervised = supervisor.join().unwrap_or(Ok(()));
@@ -692,6 +689,13 @@ fn stdin_lines() -> std::sync::Arc<AtomicU64> {
         counted.store(u64::MAX, Ordering::Release);
     });
     lines
+}
+
+/// Says `what` on stderr (where a driver waits for it) and waits for a
+/// line on stdin (or its end).
+fn hold(what: std::fmt::Arguments<'_>) {
+    eprintln!("sim-machine: {what}");
+    let _ = std::io::stdin().read_line(&mut String::new());
 }
 
 fn run_vcpu(v: u32, phase: usize, ops: &[crate::workload::Op], env: &VcpuEnv<'_>) -> anyhow::Result<VcpuResult> {
