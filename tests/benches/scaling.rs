@@ -79,6 +79,10 @@ struct Measured {
     /// CPU ms per 1,000 faults: the daemon's service threads; everything.
     service_ms: f64,
     all_ms: f64,
+    /// The machines' own page faults of the host, per guest fault: the
+    /// simulator's cost (a page the daemon allocated, first touched), which
+    /// a real machine's memory does not have.
+    host_faults: f64,
 }
 
 /// A machine that holds once attached and again before it detaches, so
@@ -167,10 +171,12 @@ fn faultline(daemon: &Daemon, vms: u32, vcpus: u32) -> Measured {
     let (all1, service1) = cpu(&machines);
     let mut latencies = Vec::new();
     let mut faults = 0;
+    let mut host_faults = 0;
     let mut run_s: f64 = 0.0;
     for m in machines {
         let v = m.finish();
         faults += v["faults"].as_u64().unwrap();
+        host_faults += v["host_page_faults"].as_u64().unwrap();
         run_s = run_s.max(v["run_ms"].as_u64().unwrap() as f64 / 1000.0);
         latencies.extend(v["latencies_ns"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()));
     }
@@ -184,6 +190,7 @@ fn faultline(daemon: &Daemon, vms: u32, vcpus: u32) -> Measured {
         p99_us: percentile(&latencies, 99),
         service_ms: per_1000(service1 - service0),
         all_ms: per_1000(all1 - all0),
+        host_faults: host_faults as f64 / faults as f64,
     }
 }
 
@@ -503,8 +510,10 @@ fn main() {
             args.push("--prefault");
         }
         let daemon = Daemon::start(&args);
+        let mut host_faults = Vec::new();
         for (vms, vcpus) in shapes {
             let m = faultline(&daemon, vms, vcpus);
+            host_faults.push(m.host_faults);
             let (u_rate, u50, u99) = userfaultfd(vms * vcpus, m.faults);
             println!(
                 "| {vms} x {vcpus} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1}x |",
@@ -520,6 +529,11 @@ fn main() {
                 m.per_sec / u_rate
             );
         }
+        let (least, most) = host_faults.iter().fold((f64::MAX, 0.0f64), |(l, m), &h| (l.min(h), m.max(h)));
+        println!();
+        println!(
+            "The machines' own page faults of the host, per guest fault (the simulator's cost): {least:.2}-{most:.2}"
+        );
         if populated {
             density_ratio(&daemon);
         }

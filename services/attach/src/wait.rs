@@ -221,16 +221,8 @@ fn runnable_in_loadavg(text: &str) -> Option<u32> {
 /// This thread's involuntary context switches so far: a rise while it spun
 /// means another runnable thread wanted its CPU.
 pub fn involuntary_switches() -> u64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a `struct rusage` to the pointer, which is
-    // valid and large enough for one; RUSAGE_THREAD needs nothing else.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
-    if rc != 0 {
-        return 0;
-    }
-    // SAFETY: the call succeeded and filled the struct (it was zeroed first
-    // in any case, and every field is a plain integer).
-    unsafe { usage.assume_init() }.ru_nivcsw as u64
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |usage| usage.involuntary_context_switches() as u64)
 }
 
 /// Where a [`Waiter`] looks for other threads wanting the CPUs.

@@ -18,7 +18,7 @@ use hyp_core::ring::{Consumer, Producer, Record, RingError, RingKind, SharedRegi
 use hyp_core::stage2::{AccessFlagUpdate, Geometry, LinearMap};
 use hyp_core::vm::{Completion, Taken, Vm};
 use serde::Serialize;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::layout::{
     rom_byte, Layout, RAM_PA, RINGS_PA, RING_ENTRIES, ROM_GPA, ROM_PA, ROOT_RESERVE, TABLES_PA, TABLES_SIZE,
@@ -121,6 +121,10 @@ pub struct Summary {
     pub tlb_misses: u64,
     /// Wall time of the workload, ms.
     pub run_ms: u64,
+    /// Page faults this process took on the host during the workload: the
+    /// simulator's own cost (its memory, and guest pages first touched
+    /// after the daemon allocated them), not the guest's.
+    pub host_page_faults: u64,
     /// RAM is hugetlb-backed.
     pub ram_hugetlb: bool,
     /// The MMU set access flags itself (`--hardware-access-flag`).
@@ -309,6 +313,16 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     }
     let session = Session::attach(&config.attach_socket, request, fds, config.reattach_deadline)?;
     info!(vm = config.vm_id, vcpus = n, "attached");
+    for w in [phys.window(ram), phys.window(rom)] {
+        // What the daemon populated at the attach, and what the machine
+        // wrote before it, are the machine's memory from the start.
+        match w.map_data() {
+            Ok(bytes) => debug!(window = w.name, bytes, "mapped the pages that hold data"),
+            Err(e) => {
+                warn!(window = w.name, cause = %e, "mapping the pages that hold data failed; they fault on first access")
+            }
+        }
+    }
 
     // Run.
     let stop = AtomicBool::new(false);
@@ -367,6 +381,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             hold(format_args!("holding before the run"));
         }
         let started = Instant::now();
+        let host_faults_before = host_page_faults();
         let mut results = Vec::new();
         let mut phase_longest = Vec::new();
         for phase in 0..workload.phases() {
@@ -389,6 +404,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             }
         }
         let run_ms = started.elapsed().as_millis() as u64;
+        let host_faults = host_page_faults().saturating_sub(host_faults_before);
         if config.hold_before_detach && !stop.load(Ordering::Acquire) {
             hold(format_args!("holding before detach"));
         }
@@ -407,9 +423,9 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
             .and_then(|()| session.detach_with(|| gate.resume()).context("detaching"));
         gate.end(&shared, n);
         let _ = control.join();
-        (results, detached, phase_longest, run_ms)
+        (results, detached, phase_longest, run_ms, host_faults)
     });
-    let (results, detached, phase_longest, run_ms) = results;
+    let (results, detached, phase_longest, run_ms, host_page_faults) = results;
     let (phase_longest_fault_ns, phase_slowest_fault) = phase_longest.into_iter().unzip();
     let reply = detached?;
     // What the daemon's records must agree with: the core's tables, as
@@ -430,6 +446,7 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         tlb_hits: 0,
         tlb_misses: 0,
         run_ms,
+        host_page_faults,
         ram_hugetlb: phys.window(ram).hugetlb,
         hardware_access_flag: regs.hardware_access_flag(),
         detach: None,
@@ -689,6 +706,12 @@ fn stdin_lines() -> std::sync::Arc<AtomicU64> {
         counted.store(u64::MAX, Ordering::Release);
     });
     lines
+}
+
+/// Page faults this process has taken on the host so far.
+fn host_page_faults() -> u64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| (u.minor_page_faults() + u.major_page_faults()) as u64)
 }
 
 /// Says `what` on stderr (where a driver waits for it) and waits for a

@@ -5,6 +5,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use faultline_attach::shm::{data_segments, MappedRegion};
 use memfd::{FileSeal, HugetlbSize, Memfd, MemfdOptions};
 
+/// The host's base page.
+const PAGE: u64 = 4096;
+
 /// One PA window backed by a memfd.
 #[derive(Debug)]
 pub struct Window {
@@ -70,6 +73,27 @@ impl Window {
     /// allocate it). A file system that cannot tell gives the whole window.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
         data_segments(self.memfd.as_file(), 0, self.size).unwrap_or_else(|_| vec![(0, self.size)])
+    }
+
+    /// Maps the window's pages that hold data into this process now, so
+    /// that the machine's accesses to them take no page fault of the host:
+    /// a real machine's memory has no host page tables to fill in, and a
+    /// fault of the simulator's own is not the guest's cost. Holes stay
+    /// holes (the daemon fills them). A hugetlb window is left alone: a
+    /// hugetlbfs file cannot tell its holes, and a fault per 2 MiB is not
+    /// worth allocating the whole window for.
+    pub fn map_data(&self) -> nix::Result<u64> {
+        if self.hugetlb {
+            return Ok(0);
+        }
+        let page = |at: u64| at / PAGE * PAGE;
+        let mut mapped = 0;
+        for (from, to) in self.data_ranges() {
+            let (from, to) = (page(from), page(to + PAGE - 1).min(self.size));
+            self.map.populate(from, to - from)?;
+            mapped += to - from;
+        }
+        Ok(mapped)
     }
 
     /// The memfd, to pass to the daemon.

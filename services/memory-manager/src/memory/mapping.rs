@@ -275,10 +275,15 @@ impl MappingState {
         self.populated[region].clear_range(offset / PAGE_SIZE, len.div_ceil(PAGE_SIZE))
     }
 
-    /// Faults in every page of every non-device guest region of `layout` now.
+    /// Faults in every page of every non-device guest region of `layout`
+    /// now, as a guest that had touched all its memory would have: each
+    /// page is allocated and written (zeros where it had no contents), so
+    /// it reads as data to anyone, not as a page only reserved (fallocate
+    /// on shmem), whose zeroing the next access would pay.
     pub fn populate_all(&self, layout: &VmLayout) -> Result<(), FillError> {
         for (i, r) in layout.regions.iter().enumerate().filter(|(_, r)| !r.device) {
             r.fill(0, r.size)?;
+            r.map.populate(0, r.size)?;
             self.mark_populated(i, 0, r.size);
         }
         Ok(())
@@ -644,6 +649,24 @@ mod tests {
         m.seed_populated(&layout).unwrap();
         let populated: Vec<u64> = (0..2048).filter(|&p| m.is_populated(0, p * 4096, 4096)).collect();
         assert_eq!(populated, [3, 100, 101, 102]);
+    }
+
+    #[test]
+    fn a_populated_guest_holds_data_in_every_page_and_keeps_what_it_had() {
+        use std::os::unix::fs::FileExt;
+        let (layout, m) = state(4096);
+        let region = &layout.regions[0];
+        region.memfd.as_file().write_all_at(&[9; 4096], 5 * 4096).unwrap();
+        m.populate_all(&layout).unwrap();
+        // Written, not only reserved: a reader of the backing (the machine,
+        // a re-attach's seeding) sees data everywhere, and the bits agree.
+        assert_eq!(region.data_ranges().unwrap(), Some(vec![(0, region.size)]));
+        assert!(m.is_populated(0, 0, region.size));
+        let mut page = [0u8; 4096];
+        region.memfd.as_file().read_exact_at(&mut page, 5 * 4096).unwrap();
+        assert_eq!(page, [9; 4096]);
+        region.memfd.as_file().read_exact_at(&mut page, 6 * 4096).unwrap();
+        assert_eq!(page, [0; 4096]);
     }
 
     #[test]
