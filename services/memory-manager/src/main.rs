@@ -82,7 +82,8 @@ struct Args {
     /// Policy services: heartbeat interval, ms (overrides the file).
     #[arg(long)]
     policy_heartbeat_ms: Option<u64>,
-    /// Populate all guest memory at attach (overrides the file).
+    /// Populate all guest memory at attach: every page allocated and written
+    /// (zeros) before the first fault (overrides the file).
     #[arg(long)]
     prefault: bool,
     /// How new swap stores keep reclaimed pages: none or lz4 (overrides the
