@@ -79,16 +79,16 @@ impl Window {
     /// that the machine's accesses to them take no page fault of the host:
     /// a real machine's memory has no host page tables to fill in, and a
     /// fault of the simulator's own is not the guest's cost. Holes stay
-    /// holes (the daemon fills them). A hugetlb window is left alone: a
-    /// hugetlbfs file cannot tell its holes, and a fault per 2 MiB is not
-    /// worth allocating the whole window for.
-    pub fn map_data(&self) -> nix::Result<u64> {
+    /// holes (the daemon fills them), and a window that cannot tell its
+    /// holes is left alone rather than allocated whole: hugetlbfs calls
+    /// every byte data, and a fault per 2 MiB is not worth it.
+    pub fn map_data(&self) -> std::io::Result<u64> {
         if self.hugetlb {
             return Ok(0);
         }
         let page = |at: u64| at / PAGE * PAGE;
         let mut mapped = 0;
-        for (from, to) in self.data_ranges() {
+        for (from, to) in data_segments(self.memfd.as_file(), 0, self.size)? {
             let (from, to) = (page(from), page(to + PAGE - 1).min(self.size));
             self.map.populate(from, to - from)?;
             mapped += to - from;
@@ -154,5 +154,23 @@ impl PhysMemory {
     pub fn store(&self, pa: u64, size: u8, value: u64) -> Option<()> {
         let w = self.find(pa, size as u64)?;
         w.map.store(pa - w.pa_base, size, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn mapping_the_data_of_a_window_maps_its_data_and_leaves_its_holes() {
+        let w = Window::create("test", 0x4000_0000, 1 << 30, PAGE).unwrap();
+        w.memfd.as_file().write_all_at(&[5; 3 * PAGE as usize], 100 * PAGE).unwrap();
+        w.memfd.as_file().write_all_at(&[6], (1 << 30) - 1).unwrap();
+        assert_eq!(w.map_data().unwrap(), 4 * PAGE);
+        // Nothing allocated: the same data, the rest still holes.
+        assert_eq!(w.data_ranges(), [(100 * PAGE, 103 * PAGE), ((1 << 30) - PAGE, 1 << 30)]);
+        assert_eq!(w.map.read_u8(101 * PAGE), Some(5));
+        assert_eq!(w.map.read_u8((1 << 30) - 1), Some(6));
     }
 }
