@@ -556,6 +556,99 @@ fn set_thread_cpus(set: &libc::cpu_set_t) {
     assert_eq!(rc, 0, "sched_setaffinity");
 }
 
+/// A CPU cgroup a test or bench made (in the hierarchy that holds the cpu
+/// controller), as systemd makes one per service or VM; removed when
+/// dropped, once the processes in it have exited (drop children before
+/// their parent).
+#[derive(Debug)]
+pub struct CpuGroup {
+    path: PathBuf,
+    /// The hierarchy's root (where it is mounted).
+    root: PathBuf,
+    /// On the unified (v2) hierarchy.
+    unified: bool,
+    /// Made by this value, so removed with it.
+    made: bool,
+}
+
+impl CpuGroup {
+    /// A new group `name` under the hierarchy's root, or `None` where this
+    /// process may not make one (not root, or no hierarchy with the cpu
+    /// controller mounted).
+    pub fn make(name: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let (root, unified) = mountinfo.lines().find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mut fs = fs.split_whitespace();
+            let (fstype, options) = (fs.next()?, fs.nth(1)?);
+            let point = PathBuf::from(mount.split_whitespace().nth(4)?);
+            match fstype {
+                "cgroup" if options.split(',').any(|o| o == "cpu") => Some((point, false)),
+                "cgroup2" if std::fs::read_to_string(point.join("cgroup.controllers")).ok()?.contains("cpu") => {
+                    Some((point, true))
+                }
+                _ => None,
+            }
+        })?;
+        if unified {
+            // Children of the root are groups of the CPU scheduler only once
+            // the root hands them the controller.
+            std::fs::write(root.join("cgroup.subtree_control"), "+cpu").ok()?;
+        }
+        let path = root.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&path).ok()?;
+        Some(Self { path, root, unified, made: true })
+    }
+
+    /// A new group `name` inside this one.
+    pub fn child(&self, name: &str) -> Self {
+        if self.unified {
+            std::fs::write(self.path.join("cgroup.subtree_control"), "+cpu").expect("handing the cpu controller down");
+        }
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("making {}: {e}", path.display()));
+        Self { path, root: self.root.clone(), unified: self.unified, made: true }
+    }
+
+    /// The hierarchy's root group, which holds every other.
+    pub fn root(&self) -> Self {
+        Self { path: self.root.clone(), root: self.root.clone(), unified: self.unified, made: false }
+    }
+
+    /// Moves process `pid` (every thread of it) into the group.
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", self.path.display()));
+    }
+
+    /// `cmd`, run so that it enters the group before it starts (through
+    /// `sh`, which moves itself in and execs the program).
+    pub fn wrap(&self, cmd: &Command) -> Command {
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs"));
+        sh.arg(cmd.get_program()).args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => sh.env(key, v),
+                None => sh.env_remove(key),
+            };
+        }
+        sh
+    }
+}
+
+impl Drop for CpuGroup {
+    fn drop(&mut self) {
+        // Children are dropped first (made after their parent).
+        if self.made {
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{cpus_in, describes_the_test_package, on_cpus, thread_cpus};
