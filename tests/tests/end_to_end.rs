@@ -2,7 +2,7 @@
 //! machine binary. Guest memory and fault counts are checked against a flat
 //! replay of the same workload.
 
-use faultline_system_tests::{machine, on_cpus, run_machine, CpuGroup, Daemon, HeldMachine};
+use faultline_system_tests::{machine, on_cpus, run_machine, Daemon, HeldMachine};
 use serde_json::Value;
 use sim_machine::layout::{Layout, ROM_GPA};
 use sim_machine::workload::{generate, replay_flat, FlatReplay, Pattern, Workload};
@@ -228,31 +228,6 @@ fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_runs_on_other_cpus() {
     assert_eq!(configured, 4, "the daemon on CPU 0 alone: the vCPUs pass the CPU before sleeping");
     let sharing = Daemon::start(&["--policy", "4k"]);
     assert_eq!(passes(&sharing), (0, 0), "the daemon may run on the machine's CPU: the vCPUs sleep");
-}
-
-#[test]
-fn waiting_vcpus_pass_the_cpu_when_the_daemon_is_in_a_cpu_cgroup_beside_theirs() {
-    // As systemd runs them: the daemon's service and each VM in a group of
-    // its own, the scheduler sharing time between groups first.
-    let Some(groups) = CpuGroup::make("faultline-test") else {
-        eprintln!("skipped: making a CPU cgroup needs root and a hierarchy with the cpu controller");
-        return;
-    };
-    let (daemons, vms) = (groups.child("daemon"), groups.child("vm"));
-    let daemon = Daemon::start(&["--policy", "4k"]);
-    daemons.add(daemon.pid());
-    // More vCPUs than this machine has CPUs.
-    let vcpus = 2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u32) + 2;
-    let l = layout(vcpus);
-    let flat = replay_flat(&l, &generate(Pattern::Random, &l, 300, 42));
-    let passes = |group: &CpuGroup| {
-        let summary = run_machine(group.wrap(&random_machine(&daemon, 1, vcpus, 300)));
-        check(&summary, &flat, false);
-        summary["wait_passes"].as_u64().unwrap()
-    };
-    assert_eq!(passes(&vms), 4, "a group beside the daemon's: the vCPUs pass the CPU before sleeping");
-    assert_eq!(passes(&daemons), 0, "the daemon's own group: its thread is one among the vCPUs'");
-    assert_eq!(passes(&groups.root()), 0, "the root, which holds the daemon's group: one among the vCPUs");
 }
 
 #[test]

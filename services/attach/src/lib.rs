@@ -12,7 +12,6 @@
 //! machines also keep their VM's connection with its [`session`].
 
 pub mod doorbell;
-pub mod placement;
 pub mod session;
 pub mod shm;
 mod socket;

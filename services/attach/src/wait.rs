@@ -157,18 +157,16 @@ const VCPU_PASSES: u32 = 4;
 /// How many times the waiters of a machine's `vcpus` vCPU threads pass
 /// the CPU to other threads before sleeping (see [`Waiter::passing`]):
 /// some when they outnumber the CPUs this process has and the daemon
-/// answering them is scheduled apart from them (`daemon_apart`, see
-/// [`crate::placement::daemon_apart`]: on other CPUs, or in a CPU cgroup
-/// of its own), else none.
+/// answering them runs on none of those CPUs (`daemon_apart`, see
+/// [`cpus_apart_from`]), else none.
 ///
 /// Then a waiting vCPU that lets the others run finds its answer on its
 /// return, and neither the daemon (a futex wake, a few microseconds in a
-/// VM) nor the vCPU (a sleep) pays for a wake-up. Where the daemon's
-/// thread competes with the vCPU threads one for one (the same CPUs, the
-/// same CPU cgroup or one an ancestor of the other), vCPUs that stay
-/// runnable would take its turns: measured on 2 cores, 64 vCPUs passing
-/// ran twice the faults a second but the daemon's thread was held off for
-/// a time slice at a time (p99 4 ms instead of 0.8), so there they sleep.
+/// VM) nor the vCPU (a sleep) pays for a wake-up. Where the daemon shares
+/// the vCPUs' CPUs, vCPUs that stay runnable would take its turns:
+/// measured on 2 cores, 64 vCPUs passing ran 20-35% more faults a second
+/// but the daemon's thread was held off for a time slice at a time (p99
+/// 4 ms instead of 0.8), so there they sleep.
 pub fn vcpu_passes(vcpus: u32, daemon_apart: bool) -> u32 {
     passes_for(vcpus, process_cpus(), daemon_apart)
 }
@@ -180,6 +178,23 @@ fn passes_for(vcpus: u32, cpus: u32, daemon_apart: bool) -> u32 {
     } else {
         0
     }
+}
+
+/// Whether process `pid` may run only on CPUs this thread may not (their
+/// affinity masks share none): a daemon on cores set apart from this
+/// machine's. `false` where either mask cannot be read, and for pid 0 (a
+/// peer in another pid namespace shows as 0).
+pub fn cpus_apart_from(pid: i32) -> bool {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    if pid <= 0 {
+        return false;
+    }
+    let (Ok(theirs), Ok(ours)) = (sched_getaffinity(Pid::from_raw(pid)), sched_getaffinity(Pid::from_raw(0))) else {
+        return false;
+    };
+    let both = |cpu| theirs.is_set(cpu).unwrap_or(false) && ours.is_set(cpu).unwrap_or(false);
+    !(0..CpuSet::count()).any(both)
 }
 
 /// [`vcpu_spin_polls`] for a process with `cpus` CPUs.
@@ -651,5 +666,37 @@ mod tests {
         assert_eq!(passes_for(64, 2, true), VCPU_PASSES);
         assert_eq!(passes_for(2, 2, true), 0, "a CPU each: they spin");
         assert_eq!(passes_for(64, 2, false), 0, "the daemon shares the CPUs: they would take its turns");
+    }
+
+    #[test]
+    fn a_process_on_other_cpus_is_apart_and_one_sharing_a_cpu_is_not() {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        assert!(!cpus_apart_from(std::process::id() as i32), "this process shares its own CPUs");
+        assert!(!cpus_apart_from(0), "pid 0 (a peer in another pid namespace) is unknown");
+        let mine = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let cpus: Vec<usize> = (0..CpuSet::count()).filter(|&c| mine.is_set(c).unwrap()).collect();
+        let [a, b, ..] = cpus[..] else {
+            eprintln!("skipped the apart case: this thread may run on one CPU only");
+            return;
+        };
+        let one = |cpu| {
+            let mut set = CpuSet::new();
+            set.set(cpu).unwrap();
+            set
+        };
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        sched_setaffinity(pid, &one(b)).unwrap();
+        // This thread on CPU a, the other process on CPU b: apart.
+        sched_setaffinity(Pid::from_raw(0), &one(a)).unwrap();
+        let apart = cpus_apart_from(pid.as_raw());
+        // Both may run on b: not apart.
+        sched_setaffinity(Pid::from_raw(0), &mine).unwrap();
+        let sharing = cpus_apart_from(pid.as_raw());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(apart, "CPU {a} against CPU {b}");
+        assert!(!sharing, "both may run on CPU {b}");
     }
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::placement::{daemon_apart, Apart};
-use faultline_attach::wait::{vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
+use faultline_attach::wait::{cpus_apart_from, vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
@@ -336,15 +335,10 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     }
     let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
     // As the daemon stood at the attach (one that takes the VM over later
-    // on other cores, or in another cgroup, does not change it).
-    let apart = session.daemon_pid().and_then(daemon_apart);
-    let passes = vcpu_passes(n, apart.is_some());
+    // on other cores does not change it).
+    let passes = vcpu_passes(n, session.daemon_pid().is_some_and(cpus_apart_from));
     if passes > 0 {
-        let how = match apart {
-            Some(Apart::Cpus) => "runs on other CPUs",
-            _ => "is in a CPU cgroup of its own",
-        };
-        info!(vcpus = n, "the daemon {how}: a waiting vCPU lets the others run before it sleeps");
+        info!(vcpus = n, "the daemon runs on other CPUs: a waiting vCPU lets the others run before it sleeps");
     }
     let epoch = Instant::now();
     let waits = WaitCounts::default();
