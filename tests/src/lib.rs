@@ -9,6 +9,7 @@ use std::process::{Child, ChildStderr, ChildStdin, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -520,12 +521,10 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
     let before = thread_cpus();
     let allowed = cpus_in(&before);
-    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let mut held: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut held = CpuSet::new();
     for i in cpus {
         let cpu = *allowed.get(i).unwrap_or_else(|| panic!("CPU #{i}: this thread may run on {allowed:?} only"));
-        // SAFETY: `cpu` came from a set of this size.
-        unsafe { libc::CPU_SET(cpu, &mut held) };
+        held.set(cpu).expect("a CPU of the thread's own set");
     }
     set_thread_cpus(&held);
     let result = f();
@@ -534,26 +533,18 @@ pub fn on_cpus<T>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T) -> T {
 }
 
 /// The CPUs the calling thread may run on.
-fn thread_cpus() -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    assert_eq!(rc, 0, "sched_getaffinity");
-    set
+fn thread_cpus() -> CpuSet {
+    sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity")
 }
 
 /// The CPUs in `set`, lowest first.
-fn cpus_in(set: &libc::cpu_set_t) -> Vec<usize> {
-    // SAFETY: CPU_ISSET reads one bit of the set; `c` is below its size.
-    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, set) }).collect()
+fn cpus_in(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect()
 }
 
 /// Holds the calling thread to `set`.
-fn set_thread_cpus(set: &libc::cpu_set_t) {
-    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
-    assert_eq!(rc, 0, "sched_setaffinity");
+fn set_thread_cpus(set: &CpuSet) {
+    sched_setaffinity(Pid::from_raw(0), set).expect("sched_setaffinity");
 }
 
 #[cfg(test)]
