@@ -2,6 +2,7 @@
 //! machine binary. Guest memory and fault counts are checked against a flat
 //! replay of the same workload.
 
+use faultline_attach::priority::service_threads_weighted;
 use faultline_system_tests::{machine, on_cpus, run_machine, Daemon, HeldMachine};
 use serde_json::Value;
 use sim_machine::layout::{Layout, ROM_GPA};
@@ -210,7 +211,7 @@ fn sixty_four_vcpus_served_by_two_threads_match_the_flat_replay() {
 }
 
 #[test]
-fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_runs_on_other_cpus() {
+fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_keeps_its_turns() {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         eprintln!("skipped: the daemon and the machine need a CPU each");
         return;
@@ -223,11 +224,22 @@ fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_runs_on_other_cpus() {
         check(&summary, &flat, false);
         (summary["wait_passes"].as_u64().unwrap(), summary["waits"]["passed"].as_u64().unwrap())
     };
-    let apart = on_cpus(0..1, || Daemon::start(&["--policy", "4k"]));
+    let plain = ["--policy", "4k", "--service-nice", "0"];
+    let apart = on_cpus(0..1, || Daemon::start(&plain));
     let (configured, _) = passes(&apart);
     assert_eq!(configured, 4, "the daemon on CPU 0 alone: the vCPUs pass the CPU before sleeping");
-    let sharing = Daemon::start(&["--policy", "4k"]);
-    assert_eq!(passes(&sharing), (0, 0), "the daemon may run on the machine's CPU: the vCPUs sleep");
+    let sharing = Daemon::start(&plain);
+    assert_eq!(passes(&sharing), (0, 0), "an ordinary daemon on the machine's CPU: the vCPUs sleep");
+    // By default the service threads are weighted above the vCPUs' (nice
+    // -10), where the daemon may raise them (CAP_SYS_NICE).
+    let weighted = Daemon::start(&["--policy", "4k"]);
+    let (configured, _) = passes(&weighted);
+    if weighted.log().contains("service threads stay at the daemon's priority") {
+        assert_eq!(configured, 0, "not weighted after all: the vCPUs sleep");
+    } else {
+        assert!(service_threads_weighted(weighted.pid() as i32), "service threads at nice -10");
+        assert_eq!(configured, 4, "weighted service threads keep their turns: the vCPUs pass");
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! machines also keep their VM's connection with its [`session`].
 
 pub mod doorbell;
+pub mod priority;
 pub mod session;
 pub mod shm;
 mod socket;

@@ -157,16 +157,18 @@ const VCPU_PASSES: u32 = 4;
 /// How many times the waiters of a machine's `vcpus` vCPU threads pass
 /// the CPU to other threads before sleeping (see [`Waiter::passing`]):
 /// some when they outnumber the CPUs this process has and the daemon
-/// answering them runs on none of those CPUs (`daemon_apart`, see
-/// [`cpus_apart_from`]), else none.
+/// answering them keeps its turns (`daemon_apart`): it runs on none of
+/// those CPUs ([`cpus_apart_from`]) or its service threads are weighted
+/// above the vCPU threads
+/// ([`crate::priority::service_threads_weighted`]); else none.
 ///
 /// Then a waiting vCPU that lets the others run finds its answer on its
 /// return, and neither the daemon (a futex wake, a few microseconds in a
-/// VM) nor the vCPU (a sleep) pays for a wake-up. Where the daemon shares
-/// the vCPUs' CPUs, vCPUs that stay runnable would take its turns:
-/// measured on 2 cores, 64 vCPUs passing ran 20-35% more faults a second
-/// but the daemon's thread was held off for a time slice at a time (p99
-/// 4 ms instead of 0.8), so there they sleep.
+/// VM) nor the vCPU (a sleep) pays for a wake-up. Where an ordinary
+/// daemon thread shares the vCPUs' CPUs, vCPUs that stay runnable would
+/// take its turns: measured on 2 cores, 64 vCPUs passing ran twice the
+/// faults a second but the daemon's thread was held off for a time slice
+/// at a time (p99 2-4 ms instead of 0.6-0.8), so there they sleep.
 pub fn vcpu_passes(vcpus: u32, daemon_apart: bool) -> u32 {
     passes_for(vcpus, process_cpus(), daemon_apart)
 }

@@ -49,6 +49,11 @@ struct Args {
     /// polls (0: never spin; the window adapts below it; overrides the file).
     #[arg(long)]
     spin_polls: Option<u32>,
+    /// The service threads' nice value, -20 to 19 (default -10: they keep
+    /// their turns against vCPU threads that pass the CPU; needs
+    /// CAP_SYS_NICE; overrides the file).
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    service_nice: Option<i32>,
     /// Threads serving the fault rings of every VM (default: one per core
     /// the daemon may run on; overrides the file).
     #[arg(long)]
@@ -144,6 +149,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.spin_polls {
         config.spin_polls = v;
+    }
+    if let Some(v) = args.service_nice {
+        config.service_nice = v;
     }
     if let Some(v) = args.service_threads {
         config.service_threads = v;

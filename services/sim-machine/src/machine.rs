@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
+use faultline_attach::priority::service_threads_weighted;
 use faultline_attach::wait::{cpus_apart_from, vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
@@ -334,11 +335,15 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
         info!(vcpus = n, "the vCPUs outnumber this process's CPUs: their waits sleep without spinning");
     }
     let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
-    // As the daemon stood at the attach (one that takes the VM over later
-    // on other cores does not change it).
-    let passes = vcpu_passes(n, session.daemon_pid().is_some_and(cpus_apart_from));
+    // As the daemon stood at the attach (one that takes the VM over later,
+    // placed or weighted otherwise, does not change it).
+    let daemon = session.daemon_pid();
+    let apart = daemon.is_some_and(cpus_apart_from);
+    let weighted = daemon.is_some_and(service_threads_weighted);
+    let passes = vcpu_passes(n, apart || weighted);
     if passes > 0 {
-        info!(vcpus = n, "the daemon runs on other CPUs: a waiting vCPU lets the others run before it sleeps");
+        let why = if apart { "runs on other CPUs" } else { "weights its service threads above the vCPUs" };
+        info!(vcpus = n, "the daemon {why}: a waiting vCPU lets the others run before it sleeps");
     }
     let epoch = Instant::now();
     let waits = WaitCounts::default();

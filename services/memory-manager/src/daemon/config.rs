@@ -73,6 +73,12 @@ pub struct Config {
     /// services that block (0: all of them when the daemon's cores are set
     /// apart, one fewer when it may run on every CPU, beside the vCPUs).
     pub serving_threads: usize,
+    /// The service threads' nice value: below 0 they claim more of the
+    /// CPU than a vCPU thread, and the machines' vCPUs that outnumber the
+    /// cores pass the CPU instead of sleeping (at
+    /// [`faultline_attach::priority::PASSING_NICE`] or below). Needs
+    /// CAP_SYS_NICE; without it they run at the daemon's own.
+    pub service_nice: i32,
     /// Log format.
     pub log_format: LogFormat,
     /// tracing-subscriber filter, e.g. "info" or "memory_manager=debug".
@@ -181,6 +187,7 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
             policy: PolicyKind::Default,
             spin_polls: 20_000,
+            service_nice: faultline_attach::priority::PASSING_NICE,
             service_threads: 0,
             serving_threads: 0,
             log_format: LogFormat::Text,

@@ -47,7 +47,8 @@ impl Daemon {
         // asked for (reconnecting or not).
         policies.resume();
         let wait = WaitPolicy { spin_polls: config.spin_polls, sleep_slice: std::time::Duration::from_millis(500) };
-        let pool = Arc::new(ServicePool::start(config.service_threads(), config.serving_threads(), wait)?);
+        let (threads, serving) = (config.service_threads(), config.serving_threads());
+        let pool = Arc::new(ServicePool::start_weighted(threads, serving, wait, config.service_nice)?);
         let sources = Sources {
             lifecycle: Lifecycle {
                 recovered_after_crash: running.predecessor_crashed && config.takeover_from.is_none(),
@@ -111,8 +112,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         socket = %daemon.config().attach_socket.display(),
         service_threads = daemon.sources.pool.threads(),
         serving_threads = daemon.sources.pool.serving_limit(),
+        service_nice = daemon.config().service_nice,
         "memory-manager starting"
     );
+    if let Some(e) = daemon.sources.pool.weighting() {
+        tracing::warn!(
+            service_nice = daemon.config().service_nice,
+            cause = %e,
+            "service threads stay at the daemon's priority (raising it needs CAP_SYS_NICE): \
+             vCPUs that outnumber the cores sleep rather than pass the CPU"
+        );
+    }
     if let Some(adj) = daemon.config().oom_score_adj {
         if let Err(e) = oom::set_oom_score_adj(adj) {
             tracing::warn!(oom_score_adj = adj, cause = %e, "cannot set the daemon's oom_score_adj (needs CAP_SYS_RESOURCE to lower it)");

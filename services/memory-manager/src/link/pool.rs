@@ -37,6 +37,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use faultline_attach::doorbell::{self, futex_wait_any, sleep_on, wake_one, wake_word, DoorbellWord, WaitPolicy};
+use faultline_attach::priority::{set_thread_nice, this_thread_id, SERVICE_THREAD};
 use faultline_attach::wait::{WaitCounts, WaitSplit, Waiter};
 use hyp_core::ring::{RingError, RingView};
 use tracing::{error, warn};
@@ -163,6 +164,10 @@ struct Shared {
 pub struct ServicePool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The threads' ids (to weigh them).
+    thread_ids: Vec<i32>,
+    /// Why weighing them failed, if it did.
+    weighting: Option<std::io::Error>,
 }
 
 /// The VM's services while they are lent to the pool.
@@ -195,6 +200,28 @@ impl ServicePool {
     /// `policy.spin_polls` ring polls, and idle ones sleep at most
     /// `policy.sleep_slice` when no doorbell rings.
     pub fn start(threads: usize, serving: usize, policy: WaitPolicy) -> std::io::Result<Self> {
+        Self::start_weighted(threads, serving, policy, 0)
+    }
+
+    /// [`Self::start`], each service thread at nice value `nice` (below 0:
+    /// more of the CPU than a vCPU thread, see
+    /// [`faultline_attach::priority`]). Where the daemon may not raise
+    /// their priority (no CAP_SYS_NICE) they run at its own, and
+    /// [`Self::weighting`] says why.
+    pub fn start_weighted(threads: usize, serving: usize, policy: WaitPolicy, nice: i32) -> std::io::Result<Self> {
+        let mut pool = Self::start_with(threads, serving, policy)?;
+        if nice != 0 {
+            pool.weighting = pool.thread_ids.iter().try_for_each(|&tid| set_thread_nice(tid, nice)).err();
+        }
+        Ok(pool)
+    }
+
+    /// Why the service threads could not be weighted, if they could not.
+    pub fn weighting(&self) -> Option<&std::io::Error> {
+        self.weighting.as_ref()
+    }
+
+    fn start_with(threads: usize, serving: usize, policy: WaitPolicy) -> std::io::Result<Self> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             members: RwLock::new(Vec::new()),
@@ -208,13 +235,22 @@ impl ServicePool {
             policy,
             waits: WaitCounts::default(),
         });
+        let count = threads;
+        let (ids, id_of) = std::sync::mpsc::channel();
         let threads = (0..threads)
             .map(|i| {
                 let shared = shared.clone();
-                std::thread::Builder::new().name(format!("fault-service-{i}")).spawn(move || work(&shared, i))
+                let ids = ids.clone();
+                std::thread::Builder::new().name(format!("{SERVICE_THREAD}-{i}")).spawn(move || {
+                    let _ = ids.send(this_thread_id());
+                    drop(ids);
+                    work(&shared, i)
+                })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self { shared, threads })
+        drop(ids);
+        let thread_ids = id_of.iter().take(count).collect();
+        Ok(Self { shared, threads, thread_ids, weighting: None })
     }
 
     /// Service threads.
@@ -1303,5 +1339,23 @@ mod tests {
             assert_eq!(pool.shared.parked.load(Ordering::Acquire), 1);
             done.store(true, Ordering::Release);
         });
+    }
+
+    #[test]
+    fn weighted_service_threads_run_at_the_nice_value_asked_for_or_say_why_not() {
+        let pool = ServicePool::start_weighted(2, 1, policy(0), -5).unwrap();
+        let me = std::process::id() as i32;
+        let nice: Vec<Option<i32>> =
+            pool.thread_ids.iter().map(|&tid| faultline_attach::priority::nice_of(me, tid)).collect();
+        match pool.weighting() {
+            None => assert_eq!(nice, [Some(-5), Some(-5)]),
+            Some(e) => {
+                assert!(matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)), "{e}");
+                eprintln!("not weighted here: {e}");
+            }
+        }
+        let plain = ServicePool::start(1, 1, policy(0)).unwrap();
+        assert!(plain.weighting().is_none());
+        assert_eq!(faultline_attach::priority::nice_of(me, plain.thread_ids[0]), Some(0));
     }
 }
