@@ -509,9 +509,8 @@ fn main() {
         if populated {
             args.push("--prefault");
         }
-        // Warmed, as the size rows' daemons are: the first row after a
-        // daemon's start measured a 1-vCPU p50 of 1.16-1.17 us in three
-        // runs of four (what a daemon does once), 0.59 warmed.
+        // Warmed, as the size rows' daemons are: what a daemon does once
+        // is not in the first row.
         let daemon = warm_daemon(&args, "4");
         let mut host_faults = Vec::new();
         for (vms, vcpus) in shapes {
