@@ -12,7 +12,7 @@ pub const SERVICE_THREAD: &str = "fault-service";
 /// The nice value at or below which service threads keep their turns
 /// against vCPU threads that pass the CPU. Measured on 2 cores (64 vCPUs
 /// in one VM or 8 x 8 passing; docs/performance.md): at nice 0 the service
-/// thread was held off a time slice at a time (p99 2.1-2.6 ms), at -10
+/// thread was held off a time slice at a time (p99 1.2-2.6 ms), at -10
 /// (weight 9548 against 1024) 128-243 us.
 pub const PASSING_NICE: i32 = -10;
 
