@@ -2,7 +2,7 @@
 //! machine binary. Guest memory and fault counts are checked against a flat
 //! replay of the same workload.
 
-use faultline_attach::priority::service_threads_weighted;
+use faultline_attach::priority::{service_threads_weighted, set_thread_nice, this_thread_id, PASSING_NICE};
 use faultline_system_tests::{machine, on_cpus, run_machine, Daemon, HeldMachine};
 use serde_json::Value;
 use sim_machine::layout::{Layout, ROM_GPA};
@@ -237,8 +237,20 @@ fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_keeps_its_turns() {
     if weighted.log().contains("service threads stay at the daemon's priority") {
         assert_eq!(configured, 0, "not weighted after all: the vCPUs sleep");
     } else {
-        assert!(service_threads_weighted(weighted.pid() as i32), "service threads at nice -10");
+        assert!(service_threads_weighted(weighted.pid() as i32, 0), "service threads at nice -10");
         assert_eq!(configured, 4, "weighted service threads keep their turns: the vCPUs pass");
+        // A VMM that raises its vCPU threads as high takes those turns
+        // again: the weight is relative to the vCPUs'. The machine starts
+        // at its spawning thread's nice.
+        let raised = std::thread::scope(|s| {
+            s.spawn(|| {
+                set_thread_nice(this_thread_id(), PASSING_NICE).unwrap();
+                passes(&weighted)
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(raised, (0, 0), "vCPUs at the service threads' nice: they sleep");
     }
 }
 

@@ -4,17 +4,26 @@
 //! a weight in the fair scheduler several threads' worth), and a machine
 //! reads it to decide whether its waiting vCPUs may pass the CPU to each
 //! other instead of sleeping ([`crate::wait::vcpu_passes`]): vCPU threads
-//! that stay runnable take an ordinary thread's turns, not a weighted one's.
+//! that stay runnable take their own weight's turns, not a weighted
+//! thread's. The weight is relative: the service threads must sit
+//! [`PASSING_MARGIN`] nice steps below the vCPU threads, whatever nice the
+//! VMM runs those at.
 
 /// The name the daemon gives its service threads (`fault-service-N`).
 pub const SERVICE_THREAD: &str = "fault-service";
 
-/// The nice value at or below which service threads keep their turns
-/// against vCPU threads that pass the CPU. Measured on 2 cores (64 vCPUs
-/// in one VM or 8 x 8 passing; docs/performance.md): at nice 0 the service
-/// thread was held off a time slice at a time (p99 1.2-2.6 ms), at -10
-/// (weight 9548 against 1024) 128-243 us.
-pub const PASSING_NICE: i32 = -10;
+/// How many nice steps below the vCPU threads the service threads keep
+/// their turns against vCPUs that pass the CPU (each step is a weight
+/// about 1.25 times the last, so a margin is the same ratio at any nice).
+/// Measured on 2 cores (64 vCPUs in one VM or 8 x 8 passing, vCPUs at nice
+/// 0; docs/performance.md): with no margin the service thread was held off
+/// a time slice at a time (p99 1.2-2.6 ms), with 10 (weight 9548 against
+/// 1024) 128-243 us.
+pub const PASSING_MARGIN: i32 = 10;
+
+/// The daemon's default service thread nice: [`PASSING_MARGIN`] below an
+/// ordinary thread's 0.
+pub const PASSING_NICE: i32 = -PASSING_MARGIN;
 
 /// Sets thread `tid`'s nice value (Linux: `PRIO_PROCESS` with a thread id
 /// names that thread alone). Lowering it needs CAP_SYS_NICE.
@@ -34,10 +43,17 @@ pub fn this_thread_id() -> i32 {
     nix::unistd::gettid().as_raw()
 }
 
+/// The calling thread's nice value, which the threads it creates (and
+/// processes it forks) start with.
+pub fn this_thread_nice() -> Option<i32> {
+    nice_of(std::process::id() as i32, this_thread_id())
+}
+
 /// Whether process `pid` has service threads and every one of them runs
-/// at [`PASSING_NICE`] or below. `false` where its threads cannot be read,
-/// and for pid 0 or less (a peer in another pid namespace shows as 0).
-pub fn service_threads_weighted(pid: i32) -> bool {
+/// [`PASSING_MARGIN`] nice steps or more below `vcpu_nice`, the vCPU
+/// threads' nice. `false` where its threads cannot be read, and for pid 0
+/// or less (a peer in another pid namespace shows as 0).
+pub fn service_threads_weighted(pid: i32, vcpu_nice: i32) -> bool {
     if pid <= 0 {
         return false;
     }
@@ -47,7 +63,7 @@ pub fn service_threads_weighted(pid: i32) -> bool {
         .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
         .filter_map(|stat| name_and_nice(&stat).filter(|(name, _)| name.starts_with(SERVICE_THREAD)).map(|(_, n)| n))
         .collect();
-    !service.is_empty() && service.iter().all(|&nice| nice <= PASSING_NICE)
+    !service.is_empty() && service.iter().all(|&nice| nice <= vcpu_nice - PASSING_MARGIN)
 }
 
 /// The nice value of thread `tid` of process `pid`, if it can be read.
@@ -83,34 +99,38 @@ mod tests {
     }
 
     #[test]
-    fn a_process_is_weighted_only_when_all_its_service_threads_are() {
+    fn a_process_is_weighted_only_when_all_its_service_threads_sit_a_margin_below_the_vcpus() {
         let me = std::process::id() as i32;
-        assert!(!service_threads_weighted(0), "pid 0 (another pid namespace) is unknown");
-        assert!(!service_threads_weighted(i32::MAX), "no such process");
+        assert!(!service_threads_weighted(0, 0), "pid 0 (another pid namespace) is unknown");
+        assert!(!service_threads_weighted(i32::MAX, 0), "no such process");
         // Service threads of this test process: one raised, then one not.
         let raised = std::thread::Builder::new()
             .name(format!("{SERVICE_THREAD}-t0"))
-            .spawn(move || -> std::io::Result<(bool, bool)> {
+            .spawn(move || -> std::io::Result<[bool; 4]> {
                 set_thread_nice(this_thread_id(), PASSING_NICE)?;
-                let one = service_threads_weighted(me);
+                assert_eq!(this_thread_nice(), Some(PASSING_NICE));
+                // Against vCPUs at 0, at 5 and at -1 (a VMM that raised them).
+                let one = [0, 5, -1].map(|vcpu_nice| service_threads_weighted(me, vcpu_nice));
                 let plain = std::thread::Builder::new()
                     .name(format!("{SERVICE_THREAD}-t1"))
                     .spawn(move || {
                         // A new thread inherits its creator's nice: put it back.
                         set_thread_nice(this_thread_id(), 0).unwrap();
-                        service_threads_weighted(me)
+                        service_threads_weighted(me, 0)
                     })
                     .unwrap()
                     .join()
                     .unwrap();
-                Ok((one, plain))
+                Ok([one[0], one[1], one[2], plain])
             })
             .unwrap()
             .join()
             .unwrap();
         match raised {
-            Ok((one, plain)) => {
-                assert!(one, "its one service thread at nice {PASSING_NICE}");
+            Ok([over_0, over_5, over_raised, plain]) => {
+                assert!(over_0, "its one service thread at nice {PASSING_NICE}, the vCPUs at 0");
+                assert!(over_5, "vCPUs at nice 5: a wider margin");
+                assert!(!over_raised, "vCPUs at nice -1: less than the margin");
                 assert!(!plain, "a second service thread at nice 0");
             }
             Err(e) if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EPERM) => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::priority::service_threads_weighted;
+use faultline_attach::priority::{service_threads_weighted, this_thread_nice};
 use faultline_attach::wait::{cpus_apart_from, vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
@@ -339,7 +339,9 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     // placed or weighted otherwise, does not change it).
     let daemon = session.daemon_pid();
     let apart = daemon.is_some_and(cpus_apart_from);
-    let weighted = daemon.is_some_and(service_threads_weighted);
+    // The vCPU threads start at this thread's nice.
+    let vcpu_nice = this_thread_nice();
+    let weighted = daemon.zip(vcpu_nice).is_some_and(|(pid, nice)| service_threads_weighted(pid, nice));
     let passes = vcpu_passes(n, apart || weighted);
     if passes > 0 {
         let why = if apart { "runs on other CPUs" } else { "weights its service threads above the vCPUs" };

@@ -76,7 +76,8 @@ pub struct Config {
     /// The service threads' nice value: below 0 they claim more of the
     /// CPU than a vCPU thread, and the machines' vCPUs that outnumber the
     /// cores pass the CPU instead of sleeping (at
-    /// [`faultline_attach::priority::PASSING_NICE`] or below). Needs
+    /// [`faultline_attach::priority::PASSING_MARGIN`] steps below the vCPU
+    /// threads' nice; the default is that margin below 0). Needs
     /// CAP_SYS_NICE; without it they run at the daemon's own.
     pub service_nice: i32,
     /// Log format.
