@@ -216,36 +216,40 @@ fn waiting_vcpus_pass_the_cpu_only_when_the_daemon_keeps_its_turns() {
         eprintln!("skipped: the daemon and the machine need a CPU each");
         return;
     }
-    let l = layout(8);
-    let flat = replay_flat(&l, &generate(Pattern::Random, &l, 300, 42));
-    let passes = |daemon: &Daemon| {
-        // The machine on the second CPU, its 8 vCPUs outnumbering it.
-        let summary = on_cpus(1..2, || run_machine(random_machine(daemon, 1, 8, 300)));
+    // The machine on the second CPU alone: (passes configured, passes made).
+    let passes = |daemon: &Daemon, vcpus: u32| {
+        let l = layout(vcpus);
+        let flat = replay_flat(&l, &generate(Pattern::Random, &l, 300, 42));
+        let summary = on_cpus(1..2, || run_machine(random_machine(daemon, 1, vcpus, 300)));
         check(&summary, &flat, false);
         (summary["wait_passes"].as_u64().unwrap(), summary["waits"]["passed"].as_u64().unwrap())
     };
     let plain = ["--policy", "4k", "--service-nice", "0"];
     let apart = on_cpus(0..1, || Daemon::start(&plain));
-    let (configured, _) = passes(&apart);
-    assert_eq!(configured, 4, "the daemon on CPU 0 alone: the vCPUs pass the CPU before sleeping");
+    let (configured, _) = passes(&apart, 8);
+    assert_eq!(configured, 4, "the daemon on CPU 0 alone, 8 vCPUs on CPU 1: they pass the CPU before sleeping");
+    assert_eq!(passes(&apart, 1).0, 0, "the daemon on CPU 0 alone, one vCPU on CPU 1: it spins");
     let sharing = Daemon::start(&plain);
-    assert_eq!(passes(&sharing), (0, 0), "an ordinary daemon on the machine's CPU: the vCPUs sleep");
+    assert_eq!(passes(&sharing, 8), (0, 0), "an ordinary daemon on the machine's CPU: the vCPUs sleep");
+    assert_eq!(passes(&sharing, 1), (0, 0), "an ordinary daemon on the machine's CPU: one vCPU spins");
     // By default the service threads are weighted above the vCPUs' (nice
     // -10), where the daemon may raise them (CAP_SYS_NICE).
     let weighted = Daemon::start(&["--policy", "4k"]);
-    let (configured, _) = passes(&weighted);
+    let (configured, _) = passes(&weighted, 8);
     if weighted.log().contains("service threads stay at the daemon's priority") {
         assert_eq!(configured, 0, "not weighted after all: the vCPUs sleep");
     } else {
         assert!(service_threads_weighted(weighted.pid() as i32, 0), "service threads at nice -10");
         assert_eq!(configured, 4, "weighted service threads keep their turns: the vCPUs pass");
+        // Its serving thread takes the one CPU: even one vCPU passes.
+        assert_eq!(passes(&weighted, 1).0, 4, "one vCPU beside the weighted daemon on one CPU passes");
         // A VMM that raises its vCPU threads as high takes those turns
         // again: the weight is relative to the vCPUs'. The machine starts
         // at its spawning thread's nice.
         let raised = std::thread::scope(|s| {
             s.spawn(|| {
                 set_thread_nice(this_thread_id(), PASSING_NICE).unwrap();
-                passes(&weighted)
+                passes(&weighted, 8)
             })
             .join()
             .unwrap()

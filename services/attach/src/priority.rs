@@ -3,7 +3,7 @@
 //! The daemon raises its service threads' priority (a nice value below 0,
 //! a weight in the fair scheduler several threads' worth), and a machine
 //! reads it to decide whether its waiting vCPUs may pass the CPU to each
-//! other instead of sleeping ([`crate::wait::vcpu_passes`]): vCPU threads
+//! other instead of sleeping ([`crate::wait::vcpu_waits`]): vCPU threads
 //! that stay runnable take their own weight's turns, not a weighted
 //! thread's. The weight is relative: the service threads must sit
 //! [`PASSING_MARGIN`] nice steps below the vCPU threads, whatever nice the

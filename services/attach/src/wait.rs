@@ -134,51 +134,91 @@ pub fn held_to_fewer_cpus() -> bool {
     process_cpus() < cpus_of(online_cpus(), None)
 }
 
-/// The longest spin for the waiters of a machine's `vcpus` vCPU threads:
-/// `spin_polls`, or none (0) when they outnumber the CPUs this process has.
-///
-/// Such vCPUs crowd the CPUs by themselves, whatever else runs: a spin
-/// only keeps a CPU from another vCPU, as KVM's halt polling stops when
-/// other tasks wait for the CPU. The adaptive window ([`Waiter`]) still
-/// handles the load it cannot know beforehand (other processes; the
-/// daemon's threads). Measured on 2 cores (sim-machine, populated 4 KiB,
-/// three rounds): never spinning against spinning at 16 vCPUs 176-203k
-/// faults/s against 133-166k, at 64 156-198k against 132-182k with p99.9
-/// 4.2-5.4 ms against 4.5-8.3; at 4 vCPUs the same throughput with p99.9
-/// 0.4-1.0 ms against 1.5-2.8. As many vCPUs as CPUs still spin (2 on 2
-/// cores: spinning pays there).
-pub fn vcpu_spin_polls(spin_polls: u32, vcpus: u32) -> u32 {
-    spin_polls_for(spin_polls, vcpus, process_cpus())
+/// Where the daemon that answers a machine's vCPUs runs against their
+/// CPUs, as it stood at the attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonPlace {
+    /// On none of the machine's CPUs ([`cpus_apart_from`]).
+    Apart,
+    /// On the machine's CPUs, every service thread weighted above the
+    /// vCPU threads ([`crate::priority::service_threads_weighted`]): it
+    /// keeps its turns, and while faults flow its serving thread takes a
+    /// CPU's worth of them.
+    Weighted,
+    /// On the machine's CPUs at the vCPUs' own weight, or unknown.
+    Sharing,
+}
+
+impl DaemonPlace {
+    /// Where daemon `pid` (`None`: unknown) runs against the calling
+    /// thread's CPUs, weighed against the calling thread's nice (the vCPU
+    /// threads it starts inherit both).
+    pub fn of(pid: Option<i32>) -> Self {
+        use crate::priority::{service_threads_weighted, this_thread_nice};
+        let Some(pid) = pid else { return Self::Sharing };
+        if cpus_apart_from(pid) {
+            Self::Apart
+        } else if this_thread_nice().is_some_and(|nice| service_threads_weighted(pid, nice)) {
+            Self::Weighted
+        } else {
+            Self::Sharing
+        }
+    }
+}
+
+/// How a machine's vCPU threads wait for their answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuWaits {
+    /// The longest spin on the answer ring ([`WaitPolicy::spin_polls`]).
+    pub spin_polls: u32,
+    /// Times a waiter passes the CPU to the others before it sleeps
+    /// ([`Waiter::passing`]).
+    pub passes: u32,
 }
 
 /// Times a waiting vCPU passes the CPU to the others before sleeping.
 const VCPU_PASSES: u32 = 4;
 
-/// How many times the waiters of a machine's `vcpus` vCPU threads pass
-/// the CPU to other threads before sleeping (see [`Waiter::passing`]):
-/// some when they outnumber the CPUs this process has and the daemon
-/// answering them keeps its turns (`daemon_apart`): it runs on none of
-/// those CPUs ([`cpus_apart_from`]) or its service threads are weighted
-/// above the vCPU threads
-/// ([`crate::priority::service_threads_weighted`]); else none.
+/// How the waiters of a machine's `vcpus` vCPU threads wait, spinning up
+/// to `spin_polls` where they may, against the daemon at `daemon`.
 ///
-/// Then a waiting vCPU that lets the others run finds its answer on its
-/// return, and neither the daemon (a futex wake, a few microseconds in a
-/// VM) nor the vCPU (a sleep) pays for a wake-up. Where an ordinary
-/// daemon thread shares the vCPUs' CPUs, vCPUs that stay runnable would
-/// take its turns: measured on 2 cores, 64 vCPUs passing ran twice the
-/// faults a second but the daemon's thread was held off for a time slice
-/// at a time (p99 2-4 ms instead of 0.6-0.8), so there they sleep.
-pub fn vcpu_passes(vcpus: u32, daemon_apart: bool) -> u32 {
-    passes_for(vcpus, process_cpus(), daemon_apart)
+/// **Spin only while each vCPU has a CPU.** vCPUs that outnumber the CPUs
+/// left to them crowd those CPUs by themselves: a spin only keeps a CPU
+/// from another vCPU, as KVM's halt polling stops when other tasks wait
+/// for the CPU. The CPUs left to them are this process's, less one where
+/// a weighted daemon shares them (its serving thread takes that one's
+/// worth while faults flow, and a vCPU spinning beside it was held off:
+/// 2 vCPUs on 2 cores spinning ran 62-382k faults/s, passing 328-392k
+/// with p99 7-10 us against 25-46). An ordinary daemon beside them is not
+/// counted: there the vCPUs could only sleep instead, and 2 vCPUs
+/// sleeping ran 59-75k against 127-172k spinning. The adaptive window
+/// ([`Waiter`]) still handles the load nobody can know beforehand. Earlier
+/// on 2 cores, never spinning against spinning: 16 vCPUs 176-203k
+/// against 133-166k, 64 156-198k against 132-182k.
+///
+/// **Pass the CPU before sleeping when the daemon keeps its turns**
+/// ([`DaemonPlace::Apart`] or [`DaemonPlace::Weighted`]) and the vCPUs may
+/// not spin. A waiting vCPU that lets the others run finds its answer on
+/// its return, and neither the daemon (a futex wake, a few microseconds in
+/// a VM) nor the vCPU (a sleep) pays for a wake-up. Beside an ordinary
+/// daemon, vCPUs that stay runnable would take its turns: measured on 2
+/// cores, 64 vCPUs passing ran twice the faults a second but the daemon's
+/// thread was held off for a time slice at a time (p99 2-4 ms instead of
+/// 0.6-0.8), so there they sleep.
+pub fn vcpu_waits(spin_polls: u32, vcpus: u32, daemon: DaemonPlace) -> VcpuWaits {
+    waits_for(spin_polls, vcpus, process_cpus(), daemon)
 }
 
-/// [`vcpu_passes`] for a process with `cpus` CPUs.
-fn passes_for(vcpus: u32, cpus: u32, daemon_apart: bool) -> u32 {
-    if daemon_apart && vcpus > cpus {
-        VCPU_PASSES
-    } else {
-        0
+/// [`vcpu_waits`] for a process with `cpus` CPUs.
+fn waits_for(spin_polls: u32, vcpus: u32, cpus: u32, daemon: DaemonPlace) -> VcpuWaits {
+    let left = match daemon {
+        DaemonPlace::Weighted => cpus.saturating_sub(1),
+        DaemonPlace::Apart | DaemonPlace::Sharing => cpus,
+    };
+    let crowded = vcpus > left;
+    VcpuWaits {
+        spin_polls: if crowded { 0 } else { spin_polls },
+        passes: if crowded && daemon != DaemonPlace::Sharing { VCPU_PASSES } else { 0 },
     }
 }
 
@@ -197,15 +237,6 @@ pub fn cpus_apart_from(pid: i32) -> bool {
     };
     let both = |cpu| theirs.is_set(cpu).unwrap_or(false) && ours.is_set(cpu).unwrap_or(false);
     !(0..CpuSet::count()).any(both)
-}
-
-/// [`vcpu_spin_polls`] for a process with `cpus` CPUs.
-fn spin_polls_for(spin_polls: u32, vcpus: u32, cpus: u32) -> u32 {
-    if vcpus > cpus {
-        0
-    } else {
-        spin_polls
-    }
 }
 
 /// The CPUs a process has: those `online` (sysconf; at least 1, and 1 if
@@ -299,8 +330,8 @@ impl<'c> Waiter<'c> {
 
     /// Before sleeping, passes the CPU to other threads (`sched_yield`) up
     /// to `passes` times, polling after each: for waiters that outnumber
-    /// their CPUs while whoever answers runs on other CPUs (see
-    /// [`vcpu_passes`]), a record that arrives while the others run is
+    /// their CPUs while whoever answers keeps its turns (see
+    /// [`vcpu_waits`]), a record that arrives while the others run is
     /// taken without a wake-up on either side.
     pub fn passing(mut self, passes: u32) -> Self {
         self.passes = passes;
@@ -540,14 +571,21 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_that_outnumber_the_cpus_never_spin() {
-        assert_eq!(spin_polls_for(20_000, 1, 2), 20_000);
-        assert_eq!(spin_polls_for(20_000, 2, 2), 20_000, "one vCPU a CPU spins");
-        assert_eq!(spin_polls_for(20_000, 3, 2), 0);
-        assert_eq!(spin_polls_for(20_000, 64, 2), 0);
-        assert_eq!(spin_polls_for(0, 1, 2), 0, "a policy that never spins");
-        assert_eq!(vcpu_spin_polls(7, 1), 7, "one vCPU spins on any host");
-        assert_eq!(vcpu_spin_polls(7, process_cpus() + 1), 0);
+    fn vcpus_spin_only_while_each_has_a_cpu_left_to_it() {
+        use DaemonPlace::*;
+        let spin = |vcpus, cpus, daemon| waits_for(20_000, vcpus, cpus, daemon).spin_polls;
+        for daemon in [Apart, Sharing] {
+            assert_eq!(spin(1, 2, daemon), 20_000, "{daemon:?}");
+            assert_eq!(spin(2, 2, daemon), 20_000, "{daemon:?}: one vCPU a CPU spins");
+            assert_eq!(spin(3, 2, daemon), 0, "{daemon:?}");
+            assert_eq!(spin(64, 2, daemon), 0, "{daemon:?}");
+        }
+        assert_eq!(spin(1, 2, Weighted), 20_000);
+        assert_eq!(spin(2, 2, Weighted), 0, "the weighted daemon's serving thread takes a CPU");
+        assert_eq!(spin(1, 1, Weighted), 0);
+        assert_eq!(waits_for(0, 1, 2, Apart).spin_polls, 0, "a policy that never spins");
+        assert_eq!(vcpu_waits(7, 1, Sharing).spin_polls, 7, "one vCPU spins on any host");
+        assert_eq!(vcpu_waits(7, process_cpus() + 1, Sharing).spin_polls, 0);
     }
 
     #[test]
@@ -664,10 +702,24 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_pass_the_cpu_only_when_they_outnumber_the_cpus_and_the_daemon_is_elsewhere() {
-        assert_eq!(passes_for(64, 2, true), VCPU_PASSES);
-        assert_eq!(passes_for(2, 2, true), 0, "a CPU each: they spin");
-        assert_eq!(passes_for(64, 2, false), 0, "the daemon shares the CPUs: they would take its turns");
+    fn vcpus_pass_the_cpu_only_when_they_may_not_spin_and_the_daemon_keeps_its_turns() {
+        use DaemonPlace::*;
+        let passes = |vcpus, cpus, daemon| waits_for(20_000, vcpus, cpus, daemon).passes;
+        assert_eq!(passes(64, 2, Apart), VCPU_PASSES);
+        assert_eq!(passes(64, 2, Weighted), VCPU_PASSES);
+        assert_eq!(passes(2, 2, Apart), 0, "a CPU each: they spin");
+        assert_eq!(passes(2, 2, Weighted), VCPU_PASSES, "one CPU is the daemon's");
+        assert_eq!(passes(1, 2, Weighted), 0, "the one left: it spins");
+        assert_eq!(passes(64, 2, Sharing), 0, "an ordinary daemon beside them: they would take its turns");
+        assert_eq!(passes(2, 2, Sharing), 0);
+    }
+
+    #[test]
+    fn a_daemon_is_placed_from_its_cpus_then_its_weight() {
+        assert_eq!(DaemonPlace::of(None), DaemonPlace::Sharing, "unknown");
+        assert_eq!(DaemonPlace::of(Some(0)), DaemonPlace::Sharing, "another pid namespace");
+        // This process has no service threads and shares its own CPUs.
+        assert_eq!(DaemonPlace::of(Some(std::process::id() as i32)), DaemonPlace::Sharing);
     }
 
     #[test]

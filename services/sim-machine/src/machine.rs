@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_attach::doorbell::{push_and_ring, WaitPolicy};
-use faultline_attach::priority::{service_threads_weighted, this_thread_nice};
-use faultline_attach::wait::{cpus_apart_from, vcpu_passes, vcpu_spin_polls, WaitCounts, WaitSplit, Waiter};
+use faultline_attach::wait::{vcpu_waits, DaemonPlace, VcpuWaits, WaitCounts, WaitSplit, Waiter};
 use faultline_attach::{
     AttachRequest, DirtyLogLayout, MemslotDesc, RegionDesc, RegionKind, MEMSLOT_READ_ONLY, NO_FD, REGION_WRITABLE,
 };
@@ -330,23 +329,17 @@ pub fn run(config: &MachineConfig, workload: &Workload) -> anyhow::Result<Summar
     // A vCPU is kicked when it must stop or post its outstanding fault
     // again (a new daemon took the VM).
     let kicks: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
-    let spin_polls = vcpu_spin_polls(config.spin_polls, n);
-    if spin_polls < config.spin_polls {
-        info!(vcpus = n, "the vCPUs outnumber this process's CPUs: their waits sleep without spinning");
-    }
-    let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
     // As the daemon stood at the attach (one that takes the VM over later,
     // placed or weighted otherwise, does not change it).
-    let daemon = session.daemon_pid();
-    let apart = daemon.is_some_and(cpus_apart_from);
-    // The vCPU threads start at this thread's nice.
-    let vcpu_nice = this_thread_nice();
-    let weighted = daemon.zip(vcpu_nice).is_some_and(|(pid, nice)| service_threads_weighted(pid, nice));
-    let passes = vcpu_passes(n, apart || weighted);
-    if passes > 0 {
-        let why = if apart { "runs on other CPUs" } else { "weights its service threads above the vCPUs" };
-        info!(vcpus = n, "the daemon {why}: a waiting vCPU lets the others run before it sleeps");
+    let place = DaemonPlace::of(session.daemon_pid());
+    let VcpuWaits { spin_polls, passes } = vcpu_waits(config.spin_polls, n, place);
+    if spin_polls < config.spin_polls {
+        info!(vcpus = n, daemon = ?place, "the vCPUs outnumber the CPUs left to them: their waits do not spin");
     }
+    if passes > 0 {
+        info!(vcpus = n, daemon = ?place, "the daemon keeps its turns: a waiting vCPU lets the others run before it sleeps");
+    }
+    let wait = WaitPolicy { spin_polls, sleep_slice: Duration::from_millis(500) };
     let epoch = Instant::now();
     let waits = WaitCounts::default();
     let lines = config.loop_phases.then(stdin_lines);
