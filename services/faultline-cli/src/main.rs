@@ -350,15 +350,15 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<std::proces
                     r.capacity
                 );
             }
-            for (title, counts) in [
-                ("by outcome", &s.by_outcome),
-                ("by kind", &s.by_kind),
-                ("by size", &s.by_mapping_size),
-                ("by vm", &s.by_vm),
+            for (title, counts, empty) in [
+                ("by outcome", &s.by_outcome, "no faults yet"),
+                ("by kind", &s.by_kind, "no faults yet"),
+                ("by size", &s.by_mapping_size, "no faults yet"),
+                ("by vm", &s.by_vm, "no VM attached"),
             ] {
                 let nonzero: Vec<String> =
                     counts.iter().filter(|c| c.count > 0).map(|c| format!("{}={}", c.key, c.count)).collect();
-                outln!("{title}: {}", nonzero.join(" "));
+                outln!("{title}: {}", if nonzero.is_empty() { empty.to_string() } else { nonzero.join(" ") });
             }
             if s.access_flag_faults_at_core > 0 {
                 outln!("access-flag faults resolved at the cores (no record): {}", s.access_flag_faults_at_core);
