@@ -58,7 +58,10 @@ fn observe_status_stats_and_vm_commands_show_the_run() {
     assert!(ok && out.contains(&format!("events seen:      {faults}")), "{out}");
     let (ok, out, _) = faultline(&daemon, &["stats"]);
     assert!(ok && out.contains("end_to_end") && out.contains("policy: default"), "{out}");
-    assert!(out.contains("by outcome: mapped=") && out.contains("by vm: no VM attached"), "the machine detached: {out}");
+    assert!(
+        out.contains("by outcome: mapped=") && out.contains("by vm: no VM attached"),
+        "the machine detached: {out}"
+    );
     let (ok, out, _) = faultline(&daemon, &["vm", "list"]);
     assert!(ok && out.is_empty(), "the machine detached: {out}");
     let (ok, _, err) = faultline(&daemon, &["vm", "show", "3"]);
