@@ -85,12 +85,20 @@ async fn tiny_buffers_lose_events_and_say_how_many() {
     assert!(records * 10 < lost as usize, "lost records are per gap, not per event: {records} for {lost}");
 
     // The history keeps the last 64: a reader asking from the start is told
-    // how many are gone before the first event it gets.
+    // how many are gone before the first event it gets. While the follower's
+    // stream was being filled, its copy of a slot could hold off the writer
+    // of the event a whole history later, which then dropped it (counted in
+    // `lost_events`): a gap inside the last 64 is counted in the same record.
     let status = client.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.num_events, status.max_events, status.seen_events), (64, 64, total));
+    let dropped = status.lost_events;
+    assert!(dropped * 100 < total, "writers dropped {dropped} of {total} events");
     let first = observe_all(&mut client, ObserveRequest { number: 10, first: true, ..Default::default() }).await;
     assert!(matches!(first[0], ResponseTypes::LostEvents(_)), "first N starts with a lost record");
-    assert_eq!(lost_of(&first, lost_events::Source::RingBuffer), (total - 64, 1));
+    let (gone, gaps) = lost_of(&first, lost_events::Source::RingBuffer);
+    let overwritten = total - 64;
+    assert!((overwritten..=overwritten + dropped).contains(&gone), "{gone} lost: {overwritten} + {dropped} dropped");
+    assert_eq!(gaps, 1, "one record for all that is gone");
     assert_eq!(first.iter().filter(|r| matches!(r, ResponseTypes::Fault(_))).count(), 10);
     // Last N does not reach back, so it has nothing to report.
     let last = observe_all(&mut client, ObserveRequest { number: 10, ..Default::default() }).await;
