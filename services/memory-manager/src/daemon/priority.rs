@@ -44,10 +44,7 @@ mod tests {
 
     #[test]
     fn low_and_idle_apply_to_the_calling_thread_only() {
-        let nice = || {
-            // SAFETY: getpriority takes plain integers; 0 is this thread.
-            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-        };
+        let nice = || faultline_attach::priority::this_thread_nice().expect("this thread's nice");
         let before = nice();
         std::thread::spawn(move || {
             apply_to_current_thread(ApiPriority::Low).unwrap();

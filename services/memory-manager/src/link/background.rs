@@ -3,6 +3,8 @@
 //! cannot be lowered again without `CAP_SYS_NICE`, so such work gets a
 //! thread of its own, which ends with it.
 
+use faultline_attach::priority::{set_thread_nice, this_thread_id};
+
 /// Nice value of background work: about a tenth of a contended core
 /// against a fault-path thread (CFS weights 110 and 1024).
 pub const BACKGROUND_NICE: i32 = 10;
@@ -10,14 +12,7 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Sets the calling thread's nice value (on Linux nice values are per
 /// thread; raising it needs no privilege).
 pub fn renice_current_thread(nice: i32) -> std::io::Result<()> {
-    // SAFETY: setpriority takes plain integers; `who` = 0 is the calling
-    // thread on Linux.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_thread_nice(this_thread_id(), nice)
 }
 
 /// Runs `work` on a thread of its own at [`BACKGROUND_NICE`] and returns
@@ -45,8 +40,7 @@ mod tests {
     use super::*;
 
     fn nice() -> i32 {
-        // SAFETY: getpriority takes plain integers; 0 is this thread.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        faultline_attach::priority::this_thread_nice().expect("this thread's nice")
     }
 
     #[test]
